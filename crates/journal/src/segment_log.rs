@@ -1,0 +1,368 @@
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ferry_protocol::Record;
+
+use crate::{fsutil, io_err, JournalError};
+
+const ENTRY_HEADER: usize = 8;
+/// Largest entry accepted when reading back (a record carries at most one 32 MiB write).
+const MAX_ENTRY: usize = 40 << 20;
+
+struct Segment {
+    /// Every record in the segment has seq >= first_seq; an empty segment named N means the log
+    /// already held everything before N.
+    first_seq: u64,
+    last_seq: u64,
+    len: u64,
+    path: PathBuf,
+    file: Arc<File>,
+}
+
+/// Append-only, checksummed, segmented record log. Entry: `len u32 | crc32c u32 | postcard(Record)`.
+///
+/// Architecture Invariant: records are strictly increasing in seq; a torn tail (crash mid-append)
+/// is cut at open; only records covered by a completed [`SegmentLog::sync`] are durable.
+pub struct SegmentLog {
+    dir: PathBuf,
+    segment_bytes: u64,
+    segments: Vec<Segment>,
+    last_seq: u64,
+    synced_seq: u64,
+    released_seq: u64,
+    buf: Vec<u8>,
+}
+
+/// Read position of a consumer (the forwarder, the applier).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Cursor {
+    /// Last seq returned to the consumer.
+    pub after_seq: u64,
+    seg_first: u64,
+    offset: u64,
+    valid: bool,
+}
+
+impl Cursor {
+    pub fn after(seq: u64) -> Self {
+        Cursor { after_seq: seq, ..Default::default() }
+    }
+}
+
+fn seg_name(first: u64) -> String {
+    format!("{first:020}.seg")
+}
+
+impl SegmentLog {
+    /// Open (or create) the log in `dir`, recovering from a torn tail.
+    pub fn open(dir: &Path, segment_bytes: u64) -> Result<Self, JournalError> {
+        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        let mut firsts = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+            let entry = entry.map_err(io_err(dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(stem) = name.strip_suffix(".seg") {
+                if let Ok(n) = stem.parse::<u64>() {
+                    firsts.push(n);
+                }
+            }
+        }
+        firsts.sort_unstable();
+        let mut log = SegmentLog {
+            dir: dir.to_owned(),
+            segment_bytes: segment_bytes.max(4096),
+            segments: Vec::new(),
+            last_seq: 0,
+            synced_seq: 0,
+            released_seq: 0,
+            buf: Vec::new(),
+        };
+        let count = firsts.len();
+        for (i, first) in firsts.into_iter().enumerate() {
+            let path = dir.join(seg_name(first));
+            let file = OpenOptions::new().read(true).write(true).open(&path).map_err(io_err(&path))?;
+            let is_last = i + 1 == count;
+            let (valid_len, last) = scan(&file, &path, is_last)?;
+            let file_len = file.metadata().map_err(io_err(&path))?.len();
+            if valid_len < file_len {
+                tracing::warn!(path = %path.display(), valid_len, file_len, "cutting torn tail of log segment");
+                file.set_len(valid_len).and_then(|_| file.sync_all()).map_err(io_err(&path))?;
+            }
+            let last_seq = last.unwrap_or(0).max(first.saturating_sub(1));
+            log.last_seq = log.last_seq.max(last_seq);
+            log.segments.push(Segment { first_seq: first, last_seq, len: valid_len, path, file: Arc::new(file) });
+        }
+        if log.segments.is_empty() {
+            log.new_segment(1)?;
+        }
+        log.synced_seq = log.last_seq;
+        log.released_seq = log.segments.first().map(|s| s.first_seq.saturating_sub(1)).unwrap_or(0);
+        Ok(log)
+    }
+
+    fn new_segment(&mut self, first: u64) -> Result<(), JournalError> {
+        let path = self.dir.join(seg_name(first));
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).map_err(io_err(&path))?;
+        fsutil::sync_dir(&self.dir)?;
+        self.segments.push(Segment { first_seq: first, last_seq: first.saturating_sub(1), len: 0, path, file: Arc::new(file) });
+        Ok(())
+    }
+
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
+    /// Everything up to this seq is durable.
+    pub fn synced_seq(&self) -> u64 {
+        self.synced_seq
+    }
+
+    /// Records up to this seq were released (their segments may be gone).
+    pub fn released_seq(&self) -> u64 {
+        self.released_seq
+    }
+
+    /// Bytes held on disk by all segments.
+    pub fn bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.len).sum()
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Append a record (not yet durable: call [`SegmentLog::sync`]). Returns the bytes written.
+    pub fn append(&mut self, rec: &Record) -> Result<u64, JournalError> {
+        if rec.seq <= self.last_seq {
+            return Err(JournalError::OutOfOrder { seq: rec.seq, last: self.last_seq });
+        }
+        let needs_roll = self.segments.last().map(|s| s.len >= self.segment_bytes).unwrap_or(true);
+        if needs_roll {
+            self.sync()?;
+            self.new_segment(rec.seq)?;
+        }
+        self.buf.clear();
+        self.buf.extend_from_slice(&[0u8; ENTRY_HEADER]);
+        let body = postcard::to_extend(rec, std::mem::take(&mut self.buf))?;
+        self.buf = body;
+        let body_len = self.buf.len() - ENTRY_HEADER;
+        let crc = crc32c::crc32c(&self.buf[ENTRY_HEADER..]);
+        self.buf[0..4].copy_from_slice(&(body_len as u32).to_le_bytes());
+        self.buf[4..8].copy_from_slice(&crc.to_le_bytes());
+        let Some(seg) = self.segments.last_mut() else {
+            return Err(JournalError::Corrupt { path: self.dir.clone(), offset: 0, reason: "no active segment".into() });
+        };
+        seg.file.write_all_at(&self.buf, seg.len).map_err(io_err(&seg.path))?;
+        seg.len += self.buf.len() as u64;
+        seg.last_seq = rec.seq;
+        self.last_seq = rec.seq;
+        Ok(self.buf.len() as u64)
+    }
+
+    /// Make every appended record durable.
+    pub fn sync(&mut self) -> Result<(), JournalError> {
+        if self.synced_seq == self.last_seq {
+            return Ok(());
+        }
+        if let Some(seg) = self.segments.last() {
+            seg.file.sync_data().map_err(io_err(&seg.path))?;
+        }
+        self.synced_seq = self.last_seq;
+        Ok(())
+    }
+
+    /// Read durable records after `cursor.after_seq`, at most about `max_bytes`, advancing the cursor.
+    pub fn read(&self, cursor: &mut Cursor, max_bytes: usize) -> Result<Vec<Record>, JournalError> {
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        let upto = self.synced_seq;
+        if cursor.after_seq >= upto {
+            return Ok(out);
+        }
+        // Locate the segment: reuse the cursor's position when its segment still exists.
+        let mut idx = match self.segments.iter().position(|s| cursor.valid && s.first_seq == cursor.seg_first) {
+            Some(i) => i,
+            None => {
+                let target = cursor.after_seq + 1;
+                let i = self.segments.iter().rposition(|s| s.first_seq <= target).unwrap_or(0);
+                cursor.seg_first = self.segments[i].first_seq;
+                cursor.offset = 0;
+                cursor.valid = true;
+                i
+            }
+        };
+        loop {
+            let seg = &self.segments[idx];
+            while cursor.offset < seg.len {
+                let (rec, size) = read_entry(&seg.file, &seg.path, cursor.offset, seg.len)?;
+                if rec.seq > upto {
+                    return Ok(out);
+                }
+                cursor.offset += size;
+                if rec.seq <= cursor.after_seq {
+                    continue;
+                }
+                cursor.after_seq = rec.seq;
+                bytes += size as usize;
+                out.push(rec);
+                if bytes >= max_bytes {
+                    return Ok(out);
+                }
+            }
+            if idx + 1 >= self.segments.len() {
+                return Ok(out);
+            }
+            idx += 1;
+            cursor.seg_first = self.segments[idx].first_seq;
+            cursor.offset = 0;
+        }
+    }
+
+    /// Forget records up to `seq` (durable further down the chain, or out of retention): whole
+    /// segments are deleted; a fully released active segment is rolled so it can go too.
+    pub fn release_through(&mut self, seq: u64) -> Result<(), JournalError> {
+        let seq = seq.min(self.synced_seq);
+        if seq <= self.released_seq {
+            return Ok(());
+        }
+        self.released_seq = seq;
+        if let Some(active) = self.segments.last() {
+            if active.len > 0 && active.last_seq <= seq {
+                let next = self.last_seq + 1;
+                self.new_segment(next)?;
+            }
+        }
+        let mut removed = false;
+        while self.segments.len() > 1 && self.segments[0].last_seq <= seq {
+            let seg = self.segments.remove(0);
+            std::fs::remove_file(&seg.path).map_err(io_err(&seg.path))?;
+            removed = true;
+        }
+        if removed {
+            fsutil::sync_dir(&self.dir)?;
+        }
+        Ok(())
+    }
+}
+
+fn read_entry(file: &File, path: &Path, offset: u64, end: u64) -> Result<(Record, u64), JournalError> {
+    let corrupt = |reason: String| JournalError::Corrupt { path: path.to_owned(), offset, reason };
+    if offset + ENTRY_HEADER as u64 > end {
+        return Err(corrupt("entry header past the end".into()));
+    }
+    let mut h = [0u8; ENTRY_HEADER];
+    file.read_exact_at(&mut h, offset).map_err(io_err(path))?;
+    let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+    let crc = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+    if len > MAX_ENTRY || offset + (ENTRY_HEADER + len) as u64 > end {
+        return Err(corrupt(format!("entry length {len} out of bounds")));
+    }
+    let mut body = vec![0u8; len];
+    file.read_exact_at(&mut body, offset + ENTRY_HEADER as u64).map_err(io_err(path))?;
+    if crc32c::crc32c(&body) != crc {
+        return Err(corrupt("checksum mismatch".into()));
+    }
+    let rec: Record = postcard::from_bytes(&body).map_err(|e| corrupt(format!("undecodable record: {e}")))?;
+    Ok((rec, (ENTRY_HEADER + len) as u64))
+}
+
+/// Scan a segment: returns the length of its valid prefix and its last seq. A bad entry in the
+/// last segment is a torn tail (cut it); in an earlier segment it is corruption.
+fn scan(file: &File, path: &Path, is_last: bool) -> Result<(u64, Option<u64>), JournalError> {
+    let end = file.metadata().map_err(io_err(path))?.len();
+    let mut off = 0;
+    let mut last = None;
+    while off < end {
+        match read_entry(file, path, off, end) {
+            Ok((rec, size)) => {
+                if last.is_some_and(|l| rec.seq <= l) {
+                    return Err(JournalError::Corrupt { path: path.to_owned(), offset: off, reason: "sequence goes backwards".into() });
+                }
+                last = Some(rec.seq);
+                off += size;
+            }
+            Err(JournalError::Corrupt { .. }) if is_last => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((off, last))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_protocol::RecordBody;
+
+    fn rec(seq: u64, n: usize) -> Record {
+        Record { seq, time_ms: seq, body: RecordBody::Write { disk: 0, offset: seq * 4096, data: vec![seq as u8; n] } }
+    }
+
+    #[test]
+    fn append_sync_read_release_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = SegmentLog::open(dir.path(), 10_000).unwrap();
+        for s in 1..=50 {
+            log.append(&rec(s, 1000)).unwrap();
+        }
+        let mut c = Cursor::after(0);
+        let early = log.read(&mut c, usize::MAX).unwrap();
+        assert!(early.iter().all(|r| r.seq <= log.synced_seq()), "unsynced records are not readable");
+        assert!(log.synced_seq() < 50);
+        let mut c = Cursor::after(0);
+        log.sync().unwrap();
+        let got = log.read(&mut c, usize::MAX).unwrap();
+        assert_eq!(got.iter().map(|r| r.seq).collect::<Vec<_>>(), (1..=50).collect::<Vec<_>>());
+        assert!(log.append(&rec(50, 1)).is_err(), "out of order append refused");
+        log.release_through(30).unwrap();
+        let mut c2 = Cursor::after(30);
+        assert_eq!(log.read(&mut c2, usize::MAX).unwrap().first().map(|r| r.seq), Some(31));
+        drop(log);
+        let mut log = SegmentLog::open(dir.path(), 10_000).unwrap();
+        assert_eq!(log.last_seq(), 50);
+        log.release_through(50).unwrap();
+        drop(log);
+        let log = SegmentLog::open(dir.path(), 10_000).unwrap();
+        assert_eq!(log.last_seq(), 50, "an empty log remembers how far it went");
+        assert_eq!(log.bytes(), 0);
+    }
+
+    #[test]
+    fn torn_tail_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = SegmentLog::open(dir.path(), 1 << 20).unwrap();
+        for s in 1..=5 {
+            log.append(&rec(s, 100)).unwrap();
+        }
+        log.sync().unwrap();
+        let path = log.segments[0].path.clone();
+        drop(log);
+        let len = std::fs::metadata(&path).unwrap().len();
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(len - 10).unwrap();
+        let mut log = SegmentLog::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(log.last_seq(), 4);
+        log.append(&rec(5, 100)).unwrap();
+        log.sync().unwrap();
+        let mut c = Cursor::after(0);
+        assert_eq!(log.read(&mut c, usize::MAX).unwrap().len(), 5);
+    }
+
+    #[test]
+    fn corrupt_middle_segment_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = SegmentLog::open(dir.path(), 500).unwrap();
+        for s in 1..=10 {
+            log.append(&rec(s, 3000)).unwrap();
+        }
+        log.sync().unwrap();
+        let path = log.segments[0].path.clone();
+        drop(log);
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&[0xff; 16], 20).unwrap();
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let err = SegmentLog::open(dir.path(), 500).err().unwrap_or_else(|| panic!("opened despite corruption: {names:?} {path:?}")).to_string();
+        assert!(err.contains(&path.display().to_string()), "{err}");
+    }
+}

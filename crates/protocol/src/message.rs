@@ -1,0 +1,169 @@
+use serde::{Deserialize, Serialize};
+
+/// Which Ferry component is speaking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    Agent,
+    ProcessServer,
+    MasterTarget,
+}
+
+/// One protected disk of a machine, as the replication chain knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskDescriptor {
+    /// Stable name of the disk within the machine (e.g. `disk0`); names the target disk file.
+    pub name: String,
+    /// Size in bytes; a protected disk is never resized (resizing needs re-protection).
+    pub size: u64,
+    /// Disk UUID (MT-3: disks are matched by UUID).
+    pub uuid: String,
+}
+
+/// The machine whose change stream a connection carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineDescriptor {
+    pub name: String,
+    pub disks: Vec<DiskDescriptor>,
+}
+
+/// Opens every connection: who speaks, for which machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub role: Role,
+    pub machine: MachineDescriptor,
+    /// The sender's replication generation (see [`RecordBody::ResyncBegin`]).
+    pub generation: u64,
+}
+
+/// The receiver's answer: everything up to `durable_seq` is durable at the receiver (or beyond),
+/// so the sender resumes after it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloAck {
+    pub durable_seq: u64,
+    /// Sequence applied to the target disks at the master target, when known.
+    pub applied_seq: u64,
+}
+
+/// Why a resync (out-of-order shipping of regions) runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ResyncReason {
+    /// First copy of the disks: the target holds nothing consistent yet.
+    InitialSync,
+    /// The agent restarted without a clean shutdown: its activity log's regions are resent.
+    AgentRecovery,
+    /// The in-order log overflowed (long outage): changed regions are resent from the bitmap.
+    LogOverflow,
+    /// Online verify found differing blocks and the operator asked for a repair.
+    VerifyRepair,
+}
+
+/// The kind of a consistency tag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TagKind {
+    CrashConsistent,
+    AppConsistent,
+}
+
+/// One entry of a machine's ordered change stream. `seq` comes from the machine's single counter,
+/// strictly increasing along the stream (gaps are allowed; a gap is always followed by a resync).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub seq: u64,
+    /// Unix time in milliseconds when the agent sequenced the record (lag and recovery-point times).
+    pub time_ms: u64,
+    pub body: RecordBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RecordBody {
+    /// Bytes written to a disk (index into the machine's disk list).
+    Write {
+        disk: u16,
+        offset: u64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+    /// A range zeroed (WRITE_ZEROES) or discarded (TRIM: replicated as zeroing).
+    Zero { disk: u16, offset: u64, len: u64 },
+    /// Start of an out-of-order region copy. With `preserve_consistent`, the master target must
+    /// not overwrite its last consistent state until the matching `ResyncEnd`.
+    ResyncBegin {
+        generation: u64,
+        reason: ResyncReason,
+        preserve_consistent: bool,
+    },
+    /// End of the resync: the target is consistent again at this record's seq.
+    ResyncEnd { generation: u64 },
+    /// A new generation starts (a side was promoted, or in-order shipping was abandoned).
+    GenerationChange { generation: u64 },
+    /// A consistency tag (a recovery-point candidate).
+    Tag { id: String, kind: TagKind },
+    /// Multi-machine consistency: prepare and commit of a group tag.
+    GroupPrepare { group: String, tag: String },
+    GroupCommit { group: String, tag: String },
+    /// Online verify: the source's block hashes at this point of the stream. The master target
+    /// compares its target disk at the same point and reports differing blocks.
+    VerifyChunk {
+        verify_id: u64,
+        disk: u16,
+        offset: u64,
+        block_size: u32,
+        /// 32-byte blake3 hash per block, concatenated.
+        #[serde(with = "serde_bytes")]
+        hashes: Vec<u8>,
+        last: bool,
+    },
+}
+
+impl RecordBody {
+    /// Payload bytes this record carries (for throughput and spool accounting).
+    pub fn data_len(&self) -> u64 {
+        match self {
+            RecordBody::Write { data, .. } => data.len() as u64,
+            RecordBody::VerifyChunk { hashes, .. } => hashes.len() as u64,
+            _ => 0,
+        }
+    }
+}
+
+/// Acknowledgement flowing back up the chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Ack {
+    /// Durable at the hop that sends this ack.
+    pub durable_seq: u64,
+    /// Durable at the master target (equals `durable_seq` when the master target sends it).
+    pub target_durable_seq: u64,
+    /// Applied to the target disks at the master target.
+    pub applied_seq: u64,
+}
+
+/// Something the operator should learn about, raised by a component.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Event {
+    VerifyResult {
+        verify_id: u64,
+        disk: u16,
+        /// Byte offsets of differing blocks (block size as requested).
+        differing_offsets: Vec<u64>,
+        blocks_compared: u64,
+        last: bool,
+    },
+}
+
+/// Everything that travels in a frame.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    Hello(Hello),
+    HelloAck(HelloAck),
+    Records(Vec<Record>),
+    Ack(Ack),
+    /// The process server's cache is low (NET-2): the sender must slow down until `active` is false.
+    Throttle { active: bool, free_percent: u8 },
+    Event(Event),
+    /// A refusal; the connection is closed after it.
+    Error {
+        code: u32,
+        message: String,
+        remedy: String,
+    },
+}

@@ -1,0 +1,274 @@
+//! TLS 1.3 with mutual authentication for every link between Ferry processes, and `ferry certs`:
+//! a CA and component certificates. Later the configuration server adopts this CA and signs
+//! component CSRs, so each component's private key never leaves its host.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot write {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+    #[error("{path} holds no PEM {what}: point the [tls] section at the files `ferry certs` wrote")]
+    NoPem { path: PathBuf, what: &'static str },
+    #[error("invalid TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("cannot build client-certificate verifier: {0}")]
+    Verifier(String),
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("invalid TLS server name {0:?}")]
+    ServerName(String),
+}
+
+/// Where a component finds its identity: the CA certificate it trusts, its own certificate and key.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    /// The files `ferry certs` writes for `component` in `dir`.
+    pub fn in_dir(dir: &Path, component: &str) -> Self {
+        TlsFiles {
+            ca: dir.join("ca.pem"),
+            cert: dir.join(format!("{component}.pem")),
+            key: dir.join(format!("{component}.key")),
+        }
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read { path: path.to_owned(), source })
+}
+
+fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let data = read(path)?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut data.as_slice()).filter_map(Result::ok).collect();
+    if certs.is_empty() {
+        return Err(TlsError::NoPem { path: path.to_owned(), what: "certificate" });
+    }
+    Ok(certs)
+}
+
+fn key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let data = read(path)?;
+    rustls_pemfile::private_key(&mut data.as_slice())
+        .ok()
+        .flatten()
+        .ok_or_else(|| TlsError::NoPem { path: path.to_owned(), what: "private key" })
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn roots(ca: &Path) -> Result<rustls::RootCertStore, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in certs(ca)? {
+        roots.add(c)?;
+    }
+    Ok(roots)
+}
+
+/// Server side: TLS 1.3 only, client certificate signed by the CA required.
+pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&files.ca)?), provider())
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs(&files.cert)?, key(&files.key)?)?;
+    Ok(Arc::new(cfg))
+}
+
+/// Client side: TLS 1.3 only, presents its certificate, trusts only the CA.
+pub fn client_config(files: &TlsFiles) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots(&files.ca)?)
+        .with_client_auth_cert(certs(&files.cert)?, key(&files.key)?)?;
+    Ok(Arc::new(cfg))
+}
+
+pub fn acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
+    Ok(tokio_rustls::TlsAcceptor::from(server_config(files)?))
+}
+
+pub fn connector(files: &TlsFiles) -> Result<tokio_rustls::TlsConnector, TlsError> {
+    Ok(tokio_rustls::TlsConnector::from(client_config(files)?))
+}
+
+pub fn server_name(name: &str) -> Result<ServerName<'static>, TlsError> {
+    ServerName::try_from(name.to_owned()).map_err(|_| TlsError::ServerName(name.to_owned()))
+}
+
+/// What `ferry certs` produced.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GeneratedCerts {
+    pub ca: PathBuf,
+    pub components: Vec<TlsFiles>,
+}
+
+fn write_file(path: &Path, data: &str, private: bool) -> Result<(), TlsError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(if private { 0o600 } else { 0o644 })
+        .open(path)
+        .and_then(|mut f| f.write_all(data.as_bytes()).and_then(|_| f.sync_all()))
+        .map_err(|source| TlsError::Write { path: path.to_owned(), source })
+}
+
+fn ca_params() -> Result<rcgen::CertificateParams, TlsError> {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.distinguished_name.push(rcgen::DnType::CommonName, "Ferry CA");
+    params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+    Ok(params)
+}
+
+/// Create (or reuse) a CA in `dir` and a certificate for each component. Each component
+/// certificate names the component and every entry of `hosts` (DNS names or IP addresses) and is
+/// valid for both server and client authentication (components are both).
+pub fn generate(dir: &Path, components: &[String], hosts: &[String]) -> Result<GeneratedCerts, TlsError> {
+    std::fs::create_dir_all(dir).map_err(|source| TlsError::Write { path: dir.to_owned(), source })?;
+    let ca_pem = dir.join("ca.pem");
+    let ca_key_pem = dir.join("ca.key");
+    let (ca_cert, ca_key) = if ca_pem.exists() && ca_key_pem.exists() {
+        let key_pem = String::from_utf8_lossy(&read(&ca_key_pem)?).into_owned();
+        let ca_key = rcgen::KeyPair::from_pem(&key_pem)?;
+        // Same subject and key as the stored CA certificate: what we sign verifies against it.
+        let ca_cert = ca_params()?.self_signed(&ca_key)?;
+        (ca_cert, ca_key)
+    } else {
+        let ca_key = rcgen::KeyPair::generate()?;
+        let ca_cert = ca_params()?.self_signed(&ca_key)?;
+        write_file(&ca_pem, &ca_cert.pem(), false)?;
+        write_file(&ca_key_pem, &ca_key.serialize_pem(), true)?;
+        (ca_cert, ca_key)
+    };
+    let mut out = Vec::new();
+    for component in components {
+        let mut names = vec![component.clone(), "localhost".to_owned()];
+        names.extend(hosts.iter().cloned());
+        names.dedup();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        for n in &names {
+            let san = match n.parse::<std::net::IpAddr>() {
+                Ok(ip) => rcgen::SanType::IpAddress(ip),
+                Err(_) => rcgen::SanType::DnsName(n.clone().try_into()?),
+            };
+            params.subject_alt_names.push(san);
+        }
+        params.subject_alt_names.push(rcgen::SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
+        params.distinguished_name.push(rcgen::DnType::CommonName, component.clone());
+        params.extended_key_usages =
+            vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let key = rcgen::KeyPair::generate()?;
+        let cert = params.signed_by(&key, &ca_cert, &ca_key)?;
+        let files = TlsFiles::in_dir(dir, component);
+        write_file(&files.cert, &cert.pem(), false)?;
+        write_file(&files.key, &key.serialize_pem(), true)?;
+        out.push(files);
+    }
+    Ok(GeneratedCerts { ca: ca_pem, components: out })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn mutual_tls_between_generated_components() {
+        let dir = tempfile::tempdir().unwrap();
+        let comps = vec!["agent".to_owned(), "process-server".to_owned()];
+        generate(dir.path(), &comps, &[]).unwrap();
+        let acceptor = acceptor(&TlsFiles::in_dir(dir.path(), "process-server")).unwrap();
+        let connector = connector(&TlsFiles::in_dir(dir.path(), "agent")).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            let mut tls = acceptor.accept(s).await.unwrap();
+            let mut b = [0u8; 5];
+            tls.read_exact(&mut b).await.unwrap();
+            assert_eq!(&b, b"hello");
+            let (_, conn) = tls.get_ref();
+            assert_eq!(conn.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
+            assert!(conn.peer_certificates().is_some());
+        });
+        let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut tls = connector.connect(server_name("process-server").unwrap(), s).await.unwrap();
+        tls.write_all(b"hello").await.unwrap();
+        tls.flush().await.unwrap();
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn client_without_certificate_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        generate(dir.path(), &["process-server".to_owned()], &[]).unwrap();
+        let acceptor = acceptor(&TlsFiles::in_dir(dir.path(), "process-server")).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            acceptor.accept(s).await.is_err()
+        });
+        let cfg = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots(&dir.path().join("ca.pem")).unwrap())
+            .with_no_client_auth();
+        let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let r = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(server_name("process-server").unwrap(), s).await;
+        if let Ok(mut tls) = r {
+            let _ = tls.write_all(b"x").await;
+            let mut b = [0u8; 1];
+            let _ = tls.read(&mut b).await;
+        }
+        assert!(server.await.unwrap(), "server must refuse a client without a certificate");
+    }
+
+    #[tokio::test]
+    async fn reused_ca_still_verifies_new_components() {
+        let dir = tempfile::tempdir().unwrap();
+        generate(dir.path(), &["process-server".to_owned()], &[]).unwrap();
+        generate(dir.path(), &["agent".to_owned()], &[]).unwrap();
+        // agent was signed by the reloaded CA key: the process server must accept it.
+        let acceptor = acceptor(&TlsFiles::in_dir(dir.path(), "process-server")).unwrap();
+        let connector = connector(&TlsFiles::in_dir(dir.path(), "agent")).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (s, _) = listener.accept().await.unwrap();
+            let mut tls = acceptor.accept(s).await.unwrap();
+            let mut b = [0u8; 1];
+            tls.read_exact(&mut b).await.unwrap();
+        });
+        let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut tls = connector.connect(server_name("127.0.0.1").unwrap(), s).await.unwrap();
+        tls.write_all(b"x").await.unwrap();
+        tls.flush().await.unwrap();
+        server.await.unwrap();
+    }
+
+    #[test]
+    fn missing_file_names_the_path() {
+        let e = certs(Path::new("/nonexistent/ca.pem")).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/ca.pem"));
+    }
+}
