@@ -1,1 +1,197 @@
+//! The agent (mobility service): serves each protected disk of a machine as an NBD export,
+//! sequences every write with one per-machine counter, and ships the changes in order to a
+//! process server. See [`machine`] for the ordering and crash-recovery invariants.
 
+mod config;
+pub mod machine;
+mod sender;
+mod verify;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path as UrlPath, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use ferry_nbd::{Backend, BackendError, Export, Exports, Extent, ServerConfig};
+use tokio::net::{TcpListener, UnixListener};
+use tokio_util::sync::CancellationToken;
+
+pub use config::{AgentConfig, DiskCache, DiskConfig};
+pub use machine::{Machine, Mode};
+pub use verify::{VerifySession, VERIFY_BLOCK};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("disk {path}: {error}")]
+    Disk { path: PathBuf, error: String },
+    #[error("i/o error on {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("agent state: {0}")]
+    Journal(#[from] ferry_journal::JournalError),
+    #[error("TLS setup failed: {0}")]
+    Tls(#[from] ferry_tls::TlsError),
+    #[error("the machine is in {0} mode, not replicating: wait until it is caught up and retry")]
+    NotReplicating(String),
+}
+
+/// The NBD backend of one protected disk: reads go straight to the disk, every modification goes
+/// through the machine's sequencer.
+struct ReplicatedDisk {
+    machine: Arc<Machine>,
+    index: u16,
+}
+
+impl Backend for ReplicatedDisk {
+    fn size(&self) -> u64 {
+        self.machine.disks[self.index as usize].size
+    }
+    fn can_multi_conn(&self) -> bool {
+        true
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError> {
+        self.machine.disks[self.index as usize].backend.read(offset, buf)
+    }
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BackendError> {
+        self.machine.submit(self.index, offset, data.len() as u64, Some(data), false, fua)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> Result<(), BackendError> {
+        self.machine.submit(self.index, offset, len, None, may_trim, fua)
+    }
+    fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), BackendError> {
+        // TRIM is replicated as zeroing so source and target stay byte-identical.
+        self.machine.submit(self.index, offset, len, None, true, fua)
+    }
+    fn flush(&self) -> Result<(), BackendError> {
+        self.machine.disks[self.index as usize].backend.flush()
+    }
+    fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, BackendError> {
+        self.machine.disks[self.index as usize].backend.block_status(offset, len)
+    }
+}
+
+/// Listeners an agent serves on (bound by the caller, so tests run real servers cheaply).
+#[derive(Default)]
+pub struct AgentListeners {
+    pub nbd_tcp: Option<TcpListener>,
+    pub nbd_unix: Option<UnixListener>,
+    pub status: Option<TcpListener>,
+}
+
+/// Run the agent until `shutdown` is cancelled, then stop cleanly.
+pub async fn serve(config: AgentConfig, listeners: AgentListeners, shutdown: CancellationToken) -> Result<(), AgentError> {
+    if let Some(l) = &listeners.nbd_tcp {
+        let addr = l.local_addr().map_err(|source| AgentError::Io { path: "nbd listener".into(), source })?;
+        if !addr.ip().is_loopback() && !config.nbd_tls {
+            return Err(AgentError::Config(format!(
+                "the NBD export would listen on {addr}, which is not loopback: set nbd_tls = true (clients must then use TLS), or listen on 127.0.0.1 or a unix socket"
+            )));
+        }
+    }
+    let connector = ferry_tls::connector(&config.tls)?;
+    let nbd_tls = if config.nbd_tls { Some(ferry_tls::nbd_acceptor(&config.tls)?) } else { None };
+    let machine = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || Machine::open(config)).await.map_err(|e| AgentError::Config(e.to_string()))??
+    };
+    tracing::info!(machine = %machine.name, mode = ?machine.lock().mode, "agent started");
+
+    let resync = {
+        let m = machine.clone();
+        std::thread::Builder::new().name("resync".into()).spawn(move || m.resync_loop()).map_err(|e| AgentError::Config(e.to_string()))?
+    };
+    let sender = tokio::spawn(sender::run(machine.clone(), connector, shutdown.clone()));
+    let maintenance = {
+        let m = machine.clone();
+        let sd = shutdown.clone();
+        let every = Duration::from_secs_f64(config.maintenance_interval_secs.max(0.01));
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = sd.cancelled() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+                let m2 = m.clone();
+                match tokio::task::spawn_blocking(move || m2.maintenance()).await {
+                    Ok(Err(e)) => tracing::error!(error = %e, "agent maintenance failed"),
+                    Err(e) => tracing::error!(error = %e, "agent maintenance panicked"),
+                    Ok(Ok(())) => {}
+                }
+            }
+        })
+    };
+
+    let exports = Exports::new();
+    for (i, d) in machine.disks.iter().enumerate() {
+        exports.insert(Export {
+            name: d.name.clone(),
+            description: format!("{} disk {} (protected by Ferry)", machine.name, d.name),
+            backend: Arc::new(ReplicatedDisk { machine: machine.clone(), index: i as u16 }),
+        });
+    }
+    let nbd_config = Arc::new(ServerConfig { exports, require_tls: nbd_tls.is_some(), tls: nbd_tls });
+    let mut tasks = Vec::new();
+    if let Some(l) = listeners.nbd_tcp {
+        tasks.push(tokio::spawn(ferry_nbd::serve_tcp(l, nbd_config.clone(), shutdown.clone())));
+    }
+    if let Some(l) = listeners.nbd_unix {
+        tasks.push(tokio::spawn(ferry_nbd::serve_unix(l, nbd_config.clone(), shutdown.clone())));
+    }
+    if let Some(l) = listeners.status {
+        let m = machine.clone();
+        let routes = Router::new().route("/verify", post(start_verify)).route("/verify/{id}", get(get_verify)).with_state(machine.clone());
+        let sd = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = ferry_status::serve(l, move || m.status(), routes, sd).await {
+                tracing::error!(error = %e, "status endpoint failed");
+            }
+        });
+    }
+    shutdown.cancelled().await;
+    for t in tasks {
+        let _ = t.await;
+    }
+    let _ = sender.await;
+    let _ = maintenance.await;
+    let m = machine.clone();
+    let r = tokio::task::spawn_blocking(move || m.shutdown()).await.map_err(|e| AgentError::Config(e.to_string()))?;
+    let _ = resync.join();
+    r
+}
+
+#[derive(serde::Deserialize)]
+struct VerifyRequest {
+    disk: String,
+    #[serde(default)]
+    repair: bool,
+}
+
+async fn start_verify(State(m): State<Arc<Machine>>, body: Result<Json<VerifyRequest>, axum::extract::rejection::JsonRejection>) -> (StatusCode, Json<serde_json::Value>) {
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(serde_json::json!({"code": 9001, "message": format!("bad verify request: {e}"), "remedy": "send JSON {\"disk\": NAME, \"repair\": false}"})),
+            )
+        }
+    };
+    match m.start_verify(&req.disk, req.repair) {
+        Ok(id) => (StatusCode::ACCEPTED, Json(serde_json::json!({ "verify_id": id }))),
+        Err(e @ AgentError::NotReplicating(_)) => {
+            (StatusCode::CONFLICT, Json(serde_json::json!({"code": 9005, "message": e.to_string(), "remedy": "retry once the agent reports caught_up"})))
+        }
+        Err(e) => (StatusCode::BAD_REQUEST, Json(serde_json::json!({"code": 9004, "message": e.to_string(), "remedy": "name a configured disk"}))),
+    }
+}
+
+async fn get_verify(State(m): State<Arc<Machine>>, UrlPath(id): UrlPath<u64>) -> (StatusCode, Json<serde_json::Value>) {
+    match m.verify.get(id) {
+        Some(s) => (StatusCode::OK, Json(serde_json::to_value(s).unwrap_or_default())),
+        None => (StatusCode::NOT_FOUND, Json(serde_json::json!({"code": 9006, "message": format!("no verify session {id}"), "remedy": "start one with POST /verify"}))),
+    }
+}

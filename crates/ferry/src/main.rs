@@ -1,1 +1,400 @@
-fn main() {}
+//! `ferry`: the single binary of Ferry's components and operator commands.
+
+mod cli_config;
+mod output;
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use cli_config::{load_config, Overrides};
+use output::{print_status, OutputFormat};
+
+#[derive(Parser)]
+#[command(name = "ferry", version, about = "Ferry site recovery: replicate machines' disks to a recovery site, fail over, reprotect, fail back")]
+struct Cli {
+    /// Output format of commands that show something.
+    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Table)]
+    output: OutputFormat,
+    /// Log filter (tracing env-filter syntax), also from FERRY_LOG.
+    #[arg(long, global = true, env = "FERRY_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent (mobility service) of a machine, or query it.
+    Agent(AgentCmd),
+    /// Run a process server, or query it.
+    ProcessServer(ProcessServerCmd),
+    /// Run a master target, or query it.
+    MasterTarget(MasterTargetCmd),
+    /// Create a CA and component certificates for TLS between Ferry processes.
+    Certs(CertsArgs),
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct AgentCmd {
+    #[command(subcommand)]
+    action: Option<AgentAction>,
+    #[command(flatten)]
+    run: AgentRunArgs,
+}
+
+#[derive(Subcommand)]
+enum AgentAction {
+    /// Show replication status per machine and disk.
+    Status(StatusArgs),
+    /// Compare block hashes of a disk's source and target without stopping replication.
+    Verify(VerifyArgs),
+}
+
+#[derive(Args, Default)]
+struct AgentRunArgs {
+    /// TOML configuration file.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    machine: Option<String>,
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    #[arg(long)]
+    process_server: Option<String>,
+    #[arg(long)]
+    nbd_listen: Option<String>,
+    #[arg(long)]
+    nbd_socket: Option<PathBuf>,
+    #[arg(long)]
+    status_listen: Option<String>,
+    /// Folder with ca.pem, agent.pem, agent.key (as written by `ferry certs`).
+    #[arg(long)]
+    certs: Option<PathBuf>,
+    /// A protected disk as NAME=PATH (repeatable; replaces the file's disks).
+    #[arg(long = "disk", value_name = "NAME=PATH")]
+    disks: Vec<String>,
+    #[arg(long)]
+    log_limit_bytes: Option<u64>,
+    /// Hold shipping (writes are still logged and tracked).
+    #[arg(long)]
+    shipping_paused: bool,
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    /// The component's TOML configuration (to find its status address).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Status address (overrides the configuration's status_listen).
+    #[arg(long)]
+    status_addr: Option<String>,
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    /// Disk name.
+    disk: String,
+    /// Resync the blocks found different.
+    #[arg(long)]
+    repair: bool,
+    #[command(flatten)]
+    status: StatusArgs,
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct ProcessServerCmd {
+    #[command(subcommand)]
+    action: Option<SimpleAction>,
+    #[command(flatten)]
+    run: ProcessServerRunArgs,
+}
+
+#[derive(Subcommand)]
+enum SimpleAction {
+    /// Show status.
+    Status(StatusArgs),
+}
+
+#[derive(Args, Default)]
+struct ProcessServerRunArgs {
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    #[arg(long)]
+    cache_capacity_bytes: Option<u64>,
+    #[arg(long)]
+    listen: Option<String>,
+    #[arg(long)]
+    status_listen: Option<String>,
+    #[arg(long)]
+    master_target: Option<String>,
+    #[arg(long)]
+    certs: Option<PathBuf>,
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct MasterTargetCmd {
+    #[command(subcommand)]
+    action: Option<SimpleAction>,
+    #[command(flatten)]
+    run: MasterTargetRunArgs,
+}
+
+#[derive(Args, Default)]
+struct MasterTargetRunArgs {
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    datastore: Option<PathBuf>,
+    #[arg(long)]
+    retention: Option<PathBuf>,
+    #[arg(long)]
+    listen: Option<String>,
+    #[arg(long)]
+    status_listen: Option<String>,
+    #[arg(long)]
+    certs: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct CertsArgs {
+    /// Folder for ca.pem/ca.key and COMPONENT.pem/.key (an existing CA there is reused).
+    #[arg(long)]
+    dir: PathBuf,
+    /// Components to issue certificates for.
+    #[arg(long = "component", default_values_t = vec!["agent".to_string(), "process-server".to_string(), "master-target".to_string()])]
+    components: Vec<String>,
+    /// Extra DNS names or IP addresses for the certificates (localhost and 127.0.0.1 are always included).
+    #[arg(long = "host")]
+    hosts: Vec<String>,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot install SIGTERM handler");
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        t.cancel();
+    });
+    token
+}
+
+async fn bind(addr: &Option<String>, what: &str) -> Result<Option<tokio::net::TcpListener>> {
+    match addr {
+        None => Ok(None),
+        Some(a) => Ok(Some(tokio::net::TcpListener::bind(a).await.with_context(|| format!("cannot listen on {a} for {what}"))?)),
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let out = cli.output;
+    match cli.command {
+        Command::Certs(a) => {
+            let generated = ferry_tls::generate(&a.dir, &a.components, &a.hosts).with_context(|| format!("creating certificates in {}", a.dir.display()))?;
+            match out {
+                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&generated)?),
+                OutputFormat::Table => {
+                    println!("CA          {}", generated.ca.display());
+                    for c in &generated.components {
+                        println!("certificate {}  key {}", c.cert.display(), c.key.display());
+                    }
+                }
+            }
+            Ok(())
+        }
+        Command::Agent(cmd) => match cmd.action {
+            Some(AgentAction::Status(s)) => status("agent", &s, out).await,
+            Some(AgentAction::Verify(v)) => verify(v, out).await,
+            None => run_agent(cmd.run).await,
+        },
+        Command::ProcessServer(cmd) => match cmd.action {
+            Some(SimpleAction::Status(s)) => status("process-server", &s, out).await,
+            None => run_process_server(cmd.run).await,
+        },
+        Command::MasterTarget(cmd) => match cmd.action {
+            Some(SimpleAction::Status(s)) => status("master-target", &s, out).await,
+            None => run_master_target(cmd.run).await,
+        },
+    }
+}
+
+async fn run_agent(a: AgentRunArgs) -> Result<()> {
+    let mut o = Overrides::default();
+    o.string("machine", a.machine);
+    o.path("state_dir", a.state_dir);
+    o.string("process_server", a.process_server);
+    o.string("nbd_listen", a.nbd_listen);
+    o.path("nbd_socket", a.nbd_socket);
+    o.string("status_listen", a.status_listen);
+    o.certs(a.certs, "agent");
+    o.int("log_limit_bytes", a.log_limit_bytes);
+    if a.shipping_paused {
+        o.bool("shipping_paused", true);
+    }
+    if !a.disks.is_empty() {
+        let mut disks = Vec::new();
+        for d in &a.disks {
+            let Some((name, path)) = d.split_once('=') else { bail!("--disk {d:?} must be NAME=PATH") };
+            let mut t = toml::Table::new();
+            t.insert("name".into(), name.into());
+            t.insert("path".into(), path.into());
+            disks.push(toml::Value::Table(t));
+        }
+        o.set("disks", toml::Value::Array(disks));
+    }
+    let config: ferry_agent::AgentConfig = load_config(a.config.as_deref(), o, "agent")?;
+    if config.nbd_listen.is_none() && config.nbd_socket.is_none() {
+        bail!("the agent needs nbd_listen (e.g. 127.0.0.1:10809) or nbd_socket: it is the machine's disk interface");
+    }
+    let nbd_unix = match &config.nbd_socket {
+        Some(p) => {
+            let _ = std::fs::remove_file(p);
+            Some(tokio::net::UnixListener::bind(p).with_context(|| format!("cannot listen on unix socket {}", p.display()))?)
+        }
+        None => None,
+    };
+    let listeners = ferry_agent::AgentListeners {
+        nbd_tcp: bind(&config.nbd_listen, "NBD").await?,
+        nbd_unix,
+        status: bind(&config.status_listen, "status").await?,
+    };
+    let machine = config.machine.clone();
+    ferry_agent::serve(config, listeners, shutdown_on_signal()).await.with_context(|| format!("agent of machine {machine}"))
+}
+
+async fn run_process_server(a: ProcessServerRunArgs) -> Result<()> {
+    let mut o = Overrides::default();
+    o.path("cache_dir", a.cache_dir);
+    o.int("cache_capacity_bytes", a.cache_capacity_bytes);
+    o.string("listen", a.listen);
+    o.string("status_listen", a.status_listen);
+    o.string("master_target", a.master_target);
+    o.certs(a.certs, "process-server");
+    let config: ferry_process_server::ProcessServerConfig = load_config(a.config.as_deref(), o, "process-server")?;
+    let listener = tokio::net::TcpListener::bind(&config.listen).await.with_context(|| format!("cannot listen on {} for agents", config.listen))?;
+    let status = bind(&config.status_listen, "status").await?;
+    ferry_process_server::serve(config, listener, status, shutdown_on_signal()).await.context("process server")
+}
+
+async fn run_master_target(a: MasterTargetRunArgs) -> Result<()> {
+    let mut o = Overrides::default();
+    o.path("datastore", a.datastore);
+    o.path("retention", a.retention);
+    o.string("listen", a.listen);
+    o.string("status_listen", a.status_listen);
+    o.certs(a.certs, "master-target");
+    let config: ferry_master_target::MasterTargetConfig = load_config(a.config.as_deref(), o, "master-target")?;
+    let listener =
+        tokio::net::TcpListener::bind(&config.listen).await.with_context(|| format!("cannot listen on {} for process servers", config.listen))?;
+    let status = bind(&config.status_listen, "status").await?;
+    ferry_master_target::serve(config, listener, status, shutdown_on_signal()).await.context("master target")
+}
+
+fn status_addr(component: &str, s: &StatusArgs) -> Result<String> {
+    if let Some(a) = &s.status_addr {
+        return Ok(a.clone());
+    }
+    let Some(path) = &s.config else { bail!("give --status-addr HOST:PORT or --config FILE of the {component}") };
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let table: toml::Table = toml::from_str(&text).with_context(|| format!("{} is not valid TOML", path.display()))?;
+    match table.get("status_listen").and_then(|v| v.as_str()) {
+        Some(a) => Ok(a.to_owned()),
+        None => bail!("{} has no status_listen: the {component} serves no status endpoint", path.display()),
+    }
+}
+
+async fn status(component: &str, s: &StatusArgs, out: OutputFormat) -> Result<()> {
+    let addr = status_addr(component, s)?;
+    let (code, v) = ferry_status::request(&addr, "GET", "/status", None).await?;
+    if code != 200 {
+        bail!("status endpoint {addr} answered HTTP {code}: {v}");
+    }
+    print_status(&v, out);
+    Ok(())
+}
+
+async fn verify(v: VerifyArgs, out: OutputFormat) -> Result<()> {
+    let addr = status_addr("agent", &v.status)?;
+    let body = serde_json::json!({ "disk": v.disk, "repair": v.repair });
+    let (code, resp) = ferry_status::request(&addr, "POST", "/verify", Some(&body)).await?;
+    if code != 202 {
+        bail!("{} (remedy: {})", resp["message"].as_str().unwrap_or("verify refused"), resp["remedy"].as_str().unwrap_or("-"));
+    }
+    let id = resp["verify_id"].as_u64().context("agent returned no verify_id")?;
+    let session = loop {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let (code, s) = ferry_status::request(&addr, "GET", &format!("/verify/{id}"), None).await?;
+        if code != 200 {
+            bail!("verify session {id} vanished: {s}");
+        }
+        if s["state"] != "running" {
+            break s;
+        }
+        if matches!(out, OutputFormat::Table) {
+            let done = s["bytes_hashed"].as_u64().unwrap_or(0);
+            let size = s["disk_size"].as_u64().unwrap_or(1).max(1);
+            eprint!("\rverifying {}: {:.0}%", v.disk, done as f64 * 100.0 / size as f64);
+        }
+    };
+    match out {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&session)?),
+        OutputFormat::Table => {
+            eprintln!();
+            let differing = session["differing_offsets"].as_array().map(|a| a.len()).unwrap_or(0);
+            println!("disk {}: {} blocks of {} bytes compared, {} differ", v.disk, session["blocks_compared"], session["block_size"], differing);
+            if let Some(offs) = session["differing_offsets"].as_array() {
+                for o in offs.iter().take(50) {
+                    println!("  differs at offset {o}");
+                }
+            }
+            if session["repair_started"] == true {
+                println!("repair: a resync of the differing blocks was started");
+            }
+            if session["state"] == "failed" {
+                bail!("verify failed: {}", session["error"]);
+            }
+        }
+    }
+    if session["state"] == "failed" {
+        bail!("verify failed: {}", session["error"]);
+    }
+    Ok(())
+}

@@ -1,1 +1,262 @@
+//! The master target: receives a machine's ordered change stream from a process server, makes it
+//! durable in a redo journal on the retention volume (acknowledging only after fsync), and applies
+//! it to the target disks in the datastore.
+//!
+//! Architecture Invariant: a record is acknowledged only once it is fsync'd in the journal; the
+//! journal is released only up to a checkpoint written after the target disks were fsync'd, so
+//! replay after a crash starts at the checkpoint and is idempotent (plain positional writes).
+//!
+//! Architecture Invariant: records between a `ResyncBegin { preserve_consistent: true }` and its
+//! `ResyncEnd` are not applied until the `ResyncEnd` is durable in the journal: the replica's last
+//! consistent state is never overwritten in place by a resync that might not finish.
 
+mod replica;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferry_protocol::{codes, validate_name, Ack, FrameCodec, Hello, HelloAck, Message, Role};
+use ferry_tls::TlsFiles;
+use futures::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+
+pub use replica::{Replica, ReplicaStatus};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MasterTargetError {
+    #[error("journal error: {0}")]
+    Journal(#[from] ferry_journal::JournalError),
+    #[error("TLS setup failed: {0}")]
+    Tls(#[from] ferry_tls::TlsError),
+    #[error("i/o error on {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Configuration of `ferry master-target` (TOML; every field can be overridden by a flag).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MasterTargetConfig {
+    /// Where target disks live: `<datastore>/<machine>/<disk>.img`.
+    pub datastore: PathBuf,
+    /// Retention volume: the redo journal and checkpoints, `<retention>/<machine>/`.
+    pub retention: PathBuf,
+    /// Address for process servers (TLS).
+    pub listen: String,
+    /// Status endpoint (plain HTTP; keep it on loopback).
+    #[serde(default)]
+    pub status_listen: Option<String>,
+    pub tls: TlsFiles,
+    /// Journal segment size in bytes.
+    #[serde(default = "default_segment_bytes")]
+    pub segment_bytes: u64,
+    /// How often applied changes are checkpointed (target disks fsync'd, journal released), seconds.
+    #[serde(default = "default_checkpoint_secs")]
+    pub checkpoint_interval_secs: f64,
+}
+
+fn default_segment_bytes() -> u64 {
+    64 << 20
+}
+fn default_checkpoint_secs() -> f64 {
+    1.0
+}
+
+pub struct MasterTarget {
+    config: MasterTargetConfig,
+    replicas: Mutex<HashMap<String, Arc<Replica>>>,
+    shutdown: CancellationToken,
+}
+
+impl MasterTarget {
+    pub fn new(config: MasterTargetConfig, shutdown: CancellationToken) -> Result<Arc<Self>, MasterTargetError> {
+        for dir in [&config.datastore, &config.retention] {
+            std::fs::create_dir_all(dir).map_err(|source| MasterTargetError::Io { path: dir.clone(), source })?;
+        }
+        let mt = Arc::new(MasterTarget { config, replicas: Mutex::new(HashMap::new()), shutdown });
+        // Reopen every machine found on the retention volume so its journal is replayed at once,
+        // without waiting for the process server to reconnect.
+        if let Ok(entries) = std::fs::read_dir(&mt.config.retention) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if validate_name("machine", &name).is_ok() && e.path().join("machine.json").exists() {
+                    match Replica::reopen(&mt.config, &name, mt.shutdown.clone()) {
+                        Ok(r) => {
+                            mt.lock_replicas().insert(name, r);
+                        }
+                        Err(e) => tracing::error!(machine = %name, error = %e, "cannot reopen replica"),
+                    }
+                }
+            }
+        }
+        Ok(mt)
+    }
+
+    fn lock_replicas(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Replica>>> {
+        self.replicas.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn replica_for(&self, hello: &Hello) -> Result<Arc<Replica>, (u32, String, String)> {
+        validate_name("machine", &hello.machine.name).map_err(|m| (codes::BAD_NAME, m, "rename the machine".into()))?;
+        for d in &hello.machine.disks {
+            validate_name("disk", &d.name).map_err(|m| (codes::BAD_NAME, m, "rename the disk".into()))?;
+        }
+        let mut map = self.lock_replicas();
+        if let Some(r) = map.get(&hello.machine.name) {
+            r.check_layout(&hello.machine)?;
+            return Ok(r.clone());
+        }
+        let r = Replica::create(&self.config, &hello.machine, self.shutdown.clone())
+            .map_err(|e| (codes::STORAGE, e.to_string(), "check the datastore and retention folders".into()))?;
+        map.insert(hello.machine.name.clone(), r.clone());
+        Ok(r)
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let map = self.lock_replicas();
+        let mut machines: Vec<_> = map.values().map(|r| r.status()).collect();
+        machines.sort_by(|a, b| a.machine.cmp(&b.machine));
+        serde_json::json!({ "component": "master-target", "machines": machines })
+    }
+
+    pub fn replica(&self, machine: &str) -> Option<Arc<Replica>> {
+        self.lock_replicas().get(machine).cloned()
+    }
+}
+
+/// Run the master target on pre-bound listeners until `shutdown` is cancelled.
+pub async fn serve(
+    config: MasterTargetConfig,
+    listener: TcpListener,
+    status_listener: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> Result<(), MasterTargetError> {
+    let acceptor = ferry_tls::acceptor(&config.tls)?;
+    let mt = MasterTarget::new(config, shutdown.clone())?;
+    if let Some(l) = status_listener {
+        let mt2 = mt.clone();
+        let sd = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = ferry_status::serve(l, move || mt2.status(), axum::Router::new(), sd).await {
+                tracing::error!(error = %e, "status endpoint failed");
+            }
+        });
+    }
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => { tracing::warn!(error = %e, "accept failed"); tokio::time::sleep(Duration::from_millis(50)).await; continue; }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let mt = mt.clone();
+        let sd = shutdown.clone();
+        tokio::spawn(async move {
+            let tls = match acceptor.accept(stream).await {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+            };
+            if let Err(e) = handle_process_server(mt, tls, sd).await {
+                tracing::warn!(%peer, error = %e, "process server connection closed");
+            }
+        });
+    }
+    mt.lock_replicas().values().for_each(|r| r.stop());
+    Ok(())
+}
+
+async fn handle_process_server<S>(mt: Arc<MasterTarget>, stream: S, shutdown: CancellationToken) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut framed = Framed::new(stream, FrameCodec::default());
+    let hello = match framed.next().await {
+        Some(Ok(Message::Hello(h))) if h.role == Role::ProcessServer => h,
+        Some(Ok(other)) => {
+            let msg = format!("expected Hello from a process server, got {}", kind(&other));
+            let _ = framed.send(Message::Error { code: codes::PROTOCOL, message: msg.clone(), remedy: "connect a Ferry process server".into() }).await;
+            return Err(msg);
+        }
+        Some(Err(e)) => return Err(e.to_string()),
+        None => return Ok(()),
+    };
+    let replica = match mt.replica_for(&hello) {
+        Ok(r) => r,
+        Err((code, message, remedy)) => {
+            let _ = framed.send(Message::Error { code, message: message.clone(), remedy }).await;
+            return Err(message);
+        }
+    };
+    let machine = hello.machine.name.clone();
+    tracing::info!(%machine, "process server connected");
+    let (durable, applied) = replica.positions();
+    framed.send(Message::HelloAck(HelloAck { durable_seq: durable, applied_seq: applied })).await.map_err(|e| e.to_string())?;
+    let mut applied_rx = replica.applied_watch();
+    let mut events = replica.subscribe_events();
+    let mut last_sent_applied = applied;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            msg = framed.next() => {
+                let records = match msg {
+                    None => return Ok(()),
+                    Some(Err(e)) => return Err(format!("bad frame: {e}")),
+                    Some(Ok(Message::Records(r))) => r,
+                    Some(Ok(other)) => return Err(format!("unexpected {} from process server", kind(&other))),
+                };
+                let r2 = replica.clone();
+                let durable = tokio::task::spawn_blocking(move || r2.journal_records(records))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let durable = match durable {
+                    Ok(d) => d,
+                    Err(e) => {
+                        let _ = framed.send(Message::Error { code: codes::STORAGE, message: e.to_string(), remedy: "check the retention volume (space, permissions)".into() }).await;
+                        return Err(e.to_string());
+                    }
+                };
+                let applied = *applied_rx.borrow_and_update();
+                last_sent_applied = applied;
+                framed.send(Message::Ack(Ack { durable_seq: durable, target_durable_seq: durable, applied_seq: applied })).await.map_err(|e| e.to_string())?;
+            }
+            r = applied_rx.changed() => {
+                if r.is_err() { return Ok(()); }
+                let applied = *applied_rx.borrow_and_update();
+                if applied != last_sent_applied {
+                    last_sent_applied = applied;
+                    let (durable, _) = replica.positions();
+                    framed.send(Message::Ack(Ack { durable_seq: durable, target_durable_seq: durable, applied_seq: applied })).await.map_err(|e| e.to_string())?;
+                }
+            }
+            ev = events.recv() => {
+                if let Ok(ev) = ev {
+                    framed.send(Message::Event(ev)).await.map_err(|e| e.to_string())?;
+                }
+            }
+        }
+    }
+}
+
+pub(crate) fn kind(m: &Message) -> &'static str {
+    match m {
+        Message::Hello(_) => "Hello",
+        Message::HelloAck(_) => "HelloAck",
+        Message::Records(_) => "Records",
+        Message::Ack(_) => "Ack",
+        Message::Throttle { .. } => "Throttle",
+        Message::Event(_) => "Event",
+        Message::Error { .. } => "Error",
+    }
+}

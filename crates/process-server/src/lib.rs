@@ -1,1 +1,425 @@
+//! The process server: receives change streams from agents, spools them durably (fsync before
+//! acknowledging, batched), forwards them in order to the master target compressed (lz4), and
+//! throttles agents when its cache runs low (NET-2).
+//!
+//! Architecture Invariant: an agent's records are acknowledged only after they are fsync'd in the
+//! spool; spool segments are released only after the master target acknowledged them durable.
+//! Architecture Invariant: the process server never reorders: one forwarder per machine reads the
+//! spool in seq order.
 
+mod spool;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferry_protocol::{codes, validate_name, FrameCodec, Hello, HelloAck, Message, Role};
+use ferry_tls::TlsFiles;
+use futures::{FutureExt, SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+
+pub use spool::{MachineSpool, SpoolStatus};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessServerError {
+    #[error("journal error: {0}")]
+    Journal(#[from] ferry_journal::JournalError),
+    #[error("TLS setup failed: {0}")]
+    Tls(#[from] ferry_tls::TlsError),
+    #[error("i/o error on {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+/// Configuration of `ferry process-server`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessServerConfig {
+    /// The cache folder holding the spool, `<cache_dir>/<machine>/`.
+    pub cache_dir: PathBuf,
+    /// Configured cache capacity in bytes; free % = (capacity − spool bytes) / capacity.
+    pub cache_capacity_bytes: u64,
+    /// Address for agents (TLS).
+    pub listen: String,
+    #[serde(default)]
+    pub status_listen: Option<String>,
+    /// The master target's replication address.
+    pub master_target: String,
+    /// Name in the master target's certificate (default: `master-target`).
+    #[serde(default = "default_mt_name")]
+    pub master_target_name: String,
+    pub tls: TlsFiles,
+    /// Throttle agents below this free percentage of the cache (NET-2: 20).
+    #[serde(default = "default_throttle")]
+    pub throttle_free_percent: u8,
+    /// Seconds between reconnection attempts to the master target.
+    #[serde(default = "default_reconnect")]
+    pub reconnect_interval_secs: f64,
+    #[serde(default = "default_segment_bytes")]
+    pub segment_bytes: u64,
+    /// Bytes forwarded per frame to the master target.
+    #[serde(default = "default_batch")]
+    pub forward_batch_bytes: usize,
+}
+
+fn default_mt_name() -> String {
+    "master-target".into()
+}
+fn default_throttle() -> u8 {
+    20
+}
+fn default_reconnect() -> f64 {
+    1.0
+}
+fn default_segment_bytes() -> u64 {
+    16 << 20
+}
+fn default_batch() -> usize {
+    4 << 20
+}
+
+pub struct ProcessServer {
+    config: ProcessServerConfig,
+    spools: Mutex<HashMap<String, Arc<MachineSpool>>>,
+    connector: ferry_tls::tokio_rustls::TlsConnector,
+    shutdown: CancellationToken,
+}
+
+impl ProcessServer {
+    pub fn new(config: ProcessServerConfig, shutdown: CancellationToken) -> Result<Arc<Self>, ProcessServerError> {
+        if config.cache_capacity_bytes == 0 {
+            return Err(ProcessServerError::Config("cache_capacity_bytes must be greater than 0".into()));
+        }
+        if config.throttle_free_percent >= 100 {
+            return Err(ProcessServerError::Config("throttle_free_percent must be below 100".into()));
+        }
+        std::fs::create_dir_all(&config.cache_dir).map_err(|source| ProcessServerError::Io { path: config.cache_dir.clone(), source })?;
+        let connector = ferry_tls::connector(&config.tls)?;
+        let ps = Arc::new(ProcessServer { config, spools: Mutex::new(HashMap::new()), connector, shutdown });
+        // Resume forwarding whatever the spool still holds, agent connected or not.
+        if let Ok(entries) = std::fs::read_dir(&ps.config.cache_dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if validate_name("machine", &name).is_ok() && e.path().join("machine.json").exists() {
+                    if let Err(err) = ps.spool_for(None, &name) {
+                        tracing::error!(machine = %name, error = %err, "cannot reopen spool");
+                    }
+                }
+            }
+        }
+        Ok(ps)
+    }
+
+    fn lock_spools(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<MachineSpool>>> {
+        self.spools.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Open (and start forwarding) the spool of a machine; `hello` updates its descriptor.
+    fn spool_for(self: &Arc<Self>, hello: Option<&Hello>, name: &str) -> Result<Arc<MachineSpool>, ProcessServerError> {
+        let mut map = self.lock_spools();
+        if let Some(s) = map.get(name) {
+            if let Some(h) = hello {
+                s.set_descriptor(h)?;
+            }
+            return Ok(s.clone());
+        }
+        let s = MachineSpool::open(&self.config, name, hello)?;
+        map.insert(name.to_owned(), s.clone());
+        let ps = self.clone();
+        let s2 = s.clone();
+        tokio::spawn(async move { ps.forward_loop(s2).await });
+        Ok(s)
+    }
+
+    /// Bytes held by all spools.
+    pub fn spool_bytes(&self) -> u64 {
+        self.lock_spools().values().map(|s| s.bytes()).sum()
+    }
+
+    /// Free percentage of the cache: configured capacity first, the filesystem's space second.
+    pub fn free_percent(&self) -> u8 {
+        let cap = self.config.cache_capacity_bytes as f64;
+        let used = self.spool_bytes() as f64;
+        let by_capacity = ((cap - used).max(0.0) / cap * 100.0).floor() as u8;
+        let fs_free = fs_available(&self.config.cache_dir);
+        // Hard limit: the filesystem must hold at least another batch or two.
+        if fs_free < 2 * ferry_protocol::MAX_FRAME_LEN as u64 {
+            return 0;
+        }
+        by_capacity
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let mut machines: Vec<_> = self.lock_spools().values().map(|s| s.status()).collect();
+        machines.sort_by(|a, b| a.machine.cmp(&b.machine));
+        serde_json::json!({
+            "component": "process-server",
+            "cache_capacity_bytes": self.config.cache_capacity_bytes,
+            "spool_bytes": self.spool_bytes(),
+            "free_percent": self.free_percent(),
+            "throttling": self.free_percent() < self.config.throttle_free_percent,
+            "filesystem_available_bytes": fs_available(&self.config.cache_dir),
+            "machines": machines,
+        })
+    }
+
+    async fn forward_loop(self: Arc<Self>, spool: Arc<MachineSpool>) {
+        let interval = Duration::from_secs_f64(self.config.reconnect_interval_secs.max(0.01));
+        loop {
+            if self.shutdown.is_cancelled() {
+                return;
+            }
+            match self.forward_once(&spool).await {
+                Ok(()) => return,
+                Err(e) => {
+                    spool.set_downstream(false, Some(e.clone()));
+                    tracing::warn!(machine = %spool.name(), error = %e, "master target link down; retrying");
+                }
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+
+    /// One connection to the master target: hello, then stream the spool in order.
+    async fn forward_once(&self, spool: &Arc<MachineSpool>) -> Result<(), String> {
+        let Some(hello) = spool.descriptor() else {
+            // No agent has described this machine yet; nothing to forward.
+            spool.wait_data().await;
+            return Err("waiting for the agent's first hello".into());
+        };
+        let tcp = tokio::net::TcpStream::connect(&self.config.master_target)
+            .await
+            .map_err(|e| format!("cannot connect to master target {}: {e}", self.config.master_target))?;
+        let _ = tcp.set_nodelay(true);
+        let name = ferry_tls::server_name(&self.config.master_target_name).map_err(|e| e.to_string())?;
+        let tls = self.connector.connect(name, tcp).await.map_err(|e| format!("TLS with master target failed: {e}"))?;
+        let mut framed = Framed::new(tls, FrameCodec::compressed());
+        framed
+            .send(Message::Hello(Hello { role: Role::ProcessServer, machine: hello.machine.clone(), generation: hello.generation }))
+            .await
+            .map_err(|e| e.to_string())?;
+        let ack = match framed.next().await {
+            Some(Ok(Message::HelloAck(a))) => a,
+            Some(Ok(Message::Error { code, message, remedy })) => return Err(format!("master target refused (code {code}): {message}; {remedy}")),
+            Some(Ok(_)) => return Err("master target answered with an unexpected message".into()),
+            Some(Err(e)) => return Err(e.to_string()),
+            None => return Err("master target closed the connection".into()),
+        };
+        spool.downstream_acked(ack.durable_seq, ack.durable_seq, ack.applied_seq).map_err(|e| e.to_string())?;
+        spool.set_downstream(true, None);
+        let mut cursor = ferry_journal::Cursor::after(ack.durable_seq);
+        let (mut sink, mut stream) = framed.split();
+        let batch_bytes = self.config.forward_batch_bytes;
+        loop {
+            let batch = spool.read(&mut cursor, batch_bytes).map_err(|e| e.to_string())?;
+            if !batch.is_empty() {
+                let bytes: u64 = batch.iter().map(|r| r.body.data_len()).sum();
+                let last = batch.last().map(|r| r.seq).unwrap_or(0);
+                // Keep reading acks while a large frame is being written.
+                let send = sink.send(Message::Records(batch));
+                tokio::pin!(send);
+                loop {
+                    tokio::select! {
+                        r = &mut send => { r.map_err(|e| format!("send to master target failed: {e}"))?; break; }
+                        m = stream.next() => self.handle_downstream(spool, m)?,
+                    }
+                }
+                spool.forwarded(last, bytes);
+                continue;
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return Ok(()),
+                _ = spool.wait_data() => {}
+                m = stream.next() => self.handle_downstream(spool, m)?,
+            }
+        }
+    }
+
+    fn handle_downstream(&self, spool: &Arc<MachineSpool>, m: Option<Result<Message, ferry_protocol::ProtocolError>>) -> Result<(), String> {
+        match m {
+            None => Err("master target closed the connection".into()),
+            Some(Err(e)) => Err(format!("bad frame from master target: {e}")),
+            Some(Ok(Message::Ack(a))) => spool.downstream_acked(a.durable_seq, a.target_durable_seq, a.applied_seq).map_err(|e| e.to_string()),
+            Some(Ok(Message::Event(ev))) => {
+                spool.relay_upstream(Message::Event(ev));
+                Ok(())
+            }
+            Some(Ok(Message::Error { code, message, remedy })) => Err(format!("master target error {code}: {message}; {remedy}")),
+            Some(Ok(_)) => Err("unexpected message from master target".into()),
+        }
+    }
+}
+
+fn fs_available(path: &std::path::Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return 0 };
+    // SAFETY: statvfs fills a plain struct; the path is a valid C string.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut st) != 0 {
+            return 0;
+        }
+        st.f_bavail as u64 * st.f_frsize as u64
+    }
+}
+
+/// Run the process server on pre-bound listeners until `shutdown` is cancelled.
+pub async fn serve(
+    config: ProcessServerConfig,
+    listener: TcpListener,
+    status_listener: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> Result<(), ProcessServerError> {
+    let acceptor = ferry_tls::acceptor(&config.tls)?;
+    let ps = ProcessServer::new(config, shutdown.clone())?;
+    if let Some(l) = status_listener {
+        let ps2 = ps.clone();
+        let sd = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = ferry_status::serve(l, move || ps2.status(), axum::Router::new(), sd).await {
+                tracing::error!(error = %e, "status endpoint failed");
+            }
+        });
+    }
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => { tracing::warn!(error = %e, "accept failed"); tokio::time::sleep(Duration::from_millis(50)).await; continue; }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let ps = ps.clone();
+        tokio::spawn(async move {
+            let tls = match acceptor.accept(stream).await {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+            };
+            if let Err(e) = handle_agent(ps, tls).await {
+                tracing::warn!(%peer, error = %e, "agent connection closed");
+            }
+        });
+    }
+}
+
+async fn handle_agent<S>(ps: Arc<ProcessServer>, stream: S) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut framed = Framed::new(stream, FrameCodec::default());
+    let hello = match framed.next().await {
+        Some(Ok(Message::Hello(h))) if h.role == Role::Agent => h,
+        Some(Ok(_)) => {
+            let msg = "expected Hello from an agent".to_owned();
+            let _ = framed.send(Message::Error { code: codes::PROTOCOL, message: msg.clone(), remedy: "connect a Ferry agent".into() }).await;
+            return Err(msg);
+        }
+        Some(Err(e)) => return Err(e.to_string()),
+        None => return Ok(()),
+    };
+    let refuse = |code, message: String, remedy: &str| Message::Error { code, message, remedy: remedy.into() };
+    if let Err(m) = validate_name("machine", &hello.machine.name).and_then(|_| hello.machine.disks.iter().try_for_each(|d| validate_name("disk", &d.name))) {
+        let _ = framed.send(refuse(codes::BAD_NAME, m.clone(), "rename the machine or disk")).await;
+        return Err(m);
+    }
+    let spool = match ps.spool_for(Some(&hello), &hello.machine.name) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = framed.send(refuse(codes::STORAGE, e.to_string(), "check the process server's cache folder")).await;
+            return Err(e.to_string());
+        }
+    };
+    let machine = hello.machine.name.clone();
+    tracing::info!(%machine, "agent connected");
+    let mut upstream = spool.subscribe_upstream();
+    let (durable, applied) = spool.positions();
+    framed.send(Message::HelloAck(HelloAck { durable_seq: durable, applied_seq: applied })).await.map_err(|e| e.to_string())?;
+    spool.set_agent_connected(true);
+    let result = agent_loop(&ps, &spool, &mut framed, &mut upstream).await;
+    spool.set_agent_connected(false);
+    result
+}
+
+async fn agent_loop<S>(
+    ps: &Arc<ProcessServer>,
+    spool: &Arc<MachineSpool>,
+    framed: &mut Framed<S, FrameCodec>,
+    upstream: &mut tokio::sync::broadcast::Receiver<Message>,
+) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let threshold = ps.config.throttle_free_percent;
+    let mut throttled = false;
+    loop {
+        let free = ps.free_percent();
+        if free < threshold {
+            if !throttled {
+                throttled = true;
+                spool.set_throttled(true);
+                tracing::warn!(machine = %spool.name(), free_percent = free, "cache below threshold: throttling agent (NET-2)");
+                framed.send(Message::Throttle { active: true, free_percent: free }).await.map_err(|e| e.to_string())?;
+            }
+            // Stop reading from the agent (TCP backpressure) but keep relaying acks and events.
+            tokio::select! {
+                _ = ps.shutdown.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                m = upstream.recv() => if let Ok(m) = m { framed.send(m).await.map_err(|e| e.to_string())?; },
+            }
+            continue;
+        }
+        if throttled {
+            throttled = false;
+            spool.set_throttled(false);
+            tracing::info!(machine = %spool.name(), free_percent = free, "cache space returned: resuming agent");
+            framed.send(Message::Throttle { active: false, free_percent: free }).await.map_err(|e| e.to_string())?;
+        }
+        tokio::select! {
+            _ = ps.shutdown.cancelled() => return Ok(()),
+            m = upstream.recv() => if let Ok(m) = m { framed.send(m).await.map_err(|e| e.to_string())?; },
+            m = framed.next() => {
+                let mut batches = match m {
+                    None => return Ok(()),
+                    Some(Err(e)) => {
+                        let msg = format!("bad frame from agent: {e}");
+                        let _ = framed.send(Message::Error { code: codes::PROTOCOL, message: msg.clone(), remedy: "upgrade the agent or check the network path".into() }).await;
+                        return Err(msg);
+                    }
+                    Some(Ok(Message::Records(r))) => vec![r],
+                    Some(Ok(_)) => return Err("unexpected message from agent".into()),
+                };
+                // Group whatever else already arrived under one fsync.
+                while batches.len() < 16 {
+                    match framed.next().now_or_never() {
+                        Some(Some(Ok(Message::Records(r)))) => batches.push(r),
+                        Some(Some(Ok(_))) => return Err("unexpected message from agent".into()),
+                        Some(Some(Err(e))) => return Err(format!("bad frame from agent: {e}")),
+                        Some(None) | None => break,
+                    }
+                }
+                let s2 = spool.clone();
+                let ack = tokio::task::spawn_blocking(move || s2.append(batches)).await.map_err(|e| e.to_string())?;
+                match ack {
+                    Ok(a) => framed.send(Message::Ack(a)).await.map_err(|e| e.to_string())?,
+                    Err(e) => {
+                        let _ = framed.send(Message::Error { code: codes::STORAGE, message: e.to_string(), remedy: "check the process server's cache volume".into() }).await;
+                        return Err(e.to_string());
+                    }
+                }
+            }
+        }
+    }
+}

@@ -16,3 +16,33 @@ mod message;
 
 pub use codec::{FrameCodec, ProtocolError, FRAME_HEADER_LEN, FRAME_MAGIC, MAX_FRAME_LEN, PROTOCOL_VERSION};
 pub use message::*;
+
+/// Machine and disk names become file and folder names at every hop: allow only a safe alphabet.
+pub fn validate_name(kind: &str, name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("invalid {kind} name {name:?}: use 1-128 characters from A-Z a-z 0-9 . _ - (not starting with '.')"))
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Error codes of the data path (the REQUIREMENTS ERR family plus Ferry's own 9xxx).
+pub mod codes {
+    /// The peer sent something that is not a valid Ferry message at this point.
+    pub const PROTOCOL: u32 = 9001;
+    /// The machine's disk layout differs from what this hop holds (a disk was added, removed or resized).
+    pub const DISK_LAYOUT_CHANGED: u32 = 9002;
+    /// Storage failure at this hop (spool, journal or target disk).
+    pub const STORAGE: u32 = 9003;
+    /// Invalid machine or disk name.
+    pub const BAD_NAME: u32 = 9004;
+}

@@ -1,1 +1,108 @@
+//! Every Ferry daemon serves its status as JSON over HTTP (`GET /status`) on a loopback address,
+//! and `ferry <component> status` reads it. Extra routes (e.g. the agent's verify) are merged in.
 
+mod rate;
+pub use rate::RateMeter;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::routing::get;
+use axum::{Json, Router};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error("cannot reach the status endpoint at {addr}: {source} — is the daemon running, and is `status_listen` right?")]
+    Connect { addr: String, source: std::io::Error },
+    #[error("status endpoint at {addr} answered badly: {reason}")]
+    BadResponse { addr: String, reason: String },
+}
+
+/// Serve `GET /status` (the JSON from `status`) plus `extra` routes until `shutdown`.
+pub async fn serve<F>(
+    listener: tokio::net::TcpListener,
+    status: F,
+    extra: Router,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()>
+where
+    F: Fn() -> serde_json::Value + Send + Sync + 'static,
+{
+    let status = Arc::new(status);
+    let app = Router::new()
+        .route(
+            "/status",
+            get(move || {
+                let status = status.clone();
+                async move { Json(status()) }
+            }),
+        )
+        .merge(extra);
+    axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+}
+
+/// Minimal HTTP/1.1 client for the CLI: `method path` with an optional JSON body, returns the
+/// status code and JSON body.
+pub async fn request(addr: &str, method: &str, path: &str, body: Option<&serde_json::Value>) -> Result<(u16, serde_json::Value), StatusError> {
+    let connect_err = |source| StatusError::Connect { addr: addr.to_owned(), source };
+    let bad = |reason: String| StatusError::BadResponse { addr: addr.to_owned(), reason };
+    let sa: SocketAddr = tokio::net::lookup_host(addr)
+        .await
+        .map_err(connect_err)?
+        .next()
+        .ok_or_else(|| StatusError::Connect { addr: addr.to_owned(), source: std::io::Error::other("no address") })?;
+    let mut s = tokio::net::TcpStream::connect(sa).await.map_err(connect_err)?;
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.map_err(connect_err)?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).await.map_err(connect_err)?;
+    let text = String::from_utf8_lossy(&resp);
+    let (head, rest) = text.split_once("\r\n\r\n").ok_or_else(|| bad("no header terminator".into()))?;
+    let code: u16 = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| bad(format!("bad status line {head:?}")))?;
+    let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
+    let payload = if chunked { dechunk(rest) } else { rest.to_owned() };
+    let json = if payload.trim().is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(&payload).unwrap_or(serde_json::Value::String(payload))
+    };
+    Ok((code, json))
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn serves_and_reads_status() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let token = tokio_util::sync::CancellationToken::new();
+        let t = token.clone();
+        let h = tokio::spawn(serve(l, || serde_json::json!({"ok": true}), Router::new(), t));
+        let (code, v) = request(&addr, "GET", "/status", None).await.unwrap();
+        assert_eq!(code, 200);
+        assert_eq!(v["ok"], true);
+        token.cancel();
+        h.await.unwrap().unwrap();
+        assert!(request(&addr, "GET", "/status", None).await.is_err());
+    }
+}

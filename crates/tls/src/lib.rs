@@ -5,6 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+pub use rustls;
+pub use tokio_rustls;
+
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde::Deserialize;
 
@@ -101,6 +104,17 @@ pub fn client_config(files: &TlsFiles) -> Result<Arc<rustls::ClientConfig>, TlsE
 
 pub fn acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
     Ok(tokio_rustls::TlsAcceptor::from(server_config(files)?))
+}
+
+/// TLS for NBD clients (STARTTLS): TLS 1.3, client certificates verified when presented.
+/// NBD clients such as qemu authenticate the server; requiring client certificates too is left
+/// to deployments that configure them.
+pub fn nbd_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
+    let cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(certs(&files.cert)?, key(&files.key)?)?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
 }
 
 pub fn connector(files: &TlsFiles) -> Result<tokio_rustls::TlsConnector, TlsError> {

@@ -1,0 +1,816 @@
+//! The agent's core: one per-machine sequencer that orders every write of every disk, the
+//! in-order log awaiting the process server's acknowledgement, the activity log, the change
+//! bitmap, and the resync that copies changed regions when in-order shipping is not possible.
+//!
+//! Architecture Invariant: under the sequencer lock, a write is (1) given the next seq, (2) covered
+//! by an activity-log extent made durable *before* (3) it is submitted to the local disk, then
+//! (4) either appended to the in-order log or marked in the change bitmap. Holding the lock across
+//! the submission applies overlapping writes to the source in seq order.
+//!
+//! Architecture Invariant: an activity-log extent is retired only when every change in it is
+//! acknowledged durable by the process server (or recorded in the persisted change bitmap) *and*
+//! a local flush completed after its last write — so after a crash, even one that loses the
+//! page cache, every region that may differ between source and target is resynced.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use ferry_journal::{fsutil, ActivityLog, AlSlot, DirtyMap, JournalError, TRACK_BLOCK};
+use ferry_nbd::{Backend, BackendError};
+use ferry_protocol::{now_ms, Ack, DiskDescriptor, MachineDescriptor, Record, RecordBody, ResyncReason};
+use ferry_status::RateMeter;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::config::{AgentConfig, DiskCache};
+use crate::verify::VerifySessions;
+use crate::AgentError;
+
+const SEQ_RESERVATION: u64 = 1 << 20;
+
+/// How the agent is shipping a machine's changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Every write is shipped in order.
+    Replicating,
+    /// Copying the disks for the first time.
+    InitialSync,
+    /// Copying changed regions (after a crash, a log overflow or a verify repair).
+    Resync,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PersistentState {
+    generation: u64,
+    initial_sync_complete: bool,
+    disks: Vec<DiskDescriptor>,
+}
+
+pub struct Disk {
+    pub name: String,
+    pub size: u64,
+    pub uuid: String,
+    pub path: PathBuf,
+    pub backend: Arc<dyn Backend>,
+}
+
+#[derive(Default)]
+struct AlEntry {
+    slot: AlSlot,
+    /// Log records touching this extent not yet acknowledged by the process server.
+    pending: u32,
+    /// Bitmap bits set in this extent that are not yet persisted.
+    bitmap_unsaved: bool,
+    /// Writes submitted to this extent (to know whether a flush covered the last one).
+    writes: u64,
+}
+
+struct LogEntry {
+    record: Record,
+    extents: Vec<(u16, u64)>,
+    bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EventEntry {
+    pub time_ms: u64,
+    pub kind: String,
+    pub message: String,
+}
+
+struct ResyncRun {
+    generation: u64,
+    reason: ResyncReason,
+    total_bytes: u64,
+}
+
+pub(crate) struct Core {
+    next_seq: u64,
+    al: ActivityLog,
+    al_index: HashMap<(u16, u64), AlEntry>,
+    dirty: DirtyMap,
+    dirty_unsaved: bool,
+    log: VecDeque<LogEntry>,
+    log_bytes: u64,
+    pub(crate) ack: Ack,
+    pub(crate) mode: Mode,
+    resync_reason: ResyncReason,
+    resync: Option<ResyncRun>,
+    state: PersistentState,
+    state_path: PathBuf,
+    pub(crate) events: VecDeque<EventEntry>,
+    pub(crate) connected: bool,
+    pub(crate) throttled: bool,
+    pub(crate) link_error: Option<String>,
+    last_record_seq: u64,
+    unapplied: VecDeque<(u64, u64)>,
+    rate_in: RateMeter,
+    pub(crate) rate_out: RateMeter,
+    pub(crate) sent_seq: u64,
+    resync_bytes_sent: u64,
+}
+
+pub struct Machine {
+    pub name: String,
+    pub disks: Vec<Disk>,
+    pub(crate) config: AgentConfig,
+    core: Mutex<Core>,
+    /// Wakes the sender: records are waiting.
+    pub(crate) records_ready: Notify,
+    /// Wakes the resync thread: mode changed or log space freed.
+    resync_wake: Condvar,
+    pub(crate) stopped: AtomicBool,
+    pub(crate) verify: VerifySessions,
+}
+
+fn extents_of(disk: u16, offset: u64, len: u64, ext: u64) -> impl Iterator<Item = (u16, u64)> {
+    let first = offset / ext;
+    let last = (offset + len.max(1) - 1) / ext;
+    (first..=last).map(move |e| (disk, e))
+}
+
+impl Machine {
+    /// Open the machine's disks and state; recover after a crash (activity-log regions are marked
+    /// for resync); refuse a resized disk.
+    pub fn open(config: AgentConfig) -> Result<Arc<Machine>, AgentError> {
+        ferry_protocol::validate_name("machine", &config.machine).map_err(AgentError::Config)?;
+        if config.disks.is_empty() {
+            return Err(AgentError::Config("no disks configured: add at least one [[disks]] entry with name and path".into()));
+        }
+        if config.disks.len() > u16::MAX as usize {
+            return Err(AgentError::Config("too many disks".into()));
+        }
+        std::fs::create_dir_all(&config.state_dir).map_err(|source| AgentError::Io { path: config.state_dir.clone(), source })?;
+        let state_path = config.state_dir.join("state.json");
+        let previous: Option<PersistentState> = match std::fs::read(&state_path) {
+            Ok(d) => Some(serde_json::from_slice(&d).map_err(|e| AgentError::Config(format!("{} is corrupt: {e}", state_path.display())))?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(source) => return Err(AgentError::Io { path: state_path, source }),
+        };
+        let mut disks = Vec::new();
+        for (i, dc) in config.disks.iter().enumerate() {
+            ferry_protocol::validate_name("disk", &dc.name).map_err(AgentError::Config)?;
+            if config.disks[..i].iter().any(|d| d.name == dc.name) {
+                return Err(AgentError::Config(format!("disk name {:?} is used twice", dc.name)));
+            }
+            let backend: Arc<dyn Backend> = match dc.cache {
+                DiskCache::PageCache => Arc::new(ferry_nbd::FileBackend::open(&dc.path, false).map_err(|e| AgentError::Disk { path: dc.path.clone(), error: e.to_string() })?),
+                DiskCache::Volatile => Arc::new(
+                    ferry_nbd::VolatileCacheFileBackend::open(&dc.path).map_err(|e| AgentError::Disk { path: dc.path.clone(), error: e.to_string() })?,
+                ),
+            };
+            let size = backend.size();
+            let known = previous.as_ref().and_then(|p| p.disks.iter().find(|d| d.name == dc.name));
+            if let Some(k) = known {
+                if k.size != size {
+                    return Err(AgentError::Config(format!(
+                        "disk {} ({}) was resized from {} to {} bytes while protected: resizing needs re-protection — restore the original size, or disable protection and protect the machine again",
+                        dc.name, dc.path.display(), k.size, size
+                    )));
+                }
+            }
+            if size / TRACK_BLOCK > u32::MAX as u64 {
+                return Err(AgentError::Config(format!("disk {} is larger than 16 TiB, the largest Ferry tracks", dc.name)));
+            }
+            let uuid = dc.uuid.clone().or_else(|| known.map(|k| k.uuid.clone())).unwrap_or_else(new_uuid);
+            disks.push(Disk { name: dc.name.clone(), size, uuid, path: dc.path.clone(), backend });
+        }
+        if let Some(p) = &previous {
+            let now: Vec<&str> = disks.iter().map(|d| d.name.as_str()).collect();
+            let before: Vec<&str> = p.disks.iter().map(|d| d.name.as_str()).collect();
+            if now != before {
+                return Err(AgentError::Config(format!(
+                    "the machine's disks changed from {before:?} to {now:?}: adding or removing a disk needs re-protection (disable protection, then protect again)"
+                )));
+            }
+        }
+        let (mut al, recovered) = ActivityLog::open(&config.state_dir.join("activity.log"), config.al_extents)?;
+        let mut dirty = DirtyMap::load(&config.state_dir.join("dirty.map"), disks.len())?;
+        let ext = config.al_extent_bytes.max(TRACK_BLOCK);
+        for (disk, e) in &recovered {
+            if let Some(d) = disks.get(*disk as usize) {
+                let off = e * ext;
+                if off < d.size {
+                    dirty.mark(*disk as usize, off, ext.min(d.size - off));
+                }
+            }
+        }
+        let (state, mode, reason) = match previous {
+            None => {
+                // First start: everything allocated must be copied (holes are skipped).
+                for (i, d) in disks.iter().enumerate() {
+                    mark_allocated(&mut dirty, i, d)?;
+                }
+                let st = PersistentState {
+                    generation: rand::random::<u64>() | 1,
+                    initial_sync_complete: false,
+                    disks: disks.iter().map(|d| DiskDescriptor { name: d.name.clone(), size: d.size, uuid: d.uuid.clone() }).collect(),
+                };
+                (st, Mode::InitialSync, ResyncReason::InitialSync)
+            }
+            Some(st) if !st.initial_sync_complete => (st, Mode::InitialSync, ResyncReason::InitialSync),
+            Some(st) if !dirty.is_empty() => {
+                let reason = if recovered.is_empty() { ResyncReason::LogOverflow } else { ResyncReason::AgentRecovery };
+                (st, Mode::Resync, reason)
+            }
+            Some(st) => (st, Mode::Replicating, ResyncReason::AgentRecovery),
+        };
+        // The recovered regions are now in the persisted bitmap: the activity log can start empty.
+        dirty.save()?;
+        al.clear()?;
+        let next_seq = al.reserved_seq() + 1;
+        al.reserve_seq(next_seq + SEQ_RESERVATION)?;
+        fsutil::write_atomic(&state_path, &serde_json::to_vec_pretty(&state).map_err(|e| AgentError::Config(e.to_string()))?)?;
+        let mut events = VecDeque::new();
+        if !recovered.is_empty() {
+            let bytes = recovered.len() as u64 * ext;
+            tracing::warn!(extents = recovered.len(), bytes, "recovered from an unclean stop: activity-log regions will be resynced");
+            events.push_back(EventEntry {
+                time_ms: now_ms(),
+                kind: "agent-recovery".into(),
+                message: format!("unclean stop: {} activity-log extents ({} bytes at most) will be resynced", recovered.len(), bytes),
+            });
+        }
+        let core = Core {
+            next_seq,
+            al,
+            al_index: HashMap::new(),
+            dirty,
+            dirty_unsaved: false,
+            log: VecDeque::new(),
+            log_bytes: 0,
+            ack: Ack::default(),
+            mode,
+            resync_reason: reason,
+            resync: None,
+            state,
+            state_path,
+            events,
+            connected: false,
+            throttled: false,
+            link_error: None,
+            last_record_seq: 0,
+            unapplied: VecDeque::new(),
+            rate_in: RateMeter::default(),
+            rate_out: RateMeter::default(),
+            sent_seq: 0,
+            resync_bytes_sent: 0,
+        };
+        Ok(Arc::new(Machine {
+            name: config.machine.clone(),
+            disks,
+            config,
+            core: Mutex::new(core),
+            records_ready: Notify::new(),
+            resync_wake: Condvar::new(),
+            stopped: AtomicBool::new(false),
+            verify: VerifySessions::default(),
+        }))
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Core> {
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn descriptor(&self) -> MachineDescriptor {
+        MachineDescriptor {
+            name: self.name.clone(),
+            disks: self.disks.iter().map(|d| DiskDescriptor { name: d.name.clone(), size: d.size, uuid: d.uuid.clone() }).collect(),
+        }
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.lock().state.generation
+    }
+
+    fn ext_bytes(&self) -> u64 {
+        self.config.al_extent_bytes.max(TRACK_BLOCK)
+    }
+
+    // ---- the write path -------------------------------------------------------------------
+
+    /// Sequence, protect and submit a write or zeroing, then log or track it.
+    pub(crate) fn submit(&self, disk: u16, offset: u64, len: u64, data: Option<&[u8]>, may_trim: bool, fua: bool) -> Result<(), BackendError> {
+        let d = &self.disks[disk as usize];
+        let mut c = self.lock();
+        self.ensure_active(&mut c, disk, offset, len).map_err(|e| BackendError::Io(std::io::Error::other(e.to_string())))?;
+        let seq = self.alloc_seq(&mut c).map_err(|e| BackendError::Io(std::io::Error::other(e.to_string())))?;
+        match data {
+            Some(buf) => d.backend.write(offset, buf, fua)?,
+            None => d.backend.write_zeroes(offset, len, may_trim, fua)?,
+        }
+        for key in extents_of(disk, offset, len, self.ext_bytes()) {
+            if let Some(e) = c.al_index.get_mut(&key) {
+                e.writes += 1;
+            }
+        }
+        c.rate_in.add(len);
+        let body = match data {
+            Some(buf) => RecordBody::Write { disk, offset, data: buf.to_vec() },
+            None => RecordBody::Zero { disk, offset, len },
+        };
+        if c.mode == Mode::Replicating && c.log_bytes + len <= self.config.log_limit_bytes {
+            self.push(&mut c, seq, body);
+        } else {
+            if c.mode == Mode::Replicating {
+                self.overflow(&mut c);
+            }
+            c.dirty.mark(disk as usize, offset, len);
+            c.dirty_unsaved = true;
+            for key in extents_of(disk, offset, len, self.ext_bytes()) {
+                if let Some(e) = c.al_index.get_mut(&key) {
+                    e.bitmap_unsaved = true;
+                }
+            }
+        }
+        drop(c);
+        self.records_ready.notify_one();
+        Ok(())
+    }
+
+    fn alloc_seq(&self, c: &mut Core) -> Result<u64, JournalError> {
+        let seq = c.next_seq;
+        if seq >= c.al.reserved_seq() {
+            c.al.reserve_seq(seq + SEQ_RESERVATION)?;
+        }
+        c.next_seq += 1;
+        Ok(seq)
+    }
+
+    /// Append a record to the in-order log (its extents must be active).
+    fn push(&self, c: &mut Core, seq: u64, body: RecordBody) {
+        let (extents, bytes) = match &body {
+            RecordBody::Write { disk, offset, data } => (extents_of(*disk, *offset, data.len() as u64, self.ext_bytes()).collect(), data.len() as u64),
+            RecordBody::Zero { disk, offset, len } => (extents_of(*disk, *offset, *len, self.ext_bytes()).collect(), 64),
+            other => (Vec::new(), 64 + other.data_len()),
+        };
+        for key in &extents {
+            if let Some(e) = c.al_index.get_mut(key) {
+                e.pending += 1;
+            }
+        }
+        let time_ms = now_ms();
+        c.unapplied.push_back((seq, time_ms));
+        c.last_record_seq = seq;
+        c.log_bytes += bytes;
+        c.log.push_back(LogEntry { record: Record { seq, time_ms, body }, extents, bytes });
+    }
+
+    /// Make sure the extents covering a range are active in the activity log (durably).
+    fn ensure_active(&self, c: &mut Core, disk: u16, offset: u64, len: u64) -> Result<(), JournalError> {
+        for key in extents_of(disk, offset, len, self.ext_bytes()) {
+            if c.al_index.contains_key(&key) {
+                continue;
+            }
+            let slot = match c.al.activate(key.0, key.1) {
+                Ok(s) => s,
+                Err(JournalError::ActivityLogFull { .. }) => {
+                    // Retire what can be retired (flush disks, persist the bitmap); if everything
+                    // active still has unacknowledged records, fall back to the bitmap.
+                    self.retire_extents(c, true)?;
+                    if c.al.active_count() >= c.al.capacity() {
+                        self.overflow(c);
+                        self.retire_extents(c, true)?;
+                    }
+                    c.al.activate(key.0, key.1)?
+                }
+                Err(e) => return Err(e),
+            };
+            c.al_index.insert(key, AlEntry { slot, ..Default::default() });
+        }
+        Ok(())
+    }
+
+    /// Abandon in-order shipping: every unacknowledged record's region goes to the change
+    /// bitmap and a resync will copy them. The replica keeps the consistent prefix it has.
+    fn overflow(&self, c: &mut Core) {
+        let dropped = c.log.len();
+        let bytes = c.log_bytes;
+        while let Some(e) = c.log.pop_front() {
+            match &e.record.body {
+                RecordBody::Write { disk, offset, data } => c.dirty.mark(*disk as usize, *offset, data.len() as u64),
+                RecordBody::Zero { disk, offset, len } => c.dirty.mark(*disk as usize, *offset, *len),
+                _ => {}
+            }
+            for key in &e.extents {
+                if let Some(a) = c.al_index.get_mut(key) {
+                    a.pending = a.pending.saturating_sub(1);
+                    a.bitmap_unsaved = true;
+                }
+            }
+        }
+        c.log_bytes = 0;
+        c.dirty_unsaved = true;
+        c.unapplied.clear();
+        // A resync that was running restarts with a new ResyncBegin (its own may have been dropped).
+        c.resync = None;
+        if c.mode == Mode::Replicating {
+            c.mode = Mode::Resync;
+            c.resync_reason = ResyncReason::LogOverflow;
+        }
+        // Resend from the ack point: the sender must not skip what the process server lacks.
+        c.sent_seq = c.ack.durable_seq;
+        let msg = format!(
+            "in-order log overflowed ({dropped} records, {bytes} bytes unacknowledged; limit {} bytes): falling back to the change bitmap; changed regions will be resynced when the process server catches up",
+            self.config.log_limit_bytes
+        );
+        tracing::warn!(machine = %self.name, "{msg}");
+        push_event(c, "log-overflow", msg);
+        self.resync_wake.notify_all();
+    }
+
+    /// Persist the bitmap, flush the disks, and free activity-log extents whose changes are all
+    /// durable elsewhere and covered by a completed local flush.
+    fn retire_extents(&self, c: &mut Core, flush_inline: bool) -> Result<(), JournalError> {
+        if c.dirty_unsaved {
+            c.dirty.save()?;
+            c.dirty_unsaved = false;
+            for e in c.al_index.values_mut() {
+                e.bitmap_unsaved = false;
+            }
+        }
+        let candidates: Vec<((u16, u64), u64)> =
+            c.al_index.iter().filter(|(_, e)| e.pending == 0 && !e.bitmap_unsaved).map(|(k, e)| (*k, e.writes)).collect();
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        if flush_inline {
+            for d in &self.disks {
+                d.backend.flush().map_err(|e| JournalError::Io { path: d.path.clone(), source: std::io::Error::other(e.to_string()) })?;
+            }
+        }
+        for (key, writes) in candidates {
+            let retire = c.al_index.get(&key).is_some_and(|e| e.pending == 0 && !e.bitmap_unsaved && e.writes == writes);
+            if retire {
+                if let Some(e) = c.al_index.remove(&key) {
+                    c.al.deactivate(e.slot)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Periodic maintenance: flush the disks outside the lock, then retire extents whose last
+    /// write that flush covered.
+    pub(crate) fn maintenance(&self) -> Result<(), JournalError> {
+        let snapshot: Vec<((u16, u64), u64)> = {
+            let mut c = self.lock();
+            if c.dirty_unsaved {
+                c.dirty.save()?;
+                c.dirty_unsaved = false;
+                for e in c.al_index.values_mut() {
+                    e.bitmap_unsaved = false;
+                }
+            }
+            c.al_index.iter().filter(|(_, e)| e.pending == 0 && !e.bitmap_unsaved).map(|(k, e)| (*k, e.writes)).collect()
+        };
+        if snapshot.is_empty() {
+            return Ok(());
+        }
+        for d in &self.disks {
+            d.backend.flush().map_err(|e| JournalError::Io { path: d.path.clone(), source: std::io::Error::other(e.to_string()) })?;
+        }
+        let mut c = self.lock();
+        for (key, writes) in snapshot {
+            let retire = c.al_index.get(&key).is_some_and(|e| e.pending == 0 && !e.bitmap_unsaved && e.writes == writes);
+            if retire {
+                if let Some(e) = c.al_index.remove(&key) {
+                    c.al.deactivate(e.slot)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // ---- acknowledgements and the sender ---------------------------------------------------
+
+    /// The process server acknowledged: release durable records from the log.
+    pub(crate) fn on_ack(&self, ack: Ack) {
+        let mut c = self.lock();
+        if ack.durable_seq > c.ack.durable_seq {
+            c.ack.durable_seq = ack.durable_seq;
+        }
+        c.ack.target_durable_seq = c.ack.target_durable_seq.max(ack.target_durable_seq);
+        c.ack.applied_seq = c.ack.applied_seq.max(ack.applied_seq);
+        let durable = c.ack.durable_seq;
+        while c.log.front().is_some_and(|e| e.record.seq <= durable) {
+            if let Some(e) = c.log.pop_front() {
+                c.log_bytes -= e.bytes;
+                for key in &e.extents {
+                    if let Some(a) = c.al_index.get_mut(key) {
+                        a.pending = a.pending.saturating_sub(1);
+                    }
+                }
+            }
+        }
+        let applied = c.ack.applied_seq;
+        while c.unapplied.front().is_some_and(|(s, _)| *s <= applied) {
+            c.unapplied.pop_front();
+        }
+        drop(c);
+        self.resync_wake.notify_all();
+    }
+
+    /// Records after `after_seq`, up to about `max_bytes`, for the sender.
+    pub(crate) fn records_after(&self, after_seq: u64, max_bytes: usize) -> Vec<Record> {
+        let c = self.lock();
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        let start = c.log.partition_point(|e| e.record.seq <= after_seq);
+        for e in c.log.range(start..) {
+            out.push(e.record.clone());
+            bytes += e.bytes as usize;
+            if bytes >= max_bytes {
+                break;
+            }
+        }
+        out
+    }
+
+    // ---- resync -----------------------------------------------------------------------------
+
+    /// The resync thread: copies bitmap regions through the same ordered log, bracketed by
+    /// ResyncBegin/ResyncEnd, then returns the machine to in-order replication.
+    pub(crate) fn resync_loop(self: Arc<Self>) {
+        let chunk_blocks = (self.config.resync_chunk_bytes.max(TRACK_BLOCK) / TRACK_BLOCK) as u32;
+        let mut buf = Vec::new();
+        while !self.stopped.load(Ordering::SeqCst) {
+            let mut c = self.lock();
+            if c.mode == Mode::Replicating || c.log_bytes + self.config.resync_chunk_bytes > self.config.log_limit_bytes / 2 {
+                let _ = self.resync_wake.wait_timeout(c, Duration::from_millis(200));
+                continue;
+            }
+            if let Err(e) = self.resync_step(&mut c, chunk_blocks, &mut buf) {
+                let msg = format!("resync step failed: {e}; retrying");
+                tracing::error!(machine = %self.name, "{msg}");
+                push_event(&mut c, "resync-error", msg);
+                drop(c);
+                std::thread::sleep(Duration::from_secs(1));
+                continue;
+            }
+            drop(c);
+            self.records_ready.notify_one();
+        }
+    }
+
+    fn resync_step(&self, c: &mut Core, chunk_blocks: u32, buf: &mut Vec<u8>) -> Result<(), AgentError> {
+        if c.resync.is_none() {
+            let generation = rand::random::<u64>() | 1;
+            let reason = if c.mode == Mode::InitialSync { ResyncReason::InitialSync } else { c.resync_reason };
+            let preserve = c.state.initial_sync_complete;
+            let seq = self.alloc_seq(c)?;
+            self.push(c, seq, RecordBody::ResyncBegin { generation, reason, preserve_consistent: preserve });
+            c.state.generation = generation;
+            self.save_state(c)?;
+            let total = c.dirty.bytes();
+            tracing::info!(machine = %self.name, ?reason, bytes = total, "resync started");
+            c.resync = Some(ResyncRun { generation, reason, total_bytes: total });
+            c.resync_bytes_sent = 0;
+        }
+        // Next contiguous dirty run of any disk.
+        let mut found = None;
+        for (i, bm) in c.dirty.disks.iter().enumerate() {
+            if let Some(first) = bm.min() {
+                let mut n = 0u32;
+                while n < chunk_blocks && bm.contains(first + n) {
+                    n += 1;
+                }
+                found = Some((i, first, n));
+                break;
+            }
+        }
+        let Some((disk, first, n)) = found else {
+            // Everything copied: the target is consistent again at the ResyncEnd.
+            let Some(run) = c.resync.take() else { return Ok(()) };
+            let seq = self.alloc_seq(c)?;
+            self.push(c, seq, RecordBody::ResyncEnd { generation: run.generation });
+            let was_initial = c.mode == Mode::InitialSync;
+            c.mode = Mode::Replicating;
+            c.state.initial_sync_complete = true;
+            self.save_state(c)?;
+            c.dirty.save()?;
+            c.dirty_unsaved = false;
+            let msg = format!("{:?} finished: {} bytes copied", run.reason, c.resync_bytes_sent);
+            tracing::info!(machine = %self.name, initial = was_initial, "{msg}");
+            push_event(c, "resync-complete", msg);
+            return Ok(());
+        };
+        let d = &self.disks[disk];
+        let offset = first as u64 * TRACK_BLOCK;
+        let len = (n as u64 * TRACK_BLOCK).min(d.size.saturating_sub(offset));
+        c.dirty.disks[disk].remove_range(first..first + n);
+        c.dirty_unsaved = true;
+        if len == 0 {
+            return Ok(());
+        }
+        self.ensure_active(c, disk as u16, offset, len)?;
+        buf.resize(len as usize, 0);
+        d.backend.read(offset, buf).map_err(|e| AgentError::Disk { path: d.path.clone(), error: e.to_string() })?;
+        // Split into runs of data blocks (shipped) and all-zero blocks (shipped as zeroing).
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let end = (pos + TRACK_BLOCK as usize).min(buf.len());
+            let zero = is_zero(&buf[pos..end]);
+            let mut run_end = end;
+            while run_end < buf.len() {
+                let next = (run_end + TRACK_BLOCK as usize).min(buf.len());
+                if is_zero(&buf[run_end..next]) != zero {
+                    break;
+                }
+                run_end = next;
+            }
+            let seq = self.alloc_seq(c)?;
+            let off = offset + pos as u64;
+            let body = if zero {
+                RecordBody::Zero { disk: disk as u16, offset: off, len: (run_end - pos) as u64 }
+            } else {
+                RecordBody::Write { disk: disk as u16, offset: off, data: buf[pos..run_end].to_vec() }
+            };
+            self.push(c, seq, body);
+            pos = run_end;
+        }
+        c.resync_bytes_sent += len;
+        Ok(())
+    }
+
+    fn save_state(&self, c: &Core) -> Result<(), AgentError> {
+        let data = serde_json::to_vec_pretty(&c.state).map_err(|e| AgentError::Config(e.to_string()))?;
+        fsutil::write_atomic(&c.state_path, &data)?;
+        Ok(())
+    }
+
+    /// Mark blocks for resync (verify repair) and start one.
+    pub(crate) fn request_resync(&self, disk: u16, ranges: &[(u64, u64)], reason: ResyncReason) {
+        let mut c = self.lock();
+        for (off, len) in ranges {
+            c.dirty.mark(disk as usize, *off, *len);
+        }
+        c.dirty_unsaved = true;
+        if c.mode == Mode::Replicating {
+            c.mode = Mode::Resync;
+            c.resync_reason = reason;
+        }
+        drop(c);
+        self.resync_wake.notify_all();
+    }
+
+    /// Insert a record into the stream at the current point (verify chunks, tags).
+    /// `f` runs under the sequencer lock, so what it reads of the disks is exactly the state at
+    /// that point of the stream.
+    pub(crate) fn insert_record<F>(&self, f: F) -> Result<u64, AgentError>
+    where
+        F: FnOnce(&Machine) -> Result<RecordBody, AgentError>,
+    {
+        let mut c = self.lock();
+        if c.mode != Mode::Replicating {
+            return Err(AgentError::NotReplicating(format!("{:?}", c.mode)));
+        }
+        let body = f(self)?;
+        let seq = self.alloc_seq(&mut c)?;
+        self.push(&mut c, seq, body);
+        drop(c);
+        self.records_ready.notify_one();
+        Ok(seq)
+    }
+
+    /// Wait until the log has room for `bytes` more (verify pacing).
+    pub(crate) fn wait_log_room(&self, bytes: u64) {
+        let mut c = self.lock();
+        while c.log_bytes + bytes > self.config.log_limit_bytes / 2 && !self.stopped.load(Ordering::SeqCst) {
+            c = self.resync_wake.wait_timeout(c, Duration::from_millis(200)).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+
+    /// Clean stop: give the process server a moment to acknowledge, then turn what is left into
+    /// bitmap regions, flush everything and empty the activity log (so a restart resyncs only those).
+    pub fn shutdown(&self) -> Result<(), AgentError> {
+        self.stopped.store(true, Ordering::SeqCst);
+        self.resync_wake.notify_all();
+        let deadline = Instant::now() + Duration::from_secs_f64(self.config.shutdown_drain_secs.max(0.0));
+        while Instant::now() < deadline {
+            let c = self.lock();
+            if c.log.is_empty() {
+                break;
+            }
+            drop(c);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut c = self.lock();
+        if !c.log.is_empty() {
+            let mode = c.mode;
+            self.overflow(&mut c);
+            if mode != Mode::Replicating {
+                c.mode = mode;
+            }
+        }
+        for d in &self.disks {
+            d.backend.flush().map_err(|e| AgentError::Disk { path: d.path.clone(), error: e.to_string() })?;
+        }
+        c.dirty.save()?;
+        c.dirty_unsaved = false;
+        c.al.clear()?;
+        c.al_index.clear();
+        Ok(())
+    }
+
+    // ---- status -----------------------------------------------------------------------------
+
+    pub fn status(&self) -> serde_json::Value {
+        let mut c = self.lock();
+        let now = now_ms();
+        let lag = c.unapplied.front().map(|(_, t)| now.saturating_sub(*t) as f64 / 1000.0).unwrap_or(0.0);
+        let caught_up = c.mode == Mode::Replicating && c.dirty.is_empty() && c.log.is_empty() && c.ack.applied_seq >= c.last_record_seq;
+        let dirty_per_disk: Vec<u64> = c.dirty.disks.iter().map(|b| b.len() * TRACK_BLOCK).collect();
+        let resync = c.resync.as_ref().map(|r| {
+            serde_json::json!({
+                "reason": r.reason,
+                "generation": r.generation,
+                "bytes_total": r.total_bytes,
+                "bytes_done": c.resync_bytes_sent,
+                "percent": if r.total_bytes == 0 { 100.0 } else { (c.resync_bytes_sent as f64 * 100.0 / r.total_bytes as f64).min(100.0) },
+            })
+        });
+        let rate_in = c.rate_in.bytes_per_sec();
+        let rate_out = c.rate_out.bytes_per_sec();
+        serde_json::json!({
+            "component": "agent",
+            "machine": self.name,
+            "mode": c.mode,
+            "generation": c.state.generation,
+            "initial_sync_complete": c.state.initial_sync_complete,
+            "caught_up": caught_up,
+            "connected": c.connected,
+            "throttled": c.throttled,
+            "link_error": c.link_error,
+            "last_seq": c.last_record_seq,
+            "sent_seq": c.sent_seq,
+            "process_server_durable_seq": c.ack.durable_seq,
+            "master_target_durable_seq": c.ack.target_durable_seq,
+            "applied_seq": c.ack.applied_seq,
+            "pending_log_bytes": c.log_bytes,
+            "pending_log_records": c.log.len(),
+            "resync_pending_bytes": c.dirty.bytes(),
+            "resync": resync,
+            "lag_seconds": lag,
+            "write_bytes_per_sec": rate_in,
+            "ship_bytes_per_sec": rate_out,
+            "activity_log_extents": c.al.active_count(),
+            "disks": self.disks.iter().enumerate().map(|(i, d)| serde_json::json!({
+                "name": d.name, "path": d.path, "size": d.size, "uuid": d.uuid,
+                "resync_pending_bytes": dirty_per_disk.get(i).copied().unwrap_or(0),
+            })).collect::<Vec<_>>(),
+            "events": c.events.iter().cloned().collect::<Vec<_>>(),
+        })
+    }
+}
+
+pub(crate) fn push_event(c: &mut Core, kind: &str, message: String) {
+    c.events.push_back(EventEntry { time_ms: now_ms(), kind: kind.into(), message });
+    while c.events.len() > 100 {
+        c.events.pop_front();
+    }
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    let chunks = b.chunks_exact(16);
+    let rest = chunks.remainder();
+    let mut chunks = chunks;
+    chunks.all(|c| u128::from_ne_bytes(c.try_into().unwrap_or([1; 16])) == 0) && rest.iter().all(|&x| x == 0)
+}
+
+/// Mark every allocated (non-hole) region of a disk for the initial copy.
+fn mark_allocated(dirty: &mut DirtyMap, i: usize, d: &Disk) -> Result<(), AgentError> {
+    let mut off = 0;
+    while off < d.size {
+        let len = (d.size - off).min(1 << 30);
+        let extents = d.backend.block_status(off, len).map_err(|e| AgentError::Disk { path: d.path.clone(), error: e.to_string() })?;
+        if extents.is_empty() {
+            dirty.mark(i, off, len);
+            off += len;
+            continue;
+        }
+        for e in extents {
+            let l = e.length.min(d.size - off);
+            if !e.hole {
+                dirty.mark(i, off, l);
+            }
+            off += l;
+            if l == 0 || off >= d.size {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn new_uuid() -> String {
+    let b: [u8; 16] = rand::random();
+    format!(
+        "{:02x}{:02x}{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}{:02x}{:02x}{:02x}{:02x}",
+        b[0], b[1], b[2], b[3], b[4], b[5], (b[6] & 0x0f) | 0x40, b[7], (b[8] & 0x3f) | 0x80, b[9], b[10], b[11], b[12], b[13], b[14], b[15]
+    )
+}

@@ -1,0 +1,115 @@
+//! Human tables and `--output json`.
+
+use clap::ValueEnum;
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Json,
+}
+
+fn human_bytes(n: f64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n;
+    let mut u = 0;
+    while v >= 1024.0 && u < units.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", units[u])
+}
+
+pub fn print_status(v: &serde_json::Value, out: OutputFormat) {
+    if matches!(out, OutputFormat::Json) {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+        return;
+    }
+    let f = |k: &str| v.get(k).map(|x| x.to_string().trim_matches('"').to_owned()).unwrap_or_default();
+    match v["component"].as_str() {
+        Some("agent") => {
+            println!("machine {}  mode {}  caught up {}  connected {}  throttled {}", f("machine"), f("mode"), f("caught_up"), f("connected"), f("throttled"));
+            println!(
+                "seq: last {}  sent {}  process-server durable {}  master-target durable {}  applied {}",
+                f("last_seq"),
+                f("sent_seq"),
+                f("process_server_durable_seq"),
+                f("master_target_durable_seq"),
+                f("applied_seq")
+            );
+            println!(
+                "pending {} in {} records, resync pending {}, lag {:.1}s, writes {}/s, shipping {}/s",
+                human_bytes(v["pending_log_bytes"].as_f64().unwrap_or(0.0)),
+                f("pending_log_records"),
+                human_bytes(v["resync_pending_bytes"].as_f64().unwrap_or(0.0)),
+                v["lag_seconds"].as_f64().unwrap_or(0.0),
+                human_bytes(v["write_bytes_per_sec"].as_f64().unwrap_or(0.0)),
+                human_bytes(v["ship_bytes_per_sec"].as_f64().unwrap_or(0.0)),
+            );
+            if let Some(r) = v.get("resync").filter(|r| !r.is_null()) {
+                println!("resync {}: {:.1}% of {}", r["reason"], r["percent"].as_f64().unwrap_or(0.0), human_bytes(r["bytes_total"].as_f64().unwrap_or(0.0)));
+            }
+            println!("{:<12} {:>14} {:>16}  {}", "DISK", "SIZE", "RESYNC PENDING", "PATH");
+            for d in v["disks"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<12} {:>14} {:>16}  {}",
+                    d["name"].as_str().unwrap_or(""),
+                    human_bytes(d["size"].as_f64().unwrap_or(0.0)),
+                    human_bytes(d["resync_pending_bytes"].as_f64().unwrap_or(0.0)),
+                    d["path"].as_str().unwrap_or("")
+                );
+            }
+            if let Some(e) = v["link_error"].as_str() {
+                println!("link: {e}");
+            }
+            for e in v["events"].as_array().into_iter().flatten().rev().take(5) {
+                println!("event {}: {}", e["kind"].as_str().unwrap_or(""), e["message"].as_str().unwrap_or(""));
+            }
+        }
+        Some("process-server") => {
+            println!(
+                "cache {} of {} used, {}% free, throttling {}",
+                human_bytes(v["spool_bytes"].as_f64().unwrap_or(0.0)),
+                human_bytes(v["cache_capacity_bytes"].as_f64().unwrap_or(0.0)),
+                f("free_percent"),
+                f("throttling")
+            );
+            println!(
+                "{:<16} {:>6} {:>6} {:>10} {:>10} {:>10} {:>10} {:>12} {:>8}",
+                "MACHINE", "AGENT", "MT", "SPOOLED", "FORWARDED", "MT-DURABLE", "APPLIED", "SPOOL", "LAG"
+            );
+            for m in v["machines"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<16} {:>6} {:>6} {:>10} {:>10} {:>10} {:>10} {:>12} {:>7.1}s",
+                    m["machine"].as_str().unwrap_or(""),
+                    m["agent_connected"],
+                    m["master_target_connected"],
+                    m["spooled_seq"],
+                    m["forwarded_seq"],
+                    m["target_durable_seq"],
+                    m["applied_seq"],
+                    human_bytes(m["spool_bytes"].as_f64().unwrap_or(0.0)),
+                    m["lag_seconds"].as_f64().unwrap_or(0.0)
+                );
+            }
+        }
+        Some("master-target") => {
+            println!("{:<16} {:>10} {:>10} {:>11} {:>12} {:>8}  {}", "MACHINE", "JOURNALED", "APPLIED", "CONSISTENT", "JOURNAL", "LAG", "MODE");
+            for m in v["machines"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<16} {:>10} {:>10} {:>11} {:>12} {:>7.1}s  {}",
+                    m["machine"].as_str().unwrap_or(""),
+                    m["journaled_seq"],
+                    m["applied_seq"],
+                    m["consistent"],
+                    human_bytes(m["journal_bytes"].as_f64().unwrap_or(0.0)),
+                    m["lag_seconds"].as_f64().unwrap_or(0.0),
+                    m["mode"].as_str().unwrap_or("")
+                );
+                for d in m["disks"].as_array().into_iter().flatten() {
+                    println!("  disk {:<10} {:>12}  {}", d["name"].as_str().unwrap_or(""), human_bytes(d["size"].as_f64().unwrap_or(0.0)), d["target"].as_str().unwrap_or(""));
+                }
+            }
+        }
+        _ => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
+    }
+}

@@ -1,0 +1,443 @@
+//! One protected machine's replica at the master target: its journal, target disks and applier.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use ferry_journal::{fsutil, Cursor, SegmentLog};
+use ferry_protocol::{codes, now_ms, DiskDescriptor, Event, MachineDescriptor, Record, RecordBody};
+use ferry_status::RateMeter;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::{MasterTargetConfig, MasterTargetError};
+
+/// Persisted apply position. Written only after the target disks were fsync'd.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+struct Checkpoint {
+    applied_seq: u64,
+    /// The target disks hold a write-order-consistent state (no resync half-applied).
+    consistent: bool,
+    /// A resync was started and not finished: the target is mid-copy.
+    in_resync: bool,
+}
+
+struct ApplyState {
+    ckpt: Checkpoint,
+    last_applied_time_ms: u64,
+    rate: RateMeter,
+    /// Journaled resync data waiting for its ResyncEnd (the replica keeps its consistent state).
+    holding_resync_at: Option<u64>,
+    error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplicaStatus {
+    pub machine: String,
+    pub disks: Vec<DiskStatus>,
+    /// Highest seq durable in the journal (acknowledged to the process server).
+    pub journaled_seq: u64,
+    /// Highest seq applied to the target disks.
+    pub applied_seq: u64,
+    pub consistent: bool,
+    pub mode: &'static str,
+    pub journal_bytes: u64,
+    pub lag_seconds: f64,
+    pub apply_bytes_per_sec: f64,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskStatus {
+    pub name: String,
+    pub size: u64,
+    pub target: PathBuf,
+}
+
+pub struct Replica {
+    name: String,
+    dir: PathBuf,
+    disks: Vec<DiskDescriptor>,
+    targets: Vec<(PathBuf, File)>,
+    journal: Mutex<SegmentLog>,
+    apply: Mutex<ApplyState>,
+    wake: Condvar,
+    /// Seq of the newest ResyncEnd durable in the journal.
+    latest_end_seq: AtomicU64,
+    journal_last_time_ms: AtomicU64,
+    applied_tx: watch::Sender<u64>,
+    events_tx: broadcast::Sender<Event>,
+    stopped: AtomicBool,
+    checkpoint_interval: Duration,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> MasterTargetError + '_ {
+    move |source| MasterTargetError::Io { path: path.to_owned(), source }
+}
+
+impl Replica {
+    /// First contact for a machine: create its folders and sparse target disks.
+    pub fn create(config: &MasterTargetConfig, machine: &MachineDescriptor, shutdown: CancellationToken) -> Result<Arc<Self>, MasterTargetError> {
+        let dir = config.retention.join(&machine.name);
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let desc = serde_json::to_vec_pretty(machine).map_err(|e| MasterTargetError::Refused(e.to_string()))?;
+        fsutil::write_atomic(&dir.join("machine.json"), &desc)?;
+        Self::open(config, machine.clone(), shutdown)
+    }
+
+    /// Reopen a machine known from a previous run (its journal is replayed by the applier).
+    pub fn reopen(config: &MasterTargetConfig, name: &str, shutdown: CancellationToken) -> Result<Arc<Self>, MasterTargetError> {
+        let path = config.retention.join(name).join("machine.json");
+        let data = std::fs::read(&path).map_err(io(&path))?;
+        let machine: MachineDescriptor = serde_json::from_slice(&data)
+            .map_err(|e| MasterTargetError::Refused(format!("{} is unreadable: {e}", path.display())))?;
+        Self::open(config, machine, shutdown)
+    }
+
+    fn open(config: &MasterTargetConfig, machine: MachineDescriptor, shutdown: CancellationToken) -> Result<Arc<Self>, MasterTargetError> {
+        let dir = config.retention.join(&machine.name);
+        let tdir = config.datastore.join(&machine.name);
+        std::fs::create_dir_all(&tdir).map_err(io(&tdir))?;
+        let mut targets = Vec::new();
+        for d in &machine.disks {
+            let p = tdir.join(format!("{}.img", d.name));
+            let f = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&p).map_err(io(&p))?;
+            let len = f.metadata().map_err(io(&p))?.len();
+            if len == 0 {
+                f.set_len(d.size).map_err(io(&p))?;
+            } else if len != d.size {
+                return Err(MasterTargetError::Refused(format!(
+                    "target disk {} is {len} bytes but the protected disk {} is {} bytes: resizing a protected disk needs re-protection (disable protection, then protect again)",
+                    p.display(), d.name, d.size
+                )));
+            }
+            targets.push((p, f));
+        }
+        fsutil::sync_dir(&tdir)?;
+        let journal = SegmentLog::open(&dir.join("journal"), config.segment_bytes)?;
+        let ckpt_path = dir.join("checkpoint.json");
+        let ckpt: Checkpoint = match std::fs::read(&ckpt_path) {
+            Ok(d) => serde_json::from_slice(&d).map_err(|e| MasterTargetError::Refused(format!("{} is corrupt: {e}", ckpt_path.display())))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Checkpoint::default(),
+            Err(e) => return Err(io(&ckpt_path)(e)),
+        };
+        // Where does the newest completed resync end? (decides whether held resync data may apply)
+        let mut latest_end = 0;
+        let mut cur = Cursor::after(ckpt.applied_seq);
+        loop {
+            let batch = journal.read(&mut cur, 64 << 20)?;
+            if batch.is_empty() {
+                break;
+            }
+            for r in &batch {
+                if matches!(r.body, RecordBody::ResyncEnd { .. }) {
+                    latest_end = r.seq;
+                }
+            }
+        }
+        let (applied_tx, _) = watch::channel(ckpt.applied_seq);
+        let (events_tx, _) = broadcast::channel(1024);
+        let r = Arc::new(Replica {
+            name: machine.name.clone(),
+            dir,
+            disks: machine.disks.clone(),
+            targets,
+            journal: Mutex::new(journal),
+            apply: Mutex::new(ApplyState { ckpt, last_applied_time_ms: 0, rate: RateMeter::default(), holding_resync_at: None, error: None }),
+            wake: Condvar::new(),
+            latest_end_seq: AtomicU64::new(latest_end),
+            journal_last_time_ms: AtomicU64::new(0),
+            applied_tx,
+            events_tx,
+            stopped: AtomicBool::new(false),
+            checkpoint_interval: Duration::from_secs_f64(config.checkpoint_interval_secs.max(0.01)),
+        });
+        let r2 = r.clone();
+        std::thread::Builder::new()
+            .name(format!("apply-{}", machine.name))
+            .spawn(move || r2.apply_loop())
+            .map_err(|e| MasterTargetError::Refused(format!("cannot start applier thread: {e}")))?;
+        let r3 = r.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            r3.stop();
+        });
+        Ok(r)
+    }
+
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        self.wake.notify_all();
+    }
+
+    fn lock_journal(&self) -> MutexGuard<'_, SegmentLog> {
+        self.journal.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_apply(&self) -> MutexGuard<'_, ApplyState> {
+        self.apply.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn check_layout(&self, machine: &MachineDescriptor) -> Result<(), (u32, String, String)> {
+        if machine.disks != self.disks {
+            return Err((
+                codes::DISK_LAYOUT_CHANGED,
+                format!("machine {} now has disks {:?}, but its replica holds {:?}", self.name, machine.disks, self.disks),
+                "a disk was added, removed or resized: re-protect the machine".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// (durable in journal, applied to target disks)
+    pub fn positions(&self) -> (u64, u64) {
+        let durable = self.lock_journal().synced_seq();
+        (durable, *self.applied_tx.borrow())
+    }
+
+    pub fn applied_watch(&self) -> watch::Receiver<u64> {
+        self.applied_tx.subscribe()
+    }
+
+    pub fn subscribe_events(&self) -> broadcast::Receiver<Event> {
+        self.events_tx.subscribe()
+    }
+
+    fn validate(&self, r: &Record) -> Result<(), String> {
+        let check = |disk: u16, offset: u64, len: u64| -> Result<(), String> {
+            let d = self.disks.get(disk as usize).ok_or_else(|| format!("record {} names disk {disk}, machine has {}", r.seq, self.disks.len()))?;
+            if offset.checked_add(len).is_none_or(|end| end > d.size) {
+                return Err(format!("record {} writes [{offset}, +{len}) beyond disk {} of {} bytes", r.seq, d.name, d.size));
+            }
+            Ok(())
+        };
+        match &r.body {
+            RecordBody::Write { disk, offset, data } => check(*disk, *offset, data.len() as u64),
+            RecordBody::Zero { disk, offset, len } => check(*disk, *offset, *len),
+            RecordBody::VerifyChunk { disk, offset, .. } => check(*disk, *offset, 0),
+            _ => Ok(()),
+        }
+    }
+
+    /// Append records to the journal and fsync; returns the durable seq (what may be acknowledged).
+    /// Records at or below the journal's last seq are duplicates of a resend and are skipped.
+    pub fn journal_records(&self, records: Vec<Record>) -> Result<u64, MasterTargetError> {
+        let mut j = self.lock_journal();
+        let mut end = None;
+        for r in &records {
+            if r.seq <= j.last_seq() {
+                continue;
+            }
+            self.validate(r).map_err(MasterTargetError::Refused)?;
+            j.append(r)?;
+            if matches!(r.body, RecordBody::ResyncEnd { .. }) {
+                end = Some(r.seq);
+            }
+            self.journal_last_time_ms.store(r.time_ms, Ordering::Relaxed);
+        }
+        j.sync()?;
+        let durable = j.synced_seq();
+        drop(j);
+        if let Some(e) = end {
+            self.latest_end_seq.fetch_max(e, Ordering::SeqCst);
+        }
+        let _guard = self.lock_apply();
+        self.wake.notify_all();
+        Ok(durable)
+    }
+
+    fn apply_loop(self: Arc<Self>) {
+        let start = self.lock_apply().ckpt.applied_seq;
+        let mut cursor = Cursor::after(start);
+        let mut last_ckpt = Instant::now();
+        let mut dirty = false;
+        while !self.stopped.load(Ordering::SeqCst) {
+            let batch = match self.lock_journal().read(&mut cursor, 16 << 20) {
+                Ok(b) => b,
+                Err(e) => {
+                    self.fail(format!("cannot read journal: {e}"));
+                    return;
+                }
+            };
+            let mut held = false;
+            for rec in &batch {
+                match self.apply_record(rec) {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        // Hold at this ResyncBegin: re-read from here once its ResyncEnd is durable.
+                        cursor = Cursor::after(rec.seq - 1);
+                        held = true;
+                        break;
+                    }
+                    Err(e) => {
+                        self.fail(e);
+                        return;
+                    }
+                }
+                dirty = true;
+            }
+            let applied = self.lock_apply().ckpt.applied_seq;
+            self.applied_tx.send_replace(applied);
+            if dirty && (last_ckpt.elapsed() >= self.checkpoint_interval || batch.is_empty() || held) {
+                if let Err(e) = self.checkpoint() {
+                    self.fail(e);
+                    return;
+                }
+                dirty = false;
+                last_ckpt = Instant::now();
+            }
+            if batch.is_empty() || held {
+                let g = self.lock_apply();
+                let _ = self.wake.wait_timeout(g, if dirty { Duration::from_millis(20) } else { Duration::from_millis(200) });
+            }
+        }
+        if dirty {
+            let _ = self.checkpoint();
+        }
+    }
+
+    fn fail(&self, e: String) {
+        tracing::error!(machine = %self.name, error = %e, "applier stopped");
+        self.lock_apply().error = Some(e);
+    }
+
+    /// Apply one record. Returns false when it must be held (preserving resync without its end yet).
+    fn apply_record(&self, rec: &Record) -> Result<bool, String> {
+        match &rec.body {
+            RecordBody::Write { disk, offset, data } => {
+                let (p, f) = &self.targets[*disk as usize];
+                f.write_all_at(data, *offset).map_err(|e| format!("write to {} failed: {e}", p.display()))?;
+            }
+            RecordBody::Zero { disk, offset, len } => {
+                let (p, f) = &self.targets[*disk as usize];
+                zero_range(f, *offset, *len).map_err(|e| format!("zeroing {} failed: {e}", p.display()))?;
+            }
+            RecordBody::ResyncBegin { preserve_consistent, .. } => {
+                let mut st = self.lock_apply();
+                if *preserve_consistent && st.ckpt.consistent && self.latest_end_seq.load(Ordering::SeqCst) < rec.seq {
+                    st.holding_resync_at = Some(rec.seq);
+                    return Ok(false);
+                }
+                st.holding_resync_at = None;
+                st.ckpt.consistent = false;
+                st.ckpt.in_resync = true;
+            }
+            RecordBody::ResyncEnd { .. } => {
+                let mut st = self.lock_apply();
+                st.ckpt.consistent = true;
+                st.ckpt.in_resync = false;
+            }
+            RecordBody::VerifyChunk { verify_id, disk, offset, block_size, hashes, last } => {
+                self.verify(*verify_id, *disk, *offset, *block_size, hashes, *last)?;
+            }
+            RecordBody::GenerationChange { .. } | RecordBody::Tag { .. } | RecordBody::GroupPrepare { .. } | RecordBody::GroupCommit { .. } => {}
+        }
+        let mut st = self.lock_apply();
+        st.ckpt.applied_seq = rec.seq;
+        st.last_applied_time_ms = rec.time_ms;
+        st.rate.add(rec.body.data_len());
+        Ok(true)
+    }
+
+    fn verify(&self, verify_id: u64, disk: u16, offset: u64, block_size: u32, hashes: &[u8], last: bool) -> Result<(), String> {
+        let (p, f) = &self.targets[disk as usize];
+        let size = self.disks[disk as usize].size;
+        let bs = block_size.max(512) as u64;
+        let mut differing = Vec::new();
+        let mut buf = vec![0u8; bs as usize];
+        let mut compared = 0;
+        for (i, h) in hashes.chunks_exact(32).enumerate() {
+            let off = offset + i as u64 * bs;
+            if off >= size {
+                break;
+            }
+            let n = bs.min(size - off) as usize;
+            f.read_exact_at(&mut buf[..n], off).map_err(|e| format!("verify read of {} failed: {e}", p.display()))?;
+            compared += 1;
+            if blake3::hash(&buf[..n]).as_bytes() != h {
+                differing.push(off);
+            }
+        }
+        let _ = self.events_tx.send(Event::VerifyResult { verify_id, disk, differing_offsets: differing, blocks_compared: compared, last });
+        Ok(())
+    }
+
+    /// Make applied changes durable on the target disks, then record the position and release the journal.
+    fn checkpoint(&self) -> Result<(), String> {
+        for (p, f) in &self.targets {
+            f.sync_data().map_err(|e| format!("fsync of {} failed: {e}", p.display()))?;
+        }
+        let ckpt = self.lock_apply().ckpt;
+        let data = serde_json::to_vec(&ckpt).map_err(|e| e.to_string())?;
+        fsutil::write_atomic(&self.dir.join("checkpoint.json"), &data).map_err(|e| e.to_string())?;
+        self.lock_journal().release_through(ckpt.applied_seq).map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    pub fn status(&self) -> ReplicaStatus {
+        let (journaled, journal_bytes) = {
+            let j = self.lock_journal();
+            (j.synced_seq(), j.bytes())
+        };
+        let mut st = self.lock_apply();
+        let applied = st.ckpt.applied_seq;
+        let lag = if applied >= journaled {
+            0.0
+        } else {
+            (now_ms().saturating_sub(st.last_applied_time_ms.max(1)) as f64 / 1000.0).max(0.0)
+        };
+        let mode = if st.holding_resync_at.is_some() {
+            "resync (holding consistent state)"
+        } else if st.ckpt.in_resync {
+            if st.ckpt.consistent { "resync" } else { "resync (target not consistent)" }
+        } else if st.ckpt.applied_seq == 0 {
+            "waiting for initial sync"
+        } else {
+            "replicating"
+        };
+        ReplicaStatus {
+            machine: self.name.clone(),
+            disks: self
+                .disks
+                .iter()
+                .zip(&self.targets)
+                .map(|(d, (p, _))| DiskStatus { name: d.name.clone(), size: d.size, target: p.clone() })
+                .collect(),
+            journaled_seq: journaled,
+            applied_seq: applied,
+            consistent: st.ckpt.consistent,
+            mode,
+            journal_bytes,
+            lag_seconds: lag,
+            apply_bytes_per_sec: st.rate.bytes_per_sec(),
+            error: st.error.clone(),
+        }
+    }
+}
+
+/// Zero a range of a sparse target: punch a hole (reads as zeros), falling back to writing zeros.
+fn zero_range(f: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: plain fallocate on a file descriptor we own; no memory is passed.
+    let r = unsafe {
+        libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset as libc::off_t, len as libc::off_t)
+    };
+    if r == 0 {
+        return Ok(());
+    }
+    let zeros = vec![0u8; (len.min(1 << 20)) as usize];
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(zeros.len() as u64) as usize;
+        f.write_all_at(&zeros[..n], offset + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}

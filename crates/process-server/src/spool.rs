@@ -1,0 +1,238 @@
+//! One machine's durable spool at the process server.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use ferry_journal::{fsutil, Cursor, SegmentLog};
+use ferry_protocol::{now_ms, Ack, Hello, Message, Record};
+use ferry_status::RateMeter;
+use serde::Serialize;
+use tokio::sync::{broadcast, Notify};
+
+use crate::{ProcessServerConfig, ProcessServerError};
+
+#[derive(Default)]
+struct SpoolState {
+    target_durable: u64,
+    applied: u64,
+    forwarded: u64,
+    agent_connected: bool,
+    downstream_connected: bool,
+    downstream_error: Option<String>,
+    throttled: bool,
+    rate_in: RateMeter,
+    rate_out: RateMeter,
+    /// (seq, agent time) of the newest record received, for lag.
+    newest: (u64, u64),
+    /// Agent time of the newest record the master target applied.
+    applied_time_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SpoolStatus {
+    pub machine: String,
+    pub agent_connected: bool,
+    pub master_target_connected: bool,
+    pub master_target_error: Option<String>,
+    /// Highest seq durable in this spool (acknowledged to the agent).
+    pub spooled_seq: u64,
+    /// Highest seq sent to the master target.
+    pub forwarded_seq: u64,
+    /// Highest seq durable at the master target.
+    pub target_durable_seq: u64,
+    pub applied_seq: u64,
+    pub spool_bytes: u64,
+    pub throttled: bool,
+    pub receive_bytes_per_sec: f64,
+    pub forward_bytes_per_sec: f64,
+    pub lag_seconds: f64,
+}
+
+pub struct MachineSpool {
+    name: String,
+    dir: PathBuf,
+    log: Mutex<SegmentLog>,
+    descriptor: Mutex<Option<Hello>>,
+    state: Mutex<SpoolState>,
+    data: Notify,
+    upstream: broadcast::Sender<Message>,
+}
+
+impl MachineSpool {
+    pub(crate) fn open(config: &ProcessServerConfig, name: &str, hello: Option<&Hello>) -> Result<Arc<Self>, ProcessServerError> {
+        let dir = config.cache_dir.join(name);
+        std::fs::create_dir_all(&dir).map_err(|source| ProcessServerError::Io { path: dir.clone(), source })?;
+        let descriptor = match hello {
+            Some(h) => Some(h.clone()),
+            None => {
+                let p = dir.join("machine.json");
+                std::fs::read(&p).ok().and_then(|d| serde_json::from_slice::<HelloFile>(&d).ok()).map(|f| f.0)
+            }
+        };
+        let log = SegmentLog::open(&dir.join("spool"), config.segment_bytes)?;
+        let (upstream, _) = broadcast::channel(256);
+        let s = Arc::new(MachineSpool {
+            name: name.to_owned(),
+            dir,
+            log: Mutex::new(log),
+            descriptor: Mutex::new(None),
+            state: Mutex::new(SpoolState::default()),
+            data: Notify::new(),
+            upstream,
+        });
+        if let Some(h) = descriptor {
+            s.set_descriptor(&h)?;
+        }
+        Ok(s)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn lock_log(&self) -> MutexGuard<'_, SegmentLog> {
+        self.log.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_state(&self) -> MutexGuard<'_, SpoolState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn set_descriptor(&self, hello: &Hello) -> Result<(), ProcessServerError> {
+        let mut d = self.descriptor.lock().unwrap_or_else(|p| p.into_inner());
+        if d.as_ref() != Some(hello) {
+            let data = serde_json::to_vec_pretty(&HelloFile(hello.clone())).map_err(|e| ProcessServerError::Config(e.to_string()))?;
+            fsutil::write_atomic(&self.dir.join("machine.json"), &data)?;
+            *d = Some(hello.clone());
+        }
+        drop(d);
+        self.data.notify_one();
+        Ok(())
+    }
+
+    pub(crate) fn descriptor(&self) -> Option<Hello> {
+        self.descriptor.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.lock_log().bytes()
+    }
+
+    /// (durable here or beyond, applied at the master target)
+    pub(crate) fn positions(&self) -> (u64, u64) {
+        let synced = self.lock_log().synced_seq();
+        let st = self.lock_state();
+        (synced.max(st.target_durable), st.applied)
+    }
+
+    /// Spool batches from the agent and fsync once; returns the ack to send.
+    pub(crate) fn append(&self, batches: Vec<Vec<Record>>) -> Result<Ack, ProcessServerError> {
+        let mut log = self.lock_log();
+        let mut bytes = 0;
+        let mut newest = None;
+        for r in batches.iter().flatten() {
+            if r.seq <= log.last_seq() {
+                continue; // a resend of something already spooled
+            }
+            log.append(r)?;
+            bytes += r.body.data_len();
+            newest = Some((r.seq, r.time_ms));
+        }
+        log.sync()?;
+        let synced = log.synced_seq();
+        drop(log);
+        self.data.notify_one();
+        let mut st = self.lock_state();
+        st.rate_in.add(bytes);
+        if let Some(n) = newest {
+            st.newest = n;
+        }
+        Ok(Ack { durable_seq: synced.max(st.target_durable), target_durable_seq: st.target_durable, applied_seq: st.applied })
+    }
+
+    pub(crate) fn read(&self, cursor: &mut Cursor, max_bytes: usize) -> Result<Vec<Record>, ProcessServerError> {
+        Ok(self.lock_log().read(cursor, max_bytes)?)
+    }
+
+    pub(crate) async fn wait_data(&self) {
+        self.data.notified().await
+    }
+
+    pub(crate) fn forwarded(&self, seq: u64, bytes: u64) {
+        let mut st = self.lock_state();
+        st.forwarded = st.forwarded.max(seq);
+        st.rate_out.add(bytes);
+    }
+
+    /// The master target made records durable (and applied some): release the spool, tell the agent.
+    pub(crate) fn downstream_acked(&self, durable: u64, target_durable: u64, applied: u64) -> Result<(), ProcessServerError> {
+        let synced = {
+            let mut log = self.lock_log();
+            log.release_through(durable)?;
+            log.synced_seq()
+        };
+        let ack = {
+            let mut st = self.lock_state();
+            st.target_durable = st.target_durable.max(target_durable);
+            if applied > st.applied {
+                st.applied = applied;
+                if applied >= st.newest.0 {
+                    st.applied_time_ms = st.newest.1;
+                }
+            }
+            Ack { durable_seq: synced.max(st.target_durable), target_durable_seq: st.target_durable, applied_seq: st.applied }
+        };
+        let _ = self.upstream.send(Message::Ack(ack));
+        Ok(())
+    }
+
+    pub(crate) fn relay_upstream(&self, m: Message) {
+        let _ = self.upstream.send(m);
+    }
+
+    pub(crate) fn subscribe_upstream(&self) -> broadcast::Receiver<Message> {
+        self.upstream.subscribe()
+    }
+
+    pub(crate) fn set_agent_connected(&self, v: bool) {
+        self.lock_state().agent_connected = v;
+    }
+
+    pub(crate) fn set_downstream(&self, connected: bool, error: Option<String>) {
+        let mut st = self.lock_state();
+        st.downstream_connected = connected;
+        st.downstream_error = error;
+    }
+
+    pub(crate) fn set_throttled(&self, v: bool) {
+        self.lock_state().throttled = v;
+    }
+
+    pub fn status(&self) -> SpoolStatus {
+        let (spooled, bytes) = {
+            let log = self.lock_log();
+            (log.synced_seq(), log.bytes())
+        };
+        let mut st = self.lock_state();
+        let lag = if st.applied >= st.newest.0 { 0.0 } else { now_ms().saturating_sub(st.newest.1.min(now_ms())) as f64 / 1000.0 };
+        SpoolStatus {
+            machine: self.name.clone(),
+            agent_connected: st.agent_connected,
+            master_target_connected: st.downstream_connected,
+            master_target_error: st.downstream_error.clone(),
+            spooled_seq: spooled,
+            forwarded_seq: st.forwarded,
+            target_durable_seq: st.target_durable,
+            applied_seq: st.applied,
+            spool_bytes: bytes,
+            throttled: st.throttled,
+            receive_bytes_per_sec: st.rate_in.bytes_per_sec(),
+            forward_bytes_per_sec: st.rate_out.bytes_per_sec(),
+            lag_seconds: lag,
+        }
+    }
+}
+
+/// The machine description as persisted in the spool folder.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct HelloFile(Hello);
