@@ -112,6 +112,9 @@ pub(crate) struct Core {
     pub(crate) rate_out: RateMeter,
     pub(crate) sent_seq: u64,
     resync_bytes_sent: u64,
+    /// Finished resyncs (reason, bytes copied), newest last: tests and operators check that a
+    /// crash resent only the activity log's regions.
+    completed_resyncs: VecDeque<serde_json::Value>,
 }
 
 pub struct Machine {
@@ -259,6 +262,7 @@ impl Machine {
             rate_out: RateMeter::default(),
             sent_seq: 0,
             resync_bytes_sent: 0,
+            completed_resyncs: VecDeque::new(),
         };
         Ok(Arc::new(Machine {
             name: config.machine.clone(),
@@ -597,6 +601,11 @@ impl Machine {
             let msg = format!("{:?} finished: {} bytes copied", run.reason, c.resync_bytes_sent);
             tracing::info!(machine = %self.name, initial = was_initial, "{msg}");
             push_event(c, "resync-complete", msg);
+            let done = serde_json::json!({ "reason": run.reason, "bytes_copied": c.resync_bytes_sent, "bytes_planned": run.total_bytes, "time_ms": now_ms() });
+            c.completed_resyncs.push_back(done);
+            if c.completed_resyncs.len() > 20 {
+                c.completed_resyncs.pop_front();
+            }
             return Ok(());
         };
         let d = &self.disks[disk];
@@ -759,6 +768,7 @@ impl Machine {
             "write_bytes_per_sec": rate_in,
             "ship_bytes_per_sec": rate_out,
             "activity_log_extents": c.al.active_count(),
+            "completed_resyncs": c.completed_resyncs.iter().cloned().collect::<Vec<_>>(),
             "disks": self.disks.iter().enumerate().map(|(i, d)| serde_json::json!({
                 "name": d.name, "path": d.path, "size": d.size, "uuid": d.uuid,
                 "resync_pending_bytes": dirty_per_disk.get(i).copied().unwrap_or(0),

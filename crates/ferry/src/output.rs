@@ -81,12 +81,12 @@ pub fn print_status(v: &serde_json::Value, out: OutputFormat) {
                 println!(
                     "{:<16} {:>6} {:>6} {:>10} {:>10} {:>10} {:>10} {:>12} {:>7.1}s",
                     m["machine"].as_str().unwrap_or(""),
-                    m["agent_connected"],
-                    m["master_target_connected"],
-                    m["spooled_seq"],
-                    m["forwarded_seq"],
-                    m["target_durable_seq"],
-                    m["applied_seq"],
+                    m["agent_connected"].to_string(),
+                    m["master_target_connected"].to_string(),
+                    m["spooled_seq"].to_string(),
+                    m["forwarded_seq"].to_string(),
+                    m["target_durable_seq"].to_string(),
+                    m["applied_seq"].to_string(),
                     human_bytes(m["spool_bytes"].as_f64().unwrap_or(0.0)),
                     m["lag_seconds"].as_f64().unwrap_or(0.0)
                 );
@@ -98,9 +98,9 @@ pub fn print_status(v: &serde_json::Value, out: OutputFormat) {
                 println!(
                     "{:<16} {:>10} {:>10} {:>11} {:>12} {:>7.1}s  {}",
                     m["machine"].as_str().unwrap_or(""),
-                    m["journaled_seq"],
-                    m["applied_seq"],
-                    m["consistent"],
+                    m["journaled_seq"].to_string(),
+                    m["applied_seq"].to_string(),
+                    m["consistent"].to_string(),
                     human_bytes(m["journal_bytes"].as_f64().unwrap_or(0.0)),
                     m["lag_seconds"].as_f64().unwrap_or(0.0),
                     m["mode"].as_str().unwrap_or("")

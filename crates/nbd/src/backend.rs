@@ -71,8 +71,7 @@ pub trait Backend: Send + Sync + 'static {
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), BackendError>;
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BackendError>;
     /// Zero the range; `may_trim` = client allows punching holes (no NO_HOLE flag).
-    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool)
-        -> Result<(), BackendError>;
+    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> Result<(), BackendError>;
     /// Discard; Ferry treats trim as zeroing so replicas stay byte-identical.
     fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), BackendError> {
         self.write_zeroes(offset, len, true, fua)
@@ -83,10 +82,6 @@ pub trait Backend: Send + Sync + 'static {
     /// shorter answer (it reports only the covered prefix). Default: one data extent.
     fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, BackendError> {
         let _ = offset;
-        Ok(vec![Extent {
-            length: len,
-            hole: false,
-            zero: false,
-        }])
+        Ok(vec![Extent { length: len, hole: false, zero: false }])
     }
 }

@@ -161,10 +161,7 @@ pub enum ProtocolError {
 impl ProtocolError {
     /// Whether the connection must be dropped (stream can't be resynchronised).
     pub fn is_fatal(&self) -> bool {
-        !matches!(
-            self,
-            ProtocolError::UnknownCommand { .. } | ProtocolError::InvalidOptionData(_)
-        )
+        !matches!(self, ProtocolError::UnknownCommand { .. } | ProtocolError::InvalidOptionData(_))
     }
 }
 
@@ -227,10 +224,7 @@ impl Command {
 
     /// Commands that modify the export; they run in request order.
     pub fn is_write_type(self) -> bool {
-        matches!(
-            self,
-            Command::Write | Command::WriteZeroes | Command::Trim
-        )
+        matches!(self, Command::Write | Command::WriteZeroes | Command::Trim)
     }
 }
 
@@ -249,10 +243,7 @@ pub struct Request {
 pub fn parse_request(buf: &[u8; REQUEST_LEN]) -> Result<Request, ProtocolError> {
     let magic = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
     if magic != REQUEST_MAGIC {
-        return Err(ProtocolError::BadMagic {
-            expected: REQUEST_MAGIC as u64,
-            got: magic as u64,
-        });
+        return Err(ProtocolError::BadMagic { expected: REQUEST_MAGIC as u64, got: magic as u64 });
     }
     let flags = u16::from_be_bytes([buf[4], buf[5]]);
     let typ = u16::from_be_bytes([buf[6], buf[7]]);
@@ -262,17 +253,8 @@ pub fn parse_request(buf: &[u8; REQUEST_LEN]) -> Result<Request, ProtocolError> 
     c.copy_from_slice(&buf[16..24]);
     let offset = u64::from_be_bytes(c);
     let length = u32::from_be_bytes([buf[24], buf[25], buf[26], buf[27]]);
-    let command = Command::from_wire(typ).ok_or(ProtocolError::UnknownCommand {
-        command: typ,
-        cookie,
-    })?;
-    Ok(Request {
-        flags,
-        command,
-        cookie,
-        offset,
-        length,
-    })
+    let command = Command::from_wire(typ).ok_or(ProtocolError::UnknownCommand { command: typ, cookie })?;
+    Ok(Request { flags, command, cookie, offset, length })
 }
 
 /// Encode a request header (used by tests and the fuzzer).
@@ -327,16 +309,9 @@ pub fn validate_request(req: &Request, ctx: &RequestContext) -> Result<(), Rejec
     if cmd == Command::Read && req.length > MAX_PAYLOAD {
         return Err(Rejection::Error(NBD_EOVERFLOW));
     }
-    let in_range = req
-        .offset
-        .checked_add(req.length as u64)
-        .is_some_and(|end| end <= ctx.export_size);
+    let in_range = req.offset.checked_add(req.length as u64).is_some_and(|end| end <= ctx.export_size);
     if !in_range {
-        return Err(Rejection::Error(if cmd.is_write_type() {
-            NBD_ENOSPC
-        } else {
-            NBD_EINVAL
-        }));
+        return Err(Rejection::Error(if cmd.is_write_type() { NBD_ENOSPC } else { NBD_EINVAL }));
     }
     if cmd.is_write_type() && ctx.read_only {
         return Err(Rejection::Error(NBD_EPERM));
@@ -366,10 +341,7 @@ pub fn parse_option_header(buf: &[u8; OPTION_HEADER_LEN]) -> Result<OptionHeader
     m.copy_from_slice(&buf[0..8]);
     let magic = u64::from_be_bytes(m);
     if magic != IHAVEOPT {
-        return Err(ProtocolError::BadMagic {
-            expected: IHAVEOPT,
-            got: magic,
-        });
+        return Err(ProtocolError::BadMagic { expected: IHAVEOPT, got: magic });
     }
     let option = u32::from_be_bytes([buf[8], buf[9], buf[10], buf[11]]);
     let len = u32::from_be_bytes([buf[12], buf[13], buf[14], buf[15]]);
@@ -416,9 +388,7 @@ fn parse_string(b: &[u8]) -> Result<String, ProtocolError> {
     if b.contains(&0) {
         return Err(ProtocolError::InvalidOptionData("string contains NUL"));
     }
-    std::str::from_utf8(b)
-        .map(str::to_owned)
-        .map_err(|_| ProtocolError::InvalidOptionData("string is not UTF-8"))
+    std::str::from_utf8(b).map(str::to_owned).map_err(|_| ProtocolError::InvalidOptionData("string is not UTF-8"))
 }
 
 /// Read a `u32 length + bytes` string at `*pos`, advancing it.
@@ -444,10 +414,7 @@ fn parse_info_request(data: &[u8]) -> Result<InfoRequest, ProtocolError> {
     if rest.len() != n as usize * 2 {
         return Err(ProtocolError::InvalidOptionData("info request count mismatch"));
     }
-    let requests = rest
-        .chunks_exact(2)
-        .map(|c| u16::from_be_bytes([c[0], c[1]]))
-        .collect();
+    let requests = rest.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect();
     Ok(InfoRequest { name, requests })
 }
 
@@ -516,12 +483,7 @@ pub fn encode_simple_reply(error: u32, cookie: u64) -> [u8; SIMPLE_REPLY_LEN] {
 }
 
 /// Encode a structured reply chunk header.
-pub fn encode_structured_header(
-    flags: u16,
-    typ: u16,
-    cookie: u64,
-    length: u32,
-) -> [u8; STRUCTURED_REPLY_LEN] {
+pub fn encode_structured_header(flags: u16, typ: u16, cookie: u64, length: u32) -> [u8; STRUCTURED_REPLY_LEN] {
     let mut b = [0u8; STRUCTURED_REPLY_LEN];
     b[0..4].copy_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
     b[4..6].copy_from_slice(&flags.to_be_bytes());
@@ -540,12 +502,7 @@ pub fn encode_structured_error(cookie: u64, error: u32, message: &str) -> Vec<u8
     }
     let msg = &message.as_bytes()[..end];
     let mut v = Vec::with_capacity(STRUCTURED_REPLY_LEN + 6 + msg.len());
-    v.extend_from_slice(&encode_structured_header(
-        REPLY_FLAG_DONE,
-        REPLY_TYPE_ERROR,
-        cookie,
-        (6 + msg.len()) as u32,
-    ));
+    v.extend_from_slice(&encode_structured_header(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, cookie, (6 + msg.len()) as u32));
     v.extend_from_slice(&error.to_be_bytes());
     v.extend_from_slice(&(msg.len() as u16).to_be_bytes());
     v.extend_from_slice(msg);
@@ -567,21 +524,15 @@ pub fn parse_structured_header(b: &[u8]) -> Option<(u16, u16, u64, u32)> {
 pub fn fuzz_parsers(data: &[u8]) {
     if let Some(hdr) = data.get(..REQUEST_LEN).and_then(|b| <&[u8; REQUEST_LEN]>::try_from(b).ok()) {
         if let Ok(req) = parse_request(hdr) {
-            for (size, ro, st, bs) in [(0, false, false, false), (1 << 30, true, true, true), (u64::MAX, false, true, false)] {
-                let ctx = RequestContext {
-                    export_size: size,
-                    read_only: ro,
-                    structured: st,
-                    block_status: bs,
-                };
+            for (size, ro, st, bs) in
+                [(0, false, false, false), (1 << 30, true, true, true), (u64::MAX, false, true, false)]
+            {
+                let ctx = RequestContext { export_size: size, read_only: ro, structured: st, block_status: bs };
                 let _ = validate_request(&req, &ctx);
             }
         }
     }
-    if let Some(hdr) = data
-        .get(..OPTION_HEADER_LEN)
-        .and_then(|b| <&[u8; OPTION_HEADER_LEN]>::try_from(b).ok())
-    {
+    if let Some(hdr) = data.get(..OPTION_HEADER_LEN).and_then(|b| <&[u8; OPTION_HEADER_LEN]>::try_from(b).ok()) {
         let _ = parse_option_header(hdr);
     }
     if let Some(f) = data.get(..4).and_then(|b| <&[u8; 4]>::try_from(b).ok()) {
@@ -602,12 +553,7 @@ mod tests {
     use super::*;
 
     fn ctx() -> RequestContext {
-        RequestContext {
-            export_size: 1 << 20,
-            read_only: false,
-            structured: true,
-            block_status: true,
-        }
+        RequestContext { export_size: 1 << 20, read_only: false, structured: true, block_status: true }
     }
 
     #[test]
@@ -635,13 +581,7 @@ mod tests {
     fn unknown_command_keeps_cookie() {
         let b = encode_request(0, 42, 0xdead, 0, 0);
         let e = parse_request(&b).unwrap_err();
-        assert_eq!(
-            e,
-            ProtocolError::UnknownCommand {
-                command: 42,
-                cookie: 0xdead
-            }
-        );
+        assert_eq!(e, ProtocolError::UnknownCommand { command: 42, cookie: 0xdead });
         assert!(!e.is_fatal());
     }
 
@@ -680,8 +620,7 @@ mod tests {
         assert_eq!(validate_request(&r, &c), Err(Rejection::Error(NBD_EINVAL)));
         let r = parse_request(&encode_request(0x8000, CMD_FLUSH, 1, 0, 0)).expect("p");
         assert_eq!(validate_request(&r, &c), Err(Rejection::Error(NBD_EINVAL)));
-        let bs = parse_request(&encode_request(CMD_FLAG_REQ_ONE, CMD_BLOCK_STATUS, 1, 0, 0))
-            .expect("p");
+        let bs = parse_request(&encode_request(CMD_FLAG_REQ_ONE, CMD_BLOCK_STATUS, 1, 0, 0)).expect("p");
         assert_eq!(validate_request(&bs, &c), Err(Rejection::Error(NBD_EINVAL)));
         let bs = parse_request(&encode_request(0, CMD_BLOCK_STATUS, 1, 0, 10)).expect("p");
         let mut no_meta = c;
@@ -696,37 +635,19 @@ mod tests {
         b[0..8].copy_from_slice(&IHAVEOPT.to_be_bytes());
         b[8..12].copy_from_slice(&OPT_GO.to_be_bytes());
         b[12..16].copy_from_slice(&(MAX_OPTION_LEN + 1).to_be_bytes());
-        assert!(matches!(
-            parse_option_header(&b),
-            Err(ProtocolError::OptionTooLong { .. })
-        ));
+        assert!(matches!(parse_option_header(&b), Err(ProtocolError::OptionTooLong { .. })));
         b[12..16].copy_from_slice(&0u32.to_be_bytes());
-        assert_eq!(
-            parse_option_header(&b),
-            Ok(OptionHeader {
-                option: OPT_GO,
-                len: 0
-            })
-        );
+        assert_eq!(parse_option_header(&b), Ok(OptionHeader { option: OPT_GO, len: 0 }));
         b[0] = 0;
-        assert!(matches!(
-            parse_option_header(&b),
-            Err(ProtocolError::BadMagic { .. })
-        ));
+        assert!(matches!(parse_option_header(&b), Err(ProtocolError::BadMagic { .. })));
     }
 
     #[test]
     fn option_payloads() {
         // Zero-length GO data is malformed (needs name length + count).
-        assert!(matches!(
-            parse_option(OPT_GO, &[]),
-            Err(ProtocolError::InvalidOptionData(_))
-        ));
+        assert!(matches!(parse_option(OPT_GO, &[]), Err(ProtocolError::InvalidOptionData(_))));
         // Zero-length EXPORT_NAME is the default export.
-        assert_eq!(
-            parse_option(OPT_EXPORT_NAME, &[]),
-            Ok(ClientOption::ExportName(String::new()))
-        );
+        assert_eq!(parse_option(OPT_EXPORT_NAME, &[]), Ok(ClientOption::ExportName(String::new())));
         assert_eq!(parse_option(OPT_LIST, &[]), Ok(ClientOption::List));
         assert!(parse_option(OPT_LIST, &[1]).is_err());
         assert!(parse_option(OPT_STRUCTURED_REPLY, &[0]).is_err());
@@ -740,10 +661,7 @@ mod tests {
         go.extend_from_slice(&INFO_NAME.to_be_bytes());
         assert_eq!(
             parse_option(OPT_GO, &go),
-            Ok(ClientOption::Go(InfoRequest {
-                name: "disk0".into(),
-                requests: vec![INFO_BLOCK_SIZE, INFO_NAME]
-            }))
+            Ok(ClientOption::Go(InfoRequest { name: "disk0".into(), requests: vec![INFO_BLOCK_SIZE, INFO_NAME] }))
         );
         // Name length pointing past the end.
         let mut bad = go.clone();

@@ -8,7 +8,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::backend::{Backend, BackendError, Extent};
+use crate::backend::{Backend, Extent};
 use crate::proto::{self, ClientOption, Command, ProtocolError, Rejection, Request};
 use crate::{Export, NbdError, ServerConfig};
 
@@ -167,8 +167,7 @@ impl Negotiation {
         let mut greeting = [0u8; 18];
         greeting[0..8].copy_from_slice(&proto::NBD_MAGIC.to_be_bytes());
         greeting[8..16].copy_from_slice(&proto::IHAVEOPT.to_be_bytes());
-        greeting[16..18]
-            .copy_from_slice(&(proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES).to_be_bytes());
+        greeting[16..18].copy_from_slice(&(proto::FLAG_FIXED_NEWSTYLE | proto::FLAG_NO_ZEROES).to_be_bytes());
         self.send(&greeting).await?;
         let mut cf = [0u8; 4];
         self.io.read_exact(&mut cf).await?;
@@ -208,8 +207,7 @@ impl Negotiation {
                     warn!("closing connection: EXPORT_NAME without required TLS");
                     return Err(NbdError::TlsRequired);
                 }
-                self.reply_err(h.option, proto::REP_ERR_TLS_REQD, "TLS is required")
-                    .await?;
+                self.reply_err(h.option, proto::REP_ERR_TLS_REQD, "TLS is required").await?;
                 continue;
             }
 
@@ -220,8 +218,7 @@ impl Negotiation {
                     return Err(e.into());
                 }
                 Err(e) => {
-                    self.reply_err(h.option, proto::REP_ERR_INVALID, &e.to_string())
-                        .await?;
+                    self.reply_err(h.option, proto::REP_ERR_INVALID, &e.to_string()).await?;
                     continue;
                 }
             };
@@ -233,12 +230,7 @@ impl Negotiation {
                         Some((name, selected)) => *selected && *name == export.name,
                         None => false,
                     };
-                    return Ok(Some(Session {
-                        io: self.io,
-                        export,
-                        structured: self.structured,
-                        block_status,
-                    }));
+                    return Ok(Some(Session { io: self.io, export, structured: self.structured, block_status }));
                 }
             }
         }
@@ -280,13 +272,11 @@ impl Negotiation {
             }
             ClientOption::StartTls => {
                 if self.tls_active {
-                    self.reply_err(option, proto::REP_ERR_INVALID, "TLS already active")
-                        .await?;
+                    self.reply_err(option, proto::REP_ERR_INVALID, "TLS already active").await?;
                     return Ok(Step::Continue);
                 }
                 let Some(acceptor) = self.config.tls.clone() else {
-                    self.reply_err(option, proto::REP_ERR_UNSUP, "TLS not configured")
-                        .await?;
+                    self.reply_err(option, proto::REP_ERR_UNSUP, "TLS not configured").await?;
                     return Ok(Step::Continue);
                 };
                 self.reply(option, proto::REP_ACK, &[]).await?;
@@ -320,8 +310,7 @@ impl Negotiation {
                     p.extend_from_slice(export.name.as_bytes());
                     self.reply(option, proto::REP_INFO, &p).await?;
                 }
-                if req.requests.contains(&proto::INFO_DESCRIPTION) && !export.description.is_empty()
-                {
+                if req.requests.contains(&proto::INFO_DESCRIPTION) && !export.description.is_empty() {
                     let mut p = proto::INFO_DESCRIPTION.to_be_bytes().to_vec();
                     let d = export.description.as_bytes();
                     p.extend_from_slice(&d[..d.len().min(proto::MAX_STRING_LEN)]);
@@ -347,8 +336,7 @@ impl Negotiation {
             ClientOption::ListMetaContext(req) | ClientOption::SetMetaContext(req) => {
                 let set = option == proto::OPT_SET_META_CONTEXT;
                 if set && !self.structured {
-                    self.reply_err(option, proto::REP_ERR_INVALID, "structured replies required")
-                        .await?;
+                    self.reply_err(option, proto::REP_ERR_INVALID, "structured replies required").await?;
                     return Ok(Step::Continue);
                 }
                 let Some(export) = exports.get(&req.export) else {
@@ -360,10 +348,7 @@ impl Negotiation {
                     req.queries.iter().any(|q| q == proto::META_BASE_ALLOCATION)
                 } else {
                     req.queries.is_empty()
-                        || req
-                            .queries
-                            .iter()
-                            .any(|q| q == proto::META_BASE_ALLOCATION || q == "base:")
+                        || req.queries.iter().any(|q| q == proto::META_BASE_ALLOCATION || q == "base:")
                 };
                 if selected {
                     let id = if set { proto::META_BASE_ALLOCATION_ID } else { 0 };
@@ -378,8 +363,7 @@ impl Negotiation {
                 Ok(Step::Continue)
             }
             ClientOption::Unknown(o) => {
-                self.reply_err(o, proto::REP_ERR_UNSUP, "option not supported")
-                    .await?;
+                self.reply_err(o, proto::REP_ERR_UNSUP, "option not supported").await?;
                 Ok(Step::Continue)
             }
         }
@@ -436,8 +420,7 @@ impl Replies {
     fn read(self, backend: &dyn Backend, cookie: u64, offset: u64, len: u32) -> Vec<u8> {
         if len == 0 {
             return if self.structured {
-                proto::encode_structured_header(proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_NONE, cookie, 0)
-                    .to_vec()
+                proto::encode_structured_header(proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_NONE, cookie, 0).to_vec()
             } else {
                 proto::encode_simple_reply(0, cookie).to_vec()
             };
@@ -505,8 +488,7 @@ pub(crate) fn block_status_descriptors(extents: &[Extent], len: u32, req_one: bo
         if l == 0 {
             continue;
         }
-        let flags = (if e.hole { proto::STATE_HOLE } else { 0 })
-            | (if e.zero { proto::STATE_ZERO } else { 0 });
+        let flags = (if e.hole { proto::STATE_HOLE } else { 0 }) | (if e.zero { proto::STATE_ZERO } else { 0 });
         match out.last_mut() {
             Some(last) if last.1 == flags => last.0 += l,
             _ => {
@@ -528,26 +510,29 @@ pub(crate) fn block_status_descriptors(extents: &[Extent], len: u32, req_one: bo
 }
 
 /// Write-type work, executed in order by the connection's worker thread.
-enum Job {
-    Write { cookie: u64, offset: u64, data: Vec<u8>, fua: bool, permit: OwnedSemaphorePermit },
-    Zeroes { cookie: u64, offset: u64, len: u64, may_trim: bool, fua: bool },
-    Trim { cookie: u64, offset: u64, len: u64, fua: bool },
-    Flush { cookie: u64 },
+struct Job {
+    cookie: u64,
+    kind: JobKind,
+    /// In-flight budget held until the reply has been sent.
+    permit: OwnedSemaphorePermit,
+}
+
+enum JobKind {
+    Write { offset: u64, data: Vec<u8>, fua: bool },
+    Zeroes { offset: u64, len: u64, may_trim: bool, fua: bool },
+    Trim { offset: u64, len: u64, fua: bool },
+    Flush,
 }
 
 fn worker_loop(backend: Arc<dyn Backend>, jobs: std::sync::mpsc::Receiver<Job>, tx: ReplyTx, r: Replies) {
-    while let Ok(job) = jobs.recv() {
-        let (cookie, res, permit, what): (u64, Result<(), BackendError>, _, &str) = match job {
-            Job::Write { cookie, offset, data, fua, permit } => {
-                let res = backend.write(offset, &data, fua);
-                drop(data);
-                (cookie, res, Some(permit), "write")
+    while let Ok(Job { cookie, kind, permit }) = jobs.recv() {
+        let (res, what) = match kind {
+            JobKind::Write { offset, data, fua } => (backend.write(offset, &data, fua), "write"),
+            JobKind::Zeroes { offset, len, may_trim, fua } => {
+                (backend.write_zeroes(offset, len, may_trim, fua), "write_zeroes")
             }
-            Job::Zeroes { cookie, offset, len, may_trim, fua } => {
-                (cookie, backend.write_zeroes(offset, len, may_trim, fua), None, "write_zeroes")
-            }
-            Job::Trim { cookie, offset, len, fua } => (cookie, backend.trim(offset, len, fua), None, "trim"),
-            Job::Flush { cookie } => (cookie, backend.flush(), None, "flush"),
+            JobKind::Trim { offset, len, fua } => (backend.trim(offset, len, fua), "trim"),
+            JobKind::Flush => (backend.flush(), "flush"),
         };
         let buf = match res {
             Ok(()) => r.ok(cookie),
@@ -558,7 +543,7 @@ fn worker_loop(backend: Arc<dyn Backend>, jobs: std::sync::mpsc::Receiver<Job>, 
         };
         // The writer may be gone (client disconnected); keep draining so that
         // every queued write still reaches the backend in order.
-        let _ = tx.send(Reply { buf, _permit: permit });
+        let _ = tx.send(Reply { buf, _permit: Some(permit) });
     }
 }
 
@@ -579,12 +564,8 @@ async fn transmission(session: Session) -> Result<(), NbdError> {
     let Session { io, export, structured, block_status } = session;
     let backend = export.backend.clone();
     let replies = Replies { structured };
-    let ctx = proto::RequestContext {
-        export_size: backend.size(),
-        read_only: backend.read_only(),
-        structured,
-        block_status,
-    };
+    let ctx =
+        proto::RequestContext { export_size: backend.size(), read_only: backend.read_only(), structured, block_status };
     debug!(export = %export.name, structured, block_status, "entering transmission phase");
 
     let (rd, wr) = tokio::io::split(io);
@@ -624,10 +605,16 @@ async fn reader_loop<R: AsyncRead + Unpin>(
     job_tx: &std::sync::mpsc::Sender<Job>,
     budget: &Arc<Semaphore>,
 ) -> Result<(), NbdError> {
-    let send = |buf: Vec<u8>| {
-        let _ = reply_tx.send(Reply { buf, _permit: None });
-    };
     let closed = || NbdError::Io(io::Error::new(io::ErrorKind::BrokenPipe, "request worker stopped"));
+    // Every request holds budget until its reply is sent, so a client that
+    // never reads replies cannot make the server queue unbounded data.
+    let acquire = |cost: u32| {
+        let budget = budget.clone();
+        async move { budget.acquire_many_owned(cost.clamp(MIN_REQUEST_COST, INFLIGHT_BUDGET)).await.map_err(|_| closed()) }
+    };
+    let send = |buf: Vec<u8>, permit: OwnedSemaphorePermit| {
+        let _ = reply_tx.send(Reply { buf, _permit: Some(permit) });
+    };
     loop {
         let mut hdr = [0u8; proto::REQUEST_LEN];
         match rd.read_exact(&mut hdr).await {
@@ -642,7 +629,8 @@ async fn reader_loop<R: AsyncRead + Unpin>(
             Ok(r) => r,
             Err(ProtocolError::UnknownCommand { command, cookie }) => {
                 warn!(command, "unknown NBD command; replying EINVAL");
-                send(replies.err(cookie, proto::NBD_EINVAL, "unknown command"));
+                let permit = acquire(0).await?;
+                send(replies.err(cookie, proto::NBD_EINVAL, "unknown command"), permit);
                 continue;
             }
             Err(e) => {
@@ -660,72 +648,65 @@ async fn reader_loop<R: AsyncRead + Unpin>(
                 debug!(?req, errno, "rejecting request");
                 if req.command == Command::Write {
                     // Keep the stream in sync without buffering the payload.
-                    let n = tokio::io::copy(&mut (&mut *rd).take(u64::from(req.length)), &mut tokio::io::sink())
-                        .await?;
+                    let n =
+                        tokio::io::copy(&mut (&mut *rd).take(u64::from(req.length)), &mut tokio::io::sink()).await?;
                     if n != u64::from(req.length) {
                         return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
                     }
                 }
-                send(replies.err(req.cookie, errno, "invalid request"));
+                let permit = acquire(0).await?;
+                send(replies.err(req.cookie, errno, "invalid request"), permit);
                 continue;
             }
         }
         let fua = req.flags & proto::CMD_FLAG_FUA != 0;
-        match req.command {
+        let cookie = req.cookie;
+        let (offset, len) = (req.offset, u64::from(req.length));
+        let kind = match req.command {
             Command::Disc => {
                 debug!("client sent NBD_CMD_DISC");
                 return Ok(());
             }
             Command::Read => {
-                let cost = req.length.clamp(MIN_REQUEST_COST, INFLIGHT_BUDGET);
-                let permit = budget.clone().acquire_many_owned(cost).await.map_err(|_| closed())?;
+                let permit = acquire(req.length).await?;
                 let backend = backend.clone();
                 let tx = reply_tx.clone();
                 tokio::task::spawn_blocking(move || {
-                    let buf = replies.read(backend.as_ref(), req.cookie, req.offset, req.length);
+                    let buf = replies.read(backend.as_ref(), cookie, offset, req.length);
                     let _ = tx.send(Reply { buf, _permit: Some(permit) });
                 });
+                continue;
             }
             Command::BlockStatus => {
-                let permit = budget.clone().acquire_many_owned(MIN_REQUEST_COST).await.map_err(|_| closed())?;
+                let permit = acquire(0).await?;
                 let backend = backend.clone();
                 let tx = reply_tx.clone();
                 tokio::task::spawn_blocking(move || {
                     let buf = replies.block_status(backend.as_ref(), &req);
                     let _ = tx.send(Reply { buf, _permit: Some(permit) });
                 });
+                continue;
+            }
+            Command::Cache => {
+                let permit = acquire(0).await?;
+                send(replies.ok(cookie), permit);
+                continue;
             }
             Command::Write => {
-                let cost = req.length.clamp(MIN_REQUEST_COST, INFLIGHT_BUDGET);
-                let permit = budget.clone().acquire_many_owned(cost).await.map_err(|_| closed())?;
+                let permit = acquire(req.length).await?;
                 let mut data = vec![0u8; req.length as usize]; // <= MAX_PAYLOAD (validated)
                 rd.read_exact(&mut data).await?;
-                job_tx
-                    .send(Job::Write { cookie: req.cookie, offset: req.offset, data, fua, permit })
-                    .map_err(|_| closed())?;
+                (JobKind::Write { offset, data, fua }, permit)
             }
             Command::WriteZeroes => {
                 let may_trim = req.flags & proto::CMD_FLAG_NO_HOLE == 0;
-                job_tx
-                    .send(Job::Zeroes {
-                        cookie: req.cookie,
-                        offset: req.offset,
-                        len: u64::from(req.length),
-                        may_trim,
-                        fua,
-                    })
-                    .map_err(|_| closed())?;
+                (JobKind::Zeroes { offset, len, may_trim, fua }, acquire(0).await?)
             }
-            Command::Trim => {
-                job_tx
-                    .send(Job::Trim { cookie: req.cookie, offset: req.offset, len: u64::from(req.length), fua })
-                    .map_err(|_| closed())?;
-            }
-            Command::Flush => {
-                job_tx.send(Job::Flush { cookie: req.cookie }).map_err(|_| closed())?;
-            }
-            Command::Cache => send(replies.ok(req.cookie)),
-        }
+            Command::Trim => (JobKind::Trim { offset, len, fua }, acquire(0).await?),
+            Command::Flush => (JobKind::Flush, acquire(0).await?),
+        };
+        let (kind, permit) = kind;
+        job_tx.send(Job { cookie, kind, permit }).map_err(|_| closed())?;
     }
 }
 

@@ -182,12 +182,5 @@ fn volatile_cache_loses_unflushed_writes() {
 #[test]
 fn default_block_status_is_one_data_extent() {
     let b = MemBackend::new(8192);
-    assert_eq!(
-        b.block_status(0, 8192).unwrap(),
-        vec![Extent {
-            length: 8192,
-            hole: false,
-            zero: false
-        }]
-    );
+    assert_eq!(b.block_status(0, 8192).unwrap(), vec![Extent { length: 8192, hole: false, zero: false }]);
 }

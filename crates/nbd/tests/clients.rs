@@ -28,15 +28,24 @@ fn qemu_io_write_read_zero_discard() {
     let out = run(
         "qemu-io",
         &[
-            "-f", "raw",
-            "-c", "write -P 0xab 0 64k",
-            "-c", "read -P 0xab 0 64k",
-            "-c", "aio_write -P 1 4k 8k",
-            "-c", "aio_flush",
-            "-c", "write -z 128k 64k",
-            "-c", "discard 1M 64k",
-            "-c", "flush",
-            "-c", "write -P 0x5a -f 2M 4k",
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0xab 0 64k",
+            "-c",
+            "read -P 0xab 0 64k",
+            "-c",
+            "aio_write -P 1 4k 8k",
+            "-c",
+            "aio_flush",
+            "-c",
+            "write -z 128k 64k",
+            "-c",
+            "discard 1M 64k",
+            "-c",
+            "flush",
+            "-c",
+            "write -P 0x5a -f 2M 4k",
             &srv.url("disk0"),
         ],
     );
@@ -111,20 +120,11 @@ fn qemu_img_info_convert_compare_map() {
     assert!(text.contains("virtual size: 4 MiB"), "{text}");
 
     let dst = dir.path().join("out.img");
-    let out = run(
-        "qemu-img",
-        &["convert", "-f", "raw", "-O", "raw", &srv.url("src"), dst.to_str().unwrap()],
-    );
+    let out = run("qemu-img", &["convert", "-f", "raw", "-O", "raw", &srv.url("src"), dst.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stdout_of(&out));
-    let out = run(
-        "qemu-img",
-        &["compare", "-f", "raw", "-F", "raw", src.to_str().unwrap(), dst.to_str().unwrap()],
-    );
+    let out = run("qemu-img", &["compare", "-f", "raw", "-F", "raw", src.to_str().unwrap(), dst.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stdout_of(&out));
-    let out = run(
-        "qemu-img",
-        &["compare", "-f", "raw", "-F", "raw", &srv.url("src"), dst.to_str().unwrap()],
-    );
+    let out = run("qemu-img", &["compare", "-f", "raw", "-F", "raw", &srv.url("src"), dst.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stdout_of(&out));
     assert_same(&std::fs::read(&dst).unwrap(), &data, "dst");
 
@@ -133,8 +133,9 @@ fn qemu_img_info_convert_compare_map() {
     let text = stdout_of(&out);
     assert!(out.status.success(), "{text}");
     assert!(
-        text.contains(&format!("\"start\": {MIB}, \"length\": {MIB}, \"depth\": 0, \"present\": false, \"zero\": true, \"data\": false"))
-            || text.contains("\"zero\": true, \"data\": false"),
+        text.contains(&format!(
+            "\"start\": {MIB}, \"length\": {MIB}, \"depth\": 0, \"present\": false, \"zero\": true, \"data\": false"
+        )) || text.contains("\"zero\": true, \"data\": false"),
         "no hole in map: {text}"
     );
 }
@@ -305,10 +306,8 @@ fn hostile_clients_are_disconnected_others_keep_working() {
     assert_eq!(four, [1, 2, 3, 4]);
 
     // A well-behaved client still works while the stalled one hangs around.
-    let out = run(
-        "qemu-io",
-        &["-f", "raw", "-c", "write -P 0x33 64k 64k", "-c", "read -P 0x33 64k 64k", &srv.url("h")],
-    );
+    let out =
+        run("qemu-io", &["-f", "raw", "-c", "write -P 0x33 64k 64k", "-c", "read -P 0x33 64k 64k", &srv.url("h")]);
     assert!(out.status.success(), "{}", stdout_of(&out));
     assert!(!stdout_of(&out).contains("failed"));
     drop(stalled);
@@ -323,10 +322,7 @@ fn unix_socket_serving() {
     file_export(&exports, "disk0", &img, false);
     let _srv = start_unix(exports, &sock);
     let url = format!("nbd+unix:///disk0?socket={}", sock.display());
-    let out = run(
-        "qemu-io",
-        &["-f", "raw", "-c", "write -P 0x7e 4k 4k", "-c", "read -P 0x7e 4k 4k", &url],
-    );
+    let out = run("qemu-io", &["-f", "raw", "-c", "write -P 0x7e 4k 4k", "-c", "read -P 0x7e 4k 4k", &url]);
     assert!(out.status.success(), "{}", stdout_of(&out));
     assert!(!stdout_of(&out).contains("failed"));
     let data = std::fs::read(&img).unwrap();
@@ -349,23 +345,27 @@ fn cow_export_leaves_base_unchanged() {
     let out = run(
         "qemu-io",
         &[
-            "-f", "raw",
-            "-c", "write -P 0x11 100 1000",
-            "-c", "write -P 0x22 8k 8k",
-            "-c", "write -z 64k 12k",
-            "-c", "discard 1M 4k",
-            "-c", "write -P 0x33 2097000 1000",
-            "-c", "flush",
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x11 100 1000",
+            "-c",
+            "write -P 0x22 8k 8k",
+            "-c",
+            "write -z 64k 12k",
+            "-c",
+            "discard 1M 4k",
+            "-c",
+            "write -P 0x33 2097000 1000",
+            "-c",
+            "flush",
             &srv.url("cow"),
         ],
     );
     assert!(out.status.success(), "{}", stdout_of(&out));
     // Read everything back through NBD.
     let copy = dir.path().join("copy.img");
-    let out = run(
-        "qemu-img",
-        &["convert", "-f", "raw", "-O", "raw", &srv.url("cow"), copy.to_str().unwrap()],
-    );
+    let out = run("qemu-img", &["convert", "-f", "raw", "-O", "raw", &srv.url("cow"), copy.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stdout_of(&out));
     let mut expect = base_data.clone();
     expect[100..1100].fill(0x11);

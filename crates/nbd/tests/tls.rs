@@ -30,28 +30,17 @@ fn tls_pair() -> (tokio_rustls::TlsAcceptor, tokio_rustls::TlsConnector) {
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    (
-        tokio_rustls::TlsAcceptor::from(Arc::new(server)),
-        tokio_rustls::TlsConnector::from(Arc::new(client)),
-    )
+    (tokio_rustls::TlsAcceptor::from(Arc::new(server)), tokio_rustls::TlsConnector::from(Arc::new(client)))
 }
 
 async fn start(tls: Option<tokio_rustls::TlsAcceptor>, require_tls: bool) -> (u16, CancellationToken, Arc<MemBackend>) {
     let backend = Arc::new(MemBackend::new(1 << 20));
     let exports = Exports::new();
-    exports.insert(Export {
-        name: "disk".into(),
-        description: String::new(),
-        backend: backend.clone(),
-    });
+    exports.insert(Export { name: "disk".into(), description: String::new(), backend: backend.clone() });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let token = CancellationToken::new();
-    let config = Arc::new(ServerConfig {
-        exports,
-        tls,
-        require_tls,
-    });
+    let config = Arc::new(ServerConfig { exports, tls, require_tls });
     tokio::spawn(ferry_nbd::serve_tcp(listener, config, token.clone()));
     (port, token, backend)
 }

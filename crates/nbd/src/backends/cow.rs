@@ -32,10 +32,7 @@ pub struct CowBackend {
 
 impl std::fmt::Debug for CowBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CowBackend")
-            .field("path", &self.path)
-            .field("size", &self.size)
-            .finish_non_exhaustive()
+        f.debug_struct("CowBackend").field("path", &self.path).field("size", &self.size).finish_non_exhaustive()
     }
 }
 
@@ -50,24 +47,11 @@ impl CowBackend {
     pub fn new(base: Arc<dyn Backend>, overlay_path: &Path) -> Result<CowBackend, BackendError> {
         let size = base.size();
         if size.div_ceil(BLOCK) > u64::from(u32::MAX) + 1 {
-            return Err(BackendError::Invalid(
-                "base too large for a copy-on-write overlay (max 16 TiB)".into(),
-            ));
+            return Err(BackendError::Invalid("base too large for a copy-on-write overlay (max 16 TiB)".into()));
         }
-        let overlay = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(overlay_path)?;
+        let overlay = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(overlay_path)?;
         overlay.set_len(size)?;
-        Ok(CowBackend {
-            base,
-            overlay,
-            path: overlay_path.to_path_buf(),
-            size,
-            map: RwLock::new(RoaringBitmap::new()),
-        })
+        Ok(CowBackend { base, overlay, path: overlay_path.to_path_buf(), size, map: RwLock::new(RoaringBitmap::new()) })
     }
 
     /// Path of the overlay file.
@@ -155,9 +139,7 @@ impl CowBackend {
             let s = Self::block_start(mid_start);
             let e = self.block_end(mid_end - 1);
             match src {
-                Src::Data(d) => self
-                    .overlay
-                    .write_all_at(&d[(s - offset) as usize..(e - offset) as usize], s)?,
+                Src::Data(d) => self.overlay.write_all_at(&d[(s - offset) as usize..(e - offset) as usize], s)?,
                 Src::Zero => zero_file_range(&self.overlay, s, e - s, true)?,
             }
         }
@@ -206,13 +188,7 @@ impl Backend for CowBackend {
         self.write_src(offset, data.len() as u64, Src::Data(data), fua)
     }
 
-    fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u64,
-        _may_trim: bool,
-        fua: bool,
-    ) -> Result<(), BackendError> {
+    fn write_zeroes(&self, offset: u64, len: u64, _may_trim: bool, fua: bool) -> Result<(), BackendError> {
         self.write_src(offset, len, Src::Zero, fua)
     }
 

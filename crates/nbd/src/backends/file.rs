@@ -27,17 +27,10 @@ pub struct FileBackend {
 impl FileBackend {
     /// Open `path` read-write (or read-only). The export size is the file size at open time.
     pub fn open(path: impl AsRef<Path>, read_only: bool) -> Result<FileBackend, BackendError> {
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path.as_ref())?;
+        let mut file = OpenOptions::new().read(true).write(!read_only).open(path.as_ref())?;
         // seek(End) also works for block devices, whose metadata length is 0.
         let size = file.seek(SeekFrom::End(0))?;
-        Ok(FileBackend {
-            file,
-            size,
-            read_only,
-        })
+        Ok(FileBackend { file, size, read_only })
     }
 
     /// The underlying file.
@@ -102,13 +95,7 @@ impl Backend for FileBackend {
         Ok(())
     }
 
-    fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u64,
-        may_trim: bool,
-        fua: bool,
-    ) -> Result<(), BackendError> {
+    fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> Result<(), BackendError> {
         self.check_writable()?;
         zero_file_range(&self.file, offset, len, may_trim)?;
         if fua {
@@ -128,11 +115,7 @@ impl Backend for FileBackend {
         let end = offset.saturating_add(len).min(self.size);
         let mut extents = Vec::new();
         let mut pos = offset;
-        let data_extent = |length| Extent {
-            length,
-            hole: false,
-            zero: false,
-        };
+        let data_extent = |length| Extent { length, hole: false, zero: false };
         while pos < end && extents.len() < MAX_EXTENTS {
             let data = match self.seek_whence(pos, libc::SEEK_DATA) {
                 Ok(d) => d,
@@ -143,20 +126,12 @@ impl Backend for FileBackend {
             match data {
                 None => {
                     // No data after pos: hole up to EOF.
-                    extents.push(Extent {
-                        length: self.size - pos,
-                        hole: true,
-                        zero: true,
-                    });
+                    extents.push(Extent { length: self.size - pos, hole: true, zero: true });
                     break;
                 }
                 Some(d) if d > pos => {
                     let d = d.min(self.size);
-                    extents.push(Extent {
-                        length: d - pos,
-                        hole: true,
-                        zero: true,
-                    });
+                    extents.push(Extent { length: d - pos, hole: true, zero: true });
                     pos = d;
                 }
                 Some(_) => {

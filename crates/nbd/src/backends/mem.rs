@@ -13,18 +13,12 @@ pub struct MemBackend {
 
 impl MemBackend {
     pub fn new(size: u64) -> MemBackend {
-        MemBackend {
-            data: RwLock::new(vec![0u8; size as usize]),
-            read_only: false,
-        }
+        MemBackend { data: RwLock::new(vec![0u8; size as usize]), read_only: false }
     }
 
     /// A read-only in-memory disk with the given content.
     pub fn read_only_from(data: Vec<u8>) -> MemBackend {
-        MemBackend {
-            data: RwLock::new(data),
-            read_only: true,
-        }
+        MemBackend { data: RwLock::new(data), read_only: true }
     }
 
     /// Copy of the current content.
@@ -71,13 +65,7 @@ impl Backend for MemBackend {
         Ok(())
     }
 
-    fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u64,
-        _may_trim: bool,
-        _fua: bool,
-    ) -> Result<(), BackendError> {
+    fn write_zeroes(&self, offset: u64, len: u64, _may_trim: bool, _fua: bool) -> Result<(), BackendError> {
         if self.read_only {
             return Err(BackendError::ReadOnly);
         }

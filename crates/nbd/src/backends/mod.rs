@@ -26,12 +26,7 @@ pub(crate) enum Falloc {
 
 /// `fallocate(fd, mode, offset, len)`; EOPNOTSUPP/ENOSYS/EINVAL-like answers
 /// are reported as `Unsupported` so callers can fall back to writing zeroes.
-pub(crate) fn fallocate(
-    file: &std::fs::File,
-    mode: libc::c_int,
-    offset: u64,
-    len: u64,
-) -> std::io::Result<Falloc> {
+pub(crate) fn fallocate(file: &std::fs::File, mode: libc::c_int, offset: u64, len: u64) -> std::io::Result<Falloc> {
     if len == 0 {
         return Ok(Falloc::Done);
     }
@@ -47,8 +42,9 @@ pub(crate) fn fallocate(
         let err = std::io::Error::last_os_error();
         match err.raw_os_error() {
             Some(libc::EINTR) => continue,
-            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL)
-            | Some(libc::ENODEV) => return Ok(Falloc::Unsupported),
+            Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EINVAL) | Some(libc::ENODEV) => {
+                return Ok(Falloc::Unsupported)
+            }
             _ => return Err(err),
         }
     }
@@ -71,12 +67,7 @@ pub(crate) fn write_zeroes_slow(file: &std::fs::File, offset: u64, len: u64) -> 
 }
 
 /// Zero a range of a file: punch a hole if allowed, else ZERO_RANGE, else pwrite zeroes.
-pub(crate) fn zero_file_range(
-    file: &std::fs::File,
-    offset: u64,
-    len: u64,
-    may_trim: bool,
-) -> std::io::Result<()> {
+pub(crate) fn zero_file_range(file: &std::fs::File, offset: u64, len: u64, may_trim: bool) -> std::io::Result<()> {
     if may_trim {
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         if let Falloc::Done = fallocate(file, mode, offset, len)? {

@@ -34,11 +34,7 @@ impl VolatileCacheFileBackend {
     pub fn open(path: impl AsRef<Path>) -> Result<VolatileCacheFileBackend, BackendError> {
         let mut file = OpenOptions::new().read(true).write(true).open(path.as_ref())?;
         let size = file.seek(SeekFrom::End(0))?;
-        Ok(VolatileCacheFileBackend {
-            file,
-            size,
-            cache: Mutex::new(BTreeMap::new()),
-        })
+        Ok(VolatileCacheFileBackend { file, size, cache: Mutex::new(BTreeMap::new()) })
     }
 
     /// Number of cached (unflushed) blocks.
@@ -107,12 +103,7 @@ impl VolatileCacheFileBackend {
     }
 
     /// Write back the cached blocks in `[first, last]` and fdatasync.
-    fn persist(
-        &self,
-        cache: &mut BTreeMap<u64, Cached>,
-        first: u64,
-        last: u64,
-    ) -> Result<(), BackendError> {
+    fn persist(&self, cache: &mut BTreeMap<u64, Cached>, first: u64, last: u64) -> Result<(), BackendError> {
         let keys: Vec<u64> = cache.range(first..=last).map(|(k, _)| *k).collect();
         for b in keys {
             if let Some(c) = cache.get(&b) {
@@ -124,13 +115,7 @@ impl VolatileCacheFileBackend {
         Ok(())
     }
 
-    fn modify(
-        &self,
-        offset: u64,
-        len: u64,
-        data: Option<&[u8]>,
-        fua: bool,
-    ) -> Result<(), BackendError> {
+    fn modify(&self, offset: u64, len: u64, data: Option<&[u8]>, fua: bool) -> Result<(), BackendError> {
         let end = self.check_range(offset, len)?;
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         self.apply(&mut cache, offset, len, data)?;
@@ -170,13 +155,7 @@ impl Backend for VolatileCacheFileBackend {
         self.modify(offset, data.len() as u64, Some(data), fua)
     }
 
-    fn write_zeroes(
-        &self,
-        offset: u64,
-        len: u64,
-        _may_trim: bool,
-        fua: bool,
-    ) -> Result<(), BackendError> {
+    fn write_zeroes(&self, offset: u64, len: u64, _may_trim: bool, fua: bool) -> Result<(), BackendError> {
         self.modify(offset, len, None, fua)
     }
 

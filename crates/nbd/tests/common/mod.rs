@@ -37,19 +37,11 @@ impl Drop for TestServer {
 }
 
 pub fn export(name: &str, backend: Arc<dyn Backend>) -> Export {
-    Export {
-        name: name.into(),
-        description: format!("test export {name}"),
-        backend,
-    }
+    Export { name: name.into(), description: format!("test export {name}"), backend }
 }
 
 pub fn start_tcp(exports: Exports) -> TestServer {
-    start_tcp_with(ServerConfig {
-        exports,
-        tls: None,
-        require_tls: false,
-    })
+    start_tcp_with(ServerConfig { exports, tls: None, require_tls: false })
 }
 
 pub fn start_tcp_with(config: ServerConfig) -> TestServer {
@@ -62,23 +54,13 @@ pub fn start_tcp_with(config: ServerConfig) -> TestServer {
     let token = shutdown.clone();
     let config = Arc::new(config);
     let thread = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         rt.block_on(async move {
             let l = tokio::net::TcpListener::from_std(std_listener).unwrap();
             ferry_nbd::serve_tcp(l, config, token).await.unwrap();
         });
     });
-    TestServer {
-        port,
-        socket: None,
-        exports,
-        shutdown,
-        thread: Some(thread),
-    }
+    TestServer { port, socket: None, exports, shutdown, thread: Some(thread) }
 }
 
 pub fn start_unix(exports: Exports, path: &Path) -> TestServer {
@@ -86,29 +68,15 @@ pub fn start_unix(exports: Exports, path: &Path) -> TestServer {
     std_listener.set_nonblocking(true).unwrap();
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
-    let config = Arc::new(ServerConfig {
-        exports: exports.clone(),
-        tls: None,
-        require_tls: false,
-    });
+    let config = Arc::new(ServerConfig { exports: exports.clone(), tls: None, require_tls: false });
     let thread = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         rt.block_on(async move {
             let l = tokio::net::UnixListener::from_std(std_listener).unwrap();
             ferry_nbd::serve_unix(l, config, token).await.unwrap();
         });
     });
-    TestServer {
-        port: 0,
-        socket: Some(path.to_path_buf()),
-        exports,
-        shutdown,
-        thread: Some(thread),
-    }
+    TestServer { port: 0, socket: Some(path.to_path_buf()), exports, shutdown, thread: Some(thread) }
 }
 
 fn tracing_init() -> Option<()> {
@@ -117,27 +85,16 @@ fn tracing_init() -> Option<()> {
 
 /// Run a command, returning its output (panics if it can't be spawned).
 pub fn run(cmd: &str, args: &[&str]) -> Output {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
     out
 }
 
 pub fn stdout_of(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
 pub fn have(cmd: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {cmd}")])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
+    Command::new("sh").args(["-c", &format!("command -v {cmd}")]).output().map(|o| o.status.success()).unwrap_or(false)
 }
 
 /// Create a file of `size` bytes filled with `byte`.
@@ -220,10 +177,7 @@ impl RawClient {
         let mut h = [0u8; 16];
         self.s.read_exact(&mut h).unwrap();
         assert_eq!(&h[0..4], &SIMPLE_REPLY_MAGIC.to_be_bytes());
-        (
-            u32::from_be_bytes(h[4..8].try_into().unwrap()),
-            u64::from_be_bytes(h[8..16].try_into().unwrap()),
-        )
+        (u32::from_be_bytes(h[4..8].try_into().unwrap()), u64::from_be_bytes(h[8..16].try_into().unwrap()))
     }
 
     /// True once the server has closed the connection (EOF or reset).
@@ -246,9 +200,6 @@ impl RawClient {
 pub fn assert_same(actual: &[u8], expected: &[u8], what: &str) {
     assert_eq!(actual.len(), expected.len(), "{what}: length differs");
     if let Some(i) = actual.iter().zip(expected).position(|(a, b)| a != b) {
-        panic!(
-            "{what}: first difference at offset {i}: got {:#x}, expected {:#x}",
-            actual[i], expected[i]
-        );
+        panic!("{what}: first difference at offset {i}: got {:#x}, expected {:#x}", actual[i], expected[i]);
     }
 }

@@ -1,0 +1,335 @@
+//! Multi-process test harness: real `ferry` daemons on loopback with TLS, real qemu clients.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+
+pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
+
+/// Fail loudly when the qemu tools are missing: these tests use them as the real clients.
+pub fn require_qemu() {
+    for tool in ["qemu-io", "qemu-img"] {
+        let ok = Command::new(tool).arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+        assert!(ok, "{tool} is not installed: run ./test (it installs qemu-utils) or `apt-get install qemu-utils`");
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Seed from FERRY_TEST_SEED or the clock; printed so a failure can be replayed.
+pub fn seed(test: &str) -> u64 {
+    let s = std::env::var("FERRY_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+    });
+    eprintln!("{test}: seed {s} (replay with FERRY_TEST_SEED={s})");
+    s
+}
+
+pub struct Opts {
+    pub disks: Vec<(&'static str, u64)>,
+    pub agent_extra: String,
+    pub ps_capacity: u64,
+    pub ps_extra: String,
+    pub volatile: bool,
+}
+
+impl Default for Opts {
+    fn default() -> Self {
+        Opts { disks: vec![("disk0", 64 << 20)], agent_extra: String::new(), ps_capacity: 1 << 30, ps_extra: String::new(), volatile: false }
+    }
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub nbd: u16,
+    pub status: HashMap<&'static str, u16>,
+    procs: HashMap<&'static str, Child>,
+    pub disks: Vec<(&'static str, u64)>,
+}
+
+pub const COMPONENTS: [&str; 3] = ["master-target", "process-server", "agent"];
+
+impl Cluster {
+    pub fn new(opts: Opts) -> Cluster {
+        require_qemu();
+        let dir = tempfile::Builder::new().prefix("ferry-test-").tempdir().unwrap();
+        let d = dir.path();
+        let out = Command::new(FERRY).args(["certs", "--dir"]).arg(d.join("certs")).output().unwrap();
+        assert!(out.status.success(), "ferry certs failed: {}", String::from_utf8_lossy(&out.stderr));
+        let (nbd, ps, mt) = (free_port(), free_port(), free_port());
+        let status: HashMap<_, _> = COMPONENTS.iter().map(|c| (*c, free_port())).collect();
+        let tls = |c: &str| {
+            format!("[tls]\nca = '{0}/certs/ca.pem'\ncert = '{0}/certs/{1}.pem'\nkey = '{0}/certs/{1}.key'\n", d.display(), c)
+        };
+        std::fs::write(
+            d.join("master-target.toml"),
+            format!(
+                "datastore = '{0}/datastore'\nretention = '{0}/retention'\nlisten = '127.0.0.1:{mt}'\nstatus_listen = '127.0.0.1:{1}'\ncheckpoint_interval_secs = 0.2\n{2}",
+                d.display(),
+                status["master-target"],
+                tls("master-target")
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            d.join("process-server.toml"),
+            format!(
+                "cache_dir = '{0}/cache'\ncache_capacity_bytes = {1}\nlisten = '127.0.0.1:{ps}'\nstatus_listen = '127.0.0.1:{2}'\nmaster_target = '127.0.0.1:{mt}'\nreconnect_interval_secs = 0.2\n{3}\n{4}",
+                d.display(),
+                opts.ps_capacity,
+                status["process-server"],
+                opts.ps_extra,
+                tls("process-server")
+            ),
+        )
+        .unwrap();
+        let mut disks = String::new();
+        for (name, size) in &opts.disks {
+            let p = d.join(format!("{name}.img"));
+            std::fs::File::create(&p).unwrap().set_len(*size).unwrap();
+            disks.push_str(&format!(
+                "[[disks]]\nname = '{name}'\npath = '{}'\ncache = '{}'\n",
+                p.display(),
+                if opts.volatile { "volatile" } else { "page-cache" }
+            ));
+        }
+        std::fs::write(
+            d.join("agent.toml"),
+            format!(
+                "machine = 'vm1'\nstate_dir = '{0}/agent-state'\nprocess_server = '127.0.0.1:{ps}'\nnbd_listen = '127.0.0.1:{nbd}'\nstatus_listen = '127.0.0.1:{1}'\nreconnect_interval_secs = 0.2\nmaintenance_interval_secs = 0.2\n{2}\n{3}\n{disks}",
+                d.display(),
+                status["agent"],
+                opts.agent_extra,
+                tls("agent")
+            ),
+        )
+        .unwrap();
+        Cluster { dir, nbd, status, procs: HashMap::new(), disks: opts.disks }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn source(&self, disk: &str) -> PathBuf {
+        self.path().join(format!("{disk}.img"))
+    }
+
+    pub fn target(&self, disk: &str) -> PathBuf {
+        self.path().join("datastore/vm1").join(format!("{disk}.img"))
+    }
+
+    pub fn start(&mut self, c: &'static str) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.path().join(format!("{c}.log"))).unwrap();
+        let child = Command::new(FERRY)
+            .arg(c)
+            .arg("--config")
+            .arg(self.path().join(format!("{c}.toml")))
+            .env("FERRY_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.procs.insert(c, child);
+        self.wait_status(c);
+    }
+
+    pub fn start_all(&mut self) {
+        for c in COMPONENTS {
+            self.start(c);
+        }
+    }
+
+    /// Wait until a component's status endpoint answers (it is up), or fail with its log.
+    fn wait_status(&mut self, c: &'static str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(child) = self.procs.get_mut(c) {
+                if let Ok(Some(st)) = child.try_wait() {
+                    panic!("{c} exited with {st} during start; log:\n{}", self.log(c));
+                }
+            }
+            if self.try_status(c).is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("{c} did not come up; log:\n{}", self.log(c));
+    }
+
+    pub fn log(&self, c: &str) -> String {
+        std::fs::read_to_string(self.path().join(format!("{c}.log"))).unwrap_or_default()
+    }
+
+    pub fn kill9(&mut self, c: &str) {
+        if let Some(mut child) = self.procs.remove(c) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self, c: &str) {
+        if let Some(mut child) = self.procs.remove(c) {
+            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("{c} did not stop on SIGTERM");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    pub fn try_status(&self, c: &str) -> Option<serde_json::Value> {
+        http_json(self.status[c], "GET", "/status", None).map(|(_, v)| v)
+    }
+
+    pub fn status(&self, c: &str) -> serde_json::Value {
+        self.try_status(c).unwrap_or_else(|| panic!("{c} status unavailable; log:\n{}", self.log(c)))
+    }
+
+    /// Wait until the agent reports caught up (everything applied at the master target).
+    pub fn wait_caught_up(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut last = serde_json::Value::Null;
+        while Instant::now() < deadline {
+            if let Some(s) = self.try_status("agent") {
+                if s["caught_up"] == true {
+                    return;
+                }
+                last = s;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "agent not caught up after {timeout:?}: {last:#}\nagent log:\n{}\nprocess-server log:\n{}\nmaster-target log:\n{}",
+            tail(&self.log("agent")),
+            tail(&self.log("process-server")),
+            tail(&self.log("master-target"))
+        );
+    }
+
+    pub fn nbd_url(&self, disk: &str) -> String {
+        format!("nbd://127.0.0.1:{}/{disk}", self.nbd)
+    }
+
+    /// Run qemu-io with commands on stdin against a disk's export.
+    pub fn qemu_io(&self, disk: &str, commands: &str) -> Output {
+        let mut child = Command::new("qemu-io")
+            .args(["-f", "raw", &self.nbd_url(disk)])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let cmds = commands.to_owned();
+        let writer = std::thread::spawn(move || {
+            let _ = stdin.write_all(cmds.as_bytes());
+        });
+        let out = child.wait_with_output().unwrap();
+        let _ = writer.join();
+        out
+    }
+
+    /// `qemu-img compare SOURCE TARGET` for every disk.
+    pub fn assert_identical(&self) {
+        for (d, _) in &self.disks {
+            let out = Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(self.source(d)).arg(self.target(d)).output().unwrap();
+            assert!(
+                out.status.success(),
+                "{d}: source and target differ: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (_, mut c) in self.procs.drain() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            let keep = self.dir.path().to_owned();
+            eprintln!("test failed; logs in {} (kept)", keep.display());
+            // Keep the folder for inspection.
+            let d = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+            let _ = d.keep();
+        }
+    }
+}
+
+pub fn tail(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// Blocking HTTP/1.1 request returning (status, JSON).
+pub fn http_json(port: u16, method: &str, path: &str, body: Option<&str>) -> Option<(u16, serde_json::Value)> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let body = body.unwrap_or("");
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    let (head, rest) = resp.split_once("\r\n\r\n")?;
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, serde_json::from_str(rest).unwrap_or(serde_json::Value::Null)))
+}
+
+/// A random qemu-io workload: sync and overlapping async writes, zeroing and discards, ending
+/// with a flush. Offsets and sizes are 512-aligned, as qemu-io requires for raw NBD.
+pub fn workload(rng: &mut rand::rngs::StdRng, size: u64, ops: usize) -> String {
+    let mut s = String::new();
+    let sector = 512u64;
+    let mut i = 0;
+    while i < ops {
+        let kind = rng.gen_range(0..100);
+        let len = sector * rng.gen_range(1..=256u64);
+        let off = sector * rng.gen_range(0..(size - len) / sector);
+        let pat = rng.gen_range(1..=255u8);
+        if kind < 45 {
+            s.push_str(&format!("write -P {pat} {off} {len}\n"));
+            i += 1;
+        } else if kind < 85 {
+            // A burst of overlapping async writes around one spot.
+            let n = rng.gen_range(2..8);
+            for _ in 0..n {
+                let l = sector * rng.gen_range(1..=64u64);
+                let o = (off + sector * rng.gen_range(0..16u64)).min(size - l);
+                s.push_str(&format!("aio_write -P {} {o} {l}\n", rng.gen_range(1..=255u8)));
+            }
+            s.push_str("aio_flush\n");
+            i += n;
+        } else if kind < 93 {
+            s.push_str(&format!("write -z {off} {len}\n"));
+            i += 1;
+        } else {
+            s.push_str(&format!("discard {off} {len}\n"));
+            i += 1;
+        }
+    }
+    s.push_str("flush\n");
+    s
+}
+
+pub fn rng(seed: u64) -> rand::rngs::StdRng {
+    rand::rngs::StdRng::seed_from_u64(seed)
+}

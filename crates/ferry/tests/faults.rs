@@ -1,0 +1,176 @@
+//! Fault tests: SIGKILL of each process at seeded random points, crashes that lose the page
+//! cache, long process-server outages (log overflow), a full process-server cache (throttling),
+//! and online verify with repair.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use rand::Rng;
+
+/// Run a workload in the background and SIGKILL `victim` at a random moment during it; restart,
+/// finish with more writes, and check the target is byte-identical.
+fn kill_during_workload(victim: &'static str, rounds: usize, opts: Opts) -> Cluster {
+    let seed = seed(&format!("kill_during_workload({victim})"));
+    let mut r = rng(seed);
+    let mut c = Cluster::new(opts);
+    c.start_all();
+    let size = c.disks[0].1;
+    for round in 0..rounds {
+        let work = workload(&mut r, size, 2000);
+        let url = c.nbd_url("disk0");
+        let bg = std::thread::spawn(move || {
+            let mut child = Command::new("qemu-io")
+                .args(["-f", "raw", &url])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            use std::io::Write;
+            let mut stdin = child.stdin.take().unwrap();
+            let _ = stdin.write_all(work.as_bytes());
+            drop(stdin);
+            child.wait().unwrap()
+        });
+        let delay = r.gen_range(20..600);
+        std::thread::sleep(Duration::from_millis(delay));
+        eprintln!("round {round}: SIGKILL {victim} after {delay} ms");
+        c.kill9(victim);
+        std::thread::sleep(Duration::from_millis(r.gen_range(0..300)));
+        c.start(victim);
+        let _ = bg.join();
+        // The client may have died with the agent; write some more through the restarted chain.
+        let out = c.qemu_io("disk0", &workload(&mut r, size, 200));
+        assert!(out.status.success(), "qemu-io after restart failed: {}", String::from_utf8_lossy(&out.stderr));
+        c.wait_caught_up(Duration::from_secs(90));
+        c.assert_identical();
+    }
+    c
+}
+
+#[test]
+fn sigkill_master_target_during_workload() {
+    kill_during_workload("master-target", 3, Opts::default());
+}
+
+#[test]
+fn sigkill_process_server_during_workload() {
+    kill_during_workload("process-server", 3, Opts::default());
+}
+
+#[test]
+fn sigkill_agent_resyncs_only_the_activity_log() {
+    // A 2 GiB disk and a 16-extent activity log: a crash may resend at most 64 MiB.
+    let opts = Opts {
+        disks: vec![("disk0", 2 << 30)],
+        agent_extra: "al_extents = 16\nal_extent_bytes = 4194304\n".into(),
+        ..Default::default()
+    };
+    let c = kill_during_workload("agent", 3, opts);
+    let s = c.status("agent");
+    let recoveries: Vec<_> = s["completed_resyncs"].as_array().unwrap().iter().filter(|r| r["reason"] != "InitialSync").cloned().collect();
+    assert!(!recoveries.is_empty(), "an agent crash must be followed by a resync: {s:#}");
+    for r in &recoveries {
+        let planned = r["bytes_planned"].as_u64().unwrap();
+        assert!(planned <= 16 * (4 << 20), "resync after a crash must be bounded by the activity log (16 x 4 MiB), was {planned}: {r}");
+    }
+}
+
+#[test]
+fn crash_that_loses_unflushed_writes_still_converges() {
+    // The volatile test backend keeps unflushed writes in the agent's memory: SIGKILL drops them
+    // like a power cut drops the page cache. The target may already hold some of them; the
+    // activity log must cover those regions so the resync brings the target back to the source.
+    let c = kill_during_workload("agent", 4, Opts { volatile: true, ..Default::default() });
+    let s = c.status("agent");
+    assert!(s["completed_resyncs"].as_array().unwrap().iter().any(|r| r["reason"] == "AgentRecovery"), "{s:#}");
+}
+
+#[test]
+fn long_outage_overflows_the_log_then_resyncs_from_the_bitmap() {
+    let mut c = Cluster::new(Opts { agent_extra: "log_limit_bytes = 2097152\n".into(), ..Default::default() });
+    c.start_all();
+    c.wait_caught_up(Duration::from_secs(30));
+    c.kill9("process-server");
+    let mut r = rng(seed("long_outage"));
+    let out = c.qemu_io("disk0", &workload(&mut r, 64 << 20, 1500));
+    assert!(out.status.success(), "writes must keep working while the process server is down");
+    let s = c.status("agent");
+    assert_eq!(s["connected"], false);
+    assert!(s["events"].as_array().unwrap().iter().any(|e| e["kind"] == "log-overflow"), "overflow must raise an event: {s:#}");
+    assert!(s["resync_pending_bytes"].as_u64().unwrap() > 0);
+    // The replica keeps its last consistent state meanwhile.
+    assert_eq!(c.status("master-target")["machines"][0]["consistent"], true);
+    c.start("process-server");
+    c.wait_caught_up(Duration::from_secs(60));
+    c.assert_identical();
+    let s = c.status("agent");
+    assert!(s["completed_resyncs"].as_array().unwrap().iter().any(|r| r["reason"] == "LogOverflow"), "{s:#}");
+    assert_eq!(c.status("master-target")["machines"][0]["consistent"], true);
+}
+
+#[test]
+fn full_cache_throttles_agents_and_resumes_when_space_returns() {
+    let mut c = Cluster::new(Opts { ps_capacity: 8 << 20, ps_extra: "segment_bytes = 1048576\n".into(), ..Default::default() });
+    c.start_all();
+    c.wait_caught_up(Duration::from_secs(30));
+    c.kill9("master-target");
+    // 12 MiB of writes against an 8 MiB cache with the master target down.
+    let mut cmds = String::new();
+    for i in 0..12u64 {
+        cmds.push_str(&format!("write -P {} {} 1M\n", i + 1, i << 20));
+    }
+    cmds.push_str("flush\n");
+    assert!(c.qemu_io("disk0", &cmds).status.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let ps = c.status("process-server");
+        if ps["throttling"] == true && c.status("agent")["throttled"] == true {
+            assert!(ps["free_percent"].as_u64().unwrap() < 20, "{ps:#}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "process server never throttled: {ps:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.start("master-target");
+    c.wait_caught_up(Duration::from_secs(60));
+    assert_eq!(c.status("agent")["throttled"], false);
+    c.assert_identical();
+}
+
+#[test]
+fn online_verify_finds_and_repairs_differing_blocks() {
+    let mut c = Cluster::new(Opts::default());
+    c.start_all();
+    assert!(c.qemu_io("disk0", "write -P 9 0 8M\nflush\n").status.success());
+    c.wait_caught_up(Duration::from_secs(30));
+    let cfg = c.path().join("agent.toml");
+    let clean = Command::new(FERRY).args(["agent", "verify", "disk0", "--output", "json", "--config"]).arg(&cfg).output().unwrap();
+    assert!(clean.status.success(), "{}", String::from_utf8_lossy(&clean.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&clean.stdout).unwrap();
+    assert_eq!(v["differing_offsets"].as_array().unwrap().len(), 0, "{v:#}");
+    assert_eq!(v["blocks_compared"], (64u64 << 20) / 65536);
+    // Corrupt two blocks of the replica behind Ferry's back.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(c.target("disk0")).unwrap();
+        f.write_all_at(&[0xee; 100], 1 << 20).unwrap();
+        f.write_all_at(&[0xee; 10], 40 << 20).unwrap();
+        f.sync_all().unwrap();
+    }
+    let found = Command::new(FERRY).args(["agent", "verify", "disk0", "--repair", "--output", "json", "--config"]).arg(&cfg).output().unwrap();
+    assert!(found.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&found.stdout).unwrap();
+    let offs: Vec<u64> = v["differing_offsets"].as_array().unwrap().iter().map(|o| o.as_u64().unwrap()).collect();
+    assert_eq!(offs, vec![1 << 20, 40 << 20], "{v:#}");
+    assert_eq!(v["repair_started"], true);
+    std::thread::sleep(Duration::from_millis(500));
+    c.wait_caught_up(Duration::from_secs(30));
+    c.assert_identical();
+    let missing = Command::new(FERRY).args(["agent", "verify", "nodisk", "--config"]).arg(&cfg).output().unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no disk named"));
+}
