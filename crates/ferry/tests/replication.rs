@@ -99,3 +99,22 @@ fn status_commands_show_every_hop_as_table_and_json() {
     assert!(!down.status.success());
     assert!(String::from_utf8_lossy(&down.stderr).contains("is the daemon running"));
 }
+
+#[test]
+fn two_tib_sparse_disk_replicates_its_data_only() {
+    let mut c = Cluster::new(Opts { disks: vec![("big", 2 << 40)], ..Default::default() });
+    let pre = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x42 1T 4M", "-c", "write -P 0x43 2047G 1M"])
+        .arg(c.source("big"))
+        .output()
+        .unwrap();
+    assert!(pre.status.success(), "{}", String::from_utf8_lossy(&pre.stderr));
+    c.start_all();
+    let out = c.qemu_io("big", "write -P 0x44 100G 1M\nwrite -z 1T 64k\ndiscard 2047G 4k\nflush\n");
+    assert!(out.status.success());
+    c.wait_caught_up(Duration::from_secs(60));
+    let s = c.status("agent");
+    assert!(s["completed_resyncs"][0]["bytes_copied"].as_u64().unwrap() <= 5 << 20, "{s:#}");
+    // qemu-img compare reads both files; holes compare quickly.
+    c.assert_identical();
+}

@@ -185,11 +185,18 @@ where
     let hello = match framed.next().await {
         Some(Ok(Message::Hello(h))) if h.role == Role::ProcessServer => h,
         Some(Ok(other)) => {
-            let msg = format!("expected Hello from a process server, got {}", kind(&other));
+            let got = match &other {
+                Message::Hello(h) => format!("Hello from a {:?}", h.role),
+                m => kind(m).to_owned(),
+            };
+            let msg = format!("expected Hello from a process server, got {got}");
             let _ = framed.send(Message::Error { code: codes::PROTOCOL, message: msg.clone(), remedy: "connect a Ferry process server".into() }).await;
             return Err(msg);
         }
-        Some(Err(e)) => return Err(e.to_string()),
+        Some(Err(e)) => {
+            let _ = framed.send(Message::Error { code: codes::PROTOCOL, message: e.to_string(), remedy: "connect a Ferry process server of the same version".into() }).await;
+            return Err(e.to_string());
+        }
         None => return Ok(()),
     };
     let replica = match mt.replica_for(&hello) {

@@ -322,12 +322,18 @@ where
     let mut framed = Framed::new(stream, FrameCodec::default());
     let hello = match framed.next().await {
         Some(Ok(Message::Hello(h))) if h.role == Role::Agent => h,
-        Some(Ok(_)) => {
-            let msg = "expected Hello from an agent".to_owned();
+        Some(Ok(other)) => {
+            let msg = match other {
+                Message::Hello(h) => format!("expected Hello from an agent, got Hello from a {:?}", h.role),
+                _ => "expected Hello from an agent as the first message".to_owned(),
+            };
             let _ = framed.send(Message::Error { code: codes::PROTOCOL, message: msg.clone(), remedy: "connect a Ferry agent".into() }).await;
             return Err(msg);
         }
-        Some(Err(e)) => return Err(e.to_string()),
+        Some(Err(e)) => {
+            let _ = framed.send(Message::Error { code: codes::PROTOCOL, message: e.to_string(), remedy: "connect a Ferry agent of the same version".into() }).await;
+            return Err(e.to_string());
+        }
         None => return Ok(()),
     };
     let refuse = |code, message: String, remedy: &str| Message::Error { code, message, remedy: remedy.into() };

@@ -49,6 +49,8 @@ impl Default for Opts {
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub nbd: u16,
+    pub ps_port: u16,
+    pub mt_port: u16,
     pub status: HashMap<&'static str, u16>,
     procs: HashMap<&'static str, Child>,
     pub disks: Vec<(&'static str, u64)>,
@@ -111,7 +113,7 @@ impl Cluster {
             ),
         )
         .unwrap();
-        Cluster { dir, nbd, status, procs: HashMap::new(), disks: opts.disks }
+        Cluster { dir, nbd, ps_port: ps, mt_port: mt, status, procs: HashMap::new(), disks: opts.disks }
     }
 
     pub fn path(&self) -> &Path {

@@ -1,0 +1,116 @@
+//! Hostile and malformed input at the replication ports: clear errors, only that connection
+//! closes, the daemons keep serving and lose nothing.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use common::*;
+use ferry_protocol::{DiskDescriptor, FrameCodec, Hello, MachineDescriptor, Message, Record, RecordBody, Role};
+use futures::{SinkExt, StreamExt};
+use tokio_util::codec::Framed;
+
+async fn tls_to(port: u16, cluster: &Cluster, as_component: &str, server_name: &str) -> ferry_tls::tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let files = ferry_tls::TlsFiles::in_dir(&cluster.path().join("certs"), as_component);
+    let connector = ferry_tls::connector(&files).unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    connector.connect(ferry_tls::server_name(server_name).unwrap(), tcp).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_frames_close_only_that_connection() {
+    let mut c = Cluster::new(Opts::default());
+    c.start_all();
+    // Plaintext garbage on a TLS port: the handshake fails, nothing else happens.
+    let mut raw = std::net::TcpStream::connect(("127.0.0.1", c.ps_port)).unwrap();
+    let _ = raw.write_all(b"GET / HTTP/1.0\r\n\r\n\x00\xff garbage");
+    raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut sink = Vec::new();
+    let _ = raw.read_to_end(&mut sink);
+
+    // A well-authenticated peer sending a corrupt frame gets an error naming the problem.
+    let mut tls = tls_to(c.ps_port, &c, "agent", "process-server").await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tls.write_all(b"FRY1\x01\x00\x00\x00\x00\x00\x00\x04\xde\xad\xbe\xefabcd").await.unwrap();
+    let mut resp = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut resp)).await;
+
+    // A frame of another protocol version.
+    let mut tls = tls_to(c.ps_port, &c, "agent", "process-server").await;
+    tls.write_all(b"FRY1\x07\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00").await.unwrap();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut resp)).await;
+
+    // A process server sending records outside the disk to the master target is refused with a
+    // clear error and nothing is journaled.
+    let tls = tls_to(c.mt_port, &c, "process-server", "master-target").await;
+    let mut f = Framed::new(tls, FrameCodec::default());
+    let machine = MachineDescriptor { name: "rogue".into(), disks: vec![DiskDescriptor { name: "d".into(), size: 1 << 20, uuid: "u".into() }] };
+    f.send(Message::Hello(Hello { role: Role::ProcessServer, machine, generation: 1 })).await.unwrap();
+    assert!(matches!(f.next().await, Some(Ok(Message::HelloAck(_)))));
+    f.send(Message::Records(vec![Record { seq: 1, time_ms: 0, body: RecordBody::Write { disk: 0, offset: 1 << 20, data: vec![1; 4096] } }])).await.unwrap();
+    match f.next().await {
+        Some(Ok(Message::Error { message, .. })) => assert!(message.contains("beyond disk"), "{message}"),
+        other => panic!("expected an error, got {other:?}"),
+    }
+
+    // An agent impersonating nothing: wrong role at the master target.
+    let tls = tls_to(c.mt_port, &c, "agent", "master-target").await;
+    let mut f = Framed::new(tls, FrameCodec::default());
+    let machine = MachineDescriptor { name: "x".into(), disks: vec![] };
+    f.send(Message::Hello(Hello { role: Role::Agent, machine, generation: 1 })).await.unwrap();
+    match f.next().await {
+        Some(Ok(Message::Error { message, .. })) => assert!(message.contains("process server"), "{message}"),
+        other => panic!("expected an error, got {other:?}"),
+    }
+
+    // A path-traversal machine name is refused.
+    let tls = tls_to(c.ps_port, &c, "agent", "process-server").await;
+    let mut f = Framed::new(tls, FrameCodec::default());
+    let machine = MachineDescriptor { name: "../../etc".into(), disks: vec![] };
+    f.send(Message::Hello(Hello { role: Role::Agent, machine, generation: 1 })).await.unwrap();
+    match f.next().await {
+        Some(Ok(Message::Error { message, .. })) => assert!(message.contains("invalid machine name"), "{message}"),
+        other => panic!("expected an error, got {other:?}"),
+    }
+
+    // Through all of this, replication kept working.
+    let cc = &c;
+    let out = tokio::task::block_in_place(|| cc.qemu_io("disk0", "write -P 3 0 2M\nflush\n"));
+    assert!(out.status.success());
+    tokio::task::block_in_place(|| {
+        cc.wait_caught_up(Duration::from_secs(30));
+        cc.assert_identical();
+    });
+    let log = c.log("process-server");
+    assert!(log.contains("checksum mismatch") && log.contains("unsupported protocol version 7"), "the process server must log why it closed: {log}");
+}
+
+#[test]
+fn nbd_export_on_a_non_loopback_address_requires_tls() {
+    let c = Cluster::new(Opts::default());
+    let cfg = std::fs::read_to_string(c.path().join("agent.toml")).unwrap();
+    let cfg = cfg
+        .lines()
+        .map(|l| if l.starts_with("nbd_listen") { format!("nbd_listen = '0.0.0.0:{}'", free_port()) } else { l.to_owned() })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(c.path().join("agent-open.toml"), cfg).unwrap();
+    let out = std::process::Command::new(FERRY).arg("agent").arg("--config").arg(c.path().join("agent-open.toml")).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not loopback") && err.contains("nbd_tls"), "{err}");
+}
+
+#[test]
+fn bad_configuration_names_the_file_and_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("ps.toml");
+    std::fs::write(&p, "cache_dir = '/tmp/x'\ncache_capacity_bytes = 'lots'\n").unwrap();
+    let out = std::process::Command::new(FERRY).args(["process-server", "--config"]).arg(&p).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ps.toml") && err.contains("cache_capacity_bytes"), "{err}");
+    let out = std::process::Command::new(FERRY).args(["agent", "--config", "/nonexistent/agent.toml"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/agent.toml"));
+}
