@@ -40,9 +40,13 @@ pub struct AgentConfig {
     pub al_extents: usize,
     #[serde(default = "default_al_extent_bytes")]
     pub al_extent_bytes: u64,
-    /// How often the agent flushes its disks and change bitmap and retires activity-log extents, seconds.
+    /// How often the agent persists its change bitmap and checks the activity log, seconds.
     #[serde(default = "default_maintenance")]
     pub maintenance_interval_secs: f64,
+    /// Retiring activity-log extents needs a flush of the disks, which stalls writers on a busy
+    /// disk; it runs at this interval, or earlier once half the activity log is in use.
+    #[serde(default = "default_retire")]
+    pub al_retire_interval_secs: f64,
     #[serde(default = "default_reconnect")]
     pub reconnect_interval_secs: f64,
     /// Bytes of records per frame to the process server.
@@ -98,6 +102,9 @@ fn default_al_extent_bytes() -> u64 {
 }
 fn default_maintenance() -> f64 {
     1.0
+}
+fn default_retire() -> f64 {
+    30.0
 }
 fn default_reconnect() -> f64 {
     1.0

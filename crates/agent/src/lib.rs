@@ -109,14 +109,20 @@ pub async fn serve(config: AgentConfig, listeners: AgentListeners, shutdown: Can
         let m = machine.clone();
         let sd = shutdown.clone();
         let every = Duration::from_secs_f64(config.maintenance_interval_secs.max(0.01));
+        let retire_every = Duration::from_secs_f64(config.al_retire_interval_secs.max(0.01));
         tokio::spawn(async move {
+            let mut last_retire = std::time::Instant::now();
             loop {
                 tokio::select! {
                     _ = sd.cancelled() => return,
                     _ = tokio::time::sleep(every) => {}
                 }
                 let m2 = m.clone();
-                match tokio::task::spawn_blocking(move || m2.maintenance()).await {
+                let due = last_retire.elapsed() >= retire_every;
+                if due {
+                    last_retire = std::time::Instant::now();
+                }
+                match tokio::task::spawn_blocking(move || m2.maintenance(due)).await {
                     Ok(Err(e)) => tracing::error!(error = %e, "agent maintenance failed"),
                     Err(e) => tracing::error!(error = %e, "agent maintenance panicked"),
                     Ok(Ok(())) => {}

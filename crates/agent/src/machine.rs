@@ -458,9 +458,10 @@ impl Machine {
         Ok(())
     }
 
-    /// Periodic maintenance: flush the disks outside the lock, then retire extents whose last
-    /// write that flush covered.
-    pub(crate) fn maintenance(&self) -> Result<(), JournalError> {
+    /// Periodic maintenance: persist the bitmap; when due (interval, or the activity log half
+    /// full), flush the disks outside the lock, then retire extents whose last write that flush
+    /// covered.
+    pub(crate) fn maintenance(&self, retire_due: bool) -> Result<(), JournalError> {
         let snapshot: Vec<((u16, u64), u64)> = {
             let mut c = self.lock();
             if c.dirty_unsaved {
@@ -469,6 +470,9 @@ impl Machine {
                 for e in c.al_index.values_mut() {
                     e.bitmap_unsaved = false;
                 }
+            }
+            if !retire_due && c.al.active_count() * 2 < c.al.capacity() {
+                return Ok(());
             }
             c.al_index.iter().filter(|(_, e)| e.pending == 0 && !e.bitmap_unsaved).map(|(k, e)| (*k, e.writes)).collect()
         };

@@ -28,6 +28,19 @@ impl Overrides {
     pub fn bool(&mut self, key: &str, v: bool) {
         self.set(key, toml::Value::Boolean(v));
     }
+    /// `--set KEY=VALUE`: VALUE is parsed as a TOML value (number, bool, string...), else taken as a string.
+    pub fn assignments(&mut self, sets: &[String]) -> Result<()> {
+        for a in sets {
+            let Some((k, v)) = a.split_once('=') else { anyhow::bail!("--set {a:?} must be KEY=VALUE") };
+            let value = toml::from_str::<toml::Table>(&format!("v = {v}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(v.to_owned()));
+            self.set(k.trim(), value);
+        }
+        Ok(())
+    }
+
     /// `--certs DIR`: the files `ferry certs` wrote for this component.
     pub fn certs(&mut self, dir: Option<PathBuf>, component: &str) {
         if let Some(d) = dir {

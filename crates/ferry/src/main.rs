@@ -82,6 +82,9 @@ struct AgentRunArgs {
     /// Hold shipping (writes are still logged and tracked).
     #[arg(long)]
     shipping_paused: bool,
+    /// Override any configuration key: KEY=VALUE (TOML value; repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
 }
 
 #[derive(Args)]
@@ -136,6 +139,9 @@ struct ProcessServerRunArgs {
     master_target: Option<String>,
     #[arg(long)]
     certs: Option<PathBuf>,
+    /// Override any configuration key: KEY=VALUE (TOML value; repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
 }
 
 #[derive(Args)]
@@ -161,6 +167,9 @@ struct MasterTargetRunArgs {
     status_listen: Option<String>,
     #[arg(long)]
     certs: Option<PathBuf>,
+    /// Override any configuration key: KEY=VALUE (TOML value; repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
 }
 
 #[derive(Args)]
@@ -280,6 +289,7 @@ async fn run_agent(a: AgentRunArgs) -> Result<()> {
         }
         o.set("disks", toml::Value::Array(disks));
     }
+    o.assignments(&a.set)?;
     let config: ferry_agent::AgentConfig = load_config(a.config.as_deref(), o, "agent")?;
     if config.nbd_listen.is_none() && config.nbd_socket.is_none() {
         bail!("the agent needs nbd_listen (e.g. 127.0.0.1:10809) or nbd_socket: it is the machine's disk interface");
@@ -308,6 +318,7 @@ async fn run_process_server(a: ProcessServerRunArgs) -> Result<()> {
     o.string("status_listen", a.status_listen);
     o.string("master_target", a.master_target);
     o.certs(a.certs, "process-server");
+    o.assignments(&a.set)?;
     let config: ferry_process_server::ProcessServerConfig = load_config(a.config.as_deref(), o, "process-server")?;
     let listener = tokio::net::TcpListener::bind(&config.listen).await.with_context(|| format!("cannot listen on {} for agents", config.listen))?;
     let status = bind(&config.status_listen, "status").await?;
@@ -321,6 +332,7 @@ async fn run_master_target(a: MasterTargetRunArgs) -> Result<()> {
     o.string("listen", a.listen);
     o.string("status_listen", a.status_listen);
     o.certs(a.certs, "master-target");
+    o.assignments(&a.set)?;
     let config: ferry_master_target::MasterTargetConfig = load_config(a.config.as_deref(), o, "master-target")?;
     let listener =
         tokio::net::TcpListener::bind(&config.listen).await.with_context(|| format!("cannot listen on {} for process servers", config.listen))?;

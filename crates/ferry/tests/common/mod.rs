@@ -105,7 +105,7 @@ impl Cluster {
         std::fs::write(
             d.join("agent.toml"),
             format!(
-                "machine = 'vm1'\nstate_dir = '{0}/agent-state'\nprocess_server = '127.0.0.1:{ps}'\nnbd_listen = '127.0.0.1:{nbd}'\nstatus_listen = '127.0.0.1:{1}'\nreconnect_interval_secs = 0.2\nmaintenance_interval_secs = 0.2\n{2}\n{3}\n{disks}",
+                "machine = 'vm1'\nstate_dir = '{0}/agent-state'\nprocess_server = '127.0.0.1:{ps}'\nnbd_listen = '127.0.0.1:{nbd}'\nstatus_listen = '127.0.0.1:{1}'\nreconnect_interval_secs = 0.2\nmaintenance_interval_secs = 0.2\nal_retire_interval_secs = 0.5\n{2}\n{3}\n{disks}",
                 d.display(),
                 status["agent"],
                 opts.agent_extra,

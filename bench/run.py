@@ -1,0 +1,203 @@
+#!/usr/bin/env python3
+"""Ferry data-path benchmarks, each against its peer tool in the same run.
+
+    python3 bench/run.py [--rounds 3] [--only write|sync|lag]
+
+Needs a release build (cargo build --release -p ferry), qemu-utils. Prints a Markdown summary
+(medians and ratios) for BENCHMARKS.md. The machine is shared and noisy: compare ratios.
+"""
+import argparse, json, os, re, shutil, signal, socket, statistics, subprocess, sys, tempfile, time, urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FERRY = os.path.join(ROOT, "target", "release", "ferry")
+
+
+def port():
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+
+
+def wait_port(p, timeout=20):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", p), 0.2).close(); return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"port {p} never opened")
+
+
+def status(p):
+    with urllib.request.urlopen(f"http://127.0.0.1:{p}/status", timeout=5) as r:
+        return json.load(r)
+
+
+class Chain:
+    """MT + PS + agent on loopback with TLS, each a real process."""
+
+    def __init__(self, d, disk, extra_agent=()):
+        self.d, self.disk, self.procs = d, disk, {}
+        self.p = {k: port() for k in ["nbd", "as", "ps", "pss", "mt", "mts"]}
+        if not os.path.exists(f"{d}/certs"):
+            run([FERRY, "certs", "--dir", f"{d}/certs"])
+        self.extra_agent = list(extra_agent)
+
+    def start(self, which):
+        d, p = self.d, self.p
+        args = {
+            "master-target": ["--datastore", f"{d}/ds", "--retention", f"{d}/ret", "--listen", f"127.0.0.1:{p['mt']}", "--status-listen", f"127.0.0.1:{p['mts']}", "--certs", f"{d}/certs"],
+            "process-server": ["--cache-dir", f"{d}/cache", "--cache-capacity-bytes", str(8 << 30), "--listen", f"127.0.0.1:{p['ps']}", "--status-listen", f"127.0.0.1:{p['pss']}", "--master-target", f"127.0.0.1:{p['mt']}", "--certs", f"{d}/certs"],
+            "agent": ["--machine", "vm1", "--state-dir", f"{d}/agent", "--process-server", f"127.0.0.1:{p['ps']}", "--nbd-listen", f"127.0.0.1:{p['nbd']}", "--status-listen", f"127.0.0.1:{p['as']}", "--certs", f"{d}/certs", "--disk", f"disk0={self.disk}"] + self.extra_agent,
+        }[which]
+        log = open(f"{d}/{which}.log", "a")
+        self.procs[which] = subprocess.Popen([FERRY, "--log", "warn", which] + args, stdout=log, stderr=log)
+        wait_port({"master-target": p["mts"], "process-server": p["pss"], "agent": p["as"]}[which])
+
+    def start_all(self):
+        for w in ["master-target", "process-server", "agent"]:
+            self.start(w)
+
+    def stop(self, which=None):
+        for w in ([which] if which else list(self.procs)):
+            pr = self.procs.pop(w, None)
+            if pr:
+                pr.send_signal(signal.SIGTERM)
+                try:
+                    pr.wait(30)
+                except subprocess.TimeoutExpired:
+                    pr.kill(); pr.wait()
+
+    def wait_caught_up(self, timeout=600, poll=0.05):
+        end = time.time() + timeout
+        while time.time() < end:
+            try:
+                if status(self.p["as"])["caught_up"]:
+                    return
+            except Exception:
+                pass
+            time.sleep(poll)
+        raise RuntimeError("not caught up")
+
+
+def bench_seconds(url, count, depth, size):
+    out = run(["qemu-img", "bench", "-w", "-f", "raw", "-c", str(count), "-d", str(depth), "-s", size, url]).stdout
+    return float(re.search(r"Run completed in ([0-9.]+) seconds", out).group(1))
+
+
+def write_throughput(rounds, work, extra=()):
+    extra = list(extra)
+    count, depth, size = 200000, 64, "4k"
+    mib = count * 4096 / (1 << 20)
+    img = f"{work}/w.img"
+    res = {"qemu-nbd": [], "ferry (shipping paused)": [], "ferry (replicating)": []}
+    for r in range(rounds):
+        # qemu-nbd, writeback cache, same preallocated image.
+        shutil.rmtree(f"{work}/wq", ignore_errors=True); os.makedirs(f"{work}/wq")
+        run(["qemu-img", "create", "-f", "raw", "-o", "preallocation=falloc", img, "1G"])
+        p = port()
+        q = subprocess.Popen(["qemu-nbd", "-f", "raw", "--cache=writeback", "-t", "-p", str(p), "-b", "127.0.0.1", "-x", "disk0", img])
+        wait_port(p)
+        res["qemu-nbd"].append(mib / bench_seconds(f"nbd://127.0.0.1:{p}/disk0", count, depth, size))
+        q.terminate(); q.wait()
+        for mode in ["ferry (shipping paused)", "ferry (replicating)"]:
+            d = f"{work}/wf"; shutil.rmtree(d, ignore_errors=True); os.makedirs(d)
+            run(["qemu-img", "create", "-f", "raw", "-o", "preallocation=falloc", img, "1G"])
+            c = Chain(d, img, ["--log-limit-bytes", str(2 << 30)] + extra)
+            c.start_all(); c.wait_caught_up()  # initial sync of a zeroed disk
+            if mode.endswith("paused)"):
+                c.stop("agent"); c.extra_agent.append("--shipping-paused"); c.start("agent")
+            res[mode].append(mib / bench_seconds(f"nbd://127.0.0.1:{c.p['nbd']}/disk0", count, depth, size))
+            c.stop()
+    return res
+
+
+def make_half_data(path):
+    """1 GiB: 512 MiB of random data and 512 MiB of written zeros, interleaved in 32 MiB runs."""
+    with open(path, "wb") as f:
+        rnd = os.urandom(32 << 20)
+        zero = bytes(32 << 20)
+        for i in range(32):
+            f.write(rnd if i % 2 == 0 else zero)
+        f.flush(); os.fsync(f.fileno())
+
+
+def initial_sync(rounds, work):
+    src = f"{work}/src.img"
+    make_half_data(src)
+    res = {"cp --sparse=always && sync": [], "qemu-img convert → qemu-nbd": [], "ferry initial sync": []}
+    for r in range(rounds):
+        dst = f"{work}/cp.img"
+        if os.path.exists(dst): os.remove(dst)
+        t = time.time(); run(["cp", "--sparse=always", src, dst]); run(["sync"]); res["cp --sparse=always && sync"].append(time.time() - t)
+        os.remove(dst)
+        tgt = f"{work}/q.img"; run(["qemu-img", "create", "-f", "raw", tgt, "1G"])
+        p = port()
+        q = subprocess.Popen(["qemu-nbd", "-f", "raw", "-t", "-p", str(p), "-b", "127.0.0.1", "-x", "t", tgt]); wait_port(p)
+        t = time.time(); run(["qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", src, f"nbd://127.0.0.1:{p}/t"]); run(["sync"])
+        res["qemu-img convert → qemu-nbd"].append(time.time() - t)
+        q.terminate(); q.wait(); os.remove(tgt)
+        d = f"{work}/sync"; shutil.rmtree(d, ignore_errors=True); os.makedirs(d)
+        c = Chain(d, src)
+        c.start("master-target"); c.start("process-server")
+        t = time.time(); c.start("agent"); c.wait_caught_up(poll=0.02); res["ferry initial sync"].append(time.time() - t)
+        c.stop()
+        cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", src, f"{d}/ds/vm1/disk0.img"])
+        assert cmp.returncode == 0, "initial sync result differs"
+        shutil.rmtree(d)
+    return res
+
+
+def lag(work, rate_mib=20, seconds=15):
+    img = f"{work}/lag.img"; run(["qemu-img", "create", "-f", "raw", img, "1G"])
+    d = f"{work}/lag"; shutil.rmtree(d, ignore_errors=True); os.makedirs(d)
+    c = Chain(d, img); c.start_all(); c.wait_caught_up()
+    # 1 MiB writes every 1000/rate ms.
+    period = int(1000 / rate_mib)
+    n = rate_mib * seconds
+    cmds = "".join(f"write -P {i % 250 + 1} {(i % 1000) << 20} 1M\nsleep {period}\n" for i in range(n)) + "flush\n"
+    qio = subprocess.Popen(["qemu-io", "-f", "raw", f"nbd://127.0.0.1:{c.p['nbd']}/disk0"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    qio.stdin.write(cmds); qio.stdin.close()
+    samples = []
+    while qio.poll() is None:
+        samples.append(status(c.p["as"])["lag_seconds"]); time.sleep(0.05)
+    c.wait_caught_up(); c.stop()
+    samples.sort()
+    return {"p50": samples[len(samples) // 2], "p99": samples[int(len(samples) * 0.99)], "max": samples[-1], "samples": len(samples)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--only")
+    ap.add_argument("--work", default=None)
+    ap.add_argument("--agent-set", action="append", default=[], help="KEY=VALUE passed to the agent as --set")
+    a = ap.parse_args()
+    if not os.path.exists(FERRY):
+        sys.exit("build first: cargo build --release -p ferry")
+    work = a.work or tempfile.mkdtemp(prefix="ferry-bench-")
+    print(f"machine: {os.cpu_count()} cores; {run(['uname', '-r']).stdout.strip()}; work dir {work}")
+    if a.only in (None, "write"):
+        res = write_throughput(a.rounds, work, [x for s in a.agent_set for x in ("--set", s)])
+        base = statistics.median(res["qemu-nbd"])
+        print("\n| write path (qemu-img bench -w -c 200000 -d 64 -s 4k) | median MiB/s | runs | vs qemu-nbd |\n|---|---|---|---|")
+        for k, v in res.items():
+            m = statistics.median(v)
+            print(f"| {k} | {m:.1f} | {', '.join(f'{x:.1f}' for x in v)} | {m / base:.2f}x |")
+    if a.only in (None, "sync"):
+        res = initial_sync(a.rounds, work)
+        base = statistics.median(res["cp --sparse=always && sync"])
+        print("\n| initial sync, 1 GiB (half data, half zeros) | median s | runs | vs cp |\n|---|---|---|---|")
+        for k, v in res.items():
+            m = statistics.median(v)
+            print(f"| {k} | {m:.2f} | {', '.join(f'{x:.2f}' for x in v)} | {m / base:.2f}x |")
+    if a.only in (None, "lag"):
+        r = lag(work)
+        print(f"\nreplication lag at 20 MiB/s for 15 s: p50 {r['p50']:.3f} s, p99 {r['p99']:.3f} s, max {r['max']:.3f} s ({r['samples']} samples)")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
