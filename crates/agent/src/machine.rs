@@ -30,6 +30,8 @@ use crate::verify::VerifySessions;
 use crate::AgentError;
 
 const SEQ_RESERVATION: u64 = 1 << 20;
+/// Initial-sync bytes in flight (sent, not yet durable at the master target).
+const BULK_WINDOW: u64 = 64 << 20;
 
 /// How the agent is shipping a machine's changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -67,6 +69,19 @@ struct AlEntry {
     bitmap_unsaved: bool,
     /// Writes submitted to this extent (to know whether a flush covered the last one).
     writes: u64,
+}
+
+/// An initial-sync region in flight outside the ordered log (see `Message::Bulk`).
+struct BulkEntry {
+    id: u64,
+    disk: u16,
+    offset: u64,
+    len: u64,
+    /// Empty for an all-zero region; moved out when sent (the source disk is the durable copy:
+    /// a lost chunk re-marks its region in the bitmap).
+    data: Vec<u8>,
+    sent: bool,
+    extents: Vec<(u16, u64)>,
 }
 
 struct LogEntry {
@@ -112,6 +127,9 @@ pub(crate) struct Core {
     pub(crate) rate_out: RateMeter,
     pub(crate) sent_seq: u64,
     resync_bytes_sent: u64,
+    bulk: VecDeque<BulkEntry>,
+    bulk_bytes: u64,
+    next_bulk_id: u64,
     /// Finished resyncs (reason, bytes copied), newest last: tests and operators check that a
     /// crash resent only the activity log's regions.
     completed_resyncs: VecDeque<serde_json::Value>,
@@ -263,6 +281,9 @@ impl Machine {
             sent_seq: 0,
             resync_bytes_sent: 0,
             completed_resyncs: VecDeque::new(),
+            bulk: VecDeque::new(),
+            bulk_bytes: 0,
+            next_bulk_id: 1,
         };
         Ok(Arc::new(Machine {
             name: config.machine.clone(),
@@ -410,6 +431,7 @@ impl Machine {
         c.log_bytes = 0;
         c.dirty_unsaved = true;
         c.unapplied.clear();
+        self.requeue_bulk_locked(c);
         // A resync that was running restarts with a new ResyncBegin (its own may have been dropped).
         c.resync = None;
         if c.mode == Mode::Replicating {
@@ -539,6 +561,68 @@ impl Machine {
         out
     }
 
+    /// Unsent initial-sync chunks, up to about `max_bytes` (their data moves out: no copy).
+    pub(crate) fn bulk_to_send(&self, max_bytes: u64) -> Vec<ferry_protocol::BulkChunk> {
+        let mut c = self.lock();
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for e in c.bulk.iter_mut() {
+            if bytes >= max_bytes {
+                break;
+            }
+            if e.sent {
+                continue;
+            }
+            e.sent = true;
+            let data = std::mem::take(&mut e.data);
+            bytes += e.len;
+            out.push(ferry_protocol::BulkChunk { id: e.id, disk: e.disk, offset: e.offset, len: e.len, data });
+        }
+        if !out.is_empty() {
+            c.rate_out.add(bytes);
+        }
+        out
+    }
+
+    /// An initial-sync chunk is durable at the master target.
+    pub(crate) fn on_bulk_ack(&self, id: u64) {
+        let mut c = self.lock();
+        if let Some(i) = c.bulk.iter().position(|e| e.id == id) {
+            if let Some(e) = c.bulk.remove(i) {
+                c.bulk_bytes -= e.len;
+                for key in &e.extents {
+                    if let Some(a) = c.al_index.get_mut(key) {
+                        a.pending = a.pending.saturating_sub(1);
+                    }
+                }
+            }
+        }
+        drop(c);
+        self.resync_wake.notify_all();
+    }
+
+    /// Chunks in flight may be lost (link reset): mark their regions for copying again.
+    pub(crate) fn requeue_bulk(&self) {
+        let mut c = self.lock();
+        self.requeue_bulk_locked(&mut c);
+        drop(c);
+        self.resync_wake.notify_all();
+    }
+
+    fn requeue_bulk_locked(&self, c: &mut Core) {
+        while let Some(e) = c.bulk.pop_front() {
+            c.dirty.mark(e.disk as usize, e.offset, e.len);
+            for key in &e.extents {
+                if let Some(a) = c.al_index.get_mut(key) {
+                    a.pending = a.pending.saturating_sub(1);
+                    a.bitmap_unsaved = true;
+                }
+            }
+        }
+        c.bulk_bytes = 0;
+        c.dirty_unsaved = true;
+    }
+
     // ---- resync -----------------------------------------------------------------------------
 
     /// The resync thread: copies bitmap regions through the same ordered log, bracketed by
@@ -548,7 +632,8 @@ impl Machine {
         let mut buf = Vec::new();
         while !self.stopped.load(Ordering::SeqCst) {
             let mut c = self.lock();
-            if c.mode == Mode::Replicating || c.log_bytes + self.config.resync_chunk_bytes > self.config.log_limit_bytes / 2 {
+            let bulk_wait = c.bulk_bytes + self.config.resync_chunk_bytes > BULK_WINDOW || (c.dirty.is_empty() && !c.bulk.is_empty());
+            if c.mode == Mode::Replicating || bulk_wait || c.log_bytes + self.config.resync_chunk_bytes > self.config.log_limit_bytes / 2 {
                 let _ = self.resync_wake.wait_timeout(c, Duration::from_millis(200));
                 continue;
             }
@@ -592,6 +677,10 @@ impl Machine {
             }
         }
         let Some((disk, first, n)) = found else {
+            // Initial-sync chunks still in flight: the end waits until they are durable.
+            if !c.bulk.is_empty() {
+                return Ok(());
+            }
             // Everything copied: the target is consistent again at the ResyncEnd.
             let Some(run) = c.resync.take() else { return Ok(()) };
             let seq = self.alloc_seq(c)?;
@@ -624,6 +713,8 @@ impl Machine {
         buf.resize(len as usize, 0);
         d.backend.read(offset, buf).map_err(|e| AgentError::Disk { path: d.path.clone(), error: e.to_string() })?;
         // Split into runs of data blocks (shipped) and all-zero blocks (shipped as zeroing).
+        // The initial sync bypasses the ordered log (the target has no consistent state yet).
+        let bulk = c.resync.as_ref().is_some_and(|r| r.reason == ResyncReason::InitialSync);
         let mut pos = 0usize;
         while pos < buf.len() {
             let end = (pos + TRACK_BLOCK as usize).min(buf.len());
@@ -636,8 +727,24 @@ impl Machine {
                 }
                 run_end = next;
             }
-            let seq = self.alloc_seq(c)?;
             let off = offset + pos as u64;
+            if bulk {
+                let len = (run_end - pos) as u64;
+                let extents: Vec<_> = extents_of(disk as u16, off, len, self.ext_bytes()).collect();
+                for key in &extents {
+                    if let Some(e) = c.al_index.get_mut(key) {
+                        e.pending += 1;
+                    }
+                }
+                let id = c.next_bulk_id;
+                c.next_bulk_id += 1;
+                c.bulk_bytes += len;
+                let data = if zero { Vec::new() } else { buf[pos..run_end].to_vec() };
+                c.bulk.push_back(BulkEntry { id, disk: disk as u16, offset: off, len, data, sent: false, extents });
+                pos = run_end;
+                continue;
+            }
+            let seq = self.alloc_seq(c)?;
             let body = if zero {
                 RecordBody::Zero { disk: disk as u16, offset: off, len: (run_end - pos) as u64 }
             } else {
@@ -736,7 +843,7 @@ impl Machine {
         let mut c = self.lock();
         let now = now_ms();
         let lag = c.unapplied.front().map(|(_, t)| now.saturating_sub(*t) as f64 / 1000.0).unwrap_or(0.0);
-        let caught_up = c.mode == Mode::Replicating && c.dirty.is_empty() && c.log.is_empty() && c.ack.applied_seq >= c.last_record_seq;
+        let caught_up = c.mode == Mode::Replicating && c.dirty.is_empty() && c.log.is_empty() && c.bulk.is_empty() && c.ack.applied_seq >= c.last_record_seq;
         let dirty_per_disk: Vec<u64> = c.dirty.disks.iter().map(|b| b.len() * TRACK_BLOCK).collect();
         let resync = c.resync.as_ref().map(|r| {
             serde_json::json!({
@@ -766,6 +873,7 @@ impl Machine {
             "applied_seq": c.ack.applied_seq,
             "pending_log_bytes": c.log_bytes,
             "pending_log_records": c.log.len(),
+            "initial_sync_in_flight_bytes": c.bulk_bytes,
             "resync_pending_bytes": c.dirty.bytes(),
             "resync": resync,
             "lag_seconds": lag,

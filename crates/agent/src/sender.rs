@@ -16,7 +16,10 @@ pub(crate) async fn run(machine: Arc<Machine>, connector: ferry_tls::tokio_rustl
         if shutdown.is_cancelled() {
             return;
         }
-        let err = match session(&machine, &connector, &shutdown).await {
+        let result = session(&machine, &connector, &shutdown).await;
+        // Initial-sync chunks sent on a lost link may never be acknowledged: copy them again.
+        machine.requeue_bulk();
+        let err = match result {
             Ok(()) => return,
             Err(e) => e,
         };
@@ -89,6 +92,20 @@ async fn session(machine: &Arc<Machine>, connector: &ferry_tls::tokio_rustls::Tl
             c.rate_out.add(bytes);
             continue;
         }
+        let chunks = machine.bulk_to_send(batch as u64);
+        if !chunks.is_empty() {
+            for chunk in chunks {
+                let send = sink.send(Message::Bulk(chunk));
+                tokio::pin!(send);
+                loop {
+                    tokio::select! {
+                        r = &mut send => { r.map_err(|e| format!("send to process server failed: {e}"))?; break; }
+                        m = stream.next() => handle(machine, m)?,
+                    }
+                }
+            }
+            continue;
+        }
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = machine.records_ready.notified() => {}
@@ -119,6 +136,14 @@ fn handle(machine: &Arc<Machine>, m: Option<Result<Message, ferry_protocol::Prot
         }
         Some(Ok(Message::Event(ev))) => {
             machine.on_event(ev);
+            Ok(())
+        }
+        Some(Ok(Message::BulkAck { id })) => {
+            machine.on_bulk_ack(id);
+            Ok(())
+        }
+        Some(Ok(Message::BulkReset)) => {
+            machine.requeue_bulk();
             Ok(())
         }
         Some(Ok(Message::Error { code, message, remedy })) => Err(format!("process server error {code}: {message}; {remedy}")),

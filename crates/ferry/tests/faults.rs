@@ -174,3 +174,44 @@ fn online_verify_finds_and_repairs_differing_blocks() {
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no disk named"));
 }
+
+/// SIGKILL each component in turn while the initial sync (which bypasses the spool and the
+/// journal) is copying a disk full of data that the client keeps overwriting.
+#[test]
+fn sigkill_each_component_during_initial_sync() {
+    let seed = seed("sigkill_each_component_during_initial_sync");
+    let mut r = rng(seed);
+    for victim in COMPONENTS {
+        let mut c = Cluster::new(Opts { disks: vec![("disk0", 256 << 20)], ..Default::default() });
+        let fill = Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x77 0 200M"]).arg(c.source("disk0")).output().unwrap();
+        assert!(fill.status.success());
+        c.start_all();
+        let url = c.nbd_url("disk0");
+        let work = workload(&mut r, 256 << 20, 500);
+        let bg = std::thread::spawn(move || {
+            let mut child = Command::new("qemu-io")
+                .args(["-f", "raw", &url])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            use std::io::Write;
+            let mut stdin = child.stdin.take().unwrap();
+            let _ = stdin.write_all(work.as_bytes());
+            drop(stdin);
+            child.wait().unwrap()
+        });
+        let delay = r.gen_range(50..400);
+        std::thread::sleep(Duration::from_millis(delay));
+        let mid = c.status("agent");
+        eprintln!("SIGKILL {victim} after {delay} ms (agent mode {})", mid["mode"]);
+        c.kill9(victim);
+        std::thread::sleep(Duration::from_millis(r.gen_range(0..300)));
+        c.start(victim);
+        let _ = bg.join();
+        assert!(c.qemu_io("disk0", "write -P 0x99 1M 64k\nflush\n").status.success());
+        c.wait_caught_up(Duration::from_secs(120));
+        c.assert_identical();
+    }
+}

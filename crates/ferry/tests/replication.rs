@@ -17,6 +17,7 @@ fn random_overlapping_writes_replicate_byte_exact() {
         .unwrap();
     assert!(pre.status.success());
     c.start_all();
+    c.wait_caught_up(Duration::from_secs(60));
     let seed = seed("random_overlapping_writes_replicate_byte_exact");
     let mut r = rng(seed);
     for (disk, size) in c.disks.clone() {
@@ -110,6 +111,7 @@ fn two_tib_sparse_disk_replicates_its_data_only() {
         .unwrap();
     assert!(pre.status.success(), "{}", String::from_utf8_lossy(&pre.stderr));
     c.start_all();
+    c.wait_caught_up(Duration::from_secs(60));
     let out = c.qemu_io("big", "write -P 0x44 100G 1M\nwrite -z 1T 64k\ndiscard 2047G 4k\nflush\n");
     assert!(out.status.success());
     c.wait_caught_up(Duration::from_secs(60));

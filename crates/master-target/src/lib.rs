@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use ferry_protocol::{codes, validate_name, Ack, FrameCodec, Hello, HelloAck, Message, Role};
 use ferry_tls::TlsFiles;
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_util::codec::Framed;
@@ -213,24 +213,47 @@ where
     let mut applied_rx = replica.applied_watch();
     let mut events = replica.subscribe_events();
     let mut last_sent_applied = applied;
+    let mut next: Option<Message> = None;
     loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            msg = framed.next() => {
-                let records = match msg {
+        let msg = match next.take() {
+            Some(m) => m,
+            None => tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                msg = framed.next() => match msg {
                     None => return Ok(()),
-                    Some(Err(e)) => return Err(format!("bad frame: {e}")),
-                    Some(Ok(Message::Records(r))) => r,
-                    Some(Ok(other)) => return Err(format!("unexpected {} from process server", kind(&other))),
-                };
+                    Some(Err(e)) => {
+                        let _ = framed.send(Message::Error { code: codes::PROTOCOL, message: format!("bad frame: {e}"), remedy: "check the process server version and the network path".into() }).await;
+                        return Err(format!("bad frame: {e}"));
+                    }
+                    Some(Ok(m)) => m,
+                },
+                r = applied_rx.changed() => {
+                    if r.is_err() { return Ok(()); }
+                    let applied = *applied_rx.borrow_and_update();
+                    if applied != last_sent_applied {
+                        last_sent_applied = applied;
+                        let (durable, _) = replica.positions();
+                        framed.send(Message::Ack(Ack { durable_seq: durable, target_durable_seq: durable, applied_seq: applied })).await.map_err(|e| e.to_string())?;
+                    }
+                    continue;
+                }
+                ev = events.recv() => {
+                    if let Ok(ev) = ev {
+                        framed.send(Message::Event(ev)).await.map_err(|e| e.to_string())?;
+                    }
+                    continue;
+                }
+            },
+        };
+        let storage_error = |e: String| Message::Error { code: codes::STORAGE, message: e, remedy: "check the datastore and retention volume (space, permissions)".into() };
+        match msg {
+            Message::Records(records) => {
                 let r2 = replica.clone();
-                let durable = tokio::task::spawn_blocking(move || r2.journal_records(records))
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let durable = tokio::task::spawn_blocking(move || r2.journal_records(records)).await.map_err(|e| e.to_string())?;
                 let durable = match durable {
                     Ok(d) => d,
                     Err(e) => {
-                        let _ = framed.send(Message::Error { code: codes::STORAGE, message: e.to_string(), remedy: "check the retention volume (space, permissions)".into() }).await;
+                        let _ = framed.send(storage_error(e.to_string())).await;
                         return Err(e.to_string());
                     }
                 };
@@ -238,20 +261,38 @@ where
                 last_sent_applied = applied;
                 framed.send(Message::Ack(Ack { durable_seq: durable, target_durable_seq: durable, applied_seq: applied })).await.map_err(|e| e.to_string())?;
             }
-            r = applied_rx.changed() => {
-                if r.is_err() { return Ok(()); }
-                let applied = *applied_rx.borrow_and_update();
-                if applied != last_sent_applied {
-                    last_sent_applied = applied;
-                    let (durable, _) = replica.positions();
-                    framed.send(Message::Ack(Ack { durable_seq: durable, target_durable_seq: durable, applied_seq: applied })).await.map_err(|e| e.to_string())?;
+            Message::Bulk(chunk) => {
+                // Group the bulk chunks that already arrived under one fdatasync.
+                let mut chunks = vec![chunk];
+                let mut bytes = chunks[0].len;
+                while bytes < (64 << 20) {
+                    match framed.next().now_or_never() {
+                        Some(Some(Ok(Message::Bulk(c)))) => {
+                            bytes += c.len;
+                            chunks.push(c);
+                        }
+                        Some(Some(Ok(other))) => {
+                            next = Some(other);
+                            break;
+                        }
+                        Some(Some(Err(e))) => return Err(format!("bad frame: {e}")),
+                        Some(None) | None => break,
+                    }
                 }
-            }
-            ev = events.recv() => {
-                if let Ok(ev) = ev {
-                    framed.send(Message::Event(ev)).await.map_err(|e| e.to_string())?;
+                let r2 = replica.clone();
+                let ids = match tokio::task::spawn_blocking(move || r2.write_bulk(chunks)).await.map_err(|e| e.to_string())? {
+                    Ok(ids) => ids,
+                    Err(e) => {
+                        let _ = framed.send(storage_error(e.to_string())).await;
+                        return Err(e.to_string());
+                    }
+                };
+                for id in ids {
+                    framed.feed(Message::BulkAck { id }).await.map_err(|e| e.to_string())?;
                 }
+                SinkExt::<Message>::flush(&mut framed).await.map_err(|e: ferry_protocol::ProtocolError| e.to_string())?;
             }
+            other => return Err(format!("unexpected {} from process server", kind(&other))),
         }
     }
 }
@@ -265,5 +306,8 @@ pub(crate) fn kind(m: &Message) -> &'static str {
         Message::Throttle { .. } => "Throttle",
         Message::Event(_) => "Event",
         Message::Error { .. } => "Error",
+        Message::Bulk(_) => "Bulk",
+        Message::BulkAck { .. } => "BulkAck",
+        Message::BulkReset => "BulkReset",
     }
 }

@@ -9,7 +9,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ferry_journal::{fsutil, Cursor, SegmentLog};
-use ferry_protocol::{codes, now_ms, DiskDescriptor, Event, MachineDescriptor, Record, RecordBody};
+use ferry_protocol::{codes, now_ms, BulkChunk, DiskDescriptor, Event, MachineDescriptor, Record, RecordBody};
 use ferry_status::RateMeter;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
@@ -249,6 +249,38 @@ impl Replica {
         let _guard = self.lock_apply();
         self.wake.notify_all();
         Ok(durable)
+    }
+
+    /// Initial-sync data: written straight to the target disks (there is no consistent state to
+    /// preserve yet), made durable, and reported by id.
+    pub fn write_bulk(&self, chunks: Vec<BulkChunk>) -> Result<Vec<u64>, MasterTargetError> {
+        let mut touched = vec![false; self.targets.len()];
+        let mut ids = Vec::with_capacity(chunks.len());
+        let mut bytes = 0;
+        for c in chunks {
+            let d = self.disks.get(c.disk as usize).ok_or_else(|| MasterTargetError::Refused(format!("bulk chunk {} names disk {}, machine has {}", c.id, c.disk, self.disks.len())))?;
+            let len = if c.data.is_empty() { c.len } else { c.data.len() as u64 };
+            if c.offset.checked_add(len).is_none_or(|end| end > d.size) {
+                return Err(MasterTargetError::Refused(format!("bulk chunk {} writes [{}, +{len}) beyond disk {} of {} bytes", c.id, c.offset, d.name, d.size)));
+            }
+            let (p, f) = &self.targets[c.disk as usize];
+            if c.data.is_empty() {
+                zero_range(f, c.offset, len).map_err(io(p))?;
+            } else {
+                f.write_all_at(&c.data, c.offset).map_err(io(p))?;
+            }
+            touched[c.disk as usize] = true;
+            bytes += len;
+            ids.push(c.id);
+        }
+        for (i, t) in touched.iter().enumerate() {
+            if *t {
+                let (p, f) = &self.targets[i];
+                f.sync_data().map_err(io(p))?;
+            }
+        }
+        self.lock_apply().rate.add(bytes);
+        Ok(ids)
     }
 
     fn apply_loop(self: Arc<Self>) {

@@ -170,13 +170,17 @@ impl ProcessServer {
 
     async fn forward_loop(self: Arc<Self>, spool: Arc<MachineSpool>) {
         let interval = Duration::from_secs_f64(self.config.reconnect_interval_secs.max(0.01));
+        let Some(mut bulk_rx) = spool.take_bulk_rx() else { return };
         loop {
             if self.shutdown.is_cancelled() {
                 return;
             }
-            match self.forward_once(&spool).await {
+            match self.forward_once(&spool, &mut bulk_rx).await {
                 Ok(()) => return,
                 Err(e) => {
+                    // Bulk chunks in flight on the lost link may be gone: the agent resends them.
+                    while bulk_rx.try_recv().is_ok() {}
+                    spool.relay_upstream(Message::BulkReset);
                     spool.set_downstream(false, Some(e.clone()));
                     tracing::warn!(machine = %spool.name(), error = %e, "master target link down; retrying");
                 }
@@ -189,7 +193,7 @@ impl ProcessServer {
     }
 
     /// One connection to the master target: hello, then stream the spool in order.
-    async fn forward_once(&self, spool: &Arc<MachineSpool>) -> Result<(), String> {
+    async fn forward_once(&self, spool: &Arc<MachineSpool>, bulk_rx: &mut tokio::sync::mpsc::Receiver<Message>) -> Result<(), String> {
         let Some(hello) = spool.descriptor() else {
             // No agent has described this machine yet; nothing to forward.
             spool.wait_data().await;
@@ -239,6 +243,19 @@ impl ProcessServer {
                 _ = self.shutdown.cancelled() => return Ok(()),
                 _ = spool.wait_data() => {}
                 m = stream.next() => self.handle_downstream(spool, m)?,
+                b = bulk_rx.recv() => {
+                    let Some(b) = b else { return Ok(()) };
+                    let bytes = if let Message::Bulk(c) = &b { c.len } else { 0 };
+                    let send = sink.send(b);
+                    tokio::pin!(send);
+                    loop {
+                        tokio::select! {
+                            r = &mut send => { r.map_err(|e| format!("send to master target failed: {e}"))?; break; }
+                            m = stream.next() => self.handle_downstream(spool, m)?,
+                        }
+                    }
+                    spool.forwarded(0, bytes);
+                }
             }
         }
     }
@@ -248,8 +265,8 @@ impl ProcessServer {
             None => Err("master target closed the connection".into()),
             Some(Err(e)) => Err(format!("bad frame from master target: {e}")),
             Some(Ok(Message::Ack(a))) => spool.downstream_acked(a.durable_seq, a.target_durable_seq, a.applied_seq).map_err(|e| e.to_string()),
-            Some(Ok(Message::Event(ev))) => {
-                spool.relay_upstream(Message::Event(ev));
+            Some(Ok(m @ (Message::Event(_) | Message::BulkAck { .. }))) => {
+                spool.relay_upstream(m);
                 Ok(())
             }
             Some(Ok(Message::Error { code, message, remedy })) => Err(format!("master target error {code}: {message}; {remedy}")),
@@ -404,13 +421,20 @@ where
                         let _ = framed.send(Message::Error { code: codes::PROTOCOL, message: msg.clone(), remedy: "upgrade the agent or check the network path".into() }).await;
                         return Err(msg);
                     }
+                    Some(Ok(Message::Bulk(c))) => {
+                        let bytes = c.len;
+                        spool.pass_bulk(Message::Bulk(c), bytes).await?;
+                        continue;
+                    }
                     Some(Ok(Message::Records(r))) => vec![r],
                     Some(Ok(_)) => return Err("unexpected message from agent".into()),
                 };
                 // Group whatever else already arrived under one fsync.
+                let mut bulk = Vec::new();
                 while batches.len() < 16 {
                     match framed.next().now_or_never() {
                         Some(Some(Ok(Message::Records(r)))) => batches.push(r),
+                        Some(Some(Ok(Message::Bulk(c)))) => bulk.push(c),
                         Some(Some(Ok(_))) => return Err("unexpected message from agent".into()),
                         Some(Some(Err(e))) => return Err(format!("bad frame from agent: {e}")),
                         Some(None) | None => break,
@@ -418,6 +442,10 @@ where
                 }
                 let s2 = spool.clone();
                 let ack = tokio::task::spawn_blocking(move || s2.append(batches)).await.map_err(|e| e.to_string())?;
+                for c in bulk {
+                    let bytes = c.len;
+                    spool.pass_bulk(Message::Bulk(c), bytes).await?;
+                }
                 match ack {
                     Ok(a) => framed.send(Message::Ack(a)).await.map_err(|e| e.to_string())?,
                     Err(e) => {

@@ -7,7 +7,7 @@ use ferry_journal::{fsutil, Cursor, SegmentLog};
 use ferry_protocol::{now_ms, Ack, Hello, Message, Record};
 use ferry_status::RateMeter;
 use serde::Serialize;
-use tokio::sync::{broadcast, Notify};
+use tokio::sync::{broadcast, mpsc, Notify};
 
 use crate::{ProcessServerConfig, ProcessServerError};
 
@@ -56,6 +56,9 @@ pub struct MachineSpool {
     state: Mutex<SpoolState>,
     data: Notify,
     upstream: broadcast::Sender<Message>,
+    /// Initial-sync chunks passing through to the master target (not spooled).
+    bulk_tx: mpsc::Sender<Message>,
+    bulk_rx: Mutex<Option<mpsc::Receiver<Message>>>,
 }
 
 impl MachineSpool {
@@ -70,7 +73,8 @@ impl MachineSpool {
             }
         };
         let log = SegmentLog::open(&dir.join("spool"), config.segment_bytes)?;
-        let (upstream, _) = broadcast::channel(256);
+        let (upstream, _) = broadcast::channel(1024);
+        let (bulk_tx, bulk_rx) = mpsc::channel(32);
         let s = Arc::new(MachineSpool {
             name: name.to_owned(),
             dir,
@@ -79,6 +83,8 @@ impl MachineSpool {
             state: Mutex::new(SpoolState::default()),
             data: Notify::new(),
             upstream,
+            bulk_tx,
+            bulk_rx: Mutex::new(Some(bulk_rx)),
         });
         if let Some(h) = descriptor {
             s.set_descriptor(&h)?;
@@ -148,6 +154,16 @@ impl MachineSpool {
             st.newest = n;
         }
         Ok(Ack { durable_seq: synced.max(st.target_durable), target_durable_seq: st.target_durable, applied_seq: st.applied })
+    }
+
+    /// Pass an initial-sync chunk to the forwarder (waits while 32 chunks are queued).
+    pub(crate) async fn pass_bulk(&self, m: Message, bytes: u64) -> Result<(), String> {
+        self.lock_state().rate_in.add(bytes);
+        self.bulk_tx.send(m).await.map_err(|_| "bulk forwarder stopped".to_owned())
+    }
+
+    pub(crate) fn take_bulk_rx(&self) -> Option<mpsc::Receiver<Message>> {
+        self.bulk_rx.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
     pub(crate) fn read(&self, cursor: &mut Cursor, max_bytes: usize) -> Result<Vec<Record>, ProcessServerError> {

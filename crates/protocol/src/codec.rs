@@ -106,6 +106,17 @@ fn decode_payload(h: &Header, payload: &[u8], max: usize) -> Result<Message, Pro
     }
 }
 
+/// Cheap guess whether lz4 will pay off: compress a 16 KiB sample from the middle.
+fn compressible(raw: &[u8]) -> bool {
+    const SAMPLE: usize = 16 << 10;
+    if raw.len() <= 4 * SAMPLE {
+        return true;
+    }
+    let start = raw.len() / 2;
+    let sample = &raw[start..start + SAMPLE];
+    lz4_flex::block::compress(sample).len() < SAMPLE * 9 / 10
+}
+
 impl Decoder for FrameCodec {
     type Item = Message;
     type Error = ProtocolError;
@@ -145,12 +156,13 @@ impl Encoder<&Message> for FrameCodec {
 
 fn encode_into(codec: &FrameCodec, msg: &Message, dst: &mut BytesMut) -> Result<(), ProtocolError> {
     let raw = postcard::to_allocvec(msg)?;
-    let compress = codec.compress && matches!(msg, Message::Records(_)) && raw.len() > 256;
+    let compress = codec.compress && matches!(msg, Message::Records(_) | Message::Bulk(_)) && raw.len() > 256 && compressible(&raw);
     let (flags, payload) = if compress {
         let mut out = Vec::with_capacity(4 + lz4_flex::block::get_maximum_output_size(raw.len()));
         out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
         out.extend_from_slice(&lz4_flex::block::compress(&raw));
-        (FLAG_LZ4, out)
+        // Incompressible after all: the raw form is cheaper for the receiver.
+        if out.len() >= raw.len() { (0, raw) } else { (FLAG_LZ4, out) }
     } else {
         (0, raw)
     };

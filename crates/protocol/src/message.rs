@@ -137,6 +137,18 @@ pub struct Ack {
     pub applied_seq: u64,
 }
 
+/// A region of a disk copied during initial sync.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BulkChunk {
+    pub id: u64,
+    pub disk: u16,
+    pub offset: u64,
+    pub len: u64,
+    /// The bytes, or empty for an all-zero region of `len` bytes.
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+}
+
 /// Something the operator should learn about, raised by a component.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Event {
@@ -157,6 +169,15 @@ pub enum Message {
     HelloAck(HelloAck),
     Records(Vec<Record>),
     Ack(Ack),
+    /// Initial-sync data outside the ordered stream: the process server passes it through without
+    /// spooling (the source disk is the durable copy) and the master target writes it straight to
+    /// the target disk. Only used while the target holds no consistent state.
+    Bulk(BulkChunk),
+    /// The bulk chunk is durable on the target disk.
+    BulkAck { id: u64 },
+    /// The process server lost its master-target link: bulk chunks in flight may be lost; resend
+    /// every unacknowledged one.
+    BulkReset,
     /// The process server's cache is low (NET-2): the sender must slow down until `active` is false.
     Throttle { active: bool, free_percent: u8 },
     Event(Event),
