@@ -32,7 +32,9 @@ pub struct SegmentLog {
     last_seq: u64,
     synced_seq: u64,
     released_seq: u64,
-    buf: Vec<u8>,
+    /// Encoded entries not yet written to the active segment (written at sync or when large):
+    /// one write per batch instead of one per record.
+    wbuf: Vec<u8>,
 }
 
 /// Read position of a consumer (the forwarder, the applier).
@@ -77,7 +79,7 @@ impl SegmentLog {
             last_seq: 0,
             synced_seq: 0,
             released_seq: 0,
-            buf: Vec::new(),
+            wbuf: Vec::new(),
         };
         let count = firsts.len();
         for (i, first) in firsts.into_iter().enumerate() {
@@ -124,41 +126,53 @@ impl SegmentLog {
         self.released_seq
     }
 
-    /// Bytes held on disk by all segments.
+    /// Bytes held by all segments (including appended, not yet written entries).
     pub fn bytes(&self) -> u64 {
-        self.segments.iter().map(|s| s.len).sum()
+        self.segments.iter().map(|s| s.len).sum::<u64>() + self.wbuf.len() as u64
     }
 
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    /// Append a record (not yet durable: call [`SegmentLog::sync`]). Returns the bytes written.
+    /// Append a record (not yet durable: call [`SegmentLog::sync`]). Returns the bytes it takes.
     pub fn append(&mut self, rec: &Record) -> Result<u64, JournalError> {
         if rec.seq <= self.last_seq {
             return Err(JournalError::OutOfOrder { seq: rec.seq, last: self.last_seq });
         }
-        let needs_roll = self.segments.last().map(|s| s.len >= self.segment_bytes).unwrap_or(true);
+        let needs_roll = self.segments.last().map(|s| s.len + self.wbuf.len() as u64 >= self.segment_bytes).unwrap_or(true);
         if needs_roll {
             self.sync()?;
             self.new_segment(rec.seq)?;
         }
-        self.buf.clear();
-        self.buf.extend_from_slice(&[0u8; ENTRY_HEADER]);
-        let body = postcard::to_extend(rec, std::mem::take(&mut self.buf))?;
-        self.buf = body;
-        let body_len = self.buf.len() - ENTRY_HEADER;
-        let crc = crc32c::crc32c(&self.buf[ENTRY_HEADER..]);
-        self.buf[0..4].copy_from_slice(&(body_len as u32).to_le_bytes());
-        self.buf[4..8].copy_from_slice(&crc.to_le_bytes());
+        let start = self.wbuf.len();
+        self.wbuf.extend_from_slice(&[0u8; ENTRY_HEADER]);
+        self.wbuf = postcard::to_extend(rec, std::mem::take(&mut self.wbuf))?;
+        let body_len = self.wbuf.len() - start - ENTRY_HEADER;
+        let crc = crc32c::crc32c(&self.wbuf[start + ENTRY_HEADER..]);
+        self.wbuf[start..start + 4].copy_from_slice(&(body_len as u32).to_le_bytes());
+        self.wbuf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+        if let Some(seg) = self.segments.last_mut() {
+            seg.last_seq = rec.seq;
+        }
+        self.last_seq = rec.seq;
+        if self.wbuf.len() >= 8 << 20 {
+            self.write_out()?;
+        }
+        Ok((ENTRY_HEADER + body_len) as u64)
+    }
+
+    fn write_out(&mut self) -> Result<(), JournalError> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
         let Some(seg) = self.segments.last_mut() else {
             return Err(JournalError::Corrupt { path: self.dir.clone(), offset: 0, reason: "no active segment".into() });
         };
-        seg.file.write_all_at(&self.buf, seg.len).map_err(io_err(&seg.path))?;
-        seg.len += self.buf.len() as u64;
-        seg.last_seq = rec.seq;
-        self.last_seq = rec.seq;
-        Ok(self.buf.len() as u64)
+        seg.file.write_all_at(&self.wbuf, seg.len).map_err(io_err(&seg.path))?;
+        seg.len += self.wbuf.len() as u64;
+        self.wbuf.clear();
+        Ok(())
     }
 
     /// Make every appended record durable.
@@ -166,6 +180,7 @@ impl SegmentLog {
         if self.synced_seq == self.last_seq {
             return Ok(());
         }
+        self.write_out()?;
         if let Some(seg) = self.segments.last() {
             seg.file.sync_data().map_err(io_err(&seg.path))?;
         }
@@ -193,22 +208,38 @@ impl SegmentLog {
                 i
             }
         };
+        let mut chunk = Vec::new();
         loop {
             let seg = &self.segments[idx];
             while cursor.offset < seg.len {
-                let (rec, size) = read_entry(&seg.file, &seg.path, cursor.offset, seg.len)?;
-                if rec.seq > upto {
-                    return Ok(out);
-                }
-                cursor.offset += size;
-                if rec.seq <= cursor.after_seq {
-                    continue;
-                }
-                cursor.after_seq = rec.seq;
-                bytes += size as usize;
-                out.push(rec);
-                if bytes >= max_bytes {
-                    return Ok(out);
+                // Read a large span at once and parse whole entries from memory.
+                let span = (seg.len - cursor.offset).min(READ_SPAN as u64) as usize;
+                chunk.resize(span, 0);
+                seg.file.read_exact_at(&mut chunk, cursor.offset).map_err(io_err(&seg.path))?;
+                let mut pos = 0usize;
+                while pos < chunk.len() {
+                    let (rec, size) = match parse_entry(&chunk[pos..], &seg.path, cursor.offset)? {
+                        Some(x) => x,
+                        None if pos == 0 => read_entry(&seg.file, &seg.path, cursor.offset, seg.len)?,
+                        None => break,
+                    };
+                    if rec.seq > upto {
+                        return Ok(out);
+                    }
+                    pos += size as usize;
+                    cursor.offset += size;
+                    if rec.seq <= cursor.after_seq {
+                        continue;
+                    }
+                    cursor.after_seq = rec.seq;
+                    bytes += size as usize;
+                    out.push(rec);
+                    if bytes >= max_bytes {
+                        return Ok(out);
+                    }
+                    if pos as u64 >= span as u64 {
+                        break;
+                    }
                 }
             }
             if idx + 1 >= self.segments.len() {
@@ -245,6 +276,30 @@ impl SegmentLog {
         }
         Ok(())
     }
+}
+
+const READ_SPAN: usize = 4 << 20;
+
+/// Parse one entry from memory: None when `buf` does not hold all of it.
+fn parse_entry(buf: &[u8], path: &Path, offset: u64) -> Result<Option<(Record, u64)>, JournalError> {
+    let corrupt = |reason: String| JournalError::Corrupt { path: path.to_owned(), offset, reason };
+    if buf.len() < ENTRY_HEADER {
+        return Ok(None);
+    }
+    let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    let crc = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
+    if len > MAX_ENTRY {
+        return Err(corrupt(format!("entry length {len} out of bounds")));
+    }
+    if buf.len() < ENTRY_HEADER + len {
+        return Ok(None);
+    }
+    let body = &buf[ENTRY_HEADER..ENTRY_HEADER + len];
+    if crc32c::crc32c(body) != crc {
+        return Err(corrupt("checksum mismatch".into()));
+    }
+    let rec: Record = postcard::from_bytes(body).map_err(|e| corrupt(format!("undecodable record: {e}")))?;
+    Ok(Some((rec, (ENTRY_HEADER + len) as u64)))
 }
 
 fn read_entry(file: &File, path: &Path, offset: u64, end: u64) -> Result<(Record, u64), JournalError> {
@@ -326,6 +381,28 @@ mod tests {
         let log = SegmentLog::open(dir.path(), 10_000).unwrap();
         assert_eq!(log.last_seq(), 50, "an empty log remembers how far it went");
         assert_eq!(log.bytes(), 0);
+    }
+
+    #[test]
+    fn entries_larger_than_the_read_span_and_batches_across_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = SegmentLog::open(dir.path(), 8 << 20).unwrap();
+        let sizes = [10usize, 5 << 20, 3, 9 << 20, 100, 4 << 20, 7];
+        for (i, n) in sizes.iter().enumerate() {
+            log.append(&rec(i as u64 + 1, *n)).unwrap();
+        }
+        log.sync().unwrap();
+        let mut c = Cursor::after(0);
+        let mut got = Vec::new();
+        loop {
+            let b = log.read(&mut c, 1 << 20).unwrap();
+            if b.is_empty() {
+                break;
+            }
+            got.extend(b);
+        }
+        let lens: Vec<usize> = got.iter().map(|r| r.body.data_len() as usize).collect();
+        assert_eq!(lens, sizes.to_vec());
     }
 
     #[test]
