@@ -83,7 +83,11 @@ pub struct AgentListeners {
 }
 
 /// Run the agent until `shutdown` is cancelled, then stop cleanly.
-pub async fn serve(config: AgentConfig, listeners: AgentListeners, shutdown: CancellationToken) -> Result<(), AgentError> {
+pub async fn serve(
+    config: AgentConfig,
+    listeners: AgentListeners,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
     if let Some(l) = &listeners.nbd_tcp {
         let addr = l.local_addr().map_err(|source| AgentError::Io { path: "nbd listener".into(), source })?;
         if !addr.ip().is_loopback() && !config.nbd_tls {
@@ -96,13 +100,18 @@ pub async fn serve(config: AgentConfig, listeners: AgentListeners, shutdown: Can
     let nbd_tls = if config.nbd_tls { Some(ferry_tls::nbd_acceptor(&config.tls)?) } else { None };
     let machine = {
         let config = config.clone();
-        tokio::task::spawn_blocking(move || Machine::open(config)).await.map_err(|e| AgentError::Config(e.to_string()))??
+        tokio::task::spawn_blocking(move || Machine::open(config))
+            .await
+            .map_err(|e| AgentError::Config(e.to_string()))??
     };
     tracing::info!(machine = %machine.name, mode = ?machine.lock().mode, "agent started");
 
     let resync = {
         let m = machine.clone();
-        std::thread::Builder::new().name("resync".into()).spawn(move || m.resync_loop()).map_err(|e| AgentError::Config(e.to_string()))?
+        std::thread::Builder::new()
+            .name("resync".into())
+            .spawn(move || m.resync_loop())
+            .map_err(|e| AgentError::Config(e.to_string()))?
     };
     let sender = tokio::spawn(sender::run(machine.clone(), connector, shutdown.clone()));
     let maintenance = {
@@ -149,7 +158,10 @@ pub async fn serve(config: AgentConfig, listeners: AgentListeners, shutdown: Can
     }
     if let Some(l) = listeners.status {
         let m = machine.clone();
-        let routes = Router::new().route("/verify", post(start_verify)).route("/verify/{id}", get(get_verify)).with_state(machine.clone());
+        let routes = Router::new()
+            .route("/verify", post(start_verify))
+            .route("/verify/{id}", get(get_verify))
+            .with_state(machine.clone());
         let sd = shutdown.clone();
         tokio::spawn(async move {
             if let Err(e) = ferry_status::serve(l, move || m.status(), routes, sd).await {
@@ -176,28 +188,44 @@ struct VerifyRequest {
     repair: bool,
 }
 
-async fn start_verify(State(m): State<Arc<Machine>>, body: Result<Json<VerifyRequest>, axum::extract::rejection::JsonRejection>) -> (StatusCode, Json<serde_json::Value>) {
+async fn start_verify(
+    State(m): State<Arc<Machine>>,
+    body: Result<Json<VerifyRequest>, axum::extract::rejection::JsonRejection>,
+) -> (StatusCode, Json<serde_json::Value>) {
     let Json(req) = match body {
         Ok(b) => b,
         Err(e) => {
             return (
                 StatusCode::BAD_REQUEST,
-                Json(serde_json::json!({"code": 9001, "message": format!("bad verify request: {e}"), "remedy": "send JSON {\"disk\": NAME, \"repair\": false}"})),
+                Json(
+                    serde_json::json!({"code": 9001, "message": format!("bad verify request: {e}"), "remedy": "send JSON {\"disk\": NAME, \"repair\": false}"}),
+                ),
             )
         }
     };
     match m.start_verify(&req.disk, req.repair) {
         Ok(id) => (StatusCode::ACCEPTED, Json(serde_json::json!({ "verify_id": id }))),
-        Err(e @ AgentError::NotReplicating(_)) => {
-            (StatusCode::CONFLICT, Json(serde_json::json!({"code": 9005, "message": e.to_string(), "remedy": "retry once the agent reports caught_up"})))
-        }
-        Err(e) => (StatusCode::BAD_REQUEST, Json(serde_json::json!({"code": 9004, "message": e.to_string(), "remedy": "name a configured disk"}))),
+        Err(e @ AgentError::NotReplicating(_)) => (
+            StatusCode::CONFLICT,
+            Json(
+                serde_json::json!({"code": 9005, "message": e.to_string(), "remedy": "retry once the agent reports caught_up"}),
+            ),
+        ),
+        Err(e) => (
+            StatusCode::BAD_REQUEST,
+            Json(serde_json::json!({"code": 9004, "message": e.to_string(), "remedy": "name a configured disk"})),
+        ),
     }
 }
 
 async fn get_verify(State(m): State<Arc<Machine>>, UrlPath(id): UrlPath<u64>) -> (StatusCode, Json<serde_json::Value>) {
     match m.verify.get(id) {
         Some(s) => (StatusCode::OK, Json(serde_json::to_value(s).unwrap_or_default())),
-        None => (StatusCode::NOT_FOUND, Json(serde_json::json!({"code": 9006, "message": format!("no verify session {id}"), "remedy": "start one with POST /verify"}))),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(
+                serde_json::json!({"code": 9006, "message": format!("no verify session {id}"), "remedy": "start one with POST /verify"}),
+            ),
+        ),
     }
 }

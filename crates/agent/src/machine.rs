@@ -160,15 +160,21 @@ impl Machine {
     pub fn open(config: AgentConfig) -> Result<Arc<Machine>, AgentError> {
         ferry_protocol::validate_name("machine", &config.machine).map_err(AgentError::Config)?;
         if config.disks.is_empty() {
-            return Err(AgentError::Config("no disks configured: add at least one [[disks]] entry with name and path".into()));
+            return Err(AgentError::Config(
+                "no disks configured: add at least one [[disks]] entry with name and path".into(),
+            ));
         }
         if config.disks.len() > u16::MAX as usize {
             return Err(AgentError::Config("too many disks".into()));
         }
-        std::fs::create_dir_all(&config.state_dir).map_err(|source| AgentError::Io { path: config.state_dir.clone(), source })?;
+        std::fs::create_dir_all(&config.state_dir)
+            .map_err(|source| AgentError::Io { path: config.state_dir.clone(), source })?;
         let state_path = config.state_dir.join("state.json");
         let previous: Option<PersistentState> = match std::fs::read(&state_path) {
-            Ok(d) => Some(serde_json::from_slice(&d).map_err(|e| AgentError::Config(format!("{} is corrupt: {e}", state_path.display())))?),
+            Ok(d) => Some(
+                serde_json::from_slice(&d)
+                    .map_err(|e| AgentError::Config(format!("{} is corrupt: {e}", state_path.display())))?,
+            ),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(source) => return Err(AgentError::Io { path: state_path, source }),
         };
@@ -179,9 +185,13 @@ impl Machine {
                 return Err(AgentError::Config(format!("disk name {:?} is used twice", dc.name)));
             }
             let backend: Arc<dyn Backend> = match dc.cache {
-                DiskCache::PageCache => Arc::new(ferry_nbd::FileBackend::open(&dc.path, false).map_err(|e| AgentError::Disk { path: dc.path.clone(), error: e.to_string() })?),
+                DiskCache::PageCache => Arc::new(
+                    ferry_nbd::FileBackend::open(&dc.path, false)
+                        .map_err(|e| AgentError::Disk { path: dc.path.clone(), error: e.to_string() })?,
+                ),
                 DiskCache::Volatile => Arc::new(
-                    ferry_nbd::VolatileCacheFileBackend::open(&dc.path).map_err(|e| AgentError::Disk { path: dc.path.clone(), error: e.to_string() })?,
+                    ferry_nbd::VolatileCacheFileBackend::open(&dc.path)
+                        .map_err(|e| AgentError::Disk { path: dc.path.clone(), error: e.to_string() })?,
                 ),
             };
             let size = backend.size();
@@ -195,7 +205,10 @@ impl Machine {
                 }
             }
             if size / TRACK_BLOCK > u32::MAX as u64 {
-                return Err(AgentError::Config(format!("disk {} is larger than 16 TiB, the largest Ferry tracks", dc.name)));
+                return Err(AgentError::Config(format!(
+                    "disk {} is larger than 16 TiB, the largest Ferry tracks",
+                    dc.name
+                )));
             }
             let uuid = dc.uuid.clone().or_else(|| known.map(|k| k.uuid.clone())).unwrap_or_else(new_uuid);
             disks.push(Disk { name: dc.name.clone(), size, uuid, path: dc.path.clone(), backend });
@@ -229,7 +242,10 @@ impl Machine {
                 let st = PersistentState {
                     generation: rand::random::<u64>() | 1,
                     initial_sync_complete: false,
-                    disks: disks.iter().map(|d| DiskDescriptor { name: d.name.clone(), size: d.size, uuid: d.uuid.clone() }).collect(),
+                    disks: disks
+                        .iter()
+                        .map(|d| DiskDescriptor { name: d.name.clone(), size: d.size, uuid: d.uuid.clone() })
+                        .collect(),
                 };
                 (st, Mode::InitialSync, ResyncReason::InitialSync)
             }
@@ -245,15 +261,26 @@ impl Machine {
         al.clear()?;
         let next_seq = al.reserved_seq() + 1;
         al.reserve_seq(next_seq + SEQ_RESERVATION)?;
-        fsutil::write_atomic(&state_path, &serde_json::to_vec_pretty(&state).map_err(|e| AgentError::Config(e.to_string()))?)?;
+        fsutil::write_atomic(
+            &state_path,
+            &serde_json::to_vec_pretty(&state).map_err(|e| AgentError::Config(e.to_string()))?,
+        )?;
         let mut events = VecDeque::new();
         if !recovered.is_empty() {
             let bytes = recovered.len() as u64 * ext;
-            tracing::warn!(extents = recovered.len(), bytes, "recovered from an unclean stop: activity-log regions will be resynced");
+            tracing::warn!(
+                extents = recovered.len(),
+                bytes,
+                "recovered from an unclean stop: activity-log regions will be resynced"
+            );
             events.push_back(EventEntry {
                 time_ms: now_ms(),
                 kind: "agent-recovery".into(),
-                message: format!("unclean stop: {} activity-log extents ({} bytes at most) will be resynced", recovered.len(), bytes),
+                message: format!(
+                    "unclean stop: {} activity-log extents ({} bytes at most) will be resynced",
+                    recovered.len(),
+                    bytes
+                ),
             });
         }
         let core = Core {
@@ -304,7 +331,11 @@ impl Machine {
     pub fn descriptor(&self) -> MachineDescriptor {
         MachineDescriptor {
             name: self.name.clone(),
-            disks: self.disks.iter().map(|d| DiskDescriptor { name: d.name.clone(), size: d.size, uuid: d.uuid.clone() }).collect(),
+            disks: self
+                .disks
+                .iter()
+                .map(|d| DiskDescriptor { name: d.name.clone(), size: d.size, uuid: d.uuid.clone() })
+                .collect(),
         }
     }
 
@@ -319,10 +350,19 @@ impl Machine {
     // ---- the write path -------------------------------------------------------------------
 
     /// Sequence, protect and submit a write or zeroing, then log or track it.
-    pub(crate) fn submit(&self, disk: u16, offset: u64, len: u64, data: Option<&[u8]>, may_trim: bool, fua: bool) -> Result<(), BackendError> {
+    pub(crate) fn submit(
+        &self,
+        disk: u16,
+        offset: u64,
+        len: u64,
+        data: Option<&[u8]>,
+        may_trim: bool,
+        fua: bool,
+    ) -> Result<(), BackendError> {
         let d = &self.disks[disk as usize];
         let mut c = self.lock();
-        self.ensure_active(&mut c, disk, offset, len).map_err(|e| BackendError::Io(std::io::Error::other(e.to_string())))?;
+        self.ensure_active(&mut c, disk, offset, len)
+            .map_err(|e| BackendError::Io(std::io::Error::other(e.to_string())))?;
         let seq = self.alloc_seq(&mut c).map_err(|e| BackendError::Io(std::io::Error::other(e.to_string())))?;
         match data {
             Some(buf) => d.backend.write(offset, buf, fua)?,
@@ -369,8 +409,12 @@ impl Machine {
     /// Append a record to the in-order log (its extents must be active).
     fn push(&self, c: &mut Core, seq: u64, body: RecordBody) {
         let (extents, bytes) = match &body {
-            RecordBody::Write { disk, offset, data } => (extents_of(*disk, *offset, data.len() as u64, self.ext_bytes()).collect(), data.len() as u64),
-            RecordBody::Zero { disk, offset, len } => (extents_of(*disk, *offset, *len, self.ext_bytes()).collect(), 64),
+            RecordBody::Write { disk, offset, data } => {
+                (extents_of(*disk, *offset, data.len() as u64, self.ext_bytes()).collect(), data.len() as u64)
+            }
+            RecordBody::Zero { disk, offset, len } => {
+                (extents_of(*disk, *offset, *len, self.ext_bytes()).collect(), 64)
+            }
             other => (Vec::new(), 64 + other.data_len()),
         };
         for key in &extents {
@@ -459,18 +503,26 @@ impl Machine {
                 e.bitmap_unsaved = false;
             }
         }
-        let candidates: Vec<((u16, u64), u64)> =
-            c.al_index.iter().filter(|(_, e)| e.pending == 0 && !e.bitmap_unsaved).map(|(k, e)| (*k, e.writes)).collect();
+        let candidates: Vec<((u16, u64), u64)> = c
+            .al_index
+            .iter()
+            .filter(|(_, e)| e.pending == 0 && !e.bitmap_unsaved)
+            .map(|(k, e)| (*k, e.writes))
+            .collect();
         if candidates.is_empty() {
             return Ok(());
         }
         if flush_inline {
             for d in &self.disks {
-                d.backend.flush().map_err(|e| JournalError::Io { path: d.path.clone(), source: std::io::Error::other(e.to_string()) })?;
+                d.backend.flush().map_err(|e| JournalError::Io {
+                    path: d.path.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                })?;
             }
         }
         for (key, writes) in candidates {
-            let retire = c.al_index.get(&key).is_some_and(|e| e.pending == 0 && !e.bitmap_unsaved && e.writes == writes);
+            let retire =
+                c.al_index.get(&key).is_some_and(|e| e.pending == 0 && !e.bitmap_unsaved && e.writes == writes);
             if retire {
                 if let Some(e) = c.al_index.remove(&key) {
                     c.al.deactivate(e.slot)?;
@@ -496,17 +548,24 @@ impl Machine {
             if !retire_due && c.al.active_count() * 2 < c.al.capacity() {
                 return Ok(());
             }
-            c.al_index.iter().filter(|(_, e)| e.pending == 0 && !e.bitmap_unsaved).map(|(k, e)| (*k, e.writes)).collect()
+            c.al_index
+                .iter()
+                .filter(|(_, e)| e.pending == 0 && !e.bitmap_unsaved)
+                .map(|(k, e)| (*k, e.writes))
+                .collect()
         };
         if snapshot.is_empty() {
             return Ok(());
         }
         for d in &self.disks {
-            d.backend.flush().map_err(|e| JournalError::Io { path: d.path.clone(), source: std::io::Error::other(e.to_string()) })?;
+            d.backend
+                .flush()
+                .map_err(|e| JournalError::Io { path: d.path.clone(), source: std::io::Error::other(e.to_string()) })?;
         }
         let mut c = self.lock();
         for (key, writes) in snapshot {
-            let retire = c.al_index.get(&key).is_some_and(|e| e.pending == 0 && !e.bitmap_unsaved && e.writes == writes);
+            let retire =
+                c.al_index.get(&key).is_some_and(|e| e.pending == 0 && !e.bitmap_unsaved && e.writes == writes);
             if retire {
                 if let Some(e) = c.al_index.remove(&key) {
                     c.al.deactivate(e.slot)?;
@@ -632,8 +691,12 @@ impl Machine {
         let mut buf = Vec::new();
         while !self.stopped.load(Ordering::SeqCst) {
             let mut c = self.lock();
-            let bulk_wait = c.bulk_bytes + self.config.resync_chunk_bytes > BULK_WINDOW || (c.dirty.is_empty() && !c.bulk.is_empty());
-            if c.mode == Mode::Replicating || bulk_wait || c.log_bytes + self.config.resync_chunk_bytes > self.config.log_limit_bytes / 2 {
+            let bulk_wait = c.bulk_bytes + self.config.resync_chunk_bytes > BULK_WINDOW
+                || (c.dirty.is_empty() && !c.bulk.is_empty());
+            if c.mode == Mode::Replicating
+                || bulk_wait
+                || c.log_bytes + self.config.resync_chunk_bytes > self.config.log_limit_bytes / 2
+            {
                 let _ = self.resync_wake.wait_timeout(c, Duration::from_millis(200));
                 continue;
             }
@@ -801,7 +864,11 @@ impl Machine {
     pub(crate) fn wait_log_room(&self, bytes: u64) {
         let mut c = self.lock();
         while c.log_bytes + bytes > self.config.log_limit_bytes / 2 && !self.stopped.load(Ordering::SeqCst) {
-            c = self.resync_wake.wait_timeout(c, Duration::from_millis(200)).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
+            c = self
+                .resync_wake
+                .wait_timeout(c, Duration::from_millis(200))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
         }
     }
 
@@ -843,7 +910,11 @@ impl Machine {
         let mut c = self.lock();
         let now = now_ms();
         let lag = c.unapplied.front().map(|(_, t)| now.saturating_sub(*t) as f64 / 1000.0).unwrap_or(0.0);
-        let caught_up = c.mode == Mode::Replicating && c.dirty.is_empty() && c.log.is_empty() && c.bulk.is_empty() && c.ack.applied_seq >= c.last_record_seq;
+        let caught_up = c.mode == Mode::Replicating
+            && c.dirty.is_empty()
+            && c.log.is_empty()
+            && c.bulk.is_empty()
+            && c.ack.applied_seq >= c.last_record_seq;
         let dirty_per_disk: Vec<u64> = c.dirty.disks.iter().map(|b| b.len() * TRACK_BLOCK).collect();
         let resync = c.resync.as_ref().map(|r| {
             serde_json::json!({
@@ -909,7 +980,10 @@ fn mark_allocated(dirty: &mut DirtyMap, i: usize, d: &Disk) -> Result<(), AgentE
     let mut off = 0;
     while off < d.size {
         let len = (d.size - off).min(1 << 30);
-        let extents = d.backend.block_status(off, len).map_err(|e| AgentError::Disk { path: d.path.clone(), error: e.to_string() })?;
+        let extents = d
+            .backend
+            .block_status(off, len)
+            .map_err(|e| AgentError::Disk { path: d.path.clone(), error: e.to_string() })?;
         if extents.is_empty() {
             dirty.mark(i, off, len);
             off += len;
@@ -933,6 +1007,21 @@ fn new_uuid() -> String {
     let b: [u8; 16] = rand::random();
     format!(
         "{:02x}{:02x}{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}-{:02x}{:02x}{:02x}{:02x}{:02x}{:02x}",
-        b[0], b[1], b[2], b[3], b[4], b[5], (b[6] & 0x0f) | 0x40, b[7], (b[8] & 0x3f) | 0x80, b[9], b[10], b[11], b[12], b[13], b[14], b[15]
+        b[0],
+        b[1],
+        b[2],
+        b[3],
+        b[4],
+        b[5],
+        (b[6] & 0x0f) | 0x40,
+        b[7],
+        (b[8] & 0x3f) | 0x80,
+        b[9],
+        b[10],
+        b[11],
+        b[12],
+        b[13],
+        b[14],
+        b[15]
     )
 }

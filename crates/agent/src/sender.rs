@@ -10,7 +10,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::machine::{push_event, Machine};
 
-pub(crate) async fn run(machine: Arc<Machine>, connector: ferry_tls::tokio_rustls::TlsConnector, shutdown: CancellationToken) {
+pub(crate) async fn run(
+    machine: Arc<Machine>,
+    connector: ferry_tls::tokio_rustls::TlsConnector,
+    shutdown: CancellationToken,
+) {
     let interval = Duration::from_secs_f64(machine.config.reconnect_interval_secs.max(0.01));
     loop {
         if shutdown.is_cancelled() {
@@ -39,25 +43,41 @@ pub(crate) async fn run(machine: Arc<Machine>, connector: ferry_tls::tokio_rustl
     }
 }
 
-async fn session(machine: &Arc<Machine>, connector: &ferry_tls::tokio_rustls::TlsConnector, shutdown: &CancellationToken) -> Result<(), String> {
+async fn session(
+    machine: &Arc<Machine>,
+    connector: &ferry_tls::tokio_rustls::TlsConnector,
+    shutdown: &CancellationToken,
+) -> Result<(), String> {
     let addr = &machine.config.process_server;
-    let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("cannot connect to process server {addr}: {e}"))?;
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("cannot connect to process server {addr}: {e}"))?;
     let _ = tcp.set_nodelay(true);
     let name = ferry_tls::server_name(&machine.config.process_server_name).map_err(|e| e.to_string())?;
     let tls = connector.connect(name, tcp).await.map_err(|e| format!("TLS with process server {addr} failed: {e}"))?;
     let mut framed = Framed::new(tls, FrameCodec::default());
     framed
-        .send(Message::Hello(Hello { role: Role::Agent, machine: machine.descriptor(), generation: machine.generation() }))
+        .send(Message::Hello(Hello {
+            role: Role::Agent,
+            machine: machine.descriptor(),
+            generation: machine.generation(),
+        }))
         .await
         .map_err(|e| e.to_string())?;
     let ack = match framed.next().await {
         Some(Ok(Message::HelloAck(a))) => a,
-        Some(Ok(Message::Error { code, message, remedy })) => return Err(format!("process server refused (code {code}): {message}; {remedy}")),
+        Some(Ok(Message::Error { code, message, remedy })) => {
+            return Err(format!("process server refused (code {code}): {message}; {remedy}"))
+        }
         Some(Ok(_)) => return Err("process server answered with an unexpected message".into()),
         Some(Err(e)) => return Err(e.to_string()),
         None => return Err("process server closed the connection".into()),
     };
-    machine.on_ack(ferry_protocol::Ack { durable_seq: ack.durable_seq, target_durable_seq: 0, applied_seq: ack.applied_seq });
+    machine.on_ack(ferry_protocol::Ack {
+        durable_seq: ack.durable_seq,
+        target_durable_seq: 0,
+        applied_seq: ack.applied_seq,
+    });
     {
         let mut c = machine.lock();
         c.connected = true;
@@ -146,7 +166,9 @@ fn handle(machine: &Arc<Machine>, m: Option<Result<Message, ferry_protocol::Prot
             machine.requeue_bulk();
             Ok(())
         }
-        Some(Ok(Message::Error { code, message, remedy })) => Err(format!("process server error {code}: {message}; {remedy}")),
+        Some(Ok(Message::Error { code, message, remedy })) => {
+            Err(format!("process server error {code}: {message}; {remedy}"))
+        }
         Some(Ok(_)) => Err("unexpected message from process server".into()),
     }
 }

@@ -49,11 +49,12 @@ impl VerifySessions {
 impl Machine {
     /// Start verifying a disk; returns the session id.
     pub fn start_verify(self: &Arc<Self>, disk_name: &str, repair: bool) -> Result<u64, AgentError> {
-        let disk = self
-            .disks
-            .iter()
-            .position(|d| d.name == disk_name)
-            .ok_or_else(|| AgentError::Config(format!("no disk named {disk_name:?}; this machine has {:?}", self.disks.iter().map(|d| &d.name).collect::<Vec<_>>())))?;
+        let disk = self.disks.iter().position(|d| d.name == disk_name).ok_or_else(|| {
+            AgentError::Config(format!(
+                "no disk named {disk_name:?}; this machine has {:?}",
+                self.disks.iter().map(|d| &d.name).collect::<Vec<_>>()
+            ))
+        })?;
         {
             let c = self.lock();
             if c.mode != crate::machine::Mode::Replicating {
@@ -101,7 +102,9 @@ impl Machine {
             self.insert_record(|m| {
                 buf.resize(len as usize, 0);
                 let d = &m.disks[disk as usize];
-                d.backend.read(off, &mut buf).map_err(|e| AgentError::Disk { path: d.path.clone(), error: e.to_string() })?;
+                d.backend
+                    .read(off, &mut buf)
+                    .map_err(|e| AgentError::Disk { path: d.path.clone(), error: e.to_string() })?;
                 let mut hashes = Vec::with_capacity((len / VERIFY_BLOCK as u64 + 1) as usize * 32);
                 for block in buf.chunks(VERIFY_BLOCK as usize) {
                     hashes.extend_from_slice(blake3::hash(block).as_bytes());
@@ -130,7 +133,8 @@ impl Machine {
                         s.state = "complete".into();
                         if s.repair && !s.differing_offsets.is_empty() {
                             s.repair_started = true;
-                            repair = Some(s.differing_offsets.iter().map(|o| (*o, VERIFY_BLOCK as u64)).collect::<Vec<_>>());
+                            repair =
+                                Some(s.differing_offsets.iter().map(|o| (*o, VERIFY_BLOCK as u64)).collect::<Vec<_>>());
                         }
                         tracing::info!(verify_id, differing = s.differing_offsets.len(), "verify complete");
                     }

@@ -58,7 +58,8 @@ impl Overrides {
 pub fn load_config<T: DeserializeOwned>(path: Option<&Path>, overrides: Overrides, component: &str) -> Result<T> {
     let mut table = match path {
         Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("cannot read the {component} configuration {}", p.display()))?;
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read the {component} configuration {}", p.display()))?;
             toml::from_str::<toml::Table>(&text).with_context(|| format!("{} is not valid TOML", p.display()))?
         }
         None => toml::Table::new(),
@@ -67,8 +68,9 @@ pub fn load_config<T: DeserializeOwned>(path: Option<&Path>, overrides: Override
         table.insert(k, v);
     }
     let source = path.map(|p| p.display().to_string()).unwrap_or_else(|| "the command line".into());
-    T::deserialize(toml::Value::Table(table))
-        .with_context(|| format!("invalid {component} configuration in {source} (see README for the keys; flags override file keys)"))
+    T::deserialize(toml::Value::Table(table)).with_context(|| {
+        format!("invalid {component} configuration in {source} (see README for the keys; flags override file keys)")
+    })
 }
 
 #[cfg(test)]
@@ -79,13 +81,18 @@ mod tests {
     fn flags_override_file_and_errors_name_the_problem() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("mt.toml");
-        std::fs::write(&p, "datastore = '/a'\nretention = '/b'\nlisten = '127.0.0.1:1'\n[tls]\nca='c'\ncert='d'\nkey='e'\n").unwrap();
+        std::fs::write(
+            &p,
+            "datastore = '/a'\nretention = '/b'\nlisten = '127.0.0.1:1'\n[tls]\nca='c'\ncert='d'\nkey='e'\n",
+        )
+        .unwrap();
         let mut o = Overrides::default();
         o.string("listen", Some("127.0.0.1:2".into()));
         let c: ferry_master_target::MasterTargetConfig = load_config(Some(&p), o, "master-target").unwrap();
         assert_eq!(c.listen, "127.0.0.1:2");
         std::fs::write(&p, "datastore = '/a'\nbogus = 1\n").unwrap();
-        let e = load_config::<ferry_master_target::MasterTargetConfig>(Some(&p), Overrides::default(), "master-target").unwrap_err();
+        let e = load_config::<ferry_master_target::MasterTargetConfig>(Some(&p), Overrides::default(), "master-target")
+            .unwrap_err();
         let msg = format!("{e:#}");
         assert!(msg.contains("mt.toml") && (msg.contains("bogus") || msg.contains("missing")), "{msg}");
     }

@@ -13,7 +13,11 @@ use cli_config::{load_config, Overrides};
 use output::{print_status, OutputFormat};
 
 #[derive(Parser)]
-#[command(name = "ferry", version, about = "Ferry site recovery: replicate machines' disks to a recovery site, fail over, reprotect, fail back")]
+#[command(
+    name = "ferry",
+    version,
+    about = "Ferry site recovery: replicate machines' disks to a recovery site, fail over, reprotect, fail back"
+)]
 struct Cli {
     /// Output format of commands that show something.
     #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Table)]
@@ -187,7 +191,8 @@ struct CertsArgs {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -229,7 +234,9 @@ fn shutdown_on_signal() -> CancellationToken {
 async fn bind(addr: &Option<String>, what: &str) -> Result<Option<tokio::net::TcpListener>> {
     match addr {
         None => Ok(None),
-        Some(a) => Ok(Some(tokio::net::TcpListener::bind(a).await.with_context(|| format!("cannot listen on {a} for {what}"))?)),
+        Some(a) => Ok(Some(
+            tokio::net::TcpListener::bind(a).await.with_context(|| format!("cannot listen on {a} for {what}"))?,
+        )),
     }
 }
 
@@ -237,7 +244,8 @@ async fn run(cli: Cli) -> Result<()> {
     let out = cli.output;
     match cli.command {
         Command::Certs(a) => {
-            let generated = ferry_tls::generate(&a.dir, &a.components, &a.hosts).with_context(|| format!("creating certificates in {}", a.dir.display()))?;
+            let generated = ferry_tls::generate(&a.dir, &a.components, &a.hosts)
+                .with_context(|| format!("creating certificates in {}", a.dir.display()))?;
             match out {
                 OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&generated)?),
                 OutputFormat::Table => {
@@ -297,7 +305,10 @@ async fn run_agent(a: AgentRunArgs) -> Result<()> {
     let nbd_unix = match &config.nbd_socket {
         Some(p) => {
             let _ = std::fs::remove_file(p);
-            Some(tokio::net::UnixListener::bind(p).with_context(|| format!("cannot listen on unix socket {}", p.display()))?)
+            Some(
+                tokio::net::UnixListener::bind(p)
+                    .with_context(|| format!("cannot listen on unix socket {}", p.display()))?,
+            )
         }
         None => None,
     };
@@ -307,7 +318,9 @@ async fn run_agent(a: AgentRunArgs) -> Result<()> {
         status: bind(&config.status_listen, "status").await?,
     };
     let machine = config.machine.clone();
-    ferry_agent::serve(config, listeners, shutdown_on_signal()).await.with_context(|| format!("agent of machine {machine}"))
+    ferry_agent::serve(config, listeners, shutdown_on_signal())
+        .await
+        .with_context(|| format!("agent of machine {machine}"))
 }
 
 async fn run_process_server(a: ProcessServerRunArgs) -> Result<()> {
@@ -320,7 +333,9 @@ async fn run_process_server(a: ProcessServerRunArgs) -> Result<()> {
     o.certs(a.certs, "process-server");
     o.assignments(&a.set)?;
     let config: ferry_process_server::ProcessServerConfig = load_config(a.config.as_deref(), o, "process-server")?;
-    let listener = tokio::net::TcpListener::bind(&config.listen).await.with_context(|| format!("cannot listen on {} for agents", config.listen))?;
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} for agents", config.listen))?;
     let status = bind(&config.status_listen, "status").await?;
     ferry_process_server::serve(config, listener, status, shutdown_on_signal()).await.context("process server")
 }
@@ -334,8 +349,9 @@ async fn run_master_target(a: MasterTargetRunArgs) -> Result<()> {
     o.certs(a.certs, "master-target");
     o.assignments(&a.set)?;
     let config: ferry_master_target::MasterTargetConfig = load_config(a.config.as_deref(), o, "master-target")?;
-    let listener =
-        tokio::net::TcpListener::bind(&config.listen).await.with_context(|| format!("cannot listen on {} for process servers", config.listen))?;
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} for process servers", config.listen))?;
     let status = bind(&config.status_listen, "status").await?;
     ferry_master_target::serve(config, listener, status, shutdown_on_signal()).await.context("master target")
 }
@@ -368,7 +384,11 @@ async fn verify(v: VerifyArgs, out: OutputFormat) -> Result<()> {
     let body = serde_json::json!({ "disk": v.disk, "repair": v.repair });
     let (code, resp) = ferry_status::request(&addr, "POST", "/verify", Some(&body)).await?;
     if code != 202 {
-        bail!("{} (remedy: {})", resp["message"].as_str().unwrap_or("verify refused"), resp["remedy"].as_str().unwrap_or("-"));
+        bail!(
+            "{} (remedy: {})",
+            resp["message"].as_str().unwrap_or("verify refused"),
+            resp["remedy"].as_str().unwrap_or("-")
+        );
     }
     let id = resp["verify_id"].as_u64().context("agent returned no verify_id")?;
     let session = loop {
@@ -391,7 +411,10 @@ async fn verify(v: VerifyArgs, out: OutputFormat) -> Result<()> {
         OutputFormat::Table => {
             eprintln!();
             let differing = session["differing_offsets"].as_array().map(|a| a.len()).unwrap_or(0);
-            println!("disk {}: {} blocks of {} bytes compared, {} differ", v.disk, session["blocks_compared"], session["block_size"], differing);
+            println!(
+                "disk {}: {} blocks of {} bytes compared, {} differ",
+                v.disk, session["blocks_compared"], session["block_size"], differing
+            );
             if let Some(offs) = session["differing_offsets"].as_array() {
                 for o in offs.iter().take(50) {
                     println!("  differs at offset {o}");

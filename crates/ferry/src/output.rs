@@ -27,7 +27,14 @@ pub fn print_status(v: &serde_json::Value, out: OutputFormat) {
     let f = |k: &str| v.get(k).map(|x| x.to_string().trim_matches('"').to_owned()).unwrap_or_default();
     match v["component"].as_str() {
         Some("agent") => {
-            println!("machine {}  mode {}  caught up {}  connected {}  throttled {}", f("machine"), f("mode"), f("caught_up"), f("connected"), f("throttled"));
+            println!(
+                "machine {}  mode {}  caught up {}  connected {}  throttled {}",
+                f("machine"),
+                f("mode"),
+                f("caught_up"),
+                f("connected"),
+                f("throttled")
+            );
             println!(
                 "seq: last {}  sent {}  process-server durable {}  master-target durable {}  applied {}",
                 f("last_seq"),
@@ -46,9 +53,14 @@ pub fn print_status(v: &serde_json::Value, out: OutputFormat) {
                 human_bytes(v["ship_bytes_per_sec"].as_f64().unwrap_or(0.0)),
             );
             if let Some(r) = v.get("resync").filter(|r| !r.is_null()) {
-                println!("resync {}: {:.1}% of {}", r["reason"], r["percent"].as_f64().unwrap_or(0.0), human_bytes(r["bytes_total"].as_f64().unwrap_or(0.0)));
+                println!(
+                    "resync {}: {:.1}% of {}",
+                    r["reason"],
+                    r["percent"].as_f64().unwrap_or(0.0),
+                    human_bytes(r["bytes_total"].as_f64().unwrap_or(0.0))
+                );
             }
-            println!("{:<12} {:>14} {:>16}  {}", "DISK", "SIZE", "RESYNC PENDING", "PATH");
+            println!("{:<12} {:>14} {:>16}  PATH", "DISK", "SIZE", "RESYNC PENDING");
             for d in v["disks"].as_array().into_iter().flatten() {
                 println!(
                     "{:<12} {:>14} {:>16}  {}",
@@ -93,7 +105,10 @@ pub fn print_status(v: &serde_json::Value, out: OutputFormat) {
             }
         }
         Some("master-target") => {
-            println!("{:<16} {:>10} {:>10} {:>11} {:>12} {:>8}  {}", "MACHINE", "JOURNALED", "APPLIED", "CONSISTENT", "JOURNAL", "LAG", "MODE");
+            println!(
+                "{:<16} {:>10} {:>10} {:>11} {:>12} {:>8}  {}",
+                "MACHINE", "JOURNALED", "APPLIED", "CONSISTENT", "JOURNAL", "LAG", "MODE"
+            );
             for m in v["machines"].as_array().into_iter().flatten() {
                 println!(
                     "{:<16} {:>10} {:>10} {:>11} {:>12} {:>7.1}s  {}",
@@ -106,7 +121,12 @@ pub fn print_status(v: &serde_json::Value, out: OutputFormat) {
                     m["mode"].as_str().unwrap_or("")
                 );
                 for d in m["disks"].as_array().into_iter().flatten() {
-                    println!("  disk {:<10} {:>12}  {}", d["name"].as_str().unwrap_or(""), human_bytes(d["size"].as_f64().unwrap_or(0.0)), d["target"].as_str().unwrap_or(""));
+                    println!(
+                        "  disk {:<10} {:>12}  {}",
+                        d["name"].as_str().unwrap_or(""),
+                        human_bytes(d["size"].as_f64().unwrap_or(0.0)),
+                        d["target"].as_str().unwrap_or("")
+                    );
                 }
             }
         }

@@ -11,7 +11,12 @@ use ferry_protocol::{DiskDescriptor, FrameCodec, Hello, MachineDescriptor, Messa
 use futures::{SinkExt, StreamExt};
 use tokio_util::codec::Framed;
 
-async fn tls_to(port: u16, cluster: &Cluster, as_component: &str, server_name: &str) -> ferry_tls::tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+async fn tls_to(
+    port: u16,
+    cluster: &Cluster,
+    as_component: &str,
+    server_name: &str,
+) -> ferry_tls::tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let files = ferry_tls::TlsFiles::in_dir(&cluster.path().join("certs"), as_component);
     let connector = ferry_tls::connector(&files).unwrap();
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
@@ -45,10 +50,19 @@ async fn malformed_frames_close_only_that_connection() {
     // clear error and nothing is journaled.
     let tls = tls_to(c.mt_port, &c, "process-server", "master-target").await;
     let mut f = Framed::new(tls, FrameCodec::default());
-    let machine = MachineDescriptor { name: "rogue".into(), disks: vec![DiskDescriptor { name: "d".into(), size: 1 << 20, uuid: "u".into() }] };
+    let machine = MachineDescriptor {
+        name: "rogue".into(),
+        disks: vec![DiskDescriptor { name: "d".into(), size: 1 << 20, uuid: "u".into() }],
+    };
     f.send(Message::Hello(Hello { role: Role::ProcessServer, machine, generation: 1 })).await.unwrap();
     assert!(matches!(f.next().await, Some(Ok(Message::HelloAck(_)))));
-    f.send(Message::Records(vec![Record { seq: 1, time_ms: 0, body: RecordBody::Write { disk: 0, offset: 1 << 20, data: vec![1; 4096] } }])).await.unwrap();
+    f.send(Message::Records(vec![Record {
+        seq: 1,
+        time_ms: 0,
+        body: RecordBody::Write { disk: 0, offset: 1 << 20, data: vec![1; 4096] },
+    }]))
+    .await
+    .unwrap();
     match f.next().await {
         Some(Ok(Message::Error { message, .. })) => assert!(message.contains("beyond disk"), "{message}"),
         other => panic!("expected an error, got {other:?}"),
@@ -83,20 +97,34 @@ async fn malformed_frames_close_only_that_connection() {
         cc.assert_identical();
     });
     let log = c.log("process-server");
-    assert!(log.contains("checksum mismatch") && log.contains("unsupported protocol version 7"), "the process server must log why it closed: {log}");
+    assert!(
+        log.contains("checksum mismatch") && log.contains("unsupported protocol version 7"),
+        "the process server must log why it closed: {log}"
+    );
 }
 
 #[test]
 fn nbd_export_on_a_non_loopback_address_requires_tls() {
     let c = Cluster::new(Opts::default());
     let cfg = std::fs::read_to_string(c.path().join("agent.toml")).unwrap();
-    let cfg = cfg
-        .lines()
-        .map(|l| if l.starts_with("nbd_listen") { format!("nbd_listen = '0.0.0.0:{}'", free_port()) } else { l.to_owned() })
-        .collect::<Vec<_>>()
-        .join("\n");
+    let cfg =
+        cfg.lines()
+            .map(|l| {
+                if l.starts_with("nbd_listen") {
+                    format!("nbd_listen = '0.0.0.0:{}'", free_port())
+                } else {
+                    l.to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
     std::fs::write(c.path().join("agent-open.toml"), cfg).unwrap();
-    let out = std::process::Command::new(FERRY).arg("agent").arg("--config").arg(c.path().join("agent-open.toml")).output().unwrap();
+    let out = std::process::Command::new(FERRY)
+        .arg("agent")
+        .arg("--config")
+        .arg(c.path().join("agent-open.toml"))
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not loopback") && err.contains("nbd_tls"), "{err}");
@@ -111,6 +139,7 @@ fn bad_configuration_names_the_file_and_the_problem() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("ps.toml") && err.contains("cache_capacity_bytes"), "{err}");
-    let out = std::process::Command::new(FERRY).args(["agent", "--config", "/nonexistent/agent.toml"]).output().unwrap();
+    let out =
+        std::process::Command::new(FERRY).args(["agent", "--config", "/nonexistent/agent.toml"]).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/agent.toml"));
 }

@@ -71,11 +71,15 @@ fn sigkill_agent_resyncs_only_the_activity_log() {
     };
     let c = kill_during_workload("agent", 3, opts);
     let s = c.status("agent");
-    let recoveries: Vec<_> = s["completed_resyncs"].as_array().unwrap().iter().filter(|r| r["reason"] != "InitialSync").cloned().collect();
+    let recoveries: Vec<_> =
+        s["completed_resyncs"].as_array().unwrap().iter().filter(|r| r["reason"] != "InitialSync").cloned().collect();
     assert!(!recoveries.is_empty(), "an agent crash must be followed by a resync: {s:#}");
     for r in &recoveries {
         let planned = r["bytes_planned"].as_u64().unwrap();
-        assert!(planned <= 16 * (4 << 20), "resync after a crash must be bounded by the activity log (16 x 4 MiB), was {planned}: {r}");
+        assert!(
+            planned <= 16 * (4 << 20),
+            "resync after a crash must be bounded by the activity log (16 x 4 MiB), was {planned}: {r}"
+        );
     }
 }
 
@@ -100,7 +104,10 @@ fn long_outage_overflows_the_log_then_resyncs_from_the_bitmap() {
     assert!(out.status.success(), "writes must keep working while the process server is down");
     let s = c.status("agent");
     assert_eq!(s["connected"], false);
-    assert!(s["events"].as_array().unwrap().iter().any(|e| e["kind"] == "log-overflow"), "overflow must raise an event: {s:#}");
+    assert!(
+        s["events"].as_array().unwrap().iter().any(|e| e["kind"] == "log-overflow"),
+        "overflow must raise an event: {s:#}"
+    );
     assert!(s["resync_pending_bytes"].as_u64().unwrap() > 0);
     // The replica keeps its last consistent state meanwhile.
     assert_eq!(c.status("master-target")["machines"][0]["consistent"], true);
@@ -114,7 +121,8 @@ fn long_outage_overflows_the_log_then_resyncs_from_the_bitmap() {
 
 #[test]
 fn full_cache_throttles_agents_and_resumes_when_space_returns() {
-    let mut c = Cluster::new(Opts { ps_capacity: 8 << 20, ps_extra: "segment_bytes = 1048576\n".into(), ..Default::default() });
+    let mut c =
+        Cluster::new(Opts { ps_capacity: 8 << 20, ps_extra: "segment_bytes = 1048576\n".into(), ..Default::default() });
     c.start_all();
     c.wait_caught_up(Duration::from_secs(30));
     c.kill9("master-target");
@@ -148,7 +156,11 @@ fn online_verify_finds_and_repairs_differing_blocks() {
     assert!(c.qemu_io("disk0", "write -P 9 0 8M\nflush\n").status.success());
     c.wait_caught_up(Duration::from_secs(30));
     let cfg = c.path().join("agent.toml");
-    let clean = Command::new(FERRY).args(["agent", "verify", "disk0", "--output", "json", "--config"]).arg(&cfg).output().unwrap();
+    let clean = Command::new(FERRY)
+        .args(["agent", "verify", "disk0", "--output", "json", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
     assert!(clean.status.success(), "{}", String::from_utf8_lossy(&clean.stderr));
     let v: serde_json::Value = serde_json::from_slice(&clean.stdout).unwrap();
     assert_eq!(v["differing_offsets"].as_array().unwrap().len(), 0, "{v:#}");
@@ -161,7 +173,11 @@ fn online_verify_finds_and_repairs_differing_blocks() {
         f.write_all_at(&[0xee; 10], 40 << 20).unwrap();
         f.sync_all().unwrap();
     }
-    let found = Command::new(FERRY).args(["agent", "verify", "disk0", "--repair", "--output", "json", "--config"]).arg(&cfg).output().unwrap();
+    let found = Command::new(FERRY)
+        .args(["agent", "verify", "disk0", "--repair", "--output", "json", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
     assert!(found.status.success());
     let v: serde_json::Value = serde_json::from_slice(&found.stdout).unwrap();
     let offs: Vec<u64> = v["differing_offsets"].as_array().unwrap().iter().map(|o| o.as_u64().unwrap()).collect();
@@ -183,7 +199,11 @@ fn sigkill_each_component_during_initial_sync() {
     let mut r = rng(seed);
     for victim in COMPONENTS {
         let mut c = Cluster::new(Opts { disks: vec![("disk0", 256 << 20)], ..Default::default() });
-        let fill = Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x77 0 200M"]).arg(c.source("disk0")).output().unwrap();
+        let fill = Command::new("qemu-io")
+            .args(["-f", "raw", "-c", "write -P 0x77 0 200M"])
+            .arg(c.source("disk0"))
+            .output()
+            .unwrap();
         assert!(fill.status.success());
         c.start_all();
         let url = c.nbd_url("disk0");

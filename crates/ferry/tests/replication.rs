@@ -84,7 +84,11 @@ fn status_commands_show_every_hop_as_table_and_json() {
     c.wait_caught_up(Duration::from_secs(30));
     for comp in COMPONENTS {
         let cfg = c.path().join(format!("{comp}.toml"));
-        let json = std::process::Command::new(FERRY).args([comp, "status", "--output", "json", "--config"]).arg(&cfg).output().unwrap();
+        let json = std::process::Command::new(FERRY)
+            .args([comp, "status", "--output", "json", "--config"])
+            .arg(&cfg)
+            .output()
+            .unwrap();
         assert!(json.status.success(), "{}", String::from_utf8_lossy(&json.stderr));
         let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
         assert_eq!(v["component"], comp);
@@ -93,10 +97,22 @@ fn status_commands_show_every_hop_as_table_and_json() {
         assert!(String::from_utf8_lossy(&table.stdout).contains("vm1"));
     }
     let v = c.status("agent");
-    for k in ["last_seq", "process_server_durable_seq", "master_target_durable_seq", "applied_seq", "pending_log_bytes", "lag_seconds", "ship_bytes_per_sec", "mode"] {
+    for k in [
+        "last_seq",
+        "process_server_durable_seq",
+        "master_target_durable_seq",
+        "applied_seq",
+        "pending_log_bytes",
+        "lag_seconds",
+        "ship_bytes_per_sec",
+        "mode",
+    ] {
         assert!(!v[k].is_null(), "agent status lacks {k}");
     }
-    let down = std::process::Command::new(FERRY).args(["agent", "status", "--status-addr", &format!("127.0.0.1:{}", free_port())]).output().unwrap();
+    let down = std::process::Command::new(FERRY)
+        .args(["agent", "status", "--status-addr", &format!("127.0.0.1:{}", free_port())])
+        .output()
+        .unwrap();
     assert!(!down.status.success());
     assert!(String::from_utf8_lossy(&down.stderr).contains("is the daemon running"));
 }

@@ -40,7 +40,8 @@ fn slot_bytes(entry: Option<(u16, u64)>) -> [u8; SLOT as usize] {
 impl ActivityLog {
     /// Open or create; returns the log and the extents that were active (to be resynced).
     pub fn open(path: &Path, slots: usize) -> Result<(Self, Vec<(u16, u64)>), JournalError> {
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(io_err(path))?;
+        let file =
+            OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(io_err(path))?;
         let len = file.metadata().map_err(io_err(path))?.len();
         let mut active = Vec::new();
         let mut reserved_seq = 0;
@@ -48,11 +49,19 @@ impl ActivityLog {
             let mut h = [0u8; 32];
             file.read_exact_at(&mut h, 0).map_err(io_err(path))?;
             if &h[0..8] != MAGIC {
-                return Err(JournalError::Corrupt { path: path.to_owned(), offset: 0, reason: "not an activity log".into() });
+                return Err(JournalError::Corrupt {
+                    path: path.to_owned(),
+                    offset: 0,
+                    reason: "not an activity log".into(),
+                });
             }
             let crc = u32::from_le_bytes([h[16], h[17], h[18], h[19]]);
             if crc32c::crc32c(&h[8..16]) != crc {
-                return Err(JournalError::Corrupt { path: path.to_owned(), offset: 8, reason: "header checksum".into() });
+                return Err(JournalError::Corrupt {
+                    path: path.to_owned(),
+                    offset: 8,
+                    reason: "header checksum".into(),
+                });
             }
             reserved_seq = u64::from_le_bytes([h[8], h[9], h[10], h[11], h[12], h[13], h[14], h[15]]);
             let n = ((len - HEADER) / SLOT) as usize;
@@ -119,7 +128,9 @@ impl ActivityLog {
         let Some(i) = self.slots.iter().position(|s| s.is_none()) else {
             return Err(JournalError::ActivityLogFull { path: self.path.clone(), slots: self.slots.len() });
         };
-        self.file.write_all_at(&slot_bytes(Some((disk, extent))), HEADER + SLOT * i as u64).map_err(io_err(&self.path))?;
+        self.file
+            .write_all_at(&slot_bytes(Some((disk, extent))), HEADER + SLOT * i as u64)
+            .map_err(io_err(&self.path))?;
         self.file.sync_data().map_err(io_err(&self.path))?;
         self.slots[i] = Some((disk, extent));
         Ok(i)

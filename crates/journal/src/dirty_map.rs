@@ -28,7 +28,12 @@ impl DirtyMap {
             return Err(corrupt("not a dirty map"));
         }
         let body = &data[8..data.len() - 4];
-        let crc = u32::from_le_bytes([data[data.len() - 4], data[data.len() - 3], data[data.len() - 2], data[data.len() - 1]]);
+        let crc = u32::from_le_bytes([
+            data[data.len() - 4],
+            data[data.len() - 3],
+            data[data.len() - 2],
+            data[data.len() - 1],
+        ]);
         if crc32c::crc32c(body) != crc {
             return Err(corrupt("checksum mismatch"));
         }

@@ -12,8 +12,8 @@
 
 mod activity_log;
 mod dirty_map;
-mod segment_log;
 pub mod fsutil;
+mod segment_log;
 
 pub use activity_log::{ActivityLog, AlSlot};
 pub use dirty_map::DirtyMap;

@@ -106,9 +106,16 @@ impl SegmentLog {
 
     fn new_segment(&mut self, first: u64) -> Result<(), JournalError> {
         let path = self.dir.join(seg_name(first));
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).map_err(io_err(&path))?;
+        let file =
+            OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).map_err(io_err(&path))?;
         fsutil::sync_dir(&self.dir)?;
-        self.segments.push(Segment { first_seq: first, last_seq: first.saturating_sub(1), len: 0, path, file: Arc::new(file) });
+        self.segments.push(Segment {
+            first_seq: first,
+            last_seq: first.saturating_sub(1),
+            len: 0,
+            path,
+            file: Arc::new(file),
+        });
         Ok(())
     }
 
@@ -140,7 +147,8 @@ impl SegmentLog {
         if rec.seq <= self.last_seq {
             return Err(JournalError::OutOfOrder { seq: rec.seq, last: self.last_seq });
         }
-        let needs_roll = self.segments.last().map(|s| s.len + self.wbuf.len() as u64 >= self.segment_bytes).unwrap_or(true);
+        let needs_roll =
+            self.segments.last().map(|s| s.len + self.wbuf.len() as u64 >= self.segment_bytes).unwrap_or(true);
         if needs_roll {
             self.sync()?;
             self.new_segment(rec.seq)?;
@@ -167,7 +175,11 @@ impl SegmentLog {
             return Ok(());
         }
         let Some(seg) = self.segments.last_mut() else {
-            return Err(JournalError::Corrupt { path: self.dir.clone(), offset: 0, reason: "no active segment".into() });
+            return Err(JournalError::Corrupt {
+                path: self.dir.clone(),
+                offset: 0,
+                reason: "no active segment".into(),
+            });
         };
         seg.file.write_all_at(&self.wbuf, seg.len).map_err(io_err(&seg.path))?;
         seg.len += self.wbuf.len() as u64;
@@ -333,7 +345,11 @@ fn scan(file: &File, path: &Path, is_last: bool) -> Result<(u64, Option<u64>), J
         match read_entry(file, path, off, end) {
             Ok((rec, size)) => {
                 if last.is_some_and(|l| rec.seq <= l) {
-                    return Err(JournalError::Corrupt { path: path.to_owned(), offset: off, reason: "sequence goes backwards".into() });
+                    return Err(JournalError::Corrupt {
+                        path: path.to_owned(),
+                        offset: off,
+                        reason: "sequence goes backwards".into(),
+                    });
                 }
                 last = Some(rec.seq);
                 off += size;
@@ -439,7 +455,10 @@ mod tests {
         let f = OpenOptions::new().write(true).open(&path).unwrap();
         f.write_all_at(&[0xff; 16], 20).unwrap();
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
-        let err = SegmentLog::open(dir.path(), 500).err().unwrap_or_else(|| panic!("opened despite corruption: {names:?} {path:?}")).to_string();
+        let err = SegmentLog::open(dir.path(), 500)
+            .err()
+            .unwrap_or_else(|| panic!("opened despite corruption: {names:?} {path:?}"))
+            .to_string();
         assert!(err.contains(&path.display().to_string()), "{err}");
     }
 }

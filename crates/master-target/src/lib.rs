@@ -190,11 +190,23 @@ where
                 m => kind(m).to_owned(),
             };
             let msg = format!("expected Hello from a process server, got {got}");
-            let _ = framed.send(Message::Error { code: codes::PROTOCOL, message: msg.clone(), remedy: "connect a Ferry process server".into() }).await;
+            let _ = framed
+                .send(Message::Error {
+                    code: codes::PROTOCOL,
+                    message: msg.clone(),
+                    remedy: "connect a Ferry process server".into(),
+                })
+                .await;
             return Err(msg);
         }
         Some(Err(e)) => {
-            let _ = framed.send(Message::Error { code: codes::PROTOCOL, message: e.to_string(), remedy: "connect a Ferry process server of the same version".into() }).await;
+            let _ = framed
+                .send(Message::Error {
+                    code: codes::PROTOCOL,
+                    message: e.to_string(),
+                    remedy: "connect a Ferry process server of the same version".into(),
+                })
+                .await;
             return Err(e.to_string());
         }
         None => return Ok(()),
@@ -209,7 +221,10 @@ where
     let machine = hello.machine.name.clone();
     tracing::info!(%machine, "process server connected");
     let (durable, applied) = replica.positions();
-    framed.send(Message::HelloAck(HelloAck { durable_seq: durable, applied_seq: applied })).await.map_err(|e| e.to_string())?;
+    framed
+        .send(Message::HelloAck(HelloAck { durable_seq: durable, applied_seq: applied }))
+        .await
+        .map_err(|e| e.to_string())?;
     let mut applied_rx = replica.applied_watch();
     let mut events = replica.subscribe_events();
     let mut last_sent_applied = applied;
@@ -245,11 +260,17 @@ where
                 }
             },
         };
-        let storage_error = |e: String| Message::Error { code: codes::STORAGE, message: e, remedy: "check the datastore and retention volume (space, permissions)".into() };
+        let storage_error = |e: String| Message::Error {
+            code: codes::STORAGE,
+            message: e,
+            remedy: "check the datastore and retention volume (space, permissions)".into(),
+        };
         match msg {
             Message::Records(records) => {
                 let r2 = replica.clone();
-                let durable = tokio::task::spawn_blocking(move || r2.journal_records(records)).await.map_err(|e| e.to_string())?;
+                let durable = tokio::task::spawn_blocking(move || r2.journal_records(records))
+                    .await
+                    .map_err(|e| e.to_string())?;
                 let durable = match durable {
                     Ok(d) => d,
                     Err(e) => {
@@ -259,7 +280,10 @@ where
                 };
                 let applied = *applied_rx.borrow_and_update();
                 last_sent_applied = applied;
-                framed.send(Message::Ack(Ack { durable_seq: durable, target_durable_seq: durable, applied_seq: applied })).await.map_err(|e| e.to_string())?;
+                framed
+                    .send(Message::Ack(Ack { durable_seq: durable, target_durable_seq: durable, applied_seq: applied }))
+                    .await
+                    .map_err(|e| e.to_string())?;
             }
             Message::Bulk(chunk) => {
                 // Group the bulk chunks that already arrived under one fdatasync.
@@ -280,7 +304,10 @@ where
                     }
                 }
                 let r2 = replica.clone();
-                let ids = match tokio::task::spawn_blocking(move || r2.write_bulk(chunks)).await.map_err(|e| e.to_string())? {
+                let ids = match tokio::task::spawn_blocking(move || r2.write_bulk(chunks))
+                    .await
+                    .map_err(|e| e.to_string())?
+                {
                     Ok(ids) => ids,
                     Err(e) => {
                         let _ = framed.send(storage_error(e.to_string())).await;
@@ -290,7 +317,9 @@ where
                 for id in ids {
                     framed.feed(Message::BulkAck { id }).await.map_err(|e| e.to_string())?;
                 }
-                SinkExt::<Message>::flush(&mut framed).await.map_err(|e: ferry_protocol::ProtocolError| e.to_string())?;
+                SinkExt::<Message>::flush(&mut framed)
+                    .await
+                    .map_err(|e: ferry_protocol::ProtocolError| e.to_string())?;
             }
             other => return Err(format!("unexpected {} from process server", kind(&other))),
         }

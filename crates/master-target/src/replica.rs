@@ -82,7 +82,11 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> MasterTargetError + '_ {
 
 impl Replica {
     /// First contact for a machine: create its folders and sparse target disks.
-    pub fn create(config: &MasterTargetConfig, machine: &MachineDescriptor, shutdown: CancellationToken) -> Result<Arc<Self>, MasterTargetError> {
+    pub fn create(
+        config: &MasterTargetConfig,
+        machine: &MachineDescriptor,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Self>, MasterTargetError> {
         let dir = config.retention.join(&machine.name);
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         let desc = serde_json::to_vec_pretty(machine).map_err(|e| MasterTargetError::Refused(e.to_string()))?;
@@ -91,7 +95,11 @@ impl Replica {
     }
 
     /// Reopen a machine known from a previous run (its journal is replayed by the applier).
-    pub fn reopen(config: &MasterTargetConfig, name: &str, shutdown: CancellationToken) -> Result<Arc<Self>, MasterTargetError> {
+    pub fn reopen(
+        config: &MasterTargetConfig,
+        name: &str,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Self>, MasterTargetError> {
         let path = config.retention.join(name).join("machine.json");
         let data = std::fs::read(&path).map_err(io(&path))?;
         let machine: MachineDescriptor = serde_json::from_slice(&data)
@@ -99,7 +107,11 @@ impl Replica {
         Self::open(config, machine, shutdown)
     }
 
-    fn open(config: &MasterTargetConfig, machine: MachineDescriptor, shutdown: CancellationToken) -> Result<Arc<Self>, MasterTargetError> {
+    fn open(
+        config: &MasterTargetConfig,
+        machine: MachineDescriptor,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Self>, MasterTargetError> {
         let dir = config.retention.join(&machine.name);
         let tdir = config.datastore.join(&machine.name);
         std::fs::create_dir_all(&tdir).map_err(io(&tdir))?;
@@ -122,7 +134,8 @@ impl Replica {
         let journal = SegmentLog::open(&dir.join("journal"), config.segment_bytes)?;
         let ckpt_path = dir.join("checkpoint.json");
         let ckpt: Checkpoint = match std::fs::read(&ckpt_path) {
-            Ok(d) => serde_json::from_slice(&d).map_err(|e| MasterTargetError::Refused(format!("{} is corrupt: {e}", ckpt_path.display())))?,
+            Ok(d) => serde_json::from_slice(&d)
+                .map_err(|e| MasterTargetError::Refused(format!("{} is corrupt: {e}", ckpt_path.display())))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Checkpoint::default(),
             Err(e) => return Err(io(&ckpt_path)(e)),
         };
@@ -148,7 +161,13 @@ impl Replica {
             disks: machine.disks.clone(),
             targets,
             journal: Mutex::new(journal),
-            apply: Mutex::new(ApplyState { ckpt, last_applied_time_ms: 0, rate: RateMeter::default(), holding_resync_at: None, error: None }),
+            apply: Mutex::new(ApplyState {
+                ckpt,
+                last_applied_time_ms: 0,
+                rate: RateMeter::default(),
+                holding_resync_at: None,
+                error: None,
+            }),
             wake: Condvar::new(),
             latest_end_seq: AtomicU64::new(latest_end),
             journal_last_time_ms: AtomicU64::new(0),
@@ -187,7 +206,10 @@ impl Replica {
         if machine.disks != self.disks {
             return Err((
                 codes::DISK_LAYOUT_CHANGED,
-                format!("machine {} now has disks {:?}, but its replica holds {:?}", self.name, machine.disks, self.disks),
+                format!(
+                    "machine {} now has disks {:?}, but its replica holds {:?}",
+                    self.name, machine.disks, self.disks
+                ),
                 "a disk was added, removed or resized: re-protect the machine".into(),
             ));
         }
@@ -210,9 +232,15 @@ impl Replica {
 
     fn validate(&self, r: &Record) -> Result<(), String> {
         let check = |disk: u16, offset: u64, len: u64| -> Result<(), String> {
-            let d = self.disks.get(disk as usize).ok_or_else(|| format!("record {} names disk {disk}, machine has {}", r.seq, self.disks.len()))?;
+            let d = self
+                .disks
+                .get(disk as usize)
+                .ok_or_else(|| format!("record {} names disk {disk}, machine has {}", r.seq, self.disks.len()))?;
             if offset.checked_add(len).is_none_or(|end| end > d.size) {
-                return Err(format!("record {} writes [{offset}, +{len}) beyond disk {} of {} bytes", r.seq, d.name, d.size));
+                return Err(format!(
+                    "record {} writes [{offset}, +{len}) beyond disk {} of {} bytes",
+                    r.seq, d.name, d.size
+                ));
             }
             Ok(())
         };
@@ -258,10 +286,20 @@ impl Replica {
         let mut ids = Vec::with_capacity(chunks.len());
         let mut bytes = 0;
         for c in chunks {
-            let d = self.disks.get(c.disk as usize).ok_or_else(|| MasterTargetError::Refused(format!("bulk chunk {} names disk {}, machine has {}", c.id, c.disk, self.disks.len())))?;
+            let d = self.disks.get(c.disk as usize).ok_or_else(|| {
+                MasterTargetError::Refused(format!(
+                    "bulk chunk {} names disk {}, machine has {}",
+                    c.id,
+                    c.disk,
+                    self.disks.len()
+                ))
+            })?;
             let len = if c.data.is_empty() { c.len } else { c.data.len() as u64 };
             if c.offset.checked_add(len).is_none_or(|end| end > d.size) {
-                return Err(MasterTargetError::Refused(format!("bulk chunk {} writes [{}, +{len}) beyond disk {} of {} bytes", c.id, c.offset, d.name, d.size)));
+                return Err(MasterTargetError::Refused(format!(
+                    "bulk chunk {} writes [{}, +{len}) beyond disk {} of {} bytes",
+                    c.id, c.offset, d.name, d.size
+                )));
             }
             let (p, f) = &self.targets[c.disk as usize];
             if c.data.is_empty() {
@@ -325,7 +363,9 @@ impl Replica {
             }
             if batch.is_empty() || held {
                 let g = self.lock_apply();
-                let _ = self.wake.wait_timeout(g, if dirty { Duration::from_millis(20) } else { Duration::from_millis(200) });
+                let _ = self
+                    .wake
+                    .wait_timeout(g, if dirty { Duration::from_millis(20) } else { Duration::from_millis(200) });
             }
         }
         if dirty {
@@ -367,7 +407,10 @@ impl Replica {
             RecordBody::VerifyChunk { verify_id, disk, offset, block_size, hashes, last } => {
                 self.verify(*verify_id, *disk, *offset, *block_size, hashes, *last)?;
             }
-            RecordBody::GenerationChange { .. } | RecordBody::Tag { .. } | RecordBody::GroupPrepare { .. } | RecordBody::GroupCommit { .. } => {}
+            RecordBody::GenerationChange { .. }
+            | RecordBody::Tag { .. }
+            | RecordBody::GroupPrepare { .. }
+            | RecordBody::GroupCommit { .. } => {}
         }
         let mut st = self.lock_apply();
         st.ckpt.applied_seq = rec.seq;
@@ -376,7 +419,15 @@ impl Replica {
         Ok(true)
     }
 
-    fn verify(&self, verify_id: u64, disk: u16, offset: u64, block_size: u32, hashes: &[u8], last: bool) -> Result<(), String> {
+    fn verify(
+        &self,
+        verify_id: u64,
+        disk: u16,
+        offset: u64,
+        block_size: u32,
+        hashes: &[u8],
+        last: bool,
+    ) -> Result<(), String> {
         let (p, f) = &self.targets[disk as usize];
         let size = self.disks[disk as usize].size;
         let bs = block_size.max(512) as u64;
@@ -395,7 +446,13 @@ impl Replica {
                 differing.push(off);
             }
         }
-        let _ = self.events_tx.send(Event::VerifyResult { verify_id, disk, differing_offsets: differing, blocks_compared: compared, last });
+        let _ = self.events_tx.send(Event::VerifyResult {
+            verify_id,
+            disk,
+            differing_offsets: differing,
+            blocks_compared: compared,
+            last,
+        });
         Ok(())
     }
 
@@ -426,7 +483,11 @@ impl Replica {
         let mode = if st.holding_resync_at.is_some() {
             "resync (holding consistent state)"
         } else if st.ckpt.in_resync {
-            if st.ckpt.consistent { "resync" } else { "resync (target not consistent)" }
+            if st.ckpt.consistent {
+                "resync"
+            } else {
+                "resync (target not consistent)"
+            }
         } else if st.ckpt.applied_seq == 0 {
             "waiting for initial sync"
         } else {
@@ -459,7 +520,12 @@ fn zero_range(f: &File, offset: u64, len: u64) -> std::io::Result<()> {
     }
     // SAFETY: plain fallocate on a file descriptor we own; no memory is passed.
     let r = unsafe {
-        libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset as libc::off_t, len as libc::off_t)
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
     };
     if r == 0 {
         return Ok(());

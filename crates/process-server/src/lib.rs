@@ -98,7 +98,8 @@ impl ProcessServer {
         if config.throttle_free_percent >= 100 {
             return Err(ProcessServerError::Config("throttle_free_percent must be below 100".into()));
         }
-        std::fs::create_dir_all(&config.cache_dir).map_err(|source| ProcessServerError::Io { path: config.cache_dir.clone(), source })?;
+        std::fs::create_dir_all(&config.cache_dir)
+            .map_err(|source| ProcessServerError::Io { path: config.cache_dir.clone(), source })?;
         let connector = ferry_tls::connector(&config.tls)?;
         let ps = Arc::new(ProcessServer { config, spools: Mutex::new(HashMap::new()), connector, shutdown });
         // Resume forwarding whatever the spool still holds, agent connected or not.
@@ -193,7 +194,11 @@ impl ProcessServer {
     }
 
     /// One connection to the master target: hello, then stream the spool in order.
-    async fn forward_once(&self, spool: &Arc<MachineSpool>, bulk_rx: &mut tokio::sync::mpsc::Receiver<Message>) -> Result<(), String> {
+    async fn forward_once(
+        &self,
+        spool: &Arc<MachineSpool>,
+        bulk_rx: &mut tokio::sync::mpsc::Receiver<Message>,
+    ) -> Result<(), String> {
         let Some(hello) = spool.descriptor() else {
             // No agent has described this machine yet; nothing to forward.
             spool.wait_data().await;
@@ -207,12 +212,18 @@ impl ProcessServer {
         let tls = self.connector.connect(name, tcp).await.map_err(|e| format!("TLS with master target failed: {e}"))?;
         let mut framed = Framed::new(tls, FrameCodec::compressed());
         framed
-            .send(Message::Hello(Hello { role: Role::ProcessServer, machine: hello.machine.clone(), generation: hello.generation }))
+            .send(Message::Hello(Hello {
+                role: Role::ProcessServer,
+                machine: hello.machine.clone(),
+                generation: hello.generation,
+            }))
             .await
             .map_err(|e| e.to_string())?;
         let ack = match framed.next().await {
             Some(Ok(Message::HelloAck(a))) => a,
-            Some(Ok(Message::Error { code, message, remedy })) => return Err(format!("master target refused (code {code}): {message}; {remedy}")),
+            Some(Ok(Message::Error { code, message, remedy })) => {
+                return Err(format!("master target refused (code {code}): {message}; {remedy}"))
+            }
             Some(Ok(_)) => return Err("master target answered with an unexpected message".into()),
             Some(Err(e)) => return Err(e.to_string()),
             None => return Err("master target closed the connection".into()),
@@ -260,16 +271,24 @@ impl ProcessServer {
         }
     }
 
-    fn handle_downstream(&self, spool: &Arc<MachineSpool>, m: Option<Result<Message, ferry_protocol::ProtocolError>>) -> Result<(), String> {
+    fn handle_downstream(
+        &self,
+        spool: &Arc<MachineSpool>,
+        m: Option<Result<Message, ferry_protocol::ProtocolError>>,
+    ) -> Result<(), String> {
         match m {
             None => Err("master target closed the connection".into()),
             Some(Err(e)) => Err(format!("bad frame from master target: {e}")),
-            Some(Ok(Message::Ack(a))) => spool.downstream_acked(a.durable_seq, a.target_durable_seq, a.applied_seq).map_err(|e| e.to_string()),
+            Some(Ok(Message::Ack(a))) => {
+                spool.downstream_acked(a.durable_seq, a.target_durable_seq, a.applied_seq).map_err(|e| e.to_string())
+            }
             Some(Ok(m @ (Message::Event(_) | Message::BulkAck { .. }))) => {
                 spool.relay_upstream(m);
                 Ok(())
             }
-            Some(Ok(Message::Error { code, message, remedy })) => Err(format!("master target error {code}: {message}; {remedy}")),
+            Some(Ok(Message::Error { code, message, remedy })) => {
+                Err(format!("master target error {code}: {message}; {remedy}"))
+            }
             Some(Ok(_)) => Err("unexpected message from master target".into()),
         }
     }
@@ -344,17 +363,31 @@ where
                 Message::Hello(h) => format!("expected Hello from an agent, got Hello from a {:?}", h.role),
                 _ => "expected Hello from an agent as the first message".to_owned(),
             };
-            let _ = framed.send(Message::Error { code: codes::PROTOCOL, message: msg.clone(), remedy: "connect a Ferry agent".into() }).await;
+            let _ = framed
+                .send(Message::Error {
+                    code: codes::PROTOCOL,
+                    message: msg.clone(),
+                    remedy: "connect a Ferry agent".into(),
+                })
+                .await;
             return Err(msg);
         }
         Some(Err(e)) => {
-            let _ = framed.send(Message::Error { code: codes::PROTOCOL, message: e.to_string(), remedy: "connect a Ferry agent of the same version".into() }).await;
+            let _ = framed
+                .send(Message::Error {
+                    code: codes::PROTOCOL,
+                    message: e.to_string(),
+                    remedy: "connect a Ferry agent of the same version".into(),
+                })
+                .await;
             return Err(e.to_string());
         }
         None => return Ok(()),
     };
     let refuse = |code, message: String, remedy: &str| Message::Error { code, message, remedy: remedy.into() };
-    if let Err(m) = validate_name("machine", &hello.machine.name).and_then(|_| hello.machine.disks.iter().try_for_each(|d| validate_name("disk", &d.name))) {
+    if let Err(m) = validate_name("machine", &hello.machine.name)
+        .and_then(|_| hello.machine.disks.iter().try_for_each(|d| validate_name("disk", &d.name)))
+    {
         let _ = framed.send(refuse(codes::BAD_NAME, m.clone(), "rename the machine or disk")).await;
         return Err(m);
     }
@@ -369,7 +402,10 @@ where
     tracing::info!(%machine, "agent connected");
     let mut upstream = spool.subscribe_upstream();
     let (durable, applied) = spool.positions();
-    framed.send(Message::HelloAck(HelloAck { durable_seq: durable, applied_seq: applied })).await.map_err(|e| e.to_string())?;
+    framed
+        .send(Message::HelloAck(HelloAck { durable_seq: durable, applied_seq: applied }))
+        .await
+        .map_err(|e| e.to_string())?;
     spool.set_agent_connected(true);
     let result = agent_loop(&ps, &spool, &mut framed, &mut upstream).await;
     spool.set_agent_connected(false);

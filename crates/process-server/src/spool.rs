@@ -62,7 +62,11 @@ pub struct MachineSpool {
 }
 
 impl MachineSpool {
-    pub(crate) fn open(config: &ProcessServerConfig, name: &str, hello: Option<&Hello>) -> Result<Arc<Self>, ProcessServerError> {
+    pub(crate) fn open(
+        config: &ProcessServerConfig,
+        name: &str,
+        hello: Option<&Hello>,
+    ) -> Result<Arc<Self>, ProcessServerError> {
         let dir = config.cache_dir.join(name);
         std::fs::create_dir_all(&dir).map_err(|source| ProcessServerError::Io { path: dir.clone(), source })?;
         let descriptor = match hello {
@@ -107,7 +111,8 @@ impl MachineSpool {
     pub(crate) fn set_descriptor(&self, hello: &Hello) -> Result<(), ProcessServerError> {
         let mut d = self.descriptor.lock().unwrap_or_else(|p| p.into_inner());
         if d.as_ref() != Some(hello) {
-            let data = serde_json::to_vec_pretty(&HelloFile(hello.clone())).map_err(|e| ProcessServerError::Config(e.to_string()))?;
+            let data = serde_json::to_vec_pretty(&HelloFile(hello.clone()))
+                .map_err(|e| ProcessServerError::Config(e.to_string()))?;
             fsutil::write_atomic(&self.dir.join("machine.json"), &data)?;
             *d = Some(hello.clone());
         }
@@ -153,7 +158,11 @@ impl MachineSpool {
         if let Some(n) = newest {
             st.newest = n;
         }
-        Ok(Ack { durable_seq: synced.max(st.target_durable), target_durable_seq: st.target_durable, applied_seq: st.applied })
+        Ok(Ack {
+            durable_seq: synced.max(st.target_durable),
+            target_durable_seq: st.target_durable,
+            applied_seq: st.applied,
+        })
     }
 
     /// Pass an initial-sync chunk to the forwarder (waits while 32 chunks are queued).
@@ -181,7 +190,12 @@ impl MachineSpool {
     }
 
     /// The master target made records durable (and applied some): release the spool, tell the agent.
-    pub(crate) fn downstream_acked(&self, durable: u64, target_durable: u64, applied: u64) -> Result<(), ProcessServerError> {
+    pub(crate) fn downstream_acked(
+        &self,
+        durable: u64,
+        target_durable: u64,
+        applied: u64,
+    ) -> Result<(), ProcessServerError> {
         let synced = {
             let mut log = self.lock_log();
             log.release_through(durable)?;
@@ -196,7 +210,11 @@ impl MachineSpool {
                     st.applied_time_ms = st.newest.1;
                 }
             }
-            Ack { durable_seq: synced.max(st.target_durable), target_durable_seq: st.target_durable, applied_seq: st.applied }
+            Ack {
+                durable_seq: synced.max(st.target_durable),
+                target_durable_seq: st.target_durable,
+                applied_seq: st.applied,
+            }
         };
         let _ = self.upstream.send(Message::Ack(ack));
         Ok(())
@@ -230,7 +248,11 @@ impl MachineSpool {
             (log.synced_seq(), log.bytes())
         };
         let mut st = self.lock_state();
-        let lag = if st.applied >= st.newest.0 { 0.0 } else { now_ms().saturating_sub(st.newest.1.min(now_ms())) as f64 / 1000.0 };
+        let lag = if st.applied >= st.newest.0 {
+            0.0
+        } else {
+            now_ms().saturating_sub(st.newest.1.min(now_ms())) as f64 / 1000.0
+        };
         SpoolStatus {
             machine: self.name.clone(),
             agent_connected: st.agent_connected,

@@ -53,7 +53,11 @@ impl FrameCodec {
     pub fn decode_frame(&self, header: &[u8; FRAME_HEADER_LEN], payload: &[u8]) -> Result<Message, ProtocolError> {
         let h = parse_header(header, self.max_frame_len)?;
         if payload.len() != h.len {
-            return Err(ProtocolError::Decompress(format!("payload is {} bytes, header says {}", payload.len(), h.len)));
+            return Err(ProtocolError::Decompress(format!(
+                "payload is {} bytes, header says {}",
+                payload.len(),
+                h.len
+            )));
         }
         decode_payload(&h, payload, self.max_frame_len)
     }
@@ -156,13 +160,20 @@ impl Encoder<&Message> for FrameCodec {
 
 fn encode_into(codec: &FrameCodec, msg: &Message, dst: &mut BytesMut) -> Result<(), ProtocolError> {
     let raw = postcard::to_allocvec(msg)?;
-    let compress = codec.compress && matches!(msg, Message::Records(_) | Message::Bulk(_)) && raw.len() > 256 && compressible(&raw);
+    let compress = codec.compress
+        && matches!(msg, Message::Records(_) | Message::Bulk(_))
+        && raw.len() > 256
+        && compressible(&raw);
     let (flags, payload) = if compress {
         let mut out = Vec::with_capacity(4 + lz4_flex::block::get_maximum_output_size(raw.len()));
         out.extend_from_slice(&(raw.len() as u32).to_le_bytes());
         out.extend_from_slice(&lz4_flex::block::compress(&raw));
         // Incompressible after all: the raw form is cheaper for the receiver.
-        if out.len() >= raw.len() { (0, raw) } else { (FLAG_LZ4, out) }
+        if out.len() >= raw.len() {
+            (0, raw)
+        } else {
+            (FLAG_LZ4, out)
+        }
     } else {
         (0, raw)
     };
@@ -305,7 +316,11 @@ mod robustness {
     #[test]
     fn random_and_mutated_frames_never_panic() {
         let mut valid = BytesMut::new();
-        let msg = Message::Records(vec![Record { seq: 1, time_ms: 2, body: RecordBody::Write { disk: 0, offset: 0, data: vec![1; 300] } }]);
+        let msg = Message::Records(vec![Record {
+            seq: 1,
+            time_ms: 2,
+            body: RecordBody::Write { disk: 0, offset: 0, data: vec![1; 300] },
+        }]);
         FrameCodec::compressed().encode(msg.clone(), &mut valid).unwrap();
         FrameCodec::default().encode(msg, &mut valid).unwrap();
         let mut s = 0x9e3779b97f4a7c15u64;
@@ -317,7 +332,7 @@ mod robustness {
                     b[pos] = next(&mut s) as u8;
                 }
                 // Fix the checksum half of the time so mutations reach the payload decoder.
-                if next(&mut s) % 2 == 0 && b.len() > FRAME_HEADER_LEN {
+                if next(&mut s).is_multiple_of(2) && b.len() > FRAME_HEADER_LEN {
                     let len = u32::from_be_bytes([b[8], b[9], b[10], b[11]]) as usize;
                     if FRAME_HEADER_LEN + len <= b.len() {
                         let crc = crc32c::crc32c(&b[FRAME_HEADER_LEN..FRAME_HEADER_LEN + len]);

@@ -26,7 +26,9 @@ pub fn validate_name(kind: &str, name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!("invalid {kind} name {name:?}: use 1-128 characters from A-Z a-z 0-9 . _ - (not starting with '.')"))
+        Err(format!(
+            "invalid {kind} name {name:?}: use 1-128 characters from A-Z a-z 0-9 . _ - (not starting with '.')"
+        ))
     }
 }
 

@@ -84,7 +84,11 @@ pub enum RecordBody {
         data: Vec<u8>,
     },
     /// A range zeroed (WRITE_ZEROES) or discarded (TRIM: replicated as zeroing).
-    Zero { disk: u16, offset: u64, len: u64 },
+    Zero {
+        disk: u16,
+        offset: u64,
+        len: u64,
+    },
     /// Start of an out-of-order region copy. With `preserve_consistent`, the master target must
     /// not overwrite its last consistent state until the matching `ResyncEnd`.
     ResyncBegin {
@@ -93,14 +97,27 @@ pub enum RecordBody {
         preserve_consistent: bool,
     },
     /// End of the resync: the target is consistent again at this record's seq.
-    ResyncEnd { generation: u64 },
+    ResyncEnd {
+        generation: u64,
+    },
     /// A new generation starts (a side was promoted, or in-order shipping was abandoned).
-    GenerationChange { generation: u64 },
+    GenerationChange {
+        generation: u64,
+    },
     /// A consistency tag (a recovery-point candidate).
-    Tag { id: String, kind: TagKind },
+    Tag {
+        id: String,
+        kind: TagKind,
+    },
     /// Multi-machine consistency: prepare and commit of a group tag.
-    GroupPrepare { group: String, tag: String },
-    GroupCommit { group: String, tag: String },
+    GroupPrepare {
+        group: String,
+        tag: String,
+    },
+    GroupCommit {
+        group: String,
+        tag: String,
+    },
     /// Online verify: the source's block hashes at this point of the stream. The master target
     /// compares its target disk at the same point and reports differing blocks.
     VerifyChunk {
@@ -174,12 +191,17 @@ pub enum Message {
     /// the target disk. Only used while the target holds no consistent state.
     Bulk(BulkChunk),
     /// The bulk chunk is durable on the target disk.
-    BulkAck { id: u64 },
+    BulkAck {
+        id: u64,
+    },
     /// The process server lost its master-target link: bulk chunks in flight may be lost; resend
     /// every unacknowledged one.
     BulkReset,
     /// The process server's cache is low (NET-2): the sender must slow down until `active` is false.
-    Throttle { active: bool, free_percent: u8 },
+    Throttle {
+        active: bool,
+        free_percent: u8,
+    },
     Event(Event),
     /// A refusal; the connection is closed after it.
     Error {

@@ -13,7 +13,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
-    #[error("cannot reach the status endpoint at {addr}: {source} — is the daemon running, and is `status_listen` right?")]
+    #[error(
+        "cannot reach the status endpoint at {addr}: {source} — is the daemon running, and is `status_listen` right?"
+    )]
     Connect { addr: String, source: std::io::Error },
     #[error("status endpoint at {addr} answered badly: {reason}")]
     BadResponse { addr: String, reason: String },
@@ -44,7 +46,12 @@ where
 
 /// Minimal HTTP/1.1 client for the CLI: `method path` with an optional JSON body, returns the
 /// status code and JSON body.
-pub async fn request(addr: &str, method: &str, path: &str, body: Option<&serde_json::Value>) -> Result<(u16, serde_json::Value), StatusError> {
+pub async fn request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+) -> Result<(u16, serde_json::Value), StatusError> {
     let connect_err = |source| StatusError::Connect { addr: addr.to_owned(), source };
     let bad = |reason: String| StatusError::BadResponse { addr: addr.to_owned(), reason };
     let sa: SocketAddr = tokio::net::lookup_host(addr)
@@ -63,7 +70,11 @@ pub async fn request(addr: &str, method: &str, path: &str, body: Option<&serde_j
     s.read_to_end(&mut resp).await.map_err(connect_err)?;
     let text = String::from_utf8_lossy(&resp);
     let (head, rest) = text.split_once("\r\n\r\n").ok_or_else(|| bad("no header terminator".into()))?;
-    let code: u16 = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| bad(format!("bad status line {head:?}")))?;
+    let code: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| bad(format!("bad status line {head:?}")))?;
     let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
     let payload = if chunked { dechunk(rest) } else { rest.to_owned() };
     let json = if payload.trim().is_empty() {

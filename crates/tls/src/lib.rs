@@ -248,7 +248,8 @@ mod tests {
             .with_root_certificates(roots(&dir.path().join("ca.pem")).unwrap())
             .with_no_client_auth();
         let s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let r = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(server_name("process-server").unwrap(), s).await;
+        let r =
+            tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(server_name("process-server").unwrap(), s).await;
         if let Ok(mut tls) = r {
             let _ = tls.write_all(b"x").await;
             let mut b = [0u8; 1];

@@ -42,7 +42,13 @@ pub struct Opts {
 
 impl Default for Opts {
     fn default() -> Self {
-        Opts { disks: vec![("disk0", 64 << 20)], agent_extra: String::new(), ps_capacity: 1 << 30, ps_extra: String::new(), volatile: false }
+        Opts {
+            disks: vec![("disk0", 64 << 20)],
+            agent_extra: String::new(),
+            ps_capacity: 1 << 30,
+            ps_extra: String::new(),
+            volatile: false,
+        }
     }
 }
 
@@ -68,7 +74,11 @@ impl Cluster {
         let (nbd, ps, mt) = (free_port(), free_port(), free_port());
         let status: HashMap<_, _> = COMPONENTS.iter().map(|c| (*c, free_port())).collect();
         let tls = |c: &str| {
-            format!("[tls]\nca = '{0}/certs/ca.pem'\ncert = '{0}/certs/{1}.pem'\nkey = '{0}/certs/{1}.key'\n", d.display(), c)
+            format!(
+                "[tls]\nca = '{0}/certs/ca.pem'\ncert = '{0}/certs/{1}.pem'\nkey = '{0}/certs/{1}.key'\n",
+                d.display(),
+                c
+            )
         };
         std::fs::write(
             d.join("master-target.toml"),
@@ -129,7 +139,8 @@ impl Cluster {
     }
 
     pub fn start(&mut self, c: &'static str) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.path().join(format!("{c}.log"))).unwrap();
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.path().join(format!("{c}.log"))).unwrap();
         let child = Command::new(FERRY)
             .arg(c)
             .arg("--config")
@@ -251,7 +262,12 @@ impl Cluster {
     /// `qemu-img compare SOURCE TARGET` for every disk.
     pub fn assert_identical(&self) {
         for (d, _) in &self.disks {
-            let out = Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw"]).arg(self.source(d)).arg(self.target(d)).output().unwrap();
+            let out = Command::new("qemu-img")
+                .args(["compare", "-f", "raw", "-F", "raw"])
+                .arg(self.source(d))
+                .arg(self.target(d))
+                .output()
+                .unwrap();
             assert!(
                 out.status.success(),
                 "{d}: source and target differ: {}{}",
