@@ -106,8 +106,8 @@ pub fn print_status(v: &serde_json::Value, out: OutputFormat) {
         }
         Some("master-target") => {
             println!(
-                "{:<16} {:>10} {:>10} {:>11} {:>12} {:>8}  {}",
-                "MACHINE", "JOURNALED", "APPLIED", "CONSISTENT", "JOURNAL", "LAG", "MODE"
+                "{:<16} {:>10} {:>10} {:>11} {:>12} {:>8}  MODE",
+                "MACHINE", "JOURNALED", "APPLIED", "CONSISTENT", "JOURNAL", "LAG"
             );
             for m in v["machines"].as_array().into_iter().flatten() {
                 println!(
