@@ -126,6 +126,7 @@ pub async fn serve(
                     _ = sd.cancelled() => return,
                     _ = tokio::time::sleep(every) => {}
                 }
+                m.requeue_stale_bulk(Duration::from_secs(60));
                 let m2 = m.clone();
                 let due = last_retire.elapsed() >= retire_every;
                 if due {

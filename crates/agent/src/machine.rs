@@ -80,7 +80,7 @@ struct BulkEntry {
     /// Empty for an all-zero region; moved out when sent (the source disk is the durable copy:
     /// a lost chunk re-marks its region in the bitmap).
     data: Vec<u8>,
-    sent: bool,
+    sent: Option<Instant>,
     extents: Vec<(u16, u64)>,
 }
 
@@ -364,9 +364,28 @@ impl Machine {
         self.ensure_active(&mut c, disk, offset, len)
             .map_err(|e| BackendError::Io(std::io::Error::other(e.to_string())))?;
         let seq = self.alloc_seq(&mut c).map_err(|e| BackendError::Io(std::io::Error::other(e.to_string())))?;
-        match data {
-            Some(buf) => d.backend.write(offset, buf, fua)?,
-            None => d.backend.write_zeroes(offset, len, may_trim, fua)?,
+        let result = match data {
+            Some(buf) => d.backend.write(offset, buf, fua),
+            None => d.backend.write_zeroes(offset, len, may_trim, fua),
+        };
+        if let Err(e) = result {
+            // The local write may have partly happened: whatever the source now holds there is
+            // the truth, so the region is resynced rather than shipped.
+            c.dirty.mark(disk as usize, offset, len);
+            c.dirty_unsaved = true;
+            for key in extents_of(disk, offset, len, self.ext_bytes()) {
+                if let Some(a) = c.al_index.get_mut(&key) {
+                    a.bitmap_unsaved = true;
+                }
+            }
+            if c.mode == Mode::Replicating {
+                c.mode = Mode::Resync;
+                c.resync_reason = ResyncReason::LocalWriteError;
+            }
+            push_event(&mut c, "local-write-error", format!("write to {} at {offset} (+{len}) failed: {e}; the region will be resynced", d.name));
+            drop(c);
+            self.resync_wake.notify_all();
+            return Err(e);
         }
         for key in extents_of(disk, offset, len, self.ext_bytes()) {
             if let Some(e) = c.al_index.get_mut(&key) {
@@ -629,10 +648,10 @@ impl Machine {
             if bytes >= max_bytes {
                 break;
             }
-            if e.sent {
+            if e.sent.is_some() {
                 continue;
             }
-            e.sent = true;
+            e.sent = Some(Instant::now());
             let data = std::mem::take(&mut e.data);
             bytes += e.len;
             out.push(ferry_protocol::BulkChunk { id: e.id, disk: e.disk, offset: e.offset, len: e.len, data });
@@ -658,6 +677,15 @@ impl Machine {
         }
         drop(c);
         self.resync_wake.notify_all();
+    }
+
+    /// Safety net: a chunk unacknowledged for this long is presumed lost and copied again.
+    pub(crate) fn requeue_stale_bulk(&self, timeout: Duration) {
+        let stale = self.lock().bulk.front().and_then(|e| e.sent).is_some_and(|t| t.elapsed() > timeout);
+        if stale {
+            tracing::warn!(machine = %self.name, "initial-sync chunk unacknowledged for {timeout:?}: copying the in-flight regions again");
+            self.requeue_bulk();
+        }
     }
 
     /// Chunks in flight may be lost (link reset): mark their regions for copying again.
@@ -803,7 +831,7 @@ impl Machine {
                 c.next_bulk_id += 1;
                 c.bulk_bytes += len;
                 let data = if zero { Vec::new() } else { buf[pos..run_end].to_vec() };
-                c.bulk.push_back(BulkEntry { id, disk: disk as u16, offset: off, len, data, sent: false, extents });
+                c.bulk.push_back(BulkEntry { id, disk: disk as u16, offset: off, len, data, sent: None, extents });
                 pos = run_end;
                 continue;
             }
@@ -894,6 +922,9 @@ impl Machine {
                 c.mode = mode;
             }
         }
+        // Initial-sync chunks not yet durable at the master target go back to the bitmap, which
+        // is saved below (the activity log that covered them is cleared).
+        self.requeue_bulk_locked(&mut c);
         for d in &self.disks {
             d.backend.flush().map_err(|e| AgentError::Disk { path: d.path.clone(), error: e.to_string() })?;
         }

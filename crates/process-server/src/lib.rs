@@ -412,6 +412,25 @@ where
     result
 }
 
+/// Relay an upstream message (acks, events, bulk acks) to the agent. If this connection fell
+/// behind and messages were dropped, tell the agent to resend its in-flight bulk chunks and send
+/// the current positions, so nothing waits forever for a lost acknowledgement.
+async fn relay<S>(spool: &Arc<MachineSpool>, framed: &mut Framed<S, FrameCodec>, m: Result<Message, tokio::sync::broadcast::error::RecvError>) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    match m {
+        Ok(m) => framed.send(m).await.map_err(|e| e.to_string()),
+        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+            tracing::warn!(machine = %spool.name(), dropped = n, "agent connection fell behind on acknowledgements; asking it to resend bulk chunks");
+            framed.send(Message::BulkReset).await.map_err(|e| e.to_string())?;
+            let (durable, applied) = spool.positions();
+            framed.send(Message::Ack(ferry_protocol::Ack { durable_seq: durable, target_durable_seq: 0, applied_seq: applied })).await.map_err(|e| e.to_string())
+        }
+        Err(tokio::sync::broadcast::error::RecvError::Closed) => Err("spool closed".into()),
+    }
+}
+
 async fn agent_loop<S>(
     ps: &Arc<ProcessServer>,
     spool: &Arc<MachineSpool>,
@@ -436,7 +455,7 @@ where
             tokio::select! {
                 _ = ps.shutdown.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-                m = upstream.recv() => if let Ok(m) = m { framed.send(m).await.map_err(|e| e.to_string())?; },
+                m = upstream.recv() => relay(spool, framed, m).await?,
             }
             continue;
         }
@@ -448,7 +467,7 @@ where
         }
         tokio::select! {
             _ = ps.shutdown.cancelled() => return Ok(()),
-            m = upstream.recv() => if let Ok(m) = m { framed.send(m).await.map_err(|e| e.to_string())?; },
+            m = upstream.recv() => relay(spool, framed, m).await?,
             m = framed.next() => {
                 let mut batches = match m {
                     None => return Ok(()),

@@ -55,6 +55,8 @@ pub enum ResyncReason {
     LogOverflow,
     /// Online verify found differing blocks and the operator asked for a repair.
     VerifyRepair,
+    /// A write to the source disk failed part-way: the region is copied as it now is.
+    LocalWriteError,
 }
 
 /// The kind of a consistency tag.
