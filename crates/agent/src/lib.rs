@@ -113,7 +113,10 @@ pub async fn serve(
             .spawn(move || m.resync_loop())
             .map_err(|e| AgentError::Config(e.to_string()))?
     };
-    let sender = tokio::spawn(sender::run(machine.clone(), connector, shutdown.clone()));
+    // The sender outlives the NBD exports: on shutdown it keeps draining the log while the
+    // machine waits for the process server's acknowledgements.
+    let sender_stop = CancellationToken::new();
+    let sender = tokio::spawn(sender::run(machine.clone(), connector, sender_stop.clone()));
     let maintenance = {
         let m = machine.clone();
         let sd = shutdown.clone();
@@ -174,10 +177,11 @@ pub async fn serve(
     for t in tasks {
         let _ = t.await;
     }
-    let _ = sender.await;
     let _ = maintenance.await;
     let m = machine.clone();
     let r = tokio::task::spawn_blocking(move || m.shutdown()).await.map_err(|e| AgentError::Config(e.to_string()))?;
+    sender_stop.cancel();
+    let _ = sender.await;
     let _ = resync.join();
     r
 }

@@ -50,6 +50,10 @@ struct PersistentState {
     generation: u64,
     initial_sync_complete: bool,
     disks: Vec<DiskDescriptor>,
+    /// A ResyncEnd was queued but not yet acknowledged: if it is lost (crash, overflow), the
+    /// master target would hold its replica forever, so a restart runs a (possibly empty) resync.
+    #[serde(default)]
+    resync_end_pending_seq: Option<u64>,
 }
 
 pub struct Disk {
@@ -167,6 +171,7 @@ impl Machine {
         if config.disks.len() > u16::MAX as usize {
             return Err(AgentError::Config("too many disks".into()));
         }
+        validate_limits(&config)?;
         std::fs::create_dir_all(&config.state_dir)
             .map_err(|source| AgentError::Io { path: config.state_dir.clone(), source })?;
         let state_path = config.state_dir.join("state.json");
@@ -222,7 +227,9 @@ impl Machine {
                 )));
             }
         }
-        let (mut al, recovered) = ActivityLog::open(&config.state_dir.join("activity.log"), config.al_extents)?;
+        let al_path = config.state_dir.join("activity.log");
+        let al_lost = previous.is_some() && !al_path.exists();
+        let (mut al, recovered) = ActivityLog::open(&al_path, config.al_extents)?;
         let mut dirty = DirtyMap::load(&config.state_dir.join("dirty.map"), disks.len())?;
         let ext = config.al_extent_bytes.max(TRACK_BLOCK);
         for (disk, e) in &recovered {
@@ -231,6 +238,12 @@ impl Machine {
                 if off < d.size {
                     dirty.mark(*disk as usize, off, ext.min(d.size - off));
                 }
+            }
+        }
+        if al_lost {
+            // Without the activity log nothing bounds what may differ: copy everything allocated.
+            for (i, d) in disks.iter().enumerate() {
+                mark_allocated(&mut dirty, i, d)?;
             }
         }
         let (state, mode, reason) = match previous {
@@ -242,6 +255,7 @@ impl Machine {
                 let st = PersistentState {
                     generation: rand::random::<u64>() | 1,
                     initial_sync_complete: false,
+                    resync_end_pending_seq: None,
                     disks: disks
                         .iter()
                         .map(|d| DiskDescriptor { name: d.name.clone(), size: d.size, uuid: d.uuid.clone() })
@@ -250,8 +264,14 @@ impl Machine {
                 (st, Mode::InitialSync, ResyncReason::InitialSync)
             }
             Some(st) if !st.initial_sync_complete => (st, Mode::InitialSync, ResyncReason::InitialSync),
-            Some(st) if !dirty.is_empty() => {
-                let reason = if recovered.is_empty() { ResyncReason::LogOverflow } else { ResyncReason::AgentRecovery };
+            Some(st) if !dirty.is_empty() || st.resync_end_pending_seq.is_some() => {
+                let reason = if al_lost {
+                    ResyncReason::StateLost
+                } else if recovered.is_empty() {
+                    ResyncReason::LogOverflow
+                } else {
+                    ResyncReason::AgentRecovery
+                };
                 (st, Mode::Resync, reason)
             }
             Some(st) => (st, Mode::Replicating, ResyncReason::AgentRecovery),
@@ -266,6 +286,11 @@ impl Machine {
             &serde_json::to_vec_pretty(&state).map_err(|e| AgentError::Config(e.to_string()))?,
         )?;
         let mut events = VecDeque::new();
+        if al_lost {
+            let msg = format!("{} is missing although the machine was protected: all allocated regions will be compared and copied again", al_path.display());
+            tracing::warn!("{msg}");
+            events.push_back(EventEntry { time_ms: now_ms(), kind: "state-lost".into(), message: msg });
+        }
         if !recovered.is_empty() {
             let bytes = recovered.len() as u64 * ext;
             tracing::warn!(
@@ -382,7 +407,11 @@ impl Machine {
                 c.mode = Mode::Resync;
                 c.resync_reason = ResyncReason::LocalWriteError;
             }
-            push_event(&mut c, "local-write-error", format!("write to {} at {offset} (+{len}) failed: {e}; the region will be resynced", d.name));
+            push_event(
+                &mut c,
+                "local-write-error",
+                format!("write to {} at {offset} (+{len}) failed: {e}; the region will be resynced", d.name),
+            );
             drop(c);
             self.resync_wake.notify_all();
             return Err(e);
@@ -397,7 +426,8 @@ impl Machine {
             Some(buf) => RecordBody::Write { disk, offset, data: buf.to_vec() },
             None => RecordBody::Zero { disk, offset, len },
         };
-        if c.mode == Mode::Replicating && c.log_bytes + len <= self.config.log_limit_bytes {
+        let record_bytes = if data.is_some() { len } else { 64 };
+        if c.mode == Mode::Replicating && c.log_bytes + record_bytes <= self.config.log_limit_bytes {
             self.push(&mut c, seq, body);
         } else {
             if c.mode == Mode::Replicating {
@@ -442,7 +472,10 @@ impl Machine {
             }
         }
         let time_ms = now_ms();
-        c.unapplied.push_back((seq, time_ms));
+        // Bounded: when the applier is far behind, the oldest samples still give the lag.
+        if c.unapplied.len() < 1_000_000 {
+            c.unapplied.push_back((seq, time_ms));
+        }
         c.last_record_seq = seq;
         c.log_bytes += bytes;
         c.log.push_back(LogEntry { record: Record { seq, time_ms, body }, extents, bytes });
@@ -450,8 +483,10 @@ impl Machine {
 
     /// Make sure the extents covering a range are active in the activity log (durably).
     fn ensure_active(&self, c: &mut Core, disk: u16, offset: u64, len: u64) -> Result<(), JournalError> {
-        for key in extents_of(disk, offset, len, self.ext_bytes()) {
-            if c.al_index.contains_key(&key) {
+        // The request's own extents are pinned: retiring to make room must never free one of them.
+        let keys: Vec<(u16, u64)> = extents_of(disk, offset, len, self.ext_bytes()).collect();
+        for key in &keys {
+            if c.al_index.contains_key(key) {
                 continue;
             }
             let slot = match c.al.activate(key.0, key.1) {
@@ -459,16 +494,16 @@ impl Machine {
                 Err(JournalError::ActivityLogFull { .. }) => {
                     // Retire what can be retired (flush disks, persist the bitmap); if everything
                     // active still has unacknowledged records, fall back to the bitmap.
-                    self.retire_extents(c, true)?;
+                    self.retire_extents(c, true, &keys)?;
                     if c.al.active_count() >= c.al.capacity() {
                         self.overflow(c);
-                        self.retire_extents(c, true)?;
+                        self.retire_extents(c, true, &keys)?;
                     }
                     c.al.activate(key.0, key.1)?
                 }
                 Err(e) => return Err(e),
             };
-            c.al_index.insert(key, AlEntry { slot, ..Default::default() });
+            c.al_index.insert(*key, AlEntry { slot, ..Default::default() });
         }
         Ok(())
     }
@@ -514,7 +549,7 @@ impl Machine {
 
     /// Persist the bitmap, flush the disks, and free activity-log extents whose changes are all
     /// durable elsewhere and covered by a completed local flush.
-    fn retire_extents(&self, c: &mut Core, flush_inline: bool) -> Result<(), JournalError> {
+    fn retire_extents(&self, c: &mut Core, flush_inline: bool, pinned: &[(u16, u64)]) -> Result<(), JournalError> {
         if c.dirty_unsaved {
             c.dirty.save()?;
             c.dirty_unsaved = false;
@@ -525,7 +560,7 @@ impl Machine {
         let candidates: Vec<((u16, u64), u64)> = c
             .al_index
             .iter()
-            .filter(|(_, e)| e.pending == 0 && !e.bitmap_unsaved)
+            .filter(|(k, e)| e.pending == 0 && !e.bitmap_unsaved && !pinned.contains(k))
             .map(|(k, e)| (*k, e.writes))
             .collect();
         if candidates.is_empty() {
@@ -615,11 +650,62 @@ impl Machine {
                 }
             }
         }
+        if c.state.resync_end_pending_seq.is_some_and(|e| durable >= e) {
+            c.state.resync_end_pending_seq = None;
+            if let Err(e) = self.save_state(&c) {
+                tracing::error!(machine = %self.name, error = %e, "cannot persist agent state");
+            }
+        }
         let applied = c.ack.applied_seq;
         while c.unapplied.front().is_some_and(|(s, _)| *s <= applied) {
             c.unapplied.pop_front();
         }
         drop(c);
+        self.resync_wake.notify_all();
+    }
+
+    /// A (re)connection to the process server: resume after its durable seq, and check that
+    /// neither side lost state.
+    pub(crate) fn on_hello_ack(&self, durable_seq: u64, applied_seq: u64) {
+        let mut c = self.lock();
+        if durable_seq < c.ack.durable_seq {
+            // The process server acknowledged more before: its spool (or the master target's
+            // journal) was lost, and with it records this agent no longer holds.
+            let msg = format!(
+                "process server reports durable seq {durable_seq}, below the {} it acknowledged before: acknowledged changes were lost downstream; comparing and copying all allocated regions",
+                c.ack.durable_seq
+            );
+            tracing::error!(machine = %self.name, "{msg}");
+            push_event(&mut c, "peer-state-lost", msg);
+            for (i, d) in self.disks.iter().enumerate() {
+                if let Err(e) = mark_allocated(&mut c.dirty, i, d) {
+                    tracing::error!(error = %e, "cannot list allocated regions; marking the whole disk");
+                    c.dirty.mark(i, 0, d.size);
+                }
+            }
+            c.dirty_unsaved = true;
+            self.overflow(&mut c);
+            c.resync_reason = ResyncReason::StateLost;
+            c.ack.durable_seq = durable_seq;
+        }
+        if durable_seq >= c.next_seq {
+            // The agent's counter is behind what the chain already holds (its state was lost or
+            // restored from a copy): continue after it, or new writes would be taken as resends.
+            let msg = format!(
+                "process server already holds seq {durable_seq}, beyond this agent's counter {}: continuing after it",
+                c.next_seq
+            );
+            tracing::warn!(machine = %self.name, "{msg}");
+            push_event(&mut c, "sequence-jump", msg);
+            c.next_seq = durable_seq + 1;
+            let reserve = c.next_seq + SEQ_RESERVATION;
+            if let Err(e) = c.al.reserve_seq(reserve) {
+                tracing::error!(error = %e, "cannot persist the sequence reservation");
+            }
+        }
+        c.sent_seq = durable_seq.max(c.ack.durable_seq);
+        drop(c);
+        self.on_ack(Ack { durable_seq, target_durable_seq: 0, applied_seq });
         self.resync_wake.notify_all();
     }
 
@@ -779,6 +865,7 @@ impl Machine {
             let was_initial = c.mode == Mode::InitialSync;
             c.mode = Mode::Replicating;
             c.state.initial_sync_complete = true;
+            c.state.resync_end_pending_seq = Some(seq);
             self.save_state(c)?;
             c.dirty.save()?;
             c.dirty_unsaved = false;
@@ -795,17 +882,40 @@ impl Machine {
         let d = &self.disks[disk];
         let offset = first as u64 * TRACK_BLOCK;
         let len = (n as u64 * TRACK_BLOCK).min(d.size.saturating_sub(offset));
-        c.dirty.disks[disk].remove_range(first..first + n);
-        c.dirty_unsaved = true;
         if len == 0 {
+            c.dirty.disks[disk].remove_range(first..first + n);
             return Ok(());
         }
+        // Protect and read first; the bits are cleared only once the data is in hand, so an
+        // error (a bad sector, a full activity log) leaves the region marked.
         self.ensure_active(c, disk as u16, offset, len)?;
+        if c.resync.is_none() {
+            // Making room overflowed the log, which may have dropped this run's ResyncBegin:
+            // the next step starts a new run.
+            return Ok(());
+        }
         buf.resize(len as usize, 0);
         d.backend.read(offset, buf).map_err(|e| AgentError::Disk { path: d.path.clone(), error: e.to_string() })?;
+        c.dirty.disks[disk].remove_range(first..first + n);
+        c.dirty_unsaved = true;
+        c.resync_bytes_sent += len;
+        // The initial sync bypasses the ordered log (the target has no consistent state yet):
+        // one chunk per step, all-zero chunks sent as zeroing.
+        if c.resync.as_ref().is_some_and(|r| r.reason == ResyncReason::InitialSync) {
+            let extents: Vec<_> = extents_of(disk as u16, offset, len, self.ext_bytes()).collect();
+            for key in &extents {
+                if let Some(e) = c.al_index.get_mut(key) {
+                    e.pending += 1;
+                }
+            }
+            let id = c.next_bulk_id;
+            c.next_bulk_id += 1;
+            c.bulk_bytes += len;
+            let data = if is_zero(buf) { Vec::new() } else { std::mem::take(buf) };
+            c.bulk.push_back(BulkEntry { id, disk: disk as u16, offset, len, data, sent: None, extents });
+            return Ok(());
+        }
         // Split into runs of data blocks (shipped) and all-zero blocks (shipped as zeroing).
-        // The initial sync bypasses the ordered log (the target has no consistent state yet).
-        let bulk = c.resync.as_ref().is_some_and(|r| r.reason == ResyncReason::InitialSync);
         let mut pos = 0usize;
         while pos < buf.len() {
             let end = (pos + TRACK_BLOCK as usize).min(buf.len());
@@ -819,22 +929,6 @@ impl Machine {
                 run_end = next;
             }
             let off = offset + pos as u64;
-            if bulk {
-                let len = (run_end - pos) as u64;
-                let extents: Vec<_> = extents_of(disk as u16, off, len, self.ext_bytes()).collect();
-                for key in &extents {
-                    if let Some(e) = c.al_index.get_mut(key) {
-                        e.pending += 1;
-                    }
-                }
-                let id = c.next_bulk_id;
-                c.next_bulk_id += 1;
-                c.bulk_bytes += len;
-                let data = if zero { Vec::new() } else { buf[pos..run_end].to_vec() };
-                c.bulk.push_back(BulkEntry { id, disk: disk as u16, offset: off, len, data, sent: None, extents });
-                pos = run_end;
-                continue;
-            }
             let seq = self.alloc_seq(c)?;
             let body = if zero {
                 RecordBody::Zero { disk: disk as u16, offset: off, len: (run_end - pos) as u64 }
@@ -844,7 +938,6 @@ impl Machine {
             self.push(c, seq, body);
             pos = run_end;
         }
-        c.resync_bytes_sent += len;
         Ok(())
     }
 
@@ -908,7 +1001,7 @@ impl Machine {
         let deadline = Instant::now() + Duration::from_secs_f64(self.config.shutdown_drain_secs.max(0.0));
         while Instant::now() < deadline {
             let c = self.lock();
-            if c.log.is_empty() {
+            if c.log.is_empty() && c.bulk.is_empty() {
                 break;
             }
             drop(c);
@@ -1004,6 +1097,31 @@ fn is_zero(b: &[u8]) -> bool {
     let rest = chunks.remainder();
     let mut chunks = chunks;
     chunks.all(|c| u128::from_ne_bytes(c.try_into().unwrap_or([1; 16])) == 0) && rest.iter().all(|&x| x == 0)
+}
+
+/// Limits that make progress possible: a resync step must fit in the log, and one maximal NBD
+/// write (32 MiB) plus a resync chunk must fit in the activity log.
+fn validate_limits(c: &AgentConfig) -> Result<(), AgentError> {
+    let chunk = c.resync_chunk_bytes;
+    if !(TRACK_BLOCK..=(32 << 20)).contains(&chunk) {
+        return Err(AgentError::Config(format!("resync_chunk_bytes = {chunk}: use 4096 to 33554432")));
+    }
+    if c.log_limit_bytes < 4 * chunk {
+        return Err(AgentError::Config(format!(
+            "log_limit_bytes = {} is below 4 x resync_chunk_bytes ({}): resync could never make progress",
+            c.log_limit_bytes,
+            4 * chunk
+        )));
+    }
+    let ext = c.al_extent_bytes.max(TRACK_BLOCK);
+    let needed = (32u64 << 20).div_ceil(ext) + chunk.div_ceil(ext) + 2;
+    if (c.al_extents as u64) < needed {
+        return Err(AgentError::Config(format!(
+            "al_extents = {} of {ext} bytes cannot cover one maximal write plus a resync step: use at least {needed}",
+            c.al_extents
+        )));
+    }
+    Ok(())
 }
 
 /// Mark every allocated (non-hole) region of a disk for the initial copy.

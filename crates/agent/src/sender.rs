@@ -73,16 +73,11 @@ async fn session(
         Some(Err(e)) => return Err(e.to_string()),
         None => return Err("process server closed the connection".into()),
     };
-    machine.on_ack(ferry_protocol::Ack {
-        durable_seq: ack.durable_seq,
-        target_durable_seq: 0,
-        applied_seq: ack.applied_seq,
-    });
+    machine.on_hello_ack(ack.durable_seq, ack.applied_seq);
     {
         let mut c = machine.lock();
         c.connected = true;
         c.link_error = None;
-        c.sent_seq = ack.durable_seq.max(c.ack.durable_seq);
     }
     tracing::info!(machine = %machine.name, resume_after = ack.durable_seq, "connected to process server");
     let (mut sink, mut stream) = framed.split();

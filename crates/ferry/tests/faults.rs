@@ -95,7 +95,10 @@ fn crash_that_loses_unflushed_writes_still_converges() {
 
 #[test]
 fn long_outage_overflows_the_log_then_resyncs_from_the_bitmap() {
-    let mut c = Cluster::new(Opts { agent_extra: "log_limit_bytes = 2097152\n".into(), ..Default::default() });
+    let mut c = Cluster::new(Opts {
+        agent_extra: "log_limit_bytes = 4194304\nresync_chunk_bytes = 262144\n".into(),
+        ..Default::default()
+    });
     c.start_all();
     c.wait_caught_up(Duration::from_secs(30));
     c.kill9("process-server");
@@ -234,4 +237,66 @@ fn sigkill_each_component_during_initial_sync() {
         c.wait_caught_up(Duration::from_secs(120));
         c.assert_identical();
     }
+}
+
+#[test]
+fn clean_stop_during_initial_sync_loses_no_region() {
+    let mut c = Cluster::new(Opts { disks: vec![("disk0", 256 << 20)], ..Default::default() });
+    let fill = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x31 0 240M"])
+        .arg(c.source("disk0"))
+        .output()
+        .unwrap();
+    assert!(fill.status.success());
+    c.start_all();
+    std::thread::sleep(Duration::from_millis(150));
+    assert_eq!(c.status("agent")["mode"], "initial-sync", "the test must stop the agent mid-copy");
+    c.stop("agent");
+    c.start("agent");
+    c.wait_caught_up(Duration::from_secs(120));
+    c.assert_identical();
+}
+
+#[test]
+fn lost_activity_log_forces_a_full_compare_and_copy() {
+    let mut c = Cluster::new(Opts::default());
+    c.start_all();
+    assert!(c.qemu_io("disk0", "write -P 5 0 4M\nflush\n").status.success());
+    c.wait_caught_up(Duration::from_secs(30));
+    c.kill9("agent");
+    // Change the source behind the agent's back and lose its tracking state.
+    let behind =
+        Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 6 8M 1M"]).arg(c.source("disk0")).output().unwrap();
+    assert!(behind.status.success());
+    std::fs::remove_file(c.path().join("agent-state/activity.log")).unwrap();
+    c.start("agent");
+    c.wait_caught_up(Duration::from_secs(60));
+    c.assert_identical();
+    let s = c.status("agent");
+    assert!(s["events"].as_array().unwrap().iter().any(|e| e["kind"] == "state-lost"), "{s:#}");
+    assert!(s["completed_resyncs"].as_array().unwrap().iter().any(|r| r["reason"] == "StateLost"), "{s:#}");
+}
+
+#[test]
+fn lost_process_server_spool_is_detected_and_repaired() {
+    let mut c = Cluster::new(Opts::default());
+    c.start_all();
+    assert!(c.qemu_io("disk0", "write -P 5 0 4M\nflush\n").status.success());
+    c.wait_caught_up(Duration::from_secs(30));
+    c.kill9("master-target");
+    assert!(c.qemu_io("disk0", "write -P 7 16M 2M\nflush\n").status.success());
+    // Wait until the process server acknowledged it, then lose its cache folder.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while c.status("agent")["pending_log_records"] != 0 {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    c.kill9("process-server");
+    std::fs::remove_dir_all(c.path().join("cache")).unwrap();
+    c.start("process-server");
+    c.start("master-target");
+    c.wait_caught_up(Duration::from_secs(60));
+    c.assert_identical();
+    let s = c.status("agent");
+    assert!(s["events"].as_array().unwrap().iter().any(|e| e["kind"] == "peer-state-lost"), "{s:#}");
 }

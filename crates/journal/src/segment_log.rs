@@ -35,6 +35,9 @@ pub struct SegmentLog {
     /// Encoded entries not yet written to the active segment (written at sync or when large):
     /// one write per batch instead of one per record.
     wbuf: Vec<u8>,
+    /// Set when an fsync failed: the kernel may have dropped the dirty pages, so nothing written
+    /// since the last good sync can be trusted; the log refuses further work until reopened.
+    poisoned: Option<String>,
 }
 
 /// Read position of a consumer (the forwarder, the applier).
@@ -80,6 +83,7 @@ impl SegmentLog {
             synced_seq: 0,
             released_seq: 0,
             wbuf: Vec::new(),
+            poisoned: None,
         };
         let count = firsts.len();
         for (i, first) in firsts.into_iter().enumerate() {
@@ -90,8 +94,11 @@ impl SegmentLog {
             let file_len = file.metadata().map_err(io_err(&path))?.len();
             if valid_len < file_len {
                 tracing::warn!(path = %path.display(), valid_len, file_len, "cutting torn tail of log segment");
-                file.set_len(valid_len).and_then(|_| file.sync_all()).map_err(io_err(&path))?;
+                file.set_len(valid_len).map_err(io_err(&path))?;
             }
+            // What a crashed process wrote may still be only in the page cache: make it durable
+            // before anything in it is treated (and acknowledged) as such.
+            file.sync_all().map_err(io_err(&path))?;
             let last_seq = last.unwrap_or(0).max(first.saturating_sub(1));
             log.last_seq = log.last_seq.max(last_seq);
             log.segments.push(Segment { first_seq: first, last_seq, len: valid_len, path, file: Arc::new(file) });
@@ -192,9 +199,18 @@ impl SegmentLog {
         if self.synced_seq == self.last_seq {
             return Ok(());
         }
+        if let Some(reason) = &self.poisoned {
+            return Err(JournalError::Io { path: self.dir.clone(), source: std::io::Error::other(reason.clone()) });
+        }
         self.write_out()?;
         if let Some(seg) = self.segments.last() {
-            seg.file.sync_data().map_err(io_err(&seg.path))?;
+            if let Err(e) = seg.file.sync_data() {
+                self.poisoned = Some(format!(
+                    "an earlier fsync of {} failed ({e}); restart the component to recover from the last durable state",
+                    seg.path.display()
+                ));
+                return Err(io_err(&seg.path)(e));
+            }
         }
         self.synced_seq = self.last_seq;
         Ok(())

@@ -225,6 +225,7 @@ where
         .send(Message::HelloAck(HelloAck { durable_seq: durable, applied_seq: applied }))
         .await
         .map_err(|e| e.to_string())?;
+    let bulk_epoch = replica.new_bulk_epoch();
     let mut applied_rx = replica.applied_watch();
     let mut events = replica.subscribe_events();
     let mut last_sent_applied = applied;
@@ -292,7 +293,7 @@ where
                 while bytes < (64 << 20) {
                     match framed.next().now_or_never() {
                         Some(Some(Ok(Message::Bulk(c)))) => {
-                            bytes += c.len;
+                            bytes = bytes.saturating_add(c.len);
                             chunks.push(c);
                         }
                         Some(Some(Ok(other))) => {
@@ -304,7 +305,7 @@ where
                     }
                 }
                 let r2 = replica.clone();
-                let ids = match tokio::task::spawn_blocking(move || r2.write_bulk(chunks))
+                let ids = match tokio::task::spawn_blocking(move || r2.write_bulk(bulk_epoch, chunks))
                     .await
                     .map_err(|e| e.to_string())?
                 {

@@ -74,6 +74,9 @@ pub struct Replica {
     events_tx: broadcast::Sender<Event>,
     stopped: AtomicBool,
     checkpoint_interval: Duration,
+    /// Bumped by every new process-server connection; bulk writes of an older connection are
+    /// refused so a stale chunk never lands after its resent copy. Held while writing bulk.
+    bulk_epoch: Mutex<u64>,
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> MasterTargetError + '_ {
@@ -174,6 +177,7 @@ impl Replica {
             applied_tx,
             events_tx,
             stopped: AtomicBool::new(false),
+            bulk_epoch: Mutex::new(0),
             checkpoint_interval: Duration::from_secs_f64(config.checkpoint_interval_secs.max(0.01)),
         });
         let r2 = r.clone();
@@ -247,7 +251,15 @@ impl Replica {
         match &r.body {
             RecordBody::Write { disk, offset, data } => check(*disk, *offset, data.len() as u64),
             RecordBody::Zero { disk, offset, len } => check(*disk, *offset, *len),
-            RecordBody::VerifyChunk { disk, offset, .. } => check(*disk, *offset, 0),
+            RecordBody::VerifyChunk { disk, offset, block_size, hashes, .. } => {
+                if !(512..=(4 << 20)).contains(block_size) || hashes.len() % 32 != 0 {
+                    return Err(format!(
+                        "record {} has a verify block size of {block_size} or a malformed hash list",
+                        r.seq
+                    ));
+                }
+                check(*disk, *offset, 0)
+            }
             _ => Ok(()),
         }
     }
@@ -281,7 +293,13 @@ impl Replica {
 
     /// Initial-sync data: written straight to the target disks (there is no consistent state to
     /// preserve yet), made durable, and reported by id.
-    pub fn write_bulk(&self, chunks: Vec<BulkChunk>) -> Result<Vec<u64>, MasterTargetError> {
+    pub fn write_bulk(&self, epoch: u64, chunks: Vec<BulkChunk>) -> Result<Vec<u64>, MasterTargetError> {
+        let current = self.bulk_epoch.lock().unwrap_or_else(|p| p.into_inner());
+        if *current != epoch {
+            return Err(MasterTargetError::Refused(
+                "a newer connection for this machine exists: dropping this one's bulk data".into(),
+            ));
+        }
         let mut touched = vec![false; self.targets.len()];
         let mut ids = Vec::with_capacity(chunks.len());
         let mut bytes = 0;
@@ -319,6 +337,13 @@ impl Replica {
         }
         self.lock_apply().rate.add(bytes);
         Ok(ids)
+    }
+
+    /// A new process-server connection: later bulk writes of older ones are refused.
+    pub fn new_bulk_epoch(&self) -> u64 {
+        let mut e = self.bulk_epoch.lock().unwrap_or_else(|p| p.into_inner());
+        *e += 1;
+        *e
     }
 
     fn apply_loop(self: Arc<Self>) {

@@ -180,8 +180,11 @@ impl ProcessServer {
                 Ok(()) => return,
                 Err(e) => {
                     // Bulk chunks in flight on the lost link may be gone: the agent resends them.
-                    while bulk_rx.try_recv().is_ok() {}
-                    spool.relay_upstream(Message::BulkReset);
+                    // (Only when the link was up: queued chunks wait for the next connection.)
+                    if spool.downstream_connected() {
+                        while bulk_rx.try_recv().is_ok() {}
+                        spool.relay_upstream(Message::BulkReset);
+                    }
                     spool.set_downstream(false, Some(e.clone()));
                     tracing::warn!(machine = %spool.name(), error = %e, "master target link down; retrying");
                 }
@@ -415,7 +418,11 @@ where
 /// Relay an upstream message (acks, events, bulk acks) to the agent. If this connection fell
 /// behind and messages were dropped, tell the agent to resend its in-flight bulk chunks and send
 /// the current positions, so nothing waits forever for a lost acknowledgement.
-async fn relay<S>(spool: &Arc<MachineSpool>, framed: &mut Framed<S, FrameCodec>, m: Result<Message, tokio::sync::broadcast::error::RecvError>) -> Result<(), String>
+async fn relay<S>(
+    spool: &Arc<MachineSpool>,
+    framed: &mut Framed<S, FrameCodec>,
+    m: Result<Message, tokio::sync::broadcast::error::RecvError>,
+) -> Result<(), String>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -425,7 +432,14 @@ where
             tracing::warn!(machine = %spool.name(), dropped = n, "agent connection fell behind on acknowledgements; asking it to resend bulk chunks");
             framed.send(Message::BulkReset).await.map_err(|e| e.to_string())?;
             let (durable, applied) = spool.positions();
-            framed.send(Message::Ack(ferry_protocol::Ack { durable_seq: durable, target_durable_seq: 0, applied_seq: applied })).await.map_err(|e| e.to_string())
+            framed
+                .send(Message::Ack(ferry_protocol::Ack {
+                    durable_seq: durable,
+                    target_durable_seq: 0,
+                    applied_seq: applied,
+                }))
+                .await
+                .map_err(|e| e.to_string())
         }
         Err(tokio::sync::broadcast::error::RecvError::Closed) => Err("spool closed".into()),
     }

@@ -59,6 +59,8 @@ pub struct MachineSpool {
     /// Initial-sync chunks passing through to the master target (not spooled).
     bulk_tx: mpsc::Sender<Message>,
     bulk_rx: Mutex<Option<mpsc::Receiver<Message>>>,
+    /// Spool size, readable without the log lock (which is held across fsyncs).
+    bytes: std::sync::atomic::AtomicU64,
 }
 
 impl MachineSpool {
@@ -89,7 +91,9 @@ impl MachineSpool {
             upstream,
             bulk_tx,
             bulk_rx: Mutex::new(Some(bulk_rx)),
+            bytes: std::sync::atomic::AtomicU64::new(0),
         });
+        s.bytes.store(s.lock_log().bytes(), std::sync::atomic::Ordering::Relaxed);
         if let Some(h) = descriptor {
             s.set_descriptor(&h)?;
         }
@@ -126,7 +130,7 @@ impl MachineSpool {
     }
 
     pub fn bytes(&self) -> u64 {
-        self.lock_log().bytes()
+        self.bytes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// (durable here or beyond, applied at the master target)
@@ -151,6 +155,7 @@ impl MachineSpool {
         }
         log.sync()?;
         let synced = log.synced_seq();
+        self.bytes.store(log.bytes(), std::sync::atomic::Ordering::Relaxed);
         drop(log);
         self.data.notify_one();
         let mut st = self.lock_state();
@@ -199,6 +204,7 @@ impl MachineSpool {
         let synced = {
             let mut log = self.lock_log();
             log.release_through(durable)?;
+            self.bytes.store(log.bytes(), std::sync::atomic::Ordering::Relaxed);
             log.synced_seq()
         };
         let ack = {
@@ -230,6 +236,10 @@ impl MachineSpool {
 
     pub(crate) fn set_agent_connected(&self, v: bool) {
         self.lock_state().agent_connected = v;
+    }
+
+    pub(crate) fn downstream_connected(&self) -> bool {
+        self.lock_state().downstream_connected
     }
 
     pub(crate) fn set_downstream(&self, connected: bool, error: Option<String>) {

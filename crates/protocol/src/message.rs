@@ -57,6 +57,9 @@ pub enum ResyncReason {
     VerifyRepair,
     /// A write to the source disk failed part-way: the region is copied as it now is.
     LocalWriteError,
+    /// A peer's acknowledged position went backwards (its spool or journal was lost), or the
+    /// agent's own tracking state was lost: everything allocated is compared and copied again.
+    StateLost,
 }
 
 /// The kind of a consistency tag.
