@@ -391,6 +391,8 @@ async fn verify(v: VerifyArgs, out: OutputFormat) -> Result<()> {
         );
     }
     let id = resp["verify_id"].as_u64().context("agent returned no verify_id")?;
+    let mut progress = (0u64, 0u64);
+    let mut last_progress = std::time::Instant::now();
     let session = loop {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         let (code, s) = ferry_status::request(&addr, "GET", &format!("/verify/{id}"), None).await?;
@@ -399,6 +401,16 @@ async fn verify(v: VerifyArgs, out: OutputFormat) -> Result<()> {
         }
         if s["state"] != "running" {
             break s;
+        }
+        let now = (s["bytes_hashed"].as_u64().unwrap_or(0), s["blocks_compared"].as_u64().unwrap_or(0));
+        if now != progress {
+            progress = now;
+            last_progress = std::time::Instant::now();
+        } else if last_progress.elapsed() > std::time::Duration::from_secs(120) {
+            bail!(
+                "verify of {} made no progress for 2 minutes (hashed {} bytes, {} blocks compared): is the master target reachable? check `ferry agent status`, then run verify again",
+                v.disk, now.0, now.1
+            );
         }
         if matches!(out, OutputFormat::Table) {
             let done = s["bytes_hashed"].as_u64().unwrap_or(0);
