@@ -494,10 +494,10 @@ impl Machine {
                 Err(JournalError::ActivityLogFull { .. }) => {
                     // Retire what can be retired (flush disks, persist the bitmap); if everything
                     // active still has unacknowledged records, fall back to the bitmap.
-                    self.retire_extents(c, true, &keys)?;
+                    self.retire_extents(c, &keys)?;
                     if c.al.active_count() >= c.al.capacity() {
                         self.overflow(c);
-                        self.retire_extents(c, true, &keys)?;
+                        self.retire_extents(c, &keys)?;
                     }
                     c.al.activate(key.0, key.1)?
                 }
@@ -547,9 +547,8 @@ impl Machine {
         self.resync_wake.notify_all();
     }
 
-    /// Persist the bitmap, flush the disks, and free activity-log extents whose changes are all
-    /// durable elsewhere and covered by a completed local flush.
-    fn retire_extents(&self, c: &mut Core, flush_inline: bool, pinned: &[(u16, u64)]) -> Result<(), JournalError> {
+    /// Persist the change bitmap if it changed; extents then no longer wait for it.
+    fn save_bitmap(&self, c: &mut Core) -> Result<(), JournalError> {
         if c.dirty_unsaved {
             c.dirty.save()?;
             c.dirty_unsaved = false;
@@ -557,27 +556,33 @@ impl Machine {
                 e.bitmap_unsaved = false;
             }
         }
-        let candidates: Vec<((u16, u64), u64)> = c
-            .al_index
+        Ok(())
+    }
+
+    /// Extents whose changes are all durable elsewhere, with their write counters.
+    fn retire_candidates(c: &Core, pinned: &[(u16, u64)]) -> Vec<((u16, u64), u64)> {
+        c.al_index
             .iter()
             .filter(|(k, e)| e.pending == 0 && !e.bitmap_unsaved && !pinned.contains(k))
             .map(|(k, e)| (*k, e.writes))
-            .collect();
-        if candidates.is_empty() {
-            return Ok(());
+            .collect()
+    }
+
+    fn flush_disks(&self) -> Result<(), JournalError> {
+        for d in &self.disks {
+            d.backend
+                .flush()
+                .map_err(|e| JournalError::Io { path: d.path.clone(), source: std::io::Error::other(e.to_string()) })?;
         }
-        if flush_inline {
-            for d in &self.disks {
-                d.backend.flush().map_err(|e| JournalError::Io {
-                    path: d.path.clone(),
-                    source: std::io::Error::other(e.to_string()),
-                })?;
-            }
-        }
-        for (key, writes) in candidates {
-            let retire =
+        Ok(())
+    }
+
+    /// Retire the candidates a completed flush covered (no write since the snapshot).
+    fn retire(c: &mut Core, flushed: Vec<((u16, u64), u64)>) -> Result<(), JournalError> {
+        for (key, writes) in flushed {
+            let still_idle =
                 c.al_index.get(&key).is_some_and(|e| e.pending == 0 && !e.bitmap_unsaved && e.writes == writes);
-            if retire {
+            if still_idle {
                 if let Some(e) = c.al_index.remove(&key) {
                     c.al.deactivate(e.slot)?;
                 }
@@ -586,47 +591,35 @@ impl Machine {
         Ok(())
     }
 
+    /// Make room in the activity log now (under the lock): persist the bitmap, flush the disks,
+    /// and free extents whose changes are all durable elsewhere — never the `pinned` ones.
+    fn retire_extents(&self, c: &mut Core, pinned: &[(u16, u64)]) -> Result<(), JournalError> {
+        self.save_bitmap(c)?;
+        let candidates = Self::retire_candidates(c, pinned);
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        self.flush_disks()?;
+        Self::retire(c, candidates)
+    }
+
     /// Periodic maintenance: persist the bitmap; when due (interval, or the activity log half
     /// full), flush the disks outside the lock, then retire extents whose last write that flush
     /// covered.
     pub(crate) fn maintenance(&self, retire_due: bool) -> Result<(), JournalError> {
-        let snapshot: Vec<((u16, u64), u64)> = {
+        let snapshot = {
             let mut c = self.lock();
-            if c.dirty_unsaved {
-                c.dirty.save()?;
-                c.dirty_unsaved = false;
-                for e in c.al_index.values_mut() {
-                    e.bitmap_unsaved = false;
-                }
-            }
+            self.save_bitmap(&mut c)?;
             if !retire_due && c.al.active_count() * 2 < c.al.capacity() {
                 return Ok(());
             }
-            c.al_index
-                .iter()
-                .filter(|(_, e)| e.pending == 0 && !e.bitmap_unsaved)
-                .map(|(k, e)| (*k, e.writes))
-                .collect()
+            Self::retire_candidates(&c, &[])
         };
         if snapshot.is_empty() {
             return Ok(());
         }
-        for d in &self.disks {
-            d.backend
-                .flush()
-                .map_err(|e| JournalError::Io { path: d.path.clone(), source: std::io::Error::other(e.to_string()) })?;
-        }
-        let mut c = self.lock();
-        for (key, writes) in snapshot {
-            let retire =
-                c.al_index.get(&key).is_some_and(|e| e.pending == 0 && !e.bitmap_unsaved && e.writes == writes);
-            if retire {
-                if let Some(e) = c.al_index.remove(&key) {
-                    c.al.deactivate(e.slot)?;
-                }
-            }
-        }
-        Ok(())
+        self.flush_disks()?;
+        Self::retire(&mut self.lock(), snapshot)
     }
 
     // ---- acknowledgements and the sender ---------------------------------------------------
@@ -867,8 +860,7 @@ impl Machine {
             c.state.initial_sync_complete = true;
             c.state.resync_end_pending_seq = Some(seq);
             self.save_state(c)?;
-            c.dirty.save()?;
-            c.dirty_unsaved = false;
+            self.save_bitmap(c)?;
             let msg = format!("{:?} finished: {} bytes copied", run.reason, c.resync_bytes_sent);
             tracing::info!(machine = %self.name, initial = was_initial, "{msg}");
             push_event(c, "resync-complete", msg);
@@ -1018,11 +1010,9 @@ impl Machine {
         // Initial-sync chunks not yet durable at the master target go back to the bitmap, which
         // is saved below (the activity log that covered them is cleared).
         self.requeue_bulk_locked(&mut c);
-        for d in &self.disks {
-            d.backend.flush().map_err(|e| AgentError::Disk { path: d.path.clone(), error: e.to_string() })?;
-        }
-        c.dirty.save()?;
-        c.dirty_unsaved = false;
+        self.flush_disks()?;
+        c.dirty_unsaved = true;
+        self.save_bitmap(&mut c)?;
         c.al.clear()?;
         c.al_index.clear();
         Ok(())

@@ -21,20 +21,7 @@ fn kill_during_workload(victim: &'static str, rounds: usize, opts: Opts) -> Clus
     for round in 0..rounds {
         let work = workload(&mut r, size, 2000);
         let url = c.nbd_url("disk0");
-        let bg = std::thread::spawn(move || {
-            let mut child = Command::new("qemu-io")
-                .args(["-f", "raw", &url])
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap();
-            use std::io::Write;
-            let mut stdin = child.stdin.take().unwrap();
-            let _ = stdin.write_all(work.as_bytes());
-            drop(stdin);
-            child.wait().unwrap()
-        });
+        let bg = spawn_workload(url, work);
         let delay = r.gen_range(20..600);
         std::thread::sleep(Duration::from_millis(delay));
         eprintln!("round {round}: SIGKILL {victim} after {delay} ms");
@@ -211,20 +198,7 @@ fn sigkill_each_component_during_initial_sync() {
         c.start_all();
         let url = c.nbd_url("disk0");
         let work = workload(&mut r, 256 << 20, 500);
-        let bg = std::thread::spawn(move || {
-            let mut child = Command::new("qemu-io")
-                .args(["-f", "raw", &url])
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap();
-            use std::io::Write;
-            let mut stdin = child.stdin.take().unwrap();
-            let _ = stdin.write_all(work.as_bytes());
-            drop(stdin);
-            child.wait().unwrap()
-        });
+        let bg = spawn_workload(url, work);
         let delay = r.gen_range(50..400);
         std::thread::sleep(Duration::from_millis(delay));
         let mid = c.status("agent");

@@ -15,7 +15,6 @@ mod replica;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use ferry_protocol::{codes, validate_name, Ack, FrameCodec, Hello, HelloAck, Message, Role};
 use ferry_tls::TlsFiles;
@@ -148,31 +147,11 @@ pub async fn serve(
             }
         });
     }
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => { tracing::warn!(error = %e, "accept failed"); tokio::time::sleep(Duration::from_millis(50)).await; continue; }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let mt = mt.clone();
-        let sd = shutdown.clone();
-        tokio::spawn(async move {
-            let tls = match acceptor.accept(stream).await {
-                Ok(t) => t,
-                Err(e) => {
-                    tracing::warn!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-            };
-            if let Err(e) = handle_process_server(mt, tls, sd).await {
-                tracing::warn!(%peer, error = %e, "process server connection closed");
-            }
-        });
-    }
+    let (mt2, sd) = (mt.clone(), shutdown.clone());
+    ferry_tls::serve_tls(listener, acceptor, shutdown, "process server", move |tls| {
+        handle_process_server(mt2.clone(), tls, sd.clone())
+    })
+    .await;
     mt.lock_replicas().values().for_each(|r| r.stop());
     Ok(())
 }

@@ -328,30 +328,9 @@ pub async fn serve(
             }
         });
     }
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => { tracing::warn!(error = %e, "accept failed"); tokio::time::sleep(Duration::from_millis(50)).await; continue; }
-            },
-        };
-        let _ = stream.set_nodelay(true);
-        let acceptor = acceptor.clone();
-        let ps = ps.clone();
-        tokio::spawn(async move {
-            let tls = match acceptor.accept(stream).await {
-                Ok(t) => t,
-                Err(e) => {
-                    tracing::warn!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-            };
-            if let Err(e) = handle_agent(ps, tls).await {
-                tracing::warn!(%peer, error = %e, "agent connection closed");
-            }
-        });
-    }
+    let ps2 = ps.clone();
+    ferry_tls::serve_tls(listener, acceptor, shutdown, "agent", move |tls| handle_agent(ps2.clone(), tls)).await;
+    Ok(())
 }
 
 async fn handle_agent<S>(ps: Arc<ProcessServer>, stream: S) -> Result<(), String>

@@ -312,6 +312,23 @@ pub fn http_json(port: u16, method: &str, path: &str, body: Option<&str>) -> Opt
     Some((code, serde_json::from_str(rest).unwrap_or(serde_json::Value::Null)))
 }
 
+/// Run a qemu-io workload in the background (the client may die with a killed agent).
+pub fn spawn_workload(url: String, work: String) -> std::thread::JoinHandle<std::process::ExitStatus> {
+    std::thread::spawn(move || {
+        let mut child = Command::new("qemu-io")
+            .args(["-f", "raw", &url])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let _ = stdin.write_all(work.as_bytes());
+        drop(stdin);
+        child.wait().unwrap()
+    })
+}
+
 /// A random qemu-io workload: sync and overlapping async writes, zeroing and discards, ending
 /// with a flush. Offsets and sizes are 512-aligned, as qemu-io requires for raw NBD.
 pub fn workload(rng: &mut rand::rngs::StdRng, size: u64, ops: usize) -> String {
