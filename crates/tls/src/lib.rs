@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {source} (create certificates with `ferry certs --dir DIR` and point [tls] or --certs at them)")]
     Read { path: PathBuf, source: std::io::Error },
     #[error("cannot write {path}: {source}")]
     Write { path: PathBuf, source: std::io::Error },
