@@ -136,3 +136,40 @@ fn two_tib_sparse_disk_replicates_its_data_only() {
     // qemu-img compare reads both files; holes compare quickly.
     c.assert_identical();
 }
+
+#[test]
+fn nbd_export_with_tls_serves_qemu_with_x509_credentials_and_refuses_plaintext() {
+    let mut c = Cluster::new(Opts { agent_extra: "nbd_tls = true\n".into(), ..Default::default() });
+    c.start_all();
+    let creds = c.path().join("qemu-creds");
+    std::fs::create_dir_all(&creds).unwrap();
+    std::fs::copy(c.path().join("certs/ca.pem"), creds.join("ca-cert.pem")).unwrap();
+    let plain = std::process::Command::new("qemu-io").args(["-f", "raw", "-c", "read 0 4k", &c.nbd_url("disk0")]).output().unwrap();
+    assert!(!plain.status.success(), "a plaintext client must be refused");
+    assert!(String::from_utf8_lossy(&plain.stderr).contains("TLS"), "{}", String::from_utf8_lossy(&plain.stderr));
+    let tls = std::process::Command::new("qemu-io")
+        .arg("--object")
+        .arg(format!("tls-creds-x509,id=tls0,endpoint=client,dir={}", creds.display()))
+        .arg("--image-opts")
+        .arg(format!("driver=nbd,host=127.0.0.1,port={},export=disk0,tls-creds=tls0", c.nbd))
+        .args(["-c", "write -P 0x61 1M 3M", "-c", "read -P 0x61 1M 3M", "-c", "flush"])
+        .output()
+        .unwrap();
+    assert!(tls.status.success(), "{}{}", String::from_utf8_lossy(&tls.stdout), String::from_utf8_lossy(&tls.stderr));
+    c.wait_caught_up(Duration::from_secs(30));
+    c.assert_identical();
+}
+
+#[test]
+fn nbd_export_on_a_unix_socket() {
+    let mut c = Cluster::new(Opts::default());
+    let sock = c.path().join("vm1.sock");
+    let cfg = std::fs::read_to_string(c.path().join("agent.toml")).unwrap();
+    std::fs::write(c.path().join("agent.toml"), format!("nbd_socket = '{}'\n{cfg}", sock.display())).unwrap();
+    c.start_all();
+    let url = format!("nbd+unix:///disk0?socket={}", sock.display());
+    let out = std::process::Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x33 0 1M", "-c", "flush", &url]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    c.wait_caught_up(Duration::from_secs(30));
+    c.assert_identical();
+}
