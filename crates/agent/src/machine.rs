@@ -189,9 +189,11 @@ impl Machine {
             if config.disks[..i].iter().any(|d| d.name == dc.name) {
                 return Err(AgentError::Config(format!("disk name {:?} is used twice", dc.name)));
             }
-            let open_err = |e: BackendError| AgentError::Disk {
+            let open_err = |e: BackendError| {
+                AgentError::Disk {
                 path: dc.path.clone(),
                 error: format!("cannot open disk {}: {e}; check its path in [[disks]] and that the file exists and is readable and writable", dc.name),
+            }
             };
             let backend: Arc<dyn Backend> = match dc.cache {
                 DiskCache::PageCache => Arc::new(ferry_nbd::FileBackend::open(&dc.path, false).map_err(open_err)?),

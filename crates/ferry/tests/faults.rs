@@ -274,3 +274,27 @@ fn lost_process_server_spool_is_detected_and_repaired() {
     let s = c.status("agent");
     assert!(s["events"].as_array().unwrap().iter().any(|e| e["kind"] == "peer-state-lost"), "{s:#}");
 }
+
+#[test]
+fn a_deleted_target_disk_is_refused_not_silently_recreated() {
+    let mut c = Cluster::new(Opts::default());
+    c.start_all();
+    assert!(c.qemu_io("disk0", "write -P 5 0 4M\nflush\n").status.success());
+    c.wait_caught_up(Duration::from_secs(30));
+    c.kill9("master-target");
+    std::fs::remove_file(c.target("disk0")).unwrap();
+    c.start("master-target");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let ps = c.status("process-server");
+        if let Some(err) = ps["machines"][0]["master_target_error"].as_str() {
+            if err.contains("missing") {
+                assert!(err.contains("restore the file"), "{err}");
+                break;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "the process server never reported the refusal: {ps:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!c.target("disk0").exists(), "the target must not be re-created empty");
+}

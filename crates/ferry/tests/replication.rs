@@ -144,7 +144,10 @@ fn nbd_export_with_tls_serves_qemu_with_x509_credentials_and_refuses_plaintext()
     let creds = c.path().join("qemu-creds");
     std::fs::create_dir_all(&creds).unwrap();
     std::fs::copy(c.path().join("certs/ca.pem"), creds.join("ca-cert.pem")).unwrap();
-    let plain = std::process::Command::new("qemu-io").args(["-f", "raw", "-c", "read 0 4k", &c.nbd_url("disk0")]).output().unwrap();
+    let plain = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "read 0 4k", &c.nbd_url("disk0")])
+        .output()
+        .unwrap();
     assert!(!plain.status.success(), "a plaintext client must be refused");
     assert!(String::from_utf8_lossy(&plain.stderr).contains("TLS"), "{}", String::from_utf8_lossy(&plain.stderr));
     let tls = std::process::Command::new("qemu-io")
@@ -168,7 +171,10 @@ fn nbd_export_on_a_unix_socket() {
     std::fs::write(c.path().join("agent.toml"), format!("nbd_socket = '{}'\n{cfg}", sock.display())).unwrap();
     c.start_all();
     let url = format!("nbd+unix:///disk0?socket={}", sock.display());
-    let out = std::process::Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x33 0 1M", "-c", "flush", &url]).output().unwrap();
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x33 0 1M", "-c", "flush", &url])
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     c.wait_caught_up(Duration::from_secs(30));
     c.assert_identical();

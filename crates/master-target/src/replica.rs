@@ -118,9 +118,27 @@ impl Replica {
         let dir = config.retention.join(&machine.name);
         let tdir = config.datastore.join(&machine.name);
         std::fs::create_dir_all(&tdir).map_err(io(&tdir))?;
+        let ckpt_path = dir.join("checkpoint.json");
+        let ckpt: Checkpoint = match std::fs::read(&ckpt_path) {
+            Ok(d) => serde_json::from_slice(&d)
+                .map_err(|e| MasterTargetError::Refused(format!("{} is corrupt: {e}", ckpt_path.display())))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Checkpoint::default(),
+            Err(e) => return Err(io(&ckpt_path)(e)),
+        };
+        // Written once the target disks exist: from then on a missing target is an error.
+        let created_marker = dir.join("targets.created");
         let mut targets = Vec::new();
         for d in &machine.disks {
             let p = tdir.join(format!("{}.img", d.name));
+            if !p.exists() && (ckpt.applied_seq > 0 || created_marker.exists()) {
+                // Re-creating it empty would silently leave a replica without its earlier data.
+                return Err(MasterTargetError::Refused(format!(
+                    "target disk {} is missing, but this replica already holds data for it (applied up to seq {}): restore the file from a copy, or disable protection of {} and protect it again (a full copy)",
+                    p.display(),
+                    ckpt.applied_seq,
+                    machine.name
+                )));
+            }
             let f = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&p).map_err(io(&p))?;
             let len = f.metadata().map_err(io(&p))?.len();
             if len == 0 {
@@ -134,14 +152,10 @@ impl Replica {
             targets.push((p, f));
         }
         fsutil::sync_dir(&tdir)?;
+        if !created_marker.exists() {
+            fsutil::write_atomic(&created_marker, b"target disks created\n")?;
+        }
         let journal = SegmentLog::open(&dir.join("journal"), config.segment_bytes)?;
-        let ckpt_path = dir.join("checkpoint.json");
-        let ckpt: Checkpoint = match std::fs::read(&ckpt_path) {
-            Ok(d) => serde_json::from_slice(&d)
-                .map_err(|e| MasterTargetError::Refused(format!("{} is corrupt: {e}", ckpt_path.display())))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Checkpoint::default(),
-            Err(e) => return Err(io(&ckpt_path)(e)),
-        };
         // Where does the newest completed resync end? (decides whether held resync data may apply)
         let mut latest_end = 0;
         let mut cur = Cursor::after(ckpt.applied_seq);

@@ -148,8 +148,9 @@ impl ProcessServer {
         let used = self.spool_bytes() as f64;
         let by_capacity = ((cap - used).max(0.0) / cap * 100.0).floor() as u8;
         let fs_free = fs_available(&self.config.cache_dir);
-        // Hard limit: the filesystem must hold at least another batch or two.
-        if fs_free < 2 * ferry_protocol::MAX_FRAME_LEN as u64 {
+        // Hard limit: the filesystem must hold at least another batch or two (less for a small cache).
+        let floor = (2 * ferry_protocol::MAX_FRAME_LEN as u64).min(self.config.cache_capacity_bytes / 5);
+        if fs_free < floor {
             return 0;
         }
         by_capacity
