@@ -298,3 +298,70 @@ fn a_deleted_target_disk_is_refused_not_silently_recreated() {
     }
     assert!(!c.target("disk0").exists(), "the target must not be re-created empty");
 }
+
+/// A tmpfs mounted over a folder for the life of a test (root only: CI runs as root).
+struct SmallFs(std::path::PathBuf);
+
+impl SmallFs {
+    fn mount(dir: &std::path::Path, size: &str) -> Option<SmallFs> {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        ok.then(|| SmallFs(dir.to_owned()))
+    }
+    fn resize(&self, size: &str) {
+        assert!(Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .unwrap()
+            .success());
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn full_datastore_is_reported_and_applying_resumes_when_space_returns() {
+    let mut c = Cluster::new(Opts::default());
+    let Some(fs) = SmallFs::mount(&c.path().join("datastore"), "16M") else {
+        assert!(is_not_root(), "mounting a tmpfs failed although running as root");
+        eprintln!("SKIPPED: mounting a small filesystem needs root");
+        return;
+    };
+    c.start_all();
+    c.wait_caught_up(Duration::from_secs(30));
+    assert!(c.qemu_io("disk0", "write -P 0x21 0 40M\nflush\n").status.success(), "the source keeps working");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mt = c.status("master-target");
+        if let Some(err) = mt["machines"][0]["error"].as_str() {
+            assert!(err.contains("No space left") || err.contains("space"), "{err}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "a full datastore must be reported: {mt:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_ne!(c.status("agent")["caught_up"], true);
+    fs.resize("128M");
+    c.wait_caught_up(Duration::from_secs(60));
+    c.assert_identical();
+    assert!(c.status("master-target")["machines"][0]["error"].is_null());
+    for comp in COMPONENTS {
+        c.kill9(comp);
+    }
+    drop(fs);
+    drop(c);
+}
+
+fn is_not_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() != "0").unwrap_or(true)
+}

@@ -29,6 +29,9 @@ struct Checkpoint {
 
 struct ApplyState {
     ckpt: Checkpoint,
+    /// The last checkpoint made durable: after an error, applying restarts from here (the
+    /// journal still holds everything after it, and replay is idempotent).
+    persisted: Checkpoint,
     last_applied_time_ms: u64,
     rate: RateMeter,
     /// Journaled resync data waiting for its ResyncEnd (the replica keeps its consistent state).
@@ -180,6 +183,7 @@ impl Replica {
             journal: Mutex::new(journal),
             apply: Mutex::new(ApplyState {
                 ckpt,
+                persisted: ckpt,
                 last_applied_time_ms: 0,
                 rate: RateMeter::default(),
                 holding_resync_at: None,
@@ -366,45 +370,28 @@ impl Replica {
         let mut last_ckpt = Instant::now();
         let mut dirty = false;
         while !self.stopped.load(Ordering::SeqCst) {
-            let batch = match self.lock_journal().read(&mut cursor, 16 << 20) {
-                Ok(b) => b,
+            match self.apply_step(&mut cursor, &mut dirty, &mut last_ckpt) {
+                Ok(idle) => {
+                    if idle {
+                        let g = self.lock_apply();
+                        let wait = if dirty { Duration::from_millis(20) } else { Duration::from_millis(200) };
+                        let _ = self.wake.wait_timeout(g, wait);
+                    }
+                }
                 Err(e) => {
-                    self.fail(format!("cannot read journal: {e}"));
-                    return;
-                }
-            };
-            let mut held = false;
-            for rec in &batch {
-                match self.apply_record(rec) {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        // Hold at this ResyncBegin: re-read from here once its ResyncEnd is durable.
-                        cursor = Cursor::after(rec.seq - 1);
-                        held = true;
-                        break;
-                    }
-                    Err(e) => {
-                        self.fail(e);
-                        return;
-                    }
-                }
-                dirty = true;
-            }
-            let applied = self.lock_apply().ckpt.applied_seq;
-            self.applied_tx.send_replace(applied);
-            if dirty && (last_ckpt.elapsed() >= self.checkpoint_interval || batch.is_empty() || held) {
-                if let Err(e) = self.checkpoint() {
+                    // A full or failing datastore: report, wait, and start again from the last
+                    // durable checkpoint (a failed fsync may have dropped written pages).
                     self.fail(e);
-                    return;
+                    let restart = {
+                        let mut st = self.lock_apply();
+                        st.ckpt = st.persisted;
+                        st.holding_resync_at = None;
+                        st.ckpt.applied_seq
+                    };
+                    cursor = Cursor::after(restart);
+                    dirty = false;
+                    std::thread::sleep(Duration::from_secs(1));
                 }
-                dirty = false;
-                last_ckpt = Instant::now();
-            }
-            if batch.is_empty() || held {
-                let g = self.lock_apply();
-                let _ = self
-                    .wake
-                    .wait_timeout(g, if dirty { Duration::from_millis(20) } else { Duration::from_millis(200) });
             }
         }
         if dirty {
@@ -412,8 +399,39 @@ impl Replica {
         }
     }
 
+    /// Apply one batch; returns whether there was nothing to do (the caller then waits).
+    fn apply_step(&self, cursor: &mut Cursor, dirty: &mut bool, last_ckpt: &mut Instant) -> Result<bool, String> {
+        let batch = self.lock_journal().read(cursor, 16 << 20).map_err(|e| format!("cannot read journal: {e}"))?;
+        let mut held = false;
+        for rec in &batch {
+            if !self.apply_record(rec)? {
+                // Hold at this ResyncBegin: re-read from here once its ResyncEnd is durable.
+                *cursor = Cursor::after(rec.seq - 1);
+                held = true;
+                break;
+            }
+            *dirty = true;
+        }
+        let applied = self.lock_apply().ckpt.applied_seq;
+        self.applied_tx.send_replace(applied);
+        if *dirty && (last_ckpt.elapsed() >= self.checkpoint_interval || batch.is_empty() || held) {
+            self.checkpoint()?;
+            *dirty = false;
+            *last_ckpt = Instant::now();
+        }
+        let had_error = self.lock_apply().error.take();
+        if let Some(e) = had_error {
+            if !batch.is_empty() {
+                tracing::info!(machine = %self.name, previous_error = %e, "applying again");
+            } else {
+                self.lock_apply().error = Some(e);
+            }
+        }
+        Ok(batch.is_empty() || held)
+    }
+
     fn fail(&self, e: String) {
-        tracing::error!(machine = %self.name, error = %e, "applier stopped");
+        tracing::error!(machine = %self.name, error = %e, "applying to the target disks failed; retrying from the last checkpoint");
         self.lock_apply().error = Some(e);
     }
 
@@ -503,6 +521,7 @@ impl Replica {
         let ckpt = self.lock_apply().ckpt;
         let data = serde_json::to_vec(&ckpt).map_err(|e| e.to_string())?;
         fsutil::write_atomic(&self.dir.join("checkpoint.json"), &data).map_err(|e| e.to_string())?;
+        self.lock_apply().persisted = ckpt;
         self.lock_journal().release_through(ckpt.applied_seq).map_err(|e| e.to_string())?;
         Ok(())
     }
