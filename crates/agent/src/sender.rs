@@ -49,12 +49,18 @@ async fn session(
     shutdown: &CancellationToken,
 ) -> Result<(), String> {
     let addr = &machine.config.process_server;
-    let tcp = tokio::net::TcpStream::connect(addr)
+    // Bounded: an unreachable address must not hang the agent for the OS's SYN timeout.
+    let limit = Duration::from_secs(10);
+    let tcp = tokio::time::timeout(limit, tokio::net::TcpStream::connect(addr))
         .await
+        .map_err(|_| format!("cannot connect to process server {addr}: no answer within {limit:?}"))?
         .map_err(|e| format!("cannot connect to process server {addr}: {e}"))?;
     let _ = tcp.set_nodelay(true);
     let name = ferry_tls::server_name(&machine.config.process_server_name).map_err(|e| e.to_string())?;
-    let tls = connector.connect(name, tcp).await.map_err(|e| format!("TLS with process server {addr} failed: {e}"))?;
+    let tls = tokio::time::timeout(limit, connector.connect(name, tcp))
+        .await
+        .map_err(|_| format!("TLS with process server {addr} did not complete within {limit:?}"))?
+        .map_err(|e| format!("TLS with process server {addr} failed: {e}"))?;
     let mut framed = Framed::new(tls, FrameCodec::default());
     framed
         .send(Message::Hello(Hello {

@@ -208,12 +208,18 @@ impl ProcessServer {
             spool.wait_data().await;
             return Err("waiting for the agent's first hello".into());
         };
-        let tcp = tokio::net::TcpStream::connect(&self.config.master_target)
+        let addr = &self.config.master_target;
+        let limit = Duration::from_secs(10);
+        let tcp = tokio::time::timeout(limit, tokio::net::TcpStream::connect(addr))
             .await
-            .map_err(|e| format!("cannot connect to master target {}: {e}", self.config.master_target))?;
+            .map_err(|_| format!("cannot connect to master target {addr}: no answer within {limit:?}"))?
+            .map_err(|e| format!("cannot connect to master target {addr}: {e}"))?;
         let _ = tcp.set_nodelay(true);
         let name = ferry_tls::server_name(&self.config.master_target_name).map_err(|e| e.to_string())?;
-        let tls = self.connector.connect(name, tcp).await.map_err(|e| format!("TLS with master target failed: {e}"))?;
+        let tls = tokio::time::timeout(limit, self.connector.connect(name, tcp))
+            .await
+            .map_err(|_| format!("TLS with master target {addr} did not complete within {limit:?}"))?
+            .map_err(|e| format!("TLS with master target {addr} failed: {e}"))?;
         let mut framed = Framed::new(tls, FrameCodec::compressed());
         framed
             .send(Message::Hello(Hello {

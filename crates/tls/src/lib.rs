@@ -154,10 +154,14 @@ pub async fn serve_tls<F, Fut>(
         let acceptor = acceptor.clone();
         let handle = handle.clone();
         tokio::spawn(async move {
-            let tls = match acceptor.accept(stream).await {
-                Ok(t) => t,
-                Err(e) => {
+            let tls = match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(stream)).await {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
                     tracing::warn!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(%peer, "TLS handshake did not complete within 10 s");
                     return;
                 }
             };
