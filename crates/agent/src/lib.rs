@@ -46,6 +46,20 @@ struct ReplicatedDisk {
     index: u16,
 }
 
+impl ReplicatedDisk {
+    /// Zeroing requests can span gigabytes: split them so each piece fits in the activity log.
+    fn zero(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> Result<(), BackendError> {
+        let piece = self.machine.max_zero_piece();
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(piece);
+            self.machine.submit(self.index, offset + done, n, None, may_trim, fua)?;
+            done += n;
+        }
+        Ok(())
+    }
+}
+
 impl Backend for ReplicatedDisk {
     fn size(&self) -> u64 {
         self.machine.disks[self.index as usize].size
@@ -60,11 +74,11 @@ impl Backend for ReplicatedDisk {
         self.machine.submit(self.index, offset, data.len() as u64, Some(data), false, fua)
     }
     fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool, fua: bool) -> Result<(), BackendError> {
-        self.machine.submit(self.index, offset, len, None, may_trim, fua)
+        self.zero(offset, len, may_trim, fua)
     }
     fn trim(&self, offset: u64, len: u64, fua: bool) -> Result<(), BackendError> {
         // TRIM is replicated as zeroing so source and target stay byte-identical.
-        self.machine.submit(self.index, offset, len, None, true, fua)
+        self.zero(offset, len, true, fua)
     }
     fn flush(&self) -> Result<(), BackendError> {
         self.machine.disks[self.index as usize].backend.flush()

@@ -50,10 +50,11 @@ struct PersistentState {
     generation: u64,
     initial_sync_complete: bool,
     disks: Vec<DiskDescriptor>,
-    /// A ResyncEnd was queued but not yet acknowledged: if it is lost (crash, overflow), the
-    /// master target would hold its replica forever, so a restart runs a (possibly empty) resync.
+    /// Seq of the ResyncBegin of a resync whose ResyncEnd is not yet acknowledged. While set, the
+    /// master target may be holding its replica for that run: if the run's end never arrives
+    /// (stop, crash, overflow), a restart runs a (possibly empty) resync to close it.
     #[serde(default)]
-    resync_end_pending_seq: Option<u64>,
+    resync_open_seq: Option<u64>,
 }
 
 pub struct Disk {
@@ -71,7 +72,7 @@ struct AlEntry {
     pending: u32,
     /// Bitmap bits set in this extent that are not yet persisted.
     bitmap_unsaved: bool,
-    /// Writes submitted to this extent (to know whether a flush covered the last one).
+    /// Stamp of the last write submitted to this extent (to know whether a flush covered it).
     writes: u64,
 }
 
@@ -86,6 +87,8 @@ struct BulkEntry {
     data: Vec<u8>,
     sent: Option<Instant>,
     extents: Vec<(u16, u64)>,
+    /// What the entry counts against the in-flight window (its payload; zeroing is cheap).
+    weight: u64,
 }
 
 struct LogEntry {
@@ -134,6 +137,11 @@ pub(crate) struct Core {
     bulk: VecDeque<BulkEntry>,
     bulk_bytes: u64,
     next_bulk_id: u64,
+    /// Seq of the queued ResyncEnd of the open run (its ack closes the run).
+    pending_end_seq: Option<u64>,
+    /// Stamps writes so activity-log retirement can tell whether a flush covered the last one
+    /// (monotonic across re-activations of an extent).
+    write_stamp: u64,
     /// Finished resyncs (reason, bytes copied), newest last: tests and operators check that a
     /// crash resent only the activity log's regions.
     completed_resyncs: VecDeque<serde_json::Value>,
@@ -241,9 +249,10 @@ impl Machine {
             }
         }
         if al_lost {
-            // Without the activity log nothing bounds what may differ: copy everything allocated.
+            // Without the activity log nothing bounds what may differ: compare and copy whole
+            // disks (holes travel as zeroing, without reading them).
             for (i, d) in disks.iter().enumerate() {
-                mark_allocated(&mut dirty, i, d)?;
+                dirty.mark(i, 0, d.size);
             }
         }
         let (state, mode, reason) = match previous {
@@ -255,7 +264,7 @@ impl Machine {
                 let st = PersistentState {
                     generation: rand::random::<u64>() | 1,
                     initial_sync_complete: false,
-                    resync_end_pending_seq: None,
+                    resync_open_seq: None,
                     disks: disks
                         .iter()
                         .map(|d| DiskDescriptor { name: d.name.clone(), size: d.size, uuid: d.uuid.clone() })
@@ -264,7 +273,7 @@ impl Machine {
                 (st, Mode::InitialSync, ResyncReason::InitialSync)
             }
             Some(st) if !st.initial_sync_complete => (st, Mode::InitialSync, ResyncReason::InitialSync),
-            Some(st) if !dirty.is_empty() || st.resync_end_pending_seq.is_some() => {
+            Some(st) if !dirty.is_empty() || st.resync_open_seq.is_some() => {
                 let reason = if al_lost {
                     ResyncReason::StateLost
                 } else if recovered.is_empty() {
@@ -336,6 +345,8 @@ impl Machine {
             bulk: VecDeque::new(),
             bulk_bytes: 0,
             next_bulk_id: 1,
+            pending_end_seq: None,
+            write_stamp: 0,
         };
         Ok(Arc::new(Machine {
             name: config.machine.clone(),
@@ -366,6 +377,11 @@ impl Machine {
 
     pub fn generation(&self) -> u64 {
         self.lock().state.generation
+    }
+
+    /// Largest zeroing submitted as one record: a quarter of the activity log's reach.
+    pub(crate) fn max_zero_piece(&self) -> u64 {
+        ((self.config.al_extents as u64 / 4).max(1) * self.ext_bytes()).max(TRACK_BLOCK)
     }
 
     fn ext_bytes(&self) -> u64 {
@@ -416,9 +432,11 @@ impl Machine {
             self.resync_wake.notify_all();
             return Err(e);
         }
+        c.write_stamp += 1;
+        let stamp = c.write_stamp;
         for key in extents_of(disk, offset, len, self.ext_bytes()) {
             if let Some(e) = c.al_index.get_mut(&key) {
-                e.writes += 1;
+                e.writes = stamp;
             }
         }
         c.rate_in.add(len);
@@ -643,8 +661,9 @@ impl Machine {
                 }
             }
         }
-        if c.state.resync_end_pending_seq.is_some_and(|e| durable >= e) {
-            c.state.resync_end_pending_seq = None;
+        if c.pending_end_seq.is_some_and(|e| durable >= e) {
+            c.pending_end_seq = None;
+            c.state.resync_open_seq = None;
             if let Err(e) = self.save_state(&c) {
                 tracing::error!(machine = %self.name, error = %e, "cannot persist agent state");
             }
@@ -665,16 +684,13 @@ impl Machine {
             // The process server acknowledged more before: its spool (or the master target's
             // journal) was lost, and with it records this agent no longer holds.
             let msg = format!(
-                "process server reports durable seq {durable_seq}, below the {} it acknowledged before: acknowledged changes were lost downstream; comparing and copying all allocated regions",
+                "process server reports durable seq {durable_seq}, below the {} it acknowledged before: acknowledged changes were lost downstream; copying the whole disks again",
                 c.ack.durable_seq
             );
             tracing::error!(machine = %self.name, "{msg}");
             push_event(&mut c, "peer-state-lost", msg);
             for (i, d) in self.disks.iter().enumerate() {
-                if let Err(e) = mark_allocated(&mut c.dirty, i, d) {
-                    tracing::error!(error = %e, "cannot list allocated regions; marking the whole disk");
-                    c.dirty.mark(i, 0, d.size);
-                }
+                c.dirty.mark(i, 0, d.size);
             }
             c.dirty_unsaved = true;
             self.overflow(&mut c);
@@ -690,6 +706,12 @@ impl Machine {
             );
             tracing::warn!(machine = %self.name, "{msg}");
             push_event(&mut c, "sequence-jump", msg);
+            // Whatever was queued under the old numbers would be taken for resends and dropped:
+            // turn it into bitmap regions, copied again in a new run numbered after the chain.
+            self.overflow(&mut c);
+            if c.mode == Mode::Resync {
+                c.resync_reason = ResyncReason::StateLost;
+            }
             c.next_seq = durable_seq + 1;
             let reserve = c.next_seq + SEQ_RESERVATION;
             if let Err(e) = c.al.reserve_seq(reserve) {
@@ -732,7 +754,7 @@ impl Machine {
             }
             e.sent = Some(Instant::now());
             let data = std::mem::take(&mut e.data);
-            bytes += e.len;
+            bytes += e.weight;
             out.push(ferry_protocol::BulkChunk { id: e.id, disk: e.disk, offset: e.offset, len: e.len, data });
         }
         if !out.is_empty() {
@@ -746,7 +768,7 @@ impl Machine {
         let mut c = self.lock();
         if let Some(i) = c.bulk.iter().position(|e| e.id == id) {
             if let Some(e) = c.bulk.remove(i) {
-                c.bulk_bytes -= e.len;
+                c.bulk_bytes -= e.weight;
                 for key in &e.extents {
                     if let Some(a) = c.al_index.get_mut(key) {
                         a.pending = a.pending.saturating_sub(1);
@@ -828,6 +850,8 @@ impl Machine {
             let seq = self.alloc_seq(c)?;
             self.push(c, seq, RecordBody::ResyncBegin { generation, reason, preserve_consistent: preserve });
             c.state.generation = generation;
+            c.state.resync_open_seq = Some(seq);
+            c.pending_end_seq = None;
             self.save_state(c)?;
             let total = c.dirty.bytes();
             tracing::info!(machine = %self.name, ?reason, bytes = total, "resync started");
@@ -858,7 +882,7 @@ impl Machine {
             let was_initial = c.mode == Mode::InitialSync;
             c.mode = Mode::Replicating;
             c.state.initial_sync_complete = true;
-            c.state.resync_end_pending_seq = Some(seq);
+            c.pending_end_seq = Some(seq);
             self.save_state(c)?;
             self.save_bitmap(c)?;
             let msg = format!("{:?} finished: {} bytes copied", run.reason, c.resync_bytes_sent);
@@ -873,6 +897,9 @@ impl Machine {
         };
         let d = &self.disks[disk];
         let offset = first as u64 * TRACK_BLOCK;
+        if self.resync_hole(c, disk, first)? {
+            return Ok(());
+        }
         let len = (n as u64 * TRACK_BLOCK).min(d.size.saturating_sub(offset));
         if len == 0 {
             c.dirty.disks[disk].remove_range(first..first + n);
@@ -902,9 +929,10 @@ impl Machine {
             }
             let id = c.next_bulk_id;
             c.next_bulk_id += 1;
-            c.bulk_bytes += len;
             let data = if is_zero(buf) { Vec::new() } else { std::mem::take(buf) };
-            c.bulk.push_back(BulkEntry { id, disk: disk as u16, offset, len, data, sent: None, extents });
+            let weight = (data.len() as u64).max(TRACK_BLOCK);
+            c.bulk_bytes += weight;
+            c.bulk.push_back(BulkEntry { id, disk: disk as u16, offset, len, data, sent: None, extents, weight });
             return Ok(());
         }
         // Split into runs of data blocks (shipped) and all-zero blocks (shipped as zeroing).
@@ -931,6 +959,61 @@ impl Machine {
             pos = run_end;
         }
         Ok(())
+    }
+
+    /// When the dirty run starting at `first` lies in a hole of the source, ship it as one
+    /// zeroing without reading it (whole-disk resyncs of sparse disks). Returns whether it did.
+    fn resync_hole(&self, c: &mut Core, disk: usize, first: u32) -> Result<bool, AgentError> {
+        let d = &self.disks[disk];
+        let offset = first as u64 * TRACK_BLOCK;
+        // Bounded so the activity log can cover the zeroing until it is acknowledged.
+        let max_blocks = ((c.al.capacity() as u64 / 4).max(1) * self.ext_bytes() / TRACK_BLOCK).min(1 << 18);
+        let span = (max_blocks * TRACK_BLOCK).min(d.size.saturating_sub(offset));
+        let Ok(extents) = d.backend.block_status(offset, span) else { return Ok(false) };
+        let Some(e) = extents.first().filter(|e| e.hole) else { return Ok(false) };
+        let hole_blocks = (e.length.min(span) / TRACK_BLOCK) as u32;
+        let bm = &c.dirty.disks[disk];
+        let mut n = 0u32;
+        while n < hole_blocks && bm.contains(first + n) {
+            n += 1;
+        }
+        if n == 0 {
+            return Ok(false);
+        }
+        let len = n as u64 * TRACK_BLOCK;
+        self.ensure_active(c, disk as u16, offset, len)?;
+        if c.resync.is_none() {
+            return Ok(true);
+        }
+        if c.resync.as_ref().is_some_and(|r| r.reason == ResyncReason::InitialSync) {
+            let extents: Vec<_> = extents_of(disk as u16, offset, len, self.ext_bytes()).collect();
+            for key in &extents {
+                if let Some(a) = c.al_index.get_mut(key) {
+                    a.pending += 1;
+                }
+            }
+            let id = c.next_bulk_id;
+            c.next_bulk_id += 1;
+            c.bulk_bytes += TRACK_BLOCK; // no payload travels
+            let weight = TRACK_BLOCK;
+            c.bulk.push_back(BulkEntry {
+                id,
+                disk: disk as u16,
+                offset,
+                len,
+                data: Vec::new(),
+                sent: None,
+                extents,
+                weight,
+            });
+        } else {
+            let seq = self.alloc_seq(c)?;
+            self.push(c, seq, RecordBody::Zero { disk: disk as u16, offset, len });
+        }
+        c.dirty.disks[disk].remove_range(first..first + n);
+        c.dirty_unsaved = true;
+        c.resync_bytes_sent += len;
+        Ok(true)
     }
 
     fn save_state(&self, c: &Core) -> Result<(), AgentError> {

@@ -365,3 +365,51 @@ fn full_datastore_is_reported_and_applying_resumes_when_space_returns() {
 fn is_not_root() -> bool {
     Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() != "0").unwrap_or(true)
 }
+
+#[test]
+fn huge_discards_and_zeroing_fit_a_small_activity_log() {
+    let mut c = Cluster::new(Opts {
+        disks: vec![("disk0", 2 << 30)],
+        agent_extra: "al_extents = 16\n".into(),
+        ..Default::default()
+    });
+    c.start_all();
+    assert!(c.qemu_io("disk0", "write -P 1 0 8M\nwrite -P 2 1G 8M\nflush\n").status.success());
+    c.wait_caught_up(Duration::from_secs(30));
+    let out = c.qemu_io("disk0", "discard 0 1G\ndiscard 1G 1G\nwrite -P 3 4M 1M\nwrite -z 512M 1G\nflush\n");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("error"), "{text}");
+    c.wait_caught_up(Duration::from_secs(60));
+    c.assert_identical();
+}
+
+#[test]
+fn agent_state_restored_from_an_older_copy_converges() {
+    let mut c = Cluster::new(Opts::default());
+    c.start_all();
+    assert!(c.qemu_io("disk0", "write -P 1 0 4M\nflush\n").status.success());
+    c.wait_caught_up(Duration::from_secs(30));
+    c.stop("agent");
+    let state = c.path().join("agent-state");
+    let old = c.path().join("agent-state-old");
+    assert!(Command::new("cp").arg("-a").arg(&state).arg(&old).status().unwrap().success());
+    c.start("agent");
+    // Enough writes to move the sequence far beyond the old copy's reservation.
+    let mut cmds = String::new();
+    for i in 0..3000u64 {
+        cmds.push_str(&format!("write -P {} {} 4k\n", i % 200 + 1, (i * 8192) % (60 << 20)));
+    }
+    cmds.push_str("flush\n");
+    assert!(c.qemu_io("disk0", &cmds).status.success());
+    c.wait_caught_up(Duration::from_secs(30));
+    c.stop("agent");
+    std::fs::remove_dir_all(&state).unwrap();
+    std::fs::rename(&old, &state).unwrap();
+    c.start("agent");
+    assert!(c.qemu_io("disk0", "write -P 9 8M 1M\nflush\n").status.success());
+    c.wait_caught_up(Duration::from_secs(60));
+    c.assert_identical();
+    let s = c.status("agent");
+    assert!(s["events"].as_array().unwrap().iter().any(|e| e["kind"] == "sequence-jump"), "{s:#}");
+}

@@ -201,7 +201,7 @@ impl ProcessServer {
     async fn forward_once(
         &self,
         spool: &Arc<MachineSpool>,
-        bulk_rx: &mut tokio::sync::mpsc::Receiver<Message>,
+        bulk_rx: &mut tokio::sync::mpsc::Receiver<(u64, Message)>,
     ) -> Result<(), String> {
         let Some(hello) = spool.descriptor() else {
             // No agent has described this machine yet; nothing to forward.
@@ -265,7 +265,10 @@ impl ProcessServer {
                 _ = spool.wait_data() => {}
                 m = stream.next() => self.handle_downstream(spool, m)?,
                 b = bulk_rx.recv() => {
-                    let Some(b) = b else { return Ok(()) };
+                    let Some((epoch, b)) = b else { return Ok(()) };
+                    if !spool.is_current_agent(epoch) {
+                        continue; // from a superseded agent connection: it was resent
+                    }
                     let bytes = if let Message::Bulk(c) = &b { c.len } else { 0 };
                     let send = sink.send(b);
                     tokio::pin!(send);
@@ -390,13 +393,14 @@ where
     let machine = hello.machine.name.clone();
     tracing::info!(%machine, "agent connected");
     let mut upstream = spool.subscribe_upstream();
+    let epoch = spool.new_agent_epoch();
     let (durable, applied) = spool.positions();
     framed
         .send(Message::HelloAck(HelloAck { durable_seq: durable, applied_seq: applied }))
         .await
         .map_err(|e| e.to_string())?;
     spool.set_agent_connected(true);
-    let result = agent_loop(&ps, &spool, &mut framed, &mut upstream).await;
+    let result = agent_loop(&ps, &spool, &mut framed, &mut upstream, epoch).await;
     spool.set_agent_connected(false);
     result
 }
@@ -436,6 +440,7 @@ async fn agent_loop<S>(
     spool: &Arc<MachineSpool>,
     framed: &mut Framed<S, FrameCodec>,
     upstream: &mut tokio::sync::broadcast::Receiver<Message>,
+    epoch: u64,
 ) -> Result<(), String>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -478,7 +483,7 @@ where
                     }
                     Some(Ok(Message::Bulk(c))) => {
                         let bytes = c.len;
-                        spool.pass_bulk(Message::Bulk(c), bytes).await?;
+                        spool.pass_bulk(epoch, Message::Bulk(c), bytes).await?;
                         continue;
                     }
                     Some(Ok(Message::Records(r))) => vec![r],
@@ -499,7 +504,7 @@ where
                 let ack = tokio::task::spawn_blocking(move || s2.append(batches)).await.map_err(|e| e.to_string())?;
                 for c in bulk {
                     let bytes = c.len;
-                    spool.pass_bulk(Message::Bulk(c), bytes).await?;
+                    spool.pass_bulk(epoch, Message::Bulk(c), bytes).await?;
                 }
                 match ack {
                     Ok(a) => framed.send(Message::Ack(a)).await.map_err(|e| e.to_string())?,

@@ -57,8 +57,11 @@ pub struct MachineSpool {
     data: Notify,
     upstream: broadcast::Sender<Message>,
     /// Initial-sync chunks passing through to the master target (not spooled).
-    bulk_tx: mpsc::Sender<Message>,
-    bulk_rx: Mutex<Option<mpsc::Receiver<Message>>>,
+    bulk_tx: mpsc::Sender<(u64, Message)>,
+    bulk_rx: Mutex<Option<mpsc::Receiver<(u64, Message)>>>,
+    /// Bumped by every agent connection: bulk chunks of a superseded connection are dropped, so
+    /// an old copy of a region can never reach the master target after its newer resend.
+    agent_epoch: std::sync::atomic::AtomicU64,
     /// Spool size, readable without the log lock (which is held across fsyncs).
     bytes: std::sync::atomic::AtomicU64,
 }
@@ -92,6 +95,7 @@ impl MachineSpool {
             bulk_tx,
             bulk_rx: Mutex::new(Some(bulk_rx)),
             bytes: std::sync::atomic::AtomicU64::new(0),
+            agent_epoch: std::sync::atomic::AtomicU64::new(0),
         });
         s.bytes.store(s.lock_log().bytes(), std::sync::atomic::Ordering::Relaxed);
         if let Some(h) = descriptor {
@@ -170,13 +174,26 @@ impl MachineSpool {
         })
     }
 
-    /// Pass an initial-sync chunk to the forwarder (waits while 32 chunks are queued).
-    pub(crate) async fn pass_bulk(&self, m: Message, bytes: u64) -> Result<(), String> {
-        self.lock_state().rate_in.add(bytes);
-        self.bulk_tx.send(m).await.map_err(|_| "bulk forwarder stopped".to_owned())
+    /// A new agent connection: returns its epoch.
+    pub(crate) fn new_agent_epoch(&self) -> u64 {
+        self.agent_epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1
     }
 
-    pub(crate) fn take_bulk_rx(&self) -> Option<mpsc::Receiver<Message>> {
+    pub(crate) fn is_current_agent(&self, epoch: u64) -> bool {
+        self.agent_epoch.load(std::sync::atomic::Ordering::SeqCst) == epoch
+    }
+
+    /// Pass an initial-sync chunk to the forwarder (waits while 32 chunks are queued). Chunks of
+    /// a superseded agent connection are dropped (the agent resent them).
+    pub(crate) async fn pass_bulk(&self, epoch: u64, m: Message, bytes: u64) -> Result<(), String> {
+        if !self.is_current_agent(epoch) {
+            return Ok(());
+        }
+        self.lock_state().rate_in.add(bytes);
+        self.bulk_tx.send((epoch, m)).await.map_err(|_| "bulk forwarder stopped".to_owned())
+    }
+
+    pub(crate) fn take_bulk_rx(&self) -> Option<mpsc::Receiver<(u64, Message)>> {
         self.bulk_rx.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
