@@ -676,6 +676,31 @@ impl Machine {
         self.resync_wake.notify_all();
     }
 
+    /// Downstream lost acknowledged changes: copy the whole disks again (holes as zeroing).
+    pub(crate) fn on_peer_state_lost(&self, detail: &str) {
+        let mut c = self.lock();
+        let msg = format!("{detail}; copying the whole disks again");
+        tracing::error!(machine = %self.name, "{msg}");
+        push_event(&mut c, "peer-state-lost", msg);
+        self.mark_everything(&mut c);
+        drop(c);
+        self.resync_wake.notify_all();
+    }
+
+    fn mark_everything(&self, c: &mut Core) {
+        for (i, d) in self.disks.iter().enumerate() {
+            c.dirty.mark(i, 0, d.size);
+        }
+        c.dirty_unsaved = true;
+        if let Err(e) = self.save_bitmap(c) {
+            tracing::error!(machine = %self.name, error = %e, "cannot persist the change bitmap");
+        }
+        self.overflow(c);
+        if c.mode == Mode::Resync {
+            c.resync_reason = ResyncReason::StateLost;
+        }
+    }
+
     /// A (re)connection to the process server: resume after its durable seq, and check that
     /// neither side lost state.
     pub(crate) fn on_hello_ack(&self, durable_seq: u64, applied_seq: u64) {
@@ -689,12 +714,7 @@ impl Machine {
             );
             tracing::error!(machine = %self.name, "{msg}");
             push_event(&mut c, "peer-state-lost", msg);
-            for (i, d) in self.disks.iter().enumerate() {
-                c.dirty.mark(i, 0, d.size);
-            }
-            c.dirty_unsaved = true;
-            self.overflow(&mut c);
-            c.resync_reason = ResyncReason::StateLost;
+            self.mark_everything(&mut c);
             c.ack.durable_seq = durable_seq;
         }
         if durable_seq >= c.next_seq {

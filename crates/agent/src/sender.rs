@@ -167,6 +167,10 @@ fn handle(machine: &Arc<Machine>, m: Option<Result<Message, ferry_protocol::Prot
             machine.requeue_bulk();
             Ok(())
         }
+        Some(Ok(Message::PeerStateLost { detail })) => {
+            machine.on_peer_state_lost(&detail);
+            Ok(())
+        }
         Some(Ok(Message::Error { code, message, remedy })) => {
             Err(format!("process server error {code}: {message}; {remedy}"))
         }

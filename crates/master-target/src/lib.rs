@@ -318,5 +318,6 @@ pub(crate) fn kind(m: &Message) -> &'static str {
         Message::Bulk(_) => "Bulk",
         Message::BulkAck { .. } => "BulkAck",
         Message::BulkReset => "BulkReset",
+        Message::PeerStateLost { .. } => "PeerStateLost",
     }
 }

@@ -238,6 +238,17 @@ impl ProcessServer {
             Some(Err(e)) => return Err(e.to_string()),
             None => return Err("master target closed the connection".into()),
         };
+        let released = spool.released_seq();
+        if ack.durable_seq < released {
+            let detail = format!(
+                "master target {} holds machine {} only up to seq {}, but this process server already released up to {released} after the master target acknowledged it: the master target lost state (journal or retention volume)",
+                self.config.master_target,
+                spool.name(),
+                ack.durable_seq
+            );
+            tracing::error!("{detail}");
+            spool.mark_downstream_lost(&detail).map_err(|e| e.to_string())?;
+        }
         spool.downstream_acked(ack.durable_seq, ack.durable_seq, ack.applied_seq).map_err(|e| e.to_string())?;
         spool.set_downstream(true, None);
         let mut cursor = ferry_journal::Cursor::after(ack.durable_seq);
@@ -399,6 +410,10 @@ where
         .send(Message::HelloAck(HelloAck { durable_seq: durable, applied_seq: applied }))
         .await
         .map_err(|e| e.to_string())?;
+    if let Some(detail) = spool.downstream_lost() {
+        framed.send(Message::PeerStateLost { detail }).await.map_err(|e| e.to_string())?;
+        spool.clear_downstream_lost();
+    }
     spool.set_agent_connected(true);
     let result = agent_loop(&ps, &spool, &mut framed, &mut upstream, epoch).await;
     spool.set_agent_connected(false);

@@ -197,6 +197,27 @@ impl MachineSpool {
         self.bulk_rx.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
+    pub(crate) fn released_seq(&self) -> u64 {
+        self.lock_log().released_seq()
+    }
+
+    /// Remember (durably) that the master target lost records this spool already released, until
+    /// an agent has been told.
+    pub(crate) fn mark_downstream_lost(&self, detail: &str) -> Result<(), ProcessServerError> {
+        fsutil::write_atomic(&self.dir.join("downstream-lost"), detail.as_bytes())?;
+        self.relay_upstream(Message::PeerStateLost { detail: detail.to_owned() });
+        Ok(())
+    }
+
+    /// A pending loss notice for the agent, if any.
+    pub(crate) fn downstream_lost(&self) -> Option<String> {
+        std::fs::read_to_string(self.dir.join("downstream-lost")).ok()
+    }
+
+    pub(crate) fn clear_downstream_lost(&self) {
+        let _ = std::fs::remove_file(self.dir.join("downstream-lost"));
+    }
+
     pub(crate) fn read(&self, cursor: &mut Cursor, max_bytes: usize) -> Result<Vec<Record>, ProcessServerError> {
         Ok(self.lock_log().read(cursor, max_bytes)?)
     }

@@ -202,6 +202,11 @@ pub enum Message {
     /// The process server lost its master-target link: bulk chunks in flight may be lost; resend
     /// every unacknowledged one.
     BulkReset,
+    /// A hop further down lost acknowledged state (e.g. the master target's journal): what it
+    /// held cannot be resent from the log, so the agent must copy its disks again.
+    PeerStateLost {
+        detail: String,
+    },
     /// The process server's cache is low (NET-2): the sender must slow down until `active` is false.
     Throttle {
         active: bool,
