@@ -161,41 +161,10 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let mut framed = Framed::new(stream, FrameCodec::default());
-    let hello = match framed.next().await {
-        Some(Ok(Message::Hello(h))) if h.role == Role::ProcessServer => h,
-        Some(Ok(other)) => {
-            let got = match &other {
-                Message::Hello(h) => format!("Hello from a {:?}", h.role),
-                m => kind(m).to_owned(),
-            };
-            let msg = format!("expected Hello from a process server, got {got}");
-            let _ = framed
-                .send(Message::Error {
-                    code: codes::PROTOCOL,
-                    message: msg.clone(),
-                    remedy: "connect a Ferry process server".into(),
-                })
-                .await;
-            return Err(msg);
-        }
-        Some(Err(e)) => {
-            let _ = framed
-                .send(Message::Error {
-                    code: codes::PROTOCOL,
-                    message: e.to_string(),
-                    remedy: "connect a Ferry process server of the same version".into(),
-                })
-                .await;
-            return Err(e.to_string());
-        }
-        None => return Ok(()),
-    };
+    let Some(hello) = ferry_protocol::read_hello(&mut framed, Role::ProcessServer).await? else { return Ok(()) };
     let replica = match mt.replica_for(&hello) {
         Ok(r) => r,
-        Err((code, message, remedy)) => {
-            let _ = framed.send(Message::Error { code, message: message.clone(), remedy }).await;
-            return Err(message);
-        }
+        Err((code, message, remedy)) => return Err(ferry_protocol::refuse(&mut framed, code, message, &remedy).await),
     };
     let machine = hello.machine.name.clone();
     tracing::info!(%machine, "process server connected");

@@ -359,46 +359,17 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let mut framed = Framed::new(stream, FrameCodec::default());
-    let hello = match framed.next().await {
-        Some(Ok(Message::Hello(h))) if h.role == Role::Agent => h,
-        Some(Ok(other)) => {
-            let msg = match other {
-                Message::Hello(h) => format!("expected Hello from an agent, got Hello from a {:?}", h.role),
-                _ => "expected Hello from an agent as the first message".to_owned(),
-            };
-            let _ = framed
-                .send(Message::Error {
-                    code: codes::PROTOCOL,
-                    message: msg.clone(),
-                    remedy: "connect a Ferry agent".into(),
-                })
-                .await;
-            return Err(msg);
-        }
-        Some(Err(e)) => {
-            let _ = framed
-                .send(Message::Error {
-                    code: codes::PROTOCOL,
-                    message: e.to_string(),
-                    remedy: "connect a Ferry agent of the same version".into(),
-                })
-                .await;
-            return Err(e.to_string());
-        }
-        None => return Ok(()),
-    };
-    let refuse = |code, message: String, remedy: &str| Message::Error { code, message, remedy: remedy.into() };
+    let Some(hello) = ferry_protocol::read_hello(&mut framed, Role::Agent).await? else { return Ok(()) };
     if let Err(m) = validate_name("machine", &hello.machine.name)
         .and_then(|_| hello.machine.disks.iter().try_for_each(|d| validate_name("disk", &d.name)))
     {
-        let _ = framed.send(refuse(codes::BAD_NAME, m.clone(), "rename the machine or disk")).await;
-        return Err(m);
+        return Err(ferry_protocol::refuse(&mut framed, codes::BAD_NAME, m, "rename the machine or disk").await);
     }
     let spool = match ps.spool_for(Some(&hello), &hello.machine.name) {
         Ok(s) => s,
         Err(e) => {
-            let _ = framed.send(refuse(codes::STORAGE, e.to_string(), "check the process server's cache folder")).await;
-            return Err(e.to_string());
+            let remedy = "check the process server's cache folder";
+            return Err(ferry_protocol::refuse(&mut framed, codes::STORAGE, e.to_string(), remedy).await);
         }
     };
     let machine = hello.machine.name.clone();

@@ -12,9 +12,11 @@
 //! before a single byte of it is interpreted; a bad frame is an error for that connection only.
 
 mod codec;
+mod handshake;
 mod message;
 
 pub use codec::{FrameCodec, ProtocolError, FRAME_HEADER_LEN, FRAME_MAGIC, MAX_FRAME_LEN, PROTOCOL_VERSION};
+pub use handshake::{read_hello, refuse};
 pub use message::*;
 
 /// Machine and disk names become file and folder names at every hop: allow only a safe alphabet.

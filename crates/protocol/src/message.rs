@@ -8,6 +8,16 @@ pub enum Role {
     MasterTarget,
 }
 
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Agent => "agent",
+            Role::ProcessServer => "process server",
+            Role::MasterTarget => "master target",
+        })
+    }
+}
+
 /// One protected disk of a machine, as the replication chain knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskDescriptor {
