@@ -17,6 +17,8 @@ struct Segment {
     first_seq: u64,
     last_seq: u64,
     len: u64,
+    /// Length known durable (the last successful fsync).
+    synced_len: u64,
     path: PathBuf,
     file: Arc<File>,
 }
@@ -35,9 +37,6 @@ pub struct SegmentLog {
     /// Encoded entries not yet written to the active segment (written at sync or when large):
     /// one write per batch instead of one per record.
     wbuf: Vec<u8>,
-    /// Set when an fsync failed: the kernel may have dropped the dirty pages, so nothing written
-    /// since the last good sync can be trusted; the log refuses further work until reopened.
-    poisoned: Option<String>,
 }
 
 /// Read position of a consumer (the forwarder, the applier).
@@ -83,7 +82,6 @@ impl SegmentLog {
             synced_seq: 0,
             released_seq: 0,
             wbuf: Vec::new(),
-            poisoned: None,
         };
         let count = firsts.len();
         for (i, first) in firsts.into_iter().enumerate() {
@@ -101,7 +99,14 @@ impl SegmentLog {
             file.sync_all().map_err(io_err(&path))?;
             let last_seq = last.unwrap_or(0).max(first.saturating_sub(1));
             log.last_seq = log.last_seq.max(last_seq);
-            log.segments.push(Segment { first_seq: first, last_seq, len: valid_len, path, file: Arc::new(file) });
+            log.segments.push(Segment {
+                first_seq: first,
+                last_seq,
+                len: valid_len,
+                synced_len: valid_len,
+                path,
+                file: Arc::new(file),
+            });
         }
         if log.segments.is_empty() {
             log.new_segment(1)?;
@@ -120,6 +125,7 @@ impl SegmentLog {
             first_seq: first,
             last_seq: first.saturating_sub(1),
             len: 0,
+            synced_len: 0,
             path,
             file: Arc::new(file),
         });
@@ -199,21 +205,35 @@ impl SegmentLog {
         if self.synced_seq == self.last_seq {
             return Ok(());
         }
-        if let Some(reason) = &self.poisoned {
-            return Err(JournalError::Io { path: self.dir.clone(), source: std::io::Error::other(reason.clone()) });
+        let result = self.write_out().and_then(|_| match self.segments.last() {
+            Some(seg) => seg.file.sync_data().map_err(io_err(&seg.path)),
+            None => Ok(()),
+        });
+        if let Err(e) = result {
+            // The kernel may have dropped the unsynced pages (and will not report it twice): cut
+            // the segment back to what is known durable and forget the unsynced records, which
+            // were never acknowledged and will be resent.
+            self.rollback_unsynced();
+            return Err(e);
         }
-        self.write_out()?;
-        if let Some(seg) = self.segments.last() {
-            if let Err(e) = seg.file.sync_data() {
-                self.poisoned = Some(format!(
-                    "an earlier fsync of {} failed ({e}); restart the component to recover from the last durable state",
-                    seg.path.display()
-                ));
-                return Err(io_err(&seg.path)(e));
-            }
+        if let Some(seg) = self.segments.last_mut() {
+            seg.synced_len = seg.len;
         }
         self.synced_seq = self.last_seq;
         Ok(())
+    }
+
+    fn rollback_unsynced(&mut self) {
+        self.wbuf.clear();
+        let synced = self.synced_seq;
+        if let Some(seg) = self.segments.last_mut() {
+            if let Err(e) = seg.file.set_len(seg.synced_len) {
+                tracing::error!(path = %seg.path.display(), error = %e, "cannot cut back an unsynced segment");
+            }
+            seg.len = seg.synced_len;
+            seg.last_seq = synced.max(seg.first_seq.saturating_sub(1));
+            self.last_seq = seg.last_seq.max(synced);
+        }
     }
 
     /// Read durable records after `cursor.after_seq`, at most about `max_bytes`, advancing the cursor.
@@ -435,6 +455,32 @@ mod tests {
         }
         let lens: Vec<usize> = got.iter().map(|r| r.body.data_len() as usize).collect();
         assert_eq!(lens, sizes.to_vec());
+    }
+
+    #[test]
+    fn a_failed_sync_forgets_exactly_the_unsynced_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = SegmentLog::open(dir.path(), 1 << 20).unwrap();
+        for s in 1..=3 {
+            log.append(&rec(s, 100)).unwrap();
+        }
+        log.sync().unwrap();
+        for s in 4..=6 {
+            log.append(&rec(s, 100)).unwrap();
+        }
+        log.write_out().unwrap();
+        log.rollback_unsynced();
+        assert_eq!(log.last_seq(), 3);
+        // The resend of 4..6 is accepted again and everything reads back once.
+        for s in 4..=6 {
+            log.append(&rec(s, 100)).unwrap();
+        }
+        log.sync().unwrap();
+        let mut c = Cursor::after(0);
+        let seqs: Vec<u64> = log.read(&mut c, usize::MAX).unwrap().iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, vec![1, 2, 3, 4, 5, 6]);
+        drop(log);
+        assert_eq!(SegmentLog::open(dir.path(), 1 << 20).unwrap().last_seq(), 6);
     }
 
     #[test]
