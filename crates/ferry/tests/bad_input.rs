@@ -143,3 +143,74 @@ fn bad_configuration_names_the_file_and_the_problem() {
         std::process::Command::new(FERRY).args(["agent", "--config", "/nonexistent/agent.toml"]).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/agent.toml"));
 }
+
+/// MT-5 on a real FAT filesystem: a vfat image made by mkfs.vfat, mounted through FUSE with
+/// fusefat (this kernel has no vfat driver; ./test installs dosfstools and fusefat).
+#[test]
+fn retention_volume_on_fat_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("fat.img");
+    let mnt = dir.path().join("fat");
+    std::fs::create_dir_all(&mnt).unwrap();
+    std::fs::File::create(&img).unwrap().set_len(32 << 20).unwrap();
+    let mkfs = ["mkfs.vfat", "/usr/sbin/mkfs.vfat", "/sbin/mkfs.vfat"]
+        .iter()
+        .any(|m| std::process::Command::new(m).arg(&img).output().map(|o| o.status.success()).unwrap_or(false));
+    assert!(mkfs, "mkfs.vfat is missing: ./test installs dosfstools");
+    let mounted = std::process::Command::new("fusefat")
+        .args(["-o", "rw+"])
+        .arg(&img)
+        .arg(&mnt)
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(mounted, "mounting the FAT image with fusefat failed: ./test installs fusefat (needs /dev/fuse)");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let ok = std::process::Command::new("fusermount")
+                .arg("-u")
+                .arg(&self.0)
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false);
+            if !ok {
+                let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+            }
+        }
+    }
+    let _guard = Unmount(mnt.clone());
+    let certs = dir.path().join("certs");
+    assert!(std::process::Command::new(FERRY).args(["certs", "--dir"]).arg(&certs).output().unwrap().status.success());
+    let out = std::process::Command::new(FERRY)
+        .args(["master-target", "--datastore"])
+        .arg(dir.path().join("ds"))
+        .arg("--retention")
+        .arg(mnt.join("retention"))
+        .args(["--listen", &format!("127.0.0.1:{}", free_port()), "--certs"])
+        .arg(&certs)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("FAT") && err.contains("MT-5"), "{err}");
+}
+
+#[test]
+fn retention_volume_inside_the_datastore_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    assert!(std::process::Command::new(FERRY).args(["certs", "--dir"]).arg(&certs).output().unwrap().status.success());
+    let out = std::process::Command::new(FERRY)
+        .args(["master-target", "--datastore"])
+        .arg(dir.path().join("ds"))
+        .arg("--retention")
+        .arg(dir.path().join("ds/retention"))
+        .args(["--listen", &format!("127.0.0.1:{}", free_port()), "--certs"])
+        .arg(&certs)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("lies inside") && err.contains("datastore"), "{err}");
+}

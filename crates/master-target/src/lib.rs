@@ -11,6 +11,7 @@
 //! consistent state is never overwritten in place by a resync that might not finish.
 
 mod replica;
+pub mod retention;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -36,6 +37,8 @@ pub enum MasterTargetError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
     Refused(String),
+    #[error(transparent)]
+    Retention(#[from] retention::EligibilityError),
 }
 
 /// Configuration of `ferry master-target` (TOML; every field can be overridden by a flag).
@@ -44,8 +47,18 @@ pub enum MasterTargetError {
 pub struct MasterTargetConfig {
     /// Where target disks live: `<datastore>/<machine>/<disk>.img`.
     pub datastore: PathBuf,
-    /// Retention volume: the redo journal and checkpoints, `<retention>/<machine>/`.
-    pub retention: PathBuf,
+    /// Retention volume: the redo journal and checkpoints, `<retention>/<machine>/`. It must be
+    /// used for nothing else (MT-5); default `/mnt/retention` when that folder exists.
+    #[serde(default)]
+    pub retention: Option<PathBuf>,
+    /// This master target's name: recorded on its retention volume and datastore so another
+    /// master target cannot take them.
+    #[serde(default = "default_name")]
+    pub name: String,
+    /// Folders of other Ferry components on this host (process-server caches, install folders):
+    /// the retention volume may not equal, contain or lie inside them.
+    #[serde(default)]
+    pub reserved_folders: Vec<PathBuf>,
     /// Address for process servers (TLS).
     pub listen: String,
     /// Status endpoint (plain HTTP; keep it on loopback).
@@ -60,6 +73,16 @@ pub struct MasterTargetConfig {
     pub checkpoint_interval_secs: f64,
 }
 
+impl MasterTargetConfig {
+    /// The retention folder in use (resolved to its canonical path once the volume was checked).
+    pub fn retention_dir(&self) -> PathBuf {
+        self.retention.clone().unwrap_or_else(|| PathBuf::from(retention::DEFAULT_RETENTION))
+    }
+}
+
+fn default_name() -> String {
+    "master-target".into()
+}
 fn default_segment_bytes() -> u64 {
     64 << 20
 }
@@ -69,19 +92,37 @@ fn default_checkpoint_secs() -> f64 {
 
 pub struct MasterTarget {
     config: MasterTargetConfig,
+    /// The eligible, locked retention volume (canonical path).
+    retention: PathBuf,
+    _volume: retention::RetentionVolume,
     replicas: Mutex<HashMap<String, Arc<Replica>>>,
     shutdown: CancellationToken,
 }
 
 impl MasterTarget {
-    pub fn new(config: MasterTargetConfig, shutdown: CancellationToken) -> Result<Arc<Self>, MasterTargetError> {
-        for dir in [&config.datastore, &config.retention] {
-            std::fs::create_dir_all(dir).map_err(|source| MasterTargetError::Io { path: dir.clone(), source })?;
+    pub fn new(mut config: MasterTargetConfig, shutdown: CancellationToken) -> Result<Arc<Self>, MasterTargetError> {
+        let ds = &config.datastore;
+        std::fs::create_dir_all(ds).map_err(|source| MasterTargetError::Io { path: ds.clone(), source })?;
+        let mut others = vec![("datastore (target disks) of this master target".to_owned(), config.datastore.clone())];
+        if let Some(install) = std::env::current_exe().ok().and_then(|p| p.parent().map(|p| p.to_owned())) {
+            others.push(("install folder".to_owned(), install));
         }
-        let mt = Arc::new(MasterTarget { config, replicas: Mutex::new(HashMap::new()), shutdown });
+        for f in &config.reserved_folders {
+            others.push(("reserved folder".to_owned(), f.clone()));
+        }
+        let volume = retention::open_retention_volume(config.retention.as_deref(), &config.name, &others)?;
+        retention::claim(&config.datastore, "datastore", &config.name)?;
+        config.retention = Some(volume.path.clone());
+        let mt = Arc::new(MasterTarget {
+            retention: volume.path.clone(),
+            _volume: volume,
+            config,
+            replicas: Mutex::new(HashMap::new()),
+            shutdown,
+        });
         // Reopen every machine found on the retention volume so its journal is replayed at once,
         // without waiting for the process server to reconnect.
-        if let Ok(entries) = std::fs::read_dir(&mt.config.retention) {
+        if let Ok(entries) = std::fs::read_dir(&mt.retention) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 if validate_name("machine", &name).is_ok() && e.path().join("machine.json").exists() {

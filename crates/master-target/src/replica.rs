@@ -93,7 +93,7 @@ impl Replica {
         machine: &MachineDescriptor,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, MasterTargetError> {
-        let dir = config.retention.join(&machine.name);
+        let dir = config.retention_dir().join(&machine.name);
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         let desc = serde_json::to_vec_pretty(machine).map_err(|e| MasterTargetError::Refused(e.to_string()))?;
         fsutil::write_atomic(&dir.join("machine.json"), &desc)?;
@@ -106,7 +106,7 @@ impl Replica {
         name: &str,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, MasterTargetError> {
-        let path = config.retention.join(name).join("machine.json");
+        let path = config.retention_dir().join(name).join("machine.json");
         let data = std::fs::read(&path).map_err(io(&path))?;
         let machine: MachineDescriptor = serde_json::from_slice(&data)
             .map_err(|e| MasterTargetError::Refused(format!("{} is unreadable: {e}", path.display())))?;
@@ -118,7 +118,7 @@ impl Replica {
         machine: MachineDescriptor,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, MasterTargetError> {
-        let dir = config.retention.join(&machine.name);
+        let dir = config.retention_dir().join(&machine.name);
         let tdir = config.datastore.join(&machine.name);
         std::fs::create_dir_all(&tdir).map_err(io(&tdir))?;
         let ckpt_path = dir.join("checkpoint.json");
