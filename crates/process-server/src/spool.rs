@@ -16,7 +16,8 @@ struct SpoolState {
     target_durable: u64,
     applied: u64,
     forwarded: u64,
-    agent_connected: bool,
+    /// Open agent connections (an old one may end after its replacement started).
+    agent_connections: u32,
     downstream_connected: bool,
     downstream_error: Option<String>,
     throttled: bool,
@@ -273,7 +274,12 @@ impl MachineSpool {
     }
 
     pub(crate) fn set_agent_connected(&self, v: bool) {
-        self.lock_state().agent_connected = v;
+        let mut st = self.lock_state();
+        if v {
+            st.agent_connections += 1;
+        } else {
+            st.agent_connections = st.agent_connections.saturating_sub(1);
+        }
     }
 
     pub(crate) fn downstream_connected(&self) -> bool {
@@ -303,7 +309,7 @@ impl MachineSpool {
         };
         SpoolStatus {
             machine: self.name.clone(),
-            agent_connected: st.agent_connected,
+            agent_connected: st.agent_connections > 0,
             master_target_connected: st.downstream_connected,
             master_target_error: st.downstream_error.clone(),
             spooled_seq: spooled,
