@@ -174,19 +174,12 @@ pub async fn serve(
     if let Some(l) = listeners.nbd_unix {
         tasks.push(tokio::spawn(ferry_nbd::serve_unix(l, nbd_config.clone(), shutdown.clone())));
     }
-    if let Some(l) = listeners.status {
-        let m = machine.clone();
-        let routes = Router::new()
-            .route("/verify", post(start_verify))
-            .route("/verify/{id}", get(get_verify))
-            .with_state(machine.clone());
-        let sd = shutdown.clone();
-        tokio::spawn(async move {
-            if let Err(e) = ferry_status::serve(l, move || m.status(), routes, sd).await {
-                tracing::error!(error = %e, "status endpoint failed");
-            }
-        });
-    }
+    let m = machine.clone();
+    let routes = Router::new()
+        .route("/verify", post(start_verify))
+        .route("/verify/{id}", get(get_verify))
+        .with_state(machine.clone());
+    ferry_status::spawn(listeners.status, move || m.status(), routes, shutdown.clone());
     shutdown.cancelled().await;
     for t in tasks {
         let _ = t.await;

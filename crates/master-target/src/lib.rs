@@ -179,15 +179,8 @@ pub async fn serve(
 ) -> Result<(), MasterTargetError> {
     let acceptor = ferry_tls::acceptor(&config.tls)?;
     let mt = MasterTarget::new(config, shutdown.clone())?;
-    if let Some(l) = status_listener {
-        let mt2 = mt.clone();
-        let sd = shutdown.clone();
-        tokio::spawn(async move {
-            if let Err(e) = ferry_status::serve(l, move || mt2.status(), axum::Router::new(), sd).await {
-                tracing::error!(error = %e, "status endpoint failed");
-            }
-        });
-    }
+    let mt2 = mt.clone();
+    ferry_status::spawn(status_listener, move || mt2.status(), axum::Router::new(), shutdown.clone());
     let (mt2, sd) = (mt.clone(), shutdown.clone());
     ferry_tls::serve_tls(listener, acceptor, shutdown, "process server", move |tls| {
         handle_process_server(mt2.clone(), tls, sd.clone())

@@ -340,15 +340,8 @@ pub async fn serve(
 ) -> Result<(), ProcessServerError> {
     let acceptor = ferry_tls::acceptor(&config.tls)?;
     let ps = ProcessServer::new(config, shutdown.clone())?;
-    if let Some(l) = status_listener {
-        let ps2 = ps.clone();
-        let sd = shutdown.clone();
-        tokio::spawn(async move {
-            if let Err(e) = ferry_status::serve(l, move || ps2.status(), axum::Router::new(), sd).await {
-                tracing::error!(error = %e, "status endpoint failed");
-            }
-        });
-    }
+    let ps2 = ps.clone();
+    ferry_status::spawn(status_listener, move || ps2.status(), axum::Router::new(), shutdown.clone());
     let ps2 = ps.clone();
     ferry_tls::serve_tls(listener, acceptor, shutdown, "agent", move |tls| handle_agent(ps2.clone(), tls)).await;
     Ok(())

@@ -44,6 +44,24 @@ where
     axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
 }
 
+/// Serve the status endpoint in the background when a listener is given (errors are logged).
+pub fn spawn<F>(
+    listener: Option<tokio::net::TcpListener>,
+    status: F,
+    extra: Router,
+    shutdown: tokio_util::sync::CancellationToken,
+) where
+    F: Fn() -> serde_json::Value + Send + Sync + 'static,
+{
+    if let Some(l) = listener {
+        tokio::spawn(async move {
+            if let Err(e) = serve(l, status, extra, shutdown).await {
+                tracing::error!(error = %e, "status endpoint failed");
+            }
+        });
+    }
+}
+
 /// Minimal HTTP/1.1 client for the CLI: `method path` with an optional JSON body, returns the
 /// status code and JSON body.
 pub async fn request(
