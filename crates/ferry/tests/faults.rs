@@ -25,9 +25,14 @@ fn kill_during_workload(victim: &'static str, rounds: usize, opts: Opts) -> Clus
         let delay = r.gen_range(20..600);
         std::thread::sleep(Duration::from_millis(delay));
         eprintln!("round {round}: SIGKILL {victim} after {delay} ms");
-        c.kill9(victim);
+        let victims: Vec<&'static str> = if victim == "all" { COMPONENTS.to_vec() } else { vec![victim] };
+        for v in &victims {
+            c.kill9(v);
+        }
         std::thread::sleep(Duration::from_millis(r.gen_range(0..300)));
-        c.start(victim);
+        for v in &victims {
+            c.start(v);
+        }
         let _ = bg.join();
         // The client may have died with the agent; write some more through the restarted chain.
         let out = c.qemu_io("disk0", &workload(&mut r, size, 200));
@@ -46,6 +51,11 @@ fn sigkill_master_target_during_workload() {
 #[test]
 fn sigkill_process_server_during_workload() {
     kill_during_workload("process-server", 3, Opts::default());
+}
+
+#[test]
+fn sigkill_all_three_at_once_during_workload() {
+    kill_during_workload("all", 3, Opts { volatile: true, ..Default::default() });
 }
 
 #[test]
