@@ -133,7 +133,9 @@ pub(crate) struct Core {
     rate_in: RateMeter,
     pub(crate) rate_out: RateMeter,
     pub(crate) sent_seq: u64,
+    /// Bytes of the running resync read and shipped, and shipped as hole zeroing (not read).
     resync_bytes_sent: u64,
+    resync_bytes_zeroed: u64,
     bulk: VecDeque<BulkEntry>,
     bulk_bytes: u64,
     next_bulk_id: u64,
@@ -257,7 +259,8 @@ impl Machine {
         }
         let (state, mode, reason) = match previous {
             None => {
-                // First start: everything allocated must be copied (holes are skipped).
+                // First start: everything allocated is copied; holes are skipped (the master
+                // target starts from sparse, all-zero target disks).
                 for (i, d) in disks.iter().enumerate() {
                     mark_allocated(&mut dirty, i, d)?;
                 }
@@ -341,6 +344,7 @@ impl Machine {
             rate_out: RateMeter::default(),
             sent_seq: 0,
             resync_bytes_sent: 0,
+            resync_bytes_zeroed: 0,
             completed_resyncs: VecDeque::new(),
             bulk: VecDeque::new(),
             bulk_bytes: 0,
@@ -503,25 +507,23 @@ impl Machine {
     fn ensure_active(&self, c: &mut Core, disk: u16, offset: u64, len: u64) -> Result<(), JournalError> {
         // The request's own extents are pinned: retiring to make room must never free one of them.
         let keys: Vec<(u16, u64)> = extents_of(disk, offset, len, self.ext_bytes()).collect();
-        for key in &keys {
-            if c.al_index.contains_key(key) {
-                continue;
+        let missing: Vec<(u16, u64)> = keys.iter().filter(|k| !c.al_index.contains_key(k)).copied().collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if c.al.free_count() < missing.len() {
+            // Retire what can be retired (flush disks, persist the bitmap); if everything active
+            // still has unacknowledged records, fall back to the bitmap.
+            self.retire_extents(c, &keys)?;
+            if c.al.free_count() < missing.len() {
+                self.overflow(c);
+                self.retire_extents(c, &keys)?;
             }
-            let slot = match c.al.activate(key.0, key.1) {
-                Ok(s) => s,
-                Err(JournalError::ActivityLogFull { .. }) => {
-                    // Retire what can be retired (flush disks, persist the bitmap); if everything
-                    // active still has unacknowledged records, fall back to the bitmap.
-                    self.retire_extents(c, &keys)?;
-                    if c.al.active_count() >= c.al.capacity() {
-                        self.overflow(c);
-                        self.retire_extents(c, &keys)?;
-                    }
-                    c.al.activate(key.0, key.1)?
-                }
-                Err(e) => return Err(e),
-            };
-            c.al_index.insert(*key, AlEntry { slot, ..Default::default() });
+        }
+        // One fdatasync for all of them.
+        let slots = c.al.activate_many(&missing)?;
+        for (key, slot) in missing.into_iter().zip(slots) {
+            c.al_index.insert(key, AlEntry { slot, ..Default::default() });
         }
         Ok(())
     }
@@ -840,8 +842,17 @@ impl Machine {
         let mut buf = Vec::new();
         while !self.stopped.load(Ordering::SeqCst) {
             let mut c = self.lock();
+            // The resync keeps at most half the activity log busy (writes need the rest): retire
+            // what was acknowledged, else wait for acknowledgements.
+            if c.al.active_count() * 2 > c.al.capacity() {
+                if let Err(e) = self.retire_extents(&mut c, &[]) {
+                    tracing::error!(machine = %self.name, error = %e, "cannot retire activity-log extents");
+                }
+            }
+            let al_busy = c.al.active_count() * 2 > c.al.capacity();
             let bulk_wait = c.bulk_bytes + self.config.resync_chunk_bytes > BULK_WINDOW
-                || (c.dirty.is_empty() && !c.bulk.is_empty());
+                || (c.dirty.is_empty() && !c.bulk.is_empty())
+                || (al_busy && !c.dirty.is_empty());
             if c.mode == Mode::Replicating
                 || bulk_wait
                 || c.log_bytes + self.config.resync_chunk_bytes > self.config.log_limit_bytes / 2
@@ -877,6 +888,7 @@ impl Machine {
             tracing::info!(machine = %self.name, ?reason, bytes = total, "resync started");
             c.resync = Some(ResyncRun { generation, reason, total_bytes: total });
             c.resync_bytes_sent = 0;
+            c.resync_bytes_zeroed = 0;
         }
         // Next contiguous dirty run of any disk.
         let mut found = None;
@@ -905,10 +917,19 @@ impl Machine {
             c.pending_end_seq = Some(seq);
             self.save_state(c)?;
             self.save_bitmap(c)?;
-            let msg = format!("{:?} finished: {} bytes copied", run.reason, c.resync_bytes_sent);
+            let msg = format!(
+                "{:?} finished: {} bytes read and copied, {} bytes of holes zeroed",
+                run.reason, c.resync_bytes_sent, c.resync_bytes_zeroed
+            );
             tracing::info!(machine = %self.name, initial = was_initial, "{msg}");
             push_event(c, "resync-complete", msg);
-            let done = serde_json::json!({ "reason": run.reason, "bytes_copied": c.resync_bytes_sent, "bytes_planned": run.total_bytes, "time_ms": now_ms() });
+            let done = serde_json::json!({
+                "reason": run.reason,
+                "bytes_copied": c.resync_bytes_sent,
+                "hole_bytes_zeroed": c.resync_bytes_zeroed,
+                "bytes_planned": run.total_bytes,
+                "time_ms": now_ms(),
+            });
             c.completed_resyncs.push_back(done);
             if c.completed_resyncs.len() > 20 {
                 c.completed_resyncs.pop_front();
@@ -1032,7 +1053,7 @@ impl Machine {
         }
         c.dirty.disks[disk].remove_range(first..first + n);
         c.dirty_unsaved = true;
-        c.resync_bytes_sent += len;
+        c.resync_bytes_zeroed += len;
         Ok(true)
     }
 
@@ -1138,8 +1159,8 @@ impl Machine {
                 "reason": r.reason,
                 "generation": r.generation,
                 "bytes_total": r.total_bytes,
-                "bytes_done": c.resync_bytes_sent,
-                "percent": if r.total_bytes == 0 { 100.0 } else { (c.resync_bytes_sent as f64 * 100.0 / r.total_bytes as f64).min(100.0) },
+                "bytes_done": c.resync_bytes_sent + c.resync_bytes_zeroed,
+                "percent": if r.total_bytes == 0 { 100.0 } else { ((c.resync_bytes_sent + c.resync_bytes_zeroed) as f64 * 100.0 / r.total_bytes as f64).min(100.0) },
             })
         });
         let rate_in = c.rate_in.bytes_per_sec();

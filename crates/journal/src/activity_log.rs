@@ -136,6 +136,28 @@ impl ActivityLog {
         Ok(i)
     }
 
+    /// Activate several extents with one fdatasync; all or nothing (`ActivityLogFull` when the
+    /// free slots do not suffice).
+    pub fn activate_many(&mut self, extents: &[(u16, u64)]) -> Result<Vec<AlSlot>, JournalError> {
+        let free: Vec<usize> =
+            self.slots.iter().enumerate().filter(|(_, s)| s.is_none()).map(|(i, _)| i).take(extents.len()).collect();
+        if free.len() < extents.len() {
+            return Err(JournalError::ActivityLogFull { path: self.path.clone(), slots: self.slots.len() });
+        }
+        for (i, e) in free.iter().zip(extents) {
+            self.file.write_all_at(&slot_bytes(Some(*e)), HEADER + SLOT * *i as u64).map_err(io_err(&self.path))?;
+        }
+        self.file.sync_data().map_err(io_err(&self.path))?;
+        for (i, e) in free.iter().zip(extents) {
+            self.slots[*i] = Some(*e);
+        }
+        Ok(free)
+    }
+
+    pub fn free_count(&self) -> usize {
+        self.slots.len() - self.active_count()
+    }
+
     /// Deactivate (lazily: not synced; a stale active slot only costs a resync of that extent).
     pub fn deactivate(&mut self, slot: AlSlot) -> Result<(), JournalError> {
         if let Some(s) = self.slots.get_mut(slot) {
@@ -172,6 +194,8 @@ mod tests {
         al.activate(0, 9).unwrap();
         assert!(matches!(al.activate(0, 10), Err(JournalError::ActivityLogFull { .. })));
         al.deactivate(a).unwrap();
+        assert!(matches!(al.activate_many(&[(2, 1), (2, 2)]), Err(JournalError::ActivityLogFull { .. })));
+        assert_eq!(al.free_count(), 1);
         drop(al);
         let (al, active) = ActivityLog::open(&p, 3).unwrap();
         assert_eq!(active, vec![(0, 9), (1, 7)]);
