@@ -505,6 +505,10 @@ impl Machine {
 
     /// Make sure the extents covering a range are active in the activity log (durably).
     fn ensure_active(&self, c: &mut Core, disk: u16, offset: u64, len: u64) -> Result<(), JournalError> {
+        // Fast path (nearly every write): all extents already active, nothing to allocate.
+        if extents_of(disk, offset, len, self.ext_bytes()).all(|k| c.al_index.contains_key(&k)) {
+            return Ok(());
+        }
         // The request's own extents are pinned: retiring to make room must never free one of them.
         let keys: Vec<(u16, u64)> = extents_of(disk, offset, len, self.ext_bytes()).collect();
         let missing: Vec<(u16, u64)> = keys.iter().filter(|k| !c.al_index.contains_key(k)).copied().collect();
