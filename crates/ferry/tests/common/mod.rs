@@ -19,8 +19,26 @@ pub fn require_qemu() {
     }
 }
 
+/// A free port for a daemon started later. Chosen below Linux's ephemeral range (32768+), so no
+/// outgoing connection of a parallel test can take it between this check and the daemon's bind,
+/// and never handed out twice by this process.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+    let mut given = GIVEN.lock().unwrap();
+    let given = given.get_or_insert_with(HashSet::new);
+    let mut r = rand::thread_rng();
+    loop {
+        let port = r.gen_range(10_000..32_000);
+        if given.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.insert(port);
+            return port;
+        }
+    }
 }
 
 /// Seed from FERRY_TEST_SEED or the clock; printed so a failure can be replayed.
