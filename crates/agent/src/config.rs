@@ -62,6 +62,54 @@ pub struct AgentConfig {
     /// Hold shipping (writes are still logged and tracked): for maintenance and benchmarks.
     #[serde(default)]
     pub shipping_paused: bool,
+    /// Crash-consistent recovery point (a tag in the stream) every this many seconds (POL-1:
+    /// 5 minutes). 0 turns the timer off (points can still be requested).
+    #[serde(default = "default_crash_interval")]
+    pub crash_point_interval_secs: f64,
+    /// App-consistent recovery point every this many seconds (policy default 60 min); 0 = off.
+    #[serde(default = "default_app_interval")]
+    pub app_point_interval_secs: f64,
+    /// Run before an app-consistent tag (`sh -c`): quiesce applications and flush (e.g.
+    /// `fsfreeze -f /data`; on Windows the VSS requestor). Non-zero exit = no app-consistent point.
+    #[serde(default)]
+    pub freeze_command: Option<String>,
+    /// Run after the tag (always, also when the freeze failed): e.g. `fsfreeze -u /data`.
+    #[serde(default)]
+    pub thaw_command: Option<String>,
+    /// A hook running longer than this is killed and the point abandoned.
+    #[serde(default = "default_hook_timeout")]
+    pub hook_timeout_secs: f64,
+    /// Multi-machine consistency: this machine's replication group.
+    #[serde(default)]
+    pub group: Option<GroupConfig>,
+    /// DIAGNOSTIC/TEST: append every local write (seq, disk, offset, data) and tag seq to this
+    /// file, so recovery points can be checked against what the source really wrote.
+    #[serde(default)]
+    pub source_write_log: Option<PathBuf>,
+}
+
+/// Membership in a replication group. Every member answers prepare/commit on its status listener;
+/// the coordinator (one member) drives the group tags.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupConfig {
+    pub name: String,
+    /// This agent takes the group's tags (exactly one member should).
+    #[serde(default)]
+    pub coordinator: bool,
+    /// Coordinator only: the status addresses (host:port) of the other members' agents.
+    #[serde(default)]
+    pub members: Vec<String>,
+    /// Coordinator only: a multi-machine crash-consistent tag every this many seconds (0 = off).
+    #[serde(default = "default_crash_interval")]
+    pub crash_interval_secs: f64,
+    /// Coordinator only: a multi-machine app-consistent tag every this many seconds (0 = off).
+    #[serde(default)]
+    pub app_interval_secs: f64,
+    /// How long members hold writes waiting for every member to prepare; past it the tag is
+    /// abandoned (no partial multi-machine point).
+    #[serde(default = "default_prepare_timeout")]
+    pub prepare_timeout_secs: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -88,6 +136,18 @@ pub enum DiskCache {
     Volatile,
 }
 
+fn default_crash_interval() -> f64 {
+    300.0
+}
+fn default_app_interval() -> f64 {
+    3600.0
+}
+fn default_hook_timeout() -> f64 {
+    60.0
+}
+fn default_prepare_timeout() -> f64 {
+    10.0
+}
 fn default_ps_name() -> String {
     "process-server".into()
 }

@@ -4,6 +4,7 @@
 
 mod config;
 pub mod machine;
+pub mod points;
 mod sender;
 mod verify;
 
@@ -19,7 +20,7 @@ use ferry_nbd::{Backend, BackendError, Export, Exports, Extent, ServerConfig};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 
-pub use config::{AgentConfig, DiskCache, DiskConfig};
+pub use config::{AgentConfig, DiskCache, DiskConfig, GroupConfig};
 pub use machine::{Machine, Mode};
 pub use verify::{VerifySession, VERIFY_BLOCK};
 
@@ -178,7 +179,9 @@ pub async fn serve(
     let routes = Router::new()
         .route("/verify", post(start_verify))
         .route("/verify/{id}", get(get_verify))
-        .with_state(machine.clone());
+        .with_state(machine.clone())
+        .merge(points::routes(machine.clone()));
+    points::spawn_timers(machine.clone(), shutdown.clone());
     ferry_status::spawn(listeners.status, move || m.status(), routes, shutdown.clone());
     shutdown.cancelled().await;
     for t in tasks {

@@ -147,6 +147,10 @@ pub(crate) struct Core {
     /// Finished resyncs (reason, bytes copied), newest last: tests and operators check that a
     /// crash resent only the activity log's regions.
     completed_resyncs: VecDeque<serde_json::Value>,
+    /// Writes are held (multi-machine prepare) until this group tag commits, aborts or expires.
+    pub(crate) hold: Option<crate::points::WriteHold>,
+    /// Recovery-point tags inserted, for the status.
+    pub(crate) points: crate::points::PointStats,
 }
 
 pub struct Machine {
@@ -160,6 +164,10 @@ pub struct Machine {
     resync_wake: Condvar,
     pub(crate) stopped: AtomicBool,
     pub(crate) verify: VerifySessions,
+    /// Wakes writers held by a group prepare.
+    pub(crate) hold_released: Condvar,
+    /// TEST/DIAGNOSTIC: every local write with its seq (see `AgentConfig::source_write_log`).
+    source_log: Option<Mutex<crate::points::SourceLog>>,
 }
 
 fn extents_of(disk: u16, offset: u64, len: u64, ext: u64) -> impl Iterator<Item = (u16, u64)> {
@@ -351,6 +359,12 @@ impl Machine {
             next_bulk_id: 1,
             pending_end_seq: None,
             write_stamp: 0,
+            hold: None,
+            points: Default::default(),
+        };
+        let source_log = match &config.source_write_log {
+            Some(p) => Some(Mutex::new(crate::points::SourceLog::open(p)?)),
+            None => None,
         };
         Ok(Arc::new(Machine {
             name: config.machine.clone(),
@@ -361,6 +375,8 @@ impl Machine {
             resync_wake: Condvar::new(),
             stopped: AtomicBool::new(false),
             verify: VerifySessions::default(),
+            hold_released: Condvar::new(),
+            source_log,
         }))
     }
 
@@ -406,6 +422,24 @@ impl Machine {
     ) -> Result<(), BackendError> {
         let d = &self.disks[disk as usize];
         let mut c = self.lock();
+        // A multi-machine prepare holds writes until every member prepared (or the hold expires).
+        while let Some(until) = c.hold.as_ref().map(|h| h.until) {
+            let now = std::time::Instant::now();
+            if now >= until {
+                if let Some(h) = c.hold.take() {
+                    push_event(
+                        &mut c,
+                        "group-tag-expired",
+                        format!(
+                            "group tag {} of {} was neither committed nor aborted in time: writes resumed without it",
+                            h.tag, h.group
+                        ),
+                    );
+                }
+                break;
+            }
+            c = self.hold_released.wait_timeout(c, until - now).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
+        }
         self.ensure_active(&mut c, disk, offset, len)
             .map_err(|e| BackendError::Io(std::io::Error::other(e.to_string())))?;
         let seq = self.alloc_seq(&mut c).map_err(|e| BackendError::Io(std::io::Error::other(e.to_string())))?;
@@ -435,6 +469,9 @@ impl Machine {
             drop(c);
             self.resync_wake.notify_all();
             return Err(e);
+        }
+        if let Some(log) = &self.source_log {
+            log.lock().unwrap_or_else(|p| p.into_inner()).write(seq, disk, offset, len, data);
         }
         c.write_stamp += 1;
         let stamp = c.write_stamp;
@@ -1101,6 +1138,20 @@ impl Machine {
         Ok(seq)
     }
 
+    /// Insert a marker record (tags, group prepare/commit) with the core already locked.
+    pub(crate) fn insert_marker_locked(&self, c: &mut Core, body: RecordBody) -> Result<u64, AgentError> {
+        if c.mode != Mode::Replicating {
+            return Err(AgentError::NotReplicating(format!("{:?}", c.mode)));
+        }
+        let seq = self.alloc_seq(c)?;
+        if let Some(log) = &self.source_log {
+            log.lock().unwrap_or_else(|p| p.into_inner()).marker(seq);
+        }
+        self.push(c, seq, body);
+        self.records_ready.notify_one();
+        Ok(seq)
+    }
+
     /// Wait until the log has room for `bytes` more (verify pacing).
     pub(crate) fn wait_log_room(&self, bytes: u64) {
         let mut c = self.lock();
@@ -1198,6 +1249,8 @@ impl Machine {
                 "name": d.name, "path": d.path, "size": d.size, "uuid": d.uuid,
                 "resync_pending_bytes": dirty_per_disk.get(i).copied().unwrap_or(0),
             })).collect::<Vec<_>>(),
+            "points": c.points,
+            "write_hold": c.hold.as_ref().map(|h| serde_json::json!({"group": h.group, "tag": h.tag})),
             "events": c.events.iter().cloned().collect::<Vec<_>>(),
         })
     }

@@ -56,6 +56,21 @@ enum AgentAction {
     Status(StatusArgs),
     /// Compare block hashes of a disk's source and target without stopping replication.
     Verify(VerifyArgs),
+    /// Take a crash-consistent recovery point now.
+    CrashPoint(StatusArgs),
+    /// Take an app-consistent recovery point now (runs the freeze/thaw hooks).
+    AppPoint(StatusArgs),
+    /// Take a multi-machine point of this agent's replication group now (coordinator only).
+    GroupPoint(GroupPointArgs),
+}
+
+#[derive(Args)]
+struct GroupPointArgs {
+    /// App-consistent (every member runs its freeze/thaw hooks).
+    #[arg(long)]
+    app: bool,
+    #[command(flatten)]
+    status: StatusArgs,
 }
 
 #[derive(Args, Default)]
@@ -152,9 +167,101 @@ struct ProcessServerRunArgs {
 #[command(args_conflicts_with_subcommands = true)]
 struct MasterTargetCmd {
     #[command(subcommand)]
-    action: Option<SimpleAction>,
+    action: Option<MasterTargetAction>,
     #[command(flatten)]
     run: MasterTargetRunArgs,
+}
+
+#[derive(Subcommand)]
+enum MasterTargetAction {
+    /// Show status.
+    Status(StatusArgs),
+    /// List recovery points of a machine or of a replication group.
+    Points(PointsArgs),
+    /// Resolve a selector to a point (`latest` takes a point at everything received).
+    Select(SelectArgs),
+    /// Write image files of a point (raw, qcow2 overlay on the frozen base, vmdk, fixed vhd).
+    Materialize(MaterializeArgs),
+    /// Serve a point over NBD, read-only or writable through a throwaway overlay (test failover).
+    Export(ExportArgs),
+    /// List images and exports (each pins its point against pruning).
+    Materializations(StatusArgs),
+    /// Delete an image or export and release its pin.
+    Discard(DiscardArgs),
+    /// Extents changed between a point and the head, or between two points.
+    Changes(ChangesArgs),
+}
+
+#[derive(Args)]
+struct PointsArgs {
+    #[arg(long, required_unless_present = "group")]
+    machine: Option<String>,
+    #[arg(long, conflicts_with = "machine")]
+    group: Option<String>,
+    #[command(flatten)]
+    status: StatusArgs,
+}
+
+#[derive(Args)]
+struct SelectArgs {
+    #[arg(long)]
+    machine: String,
+    /// latest, latest-processed, latest-app, latest-multi, latest-multi-app, or a point ID.
+    #[arg(long, default_value = "latest-processed")]
+    point: String,
+    #[command(flatten)]
+    status: StatusArgs,
+}
+
+#[derive(Args)]
+struct MaterializeArgs {
+    #[arg(long)]
+    machine: String,
+    /// A point ID (vm1@1234), a seq, or a selector (latest, latest-processed, latest-app, ...).
+    #[arg(long, default_value = "latest-processed")]
+    point: String,
+    /// raw, qcow2, vmdk or vhd.
+    #[arg(long, default_value = "raw")]
+    format: String,
+    /// Folder for the image files (default <datastore>/<machine>/images/<id>).
+    #[arg(long)]
+    dir: Option<PathBuf>,
+    #[command(flatten)]
+    status: StatusArgs,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    #[arg(long)]
+    machine: String,
+    #[arg(long, default_value = "latest-processed")]
+    point: String,
+    /// Writable through a throwaway copy-on-write overlay (discarded at cleanup).
+    #[arg(long)]
+    writable: bool,
+    #[command(flatten)]
+    status: StatusArgs,
+}
+
+#[derive(Args)]
+struct DiscardArgs {
+    /// Materialization ID.
+    id: String,
+    #[command(flatten)]
+    status: StatusArgs,
+}
+
+#[derive(Args)]
+struct ChangesArgs {
+    #[arg(long)]
+    machine: String,
+    #[arg(long)]
+    from: String,
+    /// A later point (default: the head).
+    #[arg(long)]
+    to: Option<String>,
+    #[command(flatten)]
+    status: StatusArgs,
 }
 
 #[derive(Args, Default)]
@@ -275,6 +382,22 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Agent(cmd) => match cmd.action {
             Some(AgentAction::Status(s)) => status("agent", &s, out).await,
             Some(AgentAction::Verify(v)) => verify(v, out).await,
+            Some(AgentAction::CrashPoint(s)) => {
+                let v = api("agent", &s, "POST", "/points/crash", None).await?;
+                print_result(&v, out, &format!("crash-consistent tag at seq {}", v["seq"]));
+                Ok(())
+            }
+            Some(AgentAction::AppPoint(s)) => {
+                let v = api("agent", &s, "POST", "/points/app", None).await?;
+                print_result(&v, out, &format!("app-consistent tag at seq {}", v["seq"]));
+                Ok(())
+            }
+            Some(AgentAction::GroupPoint(g)) => {
+                let body = serde_json::json!({ "app": g.app });
+                let v = api("agent", &g.status, "POST", "/group/point", Some(&body)).await?;
+                print_result(&v, out, &format!("group tag {} committed by {}", v["tag"], v["members"]));
+                Ok(())
+            }
             None => run_agent(cmd.run).await,
         },
         Command::ProcessServer(cmd) => match cmd.action {
@@ -282,7 +405,8 @@ async fn run(cli: Cli) -> Result<()> {
             None => run_process_server(cmd.run).await,
         },
         Command::MasterTarget(cmd) => match cmd.action {
-            Some(SimpleAction::Status(s)) => status("master-target", &s, out).await,
+            Some(MasterTargetAction::Status(s)) => status("master-target", &s, out).await,
+            Some(action) => master_target_action(action, out).await,
             None => run_master_target(cmd.run).await,
         },
     }
@@ -459,4 +583,168 @@ async fn verify(v: VerifyArgs, out: OutputFormat) -> Result<()> {
         bail!("verify failed: {}", session["error"]);
     }
     Ok(())
+}
+
+/// Call a component's JSON API; a non-2xx answer becomes an error with its message and remedy.
+async fn api(
+    component: &str,
+    s: &StatusArgs,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+) -> Result<serde_json::Value> {
+    let addr = status_addr(component, s)?;
+    let (code, v) = ferry_status::request(&addr, method, path, body)
+        .await
+        .with_context(|| format!("cannot reach the {component} at {addr}"))?;
+    if !(200..300).contains(&code) {
+        bail!(
+            "{} (code {}; remedy: {})",
+            v["message"].as_str().unwrap_or("request refused"),
+            v["code"],
+            v["remedy"].as_str().unwrap_or("-")
+        );
+    }
+    Ok(v)
+}
+
+fn print_result(v: &serde_json::Value, out: OutputFormat, line: &str) {
+    match out {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
+        OutputFormat::Table => println!("{line}"),
+    }
+}
+
+fn url_part(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+async fn master_target_action(action: MasterTargetAction, out: OutputFormat) -> Result<()> {
+    const MT: &str = "master-target";
+    match action {
+        MasterTargetAction::Status(s) => status(MT, &s, out).await,
+        MasterTargetAction::Points(p) => {
+            let path = match (&p.machine, &p.group) {
+                (_, Some(g)) => format!("/groups/{}/points", url_part(g)),
+                (Some(m), None) => format!("/machines/{}/points", url_part(m)),
+                (None, None) => bail!("give --machine or --group"),
+            };
+            let v = api(MT, &p.status, "GET", &path, None).await?;
+            output::print_points(&v, out);
+            Ok(())
+        }
+        MasterTargetAction::Select(a) => {
+            let body = serde_json::json!({ "selector": a.point });
+            let v =
+                api(MT, &a.status, "POST", &format!("/machines/{}/points", url_part(&a.machine)), Some(&body)).await?;
+            print_result(
+                &v,
+                out,
+                &format!("{}  seq {}  {} {}", v["id"].as_str().unwrap_or("?"), v["seq"], v["kind"], v["scope"]),
+            );
+            Ok(())
+        }
+        MasterTargetAction::Materialize(a) => {
+            let mut body = serde_json::json!({ "point": a.point, "kind": "image", "format": a.format });
+            if let Some(d) = &a.dir {
+                let d = std::path::absolute(d).with_context(|| format!("bad folder {}", d.display()))?;
+                body["dir"] = serde_json::json!(d);
+            }
+            let v = api(
+                MT,
+                &a.status,
+                "POST",
+                &format!("/machines/{}/materializations", url_part(&a.machine)),
+                Some(&body),
+            )
+            .await?;
+            let files: Vec<_> = v["files"].as_array().into_iter().flatten().filter_map(|f| f.as_str()).collect();
+            print_result(
+                &v,
+                out,
+                &format!("{}  point {}\n  {}", v["id"].as_str().unwrap_or("?"), v["point"]["id"], files.join("\n  ")),
+            );
+            Ok(())
+        }
+        MasterTargetAction::Export(a) => {
+            let body = serde_json::json!({ "point": a.point, "kind": "export", "writable": a.writable });
+            let v = api(
+                MT,
+                &a.status,
+                "POST",
+                &format!("/machines/{}/materializations", url_part(&a.machine)),
+                Some(&body),
+            )
+            .await?;
+            let urls: Vec<_> = v["nbd_urls"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|u| u.as_array().cloned().unwrap_or_default())
+                .filter_map(|u| u.as_str().map(str::to_owned))
+                .collect();
+            print_result(
+                &v,
+                out,
+                &format!("{}  point {}\n  {}", v["id"].as_str().unwrap_or("?"), v["point"]["id"], urls.join("\n  ")),
+            );
+            Ok(())
+        }
+        MasterTargetAction::Materializations(s) => {
+            let v = api(MT, &s, "GET", "/materializations", None).await?;
+            match out {
+                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+                OutputFormat::Table => {
+                    for m in v["materializations"].as_array().into_iter().flatten() {
+                        println!(
+                            "{}  {}  point {}{}",
+                            m["id"].as_str().unwrap_or("?"),
+                            m["kind"].as_str().unwrap_or("?"),
+                            m["point"]["id"].as_str().unwrap_or("?"),
+                            m["problem"].as_str().map(|p| format!("  PROBLEM: {p}")).unwrap_or_default()
+                        );
+                    }
+                }
+            }
+            Ok(())
+        }
+        MasterTargetAction::Discard(d) => {
+            let v = api(MT, &d.status, "DELETE", &format!("/materializations/{}", url_part(&d.id)), None).await?;
+            print_result(&v, out, &format!("discarded {}", d.id));
+            Ok(())
+        }
+        MasterTargetAction::Changes(c) => {
+            let mut path = format!("/machines/{}/changes?from={}", url_part(&c.machine), url_part(&c.from));
+            if let Some(t) = &c.to {
+                path.push_str(&format!("&to={}", url_part(t)));
+            }
+            let v = api(MT, &c.status, "GET", &path, None).await?;
+            match out {
+                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+                OutputFormat::Table => {
+                    println!(
+                        "changes of {} from seq {} to seq {}{}",
+                        v["machine"].as_str().unwrap_or("?"),
+                        v["from_seq"],
+                        v["to_seq"],
+                        if v["full_resync"] == true { " (whole disks: an initial sync ran in between)" } else { "" }
+                    );
+                    for d in v["disks"].as_array().into_iter().flatten() {
+                        println!(
+                            "  {}: {} bytes in {} extents",
+                            d["disk"].as_str().unwrap_or("?"),
+                            d["bytes"],
+                            d["extents"].as_array().map(|e| e.len()).unwrap_or(0)
+                        );
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
 }

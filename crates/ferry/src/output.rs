@@ -133,3 +133,67 @@ pub fn print_status(v: &serde_json::Value, out: OutputFormat) {
         _ => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
     }
 }
+
+fn time_of(ms: u64) -> String {
+    // UTC, seconds precision, without a date library: days since the epoch to a civil date.
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// Recovery points of a machine (or of a group) as a table.
+pub fn print_points(v: &serde_json::Value, out: OutputFormat) {
+    if matches!(out, OutputFormat::Json) {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+        return;
+    }
+    if let Some(g) = v["group"].as_str() {
+        println!("group {g}: {} multi-machine point(s)", v["points"].as_array().map(|a| a.len()).unwrap_or(0));
+        for p in v["points"].as_array().into_iter().flatten() {
+            println!(
+                "  {}  {}  {}  {}",
+                p["id"].as_str().unwrap_or("?"),
+                time_of(p["time_ms"].as_u64().unwrap_or(0)),
+                p["kind"].as_str().unwrap_or("?"),
+                p["members"]
+            );
+        }
+    } else {
+        println!(
+            "{:<28} {:<21} {:<6} {:<7} {:>12} {:>20}  origin",
+            "ID", "TIME (UTC)", "KIND", "SCOPE", "SEQ", "GENERATION"
+        );
+        for p in v["points"].as_array().into_iter().flatten() {
+            println!(
+                "{:<28} {:<21} {:<6} {:<7} {:>12} {:>20}  {}{}",
+                p["id"].as_str().unwrap_or("?"),
+                time_of(p["time_ms"].as_u64().unwrap_or(0)),
+                p["kind"].as_str().unwrap_or("?"),
+                p["scope"].as_str().unwrap_or("?"),
+                p["seq"],
+                p["generation"],
+                p["origin"].as_str().unwrap_or("?"),
+                p["group_tag"].as_str().map(|t| format!(" ({t})")).unwrap_or_default(),
+            );
+        }
+        if let Some(sel) = v["selectors"].as_object() {
+            for (k, id) in sel {
+                if k != "latest" {
+                    println!("{k:<18} {}", id.as_str().unwrap_or("none"));
+                }
+            }
+        }
+    }
+    for p in v["problems"].as_array().into_iter().flatten() {
+        println!("PROBLEM: {}", p.as_str().unwrap_or(""));
+    }
+}

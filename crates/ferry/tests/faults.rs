@@ -309,36 +309,6 @@ fn a_deleted_target_disk_is_refused_not_silently_recreated() {
     assert!(!c.target("disk0").exists(), "the target must not be re-created empty");
 }
 
-/// A tmpfs mounted over a folder for the life of a test (root only: CI runs as root).
-struct SmallFs(std::path::PathBuf);
-
-impl SmallFs {
-    fn mount(dir: &std::path::Path, size: &str) -> Option<SmallFs> {
-        std::fs::create_dir_all(dir).unwrap();
-        let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        ok.then(|| SmallFs(dir.to_owned()))
-    }
-    fn resize(&self, size: &str) {
-        assert!(Command::new("mount")
-            .args(["-o", &format!("remount,size={size}")])
-            .arg(&self.0)
-            .status()
-            .unwrap()
-            .success());
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn full_datastore_is_reported_and_applying_resumes_when_space_returns() {
     let mut c = Cluster::new(Opts::default());
@@ -370,10 +340,6 @@ fn full_datastore_is_reported_and_applying_resumes_when_space_returns() {
     }
     drop(fs);
     drop(c);
-}
-
-fn is_not_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() != "0").unwrap_or(true)
 }
 
 #[test]

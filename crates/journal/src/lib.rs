@@ -17,7 +17,7 @@ mod segment_log;
 
 pub use activity_log::{ActivityLog, AlSlot};
 pub use dirty_map::DirtyMap;
-pub use segment_log::{Cursor, SegmentLog};
+pub use segment_log::{Cursor, Location, SegmentLog};
 
 use std::path::PathBuf;
 

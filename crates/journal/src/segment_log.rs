@@ -19,6 +19,8 @@ struct Segment {
     len: u64,
     /// Length known durable (the last successful fsync).
     synced_len: u64,
+    /// Payload bytes of the records in it (space accounting).
+    payload: u64,
     path: PathBuf,
     file: Arc<File>,
 }
@@ -55,6 +57,22 @@ impl Cursor {
     }
 }
 
+/// Where a record lies in the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Location {
+    pub seg_first: u64,
+    pub entry_offset: u64,
+    pub entry_len: u64,
+}
+
+impl Location {
+    /// File offset of the payload of a `Write` of `data_len` bytes: postcard puts the data bytes
+    /// last (the last field of the last field), so they end the entry.
+    pub fn data_offset(&self, data_len: u64) -> u64 {
+        self.entry_offset + self.entry_len - data_len
+    }
+}
+
 fn seg_name(first: u64) -> String {
     format!("{first:020}.seg")
 }
@@ -88,7 +106,7 @@ impl SegmentLog {
             let path = dir.join(seg_name(first));
             let file = OpenOptions::new().read(true).write(true).open(&path).map_err(io_err(&path))?;
             let is_last = i + 1 == count;
-            let (valid_len, last) = scan(&file, &path, is_last)?;
+            let (valid_len, last, payload) = scan(&file, &path, is_last)?;
             let file_len = file.metadata().map_err(io_err(&path))?.len();
             if valid_len < file_len {
                 tracing::warn!(path = %path.display(), valid_len, file_len, "cutting torn tail of log segment");
@@ -104,6 +122,7 @@ impl SegmentLog {
                 last_seq,
                 len: valid_len,
                 synced_len: valid_len,
+                payload,
                 path,
                 file: Arc::new(file),
             });
@@ -126,6 +145,7 @@ impl SegmentLog {
             last_seq: first.saturating_sub(1),
             len: 0,
             synced_len: 0,
+            payload: 0,
             path,
             file: Arc::new(file),
         });
@@ -175,6 +195,7 @@ impl SegmentLog {
         self.wbuf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
         if let Some(seg) = self.segments.last_mut() {
             seg.last_seq = rec.seq;
+            seg.payload += rec.body.data_len();
         }
         self.last_seq = rec.seq;
         if self.wbuf.len() >= 8 << 20 {
@@ -239,10 +260,39 @@ impl SegmentLog {
     /// Read durable records after `cursor.after_seq`, at most about `max_bytes`, advancing the cursor.
     pub fn read(&self, cursor: &mut Cursor, max_bytes: usize) -> Result<Vec<Record>, JournalError> {
         let mut out = Vec::new();
+        self.read_with(cursor, max_bytes, |rec, _| out.push(rec))?;
+        Ok(out)
+    }
+
+    /// Like [`SegmentLog::read`], also giving where each record lies, so a reader can later fetch
+    /// a write's data in place ([`Location::data_offset`], [`SegmentLog::segment_file`]).
+    pub fn read_located(&self, cursor: &mut Cursor, max_bytes: usize) -> Result<Vec<(Record, Location)>, JournalError> {
+        let mut out = Vec::new();
+        self.read_with(cursor, max_bytes, |rec, loc| out.push((rec, loc)))?;
+        Ok(out)
+    }
+
+    /// The open file of the segment starting at `seg_first` (it stays readable through this
+    /// handle even if the segment is released later).
+    pub fn segment_file(&self, seg_first: u64) -> Option<(PathBuf, Arc<File>)> {
+        self.segments.iter().find(|s| s.first_seq == seg_first).map(|s| (s.path.clone(), s.file.clone()))
+    }
+
+    /// Payload bytes (written data) of the records held, for space accounting.
+    pub fn payload_bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.payload).sum()
+    }
+
+    fn read_with(
+        &self,
+        cursor: &mut Cursor,
+        max_bytes: usize,
+        mut emit: impl FnMut(Record, Location),
+    ) -> Result<(), JournalError> {
         let mut bytes = 0usize;
         let upto = self.synced_seq;
         if cursor.after_seq >= upto {
-            return Ok(out);
+            return Ok(());
         }
         // Locate the segment: reuse the cursor's position when its segment still exists.
         let mut idx = match self.segments.iter().position(|s| cursor.valid && s.first_seq == cursor.seg_first) {
@@ -272,8 +322,9 @@ impl SegmentLog {
                         None => break,
                     };
                     if rec.seq > upto {
-                        return Ok(out);
+                        return Ok(());
                     }
+                    let loc = Location { seg_first: seg.first_seq, entry_offset: cursor.offset, entry_len: size };
                     pos += size as usize;
                     cursor.offset += size;
                     if rec.seq <= cursor.after_seq {
@@ -281,9 +332,9 @@ impl SegmentLog {
                     }
                     cursor.after_seq = rec.seq;
                     bytes += size as usize;
-                    out.push(rec);
+                    emit(rec, loc);
                     if bytes >= max_bytes {
-                        return Ok(out);
+                        return Ok(());
                     }
                     if pos as u64 >= span as u64 {
                         break;
@@ -291,7 +342,7 @@ impl SegmentLog {
                 }
             }
             if idx + 1 >= self.segments.len() {
-                return Ok(out);
+                return Ok(());
             }
             idx += 1;
             cursor.seg_first = self.segments[idx].first_seq;
@@ -373,10 +424,11 @@ fn read_entry(file: &File, path: &Path, offset: u64, end: u64) -> Result<(Record
 
 /// Scan a segment: returns the length of its valid prefix and its last seq. A bad entry in the
 /// last segment is a torn tail (cut it); in an earlier segment it is corruption.
-fn scan(file: &File, path: &Path, is_last: bool) -> Result<(u64, Option<u64>), JournalError> {
+fn scan(file: &File, path: &Path, is_last: bool) -> Result<(u64, Option<u64>, u64), JournalError> {
     let end = file.metadata().map_err(io_err(path))?.len();
     let mut off = 0;
     let mut last = None;
+    let mut payload = 0;
     while off < end {
         match read_entry(file, path, off, end) {
             Ok((rec, size)) => {
@@ -388,13 +440,14 @@ fn scan(file: &File, path: &Path, is_last: bool) -> Result<(u64, Option<u64>), J
                     });
                 }
                 last = Some(rec.seq);
+                payload += rec.body.data_len();
                 off += size;
             }
             Err(JournalError::Corrupt { .. }) if is_last => break,
             Err(e) => return Err(e),
         }
     }
-    Ok((off, last))
+    Ok((off, last, payload))
 }
 
 #[cfg(test)]
@@ -404,6 +457,34 @@ mod tests {
 
     fn rec(seq: u64, n: usize) -> Record {
         Record { seq, time_ms: seq, body: RecordBody::Write { disk: 0, offset: seq * 4096, data: vec![seq as u8; n] } }
+    }
+
+    #[test]
+    fn located_reads_find_write_data_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = SegmentLog::open(dir.path(), 50_000).unwrap();
+        for s in 1..=40u64 {
+            log.append(&rec(s, 1000 + s as usize * 37)).unwrap();
+        }
+        log.sync().unwrap();
+        assert_eq!(log.payload_bytes(), (1..=40u64).map(|s| 1000 + s * 37).sum::<u64>());
+        let mut cur = Cursor::after(0);
+        let mut seen = 0;
+        loop {
+            let batch = log.read_located(&mut cur, 7000).unwrap();
+            if batch.is_empty() {
+                break;
+            }
+            for (r, loc) in batch {
+                let RecordBody::Write { data, .. } = &r.body else { panic!() };
+                let (_, f) = log.segment_file(loc.seg_first).unwrap();
+                let mut buf = vec![0u8; data.len()];
+                f.read_exact_at(&mut buf, loc.data_offset(data.len() as u64)).unwrap();
+                assert_eq!(&buf, data, "record {}", r.seq);
+                seen += 1;
+            }
+        }
+        assert_eq!(seen, 40);
     }
 
     #[test]

@@ -10,6 +10,10 @@
 //! `ResyncEnd` are not applied until the `ResyncEnd` is durable in the journal: the replica's last
 //! consistent state is never overwritten in place by a resync that might not finish.
 
+mod api;
+pub mod history;
+pub mod point_image;
+mod recovery;
 mod replica;
 pub mod retention;
 
@@ -25,6 +29,8 @@ use tokio::net::TcpListener;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 
+pub use history::Point;
+pub use recovery::{ImageFormat, Materialization, MaterializeRequest, PointError};
 pub use replica::{Replica, ReplicaStatus};
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +77,21 @@ pub struct MasterTargetConfig {
     /// How often applied changes are checkpointed (target disks fsync'd, journal released), seconds.
     #[serde(default = "default_checkpoint_secs")]
     pub checkpoint_interval_secs: f64,
+    /// How long recovery points are kept, seconds (default 24 h). 0 turns history off: the
+    /// journal is then released as soon as it is applied and only the replica itself remains.
+    #[serde(default = "default_window")]
+    pub retention_window_secs: f64,
+    /// Per-machine retention windows (the machine's replication policy), seconds.
+    #[serde(default)]
+    pub machine_retention_secs: HashMap<String, f64>,
+    /// When the retention volume has less free space than this share (percent), the oldest points
+    /// are pruned early, inside the window, with an event.
+    #[serde(default = "default_min_free")]
+    pub retention_min_free_percent: f64,
+    /// NBD address serving materialized points (test failover). Loopback only; the unix socket
+    /// `<retention>/nbd.sock` is always served.
+    #[serde(default)]
+    pub nbd_listen: Option<String>,
 }
 
 impl MasterTargetConfig {
@@ -78,6 +99,23 @@ impl MasterTargetConfig {
     pub fn retention_dir(&self) -> PathBuf {
         self.retention.clone().unwrap_or_else(|| PathBuf::from(retention::DEFAULT_RETENTION))
     }
+
+    /// The retention window of a machine, seconds.
+    pub fn retention_window_for(&self, machine: &str) -> f64 {
+        self.machine_retention_secs.get(machine).copied().unwrap_or(self.retention_window_secs)
+    }
+
+    /// The unix socket serving materialized points.
+    pub fn nbd_socket(&self) -> PathBuf {
+        self.retention_dir().join("nbd.sock")
+    }
+}
+
+fn default_window() -> f64 {
+    86_400.0
+}
+fn default_min_free() -> f64 {
+    5.0
 }
 
 fn default_name() -> String {
@@ -96,6 +134,8 @@ pub struct MasterTarget {
     retention: PathBuf,
     _volume: retention::RetentionVolume,
     replicas: Mutex<HashMap<String, Arc<Replica>>>,
+    /// Materialized points served over NBD.
+    pub exports: ferry_nbd::Exports,
     shutdown: CancellationToken,
 }
 
@@ -118,6 +158,7 @@ impl MasterTarget {
             _volume: volume,
             config,
             replicas: Mutex::new(HashMap::new()),
+            exports: ferry_nbd::Exports::new(),
             shutdown,
         });
         // Reopen every machine found on the retention volume so its journal is replayed at once,
@@ -126,7 +167,7 @@ impl MasterTarget {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
                 if validate_name("machine", &name).is_ok() && e.path().join("machine.json").exists() {
-                    match Replica::reopen(&mt.config, &name, mt.shutdown.clone()) {
+                    match Replica::reopen(&mt.config, &name, mt.exports.clone(), mt.shutdown.clone()) {
                         Ok(r) => {
                             mt.lock_replicas().insert(name, r);
                         }
@@ -152,7 +193,7 @@ impl MasterTarget {
             r.check_layout(&hello.machine)?;
             return Ok(r.clone());
         }
-        let r = Replica::create(&self.config, &hello.machine, self.shutdown.clone())
+        let r = Replica::create(&self.config, &hello.machine, self.exports.clone(), self.shutdown.clone())
             .map_err(|e| (codes::STORAGE, e.to_string(), "check the datastore and retention folders".into()))?;
         map.insert(hello.machine.name.clone(), r.clone());
         Ok(r)
@@ -168,6 +209,10 @@ impl MasterTarget {
     pub fn replica(&self, machine: &str) -> Option<Arc<Replica>> {
         self.lock_replicas().get(machine).cloned()
     }
+
+    pub fn config(&self) -> &MasterTargetConfig {
+        &self.config
+    }
 }
 
 /// Run the master target on pre-bound listeners until `shutdown` is cancelled.
@@ -178,9 +223,33 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), MasterTargetError> {
     let acceptor = ferry_tls::acceptor(&config.tls)?;
+    let nbd_tcp = match &config.nbd_listen {
+        Some(addr) => {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|source| MasterTargetError::Io { path: PathBuf::from(addr), source })?;
+            let local = l.local_addr().map_err(|source| MasterTargetError::Io { path: PathBuf::from(addr), source })?;
+            if !local.ip().is_loopback() {
+                return Err(MasterTargetError::Refused(format!(
+                    "nbd_listen = {addr:?} is not a loopback address: recovery-point exports are served without TLS, so keep them on 127.0.0.1 (or use the unix socket <retention>/nbd.sock)"
+                )));
+            }
+            Some(l)
+        }
+        None => None,
+    };
     let mt = MasterTarget::new(config, shutdown.clone())?;
+    let nbd_config = Arc::new(ferry_nbd::ServerConfig { exports: mt.exports.clone(), tls: None, require_tls: false });
+    let sock = mt.config.nbd_socket();
+    let _ = std::fs::remove_file(&sock);
+    let unix =
+        tokio::net::UnixListener::bind(&sock).map_err(|source| MasterTargetError::Io { path: sock.clone(), source })?;
+    tokio::spawn(ferry_nbd::serve_unix(unix, nbd_config.clone(), shutdown.clone()));
+    if let Some(l) = nbd_tcp {
+        tokio::spawn(ferry_nbd::serve_tcp(l, nbd_config, shutdown.clone()));
+    }
     let mt2 = mt.clone();
-    ferry_status::spawn(status_listener, move || mt2.status(), axum::Router::new(), shutdown.clone());
+    ferry_status::spawn(status_listener, move || mt2.status(), api::routes(mt.clone()), shutdown.clone());
     let (mt2, sd) = (mt.clone(), shutdown.clone());
     ferry_tls::serve_tls(listener, acceptor, shutdown, "process server", move |tls| {
         handle_process_server(mt2.clone(), tls, sd.clone())

@@ -2,41 +2,50 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use std::collections::VecDeque;
+
 use ferry_journal::{fsutil, Cursor, SegmentLog};
+use ferry_nbd::Exports;
 use ferry_protocol::{codes, now_ms, BulkChunk, DiskDescriptor, Event, MachineDescriptor, Record, RecordBody};
 use ferry_status::RateMeter;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::history::{History, Marker};
+use crate::recovery::{BaseSlot, Materialization};
 use crate::{MasterTargetConfig, MasterTargetError};
 
 /// Persisted apply position. Written only after the target disks were fsync'd.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
-struct Checkpoint {
-    applied_seq: u64,
+pub(crate) struct Checkpoint {
+    pub(crate) applied_seq: u64,
     /// The target disks hold a write-order-consistent state (no resync half-applied).
     consistent: bool,
     /// A resync was started and not finished: the target is mid-copy.
     in_resync: bool,
+    /// The open resync is an initial sync: its end starts a new history (a new base).
+    #[serde(default)]
+    initial_sync_open: bool,
 }
 
-struct ApplyState {
+pub(crate) struct ApplyState {
     ckpt: Checkpoint,
     /// The last checkpoint made durable: after an error, applying restarts from here (the
     /// journal still holds everything after it, and replay is idempotent).
-    persisted: Checkpoint,
+    pub(crate) persisted: Checkpoint,
     last_applied_time_ms: u64,
     rate: RateMeter,
     /// Journaled resync data waiting for its ResyncEnd (the replica keeps its consistent state).
     holding_resync_at: Option<u64>,
     error: Option<String>,
+    /// A new base must be taken from the target before anything more is applied.
+    base_due: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -53,6 +62,13 @@ pub struct ReplicaStatus {
     pub lag_seconds: f64,
     pub apply_bytes_per_sec: f64,
     pub error: Option<String>,
+    /// History: base, journal space per GiB written, volume space, pruning state.
+    pub retention: serde_json::Value,
+    /// Recovery points of this machine alone (multi-machine ones: see the points API).
+    pub points: usize,
+    pub newest_point: Option<crate::history::Point>,
+    /// Recent events (pruning, space, materializations), newest last.
+    pub events: Vec<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -63,19 +79,33 @@ pub struct DiskStatus {
 }
 
 pub struct Replica {
-    name: String,
-    dir: PathBuf,
-    disks: Vec<DiskDescriptor>,
-    targets: Vec<(PathBuf, File)>,
+    pub(crate) name: String,
+    pub(crate) dir: PathBuf,
+    pub(crate) disks: Vec<DiskDescriptor>,
+    pub(crate) targets: Vec<(PathBuf, File)>,
     journal: Mutex<SegmentLog>,
     apply: Mutex<ApplyState>,
     wake: Condvar,
+    /// Retention window (zero: no history, the journal is released once applied).
+    pub(crate) window: Duration,
+    /// Prune early when the retention volume has less free space than this share.
+    pub(crate) min_free_percent: f64,
+    pub(crate) history: Mutex<History>,
+    pub(crate) base: Mutex<BaseSlot>,
+    pub(crate) mats: Mutex<Vec<Materialization>>,
+    pub(crate) events: Mutex<VecDeque<serde_json::Value>>,
+    /// The master target's NBD exports (materialized points are served there).
+    pub(crate) exports: Exports,
+    /// The journal is never released past this seq (the base and pinned points need it).
+    pub(crate) release_limit: AtomicU64,
+    pub(crate) prune_wake: Condvar,
+    pub(crate) segment_bytes: u64,
     /// Seq of the newest ResyncEnd durable in the journal.
     latest_end_seq: AtomicU64,
     journal_last_time_ms: AtomicU64,
     applied_tx: watch::Sender<u64>,
     events_tx: broadcast::Sender<Event>,
-    stopped: AtomicBool,
+    pub(crate) stopped: AtomicBool,
     checkpoint_interval: Duration,
     /// Bumped by every new process-server connection; bulk writes of an older connection are
     /// refused so a stale chunk never lands after its resent copy. Held while writing bulk.
@@ -91,31 +121,34 @@ impl Replica {
     pub fn create(
         config: &MasterTargetConfig,
         machine: &MachineDescriptor,
+        exports: Exports,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, MasterTargetError> {
         let dir = config.retention_dir().join(&machine.name);
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         let desc = serde_json::to_vec_pretty(machine).map_err(|e| MasterTargetError::Refused(e.to_string()))?;
         fsutil::write_atomic(&dir.join("machine.json"), &desc)?;
-        Self::open(config, machine.clone(), shutdown)
+        Self::open(config, machine.clone(), exports, shutdown)
     }
 
     /// Reopen a machine known from a previous run (its journal is replayed by the applier).
     pub fn reopen(
         config: &MasterTargetConfig,
         name: &str,
+        exports: Exports,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, MasterTargetError> {
         let path = config.retention_dir().join(name).join("machine.json");
         let data = std::fs::read(&path).map_err(io(&path))?;
         let machine: MachineDescriptor = serde_json::from_slice(&data)
             .map_err(|e| MasterTargetError::Refused(format!("{} is unreadable: {e}", path.display())))?;
-        Self::open(config, machine, shutdown)
+        Self::open(config, machine, exports, shutdown)
     }
 
     fn open(
         config: &MasterTargetConfig,
         machine: MachineDescriptor,
+        exports: Exports,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, MasterTargetError> {
         let dir = config.retention_dir().join(&machine.name);
@@ -173,6 +206,7 @@ impl Replica {
                 }
             }
         }
+        let history = History::open(&dir.join("history.jsonl"), journal.synced_seq())?;
         let (applied_tx, _) = watch::channel(ckpt.applied_seq);
         let (events_tx, _) = broadcast::channel(1024);
         let r = Arc::new(Replica {
@@ -188,8 +222,19 @@ impl Replica {
                 rate: RateMeter::default(),
                 holding_resync_at: None,
                 error: None,
+                base_due: false,
             }),
             wake: Condvar::new(),
+            window: Duration::from_secs_f64(config.retention_window_for(&machine.name).max(0.0)),
+            min_free_percent: config.retention_min_free_percent,
+            history: Mutex::new(history),
+            base: Mutex::new(BaseSlot { state: None, files: Vec::new(), paused: None }),
+            mats: Mutex::new(Vec::new()),
+            events: Mutex::new(VecDeque::new()),
+            exports,
+            release_limit: AtomicU64::new(u64::MAX),
+            prune_wake: Condvar::new(),
+            segment_bytes: config.segment_bytes,
             latest_end_seq: AtomicU64::new(latest_end),
             journal_last_time_ms: AtomicU64::new(0),
             applied_tx,
@@ -198,11 +243,18 @@ impl Replica {
             bulk_epoch: Mutex::new(0),
             checkpoint_interval: Duration::from_secs_f64(config.checkpoint_interval_secs.max(0.01)),
         });
+        r.open_base()?;
+        r.reload_mats()?;
         let r2 = r.clone();
         std::thread::Builder::new()
             .name(format!("apply-{}", machine.name))
             .spawn(move || r2.apply_loop())
             .map_err(|e| MasterTargetError::Refused(format!("cannot start applier thread: {e}")))?;
+        let r2 = r.clone();
+        std::thread::Builder::new()
+            .name(format!("prune-{}", machine.name))
+            .spawn(move || crate::recovery::prune_loop(r2))
+            .map_err(|e| MasterTargetError::Refused(format!("cannot start pruning thread: {e}")))?;
         let r3 = r.clone();
         tokio::spawn(async move {
             shutdown.cancelled().await;
@@ -214,13 +266,14 @@ impl Replica {
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::SeqCst);
         self.wake.notify_all();
+        self.prune_wake.notify_all();
     }
 
-    fn lock_journal(&self) -> MutexGuard<'_, SegmentLog> {
+    pub(crate) fn lock_journal(&self) -> MutexGuard<'_, SegmentLog> {
         self.journal.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn lock_apply(&self) -> MutexGuard<'_, ApplyState> {
+    pub(crate) fn lock_apply(&self) -> MutexGuard<'_, ApplyState> {
         self.apply.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -285,20 +338,32 @@ impl Replica {
     /// Append records to the journal and fsync; returns the durable seq (what may be acknowledged).
     /// Records at or below the journal's last seq are duplicates of a resend and are skipped.
     pub fn journal_records(&self, records: Vec<Record>) -> Result<u64, MasterTargetError> {
+        let incoming = records.iter().map(|r| r.body.data_len() + 64).sum();
+        self.journal_room_check(incoming).map_err(MasterTargetError::Refused)?;
         let mut j = self.lock_journal();
         let mut end = None;
+        let mut markers = Vec::new();
         for r in &records {
             if r.seq <= j.last_seq() {
                 continue;
             }
             self.validate(r).map_err(MasterTargetError::Refused)?;
+            let prev = j.last_seq();
             j.append(r)?;
             if matches!(r.body, RecordBody::ResyncEnd { .. }) {
                 end = Some(r.seq);
             }
+            markers.extend(Marker::of(r, prev));
             self.journal_last_time_ms.store(r.time_ms, Ordering::Relaxed);
         }
-        j.sync()?;
+        // Markers are durable before the records they describe (see `history`).
+        if !markers.is_empty() {
+            self.lock_history().append(&markers)?;
+        }
+        if let Err(e) = j.sync() {
+            self.lock_history().forget_after(j.synced_seq());
+            return Err(e.into());
+        }
         let durable = j.synced_seq();
         drop(j);
         if let Some(e) = end {
@@ -403,6 +468,7 @@ impl Replica {
     fn apply_step(&self, cursor: &mut Cursor, dirty: &mut bool, last_ckpt: &mut Instant) -> Result<bool, String> {
         let batch = self.lock_journal().read(cursor, 16 << 20).map_err(|e| format!("cannot read journal: {e}"))?;
         let mut held = false;
+        let mut base_at = None;
         for rec in &batch {
             if !self.apply_record(rec)? {
                 // Hold at this ResyncBegin: re-read from here once its ResyncEnd is durable.
@@ -411,6 +477,26 @@ impl Replica {
                 break;
             }
             *dirty = true;
+            if std::mem::take(&mut self.lock_apply().base_due) {
+                // An initial sync just ended: nothing more is applied until the base is taken.
+                *cursor = Cursor::after(rec.seq);
+                base_at = Some((rec.seq, rec.time_ms));
+                break;
+            }
+        }
+        if base_at.is_none() && batch.is_empty() && self.history_on() && self.lock_base().state.is_none() {
+            // No base yet (e.g. a crash while it was taken): take it now that everything
+            // journaled is applied, so the target holds exactly the journal's end.
+            let st = self.lock_apply();
+            if st.ckpt.consistent && !st.ckpt.in_resync && st.ckpt.applied_seq > 0 && st.holding_resync_at.is_none() {
+                base_at = Some((st.ckpt.applied_seq, st.last_applied_time_ms.max(1)));
+            }
+        }
+        if let Some((seq, time_ms)) = base_at {
+            self.checkpoint()?;
+            *dirty = false;
+            *last_ckpt = Instant::now();
+            self.create_base(seq, time_ms)?;
         }
         let applied = self.lock_apply().ckpt.applied_seq;
         self.applied_tx.send_replace(applied);
@@ -446,7 +532,7 @@ impl Replica {
                 let (p, f) = &self.targets[*disk as usize];
                 zero_range(f, *offset, *len).map_err(|e| format!("zeroing {} failed: {e}", p.display()))?;
             }
-            RecordBody::ResyncBegin { preserve_consistent, .. } => {
+            RecordBody::ResyncBegin { preserve_consistent, reason, .. } => {
                 let mut st = self.lock_apply();
                 if *preserve_consistent && st.ckpt.consistent && self.latest_end_seq.load(Ordering::SeqCst) < rec.seq {
                     st.holding_resync_at = Some(rec.seq);
@@ -455,11 +541,15 @@ impl Replica {
                 st.holding_resync_at = None;
                 st.ckpt.consistent = false;
                 st.ckpt.in_resync = true;
+                st.ckpt.initial_sync_open = crate::recovery::bypasses_journal(*reason);
             }
             RecordBody::ResyncEnd { .. } => {
                 let mut st = self.lock_apply();
                 st.ckpt.consistent = true;
                 st.ckpt.in_resync = false;
+                if std::mem::take(&mut st.ckpt.initial_sync_open) && self.history_on() {
+                    st.base_due = true;
+                }
             }
             RecordBody::VerifyChunk { verify_id, disk, offset, block_size, hashes, last } => {
                 self.verify(*verify_id, *disk, *offset, *block_size, hashes, *last)?;
@@ -522,7 +612,9 @@ impl Replica {
         let data = serde_json::to_vec(&ckpt).map_err(|e| e.to_string())?;
         fsutil::write_atomic(&self.dir.join("checkpoint.json"), &data).map_err(|e| e.to_string())?;
         self.lock_apply().persisted = ckpt;
-        self.lock_journal().release_through(ckpt.applied_seq).map_err(|e| e.to_string())?;
+        // With history on, the journal also serves recovery points: keep what the base needs.
+        let limit = self.release_limit.load(Ordering::SeqCst);
+        self.lock_journal().release_through(ckpt.applied_seq.min(limit)).map_err(|e| e.to_string())?;
         Ok(())
     }
 
@@ -531,6 +623,9 @@ impl Replica {
             let j = self.lock_journal();
             (j.synced_seq(), j.bytes())
         };
+        let retention = self.retention_status();
+        let (points, _) = self.local_points();
+        let events: Vec<_> = self.events.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect();
         let mut st = self.lock_apply();
         let applied = st.ckpt.applied_seq;
         let lag = if applied >= journaled {
@@ -567,33 +662,12 @@ impl Replica {
             lag_seconds: lag,
             apply_bytes_per_sec: st.rate.bytes_per_sec(),
             error: st.error.clone(),
+            retention,
+            points: points.len(),
+            newest_point: points.last().cloned(),
+            events,
         }
     }
 }
 
-/// Zero a range of a sparse target: punch a hole (reads as zeros), falling back to writing zeros.
-fn zero_range(f: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    if len == 0 {
-        return Ok(());
-    }
-    // SAFETY: plain fallocate on a file descriptor we own; no memory is passed.
-    let r = unsafe {
-        libc::fallocate(
-            f.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset as libc::off_t,
-            len as libc::off_t,
-        )
-    };
-    if r == 0 {
-        return Ok(());
-    }
-    let zeros = vec![0u8; (len.min(1 << 20)) as usize];
-    let mut done = 0;
-    while done < len {
-        let n = (len - done).min(zeros.len() as u64) as usize;
-        f.write_all_at(&zeros[..n], offset + done)?;
-        done += n as u64;
-    }
-    Ok(())
-}
+use crate::point_image::zero_range;

@@ -55,6 +55,7 @@
 
 mod backend;
 pub mod backends;
+pub mod client;
 pub mod proto;
 mod server;
 
@@ -63,6 +64,7 @@ use std::sync::{Arc, RwLock};
 
 pub use backend::{Backend, BackendError, Extent, BLOCK};
 pub use backends::{CowBackend, FileBackend, MemBackend, VolatileCacheFileBackend};
+pub use client::{ClientError, NbdClient};
 pub use proto::ProtocolError;
 pub use server::{handle_connection, serve_tcp, serve_unix};
 

@@ -49,4 +49,20 @@ pub mod codes {
     pub const STORAGE: u32 = 9003;
     /// Invalid machine or disk name.
     pub const BAD_NAME: u32 = 9004;
+    /// The machine is not replicating in order (initial sync or resync): retry when caught up.
+    pub const NOT_REPLICATING: u32 = 9005;
+    /// No such object (verify session, machine, materialization).
+    pub const NOT_FOUND: u32 = 9006;
+    /// No recovery point matches (none yet, pruned, or not valid).
+    pub const POINT_NOT_FOUND: u32 = 9007;
+    /// The request conflicts with the machine's state (e.g. "latest" during a resync).
+    pub const CONFLICT: u32 = 9008;
+    /// A malformed API request.
+    pub const BAD_REQUEST: u32 = 9009;
+    /// Materializing a point failed.
+    pub const MATERIALIZE_FAILED: u32 = 9010;
+    /// A freeze/thaw hook failed or timed out: no app-consistent point was taken.
+    pub const HOOK_FAILED: u32 = 9011;
+    /// A multi-machine (group) tag could not be taken on every member.
+    pub const GROUP_TAG_FAILED: u32 = 9012;
 }

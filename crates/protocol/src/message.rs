@@ -99,40 +99,22 @@ pub enum RecordBody {
         data: Vec<u8>,
     },
     /// A range zeroed (WRITE_ZEROES) or discarded (TRIM: replicated as zeroing).
-    Zero {
-        disk: u16,
-        offset: u64,
-        len: u64,
-    },
+    Zero { disk: u16, offset: u64, len: u64 },
     /// Start of an out-of-order region copy. With `preserve_consistent`, the master target must
     /// not overwrite its last consistent state until the matching `ResyncEnd`.
-    ResyncBegin {
-        generation: u64,
-        reason: ResyncReason,
-        preserve_consistent: bool,
-    },
+    ResyncBegin { generation: u64, reason: ResyncReason, preserve_consistent: bool },
     /// End of the resync: the target is consistent again at this record's seq.
-    ResyncEnd {
-        generation: u64,
-    },
+    ResyncEnd { generation: u64 },
     /// A new generation starts (a side was promoted, or in-order shipping was abandoned).
-    GenerationChange {
-        generation: u64,
-    },
+    GenerationChange { generation: u64 },
     /// A consistency tag (a recovery-point candidate).
-    Tag {
-        id: String,
-        kind: TagKind,
-    },
-    /// Multi-machine consistency: prepare and commit of a group tag.
-    GroupPrepare {
-        group: String,
-        tag: String,
-    },
-    GroupCommit {
-        group: String,
-        tag: String,
-    },
+    Tag { id: String, kind: TagKind },
+    /// Multi-machine consistency: the machine's writes are held from here until the commit (or
+    /// abort) of the group tag, so this position is common to every machine of the group.
+    GroupPrepare { group: String, tag: String },
+    /// Every member prepared: the tag is a multi-machine point at its `GroupPrepare` position, valid
+    /// once every machine in `members` has this commit in its stream.
+    GroupCommit { group: String, tag: String, members: Vec<String>, kind: TagKind },
     /// Online verify: the source's block hashes at this point of the stream. The master target
     /// compares its target disk at the same point and reports differing blocks.
     VerifyChunk {

@@ -55,7 +55,10 @@ pub struct Opts {
     pub agent_extra: String,
     pub ps_capacity: u64,
     pub ps_extra: String,
+    pub mt_extra: String,
     pub volatile: bool,
+    /// Number of agents (machines vm1, vm2, ...; components "agent", "agent2", ...).
+    pub agents: usize,
 }
 
 impl Default for Opts {
@@ -65,7 +68,9 @@ impl Default for Opts {
             agent_extra: String::new(),
             ps_capacity: 1 << 30,
             ps_extra: String::new(),
+            mt_extra: String::new(),
             volatile: false,
+            agents: 1,
         }
     }
 }
@@ -73,6 +78,8 @@ impl Default for Opts {
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub nbd: u16,
+    /// NBD port of each agent ("agent", "agent2", ...).
+    pub nbds: HashMap<&'static str, u16>,
     pub ps_port: u16,
     pub mt_port: u16,
     pub status: HashMap<&'static str, u16>,
@@ -81,6 +88,12 @@ pub struct Cluster {
 }
 
 pub const COMPONENTS: [&str; 3] = ["master-target", "process-server", "agent"];
+pub const AGENTS: [&str; 3] = ["agent", "agent2", "agent3"];
+
+/// Machine name of an agent component.
+pub fn machine_of(agent: &str) -> String {
+    format!("vm{}", agent.strip_prefix("agent").filter(|n| !n.is_empty()).unwrap_or("1"))
+}
 
 impl Cluster {
     pub fn new(opts: Opts) -> Cluster {
@@ -90,7 +103,13 @@ impl Cluster {
         let out = Command::new(FERRY).args(["certs", "--dir"]).arg(d.join("certs")).output().unwrap();
         assert!(out.status.success(), "ferry certs failed: {}", String::from_utf8_lossy(&out.stderr));
         let (nbd, ps, mt) = (free_port(), free_port(), free_port());
-        let status: HashMap<_, _> = COMPONENTS.iter().map(|c| (*c, free_port())).collect();
+        let mut status: HashMap<_, _> = COMPONENTS.iter().map(|c| (*c, free_port())).collect();
+        let mut nbds = HashMap::new();
+        nbds.insert("agent", nbd);
+        for a in &AGENTS[1..opts.agents] {
+            status.insert(*a, free_port());
+            nbds.insert(*a, free_port());
+        }
         let tls = |c: &str| {
             format!(
                 "[tls]\nca = '{0}/certs/ca.pem'\ncert = '{0}/certs/{1}.pem'\nkey = '{0}/certs/{1}.key'\n",
@@ -101,10 +120,11 @@ impl Cluster {
         std::fs::write(
             d.join("master-target.toml"),
             format!(
-                "datastore = '{0}/datastore'\nretention = '{0}/retention'\nlisten = '127.0.0.1:{mt}'\nstatus_listen = '127.0.0.1:{1}'\ncheckpoint_interval_secs = 0.2\n{2}",
+                "datastore = '{0}/datastore'\nretention = '{0}/retention'\nlisten = '127.0.0.1:{mt}'\nstatus_listen = '127.0.0.1:{1}'\ncheckpoint_interval_secs = 0.2\n{3}\n{2}",
                 d.display(),
                 status["master-target"],
-                tls("master-target")
+                tls("master-target"),
+                opts.mt_extra.replace("{dir}", &d.display().to_string())
             ),
         )
         .unwrap();
@@ -120,28 +140,33 @@ impl Cluster {
             ),
         )
         .unwrap();
-        let mut disks = String::new();
-        for (name, size) in &opts.disks {
-            let p = d.join(format!("{name}.img"));
-            std::fs::File::create(&p).unwrap().set_len(*size).unwrap();
-            disks.push_str(&format!(
-                "[[disks]]\nname = '{name}'\npath = '{}'\ncache = '{}'\n",
-                p.display(),
-                if opts.volatile { "volatile" } else { "page-cache" }
-            ));
+        for agent in &AGENTS[..opts.agents] {
+            let prefix = if *agent == "agent" { String::new() } else { format!("{}-", machine_of(agent)) };
+            let mut disks = String::new();
+            for (name, size) in &opts.disks {
+                let p = d.join(format!("{prefix}{name}.img"));
+                std::fs::File::create(&p).unwrap().set_len(*size).unwrap();
+                disks.push_str(&format!(
+                    "[[disks]]\nname = '{name}'\npath = '{}'\ncache = '{}'\n",
+                    p.display(),
+                    if opts.volatile { "volatile" } else { "page-cache" }
+                ));
+            }
+            std::fs::write(
+                d.join(format!("{agent}.toml")),
+                format!(
+                    "machine = '{4}'\nstate_dir = '{0}/{agent}-state'\nprocess_server = '127.0.0.1:{ps}'\nnbd_listen = '127.0.0.1:{5}'\nstatus_listen = '127.0.0.1:{1}'\nreconnect_interval_secs = 0.2\nmaintenance_interval_secs = 0.2\nal_retire_interval_secs = 0.5\n{2}\n{3}\n{disks}",
+                    d.display(),
+                    status[agent],
+                    opts.agent_extra.replace("{machine}", &machine_of(agent)).replace("{dir}", &d.display().to_string()),
+                    tls("agent"),
+                    machine_of(agent),
+                    nbds[agent],
+                ),
+            )
+            .unwrap();
         }
-        std::fs::write(
-            d.join("agent.toml"),
-            format!(
-                "machine = 'vm1'\nstate_dir = '{0}/agent-state'\nprocess_server = '127.0.0.1:{ps}'\nnbd_listen = '127.0.0.1:{nbd}'\nstatus_listen = '127.0.0.1:{1}'\nreconnect_interval_secs = 0.2\nmaintenance_interval_secs = 0.2\nal_retire_interval_secs = 0.5\n{2}\n{3}\n{disks}",
-                d.display(),
-                status["agent"],
-                opts.agent_extra,
-                tls("agent")
-            ),
-        )
-        .unwrap();
-        Cluster { dir, nbd, ps_port: ps, mt_port: mt, status, procs: HashMap::new(), disks: opts.disks }
+        Cluster { dir, nbd, nbds, ps_port: ps, mt_port: mt, status, procs: HashMap::new(), disks: opts.disks }
     }
 
     pub fn path(&self) -> &Path {
@@ -160,7 +185,7 @@ impl Cluster {
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(self.path().join(format!("{c}.log"))).unwrap();
         let child = Command::new(FERRY)
-            .arg(c)
+            .arg(if c.starts_with("agent") { "agent" } else { c })
             .arg("--config")
             .arg(self.path().join(format!("{c}.toml")))
             .env("FERRY_LOG", "info")
@@ -176,6 +201,22 @@ impl Cluster {
         for c in COMPONENTS {
             self.start(c);
         }
+        let more: Vec<&'static str> = AGENTS[1..].iter().copied().filter(|a| self.status.contains_key(a)).collect();
+        for a in more {
+            self.start(a);
+        }
+    }
+
+    /// Call the master target's API.
+    pub fn mt_api(&self, method: &str, path: &str, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
+        self.api("master-target", method, path, body)
+    }
+
+    /// Call a component's API (status listener).
+    pub fn api(&self, c: &str, method: &str, path: &str, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
+        let body = body.map(|b| b.to_string());
+        http_json(self.status[c], method, path, body.as_deref())
+            .unwrap_or_else(|| panic!("{c} API {method} {path} unreachable; log:\n{}", tail(&self.log(c))))
     }
 
     /// Wait until a component's status endpoint answers (it is up), or fail with its log.
@@ -385,4 +426,112 @@ pub fn workload(rng: &mut rand::rngs::StdRng, size: u64, ops: usize) -> String {
 
 pub fn rng(seed: u64) -> rand::rngs::StdRng {
     rand::rngs::StdRng::seed_from_u64(seed)
+}
+
+/// One entry of the agent's source write log (`source_write_log`).
+pub struct SourceEntry {
+    pub seq: u64,
+    /// 0 write, 1 zero, 2 marker (tag / group record)
+    pub kind: u8,
+    pub disk: u16,
+    pub offset: u64,
+    pub len: u64,
+    pub data: Vec<u8>,
+}
+
+/// Parse the agent's source write log.
+pub fn read_source_log(path: &Path) -> Vec<SourceEntry> {
+    let b = std::fs::read(path).unwrap();
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos + 27 <= b.len() {
+        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+        let seq = u64_at(pos);
+        let kind = b[pos + 8];
+        let disk = u16::from_le_bytes([b[pos + 9], b[pos + 10]]);
+        let offset = u64_at(pos + 11);
+        let len = u64_at(pos + 19);
+        pos += 27;
+        let data = if kind == 0 {
+            let d = b[pos..pos + len as usize].to_vec();
+            pos += len as usize;
+            d
+        } else {
+            Vec::new()
+        };
+        out.push(SourceEntry { seq, kind, disk, offset, len, data });
+    }
+    out
+}
+
+/// The oracle: the initial image with every logged write of `disk` with seq <= k applied.
+pub fn replay_source(initial: &Path, log: &[SourceEntry], disk: u16, k: u64, out: &Path) {
+    use std::os::unix::fs::FileExt;
+    std::fs::copy(initial, out).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(out).unwrap();
+    for e in log.iter().filter(|e| e.seq <= k && e.disk == disk) {
+        match e.kind {
+            0 => f.write_all_at(&e.data, e.offset).unwrap(),
+            1 => f.write_all_at(&vec![0u8; e.len as usize], e.offset).unwrap(),
+            _ => {}
+        }
+    }
+    f.sync_all().unwrap();
+}
+
+/// `qemu-img compare`: None when identical, else the difference it reports.
+pub fn image_difference(a: &Path, a_fmt: &str, b: &str, b_fmt: &str) -> Option<String> {
+    let out = Command::new("qemu-img").args(["compare", "-f", a_fmt, "-F", b_fmt]).arg(a).arg(b).output().unwrap();
+    if out.status.success() {
+        None
+    } else {
+        Some(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    }
+}
+
+/// Fill a file with seeded random data (a source disk's initial content).
+pub fn fill_random(path: &Path, seed: u64) {
+    let len = std::fs::metadata(path).unwrap().len();
+    let mut r = rng(seed);
+    let mut buf = vec![0u8; len as usize];
+    r.fill(&mut buf[..]);
+    // Leave some holes so sparse handling is exercised too.
+    for chunk in buf.chunks_mut(1 << 20).step_by(3) {
+        chunk.fill(0);
+    }
+    std::fs::write(path, &buf).unwrap();
+}
+
+/// A tmpfs mounted over a folder for the life of a test (root only: CI runs as root).
+pub struct SmallFs(pub PathBuf);
+
+impl SmallFs {
+    pub fn mount(dir: &Path, size: &str) -> Option<SmallFs> {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        ok.then(|| SmallFs(dir.to_owned()))
+    }
+    pub fn resize(&self, size: &str) {
+        assert!(Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .unwrap()
+            .success());
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+pub fn is_not_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() != "0").unwrap_or(true)
 }

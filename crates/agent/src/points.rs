@@ -1,0 +1,555 @@
+//! Recovery-point tags: crash-consistent tags on a timer, app-consistent tags between the
+//! machine's freeze and thaw hooks, and multi-machine (group) tags with a prepare/commit between
+//! the agents of a replication group.
+//!
+//! A tag is a record in the machine's ordered stream, so its position k is a point shared by all
+//! disks of the machine. A group tag is a point for the group only when every member committed it:
+//! a member holds its writes from its prepare until commit/abort, so all members' prepare
+//! positions form one consistent cut; the master target lists the tag only once it finds the
+//! commit in every member's stream (a member that failed or was killed leaves no partial point).
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::post;
+use axum::{Json, Router};
+use ferry_protocol::{codes, now_ms, RecordBody, TagKind};
+use serde::{Deserialize, Serialize};
+
+use crate::machine::{push_event, Machine};
+use crate::AgentError;
+
+/// Writes held by a group prepare.
+#[derive(Debug, Clone)]
+pub(crate) struct WriteHold {
+    pub group: String,
+    pub tag: String,
+    pub until: Instant,
+    pub app: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct PointStats {
+    pub crash_tags: u64,
+    pub app_tags: u64,
+    pub app_failures: u64,
+    pub group_commits: u64,
+    pub group_aborts: u64,
+    pub last_crash_tag_seq: Option<u64>,
+    pub last_app_tag_seq: Option<u64>,
+    pub last_group_tag: Option<String>,
+}
+
+/// TEST/DIAGNOSTIC: the source's own record of every write and marker, in seq order.
+/// Entry: `seq u64 | kind u8 (0 write, 1 zero, 2 marker) | disk u16 | offset u64 | len u64 | data`
+/// (little endian; data only for writes).
+pub(crate) struct SourceLog {
+    out: BufWriter<File>,
+}
+
+impl SourceLog {
+    pub fn open(path: &Path) -> Result<SourceLog, AgentError> {
+        let f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|source| AgentError::Io { path: path.to_owned(), source })?;
+        Ok(SourceLog { out: BufWriter::new(f) })
+    }
+
+    fn entry(&mut self, seq: u64, kind: u8, disk: u16, offset: u64, len: u64, data: Option<&[u8]>) {
+        let mut h = [0u8; 27];
+        h[0..8].copy_from_slice(&seq.to_le_bytes());
+        h[8] = kind;
+        h[9..11].copy_from_slice(&disk.to_le_bytes());
+        h[11..19].copy_from_slice(&offset.to_le_bytes());
+        h[19..27].copy_from_slice(&len.to_le_bytes());
+        let r =
+            self.out.write_all(&h).and_then(|_| self.out.write_all(data.unwrap_or(&[]))).and_then(|_| self.out.flush());
+        if let Err(e) = r {
+            tracing::error!(error = %e, "cannot append to the source write log");
+        }
+    }
+
+    pub fn write(&mut self, seq: u64, disk: u16, offset: u64, len: u64, data: Option<&[u8]>) {
+        self.entry(seq, if data.is_some() { 0 } else { 1 }, disk, offset, len, data);
+    }
+
+    pub fn marker(&mut self, seq: u64) {
+        self.entry(seq, 2, 0, 0, 0, None);
+    }
+}
+
+/// Run a hook with `sh -c`, killing it after `timeout`.
+fn run_hook(what: &str, cmd: &str, timeout: Duration) -> Result<(), String> {
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{what} hook {cmd:?} could not start: {e}"))?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                if status.success() {
+                    return Ok(());
+                }
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
+                }
+                return Err(format!("{what} hook {cmd:?} failed ({status}): {}", err.trim()));
+            }
+            Ok(None) if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "{what} hook {cmd:?} did not finish within {:.0} s and was killed",
+                    timeout.as_secs_f64()
+                ));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => return Err(format!("{what} hook {cmd:?}: {e}")),
+        }
+    }
+}
+
+impl Machine {
+    fn hook_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.config.hook_timeout_secs.max(0.1))
+    }
+
+    fn freeze(&self) -> Result<(), String> {
+        match &self.config.freeze_command {
+            Some(cmd) => run_hook("freeze", cmd, self.hook_timeout()),
+            None => Err("no freeze_command is configured, so an app-consistent point cannot be taken: configure freeze_command/thaw_command (e.g. fsfreeze) for this machine".into()),
+        }
+    }
+
+    fn thaw(&self) {
+        if let Some(cmd) = &self.config.thaw_command {
+            if let Err(e) = run_hook("thaw", cmd, self.hook_timeout()) {
+                let mut c = self.lock();
+                push_event(&mut c, "thaw-failed", format!("{e}: applications may still be frozen; thaw them by hand"));
+            }
+        }
+    }
+
+    /// A crash-consistent tag now. Returns its seq.
+    pub fn crash_point(&self) -> Result<u64, AgentError> {
+        let mut c = self.lock();
+        let id = format!("crash-{}", now_ms());
+        let seq = self.insert_marker_locked(&mut c, RecordBody::Tag { id, kind: TagKind::CrashConsistent })?;
+        c.points.crash_tags += 1;
+        c.points.last_crash_tag_seq = Some(seq);
+        Ok(seq)
+    }
+
+    /// An app-consistent tag: freeze hook, tag, thaw hook. A failing or timed-out freeze gives
+    /// an event and no tag (never a false app-consistent point).
+    pub fn app_point(&self) -> Result<u64, String> {
+        if let Err(e) = self.freeze() {
+            self.thaw();
+            let mut c = self.lock();
+            c.points.app_failures += 1;
+            let msg = format!("no app-consistent point: {e}");
+            push_event(&mut c, "app-point-failed", msg.clone());
+            return Err(msg);
+        }
+        let result = {
+            let mut c = self.lock();
+            let id = format!("app-{}", now_ms());
+            match self.insert_marker_locked(&mut c, RecordBody::Tag { id, kind: TagKind::AppConsistent }) {
+                Ok(seq) => {
+                    c.points.app_tags += 1;
+                    c.points.last_app_tag_seq = Some(seq);
+                    Ok(seq)
+                }
+                Err(e) => {
+                    c.points.app_failures += 1;
+                    let msg = format!("no app-consistent point: {e}");
+                    push_event(&mut c, "app-point-failed", msg.clone());
+                    Err(msg)
+                }
+            }
+        };
+        self.thaw();
+        result
+    }
+
+    /// Member side of a group tag: (freeze,) hold writes and insert the prepare record.
+    pub fn group_prepare(&self, req: &GroupRequest) -> Result<u64, String> {
+        let mine = self.config.group.as_ref().map(|g| g.name.as_str());
+        if mine != Some(req.group.as_str()) {
+            return Err(format!(
+                "machine {} is not a member of group {:?} (its group: {mine:?})",
+                self.name, req.group
+            ));
+        }
+        if req.app {
+            if let Err(e) = self.freeze() {
+                self.thaw();
+                return Err(format!("no app-consistent group point: {e}"));
+            }
+        }
+        let timeout = Duration::from_millis(req.timeout_ms.clamp(100, 600_000));
+        let mut c = self.lock();
+        if let Some(h) = &c.hold {
+            let msg = format!("another group tag ({}) is being prepared", h.tag);
+            drop(c);
+            if req.app {
+                self.thaw();
+            }
+            return Err(msg);
+        }
+        match self
+            .insert_marker_locked(&mut c, RecordBody::GroupPrepare { group: req.group.clone(), tag: req.tag.clone() })
+        {
+            Ok(seq) => {
+                c.hold = Some(WriteHold {
+                    group: req.group.clone(),
+                    tag: req.tag.clone(),
+                    until: Instant::now() + timeout,
+                    app: req.app,
+                });
+                Ok(seq)
+            }
+            Err(e) => {
+                drop(c);
+                if req.app {
+                    self.thaw();
+                }
+                Err(e.to_string())
+            }
+        }
+    }
+
+    /// Member side: commit (every member prepared) or abort. Writes resume either way.
+    pub fn group_finish(&self, req: &GroupRequest, commit: bool) -> Result<Option<u64>, String> {
+        let mut c = self.lock();
+        let held = c.hold.as_ref().is_some_and(|h| h.tag == req.tag && h.group == req.group);
+        if !held {
+            return Err(format!(
+                "group tag {} is not prepared here (its hold expired after {} ms, or it was never prepared): the tag is abandoned",
+                req.tag, req.timeout_ms
+            ));
+        }
+        let app = c.hold.as_ref().is_some_and(|h| h.app);
+        let result = if commit {
+            let kind = if app { TagKind::AppConsistent } else { TagKind::CrashConsistent };
+            let body = RecordBody::GroupCommit {
+                group: req.group.clone(),
+                tag: req.tag.clone(),
+                members: req.members.clone(),
+                kind,
+            };
+            let r = self.insert_marker_locked(&mut c, body).map(Some).map_err(|e| e.to_string());
+            if r.is_ok() {
+                c.points.group_commits += 1;
+                c.points.last_group_tag = Some(req.tag.clone());
+            }
+            r
+        } else {
+            c.points.group_aborts += 1;
+            Ok(None)
+        };
+        c.hold = None;
+        drop(c);
+        self.hold_released.notify_all();
+        if app {
+            self.thaw();
+        }
+        result
+    }
+}
+
+/// A group prepare/commit/abort request between agents.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupRequest {
+    pub group: String,
+    pub tag: String,
+    #[serde(default)]
+    pub app: bool,
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Commit only: the machines that prepared.
+    #[serde(default)]
+    pub members: Vec<String>,
+}
+
+fn default_timeout_ms() -> u64 {
+    10_000
+}
+
+/// Coordinator: one group tag over every member. All prepared in time → commit everywhere;
+/// otherwise abort everywhere. Returns a report.
+pub async fn group_round(m: Arc<Machine>, app: bool) -> Result<serde_json::Value, String> {
+    let Some(g) = m.config.group.clone() else {
+        return Err(format!("machine {} has no [group] configured", m.name));
+    };
+    if !g.coordinator {
+        return Err(format!("machine {} is not the coordinator of group {}", m.name, g.name));
+    }
+    let timeout = Duration::from_secs_f64(g.prepare_timeout_secs.max(0.1));
+    let tag = format!("{}-{}", g.name, now_ms());
+    let mut req = GroupRequest {
+        group: g.name.clone(),
+        tag: tag.clone(),
+        app,
+        timeout_ms: timeout.as_millis() as u64,
+        members: Vec::new(),
+    };
+    // Prepare everywhere at once, the coordinator's own machine included.
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut tasks = Vec::new();
+    for addr in &g.members {
+        let (addr, body) = (addr.clone(), serde_json::to_value(&req).unwrap_or_default());
+        tasks.push(tokio::spawn(async move {
+            let r =
+                tokio::time::timeout_at(deadline, ferry_status::request(&addr, "POST", "/group/prepare", Some(&body)))
+                    .await;
+            let r = match r {
+                Err(_) => Err("did not prepare in time".to_string()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Ok(Ok((200, v))) => v["machine"].as_str().map(str::to_owned).ok_or_else(|| "bad answer".to_string()),
+                Ok(Ok((code, v))) => Err(format!("{code}: {}", v["message"].as_str().unwrap_or("refused"))),
+            };
+            (addr, r)
+        }));
+    }
+    let (m2, r2) = (m.clone(), req.clone());
+    let local = tokio::task::spawn_blocking(move || m2.group_prepare(&r2));
+    let mut failures = Vec::new();
+    let mut prepared = Vec::new();
+    let mut prepared_addrs = Vec::new();
+    match tokio::time::timeout_at(deadline, local).await {
+        Ok(Ok(Ok(_))) => prepared.push(m.name.clone()),
+        Ok(Ok(Err(e))) => failures.push(format!("{}: {e}", m.name)),
+        _ => failures.push(format!("{}: did not prepare in time", m.name)),
+    }
+    for t in tasks {
+        match t.await {
+            Ok((addr, Ok(name))) => {
+                prepared.push(name);
+                prepared_addrs.push(addr);
+            }
+            Ok((addr, Err(e))) => failures.push(format!("{addr}: {e}")),
+            Err(e) => failures.push(e.to_string()),
+        }
+    }
+    let commit = failures.is_empty();
+    req.members = prepared.clone();
+    let path = if commit { "/group/commit" } else { "/group/abort" };
+    let body = serde_json::to_value(&req).unwrap_or_default();
+    let mut finish_failures = Vec::new();
+    for addr in &g.members {
+        let r =
+            tokio::time::timeout(Duration::from_secs(10), ferry_status::request(addr, "POST", path, Some(&body))).await;
+        match r {
+            Ok(Ok((200, _))) => {}
+            Ok(Ok((code, v))) if prepared_addrs.contains(addr) => {
+                finish_failures.push(format!("{addr}: {code} {}", v["message"].as_str().unwrap_or("")))
+            }
+            Ok(Err(e)) if prepared_addrs.contains(addr) => finish_failures.push(format!("{addr}: {e}")),
+            Err(_) if prepared_addrs.contains(addr) => finish_failures.push(format!("{addr}: no answer")),
+            _ => {}
+        }
+    }
+    let (m2, r2) = (m.clone(), req.clone());
+    let local = tokio::task::spawn_blocking(move || m2.group_finish(&r2, commit)).await;
+    if let Ok(Err(e)) = local {
+        if prepared.contains(&m.name) {
+            finish_failures.push(format!("{}: {e}", m.name));
+        }
+    }
+    let report = serde_json::json!({
+        "group": g.name, "tag": tag, "app": app, "committed": commit,
+        "members": prepared, "failures": failures, "commit_failures": finish_failures,
+    });
+    let mut c = m.lock();
+    if !commit {
+        let msg = format!("group tag {tag} abandoned (no multi-machine point): {}", failures.join("; "));
+        push_event(&mut c, "group-tag-failed", msg.clone());
+        return Err(msg);
+    }
+    if !finish_failures.is_empty() {
+        push_event(
+            &mut c,
+            "group-tag-incomplete",
+            format!(
+                "group tag {tag}: the commit did not reach {}; the master target will not list it as a multi-machine point",
+                finish_failures.join("; ")
+            ),
+        );
+    }
+    Ok(report)
+}
+
+/// Timers: crash-consistent and app-consistent tags, and the group's tags on its coordinator.
+pub(crate) fn spawn_timers(m: Arc<Machine>, shutdown: tokio_util::sync::CancellationToken) {
+    let every = |secs: f64| (secs > 0.0).then(|| Duration::from_secs_f64(secs.max(0.05)));
+    let crash = every(m.config.crash_point_interval_secs);
+    let app = every(m.config.app_point_interval_secs).filter(|_| m.config.freeze_command.is_some());
+    let group = m.config.group.clone().filter(|g| g.coordinator);
+    let gcrash = group.as_ref().and_then(|g| every(g.crash_interval_secs));
+    let gapp = group.as_ref().and_then(|g| every(g.app_interval_secs));
+    if let Some(d) = crash {
+        let (m, sd) = (m.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! { _ = sd.cancelled() => return, _ = tokio::time::sleep(d) => {} }
+                let m2 = m.clone();
+                // Outside in-order replication (initial sync, resync) a tag is no point: skip.
+                let _ = tokio::task::spawn_blocking(move || m2.crash_point()).await;
+            }
+        });
+    }
+    if let Some(d) = app {
+        let (m, sd) = (m.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! { _ = sd.cancelled() => return, _ = tokio::time::sleep(d) => {} }
+                let m2 = m.clone();
+                let _ = tokio::task::spawn_blocking(move || m2.app_point()).await;
+            }
+        });
+    }
+    for (d, is_app) in [(gcrash, false), (gapp, true)] {
+        let Some(d) = d else { continue };
+        let (m, sd) = (m.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! { _ = sd.cancelled() => return, _ = tokio::time::sleep(d) => {} }
+                if let Err(e) = group_round(m.clone(), is_app).await {
+                    tracing::warn!(error = %e, "group tag failed");
+                }
+            }
+        });
+    }
+}
+
+type Reply = (StatusCode, Json<serde_json::Value>);
+
+fn err(status: StatusCode, code: u32, message: String, remedy: &str) -> Reply {
+    (status, Json(serde_json::json!({ "code": code, "message": message, "remedy": remedy })))
+}
+
+pub(crate) fn routes(m: Arc<Machine>) -> Router {
+    Router::new()
+        .route("/points/crash", post(take_crash))
+        .route("/points/app", post(take_app))
+        .route("/group/point", post(take_group))
+        .route("/group/prepare", post(prepare))
+        .route("/group/commit", post(commit))
+        .route("/group/abort", post(abort))
+        .with_state(m)
+}
+
+async fn take_crash(State(m): State<Arc<Machine>>) -> Reply {
+    match tokio::task::spawn_blocking(move || m.crash_point()).await {
+        Ok(Ok(seq)) => (StatusCode::OK, Json(serde_json::json!({ "seq": seq, "kind": "crash" }))),
+        Ok(Err(e)) => {
+            err(StatusCode::CONFLICT, codes::NOT_REPLICATING, e.to_string(), "retry once the agent reports caught_up")
+        }
+        Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, codes::HOOK_FAILED, e.to_string(), "see the agent log"),
+    }
+}
+
+async fn take_app(State(m): State<Arc<Machine>>) -> Reply {
+    match tokio::task::spawn_blocking(move || m.app_point()).await {
+        Ok(Ok(seq)) => (StatusCode::OK, Json(serde_json::json!({ "seq": seq, "kind": "app" }))),
+        Ok(Err(e)) => err(
+            StatusCode::CONFLICT,
+            codes::HOOK_FAILED,
+            e,
+            "check the freeze/thaw hooks (run them by hand), and that the agent is caught up",
+        ),
+        Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, codes::HOOK_FAILED, e.to_string(), "see the agent log"),
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct GroupPointRequest {
+    #[serde(default)]
+    app: bool,
+}
+
+async fn take_group(State(m): State<Arc<Machine>>, body: Option<Json<GroupPointRequest>>) -> Reply {
+    let app = body.map(|b| b.0.app).unwrap_or_default();
+    match group_round(m, app).await {
+        Ok(v) => (StatusCode::OK, Json(v)),
+        Err(e) => err(
+            StatusCode::CONFLICT,
+            codes::GROUP_TAG_FAILED,
+            e,
+            "check that every member's agent is running, caught up and reachable, then retry",
+        ),
+    }
+}
+
+fn bad_group(e: axum::extract::rejection::JsonRejection) -> Reply {
+    err(
+        StatusCode::BAD_REQUEST,
+        codes::BAD_REQUEST,
+        format!("bad group request: {e}"),
+        "send JSON {\"group\", \"tag\", \"app\", \"timeout_ms\"}",
+    )
+}
+
+async fn prepare(
+    State(m): State<Arc<Machine>>,
+    body: Result<Json<GroupRequest>, axum::extract::rejection::JsonRejection>,
+) -> Reply {
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return bad_group(e),
+    };
+    let m2 = m.clone();
+    match tokio::task::spawn_blocking(move || m2.group_prepare(&req)).await {
+        Ok(Ok(seq)) => (StatusCode::OK, Json(serde_json::json!({ "machine": m.name, "seq": seq }))),
+        Ok(Err(e)) => {
+            err(StatusCode::CONFLICT, codes::GROUP_TAG_FAILED, e, "retry the group tag once this member is caught up")
+        }
+        Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, codes::GROUP_TAG_FAILED, e.to_string(), "see the agent log"),
+    }
+}
+
+async fn finish(
+    m: Arc<Machine>,
+    body: Result<Json<GroupRequest>, axum::extract::rejection::JsonRejection>,
+    commit: bool,
+) -> Reply {
+    let Json(req) = match body {
+        Ok(b) => b,
+        Err(e) => return bad_group(e),
+    };
+    let m2 = m.clone();
+    match tokio::task::spawn_blocking(move || m2.group_finish(&req, commit)).await {
+        Ok(Ok(seq)) => (StatusCode::OK, Json(serde_json::json!({ "machine": m.name, "seq": seq }))),
+        Ok(Err(e)) => err(StatusCode::CONFLICT, codes::GROUP_TAG_FAILED, e, "take a new group tag"),
+        Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, codes::GROUP_TAG_FAILED, e.to_string(), "see the agent log"),
+    }
+}
+
+async fn commit(
+    State(m): State<Arc<Machine>>,
+    body: Result<Json<GroupRequest>, axum::extract::rejection::JsonRejection>,
+) -> Reply {
+    finish(m, body, true).await
+}
+
+async fn abort(
+    State(m): State<Arc<Machine>>,
+    body: Result<Json<GroupRequest>, axum::extract::rejection::JsonRejection>,
+) -> Reply {
+    finish(m, body, false).await
+}

@@ -1,0 +1,964 @@
+//! Recovery points of one replica: the frozen base, pruning, materialization and changed extents.
+//!
+//! Layout under `<retention>/<machine>/`:
+//! - `journal/` — every record after the base (the redo journal of issue 2, now kept for the
+//!   retention window instead of being released once applied);
+//! - `base-<epoch>/<disk>.img` + `base.json` — the disks at seq `base.seq`, frozen while any
+//!   materialization pins them; pruning advances the base by replaying the oldest journal records;
+//! - `history.jsonl` — the markers (tags, resyncs, group tags) the point list is computed from;
+//! - `materializations.json` — images and exports that pin their point and base.
+//!
+//! Architecture Invariant: a disk at point k = base (at seq b ≤ k) + journal records (b, k]. The
+//! journal is released only through min(base seq, applied checkpoint, every pin's base seq), and the
+//! base advances only while nothing pins it, so every listed point and every pinned one can be
+//! rebuilt after a crash of any component.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_journal::{fsutil, Cursor};
+use ferry_nbd::{Backend, CowBackend, Export};
+use ferry_protocol::{now_ms, RecordBody, ResyncReason};
+use serde::{Deserialize, Serialize};
+
+use crate::history::{Marker, MarkerKind, Point};
+use crate::point_image::{self, ExtentMap, PointBackend, PointDisk, Source};
+use crate::replica::Replica;
+use crate::MasterTargetError;
+
+/// The frozen base of a replica's history.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BaseState {
+    /// Bumped when the base is taken again from the target (after an initial sync).
+    pub epoch: u64,
+    /// The base holds the disks as of this seq.
+    pub seq: u64,
+    pub time_ms: u64,
+    /// Set while pruning replays records (seq, advancing_to] into the base: after a crash the
+    /// replay is finished before the base is used.
+    #[serde(default)]
+    pub advancing_to: Option<u64>,
+}
+
+pub(crate) struct BaseSlot {
+    pub state: Option<BaseState>,
+    /// Open base files (read by materializations, written by pruning).
+    pub files: Vec<(PathBuf, Arc<File>)>,
+    /// Why pruning is not running, for the status.
+    pub paused: Option<String>,
+}
+
+/// An image or export of a point: it pins the point and its base until it is deleted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Materialization {
+    pub id: String,
+    pub machine: String,
+    pub point: Point,
+    pub base_epoch: u64,
+    pub base_seq: u64,
+    pub created_ms: u64,
+    #[serde(flatten)]
+    pub what: MaterializedAs,
+    /// Set when something went wrong with it (e.g. a writable export lost at a restart).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum MaterializedAs {
+    /// Image files, one per disk.
+    Image { format: ImageFormat, files: Vec<PathBuf> },
+    /// NBD exports, one per disk (`<id>/<disk>`), optionally writable through throwaway overlays.
+    Export { writable: bool, exports: Vec<String>, overlays: Vec<PathBuf> },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ImageFormat {
+    /// Self-contained raw image (allocated regions of the base copied, then the changes).
+    Raw,
+    /// qcow2 overlay whose backing file is the frozen base: only the changes are written.
+    Qcow2,
+    /// Through `qemu-img convert` from the point's export.
+    Vmdk,
+    /// Fixed VHD (`qemu-img convert -O vpc -o subformat=fixed`).
+    Vhd,
+}
+
+impl ImageFormat {
+    fn ext(self) -> &'static str {
+        match self {
+            ImageFormat::Raw => "img",
+            ImageFormat::Qcow2 => "qcow2",
+            ImageFormat::Vmdk => "vmdk",
+            ImageFormat::Vhd => "vhd",
+        }
+    }
+}
+
+/// What to materialize.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaterializeRequest {
+    /// A point ID (`vm1@1234`), a seq, or a selector (`latest`, `latest-processed`, `latest-app`,
+    /// `latest-multi`, `latest-multi-app`).
+    pub point: String,
+    /// `image` or `export`.
+    pub kind: String,
+    #[serde(default)]
+    pub format: Option<ImageFormat>,
+    /// Folder for image files (default `<datastore>/<machine>/images/<id>`).
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// Exports only: writable through a throwaway copy-on-write overlay (test failover).
+    #[serde(default)]
+    pub writable: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PointError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl PointError {
+    pub fn remedy(&self) -> &'static str {
+        match self {
+            PointError::NotFound(_) => {
+                "list the points (`ferry master-target points`) and choose one inside the retention window"
+            }
+            PointError::Conflict(_) => "wait for the resync to finish, or choose `latest-processed`",
+            PointError::Invalid(_) => "fix the request (see `ferry master-target --help`)",
+            PointError::Failed(_) => "check the master target's log, disk space and that qemu-utils is installed",
+        }
+    }
+}
+
+/// Journal bytes replayed into the base between two releases of journal segments.
+const PRUNE_BATCH: u64 = 4 << 20;
+/// The largest write one record carries (an NBD request).
+const MAX_RECORD: u64 = 32 << 20;
+
+pub(crate) fn statvfs_free(path: &Path) -> Option<(u64, u64)> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: statvfs writes into a zeroed struct we own; the path is a valid C string.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return None;
+    }
+    let bs = s.f_frsize as u64;
+    Some((s.f_bavail as u64 * bs, s.f_blocks as u64 * bs))
+}
+
+fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
+}
+
+impl Replica {
+    pub(crate) fn history_on(&self) -> bool {
+        !self.window.is_zero()
+    }
+
+    fn base_dir(&self, epoch: u64) -> PathBuf {
+        self.dir.join(format!("base-{epoch}"))
+    }
+
+    pub(crate) fn push_event(&self, kind: &str, message: String) {
+        let mut ev = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        // The same event again within 10 s is not news.
+        if ev.back().is_some_and(|e| {
+            e["kind"] == kind
+                && e["message"] == message.as_str()
+                && now_ms().saturating_sub(e["time_ms"].as_u64().unwrap_or(0)) < 10_000
+        }) {
+            return;
+        }
+        tracing::warn!(machine = %self.name, kind, "{message}");
+        ev.push_back(serde_json::json!({ "time_ms": now_ms(), "kind": kind, "message": message }));
+        while ev.len() > 50 {
+            ev.pop_front();
+        }
+    }
+
+    /// Load `base.json`, finish an interrupted pruning step and open the base files.
+    pub(crate) fn open_base(&self) -> Result<(), MasterTargetError> {
+        let path = self.dir.join("base.json");
+        let state: Option<BaseState> = match std::fs::read(&path) {
+            Ok(d) => Some(
+                serde_json::from_slice(&d)
+                    .map_err(|e| MasterTargetError::Refused(format!("{} is corrupt: {e}", path.display())))?,
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(source) => return Err(MasterTargetError::Io { path, source }),
+        };
+        let Some(state) = state else { return Ok(()) };
+        let files = self.open_base_files(state.epoch)?;
+        let mut slot = self.lock_base();
+        slot.state = Some(state.clone());
+        slot.files = files;
+        if let Some(to) = state.advancing_to {
+            tracing::info!(machine = %self.name, from = state.seq, to, "finishing an interrupted pruning step");
+            self.advance_base(&mut slot, to).map_err(MasterTargetError::Refused)?;
+        }
+        self.update_release_limit(&slot);
+        Ok(())
+    }
+
+    fn open_base_files(&self, epoch: u64) -> Result<Vec<(PathBuf, Arc<File>)>, MasterTargetError> {
+        let dir = self.base_dir(epoch);
+        let mut files = Vec::new();
+        for d in &self.disks {
+            let p = dir.join(format!("{}.img", d.name));
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&p)
+                .map_err(|source| MasterTargetError::Io { path: p.clone(), source })?;
+            files.push((p, Arc::new(f)));
+        }
+        Ok(files)
+    }
+
+    pub(crate) fn lock_base(&self) -> std::sync::MutexGuard<'_, BaseSlot> {
+        self.base.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn lock_mats(&self) -> std::sync::MutexGuard<'_, Vec<Materialization>> {
+        self.mats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn lock_history(&self) -> std::sync::MutexGuard<'_, crate::history::History> {
+        self.history.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The journal may be released only through this seq (base and pins need what follows).
+    fn update_release_limit(&self, slot: &BaseSlot) {
+        let mut limit = match &slot.state {
+            Some(s) if self.history_on() => s.seq,
+            _ => u64::MAX,
+        };
+        for m in self.lock_mats().iter() {
+            limit = limit.min(m.base_seq);
+        }
+        self.release_limit.store(limit, Ordering::SeqCst);
+    }
+
+    /// Take a new base from the target disks, which hold exactly seq `seq` (the applier calls
+    /// this with nothing applied past it). Points before it become unreachable.
+    pub(crate) fn create_base(&self, seq: u64, time_ms: u64) -> Result<(), String> {
+        let mut slot = self.lock_base();
+        let epoch = slot.state.as_ref().map(|s| s.epoch + 1).unwrap_or(1);
+        let dir = self.base_dir(epoch);
+        let tmp = self.dir.join(format!("base-{epoch}.tmp"));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+        let mut copied = 0;
+        for (d, (tp, tf)) in self.disks.iter().zip(&self.targets) {
+            let p = tmp.join(format!("{}.img", d.name));
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&p)
+                .map_err(|e| format!("cannot create {}: {e}", p.display()))?;
+            copied += point_image::sparse_copy(tf, &f, d.size)
+                .map_err(|e| format!("copying {} to the base failed: {e}", tp.display()))?;
+            f.sync_all().map_err(|e| format!("fsync of {} failed: {e}", p.display()))?;
+        }
+        fsutil::sync_dir(&tmp).map_err(|e| e.to_string())?;
+        std::fs::rename(&tmp, &dir).map_err(|e| format!("cannot rename {}: {e}", tmp.display()))?;
+        fsutil::sync_dir(&self.dir).map_err(|e| e.to_string())?;
+        let state = BaseState { epoch, seq, time_ms, advancing_to: None };
+        self.write_base_state(&state)?;
+        let old_epoch = slot.state.as_ref().map(|s| s.epoch);
+        slot.files = self.open_base_files(epoch).map_err(|e| e.to_string())?;
+        slot.state = Some(state);
+        if let Err(e) = self.lock_history().prune_before(seq) {
+            tracing::warn!(machine = %self.name, error = %e, "cannot prune the history index");
+        }
+        // An older base stays while a materialization still reads it.
+        if let Some(old) = old_epoch {
+            if !self.lock_mats().iter().any(|m| m.base_epoch == old) {
+                let _ = std::fs::remove_dir_all(self.base_dir(old));
+            }
+        }
+        self.update_release_limit(&slot);
+        self.push_event(
+            "history-started",
+            format!("recovery points start at seq {seq}: base taken from the replica ({copied} bytes copied)"),
+        );
+        Ok(())
+    }
+
+    fn write_base_state(&self, state: &BaseState) -> Result<(), String> {
+        let data = serde_json::to_vec(state).map_err(|e| e.to_string())?;
+        fsutil::write_atomic(&self.dir.join("base.json"), &data).map_err(|e| e.to_string())
+    }
+
+    /// Replay journal records (base, to] into the base files (pruning). The base advances and the
+    /// journal is released batch by batch, so a nearly full volume needs little headroom.
+    fn advance_base(&self, slot: &mut BaseSlot, to: u64) -> Result<u64, String> {
+        let Some(mut state) = slot.state.clone() else { return Ok(0) };
+        state.advancing_to = Some(to);
+        self.write_base_state(&state)?;
+        let mut cursor = Cursor::after(state.seq);
+        let mut bytes = 0;
+        loop {
+            let batch = self
+                .lock_journal()
+                .read(&mut cursor, PRUNE_BATCH as usize)
+                .map_err(|e| format!("cannot read journal: {e}"))?;
+            let Some(last) = batch.iter().map(|r| r.seq).filter(|s| *s <= to).max() else { break };
+            for r in batch.iter().filter(|r| r.seq <= to) {
+                match &r.body {
+                    RecordBody::Write { disk, offset, data } => {
+                        let (p, f) = &slot.files[*disk as usize];
+                        f.write_all_at(data, *offset).map_err(|e| format!("write to {} failed: {e}", p.display()))?;
+                        bytes += data.len() as u64;
+                    }
+                    RecordBody::Zero { disk, offset, len } => {
+                        let (p, f) = &slot.files[*disk as usize];
+                        point_image::zero_range(f, *offset, *len)
+                            .map_err(|e| format!("zeroing {} failed: {e}", p.display()))?;
+                    }
+                    _ => {}
+                }
+            }
+            for (p, f) in &slot.files {
+                f.sync_data().map_err(|e| format!("fsync of {} failed: {e}", p.display()))?;
+            }
+            // The base now holds everything through `last`: record it, then free the journal.
+            if last < to {
+                state.seq = last;
+                self.write_base_state(&state)?;
+                slot.state = Some(state.clone());
+                self.update_release_limit(slot);
+                let applied = self.lock_apply().persisted.applied_seq;
+                let limit = self.release_limit.load(Ordering::SeqCst);
+                self.lock_journal().release_through(applied.min(limit)).map_err(|e| e.to_string())?;
+            } else {
+                break;
+            }
+        }
+        for (p, f) in &slot.files {
+            f.sync_data().map_err(|e| format!("fsync of {} failed: {e}", p.display()))?;
+        }
+        let time_ms = self.lock_history().markers().iter().find(|m| m.seq >= to).map(|m| m.time_ms).unwrap_or(now_ms());
+        state.seq = to;
+        state.time_ms = time_ms;
+        state.advancing_to = None;
+        self.write_base_state(&state)?;
+        slot.state = Some(state);
+        self.lock_history().prune_before(to).map_err(|e| e.to_string())?;
+        self.update_release_limit(slot);
+        let applied = self.lock_apply().persisted.applied_seq;
+        let limit = self.release_limit.load(Ordering::SeqCst);
+        self.lock_journal().release_through(applied.min(limit)).map_err(|e| e.to_string())?;
+        Ok(bytes)
+    }
+
+    /// Disk generation in effect at `seq` (the last resync begin/end before it).
+    pub(crate) fn points_generation(&self, seq: u64) -> u64 {
+        let h = self.lock_history();
+        let mut g = 0;
+        for m in h.markers().iter().take_while(|m| m.seq <= seq) {
+            match m.kind {
+                MarkerKind::ResyncBegin { generation, .. } | MarkerKind::ResyncEnd { generation } => g = generation,
+                _ => {}
+            }
+        }
+        g
+    }
+
+    /// All points of this machine (single-machine ones plus group tags it committed).
+    pub(crate) fn local_points(&self) -> (Vec<Point>, Vec<crate::history::GroupCommitted>) {
+        let base_seq = match &self.lock_base().state {
+            Some(s) => s.seq,
+            None => return (Vec::new(), Vec::new()),
+        };
+        let (points, groups) = self.lock_history().points(&self.name, base_seq);
+        (points.into_values().collect(), groups)
+    }
+
+    /// One pruning pass: advance the base to the oldest point inside the window (or further when
+    /// the retention volume is short of space). Returns whether it did anything.
+    pub(crate) fn prune_once(&self, all_points: &[Point]) -> bool {
+        let mut slot = self.lock_base();
+        let Some(state) = slot.state.clone() else { return false };
+        let window_ms = self.window.as_millis() as u64;
+        let cutoff = now_ms().saturating_sub(window_ms);
+        let mut seqs: Vec<(u64, u64)> = all_points.iter().map(|p| (p.seq, p.time_ms)).collect();
+        seqs.sort_unstable();
+        seqs.dedup_by_key(|p| p.0);
+        let Some(&(newest, _)) = seqs.last() else { return false };
+        // The oldest point still inside the window; never past the newest point.
+        let mut target = seqs.iter().find(|(_, t)| *t >= cutoff).map(|p| p.0).unwrap_or(newest);
+        let low = self.space_low();
+        if low {
+            if let Some(&(next, _)) = seqs.iter().find(|(s, _)| *s > state.seq) {
+                target = target.max(next);
+            }
+        }
+        if let Some(begin) = self.lock_history().initial_sync_begin_after(state.seq) {
+            target = target.min(begin - 1);
+        }
+        if target <= state.seq {
+            if low {
+                self.note_pause(
+                    &mut slot,
+                    "the retention volume is short of space and only the newest recovery point is left: enlarge the volume or shorten the retention window",
+                );
+            } else {
+                slot.paused = None;
+            }
+            return false;
+        }
+        let pins = self.lock_mats().len();
+        if pins > 0 {
+            self.note_pause(
+                &mut slot,
+                &format!(
+                    "pruning is paused: {pins} image(s)/export(s) pin recovery points and the base; delete them (`ferry master-target discard ID`) to let history be pruned"
+                ),
+            );
+            return false;
+        }
+        slot.paused = None;
+        let pruned = seqs.iter().filter(|(s, _)| *s < target).count();
+        match self.advance_base(&mut slot, target) {
+            Ok(bytes) => {
+                if low {
+                    self.push_event(
+                        "pruned-early",
+                        format!("retention volume short of space: pruned {pruned} recovery point(s) before seq {target} early, inside the retention window ({bytes} bytes replayed into the base)"),
+                    );
+                } else {
+                    tracing::debug!(machine = %self.name, target, pruned, bytes, "pruned history");
+                }
+                true
+            }
+            Err(e) => {
+                self.push_event("prune-error", format!("pruning failed: {e}; retrying"));
+                false
+            }
+        }
+    }
+
+    fn note_pause(&self, slot: &mut BaseSlot, why: &str) {
+        if slot.paused.as_deref() != Some(why) {
+            slot.paused = Some(why.to_owned());
+            self.push_event("pruning-paused", why.to_owned());
+        }
+    }
+
+    /// The retention volume has less free space than the configured reserve.
+    pub(crate) fn space_low(&self) -> bool {
+        match statvfs_free(&self.dir) {
+            Some((free, total)) => (free as f64) < total as f64 * self.min_free_percent / 100.0,
+            None => false,
+        }
+    }
+
+    /// Records that would leave less than a floor free are refused (the process server
+    /// retries) so pruning keeps the room it needs: pruning fills the base's holes before it
+    /// frees journal segments, one batch at a time. The floor is a quarter of the reserve, and at
+    /// least the largest record plus two pruning batches and two journal segments.
+    pub(crate) fn journal_room_check(&self, incoming: u64) -> Result<(), String> {
+        let Some((free, total)) = statvfs_free(&self.dir) else { return Ok(()) };
+        let floor = (total as f64 * self.min_free_percent / 400.0)
+            .max((MAX_RECORD + 2 * (PRUNE_BATCH + self.segment_bytes)) as f64);
+        if (free.saturating_sub(incoming) as f64) >= floor || !self.history_on() {
+            return Ok(());
+        }
+        self.prune_wake.notify_all();
+        let msg = format!(
+            "retention volume {} is nearly full ({free} bytes free of {total}): new changes wait while the oldest recovery points are pruned; if this persists, release pinned images/exports, shorten the retention window or enlarge the volume",
+            self.dir.display()
+        );
+        self.push_event("retention-full", msg.clone());
+        Err(msg)
+    }
+
+    /// Register "latest": everything durable in the journal now, as a crash-consistent point.
+    pub(crate) fn take_latest(&self) -> Result<Point, PointError> {
+        let j = self.lock_journal();
+        let seq = j.synced_seq();
+        let mut h = self.lock_history();
+        if let Some(open) = h.open_resync() {
+            return Err(PointError::Conflict(format!(
+                "{} is in a resync since seq {} (its replica is not consistent at the latest received write); the newest consistent point is still listed",
+                self.name, open.seq
+            )));
+        }
+        let marker = Marker { seq, time_ms: now_ms(), kind: MarkerKind::Latest };
+        h.append(&[marker]).map_err(|e| PointError::Failed(e.to_string()))?;
+        drop(h);
+        drop(j);
+        let (points, _) = self.local_points();
+        points.into_iter().find(|p| p.seq == seq).ok_or_else(|| {
+            PointError::NotFound(format!("{} has no recovery point yet (initial sync not finished)", self.name))
+        })
+    }
+
+    /// Index the journal between the base and `seq` for every disk.
+    fn build_index(&self, slot: &BaseSlot, seq: u64) -> Result<Vec<ExtentMap>, String> {
+        let Some(state) = &slot.state else { return Err("no base".into()) };
+        let mut maps = vec![ExtentMap::default(); self.disks.len()];
+        let mut files: HashMap<u64, Arc<File>> = HashMap::new();
+        let mut cursor = Cursor::after(state.seq);
+        'outer: loop {
+            let j = self.lock_journal();
+            let batch = j.read_located(&mut cursor, 16 << 20).map_err(|e| format!("cannot read journal: {e}"))?;
+            if batch.is_empty() {
+                break;
+            }
+            for (r, loc) in batch {
+                if r.seq > seq {
+                    break 'outer;
+                }
+                match &r.body {
+                    RecordBody::Write { disk, offset, data } => {
+                        let file = match files.get(&loc.seg_first) {
+                            Some(f) => f.clone(),
+                            None => {
+                                let (_, f) = j
+                                    .segment_file(loc.seg_first)
+                                    .ok_or_else(|| format!("journal segment {} vanished", loc.seg_first))?;
+                                files.insert(loc.seg_first, f.clone());
+                                f
+                            }
+                        };
+                        let src = Source::Journal { file, offset: loc.data_offset(data.len() as u64) };
+                        maps[*disk as usize].insert(*offset, data.len() as u64, src);
+                    }
+                    RecordBody::Zero { disk, offset, len } => maps[*disk as usize].insert(*offset, *len, Source::Zero),
+                    _ => {}
+                }
+            }
+        }
+        Ok(maps)
+    }
+
+    /// Materialize `point`: build its index under the base lock and pin it, then produce the
+    /// image files or exports. `all_exports` is the master target's NBD export table.
+    pub(crate) fn materialize(
+        &self,
+        point: Point,
+        req: &MaterializeRequest,
+        datastore: &Path,
+        nbd_socket: &Path,
+    ) -> Result<Materialization, PointError> {
+        let kind = req.kind.as_str();
+        if kind != "image" && kind != "export" {
+            return Err(PointError::Invalid(format!("kind must be \"image\" or \"export\", not {kind:?}")));
+        }
+        if kind == "export" && req.format.is_some() {
+            return Err(PointError::Invalid("an export has no format (it is served over NBD)".into()));
+        }
+        if kind == "image" && req.writable {
+            return Err(PointError::Invalid("`writable` applies to exports only".into()));
+        }
+        let id = format!("{}-{}-{:x}", self.name, point.seq, now_ms() % 0xffff_ffff);
+        let (disks, base_epoch, base_seq) = {
+            let slot = self.lock_base();
+            let Some(state) = slot.state.clone() else {
+                return Err(PointError::NotFound(format!("{} has no recovery point yet", self.name)));
+            };
+            if point.seq < state.seq {
+                return Err(PointError::NotFound(format!(
+                    "point {} was pruned (history now starts at seq {})",
+                    point.id, state.seq
+                )));
+            }
+            let maps = self.build_index(&slot, point.seq).map_err(PointError::Failed)?;
+            let disks: Vec<Arc<PointDisk>> = maps
+                .into_iter()
+                .zip(&slot.files)
+                .zip(&self.disks)
+                .map(|((map, (p, f)), d)| {
+                    Arc::new(PointDisk { size: d.size, base: f.clone(), base_path: p.clone(), map })
+                })
+                .collect();
+            // Pin before the base lock is released: pruning cannot move the base under us.
+            let m = Materialization {
+                id: id.clone(),
+                machine: self.name.clone(),
+                point: point.clone(),
+                base_epoch: state.epoch,
+                base_seq: state.seq,
+                created_ms: now_ms(),
+                what: MaterializedAs::Export { writable: false, exports: Vec::new(), overlays: Vec::new() },
+                problem: None,
+            };
+            self.lock_mats().push(m);
+            self.update_release_limit(&slot);
+            (disks, state.epoch, state.seq)
+        };
+        let result = if kind == "image" {
+            let format = req.format.unwrap_or(ImageFormat::Raw);
+            let dir = req.dir.clone().unwrap_or_else(|| datastore.join(&self.name).join("images").join(&id));
+            self.write_images(&disks, format, &dir, nbd_socket, &id)
+                .map(|files| MaterializedAs::Image { format, files })
+        } else {
+            self.create_exports(&id, &disks, req.writable)
+        };
+        let what = match result {
+            Ok(w) => w,
+            Err(e) => {
+                self.lock_mats().retain(|m| m.id != id);
+                let slot = self.lock_base();
+                self.update_release_limit(&slot);
+                return Err(PointError::Failed(e));
+            }
+        };
+        let m = Materialization {
+            id: id.clone(),
+            machine: self.name.clone(),
+            point,
+            base_epoch,
+            base_seq,
+            created_ms: now_ms(),
+            what,
+            problem: None,
+        };
+        {
+            let mut mats = self.lock_mats();
+            if let Some(slot) = mats.iter_mut().find(|x| x.id == id) {
+                *slot = m.clone();
+            }
+        }
+        self.save_mats().map_err(PointError::Failed)?;
+        Ok(m)
+    }
+
+    fn write_images(
+        &self,
+        disks: &[Arc<PointDisk>],
+        format: ImageFormat,
+        dir: &Path,
+        nbd_socket: &Path,
+        id: &str,
+    ) -> Result<Vec<PathBuf>, String> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let mut files = Vec::new();
+        let result = (|| {
+            for (disk, d) in disks.iter().zip(&self.disks) {
+                let out = dir.join(format!("{}.{}", d.name, format.ext()));
+                if out.exists() {
+                    return Err(format!("{} already exists: choose another folder", out.display()));
+                }
+                files.push(out.clone());
+                match format {
+                    ImageFormat::Raw => point_image::write_raw(disk, &out)
+                        .map_err(|e| format!("writing {} failed: {e}", out.display()))?,
+                    ImageFormat::Qcow2 => point_image::write_qcow2_overlay(disk, &out, &self.dir)?,
+                    ImageFormat::Vmdk | ImageFormat::Vhd => {
+                        // Convert from a temporary export of the point on the master target's socket.
+                        let name = format!("{id}/{}.convert", d.name);
+                        self.exports.insert(Export {
+                            name: name.clone(),
+                            description: format!("{} {} for conversion", self.name, d.name),
+                            backend: Arc::new(PointBackend(disk.clone())),
+                        });
+                        let url = format!("nbd+unix:///{name}?socket={}", nbd_socket.display());
+                        let mut cmd = std::process::Command::new("qemu-img");
+                        cmd.args(["convert", "-q", "-f", "raw"]);
+                        if format == ImageFormat::Vmdk {
+                            cmd.args(["-O", "vmdk"]);
+                        } else {
+                            cmd.args(["-O", "vpc", "-o", "subformat=fixed,force_size=on"]);
+                        }
+                        cmd.arg(&url).arg(&out);
+                        let o = cmd.output();
+                        self.exports.remove(&name);
+                        let o = o.map_err(|e| format!("cannot run qemu-img: {e} (install qemu-utils)"))?;
+                        if !o.status.success() {
+                            return Err(format!(
+                                "qemu-img convert failed: {}",
+                                String::from_utf8_lossy(&o.stderr).trim()
+                            ));
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            for f in &files {
+                let _ = std::fs::remove_file(f);
+            }
+            let _ = std::fs::remove_dir(dir);
+            return Err(e);
+        }
+        Ok(files)
+    }
+
+    fn create_exports(&self, id: &str, disks: &[Arc<PointDisk>], writable: bool) -> Result<MaterializedAs, String> {
+        let mut exports = Vec::new();
+        let mut overlays = Vec::new();
+        let odir = self.dir.join("exports").join(id);
+        if writable {
+            std::fs::create_dir_all(&odir).map_err(|e| format!("cannot create {}: {e}", odir.display()))?;
+        }
+        for (disk, d) in disks.iter().zip(&self.disks) {
+            let name = format!("{id}/{}", d.name);
+            let point: Arc<dyn Backend> = Arc::new(PointBackend(disk.clone()));
+            let backend: Arc<dyn Backend> = if writable {
+                let p = odir.join(format!("{}.cow", d.name));
+                let cow =
+                    CowBackend::new(point, &p).map_err(|e| format!("cannot create overlay {}: {e}", p.display()))?;
+                overlays.push(p);
+                Arc::new(cow)
+            } else {
+                point
+            };
+            self.exports.insert(Export {
+                name: name.clone(),
+                description: format!(
+                    "{} disk {} at {}{}",
+                    self.name,
+                    d.name,
+                    id,
+                    if writable { " (test overlay)" } else { "" }
+                ),
+                backend,
+            });
+            exports.push(name);
+        }
+        Ok(MaterializedAs::Export { writable, exports, overlays })
+    }
+
+    pub(crate) fn save_mats(&self) -> Result<(), String> {
+        let mats = self.lock_mats().clone();
+        let data = serde_json::to_vec_pretty(&mats).map_err(|e| e.to_string())?;
+        fsutil::write_atomic(&self.dir.join("materializations.json"), &data).map_err(|e| e.to_string())
+    }
+
+    /// At start: reload pins; read-only exports are served again, writable ones are reported
+    /// lost (their throwaway overlays do not survive a restart).
+    pub(crate) fn reload_mats(&self) -> Result<(), MasterTargetError> {
+        let path = self.dir.join("materializations.json");
+        let mut mats: Vec<Materialization> = match std::fs::read(&path) {
+            Ok(d) => serde_json::from_slice(&d)
+                .map_err(|e| MasterTargetError::Refused(format!("{} is corrupt: {e}", path.display())))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => return Err(MasterTargetError::Io { path, source }),
+        };
+        *self.lock_mats() = mats.clone();
+        for m in mats.iter_mut() {
+            let MaterializedAs::Export { writable, overlays, .. } = &m.what else { continue };
+            if *writable {
+                for o in overlays {
+                    let _ = std::fs::remove_file(o);
+                }
+                m.problem = Some(
+                    "the master target restarted: the test-failover overlay (writes made to the export) is gone; discard this materialization and create a new one"
+                        .into(),
+                );
+                continue;
+            }
+            let slot = self.lock_base();
+            let same_base = slot.state.as_ref().is_some_and(|s| s.epoch == m.base_epoch && s.seq == m.base_seq);
+            let disks = if same_base { self.build_index(&slot, m.point.seq).ok() } else { None };
+            drop(slot);
+            match disks {
+                Some(maps) => {
+                    let slot = self.lock_base();
+                    let disks: Vec<Arc<PointDisk>> = maps
+                        .into_iter()
+                        .zip(&slot.files)
+                        .zip(&self.disks)
+                        .map(|((map, (p, f)), d)| {
+                            Arc::new(PointDisk { size: d.size, base: f.clone(), base_path: p.clone(), map })
+                        })
+                        .collect();
+                    drop(slot);
+                    if let Err(e) = self.create_exports(&m.id, &disks, false) {
+                        m.problem = Some(format!("cannot serve it again: {e}"));
+                    }
+                }
+                None => m.problem = Some("its base was replaced: discard it and create a new one".into()),
+            }
+        }
+        *self.lock_mats() = mats;
+        let slot = self.lock_base();
+        self.update_release_limit(&slot);
+        Ok(())
+    }
+
+    pub(crate) fn materializations(&self) -> Vec<Materialization> {
+        self.lock_mats().clone()
+    }
+
+    /// Delete a materialization: exports removed, overlays and image files deleted, pin released.
+    pub(crate) fn discard(&self, id: &str) -> Result<Option<Materialization>, String> {
+        let Some(m) = self.lock_mats().iter().find(|m| m.id == id).cloned() else { return Ok(None) };
+        match &m.what {
+            MaterializedAs::Export { exports, overlays, .. } => {
+                for e in exports {
+                    self.exports.remove(e);
+                }
+                for o in overlays {
+                    let _ = std::fs::remove_file(o);
+                }
+                let _ = std::fs::remove_dir(self.dir.join("exports").join(&m.id));
+            }
+            MaterializedAs::Image { files, .. } => {
+                for f in files {
+                    match std::fs::remove_file(f) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                            return Err(format!("cannot delete {}: {e}", f.display()))
+                        }
+                        _ => {}
+                    }
+                }
+                if let Some(dir) = files.first().and_then(|f| f.parent()) {
+                    let _ = std::fs::remove_dir(dir);
+                }
+            }
+        }
+        self.lock_mats().retain(|x| x.id != id);
+        self.save_mats()?;
+        let slot = self.lock_base();
+        // An old base nobody reads any more can go.
+        if let Some(s) = &slot.state {
+            if m.base_epoch != s.epoch && !self.lock_mats().iter().any(|x| x.base_epoch == m.base_epoch) {
+                let _ = std::fs::remove_dir_all(self.base_dir(m.base_epoch));
+            }
+        }
+        self.update_release_limit(&slot);
+        Ok(Some(m))
+    }
+
+    /// Extents of each disk changed between point seqs `from` and `to` (the journal's end when
+    /// None). `full` = everything must be resynced (initial-sync data is not in the journal).
+    pub(crate) fn changed_extents(&self, from: u64, to: Option<u64>) -> Result<serde_json::Value, PointError> {
+        let slot = self.lock_base();
+        let Some(state) = slot.state.clone() else {
+            return Err(PointError::NotFound(format!("{} has no recovery point yet", self.name)));
+        };
+        if from < state.seq {
+            return Err(PointError::NotFound(format!("seq {from} was pruned (history starts at seq {})", state.seq)));
+        }
+        let head = self.lock_journal().synced_seq();
+        let to = to.unwrap_or(head).min(head);
+        if to < from {
+            return Err(PointError::Invalid(format!("`to` (seq {to}) is before `from` (seq {from})")));
+        }
+        let full = self.lock_history().initial_sync_begin_after(from).is_some_and(|s| s <= to);
+        let mut maps = vec![ExtentMap::default(); self.disks.len()];
+        let mut cursor = Cursor::after(from);
+        if !full {
+            'outer: loop {
+                let batch =
+                    self.lock_journal().read(&mut cursor, 16 << 20).map_err(|e| PointError::Failed(e.to_string()))?;
+                if batch.is_empty() {
+                    break;
+                }
+                for r in batch {
+                    if r.seq > to {
+                        break 'outer;
+                    }
+                    match &r.body {
+                        RecordBody::Write { disk, offset, data } => {
+                            maps[*disk as usize].insert(*offset, data.len() as u64, Source::Zero)
+                        }
+                        RecordBody::Zero { disk, offset, len } => {
+                            maps[*disk as usize].insert(*offset, *len, Source::Zero)
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        drop(slot);
+        let disks: Vec<_> = self
+            .disks
+            .iter()
+            .zip(&maps)
+            .map(|(d, m)| {
+                let ranges = if full { vec![(0, d.size)] } else { m.ranges() };
+                let bytes: u64 = ranges.iter().map(|r| r.1).sum();
+                serde_json::json!({
+                    "disk": d.name,
+                    "bytes": bytes,
+                    "extents": ranges.iter().map(|(o, l)| serde_json::json!({"offset": o, "length": l})).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        Ok(
+            serde_json::json!({ "machine": self.name, "from_seq": from, "to_seq": to, "full_resync": full, "disks": disks }),
+        )
+    }
+
+    /// Retention figures for the status.
+    pub(crate) fn retention_status(&self) -> serde_json::Value {
+        let slot = self.lock_base();
+        let (journal_bytes, payload) = {
+            let j = self.lock_journal();
+            (j.bytes(), j.payload_bytes())
+        };
+        let base_bytes: u64 = slot.files.iter().map(|(p, _)| allocated_bytes(p)).sum();
+        let (free, total) = statvfs_free(&self.dir).unwrap_or((0, 0));
+        serde_json::json!({
+            "window_secs": self.window.as_secs_f64(),
+            "base_seq": slot.state.as_ref().map(|s| s.seq),
+            "base_time_ms": slot.state.as_ref().map(|s| s.time_ms),
+            "base_bytes": base_bytes,
+            "journal_bytes": journal_bytes,
+            "journal_payload_bytes": payload,
+            // Journal bytes per GiB written (record framing and indexes on top of the data).
+            "journal_bytes_per_gib_written": if payload > 0 { (journal_bytes as f64 / payload as f64) * (1u64 << 30) as f64 } else { 0.0 },
+            "volume_free_bytes": free,
+            "volume_total_bytes": total,
+            "pruning_paused": slot.paused,
+            "pinned_by": self.lock_mats().iter().map(|m| m.id.clone()).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// Keep the pruner going: a pass every second, until the replica stops. Group tags count as
+/// positions too (whether complete or not, the base may rest on any consistent position).
+pub(crate) fn prune_loop(replica: Arc<Replica>) {
+    while !replica.stopped.load(Ordering::SeqCst) {
+        if replica.history_on() {
+            let (mut pts, groups) = replica.local_points();
+            for g in groups {
+                pts.push(Point {
+                    id: String::new(),
+                    machine: String::new(),
+                    seq: g.prepare_seq,
+                    time_ms: g.prepare_time_ms,
+                    kind: "crash".into(),
+                    scope: "multi".into(),
+                    group: None,
+                    group_tag: None,
+                    generation: 0,
+                    origin: "group".into(),
+                });
+            }
+            while replica.prune_once(&pts) && replica.space_low() && !replica.stopped.load(Ordering::SeqCst) {}
+        }
+        let g = replica.lock_apply();
+        let _ = replica.prune_wake.wait_timeout(g, Duration::from_secs(1));
+    }
+}
+
+/// Whether a resync reason copies data outside the journal (the history cannot replay it).
+pub(crate) fn bypasses_journal(reason: ResyncReason) -> bool {
+    reason == ResyncReason::InitialSync
+}
