@@ -502,3 +502,127 @@ fn the_last_consistent_point_stays_materializable_during_a_resync() {
     }
     c.assert_identical();
 }
+
+fn ferry(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(FERRY).args(args).output().unwrap()
+}
+
+#[test]
+fn operator_commands_and_bad_requests() {
+    let mut c = Cluster::new(Opts { agent_extra: "crash_point_interval_secs = 0\n".into(), ..Default::default() });
+    let mt = format!("127.0.0.1:{}", c.status["master-target"]);
+    let agent = format!("127.0.0.1:{}", c.status["agent"]);
+    // Before any point exists: a clear answer, not an empty success.
+    c.start("master-target");
+    let out = ferry(&["master-target", "select", "--machine", "vm1", "--status-addr", &mt]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not replicated"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.start("process-server");
+    c.start("agent");
+    c.wait_caught_up(Duration::from_secs(30));
+    let out = ferry(&["agent", "crash-point", "--status-addr", &agent, "--output", "json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let tag: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(c.qemu_io("disk0", "write -P 3 0 2M\nflush\n").status.success());
+    c.wait_caught_up(Duration::from_secs(30));
+    let out = ferry(&["master-target", "points", "--machine", "vm1", "--status-addr", &mt, "--output", "json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let tagged =
+        v["points"].as_array().unwrap().iter().find(|p| p["seq"] == tag["seq"]).expect("the tag is listed").clone();
+    let out = ferry(&["master-target", "points", "--machine", "vm1", "--status-addr", &mt]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains(tagged["id"].as_str().unwrap()) && table.contains("latest-processed"), "{table}");
+    // An image as a qcow2 overlay on the frozen base, checked against the source at that point.
+    let dir = c.path().join("img");
+    let out = ferry(&[
+        "master-target",
+        "materialize",
+        "--machine",
+        "vm1",
+        "--point",
+        tagged["id"].as_str().unwrap(),
+        "--format",
+        "qcow2",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--status-addr",
+        &mt,
+        "--output",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let m: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let img = dir.join("disk0.qcow2");
+    assert!(img.exists());
+    let info = std::process::Command::new("qemu-img").args(["info", "--output", "json"]).arg(&img).output().unwrap();
+    let info: Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert!(info["backing-filename"].as_str().unwrap().contains("base-"), "a qcow2 overlay on the base: {info:#}");
+    let zeros = c.path().join("zeros.img");
+    std::fs::File::create(&zeros).unwrap().set_len(64 << 20).unwrap();
+    assert_eq!(image_difference(&zeros, "raw", img.to_str().unwrap(), "qcow2"), None, "the tag precedes the write");
+    let out = ferry(&[
+        "master-target",
+        "changes",
+        "--machine",
+        "vm1",
+        "--from",
+        tagged["id"].as_str().unwrap(),
+        "--status-addr",
+        &mt,
+        "--output",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ch: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(ch["disks"][0]["extents"], json!([{ "offset": 0, "length": 2 << 20 }]));
+    let out = ferry(&["master-target", "export", "--machine", "vm1", "--writable", "--status-addr", &mt]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nbd+unix://"));
+    let out = ferry(&["master-target", "materializations", "--status-addr", &mt, "--output", "json"]);
+    let all: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(all["materializations"].as_array().unwrap().len(), 2);
+    for x in all["materializations"].as_array().unwrap() {
+        let out = ferry(&["master-target", "discard", x["id"].as_str().unwrap(), "--status-addr", &mt]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert!(!img.exists());
+    let _ = m;
+
+    // Bad requests get a code, a message naming what was wrong, and a remedy.
+    let (code, v) = c.mt_api(
+        "POST",
+        "/machines/vm1/materializations",
+        Some(json!({ "point": "latest-processed", "kind": "image", "format": "vdi" })),
+    );
+    assert_eq!(code, 400, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("format") && v["remedy"].is_string(), "{v}");
+    let (code, v) =
+        c.mt_api("POST", "/machines/vm1/materializations", Some(json!({ "point": "vm1@999999", "kind": "image" })));
+    assert_eq!(code, 404, "{v}");
+    assert_eq!(v["code"], 9007);
+    let (code, v) =
+        c.mt_api("POST", "/machines/vm1/materializations", Some(json!({ "point": "yesterday", "kind": "image" })));
+    assert_eq!(code, 400, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("latest-app"), "{v}");
+    let (code, v) = c.mt_api("POST", "/machines/vm1/points", Some(json!({ "selector": "latest-app" })));
+    assert_eq!(code, 404, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("app-consistent"), "{v}");
+    let (code, v) = http_json(c.status["master-target"], "POST", "/machines/vm1/points", Some("{not json")).unwrap();
+    assert_eq!(code, 400, "{v}");
+    let (code, v) = c.mt_api("GET", "/machines/nope/points", None);
+    assert_eq!(code, 404, "{v}");
+    let (code, v) = c.mt_api("DELETE", "/materializations/nope", None);
+    assert_eq!(code, 404, "{v}");
+    let (code, v) = c.mt_api("GET", "/machines/vm1/changes", None);
+    assert_eq!(code, 400, "{v}");
+    let (code, v) = c.api("agent", "POST", "/points/app", None);
+    assert_eq!(code, 409, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("freeze_command"), "{v}");
+    // The master target keeps serving after all that.
+    assert!(c.status("master-target")["machines"][0]["error"].is_null());
+}

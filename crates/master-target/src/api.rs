@@ -70,23 +70,20 @@ impl MasterTarget {
         let (mut points, groups) = r.local_points();
         let committed = self.committed_tags();
         let mut problems = Vec::new();
-        let mut seen_groups = HashSet::new();
         for g in groups {
             let (complete, missing) = group_complete(&g, &committed);
             if complete {
                 points.push(multi_point(machine, &g, r.points_generation(g.prepare_seq)));
-            } else if seen_groups.insert(g.group.clone()) {
-                let (absent, incomplete): (Vec<_>, Vec<_>) =
-                    missing.into_iter().partition(|m| !committed.contains_key(m.as_str()));
-                if !absent.is_empty() {
-                    problems.push(format!(
-                        "group {} includes {} not replicated to this master target: all machines of a replication group must use the same master target (RG-2), otherwise no common point exists",
-                        g.group,
-                        absent.join(", ")
-                    ));
-                } else if !incomplete.is_empty() {
-                    tracing::debug!(group = %g.group, tag = %g.tag, ?incomplete, "group tag not committed by every member");
+                continue;
+            }
+            let absent: Vec<_> = missing.iter().filter(|m| !committed.contains_key(m.as_str())).cloned().collect();
+            if !absent.is_empty() {
+                let p = rg2_problem(&g.group, &absent);
+                if !problems.contains(&p) {
+                    problems.push(p);
                 }
+            } else {
+                tracing::debug!(group = %g.group, tag = %g.tag, ?missing, "group tag not committed by every member");
             }
         }
         points.sort_by_key(|p| p.seq);
@@ -157,11 +154,11 @@ impl MasterTarget {
                 }));
             } else {
                 let absent: Vec<_> = missing.iter().filter(|m| !committed.contains_key(m.as_str())).cloned().collect();
-                if !absent.is_empty() && problems.is_empty() {
-                    problems.push(format!(
-                        "group {group} includes {} not replicated to this master target: all machines of a replication group must use the same master target (RG-2), otherwise no common point exists",
-                        absent.join(", ")
-                    ));
+                if !absent.is_empty() {
+                    let p = rg2_problem(group, &absent);
+                    if !problems.contains(&p) {
+                        problems.push(p);
+                    }
                 }
                 incomplete.push(serde_json::json!({ "tag": tag, "committed_by": seqs.keys().collect::<Vec<_>>(), "missing": missing }));
             }
@@ -195,6 +192,13 @@ impl MasterTarget {
         }
         v
     }
+}
+
+fn rg2_problem(group: &str, absent: &[String]) -> String {
+    format!(
+        "group {group} includes {} not replicated to this master target: all machines of a replication group must use the same master target (RG-2), otherwise no common point exists",
+        absent.join(", ")
+    )
 }
 
 fn group_complete(g: &GroupCommitted, committed: &HashMap<String, HashSet<(String, String)>>) -> (bool, Vec<String>) {
