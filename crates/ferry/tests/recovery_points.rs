@@ -452,6 +452,17 @@ fn killing_the_master_target_during_apply_and_pruning_loses_no_point_in_the_wind
         }
         assert!(w.join().unwrap().success());
     }
+    // Kills aimed at pruning: a burst of writes ages out of the 3 s window, then the master
+    // target dies at a random moment of the pass that replays it into the base.
+    for _ in 0..3 {
+        assert!(c.qemu_io("disk0", &format!("write -P {} 0 16M\nflush\n", r.gen_range(1..255))).status.success());
+        c.wait_caught_up(Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(3000 + r.gen_range(0..1200)));
+        c.kill9("master-target");
+        c.start("master-target");
+        let s = c.status("master-target")["machines"][0].clone();
+        assert!(s["retention"]["base_seq"].is_u64(), "{s:#}");
+    }
     c.wait_caught_up(Duration::from_secs(60));
     c.assert_identical();
     let log = source_log(&c);
@@ -625,4 +636,29 @@ fn operator_commands_and_bad_requests() {
     assert!(v["message"].as_str().unwrap().contains("freeze_command"), "{v}");
     // The master target keeps serving after all that.
     assert!(c.status("master-target")["machines"][0]["error"].is_null());
+}
+
+#[test]
+fn killing_the_master_target_while_it_takes_the_base_keeps_the_first_point_exact() {
+    let seed = seed("killing_the_master_target_while_it_takes_the_base");
+    let mut r = rng(seed);
+    let mut c = Cluster::new(Opts {
+        disks: vec![("disk0", 96 << 20), ("disk1", 32 << 20)],
+        agent_extra: "crash_point_interval_secs = 0.3\nsource_write_log = '{dir}/{machine}-source.log'\n".into(),
+        ..Default::default()
+    });
+    prepare_sources(&c, seed);
+    c.start_all();
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(r.gen_range(100..1500)));
+        c.kill9("master-target");
+        c.start("master-target");
+    }
+    c.wait_caught_up(Duration::from_secs(120));
+    wait_for("a point", Duration::from_secs(30), || !points(&c, "vm1").is_empty());
+    let log = source_log(&c);
+    let pts = points(&c, "vm1");
+    let m = check_point(&c, &log, &pts[0], "raw");
+    discard(&c, &m);
+    c.assert_identical();
 }

@@ -32,6 +32,10 @@ pub(crate) struct Checkpoint {
     /// The open resync is an initial sync: its end starts a new history (a new base).
     #[serde(default)]
     initial_sync_open: bool,
+    /// A new base must be taken from the target at `applied_seq` before anything more is
+    /// applied (persisted, so a crash while taking it retries at the same position).
+    #[serde(default)]
+    base_due: bool,
 }
 
 pub(crate) struct ApplyState {
@@ -44,8 +48,6 @@ pub(crate) struct ApplyState {
     /// Journaled resync data waiting for its ResyncEnd (the replica keeps its consistent state).
     holding_resync_at: Option<u64>,
     error: Option<String>,
-    /// A new base must be taken from the target before anything more is applied.
-    base_due: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -222,7 +224,6 @@ impl Replica {
                 rate: RateMeter::default(),
                 holding_resync_at: None,
                 error: None,
-                base_due: false,
             }),
             wake: Condvar::new(),
             window: Duration::from_secs_f64(config.retention_window_for(&machine.name).max(0.0)),
@@ -466,9 +467,22 @@ impl Replica {
 
     /// Apply one batch; returns whether there was nothing to do (the caller then waits).
     fn apply_step(&self, cursor: &mut Cursor, dirty: &mut bool, last_ckpt: &mut Instant) -> Result<bool, String> {
+        let due = {
+            let st = self.lock_apply();
+            st.ckpt.base_due.then(|| (st.ckpt.applied_seq, st.last_applied_time_ms.max(1)))
+        };
+        if let Some((seq, time_ms)) = due {
+            // The target holds exactly `seq`: nothing after it was applied since base_due was set.
+            self.checkpoint()?;
+            self.create_base(seq, time_ms)?;
+            self.lock_apply().ckpt.base_due = false;
+            self.checkpoint()?;
+            *dirty = false;
+            *last_ckpt = Instant::now();
+        }
         let batch = self.lock_journal().read(cursor, 16 << 20).map_err(|e| format!("cannot read journal: {e}"))?;
         let mut held = false;
-        let mut base_at = None;
+        let mut base_next = false;
         for rec in &batch {
             if !self.apply_record(rec)? {
                 // Hold at this ResyncBegin: re-read from here once its ResyncEnd is durable.
@@ -477,26 +491,21 @@ impl Replica {
                 break;
             }
             *dirty = true;
-            if std::mem::take(&mut self.lock_apply().base_due) {
+            if self.lock_apply().ckpt.base_due {
                 // An initial sync just ended: nothing more is applied until the base is taken.
                 *cursor = Cursor::after(rec.seq);
-                base_at = Some((rec.seq, rec.time_ms));
+                base_next = true;
                 break;
             }
         }
-        if base_at.is_none() && batch.is_empty() && self.history_on() && self.lock_base().state.is_none() {
-            // No base yet (e.g. a crash while it was taken): take it now that everything
-            // journaled is applied, so the target holds exactly the journal's end.
-            let st = self.lock_apply();
+        if !base_next && batch.is_empty() && self.history_on() && self.lock_base().state.is_none() {
+            // No base yet (history turned on for an existing replica): take it now that
+            // everything journaled is applied, so the target holds exactly the journal's end.
+            let mut st = self.lock_apply();
             if st.ckpt.consistent && !st.ckpt.in_resync && st.ckpt.applied_seq > 0 && st.holding_resync_at.is_none() {
-                base_at = Some((st.ckpt.applied_seq, st.last_applied_time_ms.max(1)));
+                st.ckpt.base_due = true;
+                base_next = true;
             }
-        }
-        if let Some((seq, time_ms)) = base_at {
-            self.checkpoint()?;
-            *dirty = false;
-            *last_ckpt = Instant::now();
-            self.create_base(seq, time_ms)?;
         }
         let applied = self.lock_apply().ckpt.applied_seq;
         self.applied_tx.send_replace(applied);
@@ -513,7 +522,7 @@ impl Replica {
                 self.lock_apply().error = Some(e);
             }
         }
-        Ok(batch.is_empty() || held)
+        Ok((batch.is_empty() || held) && !base_next)
     }
 
     fn fail(&self, e: String) {
@@ -548,7 +557,7 @@ impl Replica {
                 st.ckpt.consistent = true;
                 st.ckpt.in_resync = false;
                 if std::mem::take(&mut st.ckpt.initial_sync_open) && self.history_on() {
-                    st.base_due = true;
+                    st.ckpt.base_due = true;
                 }
             }
             RecordBody::VerifyChunk { verify_id, disk, offset, block_size, hashes, last } => {
