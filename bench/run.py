@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Ferry data-path benchmarks, each against its peer tool in the same run.
 
-    python3 bench/run.py [--rounds 3] [--only write|sync|lag]
+    python3 bench/run.py [--rounds 3] [--only write|sync|lag|points|journal]
 
 Needs a release build (cargo build --release -p ferry), qemu-utils. Prints a Markdown summary
 (medians and ratios) for BENCHMARKS.md. The machine is shared and noisy: compare ratios.
@@ -38,8 +38,9 @@ def status(p):
 class Chain:
     """MT + PS + agent on loopback with TLS, each a real process."""
 
-    def __init__(self, d, disk, extra_agent=()):
+    def __init__(self, d, disk, extra_agent=(), extra_mt=()):
         self.d, self.disk, self.procs = d, disk, {}
+        self.extra_mt = list(extra_mt)
         self.p = {k: port() for k in ["nbd", "as", "ps", "pss", "mt", "mts"]}
         if not os.path.exists(f"{d}/certs"):
             run([FERRY, "certs", "--dir", f"{d}/certs"])
@@ -48,7 +49,7 @@ class Chain:
     def start(self, which):
         d, p = self.d, self.p
         args = {
-            "master-target": ["--datastore", f"{d}/ds", "--retention", f"{d}/ret", "--listen", f"127.0.0.1:{p['mt']}", "--status-listen", f"127.0.0.1:{p['mts']}", "--certs", f"{d}/certs"],
+            "master-target": ["--datastore", f"{d}/ds", "--retention", f"{d}/ret", "--listen", f"127.0.0.1:{p['mt']}", "--status-listen", f"127.0.0.1:{p['mts']}", "--certs", f"{d}/certs"] + self.extra_mt,
             "process-server": ["--cache-dir", f"{d}/cache", "--cache-capacity-bytes", str(8 << 30), "--listen", f"127.0.0.1:{p['ps']}", "--status-listen", f"127.0.0.1:{p['pss']}", "--master-target", f"127.0.0.1:{p['mt']}", "--certs", f"{d}/certs"],
             "agent": ["--machine", "vm1", "--state-dir", f"{d}/agent", "--process-server", f"127.0.0.1:{p['ps']}", "--nbd-listen", f"127.0.0.1:{p['nbd']}", "--status-listen", f"127.0.0.1:{p['as']}", "--certs", f"{d}/certs", "--disk", f"disk0={self.disk}"] + self.extra_agent,
         }[which]
@@ -168,6 +169,66 @@ def lag(work, rate_mib=20, seconds=15):
     return {"p50": samples[len(samples) // 2], "p99": samples[int(len(samples) * 0.99)], "max": samples[-1], "samples": len(samples)}
 
 
+def api(p, method, path, body=None):
+    req = urllib.request.Request(f"http://127.0.0.1:{p}{path}", method=method, data=json.dumps(body).encode() if body is not None else None, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=600) as r:
+        return json.load(r)
+
+
+def points_bench(rounds, work):
+    """Materializing a point of a 4 GiB disk with 1% changed since the base, vs a full copy."""
+    src = f"{work}/p4g.img"
+    with open(src, "wb") as f:
+        rnd = os.urandom(64 << 20)
+        for _ in range(64):
+            f.write(rnd)
+        f.flush(); os.fsync(f.fileno())
+    d = f"{work}/pts"; shutil.rmtree(d, ignore_errors=True); os.makedirs(d)
+    c = Chain(d, src, ["--set", "crash_point_interval_secs=0"])
+    c.start_all(); c.wait_caught_up()
+    import random
+    rng = random.Random(7)
+    n = (4 << 30) // 100 // 65536
+    cmds = "".join(f"aio_write -P {i % 250 + 1} {rng.randrange(0, (4 << 30) // 65536) * 65536} 64k\n" for i in range(n)) + "aio_flush\nflush\n"
+    run(["qemu-io", "-f", "raw", f"nbd://127.0.0.1:{c.p['nbd']}/disk0"], input=cmds)
+    c.wait_caught_up()
+    pt = api(c.p["mts"], "POST", "/machines/vm1/points", {"selector": "latest"})
+    res = {"cp && sync (full copy)": [], "qemu-img convert -O qcow2 (full copy)": [], "ferry raw image": [], "ferry qcow2 overlay on the base": [], "ferry NBD export (index)": []}
+    for r in range(rounds):
+        t = time.time(); run(["cp", src, f"{work}/copy.img"]); run(["sync"]); res["cp && sync (full copy)"].append(time.time() - t)
+        os.remove(f"{work}/copy.img")
+        t = time.time(); run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", src, f"{work}/copy.qcow2"]); run(["sync"]); res["qemu-img convert -O qcow2 (full copy)"].append(time.time() - t)
+        os.remove(f"{work}/copy.qcow2")
+        for name, body in [("ferry raw image", {"kind": "image", "format": "raw"}), ("ferry qcow2 overlay on the base", {"kind": "image", "format": "qcow2"}), ("ferry NBD export (index)", {"kind": "export"})]:
+            body = dict(body, point=pt["id"], dir=f"{work}/m{r}-{len(res[name])}") if body["kind"] == "image" else dict(body, point=pt["id"])
+            t = time.time(); m = api(c.p["mts"], "POST", "/machines/vm1/materializations", body); res[name].append(time.time() - t)
+            if r == 0 and body["kind"] == "image":
+                fmt = body["format"]
+                cmp = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", fmt, src, m["files"][0]], capture_output=True)
+                assert cmp.returncode == 0, f"{fmt} image differs from the source: {cmp.stdout}"
+            api(c.p["mts"], "DELETE", f"/materializations/{m['id']}")
+    c.stop(); shutil.rmtree(d, ignore_errors=True); os.remove(src)
+    return res
+
+
+def journal_bench(work):
+    """1 GiB of 64 KiB writes end to end (until applied): history off, on, on with pruning."""
+    out = {}
+    for name, window in [("history off (retention_window_secs = 0)", 0), ("history on, 24 h window (no pruning)", 86400), ("history on, 5 s window (pruning runs)", 5)]:
+        img = f"{work}/j.img"; run(["qemu-img", "create", "-f", "raw", img, "2G"])
+        d = f"{work}/j"; shutil.rmtree(d, ignore_errors=True); os.makedirs(d)
+        c = Chain(d, img, ["--set", "crash_point_interval_secs=1"], ["--set", f"retention_window_secs={window}"])
+        c.start_all(); c.wait_caught_up()
+        t = time.time()
+        bench_seconds(f"nbd://127.0.0.1:{c.p['nbd']}/disk0", 16384, 16, "64k")
+        c.wait_caught_up(poll=0.02)
+        secs = time.time() - t
+        m = status(c.p["mts"])["machines"][0]["retention"]
+        out[name] = {"seconds": secs, "mib_s": 1024 / secs, "journal_bytes": m["journal_bytes"], "payload": m["journal_payload_bytes"], "per_gib": m["journal_bytes_per_gib_written"], "base_bytes": m["base_bytes"]}
+        c.stop(); shutil.rmtree(d, ignore_errors=True); os.remove(img)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
@@ -193,6 +254,18 @@ def main():
         for k, v in res.items():
             m = statistics.median(v)
             print(f"| {k} | {m:.2f} | {', '.join(f'{x:.2f}' for x in v)} | {m / base:.2f}x |")
+    if a.only in (None, "points"):
+        res = points_bench(a.rounds, work)
+        base = statistics.median(res["cp && sync (full copy)"])
+        print("\n| a point of a 4 GiB disk, 1% changed since the base | median s | runs | vs cp |\n|---|---|---|---|")
+        for k, v in res.items():
+            m = statistics.median(v)
+            print(f"| {k} | {m:.3f} | {', '.join(f'{x:.3f}' for x in v)} | {m / base:.3f}x |")
+    if a.only in (None, "journal"):
+        res = journal_bench(work)
+        print("\n| 1 GiB of 64 KiB writes, until applied | s | MiB/s | journal bytes kept | journal bytes per GiB written |\n|---|---|---|---|---|")
+        for k, v in res.items():
+            print(f"| {k} | {v['seconds']:.2f} | {v['mib_s']:.0f} | {v['journal_bytes']} | {v['per_gib'] / (1 << 30):.4f} GiB |")
     if a.only in (None, "lag"):
         r = lag(work)
         print(f"\nreplication lag at 20 MiB/s for 15 s: p50 {r['p50']:.3f} s, p99 {r['p99']:.3f} s, max {r['max']:.3f} s ({r['samples']} samples)")
