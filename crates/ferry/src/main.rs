@@ -667,7 +667,12 @@ async fn master_target_action(action: MasterTargetAction, out: OutputFormat) -> 
             print_result(
                 &v,
                 out,
-                &format!("{}  point {}\n  {}", v["id"].as_str().unwrap_or("?"), v["point"]["id"], files.join("\n  ")),
+                &format!(
+                    "{}  point {}\n  {}",
+                    v["id"].as_str().unwrap_or("?"),
+                    v["point"]["id"].as_str().unwrap_or("?"),
+                    files.join("\n  ")
+                ),
             );
             Ok(())
         }
@@ -691,7 +696,12 @@ async fn master_target_action(action: MasterTargetAction, out: OutputFormat) -> 
             print_result(
                 &v,
                 out,
-                &format!("{}  point {}\n  {}", v["id"].as_str().unwrap_or("?"), v["point"]["id"], urls.join("\n  ")),
+                &format!(
+                    "{}  point {}\n  {}",
+                    v["id"].as_str().unwrap_or("?"),
+                    v["point"]["id"].as_str().unwrap_or("?"),
+                    urls.join("\n  ")
+                ),
             );
             Ok(())
         }

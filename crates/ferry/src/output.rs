@@ -73,6 +73,17 @@ pub fn print_status(v: &serde_json::Value, out: OutputFormat) {
             if let Some(e) = v["link_error"].as_str() {
                 println!("link: {e}");
             }
+            let p = &v["points"];
+            println!(
+                "tags: crash {} (last seq {})  app {} (last seq {}, {} failed)  group {} committed, {} aborted",
+                p["crash_tags"],
+                p["last_crash_tag_seq"],
+                p["app_tags"],
+                p["last_app_tag_seq"],
+                p["app_failures"],
+                p["group_commits"],
+                p["group_aborts"]
+            );
             for e in v["events"].as_array().into_iter().flatten().rev().take(5) {
                 println!("event {}: {}", e["kind"].as_str().unwrap_or(""), e["message"].as_str().unwrap_or(""));
             }
@@ -128,6 +139,25 @@ pub fn print_status(v: &serde_json::Value, out: OutputFormat) {
                         d["target"].as_str().unwrap_or("")
                     );
                 }
+                let r = &m["retention"];
+                println!(
+                    "  recovery points {}  newest {}  history from seq {}  window {}s  base {}  volume free {}",
+                    m["points"],
+                    m["newest_point"]["id"].as_str().unwrap_or("none"),
+                    r["base_seq"],
+                    r["window_secs"],
+                    human_bytes(r["base_bytes"].as_f64().unwrap_or(0.0)),
+                    human_bytes(r["volume_free_bytes"].as_f64().unwrap_or(0.0)),
+                );
+                if let Some(p) = r["pruning_paused"].as_str() {
+                    println!("  {p}");
+                }
+                if let Some(e) = m["error"].as_str() {
+                    println!("  ERROR: {e}");
+                }
+                for e in m["events"].as_array().into_iter().flatten().rev().take(3) {
+                    println!("  event {}: {}", e["kind"].as_str().unwrap_or(""), e["message"].as_str().unwrap_or(""));
+                }
             }
         }
         _ => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
@@ -169,18 +199,18 @@ pub fn print_points(v: &serde_json::Value, out: OutputFormat) {
         }
     } else {
         println!(
-            "{:<28} {:<21} {:<6} {:<7} {:>12} {:>20}  origin",
+            "{:<28} {:<21} {:<6} {:<7} {:>12} {:>16}  ORIGIN",
             "ID", "TIME (UTC)", "KIND", "SCOPE", "SEQ", "GENERATION"
         );
         for p in v["points"].as_array().into_iter().flatten() {
             println!(
-                "{:<28} {:<21} {:<6} {:<7} {:>12} {:>20}  {}{}",
+                "{:<28} {:<21} {:<6} {:<7} {:>12} {:>16}  {}{}",
                 p["id"].as_str().unwrap_or("?"),
                 time_of(p["time_ms"].as_u64().unwrap_or(0)),
                 p["kind"].as_str().unwrap_or("?"),
                 p["scope"].as_str().unwrap_or("?"),
-                p["seq"],
-                p["generation"],
+                p["seq"].to_string(),
+                format!("{:016x}", p["generation"].as_u64().unwrap_or(0)),
                 p["origin"].as_str().unwrap_or("?"),
                 p["group_tag"].as_str().map(|t| format!(" ({t})")).unwrap_or_default(),
             );
