@@ -239,7 +239,9 @@ fn failing_or_slow_freeze_hook_gives_an_event_and_no_app_point() {
 
 #[test]
 fn test_failover_overlay_never_touches_the_replica_and_is_removed_at_cleanup() {
-    let mut c = Cluster::new(oracle_opts("crash_point_interval_secs = 0.2\n", ""));
+    let nbd = free_port();
+    let mut c =
+        Cluster::new(oracle_opts("crash_point_interval_secs = 0.2\n", &format!("nbd_listen = '127.0.0.1:{nbd}'\n")));
     let seed = seed("test_failover_overlay");
     prepare_sources(&c, seed);
     c.start_all();
@@ -254,7 +256,9 @@ fn test_failover_overlay_never_touches_the_replica_and_is_removed_at_cleanup() {
     );
     assert_eq!(code, 201, "{m}");
     let export = m["exports"][0].as_str().unwrap();
-    let url = format!("nbd+unix:///{export}?socket={}", nbd_socket(&c).display());
+    // The test machine boots from the loopback TCP export (the unix socket serves the same).
+    let url = format!("nbd://127.0.0.1:{nbd}/{export}");
+    assert!(m["nbd_urls"].to_string().contains(&url), "{m:#}");
     let before = c.status("master-target")["machines"][0]["journaled_seq"].clone();
     // The test-failover machine writes to its disk...
     let out = std::process::Command::new("qemu-io")
@@ -661,4 +665,25 @@ fn killing_the_master_target_while_it_takes_the_base_keeps_the_first_point_exact
     let m = check_point(&c, &log, &pts[0], "raw");
     discard(&c, &m);
     c.assert_identical();
+}
+
+#[test]
+fn history_off_keeps_only_the_replica_and_says_so() {
+    let mut c = Cluster::new(Opts {
+        agent_extra: "crash_point_interval_secs = 0.2\n".into(),
+        mt_extra: "retention_window_secs = 0\nsegment_bytes = 1048576\n".into(),
+        ..Default::default()
+    });
+    c.start_all();
+    c.wait_caught_up(Duration::from_secs(30));
+    assert!(c.qemu_io("disk0", "write -P 9 0 8M\nflush\n").status.success());
+    c.wait_caught_up(Duration::from_secs(30));
+    c.assert_identical();
+    assert!(points(&c, "vm1").is_empty());
+    let (code, v) = c.mt_api("POST", "/machines/vm1/points", Some(json!({ "selector": "latest" })));
+    assert_eq!(code, 404, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("history is off"), "{v}");
+    let s = c.status("master-target")["machines"][0].clone();
+    assert!(s["retention"]["journal_bytes"].as_u64().unwrap() < 2 << 20, "journal released once applied: {s:#}");
+    assert!(s["retention"]["base_seq"].is_null(), "no base without history: {s:#}");
 }

@@ -101,8 +101,12 @@ impl MasterTarget {
         let (points, problems) = self
             .points_of(machine)
             .ok_or_else(|| PointError::NotFound(format!("machine {machine:?} is not replicated here")))?;
+        let reason = r.no_points_reason();
         let newest = |f: &dyn Fn(&Point) -> bool, what: &str| {
             points.iter().rev().find(|p| f(p)).cloned().ok_or_else(|| {
+                if let Some(why) = &reason {
+                    return PointError::NotFound(why.clone());
+                }
                 let mut msg = format!("{machine} has no {what} recovery point inside the retention window");
                 if let Some(p) = problems.first() {
                     msg.push_str(&format!(" ({p})"));

@@ -386,6 +386,10 @@ impl Replica {
 
     /// All points of this machine (single-machine ones plus group tags it committed).
     pub(crate) fn local_points(&self) -> (Vec<Point>, Vec<crate::history::GroupCommitted>) {
+        if !self.history_on() {
+            // History off: the journal is released once applied, nothing can be rebuilt.
+            return (Vec::new(), Vec::new());
+        }
         let base_seq = match &self.lock_base().state {
             Some(s) => s.seq,
             None => return (Vec::new(), Vec::new()),
@@ -493,8 +497,25 @@ impl Replica {
         Err(msg)
     }
 
+    /// Why a machine has no points at all, when that is the case.
+    pub(crate) fn no_points_reason(&self) -> Option<String> {
+        if !self.history_on() {
+            return Some(format!(
+                "history is off for {} (retention_window_secs = 0): only the replica itself is kept; set a retention window to keep recovery points",
+                self.name
+            ));
+        }
+        if self.lock_base().state.is_none() {
+            return Some(format!("{} has no recovery point yet: its initial sync has not finished", self.name));
+        }
+        None
+    }
+
     /// Register "latest": everything durable in the journal now, as a crash-consistent point.
     pub(crate) fn take_latest(&self) -> Result<Point, PointError> {
+        if let Some(why) = self.no_points_reason() {
+            return Err(PointError::NotFound(why));
+        }
         let j = self.lock_journal();
         let seq = j.synced_seq();
         let mut h = self.lock_history();
