@@ -422,20 +422,11 @@ impl Machine {
     ) -> Result<(), BackendError> {
         let d = &self.disks[disk as usize];
         let mut c = self.lock();
-        // A multi-machine prepare holds writes until every member prepared (or the hold expires).
+        // A multi-machine prepare holds writes until its commit or abort, never past its expiry
+        // (the expiry thread then clears it and thaws; see `points::expire_hold`).
         while let Some(until) = c.hold.as_ref().map(|h| h.until) {
             let now = std::time::Instant::now();
             if now >= until {
-                if let Some(h) = c.hold.take() {
-                    push_event(
-                        &mut c,
-                        "group-tag-expired",
-                        format!(
-                            "group tag {} of {} was neither committed nor aborted in time: writes resumed without it",
-                            h.tag, h.group
-                        ),
-                    );
-                }
                 break;
             }
             c = self.hold_released.wait_timeout(c, until - now).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);

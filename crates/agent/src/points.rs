@@ -187,7 +187,7 @@ impl Machine {
     }
 
     /// Member side of a group tag: (freeze,) hold writes and insert the prepare record.
-    pub fn group_prepare(&self, req: &GroupRequest) -> Result<u64, String> {
+    pub fn group_prepare(self: &Arc<Self>, req: &GroupRequest) -> Result<u64, String> {
         let mine = self.config.group.as_ref().map(|g| g.name.as_str());
         if mine != Some(req.group.as_str()) {
             return Err(format!(
@@ -201,34 +201,45 @@ impl Machine {
                 return Err(format!("no app-consistent group point: {e}"));
             }
         }
-        let timeout = Duration::from_millis(req.timeout_ms.clamp(100, 600_000));
-        let mut c = self.lock();
-        if let Some(h) = &c.hold {
-            let msg = format!("another group tag ({}) is being prepared", h.tag);
-            drop(c);
+        let refuse = |msg: String| {
             if req.app {
                 self.thaw();
             }
-            return Err(msg);
+            Err(msg)
+        };
+        if req.deadline_ms != 0 && now_ms() > req.deadline_ms {
+            // The coordinator has given up on this tag already (e.g. the freeze was slow).
+            return refuse(format!("group tag {} arrived after its prepare deadline: abandoned", req.tag));
+        }
+        let timeout = Duration::from_millis(req.timeout_ms.clamp(100, 600_000));
+        let mut c = self.lock();
+        if let Some(h) = c.hold.as_ref().filter(|h| h.until > Instant::now()) {
+            let msg = format!("another group tag ({}) is being prepared", h.tag);
+            drop(c);
+            return refuse(msg);
         }
         match self
             .insert_marker_locked(&mut c, RecordBody::GroupPrepare { group: req.group.clone(), tag: req.tag.clone() })
         {
             Ok(seq) => {
-                c.hold = Some(WriteHold {
-                    group: req.group.clone(),
-                    tag: req.tag.clone(),
-                    until: Instant::now() + timeout,
-                    app: req.app,
-                });
+                // Long enough for the commit phase too (as long again as the prepare phase).
+                let until = Instant::now() + 2 * timeout;
+                if let Some(old) =
+                    c.hold.replace(WriteHold { group: req.group.clone(), tag: req.tag.clone(), until, app: req.app })
+                {
+                    // An expired hold whose expiry thread has not run yet: thaw it here.
+                    if old.app {
+                        drop(c);
+                        self.thaw();
+                    }
+                }
+                let (m, tag) = (self.clone(), req.tag.clone());
+                std::thread::spawn(move || expire_hold(m, tag, until));
                 Ok(seq)
             }
             Err(e) => {
                 drop(c);
-                if req.app {
-                    self.thaw();
-                }
-                Err(e.to_string())
+                refuse(e.to_string())
             }
         }
     }
@@ -236,7 +247,8 @@ impl Machine {
     /// Member side: commit (every member prepared) or abort. Writes resume either way.
     pub fn group_finish(&self, req: &GroupRequest, commit: bool) -> Result<Option<u64>, String> {
         let mut c = self.lock();
-        let held = c.hold.as_ref().is_some_and(|h| h.tag == req.tag && h.group == req.group);
+        let held =
+            c.hold.as_ref().is_some_and(|h| h.tag == req.tag && h.group == req.group && h.until > Instant::now());
         if !held {
             return Err(format!(
                 "group tag {} is not prepared here (its hold expired after {} ms, or it was never prepared): the tag is abandoned",
@@ -272,6 +284,30 @@ impl Machine {
     }
 }
 
+/// Clear a hold nobody committed or aborted in time, and thaw what its prepare froze.
+fn expire_hold(m: Arc<Machine>, tag: String, until: Instant) {
+    std::thread::sleep(until.saturating_duration_since(Instant::now()));
+    let mut c = m.lock();
+    if !c.hold.as_ref().is_some_and(|h| h.tag == tag && h.until == until) {
+        return; // committed, aborted or replaced
+    }
+    let Some(h) = c.hold.take() else { return };
+    c.points.group_aborts += 1;
+    push_event(
+        &mut c,
+        "group-tag-expired",
+        format!(
+            "group tag {} of {} was neither committed nor aborted in time: writes resumed without it",
+            h.tag, h.group
+        ),
+    );
+    drop(c);
+    m.hold_released.notify_all();
+    if h.app {
+        m.thaw();
+    }
+}
+
 /// A group prepare/commit/abort request between agents.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GroupRequest {
@@ -284,6 +320,9 @@ pub struct GroupRequest {
     /// Commit only: the machines that prepared.
     #[serde(default)]
     pub members: Vec<String>,
+    /// Unix ms after which a prepare is refused (the coordinator has given up); 0 = none.
+    #[serde(default)]
+    pub deadline_ms: u64,
 }
 
 fn default_timeout_ms() -> u64 {
@@ -307,6 +346,7 @@ pub async fn group_round(m: Arc<Machine>, app: bool) -> Result<serde_json::Value
         app,
         timeout_ms: timeout.as_millis() as u64,
         members: Vec::new(),
+        deadline_ms: now_ms() + timeout.as_millis() as u64,
     };
     // Prepare everywhere at once, the coordinator's own machine included.
     let deadline = tokio::time::Instant::now() + timeout;
@@ -350,17 +390,25 @@ pub async fn group_round(m: Arc<Machine>, app: bool) -> Result<serde_json::Value
     req.members = prepared.clone();
     let path = if commit { "/group/commit" } else { "/group/abort" };
     let body = serde_json::to_value(&req).unwrap_or_default();
+    // Commit (or abort) everywhere at once: every member's hold lasts twice the timeout.
     let mut finish_failures = Vec::new();
+    let mut sends = Vec::new();
     for addr in &g.members {
-        let r =
-            tokio::time::timeout(Duration::from_secs(10), ferry_status::request(addr, "POST", path, Some(&body))).await;
+        let (addr, body, path) = (addr.clone(), body.clone(), path.to_owned());
+        sends.push(tokio::spawn(async move {
+            let r = tokio::time::timeout(timeout, ferry_status::request(&addr, "POST", &path, Some(&body))).await;
+            (addr, r)
+        }));
+    }
+    for t in sends {
+        let Ok((addr, r)) = t.await else { continue };
         match r {
             Ok(Ok((200, _))) => {}
-            Ok(Ok((code, v))) if prepared_addrs.contains(addr) => {
+            Ok(Ok((code, v))) if prepared_addrs.contains(&addr) => {
                 finish_failures.push(format!("{addr}: {code} {}", v["message"].as_str().unwrap_or("")))
             }
-            Ok(Err(e)) if prepared_addrs.contains(addr) => finish_failures.push(format!("{addr}: {e}")),
-            Err(_) if prepared_addrs.contains(addr) => finish_failures.push(format!("{addr}: no answer")),
+            Ok(Err(e)) if prepared_addrs.contains(&addr) => finish_failures.push(format!("{addr}: {e}")),
+            Err(_) if prepared_addrs.contains(&addr) => finish_failures.push(format!("{addr}: no answer")),
             _ => {}
         }
     }

@@ -244,6 +244,14 @@ impl SegmentLog {
         Ok(())
     }
 
+    /// Forget appended records that are not durable yet (the caller could not complete the
+    /// batch): the log is back at its last durable state and a resend is accepted again.
+    pub fn discard_unsynced(&mut self) {
+        if self.synced_seq != self.last_seq || !self.wbuf.is_empty() {
+            self.rollback_unsynced();
+        }
+    }
+
     fn rollback_unsynced(&mut self) {
         self.wbuf.clear();
         let synced = self.synced_seq;

@@ -73,7 +73,7 @@ impl MasterTarget {
         for g in groups {
             let (complete, missing) = group_complete(&g, &committed);
             if complete {
-                points.push(multi_point(machine, &g, r.points_generation(g.prepare_seq)));
+                points.push(multi_point(machine, &g, r.points_generation(g.prepare_seq, r.base_generation())));
                 continue;
             }
             let absent: Vec<_> = missing.iter().filter(|m| !committed.contains_key(m.as_str())).cloned().collect();

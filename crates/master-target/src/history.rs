@@ -188,8 +188,12 @@ impl History {
             buf.push(b'\n');
         }
         let io = |source| MasterTargetError::Io { path: self.path.clone(), source };
-        self.file.write_all(&buf).map_err(io)?;
-        self.file.sync_data().map_err(io)?;
+        let len = self.file.metadata().map_err(io)?.len();
+        if let Err(e) = self.file.write_all(&buf).and_then(|_| self.file.sync_data()) {
+            // Never leave a partial line for the next append to be glued to.
+            let _ = self.file.set_len(len);
+            return Err(io(e));
+        }
         for m in new {
             self.markers.push(m.clone());
         }
@@ -253,13 +257,18 @@ impl History {
     /// This machine's points at or after `base_seq` (positions the journal can rebuild), and
     /// the group tags it committed. Group tags are returned separately: whether they are points
     /// depends on the other members (see [`crate::MasterTarget`]).
-    pub fn points(&self, machine: &str, base_seq: u64) -> (BTreeMap<u64, Point>, Vec<GroupCommitted>) {
+    pub fn points(
+        &self,
+        machine: &str,
+        base_seq: u64,
+        base_generation: u64,
+    ) -> (BTreeMap<u64, Point>, Vec<GroupCommitted>) {
         let mut points: BTreeMap<u64, Point> = BTreeMap::new();
         let mut groups = Vec::new();
         let mut in_resync = false;
         // Resyncs whose begin we did not see (pruned) are not open: a point exists only
         // after a consistent base, which is never inside a resync.
-        let mut generation = 0;
+        let mut generation = base_generation;
         let mut prepares: HashMap<(String, String), (u64, u64, bool)> = HashMap::new();
         let add = |points: &mut BTreeMap<u64, Point>, seq: u64, time_ms: u64, app: bool, origin: &str, g: u64| {
             if seq < base_seq {
@@ -367,7 +376,7 @@ mod tests {
             m(40, MarkerKind::ResyncEnd { generation: 2 }),
         ])
         .unwrap();
-        let (pts, _) = h.points("vm", 0);
+        let (pts, _) = h.points("vm", 0, 0);
         let seqs: Vec<_> = pts.keys().copied().collect();
         assert_eq!(seqs, vec![10, 20, 27, 40]);
         assert!(pts[&20].is_app());

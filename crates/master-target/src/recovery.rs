@@ -43,6 +43,9 @@ pub struct BaseState {
     /// replay is finished before the base is used.
     #[serde(default)]
     pub advancing_to: Option<u64>,
+    /// Disk generation in effect at `seq` (the history before it is pruned).
+    #[serde(default)]
+    pub generation: u64,
 }
 
 pub(crate) struct BaseSlot {
@@ -51,6 +54,11 @@ pub(crate) struct BaseSlot {
     pub files: Vec<(PathBuf, Arc<File>)>,
     /// Why pruning is not running, for the status.
     pub paused: Option<String>,
+    /// Discarded exports whose NBD clients are still connected: they still read the base, so
+    /// they pin it until the last connection closes.
+    pub lingering: Vec<(String, u64, Vec<std::sync::Weak<PointDisk>>)>,
+    /// The disks behind each export materialization (to notice connections that outlive it).
+    pub exported: HashMap<String, Vec<std::sync::Weak<PointDisk>>>,
 }
 
 /// An image or export of a point: it pins the point and its base until it is deleted.
@@ -205,6 +213,21 @@ impl Replica {
             Err(source) => return Err(MasterTargetError::Io { path, source }),
         };
         let Some(state) = state else { return Ok(()) };
+        let released = self.lock_journal().released_seq();
+        if released > state.seq {
+            // History was off for a while (the journal was released past the base): the base can
+            // no longer be brought forward. Start history again from a new base.
+            self.push_event(
+                "history-restarted",
+                format!(
+                    "the journal was released through seq {released}, past the base at seq {}: older recovery points are gone; a new base will be taken",
+                    state.seq
+                ),
+            );
+            let _ = std::fs::remove_file(&path);
+            let _ = std::fs::remove_dir_all(self.base_dir(state.epoch));
+            return Ok(());
+        }
         let files = self.open_base_files(state.epoch)?;
         let mut slot = self.lock_base();
         slot.state = Some(state.clone());
@@ -250,8 +273,13 @@ impl Replica {
             Some(s) if self.history_on() => s.seq,
             _ => u64::MAX,
         };
-        for m in self.lock_mats().iter() {
+        for m in self.lock_mats().iter().filter(|m| m.problem.is_none()) {
             limit = limit.min(m.base_seq);
+        }
+        for (_, base_seq, disks) in &slot.lingering {
+            if disks.iter().any(|d| d.strong_count() > 0) {
+                limit = limit.min(*base_seq);
+            }
         }
         self.release_limit.store(limit, Ordering::SeqCst);
     }
@@ -259,8 +287,9 @@ impl Replica {
     /// Take a new base from the target disks, which hold exactly seq `seq` (the applier calls
     /// this with nothing applied past it). Points before it become unreachable.
     pub(crate) fn create_base(&self, seq: u64, time_ms: u64) -> Result<(), String> {
-        let mut slot = self.lock_base();
-        let epoch = slot.state.as_ref().map(|s| s.epoch + 1).unwrap_or(1);
+        // The copy runs without the base lock (the applier, our caller, is stopped at `seq`, so
+        // the target does not change); materializations of the old base go on meanwhile.
+        let epoch = self.next_epoch();
         let dir = self.base_dir(epoch);
         let tmp = self.dir.join(format!("base-{epoch}.tmp"));
         let _ = std::fs::remove_dir_all(&tmp);
@@ -282,26 +311,54 @@ impl Replica {
         fsutil::sync_dir(&tmp).map_err(|e| e.to_string())?;
         std::fs::rename(&tmp, &dir).map_err(|e| format!("cannot rename {}: {e}", tmp.display()))?;
         fsutil::sync_dir(&self.dir).map_err(|e| e.to_string())?;
-        let state = BaseState { epoch, seq, time_ms, advancing_to: None };
+        let initial = self.lock_base().state.as_ref().map(|s| s.generation).unwrap_or(0);
+        let generation = self.points_generation(seq, initial);
+        let state = BaseState { epoch, seq, time_ms, advancing_to: None, generation };
+        let files = self.open_base_files(epoch).map_err(|e| e.to_string())?;
+        let mut slot = self.lock_base();
         self.write_base_state(&state)?;
         let old_epoch = slot.state.as_ref().map(|s| s.epoch);
-        slot.files = self.open_base_files(epoch).map_err(|e| e.to_string())?;
+        slot.files = files;
         slot.state = Some(state);
         if let Err(e) = self.lock_history().prune_before(seq) {
             tracing::warn!(machine = %self.name, error = %e, "cannot prune the history index");
         }
         // An older base stays while a materialization still reads it.
         if let Some(old) = old_epoch {
-            if !self.lock_mats().iter().any(|m| m.base_epoch == old) {
-                let _ = std::fs::remove_dir_all(self.base_dir(old));
-            }
+            self.remove_base_if_unused(&slot, old);
         }
         self.update_release_limit(&slot);
+        drop(slot);
         self.push_event(
             "history-started",
             format!("recovery points start at seq {seq}: base taken from the replica ({copied} bytes copied)"),
         );
         Ok(())
+    }
+
+    /// One more than the highest `base-N` folder present (never reuses a folder a pin may name).
+    fn next_epoch(&self) -> u64 {
+        let mut max = self.lock_base().state.as_ref().map(|s| s.epoch).unwrap_or(0);
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(n) =
+                    name.strip_prefix("base-").and_then(|n| n.split('.').next()).and_then(|n| n.parse().ok())
+                {
+                    max = max.max(n);
+                }
+            }
+        }
+        max + 1
+    }
+
+    fn remove_base_if_unused(&self, slot: &BaseSlot, epoch: u64) {
+        let current = slot.state.as_ref().map(|s| s.epoch);
+        let used = self.lock_mats().iter().any(|m| m.base_epoch == epoch && m.problem.is_none())
+            || slot.lingering.iter().any(|(_, _, d)| d.iter().any(|w| w.strong_count() > 0));
+        if current != Some(epoch) && !used {
+            let _ = std::fs::remove_dir_all(self.base_dir(epoch));
+        }
     }
 
     fn write_base_state(&self, state: &BaseState) -> Result<(), String> {
@@ -313,8 +370,24 @@ impl Replica {
     /// journal is released batch by batch, so a nearly full volume needs little headroom.
     fn advance_base(&self, slot: &mut BaseSlot, to: u64) -> Result<u64, String> {
         let Some(mut state) = slot.state.clone() else { return Ok(0) };
+        {
+            let j = self.lock_journal();
+            if to > j.synced_seq() {
+                return Err(format!("seq {to} is not durable in the journal (durable through {})", j.synced_seq()));
+            }
+            if j.released_seq() > state.seq {
+                return Err(format!(
+                    "the journal was released through seq {}, past the base at seq {}",
+                    j.released_seq(),
+                    state.seq
+                ));
+            }
+        }
         state.advancing_to = Some(to);
         self.write_base_state(&state)?;
+        // Until the step completes the base may hold writes past `state.seq`: materializations
+        // wait (see `materialize`), and a failed step is retried to the same `to`.
+        slot.state = Some(state.clone());
         let mut cursor = Cursor::after(state.seq);
         let mut bytes = 0;
         loop {
@@ -358,6 +431,7 @@ impl Replica {
             f.sync_data().map_err(|e| format!("fsync of {} failed: {e}", p.display()))?;
         }
         let time_ms = self.lock_history().markers().iter().find(|m| m.seq >= to).map(|m| m.time_ms).unwrap_or(now_ms());
+        state.generation = self.points_generation(to, state.generation);
         state.seq = to;
         state.time_ms = time_ms;
         state.advancing_to = None;
@@ -371,10 +445,11 @@ impl Replica {
         Ok(bytes)
     }
 
-    /// Disk generation in effect at `seq` (the last resync begin/end before it).
-    pub(crate) fn points_generation(&self, seq: u64) -> u64 {
+    /// Disk generation in effect at `seq` (the last resync begin/end before it), starting from
+    /// `initial` (the base's generation: older markers are pruned).
+    pub(crate) fn points_generation(&self, seq: u64, initial: u64) -> u64 {
         let h = self.lock_history();
-        let mut g = 0;
+        let mut g = initial;
         for m in h.markers().iter().take_while(|m| m.seq <= seq) {
             match m.kind {
                 MarkerKind::ResyncBegin { generation, .. } | MarkerKind::ResyncEnd { generation } => g = generation,
@@ -384,18 +459,26 @@ impl Replica {
         g
     }
 
+    pub(crate) fn base_generation(&self) -> u64 {
+        self.lock_base().state.as_ref().map(|s| s.generation).unwrap_or(0)
+    }
+
     /// All points of this machine (single-machine ones plus group tags it committed).
     pub(crate) fn local_points(&self) -> (Vec<Point>, Vec<crate::history::GroupCommitted>) {
         if !self.history_on() {
             // History off: the journal is released once applied, nothing can be rebuilt.
             return (Vec::new(), Vec::new());
         }
-        let base_seq = match &self.lock_base().state {
-            Some(s) => s.seq,
+        // Points below a pruning step in progress are already being replayed into the base.
+        let (from, generation) = match &self.lock_base().state {
+            Some(s) => (s.advancing_to.unwrap_or(s.seq).max(s.seq), s.generation),
             None => return (Vec::new(), Vec::new()),
         };
-        let (points, groups) = self.lock_history().points(&self.name, base_seq);
-        (points.into_values().collect(), groups)
+        // Markers are written before their records are durable: list only durable positions.
+        let durable = self.lock_journal().synced_seq();
+        let (points, mut groups) = self.lock_history().points(&self.name, from, generation);
+        groups.retain(|g| g.prepare_seq <= durable);
+        (points.into_values().filter(|p| p.seq <= durable).collect(), groups)
     }
 
     /// One pruning pass: advance the base to the oldest point inside the window (or further when
@@ -403,6 +486,16 @@ impl Replica {
     pub(crate) fn prune_once(&self, all_points: &[Point]) -> bool {
         let mut slot = self.lock_base();
         let Some(state) = slot.state.clone() else { return false };
+        if let Some(to) = state.advancing_to {
+            // A step that failed part-way: the base may hold writes up to `to`; finish it first.
+            return match self.advance_base(&mut slot, to) {
+                Ok(_) => true,
+                Err(e) => {
+                    self.push_event("prune-error", format!("pruning failed: {e}; retrying"));
+                    false
+                }
+            };
+        }
         let window_ms = self.window.as_millis() as u64;
         let cutoff = now_ms().saturating_sub(window_ms);
         let mut seqs: Vec<(u64, u64)> = all_points.iter().map(|p| (p.seq, p.time_ms)).collect();
@@ -431,7 +524,7 @@ impl Replica {
             }
             return false;
         }
-        let pins = self.lock_mats().len();
+        let pins = self.lock_mats().iter().filter(|m| m.problem.is_none()).count();
         if pins > 0 {
             self.note_pause(
                 &mut slot,
@@ -439,6 +532,14 @@ impl Replica {
                     "pruning is paused: {pins} image(s)/export(s) pin recovery points and the base; delete them (`ferry master-target discard ID`) to let history be pruned"
                 ),
             );
+            return false;
+        }
+        slot.lingering.retain(|(_, _, disks)| disks.iter().any(|d| d.strong_count() > 0));
+        if let Some((id, _, _)) = slot.lingering.first() {
+            let why = format!(
+                "pruning is paused: an NBD client is still connected to discarded export {id}; disconnect it (stop the test machine) to let history be pruned"
+            );
+            self.note_pause(&mut slot, &why);
             return false;
         }
         slot.paused = None;
@@ -538,6 +639,19 @@ impl Replica {
     /// Index the journal between the base and `seq` for every disk.
     fn build_index(&self, slot: &BaseSlot, seq: u64) -> Result<Vec<ExtentMap>, String> {
         let Some(state) = &slot.state else { return Err("no base".into()) };
+        {
+            let j = self.lock_journal();
+            if seq > j.synced_seq() {
+                return Err(format!("seq {seq} is not durable in the journal yet"));
+            }
+            if j.released_seq() > state.seq {
+                return Err(format!(
+                    "the journal was released through seq {}, past the base at seq {}",
+                    j.released_seq(),
+                    state.seq
+                ));
+            }
+        }
         let mut maps = vec![ExtentMap::default(); self.disks.len()];
         let mut files: HashMap<u64, Arc<File>> = HashMap::new();
         let mut cursor = Cursor::after(state.seq);
@@ -593,12 +707,20 @@ impl Replica {
         if kind == "image" && req.writable {
             return Err(PointError::Invalid("`writable` applies to exports only".into()));
         }
-        let id = format!("{}-{}-{:x}", self.name, point.seq, now_ms() % 0xffff_ffff);
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{}-{}-{:x}{n}", self.name, point.seq, now_ms() % 0xffff_ffff);
         let (disks, base_epoch, base_seq) = {
             let slot = self.lock_base();
             let Some(state) = slot.state.clone() else {
                 return Err(PointError::NotFound(format!("{} has no recovery point yet", self.name)));
             };
+            if let Some(to) = state.advancing_to {
+                return Err(PointError::Conflict(format!(
+                    "a pruning step of {} (to seq {to}) failed part-way and is being retried; see the events",
+                    self.name
+                )));
+            }
             if point.seq < state.seq {
                 return Err(PointError::NotFound(format!(
                     "point {} was pruned (history now starts at seq {})",
@@ -760,6 +882,7 @@ impl Replica {
             });
             exports.push(name);
         }
+        self.lock_base().exported.insert(id.to_owned(), disks.iter().map(Arc::downgrade).collect());
         Ok(MaterializedAs::Export { writable, exports, overlays })
     }
 
@@ -854,13 +977,15 @@ impl Replica {
         }
         self.lock_mats().retain(|x| x.id != id);
         self.save_mats()?;
-        let slot = self.lock_base();
-        // An old base nobody reads any more can go.
-        if let Some(s) = &slot.state {
-            if m.base_epoch != s.epoch && !self.lock_mats().iter().any(|x| x.base_epoch == m.base_epoch) {
-                let _ = std::fs::remove_dir_all(self.base_dir(m.base_epoch));
+        let mut slot = self.lock_base();
+        // Clients still connected to a removed export keep reading the base: it stays pinned.
+        if let Some(disks) = slot.exported.remove(id) {
+            if disks.iter().any(|d| d.strong_count() > 0) {
+                slot.lingering.push((id.to_owned(), m.base_seq, disks));
             }
         }
+        // An old base nobody reads any more can go.
+        self.remove_base_if_unused(&slot, m.base_epoch);
         self.update_release_limit(&slot);
         Ok(Some(m))
     }

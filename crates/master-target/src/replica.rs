@@ -229,7 +229,13 @@ impl Replica {
             window: Duration::from_secs_f64(config.retention_window_for(&machine.name).max(0.0)),
             min_free_percent: config.retention_min_free_percent,
             history: Mutex::new(history),
-            base: Mutex::new(BaseSlot { state: None, files: Vec::new(), paused: None }),
+            base: Mutex::new(BaseSlot {
+                state: None,
+                files: Vec::new(),
+                paused: None,
+                lingering: Vec::new(),
+                exported: Default::default(),
+            }),
             mats: Mutex::new(Vec::new()),
             events: Mutex::new(VecDeque::new()),
             exports,
@@ -341,14 +347,35 @@ impl Replica {
     pub fn journal_records(&self, records: Vec<Record>) -> Result<u64, MasterTargetError> {
         let incoming = records.iter().map(|r| r.body.data_len() + 64).sum();
         self.journal_room_check(incoming).map_err(MasterTargetError::Refused)?;
+        // The whole batch is checked before anything of it is journaled.
+        for r in &records {
+            self.validate(r).map_err(MasterTargetError::Refused)?;
+        }
         let mut j = self.lock_journal();
+        let result = self.journal_locked(&mut j, &records);
+        if result.is_err() {
+            // Nothing of a failed batch may stay half-appended: its resend must be journaled
+            // again, with its markers.
+            j.discard_unsynced();
+            self.lock_history().forget_after(j.synced_seq());
+        }
+        let (durable, end) = result?;
+        drop(j);
+        if let Some(e) = end {
+            self.latest_end_seq.fetch_max(e, Ordering::SeqCst);
+        }
+        let _guard = self.lock_apply();
+        self.wake.notify_all();
+        Ok(durable)
+    }
+
+    fn journal_locked(&self, j: &mut SegmentLog, records: &[Record]) -> Result<(u64, Option<u64>), MasterTargetError> {
         let mut end = None;
         let mut markers = Vec::new();
-        for r in &records {
+        for r in records {
             if r.seq <= j.last_seq() {
                 continue;
             }
-            self.validate(r).map_err(MasterTargetError::Refused)?;
             let prev = j.last_seq();
             j.append(r)?;
             if matches!(r.body, RecordBody::ResyncEnd { .. }) {
@@ -361,18 +388,8 @@ impl Replica {
         if !markers.is_empty() {
             self.lock_history().append(&markers)?;
         }
-        if let Err(e) = j.sync() {
-            self.lock_history().forget_after(j.synced_seq());
-            return Err(e.into());
-        }
-        let durable = j.synced_seq();
-        drop(j);
-        if let Some(e) = end {
-            self.latest_end_seq.fetch_max(e, Ordering::SeqCst);
-        }
-        let _guard = self.lock_apply();
-        self.wake.notify_all();
-        Ok(durable)
+        j.sync()?;
+        Ok((j.synced_seq(), end))
     }
 
     /// Initial-sync data: written straight to the target disks (there is no consistent state to

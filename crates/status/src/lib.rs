@@ -37,7 +37,14 @@ where
             "/status",
             get(move || {
                 let status = status.clone();
-                async move { Json(status()) }
+                // A status may take locks a busy component holds for a while: never block the
+                // async workers with it.
+                async move {
+                    match tokio::task::spawn_blocking(move || status()).await {
+                        Ok(v) => Json(v),
+                        Err(e) => Json(serde_json::json!({ "error": format!("status failed: {e}") })),
+                    }
+                }
             }),
         )
         .merge(extra);
