@@ -39,6 +39,18 @@ fn append(c: &Cluster, agent: &str, text: &str) {
     f.write_all(text.as_bytes()).unwrap();
 }
 
+fn wait_for_file_lines(path: &std::path::Path, word: &str, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let t = std::fs::read_to_string(path).unwrap_or_default();
+        if t.matches(word).count() >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{} never had {n} x {word}: {t}", path.display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn member_request(tag: &str, members: &[&str]) -> Value {
     json!({ "group": "g1", "tag": tag, "timeout_ms": 5000, "members": members })
 }
@@ -48,7 +60,7 @@ fn group_tags_give_common_points_and_a_failed_member_leaves_none() {
     let mut c = Cluster::new(Opts {
         agents: 3,
         disks: vec![("disk0", 8 << 20)],
-        agent_extra: "crash_point_interval_secs = 0\nsource_write_log = '{dir}/{machine}-source.log'\nfreeze_command = 'test ! -e {dir}/{machine}-slow || sleep 5'\nthaw_command = 'true'\nhook_timeout_secs = 10\n".into(),
+        agent_extra: "crash_point_interval_secs = 0\nsource_write_log = '{dir}/{machine}-source.log'\nfreeze_command = 'echo freeze >> {dir}/{machine}-hooks.log; test ! -e {dir}/{machine}-slow || sleep 5'\nthaw_command = 'echo thaw >> {dir}/{machine}-hooks.log'\nhook_timeout_secs = 10\n".into(),
         ..Default::default()
     });
     append(
@@ -124,6 +136,17 @@ fn group_tags_give_common_points_and_a_failed_member_leaves_none() {
         .unwrap();
     assert!(out.status.success());
     assert!(t.elapsed() < Duration::from_secs(4), "writes held too long: {:?}", t.elapsed());
+    // vm3's late prepare is refused (the deadline passed) and what its freeze froze is thawed.
+    wait_for_file_lines(&c.path().join("vm3-hooks.log"), "thaw", 1);
+    for m in ["vm1", "vm2"] {
+        let hooks = std::fs::read_to_string(c.path().join(format!("{m}-hooks.log"))).unwrap();
+        assert_eq!(
+            hooks.matches("freeze").count(),
+            hooks.matches("thaw").count(),
+            "{m}: every freeze is thawed: {hooks}"
+        );
+    }
+    assert!(c.status("agent3")["write_hold"].is_null(), "no hold left behind on vm3");
     std::fs::remove_file(c.path().join("vm3-slow")).unwrap();
 
     // A killed member: no multi-machine point either.

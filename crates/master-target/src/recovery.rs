@@ -979,7 +979,8 @@ impl Replica {
         self.save_mats()?;
         let mut slot = self.lock_base();
         // Clients still connected to a removed export keep reading the base: it stays pinned.
-        if let Some(disks) = slot.exported.remove(id) {
+        let exported = slot.exported.remove(id);
+        if let Some(disks) = exported {
             if disks.iter().any(|d| d.strong_count() > 0) {
                 slot.lingering.push((id.to_owned(), m.base_seq, disks));
             }
