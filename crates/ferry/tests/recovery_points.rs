@@ -673,6 +673,23 @@ fn operator_commands_and_bad_requests() {
     assert!(v["message"].as_str().unwrap().contains("app-consistent"), "{v}");
     let (code, v) = http_json(c.status["master-target"], "POST", "/machines/vm1/points", Some("{not json")).unwrap();
     assert_eq!(code, 400, "{v}");
+    let (code, v) = c.mt_api(
+        "POST",
+        "/machines/vm1/materializations",
+        Some(json!({ "point": "latest-processed", "kind": "image", "dir": c.path().join("retention/x") })),
+    );
+    assert_eq!(code, 400, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("retention volume"), "{v}");
+    let (code, v) = c.mt_api(
+        "POST",
+        "/machines/vm1/materializations",
+        Some(json!({ "point": "latest-processed", "kind": "image", "dir": "relative/dir" })),
+    );
+    assert_eq!(code, 400, "{v}");
+    assert!(
+        c.mt_api("GET", "/materializations", None).1["materializations"].as_array().unwrap().is_empty(),
+        "refused requests pin nothing"
+    );
     let (code, v) = c.mt_api("GET", "/machines/nope/points", None);
     assert_eq!(code, 404, "{v}");
     let (code, v) = c.mt_api("DELETE", "/materializations/nope", None);

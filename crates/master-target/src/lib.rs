@@ -248,6 +248,11 @@ pub async fn serve(
     if let Some(l) = nbd_tcp {
         tokio::spawn(ferry_nbd::serve_tcp(l, nbd_config, shutdown.clone()));
     }
+    if let Some(addr) = status_listener.as_ref().and_then(|l| l.local_addr().ok()) {
+        if !addr.ip().is_loopback() {
+            tracing::warn!(%addr, "the status and recovery-point API listens on a non-loopback address without authentication: anyone who reaches it can create images and exports; keep status_listen on 127.0.0.1");
+        }
+    }
     let mt2 = mt.clone();
     ferry_status::spawn(status_listener, move || mt2.status(), api::routes(mt.clone()), shutdown.clone());
     let (mt2, sd) = (mt.clone(), shutdown.clone());

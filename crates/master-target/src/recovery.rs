@@ -754,6 +754,12 @@ impl Replica {
         let result = if kind == "image" {
             let format = req.format.unwrap_or(ImageFormat::Raw);
             let dir = req.dir.clone().unwrap_or_else(|| datastore.join(&self.name).join("images").join(&id));
+            if let Err(e) = self.check_image_dir(&dir) {
+                self.lock_mats().retain(|m| m.id != id);
+                let slot = self.lock_base();
+                self.update_release_limit(&slot);
+                return Err(e);
+            }
             self.write_images(&disks, format, &dir, nbd_socket, &id)
                 .map(|files| MaterializedAs::Image { format, files })
         } else {
@@ -786,6 +792,31 @@ impl Replica {
         }
         self.save_mats().map_err(PointError::Failed)?;
         Ok(m)
+    }
+
+    /// Image folders must be absolute and outside the retention volume (MT-5: it holds nothing
+    /// else).
+    fn check_image_dir(&self, dir: &Path) -> Result<(), PointError> {
+        if !dir.is_absolute() {
+            return Err(PointError::Invalid(format!("image folder {} must be an absolute path", dir.display())));
+        }
+        let retention = self.dir.parent().unwrap_or(&self.dir);
+        let mut probe = dir.to_path_buf();
+        while !probe.exists() {
+            match probe.parent() {
+                Some(p) => probe = p.to_path_buf(),
+                None => break,
+            }
+        }
+        let canon = probe.canonicalize().unwrap_or(probe);
+        if canon.starts_with(retention) {
+            return Err(PointError::Invalid(format!(
+                "image folder {} is on the retention volume {}, which holds recovery points only (MT-5): choose another folder",
+                dir.display(),
+                retention.display()
+            )));
+        }
+        Ok(())
     }
 
     fn write_images(
