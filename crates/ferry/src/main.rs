@@ -1,6 +1,7 @@
 //! `ferry`: the single binary of Ferry's components and operator commands.
 
 mod cli_config;
+mod ctl;
 mod output;
 
 use std::path::PathBuf;
@@ -39,6 +40,138 @@ enum Command {
     MasterTarget(MasterTargetCmd),
     /// Create a CA and component certificates for TLS between Ferry processes.
     Certs(CertsArgs),
+    /// Run the configuration server (control plane), or restore its database from a backup.
+    ConfigServer(ConfigServerCmd),
+    /// Replication policies (a read-only -failback policy comes with each, POL-2).
+    Policies {
+        #[command(subcommand)]
+        action: ctl::PolicyAction,
+        #[command(flatten)]
+        server: ctl::ServerArgs,
+    },
+    /// Replication groups.
+    Groups {
+        #[command(subcommand)]
+        action: ctl::GroupAction,
+        #[command(flatten)]
+        server: ctl::ServerArgs,
+    },
+    /// Recovery plans.
+    Plans {
+        #[command(subcommand)]
+        action: ctl::PlanAction,
+        #[command(flatten)]
+        server: ctl::ServerArgs,
+    },
+    /// Sites (inventory providers).
+    Sites {
+        #[command(subcommand)]
+        action: ctl::SiteAction,
+        #[command(flatten)]
+        server: ctl::ServerArgs,
+    },
+    /// The discovered inventory.
+    Inventory {
+        #[command(flatten)]
+        server: ctl::ServerArgs,
+    },
+    /// Jobs: list, show, watch with a progress bar, confirm a manual action, cancel.
+    Jobs {
+        #[command(subcommand)]
+        action: ctl::JobAction,
+        #[command(flatten)]
+        server: ctl::ServerArgs,
+    },
+    /// API tokens (admin).
+    Tokens {
+        #[command(subcommand)]
+        action: ctl::TokenAction,
+        #[command(flatten)]
+        server: ctl::ServerArgs,
+    },
+    /// Recent events.
+    Events {
+        #[command(flatten)]
+        server: ctl::ServerArgs,
+    },
+    /// Components with their health.
+    Components {
+        #[command(flatten)]
+        server: ctl::ServerArgs,
+    },
+    /// Back up the configuration database now (encrypted) and follow the job.
+    Backup {
+        #[command(flatten)]
+        server: ctl::ServerArgs,
+    },
+    /// Register this host's component with a configuration server (key and CSR made here).
+    Register(RegisterArgs),
+}
+
+#[derive(Args)]
+struct RegisterArgs {
+    #[arg(long, env = "FERRY_SERVER")]
+    server: String,
+    /// SHA-256 fingerprint of the server's CA (`GET /api/v1/server` on the server, or its first-start output).
+    #[arg(long)]
+    ca_fingerprint: String,
+    #[arg(long, env = "FERRY_REGISTRATION_PASSPHRASE", hide_env_values = true)]
+    passphrase: String,
+    /// agent, process-server or master-target.
+    #[arg(long)]
+    kind: String,
+    #[arg(long)]
+    name: String,
+    /// Where to put ca.pem, KIND.pem, KIND.key and the component token.
+    #[arg(long)]
+    dir: PathBuf,
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct ConfigServerCmd {
+    #[command(subcommand)]
+    action: Option<ConfigServerAction>,
+    #[command(flatten)]
+    run: ConfigServerRunArgs,
+}
+
+#[derive(Subcommand)]
+enum ConfigServerAction {
+    /// Restore the database (and CA) from an encrypted backup; run with the server stopped.
+    Restore {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[arg(long)]
+        database: Option<String>,
+        /// The backup file.
+        #[arg(long)]
+        from: PathBuf,
+        /// The backup key (default <state_dir>/backup.key).
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Args, Default)]
+struct ConfigServerRunArgs {
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    listen: Option<String>,
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// A file path (SQLite) or postgres:// URL.
+    #[arg(long)]
+    database: Option<String>,
+    /// Adopt the CA `ferry certs` made in this folder.
+    #[arg(long)]
+    certs: Option<PathBuf>,
+    /// Override any configuration key: KEY=VALUE (TOML value; repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
 }
 
 #[derive(Args)]
@@ -404,6 +537,36 @@ async fn run(cli: Cli) -> Result<()> {
             Some(SimpleAction::Status(s)) => status("process-server", &s, out).await,
             None => run_process_server(cmd.run).await,
         },
+        Command::ConfigServer(cmd) => match cmd.action {
+            Some(ConfigServerAction::Restore { config, state_dir, database, from, key_file }) => {
+                restore_config_server(config, state_dir, database, from, key_file, out).await
+            }
+            None => run_config_server(cmd.run, out).await,
+        },
+        Command::Policies { action, server } => ctl::policies(action, &server, out).await,
+        Command::Groups { action, server } => ctl::groups(action, &server, out).await,
+        Command::Plans { action, server } => ctl::plans(action, &server, out).await,
+        Command::Sites { action, server } => ctl::sites(action, &server, out).await,
+        Command::Inventory { server } => ctl::inventory(&server, out).await,
+        Command::Jobs { action, server } => ctl::jobs(action, &server, out).await,
+        Command::Tokens { action, server } => ctl::tokens(action, &server, out).await,
+        Command::Events { server } => {
+            let v = server.call("GET", "/api/v1/events", None).await?;
+            output::print_rows(&v, out, &["seq", "time_ms", "severity", "code", "object", "message"]);
+            Ok(())
+        }
+        Command::Components { server } => {
+            let v = server.call("GET", "/api/v1/components", None).await?;
+            output::print_rows(&v, out, &["kind", "name", "health", "last_seen_ms", "reasons"]);
+            Ok(())
+        }
+        Command::Backup { server } => {
+            let job = server.call("POST", "/api/v1/backups", None).await?;
+            ctl::watch(job["id"].as_str().unwrap_or(""), &server, out).await
+        }
+        Command::Register(r) => {
+            ctl::register(&r.server, &r.ca_fingerprint, &r.passphrase, &r.kind, &r.name, &r.dir, out).await
+        }
         Command::MasterTarget(cmd) => match cmd.action {
             Some(MasterTargetAction::Status(s)) => status("master-target", &s, out).await,
             Some(action) => master_target_action(action, out).await,
@@ -757,4 +920,87 @@ async fn master_target_action(action: MasterTargetAction, out: OutputFormat) -> 
             Ok(())
         }
     }
+}
+
+fn config_server_config(a: ConfigServerRunArgs) -> Result<ferry_config_server::ConfigServerConfig> {
+    let mut o = Overrides::default();
+    o.string("listen", a.listen);
+    o.path("state_dir", a.state_dir);
+    o.string("database", a.database);
+    o.path("certs", a.certs);
+    o.assignments(&a.set)?;
+    load_config(a.config.as_deref(), o, "config-server")
+}
+
+async fn run_config_server(a: ConfigServerRunArgs, out: OutputFormat) -> Result<()> {
+    let config = config_server_config(a)?;
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} for the API", config.listen))?;
+    let prepared = ferry_config_server::prepare(&config).await.context("configuration server setup")?;
+    let fingerprint = ferry_tls::fingerprint(&prepared.2)?;
+    let first = &prepared.1;
+    let shown = serde_json::json!({
+        "listen": config.listen,
+        "database": prepared.0.backend(),
+        "ca": config.tls_dir().join("ca.pem"),
+        "ca_fingerprint": fingerprint,
+        "admin_token": first.admin_token,
+        "registration_passphrase": first.registration_passphrase,
+    });
+    match out {
+        OutputFormat::Json => println!("{}", serde_json::to_string(&shown)?),
+        OutputFormat::Table => {
+            println!("configuration server on https://{}  database {:?}", config.listen, prepared.0.backend());
+            println!("CA {}  fingerprint {fingerprint}", config.tls_dir().join("ca.pem").display());
+            if let Some(t) = &first.admin_token {
+                println!("first admin token (shown once, keep it safe): {t}");
+            }
+            if let Some(p) = &first.registration_passphrase {
+                println!("registration passphrase (shown once): {p}");
+            }
+        }
+    }
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    ferry_config_server::serve(config, listener, prepared, shutdown_on_signal()).await.context("configuration server")
+}
+
+async fn restore_config_server(
+    config: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
+    database: Option<String>,
+    from: PathBuf,
+    key_file: Option<PathBuf>,
+    out: OutputFormat,
+) -> Result<()> {
+    let mut o = Overrides::default();
+    o.path("state_dir", state_dir);
+    o.string("database", database);
+    if config.is_none() {
+        o.string("listen", Some("127.0.0.1:0".into()));
+    }
+    let config: ferry_config_server::ConfigServerConfig = load_config(config.as_deref(), o, "config-server")?;
+    let key_path = key_file.unwrap_or_else(|| config.backup_config().key_file);
+    let key_hex = std::fs::read_to_string(&key_path)
+        .with_context(|| format!("cannot read the backup key {}", key_path.display()))?;
+    let key = ferry_config_server::backup::parse_key(key_hex.trim())
+        .with_context(|| format!("{} is not a backup key (64 hex digits)", key_path.display()))?;
+    let snapshot = ferry_config_server::backup::read_backup(&from, &key).map_err(anyhow::Error::msg)?;
+    let store = ferry_store::Store::open(&config.database_location()).await.context("opening the database")?;
+    std::fs::create_dir_all(config.tls_dir())
+        .with_context(|| format!("cannot create {}", config.tls_dir().display()))?;
+    ferry_config_server::backup::restore(&store, &snapshot, &config.tls_dir()).await.map_err(anyhow::Error::msg)?;
+    store.close().await;
+    let v = serde_json::json!({ "restored_from": from, "backup_ms": snapshot["backup_ms"], "database": config.database_location() });
+    match out {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+        OutputFormat::Table => println!(
+            "restored {} (backup of {}) into {}; start the server: components re-report their state, differences show as events",
+            from.display(),
+            snapshot["backup_ms"],
+            config.database_location()
+        ),
+    }
+    Ok(())
 }

@@ -227,3 +227,40 @@ pub fn print_points(v: &serde_json::Value, out: OutputFormat) {
         println!("PROBLEM: {}", p.as_str().unwrap_or(""));
     }
 }
+
+/// Rows of a JSON array as a table (or the JSON itself).
+pub fn print_rows(v: &serde_json::Value, out: OutputFormat, cols: &[&str]) {
+    if matches!(out, OutputFormat::Json) {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+        return;
+    }
+    let rows: Vec<&serde_json::Value> = v.as_array().map(|a| a.iter().collect()).unwrap_or_default();
+    let cell = |r: &serde_json::Value, c: &str| match &r[c] {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        serde_json::Value::Array(a) => a
+            .iter()
+            .map(|e| e["message"].as_str().map(str::to_owned).unwrap_or_else(|| e.to_string()))
+            .collect::<Vec<_>>()
+            .join("; "),
+        other => other.to_string(),
+    };
+    let widths: Vec<usize> = cols
+        .iter()
+        .map(|c| rows.iter().map(|r| cell(r, c).len()).chain([c.len()]).max().unwrap_or(4).min(70))
+        .collect();
+    println!(
+        "{}",
+        cols.iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{:<w$}", c.to_uppercase(), w = *w))
+            .collect::<Vec<_>>()
+            .join("  ")
+    );
+    for r in rows {
+        println!(
+            "{}",
+            cols.iter().zip(&widths).map(|(c, w)| format!("{:<w$}", cell(r, c), w = *w)).collect::<Vec<_>>().join("  ")
+        );
+    }
+}

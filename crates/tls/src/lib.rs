@@ -247,6 +247,165 @@ pub fn generate(dir: &Path, components: &[String], hosts: &[String]) -> Result<G
     Ok(GeneratedCerts { ca: ca_pem, components: out })
 }
 
+/// SHA-256 of a PEM certificate's DER, as lowercase hex: what an operator compares before
+/// trusting a CA it received over the network.
+pub fn fingerprint(pem: &str) -> Result<String, TlsError> {
+    let der = rustls_pemfile::certs(&mut pem.as_bytes())
+        .next()
+        .ok_or_else(|| TlsError::Verifier("no certificate in PEM".into()))?
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    Ok(ring::digest::digest(&ring::digest::SHA256, der.as_ref()).as_ref().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// A new key pair and a certificate request for `name` (the key never leaves this host).
+pub fn key_and_csr(name: &str, hosts: &[String]) -> Result<(String, String), TlsError> {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    let mut names = vec![name.to_owned(), "localhost".to_owned()];
+    names.extend(hosts.iter().cloned());
+    names.dedup();
+    for n in &names {
+        let san = match n.parse::<std::net::IpAddr>() {
+            Ok(ip) => rcgen::SanType::IpAddress(ip),
+            Err(_) => rcgen::SanType::DnsName(n.clone().try_into()?),
+        };
+        params.subject_alt_names.push(san);
+    }
+    params.subject_alt_names.push(rcgen::SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
+    params.distinguished_name.push(rcgen::DnType::CommonName, name.to_owned());
+    let key = rcgen::KeyPair::generate()?;
+    let csr = params.serialize_request(&key)?;
+    Ok((key.serialize_pem(), csr.pem()?))
+}
+
+/// Sign a certificate request with the CA in `ca_dir` (server and client auth). The subject's
+/// names come from the request.
+pub fn sign_csr(ca_dir: &Path, csr_pem: &str) -> Result<String, TlsError> {
+    let key_pem = String::from_utf8_lossy(&read(&ca_dir.join("ca.key"))?).into_owned();
+    let ca_key = rcgen::KeyPair::from_pem(&key_pem)?;
+    let ca_cert = ca_params()?.self_signed(&ca_key)?;
+    let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
+    csr.params.extended_key_usages =
+        vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    csr.params.is_ca = rcgen::IsCa::NoCa;
+    Ok(csr.signed_by(&ca_cert, &ca_key)?.pem())
+}
+
+/// Accepts any server certificate: only for fetching a CA whose fingerprint is checked next.
+#[derive(Debug)]
+struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// How an HTTPS client trusts the server.
+pub enum Trust<'a> {
+    /// CA certificate file.
+    CaFile(&'a Path),
+    /// Anything (bootstrap only: check the CA's fingerprint afterwards).
+    Insecure,
+}
+
+/// A small HTTPS/1.1 client for the CLI and registration: one request, `Connection: close`.
+/// Returns (status, body).
+pub async fn https_request(
+    addr: &str,
+    trust: Trust<'_>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Result<(u16, Vec<u8>), TlsError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let cfg = match trust {
+        Trust::CaFile(ca) => rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(roots(ca)?)
+            .with_no_client_auth(),
+        Trust::Insecure => rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyServer(provider())))
+            .with_no_client_auth(),
+    };
+    let host = addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr).trim_matches(['[', ']']);
+    let io = |e: std::io::Error| TlsError::Write { path: PathBuf::from(addr), source: e };
+    let tcp = tokio::time::timeout(std::time::Duration::from_secs(10), tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| io(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")))?
+        .map_err(io)?;
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(server_name(host)?, tcp).await.map_err(io)?;
+    let body = body.unwrap_or(&[]);
+    let mut req =
+        format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    if !body.is_empty() {
+        req.push_str("Content-Type: application/json\r\n");
+    }
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    tls.write_all(req.as_bytes()).await.map_err(io)?;
+    tls.write_all(body).await.map_err(io)?;
+    let mut resp = Vec::new();
+    // A server closing without close_notify is fine for a Connection: close response.
+    let _ = tls.read_to_end(&mut resp).await;
+    let split =
+        resp.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| io(std::io::Error::other("no HTTP response")))?;
+    let head = String::from_utf8_lossy(&resp[..split]).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| io(std::io::Error::other("bad status line")))?;
+    let mut payload = resp[split + 4..].to_vec();
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        payload = dechunk(&payload);
+    }
+    Ok((status, payload))
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(nl) = b.windows(2).position(|w| w == b"\r\n") else { return out };
+        let size = usize::from_str_radix(String::from_utf8_lossy(&b[..nl]).trim(), 16).unwrap_or(0);
+        if size == 0 || b.len() < nl + 2 + size {
+            return out;
+        }
+        out.extend_from_slice(&b[nl + 2..nl + 2 + size]);
+        b = &b[(nl + 4 + size).min(b.len())..];
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,373 @@
+//! Jobs: every long operation, implemented once. A job is a list of named steps run in order by
+//! one task; its state is persisted after every step change, so a restarted server finds every job.
+//!
+//! Architecture Invariant: after a restart no job stays "in progress" without a task running it:
+//! a job whose running step is idempotent (discovery, backup) resumes at that step; one whose
+//! running step had an outside effect of unknown outcome (a script action) fails with a reason;
+//! a job waiting for input keeps waiting.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_store::Store;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::errors::{self, ErrorCode};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobState {
+    Queued,
+    InProgress,
+    WaitingForInput,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::InProgress => "in-progress",
+            JobState::WaitingForInput => "waiting-for-input",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+    pub fn finished(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StepState {
+    Pending,
+    Running,
+    WaitingForInput,
+    Done,
+    Failed,
+    Cancelled,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Step {
+    pub name: String,
+    pub state: StepState,
+    /// Safe to run again after a restart interrupted it.
+    pub idempotent: bool,
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobError {
+    pub code: u32,
+    pub message: String,
+    pub remedy: String,
+}
+
+impl JobError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> JobError {
+        JobError { code: code.code, message: message.into(), remedy: code.remedy.into() }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Job {
+    pub id: String,
+    pub kind: String,
+    /// What the job works on (a site, a plan, the database).
+    pub target: String,
+    pub state: JobState,
+    pub steps: Vec<Step>,
+    pub current_step: usize,
+    pub progress_percent: f64,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub eta_secs: Option<f64>,
+    pub error: Option<JobError>,
+    /// What a person must do before the job goes on (a manual action).
+    pub input_prompt: Option<String>,
+    pub params: serde_json::Value,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+    pub finished_ms: Option<u64>,
+    /// How often a restart resumed it.
+    pub resumes: u32,
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// What a step's work produced.
+pub enum Outcome {
+    Done(Option<String>),
+    /// Stop here until an operator confirms (or cancels).
+    WaitForInput(String),
+    Failed(JobError),
+}
+
+/// The work behind the steps of each job kind.
+pub trait Runner: Send + Sync + 'static {
+    fn run_step(&self, job: &Job, step: usize, ctl: &JobControl) -> impl std::future::Future<Output = Outcome> + Send;
+}
+
+/// Handed to running steps: progress reporting and cancellation.
+#[derive(Clone)]
+pub struct JobControl {
+    pub cancel: tokio_util::sync::CancellationToken,
+    progress: Arc<Mutex<(u64, u64)>>,
+}
+
+impl JobControl {
+    pub fn bytes(&self, done: u64, total: u64) {
+        *self.progress.lock().unwrap_or_else(|p| p.into_inner()) = (done, total);
+    }
+}
+
+struct Live {
+    cancel: tokio_util::sync::CancellationToken,
+    input: Arc<Notify>,
+}
+
+#[derive(Clone)]
+pub struct Jobs {
+    store: Store,
+    live: Arc<Mutex<HashMap<String, Live>>>,
+}
+
+impl Jobs {
+    pub fn new(store: Store) -> Jobs {
+        Jobs { store, live: Arc::new(Mutex::new(HashMap::new())) }
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<String, Live>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn save(&self, job: &mut Job) {
+        job.updated_ms = now_ms();
+        if let Err(e) = self.store.put_job(&job.id, job.state.as_str(), job).await {
+            tracing::error!(job = %job.id, error = %e, "cannot persist job");
+        }
+    }
+
+    /// Create and start a job.
+    pub async fn start<R: Runner>(
+        &self,
+        runner: Arc<R>,
+        kind: &str,
+        target: &str,
+        steps: Vec<(String, bool)>,
+        params: serde_json::Value,
+    ) -> Result<Job, ferry_store::StoreError> {
+        let id = format!("job-{}-{:04x}", now_ms(), rand::random::<u16>());
+        let mut job = Job {
+            id,
+            kind: kind.into(),
+            target: target.into(),
+            state: JobState::Queued,
+            steps: steps
+                .into_iter()
+                .map(|(name, idempotent)| Step { name, state: StepState::Pending, idempotent, message: None })
+                .collect(),
+            current_step: 0,
+            progress_percent: 0.0,
+            bytes_done: 0,
+            bytes_total: 0,
+            eta_secs: None,
+            error: None,
+            input_prompt: None,
+            params,
+            created_ms: now_ms(),
+            updated_ms: now_ms(),
+            finished_ms: None,
+            resumes: 0,
+        };
+        self.store.put_job(&job.id, job.state.as_str(), &job).await?;
+        self.spawn(runner, job.clone());
+        job.state = JobState::Queued;
+        Ok(job)
+    }
+
+    /// At start: resume or fail every unfinished job (see the module's invariant).
+    pub async fn recover<R: Runner>(&self, runner: Arc<R>, kinds: &[&str]) -> Result<(), ferry_store::StoreError> {
+        let open: Vec<Job> = self.store.jobs(Some(&["queued", "in-progress", "waiting-for-input"])).await?;
+        for mut job in open {
+            if !kinds.contains(&job.kind.as_str()) {
+                continue;
+            }
+            let step = job.steps.get(job.current_step).cloned();
+            match (job.state, step) {
+                (JobState::InProgress, Some(s)) if s.state == StepState::Running && !s.idempotent => {
+                    let msg = format!(
+                        "the configuration server restarted while step {:?} was running; its outcome is unknown, so the job was not resumed: check what the step does, then run the job again",
+                        s.name
+                    );
+                    job.steps[job.current_step].state = StepState::Failed;
+                    self.finish(&mut job, JobState::Failed, Some(JobError::new(errors::JOB_STATE, msg))).await;
+                }
+                _ => {
+                    job.resumes += 1;
+                    tracing::info!(job = %job.id, kind = %job.kind, step = job.current_step, "resuming job after restart");
+                    self.spawn(runner.clone(), job);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn spawn<R: Runner>(&self, runner: Arc<R>, job: Job) {
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let input = Arc::new(Notify::new());
+        self.live().insert(job.id.clone(), Live { cancel: cancel.clone(), input: input.clone() });
+        let me = self.clone();
+        tokio::spawn(async move { me.drive(runner, job, cancel, input).await });
+    }
+
+    async fn finish(&self, job: &mut Job, state: JobState, error: Option<JobError>) {
+        job.state = state;
+        job.error = error;
+        job.input_prompt = None;
+        job.eta_secs = None;
+        job.finished_ms = Some(now_ms());
+        if state == JobState::Succeeded {
+            job.progress_percent = 100.0;
+        }
+        self.save(job).await;
+        self.live().remove(&job.id);
+    }
+
+    async fn drive<R: Runner>(
+        &self,
+        runner: Arc<R>,
+        mut job: Job,
+        cancel: tokio_util::sync::CancellationToken,
+        input: Arc<Notify>,
+    ) {
+        let started = Instant::now();
+        let total = job.steps.len().max(1);
+        while job.current_step < job.steps.len() {
+            let i = job.current_step;
+            if cancel.is_cancelled() {
+                job.steps[i].state = StepState::Cancelled;
+                self.finish(&mut job, JobState::Cancelled, None).await;
+                return;
+            }
+            if job.steps[i].state == StepState::WaitingForInput {
+                // Resumed while waiting: keep waiting.
+                job.state = JobState::WaitingForInput;
+            } else {
+                job.state = JobState::InProgress;
+                job.steps[i].state = StepState::Running;
+                job.input_prompt = None;
+                self.save(&mut job).await;
+                let ctl = JobControl { cancel: cancel.clone(), progress: Arc::new(Mutex::new((0, 0))) };
+                let snapshot = job.clone();
+                let fut = runner.run_step(&snapshot, i, &ctl);
+                tokio::pin!(fut);
+                // Report byte progress while the step runs.
+                let outcome = loop {
+                    tokio::select! {
+                        o = &mut fut => break o,
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                            let (d, t) = *ctl.progress.lock().unwrap_or_else(|p| p.into_inner());
+                            if t > 0 {
+                                job.bytes_done = d;
+                                job.bytes_total = t;
+                                let secs = started.elapsed().as_secs_f64();
+                                job.eta_secs = (d > 0).then(|| secs * (t.saturating_sub(d)) as f64 / d as f64);
+                                job.progress_percent = ((i as f64 + d as f64 / t as f64) / total as f64 * 100.0).min(99.9);
+                                self.save(&mut job).await;
+                            }
+                        }
+                    }
+                };
+                let (d, t) = *ctl.progress.lock().unwrap_or_else(|p| p.into_inner());
+                if t > 0 {
+                    job.bytes_done = d;
+                    job.bytes_total = t;
+                }
+                match outcome {
+                    Outcome::Done(msg) => {
+                        job.steps[i].state = StepState::Done;
+                        job.steps[i].message = msg;
+                        job.current_step += 1;
+                        job.progress_percent = job.current_step as f64 / total as f64 * 100.0;
+                        let secs = started.elapsed().as_secs_f64();
+                        job.eta_secs = Some(secs / job.current_step as f64 * (total - job.current_step) as f64);
+                        self.save(&mut job).await;
+                        continue;
+                    }
+                    Outcome::Failed(e) if cancel.is_cancelled() => {
+                        job.steps[i].state = StepState::Cancelled;
+                        job.steps[i].message = Some(e.message);
+                        self.finish(&mut job, JobState::Cancelled, None).await;
+                        return;
+                    }
+                    Outcome::Failed(e) => {
+                        job.steps[i].state = StepState::Failed;
+                        job.steps[i].message = Some(e.message.clone());
+                        self.finish(&mut job, JobState::Failed, Some(e)).await;
+                        return;
+                    }
+                    Outcome::WaitForInput(prompt) => {
+                        job.steps[i].state = StepState::WaitingForInput;
+                        job.input_prompt = Some(prompt);
+                        job.state = JobState::WaitingForInput;
+                    }
+                }
+            }
+            self.save(&mut job).await;
+            tokio::select! {
+                _ = input.notified() => {
+                    job.steps[i].state = StepState::Done;
+                    job.steps[i].message = Some("confirmed by an operator".into());
+                    job.input_prompt = None;
+                    job.current_step += 1;
+                    job.progress_percent = job.current_step as f64 / total as f64 * 100.0;
+                    self.save(&mut job).await;
+                }
+                _ = cancel.cancelled() => {}
+            }
+        }
+        self.finish(&mut job, JobState::Succeeded, None).await;
+    }
+
+    /// Confirm the manual action a job waits for.
+    pub async fn confirm(&self, id: &str) -> Result<(), String> {
+        let job: Option<Job> = self.store.job(id).await.map_err(|e| e.to_string())?;
+        let Some(job) = job else { return Err(format!("no job {id}")) };
+        if job.state != JobState::WaitingForInput {
+            return Err(format!("job {id} is {}, not waiting for input", job.state.as_str()));
+        }
+        match self.live().get(id) {
+            Some(l) => {
+                l.input.notify_one();
+                Ok(())
+            }
+            None => Err(format!("job {id} is not running on this server")),
+        }
+    }
+
+    pub async fn cancel(&self, id: &str) -> Result<(), String> {
+        let job: Option<Job> = self.store.job(id).await.map_err(|e| e.to_string())?;
+        let Some(job) = job else { return Err(format!("no job {id}")) };
+        if job.state.finished() {
+            return Err(format!("job {id} already {}", job.state.as_str()));
+        }
+        match self.live().get(id) {
+            Some(l) => {
+                l.cancel.cancel();
+                Ok(())
+            }
+            None => Err(format!("job {id} is not running on this server")),
+        }
+    }
+}

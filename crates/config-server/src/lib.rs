@@ -1,0 +1,318 @@
+//! The configuration server (control plane): inventory through site providers, registration of
+//! components, heartbeats and health, replication policies, replication groups, recovery plans,
+//! jobs, backup and restore; a REST API under `/api/v1` over TLS. The data plane never passes
+//! through it: it configures and observes.
+
+pub mod api;
+pub mod backup;
+pub mod discovery;
+pub mod errors;
+pub mod health;
+pub mod jobs;
+pub mod model;
+pub mod ops;
+pub mod registration;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use ferry_store::Store;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigServerError {
+    #[error(transparent)]
+    Store(#[from] ferry_store::StoreError),
+    #[error("TLS setup failed: {0}")]
+    Tls(#[from] ferry_tls::TlsError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// Configuration of `ferry config-server` (TOML; flags override).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigServerConfig {
+    /// API address (HTTPS).
+    pub listen: String,
+    /// The server's own files: `tls/` (CA, server certificate), `backup.key`, the SQLite file.
+    pub state_dir: PathBuf,
+    /// A file path (SQLite, default `<state_dir>/ferry.db`) or a `postgres://` URL.
+    #[serde(default)]
+    pub database: Option<String>,
+    /// Adopt the CA made by `ferry certs` in this folder on first start (else one is created).
+    #[serde(default)]
+    pub certs: Option<PathBuf>,
+    /// Extra names/addresses in the server certificate (localhost and 127.0.0.1 always).
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Missing heartbeats become critical after this long (806, 78174, 78022).
+    #[serde(default = "default_heartbeat_timeout")]
+    pub heartbeat_timeout_secs: f64,
+    #[serde(default = "default_health_interval")]
+    pub health_interval_secs: f64,
+    /// Sites are rediscovered this often (a new retention volume shows within it, MT-5).
+    #[serde(default = "default_discovery_interval")]
+    pub discovery_interval_secs: f64,
+    /// RPO threshold for agents without a policy.
+    #[serde(default = "default_rpo")]
+    pub default_rpo_threshold_secs: f64,
+    /// Scheduled backups (0 = off) and how many are kept.
+    #[serde(default = "default_backup_interval")]
+    pub backup_interval_secs: f64,
+    #[serde(default = "default_backup_keep")]
+    pub backup_keep: usize,
+    /// Backup folder (default `<state_dir>/backups`).
+    #[serde(default)]
+    pub backup_dir: Option<PathBuf>,
+    /// Largest request body accepted.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+}
+
+fn default_heartbeat_timeout() -> f64 {
+    900.0
+}
+fn default_health_interval() -> f64 {
+    30.0
+}
+fn default_discovery_interval() -> f64 {
+    900.0
+}
+fn default_rpo() -> f64 {
+    3600.0
+}
+fn default_backup_interval() -> f64 {
+    86_400.0
+}
+fn default_backup_keep() -> usize {
+    7
+}
+fn default_max_body() -> usize {
+    1 << 20
+}
+
+impl ConfigServerConfig {
+    pub fn database_location(&self) -> String {
+        self.database.clone().unwrap_or_else(|| self.state_dir.join("ferry.db").to_string_lossy().into_owned())
+    }
+    pub fn tls_dir(&self) -> PathBuf {
+        self.state_dir.join("tls")
+    }
+    pub fn backup_config(&self) -> backup::BackupConfig {
+        backup::BackupConfig {
+            dir: self.backup_dir.clone().unwrap_or_else(|| self.state_dir.join("backups")),
+            key_file: self.state_dir.join("backup.key"),
+            tls_dir: self.tls_dir(),
+            keep: self.backup_keep,
+        }
+    }
+}
+
+pub struct AppState {
+    pub config: ConfigServerConfig,
+    pub store: Store,
+    pub jobs: jobs::Jobs,
+    pub ops: Arc<ops::Ops>,
+    pub tls_dir: PathBuf,
+    pub ca_pem: String,
+    pub ca_fingerprint: String,
+}
+
+pub fn new_passphrase() -> String {
+    const WORDS: &[&str] = &[
+        "amber", "birch", "cedar", "delta", "ember", "fjord", "grove", "harbor", "island", "juniper", "kestrel",
+        "lagoon", "meadow", "nectar", "orchid", "pebble", "quartz", "river", "saffron", "tundra", "umber", "valley",
+        "willow", "zephyr",
+    ];
+    let mut words: Vec<String> = (0..4).map(|_| WORDS[rand::random::<usize>() % WORDS.len()].to_owned()).collect();
+    words.push(format!("{:04}", rand::random::<u16>() % 10_000));
+    words.join("-")
+}
+
+/// What a first start created and must show once.
+#[derive(Debug, Default, Serialize)]
+pub struct FirstStart {
+    pub admin_token: Option<String>,
+    pub registration_passphrase: Option<String>,
+}
+
+/// Open the database, the CA and the server certificate; create the first admin token and the
+/// registration passphrase when they do not exist yet.
+pub async fn prepare(config: &ConfigServerConfig) -> Result<(Store, FirstStart, String), ConfigServerError> {
+    std::fs::create_dir_all(&config.state_dir)
+        .map_err(|e| ConfigServerError::Setup(format!("cannot create {}: {e}", config.state_dir.display())))?;
+    let tls = config.tls_dir();
+    std::fs::create_dir_all(&tls)
+        .map_err(|e| ConfigServerError::Setup(format!("cannot create {}: {e}", tls.display())))?;
+    if !tls.join("ca.key").exists() {
+        if let Some(certs) = &config.certs {
+            for f in ["ca.pem", "ca.key"] {
+                std::fs::copy(certs.join(f), tls.join(f)).map_err(|e| {
+                    ConfigServerError::Setup(format!("cannot adopt the CA from {}: {e} (run `ferry certs --dir {}` first, or leave `certs` out to create a CA)", certs.display(), certs.display()))
+                })?;
+            }
+        }
+    }
+    // (Re)issue the server certificate from the CA for the configured names.
+    let mut hosts = config.hosts.clone();
+    if let Some(h) = config.listen.rsplit_once(':').map(|(h, _)| h.trim_matches(['[', ']']).to_owned()) {
+        if !h.is_empty() && h != "0.0.0.0" && h != "::" {
+            hosts.push(h);
+        }
+    }
+    ferry_tls::generate(&tls, &["config-server".to_owned()], &hosts)?;
+    let store = Store::open(&config.database_location()).await?;
+    let mut first = FirstStart::default();
+    if store.tokens().await?.iter().all(|t| t.role != "admin") {
+        let token = api::new_token();
+        store.add_token("tok-admin-1", &api::hash_token(&token), "first-admin", "admin").await?;
+        first.admin_token = Some(token);
+    }
+    if store.setting("registration_passphrase_hash").await?.is_none() {
+        let p = new_passphrase();
+        store.set_setting("registration_passphrase_hash", &api::hash_token(&p)).await?;
+        first.registration_passphrase = Some(p);
+    }
+    backup::load_or_create_key(&config.backup_config().key_file).map_err(ConfigServerError::Setup)?;
+    let ca_pem = std::fs::read_to_string(tls.join("ca.pem"))
+        .map_err(|e| ConfigServerError::Setup(format!("cannot read {}: {e}", tls.join("ca.pem").display())))?;
+    Ok((store, first, ca_pem))
+}
+
+/// Accept loop: TLS handshakes run concurrently (a slow client never blocks others); finished
+/// streams are handed to axum.
+struct TlsListener {
+    rx: tokio::sync::mpsc::Receiver<(
+        ferry_tls::tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        std::net::SocketAddr,
+    )>,
+    local: std::net::SocketAddr,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = ferry_tls::tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.rx.recv().await {
+            Some(x) => x,
+            // The accept loop ended (shutdown): park; graceful shutdown completes the server.
+            None => std::future::pending().await,
+        }
+    }
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}
+
+fn tls_listener(
+    listener: TcpListener,
+    acceptor: ferry_tls::tokio_rustls::TlsAcceptor,
+    shutdown: CancellationToken,
+) -> std::io::Result<TlsListener> {
+    let local = listener.local_addr()?;
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send((tls, peer)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    Ok(TlsListener { rx, local })
+}
+
+/// Run the configuration server on a pre-bound listener until `shutdown`.
+pub async fn serve(
+    config: ConfigServerConfig,
+    listener: TcpListener,
+    prepared: (Store, FirstStart, String),
+    shutdown: CancellationToken,
+) -> Result<(), ConfigServerError> {
+    let (store, _, ca_pem) = prepared;
+    let tls_dir = config.tls_dir();
+    let acceptor = ferry_tls::nbd_acceptor(&ferry_tls::TlsFiles::in_dir(&tls_dir, "config-server"))?;
+    let ops = ops::arc(store.clone(), config.backup_config());
+    let jobs = jobs::Jobs::new(store.clone());
+    jobs.recover(ops.clone(), ops::JOB_KINDS).await?;
+    let state = Arc::new(AppState {
+        ca_fingerprint: ferry_tls::fingerprint(&ca_pem)?,
+        ca_pem,
+        tls_dir,
+        store,
+        jobs,
+        ops,
+        config: config.clone(),
+    });
+    tokio::spawn(health::watch(state.clone(), shutdown.clone()));
+    tokio::spawn(periodic(state.clone(), shutdown.clone()));
+    let app = api::router(state.clone());
+    let l = tls_listener(listener, acceptor, shutdown.clone()).map_err(|e| ConfigServerError::Setup(e.to_string()))?;
+    let sd = shutdown.clone();
+    axum::serve(l, app)
+        .with_graceful_shutdown(async move { sd.cancelled().await })
+        .await
+        .map_err(|e| ConfigServerError::Setup(e.to_string()))?;
+    state.store.close().await;
+    Ok(())
+}
+
+/// Rediscovery of every site and scheduled backups.
+async fn periodic(s: Arc<AppState>, shutdown: CancellationToken) {
+    let discovery = std::time::Duration::from_secs_f64(s.config.discovery_interval_secs.max(1.0));
+    let backup = (s.config.backup_interval_secs > 0.0)
+        .then(|| std::time::Duration::from_secs_f64(s.config.backup_interval_secs.max(1.0)));
+    let mut next_discovery = tokio::time::Instant::now() + discovery;
+    let mut next_backup = backup.map(|b| tokio::time::Instant::now() + b);
+    loop {
+        let wake = next_backup.map(|b| b.min(next_discovery)).unwrap_or(next_discovery);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep_until(wake) => {}
+        }
+        let now = tokio::time::Instant::now();
+        if now >= next_discovery {
+            next_discovery = now + discovery;
+            if let Ok(sites) = s.store.list::<ops::Site>(ops::SITE).await {
+                for site in sites {
+                    if let Err(e) = api::start_discovery(&s, &site.id).await {
+                        tracing::warn!(site = %site.id, error = %e.message, "scheduled discovery failed to start");
+                    }
+                }
+            }
+        }
+        if let (Some(b), Some(at)) = (backup, next_backup) {
+            if now >= at {
+                next_backup = Some(now + b);
+                let steps = vec![("write an encrypted backup".to_owned(), true)];
+                if let Err(e) = s
+                    .jobs
+                    .start(s.ops.clone(), "backup", "configuration database (scheduled)", steps, serde_json::json!({}))
+                    .await
+                {
+                    tracing::warn!(error = %e, "scheduled backup failed to start");
+                }
+            }
+        }
+    }
+}

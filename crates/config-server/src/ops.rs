@@ -1,0 +1,188 @@
+//! The work behind each job kind: discovery of a site, a recovery-plan drill (its groups' pre-
+//! and post-actions in order), and configuration backups.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_store::Store;
+use serde::{Deserialize, Serialize};
+
+use crate::discovery::{LocalSite, SiteProvider};
+use crate::errors;
+use crate::jobs::{Job, JobControl, JobError, Outcome, Runner};
+use crate::model::{Action, RecoveryPlan};
+
+pub const SITE: &str = "site";
+pub const INVENTORY: &str = "inventory";
+
+/// A registered site (local provider: a folder with `site.toml`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Site {
+    pub name: String,
+    /// `local` (the only provider so far).
+    #[serde(default = "local")]
+    pub provider: String,
+    pub path: PathBuf,
+}
+
+fn local() -> String {
+    "local".into()
+}
+
+pub struct Ops {
+    pub store: Store,
+    pub backup: crate::backup::BackupConfig,
+}
+
+impl Ops {
+    pub fn discovery_steps(site: &str) -> Vec<(String, bool)> {
+        vec![
+            (format!("read the description and files of site {site}"), true),
+            (format!("store the inventory of site {site}"), true),
+        ]
+    }
+
+    /// One step per action and one per group, in plan order.
+    pub fn drill_steps(plan: &RecoveryPlan) -> (Vec<(String, bool)>, serde_json::Value) {
+        let mut steps = Vec::new();
+        let mut actions = Vec::new();
+        for (i, g) in plan.groups.iter().enumerate() {
+            let n = i + 1;
+            for a in &g.pre_actions {
+                steps.push(action_step(n, "pre", a));
+                actions.push(Some(a.clone()));
+            }
+            let machines = g.machines.len();
+            steps.push((
+                format!(
+                    "group {n}: {machines} machine(s), {} replication group(s) (failover comes with a later issue: nothing is changed)",
+                    g.replication_groups.len()
+                ),
+                true,
+            ));
+            actions.push(None);
+            for a in &g.post_actions {
+                steps.push(action_step(n, "post", a));
+                actions.push(Some(a.clone()));
+            }
+        }
+        (steps, serde_json::json!({ "plan": plan.name, "actions": actions }))
+    }
+
+    async fn discover(&self, job: &Job, store_it: bool) -> Outcome {
+        let site: Option<ferry_store::Doc<Site>> = match self.store.get(SITE, &job.target).await {
+            Ok(s) => s,
+            Err(e) => return Outcome::Failed(JobError::new(errors::STORE, e.to_string())),
+        };
+        let Some(site) = site else {
+            return Outcome::Failed(JobError::new(errors::NOT_FOUND, format!("site {} was deleted", job.target)));
+        };
+        let provider = LocalSite { name: site.body.name.clone(), folder: site.body.path.clone() };
+        let inv = match tokio::task::spawn_blocking(move || provider.discover()).await {
+            Ok(Ok(inv)) => inv,
+            Ok(Err(e)) => return Outcome::Failed(JobError::new(errors::DISCOVERY_FAILED, e)),
+            Err(e) => return Outcome::Failed(JobError::new(errors::DISCOVERY_FAILED, e.to_string())),
+        };
+        let summary = format!(
+            "{} host(s), {} datastore(s), {} network(s), {} machine(s), {} master target(s), {} process server(s); {} warning(s)",
+            inv.content.hosts.len(),
+            inv.content.datastores.len(),
+            inv.content.networks.len(),
+            inv.content.machines.len(),
+            inv.content.master_targets.len(),
+            inv.content.process_servers.len(),
+            inv.warnings.len()
+        );
+        if store_it {
+            if let Err(e) = self.store.put(INVENTORY, &inv.site, &inv, None).await {
+                return Outcome::Failed(JobError::new(errors::STORE, e.to_string()));
+            }
+            for w in &inv.warnings {
+                let _ = self
+                    .store
+                    .add_event(errors::DISCOVERY_FAILED.code as i64, "warning", &format!("site/{}", inv.site), w)
+                    .await;
+            }
+        }
+        Outcome::Done(Some(summary))
+    }
+
+    async fn drill(&self, job: &Job, step: usize, ctl: &JobControl) -> Outcome {
+        let action: Option<Action> =
+            job.params["actions"].get(step).cloned().and_then(|a| serde_json::from_value(a).ok()).flatten();
+        match action {
+            None => Outcome::Done(Some("no data-path operation in a drill".into())),
+            Some(Action::Manual { name, instruction }) => {
+                Outcome::WaitForInput(format!("{name}: {instruction} (confirm with `ferry jobs confirm {}`)", job.id))
+            }
+            Some(Action::Script { name, command, timeout_secs }) => {
+                let mut child = match tokio::process::Command::new("sh")
+                    .arg("-c")
+                    .arg(&command)
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .kill_on_drop(true)
+                    .spawn()
+                {
+                    Ok(c) => c,
+                    Err(e) => {
+                        return Outcome::Failed(JobError::new(
+                            errors::JOB_STATE,
+                            format!("script action {name:?} could not start: {e}"),
+                        ))
+                    }
+                };
+                let stderr = child.stderr.take();
+                let wait = tokio::time::timeout(Duration::from_secs(timeout_secs.max(1)), child.wait());
+                tokio::select! {
+                    r = wait => match r {
+                        Ok(Ok(st)) if st.success() => Outcome::Done(Some(format!("script {name:?} succeeded"))),
+                        Ok(Ok(st)) => {
+                            let mut err = String::new();
+                            if let Some(mut s) = stderr {
+                                use tokio::io::AsyncReadExt;
+                                let _ = s.read_to_string(&mut err).await;
+                            }
+                            Outcome::Failed(JobError::new(errors::JOB_STATE, format!("script action {name:?} failed ({st}): {}", err.trim())))
+                        }
+                        Ok(Err(e)) => Outcome::Failed(JobError::new(errors::JOB_STATE, format!("script action {name:?}: {e}"))),
+                        Err(_) => Outcome::Failed(JobError::new(errors::JOB_STATE, format!("script action {name:?} did not finish within {timeout_secs} s and was killed"))),
+                    },
+                    _ = ctl.cancel.cancelled() => Outcome::Failed(JobError::new(errors::JOB_STATE, format!("script action {name:?} was killed: the job was cancelled"))),
+                }
+            }
+        }
+    }
+}
+
+fn action_step(group: usize, when: &str, a: &Action) -> (String, bool) {
+    match a {
+        Action::Script { name, command, .. } => {
+            (format!("group {group}: {when}-action script {name:?} ({command})"), false)
+        }
+        Action::Manual { name, .. } => (format!("group {group}: {when}-action manual {name:?}"), true),
+    }
+}
+
+impl Runner for Ops {
+    async fn run_step(&self, job: &Job, step: usize, ctl: &JobControl) -> Outcome {
+        match job.kind.as_str() {
+            "discovery" => self.discover(job, step == 1).await,
+            "plan-drill" => self.drill(job, step, ctl).await,
+            "backup" => match crate::backup::write_backup(&self.store, &self.backup, ctl).await {
+                Ok(path) => Outcome::Done(Some(format!("backup written to {}", path.display()))),
+                Err(e) => Outcome::Failed(JobError::new(errors::BACKUP_FAILED, e)),
+            },
+            other => Outcome::Failed(JobError::new(errors::JOB_STATE, format!("unknown job kind {other}"))),
+        }
+    }
+}
+
+pub const JOB_KINDS: &[&str] = &["discovery", "plan-drill", "backup"];
+
+pub fn arc(store: Store, backup: crate::backup::BackupConfig) -> Arc<Ops> {
+    Arc::new(Ops { store, backup })
+}
