@@ -86,6 +86,9 @@ pub struct AgentConfig {
     /// file, so recovery points can be checked against what the source really wrote.
     #[serde(default)]
     pub source_write_log: Option<PathBuf>,
+    /// Heartbeats to a configuration server (from `ferry register`); standalone without it.
+    #[serde(default)]
+    pub config_server: Option<ferry_status::ConfigServerLink>,
 }
 
 /// Membership in a replication group. Every member answers prepare/commit on its status listener;

@@ -183,6 +183,10 @@ pub async fn serve(
         .merge(points::routes(machine.clone()));
     points::spawn_timers(machine.clone(), shutdown.clone());
     ferry_status::spawn(listeners.status, move || m.status(), routes, shutdown.clone());
+    if let Some(link) = config.config_server.clone() {
+        let m = machine.clone();
+        ferry_status::spawn_heartbeats(link, "agent", machine.name.clone(), move || m.status(), shutdown.clone());
+    }
     shutdown.cancelled().await;
     for t in tasks {
         let _ = t.await;

@@ -125,7 +125,8 @@ pub async fn health_of(s: &AppState, c: &Component) -> (String, Vec<serde_json::
         }
     }
     if c.kind == "process-server" {
-        if let Some(free) = c.status.get("cache_free_percent").and_then(|v| v.as_f64()) {
+        let free = c.status.get("cache_free_percent").or_else(|| c.status.get("free_percent")).and_then(|v| v.as_f64());
+        if let Some(free) = free {
             if free < 25.0 {
                 reasons.push(serde_json::json!({ "code": errors::CHURN_BEYOND_LIMITS.code, "message": format!("process-server cache is {free:.0}% free (below 25%)"), "remedy": "add cache space or process-server capacity; replication is throttled below 20%" }));
                 level = 2;

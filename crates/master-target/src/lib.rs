@@ -92,6 +92,9 @@ pub struct MasterTargetConfig {
     /// `<retention>/nbd.sock` is always served.
     #[serde(default)]
     pub nbd_listen: Option<String>,
+    /// Heartbeats to a configuration server (from `ferry register`); standalone without it.
+    #[serde(default)]
+    pub config_server: Option<ferry_status::ConfigServerLink>,
 }
 
 impl MasterTargetConfig {
@@ -255,6 +258,16 @@ pub async fn serve(
     }
     let mt2 = mt.clone();
     ferry_status::spawn(status_listener, move || mt2.status(), api::routes(mt.clone()), shutdown.clone());
+    if let Some(link) = mt.config.config_server.clone() {
+        let mt2 = mt.clone();
+        ferry_status::spawn_heartbeats(
+            link,
+            "master-target",
+            mt.config.name.clone(),
+            move || mt2.status(),
+            shutdown.clone(),
+        );
+    }
     let (mt2, sd) = (mt.clone(), shutdown.clone());
     ferry_tls::serve_tls(listener, acceptor, shutdown, "process server", move |tls| {
         handle_process_server(mt2.clone(), tls, sd.clone())

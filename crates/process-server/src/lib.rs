@@ -65,6 +65,9 @@ pub struct ProcessServerConfig {
     /// Bytes forwarded per frame to the master target.
     #[serde(default = "default_batch")]
     pub forward_batch_bytes: usize,
+    /// Heartbeats to a configuration server (from `ferry register`); standalone without it.
+    #[serde(default)]
+    pub config_server: Option<ferry_status::ConfigServerLink>,
 }
 
 fn default_mt_name() -> String {
@@ -342,6 +345,16 @@ pub async fn serve(
     let ps = ProcessServer::new(config, shutdown.clone())?;
     let ps2 = ps.clone();
     ferry_status::spawn(status_listener, move || ps2.status(), axum::Router::new(), shutdown.clone());
+    if let Some(link) = ps.config.config_server.clone() {
+        let ps2 = ps.clone();
+        ferry_status::spawn_heartbeats(
+            link,
+            "process-server",
+            "process-server".into(),
+            move || ps2.status(),
+            shutdown.clone(),
+        );
+    }
     let ps2 = ps.clone();
     ferry_tls::serve_tls(listener, acceptor, shutdown, "agent", move |tls| handle_agent(ps2.clone(), tls)).await;
     Ok(())

@@ -142,3 +142,85 @@ mod tests {
         assert!(request(&addr, "GET", "/status", None).await.is_err());
     }
 }
+
+/// Link of a data-path component to a configuration server: heartbeats carry its status. The
+/// certificate and token come from `ferry register`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigServerLink {
+    /// HOST:PORT of the configuration server's API.
+    pub address: String,
+    /// Its CA certificate (written by `ferry register`).
+    pub ca: std::path::PathBuf,
+    /// The component token file (written by `ferry register`).
+    pub token_file: std::path::PathBuf,
+    /// Name registered (default: the machine / master-target name, or "process-server").
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Replication policy this machine runs with (agents; RPO alerts).
+    #[serde(default)]
+    pub policy: Option<String>,
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_interval_secs: f64,
+}
+
+fn default_heartbeat() -> f64 {
+    30.0
+}
+
+/// Send heartbeats with `status()` until `shutdown`; failures are logged and retried.
+pub fn spawn_heartbeats<F>(
+    link: ConfigServerLink,
+    kind: &'static str,
+    default_name: String,
+    status: F,
+    shutdown: tokio_util::sync::CancellationToken,
+) where
+    F: Fn() -> serde_json::Value + Send + Sync + 'static,
+{
+    let status = Arc::new(status);
+    tokio::spawn(async move {
+        let name = link.name.clone().unwrap_or(default_name);
+        let every = std::time::Duration::from_secs_f64(link.heartbeat_interval_secs.max(0.1));
+        let mut warned = false;
+        loop {
+            let token = match std::fs::read_to_string(&link.token_file) {
+                Ok(t) => t.trim().to_owned(),
+                Err(e) => {
+                    tracing::warn!(file = %link.token_file.display(), error = %e, "cannot read the configuration-server token: run `ferry register`");
+                    String::new()
+                }
+            };
+            let st = status.clone();
+            let snapshot = tokio::task::spawn_blocking(move || st()).await.unwrap_or_default();
+            let body = serde_json::json!({ "kind": kind, "name": name, "status": snapshot, "policy": link.policy })
+                .to_string();
+            let auth = format!("Bearer {token}");
+            let r = ferry_tls::https_request(
+                &link.address,
+                ferry_tls::Trust::CaFile(&link.ca),
+                "POST",
+                "/api/v1/heartbeats",
+                &[("Authorization", auth.as_str())],
+                Some(body.as_bytes()),
+            )
+            .await;
+            match r {
+                Ok((200, _)) => warned = false,
+                Ok((code, b)) if !warned => {
+                    warned = true;
+                    tracing::warn!(code, body = %String::from_utf8_lossy(&b), "the configuration server refused a heartbeat");
+                }
+                Err(e) if !warned => {
+                    warned = true;
+                    tracing::warn!(error = %e, server = %link.address, "cannot send a heartbeat to the configuration server; retrying");
+                }
+                _ => {}
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
+    });
+}

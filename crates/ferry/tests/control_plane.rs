@@ -1,0 +1,101 @@
+//! Data-path components registered with a configuration server: certificates by CSR, heartbeats
+//! with their status, health derived from it, and critical health once one stops.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+#[test]
+fn registered_components_heartbeat_and_a_killed_one_turns_critical() {
+    let state = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut server = Command::new(FERRY)
+        .args(["--output", "json", "config-server", "--listen", &format!("127.0.0.1:{port}"), "--state-dir"])
+        .arg(state.path())
+        .args(["--set", "heartbeat_timeout_secs = 2", "--set", "health_interval_secs = 0.3"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let first: Value = serde_json::from_str(&line).unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let certs = state.path().join("component-certs");
+    for (kind, name) in [("agent", "vm1"), ("process-server", "process-server"), ("master-target", "master-target")] {
+        let out = Command::new(FERRY)
+            .args(["register", "--server", &addr, "--ca-fingerprint", first["ca_fingerprint"].as_str().unwrap()])
+            .args([
+                "--passphrase",
+                first["registration_passphrase"].as_str().unwrap(),
+                "--kind",
+                kind,
+                "--name",
+                name,
+                "--dir",
+            ])
+            .arg(certs.join(kind))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let link = |kind: &str| {
+        format!(
+            "[config_server]\naddress = '{addr}'\nca = '{0}/ca.pem'\ntoken_file = '{0}/config-server.token'\nheartbeat_interval_secs = 0.3\n",
+            certs.join(kind).display()
+        )
+    };
+    let mut c = Cluster::new(Opts {
+        agent_extra: link("agent"),
+        ps_extra: link("process-server"),
+        mt_extra: link("master-target"),
+        ..Default::default()
+    });
+    c.start_all();
+    c.wait_caught_up(Duration::from_secs(30));
+    let admin = first["admin_token"].as_str().unwrap();
+    let components = || -> Value {
+        let out = Command::new(FERRY)
+            .args(["--output", "json", "components", "--server", &addr, "--token", admin, "--ca"])
+            .arg(state.path().join("tls/ca.pem"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let wait = |what: &str, f: &dyn Fn(&Value) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let v = components();
+            if f(&v) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "{what}: {v:#}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let health =
+        |v: &Value, kind: &str| v.as_array().unwrap().iter().find(|c| c["kind"] == kind).map(|c| c["health"].clone());
+    let v = wait("all three healthy", &|v| {
+        ["agent", "process-server", "master-target"].iter().all(|k| health(v, k) == Some("healthy".into()))
+    });
+    let agent = v.as_array().unwrap().iter().find(|c| c["kind"] == "agent").unwrap();
+    assert_eq!(agent["status"]["machine"], "vm1", "the heartbeat carries the agent's status: {agent:#}");
+    c.kill9("process-server");
+    let v =
+        wait("the process server turns critical (806)", &|v| health(v, "process-server") == Some("critical".into()));
+    assert!(v.to_string().contains("806"), "{v:#}");
+    assert_eq!(health(&v, "master-target"), Some("healthy".into()));
+    let _ = server.kill();
+    let _ = server.wait();
+}
