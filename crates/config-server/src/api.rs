@@ -339,11 +339,19 @@ async fn create_policy(State(s): State<Arc<AppState>>, c: Caller, Body(p): Body<
     if s.store.get::<Policy>(model::POLICY, &failback.name).await?.is_some() {
         return Err(ApiError::conflict(format!("policy {} already exists", failback.name)));
     }
-    s.store.put(model::POLICY, &p.name, &p, Some(0)).await.map_err(|e| match e {
-        ferry_store::StoreError::Conflict { .. } => ApiError::conflict(format!("policy {} already exists", p.name)),
-        e => e.into(),
-    })?;
-    s.store.put(model::POLICY, &failback.name, &failback, Some(0)).await?;
+    // Both or neither: a failback policy never exists without its forward policy.
+    let body = serde_json::to_value(&p).map_err(|e| ApiError::bad(e.to_string()))?;
+    let fb = serde_json::to_value(&failback).map_err(|e| ApiError::bad(e.to_string()))?;
+    s.store
+        .write_many(
+            &[(model::POLICY, p.name.as_str(), body, Some(0)), (model::POLICY, failback.name.as_str(), fb, Some(0))],
+            &[],
+        )
+        .await
+        .map_err(|e| match e {
+            ferry_store::StoreError::Conflict { .. } => ApiError::conflict(format!("policy {} already exists", p.name)),
+            e => e.into(),
+        })?;
     created(serde_json::json!({ "policy": p, "failback_policy": failback }))
 }
 
@@ -394,8 +402,8 @@ async fn delete_policy(State(s): State<Arc<AppState>>, c: Caller, Path(name): Pa
             format!("{name} is a failback policy: it goes when its forward policy is deleted"),
         ));
     }
-    s.store.delete(model::POLICY, &name).await?;
-    s.store.delete(model::POLICY, &format!("{name}-failback")).await?;
+    let failback = format!("{name}-failback");
+    s.store.write_many(&[], &[(model::POLICY, name.as_str()), (model::POLICY, failback.as_str())]).await?;
     ok(serde_json::json!({ "deleted": [name.clone(), format!("{name}-failback")] }))
 }
 
@@ -523,8 +531,28 @@ async fn get_plan(State(s): State<Arc<AppState>>, c: Caller, Path(name): Path<St
         .body)
 }
 
+/// Script actions run commands on the server: only admins may set them.
+fn check_scripts(c: &Caller, p: &RecoveryPlan) -> Result<(), ApiError> {
+    let scripts = p
+        .groups
+        .iter()
+        .flat_map(|g| g.pre_actions.iter().chain(&g.post_actions))
+        .any(|a| matches!(a, model::Action::Script { .. }));
+    if scripts {
+        c.need(Role::Admin).map_err(|mut e| {
+            e.message = format!(
+                "script actions run commands on the configuration server, so only an admin may set them ({})",
+                e.message
+            );
+            e
+        })?;
+    }
+    Ok(())
+}
+
 async fn create_plan(State(s): State<Arc<AppState>>, c: Caller, Body(p): Body<RecoveryPlan>) -> ApiResult {
     c.need(Role::Operator)?;
+    check_scripts(&c, &p)?;
     check_plan(&s, &p).await?;
     s.store.put(model::PLAN, &p.name, &p, Some(0)).await.map_err(|e| match e {
         ferry_store::StoreError::Conflict { .. } => {
@@ -550,6 +578,7 @@ async fn put_plan(
     if p.name != name {
         return Err(ApiError::bad(format!("the body names plan {:?} but the URL names {name:?}", p.name)));
     }
+    check_scripts(&c, &p)?;
     check_plan(&s, &p).await?;
     s.store.put(model::PLAN, &name, &p, Some(old.revision)).await?;
     ok(p)
@@ -654,10 +683,28 @@ async fn get_job(State(s): State<Arc<AppState>>, c: Caller, Path(id): Path<Strin
     ok(s.store.job::<Job>(&id).await?.ok_or_else(|| ApiError::not_found(format!("no job {id}")))?)
 }
 
-async fn confirm_job(State(s): State<Arc<AppState>>, c: Caller, Path(id): Path<String>) -> ApiResult {
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Confirm {
+    /// The step being confirmed (`current_step` of the job when its prompt was read).
+    step: Option<usize>,
+}
+
+async fn confirm_job(
+    State(s): State<Arc<AppState>>,
+    c: Caller,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult {
     c.need(Role::Operator)?;
-    s.jobs.confirm(&id).await.map_err(|e| job_error(&id, e))?;
-    ok(serde_json::json!({ "confirmed": id }))
+    let req: Confirm = if body.is_empty() {
+        Confirm::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad(format!("bad confirmation: {e}; send {{\"step\": N}} or nothing")))?
+    };
+    let step = s.jobs.confirm(&id, req.step).await.map_err(|e| job_error(&id, e))?;
+    ok(serde_json::json!({ "confirmed": id, "step": step }))
 }
 
 async fn cancel_job(State(s): State<Arc<AppState>>, c: Caller, Path(id): Path<String>) -> ApiResult {

@@ -203,10 +203,32 @@ fn statvfs(path: &Path) -> Option<(u64, u64)> {
 impl SiteProvider for LocalSite {
     fn discover(&self) -> Result<Inventory, String> {
         let file = self.folder.join("site.toml");
+        let meta = std::fs::metadata(&file)
+            .map_err(|e| format!("cannot read {}: {e} (a local site is a folder with a site.toml)", file.display()))?;
+        if !meta.is_file() || meta.len() > 4 << 20 {
+            return Err(format!("{} must be a regular file of at most 4 MiB", file.display()));
+        }
         let text = std::fs::read_to_string(&file)
             .map_err(|e| format!("cannot read {}: {e} (a local site is a folder with a site.toml)", file.display()))?;
         let mut site: SiteFile = toml::from_str(&text).map_err(|e| format!("{} is invalid: {e}", file.display()))?;
         let mut warnings = Vec::new();
+        // Every path stays inside the site folder.
+        let paths = site
+            .datastores
+            .iter()
+            .map(|d| &d.path)
+            .chain(site.machines.iter().flat_map(|m| m.disks.iter().map(|d| &d.path)))
+            .chain(site.master_targets.iter().flat_map(|m| m.retention_volumes.iter()))
+            .chain(site.process_servers.iter().map(|p| &p.cache));
+        for p in paths {
+            if p.is_absolute() || p.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+                return Err(format!(
+                    "{}: path {} must be relative to the site folder, without ..",
+                    file.display(),
+                    p.display()
+                ));
+            }
+        }
         let hosts: Vec<String> = site.hosts.iter().map(|h| h.name.clone()).collect();
         for n in
             hosts.iter().chain(site.datastores.iter().map(|d| &d.name)).chain(site.machines.iter().map(|m| &m.name))

@@ -50,8 +50,10 @@ pub async fn heartbeat(
     model::check_name("component", &h.name)?;
     let key = format!("{}/{}", h.kind, h.name);
     let old = s.store.get::<Component>(COMPONENT, &key).await?;
-    let restored = s.store.setting("restored_from_backup_ms").await?.is_some();
-    if restored {
+    let restored = s.store.setting("restored_from_backup_ms").await?;
+    // Each restore is reconciled once per component: its first heartbeat after the restore.
+    let fresh = restored.is_some() && old.as_ref().is_none_or(|d| d.body.reconciled_restore != restored);
+    if fresh {
         // After a restore, what components report is the truth: say where the records differ.
         match &old {
             None => {
@@ -93,7 +95,9 @@ pub async fn heartbeat(
         last_seen_ms: None,
         status: serde_json::Value::Null,
         policy: None,
+        reconciled_restore: None,
     });
+    comp.reconciled_restore = restored;
     comp.last_seen_ms = Some(crate::jobs::now_ms());
     comp.status = h.status;
     if h.policy.is_some() {

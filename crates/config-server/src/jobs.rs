@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use ferry_store::Store;
 use serde::{Deserialize, Serialize};
-use tokio::sync::Notify;
 
 use crate::errors::{self, ErrorCode};
 
@@ -133,7 +132,8 @@ impl JobControl {
 
 struct Live {
     cancel: tokio_util::sync::CancellationToken,
-    input: Arc<Notify>,
+    /// Confirmations, naming the step they confirm (a late or repeated one confirms nothing else).
+    confirm: tokio::sync::mpsc::UnboundedSender<usize>,
 }
 
 #[derive(Clone)]
@@ -201,6 +201,11 @@ impl Jobs {
         let open: Vec<Job> = self.store.jobs(Some(&["queued", "in-progress", "waiting-for-input"])).await?;
         for mut job in open {
             if !kinds.contains(&job.kind.as_str()) {
+                let msg = format!(
+                    "this server does not know job kind {:?} any more (a downgrade?): the job cannot resume",
+                    job.kind
+                );
+                self.finish(&mut job, JobState::Failed, Some(JobError::new(errors::JOB_STATE, msg))).await;
                 continue;
             }
             let step = job.steps.get(job.current_step).cloned();
@@ -225,8 +230,8 @@ impl Jobs {
 
     fn spawn<R: Runner>(&self, runner: Arc<R>, job: Job) {
         let cancel = tokio_util::sync::CancellationToken::new();
-        let input = Arc::new(Notify::new());
-        self.live().insert(job.id.clone(), Live { cancel: cancel.clone(), input: input.clone() });
+        let (confirm, input) = tokio::sync::mpsc::unbounded_channel();
+        self.live().insert(job.id.clone(), Live { cancel: cancel.clone(), confirm });
         let me = self.clone();
         tokio::spawn(async move { me.drive(runner, job, cancel, input).await });
     }
@@ -249,7 +254,7 @@ impl Jobs {
         runner: Arc<R>,
         mut job: Job,
         cancel: tokio_util::sync::CancellationToken,
-        input: Arc<Notify>,
+        mut input: tokio::sync::mpsc::UnboundedReceiver<usize>,
     ) {
         let started = Instant::now();
         let total = job.steps.len().max(1);
@@ -325,32 +330,50 @@ impl Jobs {
                 }
             }
             self.save(&mut job).await;
-            tokio::select! {
-                _ = input.notified() => {
-                    job.steps[i].state = StepState::Done;
-                    job.steps[i].message = Some("confirmed by an operator".into());
-                    job.input_prompt = None;
-                    job.current_step += 1;
-                    job.progress_percent = job.current_step as f64 / total as f64 * 100.0;
-                    self.save(&mut job).await;
+            loop {
+                tokio::select! {
+                    step = input.recv() => {
+                        match step {
+                            None => break, // the job was dropped from the live table
+                            Some(st) if st != i => continue, // a confirmation of an earlier step
+                            Some(_) => {}
+                        }
+                        job.steps[i].state = StepState::Done;
+                        job.steps[i].message = Some("confirmed by an operator".into());
+                        job.input_prompt = None;
+                        job.current_step += 1;
+                        job.progress_percent = job.current_step as f64 / total as f64 * 100.0;
+                        self.save(&mut job).await;
+                        break;
+                    }
+                    _ = cancel.cancelled() => break,
                 }
-                _ = cancel.cancelled() => {}
             }
         }
         self.finish(&mut job, JobState::Succeeded, None).await;
     }
 
-    /// Confirm the manual action a job waits for.
-    pub async fn confirm(&self, id: &str) -> Result<(), String> {
+    /// Confirm the manual action a job waits for. `step` (the index shown with the prompt) makes
+    /// the confirmation unambiguous: a repeated or late one cannot confirm a later action.
+    pub async fn confirm(&self, id: &str, step: Option<usize>) -> Result<usize, String> {
         let job: Option<Job> = self.store.job(id).await.map_err(|e| e.to_string())?;
         let Some(job) = job else { return Err(format!("no job {id}")) };
         if job.state != JobState::WaitingForInput {
             return Err(format!("job {id} is {}, not waiting for input", job.state.as_str()));
         }
+        let waiting = job.current_step;
+        if job.steps.get(waiting).map(|s| s.state) != Some(StepState::WaitingForInput) {
+            return Err(format!("job {id} is moving to its next step: look at it again"));
+        }
+        if let Some(s) = step {
+            if s != waiting {
+                return Err(format!("step {s} of job {id} is not the one waiting for input (step {waiting} is)"));
+            }
+        }
         match self.live().get(id) {
             Some(l) => {
-                l.input.notify_one();
-                Ok(())
+                let _ = l.confirm.send(waiting);
+                Ok(waiting)
             }
             None => Err(format!("job {id} is not running on this server")),
         }

@@ -119,17 +119,37 @@ pub struct AppState {
     pub tls_dir: PathBuf,
     pub ca_pem: String,
     pub ca_fingerprint: String,
+    /// Failed registrations in the current minute (guessing is throttled).
+    pub registration_failures: std::sync::Mutex<(u64, u32)>,
+    /// Held while the server runs: a restore refuses to run under it.
+    pub _lock: Option<std::fs::File>,
 }
 
+/// Take the state folder's lock (`<state_dir>/.lock`): one server, or one restore, at a time.
+pub fn lock_state(state_dir: &std::path::Path) -> Result<std::fs::File, ConfigServerError> {
+    use std::os::unix::io::AsRawFd;
+    let path = state_dir.join(".lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| ConfigServerError::Setup(format!("cannot open {}: {e}", path.display())))?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(ConfigServerError::Setup(format!(
+            "{} is in use by a running configuration server (or a restore): stop it first",
+            state_dir.display()
+        )));
+    }
+    Ok(f)
+}
+
+/// A registration passphrase: 128 random bits, in groups of four hex digits.
 pub fn new_passphrase() -> String {
-    const WORDS: &[&str] = &[
-        "amber", "birch", "cedar", "delta", "ember", "fjord", "grove", "harbor", "island", "juniper", "kestrel",
-        "lagoon", "meadow", "nectar", "orchid", "pebble", "quartz", "river", "saffron", "tundra", "umber", "valley",
-        "willow", "zephyr",
-    ];
-    let mut words: Vec<String> = (0..4).map(|_| WORDS[rand::random::<usize>() % WORDS.len()].to_owned()).collect();
-    words.push(format!("{:04}", rand::random::<u16>() % 10_000));
-    words.join("-")
+    let b: [u8; 16] = rand::random();
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    hex.as_bytes().chunks(4).map(|c| String::from_utf8_lossy(c).into_owned()).collect::<Vec<_>>().join("-")
 }
 
 /// What a first start created and must show once.
@@ -137,6 +157,8 @@ pub fn new_passphrase() -> String {
 pub struct FirstStart {
     pub admin_token: Option<String>,
     pub registration_passphrase: Option<String>,
+    #[serde(skip)]
+    pub lock: Option<std::fs::File>,
 }
 
 /// Open the database, the CA and the server certificate; create the first admin token and the
@@ -144,6 +166,7 @@ pub struct FirstStart {
 pub async fn prepare(config: &ConfigServerConfig) -> Result<(Store, FirstStart, String), ConfigServerError> {
     std::fs::create_dir_all(&config.state_dir)
         .map_err(|e| ConfigServerError::Setup(format!("cannot create {}: {e}", config.state_dir.display())))?;
+    let lock = lock_state(&config.state_dir)?;
     let tls = config.tls_dir();
     std::fs::create_dir_all(&tls)
         .map_err(|e| ConfigServerError::Setup(format!("cannot create {}: {e}", tls.display())))?;
@@ -179,6 +202,7 @@ pub async fn prepare(config: &ConfigServerConfig) -> Result<(Store, FirstStart, 
     backup::load_or_create_key(&config.backup_config().key_file).map_err(ConfigServerError::Setup)?;
     let ca_pem = std::fs::read_to_string(tls.join("ca.pem"))
         .map_err(|e| ConfigServerError::Setup(format!("cannot read {}: {e}", tls.join("ca.pem").display())))?;
+    first.lock = Some(lock);
     Ok((store, first, ca_pem))
 }
 
@@ -249,7 +273,7 @@ pub async fn serve(
     prepared: (Store, FirstStart, String),
     shutdown: CancellationToken,
 ) -> Result<(), ConfigServerError> {
-    let (store, _, ca_pem) = prepared;
+    let (store, mut first, ca_pem) = prepared;
     let tls_dir = config.tls_dir();
     let acceptor = ferry_tls::nbd_acceptor(&ferry_tls::TlsFiles::in_dir(&tls_dir, "config-server"))?;
     let ops = ops::arc(store.clone(), config.backup_config());
@@ -263,6 +287,8 @@ pub async fn serve(
         jobs,
         ops,
         config: config.clone(),
+        registration_failures: std::sync::Mutex::new((0, 0)),
+        _lock: first.lock.take(),
     });
     tokio::spawn(health::watch(state.clone(), shutdown.clone()));
     tokio::spawn(periodic(state.clone(), shutdown.clone()));
@@ -294,7 +320,13 @@ async fn periodic(s: Arc<AppState>, shutdown: CancellationToken) {
         if now >= next_discovery {
             next_discovery = now + discovery;
             if let Ok(sites) = s.store.list::<ops::Site>(ops::SITE).await {
+                let open: Vec<jobs::Job> =
+                    s.store.jobs(Some(&["queued", "in-progress", "waiting-for-input"])).await.unwrap_or_default();
                 for site in sites {
+                    // One discovery per site at a time: a slow one is not piled upon.
+                    if open.iter().any(|j| j.kind == "discovery" && j.target == site.id) {
+                        continue;
+                    }
                     if let Err(e) = api::start_discovery(&s, &site.id).await {
                         tracing::warn!(site = %site.id, error = %e.message, "scheduled discovery failed to start");
                     }

@@ -22,9 +22,15 @@ pub struct RegisterRequest {
     pub kind: String,
     pub name: String,
     pub passphrase: String,
-    /// PEM certificate request.
+    /// PEM certificate request (only its public key is used).
     pub csr: String,
+    /// Host names / addresses the component is reached at (put in its certificate).
+    #[serde(default)]
+    pub hosts: Vec<String>,
 }
+
+/// Registered certificates are valid this long; registering again renews.
+pub const CERT_DAYS: u32 = 825;
 
 /// What the server knows of a component (registration, then heartbeats).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -38,6 +44,9 @@ pub struct Component {
     /// Replication policy the component runs with (agents), for RPO alerts.
     #[serde(default)]
     pub policy: Option<String>,
+    /// The restore this component was reconciled against (each restore reconciles once).
+    #[serde(default)]
+    pub reconciled_restore: Option<String>,
 }
 
 pub fn check_kind(kind: &str) -> Result<(), ApiError> {
@@ -54,21 +63,62 @@ pub async fn register(
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     check_kind(&r.kind)?;
     crate::model::check_name("component", &r.name)?;
+    for h in &r.hosts {
+        let valid =
+            !h.is_empty() && h.len() <= 253 && h.chars().all(|c| c.is_ascii_alphanumeric() || ".-:".contains(c));
+        if !valid || h == "config-server" {
+            return Err(ApiError::bad(format!("host {h:?} is not a host name or address")));
+        }
+    }
     let refused = |m: &str| ApiError::new(StatusCode::FORBIDDEN, errors::REGISTRATION_REFUSED, m.to_owned());
+    // Guessing is throttled: after 10 failures in a minute, every attempt is refused until it ends.
+    let minute = crate::jobs::now_ms() / 60_000;
+    {
+        let mut f = s.registration_failures.lock().unwrap_or_else(|p| p.into_inner());
+        if f.0 != minute {
+            *f = (minute, 0);
+        }
+        if f.1 >= 10 {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                errors::REGISTRATION_REFUSED,
+                "too many failed registrations: wait a minute",
+            ));
+        }
+    }
     let expected = s.store.setting("registration_passphrase_hash").await?;
     // Compare hashes (fixed length) rather than the secrets themselves.
     if expected.as_deref() != Some(hash_token(&r.passphrase).as_str()) {
+        s.registration_failures.lock().unwrap_or_else(|p| p.into_inner()).1 += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         return Err(refused("wrong registration passphrase"));
     }
     let tls = s.tls_dir.clone();
     let csr = r.csr.clone();
-    let cert = tokio::task::spawn_blocking(move || ferry_tls::sign_csr(&tls, &csr))
+    let cn = format!("{}/{}", r.kind, r.name);
+    let mut sans = vec![r.name.clone(), "localhost".to_owned(), "127.0.0.1".to_owned()];
+    sans.extend(r.hosts.iter().cloned());
+    sans.dedup();
+    let cert = tokio::task::spawn_blocking(move || ferry_tls::sign_csr(&tls, &csr, &cn, &sans, CERT_DAYS))
         .await
         .map_err(|e| refused(&e.to_string()))?
         .map_err(|e| refused(&format!("the certificate request is invalid: {e}")))?;
     let token = new_token();
     let id = format!("tok-{:08x}", rand::random::<u32>());
-    s.store.add_token(&id, &hash_token(&token), &format!("{}/{}", r.kind, r.name), "component").await?;
+    let token_name = format!("{}/{}", r.kind, r.name);
+    // Registering again (a reinstalled host) replaces the component's earlier tokens.
+    let mut replaced = 0;
+    for t in s.store.tokens().await? {
+        if t.role == "component" && t.name == token_name {
+            s.store.delete_token(&t.id).await?;
+            replaced += 1;
+        }
+    }
+    if replaced > 0 {
+        let msg = format!("{token_name} registered again: its {replaced} earlier token(s) were revoked");
+        s.store.add_event(0, "warning", &token_name, &msg).await?;
+    }
+    s.store.add_token(&id, &hash_token(&token), &token_name, "component").await?;
     let key = format!("{}/{}", r.kind, r.name);
     let mut comp = s.store.get::<Component>(COMPONENT, &key).await?.map(|d| d.body).unwrap_or(Component {
         kind: r.kind.clone(),
@@ -77,6 +127,7 @@ pub async fn register(
         last_seen_ms: None,
         status: serde_json::Value::Null,
         policy: None,
+        reconciled_restore: None,
     });
     comp.registered_ms = Some(crate::jobs::now_ms());
     s.store.put(COMPONENT, &key, &comp, None).await?;

@@ -143,8 +143,12 @@ pub enum JobAction {
     Watch {
         id: String,
     },
+    /// Confirm the manual action the job waits for (the step shown with its prompt).
     Confirm {
         id: String,
+        /// Step index (default: the one waiting now, as `jobs show` prints it).
+        #[arg(long)]
+        step: Option<usize>,
     },
     Cancel {
         id: String,
@@ -388,8 +392,20 @@ pub async fn jobs(a: JobAction, s: &ServerArgs, out: OutputFormat) -> Result<()>
             }
         }
         JobAction::Watch { id } => watch(&id, s, out).await?,
-        JobAction::Confirm { id } => {
-            show(&s.call("POST", &format!("/api/v1/jobs/{}/confirm", enc(&id)), None).await?, out, &["confirmed"])
+        JobAction::Confirm { id, step } => {
+            let step = match step {
+                Some(s) => s,
+                None => {
+                    let j = s.call("GET", &format!("/api/v1/jobs/{}", enc(&id)), None).await?;
+                    if let Some(p) = j["input_prompt"].as_str() {
+                        eprintln!("confirming: {p}");
+                    }
+                    j["current_step"].as_u64().unwrap_or(0) as usize
+                }
+            };
+            let v =
+                s.call("POST", &format!("/api/v1/jobs/{}/confirm", enc(&id)), Some(json!({ "step": step }))).await?;
+            show(&v, out, &["confirmed", "step"]);
         }
         JobAction::Cancel { id } => {
             show(&s.call("POST", &format!("/api/v1/jobs/{}/cancel", enc(&id)), None).await?, out, &["cancelling"])
@@ -484,12 +500,14 @@ pub async fn tokens(a: TokenAction, s: &ServerArgs, out: OutputFormat) -> Result
 }
 
 /// Register a data-path component: key and CSR made here, certificate signed by the server.
+#[allow(clippy::too_many_arguments)]
 pub async fn register(
     server: &str,
     fingerprint: &str,
     passphrase: &str,
     kind: &str,
     name: &str,
+    hosts: &[String],
     dir: &std::path::Path,
     out: OutputFormat,
 ) -> Result<()> {
@@ -499,7 +517,8 @@ pub async fn register(
     if status != 200 {
         bail!("{server} answered HTTP {status} for its CA");
     }
-    let ca = String::from_utf8_lossy(&ca).into_owned();
+    // Exactly one certificate: what is fingerprinted is all that will be trusted.
+    let ca = ferry_tls::single_certificate(&String::from_utf8_lossy(&ca)).context("the server's CA answer")?;
     let got = ferry_tls::fingerprint(&ca)?;
     let want = fingerprint.replace(':', "").to_ascii_lowercase();
     if got != want {
@@ -508,8 +527,8 @@ pub async fn register(
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let ca_path = dir.join("ca.pem");
     std::fs::write(&ca_path, &ca).with_context(|| format!("cannot write {}", ca_path.display()))?;
-    let (key, csr) = ferry_tls::key_and_csr(name, &[])?;
-    let body = json!({"kind": kind, "name": name, "passphrase": passphrase, "csr": csr}).to_string();
+    let (key, csr) = ferry_tls::key_and_csr(name, hosts)?;
+    let body = json!({"kind": kind, "name": name, "passphrase": passphrase, "csr": csr, "hosts": hosts}).to_string();
     let (status, resp) = ferry_tls::https_request(
         server,
         ferry_tls::Trust::CaFile(&ca_path),

@@ -125,6 +125,9 @@ struct RegisterArgs {
     /// Where to put ca.pem, KIND.pem, KIND.key and the component token.
     #[arg(long)]
     dir: PathBuf,
+    /// Host names or addresses peers reach this component at (repeatable; in its certificate).
+    #[arg(long = "host")]
+    hosts: Vec<String>,
 }
 
 #[derive(Args)]
@@ -565,7 +568,7 @@ async fn run(cli: Cli) -> Result<()> {
             ctl::watch(job["id"].as_str().unwrap_or(""), &server, out).await
         }
         Command::Register(r) => {
-            ctl::register(&r.server, &r.ca_fingerprint, &r.passphrase, &r.kind, &r.name, &r.dir, out).await
+            ctl::register(&r.server, &r.ca_fingerprint, &r.passphrase, &r.kind, &r.name, &r.hosts, &r.dir, out).await
         }
         Command::MasterTarget(cmd) => match cmd.action {
             Some(MasterTargetAction::Status(s)) => status("master-target", &s, out).await,
@@ -987,6 +990,10 @@ async fn restore_config_server(
     let key = ferry_config_server::backup::parse_key(key_hex.trim())
         .with_context(|| format!("{} is not a backup key (64 hex digits)", key_path.display()))?;
     let snapshot = ferry_config_server::backup::read_backup(&from, &key).map_err(anyhow::Error::msg)?;
+    // Never under a running server: it would overwrite the restored rows.
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("cannot create {}", config.state_dir.display()))?;
+    let _lock = ferry_config_server::lock_state(&config.state_dir)?;
     let store = ferry_store::Store::open(&config.database_location()).await.context("opening the database")?;
     std::fs::create_dir_all(config.tls_dir())
         .with_context(|| format!("cannot create {}", config.tls_dir().display()))?;

@@ -453,8 +453,32 @@ fn conformance(database: &str, dir: &Path) {
          "post_actions": [{"kind": "manual", "name": "check dns", "instruction": "check that www resolves to the recovery site"}]},
         {"machines": ["db1"], "post_actions": [{"kind": "script", "name": "fail", "command": "echo broken >&2; exit 4"}]}
     ]});
+    let (_, op) = s.curl("POST", "/api/v1/tokens", a, Some(r#"{"name": "ops", "role": "operator"}"#));
+    let op = op["token"].as_str().unwrap().to_owned();
+    let (code, v) = s.curl("POST", "/api/v1/recovery-plans", Some(&op), Some(&plan.to_string()));
+    assert_eq!(code, 403, "script actions run on the server: admins only: {v}");
     let (code, v) = s.curl("POST", "/api/v1/recovery-plans", a, Some(&plan.to_string()));
     assert_eq!(code, 201, "{v}");
+    // Two confirmations in a row confirm one manual action, not the next one too.
+    let two = json!({"name": "two-checks", "groups": [{"machines": ["vm9"], "pre_actions": [
+        {"kind": "manual", "name": "first", "instruction": "a"}, {"kind": "manual", "name": "second", "instruction": "b"}]}]});
+    assert_eq!(s.curl("POST", "/api/v1/recovery-plans", Some(&op), Some(&two.to_string())).0, 201);
+    let (_, job) = s.curl("POST", "/api/v1/recovery-plans/two-checks/drill", Some(&op), None);
+    let tid = job["id"].as_str().unwrap().to_owned();
+    s.wait_job(&tid, &["waiting-for-input"]);
+    // The same confirmation twice (a double click): the second confirms nothing.
+    let first = s.wait_job(&tid, &["waiting-for-input"])["current_step"].clone();
+    let body = json!({ "step": first }).to_string();
+    assert_eq!(s.curl("POST", &format!("/api/v1/jobs/{tid}/confirm"), Some(&op), Some(&body)).0, 200);
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, v) = s.curl("POST", &format!("/api/v1/jobs/{tid}/confirm"), Some(&op), Some(&body));
+    assert_eq!(code, 409, "{v}");
+    std::thread::sleep(Duration::from_millis(300));
+    let j = s.wait_job(&tid, &["waiting-for-input", "succeeded"]);
+    assert_eq!(j["state"], "waiting-for-input", "the second manual action still waits: {j:#}");
+    assert!(j["input_prompt"].as_str().unwrap().contains("second"), "{j:#}");
+    assert_eq!(s.curl("POST", &format!("/api/v1/jobs/{tid}/confirm"), Some(&op), None).0, 200);
+    assert_eq!(s.wait_job(&tid, &["succeeded", "failed"])["state"], "succeeded");
 
     // A drill: script runs, manual action waits for input, confirm, the failing script fails the job.
     let (code, job) = s.curl("POST", "/api/v1/recovery-plans/dr/drill", a, None);
@@ -497,6 +521,8 @@ fn conformance(database: &str, dir: &Path) {
                 "agent",
                 "--name",
                 "vm1",
+                "--host",
+                "vm1.example.net",
                 "--dir",
             ])
             .arg(&certs)
@@ -520,6 +546,13 @@ fn conformance(database: &str, dir: &Path) {
     let verify =
         Command::new("openssl").arg("verify").arg("-CAfile").arg(s.ca()).arg(certs.join("agent.pem")).output().unwrap();
     assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+    let text =
+        Command::new("openssl").args(["x509", "-noout", "-text", "-in"]).arg(certs.join("agent.pem")).output().unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains("CN = agent/vm1") && text.contains("DNS:vm1.example.net"),
+        "the server chooses the names: {text}"
+    );
     let comp_token = std::fs::read_to_string(certs.join("config-server.token")).unwrap();
     let (code, v) = s.curl(
         "POST",
@@ -588,6 +621,21 @@ fn conformance(database: &str, dir: &Path) {
     );
     let (_, before) = s.curl("GET", "/api/v1/policies", a, None);
     s.curl("POST", "/api/v1/policies", a, Some(r#"{"name": "after-backup"}"#));
+    s.kill9();
+    // Never while a server runs on the state folder.
+    s.spawn();
+    let live = Command::new(FERRY)
+        .args(["config-server", "restore", "--database", database, "--from"])
+        .arg(&file)
+        .arg("--state-dir")
+        .arg(&s.state)
+        .output()
+        .unwrap();
+    assert!(
+        !live.status.success() && String::from_utf8_lossy(&live.stderr).contains("in use"),
+        "{}",
+        String::from_utf8_lossy(&live.stderr)
+    );
     s.kill9();
     let out = Command::new(FERRY)
         .args(["config-server", "restore", "--database", database, "--from"])
@@ -669,4 +717,36 @@ fn a_job_interrupted_by_sigkill_is_failed_with_a_reason_never_stuck() {
     // The CLI shows jobs.
     let out = s.ferry(&["jobs", "list"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("cancelled"), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
+#[test]
+fn registration_guessing_is_throttled_and_reregistration_revokes_the_old_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ferry.db");
+    let s = Server::start(&dir.path().join("state"), db.to_str().unwrap(), &[]);
+    let fp = s.first["ca_fingerprint"].as_str().unwrap().to_owned();
+    let server = format!("127.0.0.1:{}", s.port);
+    let pass = s.first["registration_passphrase"].as_str().unwrap().to_owned();
+    let reg = |dir: &Path| {
+        Command::new(FERRY)
+            .args(["register", "--server", &server, "--ca-fingerprint", &fp, "--passphrase", &pass])
+            .args(["--kind", "master-target", "--name", "mt1", "--dir"])
+            .arg(dir)
+            .output()
+            .unwrap()
+    };
+    assert!(reg(&dir.path().join("first")).status.success());
+    let old = std::fs::read_to_string(dir.path().join("first/config-server.token")).unwrap();
+    let hb = r#"{"kind": "master-target", "name": "mt1"}"#;
+    assert_eq!(s.curl("POST", "/api/v1/heartbeats", Some(&old), Some(hb)).0, 200);
+    assert!(reg(&dir.path().join("second")).status.success());
+    let new = std::fs::read_to_string(dir.path().join("second/config-server.token")).unwrap();
+    assert_eq!(s.curl("POST", "/api/v1/heartbeats", Some(&old), Some(hb)).0, 401, "the earlier token is revoked");
+    assert_eq!(s.curl("POST", "/api/v1/heartbeats", Some(&new), Some(hb)).0, 200);
+    let body = r#"{"kind": "agent", "name": "x", "passphrase": "guess", "csr": "-"}"#;
+    let mut codes = Vec::new();
+    for _ in 0..12 {
+        codes.push(s.curl("POST", "/api/v1/register", None, Some(body)).0);
+    }
+    assert!(codes[..10].iter().all(|c| *c == 403) && codes[10..].iter().all(|c| *c == 429), "{codes:?}");
 }

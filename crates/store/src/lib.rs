@@ -196,43 +196,32 @@ impl Store {
         body: &T,
         expected_revision: Option<i64>,
     ) -> Result<i64> {
-        let json = serde_json::to_string(body).map_err(|source| StoreError::Corrupt { what: kind.into(), source })?;
         let mut tx = self.pool.begin().await?;
-        let found: i64 = sqlx::query("SELECT revision FROM objects WHERE kind = $1 AND id = $2")
-            .bind(kind)
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?
-            .map(|r| r.try_get("revision"))
-            .transpose()?
-            .unwrap_or(0);
-        if let Some(expected) = expected_revision {
-            if expected != found {
-                return Err(StoreError::Conflict { kind: kind.into(), id: id.into(), expected, found });
-            }
+        let revision = put_in(&mut tx, kind, id, body, expected_revision).await?;
+        tx.commit().await?;
+        Ok(revision)
+    }
+
+    /// Several writes and deletes in one transaction: all happen or none (a policy and its
+    /// failback policy).
+    pub async fn write_many(
+        &self,
+        puts: &[(&str, &str, serde_json::Value, Option<i64>)],
+        deletes: &[(&str, &str)],
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for (kind, id, body, expected) in puts {
+            put_in(&mut tx, kind, id, body, *expected).await?;
         }
-        let revision = found + 1;
-        if found == 0 {
-            sqlx::query("INSERT INTO objects (kind, id, body, revision, updated_ms) VALUES ($1, $2, $3, $4, $5)")
-                .bind(kind)
-                .bind(id)
-                .bind(&json)
-                .bind(revision)
-                .bind(now_ms())
-                .execute(&mut *tx)
-                .await?;
-        } else {
-            sqlx::query("UPDATE objects SET body = $1, revision = $2, updated_ms = $3 WHERE kind = $4 AND id = $5")
-                .bind(&json)
-                .bind(revision)
-                .bind(now_ms())
-                .bind(kind)
-                .bind(id)
+        for (kind, id) in deletes {
+            sqlx::query("DELETE FROM objects WHERE kind = $1 AND id = $2")
+                .bind(*kind)
+                .bind(*id)
                 .execute(&mut *tx)
                 .await?;
         }
         tx.commit().await?;
-        Ok(revision)
+        Ok(())
     }
 
     /// Delete; returns whether it existed.
@@ -243,30 +232,6 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(r.rows_affected() > 0)
-    }
-
-    /// Replace every document of `kind` whose id starts with `prefix` by `docs`, in one
-    /// transaction (a rediscovery replaces a site's inventory atomically).
-    pub async fn replace_prefix<T: Serialize>(&self, kind: &str, prefix: &str, docs: &[(String, T)]) -> Result<()> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query("DELETE FROM objects WHERE kind = $1 AND id LIKE $2")
-            .bind(kind)
-            .bind(format!("{}%", prefix.replace('%', "")))
-            .execute(&mut *tx)
-            .await?;
-        for (id, body) in docs {
-            let json =
-                serde_json::to_string(body).map_err(|source| StoreError::Corrupt { what: kind.into(), source })?;
-            sqlx::query("INSERT INTO objects (kind, id, body, revision, updated_ms) VALUES ($1, $2, $3, 1, $4)")
-                .bind(kind)
-                .bind(id)
-                .bind(json)
-                .bind(now_ms())
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(())
     }
 
     // ---- tokens ---------------------------------------------------------------------------
@@ -456,6 +421,12 @@ impl Store {
                 q.execute(&mut *tx).await?;
             }
         }
+        if self.backend == Backend::Postgres {
+            // Rows came with their sequence numbers: move the sequence past them.
+            sqlx::query("SELECT setval(pg_get_serial_sequence('events', 'seq'), COALESCE((SELECT MAX(seq) FROM events), 0) + 1, false)")
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         Ok(())
     }
@@ -469,6 +440,64 @@ impl Store {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// Compare-and-set write: the UPDATE names the revision it read and the INSERT yields to a
+/// concurrent one, so two writers never both succeed (also under READ COMMITTED on PostgreSQL).
+async fn put_in<T: Serialize>(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    kind: &str,
+    id: &str,
+    body: &T,
+    expected_revision: Option<i64>,
+) -> Result<i64> {
+    let json = serde_json::to_string(body).map_err(|source| StoreError::Corrupt { what: kind.into(), source })?;
+    let found: i64 = sqlx::query("SELECT revision FROM objects WHERE kind = $1 AND id = $2")
+        .bind(kind)
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await?
+        .map(|r| r.try_get("revision"))
+        .transpose()?
+        .unwrap_or(0);
+    let conflict = |found| StoreError::Conflict {
+        kind: kind.into(),
+        id: id.into(),
+        expected: expected_revision.unwrap_or(found),
+        found,
+    };
+    if let Some(expected) = expected_revision {
+        if expected != found {
+            return Err(StoreError::Conflict { kind: kind.into(), id: id.into(), expected, found });
+        }
+    }
+    let revision = found + 1;
+    let affected = if found == 0 {
+        sqlx::query("INSERT INTO objects (kind, id, body, revision, updated_ms) VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING")
+            .bind(kind)
+            .bind(id)
+            .bind(&json)
+            .bind(revision)
+            .bind(now_ms())
+            .execute(&mut **tx)
+            .await?
+            .rows_affected()
+    } else {
+        sqlx::query("UPDATE objects SET body = $1, revision = $2, updated_ms = $3 WHERE kind = $4 AND id = $5 AND revision = $6")
+            .bind(&json)
+            .bind(revision)
+            .bind(now_ms())
+            .bind(kind)
+            .bind(id)
+            .bind(found)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected()
+    };
+    if affected != 1 {
+        return Err(conflict(found + 1));
+    }
+    Ok(revision)
 }
 
 fn parse<T: DeserializeOwned>(what: &str, s: &str) -> Result<T> {

@@ -277,17 +277,73 @@ pub fn key_and_csr(name: &str, hosts: &[String]) -> Result<(String, String), Tls
     Ok((key.serialize_pem(), csr.pem()?))
 }
 
-/// Sign a certificate request with the CA in `ca_dir` (server and client auth). The subject's
-/// names come from the request.
-pub fn sign_csr(ca_dir: &Path, csr_pem: &str) -> Result<String, TlsError> {
+/// Sign a certificate request with the CA in `ca_dir` (server and client auth, `days` valid).
+/// Only the request's public key is used: the subject (`common_name`) and names (`sans`) are
+/// the signer's choice, never the requester's.
+pub fn sign_csr(
+    ca_dir: &Path,
+    csr_pem: &str,
+    common_name: &str,
+    sans: &[String],
+    days: u32,
+) -> Result<String, TlsError> {
     let key_pem = String::from_utf8_lossy(&read(&ca_dir.join("ca.key"))?).into_owned();
     let ca_key = rcgen::KeyPair::from_pem(&key_pem)?;
     let ca_cert = ca_params()?.self_signed(&ca_key)?;
     let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
-    csr.params.extended_key_usages =
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    for n in sans {
+        let san = match n.parse::<std::net::IpAddr>() {
+            Ok(ip) => rcgen::SanType::IpAddress(ip),
+            Err(_) => rcgen::SanType::DnsName(n.clone().try_into()?),
+        };
+        params.subject_alt_names.push(san);
+    }
+    params.distinguished_name.push(rcgen::DnType::CommonName, common_name.to_owned());
+    params.extended_key_usages =
         vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-    csr.params.is_ca = rcgen::IsCa::NoCa;
+    params.is_ca = rcgen::IsCa::NoCa;
+    let now = std::time::SystemTime::now();
+    params.not_before = now.into();
+    params.not_after = (now + std::time::Duration::from_secs(u64::from(days) * 86_400)).into();
+    csr.params = params;
     Ok(csr.signed_by(&ca_cert, &ca_key)?.pem())
+}
+
+/// The one certificate of a PEM document, or an error when it holds none or several (a CA
+/// fetched for pinning must be exactly what was fingerprinted).
+pub fn single_certificate(pem: &str) -> Result<String, TlsError> {
+    let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    if certs.len() != 1 {
+        return Err(TlsError::Verifier(format!("expected exactly one CA certificate, found {}", certs.len())));
+    }
+    let b64 = base64_encode(certs[0].as_ref());
+    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(chunk));
+        out.push('\n');
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
+    Ok(out)
+}
+
+fn base64_encode(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for c in data.chunks(3) {
+        let n =
+            (u32::from(c[0]) << 16) | (u32::from(*c.get(1).unwrap_or(&0)) << 8) | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// Accepts any server certificate: only for fetching a CA whose fingerprint is checked next.
