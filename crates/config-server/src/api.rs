@@ -177,6 +177,8 @@ routes! {
     get "/api/v1/events" "reader" "Recent events (health transitions, discovery warnings, restores)";
     post "/api/v1/heartbeats" "component" "A component's heartbeat with its status";
     get "/api/v1/components" "reader" "Components with health (Healthy / Warning / Critical) and reasons";
+    get "/api/v1/components/{kind}/{name}/settings" "component" "A component's effective settings (its configuration keys, plus what its policy implies)";
+    put "/api/v1/components/{kind}/{name}/settings" "operator" "Set a component's configuration keys (peers, disks, policy...)";
     post "/api/v1/backups" "admin" "Start a backup job (encrypted file in the backup folder)";
 }
 
@@ -250,6 +252,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/events", get(events))
         .route("/api/v1/heartbeats", post(crate::health::heartbeat))
         .route("/api/v1/components", get(crate::health::components))
+        .route("/api/v1/components/{kind}/{name}/settings", get(get_settings).put(put_settings))
         .route("/api/v1/backups", post(start_backup))
         .fallback(|| async { ApiError::not_found("no such API route: see /api/v1/openapi.json") })
         .layer(axum::extract::DefaultBodyLimit::max(state.config.max_body_bytes))
@@ -739,4 +742,96 @@ async fn start_backup(State(s): State<Arc<AppState>>, c: Caller) -> ApiResult {
         )
         .await?;
     Ok((StatusCode::ACCEPTED, Json(job)).into_response())
+}
+
+// ---- component settings -------------------------------------------------------------------
+
+pub const SETTINGS: &str = "component-settings";
+
+/// Keys the server derives and a component may not be given directly.
+fn effective_settings(
+    kind: &str,
+    name: &str,
+    stored: &serde_json::Map<String, serde_json::Value>,
+    policies: &std::collections::HashMap<String, Policy>,
+    all: &[(String, serde_json::Map<String, serde_json::Value>)],
+) -> serde_json::Value {
+    let mut out = stored.clone();
+    out.remove("policy");
+    if kind == "agent" {
+        if let Some(p) = stored.get("policy").and_then(|p| p.as_str()).and_then(|p| policies.get(p)) {
+            out.entry("crash_point_interval_secs").or_insert(p.crash_consistent_secs.into());
+            out.entry("app_point_interval_secs").or_insert(p.app_consistent_secs.into());
+        }
+    }
+    if kind == "master-target" {
+        // Each machine's retention window comes from its agent's policy.
+        let mut windows = serde_json::Map::new();
+        for (id, agent) in all.iter().filter(|(id, _)| id.starts_with("agent/")) {
+            let machine = agent.get("machine").and_then(|m| m.as_str()).unwrap_or(&id["agent/".len()..]).to_owned();
+            if let Some(p) = agent.get("policy").and_then(|p| p.as_str()).and_then(|p| policies.get(p)) {
+                windows.insert(machine, (p.retention_secs as f64).into());
+            }
+        }
+        if !windows.is_empty() {
+            out.entry("machine_retention_secs").or_insert(serde_json::Value::Object(windows));
+        }
+    }
+    let _ = name;
+    serde_json::Value::Object(out)
+}
+
+async fn get_settings(
+    State(s): State<Arc<AppState>>,
+    c: Caller,
+    Path((kind, name)): Path<(String, String)>,
+) -> ApiResult {
+    crate::registration::check_kind(&kind)?;
+    model::check_name("component", &name)?;
+    let own = c.role == Role::Component && c.token_name == format!("{kind}/{name}");
+    if !own && c.role < Role::Reader {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            errors::FORBIDDEN,
+            format!("token {:?} may read only its own settings", c.token_name),
+        ));
+    }
+    let all: Vec<(String, serde_json::Map<String, serde_json::Value>)> = s
+        .store
+        .list::<serde_json::Map<String, serde_json::Value>>(SETTINGS)
+        .await?
+        .into_iter()
+        .map(|d| (d.id, d.body))
+        .collect();
+    let policies: std::collections::HashMap<String, Policy> =
+        s.store.list::<Policy>(model::POLICY).await?.into_iter().map(|d| (d.id, d.body)).collect();
+    let key = format!("{kind}/{name}");
+    let stored = all.iter().find(|(id, _)| *id == key).map(|(_, b)| b.clone()).unwrap_or_default();
+    ok(effective_settings(&kind, &name, &stored, &policies, &all))
+}
+
+async fn put_settings(
+    State(s): State<Arc<AppState>>,
+    c: Caller,
+    Path((kind, name)): Path<(String, String)>,
+    Body(v): Body<serde_json::Map<String, serde_json::Value>>,
+) -> ApiResult {
+    c.need(Role::Operator)?;
+    crate::registration::check_kind(&kind)?;
+    model::check_name("component", &name)?;
+    for k in ["tls", "config_server", "state_dir", "cache_dir", "datastore", "retention"] {
+        if v.contains_key(k) {
+            return Err(ApiError::bad(format!(
+                "{k} is local to the component's host and stays in its own file (the server sets peers, disks and policies)"
+            )));
+        }
+    }
+    if let Some(p) = v.get("policy") {
+        let p = p.as_str().ok_or_else(|| ApiError::bad("policy must be a policy name"))?;
+        if s.store.get::<Policy>(model::POLICY, p).await?.is_none() {
+            return Err(ApiError::bad(format!("policy {p} does not exist")));
+        }
+    }
+    s.store.put(SETTINGS, &format!("{kind}/{name}"), &v, None).await?;
+    ok(serde_json::Value::Object(v))
 }

@@ -54,16 +54,83 @@ impl Overrides {
     }
 }
 
-/// Read the TOML file (if any), apply the overrides, and deserialize; errors name the file and key.
-pub fn load_config<T: DeserializeOwned>(path: Option<&Path>, overrides: Overrides, component: &str) -> Result<T> {
-    let mut table = match path {
+fn read_table(path: Option<&Path>, component: &str) -> Result<toml::Table> {
+    Ok(match path {
         Some(p) => {
             let text = std::fs::read_to_string(p)
                 .with_context(|| format!("cannot read the {component} configuration {}", p.display()))?;
             toml::from_str::<toml::Table>(&text).with_context(|| format!("{} is not valid TOML", p.display()))?
         }
         None => toml::Table::new(),
-    };
+    })
+}
+
+/// Read the TOML file (if any), apply the overrides, and deserialize; errors name the file and key.
+pub fn load_config<T: DeserializeOwned>(path: Option<&Path>, overrides: Overrides, component: &str) -> Result<T> {
+    let table = read_table(path, component)?;
+    finish(table, path, overrides, component)
+}
+
+/// Like [`load_config`], and when the file links the component to a configuration server
+/// (`[config_server]`), the settings the server holds for it (peers, disks, policy) override the
+/// file's keys; flags still override both. An unreachable server leaves the file's settings
+/// (standalone operation continues), with a warning.
+pub async fn load_config_with_server<T: DeserializeOwned>(
+    path: Option<&Path>,
+    overrides: Overrides,
+    component: &str,
+    default_name: impl Fn(&toml::Table) -> String,
+) -> Result<T> {
+    let mut table = read_table(path, component)?;
+    if let Some(link) = table.get("config_server").cloned() {
+        let link: ferry_status::ConfigServerLink =
+            link.try_into().with_context(|| format!("invalid [config_server] in the {component} configuration"))?;
+        let name = link.name.clone().unwrap_or_else(|| default_name(&table));
+        match fetch_settings(&link, component, &name).await {
+            Ok(settings) => {
+                tracing::info!(server = %link.address, keys = settings.len(), "settings from the configuration server");
+                for (k, v) in settings {
+                    table.insert(k, v);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(server = %link.address, error = %format!("{e:#}"), "cannot fetch settings from the configuration server; using the local file")
+            }
+        }
+    }
+    finish(table, path, overrides, component)
+}
+
+async fn fetch_settings(link: &ferry_status::ConfigServerLink, kind: &str, name: &str) -> Result<toml::Table> {
+    let token = std::fs::read_to_string(&link.token_file)
+        .with_context(|| format!("cannot read {} (run `ferry register`)", link.token_file.display()))?;
+    let auth = format!("Bearer {}", token.trim());
+    let (status, body) = ferry_tls::https_request(
+        &link.address,
+        ferry_tls::Trust::CaFile(&link.ca),
+        "GET",
+        &format!("/api/v1/components/{kind}/{name}/settings"),
+        &[("Authorization", auth.as_str())],
+        None,
+    )
+    .await?;
+    if status != 200 {
+        anyhow::bail!("HTTP {status}: {}", String::from_utf8_lossy(&body));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&body).context("settings are not JSON")?;
+    let t: toml::Table = toml::Value::try_from(v)
+        .context("settings do not convert to TOML")?
+        .try_into()
+        .context("settings are not a table")?;
+    Ok(t)
+}
+
+fn finish<T: DeserializeOwned>(
+    mut table: toml::Table,
+    path: Option<&Path>,
+    overrides: Overrides,
+    component: &str,
+) -> Result<T> {
     for (k, v) in overrides.0 {
         table.insert(k, v);
     }

@@ -603,7 +603,10 @@ async fn run_agent(a: AgentRunArgs) -> Result<()> {
         o.set("disks", toml::Value::Array(disks));
     }
     o.assignments(&a.set)?;
-    let config: ferry_agent::AgentConfig = load_config(a.config.as_deref(), o, "agent")?;
+    let config: ferry_agent::AgentConfig = cli_config::load_config_with_server(a.config.as_deref(), o, "agent", |t| {
+        t.get("machine").and_then(|m| m.as_str()).unwrap_or("agent").to_owned()
+    })
+    .await?;
     if config.nbd_listen.is_none() && config.nbd_socket.is_none() {
         bail!("the agent needs nbd_listen (e.g. 127.0.0.1:10809) or nbd_socket: it is the machine's disk interface");
     }
@@ -637,7 +640,9 @@ async fn run_process_server(a: ProcessServerRunArgs) -> Result<()> {
     o.string("master_target", a.master_target);
     o.certs(a.certs, "process-server");
     o.assignments(&a.set)?;
-    let config: ferry_process_server::ProcessServerConfig = load_config(a.config.as_deref(), o, "process-server")?;
+    let config: ferry_process_server::ProcessServerConfig =
+        cli_config::load_config_with_server(a.config.as_deref(), o, "process-server", |_| "process-server".into())
+            .await?;
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
         .with_context(|| format!("cannot listen on {} for agents", config.listen))?;
@@ -653,7 +658,11 @@ async fn run_master_target(a: MasterTargetRunArgs) -> Result<()> {
     o.string("status_listen", a.status_listen);
     o.certs(a.certs, "master-target");
     o.assignments(&a.set)?;
-    let config: ferry_master_target::MasterTargetConfig = load_config(a.config.as_deref(), o, "master-target")?;
+    let config: ferry_master_target::MasterTargetConfig =
+        cli_config::load_config_with_server(a.config.as_deref(), o, "master-target", |t| {
+            t.get("name").and_then(|m| m.as_str()).unwrap_or("master-target").to_owned()
+        })
+        .await?;
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
         .with_context(|| format!("cannot listen on {} for process servers", config.listen))?;

@@ -11,7 +11,7 @@ use common::*;
 use serde_json::Value;
 
 #[test]
-fn registered_components_heartbeat_and_a_killed_one_turns_critical() {
+fn registered_components_take_their_settings_from_the_server_heartbeat_and_turn_critical_when_killed() {
     let state = tempfile::tempdir().unwrap();
     let port = free_port();
     let mut server = Command::new(FERRY)
@@ -49,6 +49,30 @@ fn registered_components_heartbeat_and_a_killed_one_turns_critical() {
             .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
+    // Settings held by the server: vm1 runs with policy gold (crash-consistent every second,
+    // 2 h retention), which the agent and the master target take at start.
+    let admin = first["admin_token"].as_str().unwrap().to_owned();
+    let ca = state.path().join("tls/ca.pem");
+    let cli = |args: &[&str]| {
+        let out = Command::new(FERRY)
+            .args(args)
+            .args(["--server", &addr, "--token", &admin, "--ca"])
+            .arg(&ca)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        out
+    };
+    cli(&["policies", "create", "gold", "--crash-consistent-secs", "1", "--retention-secs", "7200"]);
+    let put = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+        .arg(&ca)
+        .args(["-X", "PUT", "-H", &format!("Authorization: Bearer {admin}"), "-H", "Content-Type: application/json"])
+        .args(["--data-binary", r#"{"policy": "gold"}"#])
+        .arg(format!("https://{addr}/api/v1/components/agent/vm1/settings"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&put.stdout), "200");
     let link = |kind: &str| {
         format!(
             "[config_server]\naddress = '{addr}'\nca = '{0}/ca.pem'\ntoken_file = '{0}/config-server.token'\nheartbeat_interval_secs = 0.3\n",
@@ -63,7 +87,18 @@ fn registered_components_heartbeat_and_a_killed_one_turns_critical() {
     });
     c.start_all();
     c.wait_caught_up(Duration::from_secs(30));
-    let admin = first["admin_token"].as_str().unwrap();
+    let mt = c.status("master-target");
+    assert_eq!(mt["machines"][0]["retention"]["window_secs"], 7200.0, "the retention of vm1's policy: {mt:#}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while c.status("agent")["points"]["crash_tags"].as_u64().unwrap_or(0) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the agent takes its policy's crash-consistent interval: {:#}",
+            c.status("agent")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let admin = admin.as_str();
     let components = || -> Value {
         let out = Command::new(FERRY)
             .args(["--output", "json", "components", "--server", &addr, "--token", admin, "--ca"])
