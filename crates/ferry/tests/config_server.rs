@@ -302,8 +302,11 @@ read_only = true
 
 /// The behaviour every database backend must have.
 fn conformance(database: &str, dir: &Path) {
-    let mut s =
-        Server::start(&dir.join("state"), database, &["heartbeat_timeout_secs = 1.5", "health_interval_secs = 0.3"]);
+    let mut s = Server::start(
+        &dir.join("state"),
+        database,
+        &["heartbeat_timeout_secs = 1.5", "health_interval_secs = 0.3", "discovery_interval_secs = 1"],
+    );
     let admin = s.admin();
     let a = Some(admin.as_str());
     assert!(s.first["ca_fingerprint"].as_str().unwrap().len() == 64);
@@ -412,6 +415,21 @@ fn conformance(database: &str, dir: &Path) {
     assert_eq!(c["credentials"][0]["read_only"], true);
     assert!(c["process_servers"][0]["cache_free_percent"].as_f64().is_some());
     assert!(inv[0]["warnings"].to_string().contains("8061"), "{inv:#}");
+    // Periodic rediscovery: a retention volume added to the site shows up by itself (MT-5).
+    std::fs::create_dir_all(site.join("retention2")).unwrap();
+    let toml = std::fs::read_to_string(site.join("site.toml"))
+        .unwrap()
+        .replace(r#"retention_volumes = ["retention"]"#, r#"retention_volumes = ["retention", "retention2"]"#);
+    std::fs::write(site.join("site.toml"), toml).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, inv) = s.curl("GET", "/api/v1/inventory", a, None);
+        if inv[0]["content"]["master_targets"][0]["retention_volumes"].to_string().contains("retention2") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the new retention volume never showed: {inv:#}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let out = s.ferry(&["inventory"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("vm1"), "{}", String::from_utf8_lossy(&out.stderr));
 
