@@ -768,3 +768,59 @@ fn registration_guessing_is_throttled_and_reregistration_revokes_the_old_token()
     }
     assert!(codes[..10].iter().all(|c| *c == 403) && codes[10..].iter().all(|c| *c == 429), "{codes:?}");
 }
+
+#[test]
+fn adopts_the_ferry_certs_ca_rotates_the_passphrase_and_keeps_scheduled_backups() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    assert!(Command::new(FERRY).args(["certs", "--dir"]).arg(&certs).output().unwrap().status.success());
+    let db = dir.path().join("ferry.db");
+    let state = dir.path().join("state");
+    let certs_set = format!("certs = '{}'", certs.display());
+    let s = Server::start(&state, db.to_str().unwrap(), &[&certs_set, "backup_interval_secs = 0.5", "backup_keep = 2"]);
+    // The CA of `ferry certs` is the server's CA: data-path certificates and registrations share it.
+    let pem = std::fs::read_to_string(certs.join("ca.pem")).unwrap();
+    let fp = Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+        .arg(certs.join("ca.pem"))
+        .output()
+        .unwrap();
+    let fp = String::from_utf8_lossy(&fp.stdout).split('=').nth(1).unwrap().trim().replace(':', "").to_lowercase();
+    assert_eq!(s.first["ca_fingerprint"].as_str().unwrap(), fp, "{pem}");
+    // Rotation: the old passphrase stops working, the new one works.
+    let old = s.first["registration_passphrase"].as_str().unwrap().to_owned();
+    let (code, v) = s.curl("POST", "/api/v1/registration/passphrase", Some(&s.admin()), None);
+    assert_eq!(code, 200, "{v}");
+    let new = v["passphrase"].as_str().unwrap().to_owned();
+    let server = format!("127.0.0.1:{}", s.port);
+    let reg = |pass: &str, sub: &str| {
+        Command::new(FERRY)
+            .args([
+                "register",
+                "--server",
+                &server,
+                "--ca-fingerprint",
+                &fp,
+                "--passphrase",
+                pass,
+                "--kind",
+                "agent",
+                "--name",
+                "vm7",
+                "--dir",
+            ])
+            .arg(dir.path().join(sub))
+            .output()
+            .unwrap()
+    };
+    assert!(!reg(&old, "a").status.success());
+    assert!(reg(&new, "b").status.success());
+    // Scheduled backups, the newest two kept.
+    std::thread::sleep(Duration::from_secs(3));
+    let files: Vec<_> = std::fs::read_dir(state.join("backups"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".bak"))
+        .collect();
+    assert_eq!(files.len(), 2, "{files:?}");
+}
