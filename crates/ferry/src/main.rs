@@ -2,6 +2,7 @@
 
 mod cli_config;
 mod ctl;
+mod lab;
 mod output;
 
 use std::path::PathBuf;
@@ -106,6 +107,54 @@ enum Command {
     },
     /// Register this host's component with a configuration server (key and CSR made here).
     Register(RegisterArgs),
+    /// Lab tools: verifiable workloads and their verification.
+    Lab {
+        #[command(subcommand)]
+        action: LabAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum LabAction {
+    /// Write verifiable records (seq, checksums, random offsets and sizes) through NBD exports.
+    Workload {
+        /// An NBD export HOST:PORT/EXPORT per disk (repeatable; disk index = order).
+        #[arg(long = "disk", required = true)]
+        disks: Vec<String>,
+        /// The record log (appended before each write; `lab verify` reads it).
+        #[arg(long)]
+        record_log: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Records per second (0 = as fast as possible).
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
+        #[arg(long)]
+        records: Option<u64>,
+        #[arg(long)]
+        duration_secs: Option<f64>,
+        /// Largest record, in 4 KiB blocks.
+        #[arg(long, default_value_t = 16)]
+        max_blocks: u32,
+        /// Pause-and-flush while this file exists (writes FILE.paused with the last seq): the
+        /// freeze hook of an app-consistent point creates it, the thaw hook removes it.
+        #[arg(long)]
+        pause_file: Option<PathBuf>,
+    },
+    /// Check that disk images hold a consistent prefix of a workload's records.
+    Verify {
+        /// The workload's record log.
+        #[arg(long)]
+        record_log: PathBuf,
+        /// A raw image per disk, in the workload's disk order (repeatable).
+        #[arg(long = "disk", required = true)]
+        disks: Vec<PathBuf>,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// The prefix must be exactly this seq (an app-consistent point's paused seq).
+        #[arg(long)]
+        exact_seq: Option<u64>,
+    },
 }
 
 #[derive(Args)]
@@ -567,6 +616,7 @@ async fn run(cli: Cli) -> Result<()> {
             let job = server.call("POST", "/api/v1/backups", None).await?;
             ctl::watch(job["id"].as_str().unwrap_or(""), &server, out).await
         }
+        Command::Lab { action } => run_lab(action, out).await,
         Command::Register(r) => {
             ctl::register(&r.server, &r.ca_fingerprint, &r.passphrase, &r.kind, &r.name, &r.hosts, &r.dir, out).await
         }
@@ -1019,4 +1069,45 @@ async fn restore_config_server(
         ),
     }
     Ok(())
+}
+
+async fn run_lab(action: LabAction, out: OutputFormat) -> Result<()> {
+    match action {
+        LabAction::Workload { disks, record_log, seed, rate, records, duration_secs, max_blocks, pause_file } => {
+            let args = lab::WorkloadArgs {
+                disks,
+                log: record_log,
+                seed,
+                rate,
+                records,
+                duration: duration_secs.map(std::time::Duration::from_secs_f64),
+                max_blocks,
+                pause_file,
+            };
+            let last = tokio::task::spawn_blocking(move || lab::workload(&args)).await??;
+            match out {
+                OutputFormat::Json => println!("{}", serde_json::json!({ "last_seq": last })),
+                OutputFormat::Table => println!("workload done: last record seq {last}"),
+            }
+            Ok(())
+        }
+        LabAction::Verify { record_log, disks, seed, exact_seq } => {
+            let v = tokio::task::spawn_blocking(move || lab::verify(&record_log, &disks, seed, exact_seq)).await??;
+            match out {
+                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+                OutputFormat::Table => println!(
+                    "{}: prefix up to record {} ({} records in the log, {} blocks checked){}",
+                    if v.consistent { "CONSISTENT" } else { "NOT CONSISTENT" },
+                    v.prefix_seq,
+                    v.records_in_log,
+                    v.blocks_checked,
+                    v.problem.as_ref().map(|p| format!(": {p}")).unwrap_or_default()
+                ),
+            }
+            if !v.consistent {
+                bail!("verification failed: {}", v.problem.unwrap_or_default());
+            }
+            Ok(())
+        }
+    }
 }

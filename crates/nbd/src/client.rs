@@ -27,6 +27,15 @@ pub struct NbdClient<S: Read + Write> {
     cookie: u64,
 }
 
+impl NbdClient<std::net::TcpStream> {
+    /// Connect to a TCP NBD server (`host:port`) and open `export`.
+    pub fn connect_tcp(addr: &str, export: &str) -> Result<Self, ClientError> {
+        let s = std::net::TcpStream::connect(addr)?;
+        s.set_nodelay(true)?;
+        Self::handshake(s, export)
+    }
+}
+
 impl NbdClient<UnixStream> {
     /// Connect to a unix-socket NBD server and open `export`.
     pub fn connect_unix(socket: &Path, export: &str) -> Result<Self, ClientError> {
