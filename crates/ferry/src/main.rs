@@ -3,6 +3,7 @@
 mod cli_config;
 mod ctl;
 mod lab;
+mod lab_link;
 mod output;
 
 use std::path::PathBuf;
@@ -140,6 +141,20 @@ enum LabAction {
         /// freeze hook of an app-consistent point creates it, the thaw hook removes it.
         #[arg(long)]
         pause_file: Option<PathBuf>,
+    },
+    /// A controllable link between sites: a TCP proxy whose control endpoint cuts, restores or
+    /// slows it (`curl -X POST http://CONTROL/cut`, `/restore`, `/slow -d '{"latency_ms": 50,
+    /// "bandwidth_bytes_per_sec": 1000000}'`; `GET /status`).
+    Link {
+        /// Where the near side connects.
+        #[arg(long)]
+        listen: String,
+        /// The far side's address.
+        #[arg(long)]
+        to: String,
+        /// Control endpoint (HTTP, loopback).
+        #[arg(long)]
+        control: String,
     },
     /// Check that disk images hold a consistent prefix of a workload's records.
     Verify {
@@ -1091,6 +1106,7 @@ async fn run_lab(action: LabAction, out: OutputFormat) -> Result<()> {
             }
             Ok(())
         }
+        LabAction::Link { listen, to, control } => lab_link::run(&listen, to, &control, shutdown_on_signal()).await,
         LabAction::Verify { record_log, disks, seed, exact_seq } => {
             let v = tokio::task::spawn_blocking(move || lab::verify(&record_log, &disks, seed, exact_seq)).await??;
             match out {

@@ -99,3 +99,62 @@ fn lab_workload_verifies_on_the_replica_and_an_app_point_and_fails_on_a_corrupte
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&format!("offset {}", last0[2])), "{text}");
 }
+
+#[test]
+fn a_cut_lab_link_stops_replication_and_a_restored_one_resumes_without_a_resync() {
+    let mut c = Cluster::new(Opts::default());
+    let (link, control) = (free_port(), free_port());
+    let cfg = c.path().join("agent.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        &format!("process_server = '127.0.0.1:{}'", c.ps_port),
+        &format!("process_server = '127.0.0.1:{link}'"),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let mut proxy = Command::new(FERRY)
+        .args([
+            "lab",
+            "link",
+            "--listen",
+            &format!("127.0.0.1:{link}"),
+            "--to",
+            &format!("127.0.0.1:{}", c.ps_port),
+            "--control",
+            &format!("127.0.0.1:{control}"),
+        ])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while http_json(control, "GET", "/status", None).is_none() {
+        assert!(std::time::Instant::now() < deadline, "lab link did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    c.start_all();
+    c.wait_caught_up(Duration::from_secs(30));
+    assert!(c.qemu_io("disk0", "write -P 1 0 4M\nflush\n").status.success());
+    c.wait_caught_up(Duration::from_secs(30));
+    let (code, v) = http_json(control, "POST", "/cut", None).unwrap();
+    assert_eq!((code, v["cut"].as_bool()), (200, Some(true)));
+    assert!(
+        c.qemu_io("disk0", "write -P 2 4M 4M\nflush\n").status.success(),
+        "the source keeps working while the sites are apart"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let s = c.status("agent");
+    assert_eq!(s["caught_up"], false, "{s:#}");
+    assert!(s["pending_log_bytes"].as_u64().unwrap() >= 4 << 20, "the changes wait at the agent: {s:#}");
+    assert!(s["lag_seconds"].as_f64().unwrap() > 1.0, "{s:#}");
+    let (code, _) = http_json(control, "POST", "/restore", None).unwrap();
+    assert_eq!(code, 200);
+    c.wait_caught_up(Duration::from_secs(60));
+    c.assert_identical();
+    let resyncs = c.status("agent")["completed_resyncs"].to_string();
+    assert_eq!(resyncs.matches("reason").count(), 1, "only the initial sync, no resync after the outage: {resyncs}");
+    // A slow link still carries replication.
+    http_json(control, "POST", "/slow", Some(r#"{"latency_ms": 20, "bandwidth_bytes_per_sec": 4000000}"#)).unwrap();
+    assert!(c.qemu_io("disk0", "write -P 3 0 2M\nflush\n").status.success());
+    c.wait_caught_up(Duration::from_secs(60));
+    c.assert_identical();
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+}
