@@ -185,9 +185,11 @@ fn columns(v: &Value, cols: &[&str]) {
             Value::Null => "-".into(),
             Value::Array(a) => a
                 .iter()
-                .map(|e| e.as_str().map(str::to_owned).unwrap_or_else(|| e.to_string()))
+                .map(|e| {
+                    e.as_str().or_else(|| e["message"].as_str()).map(str::to_owned).unwrap_or_else(|| e.to_string())
+                })
                 .collect::<Vec<_>>()
-                .join(","),
+                .join("; "),
             other => other.to_string(),
         }
     };
@@ -211,7 +213,7 @@ fn columns(v: &Value, cols: &[&str]) {
     }
 }
 
-fn show(v: &Value, out: OutputFormat, cols: &[&str]) {
+pub fn show(v: &Value, out: OutputFormat, cols: &[&str]) {
     match out {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
         OutputFormat::Table => columns(v, cols),

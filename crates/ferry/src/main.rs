@@ -619,12 +619,12 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Tokens { action, server } => ctl::tokens(action, &server, out).await,
         Command::Events { server } => {
             let v = server.call("GET", "/api/v1/events", None).await?;
-            output::print_rows(&v, out, &["seq", "time_ms", "severity", "code", "object", "message"]);
+            ctl::show(&v, out, &["seq", "time_ms", "severity", "code", "object", "message"]);
             Ok(())
         }
         Command::Components { server } => {
             let v = server.call("GET", "/api/v1/components", None).await?;
-            output::print_rows(&v, out, &["kind", "name", "health", "last_seen_ms", "reasons"]);
+            ctl::show(&v, out, &["kind", "name", "health", "last_seen_ms", "reasons"]);
             Ok(())
         }
         Command::Backup { server } => {
