@@ -169,6 +169,7 @@ routes! {
     get "/api/v1/sites/{name}" "reader" "Show a site";
     delete "/api/v1/sites/{name}" "operator" "Remove a site and its inventory";
     post "/api/v1/sites/{name}/discover" "operator" "Rediscover a site now (a job)";
+    post "/api/v1/sites/{name}/operations" "operator" "A provider operation (power-on/off, create/delete-machine, attach/detach-disk, create/merge-snapshots) as a job";
     get "/api/v1/inventory" "reader" "The discovered inventory of every site";
     get "/api/v1/jobs" "reader" "List jobs, newest first";
     get "/api/v1/jobs/{id}" "reader" "Show a job: steps, progress, bytes, ETA, state, error";
@@ -244,6 +245,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/sites", get(list_sites).post(create_site))
         .route("/api/v1/sites/{name}", get(get_site).delete(delete_site))
         .route("/api/v1/sites/{name}/discover", post(discover_site))
+        .route("/api/v1/sites/{name}/operations", post(site_operation))
         .route("/api/v1/inventory", get(inventory))
         .route("/api/v1/jobs", get(list_jobs))
         .route("/api/v1/jobs/{id}", get(get_job))
@@ -661,6 +663,24 @@ async fn discover_site(State(s): State<Arc<AppState>>, c: Caller, Path(name): Pa
         return Err(ApiError::not_found(format!("no site {name}")));
     }
     let job = start_discovery(&s, &name).await?;
+    Ok((StatusCode::ACCEPTED, Json(job)).into_response())
+}
+
+async fn site_operation(
+    State(s): State<Arc<AppState>>,
+    c: Caller,
+    Path(name): Path<String>,
+    Body(op): Body<crate::discovery::SiteOperation>,
+) -> ApiResult {
+    c.need(Role::Operator)?;
+    if s.store.get::<Site>(ops::SITE, &name).await?.is_none() {
+        return Err(ApiError::not_found(format!("no site {name}")));
+    }
+    let what = serde_json::to_value(&op).map_err(|e| ApiError::bad(e.to_string()))?;
+    let title = format!("{} on site {name}", what["op"].as_str().unwrap_or("operation"));
+    let steps = vec![(title, false), (format!("rediscover site {name}"), true)];
+    let job =
+        s.jobs.start(s.ops.clone(), "site-operation", &name, steps, serde_json::json!({ "operation": what })).await?;
     Ok((StatusCode::ACCEPTED, Json(job)).into_response())
 }
 

@@ -57,9 +57,9 @@ pub struct Datastore {
     /// `read-write` or `read-only`.
     #[serde(default = "rw")]
     pub access: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub free_bytes: Option<u64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accessible: Option<bool>,
 }
 
@@ -98,9 +98,9 @@ pub struct Disk {
     pub path: PathBuf,
     #[serde(default)]
     pub uuid: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<u64>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allocated: Option<u64>,
 }
 
@@ -150,8 +150,11 @@ pub struct MasterTargetMachine {
     /// Candidate retention volume folders (relative to the site folder).
     #[serde(default)]
     pub retention_volumes: Vec<PathBuf>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retention_free_bytes: Vec<Option<u64>>,
+    /// Disk files attached to it (failback writes to them), relative to the site folder.
+    #[serde(default)]
+    pub attached: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -160,7 +163,7 @@ pub struct ProcessServerMachine {
     pub name: String,
     /// Cache folder (relative to the site folder).
     pub cache: PathBuf,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_free_percent: Option<f64>,
 }
 
@@ -301,4 +304,256 @@ impl SiteProvider for LocalSite {
             warnings,
         })
     }
+}
+
+/// A provider operation on a local site (real files; the site file is rewritten atomically).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum SiteOperation {
+    PowerOn {
+        machine: String,
+    },
+    PowerOff {
+        machine: String,
+    },
+    /// A new machine on `host`, its disks as sparse files in `datastore`.
+    CreateMachine {
+        machine: String,
+        host: String,
+        datastore: String,
+        os_family: String,
+        disks: Vec<NewDisk>,
+    },
+    /// Remove a powered-off machine and its disk files.
+    DeleteMachine {
+        machine: String,
+    },
+    AttachDisk {
+        master_target: String,
+        disk: PathBuf,
+    },
+    DetachDisk {
+        master_target: String,
+        disk: PathBuf,
+    },
+    /// A qcow2 overlay on each disk (the machine then writes to the overlay).
+    CreateSnapshot {
+        machine: String,
+    },
+    /// Commit every snapshot back into the disks (`qemu-img commit`, newest first) and delete them.
+    MergeSnapshots {
+        machine: String,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewDisk {
+    pub name: String,
+    pub size: u64,
+}
+
+/// SCSI targets a master target can attach (4 controllers x 15).
+pub const MAX_ATTACHED: usize = 60;
+
+impl LocalSite {
+    fn load(&self) -> Result<SiteFile, String> {
+        let file = self.folder.join("site.toml");
+        let text = std::fs::read_to_string(&file).map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+        toml::from_str(&text).map_err(|e| format!("{} is invalid: {e}", file.display()))
+    }
+
+    fn save(&self, site: &SiteFile) -> Result<(), String> {
+        let file = self.folder.join("site.toml");
+        let text = toml::to_string(site).map_err(|e| e.to_string())?;
+        let tmp = file.with_extension("toml.tmp");
+        std::fs::write(&tmp, text).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+        std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| e.to_string())?;
+        std::fs::rename(&tmp, &file).map_err(|e| format!("cannot replace {}: {e}", file.display()))
+    }
+
+    fn inside(&self, p: &Path) -> Result<PathBuf, String> {
+        if p.is_absolute() || p.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+            return Err(format!("path {} must be relative to the site folder, without ..", p.display()));
+        }
+        Ok(self.folder.join(p))
+    }
+
+    /// Run one operation; returns what it did.
+    pub fn operate(&self, op: &SiteOperation) -> Result<String, String> {
+        let mut site = self.load()?;
+        let machine_idx = |site: &SiteFile, m: &str| {
+            site.machines
+                .iter()
+                .position(|x| x.name == m)
+                .ok_or_else(|| format!("site {} has no machine {m}", self.name))
+        };
+        let msg = match op {
+            SiteOperation::PowerOn { machine } | SiteOperation::PowerOff { machine } => {
+                let i = machine_idx(&site, machine)?;
+                let on = matches!(op, SiteOperation::PowerOn { .. });
+                site.machines[i].power = if on { "on" } else { "off" }.into();
+                format!("{machine} powered {}", if on { "on" } else { "off" })
+            }
+            SiteOperation::CreateMachine { machine, host, datastore, os_family, disks } => {
+                ferry_protocol::validate_name("machine", machine)?;
+                if site.machines.iter().any(|m| &m.name == machine) {
+                    return Err(format!("machine {machine} already exists on site {}", self.name));
+                }
+                if !["linux", "windows"].contains(&os_family.as_str()) {
+                    return Err(format!("os_family {os_family:?} is not linux or windows"));
+                }
+                if !site.hosts.iter().any(|h| &h.name == host) {
+                    return Err(format!("site {} has no host {host}", self.name));
+                }
+                let ds = site
+                    .datastores
+                    .iter()
+                    .find(|d| &d.name == datastore)
+                    .ok_or_else(|| format!("site {} has no datastore {datastore}", self.name))?;
+                if !ds.hosts.contains(host) {
+                    return Err(format!(
+                        "8061: datastore {datastore} is not accessible from host {host} (it is mounted by {:?})",
+                        ds.hosts
+                    ));
+                }
+                if ds.access != "read-write" {
+                    return Err(format!("datastore {datastore} is read-only"));
+                }
+                let dir = self.inside(&ds.path.join(machine))?;
+                std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+                let mut new_disks = Vec::new();
+                for d in disks {
+                    ferry_protocol::validate_name("disk", &d.name)?;
+                    let rel = ds.path.join(machine).join(format!("{}.img", d.name));
+                    let f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .open(self.folder.join(&rel))
+                        .map_err(|e| format!("cannot create {}: {e}", rel.display()))?;
+                    f.set_len(d.size).map_err(|e| e.to_string())?;
+                    let u: [u8; 16] = rand::random();
+                    let uuid = u.iter().map(|b| format!("{b:02x}")).collect::<String>();
+                    new_disks.push(Disk {
+                        name: d.name.clone(),
+                        path: rel,
+                        uuid: Some(uuid),
+                        size: None,
+                        allocated: None,
+                    });
+                }
+                site.machines.push(Machine {
+                    name: machine.clone(),
+                    os_family: os_family.clone(),
+                    os: String::new(),
+                    host: host.clone(),
+                    nics: Vec::new(),
+                    disks: new_disks,
+                    controller: pvscsi(),
+                    snapshots: Vec::new(),
+                    power: off(),
+                });
+                format!("machine {machine} created on {host} in {datastore}")
+            }
+            SiteOperation::DeleteMachine { machine } => {
+                let i = machine_idx(&site, machine)?;
+                if site.machines[i].power == "on" {
+                    return Err(format!("{machine} is powered on: power it off first"));
+                }
+                let m = site.machines.remove(i);
+                for d in &m.disks {
+                    let _ = std::fs::remove_file(self.inside(&d.path)?);
+                }
+                format!("machine {machine} deleted with {} disk(s)", m.disks.len())
+            }
+            SiteOperation::AttachDisk { master_target, disk } | SiteOperation::DetachDisk { master_target, disk } => {
+                let path = self.inside(disk)?;
+                let attach = matches!(op, SiteOperation::AttachDisk { .. });
+                if attach && site.master_targets.iter().any(|m| m.attached.contains(disk)) {
+                    return Err(format!("{} is already attached to a master target", disk.display()));
+                }
+                let mt = site
+                    .master_targets
+                    .iter_mut()
+                    .find(|m| &m.name == master_target)
+                    .ok_or_else(|| format!("site {} has no master target {master_target}", self.name))?;
+                if attach {
+                    if !path.is_file() {
+                        return Err(format!("{} does not exist", path.display()));
+                    }
+                    if mt.attached.len() >= MAX_ATTACHED {
+                        return Err(format!("master target {master_target} already has {MAX_ATTACHED} disks attached (4 SCSI controllers x 15)"));
+                    }
+                    mt.attached.push(disk.clone());
+                    mt.attached_disks += 1;
+                    format!("{} attached to {master_target}", disk.display())
+                } else {
+                    let before = mt.attached.len();
+                    mt.attached.retain(|d| d != disk);
+                    if mt.attached.len() == before {
+                        return Err(format!("{} is not attached to {master_target}", disk.display()));
+                    }
+                    mt.attached_disks = mt.attached_disks.saturating_sub(1);
+                    format!("{} detached from {master_target}", disk.display())
+                }
+            }
+            SiteOperation::CreateSnapshot { machine } => {
+                let i = machine_idx(&site, machine)?;
+                let n = site.machines[i].snapshots.len() + 1;
+                let name = format!("snap{n}");
+                for d in &site.machines[i].disks {
+                    let base = self.inside(&d.path)?;
+                    let top = top_of(&base, n - 1);
+                    let overlay = top_of(&base, n);
+                    run_qemu_img(
+                        &["create", "-q", "-f", "qcow2", "-F", if n == 1 { "raw" } else { "qcow2" }, "-b"],
+                        &[&top, &overlay],
+                    )?;
+                }
+                site.machines[i].snapshots.push(name.clone());
+                format!("snapshot {name} of {machine} created")
+            }
+            SiteOperation::MergeSnapshots { machine } => {
+                let i = machine_idx(&site, machine)?;
+                let n = site.machines[i].snapshots.len();
+                if n == 0 {
+                    return Err(format!("{machine} has no snapshots"));
+                }
+                for d in &site.machines[i].disks {
+                    let base = self.inside(&d.path)?;
+                    for k in (1..=n).rev() {
+                        let overlay = top_of(&base, k);
+                        run_qemu_img(&["commit", "-q"], &[&overlay])?;
+                        std::fs::remove_file(&overlay)
+                            .map_err(|e| format!("cannot remove {}: {e}", overlay.display()))?;
+                    }
+                }
+                site.machines[i].snapshots.clear();
+                format!("{n} snapshot(s) of {machine} merged into its disks")
+            }
+        };
+        self.save(&site)?;
+        Ok(msg)
+    }
+}
+
+/// The file a disk's writes go to with `n` snapshots: the disk itself, or its n-th overlay.
+pub fn top_of(base: &Path, n: usize) -> PathBuf {
+    if n == 0 {
+        base.to_owned()
+    } else {
+        base.with_extension(format!("snap{n}.qcow2"))
+    }
+}
+
+fn run_qemu_img(args: &[&str], paths: &[&Path]) -> Result<(), String> {
+    let out = std::process::Command::new("qemu-img")
+        .args(args)
+        .args(paths)
+        .output()
+        .map_err(|e| format!("cannot run qemu-img: {e} (install qemu-utils)"))?;
+    if !out.status.success() {
+        return Err(format!("qemu-img {} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()));
+    }
+    Ok(())
 }

@@ -109,6 +109,29 @@ impl Ops {
         Outcome::Done(Some(summary))
     }
 
+    async fn operate(&self, job: &Job) -> Outcome {
+        let op: crate::discovery::SiteOperation = match serde_json::from_value(job.params["operation"].clone()) {
+            Ok(o) => o,
+            Err(e) => return Outcome::Failed(JobError::new(errors::BAD_REQUEST, format!("bad operation: {e}"))),
+        };
+        let site: Option<ferry_store::Doc<Site>> = match self.store.get(SITE, &job.target).await {
+            Ok(s) => s,
+            Err(e) => return Outcome::Failed(JobError::new(errors::STORE, e.to_string())),
+        };
+        let Some(site) = site else {
+            return Outcome::Failed(JobError::new(errors::NOT_FOUND, format!("site {} was deleted", job.target)));
+        };
+        let provider = LocalSite { name: site.body.name.clone(), folder: site.body.path.clone() };
+        match tokio::task::spawn_blocking(move || provider.operate(&op)).await {
+            Ok(Ok(msg)) => Outcome::Done(Some(msg)),
+            Ok(Err(e)) => {
+                let code = if e.starts_with("8061") { errors::DATASTORE_INACCESSIBLE } else { errors::CONFLICT };
+                Outcome::Failed(JobError::new(code, e))
+            }
+            Err(e) => Outcome::Failed(JobError::new(errors::JOB_STATE, e.to_string())),
+        }
+    }
+
     async fn drill(&self, job: &Job, step: usize, ctl: &JobControl) -> Outcome {
         let action: Option<Action> =
             job.params["actions"].get(step).cloned().and_then(|a| serde_json::from_value(a).ok()).flatten();
@@ -172,6 +195,8 @@ impl Runner for Ops {
         match job.kind.as_str() {
             "discovery" => self.discover(job, step == 1).await,
             "plan-drill" => self.drill(job, step, ctl).await,
+            "site-operation" if step == 0 => self.operate(job).await,
+            "site-operation" => self.discover(job, true).await,
             "backup" => match crate::backup::write_backup(&self.store, &self.backup, ctl).await {
                 Ok(path) => Outcome::Done(Some(format!("backup written to {}", path.display()))),
                 Err(e) => Outcome::Failed(JobError::new(errors::BACKUP_FAILED, e)),
@@ -181,7 +206,7 @@ impl Runner for Ops {
     }
 }
 
-pub const JOB_KINDS: &[&str] = &["discovery", "plan-drill", "backup"];
+pub const JOB_KINDS: &[&str] = &["discovery", "plan-drill", "backup", "site-operation"];
 
 pub fn arc(store: Store, backup: crate::backup::BackupConfig) -> Arc<Ops> {
     Arc::new(Ops { store, backup })

@@ -248,6 +248,10 @@ edition = "ESXi 8.0"
 licence = "enterprise"
 tools = ["vmware-tools"]
 
+[[hosts]]
+name = "esx2"
+edition = "ESXi 8.0"
+
 [[datastores]]
 name = "ds1"
 kind = "vmfs"
@@ -823,4 +827,82 @@ fn adopts_the_ferry_certs_ca_rotates_the_passphrase_and_keeps_scheduled_backups(
         .filter(|e| e.file_name().to_string_lossy().ends_with(".bak"))
         .collect();
     assert_eq!(files.len(), 2, "{files:?}");
+}
+
+#[test]
+fn provider_operations_change_real_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ferry.db");
+    let s = Server::start(&dir.path().join("state"), db.to_str().unwrap(), &[]);
+    let a = s.admin();
+    let site = write_site(dir.path());
+    let (code, v) =
+        s.curl("POST", "/api/v1/sites", Some(&a), Some(&json!({"name": "site-a", "path": site}).to_string()));
+    assert_eq!(code, 201, "{v}");
+    s.wait_job(v["job"]["id"].as_str().unwrap(), &["succeeded"]);
+    let op = |body: Value| -> Value {
+        let (code, job) = s.curl("POST", "/api/v1/sites/site-a/operations", Some(&a), Some(&body.to_string()));
+        assert_eq!(code, 202, "{job}");
+        s.wait_job(job["id"].as_str().unwrap(), &["succeeded", "failed"])
+    };
+    let machine = |name: &str| -> Value {
+        let (_, inv) = s.curl("GET", "/api/v1/inventory", Some(&a), None);
+        inv[0]["content"]["machines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == name)
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    // Create: sparse disk files on the datastore, visible in the inventory.
+    let j = op(
+        json!({"op": "create-machine", "machine": "vm5", "host": "esx1", "datastore": "ds1", "os_family": "linux", "disks": [{"name": "disk0", "size": 8 << 20}]}),
+    );
+    assert_eq!(j["state"], "succeeded", "{j:#}");
+    let disk = site.join("ds1/vm5/disk0.img");
+    assert_eq!(std::fs::metadata(&disk).unwrap().len(), 8 << 20);
+    assert_eq!(machine("vm5")["disks"][0]["size"], 8 << 20);
+    // A datastore the host does not mount: 8061.
+    let j = op(
+        json!({"op": "create-machine", "machine": "vm6", "host": "esx2", "datastore": "ds1", "os_family": "linux", "disks": []}),
+    );
+    assert_eq!((j["state"].as_str(), j["error"]["code"].as_u64()), (Some("failed"), Some(8061)), "{j:#}");
+    // Power.
+    assert_eq!(op(json!({"op": "power-on", "machine": "vm5"}))["state"], "succeeded");
+    assert_eq!(machine("vm5")["power"], "on");
+    let j = op(json!({"op": "delete-machine", "machine": "vm5"}));
+    assert!(j["error"]["message"].as_str().unwrap().contains("powered on"), "{j:#}");
+    assert_eq!(op(json!({"op": "power-off", "machine": "vm5"}))["state"], "succeeded");
+    // Snapshots: writes land in the overlay; merging commits them into the disk.
+    assert_eq!(op(json!({"op": "create-snapshot", "machine": "vm5"}))["state"], "succeeded");
+    let overlay = site.join("ds1/vm5/disk0.snap1.qcow2");
+    let w = Command::new("qemu-io").args(["-f", "qcow2", "-c", "write -P 0x77 0 1M"]).arg(&overlay).output().unwrap();
+    assert!(w.status.success(), "{}", String::from_utf8_lossy(&w.stderr));
+    assert_eq!(machine("vm5")["snapshots"], json!(["snap1"]));
+    let j = op(json!({"op": "merge-snapshots", "machine": "vm5"}));
+    assert_eq!(j["state"], "succeeded", "{j:#}");
+    assert!(!overlay.exists());
+    let r = Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0x77 0 1M"]).arg(&disk).output().unwrap();
+    assert!(!String::from_utf8_lossy(&r.stdout).contains("Pattern verification failed"), "merged data is in the disk");
+    assert_eq!(machine("vm5")["snapshots"], json!([]));
+    // Attach / detach to a master target.
+    let rel = "ds1/vm5/disk0.img";
+    assert_eq!(op(json!({"op": "attach-disk", "master_target": "mt1", "disk": rel}))["state"], "succeeded");
+    let (_, inv) = s.curl("GET", "/api/v1/inventory", Some(&a), None);
+    assert_eq!(inv[0]["content"]["master_targets"][0]["attached_disks"], 4);
+    assert_eq!(
+        op(json!({"op": "attach-disk", "master_target": "mt1", "disk": rel}))["state"],
+        "failed",
+        "attached once only"
+    );
+    assert_eq!(op(json!({"op": "detach-disk", "master_target": "mt1", "disk": rel}))["state"], "succeeded");
+    assert_eq!(op(json!({"op": "attach-disk", "master_target": "mt1", "disk": "../outside.img"}))["state"], "failed");
+    // Delete removes the files.
+    assert_eq!(op(json!({"op": "delete-machine", "machine": "vm5"}))["state"], "succeeded");
+    assert!(!disk.exists());
+    assert!(machine("vm5").is_null());
+    // Unknown operations are refused up front.
+    let (code, v) = s.curl("POST", "/api/v1/sites/site-a/operations", Some(&a), Some(r#"{"op": "explode"}"#));
+    assert_eq!(code, 422, "{v}");
 }
