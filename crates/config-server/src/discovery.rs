@@ -366,7 +366,7 @@ impl LocalSite {
     fn save(&self, site: &SiteFile) -> Result<(), String> {
         let file = self.folder.join("site.toml");
         let text = toml::to_string(site).map_err(|e| e.to_string())?;
-        let tmp = file.with_extension("toml.tmp");
+        let tmp = file.with_extension(format!("toml.{}.tmp", std::process::id()));
         std::fs::write(&tmp, text).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
         std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| e.to_string())?;
         std::fs::rename(&tmp, &file).map_err(|e| format!("cannot replace {}: {e}", file.display()))
@@ -379,8 +379,21 @@ impl LocalSite {
         Ok(self.folder.join(p))
     }
 
-    /// Run one operation; returns what it did.
+    /// Run one operation; returns what it did. Operations on one site run one at a time (a lock
+    /// file in the site folder), each reading, changing and rewriting the site file.
     pub fn operate(&self, op: &SiteOperation) -> Result<String, String> {
+        use std::os::unix::io::AsRawFd;
+        let lock_path = self.folder.join(".ferry-site.lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| format!("cannot open {}: {e}", lock_path.display()))?;
+        // SAFETY: flock on a descriptor we own; released when `lock` is dropped.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(format!("cannot lock {}", lock_path.display()));
+        }
         let mut site = self.load()?;
         let machine_idx = |site: &SiteFile, m: &str| {
             site.machines
@@ -420,18 +433,38 @@ impl LocalSite {
                 if ds.access != "read-write" {
                     return Err(format!("datastore {datastore} is read-only"));
                 }
+                if !self.inside(&ds.path)?.is_dir() {
+                    return Err(format!(
+                        "8061: datastore {datastore} (folder {}) is not accessible",
+                        ds.path.display()
+                    ));
+                }
+                let mut names = std::collections::HashSet::new();
+                for d in disks {
+                    ferry_protocol::validate_name("disk", &d.name)?;
+                    if !names.insert(&d.name) {
+                        return Err(format!("disk {} is named twice", d.name));
+                    }
+                }
                 let dir = self.inside(&ds.path.join(machine))?;
                 std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
                 let mut new_disks = Vec::new();
+                let mut created: Vec<PathBuf> = Vec::new();
                 for d in disks {
-                    ferry_protocol::validate_name("disk", &d.name)?;
                     let rel = ds.path.join(machine).join(format!("{}.img", d.name));
-                    let f = std::fs::OpenOptions::new()
+                    let made = std::fs::OpenOptions::new()
                         .write(true)
                         .create_new(true)
                         .open(self.folder.join(&rel))
-                        .map_err(|e| format!("cannot create {}: {e}", rel.display()))?;
-                    f.set_len(d.size).map_err(|e| e.to_string())?;
+                        .and_then(|f| f.set_len(d.size));
+                    if let Err(e) = made {
+                        // Nothing half-made stays behind: a retry starts clean.
+                        for c in &created {
+                            let _ = std::fs::remove_file(c);
+                        }
+                        return Err(format!("cannot create {}: {e}", rel.display()));
+                    }
+                    created.push(self.folder.join(&rel));
                     let u: [u8; 16] = rand::random();
                     let uuid = u.iter().map(|b| format!("{b:02x}")).collect::<String>();
                     new_disks.push(Disk {
@@ -460,9 +493,24 @@ impl LocalSite {
                 if site.machines[i].power == "on" {
                     return Err(format!("{machine} is powered on: power it off first"));
                 }
+                let attached: Vec<String> = site.machines[i]
+                    .disks
+                    .iter()
+                    .filter(|d| site.master_targets.iter().any(|m| m.attached.contains(&d.path)))
+                    .map(|d| d.name.clone())
+                    .collect();
+                if !attached.is_empty() {
+                    return Err(format!(
+                        "{machine}'s disk(s) {attached:?} are attached to a master target: detach them first"
+                    ));
+                }
                 let m = site.machines.remove(i);
                 for d in &m.disks {
-                    let _ = std::fs::remove_file(self.inside(&d.path)?);
+                    let base = self.inside(&d.path)?;
+                    for k in 1..=m.snapshots.len() {
+                        let _ = std::fs::remove_file(top_of(&base, k));
+                    }
+                    let _ = std::fs::remove_file(base);
                 }
                 format!("machine {machine} deleted with {} disk(s)", m.disks.len())
             }
@@ -481,7 +529,7 @@ impl LocalSite {
                     if !path.is_file() {
                         return Err(format!("{} does not exist", path.display()));
                     }
-                    if mt.attached.len() >= MAX_ATTACHED {
+                    if (mt.attached_disks as usize).max(mt.attached.len()) >= MAX_ATTACHED {
                         return Err(format!("master target {master_target} already has {MAX_ATTACHED} disks attached (4 SCSI controllers x 15)"));
                     }
                     mt.attached.push(disk.clone());
@@ -523,6 +571,9 @@ impl LocalSite {
                     let base = self.inside(&d.path)?;
                     for k in (1..=n).rev() {
                         let overlay = top_of(&base, k);
+                        if !overlay.exists() {
+                            continue; // merged by an earlier, interrupted attempt
+                        }
                         run_qemu_img(&["commit", "-q"], &[&overlay])?;
                         std::fs::remove_file(&overlay)
                             .map_err(|e| format!("cannot remove {}: {e}", overlay.display()))?;

@@ -119,8 +119,8 @@ pub struct AppState {
     pub tls_dir: PathBuf,
     pub ca_pem: String,
     pub ca_fingerprint: String,
-    /// Failed registrations in the current minute (guessing is throttled).
-    pub registration_failures: std::sync::Mutex<(u64, u32)>,
+    /// Times of recent failed registrations (guessing is throttled).
+    pub registration_failures: std::sync::Mutex<std::collections::VecDeque<u64>>,
     /// Held while the server runs: a restore refuses to run under it.
     pub _lock: Option<std::fs::File>,
 }
@@ -287,7 +287,7 @@ pub async fn serve(
         jobs,
         ops,
         config: config.clone(),
-        registration_failures: std::sync::Mutex::new((0, 0)),
+        registration_failures: std::sync::Mutex::new(std::collections::VecDeque::new()),
         _lock: first.lock.take(),
     });
     tokio::spawn(health::watch(state.clone(), shutdown.clone()));
@@ -324,7 +324,8 @@ async fn periodic(s: Arc<AppState>, shutdown: CancellationToken) {
                     s.store.jobs(Some(&["queued", "in-progress", "waiting-for-input"])).await.unwrap_or_default();
                 for site in sites {
                     // One discovery per site at a time: a slow one is not piled upon.
-                    if open.iter().any(|j| j.kind == "discovery" && j.target == site.id) {
+                    if open.iter().any(|j| (j.kind == "discovery" || j.kind == "site-operation") && j.target == site.id)
+                    {
                         continue;
                     }
                     if let Err(e) = api::start_discovery(&s, &site.id).await {

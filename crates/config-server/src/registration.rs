@@ -71,14 +71,15 @@ pub async fn register(
         }
     }
     let refused = |m: &str| ApiError::new(StatusCode::FORBIDDEN, errors::REGISTRATION_REFUSED, m.to_owned());
-    // Guessing is throttled: after 10 failures in a minute, every attempt is refused until it ends.
-    let minute = crate::jobs::now_ms() / 60_000;
+    // Guessing is throttled: after 10 failures within a minute, attempts are refused until the
+    // oldest of them is a minute old (a sliding window).
+    let now = crate::jobs::now_ms();
     {
         let mut f = s.registration_failures.lock().unwrap_or_else(|p| p.into_inner());
-        if f.0 != minute {
-            *f = (minute, 0);
+        while f.front().is_some_and(|t| now.saturating_sub(*t) > 60_000) {
+            f.pop_front();
         }
-        if f.1 >= 10 {
+        if f.len() >= 10 {
             return Err(ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 errors::REGISTRATION_REFUSED,
@@ -89,7 +90,7 @@ pub async fn register(
     let expected = s.store.setting("registration_passphrase_hash").await?;
     // Compare hashes (fixed length) rather than the secrets themselves.
     if expected.as_deref() != Some(hash_token(&r.passphrase).as_str()) {
-        s.registration_failures.lock().unwrap_or_else(|p| p.into_inner()).1 += 1;
+        s.registration_failures.lock().unwrap_or_else(|p| p.into_inner()).push_back(now);
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         return Err(refused("wrong registration passphrase"));
     }

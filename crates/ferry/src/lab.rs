@@ -87,8 +87,26 @@ pub fn workload(a: &WorkloadArgs) -> Result<u64> {
     if clients.is_empty() {
         bail!("give at least one --disk HOST:PORT/EXPORT");
     }
-    // Continue after an earlier run's log.
-    let mut seq = read_log(&a.log).map(|l| l.last().map(|r| r.seq).unwrap_or(0)).unwrap_or(0);
+    // Continue after an earlier run's log (same --seed): cut a torn last line, and write the last
+    // logged record again — it may have been logged but never written when that run was killed.
+    let previous = if a.log.exists() {
+        truncate_to_last_line(&a.log)?;
+        read_log(&a.log)?
+    } else {
+        Vec::new()
+    };
+    let mut seq = previous.last().map(|r| r.seq).unwrap_or(0);
+    let mut buf = Vec::new();
+    if let Some(r) = previous.last() {
+        let c = clients.get_mut(r.disk as usize).with_context(|| {
+            format!("the log's record {} is on disk {}, but only {} disks were given", r.seq, r.disk, a.disks.len())
+        })?;
+        buf.resize(r.blocks as usize * BLOCK, 0);
+        for i in 0..r.blocks {
+            fill_block(&mut buf[i as usize * BLOCK..(i as usize + 1) * BLOCK], a.seed, r, i);
+        }
+        c.write(r.offset, &buf).with_context(|| format!("rewriting record {}", r.seq))?;
+    }
     let mut log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -96,7 +114,6 @@ pub fn workload(a: &WorkloadArgs) -> Result<u64> {
         .with_context(|| format!("cannot open {}", a.log.display()))?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(a.seed ^ seq);
     let start = Instant::now();
-    let mut buf = Vec::new();
     let mut written = 0u64;
     loop {
         if a.records.is_some_and(|n| written >= n) || a.duration.is_some_and(|d| start.elapsed() >= d) {
@@ -113,6 +130,7 @@ pub fn workload(a: &WorkloadArgs) -> Result<u64> {
                 while p.exists() {
                     std::thread::sleep(Duration::from_millis(5));
                 }
+                // Gone before writing resumes: a freeze never reads a stale seq.
                 let _ = std::fs::remove_file(&marker);
             }
         }
@@ -122,8 +140,9 @@ pub fn workload(a: &WorkloadArgs) -> Result<u64> {
         seq += 1;
         let r = LabRecord { seq, disk: disk as u32, offset: first * BLOCK as u64, blocks };
         // Logged (and flushed to the file) before it is written: the log covers every disk state.
-        writeln!(log, "{} {} {} {}", r.seq, r.disk, r.offset, r.blocks).context("cannot append to the workload log")?;
-        log.flush()?;
+        // One write per line: a kill leaves a whole line or a torn last one, never a glued one.
+        log.write_all(format!("{} {} {} {}\n", r.seq, r.disk, r.offset, r.blocks).as_bytes())
+            .context("cannot append to the workload log")?;
         buf.resize(blocks as usize * BLOCK, 0);
         for i in 0..blocks {
             fill_block(&mut buf[i as usize * BLOCK..(i as usize + 1) * BLOCK], a.seed, &r, i);
@@ -144,18 +163,28 @@ pub fn workload(a: &WorkloadArgs) -> Result<u64> {
     Ok(seq)
 }
 
+/// Cut a torn last line (a killed workload) so the next append starts on a line of its own.
+fn truncate_to_last_line(path: &Path) -> Result<()> {
+    let data = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let keep = data.iter().rposition(|b| *b == b'\n').map(|i| i + 1).unwrap_or(0);
+    if keep < data.len() {
+        std::fs::OpenOptions::new().write(true).open(path)?.set_len(keep as u64)?;
+    }
+    Ok(())
+}
+
 pub fn read_log(path: &Path) -> Result<Vec<LabRecord>> {
     let f = std::fs::File::open(path).with_context(|| format!("cannot read the workload log {}", path.display()))?;
-    let mut out = Vec::new();
-    for (n, line) in std::io::BufReader::new(f).lines().enumerate() {
-        let line = line?;
+    let lines: Vec<String> = std::io::BufReader::new(f).lines().collect::<std::io::Result<_>>()?;
+    let mut out: Vec<LabRecord> = Vec::new();
+    for (n, line) in lines.iter().enumerate() {
         let v: Vec<u64> = line.split_whitespace().filter_map(|x| x.parse().ok()).collect();
-        if v.len() != 4 {
-            // A torn last line (the workload was killed mid-append) ends the log.
-            if n > 0 {
+        if v.len() != 4 || out.last().is_some_and(|l| v[0] <= l.seq) {
+            // Only the last line may be torn (the workload was killed mid-append).
+            if n + 1 == lines.len() && n > 0 {
                 break;
             }
-            bail!("{}:{}: not a workload log line: {line:?}", path.display(), n + 1);
+            bail!("{}:{}: not a workload log line (or seq out of order): {line:?}", path.display(), n + 1);
         }
         out.push(LabRecord { seq: v[0], disk: v[1] as u32, offset: v[2], blocks: v[3] as u32 });
     }
@@ -178,6 +207,14 @@ pub struct Verdict {
 pub fn verify(log_path: &Path, disks: &[PathBuf], seed: u64, exact: Option<u64>) -> Result<Verdict> {
     use std::os::unix::fs::FileExt;
     let log = read_log(log_path)?;
+    if let Some(r) = log.iter().find(|r| r.disk as usize >= disks.len()) {
+        bail!(
+            "the log's record {} is on disk {}, but only {} disk image(s) were given: give every disk, in order",
+            r.seq,
+            r.disk,
+            disks.len()
+        );
+    }
     let by_seq: HashMap<u64, LabRecord> = log.iter().map(|r| (r.seq, *r)).collect();
     // Pass 1: the highest record any disk holds is the smallest possible N.
     let mut files = Vec::new();
@@ -185,7 +222,9 @@ pub fn verify(log_path: &Path, disks: &[PathBuf], seed: u64, exact: Option<u64>)
         files.push(std::fs::File::open(d).with_context(|| format!("cannot open {}", d.display()))?);
     }
     let mut max_seen = 0;
+    let mut misplaced: Option<String> = None;
     let mut buf = vec![0u8; BLOCK];
+    let mut expected = vec![0u8; BLOCK];
     let mut checked = 0;
     let scan = |f: &std::fs::File, mut each: &mut dyn FnMut(u64, &[u8]) -> Result<()>| -> Result<()> {
         let len = f.metadata()?.len();
@@ -205,13 +244,22 @@ pub fn verify(log_path: &Path, disks: &[PathBuf], seed: u64, exact: Option<u64>)
                 let ok = by_seq.get(&seq).is_some_and(|r| {
                     r.disk as usize == di && disk as usize == di && r.offset + u64::from(idx) * BLOCK as u64 == off
                 });
-                if !ok {
-                    bail!("disk {di} block at offset {off} holds record {seq} block {idx}, which the log does not place there");
+                if !ok && misplaced.is_none() {
+                    misplaced = Some(format!("disk {di} block at offset {off} holds record {seq} block {idx}, which the log does not place there"));
                 }
                 max_seen = max_seen.max(seq);
             }
             Ok(())
         })?;
+    }
+    if let Some(p) = misplaced {
+        return Ok(Verdict {
+            consistent: false,
+            prefix_seq: max_seen,
+            records_in_log: log.len(),
+            blocks_checked: 0,
+            problem: Some(p),
+        });
     }
     let n = exact.unwrap_or(max_seen);
     if n < max_seen {
@@ -238,7 +286,16 @@ pub fn verify(log_path: &Path, disks: &[PathBuf], seed: u64, exact: Option<u64>)
             f.read_exact_at(&mut buf, off).with_context(|| format!("reading disk {di} at {off}"))?;
             checked += 1;
             match parse_block(&buf) {
-                Some((s, _, i)) if s == seq && i == idx => {}
+                Some((s, _, i)) if s == seq && i == idx => {
+                    // The payload too, not only a self-consistent header.
+                    if let Some(r) = by_seq.get(&seq) {
+                        fill_block(&mut expected, seed, r, idx);
+                        if expected != buf {
+                            problem = Some(format!("disk {di} block at offset {off} holds record {seq} with a payload the workload did not write (another --seed?)"));
+                            break;
+                        }
+                    }
+                }
                 Some((s, _, _)) => {
                     problem = Some(format!(
                         "disk {di} block at offset {off} holds record {s}, but record {seq} (within the prefix up to {n}) wrote it last: a write is missing or out of order"
@@ -257,7 +314,6 @@ pub fn verify(log_path: &Path, disks: &[PathBuf], seed: u64, exact: Option<u64>)
             break;
         }
     }
-    let _ = seed;
     Ok(Verdict {
         consistent: problem.is_none(),
         prefix_seq: n,

@@ -71,6 +71,10 @@ async fn pump(
 
 async fn handle(client: TcpStream, upstream: String, state: Arc<LinkState>) {
     let cut = state.token();
+    // A cut between the accept and taking the token must still drop this connection.
+    if state.cut.load(Ordering::SeqCst) {
+        return;
+    }
     let Ok(server) = TcpStream::connect(&upstream).await else { return };
     let _ = client.set_nodelay(true);
     let _ = server.set_nodelay(true);

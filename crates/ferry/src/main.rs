@@ -143,8 +143,8 @@ enum LabAction {
         pause_file: Option<PathBuf>,
     },
     /// A controllable link between sites: a TCP proxy whose control endpoint cuts, restores or
-    /// slows it (`curl -X POST http://CONTROL/cut`, `/restore`, `/slow -d '{"latency_ms": 50,
-    /// "bandwidth_bytes_per_sec": 1000000}'`; `GET /status`).
+    /// slows it (`curl -X POST http://CONTROL/cut`, `/restore`, `/slow -H 'Content-Type: application/json'
+    /// -d '{"latency_ms": 50, "bandwidth_bytes_per_sec": 1000000}'`; `GET /status`).
     Link {
         /// Where the near side connects.
         #[arg(long)]

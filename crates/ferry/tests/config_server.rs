@@ -884,7 +884,11 @@ fn provider_operations_change_real_files() {
     assert_eq!(j["state"], "succeeded", "{j:#}");
     assert!(!overlay.exists());
     let r = Command::new("qemu-io").args(["-f", "raw", "-c", "read -P 0x77 0 1M"]).arg(&disk).output().unwrap();
-    assert!(!String::from_utf8_lossy(&r.stdout).contains("Pattern verification failed"), "merged data is in the disk");
+    let text = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        r.status.success() && text.contains("read 1048576/1048576") && !text.contains("Pattern verification failed"),
+        "merged data is in the disk: {text}"
+    );
     assert_eq!(machine("vm5")["snapshots"], json!([]));
     // Attach / detach to a master target.
     let rel = "ds1/vm5/disk0.img";
