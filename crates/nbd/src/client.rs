@@ -32,6 +32,9 @@ impl NbdClient<std::net::TcpStream> {
     pub fn connect_tcp(addr: &str, export: &str) -> Result<Self, ClientError> {
         let s = std::net::TcpStream::connect(addr)?;
         s.set_nodelay(true)?;
+        // A server that stops answering fails the request instead of hanging the caller.
+        s.set_read_timeout(Some(std::time::Duration::from_secs(120)))?;
+        s.set_write_timeout(Some(std::time::Duration::from_secs(120)))?;
         Self::handshake(s, export)
     }
 }
@@ -39,7 +42,10 @@ impl NbdClient<std::net::TcpStream> {
 impl NbdClient<UnixStream> {
     /// Connect to a unix-socket NBD server and open `export`.
     pub fn connect_unix(socket: &Path, export: &str) -> Result<Self, ClientError> {
-        Self::handshake(UnixStream::connect(socket)?, export)
+        let s = UnixStream::connect(socket)?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(120)))?;
+        s.set_write_timeout(Some(std::time::Duration::from_secs(120)))?;
+        Self::handshake(s, export)
     }
 }
 
@@ -184,6 +190,9 @@ impl<S: Read + Write> NbdClient<S> {
     }
 
     pub fn flush(&mut self) -> Result<(), ClientError> {
+        if self.flags & TF_SEND_FLUSH == 0 {
+            return Ok(()); // the server writes through: nothing to flush
+        }
         self.request(CMD_FLUSH, 0, 0, 0, &[])?;
         self.simple_reply()
     }
