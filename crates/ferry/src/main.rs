@@ -864,6 +864,20 @@ fn url_part(s: &str) -> String {
         .collect()
 }
 
+async fn post_materialization(
+    status: &StatusArgs,
+    machine: &str,
+    body: &serde_json::Value,
+) -> Result<serde_json::Value> {
+    api("master-target", status, "POST", &format!("/machines/{}/materializations", url_part(machine)), Some(body)).await
+}
+
+fn print_materialization(v: &serde_json::Value, out: OutputFormat, lines: &[&str]) {
+    let id = v["id"].as_str().unwrap_or("?");
+    let point = v["point"]["id"].as_str().unwrap_or("?");
+    print_result(v, out, &format!("{id}  point {point}\n  {}", lines.join("\n  ")));
+}
+
 async fn master_target_action(action: MasterTargetAction, out: OutputFormat) -> Result<()> {
     const MT: &str = "master-target";
     match action {
@@ -895,37 +909,14 @@ async fn master_target_action(action: MasterTargetAction, out: OutputFormat) -> 
                 let d = std::path::absolute(d).with_context(|| format!("bad folder {}", d.display()))?;
                 body["dir"] = serde_json::json!(d);
             }
-            let v = api(
-                MT,
-                &a.status,
-                "POST",
-                &format!("/machines/{}/materializations", url_part(&a.machine)),
-                Some(&body),
-            )
-            .await?;
+            let v = post_materialization(&a.status, &a.machine, &body).await?;
             let files: Vec<_> = v["files"].as_array().into_iter().flatten().filter_map(|f| f.as_str()).collect();
-            print_result(
-                &v,
-                out,
-                &format!(
-                    "{}  point {}\n  {}",
-                    v["id"].as_str().unwrap_or("?"),
-                    v["point"]["id"].as_str().unwrap_or("?"),
-                    files.join("\n  ")
-                ),
-            );
+            print_materialization(&v, out, &files);
             Ok(())
         }
         MasterTargetAction::Export(a) => {
             let body = serde_json::json!({ "point": a.point, "kind": "export", "writable": a.writable });
-            let v = api(
-                MT,
-                &a.status,
-                "POST",
-                &format!("/machines/{}/materializations", url_part(&a.machine)),
-                Some(&body),
-            )
-            .await?;
+            let v = post_materialization(&a.status, &a.machine, &body).await?;
             let urls: Vec<_> = v["nbd_urls"]
                 .as_array()
                 .into_iter()
@@ -933,16 +924,8 @@ async fn master_target_action(action: MasterTargetAction, out: OutputFormat) -> 
                 .flat_map(|u| u.as_array().cloned().unwrap_or_default())
                 .filter_map(|u| u.as_str().map(str::to_owned))
                 .collect();
-            print_result(
-                &v,
-                out,
-                &format!(
-                    "{}  point {}\n  {}",
-                    v["id"].as_str().unwrap_or("?"),
-                    v["point"]["id"].as_str().unwrap_or("?"),
-                    urls.join("\n  ")
-                ),
-            );
+            let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+            print_materialization(&v, out, &urls);
             Ok(())
         }
         MasterTargetAction::Materializations(s) => {
