@@ -132,6 +132,8 @@ pub(crate) struct Core {
     unapplied: VecDeque<(u64, u64)>,
     rate_in: RateMeter,
     pub(crate) rate_out: RateMeter,
+    /// Bytes shipped to the process server since this agent started (changes and initial sync).
+    pub(crate) shipped_bytes: u64,
     pub(crate) sent_seq: u64,
     /// Bytes of the running resync read and shipped, and shipped as hole zeroing (not read).
     resync_bytes_sent: u64,
@@ -350,6 +352,7 @@ impl Machine {
             unapplied: VecDeque::new(),
             rate_in: RateMeter::default(),
             rate_out: RateMeter::default(),
+            shipped_bytes: 0,
             sent_seq: 0,
             resync_bytes_sent: 0,
             resync_bytes_zeroed: 0,
@@ -813,6 +816,7 @@ impl Machine {
         }
         if !out.is_empty() {
             c.rate_out.add(bytes);
+            c.shipped_bytes += bytes;
         }
         out
     }
@@ -1214,6 +1218,8 @@ impl Machine {
         serde_json::json!({
             "component": "agent",
             "machine": self.name,
+            "status_listen": self.config.status_listen,
+            "nbd_listen": self.config.nbd_listen,
             "mode": c.mode,
             "generation": c.state.generation,
             "initial_sync_complete": c.state.initial_sync_complete,
@@ -1234,6 +1240,7 @@ impl Machine {
             "lag_seconds": lag,
             "write_bytes_per_sec": rate_in,
             "ship_bytes_per_sec": rate_out,
+            "shipped_bytes": c.shipped_bytes,
             "activity_log_extents": c.al.active_count(),
             "completed_resyncs": c.completed_resyncs.iter().cloned().collect::<Vec<_>>(),
             "disks": self.disks.iter().enumerate().map(|(i, d)| serde_json::json!({

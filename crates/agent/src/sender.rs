@@ -111,6 +111,7 @@ async fn session(
             let mut c = machine.lock();
             c.sent_seq = c.sent_seq.max(last);
             c.rate_out.add(bytes);
+            c.shipped_bytes += bytes;
             continue;
         }
         let chunks = machine.bulk_to_send(batch as u64);

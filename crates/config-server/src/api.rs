@@ -57,7 +57,7 @@ pub struct Caller {
 }
 
 impl Caller {
-    fn need(&self, role: Role) -> Result<(), ApiError> {
+    pub(crate) fn need(&self, role: Role) -> Result<(), ApiError> {
         if self.role >= role && (self.role != Role::Component || role == Role::Component) {
             return Ok(());
         }
@@ -113,9 +113,9 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
     }
 }
 
-type ApiResult = Result<Response, ApiError>;
+pub(crate) type ApiResult = Result<Response, ApiError>;
 
-fn ok<T: serde::Serialize>(v: T) -> ApiResult {
+pub(crate) fn ok<T: serde::Serialize>(v: T) -> ApiResult {
     Ok(Json(v).into_response())
 }
 
@@ -181,6 +181,9 @@ routes! {
     get "/api/v1/components/{kind}/{name}/settings" "component" "A component's effective settings (its configuration keys, plus what its policy implies)";
     put "/api/v1/components/{kind}/{name}/settings" "operator" "Set a component's configuration keys (peers, disks, policy...)";
     post "/api/v1/backups" "admin" "Start a backup job (encrypted file in the backup folder)";
+    post "/api/v1/protections" "operator" "Enable replication {machine | machines | group, policy, process_server, master_target, datastore}: a protect job (initial sync with progress)";
+    get "/api/v1/machines" "reader" "Every discovered machine: protection state, health, RPO, points";
+    get "/api/v1/machines/{name}/recovery-points" "reader" "The recovery points a protected machine's master target holds";
 }
 
 /// The OpenAPI 3.1 document, generated from [`ROUTES`].
@@ -256,6 +259,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/components", get(crate::health::components))
         .route("/api/v1/components/{kind}/{name}/settings", get(get_settings).put(put_settings))
         .route("/api/v1/backups", post(start_backup))
+        .route("/api/v1/protections", post(crate::protection::protect))
+        .route("/api/v1/machines", get(crate::protection::list_machines))
+        .route("/api/v1/machines/{name}/recovery-points", get(crate::protection::recovery_points))
         .fallback(|| async { ApiError::not_found("no such API route: see /api/v1/openapi.json") })
         .layer(axum::extract::DefaultBodyLimit::max(state.config.max_body_bytes))
         .with_state(state)

@@ -5,6 +5,7 @@
 //! inventory would be queried.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -30,6 +31,74 @@ pub struct SiteFile {
     pub process_servers: Vec<ProcessServerMachine>,
     #[serde(default)]
     pub credentials: Vec<Credential>,
+    /// Lab sites: powering a machine on starts its guest (`ferry lab guest`), whose mobility
+    /// service registers with this configuration server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<GuestSettings>,
+}
+
+/// What a lab machine's guest is given (like a mobility-service installer: the server's address,
+/// its CA fingerprint and the registration passphrase).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestSettings {
+    pub config_server: String,
+    pub ca_fingerprint: String,
+    /// File holding the registration passphrase.
+    pub passphrase_file: PathBuf,
+    /// Seconds from power-on until the mobility service starts and registers (RP-7: up to 15 min
+    /// in the reference; seconds in a lab).
+    #[serde(default = "default_boot_delay")]
+    pub boot_delay_secs: f64,
+    #[serde(default = "default_guest_heartbeat")]
+    pub heartbeat_interval_secs: f64,
+    /// The `ferry` executable (default: the configuration server's own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ferry: Option<PathBuf>,
+}
+
+fn default_boot_delay() -> f64 {
+    2.0
+}
+fn default_guest_heartbeat() -> f64 {
+    2.0
+}
+
+/// A workload the guest runs once its disks are served (`ferry lab workload`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadSpec {
+    /// Records per second.
+    #[serde(default = "default_rate")]
+    pub rate: f64,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Largest record, in 4 KiB blocks.
+    #[serde(default = "default_max_blocks")]
+    pub max_blocks: u32,
+}
+
+fn default_rate() -> f64 {
+    20.0
+}
+fn default_seed() -> u64 {
+    1
+}
+fn default_max_blocks() -> u32 {
+    16
+}
+
+/// What `ferry lab guest` reads from `<site>/guests/<machine>/guest.toml` (written at power-on).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestFile {
+    pub machine: String,
+    pub os_family: String,
+    pub settings: GuestSettings,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<WorkloadSpec>,
+    /// Disk files (absolute), in the machine's order.
+    pub disks: Vec<(String, PathBuf)>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -124,6 +193,9 @@ pub struct Machine {
     /// `on` or `off`.
     #[serde(default = "off")]
     pub power: String,
+    /// Lab machines: a workload the guest runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<WorkloadSpec>,
 }
 
 fn pvscsi() -> String {
@@ -316,6 +388,10 @@ pub enum SiteOperation {
     PowerOff {
         machine: String,
     },
+    /// Lab machines: kill the guest at once (SIGKILL to its process group), like pulling the plug.
+    Crash {
+        machine: String,
+    },
     /// A new machine on `host`, its disks as sparse files in `datastore`.
     CreateMachine {
         machine: String,
@@ -402,11 +478,36 @@ impl LocalSite {
                 .ok_or_else(|| format!("site {} has no machine {m}", self.name))
         };
         let msg = match op {
-            SiteOperation::PowerOn { machine } | SiteOperation::PowerOff { machine } => {
+            SiteOperation::PowerOn { machine } => {
                 let i = machine_idx(&site, machine)?;
-                let on = matches!(op, SiteOperation::PowerOn { .. });
-                site.machines[i].power = if on { "on" } else { "off" }.into();
-                format!("{machine} powered {}", if on { "on" } else { "off" })
+                if let Some(g) = &site.guest {
+                    if guest_pid(&self.guest_dir(machine)).is_some() {
+                        return Err(format!("{machine} is already running"));
+                    }
+                    self.start_guest(&site.machines[i], g)?;
+                }
+                site.machines[i].power = "on".into();
+                format!("{machine} powered on")
+            }
+            SiteOperation::PowerOff { machine } => {
+                let i = machine_idx(&site, machine)?;
+                let dir = self.guest_dir(machine);
+                let stopped = stop_guest(&dir, libc::SIGTERM, Duration::from_secs(90));
+                site.machines[i].power = "off".into();
+                if stopped {
+                    format!("{machine} shut down and powered off")
+                } else {
+                    format!("{machine} powered off")
+                }
+            }
+            SiteOperation::Crash { machine } => {
+                let i = machine_idx(&site, machine)?;
+                let dir = self.guest_dir(machine);
+                if !stop_guest(&dir, libc::SIGKILL, Duration::from_secs(10)) {
+                    return Err(format!("{machine} is not running: nothing to crash"));
+                }
+                site.machines[i].power = "off".into();
+                format!("{machine} crashed (its guest was killed)")
             }
             SiteOperation::CreateMachine { machine, host, datastore, os_family, disks } => {
                 ferry_protocol::validate_name("machine", machine)?;
@@ -485,6 +586,7 @@ impl LocalSite {
                     controller: pvscsi(),
                     snapshots: Vec::new(),
                     power: off(),
+                    workload: None,
                 });
                 format!("machine {machine} created on {host} in {datastore}")
             }
@@ -586,6 +688,92 @@ impl LocalSite {
         self.save(&site)?;
         Ok(msg)
     }
+}
+
+impl LocalSite {
+    /// Where a machine's guest keeps its files (`guest.toml`, pid, log, agent state).
+    pub fn guest_dir(&self, machine: &str) -> PathBuf {
+        self.folder.join("guests").join(machine)
+    }
+
+    /// Start `ferry lab guest` for a machine, detached in its own process group; its pid goes to
+    /// `guest.pid`. A thread reaps it when it exits (the server is its parent).
+    fn start_guest(&self, m: &Machine, g: &GuestSettings) -> Result<(), String> {
+        let dir = self.guest_dir(&m.name);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let file = GuestFile {
+            machine: m.name.clone(),
+            os_family: m.os_family.clone(),
+            settings: g.clone(),
+            workload: m.workload.clone(),
+            disks: m
+                .disks
+                .iter()
+                .map(|d| Ok((d.name.clone(), self.inside(&top_of(&d.path, m.snapshots.len()))?)))
+                .collect::<Result<_, String>>()?,
+        };
+        let text = toml::to_string(&file).map_err(|e| e.to_string())?;
+        std::fs::write(dir.join("guest.toml"), text).map_err(|e| format!("cannot write guest.toml: {e}"))?;
+        let exe = match &g.ferry {
+            Some(p) => p.clone(),
+            None => std::env::current_exe().map_err(|e| format!("cannot find the ferry executable: {e}"))?,
+        };
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("guest.log"))
+            .map_err(|e| format!("cannot open the guest log: {e}"))?;
+        let err = log.try_clone().map_err(|e| e.to_string())?;
+        use std::os::unix::process::CommandExt;
+        let mut child = std::process::Command::new(exe)
+            .args(["lab", "guest", "--dir"])
+            .arg(&dir)
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .process_group(0)
+            .spawn()
+            .map_err(|e| format!("cannot start the guest of {}: {e}", m.name))?;
+        let pid = child.id();
+        std::fs::write(dir.join("guest.pid"), pid.to_string()).map_err(|e| format!("cannot write guest.pid: {e}"))?;
+        std::thread::spawn(move || {
+            let _ = child.wait();
+        });
+        Ok(())
+    }
+}
+
+/// The running guest's pid, if `guest.pid` names a live `ferry lab guest` process.
+pub fn guest_pid(dir: &Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(dir.join("guest.pid")).ok()?.trim().parse().ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let dir_arg = dir.as_os_str().as_encoded_bytes();
+    let is_guest = cmdline.windows(5).any(|w| w == b"guest") && cmdline.windows(dir_arg.len()).any(|w| w == dir_arg);
+    // A zombie (exited, not yet reaped) is not running.
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let zombie = state.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z'));
+    (is_guest && !zombie).then_some(pid)
+}
+
+/// Signal a running guest's process group and wait for it to exit (SIGKILL after `limit`).
+/// Returns whether a guest was running.
+pub fn stop_guest(dir: &Path, signal: i32, limit: Duration) -> bool {
+    let Some(pid) = guest_pid(dir) else { return false };
+    // SAFETY: plain signal sends to a process group we started (pgid = the guest's pid).
+    unsafe { libc::kill(-pid, signal) };
+    let deadline = std::time::Instant::now() + limit;
+    while guest_pid(dir).is_some() {
+        if std::time::Instant::now() >= deadline {
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
+            std::thread::sleep(Duration::from_millis(200));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Children left in the group (an agent still draining) go with it.
+    unsafe { libc::kill(-pid, libc::SIGKILL) };
+    let _ = std::fs::remove_file(dir.join("guest.pid"));
+    true
 }
 
 /// The file a disk's writes go to with `n` snapshots: the disk itself, or its n-th overlay.

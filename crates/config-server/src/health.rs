@@ -136,10 +136,32 @@ pub async fn health_of(s: &AppState, c: &Component) -> (String, Vec<serde_json::
                 level = 2;
             }
         }
+        // A machine whose changes cannot reach its master target (link cut, target down).
+        for m in c.status["machines"].as_array().into_iter().flatten() {
+            if m["master_target_connected"] == false && m["spool_bytes"].as_u64().unwrap_or(0) > 0 {
+                let why = m["master_target_error"].as_str().unwrap_or("not connected");
+                reasons.push(serde_json::json!({ "code": 0, "message": format!("changes of {} wait in the cache: the master target is unreachable ({why})", m["machine"].as_str().unwrap_or("?")), "remedy": "check the link between the sites and that the master target runs" }));
+                level = level.max(1);
+            }
+        }
     }
     if c.kind == "agent" {
         if let Some(lag) = c.status.get("lag_seconds").and_then(|v| v.as_f64()) {
-            let policy = match &c.policy {
+            // The policy from the heartbeat, else the one protection set in the agent's settings.
+            let name = match &c.policy {
+                Some(p) => Some(p.clone()),
+                None => s
+                    .store
+                    .get::<serde_json::Map<String, serde_json::Value>>(
+                        crate::api::SETTINGS,
+                        &format!("agent/{}", c.name),
+                    )
+                    .await
+                    .ok()
+                    .flatten()
+                    .and_then(|d| d.body.get("policy").and_then(|p| p.as_str()).map(str::to_owned)),
+            };
+            let policy = match &name {
                 Some(p) => s.store.get::<Policy>(model::POLICY, p).await.ok().flatten().map(|d| d.body),
                 None => None,
             };

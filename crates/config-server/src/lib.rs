@@ -11,6 +11,7 @@ pub mod health;
 pub mod jobs;
 pub mod model;
 pub mod ops;
+pub mod protection;
 pub mod registration;
 
 use std::path::PathBuf;

@@ -197,6 +197,13 @@ impl Runner for Ops {
             "plan-drill" => self.drill(job, step, ctl).await,
             "site-operation" if step == 0 => self.operate(job).await,
             "site-operation" => self.discover(job, true).await,
+            "protect" => match crate::protection::run_step(&self.store, job, step, ctl).await {
+                Outcome::Failed(e) => {
+                    crate::protection::mark_failed(&self.store, job).await;
+                    Outcome::Failed(e)
+                }
+                o => o,
+            },
             "backup" => match crate::backup::write_backup(&self.store, &self.backup, ctl).await {
                 Ok(path) => Outcome::Done(Some(format!("backup written to {}", path.display()))),
                 Err(e) => Outcome::Failed(JobError::new(errors::BACKUP_FAILED, e)),
@@ -206,7 +213,7 @@ impl Runner for Ops {
     }
 }
 
-pub const JOB_KINDS: &[&str] = &["discovery", "plan-drill", "backup", "site-operation"];
+pub const JOB_KINDS: &[&str] = &["discovery", "plan-drill", "backup", "site-operation", "protect"];
 
 pub fn arc(store: Store, backup: crate::backup::BackupConfig) -> Arc<Ops> {
     Arc::new(Ops { store, backup })

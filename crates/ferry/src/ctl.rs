@@ -467,7 +467,14 @@ pub async fn watch(id: &str, s: &ServerArgs, out: OutputFormat) -> Result<()> {
             .get(v["current_step"].as_u64().unwrap_or(0) as usize)
             .and_then(|s| s["name"].as_str())
             .unwrap_or("");
-        bar.set_message(format!("{} {step}", v["state"].as_str().unwrap_or("")));
+        let bytes = match (v["bytes_done"].as_u64(), v["bytes_total"].as_u64()) {
+            (Some(d), Some(t)) if t > 0 => {
+                let eta = v["eta_secs"].as_f64().map(|e| format!(", ETA {e:.0} s")).unwrap_or_default();
+                format!(" ({:.1}/{:.1} MiB{eta})", d as f64 / 1048576.0, t as f64 / 1048576.0)
+            }
+            _ => String::new(),
+        };
+        bar.set_message(format!("{} {step}{bytes}", v["state"].as_str().unwrap_or("")));
         if matches!(v["state"].as_str(), Some("succeeded" | "failed" | "cancelled" | "waiting-for-input")) {
             break v;
         }
@@ -513,6 +520,27 @@ pub async fn register(
     dir: &std::path::Path,
     out: OutputFormat,
 ) -> Result<()> {
+    let summary = register_component(server, fingerprint, passphrase, kind, name, hosts, dir).await?;
+    match out {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&summary)?),
+        OutputFormat::Table => println!(
+            "registered {kind} {name}: certificate {} (key stayed here), token in {}",
+            summary["cert"], summary["token_file"]
+        ),
+    }
+    Ok(())
+}
+
+/// [`register`] without output: returns where the files went.
+pub async fn register_component(
+    server: &str,
+    fingerprint: &str,
+    passphrase: &str,
+    kind: &str,
+    name: &str,
+    hosts: &[String],
+    dir: &std::path::Path,
+) -> Result<Value> {
     let (status, ca) = ferry_tls::https_request(server, ferry_tls::Trust::Insecure, "GET", "/api/v1/ca", &[], None)
         .await
         .with_context(|| format!("cannot reach the configuration server at {server}"))?;
@@ -563,13 +591,124 @@ pub async fn register(
     write(dir.join(format!("{kind}.key")), &key, 0o600)?;
     write(dir.join(format!("{kind}.pem")), v["certificate"].as_str().unwrap_or(""), 0o644)?;
     write(dir.join("config-server.token"), v["token"].as_str().unwrap_or(""), 0o600)?;
-    let summary = json!({"ca": ca_path, "cert": dir.join(format!("{kind}.pem")), "key": dir.join(format!("{kind}.key")), "token_file": dir.join("config-server.token")});
+    Ok(
+        json!({"ca": ca_path, "cert": dir.join(format!("{kind}.pem")), "key": dir.join(format!("{kind}.key")), "token_file": dir.join("config-server.token")}),
+    )
+}
+
+#[derive(Args)]
+pub struct ProtectArgs {
+    /// Machines to protect (none with --group: every machine of the group).
+    pub machines: Vec<String>,
+    /// Protect a replication group's machines together (multi-machine points).
+    #[arg(long)]
+    pub group: Option<String>,
+    #[arg(long)]
+    pub policy: String,
+    #[arg(long)]
+    pub process_server: String,
+    #[arg(long)]
+    pub master_target: String,
+    /// Recovery datastore (of the master target's site) for the replica disks.
+    #[arg(long)]
+    pub datastore: String,
+    /// How long the job waits for the machines' mobility services to register.
+    #[arg(long, default_value_t = 900)]
+    pub wait_secs: u64,
+    /// Return once the job is started instead of following it.
+    #[arg(long)]
+    pub no_wait: bool,
+}
+
+/// `ferry protect`: enable replication and follow the job (initial sync with bytes, %, ETA).
+pub async fn protect(a: ProtectArgs, s: &ServerArgs, out: OutputFormat) -> Result<()> {
+    let body = json!({
+        "machines": a.machines, "group": a.group, "policy": a.policy, "process_server": a.process_server,
+        "master_target": a.master_target, "datastore": a.datastore, "wait_secs": a.wait_secs,
+    });
+    let job = s.call("POST", "/api/v1/protections", Some(body)).await?;
+    let id = job["id"].as_str().context("the server answered without a job id")?.to_owned();
+    if a.no_wait {
+        show(&job, out, &["id", "kind", "target", "state"]);
+        return Ok(());
+    }
+    watch(&id, s, out).await
+}
+
+pub fn print_machines(v: &Value) {
+    println!(
+        "{:<10} {:<10} {:<8} {:<5} {:<22} {:<10} {:<9} {:<14} {:<12} {}",
+        "MACHINE",
+        "SITE",
+        "OS",
+        "POWER",
+        "REPLICATION",
+        "HEALTH",
+        "RPO",
+        "MASTER TARGET",
+        "GROUP",
+        "POINTS (crash/app)"
+    );
+    for m in v.as_array().into_iter().flatten() {
+        let rpo = m["rpo_secs"].as_f64().map(|r| format!("{r:.1} s")).unwrap_or_else(|| "-".into());
+        let sync = m["initial_sync"]["percent"].as_f64().map(|p| format!(" {p:.0}%")).unwrap_or_default();
+        let points = if m["points"].is_object() {
+            format!(
+                "{}/{}",
+                m["points"]["crash_tags"].as_u64().unwrap_or(0),
+                m["points"]["app_tags"].as_u64().unwrap_or(0)
+            )
+        } else {
+            "-".into()
+        };
+        println!(
+            "{:<10} {:<10} {:<8} {:<5} {:<22} {:<10} {:<9} {:<14} {:<12} {}",
+            m["machine"].as_str().unwrap_or(""),
+            m["site"].as_str().unwrap_or(""),
+            m["os_family"].as_str().unwrap_or(""),
+            m["power"].as_str().unwrap_or(""),
+            format!("{}{sync}", m["replication"].as_str().unwrap_or("")),
+            m["health"].as_str().unwrap_or(""),
+            rpo,
+            m["master_target"].as_str().unwrap_or("-"),
+            m["group"].as_str().unwrap_or("-"),
+            points
+        );
+        for r in m["reasons"].as_array().into_iter().flatten() {
+            println!("    {} {}", r["code"], r["message"].as_str().unwrap_or(""));
+        }
+    }
+}
+
+/// `ferry machines`.
+pub async fn machines(s: &ServerArgs, out: OutputFormat) -> Result<()> {
+    let v = s.call("GET", "/api/v1/machines", None).await?;
     match out {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&summary)?),
-        OutputFormat::Table => println!(
-            "registered {kind} {name}: certificate {} (key stayed here), token in {}",
-            summary["cert"], summary["token_file"]
-        ),
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+        OutputFormat::Table => print_machines(&v),
+    }
+    Ok(())
+}
+
+/// `ferry recovery-points MACHINE`.
+pub async fn recovery_points(machine: &str, s: &ServerArgs, out: OutputFormat) -> Result<()> {
+    let v = s.call("GET", &format!("/api/v1/machines/{}/recovery-points", enc(machine)), None).await?;
+    match out {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+        OutputFormat::Table => {
+            println!("recovery points of {machine} on master target {}:", v["master_target"].as_str().unwrap_or("?"));
+            println!("{:<16} {:<24} {:<16} {:<8} {}", "ID", "TIME (UTC ms)", "KIND", "SCOPE", "SEQ");
+            for p in v["points"].as_array().into_iter().flatten() {
+                println!(
+                    "{:<16} {:<24} {:<16} {:<8} {}",
+                    p["id"].as_str().unwrap_or(""),
+                    p["time_ms"],
+                    p["kind"].as_str().unwrap_or(""),
+                    p["scope"].as_str().unwrap_or(""),
+                    p["seq"]
+                );
+            }
+        }
     }
     Ok(())
 }

@@ -2,8 +2,11 @@
 
 mod cli_config;
 mod ctl;
+mod demo;
 mod lab;
+mod lab_guest;
 mod lab_link;
+mod lab_site;
 mod output;
 
 use std::path::PathBuf;
@@ -108,7 +111,27 @@ enum Command {
     },
     /// Register this host's component with a configuration server (key and CSR made here).
     Register(RegisterArgs),
-    /// Lab tools: verifiable workloads and their verification.
+    /// Enable replication of machines (or a replication group): a job with the initial sync's progress.
+    Protect {
+        #[command(flatten)]
+        args: ctl::ProtectArgs,
+        #[command(flatten)]
+        server: ctl::ServerArgs,
+    },
+    /// Discovered machines: protection, health, RPO, points.
+    Machines {
+        #[command(flatten)]
+        server: ctl::ServerArgs,
+    },
+    /// Recovery points of a protected machine.
+    RecoveryPoints {
+        machine: String,
+        #[command(flatten)]
+        server: ctl::ServerArgs,
+    },
+    /// Bring up a two-site lab, protect its machines, take and verify points, print a summary.
+    Demo(demo::DemoArgs),
+    /// Lab: a two-site Ferry on this machine (up, status, down), its machines and links, verifiable workloads.
     Lab {
         #[command(subcommand)]
         action: LabAction,
@@ -143,18 +166,52 @@ enum LabAction {
         pause_file: Option<PathBuf>,
     },
     /// A controllable link between sites: a TCP proxy whose control endpoint cuts, restores or
-    /// slows it (`curl -X POST http://CONTROL/cut`, `/restore`, `/slow -H 'Content-Type: application/json'
-    /// -d '{"latency_ms": 50, "bandwidth_bytes_per_sec": 1000000}'`; `GET /status`).
-    Link {
-        /// Where the near side connects.
+    /// slows it. `ferry lab link --listen --to --control` runs one; `ferry lab link cut|restore|slow
+    /// [NAME...]` controls a lab's links (all when none is named).
+    Link(LinkCmd),
+    /// Build and start a two-site lab in DIR (the built-in description, or --config FILE).
+    Up {
+        dir: PathBuf,
+        /// A lab description (TOML; see `crates/ferry/src/lab_default.toml`).
         #[arg(long)]
-        listen: String,
-        /// The far side's address.
+        config: Option<PathBuf>,
+    },
+    /// Processes, links, components and machines of a lab.
+    Status {
+        #[arg(env = "FERRY_LAB", default_value = "ferry-lab")]
+        dir: PathBuf,
+    },
+    /// Stop a lab (guests shut down cleanly first) and check no process is left.
+    Down {
+        #[arg(env = "FERRY_LAB", default_value = "ferry-lab")]
+        dir: PathBuf,
+        /// Also delete the lab's folder.
         #[arg(long)]
-        to: String,
-        /// Control endpoint (HTTP, loopback).
+        remove: bool,
+    },
+    /// Kill a lab machine's guest (SIGKILL), like pulling its power.
+    Crash {
+        machine: String,
+        #[arg(long, env = "FERRY_LAB", default_value = "ferry-lab")]
+        lab: PathBuf,
+    },
+    /// Power a lab machine on (its guest boots and its mobility service registers).
+    PowerOn {
+        machine: String,
+        #[arg(long, env = "FERRY_LAB", default_value = "ferry-lab")]
+        lab: PathBuf,
+    },
+    /// Power a lab machine off cleanly (its agent drains first).
+    PowerOff {
+        machine: String,
+        #[arg(long, env = "FERRY_LAB", default_value = "ferry-lab")]
+        lab: PathBuf,
+    },
+    /// The guest of a powered-on lab machine (started by power-on; not run by hand).
+    #[command(hide = true)]
+    Guest {
         #[arg(long)]
-        control: String,
+        dir: PathBuf,
     },
     /// Check that disk images hold a consistent prefix of a workload's records.
     Verify {
@@ -169,6 +226,49 @@ enum LabAction {
         /// The prefix must be exactly this seq (an app-consistent point's paused seq).
         #[arg(long)]
         exact_seq: Option<u64>,
+    },
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct LinkCmd {
+    #[command(subcommand)]
+    action: Option<LinkAction>,
+    /// Where the near side connects.
+    #[arg(long)]
+    listen: Option<String>,
+    /// The far side's address.
+    #[arg(long)]
+    to: Option<String>,
+    /// Control endpoint (HTTP, loopback).
+    #[arg(long)]
+    control: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum LinkAction {
+    /// Drop open connections and refuse new ones.
+    Cut {
+        names: Vec<String>,
+        #[arg(long, env = "FERRY_LAB", default_value = "ferry-lab")]
+        lab: PathBuf,
+    },
+    /// Carry traffic again, at full speed.
+    Restore {
+        names: Vec<String>,
+        #[arg(long, env = "FERRY_LAB", default_value = "ferry-lab")]
+        lab: PathBuf,
+    },
+    /// Add latency and a bandwidth limit.
+    Slow {
+        names: Vec<String>,
+        #[arg(long, env = "FERRY_LAB", default_value = "ferry-lab")]
+        lab: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+        /// Bytes per second (0 = unlimited).
+        #[arg(long, default_value_t = 0)]
+        bandwidth_bytes_per_sec: u64,
     },
 }
 
@@ -632,6 +732,10 @@ async fn run(cli: Cli) -> Result<()> {
             ctl::watch(job["id"].as_str().unwrap_or(""), &server, out).await
         }
         Command::Lab { action } => run_lab(action, out).await,
+        Command::Protect { args, server } => ctl::protect(args, &server, out).await,
+        Command::Machines { server } => ctl::machines(&server, out).await,
+        Command::RecoveryPoints { machine, server } => ctl::recovery_points(&machine, &server, out).await,
+        Command::Demo(args) => demo::run(args, out).await,
         Command::Register(r) => {
             ctl::register(&r.server, &r.ca_fingerprint, &r.passphrase, &r.kind, &r.name, &r.hosts, &r.dir, out).await
         }
@@ -1089,7 +1193,39 @@ async fn run_lab(action: LabAction, out: OutputFormat) -> Result<()> {
             }
             Ok(())
         }
-        LabAction::Link { listen, to, control } => lab_link::run(&listen, to, &control, shutdown_on_signal()).await,
+        LabAction::Link(cmd) => match cmd.action {
+            None => {
+                let (Some(listen), Some(to), Some(control)) = (cmd.listen, cmd.to, cmd.control) else {
+                    bail!("`ferry lab link` runs a link with --listen, --to and --control, or controls a lab's links: `ferry lab link cut|restore|slow [NAME...]`");
+                };
+                lab_link::run(&listen, to, &control, shutdown_on_signal()).await
+            }
+            Some(LinkAction::Cut { names, lab }) => lab_site::link_control(&lab, &names, "cut", None, out).await,
+            Some(LinkAction::Restore { names, lab }) => {
+                lab_site::link_control(&lab, &names, "restore", None, out).await
+            }
+            Some(LinkAction::Slow { names, lab, latency_ms, bandwidth_bytes_per_sec }) => {
+                let body =
+                    serde_json::json!({"latency_ms": latency_ms, "bandwidth_bytes_per_sec": bandwidth_bytes_per_sec});
+                lab_site::link_control(&lab, &names, "slow", Some(body), out).await
+            }
+        },
+        LabAction::Up { dir, config } => match lab_site::up(&dir, config.as_deref(), out).await {
+            Ok(st) => lab_site::print_up(&st, out),
+            Err(e) => {
+                eprintln!("lab up failed: {e:#}\nstopping what was started…");
+                if dir.join("lab.json").exists() {
+                    let _ = lab_site::down(&dir, false, OutputFormat::Json).await;
+                }
+                Err(e)
+            }
+        },
+        LabAction::Status { dir } => lab_site::status(&dir, out).await,
+        LabAction::Down { dir, remove } => lab_site::down(&dir, remove, out).await,
+        LabAction::Crash { machine, lab } => lab_site::machine_op(&lab, &machine, "crash", out).await,
+        LabAction::PowerOn { machine, lab } => lab_site::machine_op(&lab, &machine, "power-on", out).await,
+        LabAction::PowerOff { machine, lab } => lab_site::machine_op(&lab, &machine, "power-off", out).await,
+        LabAction::Guest { dir } => lab_guest::run(dir, shutdown_on_signal()).await,
         LabAction::Verify { record_log, disks, seed, exact_seq } => {
             let v = tokio::task::spawn_blocking(move || lab::verify(&record_log, &disks, seed, exact_seq)).await??;
             match out {

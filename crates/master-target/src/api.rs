@@ -316,7 +316,7 @@ async fn materialize(
     let Some(r) = mt.replica(&m) else { return no_machine(&m) };
     let result = tokio::task::spawn_blocking(move || {
         let point = mt.resolve_point(&m, &req.point)?;
-        let mat = r.materialize(point, &req, &mt.config.datastore, &mt.config.nbd_socket())?;
+        let mat = r.materialize(point, &req, &r.datastore.clone(), &mt.config.nbd_socket())?;
         Ok::<_, PointError>(mt.describe(&mat))
     })
     .await;

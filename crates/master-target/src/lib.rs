@@ -84,6 +84,13 @@ pub struct MasterTargetConfig {
     /// Per-machine retention windows (the machine's replication policy), seconds.
     #[serde(default)]
     pub machine_retention_secs: HashMap<String, f64>,
+    /// Per-machine datastore folders chosen when protection was enabled (default: `datastore`).
+    /// Only used when a machine's replica is created; its folder is then recorded with it.
+    #[serde(default)]
+    pub machine_datastores: HashMap<String, PathBuf>,
+    /// The address process servers should use (a proxy or NAT address; default: `listen`).
+    #[serde(default)]
+    pub advertise: Option<String>,
     /// When the retention volume has less free space than this share (percent), the oldest points
     /// are pruned early, inside the window, with an event.
     #[serde(default = "default_min_free")]
@@ -106,6 +113,11 @@ impl MasterTargetConfig {
     /// The retention window of a machine, seconds.
     pub fn retention_window_for(&self, machine: &str) -> f64 {
         self.machine_retention_secs.get(machine).copied().unwrap_or(self.retention_window_secs)
+    }
+
+    /// The datastore a new replica of `machine` goes to.
+    pub fn datastore_for(&self, machine: &str) -> PathBuf {
+        self.machine_datastores.get(machine).cloned().unwrap_or_else(|| self.datastore.clone())
     }
 
     /// The unix socket serving materialized points.
@@ -131,12 +143,23 @@ fn default_checkpoint_secs() -> f64 {
     1.0
 }
 
+/// The per-machine settings a running master target takes from the configuration server.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LiveSettings {
+    #[serde(default)]
+    pub machine_retention_secs: HashMap<String, f64>,
+    #[serde(default)]
+    pub machine_datastores: HashMap<String, PathBuf>,
+}
+
 pub struct MasterTarget {
     config: MasterTargetConfig,
     /// The eligible, locked retention volume (canonical path).
     retention: PathBuf,
     _volume: retention::RetentionVolume,
     replicas: Mutex<HashMap<String, Arc<Replica>>>,
+    /// Per-machine settings taken from the configuration server while running.
+    live: std::sync::RwLock<LiveSettings>,
     /// Materialized points served over NBD.
     pub exports: ferry_nbd::Exports,
     shutdown: CancellationToken,
@@ -159,6 +182,10 @@ impl MasterTarget {
         let mt = Arc::new(MasterTarget {
             retention: volume.path.clone(),
             _volume: volume,
+            live: std::sync::RwLock::new(LiveSettings {
+                machine_retention_secs: config.machine_retention_secs.clone(),
+                machine_datastores: config.machine_datastores.clone(),
+            }),
             config,
             replicas: Mutex::new(HashMap::new()),
             exports: ferry_nbd::Exports::new(),
@@ -196,17 +223,54 @@ impl MasterTarget {
             r.check_layout(&hello.machine)?;
             return Ok(r.clone());
         }
-        let r = Replica::create(&self.config, &hello.machine, self.exports.clone(), self.shutdown.clone())
+        let r = Replica::create(&self.config_for_new(), &hello.machine, self.exports.clone(), self.shutdown.clone())
             .map_err(|e| (codes::STORAGE, e.to_string(), "check the datastore and retention folders".into()))?;
         map.insert(hello.machine.name.clone(), r.clone());
         Ok(r)
+    }
+
+    /// The configuration with the live per-machine settings (for replicas created now).
+    fn config_for_new(&self) -> MasterTargetConfig {
+        let mut c = self.config.clone();
+        let live = self.live.read().unwrap_or_else(|p| p.into_inner());
+        c.machine_retention_secs.extend(live.machine_retention_secs.clone());
+        c.machine_datastores.extend(live.machine_datastores.clone());
+        c
+    }
+
+    /// Take new per-machine settings (from the configuration server). A machine's datastore
+    /// applies when its replica is created; its retention window, from its next (re)open.
+    pub fn apply_settings(&self, v: &serde_json::Value) {
+        match serde_json::from_value::<LiveSettings>(v.clone()) {
+            Ok(mut s) => {
+                let mut live = self.live.write().unwrap_or_else(|p| p.into_inner());
+                // Keys the server does not send keep their values from the local file.
+                for (k, w) in &self.config.machine_retention_secs {
+                    s.machine_retention_secs.entry(k.clone()).or_insert(*w);
+                }
+                for (k, d) in &self.config.machine_datastores {
+                    s.machine_datastores.entry(k.clone()).or_insert(d.clone());
+                }
+                *live = s;
+            }
+            Err(e) => tracing::warn!(error = %e, "ignoring malformed settings from the configuration server"),
+        }
     }
 
     pub fn status(&self) -> serde_json::Value {
         let map = self.lock_replicas();
         let mut machines: Vec<_> = map.values().map(|r| r.status()).collect();
         machines.sort_by(|a, b| a.machine.cmp(&b.machine));
-        serde_json::json!({ "component": "master-target", "machines": machines })
+        let live = self.live.read().unwrap_or_else(|p| p.into_inner()).clone();
+        serde_json::json!({
+            "component": "master-target",
+            "name": self.config.name,
+            "listen": self.config.listen,
+            "advertise": self.config.advertise.clone().unwrap_or_else(|| self.config.listen.clone()),
+            "status_listen": self.config.status_listen,
+            "settings": live,
+            "machines": machines,
+        })
     }
 
     pub fn replica(&self, machine: &str) -> Option<Arc<Replica>> {
@@ -261,10 +325,18 @@ pub async fn serve(
     if let Some(link) = mt.config.config_server.clone() {
         let mt2 = mt.clone();
         ferry_status::spawn_heartbeats(
-            link,
+            link.clone(),
             "master-target",
             mt.config.name.clone(),
             move || mt2.status(),
+            shutdown.clone(),
+        );
+        let mt2 = mt.clone();
+        ferry_status::spawn_settings_watch(
+            link,
+            "master-target",
+            mt.config.name.clone(),
+            move |v| mt2.apply_settings(&v),
             shutdown.clone(),
         );
     }

@@ -85,6 +85,8 @@ pub struct Replica {
     pub(crate) dir: PathBuf,
     pub(crate) disks: Vec<DiskDescriptor>,
     pub(crate) targets: Vec<(PathBuf, File)>,
+    /// The datastore folder holding `<machine>/` (target disks, images).
+    pub(crate) datastore: PathBuf,
     journal: Mutex<SegmentLog>,
     apply: Mutex<ApplyState>,
     wake: Condvar,
@@ -130,6 +132,13 @@ impl Replica {
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         let desc = serde_json::to_vec_pretty(machine).map_err(|e| MasterTargetError::Refused(e.to_string()))?;
         fsutil::write_atomic(&dir.join("machine.json"), &desc)?;
+        // The datastore chosen now stays the replica's, whatever later settings say.
+        let tdir = config.datastore_for(&machine.name).join(&machine.name);
+        let rec = serde_json::to_vec(&serde_json::json!({ "dir": tdir }))
+            .map_err(|e| MasterTargetError::Refused(e.to_string()))?;
+        if !dir.join("targets.json").exists() {
+            fsutil::write_atomic(&dir.join("targets.json"), &rec)?;
+        }
         Self::open(config, machine.clone(), exports, shutdown)
     }
 
@@ -154,7 +163,16 @@ impl Replica {
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, MasterTargetError> {
         let dir = config.retention_dir().join(&machine.name);
-        let tdir = config.datastore.join(&machine.name);
+        let tdir = match std::fs::read(dir.join("targets.json")) {
+            Ok(d) => serde_json::from_slice::<serde_json::Value>(&d)
+                .ok()
+                .and_then(|v| v["dir"].as_str().map(PathBuf::from))
+                .ok_or_else(|| {
+                    MasterTargetError::Refused(format!("{} is corrupt", dir.join("targets.json").display()))
+                })?,
+            // Replicas from before per-machine datastores live in the master target's own.
+            Err(_) => config.datastore.join(&machine.name),
+        };
         std::fs::create_dir_all(&tdir).map_err(io(&tdir))?;
         let ckpt_path = dir.join("checkpoint.json");
         let ckpt: Checkpoint = match std::fs::read(&ckpt_path) {
@@ -215,6 +233,7 @@ impl Replica {
             name: machine.name.clone(),
             dir,
             disks: machine.disks.clone(),
+            datastore: tdir.parent().map(|p| p.to_owned()).unwrap_or_else(|| config.datastore.clone()),
             targets,
             journal: Mutex::new(journal),
             apply: Mutex::new(ApplyState {

@@ -68,6 +68,27 @@ pub struct ProcessServerConfig {
     /// Heartbeats to a configuration server (from `ferry register`); standalone without it.
     #[serde(default)]
     pub config_server: Option<ferry_status::ConfigServerLink>,
+    /// Per-machine master targets (set when protection is enabled); others go to `master_target`.
+    #[serde(default)]
+    pub machine_master_targets: HashMap<String, MasterTargetRoute>,
+    /// The address agents should use (a proxy or NAT address; default: `listen`).
+    #[serde(default)]
+    pub advertise: Option<String>,
+}
+
+/// Where one machine's changes go.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MasterTargetRoute {
+    pub address: String,
+    /// Name in that master target's certificate.
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct LiveSettings {
+    #[serde(default)]
+    machine_master_targets: HashMap<String, MasterTargetRoute>,
 }
 
 fn default_mt_name() -> String {
@@ -89,6 +110,7 @@ fn default_batch() -> usize {
 pub struct ProcessServer {
     config: ProcessServerConfig,
     spools: Mutex<HashMap<String, Arc<MachineSpool>>>,
+    live: std::sync::RwLock<LiveSettings>,
     connector: ferry_tls::tokio_rustls::TlsConnector,
     shutdown: CancellationToken,
 }
@@ -104,7 +126,9 @@ impl ProcessServer {
         std::fs::create_dir_all(&config.cache_dir)
             .map_err(|source| ProcessServerError::Io { path: config.cache_dir.clone(), source })?;
         let connector = ferry_tls::connector(&config.tls)?;
-        let ps = Arc::new(ProcessServer { config, spools: Mutex::new(HashMap::new()), connector, shutdown });
+        let live =
+            std::sync::RwLock::new(LiveSettings { machine_master_targets: config.machine_master_targets.clone() });
+        let ps = Arc::new(ProcessServer { config, spools: Mutex::new(HashMap::new()), live, connector, shutdown });
         // Resume forwarding whatever the spool still holds, agent connected or not.
         if let Ok(entries) = std::fs::read_dir(&ps.config.cache_dir) {
             for e in entries.flatten() {
@@ -159,11 +183,38 @@ impl ProcessServer {
         by_capacity
     }
 
+    /// The master target a machine's changes go to (read at each connection).
+    fn route_for(&self, machine: &str) -> MasterTargetRoute {
+        let live = self.live.read().unwrap_or_else(|p| p.into_inner());
+        live.machine_master_targets.get(machine).cloned().unwrap_or_else(|| MasterTargetRoute {
+            address: self.config.master_target.clone(),
+            name: self.config.master_target_name.clone(),
+        })
+    }
+
+    /// Take new per-machine routes from the configuration server (they apply from the
+    /// machine's next connection to a master target).
+    pub fn apply_settings(&self, v: &serde_json::Value) {
+        match serde_json::from_value::<LiveSettings>(v.clone()) {
+            Ok(mut s) => {
+                for (k, r) in &self.config.machine_master_targets {
+                    s.machine_master_targets.entry(k.clone()).or_insert(r.clone());
+                }
+                *self.live.write().unwrap_or_else(|p| p.into_inner()) = s;
+            }
+            Err(e) => tracing::warn!(error = %e, "ignoring malformed settings from the configuration server"),
+        }
+    }
+
     pub fn status(&self) -> serde_json::Value {
         let mut machines: Vec<_> = self.lock_spools().values().map(|s| s.status()).collect();
         machines.sort_by(|a, b| a.machine.cmp(&b.machine));
+        let live = self.live.read().unwrap_or_else(|p| p.into_inner()).clone();
         serde_json::json!({
             "component": "process-server",
+            "listen": self.config.listen,
+            "advertise": self.config.advertise.clone().unwrap_or_else(|| self.config.listen.clone()),
+            "settings": live,
             "cache_capacity_bytes": self.config.cache_capacity_bytes,
             "spool_bytes": self.spool_bytes(),
             "free_percent": self.free_percent(),
@@ -211,14 +262,15 @@ impl ProcessServer {
             spool.wait_data().await;
             return Err("waiting for the agent's first hello".into());
         };
-        let addr = &self.config.master_target;
+        let route = self.route_for(spool.name());
+        let addr = &route.address;
         let limit = Duration::from_secs(10);
         let tcp = tokio::time::timeout(limit, tokio::net::TcpStream::connect(addr))
             .await
             .map_err(|_| format!("cannot connect to master target {addr}: no answer within {limit:?}"))?
             .map_err(|e| format!("cannot connect to master target {addr}: {e}"))?;
         let _ = tcp.set_nodelay(true);
-        let name = ferry_tls::server_name(&self.config.master_target_name).map_err(|e| e.to_string())?;
+        let name = ferry_tls::server_name(&route.name).map_err(|e| e.to_string())?;
         let tls = tokio::time::timeout(limit, self.connector.connect(name, tcp))
             .await
             .map_err(|_| format!("TLS with master target {addr} did not complete within {limit:?}"))?
@@ -245,7 +297,7 @@ impl ProcessServer {
         if ack.durable_seq < released {
             let detail = format!(
                 "master target {} holds machine {} only up to seq {}, but this process server already released up to {released} after the master target acknowledged it: the master target lost state (journal or retention volume)",
-                self.config.master_target,
+                route.address,
                 spool.name(),
                 ack.durable_seq
             );
@@ -348,10 +400,18 @@ pub async fn serve(
     if let Some(link) = ps.config.config_server.clone() {
         let ps2 = ps.clone();
         ferry_status::spawn_heartbeats(
-            link,
+            link.clone(),
             "process-server",
             "process-server".into(),
             move || ps2.status(),
+            shutdown.clone(),
+        );
+        let ps2 = ps.clone();
+        ferry_status::spawn_settings_watch(
+            link,
+            "process-server",
+            "process-server".into(),
+            move |v| ps2.apply_settings(&v),
             shutdown.clone(),
         );
     }

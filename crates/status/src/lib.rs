@@ -224,3 +224,50 @@ pub fn spawn_heartbeats<F>(
         }
     });
 }
+
+/// Follow the settings the configuration server holds for this component: every heartbeat
+/// interval, fetch them and call `apply` when they differ from the last ones seen (the first
+/// successful fetch always applies). Settings a component can take while running (per-machine
+/// routes, datastores, retention windows) change without a restart this way.
+pub fn spawn_settings_watch<F>(
+    link: ConfigServerLink,
+    kind: &'static str,
+    default_name: String,
+    apply: F,
+    shutdown: tokio_util::sync::CancellationToken,
+) where
+    F: Fn(serde_json::Value) + Send + Sync + 'static,
+{
+    tokio::spawn(async move {
+        let name = link.name.clone().unwrap_or(default_name);
+        let every = std::time::Duration::from_secs_f64(link.heartbeat_interval_secs.clamp(0.1, 10.0));
+        let mut last: Option<serde_json::Value> = None;
+        loop {
+            if let Ok(token) = std::fs::read_to_string(&link.token_file) {
+                let auth = format!("Bearer {}", token.trim());
+                let r = ferry_tls::https_request(
+                    &link.address,
+                    ferry_tls::Trust::CaFile(&link.ca),
+                    "GET",
+                    &format!("/api/v1/components/{kind}/{name}/settings"),
+                    &[("Authorization", auth.as_str())],
+                    None,
+                )
+                .await;
+                if let Ok((200, body)) = r {
+                    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) {
+                        if last.as_ref() != Some(&v) {
+                            tracing::info!(%kind, %name, "settings from the configuration server changed; applying");
+                            apply(v.clone());
+                            last = Some(v);
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
+    });
+}

@@ -1,0 +1,691 @@
+//! Enable replication: the `protect` job. It checks the machines, their policy, the process
+//! server, the master target and the recovery datastore at once (so a wrong name fails the
+//! request, not a job an hour later), then, as job steps: waits for the machines' mobility
+//! services to report (boot delay and registration, RP-7), assigns each machine a datastore on the
+//! master target, routes it through the process server, configures the agents (process server,
+//! disks, policy, replication group) and follows the initial sync (bytes, %, ETA) until each
+//! machine is Protected. Components take the settings while running (settings watch), so nothing
+//! restarts except the guest's agent, which its supervisor starts once it has a process server.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::Json;
+use ferry_store::Store;
+use serde::{Deserialize, Serialize};
+
+use crate::api::{Body, Caller, Role, SETTINGS};
+use crate::discovery::Inventory;
+use crate::errors::{self, ApiError};
+use crate::jobs::{now_ms, Job, JobControl, JobError, Outcome};
+use crate::model::{self, Policy, ReplicationGroup};
+use crate::ops::INVENTORY;
+use crate::registration::{Component, COMPONENT};
+use crate::AppState;
+
+pub const PROTECTION: &str = "protection";
+
+/// `POST /api/v1/protections`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProtectRequest {
+    #[serde(default)]
+    pub machine: Option<String>,
+    /// Several machines (with `group`: every machine of the replication group, protected together).
+    #[serde(default)]
+    pub machines: Vec<String>,
+    #[serde(default)]
+    pub group: Option<String>,
+    pub policy: String,
+    pub process_server: String,
+    pub master_target: String,
+    /// A datastore of the master target's site, where the replica disks are created.
+    pub datastore: String,
+    /// How long to wait for the machines' mobility services to register (RP-7: up to 15 min).
+    #[serde(default = "default_wait")]
+    pub wait_secs: u64,
+}
+
+fn default_wait() -> u64 {
+    900
+}
+
+/// One machine's protection, as stored (`protection/<machine>`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Protection {
+    pub machine: String,
+    pub site: String,
+    pub os_family: String,
+    pub policy: String,
+    pub process_server: String,
+    pub master_target: String,
+    pub datastore: String,
+    /// The datastore's folder (where `<machine>/<disk>.img` replicas go).
+    pub datastore_path: PathBuf,
+    #[serde(default)]
+    pub group: Option<String>,
+    /// `enabling`, `protected` or `failed`.
+    pub state: String,
+    pub job: String,
+    pub disks: Vec<ProtectedDisk>,
+    pub since_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProtectedDisk {
+    pub name: String,
+    pub path: PathBuf,
+    #[serde(default)]
+    pub uuid: Option<String>,
+    #[serde(default)]
+    pub size: Option<u64>,
+}
+
+async fn inventories(s: &AppState) -> Result<Vec<Inventory>, ApiError> {
+    Ok(s.store.list::<Inventory>(INVENTORY).await?.into_iter().map(|d| d.body).collect())
+}
+
+/// Check a request against the inventory and registrations; returns the protections to enable.
+async fn plan(s: &AppState, req: &ProtectRequest) -> Result<Vec<Protection>, ApiError> {
+    let mut names: Vec<String> = req.machine.iter().cloned().chain(req.machines.iter().cloned()).collect();
+    let group = match &req.group {
+        Some(g) => {
+            let g = s
+                .store
+                .get::<ReplicationGroup>(model::GROUP, g)
+                .await?
+                .ok_or_else(|| {
+                    ApiError::not_found(format!("no replication group {g} (create it with `ferry groups create`)"))
+                })?
+                .body;
+            if names.is_empty() {
+                names = g.machines.clone();
+            }
+            let mut want = g.machines.clone();
+            want.sort();
+            let mut got = names.clone();
+            got.sort();
+            if want != got {
+                return Err(ApiError::bad(format!(
+                    "replication group {} holds {:?}: protect all of its machines together (they share multi-machine points), or change the group first",
+                    g.name, g.machines
+                )));
+            }
+            Some(g)
+        }
+        None => None,
+    };
+    if names.is_empty() {
+        return Err(ApiError::bad("name a machine (machine / machines) or a replication group (group)"));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for m in &names {
+        model::check_name("machine", m)?;
+        if !seen.insert(m.clone()) {
+            return Err(ApiError::bad(format!("machine {m} is named twice")));
+        }
+    }
+    let policy = s
+        .store
+        .get::<Policy>(model::POLICY, &req.policy)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no policy {} (list them with `ferry policies list`)", req.policy)))?
+        .body;
+    if !policy.associated {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            errors::POLICY_NOT_ASSOCIATED,
+            format!("policy {} is not associated with this configuration server (78253)", policy.name),
+        ));
+    }
+    if policy.failback_of.is_some() {
+        return Err(ApiError::bad(format!(
+            "policy {} is a failback policy (POL-2): it is used by reprotect, not for forward protection",
+            policy.name
+        )));
+    }
+    for (kind, name) in [("process-server", &req.process_server), ("master-target", &req.master_target)] {
+        model::check_name(kind, name)?;
+        if s.store.get::<Component>(COMPONENT, &format!("{kind}/{name}")).await?.is_none() {
+            return Err(ApiError::not_found(format!(
+                "no {kind} {name} has registered with this configuration server (list them with `ferry components`)"
+            )));
+        }
+    }
+    let invs = inventories(s).await?;
+    let mt_site = invs
+        .iter()
+        .find(|i| i.content.master_targets.iter().any(|m| m.name == req.master_target))
+        .ok_or_else(|| {
+            ApiError::not_found(format!(
+                "master target {} is not in any discovered site's inventory (discover its site first)",
+                req.master_target
+            ))
+        })?;
+    let ds = mt_site.content.datastores.iter().find(|d| d.name == req.datastore).ok_or_else(|| {
+        ApiError::not_found(format!(
+            "site {} (master target {}'s) has no datastore {}",
+            mt_site.site, req.master_target, req.datastore
+        ))
+    })?;
+    if ds.accessible == Some(false) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            errors::DATASTORE_INACCESSIBLE,
+            format!("datastore {} of site {} is not accessible (8061)", ds.name, mt_site.site),
+        ));
+    }
+    if ds.access != "read-write" {
+        return Err(ApiError::bad(format!("datastore {} is read-only: choose a writable one", ds.name)));
+    }
+    let datastore_path = mt_site.folder.join(&ds.path);
+    let mut out = Vec::new();
+    for m in &names {
+        let (inv, machine) = invs
+            .iter()
+            .find_map(|i| i.content.machines.iter().find(|x| &x.name == m).map(|x| (i, x)))
+            .ok_or_else(|| {
+                ApiError::not_found(format!(
+                    "machine {m} is not in any discovered site's inventory (discover its site)"
+                ))
+            })?;
+        if inv.site == mt_site.site {
+            return Err(ApiError::bad(format!(
+                "machine {m} and master target {} are on the same site ({}): protect to a master target of the recovery site",
+                req.master_target, inv.site
+            )));
+        }
+        if machine.disks.is_empty() {
+            return Err(ApiError::bad(format!("machine {m} has no disks to protect")));
+        }
+        if let Some(p) = s.store.get::<Protection>(PROTECTION, m).await? {
+            if p.body.state != "failed" {
+                return Err(ApiError::conflict(format!(
+                    "machine {m} is already {} (job {}) to master target {}",
+                    p.body.state, p.body.job, p.body.master_target
+                )));
+            }
+        }
+        let mt_os = mt_site
+            .content
+            .master_targets
+            .iter()
+            .find(|x| x.name == req.master_target)
+            .map(|x| x.os_family.clone())
+            .unwrap_or_default();
+        if machine.os_family == "windows" && mt_os == "linux" {
+            tracing::info!(machine = %m, "a Windows machine protected to a Linux master target (failback will need a Windows one)");
+        }
+        out.push(Protection {
+            machine: m.clone(),
+            site: inv.site.clone(),
+            os_family: machine.os_family.clone(),
+            policy: req.policy.clone(),
+            process_server: req.process_server.clone(),
+            master_target: req.master_target.clone(),
+            datastore: req.datastore.clone(),
+            datastore_path: datastore_path.clone(),
+            group: group.as_ref().map(|g| g.name.clone()),
+            state: "enabling".into(),
+            job: String::new(),
+            disks: machine
+                .disks
+                .iter()
+                .map(|d| ProtectedDisk {
+                    name: d.name.clone(),
+                    path: inv.folder.join(&d.path),
+                    uuid: d.uuid.clone(),
+                    size: d.size,
+                })
+                .collect(),
+            since_ms: now_ms(),
+        });
+    }
+    Ok(out)
+}
+
+pub fn steps(ps: &[Protection]) -> Vec<(String, bool)> {
+    let names = ps.iter().map(|p| p.machine.as_str()).collect::<Vec<_>>().join(", ");
+    let p = &ps[0];
+    vec![
+        (format!("wait for the mobility service of {names} to register and report"), true),
+        (format!("assign {names} to master target {} (datastore {})", p.master_target, p.datastore), true),
+        (format!("route {names} through process server {} to {}", p.process_server, p.master_target), true),
+        (format!("configure the mobility service of {names} (policy {})", p.policy), true),
+        (format!("initial sync of {names}"), true),
+        (format!("mark {names} Protected"), true),
+    ]
+}
+
+/// `POST /api/v1/protections`: check, record, and start the job.
+pub async fn protect(
+    State(s): State<Arc<AppState>>,
+    c: Caller,
+    Body(req): Body<ProtectRequest>,
+) -> crate::api::ApiResult {
+    c.need(Role::Operator)?;
+    let mut ps = plan(&s, &req).await?;
+    // Claim each machine first (compare-and-set): a concurrent request for it loses here.
+    let mut claimed = Vec::new();
+    for p in &ps {
+        let existing = s.store.get::<Protection>(PROTECTION, &p.machine).await?;
+        let expected = existing.map(|d| d.revision).unwrap_or(0);
+        match s.store.put(PROTECTION, &p.machine, p, Some(expected)).await {
+            Ok(rev) => claimed.push((p.machine.clone(), rev)),
+            Err(e) => {
+                for (m, _) in &claimed {
+                    let _ = s.store.delete(PROTECTION, m).await;
+                }
+                return Err(match e {
+                    ferry_store::StoreError::Conflict { .. } => {
+                        ApiError::conflict(format!("machine {} is being protected by another request", p.machine))
+                    }
+                    e => e.into(),
+                });
+            }
+        }
+    }
+    let target = req.group.clone().unwrap_or_else(|| ps[0].machine.clone());
+    let job = s
+        .jobs
+        .start(
+            s.ops.clone(),
+            "protect",
+            &target,
+            steps(&ps),
+            serde_json::json!({ "protections": ps, "wait_secs": req.wait_secs }),
+        )
+        .await?;
+    for (p, (_, rev)) in ps.iter_mut().zip(&claimed) {
+        p.job = job.id.clone();
+        let _ = s.store.put(PROTECTION, &p.machine, p, Some(*rev)).await;
+    }
+    Ok((StatusCode::ACCEPTED, Json(job)).into_response())
+}
+
+/// `GET /api/v1/machines`: every discovered machine with its protection, health and RPO.
+pub async fn list_machines(State(s): State<Arc<AppState>>, c: Caller) -> crate::api::ApiResult {
+    c.need(Role::Reader)?;
+    let protections: HashMap<String, Protection> =
+        s.store.list::<Protection>(PROTECTION).await?.into_iter().map(|d| (d.id, d.body)).collect();
+    let mut out = Vec::new();
+    for inv in inventories(&s).await? {
+        for m in &inv.content.machines {
+            let comp = s.store.get::<Component>(COMPONENT, &format!("agent/{}", m.name)).await?.map(|d| d.body);
+            let p = protections.get(&m.name);
+            let (health, reasons) = match &comp {
+                Some(c) => crate::health::health_of(&s, c).await,
+                None => ("unknown".to_owned(), Vec::new()),
+            };
+            let st = comp.as_ref().map(|c| c.status.clone()).unwrap_or_default();
+            let replication = match (p.map(|p| p.state.as_str()), st["mode"].as_str()) {
+                (None, _) => "unprotected".to_owned(),
+                (Some("protected"), Some("replicating")) => "protected".to_owned(),
+                (Some("protected"), Some(mode)) => format!("protected ({mode})"),
+                (Some(state), _) => state.to_owned(),
+            };
+            out.push(serde_json::json!({
+                "machine": m.name,
+                "site": inv.site,
+                "os_family": m.os_family,
+                "power": m.power,
+                "replication": replication,
+                "policy": p.map(|p| p.policy.clone()),
+                "process_server": p.map(|p| p.process_server.clone()),
+                "master_target": p.map(|p| p.master_target.clone()),
+                "datastore": p.map(|p| p.datastore.clone()),
+                "group": p.and_then(|p| p.group.clone()),
+                "job": p.map(|p| p.job.clone()),
+                "health": if comp.is_some() { health } else { "not registered".into() },
+                "reasons": reasons,
+                "rpo_secs": st.get("lag_seconds").cloned(),
+                "caught_up": st.get("caught_up").cloned(),
+                "initial_sync": st.get("resync").cloned(),
+                "points": st.get("points").cloned(),
+                "last_heartbeat_ms": comp.as_ref().and_then(|c| c.last_seen_ms),
+            }));
+        }
+    }
+    crate::api::ok(out)
+}
+
+/// `GET /api/v1/machines/{name}/recovery-points`: the points the machine's master target holds.
+pub async fn recovery_points(
+    State(s): State<Arc<AppState>>,
+    c: Caller,
+    Path(name): Path<String>,
+) -> crate::api::ApiResult {
+    c.need(Role::Reader)?;
+    model::check_name("machine", &name)?;
+    let p = s
+        .store
+        .get::<Protection>(PROTECTION, &name)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("machine {name} is not protected (`ferry protect {name} ...`)")))?
+        .body;
+    let mt = s
+        .store
+        .get::<Component>(COMPONENT, &format!("master-target/{}", p.master_target))
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("master target {} is not registered", p.master_target)))?
+        .body;
+    let Some(addr) = mt.status["status_listen"].as_str() else {
+        return Err(ApiError::conflict(format!(
+            "master target {} has not reported its point API (status_listen): check that it runs and sends heartbeats",
+            p.master_target
+        )));
+    };
+    let r = tokio::time::timeout(
+        Duration::from_secs(20),
+        ferry_status::request(addr, "GET", &format!("/machines/{name}/points"), None),
+    )
+    .await;
+    match r {
+        Ok(Ok((200, mut v))) => {
+            v["master_target"] = p.master_target.clone().into();
+            crate::api::ok(v)
+        }
+        Ok(Ok((code, v))) => Err(ApiError::conflict(format!("master target {} answered {code}: {v}", p.master_target))),
+        Ok(Err(e)) => Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            errors::MT_HEARTBEAT_LOST,
+            format!("master target {} is unreachable: {e}", p.master_target),
+        )),
+        Err(_) => Err(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            errors::MT_HEARTBEAT_LOST,
+            format!("master target {} did not answer within 20 s", p.master_target),
+        )),
+    }
+}
+
+// ---- the job's steps ---------------------------------------------------------------------------
+
+fn fail(code: errors::ErrorCode, msg: impl Into<String>) -> Outcome {
+    Outcome::Failed(JobError::new(code, msg))
+}
+
+async fn component(store: &Store, kind: &str, name: &str) -> Option<Component> {
+    store.get::<Component>(COMPONENT, &format!("{kind}/{name}")).await.ok().flatten().map(|d| d.body)
+}
+
+/// Read-modify-write a component's settings with compare-and-set (concurrent jobs share them).
+async fn update_settings(
+    store: &Store,
+    key: &str,
+    f: impl Fn(&mut serde_json::Map<String, serde_json::Value>),
+) -> Result<(), String> {
+    for _ in 0..20 {
+        let cur =
+            store.get::<serde_json::Map<String, serde_json::Value>>(SETTINGS, key).await.map_err(|e| e.to_string())?;
+        let (mut body, rev) = cur.map(|d| (d.body, d.revision)).unwrap_or_default();
+        f(&mut body);
+        match store.put(SETTINGS, key, &body, Some(rev)).await {
+            Ok(_) => return Ok(()),
+            Err(ferry_store::StoreError::Conflict { .. }) => continue,
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Err(format!("settings {key} kept changing under this job"))
+}
+
+/// Poll until `check` passes on the component's latest status, or fail after `limit`.
+async fn wait_status(
+    store: &Store,
+    ctl: &JobControl,
+    kind: &str,
+    name: &str,
+    limit: Duration,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(c) = component(store, kind, name).await {
+            if check(&c.status) {
+                return Ok(());
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!("{kind} {name} did not report the change within {limit:?}"));
+        }
+        tokio::select! {
+            _ = ctl.cancel.cancelled() => return Err("the job was cancelled".into()),
+            _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+        }
+    }
+}
+
+pub async fn run_step(store: &Store, job: &Job, step: usize, ctl: &JobControl) -> Outcome {
+    let ps: Vec<Protection> = match serde_json::from_value(job.params["protections"].clone()) {
+        Ok(p) => p,
+        Err(e) => return fail(errors::BAD_REQUEST, format!("bad protect job parameters: {e}")),
+    };
+    let Some(first) = ps.first() else { return fail(errors::BAD_REQUEST, "no machines in the job") };
+    match step {
+        0 => {
+            let wait = Duration::from_secs(job.params["wait_secs"].as_u64().unwrap_or(900));
+            for p in &ps {
+                let r = wait_status(store, ctl, "agent", &p.machine, wait, |st| st["status_listen"].is_string()).await;
+                if let Err(e) = r {
+                    return fail(
+                        errors::MACHINE_NOT_ACCESSIBLE,
+                        format!(
+                            "the mobility service of {} has not reported: {e}; power the machine on (its agent registers after its boot delay) and retry",
+                            p.machine
+                        ),
+                    );
+                }
+            }
+            Outcome::Done(Some(format!("{} mobility service(s) reporting", ps.len())))
+        }
+        1 => {
+            let key = format!("master-target/{}", first.master_target);
+            let r = update_settings(store, &key, |b| {
+                let map = b.entry("machine_datastores").or_insert_with(|| serde_json::json!({}));
+                if let Some(m) = map.as_object_mut() {
+                    for p in &ps {
+                        m.insert(p.machine.clone(), serde_json::json!(p.datastore_path));
+                    }
+                }
+            })
+            .await;
+            if let Err(e) = r {
+                return fail(errors::STORE, e);
+            }
+            for p in &ps {
+                let want = serde_json::json!(p.datastore_path);
+                let r = wait_status(store, ctl, "master-target", &p.master_target, Duration::from_secs(120), |st| {
+                    st["settings"]["machine_datastores"][&p.machine] == want
+                })
+                .await;
+                if let Err(e) = r {
+                    return fail(errors::MT_HEARTBEAT_LOST, format!("{e}: is it running and linked to this server?"));
+                }
+            }
+            Outcome::Done(Some(format!("replicas go to {}", first.datastore_path.display())))
+        }
+        2 => {
+            let Some(mt) = component(store, "master-target", &first.master_target).await else {
+                return fail(
+                    errors::MT_HEARTBEAT_LOST,
+                    format!("master target {} is not registered", first.master_target),
+                );
+            };
+            let Some(address) = mt.status["advertise"].as_str().map(str::to_owned) else {
+                return fail(
+                    errors::MT_HEARTBEAT_LOST,
+                    format!("master target {} has not reported its replication address", first.master_target),
+                );
+            };
+            let route = serde_json::json!({ "address": address, "name": first.master_target });
+            let key = format!("process-server/{}", first.process_server);
+            let r = update_settings(store, &key, |b| {
+                let map = b.entry("machine_master_targets").or_insert_with(|| serde_json::json!({}));
+                if let Some(m) = map.as_object_mut() {
+                    for p in &ps {
+                        m.insert(p.machine.clone(), route.clone());
+                    }
+                }
+            })
+            .await;
+            if let Err(e) = r {
+                return fail(errors::STORE, e);
+            }
+            for p in &ps {
+                let r = wait_status(store, ctl, "process-server", &p.process_server, Duration::from_secs(120), |st| {
+                    st["settings"]["machine_master_targets"][&p.machine] == route
+                })
+                .await;
+                if let Err(e) = r {
+                    return fail(errors::PS_HEARTBEAT_LOST, format!("{e}: is it running and linked to this server?"));
+                }
+            }
+            Outcome::Done(Some(format!("{} → {address}", first.process_server)))
+        }
+        3 => {
+            let Some(psc) = component(store, "process-server", &first.process_server).await else {
+                return fail(
+                    errors::PS_HEARTBEAT_LOST,
+                    format!("process server {} is not registered", first.process_server),
+                );
+            };
+            let Some(ps_addr) = psc.status["advertise"].as_str().map(str::to_owned) else {
+                return fail(
+                    errors::PS_UNREACHABLE,
+                    format!("process server {} has not reported its address", first.process_server),
+                );
+            };
+            // Group: the first machine coordinates and reaches the others at their status addresses.
+            let mut members = HashMap::new();
+            for p in &ps {
+                let addr = component(store, "agent", &p.machine)
+                    .await
+                    .and_then(|c| c.status["status_listen"].as_str().map(str::to_owned));
+                members.insert(p.machine.clone(), addr);
+            }
+            for (i, p) in ps.iter().enumerate() {
+                let group = p.group.as_ref().map(|g| {
+                    let others: Vec<String> = ps
+                        .iter()
+                        .filter(|o| o.machine != p.machine)
+                        .filter_map(|o| members[&o.machine].clone())
+                        .collect();
+                    if i == 0 {
+                        serde_json::json!({ "name": g, "coordinator": true, "members": others })
+                    } else {
+                        serde_json::json!({ "name": g })
+                    }
+                });
+                let disks: Vec<serde_json::Value> = p
+                    .disks
+                    .iter()
+                    .map(|d| {
+                        let mut v = serde_json::json!({ "name": d.name, "path": d.path });
+                        if let Some(u) = &d.uuid {
+                            v["uuid"] = u.clone().into();
+                        }
+                        v
+                    })
+                    .collect();
+                let r = update_settings(store, &format!("agent/{}", p.machine), |b| {
+                    b.insert("process_server".into(), ps_addr.clone().into());
+                    b.insert("process_server_name".into(), p.process_server.clone().into());
+                    b.insert("disks".into(), disks.clone().into());
+                    b.insert("policy".into(), p.policy.clone().into());
+                    match &group {
+                        Some(g) => b.insert("group".into(), g.clone()),
+                        None => b.remove("group"),
+                    };
+                })
+                .await;
+                if let Err(e) = r {
+                    return fail(errors::STORE, e);
+                }
+            }
+            Outcome::Done(Some(format!("agents replicate to {ps_addr}")))
+        }
+        4 => {
+            let started = tokio::time::Instant::now();
+            loop {
+                let (mut done, mut total, mut complete) = (0u64, 0u64, 0usize);
+                for p in &ps {
+                    let st = component(store, "agent", &p.machine).await.map(|c| c.status).unwrap_or_default();
+                    let size: u64 = p.disks.iter().filter_map(|d| d.size).sum();
+                    if st["initial_sync_complete"] == true && st["mode"] == "replicating" {
+                        complete += 1;
+                        done += size;
+                        total += size;
+                    } else if let Some(r) = st["resync"].as_object() {
+                        done += r.get("bytes_done").and_then(|v| v.as_u64()).unwrap_or(0);
+                        total += r.get("bytes_total").and_then(|v| v.as_u64()).unwrap_or(size);
+                    } else {
+                        total += size;
+                    }
+                }
+                ctl.bytes(done, total);
+                if complete == ps.len() {
+                    return Outcome::Done(Some(format!(
+                        "{} byte(s) in sync after {:.0} s",
+                        total,
+                        started.elapsed().as_secs_f64()
+                    )));
+                }
+                tokio::select! {
+                    _ = ctl.cancel.cancelled() => return fail(errors::JOB_STATE, "the job was cancelled during the initial sync (the agents keep their settings: protect again to finish)"),
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+        }
+        5 => {
+            for p in &ps {
+                let r: Result<(), String> = async {
+                    let cur = store.get::<Protection>(PROTECTION, &p.machine).await.map_err(|e| e.to_string())?;
+                    let (mut body, rev) = match cur {
+                        Some(d) => (d.body, d.revision),
+                        None => (p.clone(), 0),
+                    };
+                    body.state = "protected".into();
+                    body.job = job.id.clone();
+                    store.put(PROTECTION, &p.machine, &body, Some(rev)).await.map_err(|e| e.to_string())?;
+                    let _ = store
+                        .add_event(
+                            0,
+                            "info",
+                            &format!("agent/{}", p.machine),
+                            &format!(
+                                "{} is Protected (policy {}, master target {})",
+                                p.machine, p.policy, p.master_target
+                            ),
+                        )
+                        .await;
+                    Ok(())
+                }
+                .await;
+                if let Err(e) = r {
+                    return fail(errors::STORE, e);
+                }
+            }
+            Outcome::Done(Some(format!("{} machine(s) Protected", ps.len())))
+        }
+        _ => fail(errors::JOB_STATE, format!("protect job has no step {step}")),
+    }
+}
+
+/// A failed job leaves its machines `failed` (a new request may retry them).
+pub async fn mark_failed(store: &Store, job: &Job) {
+    let Ok(ps) = serde_json::from_value::<Vec<Protection>>(job.params["protections"].clone()) else { return };
+    for p in ps {
+        if let Ok(Some(d)) = store.get::<Protection>(PROTECTION, &p.machine).await {
+            if d.body.job == job.id && d.body.state == "enabling" {
+                let mut b = d.body;
+                b.state = "failed".into();
+                let _ = store.put(PROTECTION, &p.machine, &b, Some(d.revision)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,330 @@
+//! `ferry lab guest --dir DIR`: the guest of a powered-on lab machine, started by the local
+//! provider's power-on (see `ferry_config_server::discovery`). Like a real machine with the
+//! mobility service installed, it boots (a delay), registers its agent with the configuration
+//! server (once; the passphrase and CA fingerprint come with the site, like an installer's), reports
+//! in while unprotected, and runs the agent once protection gives it a process server and disks —
+//! restarting it when those settings change. A configured workload (`ferry lab workload`) writes
+//! through the agent's NBD exports; the agent's app-consistency hooks pause it.
+//!
+//! Power-off sends SIGTERM to the guest's process group: the agent drains and stops cleanly.
+//! `ferry lab crash` sends SIGKILL to the group. Children also die with the guest
+//! (PR_SET_PDEATHSIG), so a killed guest never leaves an agent behind.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use ferry_config_server::discovery::GuestFile;
+use serde_json::{json, Value};
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+
+/// Ports the guest's agent serves on, kept across reboots.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct Endpoints {
+    pub nbd: String,
+    pub status: String,
+}
+
+fn free_port() -> Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("cannot find a free port on 127.0.0.1")?;
+    Ok(l.local_addr()?.port())
+}
+
+fn endpoints(dir: &Path) -> Result<Endpoints> {
+    let p = dir.join("endpoints.json");
+    if let Ok(d) = std::fs::read(&p) {
+        if let Ok(e) = serde_json::from_slice::<Endpoints>(&d) {
+            return Ok(e);
+        }
+    }
+    let e = Endpoints { nbd: format!("127.0.0.1:{}", free_port()?), status: format!("127.0.0.1:{}", free_port()?) };
+    std::fs::write(&p, serde_json::to_vec_pretty(&e)?).with_context(|| format!("cannot write {}", p.display()))?;
+    Ok(e)
+}
+
+/// JSON settings → TOML (no nulls in TOML: they are dropped).
+fn to_toml(v: &Value) -> Option<toml::Value> {
+    match v {
+        Value::Null => None,
+        Value::Bool(b) => Some(toml::Value::Boolean(*b)),
+        Value::Number(n) => n.as_i64().map(toml::Value::Integer).or_else(|| n.as_f64().map(toml::Value::Float)),
+        Value::String(s) => Some(toml::Value::String(s.clone())),
+        Value::Array(a) => Some(toml::Value::Array(a.iter().filter_map(to_toml).collect())),
+        Value::Object(o) => {
+            Some(toml::Value::Table(o.iter().filter_map(|(k, v)| to_toml(v).map(|v| (k.clone(), v))).collect()))
+        }
+    }
+}
+
+fn spawn(exe: &Path, args: &[String], log: &Path) -> Result<Child> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("cannot open {}", log.display()))?;
+    let err = out.try_clone()?;
+    let mut cmd = Command::new(exe);
+    cmd.args(args).stdin(std::process::Stdio::null()).stdout(out).stderr(err);
+    // SAFETY: prctl in the child before exec; async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    cmd.spawn().with_context(|| format!("cannot start {} {}", exe.display(), args.join(" ")))
+}
+
+async fn stop(child: &mut Child, limit: Duration) {
+    if let Some(pid) = child.id() {
+        // SAFETY: a signal to our own child.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    }
+    if tokio::time::timeout(limit, child.wait()).await.is_err() {
+        let _ = child.kill().await;
+    }
+}
+
+struct Guest {
+    dir: PathBuf,
+    file: GuestFile,
+    exe: PathBuf,
+    reg: PathBuf,
+    ends: Endpoints,
+}
+
+impl Guest {
+    fn token(&self) -> Option<String> {
+        std::fs::read_to_string(self.reg.join("config-server.token")).ok().map(|t| t.trim().to_owned())
+    }
+
+    async fn api(&self, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Value)> {
+        let token = self.token().context("not registered")?;
+        let auth = format!("Bearer {token}");
+        let body = body.map(|b| b.to_string());
+        let (code, resp) = ferry_tls::https_request(
+            &self.file.settings.config_server,
+            ferry_tls::Trust::CaFile(&self.reg.join("ca.pem")),
+            method,
+            path,
+            &[("Authorization", auth.as_str())],
+            body.as_deref().map(str::as_bytes),
+        )
+        .await?;
+        Ok((code, serde_json::from_slice(&resp).unwrap_or(Value::Null)))
+    }
+
+    async fn register(&self, shutdown: &CancellationToken) -> bool {
+        if self.token().is_some() {
+            return true;
+        }
+        let g = &self.file.settings;
+        loop {
+            let r = async {
+                let pass = std::fs::read_to_string(&g.passphrase_file)
+                    .with_context(|| format!("cannot read the passphrase file {}", g.passphrase_file.display()))?;
+                crate::ctl::register_component(
+                    &g.config_server,
+                    &g.ca_fingerprint,
+                    pass.trim(),
+                    "agent",
+                    &self.file.machine,
+                    &[],
+                    &self.reg,
+                )
+                .await
+            }
+            .await;
+            match r {
+                Ok(_) => {
+                    tracing::info!(machine = %self.file.machine, "mobility service registered");
+                    return true;
+                }
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "registration failed; retrying"),
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+            }
+        }
+    }
+
+    /// The agent's configuration: local keys, then the server's settings.
+    fn write_agent_config(&self, settings: &Value) -> Result<PathBuf> {
+        let mut t = match to_toml(settings) {
+            Some(toml::Value::Table(t)) => t,
+            _ => toml::Table::new(),
+        };
+        t.insert("machine".into(), self.file.machine.clone().into());
+        t.insert("state_dir".into(), self.dir.join("agent").to_string_lossy().into_owned().into());
+        t.insert("nbd_listen".into(), self.ends.nbd.clone().into());
+        t.insert("status_listen".into(), self.ends.status.clone().into());
+        let mut tls = toml::Table::new();
+        tls.insert("ca".into(), self.reg.join("ca.pem").to_string_lossy().into_owned().into());
+        tls.insert("cert".into(), self.reg.join("agent.pem").to_string_lossy().into_owned().into());
+        tls.insert("key".into(), self.reg.join("agent.key").to_string_lossy().into_owned().into());
+        t.insert("tls".into(), tls.into());
+        let mut link = toml::Table::new();
+        link.insert("address".into(), self.file.settings.config_server.clone().into());
+        link.insert("ca".into(), self.reg.join("ca.pem").to_string_lossy().into_owned().into());
+        link.insert("token_file".into(), self.reg.join("config-server.token").to_string_lossy().into_owned().into());
+        link.insert("name".into(), self.file.machine.clone().into());
+        link.insert("heartbeat_interval_secs".into(), self.file.settings.heartbeat_interval_secs.into());
+        t.insert("config_server".into(), link.into());
+        // App consistency: freeze pauses the workload (it flushes and writes the seq it paused
+        // at, which is appended to app-consistent.log); a machine without one has nothing to quiesce.
+        let (freeze, thaw) = if self.file.workload.is_some() {
+            let p = self.dir.join("pause");
+            let log = self.dir.join("app-consistent.log");
+            (
+                format!(
+                    "P='{p}'; touch \"$P\"; i=0; while [ ! -f \"$P.paused\" ]; do i=$((i+1)); if [ $i -gt 600 ]; then rm -f \"$P\"; echo 'the workload did not pause within 30 s' >&2; exit 1; fi; sleep 0.05; done; {{ cat \"$P.paused\"; echo; }} >> '{log}'",
+                    p = p.display(),
+                    log = log.display()
+                ),
+                format!("rm -f '{}'", p.display()),
+            )
+        } else {
+            ("true".to_owned(), "true".to_owned())
+        };
+        t.insert("freeze_command".into(), freeze.into());
+        t.insert("thaw_command".into(), thaw.into());
+        t.insert("hook_timeout_secs".into(), 60.0.into());
+        let path = self.dir.join("agent.toml");
+        std::fs::write(&path, toml::to_string(&t)?).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(path)
+    }
+
+    fn workload_args(&self) -> Option<Vec<String>> {
+        let w = self.file.workload.as_ref()?;
+        let mut args = vec!["lab".to_owned(), "workload".to_owned()];
+        for (name, _) in &self.file.disks {
+            args.push("--disk".into());
+            args.push(format!("{}/{name}", self.ends.nbd));
+        }
+        args.extend([
+            "--record-log".into(),
+            self.dir.join("records.log").to_string_lossy().into_owned(),
+            "--seed".into(),
+            w.seed.to_string(),
+            "--rate".into(),
+            w.rate.to_string(),
+            "--max-blocks".into(),
+            w.max_blocks.to_string(),
+            "--pause-file".into(),
+            self.dir.join("pause").to_string_lossy().into_owned(),
+        ]);
+        Some(args)
+    }
+}
+
+pub async fn run(dir: PathBuf, shutdown: CancellationToken) -> Result<()> {
+    let text = std::fs::read_to_string(dir.join("guest.toml"))
+        .with_context(|| format!("cannot read {}/guest.toml (written by power-on)", dir.display()))?;
+    let file: GuestFile = toml::from_str(&text).context("guest.toml is invalid")?;
+    let exe = std::env::current_exe().context("cannot find the ferry executable")?;
+    let ends = endpoints(&dir)?;
+    let g = Guest { reg: dir.join("mobility-service"), dir, file, exe, ends };
+    tracing::info!(machine = %g.file.machine, delay = g.file.settings.boot_delay_secs, "booting");
+    tokio::select! {
+        _ = shutdown.cancelled() => return Ok(()),
+        _ = tokio::time::sleep(Duration::from_secs_f64(g.file.settings.boot_delay_secs.max(0.0))) => {}
+    }
+    // A stale pause marker from a crash would freeze the new workload at once.
+    let _ = std::fs::remove_file(g.dir.join("pause"));
+    if !g.register(&shutdown).await {
+        return Ok(());
+    }
+    let mut agent: Option<(Child, Value)> = None;
+    let mut workload: Option<Child> = None;
+    let mut last_heartbeat = std::time::Instant::now() - Duration::from_secs(3600);
+    let hb_every = Duration::from_secs_f64(g.file.settings.heartbeat_interval_secs.max(0.2));
+    loop {
+        let settings = match g.api("GET", &format!("/api/v1/components/agent/{}/settings", g.file.machine), None).await
+        {
+            Ok((200, v)) => Some(v),
+            Ok((code, v)) => {
+                tracing::warn!(code, body = %v, "the configuration server refused the settings request");
+                None
+            }
+            Err(e) => {
+                tracing::debug!(error = %format!("{e:#}"), "configuration server unreachable; keeping the current state");
+                None
+            }
+        };
+        if let Some(s) = &settings {
+            let protected = s["process_server"].is_string() && s["disks"].as_array().is_some_and(|d| !d.is_empty());
+            let changed = agent.as_ref().map(|(_, cur)| cur != s).unwrap_or(true);
+            if protected && changed {
+                if let Some((mut c, _)) = agent.take() {
+                    tracing::info!("settings changed: restarting the agent");
+                    if let Some(mut w) = workload.take() {
+                        stop(&mut w, Duration::from_secs(5)).await;
+                    }
+                    stop(&mut c, Duration::from_secs(60)).await;
+                }
+                let path = g.write_agent_config(s)?;
+                let args = vec!["agent".to_owned(), "--config".to_owned(), path.to_string_lossy().into_owned()];
+                match spawn(&g.exe, &args, &g.dir.join("agent.log")) {
+                    Ok(c) => {
+                        tracing::info!(process_server = %s["process_server"], "agent started");
+                        agent = Some((c, s.clone()));
+                    }
+                    Err(e) => tracing::error!(error = %format!("{e:#}"), "cannot start the agent"),
+                }
+            } else if !protected {
+                if let Some((mut c, _)) = agent.take() {
+                    tracing::info!("protection removed: stopping the agent");
+                    stop(&mut c, Duration::from_secs(60)).await;
+                }
+            }
+        }
+        if let Some((c, _)) = &mut agent {
+            if let Ok(Some(st)) = c.try_wait() {
+                tracing::error!(status = %st, "the agent exited; restarting it (see agent.log)");
+                agent = None;
+                if let Some(mut w) = workload.take() {
+                    stop(&mut w, Duration::from_secs(5)).await;
+                }
+            }
+        }
+        if agent.is_none() && last_heartbeat.elapsed() >= hb_every {
+            // Unprotected: the mobility service still reports in (and says where it serves).
+            let body = json!({"kind": "agent", "name": g.file.machine, "status": {
+                "component": "agent", "machine": g.file.machine, "mode": "not-protected",
+                "status_listen": g.ends.status, "nbd_listen": g.ends.nbd,
+            }});
+            if let Err(e) = g.api("POST", "/api/v1/heartbeats", Some(&body)).await {
+                tracing::debug!(error = %format!("{e:#}"), "heartbeat failed");
+            }
+            last_heartbeat = std::time::Instant::now();
+        }
+        if let Some(w) = &mut workload {
+            if let Ok(Some(st)) = w.try_wait() {
+                tracing::warn!(status = %st, "the workload exited (see workload.log); restarting it");
+                workload = None;
+            }
+        }
+        if workload.is_none() && agent.is_some() && tokio::net::TcpStream::connect(&g.ends.nbd).await.is_ok() {
+            if let Some(args) = g.workload_args() {
+                match spawn(&g.exe, &args, &g.dir.join("workload.log")) {
+                    Ok(c) => workload = Some(c),
+                    Err(e) => tracing::error!(error = %format!("{e:#}"), "cannot start the workload"),
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+    tracing::info!("shutting down");
+    if let Some(mut w) = workload.take() {
+        stop(&mut w, Duration::from_secs(5)).await;
+    }
+    if let Some((mut c, _)) = agent.take() {
+        stop(&mut c, Duration::from_secs(60)).await;
+    }
+    Ok(())
+}

@@ -1,0 +1,1083 @@
+//! `ferry lab up|status|down|crash|power|link`: a whole two-site Ferry on one machine.
+//!
+//! `lab up DIR` turns a lab description (the built-in `lab_default.toml`, or `--config FILE`)
+//! into site folders the local provider discovers (`DIR/sites/<site>/site.toml`, datastores as
+//! folders, disks as sparse files), starts a configuration server (SQLite), a lab link in front of
+//! every master target and of the configuration server for every other site (so `lab link cut`
+//! separates the sites), the master targets and a process server per site — all on loopback with
+//! TLS, each logging to `DIR/logs/<name>.log` — registers them, adds the sites, creates the
+//! replication groups, powers the machines on (their guests register after the boot delay) and
+//! waits until everything reports. `DIR/lab.json` records pids, endpoints and tokens (mode 0600).
+//! `lab down` stops guests cleanly, then every daemon, and checks by pid that none is left.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use ferry_config_server::discovery::{self, Credential, Host, Network, Nic, WorkloadSpec};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::ctl::ServerArgs;
+use crate::output::OutputFormat;
+
+pub const DEFAULT_LAB: &str = include_str!("lab_default.toml");
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabSpec {
+    /// Seconds from power-on until a machine's mobility service registers (RP-7).
+    #[serde(default = "one")]
+    pub boot_delay_secs: f64,
+    /// Components' heartbeat interval.
+    #[serde(default = "one")]
+    pub heartbeat_interval_secs: f64,
+    /// The configuration server's missing-heartbeat threshold (806 / 78174 / 78022).
+    #[serde(default = "ten")]
+    pub heartbeat_timeout_secs: f64,
+    pub sites: Vec<LabSite>,
+    #[serde(default)]
+    pub groups: Vec<LabGroup>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+fn ten() -> f64 {
+    10.0
+}
+fn yes() -> bool {
+    true
+}
+fn on() -> String {
+    "on".into()
+}
+fn rw() -> String {
+    "read-write".into()
+}
+fn pvscsi() -> String {
+    "pvscsi".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabSite {
+    pub name: String,
+    /// The site that hosts the configuration server (exactly one).
+    #[serde(default)]
+    pub config_server: bool,
+    #[serde(default)]
+    pub hosts: Vec<Host>,
+    #[serde(default)]
+    pub datastores: Vec<LabDatastore>,
+    #[serde(default)]
+    pub networks: Vec<Network>,
+    #[serde(default)]
+    pub credentials: Vec<Credential>,
+    #[serde(default)]
+    pub machines: Vec<LabMachine>,
+    #[serde(default)]
+    pub master_targets: Vec<LabMasterTarget>,
+    #[serde(default)]
+    pub process_server: Option<LabProcessServer>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabDatastore {
+    pub name: String,
+    /// `vmfs`, `vsan` or `nfs`.
+    pub kind: String,
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default = "rw")]
+    pub access: String,
+    /// `false` leaves its folder out, so it is inaccessible (8061).
+    #[serde(default = "yes")]
+    pub accessible: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabMachine {
+    pub name: String,
+    pub os_family: String,
+    #[serde(default)]
+    pub os: String,
+    pub host: String,
+    pub datastore: String,
+    #[serde(default)]
+    pub nics: Vec<Nic>,
+    pub disks: Vec<LabDisk>,
+    #[serde(default = "pvscsi")]
+    pub controller: String,
+    #[serde(default = "on")]
+    pub power: String,
+    #[serde(default)]
+    pub workload: Option<WorkloadSpec>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabDisk {
+    pub name: String,
+    pub size: u64,
+    /// A fixed UUID (e.g. a template clone's, colliding with another disk's).
+    #[serde(default)]
+    pub uuid: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabMasterTarget {
+    pub name: String,
+    pub os_family: String,
+    #[serde(default)]
+    pub host: String,
+    #[serde(default = "pvscsi")]
+    pub controller: String,
+    #[serde(default = "yes")]
+    pub enable_uuid: bool,
+    /// Disks already attached (the inventory's count; 60 is the most a master target takes).
+    #[serde(default)]
+    pub attached_disks: u32,
+    /// Start a `ferry master-target` for it (false: inventory only).
+    #[serde(default = "yes")]
+    pub run: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabProcessServer {
+    pub name: String,
+    #[serde(default = "default_cache")]
+    pub cache_capacity_bytes: u64,
+}
+
+fn default_cache() -> u64 {
+    2 << 30
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabGroup {
+    pub name: String,
+    pub machines: Vec<String>,
+}
+
+/// `DIR/lab.json`: what `lab up` started and where it listens.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabState {
+    pub dir: PathBuf,
+    pub config_server: String,
+    pub ca: PathBuf,
+    pub ca_fingerprint: String,
+    pub admin_token: String,
+    pub operator_token: String,
+    pub processes: Vec<LabProcess>,
+    pub links: Vec<LabLink>,
+    pub sites: Vec<(String, PathBuf)>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabProcess {
+    pub name: String,
+    pub kind: String,
+    pub site: Option<String>,
+    pub pid: i32,
+    pub log: PathBuf,
+    /// The main address (API, replication, agents, or the link's near side).
+    pub address: String,
+    /// Status endpoint (plain HTTP, loopback), if any.
+    pub status: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabLink {
+    pub name: String,
+    pub listen: String,
+    pub to: String,
+    pub control: String,
+}
+
+impl LabState {
+    pub fn load(dir: &Path) -> Result<LabState> {
+        let p = dir.join("lab.json");
+        let d = std::fs::read(&p).with_context(|| {
+            format!("cannot read {} (is {} a lab made by `ferry lab up`?)", p.display(), dir.display())
+        })?;
+        serde_json::from_slice(&d).with_context(|| format!("{} is not a lab state file", p.display()))
+    }
+
+    fn save(&self) -> Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let p = self.dir.join("lab.json");
+        let tmp = self.dir.join("lab.json.tmp");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::io::Write::write_all(&mut f, &serde_json::to_vec_pretty(self)?)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &p)?;
+        Ok(())
+    }
+
+    /// API access as the lab's operator.
+    pub fn server(&self) -> ServerArgs {
+        ServerArgs {
+            server: self.config_server.clone(),
+            token: Some(self.operator_token.clone()),
+            ca: Some(self.ca.clone()),
+        }
+    }
+
+    pub fn process(&self, name: &str) -> Option<&LabProcess> {
+        self.processes.iter().find(|p| p.name == name)
+    }
+
+    /// The folder of the site holding `machine`, and the site's name.
+    pub fn machine_site(&self, machine: &str) -> Result<(String, PathBuf)> {
+        for (name, folder) in &self.sites {
+            let text = std::fs::read_to_string(folder.join("site.toml")).unwrap_or_default();
+            if let Ok(f) = toml::from_str::<discovery::SiteFile>(&text) {
+                if f.machines.iter().any(|m| m.name == machine) {
+                    return Ok((name.clone(), folder.clone()));
+                }
+            }
+        }
+        bail!("no site of the lab in {} has a machine {machine}", self.dir.display())
+    }
+
+    /// Where a machine's guest serves (from its `endpoints.json`).
+    pub fn guest_endpoints(&self, machine: &str) -> Result<crate::lab_guest::Endpoints> {
+        let (_, folder) = self.machine_site(machine)?;
+        let p = folder.join("guests").join(machine).join("endpoints.json");
+        let d =
+            std::fs::read(&p).with_context(|| format!("{machine} has not booted yet ({} is missing)", p.display()))?;
+        Ok(serde_json::from_slice(&d)?)
+    }
+}
+
+fn free_port() -> Result<String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("cannot find a free port on 127.0.0.1")?;
+    Ok(format!("127.0.0.1:{}", l.local_addr()?.port()))
+}
+
+/// Whether `pid` is a live (not zombie) process.
+pub fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Start a daemon detached in its own process group, logging to `log`.
+fn spawn_daemon(exe: &Path, args: &[String], log: &Path, stdout: Option<&Path>) -> Result<i32> {
+    use std::os::unix::process::CommandExt;
+    let l = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("cannot open {}", log.display()))?;
+    let out = match stdout {
+        Some(p) => std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+        None => l.try_clone()?,
+    };
+    let child = std::process::Command::new(exe)
+        .args(args)
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .stdin(std::process::Stdio::null())
+        .stdout(out)
+        .stderr(l)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("cannot start {} {}", exe.display(), args.join(" ")))?;
+    Ok(child.id() as i32)
+}
+
+async fn wait_port(addr: &str, pid: i32, log: &Path, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        if !alive(pid) {
+            bail!("it exited at start; see {}", log.display());
+        }
+        if Instant::now() >= deadline {
+            bail!("it does not listen on {addr} after {limit:?}; see {}", log.display());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn s(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+fn check_spec(spec: &LabSpec) -> Result<()> {
+    let servers = spec.sites.iter().filter(|s| s.config_server).count();
+    if servers != 1 {
+        bail!("exactly one site must have config_server = true (found {servers})");
+    }
+    let mut names = std::collections::HashSet::new();
+    for site in &spec.sites {
+        ferry_protocol::validate_name("site", &site.name).map_err(anyhow::Error::msg)?;
+        for n in site
+            .machines
+            .iter()
+            .map(|m| &m.name)
+            .chain(site.master_targets.iter().map(|m| &m.name))
+            .chain(site.process_server.iter().map(|p| &p.name))
+        {
+            ferry_protocol::validate_name("lab object", n).map_err(anyhow::Error::msg)?;
+            if !names.insert(n.clone()) {
+                bail!("{n} is named twice in the lab description (machines, master targets and process servers share one namespace)");
+            }
+        }
+        for m in &site.machines {
+            if !site.datastores.iter().any(|d| d.name == m.datastore) {
+                bail!("machine {}: site {} has no datastore {}", m.name, site.name, m.datastore);
+            }
+            for d in &m.disks {
+                ferry_protocol::validate_name("disk", &d.name).map_err(anyhow::Error::msg)?;
+            }
+        }
+        if site.process_server.is_some()
+            && !spec.sites.iter().any(|o| o.name != site.name && o.master_targets.iter().any(|m| m.run))
+        {
+            bail!("the process server of site {} needs a running master target on another site to send to", site.name);
+        }
+    }
+    Ok(())
+}
+
+/// Write `DIR/sites/<site>/` (site.toml, datastore folders, sparse disks) for one site.
+fn build_site(site: &LabSite, folder: &Path, guest: Option<discovery::GuestSettings>) -> Result<discovery::SiteFile> {
+    std::fs::create_dir_all(folder)?;
+    let mut file = discovery::SiteFile {
+        hosts: site.hosts.clone(),
+        datastores: Vec::new(),
+        networks: site.networks.clone(),
+        machines: Vec::new(),
+        master_targets: Vec::new(),
+        process_servers: Vec::new(),
+        credentials: site.credentials.clone(),
+        guest,
+    };
+    for d in &site.datastores {
+        let rel = PathBuf::from("datastores").join(&d.name);
+        if d.accessible {
+            std::fs::create_dir_all(folder.join(&rel))?;
+        }
+        file.datastores.push(discovery::Datastore {
+            name: d.name.clone(),
+            kind: d.kind.clone(),
+            path: rel,
+            hosts: d.hosts.clone(),
+            access: d.access.clone(),
+            free_bytes: None,
+            accessible: None,
+        });
+    }
+    for m in &site.machines {
+        let mut disks = Vec::new();
+        for d in &m.disks {
+            let rel = PathBuf::from("datastores").join(&m.datastore).join(&m.name).join(format!("{}.img", d.name));
+            let p = folder.join(&rel);
+            if let Some(parent) = p.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            if !p.exists() {
+                std::fs::File::create(&p)
+                    .and_then(|f| f.set_len(d.size))
+                    .with_context(|| format!("cannot create {}", p.display()))?;
+            }
+            let uuid = d.uuid.clone().unwrap_or_else(|| {
+                let u: [u8; 16] = rand::random();
+                u.iter().map(|b| format!("{b:02x}")).collect()
+            });
+            disks.push(discovery::Disk {
+                name: d.name.clone(),
+                path: rel,
+                uuid: Some(uuid),
+                size: None,
+                allocated: None,
+            });
+        }
+        file.machines.push(discovery::Machine {
+            name: m.name.clone(),
+            os_family: m.os_family.clone(),
+            os: m.os.clone(),
+            host: m.host.clone(),
+            nics: m.nics.clone(),
+            disks,
+            controller: m.controller.clone(),
+            snapshots: Vec::new(),
+            // Powered on through the provider once the server runs (which starts the guest).
+            power: "off".into(),
+            workload: m.workload.clone(),
+        });
+    }
+    for mt in &site.master_targets {
+        let rel = PathBuf::from("retention").join(&mt.name);
+        std::fs::create_dir_all(folder.join(&rel))?;
+        file.master_targets.push(discovery::MasterTargetMachine {
+            name: mt.name.clone(),
+            os_family: mt.os_family.clone(),
+            host: mt.host.clone(),
+            attached_disks: mt.attached_disks,
+            controller: mt.controller.clone(),
+            enable_uuid: mt.enable_uuid,
+            retention_volumes: vec![rel],
+            retention_free_bytes: Vec::new(),
+            attached: Vec::new(),
+        });
+    }
+    if let Some(ps) = &site.process_server {
+        let rel = PathBuf::from("cache").join(&ps.name);
+        std::fs::create_dir_all(folder.join(&rel))?;
+        file.process_servers.push(discovery::ProcessServerMachine {
+            name: ps.name.clone(),
+            cache: rel,
+            cache_free_percent: None,
+        });
+    }
+    Ok(file)
+}
+
+fn write_site(folder: &Path, file: &discovery::SiteFile) -> Result<()> {
+    let p = folder.join("site.toml");
+    std::fs::write(&p, toml::to_string(file)?).with_context(|| format!("cannot write {}", p.display()))
+}
+
+async fn wait_job(server: &ServerArgs, job: &Value, limit: Duration) -> Result<Value> {
+    let id = job["id"].as_str().context("no job id in the answer")?.to_owned();
+    let deadline = Instant::now() + limit;
+    loop {
+        let v = server.call("GET", &format!("/api/v1/jobs/{id}"), None).await?;
+        match v["state"].as_str() {
+            Some("succeeded") => return Ok(v),
+            Some("failed" | "cancelled") => {
+                bail!("job {id} ({}) failed: {}", v["kind"], v["error"]["message"].as_str().unwrap_or("-"))
+            }
+            _ => {}
+        }
+        if Instant::now() >= deadline {
+            bail!("job {id} ({}) did not finish within {limit:?}", v["kind"]);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn say(out: OutputFormat, msg: &str) {
+    if matches!(out, OutputFormat::Table) {
+        eprintln!("{msg}");
+    }
+}
+
+/// `ferry lab up DIR [--config FILE]`.
+pub async fn up(dir: &Path, config: Option<&Path>, out: OutputFormat) -> Result<LabState> {
+    let text = match config {
+        Some(p) => {
+            std::fs::read_to_string(p).with_context(|| format!("cannot read the lab description {}", p.display()))?
+        }
+        None => DEFAULT_LAB.to_owned(),
+    };
+    let spec: LabSpec = toml::from_str(&text).with_context(|| {
+        format!(
+            "invalid lab description {}",
+            config.map(|p| p.display().to_string()).unwrap_or_else(|| "(built-in)".into())
+        )
+    })?;
+    check_spec(&spec)?;
+    if dir.join("lab.json").exists() {
+        let st = LabState::load(dir)?;
+        if st.processes.iter().any(|p| alive(p.pid)) {
+            bail!("a lab is already running in {} (`ferry lab down {}` first)", dir.display(), dir.display());
+        }
+        bail!("{} holds a stopped lab: remove the folder or choose another", dir.display());
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let dir = std::fs::canonicalize(dir)?;
+    std::fs::write(dir.join("lab.toml"), &text)?;
+    let logs = dir.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let exe = std::env::current_exe().context("cannot find the ferry executable")?;
+    let mut processes = Vec::new();
+    let mut links = Vec::new();
+    // Anything started is recorded at once, so a failure half-way can be cleaned up by `lab down`.
+    let mut state = LabState {
+        dir: dir.clone(),
+        config_server: String::new(),
+        ca: dir.join("config-server/tls/ca.pem"),
+        ca_fingerprint: String::new(),
+        admin_token: String::new(),
+        operator_token: String::new(),
+        processes: Vec::new(),
+        links: Vec::new(),
+        sites: spec.sites.iter().map(|s| (s.name.clone(), dir.join("sites").join(&s.name))).collect(),
+    };
+    state.save()?;
+
+    // 1. The configuration server.
+    say(out, "starting the configuration server (SQLite)…");
+    let cs_addr = free_port()?;
+    let cs_log = logs.join("config-server.log");
+    let first_out = logs.join("config-server.first-start.json");
+    let cs_pid = spawn_daemon(
+        &exe,
+        &[
+            "--output".into(),
+            "json".into(),
+            "config-server".into(),
+            "--listen".into(),
+            cs_addr.clone(),
+            "--state-dir".into(),
+            s(&dir.join("config-server")),
+            "--set".into(),
+            format!("heartbeat_timeout_secs = {}", spec.heartbeat_timeout_secs),
+            "--set".into(),
+            "health_interval_secs = 1.0".into(),
+        ],
+        &cs_log,
+        Some(&first_out),
+    )?;
+    processes.push(LabProcess {
+        name: "config-server".into(),
+        kind: "config-server".into(),
+        site: spec.sites.iter().find(|s| s.config_server).map(|s| s.name.clone()),
+        pid: cs_pid,
+        log: cs_log.clone(),
+        address: cs_addr.clone(),
+        status: None,
+    });
+    state.processes = processes.clone();
+    state.config_server = cs_addr.clone();
+    state.save()?;
+    wait_port(&cs_addr, cs_pid, &cs_log, Duration::from_secs(60)).await.context("the configuration server")?;
+    let first: Value = {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let t = std::fs::read_to_string(&first_out).unwrap_or_default();
+            if let Some(line) = t.lines().next().filter(|_| t.contains('\n')) {
+                break serde_json::from_str(line).context("the configuration server's first-start output")?;
+            }
+            if Instant::now() >= deadline {
+                bail!("the configuration server printed no first-start line; see {}", cs_log.display());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let _ = std::fs::remove_file(&first_out);
+    state.admin_token = first["admin_token"].as_str().context("no admin token in the first-start output")?.into();
+    state.ca_fingerprint = first["ca_fingerprint"].as_str().context("no CA fingerprint")?.into();
+    let passphrase = first["registration_passphrase"].as_str().context("no registration passphrase")?.to_owned();
+    let pass_file = dir.join("registration.passphrase");
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&pass_file)?;
+        std::io::Write::write_all(&mut f, passphrase.as_bytes())?;
+    }
+    let admin =
+        ServerArgs { server: cs_addr.clone(), token: Some(state.admin_token.clone()), ca: Some(state.ca.clone()) };
+    let tok = admin.call("POST", "/api/v1/tokens", Some(json!({"name": "lab-operator", "role": "operator"}))).await?;
+    state.operator_token = tok["token"].as_str().context("no token in the answer")?.into();
+    state.save()?;
+
+    // 2. Links: in front of every master target and of the configuration server for other sites.
+    let mut start_link = |name: String, to: String| -> Result<LabLink> {
+        let l = LabLink { name: name.clone(), listen: free_port()?, to, control: free_port()? };
+        let log = logs.join(format!("link-{name}.log"));
+        let pid = spawn_daemon(
+            &exe,
+            &[
+                "lab".into(),
+                "link".into(),
+                "--listen".into(),
+                l.listen.clone(),
+                "--to".into(),
+                l.to.clone(),
+                "--control".into(),
+                l.control.clone(),
+            ],
+            &log,
+            None,
+        )?;
+        processes.push(LabProcess {
+            name: format!("link-{name}"),
+            kind: "link".into(),
+            site: None,
+            pid,
+            log,
+            address: l.listen.clone(),
+            status: Some(l.control.clone()),
+        });
+        Ok(l)
+    };
+    let mut mt_addr: BTreeMap<String, (String, String, String)> = BTreeMap::new(); // name -> (listen, status, nbd)
+    for site in &spec.sites {
+        for mt in site.master_targets.iter().filter(|m| m.run) {
+            let listen = free_port()?;
+            let link = start_link(mt.name.clone(), listen.clone())?;
+            mt_addr.insert(mt.name.clone(), (listen, free_port()?, free_port()?));
+            links.push(link);
+        }
+    }
+    let mut site_server: BTreeMap<String, String> = BTreeMap::new();
+    for site in &spec.sites {
+        if site.config_server {
+            site_server.insert(site.name.clone(), cs_addr.clone());
+        } else {
+            let link = start_link(format!("config-server-{}", site.name), cs_addr.clone())?;
+            site_server.insert(site.name.clone(), link.listen.clone());
+            links.push(link);
+        }
+    }
+    state.processes = processes.clone();
+    state.links = links.clone();
+    state.save()?;
+    for l in &links {
+        let p = state.process(&format!("link-{}", l.name)).context("link process")?;
+        wait_port(&l.listen, p.pid, &p.log, Duration::from_secs(30))
+            .await
+            .with_context(|| format!("link {}", l.name))?;
+    }
+
+    // 3. Register and start the master targets and process servers.
+    let comps = dir.join("components");
+    let link_of = |name: &str| links.iter().find(|l| l.name == name).map(|l| l.listen.clone());
+    let hb = spec.heartbeat_interval_secs;
+    let server_link = |site: &str, reg: &Path| -> String {
+        format!(
+            "[config_server]\naddress = '{}'\nca = '{}'\ntoken_file = '{}'\nheartbeat_interval_secs = {hb}\n",
+            site_server[site],
+            s(&reg.join("ca.pem")),
+            s(&reg.join("config-server.token"))
+        )
+    };
+    for site in &spec.sites {
+        let folder = dir.join("sites").join(&site.name);
+        for mt in site.master_targets.iter().filter(|m| m.run) {
+            say(out, &format!("starting master target {} ({}) on site {}…", mt.name, mt.os_family, site.name));
+            let reg = comps.join(format!("master-target-{}", mt.name));
+            crate::ctl::register_component(
+                &cs_addr,
+                &state.ca_fingerprint,
+                &passphrase,
+                "master-target",
+                &mt.name,
+                &[],
+                &reg,
+            )
+            .await
+            .with_context(|| format!("registering master target {}", mt.name))?;
+            let (listen, status, nbd) = mt_addr[&mt.name].clone();
+            let cfg = format!(
+                "name = '{name}'\ndatastore = '{ds}'\nretention = '{ret}'\nlisten = '{listen}'\nstatus_listen = '{status}'\nnbd_listen = '{nbd}'\nadvertise = '{adv}'\n[tls]\nca = '{ca}'\ncert = '{cert}'\nkey = '{key}'\n{link}",
+                name = mt.name,
+                ds = s(&reg.join("datastore")),
+                ret = s(&folder.join("retention").join(&mt.name)),
+                adv = link_of(&mt.name).unwrap_or_else(|| listen.clone()),
+                ca = s(&reg.join("ca.pem")),
+                cert = s(&reg.join("master-target.pem")),
+                key = s(&reg.join("master-target.key")),
+                link = server_link(&site.name, &reg),
+            );
+            let cfg_path = reg.join("master-target.toml");
+            std::fs::write(&cfg_path, cfg)?;
+            let log = logs.join(format!("{}.log", mt.name));
+            let pid = spawn_daemon(&exe, &["master-target".into(), "--config".into(), s(&cfg_path)], &log, None)?;
+            processes.push(LabProcess {
+                name: mt.name.clone(),
+                kind: "master-target".into(),
+                site: Some(site.name.clone()),
+                pid,
+                log,
+                address: listen,
+                status: Some(status),
+            });
+        }
+        if let Some(ps) = &site.process_server {
+            say(out, &format!("starting process server {} on site {}…", ps.name, site.name));
+            let reg = comps.join(format!("process-server-{}", ps.name));
+            crate::ctl::register_component(
+                &cs_addr,
+                &state.ca_fingerprint,
+                &passphrase,
+                "process-server",
+                &ps.name,
+                &[],
+                &reg,
+            )
+            .await
+            .with_context(|| format!("registering process server {}", ps.name))?;
+            // Default route: the first master target of another site (protection sets each machine's).
+            let (mt_name, mt_link) = spec
+                .sites
+                .iter()
+                .filter(|o| o.name != site.name)
+                .flat_map(|o| o.master_targets.iter().filter(|m| m.run))
+                .find_map(|m| link_of(&m.name).map(|l| (m.name.clone(), l)))
+                .context("no master target on another site")?;
+            let listen = free_port()?;
+            let status = free_port()?;
+            let cfg = format!(
+                "cache_dir = '{cache}'\ncache_capacity_bytes = {cap}\nlisten = '{listen}'\nstatus_listen = '{status}'\nmaster_target = '{mt_link}'\nmaster_target_name = '{mt_name}'\n[tls]\nca = '{ca}'\ncert = '{cert}'\nkey = '{key}'\n{link}name = '{name}'\n",
+                cache = s(&folder.join("cache").join(&ps.name)),
+                cap = ps.cache_capacity_bytes,
+                ca = s(&reg.join("ca.pem")),
+                cert = s(&reg.join("process-server.pem")),
+                key = s(&reg.join("process-server.key")),
+                link = server_link(&site.name, &reg),
+                name = ps.name,
+            );
+            let cfg_path = reg.join("process-server.toml");
+            std::fs::write(&cfg_path, cfg)?;
+            let log = logs.join(format!("{}.log", ps.name));
+            let pid = spawn_daemon(&exe, &["process-server".into(), "--config".into(), s(&cfg_path)], &log, None)?;
+            processes.push(LabProcess {
+                name: ps.name.clone(),
+                kind: "process-server".into(),
+                site: Some(site.name.clone()),
+                pid,
+                log,
+                address: listen,
+                status: Some(status),
+            });
+        }
+        state.processes = processes.clone();
+        state.save()?;
+    }
+    for p in processes.iter().filter(|p| p.kind == "master-target" || p.kind == "process-server") {
+        wait_port(&p.address, p.pid, &p.log, Duration::from_secs(60))
+            .await
+            .with_context(|| format!("{} {}", p.kind, p.name))?;
+    }
+
+    // 4. Sites, inventory, groups, and the machines powered on.
+    say(out, "adding the sites and discovering them…");
+    let op = state.server();
+    for site in &spec.sites {
+        let folder = dir.join("sites").join(&site.name);
+        let guest = discovery::GuestSettings {
+            config_server: site_server[&site.name].clone(),
+            ca_fingerprint: state.ca_fingerprint.clone(),
+            passphrase_file: pass_file.clone(),
+            boot_delay_secs: spec.boot_delay_secs,
+            heartbeat_interval_secs: hb,
+            ferry: Some(exe.clone()),
+        };
+        let file = build_site(site, &folder, Some(guest))?;
+        write_site(&folder, &file)?;
+        let job = op.call("POST", "/api/v1/sites", Some(json!({"name": site.name, "path": folder}))).await?;
+        let job = if job["job"].is_object() { job["job"].clone() } else { job };
+        if job["id"].is_string() {
+            wait_job(&op, &job, Duration::from_secs(60)).await?;
+        }
+    }
+    for g in &spec.groups {
+        op.call("POST", "/api/v1/replication-groups", Some(json!({"name": g.name, "machines": g.machines}))).await?;
+    }
+    let mut powered = Vec::new();
+    for site in &spec.sites {
+        for m in site.machines.iter().filter(|m| m.power == "on") {
+            let job = op
+                .call(
+                    "POST",
+                    &format!("/api/v1/sites/{}/operations", site.name),
+                    Some(json!({"op": "power-on", "machine": m.name})),
+                )
+                .await?;
+            wait_job(&op, &job, Duration::from_secs(60)).await.with_context(|| format!("powering {} on", m.name))?;
+            powered.push(m.name.clone());
+        }
+    }
+
+    // 5. Everything reports in.
+    say(out, &format!("waiting for {} machine(s) to boot and register…", powered.len()));
+    let want: Vec<String> = processes
+        .iter()
+        .filter(|p| p.kind == "master-target" || p.kind == "process-server")
+        .map(|p| format!("{}/{}", p.kind, p.name))
+        .chain(powered.iter().map(|m| format!("agent/{m}")))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs_f64(120.0 + spec.boot_delay_secs);
+    loop {
+        let comps = op.call("GET", "/api/v1/components", None).await?;
+        let missing: Vec<&String> = want
+            .iter()
+            .filter(|w| {
+                !comps.as_array().into_iter().flatten().any(|c| {
+                    format!("{}/{}", c["kind"].as_str().unwrap_or(""), c["name"].as_str().unwrap_or("")) == **w
+                        && c["last_seen_ms"].is_number()
+                })
+            })
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            bail!("{missing:?} did not report to the configuration server; see the logs in {}", logs.display());
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    state.processes = processes;
+    state.links = links;
+    state.save()?;
+    Ok(state)
+}
+
+pub fn print_up(state: &LabState, out: OutputFormat) -> Result<()> {
+    match out {
+        OutputFormat::Json => {
+            let mut v = serde_json::to_value(state)?;
+            v.as_object_mut().map(|o| o.remove("admin_token"));
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        OutputFormat::Table => {
+            println!("lab up in {}", state.dir.display());
+            println!(
+                "{:<22} {:<16} {:<10} {:<22} {:<22} {}",
+                "NAME", "KIND", "SITE", "ADDRESS", "STATUS/CONTROL", "PID"
+            );
+            for p in &state.processes {
+                println!(
+                    "{:<22} {:<16} {:<10} {:<22} {:<22} {}",
+                    p.name,
+                    p.kind,
+                    p.site.as_deref().unwrap_or("-"),
+                    p.address,
+                    p.status.as_deref().unwrap_or("-"),
+                    p.pid
+                );
+            }
+            println!(
+                "\nlogs: {}/logs (guests: {}/sites/SITE/guests/MACHINE/)",
+                state.dir.display(),
+                state.dir.display()
+            );
+            println!("operator token: {}", state.operator_token);
+            println!("\nto use it:");
+            println!(
+                "  export FERRY_LAB={} FERRY_SERVER={} FERRY_CA={} FERRY_TOKEN={}",
+                state.dir.display(),
+                state.config_server,
+                state.ca.display(),
+                state.operator_token
+            );
+            println!("  ferry machines; ferry protect app1 --policy P --process-server ps-primary --master-target mt-linux-r --datastore vsan-r");
+        }
+    }
+    Ok(())
+}
+
+/// `ferry lab status`: processes, links, components and machines.
+pub async fn status(dir: &Path, out: OutputFormat) -> Result<()> {
+    let st = LabState::load(dir)?;
+    let mut procs = Vec::new();
+    for p in &st.processes {
+        procs.push(json!({"name": p.name, "kind": p.kind, "site": p.site, "pid": p.pid, "running": alive(p.pid), "address": p.address, "status": p.status, "log": p.log}));
+    }
+    let mut links = Vec::new();
+    for l in &st.links {
+        let v = ferry_status::request(&l.control, "GET", "/status", None).await.map(|(_, v)| v).unwrap_or(Value::Null);
+        links.push(json!({"name": l.name, "listen": l.listen, "to": l.to, "control": l.control, "state": v}));
+    }
+    let server = st.server();
+    let machines = server.call("GET", "/api/v1/machines", None).await.unwrap_or(Value::Null);
+    let components = server.call("GET", "/api/v1/components", None).await.unwrap_or(Value::Null);
+    match out {
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({"dir": st.dir, "config_server": st.config_server, "processes": procs, "links": links, "components": components, "machines": machines})
+            )?
+        ),
+        OutputFormat::Table => {
+            println!("lab {} — configuration server {}", st.dir.display(), st.config_server);
+            println!("\n{:<22} {:<16} {:<8} {:<8} {}", "PROCESS", "KIND", "PID", "RUNNING", "ADDRESS");
+            for p in &procs {
+                println!(
+                    "{:<22} {:<16} {:<8} {:<8} {}",
+                    p["name"].as_str().unwrap_or(""),
+                    p["kind"].as_str().unwrap_or(""),
+                    p["pid"],
+                    p["running"],
+                    p["address"].as_str().unwrap_or("")
+                );
+            }
+            println!("\n{:<26} {:<22} {:<10} {}", "LINK", "LISTEN", "STATE", "TO");
+            for l in &links {
+                let state = if l["state"]["cut"] == true {
+                    "cut"
+                } else if l["state"].is_null() {
+                    "down"
+                } else {
+                    "up"
+                };
+                println!(
+                    "{:<26} {:<22} {:<10} {}",
+                    l["name"].as_str().unwrap_or(""),
+                    l["listen"].as_str().unwrap_or(""),
+                    state,
+                    l["to"].as_str().unwrap_or("")
+                );
+            }
+            println!("\n{:<28} {:<10} {}", "COMPONENT", "HEALTH", "REASONS");
+            for c in components.as_array().into_iter().flatten() {
+                let reasons: Vec<&str> =
+                    c["reasons"].as_array().into_iter().flatten().filter_map(|r| r["message"].as_str()).collect();
+                println!(
+                    "{:<28} {:<10} {}",
+                    format!("{}/{}", c["kind"].as_str().unwrap_or(""), c["name"].as_str().unwrap_or("")),
+                    c["health"].as_str().unwrap_or(""),
+                    reasons.join("; ")
+                );
+            }
+            println!();
+            crate::ctl::print_machines(&machines);
+        }
+    }
+    Ok(())
+}
+
+/// Stop every guest of the lab cleanly (power off), in parallel.
+fn stop_guests(st: &LabState, signal: i32) -> usize {
+    let mut handles = Vec::new();
+    for (_, folder) in &st.sites {
+        let Ok(entries) = std::fs::read_dir(folder.join("guests")) else { continue };
+        for e in entries.flatten() {
+            let dir = e.path();
+            handles.push(std::thread::spawn(move || discovery::stop_guest(&dir, signal, Duration::from_secs(60))));
+        }
+    }
+    handles.into_iter().filter_map(|h| h.join().ok()).filter(|stopped| *stopped).count()
+}
+
+/// `ferry lab down`: guests first (clean shutdown), then process servers, master targets, links
+/// and the configuration server; SIGKILL after a grace period; then check no pid is left.
+pub async fn down(dir: &Path, remove: bool, out: OutputFormat) -> Result<()> {
+    let st = LabState::load(dir)?;
+    let guests = tokio::task::spawn_blocking({
+        let st = st.clone();
+        move || stop_guests(&st, libc::SIGTERM)
+    })
+    .await?;
+    let order = ["process-server", "master-target", "link", "config-server"];
+    for kind in order {
+        let ps: Vec<&LabProcess> = st.processes.iter().filter(|p| p.kind == kind && alive(p.pid)).collect();
+        for p in &ps {
+            // SAFETY: signals to process groups this lab started (pgid = pid).
+            unsafe { libc::kill(-p.pid, libc::SIGTERM) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while ps.iter().any(|p| alive(p.pid)) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for p in &ps {
+            if alive(p.pid) {
+                tracing::warn!(name = %p.name, "did not stop within 30 s: killing it");
+                unsafe { libc::kill(-p.pid, libc::SIGKILL) };
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let left: Vec<String> =
+        st.processes.iter().filter(|p| alive(p.pid)).map(|p| format!("{} (pid {})", p.name, p.pid)).collect();
+    if !left.is_empty() {
+        bail!("still running after lab down: {left:?}");
+    }
+    if remove {
+        std::fs::remove_dir_all(&st.dir).with_context(|| format!("cannot remove {}", st.dir.display()))?;
+    }
+    match out {
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({"stopped_processes": st.processes.len(), "stopped_guests": guests, "removed": remove})
+            )?
+        ),
+        OutputFormat::Table => println!(
+            "lab down: {} guest(s) shut down, {} process(es) stopped{}",
+            guests,
+            st.processes.len(),
+            if remove {
+                format!(", {} removed", st.dir.display())
+            } else {
+                format!("; files kept in {}", st.dir.display())
+            }
+        ),
+    }
+    Ok(())
+}
+
+/// A provider operation on a lab machine (power-on, power-off, crash), through the server.
+pub async fn machine_op(dir: &Path, machine: &str, op: &str, out: OutputFormat) -> Result<()> {
+    let st = LabState::load(dir)?;
+    let (site, _) = st.machine_site(machine)?;
+    let server = st.server();
+    let job = server
+        .call("POST", &format!("/api/v1/sites/{site}/operations"), Some(json!({"op": op, "machine": machine})))
+        .await?;
+    let v = wait_job(&server, &job, Duration::from_secs(120)).await?;
+    let msg = v["steps"][0]["message"].as_str().unwrap_or("done").to_owned();
+    match out {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+        OutputFormat::Table => println!("{msg}"),
+    }
+    Ok(())
+}
+
+/// `ferry lab link cut|restore|slow [NAME...]` (all links when none is named).
+pub async fn link_control(
+    dir: &Path,
+    names: &[String],
+    action: &str,
+    body: Option<Value>,
+    out: OutputFormat,
+) -> Result<()> {
+    let st = LabState::load(dir)?;
+    let chosen: Vec<&LabLink> = if names.is_empty() {
+        st.links.iter().collect()
+    } else {
+        let mut v = Vec::new();
+        for n in names {
+            v.push(st.links.iter().find(|l| &l.name == n).with_context(|| {
+                format!(
+                    "no link {n} in this lab (links: {})",
+                    st.links.iter().map(|l| l.name.as_str()).collect::<Vec<_>>().join(", ")
+                )
+            })?);
+        }
+        v
+    };
+    let mut results = Vec::new();
+    for l in chosen {
+        let (code, v) = ferry_status::request(&l.control, "POST", &format!("/{action}"), body.as_ref())
+            .await
+            .with_context(|| format!("link {} does not answer on {}", l.name, l.control))?;
+        if code != 200 {
+            bail!("link {} refused {action}: {v}", l.name);
+        }
+        results.push(json!({"link": l.name, "result": v}));
+    }
+    match out {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&results)?),
+        OutputFormat::Table => {
+            for r in &results {
+                println!("{}: {action}", r["link"].as_str().unwrap_or(""));
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
