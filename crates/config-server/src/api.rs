@@ -799,8 +799,12 @@ fn effective_settings(
                 windows.insert(machine, (p.retention_secs as f64).into());
             }
         }
+        // Set explicitly (protection writes each machine's) wins over what policies imply.
+        if let Some(serde_json::Value::Object(set)) = stored.get("machine_retention_secs") {
+            windows.extend(set.clone());
+        }
         if !windows.is_empty() {
-            out.entry("machine_retention_secs").or_insert(serde_json::Value::Object(windows));
+            out.insert("machine_retention_secs".into(), serde_json::Value::Object(windows));
         }
     }
     let _ = name;

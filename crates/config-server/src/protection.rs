@@ -200,6 +200,12 @@ async fn plan(s: &AppState, req: &ProtectRequest) -> Result<Vec<Protection>, Api
                 req.master_target, inv.site
             )));
         }
+        if !machine.snapshots.is_empty() {
+            return Err(ApiError::conflict(format!(
+                "machine {m} has {} snapshot(s): merge them first (site operation merge-snapshots), then protect it",
+                machine.snapshots.len()
+            )));
+        }
         if machine.disks.is_empty() {
             return Err(ApiError::bad(format!("machine {m} has no disks to protect")));
         }
@@ -485,11 +491,23 @@ pub async fn run_step(store: &Store, job: &Job, step: usize, ctl: &JobControl) -
         }
         1 => {
             let key = format!("master-target/{}", first.master_target);
+            // The policy's retention window, known before the replica is created.
+            let window = match store.get::<Policy>(model::POLICY, &first.policy).await {
+                Ok(Some(d)) => d.body.retention_secs as f64,
+                Ok(None) => return fail(errors::NOT_FOUND, format!("policy {} was deleted", first.policy)),
+                Err(e) => return fail(errors::STORE, e.to_string()),
+            };
             let r = update_settings(store, &key, |b| {
-                let map = b.entry("machine_datastores").or_insert_with(|| serde_json::json!({}));
-                if let Some(m) = map.as_object_mut() {
-                    for p in &ps {
-                        m.insert(p.machine.clone(), serde_json::json!(p.datastore_path));
+                for (field, value) in [("machine_datastores", None), ("machine_retention_secs", Some(window))] {
+                    let map = b.entry(field).or_insert_with(|| serde_json::json!({}));
+                    if let Some(m) = map.as_object_mut() {
+                        for p in &ps {
+                            let v = match value {
+                                Some(w) => serde_json::json!(w),
+                                None => serde_json::json!(p.datastore_path),
+                            };
+                            m.insert(p.machine.clone(), v);
+                        }
                     }
                 }
             })
@@ -501,6 +519,7 @@ pub async fn run_step(store: &Store, job: &Job, step: usize, ctl: &JobControl) -
                 let want = serde_json::json!(p.datastore_path);
                 let r = wait_status(store, ctl, "master-target", &p.master_target, Duration::from_secs(120), |st| {
                     st["settings"]["machine_datastores"][&p.machine] == want
+                        && st["settings"]["machine_retention_secs"][&p.machine].as_f64() == Some(window)
                 })
                 .await;
                 if let Err(e) = r {

@@ -697,15 +697,21 @@ pub async fn recovery_points(machine: &str, s: &ServerArgs, out: OutputFormat) -
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&v)?),
         OutputFormat::Table => {
             println!("recovery points of {machine} on master target {}:", v["master_target"].as_str().unwrap_or("?"));
-            println!("{:<16} {:<24} {:<16} {:<8} {}", "ID", "TIME (UTC ms)", "KIND", "SCOPE", "SEQ");
+            println!("{:<20} {:<16} {:<8} {:<8} {:<12} {}", "ID", "AGE", "KIND", "SCOPE", "GROUP", "SEQ");
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
             for p in v["points"].as_array().into_iter().flatten() {
+                let age = now.saturating_sub(p["time_ms"].as_u64().unwrap_or(0)) as f64 / 1000.0;
                 println!(
-                    "{:<16} {:<24} {:<16} {:<8} {}",
+                    "{:<20} {:<16} {:<8} {:<8} {:<12} {}",
                     p["id"].as_str().unwrap_or(""),
-                    p["time_ms"],
+                    format!("{age:.0} s ago"),
                     p["kind"].as_str().unwrap_or(""),
                     p["scope"].as_str().unwrap_or(""),
-                    p["seq"]
+                    p["group"].as_str().unwrap_or("-"),
+                    p["seq"].to_string()
                 );
             }
         }

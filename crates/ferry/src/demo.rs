@@ -89,10 +89,7 @@ pub async fn run(args: DemoArgs, out: OutputFormat) -> Result<()> {
         Ok(st) => st,
         Err(e) => {
             p.bar.finish_and_clear();
-            if dir.join("lab.json").exists() {
-                let _ = lab_site::down(&dir, false, OutputFormat::Json).await;
-            }
-            return Err(e.context(format!("the lab did not come up (logs in {}/logs)", dir.display())));
+            return Err(e);
         }
     };
     let result = demo(&st, &args, &p, out).await;
@@ -101,7 +98,7 @@ pub async fn run(args: DemoArgs, out: OutputFormat) -> Result<()> {
         eprintln!("the lab keeps running: `ferry lab status {0}`, `ferry lab down {0}`", st.dir.display());
     } else {
         let remove = result.as_ref().is_ok_and(|ok| *ok);
-        lab_site::down(&st.dir, remove, OutputFormat::Json).await.context("tearing the lab down")?;
+        lab_site::down(&st.dir, remove).await.context("tearing the lab down")?;
         if !remove {
             eprintln!("files and logs kept in {}", st.dir.display());
         }
@@ -443,8 +440,8 @@ async fn demo(st: &LabState, args: &DemoArgs, p: &Progress, out: OutputFormat) -
                     r["master_target"].as_str().unwrap_or(""),
                     r["bytes_replicated"].as_f64().unwrap_or(0.0) / 1048576.0,
                     r["rpo_secs"].as_f64().unwrap_or(0.0),
-                    r["points"],
-                    r["workload_records"],
+                    r["points"].as_u64().unwrap_or(0),
+                    r["workload_records"].as_u64().unwrap_or(0),
                     format!(
                         "{} {}",
                         r["app_point"].as_str().unwrap_or(""),

@@ -76,6 +76,13 @@ fn spawn(exe: &Path, args: &[String], log: &Path) -> Result<Child> {
     cmd.spawn().with_context(|| format!("cannot start {} {}", exe.display(), args.join(" ")))
 }
 
+/// Children's pids go to files beside the guest's, so `lab down` can check none is left.
+fn record_pid(path: &Path, c: &Child) {
+    if let Some(pid) = c.id() {
+        let _ = std::fs::write(path, pid.to_string());
+    }
+}
+
 async fn stop(child: &mut Child, limit: Duration) {
     if let Some(pid) = child.id() {
         // SAFETY: a signal to our own child.
@@ -269,6 +276,7 @@ pub async fn run(dir: PathBuf, shutdown: CancellationToken) -> Result<()> {
                 match spawn(&g.exe, &args, &g.dir.join("agent.log")) {
                     Ok(c) => {
                         tracing::info!(process_server = %s["process_server"], "agent started");
+                        record_pid(&g.dir.join("agent.pid"), &c);
                         agent = Some((c, s.clone()));
                     }
                     Err(e) => tracing::error!(error = %format!("{e:#}"), "cannot start the agent"),
@@ -309,7 +317,10 @@ pub async fn run(dir: PathBuf, shutdown: CancellationToken) -> Result<()> {
         if workload.is_none() && agent.is_some() && tokio::net::TcpStream::connect(&g.ends.nbd).await.is_ok() {
             if let Some(args) = g.workload_args() {
                 match spawn(&g.exe, &args, &g.dir.join("workload.log")) {
-                    Ok(c) => workload = Some(c),
+                    Ok(c) => {
+                        record_pid(&g.dir.join("workload.pid"), &c);
+                        workload = Some(c)
+                    }
                     Err(e) => tracing::error!(error = %format!("{e:#}"), "cannot start the workload"),
                 }
             }

@@ -253,6 +253,23 @@ impl LabState {
         bail!("no site of the lab in {} has a machine {machine}", self.dir.display())
     }
 
+    /// Every pid the guests recorded (guest, agent, workload), as ("machine/what", pid).
+    pub fn guest_pids(&self) -> Vec<(String, i32)> {
+        let mut out = Vec::new();
+        for (_, folder) in &self.sites {
+            let Ok(entries) = std::fs::read_dir(folder.join("guests")) else { continue };
+            for e in entries.flatten() {
+                for what in ["guest", "agent", "workload"] {
+                    let p = e.path().join(format!("{what}.pid"));
+                    if let Some(pid) = std::fs::read_to_string(&p).ok().and_then(|t| t.trim().parse().ok()) {
+                        out.push((format!("{}/{what}", e.file_name().to_string_lossy()), pid));
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Where a machine's guest serves (from its `endpoints.json`).
     pub fn guest_endpoints(&self, machine: &str) -> Result<crate::lab_guest::Endpoints> {
         let (_, folder) = self.machine_site(machine)?;
@@ -505,7 +522,24 @@ pub async fn up(dir: &Path, config: Option<&Path>, out: OutputFormat) -> Result<
     }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let dir = std::fs::canonicalize(dir)?;
-    std::fs::write(dir.join("lab.toml"), &text)?;
+    match start(&dir, &spec, &text, out).await {
+        Ok(st) => Ok(st),
+        Err(e) => {
+            // Stop whatever this attempt started (its pids are in lab.json); keep the logs.
+            if dir.join("lab.json").exists() {
+                if let Err(d) = down(&dir, false).await {
+                    tracing::warn!(error = %format!("{d:#}"), "cleaning up the failed lab");
+                }
+            }
+            Err(e.context(format!("the lab did not come up (logs in {}/logs; processes stopped)", dir.display())))
+        }
+    }
+}
+
+async fn start(dir: &Path, spec: &LabSpec, text: &str, out: OutputFormat) -> Result<LabState> {
+    let spec = spec.clone();
+    let dir = dir.to_owned();
+    std::fs::write(dir.join("lab.toml"), text)?;
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs)?;
     let exe = std::env::current_exe().context("cannot find the ferry executable")?;
@@ -901,14 +935,14 @@ pub async fn status(dir: &Path, out: OutputFormat) -> Result<()> {
         ),
         OutputFormat::Table => {
             println!("lab {} — configuration server {}", st.dir.display(), st.config_server);
-            println!("\n{:<22} {:<16} {:<8} {:<8} {}", "PROCESS", "KIND", "PID", "RUNNING", "ADDRESS");
+            println!("\n{:<28} {:<16} {:<8} {:<8} {}", "PROCESS", "KIND", "PID", "RUNNING", "ADDRESS");
             for p in &procs {
                 println!(
-                    "{:<22} {:<16} {:<8} {:<8} {}",
+                    "{:<28} {:<16} {:<8} {:<8} {}",
                     p["name"].as_str().unwrap_or(""),
                     p["kind"].as_str().unwrap_or(""),
-                    p["pid"],
-                    p["running"],
+                    p["pid"].to_string(),
+                    p["running"].to_string(),
                     p["address"].as_str().unwrap_or("")
                 );
             }
@@ -962,7 +996,7 @@ fn stop_guests(st: &LabState, signal: i32) -> usize {
 
 /// `ferry lab down`: guests first (clean shutdown), then process servers, master targets, links
 /// and the configuration server; SIGKILL after a grace period; then check no pid is left.
-pub async fn down(dir: &Path, remove: bool, out: OutputFormat) -> Result<()> {
+pub async fn down(dir: &Path, remove: bool) -> Result<Value> {
     let st = LabState::load(dir)?;
     let guests = tokio::task::spawn_blocking({
         let st = st.clone();
@@ -988,29 +1022,33 @@ pub async fn down(dir: &Path, remove: bool, out: OutputFormat) -> Result<()> {
         }
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let left: Vec<String> =
+    let mut left: Vec<String> =
         st.processes.iter().filter(|p| alive(p.pid)).map(|p| format!("{} (pid {})", p.name, p.pid)).collect();
+    for (name, pid) in st.guest_pids() {
+        if alive(pid) {
+            left.push(format!("{name} (pid {pid})"));
+        }
+    }
     if !left.is_empty() {
         bail!("still running after lab down: {left:?}");
     }
     if remove {
         std::fs::remove_dir_all(&st.dir).with_context(|| format!("cannot remove {}", st.dir.display()))?;
     }
+    Ok(json!({"dir": st.dir, "stopped_processes": st.processes.len(), "stopped_guests": guests, "removed": remove}))
+}
+
+pub fn print_down(v: &Value, out: OutputFormat) -> Result<()> {
     match out {
-        OutputFormat::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(
-                &json!({"stopped_processes": st.processes.len(), "stopped_guests": guests, "removed": remove})
-            )?
-        ),
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(v)?),
         OutputFormat::Table => println!(
             "lab down: {} guest(s) shut down, {} process(es) stopped{}",
-            guests,
-            st.processes.len(),
-            if remove {
-                format!(", {} removed", st.dir.display())
+            v["stopped_guests"],
+            v["stopped_processes"],
+            if v["removed"] == true {
+                format!(", {} removed", v["dir"].as_str().unwrap_or(""))
             } else {
-                format!("; files kept in {}", st.dir.display())
+                format!("; files kept in {}", v["dir"].as_str().unwrap_or(""))
             }
         ),
     }

@@ -1210,18 +1210,12 @@ async fn run_lab(action: LabAction, out: OutputFormat) -> Result<()> {
                 lab_site::link_control(&lab, &names, "slow", Some(body), out).await
             }
         },
-        LabAction::Up { dir, config } => match lab_site::up(&dir, config.as_deref(), out).await {
-            Ok(st) => lab_site::print_up(&st, out),
-            Err(e) => {
-                eprintln!("lab up failed: {e:#}\nstopping what was started…");
-                if dir.join("lab.json").exists() {
-                    let _ = lab_site::down(&dir, false, OutputFormat::Json).await;
-                }
-                Err(e)
-            }
-        },
+        LabAction::Up { dir, config } => {
+            let st = lab_site::up(&dir, config.as_deref(), out).await?;
+            lab_site::print_up(&st, out)
+        }
         LabAction::Status { dir } => lab_site::status(&dir, out).await,
-        LabAction::Down { dir, remove } => lab_site::down(&dir, remove, out).await,
+        LabAction::Down { dir, remove } => lab_site::print_down(&lab_site::down(&dir, remove).await?, out),
         LabAction::Crash { machine, lab } => lab_site::machine_op(&lab, &machine, "crash", out).await,
         LabAction::PowerOn { machine, lab } => lab_site::machine_op(&lab, &machine, "power-on", out).await,
         LabAction::PowerOff { machine, lab } => lab_site::machine_op(&lab, &machine, "power-off", out).await,
