@@ -1219,6 +1219,7 @@ impl Machine {
             "component": "agent",
             "machine": self.name,
             "status_listen": self.config.status_listen,
+            "process_server": self.config.process_server,
             "nbd_listen": self.config.nbd_listen,
             "mode": c.mode,
             "generation": c.state.generation,

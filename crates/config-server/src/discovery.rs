@@ -735,7 +735,8 @@ impl LocalSite {
             .spawn()
             .map_err(|e| format!("cannot start the guest of {}: {e}", m.name))?;
         let pid = child.id();
-        std::fs::write(dir.join("guest.pid"), pid.to_string()).map_err(|e| format!("cannot write guest.pid: {e}"))?;
+        std::fs::write(dir.join("guest.pid"), format!("{pid} {}\n", start_ticks(pid).unwrap_or(0)))
+            .map_err(|e| format!("cannot write guest.pid: {e}"))?;
         std::thread::spawn(move || {
             let _ = child.wait();
         });
@@ -743,24 +744,33 @@ impl LocalSite {
     }
 }
 
-/// The running guest's pid, if `guest.pid` names a live `ferry lab guest` process.
+/// A process's start time in clock ticks since boot (`/proc/PID/stat` field 22).
+fn start_ticks(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s.rsplit(')').next()?.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The running guest's pid, if `guest.pid` names a live `ferry lab guest --dir DIR` process.
 pub fn guest_pid(dir: &Path) -> Option<i32> {
-    let pid: i32 = std::fs::read_to_string(dir.join("guest.pid")).ok()?.trim().parse().ok()?;
+    let text = std::fs::read_to_string(dir.join("guest.pid")).ok()?;
+    let pid: i32 = text.split_whitespace().next()?.parse().ok()?;
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let dir_arg = dir.as_os_str().as_encoded_bytes();
-    let is_guest = cmdline.windows(5).any(|w| w == b"guest") && cmdline.windows(dir_arg.len()).any(|w| w == dir_arg);
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let want: [&[u8]; 4] = [b"lab", b"guest", b"--dir", dir.as_os_str().as_encoded_bytes()];
+    let is_guest = args.windows(4).any(|w| w == want);
     // A zombie (exited, not yet reaped) is not running.
     let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let zombie = state.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z'));
     (is_guest && !zombie).then_some(pid)
 }
 
-/// Signal a running guest's process group and wait for it to exit (SIGKILL after `limit`).
-/// Returns whether a guest was running.
+/// Stop a running guest and wait for it to exit. SIGTERM goes to the guest alone (it stops its
+/// workload, then lets its agent drain); SIGKILL goes to its whole process group (a crash), and
+/// to whatever is left of it after `limit`. Returns whether a guest was running.
 pub fn stop_guest(dir: &Path, signal: i32, limit: Duration) -> bool {
     let Some(pid) = guest_pid(dir) else { return false };
-    // SAFETY: plain signal sends to a process group we started (pgid = the guest's pid).
-    unsafe { libc::kill(-pid, signal) };
+    // SAFETY: plain signal sends to a guest we started and its process group (pgid = its pid).
+    unsafe { libc::kill(if signal == libc::SIGKILL { -pid } else { pid }, signal) };
     let deadline = std::time::Instant::now() + limit;
     while guest_pid(dir).is_some() {
         if std::time::Instant::now() >= deadline {

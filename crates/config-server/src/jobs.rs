@@ -276,23 +276,27 @@ impl Jobs {
                 let ctl = JobControl { cancel: cancel.clone(), progress: Arc::new(Mutex::new((0, 0))) };
                 let snapshot = job.clone();
                 let fut = runner.run_step(&snapshot, i, &ctl);
-                tokio::pin!(fut);
-                // Report byte progress while the step runs.
-                let outcome = loop {
-                    tokio::select! {
-                        o = &mut fut => break o,
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                            let (d, t) = *ctl.progress.lock().unwrap_or_else(|p| p.into_inner());
-                            if t > 0 {
-                                job.bytes_done = d;
-                                job.bytes_total = t;
-                                let secs = started.elapsed().as_secs_f64();
-                                job.eta_secs = (d > 0).then(|| secs * (t.saturating_sub(d)) as f64 / d as f64);
-                                job.progress_percent = ((i as f64 + d as f64 / t as f64) / total as f64 * 100.0).min(99.9);
-                                self.save(&mut job).await;
-                            }
+                // Report byte progress while the step runs. The reporter is polled alongside the
+                // step (never instead of it): a step holding a database connection must keep
+                // running while a progress save waits for one (SQLite has a single connection).
+                let reporter = async {
+                    let mut view = job.clone();
+                    loop {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        let (d, t) = *ctl.progress.lock().unwrap_or_else(|p| p.into_inner());
+                        if t > 0 {
+                            view.bytes_done = d;
+                            view.bytes_total = t;
+                            let secs = started.elapsed().as_secs_f64();
+                            view.eta_secs = (d > 0).then(|| secs * (t.saturating_sub(d)) as f64 / d as f64);
+                            view.progress_percent = ((i as f64 + d as f64 / t as f64) / total as f64 * 100.0).min(99.9);
+                            self.save(&mut view).await;
                         }
                     }
+                };
+                let outcome = tokio::select! {
+                    o = fut => o,
+                    _ = reporter => unreachable!("the progress reporter never ends"),
                 };
                 let (d, t) = *ctl.progress.lock().unwrap_or_else(|p| p.into_inner());
                 if t > 0 {

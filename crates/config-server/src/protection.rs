@@ -210,10 +210,11 @@ async fn plan(s: &AppState, req: &ProtectRequest) -> Result<Vec<Protection>, Api
             return Err(ApiError::bad(format!("machine {m} has no disks to protect")));
         }
         if let Some(p) = s.store.get::<Protection>(PROTECTION, m).await? {
-            if p.body.state != "failed" {
+            let state = effective_state(&s.store, &p.body).await;
+            if state != "failed" {
                 return Err(ApiError::conflict(format!(
-                    "machine {m} is already {} (job {}) to master target {}",
-                    p.body.state, p.body.job, p.body.master_target
+                    "machine {m} is already {state} (job {}) to master target {}",
+                    p.body.job, p.body.master_target
                 )));
             }
         }
@@ -277,15 +278,24 @@ pub async fn protect(
     c.need(Role::Operator)?;
     let mut ps = plan(&s, &req).await?;
     // Claim each machine first (compare-and-set): a concurrent request for it loses here.
-    let mut claimed = Vec::new();
+    let mut claimed: Vec<(String, i64)> = Vec::new();
     for p in &ps {
         let existing = s.store.get::<Protection>(PROTECTION, &p.machine).await?;
-        let expected = existing.map(|d| d.revision).unwrap_or(0);
+        let expected = match existing {
+            Some(d) if effective_state(&s.store, &d.body).await != "failed" => {
+                for (m, rev) in &claimed {
+                    let _ = s.store.delete_if(PROTECTION, m, *rev).await;
+                }
+                return Err(ApiError::conflict(format!("machine {} is being protected by another request", p.machine)));
+            }
+            Some(d) => d.revision,
+            None => 0,
+        };
         match s.store.put(PROTECTION, &p.machine, p, Some(expected)).await {
             Ok(rev) => claimed.push((p.machine.clone(), rev)),
             Err(e) => {
-                for (m, _) in &claimed {
-                    let _ = s.store.delete(PROTECTION, m).await;
+                for (m, rev) in &claimed {
+                    let _ = s.store.delete_if(PROTECTION, m, *rev).await;
                 }
                 return Err(match e {
                     ferry_store::StoreError::Conflict { .. } => {
@@ -297,7 +307,7 @@ pub async fn protect(
         }
     }
     let target = req.group.clone().unwrap_or_else(|| ps[0].machine.clone());
-    let job = s
+    let job = match s
         .jobs
         .start(
             s.ops.clone(),
@@ -306,7 +316,16 @@ pub async fn protect(
             steps(&ps),
             serde_json::json!({ "protections": ps, "wait_secs": req.wait_secs }),
         )
-        .await?;
+        .await
+    {
+        Ok(j) => j,
+        Err(e) => {
+            for (m, rev) in &claimed {
+                let _ = s.store.delete_if(PROTECTION, m, *rev).await;
+            }
+            return Err(e.into());
+        }
+    };
     for (p, (_, rev)) in ps.iter_mut().zip(&claimed) {
         p.job = job.id.clone();
         let _ = s.store.put(PROTECTION, &p.machine, p, Some(*rev)).await;
@@ -329,7 +348,11 @@ pub async fn list_machines(State(s): State<Arc<AppState>>, c: Caller) -> crate::
                 None => ("unknown".to_owned(), Vec::new()),
             };
             let st = comp.as_ref().map(|c| c.status.clone()).unwrap_or_default();
-            let replication = match (p.map(|p| p.state.as_str()), st["mode"].as_str()) {
+            let state = match p {
+                Some(p) => Some(effective_state(&s.store, p).await),
+                None => None,
+            };
+            let replication = match (state.as_deref(), st["mode"].as_str()) {
                 (None, _) => "unprotected".to_owned(),
                 (Some("protected"), Some("replicating")) => "protected".to_owned(),
                 (Some("protected"), Some(mode)) => format!("protected ({mode})"),
@@ -396,7 +419,10 @@ pub async fn recovery_points(
             v["master_target"] = p.master_target.clone().into();
             crate::api::ok(v)
         }
-        Ok(Ok((code, v))) => Err(ApiError::conflict(format!("master target {} answered {code}: {v}", p.master_target))),
+        Ok(Ok((code, v))) => Err(ApiError::conflict(format!(
+            "master target {} answered {code}: {v} (check its log; `ferry components` shows its health)",
+            p.master_target
+        ))),
         Ok(Err(e)) => Err(ApiError::new(
             StatusCode::BAD_GATEWAY,
             errors::MT_HEARTBEAT_LOST,
@@ -407,6 +433,20 @@ pub async fn recovery_points(
             errors::MT_HEARTBEAT_LOST,
             format!("master target {} did not answer within 20 s", p.master_target),
         )),
+    }
+}
+
+/// A protection's state, with an `enabling` whose job has ended (failed, cancelled, lost) shown
+/// as `failed` (it may be retried).
+pub async fn effective_state(store: &Store, p: &Protection) -> String {
+    if p.state != "enabling" {
+        return p.state.clone();
+    }
+    match store.job::<Job>(&p.job).await {
+        Ok(Some(j)) if !j.state.finished() => "enabling".into(),
+        Ok(Some(j)) if j.state == crate::jobs::JobState::Succeeded => "protected".into(),
+        Ok(None) if p.job.is_empty() && now_ms().saturating_sub(p.since_ms) < 60_000 => "enabling".into(),
+        _ => "failed".into(),
     }
 }
 
@@ -437,7 +477,7 @@ async fn update_settings(
             Err(e) => return Err(e.to_string()),
         }
     }
-    Err(format!("settings {key} kept changing under this job"))
+    Err(format!("settings {key} kept changing under this job: retry the protection when other changes to it are done"))
 }
 
 /// Poll until `check` passes on the component's latest status, or fail after `limit`.
@@ -491,23 +531,28 @@ pub async fn run_step(store: &Store, job: &Job, step: usize, ctl: &JobControl) -
         }
         1 => {
             let key = format!("master-target/{}", first.master_target);
-            // The policy's retention window, known before the replica is created.
+            // The policy goes to the agents' settings first (their process server comes later, so
+            // no agent starts yet): the master target derives each machine's retention window
+            // from it, and follows later policy edits.
             let window = match store.get::<Policy>(model::POLICY, &first.policy).await {
                 Ok(Some(d)) => d.body.retention_secs as f64,
                 Ok(None) => return fail(errors::NOT_FOUND, format!("policy {} was deleted", first.policy)),
                 Err(e) => return fail(errors::STORE, e.to_string()),
             };
+            for p in &ps {
+                let r = update_settings(store, &format!("agent/{}", p.machine), |b| {
+                    b.insert("policy".into(), p.policy.clone().into());
+                })
+                .await;
+                if let Err(e) = r {
+                    return fail(errors::STORE, e);
+                }
+            }
             let r = update_settings(store, &key, |b| {
-                for (field, value) in [("machine_datastores", None), ("machine_retention_secs", Some(window))] {
-                    let map = b.entry(field).or_insert_with(|| serde_json::json!({}));
-                    if let Some(m) = map.as_object_mut() {
-                        for p in &ps {
-                            let v = match value {
-                                Some(w) => serde_json::json!(w),
-                                None => serde_json::json!(p.datastore_path),
-                            };
-                            m.insert(p.machine.clone(), v);
-                        }
+                let map = b.entry("machine_datastores").or_insert_with(|| serde_json::json!({}));
+                if let Some(m) = map.as_object_mut() {
+                    for p in &ps {
+                        m.insert(p.machine.clone(), serde_json::json!(p.datastore_path));
                     }
                 }
             })
@@ -630,16 +675,27 @@ pub async fn run_step(store: &Store, job: &Job, step: usize, ctl: &JobControl) -
         }
         4 => {
             let started = tokio::time::Instant::now();
+            let ps_addr = match component(store, "process-server", &first.process_server).await {
+                Some(c) => c.status["advertise"].as_str().unwrap_or_default().to_owned(),
+                None => {
+                    return fail(
+                        errors::PS_HEARTBEAT_LOST,
+                        format!("process server {} is not registered", first.process_server),
+                    )
+                }
+            };
             loop {
                 let (mut done, mut total, mut complete) = (0u64, 0u64, 0usize);
                 for p in &ps {
                     let st = component(store, "agent", &p.machine).await.map(|c| c.status).unwrap_or_default();
                     let size: u64 = p.disks.iter().filter_map(|d| d.size).sum();
-                    if st["initial_sync_complete"] == true && st["mode"] == "replicating" {
+                    // The status must come from the agent configured in step 3 (not an older one).
+                    let configured = st["process_server"].as_str() == Some(ps_addr.as_str());
+                    if configured && st["initial_sync_complete"] == true && st["mode"] == "replicating" {
                         complete += 1;
                         done += size;
                         total += size;
-                    } else if let Some(r) = st["resync"].as_object() {
+                    } else if let Some(r) = st["resync"].as_object().filter(|_| configured) {
                         done += r.get("bytes_done").and_then(|v| v.as_u64()).unwrap_or(0);
                         total += r.get("bytes_total").and_then(|v| v.as_u64()).unwrap_or(size);
                     } else {

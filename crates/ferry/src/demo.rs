@@ -159,13 +159,10 @@ async fn demo(st: &LabState, args: &DemoArgs, p: &Progress, out: OutputFormat) -
             .find(|m| m.os_family == os)
             .or_else(|| rs.master_targets.iter().find(|m| m.run))
             .context("no master target")?;
-        let ds = rs
-            .datastores
-            .iter()
-            .filter(|d| d.accessible)
-            .nth(k % rs.datastores.len().max(1))
-            .or_else(|| rs.datastores.first())
-            .context("no datastore on the recovery site")?;
+        let usable: Vec<_> = rs.datastores.iter().filter(|d| d.accessible && d.access == "read-write").collect();
+        let ds = usable
+            .get(k % usable.len().max(1))
+            .with_context(|| format!("site {} has no accessible, writable datastore for the replicas", rs.name))?;
         let ps = spec
             .sites
             .iter()
@@ -188,7 +185,7 @@ async fn demo(st: &LabState, args: &DemoArgs, p: &Progress, out: OutputFormat) -
     let mut k = 0;
     for g in &spec.groups {
         let ms: Vec<_> = g.machines.iter().filter_map(|m| find(m)).collect();
-        if ms.len() != g.machines.len() {
+        if ms.is_empty() || ms.len() != g.machines.len() {
             continue;
         }
         for m in &ms {

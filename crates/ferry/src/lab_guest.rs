@@ -79,7 +79,8 @@ fn spawn(exe: &Path, args: &[String], log: &Path) -> Result<Child> {
 /// Children's pids go to files beside the guest's, so `lab down` can check none is left.
 fn record_pid(path: &Path, c: &Child) {
     if let Some(pid) = c.id() {
-        let _ = std::fs::write(path, pid.to_string());
+        let ticks = crate::lab_site::start_ticks(pid as i32).unwrap_or(0);
+        let _ = std::fs::write(path, format!("{pid} {ticks}\n"));
     }
 }
 
@@ -247,9 +248,17 @@ pub async fn run(dir: PathBuf, shutdown: CancellationToken) -> Result<()> {
     let mut workload: Option<Child> = None;
     let mut last_heartbeat = std::time::Instant::now() - Duration::from_secs(3600);
     let hb_every = Duration::from_secs_f64(g.file.settings.heartbeat_interval_secs.max(0.2));
+    // The last settings the server gave: a crashed agent restarts with them even while the
+    // server is unreachable (a real mobility service keeps its configuration too).
+    let mut known: Option<Value> = None;
     loop {
-        let settings = match g.api("GET", &format!("/api/v1/components/agent/{}/settings", g.file.machine), None).await
-        {
+        let path = format!("/api/v1/components/agent/{}/settings", g.file.machine);
+        let fetch = g.api("GET", &path, None);
+        let answer = tokio::select! {
+            r = fetch => r,
+            _ = shutdown.cancelled() => break,
+        };
+        let fetched = match answer {
             Ok((200, v)) => Some(v),
             Ok((code, v)) => {
                 tracing::warn!(code, body = %v, "the configuration server refused the settings request");
@@ -260,7 +269,10 @@ pub async fn run(dir: PathBuf, shutdown: CancellationToken) -> Result<()> {
                 None
             }
         };
-        if let Some(s) = &settings {
+        if fetched.is_some() {
+            known = fetched;
+        }
+        if let Some(s) = &known {
             let protected = s["process_server"].is_string() && s["disks"].as_array().is_some_and(|d| !d.is_empty());
             let changed = agent.as_ref().map(|(_, cur)| cur != s).unwrap_or(true);
             if protected && changed {

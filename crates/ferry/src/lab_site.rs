@@ -191,6 +191,12 @@ pub struct LabProcess {
     pub address: String,
     /// Status endpoint (plain HTTP, loopback), if any.
     pub status: Option<String>,
+    /// Its start time (clock ticks since boot): a reused pid is never signalled.
+    #[serde(default)]
+    pub start_ticks: u64,
+    /// Its command line (`ferry lab restart` starts it again the same way).
+    #[serde(default)]
+    pub args: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -253,16 +259,18 @@ impl LabState {
         bail!("no site of the lab in {} has a machine {machine}", self.dir.display())
     }
 
-    /// Every pid the guests recorded (guest, agent, workload), as ("machine/what", pid).
-    pub fn guest_pids(&self) -> Vec<(String, i32)> {
+    /// Every pid the guests recorded (guest, agent, workload), as ("machine/what", pid, start ticks).
+    pub fn guest_pids(&self) -> Vec<(String, i32, u64)> {
         let mut out = Vec::new();
         for (_, folder) in &self.sites {
             let Ok(entries) = std::fs::read_dir(folder.join("guests")) else { continue };
             for e in entries.flatten() {
                 for what in ["guest", "agent", "workload"] {
-                    let p = e.path().join(format!("{what}.pid"));
-                    if let Some(pid) = std::fs::read_to_string(&p).ok().and_then(|t| t.trim().parse().ok()) {
-                        out.push((format!("{}/{what}", e.file_name().to_string_lossy()), pid));
+                    let text = std::fs::read_to_string(e.path().join(format!("{what}.pid"))).unwrap_or_default();
+                    let mut it = text.split_whitespace();
+                    if let Some(pid) = it.next().and_then(|p| p.parse().ok()) {
+                        let ticks = it.next().and_then(|t| t.parse().ok()).unwrap_or(0);
+                        out.push((format!("{}/{what}", e.file_name().to_string_lossy()), pid, ticks));
                     }
                 }
             }
@@ -293,8 +301,20 @@ pub fn alive(pid: i32) -> bool {
     }
 }
 
-/// Start a daemon detached in its own process group, logging to `log`.
-fn spawn_daemon(exe: &Path, args: &[String], log: &Path, stdout: Option<&Path>) -> Result<i32> {
+/// A process's start time in clock ticks since boot (`/proc/PID/stat` field 22).
+pub fn start_ticks(pid: i32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    s.rsplit(')').next()?.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Whether `pid` still is the process started at `ticks` (0: unknown, any live process).
+pub fn same_process(pid: i32, ticks: u64) -> bool {
+    alive(pid) && (ticks == 0 || start_ticks(pid) == Some(ticks))
+}
+
+/// Start a daemon detached in its own process group, logging to `log`. Its pid and start time
+/// are appended to `DIR/pids` at once, so a failure before lab.json is saved still stops it.
+fn spawn_daemon(exe: &Path, args: &[String], log: &Path, stdout: Option<&Path>) -> Result<(i32, u64, Vec<String>)> {
     use std::os::unix::process::CommandExt;
     let l = std::fs::OpenOptions::new()
         .create(true)
@@ -302,7 +322,17 @@ fn spawn_daemon(exe: &Path, args: &[String], log: &Path, stdout: Option<&Path>) 
         .open(log)
         .with_context(|| format!("cannot open {}", log.display()))?;
     let out = match stdout {
-        Some(p) => std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?,
+        // It holds the first admin token and the registration passphrase.
+        Some(p) => {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(p)
+                .with_context(|| format!("cannot create {}", p.display()))?
+        }
         None => l.try_clone()?,
     };
     let child = std::process::Command::new(exe)
@@ -314,7 +344,18 @@ fn spawn_daemon(exe: &Path, args: &[String], log: &Path, stdout: Option<&Path>) 
         .process_group(0)
         .spawn()
         .with_context(|| format!("cannot start {} {}", exe.display(), args.join(" ")))?;
-    Ok(child.id() as i32)
+    let pid = child.id() as i32;
+    let ticks = start_ticks(pid).unwrap_or(0);
+    if let Some(dir) = log.parent().and_then(|l| l.parent()) {
+        use std::io::Write;
+        let line = format!("{pid} {ticks} {}\n", log.file_stem().map(|s| s.to_string_lossy()).unwrap_or_default());
+        let _ = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("pids"))
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+    }
+    Ok((pid, ticks, args.to_vec()))
 }
 
 async fn wait_port(addr: &str, pid: i32, log: &Path, limit: Duration) -> Result<()> {
@@ -522,6 +563,19 @@ pub async fn up(dir: &Path, config: Option<&Path>, out: OutputFormat) -> Result<
     }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let dir = std::fs::canonicalize(dir)?;
+    {
+        // Claim the folder: of two `lab up` racing here, one creates lab.json, the other stops
+        // now (before starting or cleaning up anything).
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(dir.join("lab.json")).with_context(
+            || {
+                format!(
+                    "{} is being set up by another `ferry lab up` (or holds a lab): choose another folder",
+                    dir.display()
+                )
+            },
+        )?;
+    }
     match start(&dir, &spec, &text, out).await {
         Ok(st) => Ok(st),
         Err(e) => {
@@ -564,7 +618,7 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, out: OutputFormat) -> Res
     let cs_addr = free_port()?;
     let cs_log = logs.join("config-server.log");
     let first_out = logs.join("config-server.first-start.json");
-    let cs_pid = spawn_daemon(
+    let (cs_pid, cs_ticks, cs_args) = spawn_daemon(
         &exe,
         &[
             "--output".into(),
@@ -590,6 +644,8 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, out: OutputFormat) -> Res
         log: cs_log.clone(),
         address: cs_addr.clone(),
         status: None,
+        start_ticks: cs_ticks,
+        args: cs_args,
     });
     state.processes = processes.clone();
     state.config_server = cs_addr.clone();
@@ -628,7 +684,7 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, out: OutputFormat) -> Res
     let mut start_link = |name: String, to: String| -> Result<LabLink> {
         let l = LabLink { name: name.clone(), listen: free_port()?, to, control: free_port()? };
         let log = logs.join(format!("link-{name}.log"));
-        let pid = spawn_daemon(
+        let (pid, start_ticks, args) = spawn_daemon(
             &exe,
             &[
                 "lab".into(),
@@ -651,6 +707,8 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, out: OutputFormat) -> Res
             log,
             address: l.listen.clone(),
             status: Some(l.control.clone()),
+            start_ticks,
+            args,
         });
         Ok(l)
     };
@@ -726,7 +784,8 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, out: OutputFormat) -> Res
             let cfg_path = reg.join("master-target.toml");
             std::fs::write(&cfg_path, cfg)?;
             let log = logs.join(format!("{}.log", mt.name));
-            let pid = spawn_daemon(&exe, &["master-target".into(), "--config".into(), s(&cfg_path)], &log, None)?;
+            let (pid, start_ticks, args) =
+                spawn_daemon(&exe, &["master-target".into(), "--config".into(), s(&cfg_path)], &log, None)?;
             processes.push(LabProcess {
                 name: mt.name.clone(),
                 kind: "master-target".into(),
@@ -735,6 +794,8 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, out: OutputFormat) -> Res
                 log,
                 address: listen,
                 status: Some(status),
+                start_ticks,
+                args,
             });
         }
         if let Some(ps) = &site.process_server {
@@ -774,7 +835,8 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, out: OutputFormat) -> Res
             let cfg_path = reg.join("process-server.toml");
             std::fs::write(&cfg_path, cfg)?;
             let log = logs.join(format!("{}.log", ps.name));
-            let pid = spawn_daemon(&exe, &["process-server".into(), "--config".into(), s(&cfg_path)], &log, None)?;
+            let (pid, start_ticks, args) =
+                spawn_daemon(&exe, &["process-server".into(), "--config".into(), s(&cfg_path)], &log, None)?;
             processes.push(LabProcess {
                 name: ps.name.clone(),
                 kind: "process-server".into(),
@@ -783,6 +845,8 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, out: OutputFormat) -> Res
                 log,
                 address: listen,
                 status: Some(status),
+                start_ticks,
+                args,
             });
         }
         state.processes = processes.clone();
@@ -988,14 +1052,15 @@ fn stop_guests(st: &LabState, signal: i32) -> usize {
         let Ok(entries) = std::fs::read_dir(folder.join("guests")) else { continue };
         for e in entries.flatten() {
             let dir = e.path();
-            handles.push(std::thread::spawn(move || discovery::stop_guest(&dir, signal, Duration::from_secs(60))));
+            handles.push(std::thread::spawn(move || discovery::stop_guest(&dir, signal, Duration::from_secs(90))));
         }
     }
     handles.into_iter().filter_map(|h| h.join().ok()).filter(|stopped| *stopped).count()
 }
 
 /// `ferry lab down`: guests first (clean shutdown), then process servers, master targets, links
-/// and the configuration server; SIGKILL after a grace period; then check no pid is left.
+/// and the configuration server; SIGKILL after a grace period; then check no pid is left. Only
+/// processes this lab started are signalled: a pid must still have the start time recorded.
 pub async fn down(dir: &Path, remove: bool) -> Result<Value> {
     let st = LabState::load(dir)?;
     let guests = tokio::task::spawn_blocking({
@@ -1003,39 +1068,50 @@ pub async fn down(dir: &Path, remove: bool) -> Result<Value> {
         move || stop_guests(&st, libc::SIGTERM)
     })
     .await?;
-    let order = ["process-server", "master-target", "link", "config-server"];
-    for kind in order {
-        let ps: Vec<&LabProcess> = st.processes.iter().filter(|p| p.kind == kind && alive(p.pid)).collect();
-        for p in &ps {
-            // SAFETY: signals to process groups this lab started (pgid = pid).
-            unsafe { libc::kill(-p.pid, libc::SIGTERM) };
+    // lab.json's processes, and any spawned before lab.json recorded them (a failed `lab up`).
+    let mut targets: Vec<(String, String, i32, u64)> =
+        st.processes.iter().map(|p| (p.kind.clone(), p.name.clone(), p.pid, p.start_ticks)).collect();
+    for line in std::fs::read_to_string(st.dir.join("pids")).unwrap_or_default().lines() {
+        let mut it = line.split_whitespace();
+        let (Some(pid), Some(ticks), Some(name)) = (it.next(), it.next(), it.next()) else { continue };
+        let (Ok(pid), Ok(ticks)) = (pid.parse::<i32>(), ticks.parse::<u64>()) else { continue };
+        if !targets.iter().any(|t| t.2 == pid) {
+            targets.push(("unrecorded".into(), name.to_owned(), pid, ticks));
+        }
+    }
+    for kind in ["process-server", "master-target", "unrecorded", "link", "config-server"] {
+        let ps: Vec<&(String, String, i32, u64)> =
+            targets.iter().filter(|t| t.0 == kind && same_process(t.2, t.3)).collect();
+        for t in &ps {
+            // SAFETY: signals to process groups this lab started (pgid = pid), checked above.
+            unsafe { libc::kill(-t.2, libc::SIGTERM) };
         }
         let deadline = Instant::now() + Duration::from_secs(30);
-        while ps.iter().any(|p| alive(p.pid)) && Instant::now() < deadline {
+        while ps.iter().any(|t| same_process(t.2, t.3)) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        for p in &ps {
-            if alive(p.pid) {
-                tracing::warn!(name = %p.name, "did not stop within 30 s: killing it");
-                unsafe { libc::kill(-p.pid, libc::SIGKILL) };
+        for t in &ps {
+            if same_process(t.2, t.3) {
+                tracing::warn!(name = %t.1, "did not stop within 30 s: killing it");
+                unsafe { libc::kill(-t.2, libc::SIGKILL) };
             }
         }
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     let mut left: Vec<String> =
-        st.processes.iter().filter(|p| alive(p.pid)).map(|p| format!("{} (pid {})", p.name, p.pid)).collect();
-    for (name, pid) in st.guest_pids() {
-        if alive(pid) {
+        targets.iter().filter(|t| same_process(t.2, t.3)).map(|t| format!("{} (pid {})", t.1, t.2)).collect();
+    for (name, pid, ticks) in st.guest_pids() {
+        if same_process(pid, ticks) {
             left.push(format!("{name} (pid {pid})"));
         }
     }
     if !left.is_empty() {
-        bail!("still running after lab down: {left:?}");
+        bail!("still running after lab down: {left:?} (stop them with kill, then run `ferry lab down` again)");
     }
     if remove {
         std::fs::remove_dir_all(&st.dir).with_context(|| format!("cannot remove {}", st.dir.display()))?;
     }
-    Ok(json!({"dir": st.dir, "stopped_processes": st.processes.len(), "stopped_guests": guests, "removed": remove}))
+    Ok(json!({"dir": st.dir, "stopped_processes": targets.len(), "stopped_guests": guests, "removed": remove}))
 }
 
 pub fn print_down(v: &Value, out: OutputFormat) -> Result<()> {
@@ -1051,6 +1127,45 @@ pub fn print_down(v: &Value, out: OutputFormat) -> Result<()> {
                 format!("; files kept in {}", v["dir"].as_str().unwrap_or(""))
             }
         ),
+    }
+    Ok(())
+}
+
+/// `ferry lab restart NAME [--kill]`: stop one of the lab's daemons (SIGTERM, or SIGKILL at
+/// once with `kill`) and start it again with the same command line (fault tests).
+pub async fn restart(dir: &Path, name: &str, kill: bool, out: OutputFormat) -> Result<()> {
+    let mut st = LabState::load(dir)?;
+    let i = st.processes.iter().position(|p| p.name == name).with_context(|| {
+        format!(
+            "no process {name} in this lab (processes: {})",
+            st.processes.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
+        )
+    })?;
+    let p = st.processes[i].clone();
+    if p.args.is_empty() {
+        bail!("{name} was started by an older `ferry lab up` that did not record its command line");
+    }
+    if same_process(p.pid, p.start_ticks) {
+        // SAFETY: a signal to a process group this lab started, checked by start time.
+        unsafe { libc::kill(-p.pid, if kill { libc::SIGKILL } else { libc::SIGTERM }) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while same_process(p.pid, p.start_ticks) {
+            if Instant::now() >= deadline {
+                unsafe { libc::kill(-p.pid, libc::SIGKILL) };
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let exe = std::env::current_exe().context("cannot find the ferry executable")?;
+    let (pid, start_ticks, args) = spawn_daemon(&exe, &p.args, &p.log, None)?;
+    st.processes[i].pid = pid;
+    st.processes[i].start_ticks = start_ticks;
+    st.processes[i].args = args;
+    st.save()?;
+    wait_port(&p.address, pid, &p.log, Duration::from_secs(60)).await.with_context(|| format!("restarting {name}"))?;
+    match out {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&st.processes[i])?),
+        OutputFormat::Table => println!("{name} restarted (pid {pid})"),
     }
     Ok(())
 }

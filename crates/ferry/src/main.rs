@@ -207,6 +207,14 @@ enum LabAction {
         #[arg(long, env = "FERRY_LAB", default_value = "ferry-lab")]
         lab: PathBuf,
     },
+    /// Stop one of the lab's daemons and start it again (`--kill`: SIGKILL first, a crash).
+    Restart {
+        name: String,
+        #[arg(long)]
+        kill: bool,
+        #[arg(long, env = "FERRY_LAB", default_value = "ferry-lab")]
+        lab: PathBuf,
+    },
     /// The guest of a powered-on lab machine (started by power-on; not run by hand).
     #[command(hide = true)]
     Guest {
@@ -1219,6 +1227,7 @@ async fn run_lab(action: LabAction, out: OutputFormat) -> Result<()> {
         LabAction::Crash { machine, lab } => lab_site::machine_op(&lab, &machine, "crash", out).await,
         LabAction::PowerOn { machine, lab } => lab_site::machine_op(&lab, &machine, "power-on", out).await,
         LabAction::PowerOff { machine, lab } => lab_site::machine_op(&lab, &machine, "power-off", out).await,
+        LabAction::Restart { name, kill, lab } => lab_site::restart(&lab, &name, kill, out).await,
         LabAction::Guest { dir } => lab_guest::run(dir, shutdown_on_signal()).await,
         LabAction::Verify { record_log, disks, seed, exact_seq } => {
             let v = tokio::task::spawn_blocking(move || lab::verify(&record_log, &disks, seed, exact_seq)).await??;

@@ -42,6 +42,21 @@ fn alive(pid: i64) -> bool {
         .unwrap_or(false)
 }
 
+/// Live processes whose command line mentions `path` (whatever the lab recorded).
+fn processes_mentioning(path: &Path) -> Vec<String> {
+    let needle = path.to_string_lossy().into_owned();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i64>() else { continue };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(&needle) && alive(pid) {
+            out.push(format!("{pid}: {cmd}"));
+        }
+    }
+    out
+}
+
 struct Lab {
     dir: PathBuf,
     state: Value,
@@ -80,7 +95,8 @@ impl Lab {
 
     /// Every pid the lab started: daemons, guests, agents, workloads.
     fn pids(&self) -> Vec<(String, i64)> {
-        let mut out: Vec<(String, i64)> = self.state["processes"]
+        let state: Value = serde_json::from_slice(&std::fs::read(self.dir.join("lab.json")).unwrap()).unwrap();
+        let mut out: Vec<(String, i64)> = state["processes"]
             .as_array()
             .unwrap()
             .iter()
@@ -91,7 +107,8 @@ impl Lab {
             for e in entries.flatten() {
                 for what in ["guest", "agent", "workload"] {
                     if let Ok(t) = std::fs::read_to_string(e.path().join(format!("{what}.pid"))) {
-                        out.push((format!("{}/{what}", e.file_name().to_string_lossy()), t.trim().parse().unwrap()));
+                        let pid = t.split_whitespace().next().unwrap().parse().unwrap();
+                        out.push((format!("{}/{what}", e.file_name().to_string_lossy()), pid));
                     }
                 }
             }
@@ -157,6 +174,12 @@ fn wait<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
         assert!(Instant::now() < deadline, "timed out: {what}");
         std::thread::sleep(Duration::from_millis(250));
     }
+}
+
+/// SIGKILL to a process group the lab started.
+fn kill_group(pid: i64) {
+    let _ = Command::new("kill").args(["-KILL", "--", &format!("-{pid}")]).status();
+    wait("the process dies", Duration::from_secs(10), || (!alive(pid)).then_some(()));
 }
 
 fn records(p: &Path) -> usize {
@@ -235,6 +258,52 @@ fn lab_comes_up_from_nothing_registers_everything_and_goes_down_leaving_no_proce
     assert!(pids.len() >= 12 + 4 * 1, "daemons and guests: {pids:?}");
     let left: Vec<_> = pids.iter().filter(|(_, p)| alive(*p)).collect();
     assert!(left.is_empty(), "left running after lab down: {left:?}");
+    let stray = processes_mentioning(&dir);
+    assert!(stray.is_empty(), "processes of the lab still running: {stray:#?}");
+}
+
+#[test]
+fn a_lab_that_fails_to_come_up_says_why_and_stops_what_it_started() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("lab.toml");
+    // The process server refuses a zero-byte cache: lab up fails after the configuration server,
+    // the links and the master target are running.
+    std::fs::write(
+        &cfg,
+        r#"
+[[sites]]
+name = "a"
+config_server = true
+hosts = [{ name = "h" }]
+datastores = [{ name = "ds", kind = "vmfs", hosts = ["h"] }]
+process_server = { name = "ps-a", cache_capacity_bytes = 0 }
+[[sites.machines]]
+name = "m1"
+os_family = "linux"
+host = "h"
+datastore = "ds"
+disks = [{ name = "disk0", size = 1048576 }]
+[[sites]]
+name = "b"
+datastores = [{ name = "ds-b", kind = "vmfs" }]
+master_targets = [{ name = "mt-b", os_family = "linux" }]
+"#,
+    )
+    .unwrap();
+    let dir = tmp.path().join("lab");
+    let o = ferry(&["lab", "up", dir.to_str().unwrap(), "--config", cfg.to_str().unwrap()], &[]);
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success(), "lab up must fail: {err}");
+    assert!(err.contains("ps-a") && err.contains("logs"), "names the failed process and where its log is: {err}");
+    let started = std::fs::read_to_string(dir.join("pids")).unwrap();
+    assert!(started.lines().count() >= 4, "config server, links, master target: {started}");
+    for line in started.lines() {
+        let pid: i64 = line.split_whitespace().next().unwrap().parse().unwrap();
+        assert!(!alive(pid), "{line} still runs after the failed lab up");
+    }
+    let stray = processes_mentioning(&dir);
+    assert!(stray.is_empty(), "{stray:#?}");
+    assert!(std::fs::read_to_string(dir.join("logs/ps-a.log")).unwrap().contains("cache_capacity_bytes"));
 }
 
 #[test]
@@ -306,13 +375,34 @@ fn protected_lab_machine_verifies_on_the_replica_survives_a_cut_link_and_a_crash
         "same site",
     );
 
-    let job =
-        lab.json(&["protect", "db1", "--policy", "gold", base[0], base[1], base[2], base[3], "--datastore", "vsan-r"]);
+    // Two requests for the same machine at once: one job, one clear refusal. (db1, a Linux
+    // machine, goes to the recovery site's second master target: not the process server's default.)
+    let win = ["--process-server", "ps-primary", "--master-target", "mt-windows-r"];
+    let racers: Vec<_> = (0..2)
+        .map(|_| {
+            let env = lab.env.clone();
+            std::thread::spawn(move || {
+                let mut args = vec!["--output", "json", "protect", "db1", "--policy", "gold"];
+                args.extend_from_slice(&win);
+                args.extend_from_slice(&["--datastore", "vsan-r", "--no-wait"]);
+                ferry(&args, &env)
+            })
+        })
+        .collect();
+    let outs: Vec<Output> = racers.into_iter().map(|t| t.join().unwrap()).collect();
+    let errs: Vec<String> = outs.iter().map(|o| String::from_utf8_lossy(&o.stderr).into_owned()).collect();
+    let winners: Vec<&Output> = outs.iter().filter(|o| o.status.success()).collect();
+    assert_eq!(winners.len(), 1, "exactly one request wins: {errs:?}");
+    assert!(errs.iter().any(|e| e.contains("being protected") || e.contains("already enabling")), "{errs:?}");
+    let started: Value = serde_json::from_slice(&winners[0].stdout).unwrap();
+    let job = lab.json(&["jobs", "watch", started["id"].as_str().unwrap()]);
     assert_eq!(job["state"], "succeeded", "{job:#}");
     assert!(job["bytes_total"].as_u64().unwrap() >= 64 << 20, "initial sync progress in bytes: {job:#}");
     assert_eq!(job["steps"].as_array().unwrap().len(), 6);
-    let again =
-        lab.run(&["protect", "db1", "--policy", "gold", base[0], base[1], base[2], base[3], "--datastore", "vsan-r"]);
+    let mut again = vec!["protect", "db1", "--policy", "gold"];
+    again.extend_from_slice(&win);
+    again.extend_from_slice(&["--datastore", "vsan-r"]);
+    let again = lab.run(&again);
     assert!(
         String::from_utf8_lossy(&again.stderr).contains("already protected"),
         "{}",
@@ -320,8 +410,12 @@ fn protected_lab_machine_verifies_on_the_replica_survives_a_cut_link_and_a_crash
     );
     let m = lab.machine("db1");
     assert_eq!(m["replication"], "protected", "{m:#}");
-    assert_eq!(m["master_target"], "mt-linux-r");
-    let mt = lab.process_status("mt-linux-r");
+    assert_eq!(m["master_target"], "mt-windows-r");
+    assert!(
+        !lab.process_status("mt-linux-r")["machines"].to_string().contains("db1"),
+        "db1 goes only to the master target it was protected to"
+    );
+    let mt = lab.process_status("mt-windows-r");
     let rep = mt["machines"].as_array().unwrap().iter().find(|r| r["machine"] == "db1").unwrap().clone();
     assert_eq!(rep["retention"]["window_secs"], 7200.0, "the policy's retention: {rep:#}");
     let replica = dir.join("sites/recovery/datastores/vsan-r/db1/disk0.img");
@@ -333,7 +427,7 @@ fn protected_lab_machine_verifies_on_the_replica_survives_a_cut_link_and_a_crash
     let st0 = lab.agent_status("db1");
     ok(&lab.run(&["lab", "link", "cut"]), "cut");
     let applied_at_cut = wait("the master target stops applying", Duration::from_secs(20), || {
-        let a = lab.process_status("mt-linux-r")["machines"]
+        let a = lab.process_status("mt-windows-r")["machines"]
             .as_array()
             .unwrap()
             .iter()
@@ -342,7 +436,7 @@ fn protected_lab_machine_verifies_on_the_replica_survives_a_cut_link_and_a_crash
             .as_u64()
             .unwrap();
         std::thread::sleep(Duration::from_millis(500));
-        let b = lab.process_status("mt-linux-r")["machines"]
+        let b = lab.process_status("mt-windows-r")["machines"]
             .as_array()
             .unwrap()
             .iter()
@@ -360,7 +454,7 @@ fn protected_lab_machine_verifies_on_the_replica_survives_a_cut_link_and_a_crash
             .then_some((m, ps))
     });
     assert!(degraded.1["reasons"].to_string().contains("master target is unreachable"), "{:#}", degraded.1);
-    let still = lab.process_status("mt-linux-r")["machines"]
+    let still = lab.process_status("mt-windows-r")["machines"]
         .as_array()
         .unwrap()
         .iter()
@@ -380,11 +474,44 @@ fn protected_lab_machine_verifies_on_the_replica_survives_a_cut_link_and_a_crash
     assert_eq!(st1["generation"], st0["generation"], "no full resync after the link came back: {st1:#}");
     assert_eq!(st1["completed_resyncs"], st0["completed_resyncs"], "{st1:#}");
 
+    // With the configuration server down, a SIGKILLed process server and master target come back
+    // with what they were told: db1's route (not the default master target) and its window.
+    let cs_pid = lab.state["processes"].as_array().unwrap().iter().find(|p| p["name"] == "config-server").unwrap()
+        ["pid"]
+        .as_i64()
+        .unwrap();
+    kill_group(cs_pid);
+    let applied = |mt: &str| -> u64 {
+        lab.process_status(mt)["machines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["machine"] == "db1")
+            .map(|r| r["applied_seq"].as_u64().unwrap())
+            .unwrap_or(0)
+    };
+    ok(&lab.run(&["lab", "restart", "ps-primary", "--kill"]), "restart the process server");
+    ok(&lab.run(&["lab", "restart", "mt-windows-r", "--kill"]), "restart the master target");
+    let before = applied("mt-windows-r");
+    wait("db1's changes reach its own master target after the restarts", Duration::from_secs(60), || {
+        (applied("mt-windows-r") > before + 20).then_some(())
+    });
+    assert_eq!(applied("mt-linux-r"), 0, "nothing of db1 went to the default master target");
+    let rep = lab.process_status("mt-windows-r")["machines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["machine"] == "db1")
+        .unwrap()
+        .clone();
+    assert_eq!(rep["retention"]["window_secs"], 7200.0, "the policy's window survives a restart without the server");
+    ok(&lab.run(&["lab", "restart", "config-server"]), "restart the configuration server");
+
     // Clean power-off drains the agent; the replica then holds every record.
     ok(&lab.run(&["lab", "power-off", "db1"]), "power off");
     let last = records(&log) as u64;
     wait("the master target applies everything the process server holds", Duration::from_secs(60), || {
-        let r = lab.process_status("mt-linux-r")["machines"]
+        let r = lab.process_status("mt-windows-r")["machines"]
             .as_array()
             .unwrap()
             .iter()
@@ -457,6 +584,7 @@ fn protected_lab_machine_verifies_on_the_replica_survives_a_cut_link_and_a_crash
     let before: Vec<(String, i64)> = lab.pids().into_iter().filter(|(n, _)| n.starts_with("db1/")).collect();
     assert_eq!(before.len(), 3, "guest, agent, workload: {before:?}");
     assert!(before.iter().all(|(_, p)| alive(*p)), "{before:?}");
+    let crashed_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
     let o = lab.run(&["lab", "crash", "db1"]);
     assert!(ok(&o, "crash").contains("crashed"));
     wait("crash kills the guest's processes", Duration::from_secs(10), || {
@@ -474,8 +602,18 @@ fn protected_lab_machine_verifies_on_the_replica_survives_a_cut_link_and_a_crash
         let a = lab.agent_status("db1");
         (a["mode"] == "replicating" && a["initial_sync_complete"] == true).then_some(())
     });
-    let pts = lab.json(&["recovery-points", "db1"]);
-    assert!(pts["points"].as_array().unwrap().iter().any(|p| p["kind"] == "crash"), "{pts:#}");
+    // Points continue after the crash (the policy takes one every 5 s).
+    let after: u64 = wait("a crash-consistent point after the crash", Duration::from_secs(60), || {
+        let pts = lab.json(&["recovery-points", "db1"]);
+        pts["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["kind"] == "crash" && p["time_ms"].as_u64().unwrap() > crashed_at)
+            .map(|p| p["seq"].as_u64().unwrap())
+            .max()
+    });
+    assert!(after > 0);
     let pids = lab.down();
     let left: Vec<_> = pids.iter().filter(|(_, p)| alive(*p)).collect();
     assert!(left.is_empty(), "{left:?}");

@@ -110,11 +110,6 @@ impl MasterTargetConfig {
         self.retention.clone().unwrap_or_else(|| PathBuf::from(retention::DEFAULT_RETENTION))
     }
 
-    /// The retention window of a machine, seconds.
-    pub fn retention_window_for(&self, machine: &str) -> f64 {
-        self.machine_retention_secs.get(machine).copied().unwrap_or(self.retention_window_secs)
-    }
-
     /// The datastore a new replica of `machine` goes to.
     pub fn datastore_for(&self, machine: &str) -> PathBuf {
         self.machine_datastores.get(machine).cloned().unwrap_or_else(|| self.datastore.clone())
@@ -239,7 +234,7 @@ impl MasterTarget {
     }
 
     /// Take new per-machine settings (from the configuration server). A machine's datastore
-    /// applies when its replica is created; its retention window, from its next (re)open.
+    /// applies when its replica is created; a new retention window applies at once.
     pub fn apply_settings(&self, v: &serde_json::Value) {
         match serde_json::from_value::<LiveSettings>(v.clone()) {
             Ok(mut s) => {
@@ -252,6 +247,13 @@ impl MasterTarget {
                     s.machine_datastores.entry(k.clone()).or_insert(d.clone());
                 }
                 *live = s;
+                let windows = live.machine_retention_secs.clone();
+                drop(live);
+                for (m, r) in self.lock_replicas().iter() {
+                    if let Some(w) = windows.get(m) {
+                        r.set_window(*w);
+                    }
+                }
             }
             Err(e) => tracing::warn!(error = %e, "ignoring malformed settings from the configuration server"),
         }

@@ -177,7 +177,7 @@ fn allocated_bytes(path: &Path) -> u64 {
 
 impl Replica {
     pub(crate) fn history_on(&self) -> bool {
-        !self.window.is_zero()
+        !self.window().is_zero()
     }
 
     fn base_dir(&self, epoch: u64) -> PathBuf {
@@ -496,7 +496,7 @@ impl Replica {
                 }
             };
         }
-        let window_ms = self.window.as_millis() as u64;
+        let window_ms = self.window().as_millis() as u64;
         let cutoff = now_ms().saturating_sub(window_ms);
         let mut seqs: Vec<(u64, u64)> = all_points.iter().map(|p| (p.seq, p.time_ms)).collect();
         seqs.sort_unstable();
@@ -1093,7 +1093,7 @@ impl Replica {
         let base_bytes: u64 = slot.files.iter().map(|(p, _)| allocated_bytes(p)).sum();
         let (free, total) = statvfs_free(&self.dir).unwrap_or((0, 0));
         serde_json::json!({
-            "window_secs": self.window.as_secs_f64(),
+            "window_secs": self.window().as_secs_f64(),
             "base_seq": slot.state.as_ref().map(|s| s.seq),
             "base_time_ms": slot.state.as_ref().map(|s| s.time_ms),
             "base_bytes": base_bytes,

@@ -90,8 +90,9 @@ pub struct Replica {
     journal: Mutex<SegmentLog>,
     apply: Mutex<ApplyState>,
     wake: Condvar,
-    /// Retention window (zero: no history, the journal is released once applied).
-    pub(crate) window: Duration,
+    /// Retention window in ms (zero: no history, the journal is released once applied). Kept
+    /// in `window.json` beside the journal so a restart without the configuration server keeps it.
+    window_ms: std::sync::atomic::AtomicU64,
     /// Prune early when the retention volume has less free space than this share.
     pub(crate) min_free_percent: f64,
     pub(crate) history: Mutex<History>,
@@ -121,6 +122,35 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> MasterTargetError + '_ {
 }
 
 impl Replica {
+    pub(crate) fn window(&self) -> Duration {
+        Duration::from_millis(self.window_ms.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// A new retention window (the machine's policy changed). Turning history on or off takes
+    /// effect at the next start (the base and journal must be set up or released first).
+    pub fn set_window(&self, secs: f64) {
+        let new = (secs.max(0.0) * 1000.0) as u64;
+        let old = self.window_ms.load(std::sync::atomic::Ordering::Relaxed);
+        if new == old {
+            return;
+        }
+        if (old == 0) != (new == 0) {
+            tracing::warn!(machine = %self.name, from = old / 1000, to = new / 1000, "turning history on or off takes effect when the master target restarts");
+            return;
+        }
+        match serde_json::to_vec(&serde_json::json!({ "window_secs": secs })) {
+            Ok(rec) => {
+                if let Err(e) = fsutil::write_atomic(&self.dir.join("window.json"), &rec) {
+                    tracing::error!(machine = %self.name, error = %e, "cannot record the new retention window; keeping the old one");
+                    return;
+                }
+            }
+            Err(_) => return,
+        }
+        self.window_ms.store(new, std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(machine = %self.name, window_secs = secs, "retention window changed");
+    }
+
     /// First contact for a machine: create its folders and sparse target disks.
     pub fn create(
         config: &MasterTargetConfig,
@@ -130,15 +160,33 @@ impl Replica {
     ) -> Result<Arc<Self>, MasterTargetError> {
         let dir = config.retention_dir().join(&machine.name);
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        // Where the target disks go is recorded first: the datastore chosen now stays the
+        // replica's, whatever later settings say (`open` reads it back).
+        let tdir = config.datastore_for(&machine.name).join(&machine.name);
+        let targets = dir.join("targets.json");
+        match std::fs::read(&targets) {
+            Ok(d) => {
+                let had = serde_json::from_slice::<serde_json::Value>(&d)
+                    .ok()
+                    .and_then(|v| v["dir"].as_str().map(PathBuf::from));
+                if had.as_deref() != Some(tdir.as_path()) {
+                    return Err(MasterTargetError::Refused(format!(
+                        "{} already has target disks in {} on this master target, not in {}: protect it to that datastore again, or remove {} and the old target disks first",
+                        machine.name,
+                        had.map(|p| p.display().to_string()).unwrap_or_else(|| "an unreadable place".into()),
+                        tdir.display(),
+                        dir.display()
+                    )));
+                }
+            }
+            Err(_) => {
+                let rec = serde_json::to_vec(&serde_json::json!({ "dir": tdir }))
+                    .map_err(|e| MasterTargetError::Refused(e.to_string()))?;
+                fsutil::write_atomic(&targets, &rec)?;
+            }
+        }
         let desc = serde_json::to_vec_pretty(machine).map_err(|e| MasterTargetError::Refused(e.to_string()))?;
         fsutil::write_atomic(&dir.join("machine.json"), &desc)?;
-        // The datastore chosen now stays the replica's, whatever later settings say.
-        let tdir = config.datastore_for(&machine.name).join(&machine.name);
-        let rec = serde_json::to_vec(&serde_json::json!({ "dir": tdir }))
-            .map_err(|e| MasterTargetError::Refused(e.to_string()))?;
-        if !dir.join("targets.json").exists() {
-            fsutil::write_atomic(&dir.join("targets.json"), &rec)?;
-        }
         Self::open(config, machine.clone(), exports, shutdown)
     }
 
@@ -227,6 +275,25 @@ impl Replica {
             }
         }
         let history = History::open(&dir.join("history.jsonl"), journal.synced_seq())?;
+        // The window: set for this machine (its policy) > remembered from an earlier policy
+        // setting (the configuration server may be unreachable now) > this master target's default.
+        let remembered = std::fs::read(dir.join("window.json"))
+            .ok()
+            .and_then(|d| serde_json::from_slice::<serde_json::Value>(&d).ok())
+            .and_then(|v| v["window_secs"].as_f64());
+        let window_secs = match config.machine_retention_secs.get(&machine.name) {
+            Some(w) => {
+                if remembered != Some(*w) {
+                    let rec = serde_json::to_vec(&serde_json::json!({ "window_secs": w }))
+                        .map_err(|e| MasterTargetError::Refused(e.to_string()))?;
+                    fsutil::write_atomic(&dir.join("window.json"), &rec)?;
+                }
+                *w
+            }
+            None => remembered.unwrap_or(config.retention_window_secs),
+        }
+        .max(0.0);
+        let window_ms = (window_secs * 1000.0) as u64;
         let (applied_tx, _) = watch::channel(ckpt.applied_seq);
         let (events_tx, _) = broadcast::channel(1024);
         let r = Arc::new(Replica {
@@ -245,7 +312,7 @@ impl Replica {
                 error: None,
             }),
             wake: Condvar::new(),
-            window: Duration::from_secs_f64(config.retention_window_for(&machine.name).max(0.0)),
+            window_ms: std::sync::atomic::AtomicU64::new(window_ms),
             min_free_percent: config.retention_min_free_percent,
             history: Mutex::new(history),
             base: Mutex::new(BaseSlot {

@@ -76,6 +76,9 @@ pub struct ProcessServerConfig {
     pub advertise: Option<String>,
 }
 
+/// Per-machine routes remembered in the cache folder.
+const ROUTES_FILE: &str = "master-target-routes.json";
+
 /// Where one machine's changes go.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -126,8 +129,14 @@ impl ProcessServer {
         std::fs::create_dir_all(&config.cache_dir)
             .map_err(|source| ProcessServerError::Io { path: config.cache_dir.clone(), source })?;
         let connector = ferry_tls::connector(&config.tls)?;
-        let live =
-            std::sync::RwLock::new(LiveSettings { machine_master_targets: config.machine_master_targets.clone() });
+        // Routes from the configuration server, remembered in the cache folder: after a restart
+        // with the server unreachable, spooled changes still go to each machine's own master target.
+        let mut routes: HashMap<String, MasterTargetRoute> = std::fs::read(config.cache_dir.join(ROUTES_FILE))
+            .ok()
+            .and_then(|d| serde_json::from_slice(&d).ok())
+            .unwrap_or_default();
+        routes.extend(config.machine_master_targets.clone());
+        let live = std::sync::RwLock::new(LiveSettings { machine_master_targets: routes });
         let ps = Arc::new(ProcessServer { config, spools: Mutex::new(HashMap::new()), live, connector, shutdown });
         // Resume forwarding whatever the spool still holds, agent connected or not.
         if let Ok(entries) = std::fs::read_dir(&ps.config.cache_dir) {
@@ -199,6 +208,17 @@ impl ProcessServer {
             Ok(mut s) => {
                 for (k, r) in &self.config.machine_master_targets {
                     s.machine_master_targets.entry(k.clone()).or_insert(r.clone());
+                }
+                let path = self.config.cache_dir.join(ROUTES_FILE);
+                let tmp = self.config.cache_dir.join(format!("{ROUTES_FILE}.tmp"));
+                let saved =
+                    serde_json::to_vec_pretty(&s.machine_master_targets).map_err(std::io::Error::other).and_then(|d| {
+                        std::fs::write(&tmp, d)?;
+                        std::fs::File::open(&tmp)?.sync_all()?;
+                        std::fs::rename(&tmp, &path)
+                    });
+                if let Err(e) = saved {
+                    tracing::error!(error = %e, file = %path.display(), "cannot remember the master-target routes");
                 }
                 *self.live.write().unwrap_or_else(|p| p.into_inner()) = s;
             }

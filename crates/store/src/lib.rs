@@ -224,6 +224,17 @@ impl Store {
         Ok(())
     }
 
+    /// Delete only if the stored revision still is `revision`; returns whether it was deleted.
+    pub async fn delete_if(&self, kind: &str, id: &str, revision: i64) -> Result<bool> {
+        let r = sqlx::query("DELETE FROM objects WHERE kind = $1 AND id = $2 AND revision = $3")
+            .bind(kind)
+            .bind(id)
+            .bind(revision)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
     /// Delete; returns whether it existed.
     pub async fn delete(&self, kind: &str, id: &str) -> Result<bool> {
         let r = sqlx::query("DELETE FROM objects WHERE kind = $1 AND id = $2")

@@ -400,7 +400,6 @@ pub async fn https_request(
     headers: &[(&str, &str)],
     body: Option<&[u8]>,
 ) -> Result<(u16, Vec<u8>), TlsError> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let cfg = match trust {
         Trust::CaFile(ca) => rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -418,8 +417,27 @@ pub async fn https_request(
         .await
         .map_err(|_| io(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")))?
         .map_err(io)?;
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(server_name(host)?, tcp).await.map_err(io)?;
-    let body = body.unwrap_or(&[]);
+    // A stalled server must not hang the caller (heartbeats, settings watches, the CLI).
+    let limit = std::time::Duration::from_secs(60);
+    let timed_out = || io(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer within {limit:?}")));
+    let exchange = async {
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(server_name(host)?, tcp).await.map_err(io)?;
+        exchange(tls, addr, host, method, path, headers, body.unwrap_or(&[])).await
+    };
+    tokio::time::timeout(limit, exchange).await.map_err(|_| timed_out())?
+}
+
+async fn exchange(
+    mut tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    addr: &str,
+    host: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<(u16, Vec<u8>), TlsError> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let io = |e: std::io::Error| TlsError::Write { path: PathBuf::from(addr), source: e };
     let mut req =
         format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
     if !body.is_empty() {
