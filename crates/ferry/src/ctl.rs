@@ -637,17 +637,8 @@ pub async fn protect(a: ProtectArgs, s: &ServerArgs, out: OutputFormat) -> Resul
 
 pub fn print_machines(v: &Value) {
     println!(
-        "{:<10} {:<10} {:<8} {:<5} {:<22} {:<10} {:<9} {:<14} {:<12} {}",
-        "MACHINE",
-        "SITE",
-        "OS",
-        "POWER",
-        "REPLICATION",
-        "HEALTH",
-        "RPO",
-        "MASTER TARGET",
-        "GROUP",
-        "POINTS (crash/app)"
+        "{:<10} {:<10} {:<8} {:<5} {:<22} {:<10} {:<9} {:<14} {:<12} POINTS (crash/app)",
+        "MACHINE", "SITE", "OS", "POWER", "REPLICATION", "HEALTH", "RPO", "MASTER TARGET", "GROUP"
     );
     for m in v.as_array().into_iter().flatten() {
         let rpo = m["rpo_secs"].as_f64().map(|r| format!("{r:.1} s")).unwrap_or_else(|| "-".into());
@@ -697,7 +688,7 @@ pub async fn recovery_points(machine: &str, s: &ServerArgs, out: OutputFormat) -
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&v)?),
         OutputFormat::Table => {
             println!("recovery points of {machine} on master target {}:", v["master_target"].as_str().unwrap_or("?"));
-            println!("{:<20} {:<16} {:<8} {:<8} {:<12} {}", "ID", "AGE", "KIND", "SCOPE", "GROUP", "SEQ");
+            println!("{:<20} {:<16} {:<8} {:<8} {:<12} SEQ", "ID", "AGE", "KIND", "SCOPE", "GROUP");
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
@@ -711,7 +702,7 @@ pub async fn recovery_points(machine: &str, s: &ServerArgs, out: OutputFormat) -
                     p["kind"].as_str().unwrap_or(""),
                     p["scope"].as_str().unwrap_or(""),
                     p["group"].as_str().unwrap_or("-"),
-                    p["seq"].to_string()
+                    p["seq"]
                 );
             }
         }

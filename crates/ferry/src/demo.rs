@@ -420,15 +420,8 @@ async fn demo(st: &LabState, args: &DemoArgs, p: &Progress, out: OutputFormat) -
             p.bar.finish_and_clear();
             println!();
             println!(
-                "{:<8} {:<13} {:>12} {:>8} {:>7} {:>9} {:<28} {}",
-                "MACHINE",
-                "MASTER TARGET",
-                "REPLICATED",
-                "RPO",
-                "POINTS",
-                "RECORDS",
-                "APP POINT (verify)",
-                "GROUP POINT (verify)"
+                "{:<8} {:<13} {:>12} {:>8} {:>7} {:>9} {:<28} GROUP POINT (verify)",
+                "MACHINE", "MASTER TARGET", "REPLICATED", "RPO", "POINTS", "RECORDS", "APP POINT (verify)"
             );
             for r in &rows {
                 println!(

@@ -351,3 +351,22 @@ pub async fn run(dir: PathBuf, shutdown: CancellationToken) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_become_toml_without_nulls() {
+        let v = json!({"process_server": "127.0.0.1:1", "disks": [{"name": "d", "path": "/x", "uuid": null}], "n": 3, "f": 1.5, "off": null});
+        let t = match to_toml(&v) {
+            Some(toml::Value::Table(t)) => t,
+            other => panic!("{other:?}"),
+        };
+        assert!(!t.contains_key("off"));
+        assert_eq!(t["n"].as_integer(), Some(3));
+        assert_eq!(t["f"].as_float(), Some(1.5));
+        let d = t["disks"].as_array().unwrap()[0].as_table().unwrap();
+        assert!(d.contains_key("path") && !d.contains_key("uuid"));
+    }
+}

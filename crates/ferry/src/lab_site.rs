@@ -337,7 +337,6 @@ fn spawn_daemon(exe: &Path, args: &[String], log: &Path, stdout: Option<&Path>) 
     };
     let child = std::process::Command::new(exe)
         .args(args)
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
         .stdin(std::process::Stdio::null())
         .stdout(out)
         .stderr(l)
@@ -940,10 +939,7 @@ pub fn print_up(state: &LabState, out: OutputFormat) -> Result<()> {
         }
         OutputFormat::Table => {
             println!("lab up in {}", state.dir.display());
-            println!(
-                "{:<22} {:<16} {:<10} {:<22} {:<22} {}",
-                "NAME", "KIND", "SITE", "ADDRESS", "STATUS/CONTROL", "PID"
-            );
+            println!("{:<22} {:<16} {:<10} {:<22} {:<22} PID", "NAME", "KIND", "SITE", "ADDRESS", "STATUS/CONTROL");
             for p in &state.processes {
                 println!(
                     "{:<22} {:<16} {:<10} {:<22} {:<22} {}",
@@ -999,7 +995,7 @@ pub async fn status(dir: &Path, out: OutputFormat) -> Result<()> {
         ),
         OutputFormat::Table => {
             println!("lab {} — configuration server {}", st.dir.display(), st.config_server);
-            println!("\n{:<28} {:<16} {:<8} {:<8} {}", "PROCESS", "KIND", "PID", "RUNNING", "ADDRESS");
+            println!("\n{:<28} {:<16} {:<8} {:<8} ADDRESS", "PROCESS", "KIND", "PID", "RUNNING");
             for p in &procs {
                 println!(
                     "{:<28} {:<16} {:<8} {:<8} {}",
@@ -1010,7 +1006,7 @@ pub async fn status(dir: &Path, out: OutputFormat) -> Result<()> {
                     p["address"].as_str().unwrap_or("")
                 );
             }
-            println!("\n{:<26} {:<22} {:<10} {}", "LINK", "LISTEN", "STATE", "TO");
+            println!("\n{:<26} {:<22} {:<10} TO", "LINK", "LISTEN", "STATE");
             for l in &links {
                 let state = if l["state"]["cut"] == true {
                     "cut"
@@ -1027,7 +1023,7 @@ pub async fn status(dir: &Path, out: OutputFormat) -> Result<()> {
                     l["to"].as_str().unwrap_or("")
                 );
             }
-            println!("\n{:<28} {:<10} {}", "COMPONENT", "HEALTH", "REASONS");
+            println!("\n{:<28} {:<10} REASONS", "COMPONENT", "HEALTH");
             for c in components.as_array().into_iter().flatten() {
                 let reasons: Vec<&str> =
                     c["reasons"].as_array().into_iter().flatten().filter_map(|r| r["message"].as_str()).collect();
@@ -1233,4 +1229,65 @@ pub async fn link_control(
 
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_built_in_lab_is_the_two_site_lab_of_issue_5() {
+        let spec: LabSpec = toml::from_str(DEFAULT_LAB).unwrap();
+        check_spec(&spec).unwrap();
+        let primary = &spec.sites[0];
+        assert!(primary.config_server);
+        assert_eq!(primary.hosts.len(), 2);
+        let kinds: Vec<&str> = primary.datastores.iter().map(|d| d.kind.as_str()).collect();
+        assert_eq!(kinds, ["vmfs", "vsan", "nfs"]);
+        assert_eq!(primary.machines.iter().filter(|m| m.os_family == "linux").count(), 3);
+        assert_eq!(primary.machines.iter().filter(|m| m.os_family == "windows").count(), 1);
+        for site in &spec.sites {
+            let mut fams: Vec<&str> = site.master_targets.iter().map(|m| m.os_family.as_str()).collect();
+            fams.sort();
+            assert_eq!(fams, ["linux", "windows"], "site {}", site.name);
+            assert!(site.process_server.is_some());
+        }
+        assert_eq!(spec.groups[0].machines.len(), 2);
+    }
+
+    #[test]
+    fn a_bad_lab_description_is_refused_with_what_is_wrong() {
+        let base = |extra: &str| {
+            format!(
+                "[[sites]]\nname = 'a'\nconfig_server = true\ndatastores = [{{ name = 'ds', kind = 'vmfs' }}]\n{extra}"
+            )
+        };
+        let check = |text: String| -> String {
+            match toml::from_str::<LabSpec>(&text) {
+                Ok(spec) => check_spec(&spec).map(|_| String::new()).unwrap_or_else(|e| e.to_string()),
+                Err(e) => e.to_string(),
+            }
+        };
+        let dup = base("[[sites.machines]]\nname = 'm'\nos_family = 'linux'\nhost = 'h'\ndatastore = 'ds'\ndisks = []\n[[sites.master_targets]]\nname = 'm'\nos_family = 'linux'\n");
+        assert!(check(dup).contains("named twice"));
+        let no_ds =
+            base("[[sites.machines]]\nname = 'm'\nos_family = 'linux'\nhost = 'h'\ndatastore = 'nope'\ndisks = []\n");
+        assert!(check(no_ds).contains("no datastore nope"));
+        let lonely_ps = base("process_server = { name = 'ps' }\n");
+        assert!(check(lonely_ps).contains("needs a running master target on another site"));
+        let bad_name =
+            base("[[sites.machines]]\nname = '../x'\nos_family = 'linux'\nhost = 'h'\ndatastore = 'ds'\ndisks = []\n");
+        assert!(!check(bad_name).is_empty());
+        assert!(check(base("surprise = 1\n")).contains("surprise"));
+        assert!(check("[[sites]]\nname = 'a'\n".into()).contains("config_server = true"));
+    }
+
+    #[test]
+    fn start_ticks_identify_a_process() {
+        let me = std::process::id() as i32;
+        let t = start_ticks(me).unwrap();
+        assert!(same_process(me, t));
+        assert!(!same_process(me, t + 1), "a different start time is a different process");
+        assert!(!alive(i32::MAX));
+    }
 }
