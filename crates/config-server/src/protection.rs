@@ -516,7 +516,12 @@ pub async fn run_step(store: &Store, job: &Job, step: usize, ctl: &JobControl) -
         0 => {
             let wait = Duration::from_secs(job.params["wait_secs"].as_u64().unwrap_or(900));
             for p in &ps {
-                let r = wait_status(store, ctl, "agent", &p.machine, wait, |st| st["status_listen"].is_string()).await;
+                // Any heartbeat will do; group members must also say where they coordinate.
+                let grouped = p.group.is_some();
+                let r = wait_status(store, ctl, "agent", &p.machine, wait, |st| {
+                    st.is_object() && (!grouped || st["status_listen"].is_string())
+                })
+                .await;
                 if let Err(e) = r {
                     return fail(
                         errors::MACHINE_NOT_ACCESSIBLE,
@@ -546,6 +551,28 @@ pub async fn run_step(store: &Store, job: &Job, step: usize, ctl: &JobControl) -
                 .await;
                 if let Err(e) = r {
                     return fail(errors::STORE, e);
+                }
+            }
+            // A replica this master target already holds stays where it is: protecting it to
+            // another datastore would leave the record and the disks disagreeing.
+            if let Some(mt) = component(store, "master-target", &first.master_target).await {
+                for p in &ps {
+                    let held = mt.status["machines"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .find(|r| r["machine"] == p.machine.as_str());
+                    if let Some(target) = held.and_then(|r| r["disks"][0]["target"].as_str()) {
+                        if !std::path::Path::new(target).starts_with(&p.datastore_path) {
+                            return fail(
+                                errors::CONFLICT,
+                                format!(
+                                    "master target {} already holds a replica of {} at {target}, outside datastore {}: protect it to the datastore that holds it",
+                                    first.master_target, p.machine, p.datastore
+                                ),
+                            );
+                        }
+                    }
                 }
             }
             let r = update_settings(store, &key, |b| {

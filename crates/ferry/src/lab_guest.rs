@@ -283,9 +283,11 @@ pub async fn run(dir: PathBuf, shutdown: CancellationToken) -> Result<()> {
                     }
                     stop(&mut c, Duration::from_secs(60)).await;
                 }
-                let path = g.write_agent_config(s)?;
-                let args = vec!["agent".to_owned(), "--config".to_owned(), path.to_string_lossy().into_owned()];
-                match spawn(&g.exe, &args, &g.dir.join("agent.log")) {
+                let started = g.write_agent_config(s).and_then(|path| {
+                    let args = vec!["agent".to_owned(), "--config".to_owned(), path.to_string_lossy().into_owned()];
+                    spawn(&g.exe, &args, &g.dir.join("agent.log"))
+                });
+                match started {
                     Ok(c) => {
                         tracing::info!(process_server = %s["process_server"], "agent started");
                         record_pid(&g.dir.join("agent.pid"), &c);
