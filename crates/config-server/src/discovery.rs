@@ -774,14 +774,13 @@ pub fn stop_guest(dir: &Path, signal: i32, limit: Duration) -> bool {
     let deadline = std::time::Instant::now() + limit;
     while guest_pid(dir).is_some() {
         if std::time::Instant::now() >= deadline {
+            // Out of patience: the guest and whatever it still runs (an agent draining).
             unsafe { libc::kill(-pid, libc::SIGKILL) };
             std::thread::sleep(Duration::from_millis(200));
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    // Children left in the group (an agent still draining) go with it.
-    unsafe { libc::kill(-pid, libc::SIGKILL) };
     let _ = std::fs::remove_file(dir.join("guest.pid"));
     true
 }

@@ -158,6 +158,11 @@ impl Jobs {
         }
     }
 
+    /// A fresh job ID (for callers that record it before the job starts).
+    pub fn new_id() -> String {
+        format!("job-{}-{:04x}", now_ms(), rand::random::<u16>())
+    }
+
     /// Create and start a job.
     pub async fn start<R: Runner>(
         &self,
@@ -167,7 +172,19 @@ impl Jobs {
         steps: Vec<(String, bool)>,
         params: serde_json::Value,
     ) -> Result<Job, ferry_store::StoreError> {
-        let id = format!("job-{}-{:04x}", now_ms(), rand::random::<u16>());
+        self.start_with_id(Self::new_id(), runner, kind, target, steps, params).await
+    }
+
+    /// [`Jobs::start`] with an ID from [`Jobs::new_id`].
+    pub async fn start_with_id<R: Runner>(
+        &self,
+        id: String,
+        runner: Arc<R>,
+        kind: &str,
+        target: &str,
+        steps: Vec<(String, bool)>,
+        params: serde_json::Value,
+    ) -> Result<Job, ferry_store::StoreError> {
         let mut job = Job {
             id,
             kind: kind.into(),
@@ -276,13 +293,18 @@ impl Jobs {
                 let ctl = JobControl { cancel: cancel.clone(), progress: Arc::new(Mutex::new((0, 0))) };
                 let snapshot = job.clone();
                 let fut = runner.run_step(&snapshot, i, &ctl);
-                // Report byte progress while the step runs. The reporter is polled alongside the
-                // step (never instead of it): a step holding a database connection must keep
-                // running while a progress save waits for one (SQLite has a single connection).
+                // Report byte progress while the step runs. The reporter runs alongside the step
+                // (never instead of it: a step holding a database connection must keep running
+                // while a progress save waits for one — SQLite has a single connection), and it is
+                // stopped between saves, never in the middle of one.
+                let stop = tokio_util::sync::CancellationToken::new();
                 let reporter = async {
                     let mut view = job.clone();
                     loop {
-                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        }
                         let (d, t) = *ctl.progress.lock().unwrap_or_else(|p| p.into_inner());
                         if t > 0 {
                             view.bytes_done = d;
@@ -294,10 +316,12 @@ impl Jobs {
                         }
                     }
                 };
-                let outcome = tokio::select! {
-                    o = fut => o,
-                    _ = reporter => unreachable!("the progress reporter never ends"),
+                let step = async {
+                    let o = fut.await;
+                    stop.cancel();
+                    o
                 };
+                let (outcome, ()) = tokio::join!(step, reporter);
                 let (d, t) = *ctl.progress.lock().unwrap_or_else(|p| p.into_inner());
                 if t > 0 {
                     job.bytes_done = d;

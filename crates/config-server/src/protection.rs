@@ -49,6 +49,13 @@ pub struct ProtectRequest {
     /// How long to wait for the machines' mobility services to register (RP-7: up to 15 min).
     #[serde(default = "default_wait")]
     pub wait_secs: u64,
+    /// The initial sync fails when it makes no progress for this long.
+    #[serde(default = "default_stall")]
+    pub stall_secs: u64,
+}
+
+fn default_stall() -> u64 {
+    600
 }
 
 fn default_wait() -> u64 {
@@ -210,7 +217,7 @@ async fn plan(s: &AppState, req: &ProtectRequest) -> Result<Vec<Protection>, Api
             return Err(ApiError::bad(format!("machine {m} has no disks to protect")));
         }
         if let Some(p) = s.store.get::<Protection>(PROTECTION, m).await? {
-            let state = effective_state(&s.store, &p.body).await;
+            let state = effective_state(&s.store, &p.body).await?;
             if state != "failed" {
                 return Err(ApiError::conflict(format!(
                     "machine {m} is already {state} (job {}) to master target {}",
@@ -269,34 +276,57 @@ pub fn steps(ps: &[Protection]) -> Vec<(String, bool)> {
     ]
 }
 
-/// `POST /api/v1/protections`: check, record, and start the job.
+/// `POST /api/v1/protections`: check, record, and start the job. The work runs in its own task,
+/// so a client that disconnects cannot leave a claim without its job.
 pub async fn protect(
     State(s): State<Arc<AppState>>,
     c: Caller,
     Body(req): Body<ProtectRequest>,
 ) -> crate::api::ApiResult {
     c.need(Role::Operator)?;
-    let mut ps = plan(&s, &req).await?;
-    // Claim each machine first (compare-and-set): a concurrent request for it loses here.
-    let mut claimed: Vec<(String, i64)> = Vec::new();
+    let job = tokio::spawn(async move { claim_and_start(&s, &req).await })
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, errors::JOB_STATE, e.to_string()))??;
+    Ok((StatusCode::ACCEPTED, Json(job)).into_response())
+}
+
+async fn claim_and_start(s: &Arc<AppState>, req: &ProtectRequest) -> Result<Job, ApiError> {
+    let mut ps = plan(s, req).await?;
+    let id = crate::jobs::Jobs::new_id();
+    for p in &mut ps {
+        p.job = id.clone();
+    }
+    // Claim each machine (compare-and-set) with the job's ID before the job exists: a concurrent
+    // request for it loses here. A failed start puts back what was there.
+    let mut claimed: Vec<(String, i64, Option<Protection>)> = Vec::new();
+    let undo = |claimed: Vec<(String, i64, Option<Protection>)>| async move {
+        for (m, rev, previous) in claimed {
+            let _ = match previous {
+                Some(body) => s.store.put(PROTECTION, &m, &body, Some(rev)).await.map(|_| true),
+                None => s.store.delete_if(PROTECTION, &m, rev).await,
+            };
+        }
+    };
     for p in &ps {
         let existing = s.store.get::<Protection>(PROTECTION, &p.machine).await?;
-        let expected = match existing {
-            Some(d) if effective_state(&s.store, &d.body).await != "failed" => {
-                for (m, rev) in &claimed {
-                    let _ = s.store.delete_if(PROTECTION, m, *rev).await;
+        let (expected, previous) = match existing {
+            Some(d) => {
+                let state = effective_state(&s.store, &d.body).await?;
+                if state != "failed" {
+                    undo(claimed).await;
+                    return Err(ApiError::conflict(format!(
+                        "machine {} is already {state} (job {})",
+                        p.machine, d.body.job
+                    )));
                 }
-                return Err(ApiError::conflict(format!("machine {} is being protected by another request", p.machine)));
+                (d.revision, Some(d.body))
             }
-            Some(d) => d.revision,
-            None => 0,
+            None => (0, None),
         };
         match s.store.put(PROTECTION, &p.machine, p, Some(expected)).await {
-            Ok(rev) => claimed.push((p.machine.clone(), rev)),
+            Ok(rev) => claimed.push((p.machine.clone(), rev, previous)),
             Err(e) => {
-                for (m, rev) in &claimed {
-                    let _ = s.store.delete_if(PROTECTION, m, *rev).await;
-                }
+                undo(claimed).await;
                 return Err(match e {
                     ferry_store::StoreError::Conflict { .. } => {
                         ApiError::conflict(format!("machine {} is being protected by another request", p.machine))
@@ -307,30 +337,14 @@ pub async fn protect(
         }
     }
     let target = req.group.clone().unwrap_or_else(|| ps[0].machine.clone());
-    let job = match s
-        .jobs
-        .start(
-            s.ops.clone(),
-            "protect",
-            &target,
-            steps(&ps),
-            serde_json::json!({ "protections": ps, "wait_secs": req.wait_secs }),
-        )
-        .await
-    {
-        Ok(j) => j,
+    let params = serde_json::json!({ "protections": ps, "wait_secs": req.wait_secs, "stall_secs": req.stall_secs });
+    match s.jobs.start_with_id(id, s.ops.clone(), "protect", &target, steps(&ps), params).await {
+        Ok(j) => Ok(j),
         Err(e) => {
-            for (m, rev) in &claimed {
-                let _ = s.store.delete_if(PROTECTION, m, *rev).await;
-            }
-            return Err(e.into());
+            undo(claimed).await;
+            Err(e.into())
         }
-    };
-    for (p, (_, rev)) in ps.iter_mut().zip(&claimed) {
-        p.job = job.id.clone();
-        let _ = s.store.put(PROTECTION, &p.machine, p, Some(*rev)).await;
     }
-    Ok((StatusCode::ACCEPTED, Json(job)).into_response())
 }
 
 /// `GET /api/v1/machines`: every discovered machine with its protection, health and RPO.
@@ -349,7 +363,7 @@ pub async fn list_machines(State(s): State<Arc<AppState>>, c: Caller) -> crate::
             };
             let st = comp.as_ref().map(|c| c.status.clone()).unwrap_or_default();
             let state = match p {
-                Some(p) => Some(effective_state(&s.store, p).await),
+                Some(p) => Some(effective_state(&s.store, p).await?),
                 None => None,
             };
             let replication = match (state.as_deref(), st["mode"].as_str()) {
@@ -436,18 +450,20 @@ pub async fn recovery_points(
     }
 }
 
-/// A protection's state, with an `enabling` whose job has ended (failed, cancelled, lost) shown
-/// as `failed` (it may be retried).
-pub async fn effective_state(store: &Store, p: &Protection) -> String {
+/// A protection's state, with an `enabling` whose job has ended (failed, cancelled) or never
+/// started (a server that stopped between the claim and the start) shown as `failed`: it may be
+/// retried. Database errors are errors, never "failed".
+pub async fn effective_state(store: &Store, p: &Protection) -> Result<String, ferry_store::StoreError> {
     if p.state != "enabling" {
-        return p.state.clone();
+        return Ok(p.state.clone());
     }
-    match store.job::<Job>(&p.job).await {
-        Ok(Some(j)) if !j.state.finished() => "enabling".into(),
-        Ok(Some(j)) if j.state == crate::jobs::JobState::Succeeded => "protected".into(),
-        Ok(None) if p.job.is_empty() && now_ms().saturating_sub(p.since_ms) < 60_000 => "enabling".into(),
-        _ => "failed".into(),
-    }
+    Ok(match store.job::<Job>(&p.job).await? {
+        Some(j) if !j.state.finished() => "enabling".into(),
+        Some(j) if j.state == crate::jobs::JobState::Succeeded => "protected".into(),
+        Some(_) => "failed".into(),
+        None if now_ms().saturating_sub(p.since_ms) < 600_000 => "enabling".into(),
+        None => "failed".into(),
+    })
 }
 
 // ---- the job's steps ---------------------------------------------------------------------------
@@ -539,11 +555,11 @@ pub async fn run_step(store: &Store, job: &Job, step: usize, ctl: &JobControl) -
             // The policy goes to the agents' settings first (their process server comes later, so
             // no agent starts yet): the master target derives each machine's retention window
             // from it, and follows later policy edits.
-            let window = match store.get::<Policy>(model::POLICY, &first.policy).await {
-                Ok(Some(d)) => d.body.retention_secs as f64,
+            match store.get::<Policy>(model::POLICY, &first.policy).await {
+                Ok(Some(_)) => {}
                 Ok(None) => return fail(errors::NOT_FOUND, format!("policy {} was deleted", first.policy)),
                 Err(e) => return fail(errors::STORE, e.to_string()),
-            };
+            }
             for p in &ps {
                 let r = update_settings(store, &format!("agent/{}", p.machine), |b| {
                     b.insert("policy".into(), p.policy.clone().into());
@@ -591,7 +607,7 @@ pub async fn run_step(store: &Store, job: &Job, step: usize, ctl: &JobControl) -
                 let want = serde_json::json!(p.datastore_path);
                 let r = wait_status(store, ctl, "master-target", &p.master_target, Duration::from_secs(120), |st| {
                     st["settings"]["machine_datastores"][&p.machine] == want
-                        && st["settings"]["machine_retention_secs"][&p.machine].as_f64() == Some(window)
+                        && st["settings"]["machine_retention_secs"][&p.machine].is_number()
                 })
                 .await;
                 if let Err(e) = r {
@@ -711,6 +727,9 @@ pub async fn run_step(store: &Store, job: &Job, step: usize, ctl: &JobControl) -
                     )
                 }
             };
+            let stall = Duration::from_secs(job.params["stall_secs"].as_u64().unwrap_or(600).max(1));
+            let mut last = (u64::MAX, usize::MAX);
+            let mut moved = tokio::time::Instant::now();
             loop {
                 let (mut done, mut total, mut complete) = (0u64, 0u64, 0usize);
                 for p in &ps {
@@ -737,6 +756,43 @@ pub async fn run_step(store: &Store, job: &Job, step: usize, ctl: &JobControl) -
                         started.elapsed().as_secs_f64()
                     )));
                 }
+                if (done, complete) != last {
+                    last = (done, complete);
+                    moved = tokio::time::Instant::now();
+                } else if moved.elapsed() >= stall {
+                    // Say what the hops report, so the operator knows where it is stuck.
+                    let mut why = Vec::new();
+                    for p in &ps {
+                        let a = component(store, "agent", &p.machine).await.map(|c| c.status).unwrap_or_default();
+                        if let Some(e) = a["link_error"].as_str() {
+                            why.push(format!("{} agent: {e}", p.machine));
+                        }
+                        if a["mode"] == "not-protected" || a.is_null() {
+                            why.push(format!(
+                                "{}: the mobility service does not run the agent (powered off?)",
+                                p.machine
+                            ));
+                        }
+                    }
+                    if let Some(psc) = component(store, "process-server", &first.process_server).await {
+                        for m in psc.status["machines"].as_array().into_iter().flatten() {
+                            if let Some(e) = m["master_target_error"].as_str() {
+                                why.push(format!(
+                                    "{} at {}: {e}",
+                                    m["machine"].as_str().unwrap_or("?"),
+                                    first.process_server
+                                ));
+                            }
+                        }
+                    }
+                    return fail(
+                        errors::PROTECTION_NOT_COMPLETED,
+                        format!(
+                            "the initial sync made no progress for {stall:?} ({}): fix the cause and protect again (the agents keep their settings)",
+                            if why.is_empty() { "no hop reports an error".to_owned() } else { why.join("; ") }
+                        ),
+                    );
+                }
                 tokio::select! {
                     _ = ctl.cancel.cancelled() => return fail(errors::JOB_STATE, "the job was cancelled during the initial sync (the agents keep their settings: protect again to finish)"),
                     _ = tokio::time::sleep(Duration::from_millis(500)) => {}
@@ -748,8 +804,13 @@ pub async fn run_step(store: &Store, job: &Job, step: usize, ctl: &JobControl) -
                 let r: Result<(), String> = async {
                     let cur = store.get::<Protection>(PROTECTION, &p.machine).await.map_err(|e| e.to_string())?;
                     let (mut body, rev) = match cur {
-                        Some(d) => (d.body, d.revision),
-                        None => (p.clone(), 0),
+                        Some(d) if d.body.job == job.id => (d.body, d.revision),
+                        _ => {
+                            return Err(format!(
+                                "the protection record of {} no longer belongs to this job: check `ferry machines` and protect again if needed",
+                                p.machine
+                            ))
+                        }
                     };
                     body.state = "protected".into();
                     body.job = job.id.clone();

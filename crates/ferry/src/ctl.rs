@@ -615,6 +615,9 @@ pub struct ProtectArgs {
     /// How long the job waits for the machines' mobility services to register.
     #[arg(long, default_value_t = 900)]
     pub wait_secs: u64,
+    /// The job fails when the initial sync makes no progress for this long.
+    #[arg(long, default_value_t = 600)]
+    pub stall_secs: u64,
     /// Return once the job is started instead of following it.
     #[arg(long)]
     pub no_wait: bool,
@@ -625,6 +628,7 @@ pub async fn protect(a: ProtectArgs, s: &ServerArgs, out: OutputFormat) -> Resul
     let body = json!({
         "machines": a.machines, "group": a.group, "policy": a.policy, "process_server": a.process_server,
         "master_target": a.master_target, "datastore": a.datastore, "wait_secs": a.wait_secs,
+        "stall_secs": a.stall_secs,
     });
     let job = s.call("POST", "/api/v1/protections", Some(body)).await?;
     let id = job["id"].as_str().context("the server answered without a job id")?.to_owned();

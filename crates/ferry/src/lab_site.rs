@@ -307,9 +307,10 @@ pub fn start_ticks(pid: i32) -> Option<u64> {
     s.rsplit(')').next()?.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// Whether `pid` still is the process started at `ticks` (0: unknown, any live process).
+/// Whether `pid` still is the process started at `ticks`. An unknown start time (0) or pid 0/1
+/// never matches: nothing is signalled on a guess.
 pub fn same_process(pid: i32, ticks: u64) -> bool {
-    alive(pid) && (ticks == 0 || start_ticks(pid) == Some(ticks))
+    pid > 1 && ticks != 0 && alive(pid) && start_ticks(pid) == Some(ticks)
 }
 
 /// Start a daemon detached in its own process group, logging to `log`. Its pid and start time

@@ -250,9 +250,7 @@ impl MasterTarget {
                 let windows = live.machine_retention_secs.clone();
                 drop(live);
                 for (m, r) in self.lock_replicas().iter() {
-                    if let Some(w) = windows.get(m) {
-                        r.set_window(*w);
-                    }
+                    r.set_window(windows.get(m).copied(), self.config.retention_window_secs);
                 }
             }
             Err(e) => tracing::warn!(error = %e, "ignoring malformed settings from the configuration server"),

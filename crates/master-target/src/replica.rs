@@ -126,10 +126,34 @@ impl Replica {
         Duration::from_millis(self.window_ms.load(std::sync::atomic::Ordering::Relaxed))
     }
 
-    /// A new retention window (the machine's policy changed). Turning history on or off takes
-    /// effect at the next start (the base and journal must be set up or released first).
-    pub fn set_window(&self, secs: f64) {
-        let new = (secs.max(0.0) * 1000.0) as u64;
+    /// A new retention window (the machine's policy changed), remembered in `window.json`.
+    /// Turning history on or off takes effect at the next start (the base and journal must be set
+    /// up or released first); the new window is remembered for it. `None`: no window is set for
+    /// the machine any more; the master target's default applies (and nothing is remembered).
+    pub fn set_window(&self, secs: Option<f64>, default_secs: f64) {
+        let path = self.dir.join("window.json");
+        let target = secs.unwrap_or(default_secs).max(0.0);
+        let recorded = match secs {
+            Some(w) => serde_json::to_vec(&serde_json::json!({ "window_secs": w }))
+                .map_err(std::io::Error::other)
+                .and_then(|rec| {
+                    let same = std::fs::read(&path).is_ok_and(|d| d == rec);
+                    if same {
+                        Ok(())
+                    } else {
+                        fsutil::write_atomic(&path, &rec).map_err(|e| std::io::Error::other(e.to_string()))
+                    }
+                }),
+            None => match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            },
+        };
+        if let Err(e) = recorded {
+            tracing::error!(machine = %self.name, error = %e, "cannot record the retention window; keeping the old one");
+            return;
+        }
+        let new = (target * 1000.0) as u64;
         let old = self.window_ms.load(std::sync::atomic::Ordering::Relaxed);
         if new == old {
             return;
@@ -138,17 +162,8 @@ impl Replica {
             tracing::warn!(machine = %self.name, from = old / 1000, to = new / 1000, "turning history on or off takes effect when the master target restarts");
             return;
         }
-        match serde_json::to_vec(&serde_json::json!({ "window_secs": secs })) {
-            Ok(rec) => {
-                if let Err(e) = fsutil::write_atomic(&self.dir.join("window.json"), &rec) {
-                    tracing::error!(machine = %self.name, error = %e, "cannot record the new retention window; keeping the old one");
-                    return;
-                }
-            }
-            Err(_) => return,
-        }
         self.window_ms.store(new, std::sync::atomic::Ordering::Relaxed);
-        tracing::info!(machine = %self.name, window_secs = secs, "retention window changed");
+        tracing::info!(machine = %self.name, window_secs = target, "retention window changed");
     }
 
     /// First contact for a machine: create its folders and sparse target disks.
@@ -179,6 +194,7 @@ impl Replica {
                     )));
                 }
             }
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&targets)(e)),
             Err(_) => {
                 let rec = serde_json::to_vec(&serde_json::json!({ "dir": tdir }))
                     .map_err(|e| MasterTargetError::Refused(e.to_string()))?;

@@ -77,7 +77,8 @@ pub struct ProcessServerConfig {
 }
 
 /// Per-machine routes remembered in the cache folder.
-const ROUTES_FILE: &str = "master-target-routes.json";
+/// (A leading dot: no machine name can take it, so it never meets a spool folder.)
+const ROUTES_FILE: &str = ".master-target-routes.json";
 
 /// Where one machine's changes go.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -215,7 +216,8 @@ impl ProcessServer {
                     serde_json::to_vec_pretty(&s.machine_master_targets).map_err(std::io::Error::other).and_then(|d| {
                         std::fs::write(&tmp, d)?;
                         std::fs::File::open(&tmp)?.sync_all()?;
-                        std::fs::rename(&tmp, &path)
+                        std::fs::rename(&tmp, &path)?;
+                        std::fs::File::open(&self.config.cache_dir)?.sync_all()
                     });
                 if let Err(e) = saved {
                     tracing::error!(error = %e, file = %path.display(), "cannot remember the master-target routes");
