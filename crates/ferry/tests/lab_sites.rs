@@ -149,6 +149,19 @@ impl Drop for Lab {
         if !self.down {
             let _ = self.run(&["lab", "down", self.dir.to_str().unwrap()]);
         }
+        if std::thread::panicking() {
+            // Keep the logs of a failed test (the lab folder itself goes with its temp dir).
+            let keep = std::env::temp_dir().join(format!("ferry-lab-failed-{}", std::process::id()));
+            let _ = Command::new("cp").arg("-r").arg(self.dir.join("logs")).arg(&keep).status();
+            for site in ["primary", "recovery"] {
+                let _ = Command::new("cp")
+                    .arg("-r")
+                    .arg(self.dir.join("sites").join(site).join("guests"))
+                    .arg(keep.join(format!("guests-{site}")))
+                    .status();
+            }
+            eprintln!("lab logs kept in {}", keep.display());
+        }
     }
 }
 
@@ -481,19 +494,20 @@ fn protected_lab_machine_verifies_on_the_replica_survives_a_cut_link_and_a_crash
         .as_i64()
         .unwrap();
     kill_group(cs_pid);
+    // Durable in the master target's journal (applying may wait for a resync to end).
     let applied = |mt: &str| -> u64 {
         lab.process_status(mt)["machines"]
             .as_array()
             .unwrap()
             .iter()
             .find(|r| r["machine"] == "db1")
-            .map(|r| r["applied_seq"].as_u64().unwrap())
+            .map(|r| r["journaled_seq"].as_u64().unwrap())
             .unwrap_or(0)
     };
     ok(&lab.run(&["lab", "restart", "ps-primary", "--kill"]), "restart the process server");
     ok(&lab.run(&["lab", "restart", "mt-windows-r", "--kill"]), "restart the master target");
     let before = applied("mt-windows-r");
-    wait("db1's changes reach its own master target after the restarts", Duration::from_secs(60), || {
+    wait("db1's changes reach its own master target after the restarts", Duration::from_secs(120), || {
         (applied("mt-windows-r") > before + 20).then_some(())
     });
     assert_eq!(applied("mt-linux-r"), 0, "nothing of db1 went to the default master target");
