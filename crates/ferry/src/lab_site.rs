@@ -378,6 +378,43 @@ fn s(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
 
+/// Write a registered component's configuration (its keys, its certificate from registration,
+/// the server link) to `<reg>/<kind>.toml` and start it.
+#[allow(clippy::too_many_arguments)]
+fn start_component(
+    exe: &Path,
+    logs: &Path,
+    reg: &Path,
+    kind: &str,
+    (site, name): (&String, &String),
+    keys: String,
+    link: String,
+    address: String,
+    status: String,
+) -> Result<LabProcess> {
+    let cfg = format!(
+        "{keys}[tls]\nca = '{}'\ncert = '{}'\nkey = '{}'\n{link}",
+        s(&reg.join("ca.pem")),
+        s(&reg.join(format!("{kind}.pem"))),
+        s(&reg.join(format!("{kind}.key"))),
+    );
+    let cfg_path = reg.join(format!("{kind}.toml"));
+    std::fs::write(&cfg_path, cfg).with_context(|| format!("cannot write {}", cfg_path.display()))?;
+    let log = logs.join(format!("{name}.log"));
+    let (pid, start_ticks, args) = spawn_daemon(exe, &[kind.into(), "--config".into(), s(&cfg_path)], &log, None)?;
+    Ok(LabProcess {
+        name: name.clone(),
+        kind: kind.into(),
+        site: Some(site.clone()),
+        pid,
+        log,
+        address,
+        status: Some(status),
+        start_ticks,
+        args,
+    })
+}
+
 fn check_spec(spec: &LabSpec) -> Result<()> {
     let servers = spec.sites.iter().filter(|s| s.config_server).count();
     if servers != 1 {
@@ -745,9 +782,10 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, out: OutputFormat) -> Res
     let comps = dir.join("components");
     let link_of = |name: &str| links.iter().find(|l| l.name == name).map(|l| l.listen.clone());
     let hb = spec.heartbeat_interval_secs;
-    let server_link = |site: &str, reg: &Path| -> String {
+    // The registered name goes with the link: heartbeats and settings are under it.
+    let server_link = |site: &str, reg: &Path, name: &str| -> String {
         format!(
-            "[config_server]\naddress = '{}'\nca = '{}'\ntoken_file = '{}'\nheartbeat_interval_secs = {hb}\n",
+            "[config_server]\naddress = '{}'\nca = '{}'\ntoken_file = '{}'\nname = '{name}'\nheartbeat_interval_secs = {hb}\n",
             site_server[site],
             s(&reg.join("ca.pem")),
             s(&reg.join("config-server.token"))
@@ -770,33 +808,16 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, out: OutputFormat) -> Res
             .await
             .with_context(|| format!("registering master target {}", mt.name))?;
             let (listen, status, nbd) = mt_addr[&mt.name].clone();
-            let cfg = format!(
-                "name = '{name}'\ndatastore = '{ds}'\nretention = '{ret}'\nlisten = '{listen}'\nstatus_listen = '{status}'\nnbd_listen = '{nbd}'\nadvertise = '{adv}'\n[tls]\nca = '{ca}'\ncert = '{cert}'\nkey = '{key}'\n{link}",
-                name = mt.name,
-                ds = s(&reg.join("datastore")),
-                ret = s(&folder.join("retention").join(&mt.name)),
-                adv = link_of(&mt.name).unwrap_or_else(|| listen.clone()),
-                ca = s(&reg.join("ca.pem")),
-                cert = s(&reg.join("master-target.pem")),
-                key = s(&reg.join("master-target.key")),
-                link = server_link(&site.name, &reg),
+            let keys = format!(
+                "name = '{}'\ndatastore = '{}'\nretention = '{}'\nlisten = '{listen}'\nstatus_listen = '{status}'\nnbd_listen = '{nbd}'\nadvertise = '{}'\n",
+                mt.name,
+                s(&reg.join("datastore")),
+                s(&folder.join("retention").join(&mt.name)),
+                link_of(&mt.name).unwrap_or_else(|| listen.clone()),
             );
-            let cfg_path = reg.join("master-target.toml");
-            std::fs::write(&cfg_path, cfg)?;
-            let log = logs.join(format!("{}.log", mt.name));
-            let (pid, start_ticks, args) =
-                spawn_daemon(&exe, &["master-target".into(), "--config".into(), s(&cfg_path)], &log, None)?;
-            processes.push(LabProcess {
-                name: mt.name.clone(),
-                kind: "master-target".into(),
-                site: Some(site.name.clone()),
-                pid,
-                log,
-                address: listen,
-                status: Some(status),
-                start_ticks,
-                args,
-            });
+            let link = server_link(&site.name, &reg, &mt.name);
+            let names = (&site.name, &mt.name);
+            processes.push(start_component(&exe, &logs, &reg, "master-target", names, keys, link, listen, status)?);
         }
         if let Some(ps) = &site.process_server {
             say(out, &format!("starting process server {} on site {}…", ps.name, site.name));
@@ -822,32 +843,14 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, out: OutputFormat) -> Res
                 .context("no master target on another site")?;
             let listen = free_port()?;
             let status = free_port()?;
-            let cfg = format!(
-                "cache_dir = '{cache}'\ncache_capacity_bytes = {cap}\nlisten = '{listen}'\nstatus_listen = '{status}'\nmaster_target = '{mt_link}'\nmaster_target_name = '{mt_name}'\n[tls]\nca = '{ca}'\ncert = '{cert}'\nkey = '{key}'\n{link}name = '{name}'\n",
-                cache = s(&folder.join("cache").join(&ps.name)),
-                cap = ps.cache_capacity_bytes,
-                ca = s(&reg.join("ca.pem")),
-                cert = s(&reg.join("process-server.pem")),
-                key = s(&reg.join("process-server.key")),
-                link = server_link(&site.name, &reg),
-                name = ps.name,
+            let keys = format!(
+                "cache_dir = '{}'\ncache_capacity_bytes = {}\nlisten = '{listen}'\nstatus_listen = '{status}'\nmaster_target = '{mt_link}'\nmaster_target_name = '{mt_name}'\n",
+                s(&folder.join("cache").join(&ps.name)),
+                ps.cache_capacity_bytes,
             );
-            let cfg_path = reg.join("process-server.toml");
-            std::fs::write(&cfg_path, cfg)?;
-            let log = logs.join(format!("{}.log", ps.name));
-            let (pid, start_ticks, args) =
-                spawn_daemon(&exe, &["process-server".into(), "--config".into(), s(&cfg_path)], &log, None)?;
-            processes.push(LabProcess {
-                name: ps.name.clone(),
-                kind: "process-server".into(),
-                site: Some(site.name.clone()),
-                pid,
-                log,
-                address: listen,
-                status: Some(status),
-                start_ticks,
-                args,
-            });
+            let link = server_link(&site.name, &reg, &ps.name);
+            let names = (&site.name, &ps.name);
+            processes.push(start_component(&exe, &logs, &reg, "process-server", names, keys, link, listen, status)?);
         }
         state.processes = processes.clone();
         state.save()?;
