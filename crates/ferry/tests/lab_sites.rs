@@ -760,3 +760,58 @@ run = false
     let o = ferry(&["lab", "up", tmp.path().join("lab3").to_str().unwrap(), "--config", cfg.to_str().unwrap()], &[]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("bogus"), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+#[test]
+fn a_protect_job_survives_the_configuration_server_killed_at_a_random_point() {
+    let seed = seed("a_protect_job_survives_the_configuration_server_killed");
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(seed);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("lab");
+    let mut lab = Lab::up(&dir, None);
+    ok(&lab.run(&["policies", "create", "gold", "--crash-consistent-secs", "5"]), "policy");
+    let started = lab.json(&[
+        "protect",
+        "--group",
+        "app-tier",
+        "--policy",
+        "gold",
+        "--process-server",
+        "ps-primary",
+        "--master-target",
+        "mt-linux-r",
+        "--datastore",
+        "vmfs-r",
+        "--no-wait",
+    ]);
+    let id = started["id"].as_str().unwrap().to_owned();
+    // Somewhere in the job: before the settings, during them, or during the initial sync.
+    let delay = rand::Rng::gen_range(&mut rng, 0..1500);
+    std::thread::sleep(Duration::from_millis(delay));
+    let state: Value = serde_json::from_slice(&std::fs::read(dir.join("lab.json")).unwrap()).unwrap();
+    let cs = state["processes"].as_array().unwrap().iter().find(|p| p["name"] == "config-server").unwrap()["pid"]
+        .as_i64()
+        .unwrap();
+    kill_group(cs);
+    ok(&lab.run(&["lab", "restart", "config-server"]), "restart the configuration server");
+    // Every step is idempotent: the job resumes where it was and ends with both machines Protected.
+    let job = lab.json(&["jobs", "watch", &id]);
+    assert_eq!(job["state"], "succeeded", "killed after {delay} ms: {job:#}");
+    assert!(job["resumes"].as_u64().unwrap() >= 1, "the kill landed inside the job (after {delay} ms): {job:#}");
+    for m in ["app1", "app2"] {
+        let v = lab.machine(m);
+        assert_eq!(v["replication"], "protected", "{v:#}");
+        assert_eq!(v["group"], "app-tier");
+    }
+    // The group's machines take a common point through their coordinator.
+    let ends: Value =
+        serde_json::from_slice(&std::fs::read(lab.guest("app1").join("endpoints.json")).unwrap()).unwrap();
+    let (code, v) = http_json(ends["status"].as_str().unwrap(), "POST", "/group/point", Some(&json!({"app": false})));
+    assert_eq!(code, 200, "{v}");
+    let pts = wait("the multi-machine point at the master target", Duration::from_secs(60), || {
+        let p = lab.json(&["recovery-points", "app2"]);
+        p["points"].as_array().unwrap().iter().any(|x| x["scope"] == "multi").then_some(p)
+    });
+    assert!(pts["points"].as_array().unwrap().iter().any(|x| x["group"] == "app-tier"), "{pts:#}");
+    let pids = lab.down();
+    assert!(pids.iter().all(|(_, p)| !alive(*p)), "{pids:?}");
+}
