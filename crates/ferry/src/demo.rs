@@ -55,7 +55,13 @@ impl Progress {
     }
     fn step(&self, msg: impl Into<String>) {
         let msg = msg.into();
-        self.bar.println(format!("[{:>5.1} s] {msg}", self.started.elapsed().as_secs_f64()));
+        let line = format!("[{:>5.1} s] {msg}", self.started.elapsed().as_secs_f64());
+        if self.bar.is_hidden() {
+            // Not a terminal (or JSON output): the steps still go to stderr, as plain lines.
+            eprintln!("{line}");
+        } else {
+            self.bar.println(line);
+        }
         self.bar.set_message(msg);
     }
 }
