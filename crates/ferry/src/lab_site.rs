@@ -943,10 +943,10 @@ pub fn print_up(state: &LabState, out: OutputFormat) -> Result<()> {
         }
         OutputFormat::Table => {
             println!("lab up in {}", state.dir.display());
-            println!("{:<22} {:<16} {:<10} {:<22} {:<22} PID", "NAME", "KIND", "SITE", "ADDRESS", "STATUS/CONTROL");
+            println!("{:<28} {:<16} {:<10} {:<22} {:<22} PID", "NAME", "KIND", "SITE", "ADDRESS", "STATUS/CONTROL");
             for p in &state.processes {
                 println!(
-                    "{:<22} {:<16} {:<10} {:<22} {:<22} {}",
+                    "{:<28} {:<16} {:<10} {:<22} {:<22} {}",
                     p.name,
                     p.kind,
                     p.site.as_deref().unwrap_or("-"),
@@ -969,7 +969,7 @@ pub fn print_up(state: &LabState, out: OutputFormat) -> Result<()> {
                 state.ca.display(),
                 state.operator_token
             );
-            println!("  ferry machines; ferry protect app1 --policy P --process-server ps-primary --master-target mt-linux-r --datastore vsan-r");
+            println!("  ferry machines; ferry policies create gold; ferry protect db1 --policy gold --process-server ps-primary --master-target mt-linux-r --datastore vsan-r");
         }
     }
     Ok(())
