@@ -259,6 +259,29 @@ fn lab_comes_up_from_nothing_registers_everything_and_goes_down_leaving_no_proce
         5,
         "a link per master target and one for the recovery site's path to the server"
     );
+    // Links are controlled by name (or all at once).
+    ok(
+        &lab.run(&["lab", "link", "slow", "mt-linux-r", "--latency-ms", "50", "--bandwidth-bytes-per-sec", "1000000"]),
+        "slow",
+    );
+    let st = lab.json(&["lab", "status", dir.to_str().unwrap()]);
+    let link =
+        |st: &Value, n: &str| st["links"].as_array().unwrap().iter().find(|l| l["name"] == n).unwrap()["state"].clone();
+    assert_eq!(link(&st, "mt-linux-r")["latency_ms"], 50, "{st:#}");
+    assert_eq!(link(&st, "mt-linux-r")["bandwidth_bytes_per_sec"], 1000000);
+    assert_eq!(link(&st, "mt-windows-r")["latency_ms"], 0, "only the named link");
+    ok(&lab.run(&["lab", "link", "cut"]), "cut all");
+    let st = lab.json(&["lab", "status", dir.to_str().unwrap()]);
+    assert!(st["links"].as_array().unwrap().iter().all(|l| l["state"]["cut"] == true), "{st:#}");
+    ok(&lab.run(&["lab", "link", "restore"]), "restore all");
+    let st = lab.json(&["lab", "status", dir.to_str().unwrap()]);
+    assert!(st["links"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|l| l["state"]["cut"] == false && l["state"]["latency_ms"] == 0));
+    let o = lab.run(&["lab", "link", "cut", "nosuch"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no link nosuch"), "{}", String::from_utf8_lossy(&o.stderr));
     // A second `lab up` in the same folder is refused, clearly.
     let again = ferry(&["lab", "up", dir.to_str().unwrap()], &[]);
     assert!(!again.status.success());
