@@ -130,6 +130,12 @@ impl Lab {
         http_json(p["status"].as_str().unwrap(), "GET", "/status", None).1
     }
 
+    /// A master target's status entry for one machine's replica (Null when it holds none).
+    fn replica(&self, mt: &str, m: &str) -> Value {
+        let st = self.process_status(mt);
+        st["machines"].as_array().unwrap().iter().find(|r| r["machine"] == m).cloned().unwrap_or(Value::Null)
+    }
+
     fn agent_status(&self, m: &str) -> Value {
         let ends: Value =
             serde_json::from_slice(&std::fs::read(self.guest(m).join("endpoints.json")).unwrap()).unwrap();
@@ -451,8 +457,7 @@ fn protected_lab_machine_verifies_on_the_replica_survives_a_cut_link_and_a_crash
         !lab.process_status("mt-linux-r")["machines"].to_string().contains("db1"),
         "db1 goes only to the master target it was protected to"
     );
-    let mt = lab.process_status("mt-windows-r");
-    let rep = mt["machines"].as_array().unwrap().iter().find(|r| r["machine"] == "db1").unwrap().clone();
+    let rep = lab.replica("mt-windows-r", "db1");
     assert_eq!(rep["retention"]["window_secs"], 7200.0, "the policy's retention: {rep:#}");
     let replica = dir.join("sites/recovery/datastores/vsan-r/db1/disk0.img");
     assert_eq!(rep["disks"][0]["target"], json!(replica), "the replica lives in the chosen datastore");
@@ -463,23 +468,9 @@ fn protected_lab_machine_verifies_on_the_replica_survives_a_cut_link_and_a_crash
     let st0 = lab.agent_status("db1");
     ok(&lab.run(&["lab", "link", "cut"]), "cut");
     let applied_at_cut = wait("the master target stops applying", Duration::from_secs(20), || {
-        let a = lab.process_status("mt-windows-r")["machines"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["machine"] == "db1")
-            .unwrap()["applied_seq"]
-            .as_u64()
-            .unwrap();
+        let a = lab.replica("mt-windows-r", "db1")["applied_seq"].as_u64().unwrap();
         std::thread::sleep(Duration::from_millis(500));
-        let b = lab.process_status("mt-windows-r")["machines"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["machine"] == "db1")
-            .unwrap()["applied_seq"]
-            .as_u64()
-            .unwrap();
+        let b = lab.replica("mt-windows-r", "db1")["applied_seq"].as_u64().unwrap();
         (a == b).then_some(b)
     });
     let degraded = wait("lag grows and health degrades", Duration::from_secs(30), || {
@@ -490,14 +481,7 @@ fn protected_lab_machine_verifies_on_the_replica_survives_a_cut_link_and_a_crash
             .then_some((m, ps))
     });
     assert!(degraded.1["reasons"].to_string().contains("master target is unreachable"), "{:#}", degraded.1);
-    let still = lab.process_status("mt-windows-r")["machines"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["machine"] == "db1")
-        .unwrap()["applied_seq"]
-        .as_u64()
-        .unwrap();
+    let still = lab.replica("mt-windows-r", "db1")["applied_seq"].as_u64().unwrap();
     assert_eq!(still, applied_at_cut, "nothing crosses a cut link");
     ok(&lab.run(&["lab", "link", "restore"]), "restore");
     wait("replication resumes and catches up", Duration::from_secs(60), || {
@@ -518,15 +502,7 @@ fn protected_lab_machine_verifies_on_the_replica_survives_a_cut_link_and_a_crash
         .unwrap();
     kill_group(cs_pid);
     // Durable in the master target's journal (applying may wait for a resync to end).
-    let applied = |mt: &str| -> u64 {
-        lab.process_status(mt)["machines"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["machine"] == "db1")
-            .map(|r| r["journaled_seq"].as_u64().unwrap())
-            .unwrap_or(0)
-    };
+    let applied = |mt: &str| -> u64 { lab.replica(mt, "db1")["journaled_seq"].as_u64().unwrap_or(0) };
     ok(&lab.run(&["lab", "restart", "ps-primary", "--kill"]), "restart the process server");
     ok(&lab.run(&["lab", "restart", "mt-windows-r", "--kill"]), "restart the master target");
     let before = applied("mt-windows-r");
@@ -534,13 +510,7 @@ fn protected_lab_machine_verifies_on_the_replica_survives_a_cut_link_and_a_crash
         (applied("mt-windows-r") > before + 20).then_some(())
     });
     assert_eq!(applied("mt-linux-r"), 0, "nothing of db1 went to the default master target");
-    let rep = lab.process_status("mt-windows-r")["machines"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["machine"] == "db1")
-        .unwrap()
-        .clone();
+    let rep = lab.replica("mt-windows-r", "db1");
     assert_eq!(rep["retention"]["window_secs"], 7200.0, "the policy's window survives a restart without the server");
     ok(&lab.run(&["lab", "restart", "config-server"]), "restart the configuration server");
 
@@ -548,40 +518,18 @@ fn protected_lab_machine_verifies_on_the_replica_survives_a_cut_link_and_a_crash
     ok(&lab.run(&["lab", "power-off", "db1"]), "power off");
     let last = records(&log) as u64;
     wait("the master target applies everything the process server holds", Duration::from_secs(60), || {
-        let r = lab.process_status("mt-windows-r")["machines"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["machine"] == "db1")
-            .unwrap()
-            .clone();
-        let ps = lab.process_status("ps-primary")["machines"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|r| r["machine"] == "db1")
-            .unwrap()
-            .clone();
+        let r = lab.replica("mt-windows-r", "db1");
+        let ps = lab.replica("ps-primary", "db1");
         (r["applied_seq"] == r["journaled_seq"] && r["applied_seq"] == ps["spooled_seq"]).then_some(())
     });
     // Read the replica through a point (the target file itself is being written by the applier).
     let copy = tmp.path().join("replica-copy.img");
     std::fs::copy(&replica, &copy).unwrap();
-    let v = json_of(
-        &lab.run(&[
-            "--output",
-            "json",
-            "lab",
-            "verify",
-            "--seed",
-            "13",
-            "--record-log",
-            log.to_str().unwrap(),
-            "--disk",
-            copy.to_str().unwrap(),
-        ]),
-        "verify the replica",
-    );
+    let verify_copy = || {
+        let (log, copy) = (log.to_str().unwrap(), copy.to_str().unwrap());
+        lab.run(&["--output", "json", "lab", "verify", "--seed", "13", "--record-log", log, "--disk", copy])
+    };
+    let v = json_of(&verify_copy(), "verify the replica");
     assert_eq!(v["consistent"], true, "{v:#}");
     // The workload may have been stopped between logging its last record and writing it.
     assert!(
@@ -596,18 +544,7 @@ fn protected_lab_machine_verifies_on_the_replica_survives_a_cut_link_and_a_crash
         let f = std::fs::OpenOptions::new().write(true).open(&copy).unwrap();
         f.write_at(b"\xde\xad\xbe\xef", off + 100).unwrap();
     }
-    let o = lab.run(&[
-        "--output",
-        "json",
-        "lab",
-        "verify",
-        "--seed",
-        "13",
-        "--record-log",
-        log.to_str().unwrap(),
-        "--disk",
-        copy.to_str().unwrap(),
-    ]);
+    let o = verify_copy();
     let text = String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "a corrupted copy must fail: {text}");
     assert!(text.contains(&format!("{off}")) || text.contains("offset"), "names where: {text}");
