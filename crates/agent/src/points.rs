@@ -505,10 +505,13 @@ pub(crate) fn routes(m: Arc<Machine>) -> Router {
 async fn take_crash(State(m): State<Arc<Machine>>) -> Reply {
     match tokio::task::spawn_blocking(move || m.crash_point()).await {
         Ok(Ok(seq)) => (StatusCode::OK, Json(serde_json::json!({ "seq": seq, "kind": "crash" }))),
-        Ok(Err(e)) => {
-            err(StatusCode::CONFLICT, codes::NOT_REPLICATING, e.to_string(), "retry once the agent reports caught_up")
-        }
-        Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, codes::HOOK_FAILED, e.to_string(), "see the agent log"),
+        Ok(Err(e)) => err(
+            StatusCode::CONFLICT,
+            codes::NOT_REPLICATING.code,
+            e.to_string(),
+            "retry once the agent reports caught_up",
+        ),
+        Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, codes::HOOK_FAILED.code, e.to_string(), "see the agent log"),
     }
 }
 
@@ -517,11 +520,11 @@ async fn take_app(State(m): State<Arc<Machine>>) -> Reply {
         Ok(Ok(seq)) => (StatusCode::OK, Json(serde_json::json!({ "seq": seq, "kind": "app" }))),
         Ok(Err(e)) => err(
             StatusCode::CONFLICT,
-            codes::HOOK_FAILED,
+            codes::HOOK_FAILED.code,
             e,
             "check the freeze/thaw hooks (run them by hand), and that the agent is caught up",
         ),
-        Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, codes::HOOK_FAILED, e.to_string(), "see the agent log"),
+        Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, codes::HOOK_FAILED.code, e.to_string(), "see the agent log"),
     }
 }
 
@@ -537,7 +540,7 @@ async fn take_group(State(m): State<Arc<Machine>>, body: Option<Json<GroupPointR
         Ok(v) => (StatusCode::OK, Json(v)),
         Err(e) => err(
             StatusCode::CONFLICT,
-            codes::GROUP_TAG_FAILED,
+            codes::GROUP_TAG_FAILED.code,
             e,
             "check that every member's agent is running, caught up and reachable, then retry",
         ),
@@ -547,7 +550,7 @@ async fn take_group(State(m): State<Arc<Machine>>, body: Option<Json<GroupPointR
 fn bad_group(e: axum::extract::rejection::JsonRejection) -> Reply {
     err(
         StatusCode::BAD_REQUEST,
-        codes::BAD_REQUEST,
+        codes::BAD_REQUEST.code,
         format!("bad group request: {e}"),
         "send JSON {\"group\", \"tag\", \"app\", \"timeout_ms\"}",
     )
@@ -564,10 +567,15 @@ async fn prepare(
     let m2 = m.clone();
     match tokio::task::spawn_blocking(move || m2.group_prepare(&req)).await {
         Ok(Ok(seq)) => (StatusCode::OK, Json(serde_json::json!({ "machine": m.name, "seq": seq }))),
-        Ok(Err(e)) => {
-            err(StatusCode::CONFLICT, codes::GROUP_TAG_FAILED, e, "retry the group tag once this member is caught up")
+        Ok(Err(e)) => err(
+            StatusCode::CONFLICT,
+            codes::GROUP_TAG_FAILED.code,
+            e,
+            "retry the group tag once this member is caught up",
+        ),
+        Err(e) => {
+            err(StatusCode::INTERNAL_SERVER_ERROR, codes::GROUP_TAG_FAILED.code, e.to_string(), "see the agent log")
         }
-        Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, codes::GROUP_TAG_FAILED, e.to_string(), "see the agent log"),
     }
 }
 
@@ -583,8 +591,10 @@ async fn finish(
     let m2 = m.clone();
     match tokio::task::spawn_blocking(move || m2.group_finish(&req, commit)).await {
         Ok(Ok(seq)) => (StatusCode::OK, Json(serde_json::json!({ "machine": m.name, "seq": seq }))),
-        Ok(Err(e)) => err(StatusCode::CONFLICT, codes::GROUP_TAG_FAILED, e, "take a new group tag"),
-        Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, codes::GROUP_TAG_FAILED, e.to_string(), "see the agent log"),
+        Ok(Err(e)) => err(StatusCode::CONFLICT, codes::GROUP_TAG_FAILED.code, e, "take a new group tag"),
+        Err(e) => {
+            err(StatusCode::INTERNAL_SERVER_ERROR, codes::GROUP_TAG_FAILED.code, e.to_string(), "see the agent log")
+        }
     }
 }
 

@@ -13,7 +13,7 @@ pub const PLAN: &str = "recovery-plan";
 
 /// Names travel in URLs and become file names elsewhere: the data path's rule applies.
 pub fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
-    ferry_protocol::validate_name(what, name).map_err(ApiError::bad)
+    ferry_types::validate_name(what, name).map_err(ApiError::bad)
 }
 
 /// A replication policy (POL-1).

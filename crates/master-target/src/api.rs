@@ -31,10 +31,10 @@ fn error(status: StatusCode, code: u32, message: impl Into<String>, remedy: &str
 
 fn point_error(e: PointError) -> Reply {
     let (status, code) = match &e {
-        PointError::NotFound(_) => (StatusCode::NOT_FOUND, codes::POINT_NOT_FOUND),
-        PointError::Conflict(_) => (StatusCode::CONFLICT, codes::CONFLICT),
-        PointError::Invalid(_) => (StatusCode::BAD_REQUEST, codes::BAD_REQUEST),
-        PointError::Failed(_) => (StatusCode::INTERNAL_SERVER_ERROR, codes::MATERIALIZE_FAILED),
+        PointError::NotFound(_) => (StatusCode::NOT_FOUND, codes::POINT_NOT_FOUND.code),
+        PointError::Conflict(_) => (StatusCode::CONFLICT, codes::CONFLICT.code),
+        PointError::Invalid(_) => (StatusCode::BAD_REQUEST, codes::BAD_REQUEST.code),
+        PointError::Failed(_) => (StatusCode::INTERNAL_SERVER_ERROR, codes::MATERIALIZE_FAILED.code),
     };
     error(status, code, e.to_string(), e.remedy())
 }
@@ -42,7 +42,7 @@ fn point_error(e: PointError) -> Reply {
 fn no_machine(m: &str) -> Reply {
     error(
         StatusCode::NOT_FOUND,
-        codes::NOT_FOUND,
+        codes::NOT_FOUND.code,
         format!("machine {m:?} is not replicated to this master target"),
         "check the machine name (`ferry master-target status`) and which master target protects it",
     )
@@ -274,7 +274,7 @@ async fn select_point(
         Err(e) => {
             return error(
                 StatusCode::BAD_REQUEST,
-                codes::BAD_REQUEST,
+                codes::BAD_REQUEST.code,
                 format!("bad request: {e}"),
                 "send JSON {\"selector\": \"latest\"} (or latest-processed, latest-app, latest-multi, latest-multi-app, a point ID)",
             )
@@ -286,14 +286,18 @@ async fn select_point(
     match tokio::task::spawn_blocking(move || mt.resolve_point(&m, &req.selector)).await {
         Ok(Ok(p)) => (StatusCode::OK, Json(serde_json::to_value(p).unwrap_or_default())),
         Ok(Err(e)) => point_error(e),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, codes::MATERIALIZE_FAILED, e.to_string(), "see the log"),
+        Err(e) => {
+            error(StatusCode::INTERNAL_SERVER_ERROR, codes::MATERIALIZE_FAILED.code, e.to_string(), "see the log")
+        }
     }
 }
 
 async fn list_group_points(State(mt): State<Arc<MasterTarget>>, UrlPath(g): UrlPath<String>) -> Reply {
     match tokio::task::spawn_blocking(move || mt.group_points(&g)).await {
         Ok(v) => (StatusCode::OK, Json(v)),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, codes::MATERIALIZE_FAILED, e.to_string(), "see the log"),
+        Err(e) => {
+            error(StatusCode::INTERNAL_SERVER_ERROR, codes::MATERIALIZE_FAILED.code, e.to_string(), "see the log")
+        }
     }
 }
 
@@ -307,7 +311,7 @@ async fn materialize(
         Err(e) => {
             return error(
                 StatusCode::BAD_REQUEST,
-                codes::BAD_REQUEST,
+                codes::BAD_REQUEST.code,
                 format!("bad materialization request: {e}"),
                 "send JSON {\"point\": \"latest-processed\", \"kind\": \"image\"|\"export\", \"format\": \"raw\"|\"qcow2\"|\"vmdk\"|\"vhd\", \"writable\": false}",
             )
@@ -323,7 +327,9 @@ async fn materialize(
     match result {
         Ok(Ok(v)) => (StatusCode::CREATED, Json(v)),
         Ok(Err(e)) => point_error(e),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, codes::MATERIALIZE_FAILED, e.to_string(), "see the log"),
+        Err(e) => {
+            error(StatusCode::INTERNAL_SERVER_ERROR, codes::MATERIALIZE_FAILED.code, e.to_string(), "see the log")
+        }
     }
 }
 
@@ -348,14 +354,14 @@ async fn discard(State(mt): State<Arc<MasterTarget>>, UrlPath(id): UrlPath<Strin
         Ok(Ok(Some(m))) => (StatusCode::OK, Json(serde_json::json!({ "discarded": m.id, "point": m.point.id }))),
         Ok(Ok(None)) => error(
             StatusCode::NOT_FOUND,
-            codes::NOT_FOUND,
+            codes::NOT_FOUND.code,
             format!("no materialization {id:?}"),
             "list them with `ferry master-target materializations`",
         ),
         Ok(Err(e)) => {
-            error(StatusCode::INTERNAL_SERVER_ERROR, codes::STORAGE, e, "check permissions on the image folder")
+            error(StatusCode::INTERNAL_SERVER_ERROR, codes::STORAGE.code, e, "check permissions on the image folder")
         }
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, codes::STORAGE, e.to_string(), "see the log"),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, codes::STORAGE.code, e.to_string(), "see the log"),
     }
 }
 
@@ -374,7 +380,7 @@ async fn changes(
     let Ok(Query(q)) = q else {
         return error(
             StatusCode::BAD_REQUEST,
-            codes::BAD_REQUEST,
+            codes::BAD_REQUEST.code,
             "missing `from`",
             "ask GET /machines/M/changes?from=POINT[&to=POINT] (POINT: an ID, a seq or a selector; `to` defaults to the head)",
         );
@@ -392,6 +398,8 @@ async fn changes(
     match result {
         Ok(Ok(v)) => (StatusCode::OK, Json(v)),
         Ok(Err(e)) => point_error(e),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, codes::MATERIALIZE_FAILED, e.to_string(), "see the log"),
+        Err(e) => {
+            error(StatusCode::INTERNAL_SERVER_ERROR, codes::MATERIALIZE_FAILED.code, e.to_string(), "see the log")
+        }
     }
 }

@@ -47,6 +47,11 @@ pub enum MasterTargetError {
     Retention(#[from] retention::EligibilityError),
 }
 
+/// Map an I/O error on `path` to [`MasterTargetError::Io`].
+pub(crate) fn io_at(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> MasterTargetError + '_ {
+    move |source| MasterTargetError::Io { path: path.to_owned(), source }
+}
+
 /// Configuration of `ferry master-target` (TOML; every field can be overridden by a flag).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -209,9 +214,10 @@ impl MasterTarget {
     }
 
     fn replica_for(&self, hello: &Hello) -> Result<Arc<Replica>, (u32, String, String)> {
-        validate_name("machine", &hello.machine.name).map_err(|m| (codes::BAD_NAME, m, "rename the machine".into()))?;
+        validate_name("machine", &hello.machine.name)
+            .map_err(|m| (codes::BAD_NAME.code, m, "rename the machine".into()))?;
         for d in &hello.machine.disks {
-            validate_name("disk", &d.name).map_err(|m| (codes::BAD_NAME, m, "rename the disk".into()))?;
+            validate_name("disk", &d.name).map_err(|m| (codes::BAD_NAME.code, m, "rename the disk".into()))?;
         }
         let mut map = self.lock_replicas();
         if let Some(r) = map.get(&hello.machine.name) {
@@ -219,7 +225,7 @@ impl MasterTarget {
             return Ok(r.clone());
         }
         let r = Replica::create(&self.config_for_new(), &hello.machine, self.exports.clone(), self.shutdown.clone())
-            .map_err(|e| (codes::STORAGE, e.to_string(), "check the datastore and retention folders".into()))?;
+            .map_err(|e| (codes::STORAGE.code, e.to_string(), "check the datastore and retention folders".into()))?;
         map.insert(hello.machine.name.clone(), r.clone());
         Ok(r)
     }
@@ -292,8 +298,9 @@ pub async fn serve(
     let acceptor = ferry_tls::acceptor(&config.tls)?;
     let nbd_tcp = match &config.nbd_listen {
         Some(addr) => {
-            let l = TcpListener::bind(addr)
-                .await
+            // A socket handed down by whoever started us (the lab), else our own bind.
+            let l = ferry_sys::listen::listener("nbd_listen", addr)
+                .and_then(TcpListener::from_std)
                 .map_err(|source| MasterTargetError::Io { path: PathBuf::from(addr), source })?;
             let local = l.local_addr().map_err(|source| MasterTargetError::Io { path: PathBuf::from(addr), source })?;
             if !local.ip().is_loopback() {
@@ -379,7 +386,7 @@ where
                 msg = framed.next() => match msg {
                     None => return Ok(()),
                     Some(Err(e)) => {
-                        let _ = framed.send(Message::Error { code: codes::PROTOCOL, message: format!("bad frame: {e}"), remedy: "check the process server version and the network path".into() }).await;
+                        let _ = framed.send(Message::Error { code: codes::PROTOCOL.code, message: format!("bad frame: {e}"), remedy: "check the process server version and the network path".into() }).await;
                         return Err(format!("bad frame: {e}"));
                     }
                     Some(Ok(m)) => m,
@@ -403,7 +410,7 @@ where
             },
         };
         let storage_error = |e: String| Message::Error {
-            code: codes::STORAGE,
+            code: codes::STORAGE.code,
             message: e,
             remedy: "check the datastore and retention volume (space, permissions)".into(),
         };

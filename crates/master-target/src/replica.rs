@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use std::collections::VecDeque;
 
-use ferry_journal::{fsutil, Cursor, SegmentLog};
+use ferry_journal::{Cursor, SegmentLog};
 use ferry_nbd::Exports;
 use ferry_protocol::{codes, now_ms, BulkChunk, DiskDescriptor, Event, MachineDescriptor, Record, RecordBody};
 use ferry_status::RateMeter;
@@ -141,7 +141,7 @@ impl Replica {
                     if same {
                         Ok(())
                     } else {
-                        fsutil::write_atomic(&path, &rec).map_err(|e| std::io::Error::other(e.to_string()))
+                        ferry_sys::fs::write_atomic(&path, &rec).map_err(|e| std::io::Error::other(e.to_string()))
                     }
                 }),
             None => match std::fs::remove_file(&path) {
@@ -198,11 +198,12 @@ impl Replica {
             Err(_) => {
                 let rec = serde_json::to_vec(&serde_json::json!({ "dir": tdir }))
                     .map_err(|e| MasterTargetError::Refused(e.to_string()))?;
-                fsutil::write_atomic(&targets, &rec)?;
+                ferry_sys::fs::write_atomic(&targets, &rec).map_err(crate::io_at(&targets))?;
             }
         }
         let desc = serde_json::to_vec_pretty(machine).map_err(|e| MasterTargetError::Refused(e.to_string()))?;
-        fsutil::write_atomic(&dir.join("machine.json"), &desc)?;
+        ferry_sys::fs::write_atomic(&dir.join("machine.json"), &desc)
+            .map_err(crate::io_at(&dir.join("machine.json")))?;
         Self::open(config, machine.clone(), exports, shutdown)
     }
 
@@ -271,9 +272,10 @@ impl Replica {
             }
             targets.push((p, f));
         }
-        fsutil::sync_dir(&tdir)?;
+        ferry_sys::fs::sync_dir(&tdir).map_err(crate::io_at(&tdir))?;
         if !created_marker.exists() {
-            fsutil::write_atomic(&created_marker, b"target disks created\n")?;
+            ferry_sys::fs::write_atomic(&created_marker, b"target disks created\n")
+                .map_err(crate::io_at(&created_marker))?;
         }
         let journal = SegmentLog::open(&dir.join("journal"), config.segment_bytes)?;
         // Where does the newest completed resync end? (decides whether held resync data may apply)
@@ -302,7 +304,8 @@ impl Replica {
                 if remembered != Some(*w) {
                     let rec = serde_json::to_vec(&serde_json::json!({ "window_secs": w }))
                         .map_err(|e| MasterTargetError::Refused(e.to_string()))?;
-                    fsutil::write_atomic(&dir.join("window.json"), &rec)?;
+                    ferry_sys::fs::write_atomic(&dir.join("window.json"), &rec)
+                        .map_err(crate::io_at(&dir.join("window.json")))?;
                 }
                 *w
             }
@@ -389,7 +392,7 @@ impl Replica {
     pub fn check_layout(&self, machine: &MachineDescriptor) -> Result<(), (u32, String, String)> {
         if machine.disks != self.disks {
             return Err((
-                codes::DISK_LAYOUT_CHANGED,
+                codes::DISK_LAYOUT_CHANGED.code,
                 format!(
                     "machine {} now has disks {:?}, but its replica holds {:?}",
                     self.name, machine.disks, self.disks
@@ -738,7 +741,7 @@ impl Replica {
         }
         let ckpt = self.lock_apply().ckpt;
         let data = serde_json::to_vec(&ckpt).map_err(|e| e.to_string())?;
-        fsutil::write_atomic(&self.dir.join("checkpoint.json"), &data).map_err(|e| e.to_string())?;
+        ferry_sys::fs::write_atomic(&self.dir.join("checkpoint.json"), &data).map_err(|e| e.to_string())?;
         self.lock_apply().persisted = ckpt;
         // With history on, the journal also serves recovery points: keep what the base needs.
         let limit = self.release_limit.load(Ordering::SeqCst);

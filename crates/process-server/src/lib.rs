@@ -36,6 +36,11 @@ pub enum ProcessServerError {
     Config(String),
 }
 
+/// Map an I/O error on `path` to [`ProcessServerError::Io`].
+pub(crate) fn io_at(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> ProcessServerError + '_ {
+    move |source| ProcessServerError::Io { path: path.to_owned(), source }
+}
+
 /// Configuration of `ferry process-server`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -211,14 +216,9 @@ impl ProcessServer {
                     s.machine_master_targets.entry(k.clone()).or_insert(r.clone());
                 }
                 let path = self.config.cache_dir.join(ROUTES_FILE);
-                let tmp = self.config.cache_dir.join(format!("{ROUTES_FILE}.tmp"));
-                let saved =
-                    serde_json::to_vec_pretty(&s.machine_master_targets).map_err(std::io::Error::other).and_then(|d| {
-                        std::fs::write(&tmp, d)?;
-                        std::fs::File::open(&tmp)?.sync_all()?;
-                        std::fs::rename(&tmp, &path)?;
-                        std::fs::File::open(&self.config.cache_dir)?.sync_all()
-                    });
+                let saved = serde_json::to_vec_pretty(&s.machine_master_targets)
+                    .map_err(std::io::Error::other)
+                    .and_then(|d| ferry_sys::fs::write_atomic(&path, &d));
                 if let Err(e) = saved {
                     tracing::error!(error = %e, file = %path.display(), "cannot remember the master-target routes");
                 }
@@ -396,16 +396,7 @@ impl ProcessServer {
 }
 
 fn fs_available(path: &std::path::Path) -> u64 {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else { return 0 };
-    // SAFETY: statvfs fills a plain struct; the path is a valid C string.
-    unsafe {
-        let mut st: libc::statvfs = std::mem::zeroed();
-        if libc::statvfs(c.as_ptr(), &mut st) != 0 {
-            return 0;
-        }
-        st.f_bavail as u64 * st.f_frsize as u64
-    }
+    ferry_sys::fs::space(path).map(|s| s.available).unwrap_or(0)
 }
 
 /// Run the process server on pre-bound listeners until `shutdown` is cancelled.
@@ -451,13 +442,13 @@ where
     if let Err(m) = validate_name("machine", &hello.machine.name)
         .and_then(|_| hello.machine.disks.iter().try_for_each(|d| validate_name("disk", &d.name)))
     {
-        return Err(ferry_protocol::refuse(&mut framed, codes::BAD_NAME, m, "rename the machine or disk").await);
+        return Err(ferry_protocol::refuse(&mut framed, codes::BAD_NAME.code, m, "rename the machine or disk").await);
     }
     let spool = match ps.spool_for(Some(&hello), &hello.machine.name) {
         Ok(s) => s,
         Err(e) => {
             let remedy = "check the process server's cache folder";
-            return Err(ferry_protocol::refuse(&mut framed, codes::STORAGE, e.to_string(), remedy).await);
+            return Err(ferry_protocol::refuse(&mut framed, codes::STORAGE.code, e.to_string(), remedy).await);
         }
     };
     let machine = hello.machine.name.clone();
@@ -552,7 +543,7 @@ where
                     None => return Ok(()),
                     Some(Err(e)) => {
                         let msg = format!("bad frame from agent: {e}");
-                        let _ = framed.send(Message::Error { code: codes::PROTOCOL, message: msg.clone(), remedy: "upgrade the agent or check the network path".into() }).await;
+                        let _ = framed.send(Message::Error { code: codes::PROTOCOL.code, message: msg.clone(), remedy: "upgrade the agent or check the network path".into() }).await;
                         return Err(msg);
                     }
                     Some(Ok(Message::Bulk(c))) => {
@@ -583,7 +574,7 @@ where
                 match ack {
                     Ok(a) => framed.send(Message::Ack(a)).await.map_err(|e| e.to_string())?,
                     Err(e) => {
-                        let _ = framed.send(Message::Error { code: codes::STORAGE, message: e.to_string(), remedy: "check the process server's cache volume".into() }).await;
+                        let _ = framed.send(Message::Error { code: codes::STORAGE.code, message: e.to_string(), remedy: "check the process server's cache volume".into() }).await;
                         return Err(e.to_string());
                     }
                 }

@@ -25,13 +25,13 @@ where
         Some(Ok(Message::Hello(h))) if h.role == expected => Ok(Some(h)),
         Some(Ok(Message::Hello(h))) => {
             let msg = format!("expected Hello from a {expected}, got Hello from a {}", h.role);
-            Err(refuse(framed, codes::PROTOCOL, msg, &remedy).await)
+            Err(refuse(framed, codes::PROTOCOL.code, msg, &remedy).await)
         }
         Some(Ok(_)) => {
             let msg = format!("expected Hello from a {expected} as the first message");
-            Err(refuse(framed, codes::PROTOCOL, msg, &remedy).await)
+            Err(refuse(framed, codes::PROTOCOL.code, msg, &remedy).await)
         }
-        Some(Err(e)) => Err(refuse(framed, codes::PROTOCOL, e.to_string(), &remedy).await),
+        Some(Err(e)) => Err(refuse(framed, codes::PROTOCOL.code, e.to_string(), &remedy).await),
         None => Ok(None),
     }
 }

@@ -1,0 +1,208 @@
+//! The one registry of error codes (TiKV's `error_code` shape): every code Ferry reports — on the
+//! wire (`Message::Error`), in HTTP bodies (`{code, name, message, remedy}`), in job steps and
+//! events — is declared here once, with a name, what it means, what the operator should do, and
+//! the HTTP status it answers with. The reference product's numbers (806, 8061, 78093, 95226, …)
+//! keep their values; Ferry's own are 9001 and up.
+//!
+//! `docs/error-codes.md` is generated from [`ALL`] (a test rewrites it under `UPDATE_DOCS=1` and
+//! checks it otherwise); another test checks every code is unique and has a remedy.
+
+use serde::Serialize;
+
+/// An entry of the registry: what the code means and what to do about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ErrorCode {
+    pub code: u32,
+    pub name: &'static str,
+    pub meaning: &'static str,
+    pub remedy: &'static str,
+    /// The HTTP status an API answers with when this is the reason.
+    pub http_status: u16,
+}
+
+/// An error type that maps each of its cases to a registry entry.
+pub trait HasErrorCode {
+    fn error_code(&self) -> ErrorCode;
+}
+
+macro_rules! registry {
+    ($($(#[$doc:meta])* $ident:ident = $code:expr, $status:expr, $name:expr, $meaning:expr, $remedy:expr;)*) => {
+        $($(#[$doc])* pub const $ident: ErrorCode =
+            ErrorCode { code: $code, name: $name, meaning: $meaning, remedy: $remedy, http_status: $status };)*
+        /// Every code, in declaration order.
+        pub const ALL: &[ErrorCode] = &[$($ident),*];
+    };
+}
+
+registry! {
+    // The reference product's codes (REQUIREMENTS, ERR): same numbers.
+    PS_HEARTBEAT_LOST = 806, 503, "ps-heartbeat-lost",
+        "the process server has not sent a heartbeat within the threshold",
+        "check that the process server runs and reaches the configuration server (network, certificates)";
+    HOST_LACKS_MEMORY = 8038, 409, "host-lacks-memory",
+        "the primary machine could not be started: the host lacks memory",
+        "free memory on the host or choose another host";
+    DATASTORE_INACCESSIBLE = 8061, 409, "datastore-inaccessible",
+        "the datastore is not accessible from the host",
+        "mount the datastore on the host, or choose one the host mounts";
+    MT_HEARTBEAT_LOST = 78022, 503, "mt-heartbeat-lost",
+        "the master target has not sent a heartbeat within the threshold",
+        "check that the master target runs and reaches the configuration server";
+    PROTECTION_NOT_COMPLETED = 78052, 409, "protection-not-completed",
+        "protection could not be completed (unsupported OS, or a machine with the same name is already failing back on that master target's host)",
+        "use a supported OS, or wait until the other failback finishes";
+    MACHINE_NOT_ACCESSIBLE = 78093, 409, "machine-not-accessible",
+        "the machine is not running, hung, or not accessible",
+        "start the machine and check that its agent runs";
+    SOURCE_HEARTBEAT_LOST = 78174, 503, "source-heartbeat-lost",
+        "the source machine's agent has not sent a heartbeat within the threshold",
+        "check that the machine runs, its agent service runs, and it reaches the configuration server";
+    PS_UNREACHABLE = 78186, 503, "ps-unreachable",
+        "the process server is unreachable from the source",
+        "check the network path and the process server's address in the agent's configuration";
+    CHURN_BEYOND_LIMITS = 78188, 503, "churn-beyond-limits",
+        "the machine writes more than replication can carry",
+        "add process-server capacity or bandwidth, or exclude volatile disks";
+    POLICY_NOT_ASSOCIATED = 78253, 409, "policy-not-associated",
+        "the replication policy is not associated with the configuration server",
+        "associate the policy, or choose one that is";
+    REPROTECT_NO_SERVER_PATH = 95226, 409, "reprotect-no-server-path",
+        "reprotect failed: the failed-over machine cannot reach the configuration server",
+        "give the machine a network path to the configuration server and start its agent";
+
+    // Ferry's own: the data path.
+    PROTOCOL = 9001, 400, "protocol",
+        "the peer sent something that is not a valid Ferry message at this point",
+        "check that both ends run the same Ferry version and that nothing else answers on the address";
+    DISK_LAYOUT_CHANGED = 9002, 409, "disk-layout-changed",
+        "the machine's disk layout differs from what this hop holds (a disk was added, removed or resized)",
+        "re-protect the machine so the hops take the new layout";
+    STORAGE = 9003, 500, "storage",
+        "storage failed at this hop (spool, journal, target disk or image folder)",
+        "check the named folder: free space, permissions, the disk's health; the hop's log has the detail";
+    BAD_NAME = 9004, 400, "bad-name",
+        "a machine or disk name is not allowed (1-128 characters from A-Z a-z 0-9 . _ -, not starting with '.')",
+        "rename the machine or disk";
+    NOT_REPLICATING = 9005, 409, "not-replicating",
+        "the machine is in initial sync or resync, not replicating in order",
+        "retry once the agent reports caught_up";
+    NOT_FOUND = 9006, 404, "not-found",
+        "no such object",
+        "list the objects and use an existing name or ID";
+    POINT_NOT_FOUND = 9007, 404, "point-not-found",
+        "no recovery point matches (none yet, pruned, or not valid)",
+        "list the machine's points (`ferry recovery-points MACHINE`) and choose one that exists";
+    CONFLICT = 9008, 409, "conflict",
+        "the request conflicts with the current state",
+        "reload the object and retry, or resolve the conflict named in the message";
+    BAD_REQUEST = 9009, 400, "bad-request",
+        "the request is malformed (JSON, types, fields, or a path-like name)",
+        "fix the request as the message says; see the API's openapi.json";
+    MATERIALIZE_FAILED = 9010, 500, "materialize-failed",
+        "making an image or export of a recovery point failed",
+        "check the image folder and the retention volume; the master target's log has the detail";
+    HOOK_FAILED = 9011, 500, "hook-failed",
+        "a freeze/thaw hook failed or timed out: no app-consistent point was taken",
+        "fix the hook named in the agent's configuration (see the agent log) and take the point again";
+    GROUP_TAG_FAILED = 9012, 409, "group-tag-failed",
+        "a multi-machine (group) point could not be taken on every member",
+        "check that every member's agent runs and is caught up, then take a new group point";
+
+    // Ferry's own: the control plane.
+    UNAUTHENTICATED = 9020, 401, "unauthenticated",
+        "no valid API token was given",
+        "send `Authorization: Bearer <token>` (`ferry tokens create` by an admin, or the first admin token shown at first start)";
+    FORBIDDEN = 9021, 403, "forbidden",
+        "the token's role may not do this",
+        "use a token with the operator or admin role";
+    READ_ONLY_POLICY = 9022, 409, "read-only-policy",
+        "a failback policy is created with its forward policy and is read-only (POL-2)",
+        "edit the forward policy instead; its failback policy stays at 15 min / 24 h / 60 min";
+    LIMIT_EXCEEDED = 9023, 400, "limit-exceeded",
+        "a recovery plan may hold at most 7 groups and 100 machines, each machine or replication group in one group",
+        "split the plan";
+    REGISTRATION_REFUSED = 9024, 403, "registration-refused",
+        "registration was refused: wrong passphrase or certificate request",
+        "ask the administrator for the current passphrase (`ferry config-server passphrase --rotate` shows a new one)";
+    JOB_STATE = 9025, 409, "job-state",
+        "the job is not in a state that allows this",
+        "check the job's state with `ferry jobs show ID`";
+    DISCOVERY_FAILED = 9026, 502, "discovery-failed",
+        "the site could not be discovered",
+        "fix the site description named in the message and rediscover";
+    STORE = 9027, 500, "store",
+        "the configuration database failed",
+        "check the database (disk space, PostgreSQL reachable) and the server log";
+    BODY_TOO_LARGE = 9028, 413, "body-too-large",
+        "the request body is larger than the server accepts",
+        "send a smaller body (the limit is max_body_bytes)";
+    BACKUP_FAILED = 9029, 500, "backup-failed",
+        "the configuration backup or restore failed",
+        "check the backup folder, its space and the backup key";
+    MIXED_OS_FAMILY = 9030, 400, "mixed-os-family",
+        "all machines of a replication group must have the same OS family (RG-1)",
+        "put machines of different OS families in different replication groups";
+}
+
+/// The registry entry for `code`.
+pub fn by_code(code: u32) -> Option<ErrorCode> {
+    ALL.iter().copied().find(|c| c.code == code)
+}
+
+/// The registry as a Markdown document (what `docs/error-codes.md` holds).
+pub fn markdown() -> String {
+    let mut out = String::from(
+        "# Error codes\n\nGenerated from `crates/types/src/codes.rs` (the one registry) by its test; do not edit by hand.\n\
+         Run `UPDATE_DOCS=1 cargo test -p ferry-types` after changing the registry.\n\n\
+         Every error Ferry reports carries one of these codes: on the wire (`Message::Error`), in API bodies\n\
+         (`{code, name, message, remedy}`), in job steps and in events. The reference product's codes keep\n\
+         their numbers; Ferry's own start at 9001.\n\n\
+         | code | name | HTTP | meaning | remedy |\n|---|---|---|---|---|\n",
+    );
+    for c in ALL {
+        out.push_str(&format!(
+            "| {} | `{}` | {} | {} | {} |\n",
+            c.code,
+            c.name,
+            c.http_status,
+            c.meaning.replace('|', "\\|"),
+            c.remedy.replace('|', "\\|")
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_code_and_name_is_unique_and_has_a_meaning_and_a_remedy() {
+        let mut codes: Vec<u32> = ALL.iter().map(|c| c.code).collect();
+        codes.sort();
+        codes.dedup();
+        assert_eq!(codes.len(), ALL.len(), "a code is declared twice");
+        let mut names: Vec<&str> = ALL.iter().map(|c| c.name).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), ALL.len(), "a name is declared twice");
+        for c in ALL {
+            assert!(!c.meaning.is_empty() && !c.remedy.is_empty(), "{} lacks a meaning or a remedy", c.code);
+            assert!((400..600).contains(&c.http_status), "{} has HTTP status {}", c.code, c.http_status);
+            assert!(c.name.bytes().all(|b| b.is_ascii_lowercase() || b == b'-'), "{}: name {:?}", c.code, c.name);
+        }
+        assert_eq!(by_code(78093), Some(MACHINE_NOT_ACCESSIBLE));
+        assert_eq!(by_code(1), None);
+    }
+
+    #[test]
+    fn the_error_code_document_is_generated_from_the_registry() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/error-codes.md");
+        let want = markdown();
+        if std::env::var_os("UPDATE_DOCS").is_some() {
+            std::fs::write(&path, &want).unwrap();
+        }
+        let have = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(have == want, "docs/error-codes.md is stale: run `UPDATE_DOCS=1 cargo test -p ferry-types`");
+    }
+}
