@@ -231,7 +231,7 @@ pub fn openapi() -> serde_json::Value {
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/api/v1/openapi.json", get(|| async { Json(openapi()) }))
-        .route("/api/v1/errors", get(|| async { Json(errors::TABLE) }))
+        .route("/api/v1/errors", get(|| async { Json(errors::ALL) }))
         .route("/api/v1/server", get(server_info))
         .route("/api/v1/ca", get(ca_pem))
         .route("/api/v1/register", post(crate::registration::register))
@@ -264,7 +264,72 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/v1/machines/{name}/recovery-points", get(crate::protection::recovery_points))
         .fallback(|| async { ApiError::not_found("no such API route: see /api/v1/openapi.json") })
         .layer(axum::extract::DefaultBodyLimit::max(state.config.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), limit_body))
         .with_state(state)
+}
+
+/// The most of an oversized body without `Content-Length` (chunked) read and thrown away before
+/// the 413 is sent, so that a client still sending gets the answer rather than a reset; beyond
+/// it the connection is closed.
+const DRAIN_LIMIT: usize = 8 << 20;
+
+/// Refuse oversized bodies with the 413 JSON error *before* anything reads them: a declared
+/// `Content-Length` above `max_body_bytes` is answered at once, so hyper never sends
+/// `100 Continue` and the client never starts sending what would be thrown away. A body without
+/// a length is read up to the limit; if it is larger, up to [`DRAIN_LIMIT`] more is drained
+/// before the answer. Either way the connection closes after the 413.
+async fn limit_body(
+    State(s): State<Arc<AppState>>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Result<Response, ApiError> {
+    let limit = s.config.max_body_bytes;
+    let too_large = || {
+        let mut r = ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            errors::BODY_TOO_LARGE,
+            format!("the request body is larger than {limit} bytes"),
+        )
+        .into_response();
+        r.headers_mut().insert(axum::http::header::CONNECTION, axum::http::HeaderValue::from_static("close"));
+        r
+    };
+    let declared = req.headers().get(axum::http::header::CONTENT_LENGTH);
+    if let Some(v) = declared {
+        return match v.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()) {
+            Some(n) if n > limit as u64 => Ok(too_large()),
+            Some(_) => Ok(next.run(req).await),
+            None => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                errors::BAD_REQUEST,
+                "the Content-Length header is not a number".to_owned(),
+            )),
+        };
+    }
+    let chunked = req.headers().get(axum::http::header::TRANSFER_ENCODING).is_some();
+    if !chunked {
+        return Ok(next.run(req).await);
+    }
+    let (parts, body) = req.into_parts();
+    let mut stream = body.into_data_stream();
+    let mut buf = Vec::new();
+    let mut seen = 0usize;
+    use futures::StreamExt;
+    while let Some(chunk) = stream.next().await {
+        let Ok(chunk) = chunk else { break };
+        seen = seen.saturating_add(chunk.len());
+        if seen > limit {
+            if seen > limit.saturating_add(DRAIN_LIMIT) {
+                break;
+            }
+            continue;
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    if seen > limit {
+        return Ok(too_large());
+    }
+    Ok(next.run(Request::from_parts(parts, axum::body::Body::from(buf))).await)
 }
 
 async fn server_info(State(s): State<Arc<AppState>>) -> ApiResult {
