@@ -40,6 +40,11 @@ pub enum AgentError {
     NotReplicating(String),
 }
 
+/// Map an I/O error on `path` to [`AgentError::Io`].
+pub(crate) fn io_at(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> AgentError + '_ {
+    move |source| AgentError::Io { path: path.to_owned(), source }
+}
+
 /// The NBD backend of one protected disk: reads go straight to the disk, every modification goes
 /// through the machine's sequencer.
 struct ReplicatedDisk {

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use ferry_journal::{fsutil, ActivityLog, AlSlot, DirtyMap, JournalError, TRACK_BLOCK};
+use ferry_journal::{ActivityLog, AlSlot, DirtyMap, JournalError, TRACK_BLOCK};
 use ferry_nbd::{Backend, BackendError};
 use ferry_protocol::{now_ms, Ack, DiskDescriptor, MachineDescriptor, Record, RecordBody, ResyncReason};
 use ferry_status::RateMeter;
@@ -303,10 +303,11 @@ impl Machine {
         al.clear()?;
         let next_seq = al.reserved_seq() + 1;
         al.reserve_seq(next_seq + SEQ_RESERVATION)?;
-        fsutil::write_atomic(
+        ferry_sys::fs::write_atomic(
             &state_path,
             &serde_json::to_vec_pretty(&state).map_err(|e| AgentError::Config(e.to_string()))?,
-        )?;
+        )
+        .map_err(crate::io_at(&state_path))?;
         let mut events = VecDeque::new();
         if al_lost {
             let msg = format!("{} is missing although the machine was protected: all allocated regions will be compared and copied again", al_path.display());
@@ -1095,7 +1096,7 @@ impl Machine {
 
     fn save_state(&self, c: &Core) -> Result<(), AgentError> {
         let data = serde_json::to_vec_pretty(&c.state).map_err(|e| AgentError::Config(e.to_string()))?;
-        fsutil::write_atomic(&c.state_path, &data)?;
+        ferry_sys::fs::write_atomic(&c.state_path, &data).map_err(crate::io_at(&c.state_path))?;
         Ok(())
     }
 

@@ -44,21 +44,10 @@ pub fn parse_key(hex: &str) -> Option<[u8; 32]> {
 }
 
 fn write_private(path: &Path, data: &[u8]) -> Result<(), String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     if let Some(p) = path.parent() {
         std::fs::create_dir_all(p).map_err(|e| format!("cannot create {}: {e}", p.display()))?;
     }
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
-    f.write_all(data).and_then(|_| f.sync_all()).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("cannot rename {}: {e}", tmp.display()))
+    ferry_sys::fs::write_atomic(path, data).map_err(|e| e.to_string())
 }
 
 /// Write an encrypted backup into the backup folder; returns its path.

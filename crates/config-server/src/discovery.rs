@@ -266,13 +266,7 @@ pub struct LocalSite {
 }
 
 fn statvfs(path: &Path) -> Option<(u64, u64)> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
-    // SAFETY: statvfs writes into a zeroed struct we own; the path is a valid C string.
-    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
-        return None;
-    }
-    Some((s.f_bavail as u64 * s.f_frsize as u64, s.f_blocks as u64 * s.f_frsize as u64))
+    ferry_sys::fs::space(path).ok().map(|s| (s.available, s.total))
 }
 
 impl SiteProvider for LocalSite {
@@ -308,7 +302,7 @@ impl SiteProvider for LocalSite {
         for n in
             hosts.iter().chain(site.datastores.iter().map(|d| &d.name)).chain(site.machines.iter().map(|m| &m.name))
         {
-            ferry_protocol::validate_name("inventory object", n).map_err(|e| format!("{}: {e}", file.display()))?;
+            ferry_types::validate_name("inventory object", n).map_err(|e| format!("{}: {e}", file.display()))?;
         }
         for d in &mut site.datastores {
             if !["vmfs", "vsan", "nfs"].contains(&d.kind.as_str()) {
@@ -442,10 +436,7 @@ impl LocalSite {
     fn save(&self, site: &SiteFile) -> Result<(), String> {
         let file = self.folder.join("site.toml");
         let text = toml::to_string(site).map_err(|e| e.to_string())?;
-        let tmp = file.with_extension(format!("toml.{}.tmp", std::process::id()));
-        std::fs::write(&tmp, text).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
-        std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| e.to_string())?;
-        std::fs::rename(&tmp, &file).map_err(|e| format!("cannot replace {}: {e}", file.display()))
+        ferry_sys::fs::atomic_replace(&file, text.as_bytes(), 0o644).map_err(|e| e.to_string())
     }
 
     fn inside(&self, p: &Path) -> Result<PathBuf, String> {
@@ -510,7 +501,7 @@ impl LocalSite {
                 format!("{machine} crashed (its guest was killed)")
             }
             SiteOperation::CreateMachine { machine, host, datastore, os_family, disks } => {
-                ferry_protocol::validate_name("machine", machine)?;
+                ferry_types::validate_name("machine", machine)?;
                 if site.machines.iter().any(|m| &m.name == machine) {
                     return Err(format!("machine {machine} already exists on site {}", self.name));
                 }
@@ -542,7 +533,7 @@ impl LocalSite {
                 }
                 let mut names = std::collections::HashSet::new();
                 for d in disks {
-                    ferry_protocol::validate_name("disk", &d.name)?;
+                    ferry_types::validate_name("disk", &d.name)?;
                     if !names.insert(&d.name) {
                         return Err(format!("disk {} is named twice", d.name));
                     }
@@ -735,7 +726,7 @@ impl LocalSite {
             .spawn()
             .map_err(|e| format!("cannot start the guest of {}: {e}", m.name))?;
         let pid = child.id();
-        std::fs::write(dir.join("guest.pid"), format!("{pid} {}\n", start_ticks(pid).unwrap_or(0)))
+        std::fs::write(dir.join("guest.pid"), format!("{pid} {}\n", start_ticks(pid as i32).unwrap_or(0)))
             .map_err(|e| format!("cannot write guest.pid: {e}"))?;
         std::thread::spawn(move || {
             let _ = child.wait();
@@ -744,11 +735,7 @@ impl LocalSite {
     }
 }
 
-/// A process's start time in clock ticks since boot (`/proc/PID/stat` field 22).
-fn start_ticks(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    s.rsplit(')').next()?.split_whitespace().nth(19)?.parse().ok()
-}
+use ferry_sys::proc::start_ticks;
 
 /// The running guest's pid, if `guest.pid` names a live `ferry lab guest --dir DIR` process.
 pub fn guest_pid(dir: &Path) -> Option<i32> {

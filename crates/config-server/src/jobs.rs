@@ -100,9 +100,7 @@ pub struct Job {
     pub resumes: u32,
 }
 
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
+pub use ferry_sys::time::now_ms;
 
 /// What a step's work produced.
 pub enum Outcome {

@@ -26,21 +26,29 @@ pub struct Endpoints {
     pub status: String,
 }
 
-fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("cannot find a free port on 127.0.0.1")?;
-    Ok(l.local_addr()?.port())
+/// The agent's listeners, bound by the guest itself and handed to every agent it starts (so a
+/// restarted agent serves the very same sockets). The first boot binds port 0 and records the
+/// ports in `endpoints.json`; later boots bind the recorded ports again, since the configuration
+/// server and the workload know the machine by them.
+struct Listeners {
+    nbd: std::net::TcpListener,
+    status: std::net::TcpListener,
 }
 
-fn endpoints(dir: &Path) -> Result<Endpoints> {
+fn endpoints(dir: &Path) -> Result<(Endpoints, Listeners)> {
     let p = dir.join("endpoints.json");
-    if let Ok(d) = std::fs::read(&p) {
-        if let Ok(e) = serde_json::from_slice::<Endpoints>(&d) {
-            return Ok(e);
-        }
+    let recorded = std::fs::read(&p).ok().and_then(|d| serde_json::from_slice::<Endpoints>(&d).ok());
+    let bind = |a: &str| std::net::TcpListener::bind(a).with_context(|| format!("cannot listen on {a} for the agent"));
+    let listeners = match &recorded {
+        Some(e) => Listeners { nbd: bind(&e.nbd)?, status: bind(&e.status)? },
+        None => Listeners { nbd: bind("127.0.0.1:0")?, status: bind("127.0.0.1:0")? },
+    };
+    let e =
+        Endpoints { nbd: listeners.nbd.local_addr()?.to_string(), status: listeners.status.local_addr()?.to_string() };
+    if recorded.is_none() {
+        ferry_sys::fs::atomic_replace(&p, &serde_json::to_vec_pretty(&e)?, 0o644)?;
     }
-    let e = Endpoints { nbd: format!("127.0.0.1:{}", free_port()?), status: format!("127.0.0.1:{}", free_port()?) };
-    std::fs::write(&p, serde_json::to_vec_pretty(&e)?).with_context(|| format!("cannot write {}", p.display()))?;
-    Ok(e)
+    Ok((e, listeners))
 }
 
 /// JSON settings → TOML (no nulls in TOML: they are dropped).
@@ -57,7 +65,7 @@ fn to_toml(v: &Value) -> Option<toml::Value> {
     }
 }
 
-fn spawn(exe: &Path, args: &[String], log: &Path) -> Result<Child> {
+fn spawn(exe: &Path, args: &[String], log: &Path, listeners: &[(&str, &std::net::TcpListener)]) -> Result<Child> {
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -66,6 +74,7 @@ fn spawn(exe: &Path, args: &[String], log: &Path) -> Result<Child> {
     let err = out.try_clone()?;
     let mut cmd = Command::new(exe);
     cmd.args(args).stdin(std::process::Stdio::null()).stdout(out).stderr(err);
+    ferry_sys::listen::pass(cmd.as_std_mut(), listeners);
     // SAFETY: prctl in the child before exec; async-signal-safe.
     unsafe {
         cmd.pre_exec(|| {
@@ -100,6 +109,7 @@ struct Guest {
     exe: PathBuf,
     reg: PathBuf,
     ends: Endpoints,
+    listeners: Listeners,
 }
 
 impl Guest {
@@ -232,8 +242,8 @@ pub async fn run(dir: PathBuf, shutdown: CancellationToken) -> Result<()> {
         .with_context(|| format!("cannot read {}/guest.toml (written by power-on)", dir.display()))?;
     let file: GuestFile = toml::from_str(&text).context("guest.toml is invalid")?;
     let exe = std::env::current_exe().context("cannot find the ferry executable")?;
-    let ends = endpoints(&dir)?;
-    let g = Guest { reg: dir.join("mobility-service"), dir, file, exe, ends };
+    let (ends, listeners) = endpoints(&dir)?;
+    let g = Guest { reg: dir.join("mobility-service"), dir, file, exe, ends, listeners };
     tracing::info!(machine = %g.file.machine, delay = g.file.settings.boot_delay_secs, "booting");
     tokio::select! {
         _ = shutdown.cancelled() => return Ok(()),
@@ -285,7 +295,12 @@ pub async fn run(dir: PathBuf, shutdown: CancellationToken) -> Result<()> {
                 }
                 let started = g.write_agent_config(s).and_then(|path| {
                     let args = vec!["agent".to_owned(), "--config".to_owned(), path.to_string_lossy().into_owned()];
-                    spawn(&g.exe, &args, &g.dir.join("agent.log"))
+                    spawn(
+                        &g.exe,
+                        &args,
+                        &g.dir.join("agent.log"),
+                        &[("nbd_listen", &g.listeners.nbd), ("status_listen", &g.listeners.status)],
+                    )
                 });
                 match started {
                     Ok(c) => {
@@ -330,7 +345,7 @@ pub async fn run(dir: PathBuf, shutdown: CancellationToken) -> Result<()> {
         }
         if workload.is_none() && agent.is_some() && tokio::net::TcpStream::connect(&g.ends.nbd).await.is_ok() {
             if let Some(args) = g.workload_args() {
-                match spawn(&g.exe, &args, &g.dir.join("workload.log")) {
+                match spawn(&g.exe, &args, &g.dir.join("workload.log"), &[]) {
                     Ok(c) => {
                         record_pid(&g.dir.join("workload.pid"), &c);
                         workload = Some(c)

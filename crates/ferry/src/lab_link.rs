@@ -106,9 +106,12 @@ struct Slow {
 
 /// Run the link until `shutdown`.
 pub async fn run(listen: &str, upstream: String, control: &str, shutdown: CancellationToken) -> Result<()> {
-    let listener = TcpListener::bind(listen).await.with_context(|| format!("cannot listen on {listen}"))?;
-    let control_l =
-        TcpListener::bind(control).await.with_context(|| format!("cannot listen on {control} for control"))?;
+    let listener = ferry_sys::listen::listener("listen", listen)
+        .and_then(TcpListener::from_std)
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let control_l = ferry_sys::listen::listener("control", control)
+        .and_then(TcpListener::from_std)
+        .with_context(|| format!("cannot listen on {control} for control"))?;
     let state = Arc::new(LinkState::default());
     let routes = Router::new()
         .route(

@@ -197,6 +197,10 @@ pub struct LabProcess {
     /// Its command line (`ferry lab restart` starts it again the same way).
     #[serde(default)]
     pub args: Vec<String>,
+    /// The listeners the lab bound and handed down: configuration key → (address, descriptor
+    /// number in the child). A restart takes the same sockets back and hands them on.
+    #[serde(default)]
+    pub listeners: BTreeMap<String, (String, i32)>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -217,20 +221,7 @@ impl LabState {
     }
 
     fn save(&self) -> Result<()> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let p = self.dir.join("lab.json");
-        let tmp = self.dir.join("lab.json.tmp");
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("cannot write {}", tmp.display()))?;
-        std::io::Write::write_all(&mut f, &serde_json::to_vec_pretty(self)?)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &p)?;
-        Ok(())
+        Ok(ferry_sys::fs::write_atomic(&self.dir.join("lab.json"), &serde_json::to_vec_pretty(self)?)?)
     }
 
     /// API access as the lab's operator.
@@ -288,34 +279,28 @@ impl LabState {
     }
 }
 
-fn free_port() -> Result<String> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("cannot find a free port on 127.0.0.1")?;
-    Ok(format!("127.0.0.1:{}", l.local_addr()?.port()))
+/// A new loopback listener on a port the kernel chooses. The lab binds every daemon's listeners
+/// itself and hands them down (`ferry_sys::listen`), so no port is ever chosen by one process and
+/// bound by another.
+fn bind_loopback() -> Result<(String, std::net::TcpListener)> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").context("cannot listen on 127.0.0.1")?;
+    Ok((l.local_addr()?.to_string(), l))
 }
 
-/// Whether `pid` is a live (not zombie) process.
-pub fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
-}
+/// A started daemon: pid, start time, command line, listeners handed down.
+type Spawned = (i32, u64, Vec<String>, BTreeMap<String, (String, i32)>);
 
-/// A process's start time in clock ticks since boot (`/proc/PID/stat` field 22).
-pub fn start_ticks(pid: i32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    s.rsplit(')').next()?.split_whitespace().nth(19)?.parse().ok()
-}
-
-/// Whether `pid` still is the process started at `ticks`. An unknown start time (0) or pid 0/1
-/// never matches: nothing is signalled on a guess.
-pub fn same_process(pid: i32, ticks: u64) -> bool {
-    pid > 1 && ticks != 0 && alive(pid) && start_ticks(pid) == Some(ticks)
-}
+pub use ferry_sys::proc::{alive, same_process, start_ticks};
 
 /// Start a daemon detached in its own process group, logging to `log`. Its pid and start time
 /// are appended to `DIR/pids` at once, so a failure before lab.json is saved still stops it.
-fn spawn_daemon(exe: &Path, args: &[String], log: &Path, stdout: Option<&Path>) -> Result<(i32, u64, Vec<String>)> {
+fn spawn_daemon(
+    exe: &Path,
+    args: &[String],
+    log: &Path,
+    stdout: Option<&Path>,
+    listeners: &[(&str, &std::net::TcpListener)],
+) -> Result<Spawned> {
     use std::os::unix::process::CommandExt;
     let l = std::fs::OpenOptions::new()
         .create(true)
@@ -336,14 +321,10 @@ fn spawn_daemon(exe: &Path, args: &[String], log: &Path, stdout: Option<&Path>) 
         }
         None => l.try_clone()?,
     };
-    let child = std::process::Command::new(exe)
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .stdout(out)
-        .stderr(l)
-        .process_group(0)
-        .spawn()
-        .with_context(|| format!("cannot start {} {}", exe.display(), args.join(" ")))?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(args).stdin(std::process::Stdio::null()).stdout(out).stderr(l).process_group(0);
+    ferry_sys::listen::pass(&mut cmd, listeners);
+    let child = cmd.spawn().with_context(|| format!("cannot start {} {}", exe.display(), args.join(" ")))?;
     let pid = child.id() as i32;
     let ticks = start_ticks(pid).unwrap_or(0);
     if let Some(dir) = log.parent().and_then(|l| l.parent()) {
@@ -355,7 +336,12 @@ fn spawn_daemon(exe: &Path, args: &[String], log: &Path, stdout: Option<&Path>) 
             .open(dir.join("pids"))
             .and_then(|mut f| f.write_all(line.as_bytes()));
     }
-    Ok((pid, ticks, args.to_vec()))
+    let mut handed = BTreeMap::new();
+    for (key, l) in listeners {
+        use std::os::fd::AsRawFd;
+        handed.insert((*key).to_owned(), (l.local_addr()?.to_string(), l.as_raw_fd()));
+    }
+    Ok((pid, ticks, args.to_vec(), handed))
 }
 
 async fn wait_port(addr: &str, pid: i32, log: &Path, limit: Duration) -> Result<()> {
@@ -389,8 +375,9 @@ fn start_component(
     (site, name): (&String, &String),
     keys: String,
     link: String,
-    address: String,
-    status: String,
+    (address, address_l): (String, &std::net::TcpListener),
+    (status, status_l): (String, &std::net::TcpListener),
+    extra: &[(&str, &std::net::TcpListener)],
 ) -> Result<LabProcess> {
     let cfg = format!(
         "{keys}[tls]\nca = '{}'\ncert = '{}'\nkey = '{}'\n{link}",
@@ -401,7 +388,10 @@ fn start_component(
     let cfg_path = reg.join(format!("{kind}.toml"));
     std::fs::write(&cfg_path, cfg).with_context(|| format!("cannot write {}", cfg_path.display()))?;
     let log = logs.join(format!("{name}.log"));
-    let (pid, start_ticks, args) = spawn_daemon(exe, &[kind.into(), "--config".into(), s(&cfg_path)], &log, None)?;
+    let mut handed = vec![("listen", address_l), ("status_listen", status_l)];
+    handed.extend_from_slice(extra);
+    let (pid, start_ticks, args, listeners) =
+        spawn_daemon(exe, &[kind.into(), "--config".into(), s(&cfg_path)], &log, None, &handed)?;
     Ok(LabProcess {
         name: name.clone(),
         kind: kind.into(),
@@ -412,6 +402,7 @@ fn start_component(
         status: Some(status),
         start_ticks,
         args,
+        listeners,
     })
 }
 
@@ -652,10 +643,10 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, out: OutputFormat) -> Res
 
     // 1. The configuration server.
     say(out, "starting the configuration server (SQLite)…");
-    let cs_addr = free_port()?;
+    let (cs_addr, cs_listener) = bind_loopback()?;
     let cs_log = logs.join("config-server.log");
     let first_out = logs.join("config-server.first-start.json");
-    let (cs_pid, cs_ticks, cs_args) = spawn_daemon(
+    let (cs_pid, cs_ticks, cs_args, cs_listeners) = spawn_daemon(
         &exe,
         &[
             "--output".into(),
@@ -672,7 +663,9 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, out: OutputFormat) -> Res
         ],
         &cs_log,
         Some(&first_out),
+        &[("listen", &cs_listener)],
     )?;
+    drop(cs_listener);
     processes.push(LabProcess {
         name: "config-server".into(),
         kind: "config-server".into(),
@@ -683,6 +676,7 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, out: OutputFormat) -> Res
         status: None,
         start_ticks: cs_ticks,
         args: cs_args,
+        listeners: cs_listeners,
     });
     state.processes = processes.clone();
     state.config_server = cs_addr.clone();
@@ -719,9 +713,11 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, out: OutputFormat) -> Res
 
     // 2. Links: in front of every master target and of the configuration server for other sites.
     let mut start_link = |name: String, to: String| -> Result<LabLink> {
-        let l = LabLink { name: name.clone(), listen: free_port()?, to, control: free_port()? };
+        let (listen, listen_l) = bind_loopback()?;
+        let (control, control_l) = bind_loopback()?;
+        let l = LabLink { name: name.clone(), listen, to, control };
         let log = logs.join(format!("link-{name}.log"));
-        let (pid, start_ticks, args) = spawn_daemon(
+        let (pid, start_ticks, args, listeners) = spawn_daemon(
             &exe,
             &[
                 "lab".into(),
@@ -735,6 +731,7 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, out: OutputFormat) -> Res
             ],
             &log,
             None,
+            &[("listen", &listen_l), ("control", &control_l)],
         )?;
         processes.push(LabProcess {
             name: format!("link-{name}"),
@@ -746,15 +743,18 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, out: OutputFormat) -> Res
             status: Some(l.control.clone()),
             start_ticks,
             args,
+            listeners,
         });
         Ok(l)
     };
-    let mut mt_addr: BTreeMap<String, (String, String, String)> = BTreeMap::new(); // name -> (listen, status, nbd)
+    // name -> listen, status and NBD listeners (bound here, handed to the master target).
+    type Bound = (String, std::net::TcpListener);
+    let mut mt_addr: BTreeMap<String, (Bound, Bound, Bound)> = BTreeMap::new();
     for site in &spec.sites {
         for mt in site.master_targets.iter().filter(|m| m.run) {
-            let listen = free_port()?;
-            let link = start_link(mt.name.clone(), listen.clone())?;
-            mt_addr.insert(mt.name.clone(), (listen, free_port()?, free_port()?));
+            let listen = bind_loopback()?;
+            let link = start_link(mt.name.clone(), listen.0.clone())?;
+            mt_addr.insert(mt.name.clone(), (listen, bind_loopback()?, bind_loopback()?));
             links.push(link);
         }
     }
@@ -807,7 +807,8 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, out: OutputFormat) -> Res
             )
             .await
             .with_context(|| format!("registering master target {}", mt.name))?;
-            let (listen, status, nbd) = mt_addr[&mt.name].clone();
+            let ((listen, listen_l), (status, status_l), (nbd, nbd_l)) =
+                mt_addr.remove(&mt.name).context("master target listeners")?;
             let keys = format!(
                 "name = '{}'\ndatastore = '{}'\nretention = '{}'\nlisten = '{listen}'\nstatus_listen = '{status}'\nnbd_listen = '{nbd}'\nadvertise = '{}'\n",
                 mt.name,
@@ -817,7 +818,18 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, out: OutputFormat) -> Res
             );
             let link = server_link(&site.name, &reg, &mt.name);
             let names = (&site.name, &mt.name);
-            processes.push(start_component(&exe, &logs, &reg, "master-target", names, keys, link, listen, status)?);
+            processes.push(start_component(
+                &exe,
+                &logs,
+                &reg,
+                "master-target",
+                names,
+                keys,
+                link,
+                (listen, &listen_l),
+                (status, &status_l),
+                &[("nbd_listen", &nbd_l)],
+            )?);
         }
         if let Some(ps) = &site.process_server {
             say(out, &format!("starting process server {} on site {}…", ps.name, site.name));
@@ -841,8 +853,8 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, out: OutputFormat) -> Res
                 .flat_map(|o| o.master_targets.iter().filter(|m| m.run))
                 .find_map(|m| link_of(&m.name).map(|l| (m.name.clone(), l)))
                 .context("no master target on another site")?;
-            let listen = free_port()?;
-            let status = free_port()?;
+            let (listen, listen_l) = bind_loopback()?;
+            let (status, status_l) = bind_loopback()?;
             let keys = format!(
                 "cache_dir = '{}'\ncache_capacity_bytes = {}\nlisten = '{listen}'\nstatus_listen = '{status}'\nmaster_target = '{mt_link}'\nmaster_target_name = '{mt_name}'\n",
                 s(&folder.join("cache").join(&ps.name)),
@@ -850,7 +862,18 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, out: OutputFormat) -> Res
             );
             let link = server_link(&site.name, &reg, &ps.name);
             let names = (&site.name, &ps.name);
-            processes.push(start_component(&exe, &logs, &reg, "process-server", names, keys, link, listen, status)?);
+            processes.push(start_component(
+                &exe,
+                &logs,
+                &reg,
+                "process-server",
+                names,
+                keys,
+                link,
+                (listen, &listen_l),
+                (status, &status_l),
+                &[],
+            )?);
         }
         state.processes = processes.clone();
         state.save()?;
@@ -1145,6 +1168,18 @@ pub async fn restart(dir: &Path, name: &str, kill: bool, out: OutputFormat) -> R
     if p.args.is_empty() {
         bail!("{name} was started by an older `ferry lab up` that did not record its command line");
     }
+    // The same sockets again: taken back from the running process before it stops (so no
+    // connection attempt in between is refused and nobody else can take the port), or bound
+    // again at the recorded address if it is gone already.
+    let mut sockets = Vec::new();
+    for (key, (addr, fd)) in &p.listeners {
+        let taken = if same_process(p.pid, p.start_ticks) {
+            ferry_sys::listen::take_from_process(p.pid, *fd).ok()
+        } else {
+            None
+        };
+        sockets.push((key.clone(), addr.clone(), taken));
+    }
     if same_process(p.pid, p.start_ticks) {
         // SAFETY: a signal to a process group this lab started, checked by start time.
         unsafe { libc::kill(-p.pid, if kill { libc::SIGKILL } else { libc::SIGTERM }) };
@@ -1157,10 +1192,22 @@ pub async fn restart(dir: &Path, name: &str, kill: bool, out: OutputFormat) -> R
         }
     }
     let exe = std::env::current_exe().context("cannot find the ferry executable")?;
-    let (pid, start_ticks, args) = spawn_daemon(&exe, &p.args, &p.log, None)?;
+    let mut bound = Vec::new();
+    for (key, addr, taken) in sockets {
+        let l = match taken {
+            Some(l) => l,
+            None => rebind(&addr).await.with_context(|| {
+                format!("cannot listen on {addr} again for {name} ({key}); another process took the port")
+            })?,
+        };
+        bound.push((key, l));
+    }
+    let handed: Vec<(&str, &std::net::TcpListener)> = bound.iter().map(|(k, l)| (k.as_str(), l)).collect();
+    let (pid, start_ticks, args, listeners) = spawn_daemon(&exe, &p.args, &p.log, None, &handed)?;
     st.processes[i].pid = pid;
     st.processes[i].start_ticks = start_ticks;
     st.processes[i].args = args;
+    st.processes[i].listeners = listeners;
     st.save()?;
     wait_port(&p.address, pid, &p.log, Duration::from_secs(60)).await.with_context(|| format!("restarting {name}"))?;
     match out {
@@ -1168,6 +1215,20 @@ pub async fn restart(dir: &Path, name: &str, kill: bool, out: OutputFormat) -> R
         OutputFormat::Table => println!("{name} restarted (pid {pid})"),
     }
     Ok(())
+}
+
+/// Bind `addr` again after its process died. A killed multi-threaded process shows as a zombie
+/// while its other threads still hold its descriptors, so the port can stay busy for a moment.
+async fn rebind(addr: &str) -> std::io::Result<std::net::TcpListener> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match std::net::TcpListener::bind(addr) {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            r => return r,
+        }
+    }
 }
 
 /// A provider operation on a lab machine (power-on, power-off, crash), through the server.
@@ -1231,9 +1292,7 @@ pub async fn link_control(
     Ok(())
 }
 
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
+pub use ferry_sys::time::now_ms;
 
 #[cfg(test)]
 mod tests {
@@ -1284,14 +1343,5 @@ mod tests {
         assert!(!check(bad_name).is_empty());
         assert!(check(base("surprise = 1\n")).contains("surprise"));
         assert!(check("[[sites]]\nname = 'a'\n".into()).contains("config_server = true"));
-    }
-
-    #[test]
-    fn start_ticks_identify_a_process() {
-        let me = std::process::id() as i32;
-        let t = start_ticks(me).unwrap();
-        assert!(same_process(me, t));
-        assert!(!same_process(me, t + 1), "a different start time is a different process");
-        assert!(!alive(i32::MAX));
     }
 }

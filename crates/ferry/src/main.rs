@@ -531,7 +531,7 @@ struct MaterializeArgs {
     /// raw, qcow2, vmdk or vhd.
     #[arg(long, default_value = "raw")]
     format: String,
-    /// Folder for the image files (default <datastore>/<machine>/images/<id>).
+    /// Folder for the image files (default DATASTORE/MACHINE/images/ID).
     #[arg(long)]
     dir: Option<PathBuf>,
     #[command(flatten)]
@@ -605,6 +605,12 @@ struct CertsArgs {
 }
 
 fn main() -> std::process::ExitCode {
+    // Listeners handed down by whoever started us (the lab, the test harness), taken while the
+    // process is still single-threaded.
+    if let Err(e) = ferry_sys::listen::adopt() {
+        eprintln!("error: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
     let cli = Cli::parse();
     let filter =
         tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -661,13 +667,33 @@ fn shutdown_on_signal() -> CancellationToken {
     token
 }
 
-async fn bind(addr: &Option<String>, what: &str) -> Result<Option<tokio::net::TcpListener>> {
-    match addr {
-        None => Ok(None),
-        Some(a) => Ok(Some(
-            tokio::net::TcpListener::bind(a).await.with_context(|| format!("cannot listen on {a} for {what}"))?,
-        )),
+/// The listener for configuration key `key` (e.g. `status_listen`): the socket our parent handed
+/// down under that name, or a new one bound to `addr` (port 0 lets the kernel choose; the bound
+/// address is published in the ready file).
+fn listen(key: &str, addr: &str, what: &str) -> Result<tokio::net::TcpListener> {
+    let l = ferry_sys::listen::listener(key, addr).with_context(|| format!("cannot listen on {addr} for {what}"))?;
+    tokio::net::TcpListener::from_std(l).with_context(|| format!("cannot listen on {addr} for {what}"))
+}
+
+fn bind(key: &str, addr: &Option<String>, what: &str) -> Result<Option<tokio::net::TcpListener>> {
+    addr.as_deref().map(|a| listen(key, a, what)).transpose()
+}
+
+/// Publish the addresses a daemon listens on (`FERRY_READY_FILE`, JSON `{"pid", "listeners":
+/// {key: address}}`), written atomically once every listener is bound, so whoever started it
+/// with port 0 learns the ports without racing the bind.
+fn publish_ready(listeners: &[(&str, Option<&tokio::net::TcpListener>)]) -> Result<()> {
+    let Some(path) = std::env::var_os("FERRY_READY_FILE") else { return Ok(()) };
+    let mut map = serde_json::Map::new();
+    for (key, l) in listeners {
+        if let Some(l) = l {
+            map.insert((*key).to_owned(), serde_json::Value::String(l.local_addr()?.to_string()));
+        }
     }
+    let body = serde_json::json!({ "pid": std::process::id(), "listeners": map });
+    let path = std::path::PathBuf::from(path);
+    ferry_sys::fs::write_atomic(&path, &serde_json::to_vec(&body)?)
+        .with_context(|| format!("cannot write the ready file {}", path.display()))
 }
 
 async fn run(cli: Cli) -> Result<()> {
@@ -798,10 +824,11 @@ async fn run_agent(a: AgentRunArgs) -> Result<()> {
         None => None,
     };
     let listeners = ferry_agent::AgentListeners {
-        nbd_tcp: bind(&config.nbd_listen, "NBD").await?,
+        nbd_tcp: bind("nbd_listen", &config.nbd_listen, "NBD")?,
         nbd_unix,
-        status: bind(&config.status_listen, "status").await?,
+        status: bind("status_listen", &config.status_listen, "status")?,
     };
+    publish_ready(&[("nbd_listen", listeners.nbd_tcp.as_ref()), ("status_listen", listeners.status.as_ref())])?;
     let machine = config.machine.clone();
     ferry_agent::serve(config, listeners, shutdown_on_signal())
         .await
@@ -820,10 +847,9 @@ async fn run_process_server(a: ProcessServerRunArgs) -> Result<()> {
     let config: ferry_process_server::ProcessServerConfig =
         cli_config::load_config_with_server(a.config.as_deref(), o, "process-server", |_| "process-server".into())
             .await?;
-    let listener = tokio::net::TcpListener::bind(&config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {} for agents", config.listen))?;
-    let status = bind(&config.status_listen, "status").await?;
+    let listener = listen("listen", &config.listen, "agents")?;
+    let status = bind("status_listen", &config.status_listen, "status")?;
+    publish_ready(&[("listen", Some(&listener)), ("status_listen", status.as_ref())])?;
     ferry_process_server::serve(config, listener, status, shutdown_on_signal()).await.context("process server")
 }
 
@@ -840,10 +866,9 @@ async fn run_master_target(a: MasterTargetRunArgs) -> Result<()> {
             t.get("name").and_then(|m| m.as_str()).unwrap_or("master-target").to_owned()
         })
         .await?;
-    let listener = tokio::net::TcpListener::bind(&config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {} for process servers", config.listen))?;
-    let status = bind(&config.status_listen, "status").await?;
+    let listener = listen("listen", &config.listen, "process servers")?;
+    let status = bind("status_listen", &config.status_listen, "status")?;
+    publish_ready(&[("listen", Some(&listener)), ("status_listen", status.as_ref())])?;
     ferry_master_target::serve(config, listener, status, shutdown_on_signal()).await.context("master target")
 }
 
@@ -1106,9 +1131,8 @@ fn config_server_config(a: ConfigServerRunArgs) -> Result<ferry_config_server::C
 
 async fn run_config_server(a: ConfigServerRunArgs, out: OutputFormat) -> Result<()> {
     let config = config_server_config(a)?;
-    let listener = tokio::net::TcpListener::bind(&config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {} for the API", config.listen))?;
+    let listener = listen("listen", &config.listen, "the API")?;
+    publish_ready(&[("listen", Some(&listener))])?;
     let prepared = ferry_config_server::prepare(&config).await.context("configuration server setup")?;
     let fingerprint = ferry_tls::fingerprint(&prepared.2)?;
     let first = &prepared.1;

@@ -2,7 +2,7 @@ use std::path::{Path, PathBuf};
 
 use roaring::RoaringBitmap;
 
-use crate::{fsutil, io_err, JournalError, TRACK_BLOCK};
+use crate::{io_err, JournalError, TRACK_BLOCK};
 
 const MAGIC: &[u8; 8] = b"FERRYDM1";
 
@@ -57,7 +57,7 @@ impl DirtyMap {
         }
         let crc = crc32c::crc32c(&data[8..]);
         data.extend_from_slice(&crc.to_le_bytes());
-        fsutil::write_atomic(&self.path, &data)
+        ferry_sys::fs::write_atomic(&self.path, &data).map_err(io_err(&self.path))
     }
 
     /// Mark the blocks covering `[offset, offset+len)`.

@@ -12,7 +12,6 @@
 
 mod activity_log;
 mod dirty_map;
-pub mod fsutil;
 mod segment_log;
 
 pub use activity_log::{ActivityLog, AlSlot};

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use ferry_protocol::Record;
 
-use crate::{fsutil, io_err, JournalError};
+use crate::{io_err, JournalError};
 
 const ENTRY_HEADER: usize = 8;
 /// Largest entry accepted when reading back (a record carries at most one 32 MiB write).
@@ -139,7 +139,7 @@ impl SegmentLog {
         let path = self.dir.join(seg_name(first));
         let file =
             OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).map_err(io_err(&path))?;
-        fsutil::sync_dir(&self.dir)?;
+        ferry_sys::fs::sync_dir(&self.dir).map_err(io_err(&self.dir))?;
         self.segments.push(Segment {
             first_seq: first,
             last_seq: first.saturating_sub(1),
@@ -379,7 +379,7 @@ impl SegmentLog {
             removed = true;
         }
         if removed {
-            fsutil::sync_dir(&self.dir)?;
+            ferry_sys::fs::sync_dir(&self.dir).map_err(io_err(&self.dir))?;
         }
         Ok(())
     }

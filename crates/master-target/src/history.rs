@@ -11,7 +11,6 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use ferry_journal::fsutil;
 use ferry_protocol::{Record, RecordBody, ResyncReason, TagKind};
 use serde::{Deserialize, Serialize};
 
@@ -222,7 +221,7 @@ impl History {
             serde_json::to_writer(&mut buf, m).map_err(|e| MasterTargetError::Refused(e.to_string()))?;
             buf.push(b'\n');
         }
-        fsutil::write_atomic(&self.path, &buf)?;
+        ferry_sys::fs::write_atomic(&self.path, &buf).map_err(crate::io_at(&self.path))?;
         self.file = OpenOptions::new()
             .append(true)
             .open(&self.path)

@@ -21,7 +21,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_journal::{fsutil, Cursor};
+use ferry_journal::Cursor;
 use ferry_nbd::{Backend, CowBackend, Export};
 use ferry_protocol::{now_ms, RecordBody, ResyncReason};
 use serde::{Deserialize, Serialize};
@@ -160,14 +160,7 @@ const PRUNE_BATCH: u64 = 4 << 20;
 const MAX_RECORD: u64 = 32 << 20;
 
 pub(crate) fn statvfs_free(path: &Path) -> Option<(u64, u64)> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
-    // SAFETY: statvfs writes into a zeroed struct we own; the path is a valid C string.
-    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
-        return None;
-    }
-    let bs = s.f_frsize as u64;
-    Some((s.f_bavail as u64 * bs, s.f_blocks as u64 * bs))
+    ferry_sys::fs::space(path).ok().map(|s| (s.available, s.total))
 }
 
 fn allocated_bytes(path: &Path) -> u64 {
@@ -308,9 +301,8 @@ impl Replica {
                 .map_err(|e| format!("copying {} to the base failed: {e}", tp.display()))?;
             f.sync_all().map_err(|e| format!("fsync of {} failed: {e}", p.display()))?;
         }
-        fsutil::sync_dir(&tmp).map_err(|e| e.to_string())?;
-        std::fs::rename(&tmp, &dir).map_err(|e| format!("cannot rename {}: {e}", tmp.display()))?;
-        fsutil::sync_dir(&self.dir).map_err(|e| e.to_string())?;
+        ferry_sys::fs::sync_dir(&tmp).map_err(|e| e.to_string())?;
+        ferry_sys::fs::rename_durable(&tmp, &dir).map_err(|e| format!("cannot rename {}: {e}", tmp.display()))?;
         let initial = self.lock_base().state.as_ref().map(|s| s.generation).unwrap_or(0);
         let generation = self.points_generation(seq, initial);
         let state = BaseState { epoch, seq, time_ms, advancing_to: None, generation };
@@ -363,7 +355,7 @@ impl Replica {
 
     fn write_base_state(&self, state: &BaseState) -> Result<(), String> {
         let data = serde_json::to_vec(state).map_err(|e| e.to_string())?;
-        fsutil::write_atomic(&self.dir.join("base.json"), &data).map_err(|e| e.to_string())
+        ferry_sys::fs::write_atomic(&self.dir.join("base.json"), &data).map_err(|e| e.to_string())
     }
 
     /// Replay journal records (base, to] into the base files (pruning). The base advances and the
@@ -920,7 +912,7 @@ impl Replica {
     pub(crate) fn save_mats(&self) -> Result<(), String> {
         let mats = self.lock_mats().clone();
         let data = serde_json::to_vec_pretty(&mats).map_err(|e| e.to_string())?;
-        fsutil::write_atomic(&self.dir.join("materializations.json"), &data).map_err(|e| e.to_string())
+        ferry_sys::fs::write_atomic(&self.dir.join("materializations.json"), &data).map_err(|e| e.to_string())
     }
 
     /// At start: reload pins; read-only exports are served again, writable ones are reported

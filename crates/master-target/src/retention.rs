@@ -115,26 +115,18 @@ pub fn claim(path: &Path, role: &str, owner: &str) -> Result<(), EligibilityErro
     }
     let data = serde_json::to_vec_pretty(&RoleMarker { role: role.to_owned(), owner: owner.to_owned() })
         .map_err(|e| io(path)(std::io::Error::other(e)))?;
-    ferry_journal::fsutil::write_atomic(&marker, &data).map_err(|e| io(path)(std::io::Error::other(e.to_string())))
+    ferry_sys::fs::write_atomic(&marker, &data).map_err(|e| io(path)(std::io::Error::other(e.to_string())))
 }
 
 fn check_filesystem(path: &Path) -> Result<(), EligibilityError> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|e| io(path)(std::io::Error::other(e)))?;
-    // SAFETY: statfs fills a plain struct; the path is a valid C string.
-    let st = unsafe {
-        let mut st: libc::statfs = std::mem::zeroed();
-        if libc::statfs(c.as_ptr(), &mut st) != 0 {
-            return Err(io(path)(std::io::Error::last_os_error()));
-        }
-        st
-    };
+    let f_type = ferry_sys::fs::fs_type(path).map_err(io(path))?;
+    let space = ferry_sys::fs::space(path).map_err(io(path))?;
     let fat_types = ["vfat", "msdos", "fat", "exfat", "fuse.fusefat", "fuse.exfat", "fuse.fatfs"];
     let mount_type = mount_fstype(path);
-    if st.f_type as i64 == MSDOS_SUPER_MAGIC || mount_type.as_deref().is_some_and(|t| fat_types.contains(&t)) {
+    if f_type == MSDOS_SUPER_MAGIC || mount_type.as_deref().is_some_and(|t| fat_types.contains(&t)) {
         return Err(EligibilityError::Fat { path: path.to_owned() });
     }
-    if st.f_blocks == 0 {
+    if space.total == 0 {
         return Err(EligibilityError::NoCapacity { path: path.to_owned() });
     }
     Ok(())

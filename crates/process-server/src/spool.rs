@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use ferry_journal::{fsutil, Cursor, SegmentLog};
+use ferry_journal::{Cursor, SegmentLog};
 use ferry_protocol::{now_ms, Ack, Hello, Message, Record};
 use ferry_status::RateMeter;
 use serde::Serialize;
@@ -122,7 +122,8 @@ impl MachineSpool {
         if d.as_ref() != Some(hello) {
             let data = serde_json::to_vec_pretty(&HelloFile(hello.clone()))
                 .map_err(|e| ProcessServerError::Config(e.to_string()))?;
-            fsutil::write_atomic(&self.dir.join("machine.json"), &data)?;
+            ferry_sys::fs::write_atomic(&self.dir.join("machine.json"), &data)
+                .map_err(crate::io_at(&self.dir.join("machine.json")))?;
             *d = Some(hello.clone());
         }
         drop(d);
@@ -205,7 +206,8 @@ impl MachineSpool {
     /// Remember (durably) that the master target lost records this spool already released, until
     /// an agent has been told.
     pub(crate) fn mark_downstream_lost(&self, detail: &str) -> Result<(), ProcessServerError> {
-        fsutil::write_atomic(&self.dir.join("downstream-lost"), detail.as_bytes())?;
+        ferry_sys::fs::write_atomic(&self.dir.join("downstream-lost"), detail.as_bytes())
+            .map_err(crate::io_at(&self.dir.join("downstream-lost")))?;
         self.relay_upstream(Message::PeerStateLost { detail: detail.to_owned() });
         Ok(())
     }

@@ -83,8 +83,8 @@ pub struct Store {
     backend: Backend,
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+fn now_ms_i64() -> i64 {
+    i64::try_from(ferry_sys::time::now_ms()).unwrap_or(i64::MAX)
 }
 
 impl Store {
@@ -152,7 +152,7 @@ impl Store {
             }
             sqlx::query("INSERT INTO schema_migrations (version, applied_ms) VALUES ($1, $2)")
                 .bind(*version)
-                .bind(now_ms())
+                .bind(now_ms_i64())
                 .execute(&mut *tx)
                 .await?;
             tx.commit().await?;
@@ -253,7 +253,7 @@ impl Store {
             .bind(hash)
             .bind(name)
             .bind(role)
-            .bind(now_ms())
+            .bind(now_ms_i64())
             .execute(&self.pool)
             .await?;
         Ok(())
@@ -282,7 +282,7 @@ impl Store {
 
     pub async fn put_job<T: Serialize>(&self, id: &str, state: &str, body: &T) -> Result<()> {
         let json = serde_json::to_string(body).map_err(|source| StoreError::Corrupt { what: "job".into(), source })?;
-        let now = now_ms();
+        let now = now_ms_i64();
         let mut tx = self.pool.begin().await?;
         let exists =
             sqlx::query("SELECT id FROM jobs WHERE id = $1").bind(id).fetch_optional(&mut *tx).await?.is_some();
@@ -330,7 +330,7 @@ impl Store {
 
     pub async fn add_event(&self, code: i64, severity: &str, object: &str, message: &str) -> Result<()> {
         sqlx::query("INSERT INTO events (time_ms, code, severity, object, message) VALUES ($1, $2, $3, $4, $5)")
-            .bind(now_ms())
+            .bind(now_ms_i64())
             .bind(code)
             .bind(severity)
             .bind(object)
@@ -489,7 +489,7 @@ async fn put_in<T: Serialize>(
             .bind(id)
             .bind(&json)
             .bind(revision)
-            .bind(now_ms())
+            .bind(now_ms_i64())
             .execute(&mut **tx)
             .await?
             .rows_affected()
@@ -497,7 +497,7 @@ async fn put_in<T: Serialize>(
         sqlx::query("UPDATE objects SET body = $1, revision = $2, updated_ms = $3 WHERE kind = $4 AND id = $5 AND revision = $6")
             .bind(&json)
             .bind(revision)
-            .bind(now_ms())
+            .bind(now_ms_i64())
             .bind(kind)
             .bind(id)
             .bind(found)

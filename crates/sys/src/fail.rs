@@ -1,0 +1,100 @@
+//! Failpoints at durability boundaries, for fault tests that must stop a process *exactly* there
+//! ("after the journal fsync, before the ack") rather than at a random instant.
+//!
+//! [`fail_point`] is a no-op unless the crate is built with the `testing` feature. With it, the
+//! environment variable [`ENV`] (`name=action[,name=action…]`, read once) arms points by name in a
+//! child process. Actions:
+//! - `abort`: print `ferry failpoint NAME hit` to stderr, then `_exit(`[`EXIT_CODE`]`)` at once (no
+//!   destructors, no buffered writes flushed: what a crash at that instant leaves);
+//! - `abort@N`: the same at the N-th pass through that point (1-based);
+//! - `off`: nothing.
+//!
+//! A test asserts the exit code (and the marker line), so a misspelled or never-reached failpoint
+//! fails the test instead of passing silently.
+
+/// `name=action,…`: the armed failpoints of a `testing` build.
+pub const ENV: &str = "FERRY_FAILPOINTS";
+/// The exit status of a process stopped by a failpoint.
+pub const EXIT_CODE: i32 = 86;
+
+/// Every failpoint in Ferry, so tests and docs name only points that exist.
+pub const ALL: &[&str] = &[
+    "process-server.spool.fsync-before-ack",
+    "master-target.journal.fsync-before-ack",
+    "master-target.checkpoint.write",
+    "master-target.base.advance",
+    "agent.activity-log.slot-before-data",
+];
+
+/// Mark the failpoint `name`: in a `testing` build armed by [`ENV`], the process stops here.
+#[inline]
+pub fn fail_point(name: &'static str) {
+    #[cfg(feature = "testing")]
+    armed::hit(name);
+    #[cfg(not(feature = "testing"))]
+    let _ = name;
+}
+
+#[cfg(feature = "testing")]
+mod armed {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+
+    struct Point {
+        at: u64,
+        passes: AtomicU64,
+    }
+
+    fn table() -> &'static HashMap<String, Point> {
+        static T: OnceLock<HashMap<String, Point>> = OnceLock::new();
+        T.get_or_init(|| {
+            let mut m = HashMap::new();
+            for part in std::env::var(super::ENV).unwrap_or_default().split(',').filter(|p| !p.is_empty()) {
+                let Some((name, action)) = part.split_once('=') else { continue };
+                let at = match action {
+                    "abort" => 1,
+                    "off" => continue,
+                    a => match a.strip_prefix("abort@").and_then(|n| n.parse::<u64>().ok()) {
+                        Some(n) if n >= 1 => n,
+                        _ => {
+                            eprintln!("ferry failpoint {name}: unknown action {action:?} (abort, abort@N, off)");
+                            continue;
+                        }
+                    },
+                };
+                m.insert(name.to_owned(), Point { at, passes: AtomicU64::new(0) });
+            }
+            m
+        })
+    }
+
+    pub fn hit(name: &'static str) {
+        let Some(p) = table().get(name) else { return };
+        if p.passes.fetch_add(1, Ordering::SeqCst) + 1 == p.at {
+            // Straight to the kernel: no unwinding, no flushing, as a crash would be.
+            let msg = format!("ferry failpoint {name} hit\n");
+            // SAFETY: write(2) of a buffer we own to stderr, then _exit(2).
+            unsafe {
+                libc::write(2, msg.as_ptr() as *const libc::c_void, msg.len());
+                libc::_exit(super::EXIT_CODE);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn failpoint_names_are_unique() {
+        let mut names = super::ALL.to_vec();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), super::ALL.len());
+    }
+
+    #[test]
+    fn an_unarmed_failpoint_does_nothing() {
+        super::fail_point("master-target.checkpoint.write");
+    }
+}

@@ -1,0 +1,159 @@
+//! Durable file replacement and filesystem facts.
+//!
+//! Architecture Invariant: a file that another start of a component reads back (checkpoints,
+//! settings, routes, state) is replaced only by [`write_atomic`]: write a temporary file, fsync
+//! it, rename it over the old one, fsync the folder. A crash leaves the old or the new content,
+//! never a torn mix, and the rename itself survives power loss.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+/// fsync a folder so an entry created, renamed or removed in it survives a crash.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// The temporary name [`write_atomic`] writes before the rename: beside the file, so the rename
+/// stays within one filesystem.
+pub fn temp_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".tmp");
+    path.with_file_name(name)
+}
+
+/// Replace `path` atomically and durably with `data` (write temp, fsync, rename, fsync folder).
+/// The file is created with `mode` (before the umask).
+pub fn atomic_replace(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+    let tmp = temp_path(path);
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => sync_dir(dir),
+            _ => sync_dir(Path::new(".")),
+        }
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(|e| io::Error::new(e.kind(), format!("cannot replace {}: {e}", path.display())))
+}
+
+/// [`atomic_replace`] with mode 0600: Ferry's state files are nobody else's business.
+pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    atomic_replace(path, data, 0o600)
+}
+
+/// Rename `from` over `to` (a file or a folder) and fsync the folder of `to` (and of `from`
+/// when it differs), so the rename survives a crash.
+pub fn rename_durable(from: &Path, to: &Path) -> io::Result<()> {
+    std::fs::rename(from, to)?;
+    let to_dir = to.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    sync_dir(to_dir)?;
+    if let Some(from_dir) = from.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if from_dir != to_dir {
+            sync_dir(from_dir)?;
+        }
+    }
+    Ok(())
+}
+
+fn c_path(path: &Path) -> io::Result<std::ffi::CString> {
+    std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("{} contains a NUL byte", path.display())))
+}
+
+/// Space of the filesystem that holds `path`, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Space {
+    /// Bytes an unprivileged writer may still use (`f_bavail`).
+    pub available: u64,
+    /// The filesystem's size.
+    pub total: u64,
+}
+
+impl Space {
+    /// Free space as a percentage of the total (100 for an empty or size-less filesystem).
+    pub fn free_percent(&self) -> f64 {
+        if self.total == 0 {
+            100.0
+        } else {
+            self.available as f64 * 100.0 / self.total as f64
+        }
+    }
+}
+
+/// `statvfs` of the filesystem that holds `path`.
+pub fn space(path: &Path) -> io::Result<Space> {
+    let c = c_path(path)?;
+    // SAFETY: statvfs writes into a zeroed struct we own; the path is a valid C string.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(e.kind(), format!("cannot read the free space of {}: {e}", path.display())));
+    }
+    let bs = s.f_frsize as u64;
+    Ok(Space { available: s.f_bavail as u64 * bs, total: s.f_blocks as u64 * bs })
+}
+
+/// The filesystem type (`statfs` `f_type`, e.g. `0x4d44` for FAT) of the filesystem holding `path`.
+pub fn fs_type(path: &Path) -> io::Result<i64> {
+    let c = c_path(path)?;
+    // SAFETY: statfs fills a zeroed struct we own; the path is a valid C string.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(e.kind(), format!("cannot read the filesystem type of {}: {e}", path.display())));
+    }
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs between libc targets
+    Ok(st.f_type as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn write_atomic_replaces_whole_files_with_private_mode() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("state.json");
+        write_atomic(&p, b"first").unwrap();
+        write_atomic(&p, b"second, longer").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"second, longer");
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert!(!temp_path(&p).exists(), "no temporary file is left behind");
+        assert_eq!(temp_path(&p).file_name().unwrap(), "state.json.tmp");
+    }
+
+    #[test]
+    fn write_atomic_into_a_missing_folder_fails_with_the_path() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("missing").join("x");
+        let e = write_atomic(&p, b"x").unwrap_err();
+        assert!(e.to_string().contains("missing"), "{e}");
+    }
+
+    #[test]
+    fn space_and_type_of_a_real_folder() {
+        let d = tempfile::tempdir().unwrap();
+        let s = space(d.path()).unwrap();
+        assert!(s.total > 0 && s.available <= s.total);
+        assert!((0.0..=100.0).contains(&s.free_percent()));
+        assert!(fs_type(d.path()).is_ok());
+        assert!(space(&d.path().join("nope")).is_err());
+    }
+
+    #[test]
+    fn rename_durable_moves_folders() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("a.tmp")).unwrap();
+        rename_durable(&d.path().join("a.tmp"), &d.path().join("a")).unwrap();
+        assert!(d.path().join("a").is_dir());
+    }
+}
