@@ -1,11 +1,9 @@
 //! Multi-machine (replication group) points: three real agents coordinate a prepare/commit; a
 //! slow, killed or uncommitted member leaves no partial multi-machine point.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::harness::*;
 use serde_json::{json, Value};
 
 fn wait_all_caught_up(c: &Cluster, agents: &[&str]) {

@@ -2,12 +2,10 @@
 //! cache, long process-server outages (log overflow), a full process-server cache (throttling),
 //! and online verify with repair.
 
-mod common;
-
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::harness::*;
 use rand::Rng;
 
 /// Run a workload in the background and SIGKILL `victim` at a random moment during it; restart,
@@ -410,4 +408,25 @@ fn lost_master_target_journal_is_detected_and_repaired() {
     c.assert_identical();
     let s = c.status("agent");
     assert!(s["events"].as_array().unwrap().iter().any(|e| e["kind"] == "peer-state-lost"), "{s:#}");
+}
+
+/// The harness binds every daemon's listeners and hands the same sockets to each start: a
+/// master target restarted under a running chain serves the very address the process server
+/// was configured with, so the process server (never restarted) reconnects and forwards what it
+/// spooled meanwhile.
+#[test]
+fn a_master_target_restarted_under_a_running_chain_is_reached_at_the_same_address() {
+    let mut c = Cluster::new(Opts::default());
+    c.start_all();
+    assert!(c.qemu_io("disk0", "write -P 1 0 1M\nflush\n").status.success());
+    c.wait_caught_up(Duration::from_secs(30));
+    let before = c.mt_port;
+    c.kill9("master-target");
+    assert!(c.qemu_io("disk0", "write -P 2 1M 4M\nwrite -P 3 8M 512k\nflush\n").status.success());
+    c.start("master-target");
+    assert_eq!(c.mt_port, before);
+    c.wait_caught_up(Duration::from_secs(60));
+    c.assert_identical();
+    let ps = c.status("process-server");
+    assert!(ps["machines"][0]["master_target_error"].is_null(), "{ps:#}");
 }

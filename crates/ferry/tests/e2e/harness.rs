@@ -1,5 +1,4 @@
 //! Multi-process test harness: real `ferry` daemons on loopback with TLS, real qemu clients.
-#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -19,26 +18,27 @@ pub fn require_qemu() {
     }
 }
 
-/// A free port for a daemon started later. Chosen below Linux's ephemeral range (32768+), so no
-/// outgoing connection of a parallel test can take it between this check and the daemon's bind,
-/// and never handed out twice by this process.
-pub fn free_port() -> u16 {
-    use std::collections::HashSet;
-    use std::sync::Mutex;
-    static GIVEN: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
-    let mut given = GIVEN.lock().unwrap();
-    let given = given.get_or_insert_with(HashSet::new);
-    let mut r = rand::thread_rng();
-    loop {
-        let port = r.gen_range(10_000..32_000);
-        if given.contains(&port) {
-            continue;
-        }
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            given.insert(port);
-            return port;
-        }
-    }
+/// A listener on a loopback port the kernel chooses, for a daemon started later: the test binds
+/// it and hands it down ([`pass_listeners`]); the daemon never binds the address itself, so no
+/// other process can take the port in between, and a restarted daemon gets the same socket.
+pub fn listener() -> std::net::TcpListener {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap()
+}
+
+/// The port of a listener.
+pub fn port_of(l: &std::net::TcpListener) -> u16 {
+    l.local_addr().unwrap().port()
+}
+
+/// Hand `listeners` (configuration key → socket) to the child `cmd` starts.
+pub fn pass_listeners(cmd: &mut Command, listeners: &[(&str, &std::net::TcpListener)]) {
+    ferry_sys::listen::pass(cmd, listeners);
+}
+
+/// A loopback port nothing listens on, for a *client* that must find no daemon there (never
+/// given to a daemon to bind).
+pub fn closed_port() -> u16 {
+    port_of(&listener())
 }
 
 /// Seed from FERRY_TEST_SEED or the clock; printed so a failure can be replayed.
@@ -76,6 +76,9 @@ impl Default for Opts {
 }
 
 pub struct Cluster {
+    /// Every daemon's listeners, bound by the test and handed to each start of the daemon:
+    /// (component, configuration key) → socket.
+    listeners: HashMap<(&'static str, &'static str), std::net::TcpListener>,
     pub dir: tempfile::TempDir,
     pub nbd: u16,
     /// NBD port of each agent ("agent", "agent2", ...).
@@ -102,14 +105,23 @@ impl Cluster {
         let d = dir.path();
         let out = Command::new(FERRY).args(["certs", "--dir"]).arg(d.join("certs")).output().unwrap();
         assert!(out.status.success(), "ferry certs failed: {}", String::from_utf8_lossy(&out.stderr));
-        let (nbd, ps, mt) = (free_port(), free_port(), free_port());
-        let mut status: HashMap<_, _> = COMPONENTS.iter().map(|c| (*c, free_port())).collect();
+        let mut listeners = HashMap::new();
+        let mut bind = |c: &'static str, key: &'static str| {
+            let l = listener();
+            let port = port_of(&l);
+            listeners.insert((c, key), l);
+            port
+        };
+        let (ps, mt) = (bind("process-server", "listen"), bind("master-target", "listen"));
+        let mut status: HashMap<_, _> = COMPONENTS.iter().map(|c| (*c, bind(c, "status_listen"))).collect();
         let mut nbds = HashMap::new();
-        nbds.insert("agent", nbd);
-        for a in &AGENTS[1..opts.agents] {
-            status.insert(*a, free_port());
-            nbds.insert(*a, free_port());
+        for a in &AGENTS[..opts.agents] {
+            if *a != "agent" {
+                status.insert(*a, bind(a, "status_listen"));
+            }
+            nbds.insert(*a, bind(a, "nbd_listen"));
         }
+        let nbd = nbds["agent"];
         let tls = |c: &str| {
             format!(
                 "[tls]\nca = '{0}/certs/ca.pem'\ncert = '{0}/certs/{1}.pem'\nkey = '{0}/certs/{1}.key'\n",
@@ -166,11 +178,27 @@ impl Cluster {
             )
             .unwrap();
         }
-        Cluster { dir, nbd, nbds, ps_port: ps, mt_port: mt, status, procs: HashMap::new(), disks: opts.disks }
+        Cluster {
+            listeners,
+            dir,
+            nbd,
+            nbds,
+            ps_port: ps,
+            mt_port: mt,
+            status,
+            procs: HashMap::new(),
+            disks: opts.disks,
+        }
     }
 
     pub fn path(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Hand one more listener to component `c` (for a key its configuration names, e.g. a master
+    /// target's `nbd_listen`) at each of its starts.
+    pub fn hand(&mut self, c: &'static str, key: &'static str, l: std::net::TcpListener) {
+        self.listeners.insert((c, key), l);
     }
 
     pub fn source(&self, disk: &str) -> PathBuf {
@@ -184,17 +212,23 @@ impl Cluster {
     pub fn start(&mut self, c: &'static str) {
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(self.path().join(format!("{c}.log"))).unwrap();
-        let child = Command::new(FERRY)
-            .arg(if c.starts_with("agent") { "agent" } else { c })
-            .arg("--config")
-            .arg(self.path().join(format!("{c}.toml")))
-            .env("FERRY_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let mut cmd = self.command(c);
+        cmd.env("FERRY_LOG", "info").stdout(Stdio::null()).stderr(log);
+        let child = cmd.spawn().unwrap();
         self.procs.insert(c, child);
         self.wait_status(c);
+    }
+
+    /// The command that runs component `c` on its configuration, with its listeners handed down.
+    pub fn command(&self, c: &str) -> Command {
+        let mut cmd = Command::new(FERRY);
+        cmd.arg(if c.starts_with("agent") { "agent" } else { c })
+            .arg("--config")
+            .arg(self.path().join(format!("{c}.toml")));
+        let mine: Vec<(&str, &std::net::TcpListener)> =
+            self.listeners.iter().filter(|((comp, _), _)| *comp == c).map(|((_, key), l)| (*key, l)).collect();
+        pass_listeners(&mut cmd, &mine);
+        cmd
     }
 
     pub fn start_all(&mut self) {

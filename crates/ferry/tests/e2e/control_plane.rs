@@ -1,20 +1,21 @@
 //! Data-path components registered with a configuration server: certificates by CSR, heartbeats
 //! with their status, health derived from it, and critical health once one stops.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::harness::*;
 use serde_json::Value;
 
 #[test]
 fn registered_components_take_their_settings_from_the_server_heartbeat_and_turn_critical_when_killed() {
     let state = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut server = Command::new(FERRY)
+    let server_listener = listener();
+    let port = port_of(&server_listener);
+    let mut server = Command::new(FERRY);
+    pass_listeners(&mut server, &[("listen", &server_listener)]);
+    let mut server = server
         .args(["--output", "json", "config-server", "--listen", &format!("127.0.0.1:{port}"), "--state-dir"])
         .arg(state.path())
         .args(["--set", "heartbeat_timeout_secs = 2", "--set", "health_interval_secs = 0.3"])

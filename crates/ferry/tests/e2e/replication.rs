@@ -1,10 +1,8 @@
 //! End-to-end replication on loopback: three real processes, real qemu clients, byte-exact targets.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::harness::*;
 
 #[test]
 fn random_overlapping_writes_replicate_byte_exact() {
@@ -65,12 +63,7 @@ fn resized_disk_is_refused_with_a_clear_error() {
     c.wait_caught_up(Duration::from_secs(30));
     c.stop("agent");
     std::fs::OpenOptions::new().write(true).open(c.source("disk0")).unwrap().set_len(128 << 20).unwrap();
-    let out = std::process::Command::new(FERRY)
-        .arg("agent")
-        .arg("--config")
-        .arg(c.path().join("agent.toml"))
-        .output()
-        .unwrap();
+    let out = c.command("agent").output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("resized") && err.contains("re-protection"), "{err}");
@@ -110,7 +103,7 @@ fn status_commands_show_every_hop_as_table_and_json() {
         assert!(!v[k].is_null(), "agent status lacks {k}");
     }
     let down = std::process::Command::new(FERRY)
-        .args(["agent", "status", "--status-addr", &format!("127.0.0.1:{}", free_port())])
+        .args(["agent", "status", "--status-addr", &format!("127.0.0.1:{}", closed_port())])
         .output()
         .unwrap();
     assert!(!down.status.success());

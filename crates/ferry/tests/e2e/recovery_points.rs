@@ -1,12 +1,10 @@
 //! Recovery points end to end: real daemons, real qemu clients, and an oracle — the source's own
 //! write log (`source_write_log`) replayed up to each point's sequence position.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::harness::*;
 use rand::seq::SliceRandom;
 use rand::Rng;
 use serde_json::{json, Value};
@@ -239,9 +237,11 @@ fn failing_or_slow_freeze_hook_gives_an_event_and_no_app_point() {
 
 #[test]
 fn test_failover_overlay_never_touches_the_replica_and_is_removed_at_cleanup() {
-    let nbd = free_port();
+    let nbd_listener = listener();
+    let nbd = port_of(&nbd_listener);
     let mut c =
         Cluster::new(oracle_opts("crash_point_interval_secs = 0.2\n", &format!("nbd_listen = '127.0.0.1:{nbd}'\n")));
+    c.hand("master-target", "nbd_listen", nbd_listener);
     let seed = seed("test_failover_overlay");
     prepare_sources(&c, seed);
     c.start_all();
@@ -502,9 +502,7 @@ fn killing_the_master_target_during_apply_and_pruning_loses_no_point_in_the_wind
     assert!(c.status("master-target")["machines"][0]["error"].is_null());
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
-}
+use ferry_sys::time::now_ms;
 
 #[test]
 fn the_last_consistent_point_stays_materializable_during_a_resync() {

@@ -1,12 +1,10 @@
 //! Hostile and malformed input at the replication ports: clear errors, only that connection
 //! closes, the daemons keep serving and lose nothing.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use common::*;
+use crate::harness::*;
 use ferry_protocol::{DiskDescriptor, FrameCodec, Hello, MachineDescriptor, Message, Record, RecordBody, Role};
 use futures::{SinkExt, StreamExt};
 use tokio_util::codec::Framed;
@@ -107,17 +105,20 @@ async fn malformed_frames_close_only_that_connection() {
 fn nbd_export_on_a_non_loopback_address_requires_tls() {
     let c = Cluster::new(Opts::default());
     let cfg = std::fs::read_to_string(c.path().join("agent.toml")).unwrap();
-    let cfg =
-        cfg.lines()
-            .map(|l| {
-                if l.starts_with("nbd_listen") {
-                    format!("nbd_listen = '0.0.0.0:{}'", free_port())
-                } else {
-                    l.to_owned()
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("\n");
+    let cfg = cfg
+        .lines()
+        .map(|l| {
+            if l.starts_with("nbd_listen") {
+                "nbd_listen = '0.0.0.0:0'".to_owned()
+            } else if l.starts_with("status_listen") {
+                // The cluster holds the agent's own status socket; this run binds its own.
+                "status_listen = '127.0.0.1:0'".to_owned()
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
     std::fs::write(c.path().join("agent-open.toml"), cfg).unwrap();
     let out = std::process::Command::new(FERRY)
         .arg("agent")
@@ -187,7 +188,7 @@ fn retention_volume_on_fat_is_refused() {
         .arg(dir.path().join("ds"))
         .arg("--retention")
         .arg(mnt.join("retention"))
-        .args(["--listen", &format!("127.0.0.1:{}", free_port()), "--certs"])
+        .args(["--listen", "127.0.0.1:0", "--certs"])
         .arg(&certs)
         .output()
         .unwrap();
@@ -206,7 +207,7 @@ fn retention_volume_inside_the_datastore_is_refused() {
         .arg(dir.path().join("ds"))
         .arg("--retention")
         .arg(dir.path().join("ds/retention"))
-        .args(["--listen", &format!("127.0.0.1:{}", free_port()), "--certs"])
+        .args(["--listen", "127.0.0.1:0", "--certs"])
         .arg(&certs)
         .output()
         .unwrap();

@@ -3,13 +3,11 @@
 //! workloads verified on the replica, a cut link, a crashed machine, `ferry demo`, a custom lab
 //! description, and `ferry lab down` leaving no process behind (checked by pid).
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::harness::*;
 use serde_json::{json, Value};
 
 fn ferry(args: &[&str], env: &[(&str, String)]) -> Output {

@@ -1,12 +1,10 @@
 //! `ferry lab workload` / `ferry lab verify` against a protected machine: the replica and an
 //! app-consistent point hold exactly a prefix of the workload's records; a corrupted copy fails.
 
-mod common;
-
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::harness::*;
 use serde_json::{json, Value};
 
 #[test]
@@ -103,14 +101,17 @@ fn lab_workload_verifies_on_the_replica_and_an_app_point_and_fails_on_a_corrupte
 #[test]
 fn a_cut_lab_link_stops_replication_and_a_restored_one_resumes_without_a_resync() {
     let mut c = Cluster::new(Opts::default());
-    let (link, control) = (free_port(), free_port());
+    let (link_l, control_l) = (listener(), listener());
+    let (link, control) = (port_of(&link_l), port_of(&control_l));
     let cfg = c.path().join("agent.toml");
     let text = std::fs::read_to_string(&cfg).unwrap().replace(
         &format!("process_server = '127.0.0.1:{}'", c.ps_port),
         &format!("process_server = '127.0.0.1:{link}'"),
     );
     std::fs::write(&cfg, text).unwrap();
-    let mut proxy = Command::new(FERRY)
+    let mut proxy = Command::new(FERRY);
+    pass_listeners(&mut proxy, &[("listen", &link_l), ("control", &control_l)]);
+    let mut proxy = proxy
         .args([
             "lab",
             "link",
