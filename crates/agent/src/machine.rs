@@ -558,6 +558,8 @@ impl Machine {
         }
         // One fdatasync for all of them.
         let slots = c.al.activate_many(&missing)?;
+        // The slots are durable; the data write they cover has not happened yet.
+        ferry_sys::fail::fail_point("agent.activity-log.slot-before-data");
         for (key, slot) in missing.into_iter().zip(slots) {
             c.al_index.insert(key, AlEntry { slot, ..Default::default() });
         }

@@ -1,7 +1,7 @@
 //! Recovery points of one replica: the frozen base, pruning, materialization and changed extents.
 //!
 //! Layout under `<retention>/<machine>/`:
-//! - `journal/` — every record after the base (the redo journal of issue 2, now kept for the
+//! - `journal/` — every record after the base (the redo journal, kept for the
 //!   retention window instead of being released once applied);
 //! - `base-<epoch>/<disk>.img` + `base.json` — the disks at seq `base.seq`, frozen while any
 //!   materialization pins them; pruning advances the base by replaying the oldest journal records;
@@ -377,6 +377,7 @@ impl Replica {
         }
         state.advancing_to = Some(to);
         self.write_base_state(&state)?;
+        ferry_sys::fail::fail_point("master-target.base.advance");
         // Until the step completes the base may hold writes past `state.seq`: materializations
         // wait (see `materialize`), and a failed step is retried to the same `to`.
         slot.state = Some(state.clone());

@@ -494,6 +494,7 @@ impl Replica {
             self.lock_history().append(&markers)?;
         }
         j.sync()?;
+        ferry_sys::fail::fail_point("master-target.journal.fsync-before-ack");
         Ok((j.synced_seq(), end))
     }
 
@@ -742,6 +743,8 @@ impl Replica {
         let ckpt = self.lock_apply().ckpt;
         let data = serde_json::to_vec(&ckpt).map_err(|e| e.to_string())?;
         ferry_sys::fs::write_atomic(&self.dir.join("checkpoint.json"), &data).map_err(|e| e.to_string())?;
+        // The position is durable, the journal not yet released.
+        ferry_sys::fail::fail_point("master-target.checkpoint.write");
         self.lock_apply().persisted = ckpt;
         // With history on, the journal also serves recovery points: keep what the base needs.
         let limit = self.release_limit.load(Ordering::SeqCst);

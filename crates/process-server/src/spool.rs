@@ -160,6 +160,7 @@ impl MachineSpool {
             newest = Some((r.seq, r.time_ms));
         }
         log.sync()?;
+        ferry_sys::fail::fail_point("process-server.spool.fsync-before-ack");
         let synced = log.synced_seq();
         self.bytes.store(log.bytes(), std::sync::atomic::Ordering::Relaxed);
         drop(log);

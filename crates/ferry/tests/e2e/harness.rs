@@ -231,6 +231,36 @@ impl Cluster {
         cmd
     }
 
+    /// Start component `c` with extra environment (e.g. `FERRY_FAILPOINTS`), without waiting
+    /// for it to come up (a failpoint may stop it at once).
+    pub fn start_env(&mut self, c: &'static str, env: &[(&str, &str)]) {
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(self.path().join(format!("{c}.log"))).unwrap();
+        let mut cmd = self.command(c);
+        cmd.env("FERRY_LOG", "info").stdout(Stdio::null()).stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        self.procs.insert(c, cmd.spawn().unwrap());
+    }
+
+    /// Wait for component `c` to exit on its own; its exit status, or None after `limit`.
+    pub fn wait_exit(&mut self, c: &str, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(child) = self.procs.get_mut(c) {
+                if let Ok(Some(st)) = child.try_wait() {
+                    self.procs.remove(c);
+                    return Some(st);
+                }
+            } else {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     pub fn start_all(&mut self) {
         for c in COMPONENTS {
             self.start(c);
