@@ -57,7 +57,7 @@ impl Ops {
             let machines = g.machines.len();
             steps.push((
                 format!(
-                    "group {n}: {machines} machine(s), {} replication group(s) (failover comes with a later issue: nothing is changed)",
+                    "group {n}: {machines} machine(s), {} replication group(s) (a drill runs the actions only: failover of machines is not implemented yet, nothing is changed)",
                     g.replication_groups.len()
                 ),
                 true,

@@ -321,8 +321,11 @@ fn spawn_daemon(
         }
         None => l.try_clone()?,
     };
+    let ready = ready_file(log);
+    let _ = std::fs::remove_file(&ready);
     let mut cmd = std::process::Command::new(exe);
     cmd.args(args).stdin(std::process::Stdio::null()).stdout(out).stderr(l).process_group(0);
+    cmd.env("FERRY_READY_FILE", &ready);
     ferry_sys::listen::pass(&mut cmd, listeners);
     let child = cmd.spawn().with_context(|| format!("cannot start {} {}", exe.display(), args.join(" ")))?;
     let pid = child.id() as i32;
@@ -344,17 +347,26 @@ fn spawn_daemon(
     Ok((pid, ticks, args.to_vec(), handed))
 }
 
-async fn wait_port(addr: &str, pid: i32, log: &Path, limit: Duration) -> Result<()> {
+/// Where a daemon logging to `log` publishes the addresses it listens on once they are bound.
+fn ready_file(log: &Path) -> PathBuf {
+    log.with_extension("ready")
+}
+
+/// Wait until the daemon `pid` (logging to `log`) says it listens: its ready file exists. Not a
+/// connection attempt: a port freed by a daemon that died at start may already belong to another
+/// process on this machine.
+async fn wait_ready(pid: i32, log: &Path, limit: Duration) -> Result<()> {
     let deadline = Instant::now() + limit;
+    let ready = ready_file(log);
     loop {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+        if ready.exists() {
             return Ok(());
         }
         if !alive(pid) {
             bail!("it exited at start; see {}", log.display());
         }
         if Instant::now() >= deadline {
-            bail!("it does not listen on {addr} after {limit:?}; see {}", log.display());
+            bail!("it did not start listening within {limit:?}; see {}", log.display());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -681,7 +693,7 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, out: OutputFormat) -> Res
     state.processes = processes.clone();
     state.config_server = cs_addr.clone();
     state.save()?;
-    wait_port(&cs_addr, cs_pid, &cs_log, Duration::from_secs(60)).await.context("the configuration server")?;
+    wait_ready(cs_pid, &cs_log, Duration::from_secs(60)).await.context("the configuration server")?;
     let first: Value = {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -773,9 +785,7 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, out: OutputFormat) -> Res
     state.save()?;
     for l in &links {
         let p = state.process(&format!("link-{}", l.name)).context("link process")?;
-        wait_port(&l.listen, p.pid, &p.log, Duration::from_secs(30))
-            .await
-            .with_context(|| format!("link {}", l.name))?;
+        wait_ready(p.pid, &p.log, Duration::from_secs(30)).await.with_context(|| format!("link {}", l.name))?;
     }
 
     // 3. Register and start the master targets and process servers.
@@ -879,9 +889,7 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, out: OutputFormat) -> Res
         state.save()?;
     }
     for p in processes.iter().filter(|p| p.kind == "master-target" || p.kind == "process-server") {
-        wait_port(&p.address, p.pid, &p.log, Duration::from_secs(60))
-            .await
-            .with_context(|| format!("{} {}", p.kind, p.name))?;
+        wait_ready(p.pid, &p.log, Duration::from_secs(60)).await.with_context(|| format!("{} {}", p.kind, p.name))?;
     }
 
     // 4. Sites, inventory, groups, and the machines powered on.
@@ -945,6 +953,10 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, out: OutputFormat) -> Res
             .collect();
         if missing.is_empty() {
             break;
+        }
+        // A daemon may publish its listeners and still refuse its configuration a moment later.
+        if let Some(p) = processes.iter().find(|p| !same_process(p.pid, p.start_ticks)) {
+            bail!("{} {}: it exited at start; see {}", p.kind, p.name, p.log.display());
         }
         if Instant::now() >= deadline {
             bail!("{missing:?} did not report to the configuration server; see the logs in {}", logs.display());
@@ -1209,7 +1221,7 @@ pub async fn restart(dir: &Path, name: &str, kill: bool, out: OutputFormat) -> R
     st.processes[i].args = args;
     st.processes[i].listeners = listeners;
     st.save()?;
-    wait_port(&p.address, pid, &p.log, Duration::from_secs(60)).await.with_context(|| format!("restarting {name}"))?;
+    wait_ready(pid, &p.log, Duration::from_secs(60)).await.with_context(|| format!("restarting {name}"))?;
     match out {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&st.processes[i])?),
         OutputFormat::Table => println!("{name} restarted (pid {pid})"),

@@ -611,10 +611,20 @@ fn main() -> std::process::ExitCode {
         eprintln!("error: {e}");
         return std::process::ExitCode::FAILURE;
     }
+    // Ours alone: a daemon's children (guests, agents, qemu tools) must not publish for it.
+    let _ = READY_FILE.set(std::env::var_os("FERRY_READY_FILE").map(std::path::PathBuf::from));
+    std::env::remove_var("FERRY_READY_FILE");
     let cli = Cli::parse();
     let filter =
         tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    // Colours only on a terminal: logs that go to files stay greppable.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(ansi)
+        .init();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -679,11 +689,14 @@ fn bind(key: &str, addr: &Option<String>, what: &str) -> Result<Option<tokio::ne
     addr.as_deref().map(|a| listen(key, a, what)).transpose()
 }
 
+/// `FERRY_READY_FILE` as this process was started with (taken out of the environment).
+static READY_FILE: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
+
 /// Publish the addresses a daemon listens on (`FERRY_READY_FILE`, JSON `{"pid", "listeners":
 /// {key: address}}`), written atomically once every listener is bound, so whoever started it
 /// with port 0 learns the ports without racing the bind.
-fn publish_ready(listeners: &[(&str, Option<&tokio::net::TcpListener>)]) -> Result<()> {
-    let Some(path) = std::env::var_os("FERRY_READY_FILE") else { return Ok(()) };
+pub(crate) fn publish_ready(listeners: &[(&str, Option<&tokio::net::TcpListener>)]) -> Result<()> {
+    let Some(path) = READY_FILE.get().cloned().flatten() else { return Ok(()) };
     let mut map = serde_json::Map::new();
     for (key, l) in listeners {
         if let Some(l) = l {
@@ -691,7 +704,6 @@ fn publish_ready(listeners: &[(&str, Option<&tokio::net::TcpListener>)]) -> Resu
         }
     }
     let body = serde_json::json!({ "pid": std::process::id(), "listeners": map });
-    let path = std::path::PathBuf::from(path);
     ferry_sys::fs::write_atomic(&path, &serde_json::to_vec(&body)?)
         .with_context(|| format!("cannot write the ready file {}", path.display()))
 }

@@ -230,7 +230,7 @@ fn lab_comes_up_from_nothing_registers_everything_and_goes_down_leaving_no_proce
     ] {
         assert!(names.contains(&want.to_owned()), "{want} registered: {names:?}");
     }
-    // The two sites as issue 5 describes them.
+    // The two sites of the built-in lab description.
     let inv = lab.json(&["inventory"]);
     let site = |n: &str| {
         inv.as_array().unwrap().iter().find(|s| s["site"] == n).unwrap_or_else(|| panic!("{inv:#}"))["content"].clone()
