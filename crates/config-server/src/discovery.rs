@@ -1,18 +1,14 @@
-//! Inventory through a site-provider interface. The first provider is the **local** one: a site is
-//! a folder described by `site.toml` (hosts, datastores, networks, machines, master-target and
-//! process-server machines, credentials); discovery reads it and looks at the real files (disk
-//! images, datastore folders, retention volumes, process-server caches) the way a hypervisor
-//! inventory would be queried.
+//! The **local** site provider (see `provider` for the interface): a site is a folder described
+//! by `site.toml` (hosts, datastores, networks, machines, master-target and process-server
+//! machines, credentials); discovery reads it and looks at the real files (disk images, datastore
+//! folders, retention volumes, process-server caches) the way a hypervisor inventory would be
+//! queried. Powering a machine on runs the command `site.toml` names in `[power]`, as a hypervisor
+//! would start a VM; what that command is, the provider neither knows nor cares.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-
-/// What every site provider answers.
-pub trait SiteProvider {
-    fn discover(&self) -> Result<Inventory, String>;
-}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -31,74 +27,36 @@ pub struct SiteFile {
     pub process_servers: Vec<ProcessServerMachine>,
     #[serde(default)]
     pub credentials: Vec<Credential>,
-    /// Lab sites: powering a machine on starts its guest (`ferry lab guest`), whose mobility
-    /// service registers with this configuration server.
+    /// How this site starts its machines; a site without it only records power states.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub guest: Option<GuestSettings>,
+    pub power: Option<PowerCommand>,
 }
 
-/// What a lab machine's guest is given (like a mobility-service installer: the server's address,
-/// its CA fingerprint and the registration passphrase).
+/// The program a site runs to start a machine (its "hypervisor"), in its own process group, with
+/// `{dir}` replaced by the machine's run folder (`<site>/guests/<machine>/`, which holds the
+/// `machine.toml` the provider writes) and `{machine}` by its name. Power-off sends it SIGTERM
+/// (it must shut the machine down cleanly), crash sends its process group SIGKILL.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct GuestSettings {
-    pub config_server: String,
-    pub ca_fingerprint: String,
-    /// File holding the registration passphrase.
-    pub passphrase_file: PathBuf,
-    /// Seconds from power-on until the mobility service starts and registers (RP-7: up to 15 min
-    /// in the reference; seconds in a lab).
-    #[serde(default = "default_boot_delay")]
-    pub boot_delay_secs: f64,
-    #[serde(default = "default_guest_heartbeat")]
-    pub heartbeat_interval_secs: f64,
-    /// The `ferry` executable (default: the configuration server's own).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ferry: Option<PathBuf>,
+pub struct PowerCommand {
+    pub on: Vec<String>,
+    /// Opaque settings copied into every machine's `machine.toml` (`[extra]`), merged with the
+    /// machine's own `extra`.
+    #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
+    pub extra: toml::Table,
 }
 
-fn default_boot_delay() -> f64 {
-    2.0
-}
-fn default_guest_heartbeat() -> f64 {
-    2.0
-}
-
-/// A workload the guest runs once its disks are served (`ferry lab workload`).
+/// What power-on writes to `<run folder>/machine.toml` for the started program.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct WorkloadSpec {
-    /// Records per second.
-    #[serde(default = "default_rate")]
-    pub rate: f64,
-    #[serde(default = "default_seed")]
-    pub seed: u64,
-    /// Largest record, in 4 KiB blocks.
-    #[serde(default = "default_max_blocks")]
-    pub max_blocks: u32,
-}
-
-fn default_rate() -> f64 {
-    20.0
-}
-fn default_seed() -> u64 {
-    1
-}
-fn default_max_blocks() -> u32 {
-    16
-}
-
-/// What `ferry lab guest` reads from `<site>/guests/<machine>/guest.toml` (written at power-on).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct GuestFile {
+pub struct MachineFile {
     pub machine: String,
     pub os_family: String,
-    pub settings: GuestSettings,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub workload: Option<WorkloadSpec>,
-    /// Disk files (absolute), in the machine's order.
+    /// Disk files (absolute), in the machine's order (the top of any snapshot chain).
     pub disks: Vec<(String, PathBuf)>,
+    /// The site's `[power.extra]` merged with the machine's `extra` (the machine's keys win).
+    #[serde(default)]
+    pub extra: toml::Table,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -193,9 +151,9 @@ pub struct Machine {
     /// `on` or `off`.
     #[serde(default = "off")]
     pub power: String,
-    /// Lab machines: a workload the guest runs.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub workload: Option<WorkloadSpec>,
+    /// Opaque settings for the program that runs the machine (see [`PowerCommand`]).
+    #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
+    pub extra: toml::Table,
 }
 
 fn pvscsi() -> String {
@@ -260,6 +218,7 @@ pub struct Inventory {
     pub warnings: Vec<String>,
 }
 
+#[derive(Debug, Clone)]
 pub struct LocalSite {
     pub name: String,
     pub folder: PathBuf,
@@ -269,8 +228,9 @@ fn statvfs(path: &Path) -> Option<(u64, u64)> {
     ferry_sys::fs::space(path).ok().map(|s| (s.available, s.total))
 }
 
-impl SiteProvider for LocalSite {
-    fn discover(&self) -> Result<Inventory, String> {
+impl LocalSite {
+    /// Read `site.toml` and the real files behind it.
+    pub fn discover(&self) -> Result<Inventory, String> {
         let file = self.folder.join("site.toml");
         let meta = std::fs::metadata(&file)
             .map_err(|e| format!("cannot read {}: {e} (a local site is a folder with a site.toml)", file.display()))?;
@@ -382,7 +342,7 @@ pub enum SiteOperation {
     PowerOff {
         machine: String,
     },
-    /// Lab machines: kill the guest at once (SIGKILL to its process group), like pulling the plug.
+    /// Kill the machine at once (SIGKILL to its process group), like pulling the plug.
     Crash {
         machine: String,
     },
@@ -471,19 +431,19 @@ impl LocalSite {
         let msg = match op {
             SiteOperation::PowerOn { machine } => {
                 let i = machine_idx(&site, machine)?;
-                if let Some(g) = &site.guest {
-                    if guest_pid(&self.guest_dir(machine)).is_some() {
+                if let Some(power) = &site.power {
+                    if running_pid(&self.run_dir(machine)).is_some() {
                         return Err(format!("{machine} is already running"));
                     }
-                    self.start_guest(&site.machines[i], g)?;
+                    self.start_machine(&site.machines[i], power)?;
                 }
                 site.machines[i].power = "on".into();
                 format!("{machine} powered on")
             }
             SiteOperation::PowerOff { machine } => {
                 let i = machine_idx(&site, machine)?;
-                let dir = self.guest_dir(machine);
-                let stopped = stop_guest(&dir, libc::SIGTERM, Duration::from_secs(90));
+                let dir = self.run_dir(machine);
+                let stopped = stop_machine(&dir, libc::SIGTERM, Duration::from_secs(90));
                 site.machines[i].power = "off".into();
                 if stopped {
                     format!("{machine} shut down and powered off")
@@ -493,12 +453,12 @@ impl LocalSite {
             }
             SiteOperation::Crash { machine } => {
                 let i = machine_idx(&site, machine)?;
-                let dir = self.guest_dir(machine);
-                if !stop_guest(&dir, libc::SIGKILL, Duration::from_secs(10)) {
+                let dir = self.run_dir(machine);
+                if !stop_machine(&dir, libc::SIGKILL, Duration::from_secs(10)) {
                     return Err(format!("{machine} is not running: nothing to crash"));
                 }
                 site.machines[i].power = "off".into();
-                format!("{machine} crashed (its guest was killed)")
+                format!("{machine} crashed (its process group was killed)")
             }
             SiteOperation::CreateMachine { machine, host, datastore, os_family, disks } => {
                 ferry_types::validate_name("machine", machine)?;
@@ -577,7 +537,7 @@ impl LocalSite {
                     controller: pvscsi(),
                     snapshots: Vec::new(),
                     power: off(),
-                    workload: None,
+                    extra: toml::Table::new(),
                 });
                 format!("machine {machine} created on {host} in {datastore}")
             }
@@ -682,52 +642,58 @@ impl LocalSite {
 }
 
 impl LocalSite {
-    /// Where a machine's guest keeps its files (`guest.toml`, pid, log, agent state).
-    pub fn guest_dir(&self, machine: &str) -> PathBuf {
+    /// A machine's run folder: `machine.toml`, `power.pid`, `power.log`, and whatever the program
+    /// that runs it keeps there.
+    pub fn run_dir(&self, machine: &str) -> PathBuf {
         self.folder.join("guests").join(machine)
     }
 
-    /// Start `ferry lab guest` for a machine, detached in its own process group; its pid goes to
-    /// `guest.pid`. A thread reaps it when it exits (the server is its parent).
-    fn start_guest(&self, m: &Machine, g: &GuestSettings) -> Result<(), String> {
-        let dir = self.guest_dir(&m.name);
+    /// Run the site's power-on command for a machine, detached in its own process group; its pid
+    /// and start time go to `power.pid`. A thread reaps it when it exits (the server is its parent).
+    fn start_machine(&self, m: &Machine, power: &PowerCommand) -> Result<(), String> {
+        let dir = self.run_dir(&m.name);
         std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        let file = GuestFile {
+        let mut extra = power.extra.clone();
+        for (k, v) in &m.extra {
+            extra.insert(k.clone(), v.clone());
+        }
+        let file = MachineFile {
             machine: m.name.clone(),
             os_family: m.os_family.clone(),
-            settings: g.clone(),
-            workload: m.workload.clone(),
             disks: m
                 .disks
                 .iter()
                 .map(|d| Ok((d.name.clone(), self.inside(&top_of(&d.path, m.snapshots.len()))?)))
                 .collect::<Result<_, String>>()?,
+            extra,
         };
         let text = toml::to_string(&file).map_err(|e| e.to_string())?;
-        std::fs::write(dir.join("guest.toml"), text).map_err(|e| format!("cannot write guest.toml: {e}"))?;
-        let exe = match &g.ferry {
-            Some(p) => p.clone(),
-            None => std::env::current_exe().map_err(|e| format!("cannot find the ferry executable: {e}"))?,
+        ferry_sys::fs::write_atomic(&dir.join("machine.toml"), text.as_bytes()).map_err(|e| e.to_string())?;
+        let dir_s = dir.to_string_lossy();
+        let argv: Vec<String> =
+            power.on.iter().map(|a| a.replace("{dir}", &dir_s).replace("{machine}", &m.name)).collect();
+        let Some((program, args)) = argv.split_first() else {
+            return Err(format!("site {}: [power] on is empty: name the program that starts a machine", self.name));
         };
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(dir.join("guest.log"))
-            .map_err(|e| format!("cannot open the guest log: {e}"))?;
+            .open(dir.join("power.log"))
+            .map_err(|e| format!("cannot open {}/power.log: {e}", dir.display()))?;
         let err = log.try_clone().map_err(|e| e.to_string())?;
         use std::os::unix::process::CommandExt;
-        let mut child = std::process::Command::new(exe)
-            .args(["lab", "guest", "--dir"])
-            .arg(&dir)
+        let mut child = std::process::Command::new(program)
+            .args(args)
             .stdin(std::process::Stdio::null())
             .stdout(log)
             .stderr(err)
             .process_group(0)
             .spawn()
-            .map_err(|e| format!("cannot start the guest of {}: {e}", m.name))?;
-        let pid = child.id();
-        std::fs::write(dir.join("guest.pid"), format!("{pid} {}\n", start_ticks(pid as i32).unwrap_or(0)))
-            .map_err(|e| format!("cannot write guest.pid: {e}"))?;
+            .map_err(|e| format!("cannot start {} ({program}): {e}", m.name))?;
+        let pid = child.id() as i32;
+        let record = format!("{pid} {}\n", start_ticks(pid).unwrap_or(0));
+        ferry_sys::fs::write_atomic(&dir.join("power.pid"), record.as_bytes())
+            .map_err(|e| format!("cannot record the pid of {}: {e}", m.name))?;
         std::thread::spawn(move || {
             let _ = child.wait();
         });
@@ -735,40 +701,36 @@ impl LocalSite {
     }
 }
 
-use ferry_sys::proc::start_ticks;
+use ferry_sys::proc::{same_process, start_ticks};
 
-/// The running guest's pid, if `guest.pid` names a live `ferry lab guest --dir DIR` process.
-pub fn guest_pid(dir: &Path) -> Option<i32> {
-    let text = std::fs::read_to_string(dir.join("guest.pid")).ok()?;
-    let pid: i32 = text.split_whitespace().next()?.parse().ok()?;
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-    let want: [&[u8]; 4] = [b"lab", b"guest", b"--dir", dir.as_os_str().as_encoded_bytes()];
-    let is_guest = args.windows(4).any(|w| w == want);
-    // A zombie (exited, not yet reaped) is not running.
-    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let zombie = state.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z'));
-    (is_guest && !zombie).then_some(pid)
+/// The pid running the machine whose run folder is `dir`, if `power.pid` names a live process
+/// with the recorded start time (a reused pid never matches).
+pub fn running_pid(dir: &Path) -> Option<i32> {
+    let text = std::fs::read_to_string(dir.join("power.pid")).ok()?;
+    let mut it = text.split_whitespace();
+    let pid: i32 = it.next()?.parse().ok()?;
+    let ticks: u64 = it.next()?.parse().ok()?;
+    same_process(pid, ticks).then_some(pid)
 }
 
-/// Stop a running guest and wait for it to exit. SIGTERM goes to the guest alone (it stops its
-/// workload, then lets its agent drain); SIGKILL goes to its whole process group (a crash), and
-/// to whatever is left of it after `limit`. Returns whether a guest was running.
-pub fn stop_guest(dir: &Path, signal: i32, limit: Duration) -> bool {
-    let Some(pid) = guest_pid(dir) else { return false };
-    // SAFETY: plain signal sends to a guest we started and its process group (pgid = its pid).
+/// Stop the machine whose run folder is `dir` and wait for it to exit. SIGTERM goes to its
+/// program alone (a clean shutdown); SIGKILL goes to its whole process group (a crash), and to
+/// whatever is left of it after `limit`. Returns whether it was running.
+pub fn stop_machine(dir: &Path, signal: i32, limit: Duration) -> bool {
+    let Some(pid) = running_pid(dir) else { return false };
+    // SAFETY: plain signal sends to a process we started (checked by start time) and its group.
     unsafe { libc::kill(if signal == libc::SIGKILL { -pid } else { pid }, signal) };
     let deadline = std::time::Instant::now() + limit;
-    while guest_pid(dir).is_some() {
+    while running_pid(dir).is_some() {
         if std::time::Instant::now() >= deadline {
-            // Out of patience: the guest and whatever it still runs (an agent draining).
+            // Out of patience: the program and whatever it still runs.
             unsafe { libc::kill(-pid, libc::SIGKILL) };
             std::thread::sleep(Duration::from_millis(200));
             break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let _ = std::fs::remove_file(dir.join("guest.pid"));
+    let _ = std::fs::remove_file(dir.join("power.pid"));
     true
 }
 

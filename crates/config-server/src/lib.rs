@@ -12,6 +12,7 @@ pub mod jobs;
 pub mod model;
 pub mod ops;
 pub mod protection;
+pub mod provider;
 pub mod registration;
 
 use std::path::PathBuf;

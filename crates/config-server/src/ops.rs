@@ -8,10 +8,10 @@ use std::time::Duration;
 use ferry_store::Store;
 use serde::{Deserialize, Serialize};
 
-use crate::discovery::{LocalSite, SiteProvider};
 use crate::errors;
 use crate::jobs::{Job, JobControl, JobError, Outcome, Runner};
 use crate::model::{Action, RecoveryPlan};
+use crate::provider;
 
 pub const SITE: &str = "site";
 pub const INVENTORY: &str = "inventory";
@@ -79,11 +79,10 @@ impl Ops {
         let Some(site) = site else {
             return Outcome::Failed(JobError::new(errors::NOT_FOUND, format!("site {} was deleted", job.target)));
         };
-        let provider = LocalSite { name: site.body.name.clone(), folder: site.body.path.clone() };
-        let inv = match tokio::task::spawn_blocking(move || provider.discover()).await {
-            Ok(Ok(inv)) => inv,
-            Ok(Err(e)) => return Outcome::Failed(JobError::new(errors::DISCOVERY_FAILED, e)),
-            Err(e) => return Outcome::Failed(JobError::new(errors::DISCOVERY_FAILED, e.to_string())),
+        let provider = provider::for_site(&site.body.name, &site.body.path);
+        let inv = match provider.discover().await {
+            Ok(inv) => inv,
+            Err(e) => return Outcome::Failed(JobError::new(ferry_types::HasErrorCode::error_code(&e), e.to_string())),
         };
         let summary = format!(
             "{} host(s), {} datastore(s), {} network(s), {} machine(s), {} master target(s), {} process server(s); {} warning(s)",
@@ -121,14 +120,10 @@ impl Ops {
         let Some(site) = site else {
             return Outcome::Failed(JobError::new(errors::NOT_FOUND, format!("site {} was deleted", job.target)));
         };
-        let provider = LocalSite { name: site.body.name.clone(), folder: site.body.path.clone() };
-        match tokio::task::spawn_blocking(move || provider.operate(&op)).await {
-            Ok(Ok(msg)) => Outcome::Done(Some(msg)),
-            Ok(Err(e)) => {
-                let code = if e.starts_with("8061") { errors::DATASTORE_INACCESSIBLE } else { errors::CONFLICT };
-                Outcome::Failed(JobError::new(code, e))
-            }
-            Err(e) => Outcome::Failed(JobError::new(errors::JOB_STATE, e.to_string())),
+        let provider = provider::for_site(&site.body.name, &site.body.path);
+        match provider.operate(op).await {
+            Ok(msg) => Outcome::Done(Some(msg)),
+            Err(e) => Outcome::Failed(JobError::new(ferry_types::HasErrorCode::error_code(&e), e.to_string())),
         }
     }
 

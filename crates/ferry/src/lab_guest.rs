@@ -14,10 +14,92 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use ferry_config_server::discovery::GuestFile;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
+
+/// What a lab machine's guest is given (like a mobility-service installer: the server's address,
+/// its CA fingerprint and the registration passphrase). It reaches the guest through the site's
+/// `[power.extra.guest]`, copied by the provider into the machine's `machine.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestSettings {
+    pub config_server: String,
+    pub ca_fingerprint: String,
+    /// File holding the registration passphrase.
+    pub passphrase_file: PathBuf,
+    /// Seconds from power-on until the mobility service starts and registers (RP-7: up to 15 min
+    /// in the reference; seconds in a lab).
+    #[serde(default = "default_boot_delay")]
+    pub boot_delay_secs: f64,
+    #[serde(default = "default_guest_heartbeat")]
+    pub heartbeat_interval_secs: f64,
+}
+
+fn default_boot_delay() -> f64 {
+    2.0
+}
+fn default_guest_heartbeat() -> f64 {
+    2.0
+}
+
+/// A workload the guest runs once its disks are served (`ferry lab workload`); a machine's
+/// `[extra.workload]` in site.toml.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadSpec {
+    /// Records per second.
+    #[serde(default = "default_rate")]
+    pub rate: f64,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Largest record, in 4 KiB blocks.
+    #[serde(default = "default_max_blocks")]
+    pub max_blocks: u32,
+}
+
+fn default_rate() -> f64 {
+    20.0
+}
+fn default_seed() -> u64 {
+    1
+}
+fn default_max_blocks() -> u32 {
+    16
+}
+
+/// The lab's part of `machine.toml` (`[extra]`).
+#[derive(Debug, Clone, Deserialize)]
+struct GuestExtra {
+    guest: GuestSettings,
+    #[serde(default)]
+    workload: Option<WorkloadSpec>,
+}
+
+/// A guest's view of its machine: `machine.toml` as the provider wrote it at power-on.
+#[derive(Debug, Clone)]
+pub struct GuestFile {
+    pub machine: String,
+    pub settings: GuestSettings,
+    pub workload: Option<WorkloadSpec>,
+    /// Disk files (absolute), in the machine's order.
+    pub disks: Vec<(String, PathBuf)>,
+}
+
+impl GuestFile {
+    fn load(dir: &Path) -> Result<GuestFile> {
+        let p = dir.join("machine.toml");
+        let text = std::fs::read_to_string(&p)
+            .with_context(|| format!("cannot read {} (written by power-on)", p.display()))?;
+        let m: ferry_config_server::discovery::MachineFile =
+            toml::from_str(&text).with_context(|| format!("{} is invalid", p.display()))?;
+        let extra: GuestExtra = toml::Value::Table(m.extra).try_into().with_context(|| {
+            format!("{}: [extra] must hold [extra.guest] (and may hold [extra.workload])", p.display())
+        })?;
+        Ok(GuestFile { machine: m.machine, settings: extra.guest, workload: extra.workload, disks: m.disks })
+    }
+}
 
 /// Ports the guest's agent serves on, kept across reboots.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -238,9 +320,7 @@ impl Guest {
 }
 
 pub async fn run(dir: PathBuf, shutdown: CancellationToken) -> Result<()> {
-    let text = std::fs::read_to_string(dir.join("guest.toml"))
-        .with_context(|| format!("cannot read {}/guest.toml (written by power-on)", dir.display()))?;
-    let file: GuestFile = toml::from_str(&text).context("guest.toml is invalid")?;
+    let file = GuestFile::load(&dir)?;
     let exe = std::env::current_exe().context("cannot find the ferry executable")?;
     let (ends, listeners) = endpoints(&dir)?;
     let g = Guest { reg: dir.join("mobility-service"), dir, file, exe, ends, listeners };

@@ -14,8 +14,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::lab_guest::{GuestSettings, WorkloadSpec};
 use anyhow::{bail, Context, Result};
-use ferry_config_server::discovery::{self, Credential, Host, Network, Nic, WorkloadSpec};
+use ferry_config_server::discovery::{self, Credential, Host, Network, Nic};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -256,7 +257,8 @@ impl LabState {
         for (_, folder) in &self.sites {
             let Ok(entries) = std::fs::read_dir(folder.join("guests")) else { continue };
             for e in entries.flatten() {
-                for what in ["guest", "agent", "workload"] {
+                // power.pid: the guest, as the provider started it.
+                for what in ["power", "agent", "workload"] {
                     let text = std::fs::read_to_string(e.path().join(format!("{what}.pid"))).unwrap_or_default();
                     let mut it = text.split_whitespace();
                     if let Some(pid) = it.next().and_then(|p| p.parse().ok()) {
@@ -456,7 +458,20 @@ fn check_spec(spec: &LabSpec) -> Result<()> {
 }
 
 /// Write `DIR/sites/<site>/` (site.toml, datastore folders, sparse disks) for one site.
-fn build_site(site: &LabSite, folder: &Path, guest: Option<discovery::GuestSettings>) -> Result<discovery::SiteFile> {
+/// `guest` (with the `ferry` executable) makes powering a machine on start its guest:
+/// `[power] on = [FERRY, "lab", "guest", "--dir", "{dir}"]`, the settings in `[power.extra.guest]`.
+fn build_site(site: &LabSite, folder: &Path, guest: Option<(&Path, GuestSettings)>) -> Result<discovery::SiteFile> {
+    let power = match guest {
+        Some((exe, settings)) => {
+            let mut extra = toml::Table::new();
+            extra.insert("guest".into(), toml::Value::try_from(&settings)?);
+            Some(discovery::PowerCommand {
+                on: vec![s(exe), "lab".into(), "guest".into(), "--dir".into(), "{dir}".into()],
+                extra,
+            })
+        }
+        None => None,
+    };
     std::fs::create_dir_all(folder)?;
     let mut file = discovery::SiteFile {
         hosts: site.hosts.clone(),
@@ -466,7 +481,7 @@ fn build_site(site: &LabSite, folder: &Path, guest: Option<discovery::GuestSetti
         master_targets: Vec::new(),
         process_servers: Vec::new(),
         credentials: site.credentials.clone(),
-        guest,
+        power,
     };
     for d in &site.datastores {
         let rel = PathBuf::from("datastores").join(&d.name);
@@ -519,7 +534,14 @@ fn build_site(site: &LabSite, folder: &Path, guest: Option<discovery::GuestSetti
             snapshots: Vec::new(),
             // Powered on through the provider once the server runs (which starts the guest).
             power: "off".into(),
-            workload: m.workload.clone(),
+            extra: match &m.workload {
+                Some(w) => {
+                    let mut t = toml::Table::new();
+                    t.insert("workload".into(), toml::Value::try_from(w)?);
+                    t
+                }
+                None => toml::Table::new(),
+            },
         });
     }
     for mt in &site.master_targets {
@@ -897,15 +919,14 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, out: OutputFormat) -> Res
     let op = state.server();
     for site in &spec.sites {
         let folder = dir.join("sites").join(&site.name);
-        let guest = discovery::GuestSettings {
+        let guest = GuestSettings {
             config_server: site_server[&site.name].clone(),
             ca_fingerprint: state.ca_fingerprint.clone(),
             passphrase_file: pass_file.clone(),
             boot_delay_secs: spec.boot_delay_secs,
             heartbeat_interval_secs: hb,
-            ferry: Some(exe.clone()),
         };
-        let file = build_site(site, &folder, Some(guest))?;
+        let file = build_site(site, &folder, Some((&exe, guest)))?;
         write_site(&folder, &file)?;
         let job = op.call("POST", "/api/v1/sites", Some(json!({"name": site.name, "path": folder}))).await?;
         let job = if job["job"].is_object() { job["job"].clone() } else { job };
@@ -1087,7 +1108,7 @@ fn stop_guests(st: &LabState, signal: i32) -> usize {
         let Ok(entries) = std::fs::read_dir(folder.join("guests")) else { continue };
         for e in entries.flatten() {
             let dir = e.path();
-            handles.push(std::thread::spawn(move || discovery::stop_guest(&dir, signal, Duration::from_secs(90))));
+            handles.push(std::thread::spawn(move || discovery::stop_machine(&dir, signal, Duration::from_secs(90))));
         }
     }
     handles.into_iter().filter_map(|h| h.join().ok()).filter(|stopped| *stopped).count()

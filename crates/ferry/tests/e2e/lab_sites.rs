@@ -103,7 +103,7 @@ impl Lab {
         for site in ["primary", "recovery"] {
             let Ok(entries) = std::fs::read_dir(self.dir.join("sites").join(site).join("guests")) else { continue };
             for e in entries.flatten() {
-                for what in ["guest", "agent", "workload"] {
+                for what in ["power", "agent", "workload"] {
                     if let Ok(t) = std::fs::read_to_string(e.path().join(format!("{what}.pid"))) {
                         let pid = t.split_whitespace().next().unwrap().parse().unwrap();
                         out.push((format!("{}/{what}", e.file_name().to_string_lossy()), pid));
