@@ -23,36 +23,17 @@ pub struct ServerArgs {
 }
 
 impl ServerArgs {
+    /// The configuration-server client these flags describe.
+    pub fn client(&self) -> ferry_status::server_client::ServerClient {
+        ferry_status::server_client::ServerClient {
+            server: self.server.clone(),
+            token: self.token.clone(),
+            ca: self.ca.clone(),
+        }
+    }
+
     pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
-        let ca = self.ca.clone().context(
-            "give the configuration server's CA certificate with --ca FILE or FERRY_CA (it is <state_dir>/tls/ca.pem on the server)",
-        )?;
-        let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
-        let mut headers = Vec::new();
-        if let Some(a) = &auth {
-            headers.push(("Authorization", a.as_str()));
-        }
-        let body = body.map(|b| b.to_string());
-        let (status, resp) = ferry_tls::https_request(
-            &self.server,
-            ferry_tls::Trust::CaFile(&ca),
-            method,
-            path,
-            &headers,
-            body.as_deref().map(str::as_bytes),
-        )
-        .await
-        .with_context(|| format!("cannot reach the configuration server at {}", self.server))?;
-        let v: Value = serde_json::from_slice(&resp).unwrap_or(Value::Null);
-        if !(200..300).contains(&status) {
-            bail!(
-                "{} (HTTP {status}, code {}; remedy: {})",
-                v["message"].as_str().unwrap_or("request refused"),
-                v["code"],
-                v["remedy"].as_str().unwrap_or("-")
-            );
-        }
-        Ok(v)
+        Ok(self.client().call(method, path, body).await?)
     }
 }
 
@@ -541,59 +522,7 @@ pub async fn register_component(
     hosts: &[String],
     dir: &std::path::Path,
 ) -> Result<Value> {
-    let (status, ca) = ferry_tls::https_request(server, ferry_tls::Trust::Insecure, "GET", "/api/v1/ca", &[], None)
-        .await
-        .with_context(|| format!("cannot reach the configuration server at {server}"))?;
-    if status != 200 {
-        bail!("{server} answered HTTP {status} for its CA");
-    }
-    // Exactly one certificate: what is fingerprinted is all that will be trusted.
-    let ca = ferry_tls::single_certificate(&String::from_utf8_lossy(&ca)).context("the server's CA answer")?;
-    let got = ferry_tls::fingerprint(&ca)?;
-    let want = fingerprint.replace(':', "").to_ascii_lowercase();
-    if got != want {
-        bail!("the server's CA fingerprint is {got}, not the {want} you were given: do not register with this server (wrong address, or someone in between)");
-    }
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let ca_path = dir.join("ca.pem");
-    std::fs::write(&ca_path, &ca).with_context(|| format!("cannot write {}", ca_path.display()))?;
-    let (key, csr) = ferry_tls::key_and_csr(name, hosts)?;
-    let body = json!({"kind": kind, "name": name, "passphrase": passphrase, "csr": csr, "hosts": hosts}).to_string();
-    let (status, resp) = ferry_tls::https_request(
-        server,
-        ferry_tls::Trust::CaFile(&ca_path),
-        "POST",
-        "/api/v1/register",
-        &[],
-        Some(body.as_bytes()),
-    )
-    .await?;
-    let v: Value = serde_json::from_slice(&resp).unwrap_or(Value::Null);
-    if status != 201 {
-        bail!(
-            "registration refused: {} (remedy: {})",
-            v["message"].as_str().unwrap_or("?"),
-            v["remedy"].as_str().unwrap_or("-")
-        );
-    }
-    use std::os::unix::fs::OpenOptionsExt;
-    let write = |p: PathBuf, data: &str, mode: u32| -> Result<()> {
-        use std::io::Write;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&p)
-            .with_context(|| format!("cannot write {}", p.display()))?;
-        f.write_all(data.as_bytes()).with_context(|| format!("cannot write {}", p.display()))
-    };
-    write(dir.join(format!("{kind}.key")), &key, 0o600)?;
-    write(dir.join(format!("{kind}.pem")), v["certificate"].as_str().unwrap_or(""), 0o644)?;
-    write(dir.join("config-server.token"), v["token"].as_str().unwrap_or(""), 0o600)?;
-    Ok(
-        json!({"ca": ca_path, "cert": dir.join(format!("{kind}.pem")), "key": dir.join(format!("{kind}.key")), "token_file": dir.join("config-server.token")}),
-    )
+    Ok(ferry_status::server_client::register_component(server, fingerprint, passphrase, kind, name, hosts, dir).await?)
 }
 
 #[derive(Args)]

@@ -2,12 +2,10 @@
 
 mod cli_config;
 mod ctl;
-mod demo;
-mod lab;
-mod lab_guest;
-mod lab_link;
-mod lab_site;
+mod lab_cli;
 mod output;
+
+use ferry_lab::{guest as lab_guest, link as lab_link, workload as lab};
 
 use std::path::PathBuf;
 
@@ -130,7 +128,7 @@ enum Command {
         server: ctl::ServerArgs,
     },
     /// Bring up a two-site lab, protect its machines, take and verify points, print a summary.
-    Demo(demo::DemoArgs),
+    Demo(lab_cli::DemoArgs),
     /// Lab: a two-site Ferry on this machine (up, status, down), its machines and links, verifiable workloads.
     Lab {
         #[command(subcommand)]
@@ -172,7 +170,7 @@ enum LabAction {
     /// Build and start a two-site lab in DIR (the built-in description, or --config FILE).
     Up {
         dir: PathBuf,
-        /// A lab description (TOML; see `crates/ferry/src/lab_default.toml`).
+        /// A lab description (TOML; see `crates/lab/default-lab.toml`).
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -611,9 +609,6 @@ fn main() -> std::process::ExitCode {
         eprintln!("error: {e}");
         return std::process::ExitCode::FAILURE;
     }
-    // Ours alone: a daemon's children (guests, agents, qemu tools) must not publish for it.
-    let _ = READY_FILE.set(std::env::var_os("FERRY_READY_FILE").map(std::path::PathBuf::from));
-    std::env::remove_var("FERRY_READY_FILE");
     let cli = Cli::parse();
     let filter =
         tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -689,23 +684,15 @@ fn bind(key: &str, addr: &Option<String>, what: &str) -> Result<Option<tokio::ne
     addr.as_deref().map(|a| listen(key, a, what)).transpose()
 }
 
-/// `FERRY_READY_FILE` as this process was started with (taken out of the environment).
-static READY_FILE: std::sync::OnceLock<Option<std::path::PathBuf>> = std::sync::OnceLock::new();
-
-/// Publish the addresses a daemon listens on (`FERRY_READY_FILE`, JSON `{"pid", "listeners":
-/// {key: address}}`), written atomically once every listener is bound, so whoever started it
-/// with port 0 learns the ports without racing the bind.
-pub(crate) fn publish_ready(listeners: &[(&str, Option<&tokio::net::TcpListener>)]) -> Result<()> {
-    let Some(path) = READY_FILE.get().cloned().flatten() else { return Ok(()) };
-    let mut map = serde_json::Map::new();
+/// Publish the addresses a daemon listens on (`ferry_sys::listen::publish`).
+fn publish_ready(listeners: &[(&str, Option<&tokio::net::TcpListener>)]) -> Result<()> {
+    let mut bound = Vec::new();
     for (key, l) in listeners {
         if let Some(l) = l {
-            map.insert((*key).to_owned(), serde_json::Value::String(l.local_addr()?.to_string()));
+            bound.push((*key, l.local_addr()?));
         }
     }
-    let body = serde_json::json!({ "pid": std::process::id(), "listeners": map });
-    ferry_sys::fs::write_atomic(&path, &serde_json::to_vec(&body)?)
-        .with_context(|| format!("cannot write the ready file {}", path.display()))
+    ferry_sys::listen::publish(&bound).context("cannot write the ready file (FERRY_READY_FILE)")
 }
 
 async fn run(cli: Cli) -> Result<()> {
@@ -781,7 +768,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Protect { args, server } => ctl::protect(args, &server, out).await,
         Command::Machines { server } => ctl::machines(&server, out).await,
         Command::RecoveryPoints { machine, server } => ctl::recovery_points(&machine, &server, out).await,
-        Command::Demo(args) => demo::run(args, out).await,
+        Command::Demo(args) => lab_cli::demo(args, out).await,
         Command::Register(r) => {
             ctl::register(&r.server, &r.ca_fingerprint, &r.passphrase, &r.kind, &r.name, &r.hosts, &r.dir, out).await
         }
@@ -1244,26 +1231,21 @@ async fn run_lab(action: LabAction, out: OutputFormat) -> Result<()> {
                 };
                 lab_link::run(&listen, to, &control, shutdown_on_signal()).await
             }
-            Some(LinkAction::Cut { names, lab }) => lab_site::link_control(&lab, &names, "cut", None, out).await,
-            Some(LinkAction::Restore { names, lab }) => {
-                lab_site::link_control(&lab, &names, "restore", None, out).await
-            }
+            Some(LinkAction::Cut { names, lab }) => lab_cli::link_control(&lab, &names, "cut", None, out).await,
+            Some(LinkAction::Restore { names, lab }) => lab_cli::link_control(&lab, &names, "restore", None, out).await,
             Some(LinkAction::Slow { names, lab, latency_ms, bandwidth_bytes_per_sec }) => {
                 let body =
                     serde_json::json!({"latency_ms": latency_ms, "bandwidth_bytes_per_sec": bandwidth_bytes_per_sec});
-                lab_site::link_control(&lab, &names, "slow", Some(body), out).await
+                lab_cli::link_control(&lab, &names, "slow", Some(body), out).await
             }
         },
-        LabAction::Up { dir, config } => {
-            let st = lab_site::up(&dir, config.as_deref(), out).await?;
-            lab_site::print_up(&st, out)
-        }
-        LabAction::Status { dir } => lab_site::status(&dir, out).await,
-        LabAction::Down { dir, remove } => lab_site::print_down(&lab_site::down(&dir, remove).await?, out),
-        LabAction::Crash { machine, lab } => lab_site::machine_op(&lab, &machine, "crash", out).await,
-        LabAction::PowerOn { machine, lab } => lab_site::machine_op(&lab, &machine, "power-on", out).await,
-        LabAction::PowerOff { machine, lab } => lab_site::machine_op(&lab, &machine, "power-off", out).await,
-        LabAction::Restart { name, kill, lab } => lab_site::restart(&lab, &name, kill, out).await,
+        LabAction::Up { dir, config } => lab_cli::up(&dir, config.as_deref(), out).await,
+        LabAction::Status { dir } => lab_cli::status(&dir, out).await,
+        LabAction::Down { dir, remove } => lab_cli::down(&dir, remove, out).await,
+        LabAction::Crash { machine, lab } => lab_cli::machine_op(&lab, &machine, "crash", out).await,
+        LabAction::PowerOn { machine, lab } => lab_cli::machine_op(&lab, &machine, "power-on", out).await,
+        LabAction::PowerOff { machine, lab } => lab_cli::machine_op(&lab, &machine, "power-off", out).await,
+        LabAction::Restart { name, kill, lab } => lab_cli::restart(&lab, &name, kill, out).await,
         LabAction::Guest { dir } => lab_guest::run(dir, shutdown_on_signal()).await,
         LabAction::Verify { record_log, disks, seed, exact_seq } => {
             let v = tokio::task::spawn_blocking(move || lab::verify(&record_log, &disks, seed, exact_seq)).await??;

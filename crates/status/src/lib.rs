@@ -2,6 +2,7 @@
 //! and `ferry <component> status` reads it. Extra routes (e.g. the agent's verify) are merged in.
 
 mod rate;
+pub mod server_client;
 pub use rate::RateMeter;
 
 use std::net::SocketAddr;

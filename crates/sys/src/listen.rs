@@ -21,6 +21,10 @@ use std::sync::Mutex;
 
 /// `name=fd,…`: the inherited listeners.
 pub const ENV: &str = "FERRY_LISTEN_FDS";
+/// Where this daemon publishes what it listens on ([`publish`]).
+pub const READY_ENV: &str = "FERRY_READY_FILE";
+
+static READY_FILE: Mutex<Option<std::path::PathBuf>> = Mutex::new(None);
 
 static ADOPTED: Mutex<Option<HashMap<String, TcpListener>>> = Mutex::new(None);
 
@@ -63,6 +67,11 @@ pub fn parse(spec: &str) -> Result<Vec<(String, RawFd)>, String> {
 /// thread is started (it edits the environment). A descriptor that is not a listening TCP socket
 /// is an error naming it.
 pub fn adopt() -> Result<(), String> {
+    // Ours alone: a daemon's children (guests, agents, qemu tools) must not publish for it.
+    if let Some(p) = std::env::var_os(READY_ENV) {
+        *READY_FILE.lock().unwrap_or_else(|p| p.into_inner()) = Some(p.into());
+        std::env::remove_var(READY_ENV);
+    }
     let Ok(spec) = std::env::var(ENV) else { return Ok(()) };
     // Edition 2021's safe API; sound here because the process is still single-threaded.
     std::env::remove_var(ENV);
@@ -79,6 +88,17 @@ pub fn adopt() -> Result<(), String> {
     }
     *ADOPTED.lock().unwrap_or_else(|p| p.into_inner()) = Some(map);
     Ok(())
+}
+
+/// Publish the addresses this daemon listens on, once every listener is bound: the file named by
+/// [`READY_ENV`] at start (if any) is written atomically as JSON
+/// `{"pid": N, "listeners": {"key": "address"}}`. Whoever started the daemon waits for the file
+/// instead of probing a port (which, after a daemon died at start, may be another process's).
+pub fn publish(listeners: &[(&str, std::net::SocketAddr)]) -> io::Result<()> {
+    let Some(path) = READY_FILE.lock().unwrap_or_else(|p| p.into_inner()).clone() else { return Ok(()) };
+    let body = listeners.iter().map(|(k, a)| format!("\"{}\":\"{a}\"", k.escape_default())).collect::<Vec<_>>();
+    let json = format!("{{\"pid\":{},\"listeners\":{{{}}}}}", std::process::id(), body.join(","));
+    crate::fs::write_atomic(&path, json.as_bytes())
 }
 
 /// The inherited listener for `name`, if the parent handed one (each is taken once).

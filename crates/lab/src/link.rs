@@ -112,7 +112,7 @@ pub async fn run(listen: &str, upstream: String, control: &str, shutdown: Cancel
     let control_l = ferry_sys::listen::listener("control", control)
         .and_then(TcpListener::from_std)
         .with_context(|| format!("cannot listen on {control} for control"))?;
-    crate::publish_ready(&[("listen", Some(&listener)), ("control", Some(&control_l))])?;
+    ferry_sys::listen::publish(&[("listen", listener.local_addr()?), ("control", control_l.local_addr()?)])?;
     let state = Arc::new(LinkState::default());
     let routes = Router::new()
         .route(

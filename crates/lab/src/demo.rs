@@ -12,58 +12,37 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use clap::Args;
 use serde_json::{json, Value};
 
-use crate::lab_site::{self, LabSpec, LabState};
-use crate::output::OutputFormat;
+use crate::site::{self as lab_site, LabSpec, LabState};
 
-#[derive(Args, Clone)]
+/// What `ferry demo` is asked to do.
+#[derive(Debug, Clone)]
 pub struct DemoArgs {
     /// Leave the lab running (and its folder) at the end.
-    #[arg(long)]
     pub keep: bool,
     /// Lab folder (default: a new temp folder).
-    #[arg(long)]
     pub dir: Option<PathBuf>,
     /// A lab description instead of the built-in one.
-    #[arg(long)]
     pub config: Option<PathBuf>,
     /// Seconds the workloads run after protection before the points are taken.
-    #[arg(long, default_value_t = 15.0)]
     pub workload_secs: f64,
 }
 
-struct Progress {
-    bar: indicatif::ProgressBar,
-    started: Instant,
+/// Where the demo reports progress: `step` for a finished step (a line), `status` for what it
+/// is waiting on now (replaced by the next), `done` before the summary.
+pub trait Progress: Send + Sync {
+    fn step(&self, msg: &str);
+    fn status(&self, msg: &str);
+    fn done(&self);
 }
 
-impl Progress {
-    fn new(out: OutputFormat) -> Progress {
-        let bar = indicatif::ProgressBar::new_spinner();
-        if matches!(out, OutputFormat::Table) {
-            bar.set_style(
-                indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
-            );
-            bar.enable_steady_tick(Duration::from_millis(120));
-        } else {
-            bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-        }
-        Progress { bar, started: Instant::now() }
-    }
-    fn step(&self, msg: impl Into<String>) {
-        let msg = msg.into();
-        let line = format!("[{:>5.1} s] {msg}", self.started.elapsed().as_secs_f64());
-        if self.bar.is_hidden() {
-            // Not a terminal (or JSON output): the steps still go to stderr, as plain lines.
-            eprintln!("{line}");
-        } else {
-            self.bar.println(line);
-        }
-        self.bar.set_message(msg);
-    }
+/// What the demo found: a row per machine, and whether every point verified.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DemoReport {
+    pub lab: PathBuf,
+    pub machines: Vec<Value>,
+    pub verified: bool,
 }
 
 /// The guest's agent status (its own status endpoint).
@@ -84,36 +63,33 @@ fn records(path: &Path) -> u64 {
     std::fs::read_to_string(path).map(|t| t.lines().count() as u64).unwrap_or(0)
 }
 
-pub async fn run(args: DemoArgs, out: OutputFormat) -> Result<()> {
+/// Run the demo; the report, or why it could not run. A failed verification is a report with
+/// `verified: false` (the lab's files are then kept).
+pub async fn run(args: DemoArgs, p: &dyn Progress) -> Result<DemoReport> {
     let dir = match &args.dir {
         Some(d) => d.clone(),
         None => std::env::temp_dir().join(format!("ferry-demo-{:08x}", rand::random::<u32>())),
     };
-    let p = Progress::new(out);
-    p.step(format!("bringing up a two-site lab in {}", dir.display()));
-    let st = match lab_site::up(&dir, args.config.as_deref(), OutputFormat::Json).await {
+    p.step(&format!("bringing up a two-site lab in {}", dir.display()));
+    let st = match lab_site::up(&dir, args.config.as_deref(), &|_| {}).await {
         Ok(st) => st,
         Err(e) => {
-            p.bar.finish_and_clear();
+            p.done();
             return Err(e);
         }
     };
-    let result = demo(&st, &args, &p, out).await;
-    p.bar.finish_and_clear();
+    let result = demo(&st, &args, p).await;
+    p.done();
     if args.keep {
-        eprintln!("the lab keeps running: `ferry lab status {0}`, `ferry lab down {0}`", st.dir.display());
+        p.step(&format!("the lab keeps running: `ferry lab status {0}`, `ferry lab down {0}`", st.dir.display()));
     } else {
-        let remove = result.as_ref().is_ok_and(|ok| *ok);
+        let remove = result.as_ref().is_ok_and(|r| r.verified);
         lab_site::down(&st.dir, remove).await.context("tearing the lab down")?;
         if !remove {
-            eprintln!("files and logs kept in {}", st.dir.display());
+            p.step(&format!("files and logs kept in {}", st.dir.display()));
         }
     }
-    match result {
-        Ok(true) => Ok(()),
-        Ok(false) => bail!("verification failed (see the table above)"),
-        Err(e) => Err(e),
-    }
+    result
 }
 
 async fn wait_for<F, Fut>(what: &str, limit: Duration, mut f: F) -> Result<Value>
@@ -134,7 +110,7 @@ where
 }
 
 /// The demo proper; Ok(false) when a verification failed.
-async fn demo(st: &LabState, args: &DemoArgs, p: &Progress, out: OutputFormat) -> Result<bool> {
+async fn demo(st: &LabState, args: &DemoArgs, p: &dyn Progress) -> Result<DemoReport> {
     let spec: LabSpec = toml::from_str(&std::fs::read_to_string(st.dir.join("lab.toml"))?)?;
     let server = st.server();
     server
@@ -211,7 +187,7 @@ async fn demo(st: &LabState, args: &DemoArgs, p: &Progress, out: OutputFormat) -
     let mut jobs = Vec::new();
     for r in &requests {
         let job = server.call("POST", "/api/v1/protections", Some(r.clone())).await?;
-        p.step(format!(
+        p.step(&format!(
             "protect {} → {} on {} (datastore {}), job {}",
             r["machines"]
                 .as_array()
@@ -247,7 +223,7 @@ async fn demo(st: &LabState, args: &DemoArgs, p: &Progress, out: OutputFormat) -
                 v["eta_secs"].as_f64().map(|e| format!(" ETA {e:.0}s")).unwrap_or_default()
             ));
         }
-        p.bar.set_message(format!("initial sync: {}", parts.join(" · ")));
+        p.status(&format!("initial sync: {}", parts.join(" · ")));
         if done == jobs.len() {
             break;
         }
@@ -261,7 +237,7 @@ async fn demo(st: &LabState, args: &DemoArgs, p: &Progress, out: OutputFormat) -
         .flat_map(|r| r["machines"].as_array().cloned().unwrap_or_default())
         .filter_map(|m| m.as_str().map(str::to_owned))
         .collect();
-    p.step(format!("{} machine(s) Protected; workloads running for {:.0} s", machines.len(), args.workload_secs));
+    p.step(&format!("{} machine(s) Protected; workloads running for {:.0} s", machines.len(), args.workload_secs));
     let guest_dir = |m: &str| -> Result<PathBuf> { Ok(st.machine_site(m)?.1.join("guests").join(m)) };
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs_f64(args.workload_secs) {
@@ -269,7 +245,7 @@ async fn demo(st: &LabState, args: &DemoArgs, p: &Progress, out: OutputFormat) -
         for m in &machines {
             parts.push(format!("{m}: {} records", records(&guest_dir(m)?.join("records.log"))));
         }
-        p.bar.set_message(format!("workloads: {}", parts.join(" · ")));
+        p.status(&format!("workloads: {}", parts.join(" · ")));
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
@@ -278,13 +254,13 @@ async fn demo(st: &LabState, args: &DemoArgs, p: &Progress, out: OutputFormat) -
     let mut app_time: BTreeMap<String, u64> = BTreeMap::new();
     for m in &machines {
         let ends = st.guest_endpoints(m)?;
-        let before = crate::lab_site::now_ms();
+        let before = crate::site::now_ms();
         let (code, v) = ferry_status::request(&ends.status, "POST", "/points/app", None).await?;
         if code != 200 {
             bail!("app-consistent point of {m} refused ({code}): {v}");
         }
         let seq = last_line_seq(&guest_dir(m)?.join("app-consistent.log"));
-        p.step(format!(
+        p.step(&format!(
             "{m}: app-consistent point taken (workload paused at record {})",
             seq.map(|s| s.to_string()).unwrap_or("-".into())
         ));
@@ -305,7 +281,7 @@ async fn demo(st: &LabState, args: &DemoArgs, p: &Progress, out: OutputFormat) -
         for m in &members {
             group_of.insert(m.clone(), r["group"].as_str().unwrap_or("").to_owned());
         }
-        p.step(format!(
+        p.step(&format!(
             "group {}: multi-machine point across {}",
             r["group"].as_str().unwrap_or(""),
             members.join(", ")
@@ -377,10 +353,10 @@ async fn demo(st: &LabState, args: &DemoArgs, p: &Progress, out: OutputFormat) -
         let exact = app_seq[m];
         let verdict = {
             let (log, files) = (log.clone(), files.clone());
-            tokio::task::spawn_blocking(move || crate::lab::verify(&log, &files, seed, exact)).await??
+            tokio::task::spawn_blocking(move || crate::workload::verify(&log, &files, seed, exact)).await??
         };
         all_ok &= verdict.consistent;
-        p.step(format!(
+        p.step(&format!(
             "{m}: point {id} materialized ({} raw image(s)); lab verify: {}",
             files.len(),
             if verdict.consistent {
@@ -394,7 +370,7 @@ async fn demo(st: &LabState, args: &DemoArgs, p: &Progress, out: OutputFormat) -
             let (_, gfiles) = materialize("latest-multi".into(), work.join(format!("{m}-group"))).await?;
             let v = tokio::task::spawn_blocking({
                 let log = log.clone();
-                move || crate::lab::verify(&log, &gfiles, seed, None)
+                move || crate::workload::verify(&log, &gfiles, seed, None)
             })
             .await??;
             all_ok &= v.consistent;
@@ -418,43 +394,5 @@ async fn demo(st: &LabState, args: &DemoArgs, p: &Progress, out: OutputFormat) -
             "workload_records": records(&log),
         }));
     }
-    match out {
-        OutputFormat::Json => {
-            println!("{}", serde_json::to_string_pretty(&json!({"lab": st.dir, "machines": rows, "verified": all_ok}))?)
-        }
-        OutputFormat::Table => {
-            p.bar.finish_and_clear();
-            println!();
-            println!(
-                "{:<8} {:<13} {:>12} {:>8} {:>7} {:>9} {:<28} GROUP POINT (verify)",
-                "MACHINE", "MASTER TARGET", "REPLICATED", "RPO", "POINTS", "RECORDS", "APP POINT (verify)"
-            );
-            for r in &rows {
-                println!(
-                    "{:<8} {:<13} {:>9.1} MiB {:>6.1} s {:>7} {:>9} {:<28} {}",
-                    r["machine"].as_str().unwrap_or(""),
-                    r["master_target"].as_str().unwrap_or(""),
-                    r["bytes_replicated"].as_f64().unwrap_or(0.0) / 1048576.0,
-                    r["rpo_secs"].as_f64().unwrap_or(0.0),
-                    r["points"].as_u64().unwrap_or(0),
-                    r["workload_records"].as_u64().unwrap_or(0),
-                    format!(
-                        "{} {}",
-                        r["app_point"].as_str().unwrap_or(""),
-                        r["verify_app_point"].as_str().unwrap_or("")
-                    ),
-                    r["verify_group_point"].as_str().unwrap_or("")
-                );
-            }
-            println!(
-                "\n{}",
-                if all_ok {
-                    "every point verified: the replicas hold exactly what the machines wrote"
-                } else {
-                    "VERIFICATION FAILED"
-                }
-            );
-        }
-    }
-    Ok(all_ok)
+    Ok(DemoReport { lab: st.dir.clone(), machines: rows, verified: all_ok })
 }

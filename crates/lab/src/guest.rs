@@ -170,7 +170,7 @@ fn spawn(exe: &Path, args: &[String], log: &Path, listeners: &[(&str, &std::net:
 /// Children's pids go to files beside the guest's, so `lab down` can check none is left.
 fn record_pid(path: &Path, c: &Child) {
     if let Some(pid) = c.id() {
-        let ticks = crate::lab_site::start_ticks(pid as i32).unwrap_or(0);
+        let ticks = ferry_sys::proc::start_ticks(pid as i32).unwrap_or(0);
         let _ = std::fs::write(path, format!("{pid} {ticks}\n"));
     }
 }
@@ -224,7 +224,7 @@ impl Guest {
             let r = async {
                 let pass = std::fs::read_to_string(&g.passphrase_file)
                     .with_context(|| format!("cannot read the passphrase file {}", g.passphrase_file.display()))?;
-                crate::ctl::register_component(
+                ferry_status::server_client::register_component(
                     &g.config_server,
                     &g.ca_fingerprint,
                     pass.trim(),
@@ -234,6 +234,7 @@ impl Guest {
                     &self.reg,
                 )
                 .await
+                .map_err(anyhow::Error::from)
             }
             .await;
             match r {

@@ -1,6 +1,6 @@
 //! `ferry lab up|status|down|crash|power|link`: a whole two-site Ferry on one machine.
 //!
-//! `lab up DIR` turns a lab description (the built-in `lab_default.toml`, or `--config FILE`)
+//! `lab up DIR` turns a lab description (the built-in `default-lab.toml`, or `--config FILE`)
 //! into site folders the local provider discovers (`DIR/sites/<site>/site.toml`, datastores as
 //! folders, disks as sparse files), starts a configuration server (SQLite), a lab link in front of
 //! every master target and of the configuration server for every other site (so `lab link cut`
@@ -14,16 +14,15 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::lab_guest::{GuestSettings, WorkloadSpec};
+use crate::guest::{GuestSettings, WorkloadSpec};
 use anyhow::{bail, Context, Result};
 use ferry_config_server::discovery::{self, Credential, Host, Network, Nic};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::ctl::ServerArgs;
-use crate::output::OutputFormat;
+use ferry_status::server_client::ServerClient;
 
-pub const DEFAULT_LAB: &str = include_str!("lab_default.toml");
+pub const DEFAULT_LAB: &str = include_str!("../default-lab.toml");
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -226,8 +225,8 @@ impl LabState {
     }
 
     /// API access as the lab's operator.
-    pub fn server(&self) -> ServerArgs {
-        ServerArgs {
+    pub fn server(&self) -> ServerClient {
+        ServerClient {
             server: self.config_server.clone(),
             token: Some(self.operator_token.clone()),
             ca: Some(self.ca.clone()),
@@ -272,7 +271,7 @@ impl LabState {
     }
 
     /// Where a machine's guest serves (from its `endpoints.json`).
-    pub fn guest_endpoints(&self, machine: &str) -> Result<crate::lab_guest::Endpoints> {
+    pub fn guest_endpoints(&self, machine: &str) -> Result<crate::guest::Endpoints> {
         let (_, folder) = self.machine_site(machine)?;
         let p = folder.join("guests").join(machine).join("endpoints.json");
         let d =
@@ -427,7 +426,7 @@ fn check_spec(spec: &LabSpec) -> Result<()> {
     }
     let mut names = std::collections::HashSet::new();
     for site in &spec.sites {
-        ferry_protocol::validate_name("site", &site.name).map_err(anyhow::Error::msg)?;
+        ferry_types::validate_name("site", &site.name).map_err(anyhow::Error::msg)?;
         for n in site
             .machines
             .iter()
@@ -435,7 +434,7 @@ fn check_spec(spec: &LabSpec) -> Result<()> {
             .chain(site.master_targets.iter().map(|m| &m.name))
             .chain(site.process_server.iter().map(|p| &p.name))
         {
-            ferry_protocol::validate_name("lab object", n).map_err(anyhow::Error::msg)?;
+            ferry_types::validate_name("lab object", n).map_err(anyhow::Error::msg)?;
             if !names.insert(n.clone()) {
                 bail!("{n} is named twice in the lab description (machines, master targets and process servers share one namespace)");
             }
@@ -445,7 +444,7 @@ fn check_spec(spec: &LabSpec) -> Result<()> {
                 bail!("machine {}: site {} has no datastore {}", m.name, site.name, m.datastore);
             }
             for d in &m.disks {
-                ferry_protocol::validate_name("disk", &d.name).map_err(anyhow::Error::msg)?;
+                ferry_types::validate_name("disk", &d.name).map_err(anyhow::Error::msg)?;
             }
         }
         if site.process_server.is_some()
@@ -576,7 +575,7 @@ fn write_site(folder: &Path, file: &discovery::SiteFile) -> Result<()> {
     std::fs::write(&p, toml::to_string(file)?).with_context(|| format!("cannot write {}", p.display()))
 }
 
-async fn wait_job(server: &ServerArgs, job: &Value, limit: Duration) -> Result<Value> {
+async fn wait_job(server: &ServerClient, job: &Value, limit: Duration) -> Result<Value> {
     let id = job["id"].as_str().context("no job id in the answer")?.to_owned();
     let deadline = Instant::now() + limit;
     loop {
@@ -595,14 +594,11 @@ async fn wait_job(server: &ServerArgs, job: &Value, limit: Duration) -> Result<V
     }
 }
 
-fn say(out: OutputFormat, msg: &str) {
-    if matches!(out, OutputFormat::Table) {
-        eprintln!("{msg}");
-    }
-}
+/// Where the lab reports progress (one line per step); the binary prints it, tests ignore it.
+pub type Say<'a> = &'a (dyn Fn(&str) + Send + Sync);
 
 /// `ferry lab up DIR [--config FILE]`.
-pub async fn up(dir: &Path, config: Option<&Path>, out: OutputFormat) -> Result<LabState> {
+pub async fn up(dir: &Path, config: Option<&Path>, say: Say<'_>) -> Result<LabState> {
     let text = match config {
         Some(p) => {
             std::fs::read_to_string(p).with_context(|| format!("cannot read the lab description {}", p.display()))?
@@ -638,7 +634,7 @@ pub async fn up(dir: &Path, config: Option<&Path>, out: OutputFormat) -> Result<
             },
         )?;
     }
-    match start(&dir, &spec, &text, out).await {
+    match start(&dir, &spec, &text, say).await {
         Ok(st) => Ok(st),
         Err(e) => {
             // Stop whatever this attempt started (its pids are in lab.json); keep the logs.
@@ -652,7 +648,7 @@ pub async fn up(dir: &Path, config: Option<&Path>, out: OutputFormat) -> Result<
     }
 }
 
-async fn start(dir: &Path, spec: &LabSpec, text: &str, out: OutputFormat) -> Result<LabState> {
+async fn start(dir: &Path, spec: &LabSpec, text: &str, say: Say<'_>) -> Result<LabState> {
     let spec = spec.clone();
     let dir = dir.to_owned();
     std::fs::write(dir.join("lab.toml"), text)?;
@@ -676,7 +672,7 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, out: OutputFormat) -> Res
     state.save()?;
 
     // 1. The configuration server.
-    say(out, "starting the configuration server (SQLite)…");
+    say("starting the configuration server (SQLite)…");
     let (cs_addr, cs_listener) = bind_loopback()?;
     let cs_log = logs.join("config-server.log");
     let first_out = logs.join("config-server.first-start.json");
@@ -740,7 +736,7 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, out: OutputFormat) -> Res
         std::io::Write::write_all(&mut f, passphrase.as_bytes())?;
     }
     let admin =
-        ServerArgs { server: cs_addr.clone(), token: Some(state.admin_token.clone()), ca: Some(state.ca.clone()) };
+        ServerClient { server: cs_addr.clone(), token: Some(state.admin_token.clone()), ca: Some(state.ca.clone()) };
     let tok = admin.call("POST", "/api/v1/tokens", Some(json!({"name": "lab-operator", "role": "operator"}))).await?;
     state.operator_token = tok["token"].as_str().context("no token in the answer")?.into();
     state.save()?;
@@ -826,9 +822,9 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, out: OutputFormat) -> Res
     for site in &spec.sites {
         let folder = dir.join("sites").join(&site.name);
         for mt in site.master_targets.iter().filter(|m| m.run) {
-            say(out, &format!("starting master target {} ({}) on site {}…", mt.name, mt.os_family, site.name));
+            say(&format!("starting master target {} ({}) on site {}…", mt.name, mt.os_family, site.name));
             let reg = comps.join(format!("master-target-{}", mt.name));
-            crate::ctl::register_component(
+            ferry_status::server_client::register_component(
                 &cs_addr,
                 &state.ca_fingerprint,
                 &passphrase,
@@ -864,9 +860,9 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, out: OutputFormat) -> Res
             )?);
         }
         if let Some(ps) = &site.process_server {
-            say(out, &format!("starting process server {} on site {}…", ps.name, site.name));
+            say(&format!("starting process server {} on site {}…", ps.name, site.name));
             let reg = comps.join(format!("process-server-{}", ps.name));
-            crate::ctl::register_component(
+            ferry_status::server_client::register_component(
                 &cs_addr,
                 &state.ca_fingerprint,
                 &passphrase,
@@ -915,7 +911,7 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, out: OutputFormat) -> Res
     }
 
     // 4. Sites, inventory, groups, and the machines powered on.
-    say(out, "adding the sites and discovering them…");
+    say("adding the sites and discovering them…");
     let op = state.server();
     for site in &spec.sites {
         let folder = dir.join("sites").join(&site.name);
@@ -953,7 +949,7 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, out: OutputFormat) -> Res
     }
 
     // 5. Everything reports in.
-    say(out, &format!("waiting for {} machine(s) to boot and register…", powered.len()));
+    say(&format!("waiting for {} machine(s) to boot and register…", powered.len()));
     let want: Vec<String> = processes
         .iter()
         .filter(|p| p.kind == "master-target" || p.kind == "process-server")
@@ -990,49 +986,8 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, out: OutputFormat) -> Res
     Ok(state)
 }
 
-pub fn print_up(state: &LabState, out: OutputFormat) -> Result<()> {
-    match out {
-        OutputFormat::Json => {
-            let mut v = serde_json::to_value(state)?;
-            v.as_object_mut().map(|o| o.remove("admin_token"));
-            println!("{}", serde_json::to_string_pretty(&v)?);
-        }
-        OutputFormat::Table => {
-            println!("lab up in {}", state.dir.display());
-            println!("{:<28} {:<16} {:<10} {:<22} {:<22} PID", "NAME", "KIND", "SITE", "ADDRESS", "STATUS/CONTROL");
-            for p in &state.processes {
-                println!(
-                    "{:<28} {:<16} {:<10} {:<22} {:<22} {}",
-                    p.name,
-                    p.kind,
-                    p.site.as_deref().unwrap_or("-"),
-                    p.address,
-                    p.status.as_deref().unwrap_or("-"),
-                    p.pid
-                );
-            }
-            println!(
-                "\nlogs: {}/logs (guests: {}/sites/SITE/guests/MACHINE/)",
-                state.dir.display(),
-                state.dir.display()
-            );
-            println!("operator token: {}", state.operator_token);
-            println!("\nto use it:");
-            println!(
-                "  export FERRY_LAB={} FERRY_SERVER={} FERRY_CA={} FERRY_TOKEN={}",
-                state.dir.display(),
-                state.config_server,
-                state.ca.display(),
-                state.operator_token
-            );
-            println!("  ferry machines; ferry policies create gold; ferry protect db1 --policy gold --process-server ps-primary --master-target mt-linux-r --datastore vsan-r");
-        }
-    }
-    Ok(())
-}
-
 /// `ferry lab status`: processes, links, components and machines.
-pub async fn status(dir: &Path, out: OutputFormat) -> Result<()> {
+pub async fn status(dir: &Path) -> Result<Value> {
     let st = LabState::load(dir)?;
     let mut procs = Vec::new();
     for p in &st.processes {
@@ -1046,59 +1001,9 @@ pub async fn status(dir: &Path, out: OutputFormat) -> Result<()> {
     let server = st.server();
     let machines = server.call("GET", "/api/v1/machines", None).await.unwrap_or(Value::Null);
     let components = server.call("GET", "/api/v1/components", None).await.unwrap_or(Value::Null);
-    match out {
-        OutputFormat::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(
-                &json!({"dir": st.dir, "config_server": st.config_server, "processes": procs, "links": links, "components": components, "machines": machines})
-            )?
-        ),
-        OutputFormat::Table => {
-            println!("lab {} — configuration server {}", st.dir.display(), st.config_server);
-            println!("\n{:<28} {:<16} {:<8} {:<8} ADDRESS", "PROCESS", "KIND", "PID", "RUNNING");
-            for p in &procs {
-                println!(
-                    "{:<28} {:<16} {:<8} {:<8} {}",
-                    p["name"].as_str().unwrap_or(""),
-                    p["kind"].as_str().unwrap_or(""),
-                    p["pid"].to_string(),
-                    p["running"].to_string(),
-                    p["address"].as_str().unwrap_or("")
-                );
-            }
-            println!("\n{:<26} {:<22} {:<10} TO", "LINK", "LISTEN", "STATE");
-            for l in &links {
-                let state = if l["state"]["cut"] == true {
-                    "cut"
-                } else if l["state"].is_null() {
-                    "down"
-                } else {
-                    "up"
-                };
-                println!(
-                    "{:<26} {:<22} {:<10} {}",
-                    l["name"].as_str().unwrap_or(""),
-                    l["listen"].as_str().unwrap_or(""),
-                    state,
-                    l["to"].as_str().unwrap_or("")
-                );
-            }
-            println!("\n{:<28} {:<10} REASONS", "COMPONENT", "HEALTH");
-            for c in components.as_array().into_iter().flatten() {
-                let reasons: Vec<&str> =
-                    c["reasons"].as_array().into_iter().flatten().filter_map(|r| r["message"].as_str()).collect();
-                println!(
-                    "{:<28} {:<10} {}",
-                    format!("{}/{}", c["kind"].as_str().unwrap_or(""), c["name"].as_str().unwrap_or("")),
-                    c["health"].as_str().unwrap_or(""),
-                    reasons.join("; ")
-                );
-            }
-            println!();
-            crate::ctl::print_machines(&machines);
-        }
-    }
-    Ok(())
+    Ok(
+        json!({"dir": st.dir, "config_server": st.config_server, "processes": procs, "links": links, "components": components, "machines": machines}),
+    )
 }
 
 /// Stop every guest of the lab cleanly (power off), in parallel.
@@ -1170,26 +1075,9 @@ pub async fn down(dir: &Path, remove: bool) -> Result<Value> {
     Ok(json!({"dir": st.dir, "stopped_processes": targets.len(), "stopped_guests": guests, "removed": remove}))
 }
 
-pub fn print_down(v: &Value, out: OutputFormat) -> Result<()> {
-    match out {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(v)?),
-        OutputFormat::Table => println!(
-            "lab down: {} guest(s) shut down, {} process(es) stopped{}",
-            v["stopped_guests"],
-            v["stopped_processes"],
-            if v["removed"] == true {
-                format!(", {} removed", v["dir"].as_str().unwrap_or(""))
-            } else {
-                format!("; files kept in {}", v["dir"].as_str().unwrap_or(""))
-            }
-        ),
-    }
-    Ok(())
-}
-
 /// `ferry lab restart NAME [--kill]`: stop one of the lab's daemons (SIGTERM, or SIGKILL at
 /// once with `kill`) and start it again with the same command line (fault tests).
-pub async fn restart(dir: &Path, name: &str, kill: bool, out: OutputFormat) -> Result<()> {
+pub async fn restart(dir: &Path, name: &str, kill: bool) -> Result<LabProcess> {
     let mut st = LabState::load(dir)?;
     let i = st.processes.iter().position(|p| p.name == name).with_context(|| {
         format!(
@@ -1243,11 +1131,7 @@ pub async fn restart(dir: &Path, name: &str, kill: bool, out: OutputFormat) -> R
     st.processes[i].listeners = listeners;
     st.save()?;
     wait_ready(pid, &p.log, Duration::from_secs(60)).await.with_context(|| format!("restarting {name}"))?;
-    match out {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&st.processes[i])?),
-        OutputFormat::Table => println!("{name} restarted (pid {pid})"),
-    }
-    Ok(())
+    Ok(st.processes[i].clone())
 }
 
 /// Bind `addr` again after its process died. A killed multi-threaded process shows as a zombie
@@ -1265,30 +1149,18 @@ async fn rebind(addr: &str) -> std::io::Result<std::net::TcpListener> {
 }
 
 /// A provider operation on a lab machine (power-on, power-off, crash), through the server.
-pub async fn machine_op(dir: &Path, machine: &str, op: &str, out: OutputFormat) -> Result<()> {
+pub async fn machine_op(dir: &Path, machine: &str, op: &str) -> Result<Value> {
     let st = LabState::load(dir)?;
     let (site, _) = st.machine_site(machine)?;
     let server = st.server();
     let job = server
         .call("POST", &format!("/api/v1/sites/{site}/operations"), Some(json!({"op": op, "machine": machine})))
         .await?;
-    let v = wait_job(&server, &job, Duration::from_secs(120)).await?;
-    let msg = v["steps"][0]["message"].as_str().unwrap_or("done").to_owned();
-    match out {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&v)?),
-        OutputFormat::Table => println!("{msg}"),
-    }
-    Ok(())
+    wait_job(&server, &job, Duration::from_secs(120)).await
 }
 
 /// `ferry lab link cut|restore|slow [NAME...]` (all links when none is named).
-pub async fn link_control(
-    dir: &Path,
-    names: &[String],
-    action: &str,
-    body: Option<Value>,
-    out: OutputFormat,
-) -> Result<()> {
+pub async fn link_control(dir: &Path, names: &[String], action: &str, body: Option<Value>) -> Result<Vec<Value>> {
     let st = LabState::load(dir)?;
     let chosen: Vec<&LabLink> = if names.is_empty() {
         st.links.iter().collect()
@@ -1314,15 +1186,7 @@ pub async fn link_control(
         }
         results.push(json!({"link": l.name, "result": v}));
     }
-    match out {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&results)?),
-        OutputFormat::Table => {
-            for r in &results {
-                println!("{}: {action}", r["link"].as_str().unwrap_or(""));
-            }
-        }
-    }
-    Ok(())
+    Ok(results)
 }
 
 pub use ferry_sys::time::now_ms;
@@ -1332,7 +1196,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_built_in_lab_is_the_two_site_lab_of_issue_5() {
+    fn the_built_in_lab_is_the_two_site_lab_of_the_docs() {
         let spec: LabSpec = toml::from_str(DEFAULT_LAB).unwrap();
         check_spec(&spec).unwrap();
         let primary = &spec.sites[0];

@@ -1,0 +1,282 @@
+//! `ferry lab …` and `ferry demo`: thin wrappers that call `ferry_lab` and render its answers.
+
+use std::path::Path;
+
+use anyhow::{bail, Result};
+use ferry_lab::site::{self, LabState};
+use serde_json::Value;
+
+use crate::output::OutputFormat;
+
+/// Progress lines of `lab up` go to stderr in table mode (JSON output stays machine-readable).
+pub async fn up(dir: &Path, config: Option<&Path>, out: OutputFormat) -> Result<()> {
+    let table = matches!(out, OutputFormat::Table);
+    let say = move |msg: &str| {
+        if table {
+            eprintln!("{msg}");
+        }
+    };
+    let st = site::up(dir, config, &say).await?;
+    print_up(&st, out)
+}
+
+fn print_up(state: &LabState, out: OutputFormat) -> Result<()> {
+    match out {
+        OutputFormat::Json => {
+            let mut v = serde_json::to_value(state)?;
+            v.as_object_mut().map(|o| o.remove("admin_token"));
+            println!("{}", serde_json::to_string_pretty(&v)?);
+        }
+        OutputFormat::Table => {
+            println!("lab up in {}", state.dir.display());
+            println!("{:<28} {:<16} {:<10} {:<22} {:<22} PID", "NAME", "KIND", "SITE", "ADDRESS", "STATUS/CONTROL");
+            for p in &state.processes {
+                println!(
+                    "{:<28} {:<16} {:<10} {:<22} {:<22} {}",
+                    p.name,
+                    p.kind,
+                    p.site.as_deref().unwrap_or("-"),
+                    p.address,
+                    p.status.as_deref().unwrap_or("-"),
+                    p.pid
+                );
+            }
+            println!(
+                "\nlogs: {}/logs (guests: {}/sites/SITE/guests/MACHINE/)",
+                state.dir.display(),
+                state.dir.display()
+            );
+            println!("operator token: {}", state.operator_token);
+            println!("\nto use it:");
+            println!(
+                "  export FERRY_LAB={} FERRY_SERVER={} FERRY_CA={} FERRY_TOKEN={}",
+                state.dir.display(),
+                state.config_server,
+                state.ca.display(),
+                state.operator_token
+            );
+            println!("  ferry machines; ferry policies create gold; ferry protect db1 --policy gold --process-server ps-primary --master-target mt-linux-r --datastore vsan-r");
+        }
+    }
+    Ok(())
+}
+
+pub async fn status(dir: &Path, out: OutputFormat) -> Result<()> {
+    let v = site::status(dir).await?;
+    if matches!(out, OutputFormat::Json) {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let list = |k: &str| v[k].as_array().cloned().unwrap_or_default();
+    println!(
+        "lab {} — configuration server {}",
+        v["dir"].as_str().unwrap_or(""),
+        v["config_server"].as_str().unwrap_or("")
+    );
+    println!("\n{:<28} {:<16} {:<8} {:<8} ADDRESS", "PROCESS", "KIND", "PID", "RUNNING");
+    for p in list("processes") {
+        println!(
+            "{:<28} {:<16} {:<8} {:<8} {}",
+            p["name"].as_str().unwrap_or(""),
+            p["kind"].as_str().unwrap_or(""),
+            p["pid"].to_string(),
+            p["running"].to_string(),
+            p["address"].as_str().unwrap_or("")
+        );
+    }
+    println!("\n{:<26} {:<22} {:<10} TO", "LINK", "LISTEN", "STATE");
+    for l in list("links") {
+        let state = if l["state"]["cut"] == true {
+            "cut"
+        } else if l["state"].is_null() {
+            "down"
+        } else {
+            "up"
+        };
+        println!(
+            "{:<26} {:<22} {:<10} {}",
+            l["name"].as_str().unwrap_or(""),
+            l["listen"].as_str().unwrap_or(""),
+            state,
+            l["to"].as_str().unwrap_or("")
+        );
+    }
+    println!("\n{:<28} {:<10} REASONS", "COMPONENT", "HEALTH");
+    for c in list("components") {
+        let reasons: Vec<&str> =
+            c["reasons"].as_array().into_iter().flatten().filter_map(|r| r["message"].as_str()).collect();
+        println!(
+            "{:<28} {:<10} {}",
+            format!("{}/{}", c["kind"].as_str().unwrap_or(""), c["name"].as_str().unwrap_or("")),
+            c["health"].as_str().unwrap_or(""),
+            reasons.join("; ")
+        );
+    }
+    println!();
+    crate::ctl::print_machines(&v["machines"]);
+    Ok(())
+}
+
+pub async fn down(dir: &Path, remove: bool, out: OutputFormat) -> Result<()> {
+    let v = site::down(dir, remove).await?;
+    match out {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+        OutputFormat::Table => println!(
+            "lab down: {} guest(s) shut down, {} process(es) stopped{}",
+            v["stopped_guests"],
+            v["stopped_processes"],
+            if v["removed"] == true {
+                format!(", {} removed", v["dir"].as_str().unwrap_or(""))
+            } else {
+                format!("; files kept in {}", v["dir"].as_str().unwrap_or(""))
+            }
+        ),
+    }
+    Ok(())
+}
+
+pub async fn restart(dir: &Path, name: &str, kill: bool, out: OutputFormat) -> Result<()> {
+    let p = site::restart(dir, name, kill).await?;
+    match out {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&p)?),
+        OutputFormat::Table => println!("{name} restarted (pid {})", p.pid),
+    }
+    Ok(())
+}
+
+pub async fn machine_op(dir: &Path, machine: &str, op: &str, out: OutputFormat) -> Result<()> {
+    let v = site::machine_op(dir, machine, op).await?;
+    match out {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+        OutputFormat::Table => println!("{}", v["steps"][0]["message"].as_str().unwrap_or("done")),
+    }
+    Ok(())
+}
+
+pub async fn link_control(
+    dir: &Path,
+    names: &[String],
+    action: &str,
+    body: Option<Value>,
+    out: OutputFormat,
+) -> Result<()> {
+    let results = site::link_control(dir, names, action, body).await?;
+    match out {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&results)?),
+        OutputFormat::Table => {
+            for r in &results {
+                println!("{}: {action}", r["link"].as_str().unwrap_or(""));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `ferry demo`'s arguments.
+#[derive(clap::Args, Clone)]
+pub struct DemoArgs {
+    /// Leave the lab running (and its folder) at the end.
+    #[arg(long)]
+    pub keep: bool,
+    /// Lab folder (default: a new temp folder).
+    #[arg(long)]
+    pub dir: Option<std::path::PathBuf>,
+    /// A lab description instead of the built-in one.
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
+    /// Seconds the workloads run after protection before the points are taken.
+    #[arg(long, default_value_t = 15.0)]
+    pub workload_secs: f64,
+}
+
+/// The demo's steps as lines with their time, and a spinner naming what it waits on (terminal
+/// and table output only; otherwise plain lines on stderr).
+struct Spinner {
+    bar: indicatif::ProgressBar,
+    started: std::time::Instant,
+}
+
+impl Spinner {
+    fn new(out: OutputFormat) -> Spinner {
+        let bar = indicatif::ProgressBar::new_spinner();
+        if matches!(out, OutputFormat::Table) {
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            bar.enable_steady_tick(std::time::Duration::from_millis(120));
+        } else {
+            bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        }
+        Spinner { bar, started: std::time::Instant::now() }
+    }
+}
+
+impl ferry_lab::demo::Progress for Spinner {
+    fn step(&self, msg: &str) {
+        let line = format!("[{:>5.1} s] {msg}", self.started.elapsed().as_secs_f64());
+        if self.bar.is_hidden() {
+            // Not a terminal (or JSON output): the steps still go to stderr, as plain lines.
+            eprintln!("{line}");
+        } else {
+            self.bar.println(line);
+        }
+        self.bar.set_message(msg.to_owned());
+    }
+    fn status(&self, msg: &str) {
+        self.bar.set_message(msg.to_owned());
+    }
+    fn done(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+pub async fn demo(args: DemoArgs, out: OutputFormat) -> Result<()> {
+    let spinner = Spinner::new(out);
+    let opts = ferry_lab::demo::DemoArgs {
+        keep: args.keep,
+        dir: args.dir,
+        config: args.config,
+        workload_secs: args.workload_secs,
+    };
+    let report = ferry_lab::demo::run(opts, &spinner).await?;
+    match out {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        OutputFormat::Table => {
+            println!();
+            println!(
+                "{:<8} {:<13} {:>12} {:>8} {:>7} {:>9} {:<28} GROUP POINT (verify)",
+                "MACHINE", "MASTER TARGET", "REPLICATED", "RPO", "POINTS", "RECORDS", "APP POINT (verify)"
+            );
+            for r in &report.machines {
+                println!(
+                    "{:<8} {:<13} {:>9.1} MiB {:>6.1} s {:>7} {:>9} {:<28} {}",
+                    r["machine"].as_str().unwrap_or(""),
+                    r["master_target"].as_str().unwrap_or(""),
+                    r["bytes_replicated"].as_f64().unwrap_or(0.0) / 1048576.0,
+                    r["rpo_secs"].as_f64().unwrap_or(0.0),
+                    r["points"].as_u64().unwrap_or(0),
+                    r["workload_records"].as_u64().unwrap_or(0),
+                    format!(
+                        "{} {}",
+                        r["app_point"].as_str().unwrap_or(""),
+                        r["verify_app_point"].as_str().unwrap_or("")
+                    ),
+                    r["verify_group_point"].as_str().unwrap_or("")
+                );
+            }
+            println!(
+                "\n{}",
+                if report.verified {
+                    "every point verified: the replicas hold exactly what the machines wrote"
+                } else {
+                    "VERIFICATION FAILED"
+                }
+            );
+        }
+    }
+    if !report.verified {
+        bail!("verification failed (see the table above)");
+    }
+    Ok(())
+}
