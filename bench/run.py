@@ -3,13 +3,24 @@
 
     python3 bench/run.py [--rounds 3] [--only write|sync|lag|points|journal]
 
-Needs a release build (cargo build --release -p ferry), qemu-utils. Prints a Markdown summary
-(medians and ratios) for BENCHMARKS.md. The machine is shared and noisy: compare ratios.
+Needs a release build (cargo build --release -p ferry), qemu-utils. The "shipping paused" row needs
+test-only behaviour: the script builds a second release binary with `--features testing` (in
+target/bench-testing) for that row alone and says so. Prints a Markdown summary (medians and
+ratios) for BENCHMARKS.md. The machine is shared and noisy: compare ratios.
 """
 import argparse, json, os, re, shutil, signal, socket, statistics, subprocess, sys, tempfile, time, urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FERRY = os.path.join(ROOT, "target", "release", "ferry")
+FERRY_TESTING = os.path.join(ROOT, "target", "bench-testing", "release", "ferry")
+
+
+def testing_binary():
+    """A release ferry with the `testing` feature (shipping pause), built once."""
+    print("building a release binary with --features testing for the shipping-paused row", file=sys.stderr)
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "ferry", "--features", "testing",
+                    "--target-dir", os.path.join(ROOT, "target", "bench-testing")], check=True, cwd=ROOT)
+    return FERRY_TESTING
 
 
 def port():
@@ -41,7 +52,14 @@ class Chain:
     def __init__(self, d, disk, extra_agent=(), extra_mt=()):
         self.d, self.disk, self.procs = d, disk, {}
         self.extra_mt = list(extra_mt)
-        self.p = {k: port() for k in ["nbd", "as", "ps", "pss", "mt", "mts"]}
+        # Listeners bound here and handed to each start (FERRY_LISTEN_FDS): no port is chosen by
+        # one process and bound by another, and a restarted daemon keeps its address.
+        self.socks = {}
+        for k in ["nbd", "as", "ps", "pss", "mt", "mts"]:
+            so = socket.socket(); so.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            so.bind(("127.0.0.1", 0)); so.listen(128); self.socks[k] = so
+        self.p = {k: so.getsockname()[1] for k, so in self.socks.items()}
+        self.exe_for = {}
         if not os.path.exists(f"{d}/certs"):
             run([FERRY, "certs", "--dir", f"{d}/certs"])
         self.extra_agent = list(extra_agent)
@@ -54,7 +72,14 @@ class Chain:
             "agent": ["--machine", "vm1", "--state-dir", f"{d}/agent", "--process-server", f"127.0.0.1:{p['ps']}", "--nbd-listen", f"127.0.0.1:{p['nbd']}", "--status-listen", f"127.0.0.1:{p['as']}", "--certs", f"{d}/certs", "--disk", f"disk0={self.disk}"] + self.extra_agent,
         }[which]
         log = open(f"{d}/{which}.log", "a")
-        self.procs[which] = subprocess.Popen([FERRY, "--log", "warn", which] + args, stdout=log, stderr=log)
+        exe = self.exe_for.get(which, FERRY)
+        keys = {"master-target": [("listen", "mt"), ("status_listen", "mts")],
+                "process-server": [("listen", "ps"), ("status_listen", "pss")],
+                "agent": [("nbd_listen", "nbd"), ("status_listen", "as")]}[which]
+        fds = [self.socks[k].fileno() for _, k in keys]
+        env = dict(os.environ, FERRY_LISTEN_FDS=",".join(f"{key}={self.socks[k].fileno()}" for key, k in keys))
+        self.procs[which] = subprocess.Popen([exe, "--log", "warn", which] + args, stdout=log, stderr=log,
+                                             pass_fds=fds, env=env)
         wait_port({"master-target": p["mts"], "process-server": p["pss"], "agent": p["as"]}[which])
 
     def start_all(self):
@@ -94,6 +119,7 @@ def write_throughput(rounds, work, extra=()):
     mib = count * 4096 / (1 << 20)
     img = f"{work}/w.img"
     res = {"qemu-nbd": [], "ferry (shipping paused)": [], "ferry (replicating)": []}
+    testing = testing_binary()
     for r in range(rounds):
         # qemu-nbd, writeback cache, same preallocated image.
         shutil.rmtree(f"{work}/wq", ignore_errors=True); os.makedirs(f"{work}/wq")
@@ -109,7 +135,8 @@ def write_throughput(rounds, work, extra=()):
             c = Chain(d, img, ["--log-limit-bytes", str(2 << 30)] + extra)
             c.start_all(); c.wait_caught_up()  # initial sync of a zeroed disk
             if mode.endswith("paused)"):
-                c.stop("agent"); c.extra_agent.append("--shipping-paused"); c.start("agent")
+                c.stop("agent"); c.extra_agent.append("--shipping-paused"); c.exe_for["agent"] = testing
+                c.start("agent")
             res[mode].append(mib / bench_seconds(f"nbd://127.0.0.1:{c.p['nbd']}/disk0", count, depth, size))
             c.stop()
     return res

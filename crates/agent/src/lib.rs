@@ -6,6 +6,8 @@ mod config;
 pub mod machine;
 pub mod points;
 mod sender;
+#[cfg(feature = "testing")]
+mod testing;
 mod verify;
 
 use std::path::PathBuf;
@@ -38,6 +40,14 @@ pub enum AgentError {
     Tls(#[from] ferry_tls::TlsError),
     #[error("the machine is in {0} mode, not replicating: wait until it is caught up and retry")]
     NotReplicating(String),
+}
+
+/// A setting that asks for test-only behaviour, in a build without the `testing` feature.
+#[cfg(not(feature = "testing"))]
+pub(crate) fn testing_only(setting: &str) -> AgentError {
+    AgentError::Config(format!(
+        "{setting} is test-only behaviour and this ferry was built without the `testing` feature: remove it from the configuration"
+    ))
 }
 
 /// Map an I/O error on `path` to [`AgentError::Io`].

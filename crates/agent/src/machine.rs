@@ -169,7 +169,8 @@ pub struct Machine {
     /// Wakes writers held by a group prepare.
     pub(crate) hold_released: Condvar,
     /// TEST/DIAGNOSTIC: every local write with its seq (see `AgentConfig::source_write_log`).
-    source_log: Option<Mutex<crate::points::SourceLog>>,
+    #[cfg(feature = "testing")]
+    source_log: Option<Mutex<crate::testing::SourceLog>>,
 }
 
 fn extents_of(disk: u16, offset: u64, len: u64, ext: u64) -> impl Iterator<Item = (u16, u64)> {
@@ -217,7 +218,10 @@ impl Machine {
             };
             let backend: Arc<dyn Backend> = match dc.cache {
                 DiskCache::PageCache => Arc::new(ferry_nbd::FileBackend::open(&dc.path, false).map_err(open_err)?),
+                #[cfg(feature = "testing")]
                 DiskCache::Volatile => Arc::new(ferry_nbd::VolatileCacheFileBackend::open(&dc.path).map_err(open_err)?),
+                #[cfg(not(feature = "testing"))]
+                DiskCache::Volatile => return Err(crate::testing_only("cache = \"volatile\"")),
             };
             let size = backend.size();
             let known = previous.as_ref().and_then(|p| p.disks.iter().find(|d| d.name == dc.name));
@@ -366,10 +370,19 @@ impl Machine {
             hold: None,
             points: Default::default(),
         };
+        #[cfg(feature = "testing")]
         let source_log = match &config.source_write_log {
-            Some(p) => Some(Mutex::new(crate::points::SourceLog::open(p)?)),
+            Some(p) => Some(Mutex::new(crate::testing::SourceLog::open(p)?)),
             None => None,
         };
+        #[cfg(not(feature = "testing"))]
+        if config.source_write_log.is_some() {
+            return Err(crate::testing_only("source_write_log"));
+        }
+        #[cfg(not(feature = "testing"))]
+        if config.shipping_paused {
+            return Err(crate::testing_only("shipping_paused"));
+        }
         Ok(Arc::new(Machine {
             name: config.machine.clone(),
             disks,
@@ -380,6 +393,7 @@ impl Machine {
             stopped: AtomicBool::new(false),
             verify: VerifySessions::default(),
             hold_released: Condvar::new(),
+            #[cfg(feature = "testing")]
             source_log,
         }))
     }
@@ -465,6 +479,7 @@ impl Machine {
             self.resync_wake.notify_all();
             return Err(e);
         }
+        #[cfg(feature = "testing")]
         if let Some(log) = &self.source_log {
             log.lock().unwrap_or_else(|p| p.into_inner()).write(seq, disk, offset, len, data);
         }
@@ -1142,6 +1157,7 @@ impl Machine {
             return Err(AgentError::NotReplicating(format!("{:?}", c.mode)));
         }
         let seq = self.alloc_seq(c)?;
+        #[cfg(feature = "testing")]
         if let Some(log) = &self.source_log {
             log.lock().unwrap_or_else(|p| p.into_inner()).marker(seq);
         }

@@ -63,7 +63,9 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 pub use backend::{Backend, BackendError, Extent, BLOCK};
-pub use backends::{CowBackend, FileBackend, MemBackend, VolatileCacheFileBackend};
+#[cfg(feature = "testing")]
+pub use backends::VolatileCacheFileBackend;
+pub use backends::{CowBackend, FileBackend, MemBackend};
 pub use client::{ClientError, NbdClient};
 pub use proto::ProtocolError;
 pub use server::{handle_connection, serve_tcp, serve_unix};

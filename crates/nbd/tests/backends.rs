@@ -6,7 +6,9 @@ mod common;
 use std::sync::Arc;
 
 use common::assert_same;
-use ferry_nbd::{Backend, CowBackend, Extent, FileBackend, MemBackend, VolatileCacheFileBackend};
+#[cfg(feature = "testing")]
+use ferry_nbd::VolatileCacheFileBackend;
+use ferry_nbd::{Backend, CowBackend, Extent, FileBackend, MemBackend};
 use rand::{Rng, SeedableRng};
 
 const SIZE: usize = 256 * 1024 + 1536; // deliberately not 4 KiB aligned
@@ -140,6 +142,7 @@ fn cow_backend_model_never_touches_base() {
 }
 
 #[test]
+#[cfg(feature = "testing")]
 fn volatile_cache_loses_unflushed_writes() {
     let dir = tempfile::tempdir().unwrap();
     let (p, original) = random_file(dir.path(), "v.img");

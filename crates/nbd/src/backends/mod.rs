@@ -9,11 +9,13 @@
 mod cow;
 mod file;
 mod mem;
+#[cfg(feature = "testing")]
 mod volatile;
 
 pub use cow::CowBackend;
 pub use file::FileBackend;
 pub use mem::MemBackend;
+#[cfg(feature = "testing")]
 pub use volatile::VolatileCacheFileBackend;
 
 use std::os::unix::io::AsRawFd;
