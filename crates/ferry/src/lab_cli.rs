@@ -2,10 +2,15 @@
 
 use std::path::Path;
 
+use std::path::PathBuf;
+
 use anyhow::{bail, Result};
+use clap::{Args, Subcommand};
 use ferry_lab::site::{self, LabState};
+use ferry_lab::{guest as lab_guest, link as lab_link, workload as lab};
 use serde_json::Value;
 
+use crate::daemons::shutdown_on_signal;
 use crate::output::OutputFormat;
 
 /// Progress lines of `lab up` go to stderr in table mode (JSON output stays machine-readable).
@@ -279,4 +284,210 @@ pub async fn demo(args: DemoArgs, out: OutputFormat) -> Result<()> {
         bail!("verification failed (see the table above)");
     }
     Ok(())
+}
+
+#[derive(Subcommand)]
+pub(crate) enum LabAction {
+    /// Write verifiable records (seq, checksums, random offsets and sizes) through NBD exports.
+    Workload {
+        /// An NBD export HOST:PORT/EXPORT per disk (repeatable; disk index = order).
+        #[arg(long = "disk", required = true)]
+        disks: Vec<String>,
+        /// The record log (appended before each write; `lab verify` reads it).
+        #[arg(long)]
+        record_log: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Records per second (0 = as fast as possible).
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
+        #[arg(long)]
+        records: Option<u64>,
+        #[arg(long)]
+        duration_secs: Option<f64>,
+        /// Largest record, in 4 KiB blocks.
+        #[arg(long, default_value_t = 16)]
+        max_blocks: u32,
+        /// Pause-and-flush while this file exists (writes FILE.paused with the last seq): the
+        /// freeze hook of an app-consistent point creates it, the thaw hook removes it.
+        #[arg(long)]
+        pause_file: Option<PathBuf>,
+    },
+    /// A controllable link between sites: a TCP proxy whose control endpoint cuts, restores or
+    /// slows it. `ferry lab link --listen --to --control` runs one; `ferry lab link cut|restore|slow
+    /// [NAME...]` controls a lab's links (all when none is named).
+    Link(LinkCmd),
+    /// Build and start a two-site lab in DIR (the built-in description, or --config FILE).
+    Up {
+        dir: PathBuf,
+        /// A lab description (TOML; see `crates/lab/default-lab.toml`).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Processes, links, components and machines of a lab.
+    Status {
+        #[arg(env = "FERRY_LAB", default_value = "ferry-lab")]
+        dir: PathBuf,
+    },
+    /// Stop a lab (guests shut down cleanly first) and check no process is left.
+    Down {
+        #[arg(env = "FERRY_LAB", default_value = "ferry-lab")]
+        dir: PathBuf,
+        /// Also delete the lab's folder.
+        #[arg(long)]
+        remove: bool,
+    },
+    /// Kill a lab machine's guest (SIGKILL), like pulling its power.
+    Crash {
+        machine: String,
+        #[arg(long, env = "FERRY_LAB", default_value = "ferry-lab")]
+        lab: PathBuf,
+    },
+    /// Power a lab machine on (its guest boots and its mobility service registers).
+    PowerOn {
+        machine: String,
+        #[arg(long, env = "FERRY_LAB", default_value = "ferry-lab")]
+        lab: PathBuf,
+    },
+    /// Power a lab machine off cleanly (its agent drains first).
+    PowerOff {
+        machine: String,
+        #[arg(long, env = "FERRY_LAB", default_value = "ferry-lab")]
+        lab: PathBuf,
+    },
+    /// Stop one of the lab's daemons and start it again (`--kill`: SIGKILL first, a crash).
+    Restart {
+        name: String,
+        #[arg(long)]
+        kill: bool,
+        #[arg(long, env = "FERRY_LAB", default_value = "ferry-lab")]
+        lab: PathBuf,
+    },
+    /// The guest of a powered-on lab machine (started by power-on; not run by hand).
+    #[command(hide = true)]
+    Guest {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Check that disk images hold a consistent prefix of a workload's records.
+    Verify {
+        /// The workload's record log.
+        #[arg(long)]
+        record_log: PathBuf,
+        /// A raw image per disk, in the workload's disk order (repeatable).
+        #[arg(long = "disk", required = true)]
+        disks: Vec<PathBuf>,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// The prefix must be exactly this seq (an app-consistent point's paused seq).
+        #[arg(long)]
+        exact_seq: Option<u64>,
+    },
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub(crate) struct LinkCmd {
+    #[command(subcommand)]
+    pub(crate) action: Option<LinkAction>,
+    /// Where the near side connects.
+    #[arg(long)]
+    pub(crate) listen: Option<String>,
+    /// The far side's address.
+    #[arg(long)]
+    pub(crate) to: Option<String>,
+    /// Control endpoint (HTTP, loopback).
+    #[arg(long)]
+    pub(crate) control: Option<String>,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum LinkAction {
+    /// Drop open connections and refuse new ones.
+    Cut {
+        names: Vec<String>,
+        #[arg(long, env = "FERRY_LAB", default_value = "ferry-lab")]
+        lab: PathBuf,
+    },
+    /// Carry traffic again, at full speed.
+    Restore {
+        names: Vec<String>,
+        #[arg(long, env = "FERRY_LAB", default_value = "ferry-lab")]
+        lab: PathBuf,
+    },
+    /// Add latency and a bandwidth limit.
+    Slow {
+        names: Vec<String>,
+        #[arg(long, env = "FERRY_LAB", default_value = "ferry-lab")]
+        lab: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        latency_ms: u64,
+        /// Bytes per second (0 = unlimited).
+        #[arg(long, default_value_t = 0)]
+        bandwidth_bytes_per_sec: u64,
+    },
+}
+
+pub(crate) async fn run_lab(action: LabAction, out: OutputFormat) -> Result<()> {
+    match action {
+        LabAction::Workload { disks, record_log, seed, rate, records, duration_secs, max_blocks, pause_file } => {
+            let args = lab::WorkloadArgs {
+                disks,
+                log: record_log,
+                seed,
+                rate,
+                records,
+                duration: duration_secs.map(std::time::Duration::from_secs_f64),
+                max_blocks,
+                pause_file,
+            };
+            let last = tokio::task::spawn_blocking(move || lab::workload(&args)).await??;
+            match out {
+                OutputFormat::Json => println!("{}", serde_json::json!({ "last_seq": last })),
+                OutputFormat::Table => println!("workload done: last record seq {last}"),
+            }
+            Ok(())
+        }
+        LabAction::Link(cmd) => match cmd.action {
+            None => {
+                let (Some(listen), Some(to), Some(control)) = (cmd.listen, cmd.to, cmd.control) else {
+                    bail!("`ferry lab link` runs a link with --listen, --to and --control, or controls a lab's links: `ferry lab link cut|restore|slow [NAME...]`");
+                };
+                lab_link::run(&listen, to, &control, shutdown_on_signal()).await
+            }
+            Some(LinkAction::Cut { names, lab }) => link_control(&lab, &names, "cut", None, out).await,
+            Some(LinkAction::Restore { names, lab }) => link_control(&lab, &names, "restore", None, out).await,
+            Some(LinkAction::Slow { names, lab, latency_ms, bandwidth_bytes_per_sec }) => {
+                let body =
+                    serde_json::json!({"latency_ms": latency_ms, "bandwidth_bytes_per_sec": bandwidth_bytes_per_sec});
+                link_control(&lab, &names, "slow", Some(body), out).await
+            }
+        },
+        LabAction::Up { dir, config } => up(&dir, config.as_deref(), out).await,
+        LabAction::Status { dir } => status(&dir, out).await,
+        LabAction::Down { dir, remove } => down(&dir, remove, out).await,
+        LabAction::Crash { machine, lab } => machine_op(&lab, &machine, "crash", out).await,
+        LabAction::PowerOn { machine, lab } => machine_op(&lab, &machine, "power-on", out).await,
+        LabAction::PowerOff { machine, lab } => machine_op(&lab, &machine, "power-off", out).await,
+        LabAction::Restart { name, kill, lab } => restart(&lab, &name, kill, out).await,
+        LabAction::Guest { dir } => lab_guest::run(dir, shutdown_on_signal()).await,
+        LabAction::Verify { record_log, disks, seed, exact_seq } => {
+            let v = tokio::task::spawn_blocking(move || lab::verify(&record_log, &disks, seed, exact_seq)).await??;
+            match out {
+                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+                OutputFormat::Table => println!(
+                    "{}: prefix up to record {} ({} records in the log, {} blocks checked){}",
+                    if v.consistent { "CONSISTENT" } else { "NOT CONSISTENT" },
+                    v.prefix_seq,
+                    v.records_in_log,
+                    v.blocks_checked,
+                    v.problem.as_ref().map(|p| format!(": {p}")).unwrap_or_default()
+                ),
+            }
+            if !v.consistent {
+                bail!("verification failed: {}", v.problem.unwrap_or_default());
+            }
+            Ok(())
+        }
+    }
 }
