@@ -11,6 +11,8 @@
 //! acknowledged durable by the process server (or recorded in the persisted change bitmap) *and*
 //! a local flush completed after its last write — so after a crash, even one that loses the
 //! page cache, every region that may differ between source and target is resynced.
+//!
+//! Size: the sequencer, activity-log retirement, bulk window and resync share one lock and its invariants; the split into machine/ submodules is planned (docs/limitations.md).
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;

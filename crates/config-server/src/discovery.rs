@@ -4,6 +4,8 @@
 //! folders, retention volumes, process-server caches) the way a hypervisor inventory would be
 //! queried. Powering a machine on runs the command `site.toml` names in `[power]`, as a hypervisor
 //! would start a VM; what that command is, the provider neither knows nor cares.
+//!
+//! Size: the local provider's model (site.toml) and its operations share the file format; to be split into model and operations when a second provider lands.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -6,6 +6,8 @@
 //! disks, policy, replication group) and follows the initial sync (bytes, %, ETA) until each
 //! machine is Protected. Components take the settings while running (settings watch), so nothing
 //! restarts except the guest's agent, which its supervisor starts once it has a process server.
+//!
+//! Size: the protect job (request checks and steps) in one place; its steps become an enum when failover and reprotect add jobs of the same shape.
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -1,5 +1,7 @@
 //! Operator commands over the configuration server's API (`--server`, `--token`, `--ca`, or
 //! FERRY_SERVER / FERRY_TOKEN / FERRY_CA): tables for people, `--output json` for scripts.
+//!
+//! Size: the configuration server's operator commands, one short handler per API object; they share the client and the table printer.
 
 use std::path::PathBuf;
 

@@ -1,3 +1,4 @@
+//! Size: one data structure (append, fsync, torn-tail recovery, readers, release) whose invariants are read together.
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};

@@ -9,6 +9,8 @@
 //! replication groups, powers the machines on (their guests register after the boot delay) and
 //! waits until everything reports. `DIR/lab.json` records pids, endpoints and tokens (mode 0600).
 //! `lab down` stops guests cleanly, then every daemon, and checks by pid that none is left.
+//!
+//! Size: the lab description, site building and daemon supervision of `lab up`; the split into spec/sites/supervise is planned (docs/limitations.md).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -12,6 +12,8 @@
 //! journal is released only through min(base seq, applied checkpoint, every pin's base seq), and the
 //! base advances only while nothing pins it, so every listed point and every pinned one can be
 //! rebuilt after a crash of any component.
+//!
+//! Size: base, pruning, materialization and changes share the base slot and its pins; the split into base/prune/materialize is planned (docs/limitations.md).
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};

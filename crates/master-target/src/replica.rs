@@ -1,4 +1,6 @@
 //! One protected machine's replica at the master target: its journal, target disks and applier.
+//!
+//! Size: ingest, apply and checkpoint of one replica share its locks; the split into ingest/apply is planned (docs/limitations.md).
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;

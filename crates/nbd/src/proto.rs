@@ -3,6 +3,8 @@
 //! Everything in this module works on byte slices only (no I/O), so it can be
 //! unit-tested and fuzzed directly (see `fuzz/fuzz_targets/nbd_request.rs`).
 //! Parsers never panic and never allocate more than the input they are given.
+//!
+//! Size: the whole NBD wire format (constants, parsers, encoders) in one place, next to the spec it follows.
 
 use thiserror::Error;
 

@@ -1,4 +1,6 @@
 //! Connection handling: handshake (option haggling) and the transmission phase.
+//!
+//! Size: one connection's state machine (option haggling, then transmission), read top to bottom.
 
 use std::io;
 use std::sync::Arc;

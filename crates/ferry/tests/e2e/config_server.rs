@@ -1,6 +1,8 @@
 //! The configuration server end to end: a real `ferry config-server` process over TLS, driven with
 //! curl (and the `ferry` CLI), on SQLite and on a throwaway PostgreSQL cluster — one conformance
 //! suite for both.
+//!
+//! Size: one conformance suite run on both databases; it must stay one list to stay one contract.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

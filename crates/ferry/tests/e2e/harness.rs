@@ -1,4 +1,6 @@
 //! Multi-process test harness: real `ferry` daemons on loopback with TLS, real qemu clients.
+//!
+//! Size: one harness for every scenario (cluster, clients, oracles); splitting it would scatter the helpers each test reaches for.
 
 use std::collections::HashMap;
 use std::io::{Read, Write};

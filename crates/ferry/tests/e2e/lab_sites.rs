@@ -2,6 +2,8 @@
 //! registration of every component, enable replication through the API and `ferry protect`,
 //! workloads verified on the replica, a cut link, a crashed machine, `ferry demo`, a custom lab
 //! description, and `ferry lab down` leaving no process behind (checked by pid).
+//!
+//! Size: one scenario area (lab sites); each test is a story that needs the whole lab.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -1,5 +1,7 @@
 //! Recovery points end to end: real daemons, real qemu clients, and an oracle — the source's own
 //! write log (`source_write_log`) replayed up to each point's sequence position.
+//!
+//! Size: one scenario area (recovery points) with its oracle.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
