@@ -420,3 +420,151 @@ impl Jobs {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The job engine on a real SQLite store with a stand-in runner: order, confirmation, cancel,
+    //! and what a restart does with a job that was running.
+    use super::*;
+
+    /// Step behaviour by job kind: `ok` (every step done), `manual` (step 1 waits for input),
+    /// `slow` (step 0 runs until cancelled).
+    struct FakeRunner {
+        ran: Mutex<Vec<(String, usize)>>,
+    }
+
+    impl Runner for FakeRunner {
+        fn run_step(
+            &self,
+            job: &Job,
+            step: usize,
+            ctl: &JobControl,
+        ) -> impl std::future::Future<Output = Outcome> + Send {
+            self.ran.lock().unwrap().push((job.id.clone(), step));
+            let (kind, ctl) = (job.kind.clone(), ctl.clone());
+            async move {
+                match (kind.as_str(), step) {
+                    ("manual", 1) => Outcome::WaitForInput("press the red button".into()),
+                    ("slow", 0) => {
+                        ctl.bytes(1, 10);
+                        ctl.cancel.cancelled().await;
+                        Outcome::Failed(JobError::new(errors::JOB_STATE, "stopped"))
+                    }
+                    _ => Outcome::Done(Some(format!("step {step} done"))),
+                }
+            }
+        }
+    }
+
+    async fn setup() -> (tempfile::TempDir, Jobs, Arc<FakeRunner>) {
+        let d = tempfile::tempdir().unwrap();
+        let store = Store::open(d.path().join("db.sqlite").to_str().unwrap()).await.unwrap();
+        (d, Jobs::new(store), Arc::new(FakeRunner { ran: Mutex::new(Vec::new()) }))
+    }
+
+    fn steps(n: usize, idempotent: bool) -> Vec<(String, bool)> {
+        (0..n).map(|i| (format!("step {i}"), idempotent)).collect()
+    }
+
+    async fn until(jobs: &Jobs, id: &str, f: impl Fn(&Job) -> bool) -> Job {
+        for _ in 0..400 {
+            if let Some(j) = jobs.store.job::<Job>(id).await.unwrap() {
+                if f(&j) {
+                    return j;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("job {id} never reached the state the test waits for");
+    }
+
+    #[tokio::test]
+    async fn steps_run_in_order_and_the_job_succeeds() {
+        let (_d, jobs, r) = setup().await;
+        let job = jobs.start(r.clone(), "ok", "t", steps(3, true), serde_json::json!({})).await.unwrap();
+        let done = until(&jobs, &job.id, |j| j.state.finished()).await;
+        assert_eq!(done.state, JobState::Succeeded);
+        assert!(done.steps.iter().all(|s| s.state == StepState::Done));
+        assert_eq!(done.progress_percent, 100.0);
+        let ran: Vec<usize> = r.ran.lock().unwrap().iter().map(|(_, s)| *s).collect();
+        assert_eq!(ran, vec![0, 1, 2]);
+    }
+
+    #[tokio::test]
+    async fn a_manual_step_waits_for_its_own_confirmation() {
+        let (_d, jobs, r) = setup().await;
+        let job = jobs.start(r.clone(), "manual", "t", steps(3, true), serde_json::json!({})).await.unwrap();
+        let waiting = until(&jobs, &job.id, |j| j.state == JobState::WaitingForInput).await;
+        assert_eq!(waiting.input_prompt.as_deref(), Some("press the red button"));
+        assert_eq!(waiting.current_step, 1);
+        let wrong = jobs.confirm(&job.id, Some(2)).await.unwrap_err();
+        assert!(wrong.contains("not the one waiting"), "{wrong}");
+        assert_eq!(jobs.confirm(&job.id, Some(1)).await.unwrap(), 1);
+        let done = until(&jobs, &job.id, |j| j.state.finished()).await;
+        assert_eq!(done.state, JobState::Succeeded);
+        assert_eq!(done.steps[1].message.as_deref(), Some("confirmed by an operator"));
+        let again = jobs.confirm(&job.id, Some(1)).await.unwrap_err();
+        assert!(again.contains("not waiting for input"), "{again}");
+    }
+
+    #[tokio::test]
+    async fn cancel_stops_a_running_step_and_nothing_after_it_runs() {
+        let (_d, jobs, r) = setup().await;
+        let job = jobs.start(r.clone(), "slow", "t", steps(2, true), serde_json::json!({})).await.unwrap();
+        until(&jobs, &job.id, |j| j.state == JobState::InProgress).await;
+        jobs.cancel(&job.id).await.unwrap();
+        let done = until(&jobs, &job.id, |j| j.state.finished()).await;
+        assert_eq!(done.state, JobState::Cancelled);
+        assert_eq!(done.steps[0].state, StepState::Cancelled);
+        assert_eq!(done.steps[1].state, StepState::Pending);
+        assert!(!r.ran.lock().unwrap().iter().any(|(_, s)| *s == 1));
+        assert!(jobs.cancel(&job.id).await.unwrap_err().contains("already cancelled"));
+    }
+
+    /// A job found in progress at start: an idempotent step resumes, a non-idempotent one fails
+    /// with the reason, an unknown kind fails; none stays in progress without a task.
+    #[tokio::test]
+    async fn a_restart_resumes_idempotent_steps_and_fails_the_others_with_a_reason() {
+        let (_d, jobs, r) = setup().await;
+        let interrupted = |id: &str, kind: &str, idempotent: bool| {
+            let mut j = Job {
+                id: id.into(),
+                kind: kind.into(),
+                target: "t".into(),
+                state: JobState::InProgress,
+                steps: steps(2, idempotent)
+                    .into_iter()
+                    .map(|(name, idempotent)| Step { name, state: StepState::Pending, idempotent, message: None })
+                    .collect(),
+                current_step: 1,
+                progress_percent: 50.0,
+                bytes_done: 0,
+                bytes_total: 0,
+                eta_secs: None,
+                error: None,
+                input_prompt: None,
+                params: serde_json::json!({}),
+                created_ms: now_ms(),
+                updated_ms: now_ms(),
+                finished_ms: None,
+                resumes: 0,
+            };
+            j.steps[0].state = StepState::Done;
+            j.steps[1].state = StepState::Running;
+            j
+        };
+        for j in [interrupted("a", "ok", true), interrupted("b", "ok", false), interrupted("c", "gone", true)] {
+            jobs.store.put_job(&j.id, j.state.as_str(), &j).await.unwrap();
+        }
+        jobs.recover(r.clone(), &["ok"]).await.unwrap();
+        let a = until(&jobs, "a", |j| j.state.finished()).await;
+        assert_eq!((a.state, a.resumes), (JobState::Succeeded, 1));
+        let b = until(&jobs, "b", |j| j.state.finished()).await;
+        assert_eq!(b.state, JobState::Failed);
+        assert!(b.error.unwrap().message.contains("restarted while step"));
+        let c = until(&jobs, "c", |j| j.state.finished()).await;
+        assert!(c.error.unwrap().message.contains("does not know job kind"));
+        let ran = r.ran.lock().unwrap().clone();
+        assert_eq!(ran, vec![("a".to_owned(), 1)], "only the idempotent step ran again, from where it was");
+    }
+}
