@@ -8,122 +8,21 @@
 
 use std::sync::Arc;
 
-use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
-use axum::http::request::Parts;
+use axum::extract::{Path, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::errors::{self, ApiError};
+pub(crate) use crate::http::{created, ok, ApiResult};
+pub use crate::http::{hash_token, new_token, Body, Caller, Role};
 use crate::jobs::Job;
 use crate::model::{self, Policy, RecoveryPlan, ReplicationGroup};
 use crate::ops::{self, Ops, Site};
+use crate::settings::{get_settings, put_settings};
 use crate::AppState;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Role {
-    Component,
-    Reader,
-    Operator,
-    Admin,
-}
-
-impl Role {
-    pub fn parse(s: &str) -> Option<Role> {
-        match s {
-            "component" => Some(Role::Component),
-            "reader" => Some(Role::Reader),
-            "operator" => Some(Role::Operator),
-            "admin" => Some(Role::Admin),
-            _ => None,
-        }
-    }
-}
-
-pub fn hash_token(token: &str) -> String {
-    blake3::hash(token.as_bytes()).to_hex().to_string()
-}
-
-pub fn new_token() -> String {
-    let b: [u8; 24] = rand::random();
-    format!("fy_{}", b.iter().map(|x| format!("{x:02x}")).collect::<String>())
-}
-
-/// The caller, from `Authorization: Bearer <token>`.
-pub struct Caller {
-    pub role: Role,
-    pub token_name: String,
-}
-
-impl Caller {
-    pub(crate) fn need(&self, role: Role) -> Result<(), ApiError> {
-        if self.role >= role && (self.role != Role::Component || role == Role::Component) {
-            return Ok(());
-        }
-        Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            errors::FORBIDDEN,
-            format!("token {:?} has the {:?} role; this needs {:?}", self.token_name, self.role, role),
-        ))
-    }
-}
-
-impl FromRequestParts<Arc<AppState>> for Caller {
-    type Rejection = ApiError;
-    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Caller, ApiError> {
-        let unauth = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, errors::UNAUTHENTICATED, m.to_owned());
-        let header =
-            parts.headers.get(axum::http::header::AUTHORIZATION).ok_or_else(|| unauth("no Authorization header"))?;
-        let token = header
-            .to_str()
-            .ok()
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .ok_or_else(|| unauth("the Authorization header is not `Bearer <token>`"))?;
-        let rec = state
-            .store
-            .token_by_hash(&hash_token(token.trim()))
-            .await?
-            .ok_or_else(|| unauth("unknown or revoked token"))?;
-        let role = Role::parse(&rec.role).ok_or_else(|| unauth("the token has an unknown role"))?;
-        Ok(Caller { role, token_name: rec.name })
-    }
-}
-
-/// JSON body with our error format for malformed input.
-pub struct Body<T>(pub T);
-
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
-    type Rejection = ApiError;
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(Body(v)),
-            Err(e) => {
-                let status = e.status();
-                if status == StatusCode::PAYLOAD_TOO_LARGE {
-                    return Err(ApiError::new(status, errors::BODY_TOO_LARGE, e.body_text()));
-                }
-                Err(ApiError::new(
-                    if status.is_client_error() { status } else { StatusCode::BAD_REQUEST },
-                    errors::BAD_REQUEST,
-                    e.body_text(),
-                ))
-            }
-        }
-    }
-}
-
-pub(crate) type ApiResult = Result<Response, ApiError>;
-
-pub(crate) fn ok<T: serde::Serialize>(v: T) -> ApiResult {
-    Ok(Json(v).into_response())
-}
-
-fn created<T: serde::Serialize>(v: T) -> ApiResult {
-    Ok((StatusCode::CREATED, Json(v)).into_response())
-}
 
 /// A documented route (one place for the router and the OpenAPI document).
 pub struct RouteDoc {
@@ -835,100 +734,4 @@ async fn start_backup(State(s): State<Arc<AppState>>, c: Caller) -> ApiResult {
         )
         .await?;
     Ok((StatusCode::ACCEPTED, Json(job)).into_response())
-}
-
-// ---- component settings -------------------------------------------------------------------
-
-pub const SETTINGS: &str = "component-settings";
-
-/// Keys the server derives and a component may not be given directly.
-fn effective_settings(
-    kind: &str,
-    name: &str,
-    stored: &serde_json::Map<String, serde_json::Value>,
-    policies: &std::collections::HashMap<String, Policy>,
-    all: &[(String, serde_json::Map<String, serde_json::Value>)],
-) -> serde_json::Value {
-    let mut out = stored.clone();
-    out.remove("policy");
-    if kind == "agent" {
-        if let Some(p) = stored.get("policy").and_then(|p| p.as_str()).and_then(|p| policies.get(p)) {
-            out.entry("crash_point_interval_secs").or_insert(p.crash_consistent_secs.into());
-            out.entry("app_point_interval_secs").or_insert(p.app_consistent_secs.into());
-        }
-    }
-    if kind == "master-target" {
-        // Each machine's retention window comes from its agent's policy.
-        let mut windows = serde_json::Map::new();
-        for (id, agent) in all.iter().filter(|(id, _)| id.starts_with("agent/")) {
-            let machine = agent.get("machine").and_then(|m| m.as_str()).unwrap_or(&id["agent/".len()..]).to_owned();
-            if let Some(p) = agent.get("policy").and_then(|p| p.as_str()).and_then(|p| policies.get(p)) {
-                windows.insert(machine, (p.retention_secs as f64).into());
-            }
-        }
-        // Set explicitly (protection writes each machine's) wins over what policies imply.
-        if let Some(serde_json::Value::Object(set)) = stored.get("machine_retention_secs") {
-            windows.extend(set.clone());
-        }
-        if !windows.is_empty() {
-            out.insert("machine_retention_secs".into(), serde_json::Value::Object(windows));
-        }
-    }
-    let _ = name;
-    serde_json::Value::Object(out)
-}
-
-async fn get_settings(
-    State(s): State<Arc<AppState>>,
-    c: Caller,
-    Path((kind, name)): Path<(String, String)>,
-) -> ApiResult {
-    crate::registration::check_kind(&kind)?;
-    model::check_name("component", &name)?;
-    let own = c.role == Role::Component && c.token_name == format!("{kind}/{name}");
-    if !own && c.role < Role::Reader {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            errors::FORBIDDEN,
-            format!("token {:?} may read only its own settings", c.token_name),
-        ));
-    }
-    let all: Vec<(String, serde_json::Map<String, serde_json::Value>)> = s
-        .store
-        .list::<serde_json::Map<String, serde_json::Value>>(SETTINGS)
-        .await?
-        .into_iter()
-        .map(|d| (d.id, d.body))
-        .collect();
-    let policies: std::collections::HashMap<String, Policy> =
-        s.store.list::<Policy>(model::POLICY).await?.into_iter().map(|d| (d.id, d.body)).collect();
-    let key = format!("{kind}/{name}");
-    let stored = all.iter().find(|(id, _)| *id == key).map(|(_, b)| b.clone()).unwrap_or_default();
-    ok(effective_settings(&kind, &name, &stored, &policies, &all))
-}
-
-async fn put_settings(
-    State(s): State<Arc<AppState>>,
-    c: Caller,
-    Path((kind, name)): Path<(String, String)>,
-    Body(v): Body<serde_json::Map<String, serde_json::Value>>,
-) -> ApiResult {
-    c.need(Role::Operator)?;
-    crate::registration::check_kind(&kind)?;
-    model::check_name("component", &name)?;
-    for k in ["tls", "config_server", "state_dir", "cache_dir", "datastore", "retention"] {
-        if v.contains_key(k) {
-            return Err(ApiError::bad(format!(
-                "{k} is local to the component's host and stays in its own file (the server sets peers, disks and policies)"
-            )));
-        }
-    }
-    if let Some(p) = v.get("policy") {
-        let p = p.as_str().ok_or_else(|| ApiError::bad("policy must be a policy name"))?;
-        if s.store.get::<Policy>(model::POLICY, p).await?.is_none() {
-            return Err(ApiError::bad(format!("policy {p} does not exist")));
-        }
-    }
-    s.store.put(SETTINGS, &format!("{kind}/{name}"), &v, None).await?;
-    ok(serde_json::Value::Object(v))
 }

@@ -327,7 +327,7 @@ impl LocalSite {
         Ok(Inventory {
             site: self.name.clone(),
             folder: self.folder.clone(),
-            discovered_ms: crate::jobs::now_ms(),
+            discovered_ms: ferry_sys::time::now_ms(),
             content: site,
             warnings,
         })

@@ -10,8 +10,8 @@ use axum::extract::State;
 use axum::Json;
 use serde::Deserialize;
 
-use crate::api::{Body, Caller, Role};
 use crate::errors::{self, ApiError};
+use crate::http::{Body, Caller, Role};
 use crate::model::{self, Policy};
 use crate::registration::{check_kind, Component, COMPONENT};
 use crate::AppState;
@@ -153,7 +153,7 @@ pub async fn health_of(s: &AppState, c: &Component) -> (String, Vec<serde_json::
                 None => s
                     .store
                     .get::<serde_json::Map<String, serde_json::Value>>(
-                        crate::api::SETTINGS,
+                        crate::settings::SETTINGS,
                         &format!("agent/{}", c.name),
                     )
                     .await

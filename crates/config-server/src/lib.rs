@@ -8,12 +8,15 @@ pub mod backup;
 pub mod discovery;
 pub mod errors;
 pub mod health;
+pub mod http;
+pub mod inventory;
 pub mod jobs;
 pub mod model;
 pub mod ops;
 pub mod protection;
 pub mod provider;
 pub mod registration;
+pub mod settings;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -1,35 +1,17 @@
 //! The work behind each job kind: discovery of a site, a recovery-plan drill (its groups' pre-
 //! and post-actions in order), and configuration backups.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_store::Store;
-use serde::{Deserialize, Serialize};
 
 use crate::errors;
 use crate::jobs::{Job, JobControl, JobError, Outcome, Runner};
 use crate::model::{Action, RecoveryPlan};
 use crate::provider;
 
-pub const SITE: &str = "site";
-pub const INVENTORY: &str = "inventory";
-
-/// A registered site (local provider: a folder with `site.toml`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Site {
-    pub name: String,
-    /// `local` (the only provider so far).
-    #[serde(default = "local")]
-    pub provider: String,
-    pub path: PathBuf,
-}
-
-fn local() -> String {
-    "local".into()
-}
+pub use crate::inventory::{Site, INVENTORY, SITE};
 
 pub struct Ops {
     pub store: Store,

@@ -21,13 +21,14 @@ use axum::Json;
 use ferry_store::Store;
 use serde::{Deserialize, Serialize};
 
-use crate::api::{Body, Caller, Role, SETTINGS};
 use crate::discovery::Inventory;
 use crate::errors::{self, ApiError};
+use crate::http::{Body, Caller, Role};
+use crate::inventory::INVENTORY;
 use crate::jobs::{now_ms, Job, JobControl, JobError, Outcome};
 use crate::model::{self, Policy, ReplicationGroup};
-use crate::ops::INVENTORY;
 use crate::registration::{Component, COMPONENT};
+use crate::settings::SETTINGS;
 use crate::AppState;
 
 pub const PROTECTION: &str = "protection";
@@ -284,7 +285,7 @@ pub async fn protect(
     State(s): State<Arc<AppState>>,
     c: Caller,
     Body(req): Body<ProtectRequest>,
-) -> crate::api::ApiResult {
+) -> crate::http::ApiResult {
     c.need(Role::Operator)?;
     let job = tokio::spawn(async move { claim_and_start(&s, &req).await })
         .await
@@ -350,7 +351,7 @@ async fn claim_and_start(s: &Arc<AppState>, req: &ProtectRequest) -> Result<Job,
 }
 
 /// `GET /api/v1/machines`: every discovered machine with its protection, health and RPO.
-pub async fn list_machines(State(s): State<Arc<AppState>>, c: Caller) -> crate::api::ApiResult {
+pub async fn list_machines(State(s): State<Arc<AppState>>, c: Caller) -> crate::http::ApiResult {
     c.need(Role::Reader)?;
     let protections: HashMap<String, Protection> =
         s.store.list::<Protection>(PROTECTION).await?.into_iter().map(|d| (d.id, d.body)).collect();
@@ -396,7 +397,7 @@ pub async fn list_machines(State(s): State<Arc<AppState>>, c: Caller) -> crate::
             }));
         }
     }
-    crate::api::ok(out)
+    crate::http::ok(out)
 }
 
 /// `GET /api/v1/machines/{name}/recovery-points`: the points the machine's master target holds.
@@ -404,7 +405,7 @@ pub async fn recovery_points(
     State(s): State<Arc<AppState>>,
     c: Caller,
     Path(name): Path<String>,
-) -> crate::api::ApiResult {
+) -> crate::http::ApiResult {
     c.need(Role::Reader)?;
     model::check_name("machine", &name)?;
     let p = s
@@ -433,7 +434,7 @@ pub async fn recovery_points(
     match r {
         Ok(Ok((200, mut v))) => {
             v["master_target"] = p.master_target.clone().into();
-            crate::api::ok(v)
+            crate::http::ok(v)
         }
         Ok(Ok((code, v))) => Err(ApiError::conflict(format!(
             "master target {} answered {code}: {v} (check its log; `ferry components` shows its health)",

@@ -9,8 +9,8 @@ use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 
-use crate::api::{hash_token, new_token, Body};
 use crate::errors::{self, ApiError};
+use crate::http::{hash_token, new_token, Body};
 use crate::AppState;
 
 pub const COMPONENT: &str = "component";
