@@ -2,7 +2,7 @@
 //!
 //! * [`FileBackend`]: raw image file or block device (production).
 //! * [`CowBackend`]: copy-on-write overlay over any backend (test failover).
-//! * [`VolatileCacheFileBackend`]: **test-only** crash simulation (unflushed
+//! * `VolatileCacheFileBackend` (only with the `testing` feature): crash simulation (unflushed
 //!   writes live only in memory).
 //! * [`MemBackend`]: in-memory, for unit tests.
 
