@@ -185,6 +185,19 @@ impl Machine {
     /// Open the machine's disks and state; recover after a crash (activity-log regions are marked
     /// for resync); refuse a resized disk.
     pub fn open(config: AgentConfig) -> Result<Arc<Machine>, AgentError> {
+        // Before any state is touched: a refused start must leave the agent's state as it was.
+        #[cfg(not(feature = "testing"))]
+        if config.source_write_log.is_some() {
+            return Err(crate::testing_only("source_write_log"));
+        }
+        #[cfg(not(feature = "testing"))]
+        if config.shipping_paused {
+            return Err(crate::testing_only("shipping_paused"));
+        }
+        #[cfg(not(feature = "testing"))]
+        if let Some(d) = config.disks.iter().find(|d| matches!(d.cache, crate::config::DiskCache::Volatile)) {
+            return Err(crate::testing_only(&format!("cache = \"volatile\" (disk {})", d.name)));
+        }
         ferry_protocol::validate_name("machine", &config.machine).map_err(AgentError::Config)?;
         if config.disks.is_empty() {
             return Err(AgentError::Config(
@@ -377,14 +390,7 @@ impl Machine {
             Some(p) => Some(Mutex::new(crate::testing::SourceLog::open(p)?)),
             None => None,
         };
-        #[cfg(not(feature = "testing"))]
-        if config.source_write_log.is_some() {
-            return Err(crate::testing_only("source_write_log"));
-        }
-        #[cfg(not(feature = "testing"))]
-        if config.shipping_paused {
-            return Err(crate::testing_only("shipping_paused"));
-        }
+
         Ok(Arc::new(Machine {
             name: config.machine.clone(),
             disks,

@@ -196,9 +196,25 @@ async fn limit_body(
         r
     };
     let declared = req.headers().get(axum::http::header::CONTENT_LENGTH);
+    // A client that asked `Expect: 100-continue` waits for us: nothing to drain.
+    let expects = req.headers().get(axum::http::header::EXPECT).is_some();
     if let Some(v) = declared {
         return match v.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()) {
-            Some(n) if n > limit as u64 => Ok(too_large()),
+            Some(n) if n > limit as u64 && expects => Ok(too_large()),
+            Some(n) if n > limit as u64 => {
+                // The client is sending: read (a bounded amount of) it, so the answer is not lost
+                // to a reset when we close with unread data.
+                use futures::StreamExt;
+                let mut stream = req.into_body().into_data_stream();
+                let mut seen = 0usize;
+                while let Some(Ok(chunk)) = stream.next().await {
+                    seen = seen.saturating_add(chunk.len());
+                    if seen > limit.saturating_add(DRAIN_LIMIT) {
+                        break;
+                    }
+                }
+                Ok(too_large())
+            }
             Some(_) => Ok(next.run(req).await),
             None => Err(ApiError::new(
                 StatusCode::BAD_REQUEST,
@@ -217,7 +233,14 @@ async fn limit_body(
     let mut seen = 0usize;
     use futures::StreamExt;
     while let Some(chunk) = stream.next().await {
-        let Ok(chunk) = chunk else { break };
+        // A body that breaks off is not a shorter body: never hand a part of it to a handler.
+        let Ok(chunk) = chunk else {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                errors::BAD_REQUEST,
+                "the request body ended before it was complete".to_owned(),
+            ));
+        };
         seen = seen.saturating_add(chunk.len());
         if seen > limit {
             if seen > limit.saturating_add(DRAIN_LIMIT) {

@@ -694,8 +694,13 @@ impl LocalSite {
             .map_err(|e| format!("cannot start {} ({program}): {e}", m.name))?;
         let pid = child.id() as i32;
         let record = format!("{pid} {}\n", start_ticks(pid).unwrap_or(0));
-        ferry_sys::fs::write_atomic(&dir.join("power.pid"), record.as_bytes())
-            .map_err(|e| format!("cannot record the pid of {}: {e}", m.name))?;
+        if let Err(e) = ferry_sys::fs::write_atomic(&dir.join("power.pid"), record.as_bytes()) {
+            // Untracked, it could never be stopped: do not leave it running.
+            // SAFETY: SIGKILL to the group of the child we just started.
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
+            let _ = child.wait();
+            return Err(format!("cannot record the pid of {}: {e}; it was not started", m.name));
+        }
         std::thread::spawn(move || {
             let _ = child.wait();
         });
@@ -732,7 +737,10 @@ pub fn stop_machine(dir: &Path, signal: i32, limit: Duration) -> bool {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let _ = std::fs::remove_file(dir.join("power.pid"));
+    // Forget it only once it is gone: a survivor keeps blocking a second power-on on its disks.
+    if running_pid(dir).is_none() {
+        let _ = std::fs::remove_file(dir.join("power.pid"));
+    }
     true
 }
 

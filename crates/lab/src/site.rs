@@ -721,6 +721,9 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, say: Say<'_>) -> Result<L
             if let Some(line) = t.lines().next().filter(|_| t.contains('\n')) {
                 break serde_json::from_str(line).context("the configuration server's first-start output")?;
             }
+            if !alive(cs_pid) {
+                bail!("the configuration server exited at start; see {}", cs_log.display());
+            }
             if Instant::now() >= deadline {
                 bail!("the configuration server printed no first-start line; see {}", cs_log.display());
             }
@@ -960,6 +963,10 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, say: Say<'_>) -> Result<L
         .collect();
     let deadline = Instant::now() + Duration::from_secs_f64(120.0 + spec.boot_delay_secs);
     loop {
+        // A daemon may publish its listeners and still refuse its configuration a moment later.
+        if let Some(p) = processes.iter().find(|p| !same_process(p.pid, p.start_ticks)) {
+            bail!("{} {}: it exited at start; see {}", p.kind, p.name, p.log.display());
+        }
         let comps = op.call("GET", "/api/v1/components", None).await?;
         let missing: Vec<&String> = want
             .iter()
@@ -972,10 +979,6 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, say: Say<'_>) -> Result<L
             .collect();
         if missing.is_empty() {
             break;
-        }
-        // A daemon may publish its listeners and still refuse its configuration a moment later.
-        if let Some(p) = processes.iter().find(|p| !same_process(p.pid, p.start_ticks)) {
-            bail!("{} {}: it exited at start; see {}", p.kind, p.name, p.log.display());
         }
         if Instant::now() >= deadline {
             bail!("{missing:?} did not report to the configuration server; see the logs in {}", logs.display());
@@ -1096,11 +1099,10 @@ pub async fn restart(dir: &Path, name: &str, kill: bool) -> Result<LabProcess> {
     // again at the recorded address if it is gone already.
     let mut sockets = Vec::new();
     for (key, (addr, fd)) in &p.listeners {
-        let taken = if same_process(p.pid, p.start_ticks) {
-            ferry_sys::listen::take_from_process(p.pid, *fd).ok()
-        } else {
-            None
-        };
+        // Only the socket recorded for this key: a daemon that rebound elsewhere gets a new one.
+        let taken = ferry_sys::listen::take_from_process(p.pid, p.start_ticks, *fd)
+            .ok()
+            .filter(|l| l.local_addr().map(|a| a.to_string() == *addr).unwrap_or(false));
         sockets.push((key.clone(), addr.clone(), taken));
     }
     if same_process(p.pid, p.start_ticks) {

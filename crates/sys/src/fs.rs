@@ -16,11 +16,14 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// The temporary name [`write_atomic`] writes before the rename: beside the file, so the rename
-/// stays within one filesystem.
+/// A temporary name for [`write_atomic`]: beside the file (so the rename stays within one
+/// filesystem) and unique to this process and call (so two writers of one file never share a
+/// temporary file; the last rename wins whole).
 pub fn temp_path(path: &Path) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(".tmp");
+    name.push(format!(".{}.{n}.tmp", std::process::id()));
     path.with_file_name(name)
 }
 
@@ -29,7 +32,7 @@ pub fn temp_path(path: &Path) -> PathBuf {
 pub fn atomic_replace(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     let tmp = temp_path(path);
     let result = (|| {
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
@@ -127,8 +130,9 @@ mod tests {
         write_atomic(&p, b"second, longer").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"second, longer");
         assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
-        assert!(!temp_path(&p).exists(), "no temporary file is left behind");
-        assert_eq!(temp_path(&p).file_name().unwrap(), "state.json.tmp");
+        let left: Vec<_> = std::fs::read_dir(d.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("state.json")], "no temporary file is left behind");
+        assert_ne!(temp_path(&p), temp_path(&p), "every writer gets its own temporary file");
     }
 
     #[test]

@@ -58,6 +58,10 @@ pub fn parse(spec: &str) -> Result<Vec<(String, RawFd)>, String> {
         if fd < 3 || name.is_empty() {
             return Err(format!("{ENV}: {part:?} names no usable descriptor (3 or above)"));
         }
+        if out.iter().any(|(n, f)| n == name || *f == fd) {
+            // Two owners of one descriptor would close it twice.
+            return Err(format!("{ENV}: {part:?} repeats a name or a descriptor"));
+        }
         out.push((name.to_owned(), fd));
     }
     Ok(out)
@@ -96,7 +100,9 @@ pub fn adopt() -> Result<(), String> {
 /// instead of probing a port (which, after a daemon died at start, may be another process's).
 pub fn publish(listeners: &[(&str, std::net::SocketAddr)]) -> io::Result<()> {
     let Some(path) = READY_FILE.lock().unwrap_or_else(|p| p.into_inner()).clone() else { return Ok(()) };
-    let body = listeners.iter().map(|(k, a)| format!("\"{}\":\"{a}\"", k.escape_default())).collect::<Vec<_>>();
+    let quote = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+    let body =
+        listeners.iter().map(|(k, a)| format!("\"{}\":\"{}\"", quote(k), quote(&a.to_string()))).collect::<Vec<_>>();
     let json = format!("{{\"pid\":{},\"listeners\":{{{}}}}}", std::process::id(), body.join(","));
     crate::fs::write_atomic(&path, json.as_bytes())
 }
@@ -140,14 +146,20 @@ pub fn pass(cmd: &mut std::process::Command, listeners: &[(&str, &TcpListener)])
     }
 }
 
-/// Duplicate descriptor `fd` of the live process `pid` into this process (`pidfd_getfd`), e.g. to
-/// take a listener back from a child before restarting it. Needs ptrace rights over `pid`.
-pub fn take_from_process(pid: i32, fd: RawFd) -> io::Result<TcpListener> {
+/// Duplicate descriptor `fd` of the live process `pid` (started at `ticks`) into this process
+/// (`pidfd_getfd`), e.g. to take a listener back from a child before restarting it. The pidfd is
+/// opened first and the start time checked after, so a reused pid never hands over another
+/// process's socket. Needs ptrace rights over `pid`.
+pub fn take_from_process(pid: i32, ticks: u64, fd: RawFd) -> io::Result<TcpListener> {
     // SAFETY: raw syscalls with integer arguments; the returned descriptors are owned here.
     unsafe {
         let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as i32;
         if pidfd < 0 {
             return Err(io::Error::last_os_error());
+        }
+        if !crate::proc::same_process(pid, ticks) {
+            libc::close(pidfd);
+            return Err(io::Error::other(format!("process {pid} is not the one started at {ticks}")));
         }
         let got = libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) as i32;
         let err = io::Error::last_os_error();
@@ -173,6 +185,8 @@ mod tests {
         assert!(parse("listen").is_err());
         assert!(parse("listen=x").is_err());
         assert!(parse("listen=1").is_err(), "stdio is never a listener");
+        assert!(parse("listen=3,status_listen=3").is_err(), "one descriptor, one owner");
+        assert!(parse("listen=3,listen=4").is_err());
     }
 
     #[test]
@@ -201,7 +215,9 @@ mod tests {
         let mut child = cmd.spawn().unwrap();
         let fd = l.as_raw_fd();
         drop(l);
-        match take_from_process(child.id() as i32, fd) {
+        let ticks = crate::proc::start_ticks(child.id() as i32).unwrap_or(0);
+        assert!(take_from_process(child.id() as i32, ticks + 1, fd).is_err(), "another start time, another process");
+        match take_from_process(child.id() as i32, ticks, fd) {
             Ok(back) => assert_eq!(back.local_addr().unwrap(), addr),
             // Without ptrace rights (an unprivileged run under Yama) the caller rebinds instead.
             Err(e) => assert!(e.raw_os_error() == Some(libc::EPERM) || e.raw_os_error() == Some(libc::ENOSYS), "{e}"),

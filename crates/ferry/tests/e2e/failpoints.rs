@@ -66,6 +66,7 @@ fn stop_at(component: &'static str, failpoint: &str, at: u32, opts: Opts) {
             .arg(c.target("disk0"))
             .output()
             .unwrap();
+        assert!(out.status.success(), "qemu-io could not read the replica: {}", String::from_utf8_lossy(&out.stderr));
         assert!(!String::from_utf8_lossy(&out.stdout).contains("Pattern verification failed"), "{offset}");
     }
 }
