@@ -913,6 +913,11 @@ impl Replica {
     }
 
     pub(crate) fn save_mats(&self) -> Result<(), String> {
+        // Saves in turn, each copying the list once it holds the turn: the last file written is
+        // always the newest list (two saves racing could otherwise rename an older copy last).
+        // Process-wide, as these saves are rare.
+        static SAVING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _turn = SAVING.lock().unwrap_or_else(|p| p.into_inner());
         let mats = self.lock_mats().clone();
         let data = serde_json::to_vec_pretty(&mats).map_err(|e| e.to_string())?;
         ferry_sys::fs::write_atomic(&self.dir.join("materializations.json"), &data).map_err(|e| e.to_string())
