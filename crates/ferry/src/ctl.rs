@@ -503,7 +503,9 @@ pub async fn register(
     dir: &std::path::Path,
     out: OutputFormat,
 ) -> Result<()> {
-    let summary = register_component(server, fingerprint, passphrase, kind, name, hosts, dir).await?;
+    let summary =
+        ferry_status::server_client::register_component(server, fingerprint, passphrase, kind, name, hosts, dir)
+            .await?;
     match out {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&summary)?),
         OutputFormat::Table => println!(
@@ -512,19 +514,6 @@ pub async fn register(
         ),
     }
     Ok(())
-}
-
-/// [`register`] without output: returns where the files went.
-pub async fn register_component(
-    server: &str,
-    fingerprint: &str,
-    passphrase: &str,
-    kind: &str,
-    name: &str,
-    hosts: &[String],
-    dir: &std::path::Path,
-) -> Result<Value> {
-    Ok(ferry_status::server_client::register_component(server, fingerprint, passphrase, kind, name, hosts, dir).await?)
 }
 
 #[derive(Args)]
