@@ -16,9 +16,13 @@ use std::time::Duration;
 
 use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
-use axum::routing::{get, post};
+use axum::routing::{on, MethodRouter};
 use axum::{Json, Router};
+use ferry_api::agent::{AgentEndpoint, VerifyRequest, VerifyStarted, ROUTES};
+use ferry_api::control::{ComponentKind, ComponentStatus};
 use ferry_nbd::{Backend, BackendError, Export, Exports, Extent, ServerConfig};
+use ferry_protocol::codes;
+use ferry_status::{method_filter, ok, Failure, JsonBody, Reply};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_util::sync::CancellationToken;
 
@@ -190,17 +194,12 @@ pub async fn serve(
     if let Some(l) = listeners.nbd_unix {
         tasks.push(tokio::spawn(ferry_nbd::serve_unix(l, nbd_config.clone(), shutdown.clone())));
     }
-    let m = machine.clone();
-    let routes = Router::new()
-        .route("/verify", post(start_verify))
-        .route("/verify/{id}", get(get_verify))
-        .with_state(machine.clone())
-        .merge(points::routes(machine.clone()));
     points::spawn_timers(machine.clone(), shutdown.clone());
-    ferry_status::spawn(listeners.status, move || m.status(), routes, shutdown.clone());
+    ferry_status::spawn(listeners.status, router(machine.clone()), shutdown.clone());
     if let Some(link) = config.config_server.clone() {
         let m = machine.clone();
-        ferry_status::spawn_heartbeats(link, "agent", machine.name.clone(), move || m.status(), shutdown.clone());
+        let status = move || ComponentStatus::Agent(m.status());
+        ferry_status::spawn_heartbeats(link, ComponentKind::Agent, machine.name.clone(), status, shutdown.clone());
     }
     shutdown.cancelled().await;
     for t in tasks {
@@ -215,51 +214,52 @@ pub async fn serve(
     r
 }
 
-#[derive(serde::Deserialize)]
-struct VerifyRequest {
-    disk: String,
-    #[serde(default)]
-    repair: bool,
+/// The status listener's router: every route of `ferry_api::agent::ROUTES` with its handler.
+fn router(machine: Arc<Machine>) -> Router {
+    let m = machine.clone();
+    ferry_status::router_from(ROUTES, |r| {
+        let f = method_filter(r.method);
+        let h: MethodRouter<Arc<Machine>> = match r.id {
+            AgentEndpoint::Status => {
+                let m = m.clone();
+                return ferry_status::status_route(move || ComponentStatus::Agent(m.status())).with_state(());
+            }
+            AgentEndpoint::CrashPoint => on(f, points::take_crash),
+            AgentEndpoint::AppPoint => on(f, points::take_app),
+            AgentEndpoint::GroupPoint => on(f, points::take_group),
+            AgentEndpoint::GroupPrepare => on(f, points::prepare),
+            AgentEndpoint::GroupCommit => on(f, points::commit),
+            AgentEndpoint::GroupAbort => on(f, points::abort),
+            AgentEndpoint::StartVerify => on(f, start_verify),
+            AgentEndpoint::GetVerify => on(f, get_verify),
+        };
+        h.with_state(machine.clone())
+    })
 }
 
-async fn start_verify(
-    State(m): State<Arc<Machine>>,
-    body: Result<Json<VerifyRequest>, axum::extract::rejection::JsonRejection>,
-) -> (StatusCode, Json<serde_json::Value>) {
-    let Json(req) = match body {
-        Ok(b) => b,
-        Err(e) => {
-            return (
-                StatusCode::BAD_REQUEST,
-                Json(
-                    serde_json::json!({"code": 9001, "message": format!("bad verify request: {e}"), "remedy": "send JSON {\"disk\": NAME, \"repair\": false}"}),
-                ),
-            )
-        }
-    };
+async fn start_verify(State(m): State<Arc<Machine>>, JsonBody(req): JsonBody<VerifyRequest>) -> Reply<VerifyStarted> {
     match m.start_verify(&req.disk, req.repair) {
-        Ok(id) => (StatusCode::ACCEPTED, Json(serde_json::json!({ "verify_id": id }))),
-        Err(e @ AgentError::NotReplicating(_)) => (
+        Ok(verify_id) => Ok((StatusCode::ACCEPTED, Json(VerifyStarted { verify_id }))),
+        Err(e @ AgentError::NotReplicating(_)) => Err(Failure::with_status(
             StatusCode::CONFLICT,
-            Json(
-                serde_json::json!({"code": 9005, "message": e.to_string(), "remedy": "retry once the agent reports caught_up"}),
-            ),
-        ),
-        Err(e) => (
-            StatusCode::BAD_REQUEST,
-            Json(serde_json::json!({"code": 9004, "message": e.to_string(), "remedy": "name a configured disk"})),
-        ),
+            codes::NOT_REPLICATING,
+            e.to_string(),
+            "retry once the agent reports caught_up",
+        )),
+        Err(e) => {
+            Err(Failure::with_status(StatusCode::BAD_REQUEST, codes::BAD_NAME, e.to_string(), "name a configured disk"))
+        }
     }
 }
 
-async fn get_verify(State(m): State<Arc<Machine>>, UrlPath(id): UrlPath<u64>) -> (StatusCode, Json<serde_json::Value>) {
+async fn get_verify(State(m): State<Arc<Machine>>, UrlPath(id): UrlPath<u64>) -> Reply<VerifySession> {
     match m.verify.get(id) {
-        Some(s) => (StatusCode::OK, Json(serde_json::to_value(s).unwrap_or_default())),
-        None => (
+        Some(s) => ok(s),
+        None => Err(Failure::with_status(
             StatusCode::NOT_FOUND,
-            Json(
-                serde_json::json!({"code": 9006, "message": format!("no verify session {id}"), "remedy": "start one with POST /verify"}),
-            ),
-        ),
+            codes::NOT_FOUND,
+            format!("no verify session {id}"),
+            "start one with POST /verify",
+        )),
     }
 }

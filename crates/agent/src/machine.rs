@@ -35,17 +35,7 @@ const SEQ_RESERVATION: u64 = 1 << 20;
 /// Initial-sync bytes in flight (sent, not yet durable at the master target).
 const BULK_WINDOW: u64 = 64 << 20;
 
-/// How the agent is shipping a machine's changes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Mode {
-    /// Every write is shipped in order.
-    Replicating,
-    /// Copying the disks for the first time.
-    InitialSync,
-    /// Copying changed regions (after a crash, a log overflow or a verify repair).
-    Resync,
-}
+pub use ferry_api::agent::Mode;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct PersistentState {
@@ -99,12 +89,8 @@ struct LogEntry {
     bytes: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct EventEntry {
-    pub time_ms: u64,
-    pub kind: String,
-    pub message: String,
-}
+/// An event the agent shows in its status.
+pub type EventEntry = ferry_api::Event;
 
 struct ResyncRun {
     generation: u64,
@@ -150,11 +136,11 @@ pub(crate) struct Core {
     write_stamp: u64,
     /// Finished resyncs (reason, bytes copied), newest last: tests and operators check that a
     /// crash resent only the activity log's regions.
-    completed_resyncs: VecDeque<serde_json::Value>,
+    completed_resyncs: VecDeque<ferry_api::agent::CompletedResync>,
     /// Writes are held (multi-machine prepare) until this group tag commits, aborts or expires.
     pub(crate) hold: Option<crate::points::WriteHold>,
     /// Recovery-point tags inserted, for the status.
-    pub(crate) points: crate::points::PointStats,
+    pub(crate) points: ferry_api::agent::PointStats,
 }
 
 pub struct Machine {
@@ -985,13 +971,13 @@ impl Machine {
             );
             tracing::info!(machine = %self.name, initial = was_initial, "{msg}");
             push_event(c, "resync-complete", msg);
-            let done = serde_json::json!({
-                "reason": run.reason,
-                "bytes_copied": c.resync_bytes_sent,
-                "hole_bytes_zeroed": c.resync_bytes_zeroed,
-                "bytes_planned": run.total_bytes,
-                "time_ms": now_ms(),
-            });
+            let done = ferry_api::agent::CompletedResync {
+                reason: format!("{:?}", run.reason),
+                bytes_copied: c.resync_bytes_sent,
+                hole_bytes_zeroed: c.resync_bytes_zeroed,
+                bytes_planned: run.total_bytes,
+                time_ms: now_ms(),
+            };
             c.completed_resyncs.push_back(done);
             if c.completed_resyncs.len() > 20 {
                 c.completed_resyncs.pop_front();
@@ -1221,7 +1207,8 @@ impl Machine {
 
     // ---- status -----------------------------------------------------------------------------
 
-    pub fn status(&self) -> serde_json::Value {
+    pub fn status(&self) -> ferry_api::agent::AgentStatus {
+        use ferry_api::agent::{AgentDisk, AgentStatus, ResyncProgress, WriteHold};
         let mut c = self.lock();
         let now = now_ms();
         let lag = c.unapplied.front().map(|(_, t)| now.saturating_sub(*t) as f64 / 1000.0).unwrap_or(0.0);
@@ -1232,53 +1219,65 @@ impl Machine {
             && c.ack.applied_seq >= c.last_record_seq;
         let dirty_per_disk: Vec<u64> = c.dirty.disks.iter().map(|b| b.len() * TRACK_BLOCK).collect();
         let resync = c.resync.as_ref().map(|r| {
-            serde_json::json!({
-                "reason": r.reason,
-                "generation": r.generation,
-                "bytes_total": r.total_bytes,
-                "bytes_done": c.resync_bytes_sent + c.resync_bytes_zeroed,
-                "percent": if r.total_bytes == 0 { 100.0 } else { ((c.resync_bytes_sent + c.resync_bytes_zeroed) as f64 * 100.0 / r.total_bytes as f64).min(100.0) },
-            })
+            let done = c.resync_bytes_sent + c.resync_bytes_zeroed;
+            ResyncProgress {
+                reason: format!("{:?}", r.reason),
+                generation: r.generation,
+                bytes_total: r.total_bytes,
+                bytes_done: done,
+                percent: if r.total_bytes == 0 {
+                    100.0
+                } else {
+                    (done as f64 * 100.0 / r.total_bytes as f64).min(100.0)
+                },
+            }
         });
-        let rate_in = c.rate_in.bytes_per_sec();
-        let rate_out = c.rate_out.bytes_per_sec();
-        serde_json::json!({
-            "component": "agent",
-            "machine": self.name,
-            "status_listen": self.config.status_listen,
-            "process_server": self.config.process_server,
-            "nbd_listen": self.config.nbd_listen,
-            "mode": c.mode,
-            "generation": c.state.generation,
-            "initial_sync_complete": c.state.initial_sync_complete,
-            "caught_up": caught_up,
-            "connected": c.connected,
-            "throttled": c.throttled,
-            "link_error": c.link_error,
-            "last_seq": c.last_record_seq,
-            "sent_seq": c.sent_seq,
-            "process_server_durable_seq": c.ack.durable_seq,
-            "master_target_durable_seq": c.ack.target_durable_seq,
-            "applied_seq": c.ack.applied_seq,
-            "pending_log_bytes": c.log_bytes,
-            "pending_log_records": c.log.len(),
-            "initial_sync_in_flight_bytes": c.bulk_bytes,
-            "resync_pending_bytes": c.dirty.bytes(),
-            "resync": resync,
-            "lag_seconds": lag,
-            "write_bytes_per_sec": rate_in,
-            "ship_bytes_per_sec": rate_out,
-            "shipped_bytes": c.shipped_bytes,
-            "activity_log_extents": c.al.active_count(),
-            "completed_resyncs": c.completed_resyncs.iter().cloned().collect::<Vec<_>>(),
-            "disks": self.disks.iter().enumerate().map(|(i, d)| serde_json::json!({
-                "name": d.name, "path": d.path, "size": d.size, "uuid": d.uuid,
-                "resync_pending_bytes": dirty_per_disk.get(i).copied().unwrap_or(0),
-            })).collect::<Vec<_>>(),
-            "points": c.points,
-            "write_hold": c.hold.as_ref().map(|h| serde_json::json!({"group": h.group, "tag": h.tag})),
-            "events": c.events.iter().cloned().collect::<Vec<_>>(),
-        })
+        let write_bytes_per_sec = c.rate_in.bytes_per_sec();
+        let ship_bytes_per_sec = c.rate_out.bytes_per_sec();
+        AgentStatus {
+            machine: self.name.clone(),
+            status_listen: self.config.status_listen.clone(),
+            process_server: self.config.process_server.clone(),
+            nbd_listen: self.config.nbd_listen.clone(),
+            mode: c.mode,
+            generation: c.state.generation,
+            initial_sync_complete: c.state.initial_sync_complete,
+            caught_up,
+            connected: c.connected,
+            throttled: c.throttled,
+            link_error: c.link_error.clone(),
+            last_seq: c.last_record_seq,
+            sent_seq: c.sent_seq,
+            process_server_durable_seq: c.ack.durable_seq,
+            master_target_durable_seq: c.ack.target_durable_seq,
+            applied_seq: c.ack.applied_seq,
+            pending_log_bytes: c.log_bytes,
+            pending_log_records: c.log.len(),
+            initial_sync_in_flight_bytes: c.bulk_bytes,
+            resync_pending_bytes: c.dirty.bytes(),
+            resync,
+            lag_seconds: lag,
+            write_bytes_per_sec,
+            ship_bytes_per_sec,
+            shipped_bytes: c.shipped_bytes,
+            activity_log_extents: c.al.active_count(),
+            completed_resyncs: c.completed_resyncs.iter().cloned().collect(),
+            disks: self
+                .disks
+                .iter()
+                .enumerate()
+                .map(|(i, d)| AgentDisk {
+                    name: d.name.clone(),
+                    path: d.path.clone(),
+                    size: d.size,
+                    uuid: d.uuid.clone(),
+                    resync_pending_bytes: dirty_per_disk.get(i).copied().unwrap_or(0),
+                })
+                .collect(),
+            points: c.points.clone(),
+            write_hold: c.hold.as_ref().map(|h| WriteHold { group: h.group.clone(), tag: h.tag.clone() }),
+            events: c.events.iter().cloned().collect(),
+        }
     }
 }
 

@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::post;
-use axum::{Json, Router};
+use ferry_api::agent::{GroupAnswer, GroupPointRequest, GroupReport, TagTaken};
+use ferry_api::Method;
 use ferry_protocol::{codes, now_ms, RecordBody, TagKind};
-use serde::{Deserialize, Serialize};
+use ferry_status::{ok, Failure, JsonBody, Reply};
 
 use crate::machine::{push_event, Machine};
 use crate::AgentError;
@@ -29,18 +29,6 @@ pub(crate) struct WriteHold {
     pub tag: String,
     pub until: Instant,
     pub app: bool,
-}
-
-#[derive(Debug, Clone, Default, Serialize)]
-pub(crate) struct PointStats {
-    pub crash_tags: u64,
-    pub app_tags: u64,
-    pub app_failures: u64,
-    pub group_commits: u64,
-    pub group_aborts: u64,
-    pub last_crash_tag_seq: Option<u64>,
-    pub last_app_tag_seq: Option<u64>,
-    pub last_group_tag: Option<String>,
 }
 
 /// Run a hook with `sh -c`, killing it after `timeout`.
@@ -265,30 +253,11 @@ fn expire_hold(m: Arc<Machine>, tag: String, until: Instant) {
     }
 }
 
-/// A group prepare/commit/abort request between agents.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct GroupRequest {
-    pub group: String,
-    pub tag: String,
-    #[serde(default)]
-    pub app: bool,
-    #[serde(default = "default_timeout_ms")]
-    pub timeout_ms: u64,
-    /// Commit only: the machines that prepared.
-    #[serde(default)]
-    pub members: Vec<String>,
-    /// Unix ms after which a prepare is refused (the coordinator has given up); 0 = none.
-    #[serde(default)]
-    pub deadline_ms: u64,
-}
-
-fn default_timeout_ms() -> u64 {
-    10_000
-}
+pub use ferry_api::agent::GroupRequest;
 
 /// Coordinator: one group tag over every member. All prepared in time → commit everywhere;
 /// otherwise abort everywhere. Returns a report.
-pub async fn group_round(m: Arc<Machine>, app: bool) -> Result<serde_json::Value, String> {
+pub async fn group_round(m: Arc<Machine>, app: bool) -> Result<GroupReport, String> {
     let Some(g) = m.config.group.clone() else {
         return Err(format!("machine {} has no [group] configured", m.name));
     };
@@ -309,16 +278,13 @@ pub async fn group_round(m: Arc<Machine>, app: bool) -> Result<serde_json::Value
     let deadline = tokio::time::Instant::now() + timeout;
     let mut tasks = Vec::new();
     for addr in &g.members {
-        let (addr, body) = (addr.clone(), serde_json::to_value(&req).unwrap_or_default());
+        let (addr, body) = (addr.clone(), req.clone());
         tasks.push(tokio::spawn(async move {
-            let r =
-                tokio::time::timeout_at(deadline, ferry_status::request(&addr, "POST", "/group/prepare", Some(&body)))
-                    .await;
-            let r = match r {
+            let call = ferry_status::call::<GroupAnswer>(&addr, Method::Post, "/group/prepare", Some(&body));
+            let r = match tokio::time::timeout_at(deadline, call).await {
                 Err(_) => Err("did not prepare in time".to_string()),
                 Ok(Err(e)) => Err(e.to_string()),
-                Ok(Ok((200, v))) => v["machine"].as_str().map(str::to_owned).ok_or_else(|| "bad answer".to_string()),
-                Ok(Ok((code, v))) => Err(format!("{code}: {}", v["message"].as_str().unwrap_or("refused"))),
+                Ok(Ok(a)) => Ok(a.machine),
             };
             (addr, r)
         }));
@@ -346,24 +312,22 @@ pub async fn group_round(m: Arc<Machine>, app: bool) -> Result<serde_json::Value
     let commit = failures.is_empty();
     req.members = prepared.clone();
     let path = if commit { "/group/commit" } else { "/group/abort" };
-    let body = serde_json::to_value(&req).unwrap_or_default();
+    let body = req.clone();
     // Commit (or abort) everywhere at once: every member's hold lasts twice the timeout.
     let mut finish_failures = Vec::new();
     let mut sends = Vec::new();
     for addr in &g.members {
         let (addr, body, path) = (addr.clone(), body.clone(), path.to_owned());
         sends.push(tokio::spawn(async move {
-            let r = tokio::time::timeout(timeout, ferry_status::request(&addr, "POST", &path, Some(&body))).await;
+            let call = ferry_status::call::<GroupAnswer>(&addr, Method::Post, &path, Some(&body));
+            let r = tokio::time::timeout(timeout, call).await;
             (addr, r)
         }));
     }
     for t in sends {
         let Ok((addr, r)) = t.await else { continue };
         match r {
-            Ok(Ok((200, _))) => {}
-            Ok(Ok((code, v))) if prepared_addrs.contains(&addr) => {
-                finish_failures.push(format!("{addr}: {code} {}", v["message"].as_str().unwrap_or("")))
-            }
+            Ok(Ok(_)) => {}
             Ok(Err(e)) if prepared_addrs.contains(&addr) => finish_failures.push(format!("{addr}: {e}")),
             Err(_) if prepared_addrs.contains(&addr) => finish_failures.push(format!("{addr}: no answer")),
             _ => {}
@@ -376,10 +340,15 @@ pub async fn group_round(m: Arc<Machine>, app: bool) -> Result<serde_json::Value
             finish_failures.push(format!("{}: {e}", m.name));
         }
     }
-    let report = serde_json::json!({
-        "group": g.name, "tag": tag, "app": app, "committed": commit,
-        "members": prepared, "failures": failures, "commit_failures": finish_failures,
-    });
+    let report = GroupReport {
+        group: g.name.clone(),
+        tag: tag.clone(),
+        app,
+        committed: commit,
+        members: prepared.clone(),
+        failures: failures.clone(),
+        commit_failures: finish_failures.clone(),
+    };
     let mut c = m.lock();
     if !commit {
         let msg = format!("group tag {tag} abandoned (no multi-machine point): {}", failures.join("; "));
@@ -442,129 +411,90 @@ pub(crate) fn spawn_timers(m: Arc<Machine>, shutdown: tokio_util::sync::Cancella
     }
 }
 
-type Reply = (StatusCode, Json<serde_json::Value>);
-
-fn err(status: StatusCode, code: u32, message: String, remedy: &str) -> Reply {
-    (status, Json(serde_json::json!({ "code": code, "message": message, "remedy": remedy })))
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Failure> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Failure::internal(e.to_string()))
 }
 
-pub(crate) fn routes(m: Arc<Machine>) -> Router {
-    Router::new()
-        .route("/points/crash", post(take_crash))
-        .route("/points/app", post(take_app))
-        .route("/group/point", post(take_group))
-        .route("/group/prepare", post(prepare))
-        .route("/group/commit", post(commit))
-        .route("/group/abort", post(abort))
-        .with_state(m)
-}
-
-async fn take_crash(State(m): State<Arc<Machine>>) -> Reply {
-    match tokio::task::spawn_blocking(move || m.crash_point()).await {
-        Ok(Ok(seq)) => (StatusCode::OK, Json(serde_json::json!({ "seq": seq, "kind": "crash" }))),
-        Ok(Err(e)) => err(
+pub(crate) async fn take_crash(State(m): State<Arc<Machine>>) -> Reply<TagTaken> {
+    match blocking(move || m.crash_point()).await? {
+        Ok(seq) => ok(TagTaken { seq, kind: "crash".into() }),
+        Err(e) => Err(Failure::with_status(
             StatusCode::CONFLICT,
-            codes::NOT_REPLICATING.code,
+            codes::NOT_REPLICATING,
             e.to_string(),
             "retry once the agent reports caught_up",
-        ),
-        Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, codes::HOOK_FAILED.code, e.to_string(), "see the agent log"),
+        )),
     }
 }
 
-async fn take_app(State(m): State<Arc<Machine>>) -> Reply {
-    match tokio::task::spawn_blocking(move || m.app_point()).await {
-        Ok(Ok(seq)) => (StatusCode::OK, Json(serde_json::json!({ "seq": seq, "kind": "app" }))),
-        Ok(Err(e)) => err(
+pub(crate) async fn take_app(State(m): State<Arc<Machine>>) -> Reply<TagTaken> {
+    match blocking(move || m.app_point()).await? {
+        Ok(seq) => ok(TagTaken { seq, kind: "app".into() }),
+        Err(e) => Err(Failure::with_status(
             StatusCode::CONFLICT,
-            codes::HOOK_FAILED.code,
+            codes::HOOK_FAILED,
             e,
             "check the freeze/thaw hooks (run them by hand), and that the agent is caught up",
-        ),
-        Err(e) => err(StatusCode::INTERNAL_SERVER_ERROR, codes::HOOK_FAILED.code, e.to_string(), "see the agent log"),
+        )),
     }
 }
 
-#[derive(Deserialize, Default)]
-struct GroupPointRequest {
-    #[serde(default)]
-    app: bool,
-}
-
-async fn take_group(State(m): State<Arc<Machine>>, body: Option<Json<GroupPointRequest>>) -> Reply {
-    let app = body.map(|b| b.0.app).unwrap_or_default();
+/// The body is optional (`{}` or none: a crash-consistent group tag).
+pub(crate) async fn take_group(State(m): State<Arc<Machine>>, body: axum::body::Bytes) -> Reply<GroupReport> {
+    let app = if body.iter().all(u8::is_ascii_whitespace) {
+        false
+    } else {
+        match serde_json::from_slice::<GroupPointRequest>(&body) {
+            Ok(r) => r.app,
+            Err(e) => {
+                return Err(Failure::with_status(
+                    StatusCode::BAD_REQUEST,
+                    codes::BAD_REQUEST,
+                    format!("bad group point request: {e}"),
+                    "send nothing, or JSON {\"app\": true|false}",
+                ))
+            }
+        }
+    };
     match group_round(m, app).await {
-        Ok(v) => (StatusCode::OK, Json(v)),
-        Err(e) => err(
+        Ok(v) => ok(v),
+        Err(e) => Err(Failure::with_status(
             StatusCode::CONFLICT,
-            codes::GROUP_TAG_FAILED.code,
+            codes::GROUP_TAG_FAILED,
             e,
             "check that every member's agent is running, caught up and reachable, then retry",
-        ),
+        )),
     }
 }
 
-fn bad_group(e: axum::extract::rejection::JsonRejection) -> Reply {
-    err(
-        StatusCode::BAD_REQUEST,
-        codes::BAD_REQUEST.code,
-        format!("bad group request: {e}"),
-        "send JSON {\"group\", \"tag\", \"app\", \"timeout_ms\"}",
-    )
-}
-
-async fn prepare(
+pub(crate) async fn prepare(
     State(m): State<Arc<Machine>>,
-    body: Result<Json<GroupRequest>, axum::extract::rejection::JsonRejection>,
-) -> Reply {
-    let Json(req) = match body {
-        Ok(b) => b,
-        Err(e) => return bad_group(e),
-    };
+    JsonBody(req): JsonBody<GroupRequest>,
+) -> Reply<GroupAnswer> {
     let m2 = m.clone();
-    match tokio::task::spawn_blocking(move || m2.group_prepare(&req)).await {
-        Ok(Ok(seq)) => (StatusCode::OK, Json(serde_json::json!({ "machine": m.name, "seq": seq }))),
-        Ok(Err(e)) => err(
+    match blocking(move || m2.group_prepare(&req)).await? {
+        Ok(seq) => ok(GroupAnswer { machine: m.name.clone(), seq: Some(seq) }),
+        Err(e) => Err(Failure::with_status(
             StatusCode::CONFLICT,
-            codes::GROUP_TAG_FAILED.code,
+            codes::GROUP_TAG_FAILED,
             e,
             "retry the group tag once this member is caught up",
-        ),
-        Err(e) => {
-            err(StatusCode::INTERNAL_SERVER_ERROR, codes::GROUP_TAG_FAILED.code, e.to_string(), "see the agent log")
-        }
+        )),
     }
 }
 
-async fn finish(
-    m: Arc<Machine>,
-    body: Result<Json<GroupRequest>, axum::extract::rejection::JsonRejection>,
-    commit: bool,
-) -> Reply {
-    let Json(req) = match body {
-        Ok(b) => b,
-        Err(e) => return bad_group(e),
-    };
+pub(crate) async fn commit(State(m): State<Arc<Machine>>, JsonBody(req): JsonBody<GroupRequest>) -> Reply<GroupAnswer> {
+    finish(m, req, true).await
+}
+
+pub(crate) async fn abort(State(m): State<Arc<Machine>>, JsonBody(req): JsonBody<GroupRequest>) -> Reply<GroupAnswer> {
+    finish(m, req, false).await
+}
+
+async fn finish(m: Arc<Machine>, req: GroupRequest, commit: bool) -> Reply<GroupAnswer> {
     let m2 = m.clone();
-    match tokio::task::spawn_blocking(move || m2.group_finish(&req, commit)).await {
-        Ok(Ok(seq)) => (StatusCode::OK, Json(serde_json::json!({ "machine": m.name, "seq": seq }))),
-        Ok(Err(e)) => err(StatusCode::CONFLICT, codes::GROUP_TAG_FAILED.code, e, "take a new group tag"),
-        Err(e) => {
-            err(StatusCode::INTERNAL_SERVER_ERROR, codes::GROUP_TAG_FAILED.code, e.to_string(), "see the agent log")
-        }
+    match blocking(move || m2.group_finish(&req, commit)).await? {
+        Ok(seq) => ok(GroupAnswer { machine: m.name.clone(), seq }),
+        Err(e) => Err(Failure::with_status(StatusCode::CONFLICT, codes::GROUP_TAG_FAILED, e, "take a new group tag")),
     }
-}
-
-async fn commit(
-    State(m): State<Arc<Machine>>,
-    body: Result<Json<GroupRequest>, axum::extract::rejection::JsonRejection>,
-) -> Reply {
-    finish(m, body, true).await
-}
-
-async fn abort(
-    State(m): State<Arc<Machine>>,
-    body: Result<Json<GroupRequest>, axum::extract::rejection::JsonRejection>,
-) -> Reply {
-    finish(m, body, false).await
 }

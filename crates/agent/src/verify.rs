@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use ferry_protocol::{Event, RecordBody, ResyncReason};
-use serde::Serialize;
 
 use crate::machine::Machine;
 use crate::AgentError;
@@ -15,21 +14,7 @@ pub const VERIFY_BLOCK: u32 = 64 * 1024;
 /// Bytes covered by one verify record.
 const VERIFY_CHUNK: u64 = 4 << 20;
 
-#[derive(Debug, Clone, Serialize)]
-pub struct VerifySession {
-    pub id: u64,
-    pub disk: String,
-    pub repair: bool,
-    /// running | complete | failed
-    pub state: String,
-    pub error: Option<String>,
-    pub bytes_hashed: u64,
-    pub disk_size: u64,
-    pub blocks_compared: u64,
-    pub block_size: u32,
-    pub differing_offsets: Vec<u64>,
-    pub repair_started: bool,
-}
+pub use ferry_api::agent::{VerifySession, VerifyState};
 
 #[derive(Default)]
 pub struct VerifySessions {
@@ -69,7 +54,7 @@ impl Machine {
                 id,
                 disk: disk_name.to_owned(),
                 repair,
-                state: "running".into(),
+                state: VerifyState::Running,
                 error: None,
                 bytes_hashed: 0,
                 disk_size: size,
@@ -83,7 +68,7 @@ impl Machine {
         std::thread::spawn(move || {
             if let Err(e) = m.verify_walk(id, disk as u16) {
                 if let Some(s) = m.verify.lock().get_mut(&id) {
-                    s.state = "failed".into();
+                    s.state = VerifyState::Failed;
                     s.error = Some(e.to_string());
                 }
             }
@@ -130,7 +115,7 @@ impl Machine {
                     s.blocks_compared += blocks_compared;
                     s.differing_offsets.extend(differing_offsets);
                     if last {
-                        s.state = "complete".into();
+                        s.state = VerifyState::Complete;
                         if s.repair && !s.differing_offsets.is_empty() {
                             s.repair_started = true;
                             repair =

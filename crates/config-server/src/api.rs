@@ -11,9 +11,14 @@ use std::sync::Arc;
 use axum::extract::{Path, Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{on, MethodRouter};
 use axum::{Json, Router};
-use serde::Deserialize;
+use ferry_api::config_server::{
+    Cancelling, ConfigServerEndpoint as C, Confirm, Confirmed, Deleted, EventInfo, NewToken, Passphrase, PolicyCreated,
+    ServerInfo, SiteAdded, TokenCreated, TokenInfo, ROUTES,
+};
+use ferry_api::Role as ApiRole;
+use ferry_status::method_filter;
 
 use crate::errors::{self, ApiError};
 pub(crate) use crate::http::{created, ok, ApiResult};
@@ -24,149 +29,110 @@ use crate::ops::{self, Ops, Site};
 use crate::settings::{get_settings, put_settings};
 use crate::AppState;
 
-/// A documented route (one place for the router and the OpenAPI document).
-pub struct RouteDoc {
-    pub method: &'static str,
-    pub path: &'static str,
-    pub summary: &'static str,
-    /// Minimum role, or "none".
-    pub role: &'static str,
-}
-
-macro_rules! routes {
-    ($($method:ident $path:literal $role:literal $summary:literal;)*) => {
-        pub const ROUTES: &[RouteDoc] = &[$(RouteDoc { method: stringify!($method), path: $path, summary: $summary, role: $role }),*];
-    };
-}
-
-routes! {
-    get "/api/v1/openapi.json" "none" "This OpenAPI document";
-    get "/api/v1/errors" "none" "The error-code table (code, name, meaning, remedy)";
-    get "/api/v1/server" "none" "Server identity: version, database backend, CA fingerprint";
-    get "/api/v1/ca" "none" "The CA certificate (PEM); check its fingerprint before trusting it";
-    post "/api/v1/register" "none" "Register a component: passphrase + certificate request (CSR) -> certificate and component token";
-    get "/api/v1/tokens" "admin" "List API tokens (never their secrets)";
-    post "/api/v1/tokens" "admin" "Create an API token {name, role}: the secret is shown once";
-    delete "/api/v1/tokens/{id}" "admin" "Revoke a token";
-    post "/api/v1/registration/passphrase" "admin" "Rotate the registration passphrase (shown once)";
-    get "/api/v1/policies" "reader" "List replication policies";
-    post "/api/v1/policies" "operator" "Create a replication policy (its read-only -failback policy is created with it, POL-2)";
-    get "/api/v1/policies/{name}" "reader" "Show a policy";
-    put "/api/v1/policies/{name}" "operator" "Replace a policy (failback policies are read-only)";
-    delete "/api/v1/policies/{name}" "operator" "Delete a forward policy and its failback policy";
-    get "/api/v1/replication-groups" "reader" "List replication groups";
-    post "/api/v1/replication-groups" "operator" "Create a replication group (one OS family, RG-1)";
-    get "/api/v1/replication-groups/{name}" "reader" "Show a replication group";
-    put "/api/v1/replication-groups/{name}" "operator" "Replace a replication group";
-    delete "/api/v1/replication-groups/{name}" "operator" "Delete a replication group";
-    get "/api/v1/recovery-plans" "reader" "List recovery plans";
-    post "/api/v1/recovery-plans" "operator" "Create a recovery plan (<= 7 groups, <= 100 machines)";
-    get "/api/v1/recovery-plans/{name}" "reader" "Show a recovery plan";
-    put "/api/v1/recovery-plans/{name}" "operator" "Replace a recovery plan";
-    delete "/api/v1/recovery-plans/{name}" "operator" "Delete a recovery plan";
-    post "/api/v1/recovery-plans/{name}/drill" "operator" "Start a drill job: the plan's pre/post actions in order (manual ones wait for input)";
-    get "/api/v1/sites" "reader" "List sites";
-    post "/api/v1/sites" "operator" "Add a site {name, provider: local, path} and discover it";
-    get "/api/v1/sites/{name}" "reader" "Show a site";
-    delete "/api/v1/sites/{name}" "operator" "Remove a site and its inventory";
-    post "/api/v1/sites/{name}/discover" "operator" "Rediscover a site now (a job)";
-    post "/api/v1/sites/{name}/operations" "operator" "A provider operation (power-on/off, create/delete-machine, attach/detach-disk, create/merge-snapshots) as a job";
-    get "/api/v1/inventory" "reader" "The discovered inventory of every site";
-    get "/api/v1/jobs" "reader" "List jobs, newest first";
-    get "/api/v1/jobs/{id}" "reader" "Show a job: steps, progress, bytes, ETA, state, error";
-    post "/api/v1/jobs/{id}/confirm" "operator" "Confirm the manual action a job waits for";
-    post "/api/v1/jobs/{id}/cancel" "operator" "Cancel a job";
-    get "/api/v1/events" "reader" "Recent events (health transitions, discovery warnings, restores)";
-    post "/api/v1/heartbeats" "component" "A component's heartbeat with its status";
-    get "/api/v1/components" "reader" "Components with health (Healthy / Warning / Critical) and reasons";
-    get "/api/v1/components/{kind}/{name}/settings" "component" "A component's effective settings (its configuration keys, plus what its policy implies)";
-    put "/api/v1/components/{kind}/{name}/settings" "operator" "Set a component's configuration keys (peers, disks, policy...)";
-    post "/api/v1/backups" "admin" "Start a backup job (encrypted file in the backup folder)";
-    post "/api/v1/protections" "operator" "Enable replication {machine | machines | group, policy, process_server, master_target, datastore}: a protect job (initial sync with progress)";
-    get "/api/v1/machines" "reader" "Every discovered machine: protection state, health, RPO, points";
-    get "/api/v1/machines/{name}/recovery-points" "reader" "The recovery points a protected machine's master target holds";
-}
-
-/// The OpenAPI 3.1 document, generated from [`ROUTES`].
+/// The OpenAPI 3.1 document, generated from the route table (`docs/openapi/config-server.json`).
 pub fn openapi() -> serde_json::Value {
-    let mut paths = serde_json::Map::new();
-    for r in ROUTES {
-        let entry = paths.entry(r.path.to_owned()).or_insert_with(|| serde_json::json!({}));
-        let params: Vec<serde_json::Value> = r
-            .path
-            .split('/')
-            .filter_map(|s| s.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
-            .map(|p| serde_json::json!({"name": p, "in": "path", "required": true, "schema": {"type": "string"}}))
-            .collect();
-        let mut op = serde_json::json!({
-            "summary": r.summary,
-            "x-ferry-role": r.role,
-            "responses": {
-                "200": {"description": "OK", "content": {"application/json": {}}},
-                "default": {"description": "Error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
-            },
-        });
-        if !params.is_empty() {
-            op["parameters"] = serde_json::Value::Array(params);
-        }
-        if r.role != "none" {
-            op["security"] = serde_json::json!([{"token": []}]);
-        }
-        if matches!(r.method, "post" | "put") {
-            op["requestBody"] = serde_json::json!({"content": {"application/json": {"schema": {"type": "object"}}}});
-        }
-        entry[r.method] = op;
-    }
-    serde_json::json!({
-        "openapi": "3.1.0",
-        "info": {"title": "Ferry configuration server", "version": "1"},
-        "paths": paths,
-        "components": {
-            "securitySchemes": {"token": {"type": "http", "scheme": "bearer"}},
-            "schemas": {"Error": {"type": "object", "required": ["code", "message", "remedy"], "properties": {
-                "code": {"type": "integer"}, "name": {"type": "string"}, "message": {"type": "string"}, "remedy": {"type": "string"}}}},
-        },
-    })
+    ferry_api::route::openapi(
+        &ferry_api::route::DocInfo { title: "Ferry configuration server", bearer_tokens: true },
+        ROUTES,
+    )
 }
 
+/// The router: every route of `ferry_api::config_server::ROUTES` with its handler and the role
+/// its table entry names (checked before the handler runs, see `require_role`).
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/api/v1/openapi.json", get(|| async { Json(openapi()) }))
-        .route("/api/v1/errors", get(|| async { Json(errors::ALL) }))
-        .route("/api/v1/server", get(server_info))
-        .route("/api/v1/ca", get(ca_pem))
-        .route("/api/v1/register", post(crate::registration::register))
-        .route("/api/v1/tokens", get(list_tokens).post(create_token))
-        .route("/api/v1/tokens/{id}", axum::routing::delete(delete_token))
-        .route("/api/v1/registration/passphrase", post(rotate_passphrase))
-        .route("/api/v1/policies", get(list_policies).post(create_policy))
-        .route("/api/v1/policies/{name}", get(get_policy).put(put_policy).delete(delete_policy))
-        .route("/api/v1/replication-groups", get(list_groups).post(create_group))
-        .route("/api/v1/replication-groups/{name}", get(get_group).put(put_group).delete(delete_group))
-        .route("/api/v1/recovery-plans", get(list_plans).post(create_plan))
-        .route("/api/v1/recovery-plans/{name}", get(get_plan).put(put_plan).delete(delete_plan))
-        .route("/api/v1/recovery-plans/{name}/drill", post(drill_plan))
-        .route("/api/v1/sites", get(list_sites).post(create_site))
-        .route("/api/v1/sites/{name}", get(get_site).delete(delete_site))
-        .route("/api/v1/sites/{name}/discover", post(discover_site))
-        .route("/api/v1/sites/{name}/operations", post(site_operation))
-        .route("/api/v1/inventory", get(inventory))
-        .route("/api/v1/jobs", get(list_jobs))
-        .route("/api/v1/jobs/{id}", get(get_job))
-        .route("/api/v1/jobs/{id}/confirm", post(confirm_job))
-        .route("/api/v1/jobs/{id}/cancel", post(cancel_job))
-        .route("/api/v1/events", get(events))
-        .route("/api/v1/heartbeats", post(crate::health::heartbeat))
-        .route("/api/v1/components", get(crate::health::components))
-        .route("/api/v1/components/{kind}/{name}/settings", get(get_settings).put(put_settings))
-        .route("/api/v1/backups", post(start_backup))
-        .route("/api/v1/protections", post(crate::protection::protect))
-        .route("/api/v1/machines", get(crate::protection::list_machines))
-        .route("/api/v1/machines/{name}/recovery-points", get(crate::protection::recovery_points))
+    let routes = ROUTES.iter().fold(Router::new(), |router, r| {
+        let m = method_filter(r.method);
+        let h: MethodRouter<Arc<AppState>> = match r.id {
+            C::OpenApi => on(m, || async { Json(openapi()) }),
+            C::Errors => on(m, || async {
+                Json(errors::ALL.iter().copied().map(ferry_api::config_server::ErrorEntry::from).collect::<Vec<_>>())
+            }),
+            C::Server => on(m, server_info),
+            C::Ca => on(m, ca_pem),
+            C::Register => on(m, crate::registration::register),
+            C::ListTokens => on(m, list_tokens),
+            C::CreateToken => on(m, create_token),
+            C::DeleteToken => on(m, delete_token),
+            C::RotatePassphrase => on(m, rotate_passphrase),
+            C::ListPolicies => on(m, list_policies),
+            C::CreatePolicy => on(m, create_policy),
+            C::GetPolicy => on(m, get_policy),
+            C::PutPolicy => on(m, put_policy),
+            C::DeletePolicy => on(m, delete_policy),
+            C::ListGroups => on(m, list_groups),
+            C::CreateGroup => on(m, create_group),
+            C::GetGroup => on(m, get_group),
+            C::PutGroup => on(m, put_group),
+            C::DeleteGroup => on(m, delete_group),
+            C::ListPlans => on(m, list_plans),
+            C::CreatePlan => on(m, create_plan),
+            C::GetPlan => on(m, get_plan),
+            C::PutPlan => on(m, put_plan),
+            C::DeletePlan => on(m, delete_plan),
+            C::DrillPlan => on(m, drill_plan),
+            C::ListSites => on(m, list_sites),
+            C::CreateSite => on(m, create_site),
+            C::GetSite => on(m, get_site),
+            C::DeleteSite => on(m, delete_site),
+            C::DiscoverSite => on(m, discover_site),
+            C::SiteOperation => on(m, site_operation),
+            C::Inventory => on(m, inventory),
+            C::ListJobs => on(m, list_jobs),
+            C::GetJob => on(m, get_job),
+            C::ConfirmJob => on(m, confirm_job),
+            C::CancelJob => on(m, cancel_job),
+            C::Events => on(m, events),
+            C::Heartbeat => on(m, crate::health::heartbeat),
+            C::Components => on(m, crate::health::components),
+            C::GetSettings => on(m, get_settings),
+            C::PutSettings => on(m, put_settings),
+            C::Backup => on(m, start_backup),
+            C::Protect => on(m, crate::protection::protect),
+            C::Machines => on(m, crate::protection::list_machines),
+            C::RecoveryPoints => on(m, crate::protection::recovery_points),
+        };
+        let need = r.role;
+        let h = if need == ApiRole::Anyone {
+            h
+        } else {
+            h.route_layer(axum::middleware::from_fn_with_state(state.clone(), move |st, req, next| {
+                require_role(st, need, req, next)
+            }))
+        };
+        router.route(r.path, h)
+    });
+    routes
         .fallback(|| async { ApiError::not_found("no such API route: see /api/v1/openapi.json") })
         .layer(axum::extract::DefaultBodyLimit::max(state.config.max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(state.clone(), limit_body))
         .with_state(state)
+}
+
+/// The role check of the route table: the caller's token must grant the route's role; the
+/// [`Caller`] is then handed to the handler (as a request extension) for checks that depend on
+/// the object (a component may read only its own settings; script actions need an admin).
+async fn require_role(
+    State(s): State<Arc<AppState>>,
+    need: ApiRole,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Result<Response, ApiError> {
+    let (mut parts, body) = req.into_parts();
+    let caller = Caller::from_token(&mut parts, &s).await?;
+    if !caller.role.allows(need) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            errors::FORBIDDEN,
+            format!(
+                "token {:?} has the {} role; this needs {}",
+                caller.token_name,
+                caller.role.as_str(),
+                need.as_str()
+            ),
+        ));
+    }
+    parts.extensions.insert(caller);
+    Ok(next.run(Request::from_parts(parts, body)).await)
 }
 
 /// The most of an oversized body without `Content-Length` (chunked) read and thrown away before
@@ -257,12 +223,15 @@ async fn limit_body(
 }
 
 async fn server_info(State(s): State<Arc<AppState>>) -> ApiResult {
-    ok(serde_json::json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "database": s.store.backend(),
-        "ca_fingerprint": s.ca_fingerprint,
-        "listen": s.config.listen,
-    }))
+    ok(ServerInfo {
+        version: env!("CARGO_PKG_VERSION").into(),
+        database: match s.store.backend() {
+            ferry_store::Backend::Sqlite => "sqlite".into(),
+            ferry_store::Backend::Postgres => "postgres".into(),
+        },
+        ca_fingerprint: s.ca_fingerprint.clone(),
+        listen: s.config.listen.clone(),
+    })
 }
 
 async fn ca_pem(State(s): State<Arc<AppState>>) -> Response {
@@ -271,20 +240,18 @@ async fn ca_pem(State(s): State<Arc<AppState>>) -> Response {
 
 // ---- tokens -------------------------------------------------------------------------------
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NewToken {
-    name: String,
-    role: String,
+async fn list_tokens(State(s): State<Arc<AppState>>) -> ApiResult {
+    let tokens: Vec<TokenInfo> = s
+        .store
+        .tokens()
+        .await?
+        .into_iter()
+        .map(|t| TokenInfo { id: t.id, name: t.name, role: t.role, created_ms: t.created_ms })
+        .collect();
+    ok(tokens)
 }
 
-async fn list_tokens(State(s): State<Arc<AppState>>, c: Caller) -> ApiResult {
-    c.need(Role::Admin)?;
-    ok(s.store.tokens().await?)
-}
-
-async fn create_token(State(s): State<Arc<AppState>>, c: Caller, Body(t): Body<NewToken>) -> ApiResult {
-    c.need(Role::Admin)?;
+async fn create_token(State(s): State<Arc<AppState>>, Body(t): Body<NewToken>) -> ApiResult {
     model::check_name("token", &t.name)?;
     if !matches!(t.role.as_str(), "reader" | "operator" | "admin") {
         return Err(ApiError::bad(format!("role {:?} is not reader, operator or admin", t.role)));
@@ -292,35 +259,29 @@ async fn create_token(State(s): State<Arc<AppState>>, c: Caller, Body(t): Body<N
     let token = new_token();
     let id = format!("tok-{:08x}", rand::random::<u32>());
     s.store.add_token(&id, &hash_token(&token), &t.name, &t.role).await?;
-    created(
-        serde_json::json!({ "id": id, "name": t.name, "role": t.role, "token": token, "note": "the token is shown once" }),
-    )
+    created(TokenCreated { id, name: t.name, role: t.role, token, note: "the token is shown once".into() })
 }
 
-async fn delete_token(State(s): State<Arc<AppState>>, c: Caller, Path(id): Path<String>) -> ApiResult {
-    c.need(Role::Admin)?;
+async fn delete_token(State(s): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult {
     if !s.store.delete_token(&id).await? {
         return Err(ApiError::not_found(format!("no token {id}")));
     }
-    ok(serde_json::json!({ "deleted": id }))
+    ok(Deleted { deleted: vec![id] })
 }
 
-async fn rotate_passphrase(State(s): State<Arc<AppState>>, c: Caller) -> ApiResult {
-    c.need(Role::Admin)?;
+async fn rotate_passphrase(State(s): State<Arc<AppState>>) -> ApiResult {
     let p = crate::new_passphrase();
     s.store.set_setting("registration_passphrase_hash", &hash_token(&p)).await?;
-    ok(serde_json::json!({ "passphrase": p, "note": "shown once; components registering from now on need it" }))
+    ok(Passphrase { passphrase: p, note: "shown once; components registering from now on need it".into() })
 }
 
 // ---- policies -----------------------------------------------------------------------------
 
-async fn list_policies(State(s): State<Arc<AppState>>, c: Caller) -> ApiResult {
-    c.need(Role::Reader)?;
+async fn list_policies(State(s): State<Arc<AppState>>) -> ApiResult {
     ok(s.store.list::<Policy>(model::POLICY).await?.into_iter().map(|d| d.body).collect::<Vec<_>>())
 }
 
-async fn get_policy(State(s): State<Arc<AppState>>, c: Caller, Path(name): Path<String>) -> ApiResult {
-    c.need(Role::Reader)?;
+async fn get_policy(State(s): State<Arc<AppState>>, Path(name): Path<String>) -> ApiResult {
     let d = s
         .store
         .get::<Policy>(model::POLICY, &name)
@@ -329,8 +290,7 @@ async fn get_policy(State(s): State<Arc<AppState>>, c: Caller, Path(name): Path<
     ok(d.body)
 }
 
-async fn create_policy(State(s): State<Arc<AppState>>, c: Caller, Body(p): Body<Policy>) -> ApiResult {
-    c.need(Role::Operator)?;
+async fn create_policy(State(s): State<Arc<AppState>>, Body(p): Body<Policy>) -> ApiResult {
     if p.read_only || p.failback_of.is_some() {
         return Err(ApiError::bad("read_only and failback_of are set by Ferry for failback policies; leave them out"));
     }
@@ -352,16 +312,10 @@ async fn create_policy(State(s): State<Arc<AppState>>, c: Caller, Body(p): Body<
             ferry_store::StoreError::Conflict { .. } => ApiError::conflict(format!("policy {} already exists", p.name)),
             e => e.into(),
         })?;
-    created(serde_json::json!({ "policy": p, "failback_policy": failback }))
+    created(PolicyCreated { policy: p, failback_policy: failback })
 }
 
-async fn put_policy(
-    State(s): State<Arc<AppState>>,
-    c: Caller,
-    Path(name): Path<String>,
-    Body(p): Body<Policy>,
-) -> ApiResult {
-    c.need(Role::Operator)?;
+async fn put_policy(State(s): State<Arc<AppState>>, Path(name): Path<String>, Body(p): Body<Policy>) -> ApiResult {
     let old = s
         .store
         .get::<Policy>(model::POLICY, &name)
@@ -388,8 +342,7 @@ async fn put_policy(
     ok(p)
 }
 
-async fn delete_policy(State(s): State<Arc<AppState>>, c: Caller, Path(name): Path<String>) -> ApiResult {
-    c.need(Role::Operator)?;
+async fn delete_policy(State(s): State<Arc<AppState>>, Path(name): Path<String>) -> ApiResult {
     let old = s
         .store
         .get::<Policy>(model::POLICY, &name)
@@ -404,7 +357,7 @@ async fn delete_policy(State(s): State<Arc<AppState>>, c: Caller, Path(name): Pa
     }
     let failback = format!("{name}-failback");
     s.store.write_many(&[], &[(model::POLICY, name.as_str()), (model::POLICY, failback.as_str())]).await?;
-    ok(serde_json::json!({ "deleted": [name.clone(), format!("{name}-failback")] }))
+    ok(Deleted { deleted: vec![name.clone(), format!("{name}-failback")] })
 }
 
 // ---- replication groups -------------------------------------------------------------------
@@ -447,13 +400,11 @@ async fn check_group(s: &AppState, g: &ReplicationGroup, replacing: Option<&str>
     Ok(())
 }
 
-async fn list_groups(State(s): State<Arc<AppState>>, c: Caller) -> ApiResult {
-    c.need(Role::Reader)?;
+async fn list_groups(State(s): State<Arc<AppState>>) -> ApiResult {
     ok(s.store.list::<ReplicationGroup>(model::GROUP).await?.into_iter().map(|d| d.body).collect::<Vec<_>>())
 }
 
-async fn get_group(State(s): State<Arc<AppState>>, c: Caller, Path(name): Path<String>) -> ApiResult {
-    c.need(Role::Reader)?;
+async fn get_group(State(s): State<Arc<AppState>>, Path(name): Path<String>) -> ApiResult {
     ok(s.store
         .get::<ReplicationGroup>(model::GROUP, &name)
         .await?
@@ -461,8 +412,7 @@ async fn get_group(State(s): State<Arc<AppState>>, c: Caller, Path(name): Path<S
         .body)
 }
 
-async fn create_group(State(s): State<Arc<AppState>>, c: Caller, Body(g): Body<ReplicationGroup>) -> ApiResult {
-    c.need(Role::Operator)?;
+async fn create_group(State(s): State<Arc<AppState>>, Body(g): Body<ReplicationGroup>) -> ApiResult {
     check_group(&s, &g, None).await?;
     s.store.put(model::GROUP, &g.name, &g, Some(0)).await.map_err(|e| match e {
         ferry_store::StoreError::Conflict { .. } => {
@@ -475,11 +425,9 @@ async fn create_group(State(s): State<Arc<AppState>>, c: Caller, Body(g): Body<R
 
 async fn put_group(
     State(s): State<Arc<AppState>>,
-    c: Caller,
     Path(name): Path<String>,
     Body(g): Body<ReplicationGroup>,
 ) -> ApiResult {
-    c.need(Role::Operator)?;
     let old = s
         .store
         .get::<ReplicationGroup>(model::GROUP, &name)
@@ -493,8 +441,7 @@ async fn put_group(
     ok(g)
 }
 
-async fn delete_group(State(s): State<Arc<AppState>>, c: Caller, Path(name): Path<String>) -> ApiResult {
-    c.need(Role::Operator)?;
+async fn delete_group(State(s): State<Arc<AppState>>, Path(name): Path<String>) -> ApiResult {
     for p in s.store.list::<RecoveryPlan>(model::PLAN).await? {
         if p.body.groups.iter().any(|g| g.replication_groups.contains(&name)) {
             return Err(ApiError::conflict(format!(
@@ -506,7 +453,7 @@ async fn delete_group(State(s): State<Arc<AppState>>, c: Caller, Path(name): Pat
     if !s.store.delete(model::GROUP, &name).await? {
         return Err(ApiError::not_found(format!("no replication group {name}")));
     }
-    ok(serde_json::json!({ "deleted": name }))
+    ok(Deleted { deleted: vec![name] })
 }
 
 // ---- recovery plans -----------------------------------------------------------------------
@@ -514,16 +461,14 @@ async fn delete_group(State(s): State<Arc<AppState>>, c: Caller, Path(name): Pat
 async fn check_plan(s: &AppState, p: &RecoveryPlan) -> Result<(), ApiError> {
     let groups: std::collections::HashMap<String, Vec<String>> =
         s.store.list::<ReplicationGroup>(model::GROUP).await?.into_iter().map(|d| (d.id, d.body.machines)).collect();
-    p.validate(|rg| groups.get(rg).cloned())
+    Ok(p.validate(|rg| groups.get(rg).cloned())?)
 }
 
-async fn list_plans(State(s): State<Arc<AppState>>, c: Caller) -> ApiResult {
-    c.need(Role::Reader)?;
+async fn list_plans(State(s): State<Arc<AppState>>) -> ApiResult {
     ok(s.store.list::<RecoveryPlan>(model::PLAN).await?.into_iter().map(|d| d.body).collect::<Vec<_>>())
 }
 
-async fn get_plan(State(s): State<Arc<AppState>>, c: Caller, Path(name): Path<String>) -> ApiResult {
-    c.need(Role::Reader)?;
+async fn get_plan(State(s): State<Arc<AppState>>, Path(name): Path<String>) -> ApiResult {
     ok(s.store
         .get::<RecoveryPlan>(model::PLAN, &name)
         .await?
@@ -551,7 +496,6 @@ fn check_scripts(c: &Caller, p: &RecoveryPlan) -> Result<(), ApiError> {
 }
 
 async fn create_plan(State(s): State<Arc<AppState>>, c: Caller, Body(p): Body<RecoveryPlan>) -> ApiResult {
-    c.need(Role::Operator)?;
     check_scripts(&c, &p)?;
     check_plan(&s, &p).await?;
     s.store.put(model::PLAN, &p.name, &p, Some(0)).await.map_err(|e| match e {
@@ -569,7 +513,6 @@ async fn put_plan(
     Path(name): Path<String>,
     Body(p): Body<RecoveryPlan>,
 ) -> ApiResult {
-    c.need(Role::Operator)?;
     let old = s
         .store
         .get::<RecoveryPlan>(model::PLAN, &name)
@@ -584,44 +527,41 @@ async fn put_plan(
     ok(p)
 }
 
-async fn delete_plan(State(s): State<Arc<AppState>>, c: Caller, Path(name): Path<String>) -> ApiResult {
-    c.need(Role::Operator)?;
+async fn delete_plan(State(s): State<Arc<AppState>>, Path(name): Path<String>) -> ApiResult {
     if !s.store.delete(model::PLAN, &name).await? {
         return Err(ApiError::not_found(format!("no recovery plan {name}")));
     }
-    ok(serde_json::json!({ "deleted": name }))
+    ok(Deleted { deleted: vec![name] })
 }
 
-async fn drill_plan(State(s): State<Arc<AppState>>, c: Caller, Path(name): Path<String>) -> ApiResult {
-    c.need(Role::Operator)?;
+async fn drill_plan(State(s): State<Arc<AppState>>, Path(name): Path<String>) -> ApiResult {
     let p = s
         .store
         .get::<RecoveryPlan>(model::PLAN, &name)
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no recovery plan {name}")))?;
-    let (steps, params) = Ops::drill_steps(&p.body);
-    let job = s.jobs.start(s.ops.clone(), "plan-drill", &name, steps, params).await?;
+    let (steps, work) = Ops::drill_steps(&p.body);
+    let (kind, params) = work.split();
+    let job = s.jobs.start(s.ops.clone(), kind, &name, steps, params).await?;
     Ok((StatusCode::ACCEPTED, Json(job)).into_response())
 }
 
 // ---- sites and inventory ------------------------------------------------------------------
 
-async fn list_sites(State(s): State<Arc<AppState>>, c: Caller) -> ApiResult {
-    c.need(Role::Reader)?;
+async fn list_sites(State(s): State<Arc<AppState>>) -> ApiResult {
     ok(s.store.list::<Site>(ops::SITE).await?.into_iter().map(|d| d.body).collect::<Vec<_>>())
 }
 
-async fn get_site(State(s): State<Arc<AppState>>, c: Caller, Path(name): Path<String>) -> ApiResult {
-    c.need(Role::Reader)?;
+async fn get_site(State(s): State<Arc<AppState>>, Path(name): Path<String>) -> ApiResult {
     ok(s.store.get::<Site>(ops::SITE, &name).await?.ok_or_else(|| ApiError::not_found(format!("no site {name}")))?.body)
 }
 
 pub async fn start_discovery(s: &AppState, name: &str) -> Result<Job, ApiError> {
-    Ok(s.jobs.start(s.ops.clone(), "discovery", name, Ops::discovery_steps(name), serde_json::json!({})).await?)
+    let (kind, params) = crate::ops::JobWork::Discovery {}.split();
+    Ok(s.jobs.start(s.ops.clone(), kind, name, Ops::discovery_steps(name), params).await?)
 }
 
-async fn create_site(State(s): State<Arc<AppState>>, c: Caller, Body(site): Body<Site>) -> ApiResult {
-    c.need(Role::Operator)?;
+async fn create_site(State(s): State<Arc<AppState>>, Body(site): Body<Site>) -> ApiResult {
     model::check_name("site", &site.name)?;
     if site.provider != "local" {
         return Err(ApiError::bad(format!(
@@ -640,20 +580,18 @@ async fn create_site(State(s): State<Arc<AppState>>, c: Caller, Body(site): Body
         e => e.into(),
     })?;
     let job = start_discovery(&s, &site.name).await?;
-    created(serde_json::json!({ "site": site, "job": job }))
+    created(SiteAdded { site, job })
 }
 
-async fn delete_site(State(s): State<Arc<AppState>>, c: Caller, Path(name): Path<String>) -> ApiResult {
-    c.need(Role::Operator)?;
+async fn delete_site(State(s): State<Arc<AppState>>, Path(name): Path<String>) -> ApiResult {
     if !s.store.delete(ops::SITE, &name).await? {
         return Err(ApiError::not_found(format!("no site {name}")));
     }
     s.store.delete(ops::INVENTORY, &name).await?;
-    ok(serde_json::json!({ "deleted": name }))
+    ok(Deleted { deleted: vec![name] })
 }
 
-async fn discover_site(State(s): State<Arc<AppState>>, c: Caller, Path(name): Path<String>) -> ApiResult {
-    c.need(Role::Operator)?;
+async fn discover_site(State(s): State<Arc<AppState>>, Path(name): Path<String>) -> ApiResult {
     if s.store.get::<Site>(ops::SITE, &name).await?.is_none() {
         return Err(ApiError::not_found(format!("no site {name}")));
     }
@@ -663,24 +601,20 @@ async fn discover_site(State(s): State<Arc<AppState>>, c: Caller, Path(name): Pa
 
 async fn site_operation(
     State(s): State<Arc<AppState>>,
-    c: Caller,
     Path(name): Path<String>,
     Body(op): Body<crate::discovery::SiteOperation>,
 ) -> ApiResult {
-    c.need(Role::Operator)?;
     if s.store.get::<Site>(ops::SITE, &name).await?.is_none() {
         return Err(ApiError::not_found(format!("no site {name}")));
     }
-    let what = serde_json::to_value(&op).map_err(|e| ApiError::bad(e.to_string()))?;
-    let title = format!("{} on site {name}", what["op"].as_str().unwrap_or("operation"));
+    let title = format!("{} on site {name}", op.name());
     let steps = vec![(title, false), (format!("rediscover site {name}"), true)];
-    let job =
-        s.jobs.start(s.ops.clone(), "site-operation", &name, steps, serde_json::json!({ "operation": what })).await?;
+    let (kind, params) = crate::ops::JobWork::SiteOperation { operation: op }.split();
+    let job = s.jobs.start(s.ops.clone(), kind, &name, steps, params).await?;
     Ok((StatusCode::ACCEPTED, Json(job)).into_response())
 }
 
-async fn inventory(State(s): State<Arc<AppState>>, c: Caller) -> ApiResult {
-    c.need(Role::Reader)?;
+async fn inventory(State(s): State<Arc<AppState>>) -> ApiResult {
     ok(s.store
         .list::<crate::discovery::Inventory>(ops::INVENTORY)
         .await?
@@ -691,30 +625,15 @@ async fn inventory(State(s): State<Arc<AppState>>, c: Caller) -> ApiResult {
 
 // ---- jobs and events ----------------------------------------------------------------------
 
-async fn list_jobs(State(s): State<Arc<AppState>>, c: Caller) -> ApiResult {
-    c.need(Role::Reader)?;
+async fn list_jobs(State(s): State<Arc<AppState>>) -> ApiResult {
     ok(s.store.jobs::<Job>(None).await?)
 }
 
-async fn get_job(State(s): State<Arc<AppState>>, c: Caller, Path(id): Path<String>) -> ApiResult {
-    c.need(Role::Reader)?;
+async fn get_job(State(s): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult {
     ok(s.store.job::<Job>(&id).await?.ok_or_else(|| ApiError::not_found(format!("no job {id}")))?)
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct Confirm {
-    /// The step being confirmed (`current_step` of the job when its prompt was read).
-    step: Option<usize>,
-}
-
-async fn confirm_job(
-    State(s): State<Arc<AppState>>,
-    c: Caller,
-    Path(id): Path<String>,
-    body: axum::body::Bytes,
-) -> ApiResult {
-    c.need(Role::Operator)?;
+async fn confirm_job(State(s): State<Arc<AppState>>, Path(id): Path<String>, body: axum::body::Bytes) -> ApiResult {
     let req: Confirm = if body.is_empty() {
         Confirm::default()
     } else {
@@ -722,13 +641,12 @@ async fn confirm_job(
             .map_err(|e| ApiError::bad(format!("bad confirmation: {e}; send {{\"step\": N}} or nothing")))?
     };
     let step = s.jobs.confirm(&id, req.step).await.map_err(|e| job_error(&id, e))?;
-    ok(serde_json::json!({ "confirmed": id, "step": step }))
+    ok(Confirmed { confirmed: id, step })
 }
 
-async fn cancel_job(State(s): State<Arc<AppState>>, c: Caller, Path(id): Path<String>) -> ApiResult {
-    c.need(Role::Operator)?;
+async fn cancel_job(State(s): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult {
     s.jobs.cancel(&id).await.map_err(|e| job_error(&id, e))?;
-    ok(serde_json::json!({ "cancelling": id }))
+    ok(Cancelling { cancelling: id })
 }
 
 fn job_error(id: &str, e: String) -> ApiError {
@@ -739,13 +657,25 @@ fn job_error(id: &str, e: String) -> ApiError {
     }
 }
 
-async fn events(State(s): State<Arc<AppState>>, c: Caller) -> ApiResult {
-    c.need(Role::Reader)?;
-    ok(s.store.events(500).await?)
+async fn events(State(s): State<Arc<AppState>>) -> ApiResult {
+    let events: Vec<EventInfo> = s
+        .store
+        .events(500)
+        .await?
+        .into_iter()
+        .map(|e| EventInfo {
+            seq: e.seq,
+            time_ms: e.time_ms,
+            code: e.code,
+            severity: e.severity,
+            object: e.object,
+            message: e.message,
+        })
+        .collect();
+    ok(events)
 }
 
-async fn start_backup(State(s): State<Arc<AppState>>, c: Caller) -> ApiResult {
-    c.need(Role::Admin)?;
+async fn start_backup(State(s): State<Arc<AppState>>) -> ApiResult {
     let job = s
         .jobs
         .start(
@@ -753,7 +683,7 @@ async fn start_backup(State(s): State<Arc<AppState>>, c: Caller) -> ApiResult {
             "backup",
             "configuration database",
             vec![("write an encrypted backup".into(), true)],
-            serde_json::json!({}),
+            crate::ops::JobWork::Backup {}.split().1,
         )
         .await?;
     Ok((StatusCode::ACCEPTED, Json(job)).into_response())

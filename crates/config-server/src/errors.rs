@@ -31,6 +31,13 @@ impl ApiError {
     }
 }
 
+impl From<ferry_api::config_server::Invalid> for ApiError {
+    fn from(e: ferry_api::config_server::Invalid) -> ApiError {
+        let status = StatusCode::from_u16(e.code.http_status).unwrap_or(StatusCode::BAD_REQUEST);
+        ApiError::new(status, e.code, e.message)
+    }
+}
+
 impl From<ferry_store::StoreError> for ApiError {
     fn from(e: ferry_store::StoreError) -> ApiError {
         match e {

@@ -13,25 +13,8 @@ use serde::de::DeserializeOwned;
 use crate::errors::{self, ApiError};
 use crate::AppState;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Role {
-    Component,
-    Reader,
-    Operator,
-    Admin,
-}
-
-impl Role {
-    pub fn parse(s: &str) -> Option<Role> {
-        match s {
-            "component" => Some(Role::Component),
-            "reader" => Some(Role::Reader),
-            "operator" => Some(Role::Operator),
-            "admin" => Some(Role::Admin),
-            _ => None,
-        }
-    }
-}
+/// Token roles: reader < operator < admin, and component tokens (given at registration).
+pub use ferry_api::Role;
 
 pub fn hash_token(token: &str) -> String {
     blake3::hash(token.as_bytes()).to_hex().to_string()
@@ -43,27 +26,28 @@ pub fn new_token() -> String {
 }
 
 /// The caller, from `Authorization: Bearer <token>`.
+#[derive(Debug, Clone)]
 pub struct Caller {
     pub role: Role,
     pub token_name: String,
 }
 
 impl Caller {
+    /// Whether the caller's role grants `role` (for checks that depend on the object; the route
+    /// table's role is checked before any handler runs).
     pub(crate) fn need(&self, role: Role) -> Result<(), ApiError> {
-        if self.role >= role && (self.role != Role::Component || role == Role::Component) {
+        if self.role.allows(role) {
             return Ok(());
         }
         Err(ApiError::new(
             StatusCode::FORBIDDEN,
             errors::FORBIDDEN,
-            format!("token {:?} has the {:?} role; this needs {:?}", self.token_name, self.role, role),
+            format!("token {:?} has the {} role; this needs {}", self.token_name, self.role.as_str(), role.as_str()),
         ))
     }
-}
 
-impl FromRequestParts<Arc<AppState>> for Caller {
-    type Rejection = ApiError;
-    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Caller, ApiError> {
+    /// The caller of a request, from its bearer token.
+    pub(crate) async fn from_token(parts: &mut Parts, state: &AppState) -> Result<Caller, ApiError> {
         let unauth = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, errors::UNAUTHENTICATED, m.to_owned());
         let header =
             parts.headers.get(axum::http::header::AUTHORIZATION).ok_or_else(|| unauth("no Authorization header"))?;
@@ -77,8 +61,19 @@ impl FromRequestParts<Arc<AppState>> for Caller {
             .token_by_hash(&hash_token(token.trim()))
             .await?
             .ok_or_else(|| unauth("unknown or revoked token"))?;
-        let role = Role::parse(&rec.role).ok_or_else(|| unauth("the token has an unknown role"))?;
+        let role = Role::parse_token_role(&rec.role).ok_or_else(|| unauth("the token has an unknown role"))?;
         Ok(Caller { role, token_name: rec.name })
+    }
+}
+
+/// The caller the route's role check found (or, on a route without one, from the token).
+impl FromRequestParts<Arc<AppState>> for Caller {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Caller, ApiError> {
+        if let Some(c) = parts.extensions.get::<Caller>() {
+            return Ok(c.clone());
+        }
+        Caller::from_token(parts, state).await
     }
 }
 

@@ -11,94 +11,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_store::Store;
-use serde::{Deserialize, Serialize};
 
-use crate::errors::{self, ErrorCode};
+use crate::errors;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum JobState {
-    Queued,
-    InProgress,
-    WaitingForInput,
-    Succeeded,
-    Failed,
-    Cancelled,
-}
-
-impl JobState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobState::Queued => "queued",
-            JobState::InProgress => "in-progress",
-            JobState::WaitingForInput => "waiting-for-input",
-            JobState::Succeeded => "succeeded",
-            JobState::Failed => "failed",
-            JobState::Cancelled => "cancelled",
-        }
-    }
-    pub fn finished(self) -> bool {
-        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum StepState {
-    Pending,
-    Running,
-    WaitingForInput,
-    Done,
-    Failed,
-    Cancelled,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Step {
-    pub name: String,
-    pub state: StepState,
-    /// Safe to run again after a restart interrupted it.
-    pub idempotent: bool,
-    #[serde(default)]
-    pub message: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct JobError {
-    pub code: u32,
-    pub message: String,
-    pub remedy: String,
-}
-
-impl JobError {
-    pub fn new(code: ErrorCode, message: impl Into<String>) -> JobError {
-        JobError { code: code.code, message: message.into(), remedy: code.remedy.into() }
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Job {
-    pub id: String,
-    pub kind: String,
-    /// What the job works on (a site, a plan, the database).
-    pub target: String,
-    pub state: JobState,
-    pub steps: Vec<Step>,
-    pub current_step: usize,
-    pub progress_percent: f64,
-    pub bytes_done: u64,
-    pub bytes_total: u64,
-    pub eta_secs: Option<f64>,
-    pub error: Option<JobError>,
-    /// What a person must do before the job goes on (a manual action).
-    pub input_prompt: Option<String>,
-    pub params: serde_json::Value,
-    pub created_ms: u64,
-    pub updated_ms: u64,
-    pub finished_ms: Option<u64>,
-    /// How often a restart resumed it.
-    pub resumes: u32,
-}
+pub use ferry_api::config_server::{Job, JobError, JobState, Step, StepState};
 
 pub use ferry_sys::time::now_ms;
 

@@ -345,7 +345,13 @@ async fn periodic(s: Arc<AppState>, shutdown: CancellationToken) {
                 let steps = vec![("write an encrypted backup".to_owned(), true)];
                 if let Err(e) = s
                     .jobs
-                    .start(s.ops.clone(), "backup", "configuration database (scheduled)", steps, serde_json::json!({}))
+                    .start(
+                        s.ops.clone(),
+                        "backup",
+                        "configuration database (scheduled)",
+                        steps,
+                        crate::ops::JobWork::Backup {}.split().1,
+                    )
                     .await
                 {
                     tracing::warn!(error = %e, "scheduled backup failed to start");

@@ -6,12 +6,54 @@ use std::time::Duration;
 
 use ferry_store::Store;
 
+use crate::discovery::SiteOperation;
 use crate::errors;
 use crate::jobs::{Job, JobControl, JobError, Outcome, Runner};
 use crate::model::{Action, RecoveryPlan};
 use crate::provider;
 
 pub use crate::inventory::{Site, INVENTORY, SITE};
+
+/// Every job kind with its typed parameters. A job is stored as `kind` plus `params` (the job
+/// engine knows neither); this is the one place that gives them a type, so a runner never looks
+/// a parameter up by name.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", content = "params", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum JobWork {
+    /// Read a site's description and files, then store its inventory.
+    Discovery {},
+    /// A recovery plan's actions in order (`None`: a group's own step).
+    PlanDrill { plan: String, actions: Vec<Option<Action>> },
+    /// An encrypted backup of the configuration database.
+    Backup {},
+    /// A provider operation, then a rediscovery of the site.
+    SiteOperation { operation: SiteOperation },
+    /// Enable replication of machines (see `protection`).
+    Protect { protections: Vec<crate::protection::Protection>, wait_secs: u64, stall_secs: u64 },
+}
+
+impl JobWork {
+    /// The kind name and parameters the job engine stores.
+    pub fn split(&self) -> (&'static str, serde_json::Value) {
+        let kind = match self {
+            JobWork::Discovery {} => "discovery",
+            JobWork::PlanDrill { .. } => "plan-drill",
+            JobWork::Backup {} => "backup",
+            JobWork::SiteOperation { .. } => "site-operation",
+            JobWork::Protect { .. } => "protect",
+        };
+        let params = serde_json::to_value(self).ok().and_then(|mut v| v.get_mut("params").map(serde_json::Value::take));
+        (kind, params.unwrap_or_else(|| serde_json::json!({})))
+    }
+
+    /// A stored job's work, or why it cannot be read (a job from another version).
+    pub fn of(job: &Job) -> Result<JobWork, JobError> {
+        let v = serde_json::json!({ "kind": job.kind, "params": job.params });
+        serde_json::from_value(v).map_err(|e| {
+            JobError::new(errors::JOB_STATE, format!("job {} ({}) has unreadable parameters: {e}", job.id, job.kind))
+        })
+    }
+}
 
 pub struct Ops {
     pub store: Store,
@@ -27,7 +69,7 @@ impl Ops {
     }
 
     /// One step per action and one per group, in plan order.
-    pub fn drill_steps(plan: &RecoveryPlan) -> (Vec<(String, bool)>, serde_json::Value) {
+    pub fn drill_steps(plan: &RecoveryPlan) -> (Vec<(String, bool)>, JobWork) {
         let mut steps = Vec::new();
         let mut actions = Vec::new();
         for (i, g) in plan.groups.iter().enumerate() {
@@ -50,7 +92,7 @@ impl Ops {
                 actions.push(Some(a.clone()));
             }
         }
-        (steps, serde_json::json!({ "plan": plan.name, "actions": actions }))
+        (steps, JobWork::PlanDrill { plan: plan.name.clone(), actions })
     }
 
     async fn discover(&self, job: &Job, store_it: bool) -> Outcome {
@@ -90,11 +132,7 @@ impl Ops {
         Outcome::Done(Some(summary))
     }
 
-    async fn operate(&self, job: &Job) -> Outcome {
-        let op: crate::discovery::SiteOperation = match serde_json::from_value(job.params["operation"].clone()) {
-            Ok(o) => o,
-            Err(e) => return Outcome::Failed(JobError::new(errors::BAD_REQUEST, format!("bad operation: {e}"))),
-        };
+    async fn operate(&self, job: &Job, op: SiteOperation) -> Outcome {
         let site: Option<ferry_store::Doc<Site>> = match self.store.get(SITE, &job.target).await {
             Ok(s) => s,
             Err(e) => return Outcome::Failed(JobError::new(errors::STORE, e.to_string())),
@@ -109,10 +147,8 @@ impl Ops {
         }
     }
 
-    async fn drill(&self, job: &Job, step: usize, ctl: &JobControl) -> Outcome {
-        let action: Option<Action> =
-            job.params["actions"].get(step).cloned().and_then(|a| serde_json::from_value(a).ok()).flatten();
-        match action {
+    async fn drill(&self, job: &Job, actions: &[Option<Action>], step: usize, ctl: &JobControl) -> Outcome {
+        match actions.get(step).cloned().flatten() {
             None => Outcome::Done(Some("no data-path operation in a drill".into())),
             Some(Action::Manual { name, instruction }) => {
                 Outcome::WaitForInput(format!("{name}: {instruction} (confirm with `ferry jobs confirm {}`)", job.id))
@@ -169,23 +205,29 @@ fn action_step(group: usize, when: &str, a: &Action) -> (String, bool) {
 
 impl Runner for Ops {
     async fn run_step(&self, job: &Job, step: usize, ctl: &JobControl) -> Outcome {
-        match job.kind.as_str() {
-            "discovery" => self.discover(job, step == 1).await,
-            "plan-drill" => self.drill(job, step, ctl).await,
-            "site-operation" if step == 0 => self.operate(job).await,
-            "site-operation" => self.discover(job, true).await,
-            "protect" => match crate::protection::run_step(&self.store, job, step, ctl).await {
-                Outcome::Failed(e) => {
-                    crate::protection::mark_failed(&self.store, job).await;
-                    Outcome::Failed(e)
+        let work = match JobWork::of(job) {
+            Ok(w) => w,
+            Err(e) => return Outcome::Failed(e),
+        };
+        match work {
+            JobWork::Discovery {} => self.discover(job, step == 1).await,
+            JobWork::PlanDrill { actions, .. } => self.drill(job, &actions, step, ctl).await,
+            JobWork::SiteOperation { operation } if step == 0 => self.operate(job, operation).await,
+            JobWork::SiteOperation { .. } => self.discover(job, true).await,
+            JobWork::Protect { protections, wait_secs, stall_secs } => {
+                let p = crate::protection::ProtectJob { job, protections: &protections, wait_secs, stall_secs };
+                match crate::protection::run_step(&self.store, &p, step, ctl).await {
+                    Outcome::Failed(e) => {
+                        crate::protection::mark_failed(&self.store, &p).await;
+                        Outcome::Failed(e)
+                    }
+                    o => o,
                 }
-                o => o,
-            },
-            "backup" => match crate::backup::write_backup(&self.store, &self.backup, ctl).await {
+            }
+            JobWork::Backup {} => match crate::backup::write_backup(&self.store, &self.backup, ctl).await {
                 Ok(path) => Outcome::Done(Some(format!("backup written to {}", path.display()))),
                 Err(e) => Outcome::Failed(JobError::new(errors::BACKUP_FAILED, e)),
             },
-            other => Outcome::Failed(JobError::new(errors::JOB_STATE, format!("unknown job kind {other}"))),
         }
     }
 }

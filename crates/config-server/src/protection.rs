@@ -10,7 +10,6 @@
 //! Size: the protect job (request checks and steps) in one place; its steps become an enum when failover and reprotect add jobs of the same shape.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,82 +18,25 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
 use ferry_store::Store;
-use serde::{Deserialize, Serialize};
 
 use crate::discovery::Inventory;
 use crate::errors::{self, ApiError};
-use crate::http::{Body, Caller, Role};
+use crate::http::Body;
 use crate::inventory::INVENTORY;
 use crate::jobs::{now_ms, Job, JobControl, JobError, Outcome};
 use crate::model::{self, Policy, ReplicationGroup};
 use crate::registration::{Component, COMPONENT};
 use crate::settings::SETTINGS;
 use crate::AppState;
+use ferry_api::agent::Mode;
+use ferry_api::config_server::{MachineRecoveryPoints, MachineView};
+use ferry_api::control::{ComponentKind, ComponentSettings, ComponentStatus, DiskSetting, GroupSetting, Health};
+use ferry_api::master_target::PointList;
+use ferry_api::process_server::MasterTargetRoute;
 
 pub const PROTECTION: &str = "protection";
 
-/// `POST /api/v1/protections`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ProtectRequest {
-    #[serde(default)]
-    pub machine: Option<String>,
-    /// Several machines (with `group`: every machine of the replication group, protected together).
-    #[serde(default)]
-    pub machines: Vec<String>,
-    #[serde(default)]
-    pub group: Option<String>,
-    pub policy: String,
-    pub process_server: String,
-    pub master_target: String,
-    /// A datastore of the master target's site, where the replica disks are created.
-    pub datastore: String,
-    /// How long to wait for the machines' mobility services to register (RP-7: up to 15 min).
-    #[serde(default = "default_wait")]
-    pub wait_secs: u64,
-    /// The initial sync fails when it makes no progress for this long.
-    #[serde(default = "default_stall")]
-    pub stall_secs: u64,
-}
-
-fn default_stall() -> u64 {
-    600
-}
-
-fn default_wait() -> u64 {
-    900
-}
-
-/// One machine's protection, as stored (`protection/<machine>`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Protection {
-    pub machine: String,
-    pub site: String,
-    pub os_family: String,
-    pub policy: String,
-    pub process_server: String,
-    pub master_target: String,
-    pub datastore: String,
-    /// The datastore's folder (where `<machine>/<disk>.img` replicas go).
-    pub datastore_path: PathBuf,
-    #[serde(default)]
-    pub group: Option<String>,
-    /// `enabling`, `protected` or `failed`.
-    pub state: String,
-    pub job: String,
-    pub disks: Vec<ProtectedDisk>,
-    pub since_ms: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ProtectedDisk {
-    pub name: String,
-    pub path: PathBuf,
-    #[serde(default)]
-    pub uuid: Option<String>,
-    #[serde(default)]
-    pub size: Option<u64>,
-}
+pub use ferry_api::config_server::{ProtectRequest, ProtectedDisk, Protection};
 
 async fn inventories(s: &AppState) -> Result<Vec<Inventory>, ApiError> {
     Ok(s.store.list::<Inventory>(INVENTORY).await?.into_iter().map(|d| d.body).collect())
@@ -281,12 +223,7 @@ pub fn steps(ps: &[Protection]) -> Vec<(String, bool)> {
 
 /// `POST /api/v1/protections`: check, record, and start the job. The work runs in its own task,
 /// so a client that disconnects cannot leave a claim without its job.
-pub async fn protect(
-    State(s): State<Arc<AppState>>,
-    c: Caller,
-    Body(req): Body<ProtectRequest>,
-) -> crate::http::ApiResult {
-    c.need(Role::Operator)?;
+pub async fn protect(State(s): State<Arc<AppState>>, Body(req): Body<ProtectRequest>) -> crate::http::ApiResult {
     let job = tokio::spawn(async move { claim_and_start(&s, &req).await })
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, errors::JOB_STATE, e.to_string()))??;
@@ -340,8 +277,10 @@ async fn claim_and_start(s: &Arc<AppState>, req: &ProtectRequest) -> Result<Job,
         }
     }
     let target = req.group.clone().unwrap_or_else(|| ps[0].machine.clone());
-    let params = serde_json::json!({ "protections": ps, "wait_secs": req.wait_secs, "stall_secs": req.stall_secs });
-    match s.jobs.start_with_id(id, s.ops.clone(), "protect", &target, steps(&ps), params).await {
+    let steps = steps(&ps);
+    let work = crate::ops::JobWork::Protect { protections: ps, wait_secs: req.wait_secs, stall_secs: req.stall_secs };
+    let (kind, params) = work.split();
+    match s.jobs.start_with_id(id, s.ops.clone(), kind, &target, steps, params).await {
         Ok(j) => Ok(j),
         Err(e) => {
             undo(claimed).await;
@@ -351,8 +290,7 @@ async fn claim_and_start(s: &Arc<AppState>, req: &ProtectRequest) -> Result<Job,
 }
 
 /// `GET /api/v1/machines`: every discovered machine with its protection, health and RPO.
-pub async fn list_machines(State(s): State<Arc<AppState>>, c: Caller) -> crate::http::ApiResult {
-    c.need(Role::Reader)?;
+pub async fn list_machines(State(s): State<Arc<AppState>>) -> crate::http::ApiResult {
     let protections: HashMap<String, Protection> =
         s.store.list::<Protection>(PROTECTION).await?.into_iter().map(|d| (d.id, d.body)).collect();
     let mut out = Vec::new();
@@ -362,51 +300,46 @@ pub async fn list_machines(State(s): State<Arc<AppState>>, c: Caller) -> crate::
             let p = protections.get(&m.name);
             let (health, reasons) = match &comp {
                 Some(c) => crate::health::health_of(&s, c).await,
-                None => ("unknown".to_owned(), Vec::new()),
+                None => (Health::Critical, Vec::new()),
             };
-            let st = comp.as_ref().map(|c| c.status.clone()).unwrap_or_default();
+            let st = comp.as_ref().and_then(|c| c.status.as_ref()).and_then(|s| s.agent()).cloned();
             let state = match p {
                 Some(p) => Some(effective_state(&s.store, p).await?),
                 None => None,
             };
-            let replication = match (state.as_deref(), st["mode"].as_str()) {
+            let replication = match (state.as_deref(), st.as_ref().map(|a| a.mode)) {
                 (None, _) => "unprotected".to_owned(),
-                (Some("protected"), Some("replicating")) => "protected".to_owned(),
-                (Some("protected"), Some(mode)) => format!("protected ({mode})"),
+                (Some("protected"), Some(Mode::Replicating)) => "protected".to_owned(),
+                (Some("protected"), Some(mode)) => format!("protected ({})", mode.as_str()),
                 (Some(state), _) => state.to_owned(),
             };
-            out.push(serde_json::json!({
-                "machine": m.name,
-                "site": inv.site,
-                "os_family": m.os_family,
-                "power": m.power,
-                "replication": replication,
-                "policy": p.map(|p| p.policy.clone()),
-                "process_server": p.map(|p| p.process_server.clone()),
-                "master_target": p.map(|p| p.master_target.clone()),
-                "datastore": p.map(|p| p.datastore.clone()),
-                "group": p.and_then(|p| p.group.clone()),
-                "job": p.map(|p| p.job.clone()),
-                "health": if comp.is_some() { health } else { "not registered".into() },
-                "reasons": reasons,
-                "rpo_secs": st.get("lag_seconds").cloned(),
-                "caught_up": st.get("caught_up").cloned(),
-                "initial_sync": st.get("resync").cloned(),
-                "points": st.get("points").cloned(),
-                "last_heartbeat_ms": comp.as_ref().and_then(|c| c.last_seen_ms),
-            }));
+            out.push(MachineView {
+                machine: m.name.clone(),
+                site: inv.site.clone(),
+                os_family: m.os_family.clone(),
+                power: m.power.clone(),
+                replication,
+                policy: p.map(|p| p.policy.clone()),
+                process_server: p.map(|p| p.process_server.clone()),
+                master_target: p.map(|p| p.master_target.clone()),
+                datastore: p.map(|p| p.datastore.clone()),
+                group: p.and_then(|p| p.group.clone()),
+                job: p.map(|p| p.job.clone()),
+                health: if comp.is_some() { Some(health) } else { None },
+                reasons,
+                rpo_secs: st.as_ref().map(|a| a.lag_seconds),
+                caught_up: st.as_ref().map(|a| a.caught_up),
+                initial_sync: st.as_ref().and_then(|a| a.resync.clone()),
+                points: st.as_ref().map(|a| a.points.clone()),
+                last_heartbeat_ms: comp.as_ref().and_then(|c| c.last_seen_ms),
+            });
         }
     }
     crate::http::ok(out)
 }
 
 /// `GET /api/v1/machines/{name}/recovery-points`: the points the machine's master target holds.
-pub async fn recovery_points(
-    State(s): State<Arc<AppState>>,
-    c: Caller,
-    Path(name): Path<String>,
-) -> crate::http::ApiResult {
-    c.need(Role::Reader)?;
+pub async fn recovery_points(State(s): State<Arc<AppState>>, Path(name): Path<String>) -> crate::http::ApiResult {
     model::check_name("machine", &name)?;
     let p = s
         .store
@@ -420,7 +353,7 @@ pub async fn recovery_points(
         .await?
         .ok_or_else(|| ApiError::not_found(format!("master target {} is not registered", p.master_target)))?
         .body;
-    let Some(addr) = mt.status["status_listen"].as_str() else {
+    let Some(addr) = mt.status.as_ref().and_then(|st| st.status_listen()) else {
         return Err(ApiError::conflict(format!(
             "master target {} has not reported its point API (status_listen): check that it runs and sends heartbeats",
             p.master_target
@@ -428,16 +361,13 @@ pub async fn recovery_points(
     };
     let r = tokio::time::timeout(
         Duration::from_secs(20),
-        ferry_status::request(addr, "GET", &format!("/machines/{name}/points"), None),
+        ferry_status::call::<PointList>(addr, ferry_api::Method::Get, &format!("/machines/{name}/points"), None::<&()>),
     )
     .await;
     match r {
-        Ok(Ok((200, mut v))) => {
-            v["master_target"] = p.master_target.clone().into();
-            crate::http::ok(v)
-        }
-        Ok(Ok((code, v))) => Err(ApiError::conflict(format!(
-            "master target {} answered {code}: {v} (check its log; `ferry components` shows its health)",
+        Ok(Ok(points)) => crate::http::ok(MachineRecoveryPoints { master_target: p.master_target.clone(), points }),
+        Ok(Err(ferry_status::StatusError::Refused { status, error, .. })) => Err(ApiError::conflict(format!(
+            "master target {} answered {status}: {error} (check its log; `ferry components` shows its health)",
             p.master_target
         ))),
         Ok(Err(e)) => Err(ApiError::new(
@@ -475,19 +405,14 @@ fn fail(code: errors::ErrorCode, msg: impl Into<String>) -> Outcome {
     Outcome::Failed(JobError::new(code, msg))
 }
 
-async fn component(store: &Store, kind: &str, name: &str) -> Option<Component> {
+async fn component(store: &Store, kind: ComponentKind, name: &str) -> Option<Component> {
     store.get::<Component>(COMPONENT, &format!("{kind}/{name}")).await.ok().flatten().map(|d| d.body)
 }
 
 /// Read-modify-write a component's settings with compare-and-set (concurrent jobs share them).
-async fn update_settings(
-    store: &Store,
-    key: &str,
-    f: impl Fn(&mut serde_json::Map<String, serde_json::Value>),
-) -> Result<(), String> {
+async fn update_settings(store: &Store, key: &str, f: impl Fn(&mut ComponentSettings)) -> Result<(), String> {
     for _ in 0..20 {
-        let cur =
-            store.get::<serde_json::Map<String, serde_json::Value>>(SETTINGS, key).await.map_err(|e| e.to_string())?;
+        let cur = store.get::<ComponentSettings>(SETTINGS, key).await.map_err(|e| e.to_string())?;
         let (mut body, rev) = cur.map(|d| (d.body, d.revision)).unwrap_or_default();
         f(&mut body);
         match store.put(SETTINGS, key, &body, Some(rev)).await {
@@ -503,15 +428,15 @@ async fn update_settings(
 async fn wait_status(
     store: &Store,
     ctl: &JobControl,
-    kind: &str,
+    kind: ComponentKind,
     name: &str,
     limit: Duration,
-    check: impl Fn(&serde_json::Value) -> bool,
+    check: impl Fn(&ComponentStatus) -> bool,
 ) -> Result<(), String> {
     let deadline = tokio::time::Instant::now() + limit;
     loop {
-        if let Some(c) = component(store, kind, name).await {
-            if check(&c.status) {
+        if let Some(st) = component(store, kind, name).await.and_then(|c| c.status) {
+            if check(&st) {
                 return Ok(());
             }
         }
@@ -525,20 +450,25 @@ async fn wait_status(
     }
 }
 
-pub async fn run_step(store: &Store, job: &Job, step: usize, ctl: &JobControl) -> Outcome {
-    let ps: Vec<Protection> = match serde_json::from_value(job.params["protections"].clone()) {
-        Ok(p) => p,
-        Err(e) => return fail(errors::BAD_REQUEST, format!("bad protect job parameters: {e}")),
-    };
+/// A protect job and its typed parameters.
+pub struct ProtectJob<'a> {
+    pub job: &'a Job,
+    pub protections: &'a [Protection],
+    pub wait_secs: u64,
+    pub stall_secs: u64,
+}
+
+pub async fn run_step(store: &Store, pj: &ProtectJob<'_>, step: usize, ctl: &JobControl) -> Outcome {
+    let (job, ps) = (pj.job, pj.protections.to_vec());
     let Some(first) = ps.first() else { return fail(errors::BAD_REQUEST, "no machines in the job") };
     match step {
         0 => {
-            let wait = Duration::from_secs(job.params["wait_secs"].as_u64().unwrap_or(900));
+            let wait = Duration::from_secs(pj.wait_secs);
             for p in &ps {
                 // Any heartbeat will do; group members must also say where they coordinate.
                 let grouped = p.group.is_some();
-                let r = wait_status(store, ctl, "agent", &p.machine, wait, |st| {
-                    st.is_object() && (!grouped || st["status_listen"].is_string())
+                let r = wait_status(store, ctl, ComponentKind::Agent, &p.machine, wait, |st| {
+                    st.kind() == ComponentKind::Agent && (!grouped || st.status_listen().is_some())
                 })
                 .await;
                 if let Err(e) = r {
@@ -565,7 +495,7 @@ pub async fn run_step(store: &Store, job: &Job, step: usize, ctl: &JobControl) -
             }
             for p in &ps {
                 let r = update_settings(store, &format!("agent/{}", p.machine), |b| {
-                    b.insert("policy".into(), p.policy.clone().into());
+                    b.policy = Some(p.policy.clone());
                 })
                 .await;
                 if let Err(e) = r {
@@ -574,20 +504,17 @@ pub async fn run_step(store: &Store, job: &Job, step: usize, ctl: &JobControl) -
             }
             // A replica this master target already holds stays where it is: protecting it to
             // another datastore would leave the record and the disks disagreeing.
-            if let Some(mt) = component(store, "master-target", &first.master_target).await {
+            let mt = component(store, ComponentKind::MasterTarget, &first.master_target).await;
+            if let Some(mt) = mt.as_ref().and_then(|c| c.status.as_ref()).and_then(|s| s.master_target()) {
                 for p in &ps {
-                    let held = mt.status["machines"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .find(|r| r["machine"] == p.machine.as_str());
-                    if let Some(target) = held.and_then(|r| r["disks"][0]["target"].as_str()) {
-                        if !std::path::Path::new(target).starts_with(&p.datastore_path) {
+                    let held = mt.machines.iter().find(|r| r.machine == p.machine);
+                    if let Some(target) = held.and_then(|r| r.disks.first()).map(|d| &d.target) {
+                        if !target.starts_with(&p.datastore_path) {
                             return fail(
                                 errors::CONFLICT,
                                 format!(
-                                    "master target {} already holds a replica of {} at {target}, outside datastore {}: protect it to the datastore that holds it",
-                                    first.master_target, p.machine, p.datastore
+                                    "master target {} already holds a replica of {} at {}, outside datastore {}: protect it to the datastore that holds it",
+                                    first.master_target, p.machine, target.display(), p.datastore
                                 ),
                             );
                         }
@@ -595,11 +522,9 @@ pub async fn run_step(store: &Store, job: &Job, step: usize, ctl: &JobControl) -
                 }
             }
             let r = update_settings(store, &key, |b| {
-                let map = b.entry("machine_datastores").or_insert_with(|| serde_json::json!({}));
-                if let Some(m) = map.as_object_mut() {
-                    for p in &ps {
-                        m.insert(p.machine.clone(), serde_json::json!(p.datastore_path));
-                    }
+                let map = b.machine_datastores.get_or_insert_with(Default::default);
+                for p in &ps {
+                    map.insert(p.machine.clone(), p.datastore_path.clone());
                 }
             })
             .await;
@@ -607,11 +532,19 @@ pub async fn run_step(store: &Store, job: &Job, step: usize, ctl: &JobControl) -
                 return fail(errors::STORE, e);
             }
             for p in &ps {
-                let want = serde_json::json!(p.datastore_path);
-                let r = wait_status(store, ctl, "master-target", &p.master_target, Duration::from_secs(120), |st| {
-                    st["settings"]["machine_datastores"][&p.machine] == want
-                        && st["settings"]["machine_retention_secs"][&p.machine].is_number()
-                })
+                let r = wait_status(
+                    store,
+                    ctl,
+                    ComponentKind::MasterTarget,
+                    &p.master_target,
+                    Duration::from_secs(120),
+                    |st| {
+                        st.master_target().is_some_and(|mt| {
+                            mt.settings.machine_datastores.get(&p.machine) == Some(&p.datastore_path)
+                                && mt.settings.machine_retention_secs.contains_key(&p.machine)
+                        })
+                    },
+                )
                 .await;
                 if let Err(e) = r {
                     return fail(errors::MT_HEARTBEAT_LOST, format!("{e}: is it running and linked to this server?"));
@@ -620,26 +553,24 @@ pub async fn run_step(store: &Store, job: &Job, step: usize, ctl: &JobControl) -
             Outcome::Done(Some(format!("replicas go to {}", first.datastore_path.display())))
         }
         2 => {
-            let Some(mt) = component(store, "master-target", &first.master_target).await else {
+            let Some(mt) = component(store, ComponentKind::MasterTarget, &first.master_target).await else {
                 return fail(
                     errors::MT_HEARTBEAT_LOST,
                     format!("master target {} is not registered", first.master_target),
                 );
             };
-            let Some(address) = mt.status["advertise"].as_str().map(str::to_owned) else {
+            let Some(address) = mt.status.as_ref().and_then(|s| s.advertise()).map(str::to_owned) else {
                 return fail(
                     errors::MT_HEARTBEAT_LOST,
                     format!("master target {} has not reported its replication address", first.master_target),
                 );
             };
-            let route = serde_json::json!({ "address": address, "name": first.master_target });
+            let route = MasterTargetRoute { address: address.clone(), name: first.master_target.clone() };
             let key = format!("process-server/{}", first.process_server);
             let r = update_settings(store, &key, |b| {
-                let map = b.entry("machine_master_targets").or_insert_with(|| serde_json::json!({}));
-                if let Some(m) = map.as_object_mut() {
-                    for p in &ps {
-                        m.insert(p.machine.clone(), route.clone());
-                    }
+                let map = b.machine_master_targets.get_or_insert_with(Default::default);
+                for p in &ps {
+                    map.insert(p.machine.clone(), route.clone());
                 }
             })
             .await;
@@ -647,9 +578,17 @@ pub async fn run_step(store: &Store, job: &Job, step: usize, ctl: &JobControl) -
                 return fail(errors::STORE, e);
             }
             for p in &ps {
-                let r = wait_status(store, ctl, "process-server", &p.process_server, Duration::from_secs(120), |st| {
-                    st["settings"]["machine_master_targets"][&p.machine] == route
-                })
+                let r = wait_status(
+                    store,
+                    ctl,
+                    ComponentKind::ProcessServer,
+                    &p.process_server,
+                    Duration::from_secs(120),
+                    |st| {
+                        st.process_server()
+                            .is_some_and(|ps| ps.settings.machine_master_targets.get(&p.machine) == Some(&route))
+                    },
+                )
                 .await;
                 if let Err(e) = r {
                     return fail(errors::PS_HEARTBEAT_LOST, format!("{e}: is it running and linked to this server?"));
@@ -658,13 +597,13 @@ pub async fn run_step(store: &Store, job: &Job, step: usize, ctl: &JobControl) -
             Outcome::Done(Some(format!("{} → {address}", first.process_server)))
         }
         3 => {
-            let Some(psc) = component(store, "process-server", &first.process_server).await else {
+            let Some(psc) = component(store, ComponentKind::ProcessServer, &first.process_server).await else {
                 return fail(
                     errors::PS_HEARTBEAT_LOST,
                     format!("process server {} is not registered", first.process_server),
                 );
             };
-            let Some(ps_addr) = psc.status["advertise"].as_str().map(str::to_owned) else {
+            let Some(ps_addr) = psc.status.as_ref().and_then(|s| s.advertise()).map(str::to_owned) else {
                 return fail(
                     errors::PS_UNREACHABLE,
                     format!("process server {} has not reported its address", first.process_server),
@@ -673,9 +612,9 @@ pub async fn run_step(store: &Store, job: &Job, step: usize, ctl: &JobControl) -
             // Group: the first machine coordinates and reaches the others at their status addresses.
             let mut members = HashMap::new();
             for p in &ps {
-                let addr = component(store, "agent", &p.machine)
+                let addr = component(store, ComponentKind::Agent, &p.machine)
                     .await
-                    .and_then(|c| c.status["status_listen"].as_str().map(str::to_owned));
+                    .and_then(|c| c.status.as_ref().and_then(|s| s.status_listen()).map(str::to_owned));
                 members.insert(p.machine.clone(), addr);
             }
             for (i, p) in ps.iter().enumerate() {
@@ -683,34 +622,33 @@ pub async fn run_step(store: &Store, job: &Job, step: usize, ctl: &JobControl) -
                     let others: Vec<String> = ps
                         .iter()
                         .filter(|o| o.machine != p.machine)
-                        .filter_map(|o| members[&o.machine].clone())
+                        .filter_map(|o| members.get(&o.machine).cloned().flatten())
                         .collect();
-                    if i == 0 {
-                        serde_json::json!({ "name": g, "coordinator": true, "members": others })
-                    } else {
-                        serde_json::json!({ "name": g })
+                    GroupSetting {
+                        name: g.clone(),
+                        coordinator: i == 0,
+                        members: if i == 0 { others } else { Vec::new() },
+                        crash_interval_secs: None,
+                        app_interval_secs: None,
+                        prepare_timeout_secs: None,
                     }
                 });
-                let disks: Vec<serde_json::Value> = p
+                let disks: Vec<DiskSetting> = p
                     .disks
                     .iter()
-                    .map(|d| {
-                        let mut v = serde_json::json!({ "name": d.name, "path": d.path });
-                        if let Some(u) = &d.uuid {
-                            v["uuid"] = u.clone().into();
-                        }
-                        v
+                    .map(|d| DiskSetting {
+                        name: d.name.clone(),
+                        path: d.path.clone(),
+                        uuid: d.uuid.clone(),
+                        cache: None,
                     })
                     .collect();
                 let r = update_settings(store, &format!("agent/{}", p.machine), |b| {
-                    b.insert("process_server".into(), ps_addr.clone().into());
-                    b.insert("process_server_name".into(), p.process_server.clone().into());
-                    b.insert("disks".into(), disks.clone().into());
-                    b.insert("policy".into(), p.policy.clone().into());
-                    match &group {
-                        Some(g) => b.insert("group".into(), g.clone()),
-                        None => b.remove("group"),
-                    };
+                    b.process_server = Some(ps_addr.clone());
+                    b.process_server_name = Some(p.process_server.clone());
+                    b.disks = Some(disks.clone());
+                    b.policy = Some(p.policy.clone());
+                    b.group = group.clone();
                 })
                 .await;
                 if let Err(e) = r {
@@ -721,8 +659,8 @@ pub async fn run_step(store: &Store, job: &Job, step: usize, ctl: &JobControl) -
         }
         4 => {
             let started = tokio::time::Instant::now();
-            let ps_addr = match component(store, "process-server", &first.process_server).await {
-                Some(c) => c.status["advertise"].as_str().unwrap_or_default().to_owned(),
+            let ps_addr = match component(store, ComponentKind::ProcessServer, &first.process_server).await {
+                Some(c) => c.status.as_ref().and_then(|s| s.advertise()).unwrap_or_default().to_owned(),
                 None => {
                     return fail(
                         errors::PS_HEARTBEAT_LOST,
@@ -730,23 +668,24 @@ pub async fn run_step(store: &Store, job: &Job, step: usize, ctl: &JobControl) -
                     )
                 }
             };
-            let stall = Duration::from_secs(job.params["stall_secs"].as_u64().unwrap_or(600).max(1));
+            let stall = Duration::from_secs(pj.stall_secs.max(1));
             let mut last = (u64::MAX, usize::MAX);
             let mut moved = tokio::time::Instant::now();
             loop {
                 let (mut done, mut total, mut complete) = (0u64, 0u64, 0usize);
                 for p in &ps {
-                    let st = component(store, "agent", &p.machine).await.map(|c| c.status).unwrap_or_default();
+                    let st = component(store, ComponentKind::Agent, &p.machine).await.and_then(|c| c.status);
+                    let st = st.as_ref().and_then(|s| s.agent());
                     let size: u64 = p.disks.iter().filter_map(|d| d.size).sum();
                     // The status must come from the agent configured in step 3 (not an older one).
-                    let configured = st["process_server"].as_str() == Some(ps_addr.as_str());
-                    if configured && st["initial_sync_complete"] == true && st["mode"] == "replicating" {
+                    let configured = st.filter(|a| a.process_server == ps_addr);
+                    if configured.is_some_and(|a| a.initial_sync_complete && a.mode == Mode::Replicating) {
                         complete += 1;
                         done += size;
                         total += size;
-                    } else if let Some(r) = st["resync"].as_object().filter(|_| configured) {
-                        done += r.get("bytes_done").and_then(|v| v.as_u64()).unwrap_or(0);
-                        total += r.get("bytes_total").and_then(|v| v.as_u64()).unwrap_or(size);
+                    } else if let Some(r) = configured.and_then(|a| a.resync.as_ref()) {
+                        done += r.bytes_done;
+                        total += r.bytes_total;
                     } else {
                         total += size;
                     }
@@ -766,25 +705,23 @@ pub async fn run_step(store: &Store, job: &Job, step: usize, ctl: &JobControl) -
                     // Say what the hops report, so the operator knows where it is stuck.
                     let mut why = Vec::new();
                     for p in &ps {
-                        let a = component(store, "agent", &p.machine).await.map(|c| c.status).unwrap_or_default();
-                        if let Some(e) = a["link_error"].as_str() {
+                        let st = component(store, ComponentKind::Agent, &p.machine).await.and_then(|c| c.status);
+                        let a = st.as_ref().and_then(|s| s.agent());
+                        if let Some(e) = a.and_then(|a| a.link_error.as_deref()) {
                             why.push(format!("{} agent: {e}", p.machine));
                         }
-                        if a["mode"] == "not-protected" || a.is_null() {
+                        if a.is_none() {
                             why.push(format!(
                                 "{}: the mobility service does not run the agent (powered off?)",
                                 p.machine
                             ));
                         }
                     }
-                    if let Some(psc) = component(store, "process-server", &first.process_server).await {
-                        for m in psc.status["machines"].as_array().into_iter().flatten() {
-                            if let Some(e) = m["master_target_error"].as_str() {
-                                why.push(format!(
-                                    "{} at {}: {e}",
-                                    m["machine"].as_str().unwrap_or("?"),
-                                    first.process_server
-                                ));
+                    let psc = component(store, ComponentKind::ProcessServer, &first.process_server).await;
+                    if let Some(ps) = psc.as_ref().and_then(|c| c.status.as_ref()).and_then(|s| s.process_server()) {
+                        for m in &ps.machines {
+                            if let Some(e) = &m.master_target_error {
+                                why.push(format!("{} at {}: {e}", m.machine, first.process_server));
                             }
                         }
                     }
@@ -843,9 +780,9 @@ pub async fn run_step(store: &Store, job: &Job, step: usize, ctl: &JobControl) -
 }
 
 /// A failed job leaves its machines `failed` (a new request may retry them).
-pub async fn mark_failed(store: &Store, job: &Job) {
-    let Ok(ps) = serde_json::from_value::<Vec<Protection>>(job.params["protections"].clone()) else { return };
-    for p in ps {
+pub async fn mark_failed(store: &Store, pj: &ProtectJob<'_>) {
+    let job = pj.job;
+    for p in pj.protections {
         if let Ok(Some(d)) = store.get::<Protection>(PROTECTION, &p.machine).await {
             if d.body.job == job.id && d.body.state == "enabling" {
                 let mut b = d.body;

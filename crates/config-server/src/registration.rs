@@ -7,61 +7,31 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use serde::{Deserialize, Serialize};
 
 use crate::errors::{self, ApiError};
 use crate::http::{hash_token, new_token, Body};
 use crate::AppState;
+use ferry_api::control::ComponentKind;
 
 pub const COMPONENT: &str = "component";
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RegisterRequest {
-    /// `agent`, `process-server` or `master-target`.
-    pub kind: String,
-    pub name: String,
-    pub passphrase: String,
-    /// PEM certificate request (only its public key is used).
-    pub csr: String,
-    /// Host names / addresses the component is reached at (put in its certificate).
-    #[serde(default)]
-    pub hosts: Vec<String>,
-}
+pub use ferry_api::config_server::RegisterRequest;
 
 /// Registered certificates are valid this long; registering again renews.
 pub const CERT_DAYS: u32 = 825;
 
-/// What the server knows of a component (registration, then heartbeats).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Component {
-    pub kind: String,
-    pub name: String,
-    pub registered_ms: Option<u64>,
-    pub last_seen_ms: Option<u64>,
-    #[serde(default)]
-    pub status: serde_json::Value,
-    /// Replication policy the component runs with (agents), for RPO alerts.
-    #[serde(default)]
-    pub policy: Option<String>,
-    /// The restore this component was reconciled against (each restore reconciles once).
-    #[serde(default)]
-    pub reconciled_restore: Option<String>,
-}
+pub use ferry_api::control::Component;
 
-pub fn check_kind(kind: &str) -> Result<(), ApiError> {
-    if matches!(kind, "agent" | "process-server" | "master-target") {
-        Ok(())
-    } else {
-        Err(ApiError::bad(format!("kind {kind:?} is not agent, process-server or master-target")))
-    }
+/// A component kind from a URL or a body.
+pub fn check_kind(kind: &str) -> Result<ComponentKind, ApiError> {
+    ComponentKind::parse(kind)
+        .ok_or_else(|| ApiError::bad(format!("kind {kind:?} is not agent, process-server or master-target")))
 }
 
 pub async fn register(
     State(s): State<Arc<AppState>>,
     Body(r): Body<RegisterRequest>,
 ) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    check_kind(&r.kind)?;
     crate::model::check_name("component", &r.name)?;
     for h in &r.hosts {
         let valid =
@@ -122,11 +92,11 @@ pub async fn register(
     s.store.add_token(&id, &hash_token(&token), &token_name, "component").await?;
     let key = format!("{}/{}", r.kind, r.name);
     let mut comp = s.store.get::<Component>(COMPONENT, &key).await?.map(|d| d.body).unwrap_or(Component {
-        kind: r.kind.clone(),
+        kind: r.kind,
         name: r.name.clone(),
         registered_ms: None,
         last_seen_ms: None,
-        status: serde_json::Value::Null,
+        status: None,
         policy: None,
         reconciled_restore: None,
     });

@@ -6,7 +6,11 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 
 use crate::daemons::AgentRunArgs;
-use crate::output::{print_status, OutputFormat};
+use crate::output::{print_json, print_status, OutputFormat};
+use ferry_api::agent::{
+    GroupPointRequest, GroupReport, TagTaken, VerifyRequest, VerifySession, VerifyStarted, VerifyState,
+};
+use ferry_api::Method;
 
 #[derive(Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -76,38 +80,27 @@ pub(crate) fn status_addr(component: &str, s: &StatusArgs) -> Result<String> {
 
 pub(crate) async fn status(component: &str, s: &StatusArgs, out: OutputFormat) -> Result<()> {
     let addr = status_addr(component, s)?;
-    let (code, v) = ferry_status::request(&addr, "GET", "/status", None).await?;
-    if code != 200 {
-        bail!("status endpoint {addr} answered HTTP {code}: {v}");
-    }
+    let v = ferry_status::status_of(&addr).await.with_context(|| format!("the {component}'s status at {addr}"))?;
     print_status(&v, out);
     Ok(())
 }
 
 pub(crate) async fn verify(v: VerifyArgs, out: OutputFormat) -> Result<()> {
     let addr = status_addr("agent", &v.status)?;
-    let body = serde_json::json!({ "disk": v.disk, "repair": v.repair });
-    let (code, resp) = ferry_status::request(&addr, "POST", "/verify", Some(&body)).await?;
-    if code != 202 {
-        bail!(
-            "{} (remedy: {})",
-            resp["message"].as_str().unwrap_or("verify refused"),
-            resp["remedy"].as_str().unwrap_or("-")
-        );
-    }
-    let id = resp["verify_id"].as_u64().context("agent returned no verify_id")?;
+    let body = VerifyRequest { disk: v.disk.clone(), repair: v.repair };
+    let started: VerifyStarted = ferry_status::call(&addr, Method::Post, "/verify", Some(&body)).await?;
+    let id = started.verify_id;
     let mut progress = (0u64, 0u64);
     let mut last_progress = std::time::Instant::now();
     let session = loop {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-        let (code, s) = ferry_status::request(&addr, "GET", &format!("/verify/{id}"), None).await?;
-        if code != 200 {
-            bail!("verify session {id} vanished: {s}");
-        }
-        if s["state"] != "running" {
+        let s: VerifySession = ferry_status::call(&addr, Method::Get, &format!("/verify/{id}"), None::<&()>)
+            .await
+            .with_context(|| format!("verify session {id}"))?;
+        if s.state != VerifyState::Running {
             break s;
         }
-        let now = (s["bytes_hashed"].as_u64().unwrap_or(0), s["blocks_compared"].as_u64().unwrap_or(0));
+        let now = (s.bytes_hashed, s.blocks_compared);
         if now != progress {
             progress = now;
             last_progress = std::time::Instant::now();
@@ -118,65 +111,53 @@ pub(crate) async fn verify(v: VerifyArgs, out: OutputFormat) -> Result<()> {
             );
         }
         if matches!(out, OutputFormat::Table) {
-            let done = s["bytes_hashed"].as_u64().unwrap_or(0);
-            let size = s["disk_size"].as_u64().unwrap_or(1).max(1);
-            eprint!("\rverifying {}: {:.0}%", v.disk, done as f64 * 100.0 / size as f64);
+            eprint!("\rverifying {}: {:.0}%", v.disk, s.bytes_hashed as f64 * 100.0 / s.disk_size.max(1) as f64);
         }
     };
     match out {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&session)?),
+        OutputFormat::Json => print_json(&session),
         OutputFormat::Table => {
             eprintln!();
-            let differing = session["differing_offsets"].as_array().map(|a| a.len()).unwrap_or(0);
             println!(
                 "disk {}: {} blocks of {} bytes compared, {} differ",
-                v.disk, session["blocks_compared"], session["block_size"], differing
+                v.disk,
+                session.blocks_compared,
+                session.block_size,
+                session.differing_offsets.len()
             );
-            if let Some(offs) = session["differing_offsets"].as_array() {
-                for o in offs.iter().take(50) {
-                    println!("  differs at offset {o}");
-                }
+            for o in session.differing_offsets.iter().take(50) {
+                println!("  differs at offset {o}");
             }
-            if session["repair_started"] == true {
+            if session.repair_started {
                 println!("repair: a resync of the differing blocks was started");
-            }
-            if session["state"] == "failed" {
-                bail!("verify failed: {}", session["error"]);
             }
         }
     }
-    if session["state"] == "failed" {
-        bail!("verify failed: {}", session["error"]);
+    if session.state == VerifyState::Failed {
+        bail!("verify failed: {}", session.error.as_deref().unwrap_or("no reason given"));
     }
     Ok(())
 }
 
-/// Call a component's JSON API; a non-2xx answer becomes an error with its message and remedy.
-pub(crate) async fn api(
+/// Call a component's JSON API; a refusal becomes an error with its message and remedy.
+pub(crate) async fn api<T: serde::de::DeserializeOwned>(
     component: &str,
     s: &StatusArgs,
-    method: &str,
+    method: Method,
     path: &str,
-    body: Option<&serde_json::Value>,
-) -> Result<serde_json::Value> {
+    body: Option<&(impl serde::Serialize + ?Sized)>,
+) -> Result<T> {
     let addr = status_addr(component, s)?;
-    let (code, v) = ferry_status::request(&addr, method, path, body)
-        .await
-        .with_context(|| format!("cannot reach the {component} at {addr}"))?;
-    if !(200..300).contains(&code) {
-        bail!(
-            "{} (code {}; remedy: {})",
-            v["message"].as_str().unwrap_or("request refused"),
-            v["code"],
-            v["remedy"].as_str().unwrap_or("-")
-        );
+    match ferry_status::call(&addr, method, path, body).await {
+        Ok(v) => Ok(v),
+        Err(ferry_status::StatusError::Refused { error, .. }) => bail!("{error}"),
+        Err(e) => Err(e).with_context(|| format!("cannot reach the {component} at {addr}")),
     }
-    Ok(v)
 }
 
-pub(crate) fn print_result(v: &serde_json::Value, out: OutputFormat, line: &str) {
+pub(crate) fn print_result<T: serde::Serialize>(v: &T, out: OutputFormat, line: &str) {
     match out {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
+        OutputFormat::Json => print_json(v),
         OutputFormat::Table => println!("{line}"),
     }
 }
@@ -187,19 +168,19 @@ pub(crate) async fn run(cmd: AgentCmd, out: OutputFormat) -> Result<()> {
         Some(AgentAction::Status(s)) => status("agent", &s, out).await,
         Some(AgentAction::Verify(v)) => verify(v, out).await,
         Some(AgentAction::CrashPoint(s)) => {
-            let v = api("agent", &s, "POST", "/points/crash", None).await?;
-            print_result(&v, out, &format!("crash-consistent tag at seq {}", v["seq"]));
+            let v: TagTaken = api("agent", &s, Method::Post, "/points/crash", None::<&()>).await?;
+            print_result(&v, out, &format!("crash-consistent tag at seq {}", v.seq));
             Ok(())
         }
         Some(AgentAction::AppPoint(s)) => {
-            let v = api("agent", &s, "POST", "/points/app", None).await?;
-            print_result(&v, out, &format!("app-consistent tag at seq {}", v["seq"]));
+            let v: TagTaken = api("agent", &s, Method::Post, "/points/app", None::<&()>).await?;
+            print_result(&v, out, &format!("app-consistent tag at seq {}", v.seq));
             Ok(())
         }
         Some(AgentAction::GroupPoint(g)) => {
-            let body = serde_json::json!({ "app": g.app });
-            let v = api("agent", &g.status, "POST", "/group/point", Some(&body)).await?;
-            print_result(&v, out, &format!("group tag {} committed by {}", v["tag"], v["members"]));
+            let body = GroupPointRequest { app: g.app };
+            let v: GroupReport = api("agent", &g.status, Method::Post, "/group/point", Some(&body)).await?;
+            print_result(&v, out, &format!("group tag {} committed by {}", v.tag, v.members.join(", ")));
             Ok(())
         }
         None => crate::daemons::run_agent(cmd.run).await,

@@ -7,9 +7,17 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use serde_json::{json, Value};
+use ferry_api::config_server::{
+    Cancelling, Confirm, Confirmed, Deleted, EventInfo, Job, JobState, MachineRecoveryPoints, MachineView, NewToken,
+    Policy, PolicyCreated, ProtectRequest, RecoveryPlan, ReplicationGroup, Site, SiteAdded, TokenCreated, TokenInfo,
+};
+use ferry_api::control::{ComponentHealth, ComponentKind};
+use ferry_api::inventory::Inventory;
+use ferry_api::Method;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
-use crate::output::OutputFormat;
+use crate::output::{print_json, OutputFormat};
 
 #[derive(Args, Clone)]
 pub struct ServerArgs {
@@ -34,8 +42,18 @@ impl ServerArgs {
         }
     }
 
-    pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value> {
+    /// A typed call to the configuration server.
+    pub async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&(impl Serialize + ?Sized)>,
+    ) -> Result<T> {
         Ok(self.client().call(method, path, body).await?)
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.call(Method::Get, path, None::<&()>).await
     }
 }
 
@@ -153,53 +171,167 @@ pub enum TokenAction {
     },
 }
 
-fn columns(v: &Value, cols: &[&str]) {
-    let rows: Vec<&Value> = match v {
-        Value::Array(a) => a.iter().collect(),
-        other => vec![other],
-    };
-    let cell = |r: &Value, c: &str| -> String {
-        let mut x = r;
-        for part in c.split('.') {
-            x = &x[part];
-        }
-        match x {
-            Value::String(s) => s.clone(),
-            Value::Null => "-".into(),
-            Value::Array(a) => a
-                .iter()
-                .map(|e| {
-                    e.as_str().or_else(|| e["message"].as_str()).map(str::to_owned).unwrap_or_else(|| e.to_string())
-                })
-                .collect::<Vec<_>>()
-                .join("; "),
-            other => other.to_string(),
-        }
-    };
-    let widths: Vec<usize> = cols
-        .iter()
-        .map(|c| rows.iter().map(|r| cell(r, c).len()).chain([c.len()]).max().unwrap_or(4).min(60))
+/// Rows of a table: its column headers and each item's cells.
+pub trait Rows {
+    const HEADERS: &'static [&'static str];
+    fn cells(&self) -> Vec<String>;
+}
+
+fn opt<T: std::fmt::Display>(v: &Option<T>) -> String {
+    v.as_ref().map(|x| x.to_string()).unwrap_or_else(|| "-".into())
+}
+
+/// A table: columns as wide as their widest cell (at most 60).
+pub fn table(headers: &[&str], rows: &[Vec<String>]) {
+    let widths: Vec<usize> = (0..headers.len())
+        .map(|i| {
+            rows.iter().filter_map(|r| r.get(i)).map(|c| c.len()).chain([headers[i].len()]).max().unwrap_or(4).min(60)
+        })
         .collect();
-    println!(
-        "{}",
-        cols.iter()
-            .zip(&widths)
-            .map(|(c, w)| format!("{:<w$}", c.to_uppercase(), w = *w))
-            .collect::<Vec<_>>()
-            .join("  ")
-    );
+    let line = |cells: Vec<String>| {
+        cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}", w = *w)).collect::<Vec<_>>().join("  ")
+    };
+    println!("{}", line(headers.iter().map(|h| h.to_uppercase()).collect()));
     for r in rows {
-        println!(
-            "{}",
-            cols.iter().zip(&widths).map(|(c, w)| format!("{:<w$}", cell(r, c), w = *w)).collect::<Vec<_>>().join("  ")
-        );
+        println!("{}", line(r.clone()));
     }
 }
 
-pub fn show(v: &Value, out: OutputFormat, cols: &[&str]) {
+/// Items as a table, or as JSON.
+pub fn show<T: Rows + Serialize>(items: &[T], out: OutputFormat) {
     match out {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(v).unwrap_or_default()),
-        OutputFormat::Table => columns(v, cols),
+        OutputFormat::Json => print_json(&items),
+        OutputFormat::Table => table(T::HEADERS, &items.iter().map(Rows::cells).collect::<Vec<_>>()),
+    }
+}
+
+/// One item as a table row, or as JSON (the object itself, not a list).
+pub fn show_one<T: Rows + Serialize>(item: &T, out: OutputFormat) {
+    match out {
+        OutputFormat::Json => print_json(item),
+        OutputFormat::Table => table(T::HEADERS, &[item.cells()]),
+    }
+}
+
+impl Rows for Policy {
+    const HEADERS: &'static [&'static str] = &[
+        "name",
+        "rpo_threshold_secs",
+        "retention_secs",
+        "app_consistent_secs",
+        "crash_consistent_secs",
+        "read_only",
+        "failback_of",
+    ];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.name.clone(),
+            self.rpo_threshold_secs.to_string(),
+            self.retention_secs.to_string(),
+            self.app_consistent_secs.to_string(),
+            self.crash_consistent_secs.to_string(),
+            self.read_only.to_string(),
+            opt(&self.failback_of),
+        ]
+    }
+}
+
+impl Rows for ReplicationGroup {
+    const HEADERS: &'static [&'static str] = &["name", "machines", "policy"];
+    fn cells(&self) -> Vec<String> {
+        vec![self.name.clone(), self.machines.join("; "), opt(&self.policy)]
+    }
+}
+
+impl Rows for RecoveryPlan {
+    const HEADERS: &'static [&'static str] = &["name", "groups"];
+    fn cells(&self) -> Vec<String> {
+        vec![self.name.clone(), self.groups.len().to_string()]
+    }
+}
+
+impl Rows for Site {
+    const HEADERS: &'static [&'static str] = &["name", "provider", "path"];
+    fn cells(&self) -> Vec<String> {
+        vec![self.name.clone(), self.provider.clone(), self.path.display().to_string()]
+    }
+}
+
+impl Rows for Job {
+    const HEADERS: &'static [&'static str] =
+        &["id", "kind", "target", "state", "progress_percent", "input_prompt", "error"];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.id.clone(),
+            self.kind.clone(),
+            self.target.clone(),
+            self.state.as_str().to_owned(),
+            format!("{:.0}", self.progress_percent),
+            opt(&self.input_prompt),
+            self.error.as_ref().map(|e| e.message.clone()).unwrap_or_else(|| "-".into()),
+        ]
+    }
+}
+
+impl Rows for Deleted {
+    const HEADERS: &'static [&'static str] = &["deleted"];
+    fn cells(&self) -> Vec<String> {
+        vec![self.deleted.join("; ")]
+    }
+}
+
+impl Rows for TokenInfo {
+    const HEADERS: &'static [&'static str] = &["id", "name", "role", "created_ms"];
+    fn cells(&self) -> Vec<String> {
+        vec![self.id.clone(), self.name.clone(), self.role.clone(), self.created_ms.to_string()]
+    }
+}
+
+impl Rows for TokenCreated {
+    const HEADERS: &'static [&'static str] = &["id", "name", "role", "token"];
+    fn cells(&self) -> Vec<String> {
+        vec![self.id.clone(), self.name.clone(), self.role.clone(), self.token.clone()]
+    }
+}
+
+impl Rows for Confirmed {
+    const HEADERS: &'static [&'static str] = &["confirmed", "step"];
+    fn cells(&self) -> Vec<String> {
+        vec![self.confirmed.clone(), self.step.to_string()]
+    }
+}
+
+impl Rows for Cancelling {
+    const HEADERS: &'static [&'static str] = &["cancelling"];
+    fn cells(&self) -> Vec<String> {
+        vec![self.cancelling.clone()]
+    }
+}
+
+impl Rows for EventInfo {
+    const HEADERS: &'static [&'static str] = &["seq", "time_ms", "severity", "code", "object", "message"];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.seq.to_string(),
+            self.time_ms.to_string(),
+            self.severity.clone(),
+            self.code.to_string(),
+            self.object.clone(),
+            self.message.clone(),
+        ]
+    }
+}
+
+impl Rows for ComponentHealth {
+    const HEADERS: &'static [&'static str] = &["kind", "name", "health", "last_seen_ms", "reasons"];
+    fn cells(&self) -> Vec<String> {
+        vec![
+            self.component.kind.to_string(),
+            self.component.name.clone(),
+            self.health.as_str().to_owned(),
+            opt(&self.component.last_seen_ms),
+            self.reasons.iter().map(|r| r.message.clone()).collect::<Vec<_>>().join("; "),
+        ]
     }
 }
 
@@ -212,22 +344,11 @@ fn enc(s: &str) -> String {
         .collect()
 }
 
-const POLICY_COLS: &[&str] = &[
-    "name",
-    "rpo_threshold_secs",
-    "retention_secs",
-    "app_consistent_secs",
-    "crash_consistent_secs",
-    "read_only",
-    "failback_of",
-];
-const JOB_COLS: &[&str] = &["id", "kind", "target", "state", "progress_percent", "input_prompt", "error.message"];
-
 pub async fn policies(a: PolicyAction, s: &ServerArgs, out: OutputFormat) -> Result<()> {
     match a {
-        PolicyAction::List => show(&s.call("GET", "/api/v1/policies", None).await?, out, POLICY_COLS),
+        PolicyAction::List => show(&s.get::<Vec<Policy>>("/api/v1/policies").await?, out),
         PolicyAction::Show { name } => {
-            show(&s.call("GET", &format!("/api/v1/policies/{}", enc(&name)), None).await?, out, POLICY_COLS)
+            show_one(&s.get::<Policy>(&format!("/api/v1/policies/{}", enc(&name))).await?, out)
         }
         PolicyAction::Create {
             name,
@@ -236,87 +357,70 @@ pub async fn policies(a: PolicyAction, s: &ServerArgs, out: OutputFormat) -> Res
             app_consistent_secs,
             crash_consistent_secs,
         } => {
-            let v = s
-                .call(
-                    "POST",
-                    "/api/v1/policies",
-                    Some(json!({"name": name, "rpo_threshold_secs": rpo_threshold_secs, "retention_secs": retention_secs, "app_consistent_secs": app_consistent_secs, "crash_consistent_secs": crash_consistent_secs})),
-                )
-                .await?;
+            let p = Policy {
+                name,
+                rpo_threshold_secs,
+                retention_secs,
+                app_consistent_secs,
+                crash_consistent_secs,
+                failback_of: None,
+                read_only: false,
+                associated: true,
+            };
+            let v: PolicyCreated = s.call(Method::Post, "/api/v1/policies", Some(&p)).await?;
             match out {
-                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&v)?),
-                OutputFormat::Table => columns(&json!([v["policy"], v["failback_policy"]]), POLICY_COLS),
+                OutputFormat::Json => print_json(&v),
+                OutputFormat::Table => show(&[v.policy, v.failback_policy], out),
             }
         }
         PolicyAction::Delete { name } => {
-            show(&s.call("DELETE", &format!("/api/v1/policies/{}", enc(&name)), None).await?, out, &["deleted"])
+            let v: Deleted = s.call(Method::Delete, &format!("/api/v1/policies/{}", enc(&name)), None::<&()>).await?;
+            show_one(&v, out)
         }
     }
     Ok(())
 }
 
 pub async fn groups(a: GroupAction, s: &ServerArgs, out: OutputFormat) -> Result<()> {
-    let cols = &["name", "machines", "policy"];
     match a {
-        GroupAction::List => show(&s.call("GET", "/api/v1/replication-groups", None).await?, out, cols),
+        GroupAction::List => show(&s.get::<Vec<ReplicationGroup>>("/api/v1/replication-groups").await?, out),
         GroupAction::Show { name } => {
-            show(&s.call("GET", &format!("/api/v1/replication-groups/{}", enc(&name)), None).await?, out, cols)
+            show_one(&s.get::<ReplicationGroup>(&format!("/api/v1/replication-groups/{}", enc(&name))).await?, out)
         }
-        GroupAction::Create { name, machines, policy } => show(
-            &s.call(
-                "POST",
-                "/api/v1/replication-groups",
-                Some(json!({"name": name, "machines": machines, "policy": policy})),
-            )
-            .await?,
-            out,
-            cols,
-        ),
-        GroupAction::Delete { name } => show(
-            &s.call("DELETE", &format!("/api/v1/replication-groups/{}", enc(&name)), None).await?,
-            out,
-            &["deleted"],
-        ),
+        GroupAction::Create { name, machines, policy } => {
+            let g = ReplicationGroup { name, machines, policy };
+            let v: ReplicationGroup = s.call(Method::Post, "/api/v1/replication-groups", Some(&g)).await?;
+            show_one(&v, out)
+        }
+        GroupAction::Delete { name } => {
+            let path = format!("/api/v1/replication-groups/{}", enc(&name));
+            show_one(&s.call::<Deleted>(Method::Delete, &path, None::<&()>).await?, out)
+        }
     }
     Ok(())
 }
 
 pub async fn plans(a: PlanAction, s: &ServerArgs, out: OutputFormat) -> Result<()> {
-    let cols = &["name", "groups"];
     match a {
-        PlanAction::List => {
-            let v = s.call("GET", "/api/v1/recovery-plans", None).await?;
-            let rows: Vec<Value> = v
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|p| json!({"name": p["name"], "groups": p["groups"].as_array().map(|g| g.len()).unwrap_or(0)}))
-                .collect();
-            match out {
-                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&v)?),
-                OutputFormat::Table => columns(&Value::Array(rows), cols),
-            }
-        }
+        PlanAction::List => show(&s.get::<Vec<RecoveryPlan>>("/api/v1/recovery-plans").await?, out),
         PlanAction::Show { name } => {
-            let v = s.call("GET", &format!("/api/v1/recovery-plans/{}", enc(&name)), None).await?;
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            let v: RecoveryPlan = s.get(&format!("/api/v1/recovery-plans/{}", enc(&name))).await?;
+            print_json(&v);
         }
         PlanAction::Create { file } => {
             let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
-            let plan: Value =
-                serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", file.display()))?;
-            let v = s.call("POST", "/api/v1/recovery-plans", Some(plan)).await?;
-            show(
-                &json!({"name": v["name"], "groups": v["groups"].as_array().map(|g| g.len()).unwrap_or(0)}),
-                out,
-                cols,
-            );
+            let plan: RecoveryPlan =
+                serde_json::from_str(&text).with_context(|| format!("{} is not a recovery plan", file.display()))?;
+            let v: RecoveryPlan = s.call(Method::Post, "/api/v1/recovery-plans", Some(&plan)).await?;
+            show_one(&v, out);
         }
         PlanAction::Delete { name } => {
-            show(&s.call("DELETE", &format!("/api/v1/recovery-plans/{}", enc(&name)), None).await?, out, &["deleted"])
+            let path = format!("/api/v1/recovery-plans/{}", enc(&name));
+            show_one(&s.call::<Deleted>(Method::Delete, &path, None::<&()>).await?, out)
         }
         PlanAction::Drill { name } => {
-            show(&s.call("POST", &format!("/api/v1/recovery-plans/{}/drill", enc(&name)), None).await?, out, JOB_COLS)
+            let path = format!("/api/v1/recovery-plans/{}/drill", enc(&name));
+            show_one(&s.call::<Job>(Method::Post, &path, None::<&()>).await?, out)
         }
     }
     Ok(())
@@ -324,43 +428,99 @@ pub async fn plans(a: PlanAction, s: &ServerArgs, out: OutputFormat) -> Result<(
 
 pub async fn sites(a: SiteAction, s: &ServerArgs, out: OutputFormat) -> Result<()> {
     match a {
-        SiteAction::List => show(&s.call("GET", "/api/v1/sites", None).await?, out, &["name", "provider", "path"]),
+        SiteAction::List => show(&s.get::<Vec<Site>>("/api/v1/sites").await?, out),
         SiteAction::Add { name, path } => {
             let path = std::path::absolute(&path).with_context(|| format!("bad path {}", path.display()))?;
-            let v = s.call("POST", "/api/v1/sites", Some(json!({"name": name, "path": path}))).await?;
-            show(&v["job"], out, JOB_COLS);
+            let site = Site { name, provider: "local".into(), path };
+            let v: SiteAdded = s.call(Method::Post, "/api/v1/sites", Some(&site)).await?;
+            show_one(&v.job, out);
         }
         SiteAction::Discover { name } => {
-            show(&s.call("POST", &format!("/api/v1/sites/{}/discover", enc(&name)), None).await?, out, JOB_COLS)
+            let path = format!("/api/v1/sites/{}/discover", enc(&name));
+            show_one(&s.call::<Job>(Method::Post, &path, None::<&()>).await?, out)
         }
         SiteAction::Remove { name } => {
-            show(&s.call("DELETE", &format!("/api/v1/sites/{}", enc(&name)), None).await?, out, &["deleted"])
+            let path = format!("/api/v1/sites/{}", enc(&name));
+            show_one(&s.call::<Deleted>(Method::Delete, &path, None::<&()>).await?, out)
         }
     }
     Ok(())
 }
 
 pub async fn inventory(s: &ServerArgs, out: OutputFormat) -> Result<()> {
-    let v = s.call("GET", "/api/v1/inventory", None).await?;
+    let v: Vec<Inventory> = s.get("/api/v1/inventory").await?;
     if matches!(out, OutputFormat::Json) {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        print_json(&v);
         return Ok(());
     }
-    for site in v.as_array().into_iter().flatten() {
-        println!("site {}  ({})", site["site"].as_str().unwrap_or("?"), site["folder"].as_str().unwrap_or("?"));
-        let c = &site["content"];
+    for site in &v {
+        println!("site {}  ({})", site.site, site.folder.display());
+        let c = &site.content;
         println!("hosts:");
-        columns(&c["hosts"], &["name", "edition", "licence", "tools"]);
+        let rows: Vec<_> = c
+            .hosts
+            .iter()
+            .map(|h| vec![h.name.clone(), h.edition.clone(), h.licence.clone(), h.tools.join("; ")])
+            .collect();
+        table(&["name", "edition", "licence", "tools"], &rows);
         println!("datastores:");
-        columns(&c["datastores"], &["name", "kind", "access", "hosts", "accessible", "free_bytes"]);
+        let rows: Vec<_> = c
+            .datastores
+            .iter()
+            .map(|d| {
+                vec![
+                    d.name.clone(),
+                    d.kind.clone(),
+                    d.access.clone(),
+                    d.hosts.join("; "),
+                    opt(&d.accessible),
+                    opt(&d.free_bytes),
+                ]
+            })
+            .collect();
+        table(&["name", "kind", "access", "hosts", "accessible", "free_bytes"], &rows);
         println!("machines:");
-        columns(&c["machines"], &["name", "os_family", "host", "power", "controller", "disks"]);
+        let rows: Vec<_> = c
+            .machines
+            .iter()
+            .map(|m| {
+                let disks: Vec<String> = m.disks.iter().map(|d| d.name.clone()).collect();
+                vec![
+                    m.name.clone(),
+                    m.os_family.clone(),
+                    m.host.clone(),
+                    m.power.clone(),
+                    m.controller.clone(),
+                    disks.join("; "),
+                ]
+            })
+            .collect();
+        table(&["name", "os_family", "host", "power", "controller", "disks"], &rows);
         println!("master targets:");
-        columns(&c["master_targets"], &["name", "os_family", "attached_disks", "enable_uuid", "retention_volumes"]);
+        let rows: Vec<_> = c
+            .master_targets
+            .iter()
+            .map(|m| {
+                let vols: Vec<String> = m.retention_volumes.iter().map(|v| v.display().to_string()).collect();
+                vec![
+                    m.name.clone(),
+                    m.os_family.clone(),
+                    m.attached_disks.to_string(),
+                    m.enable_uuid.to_string(),
+                    vols.join("; "),
+                ]
+            })
+            .collect();
+        table(&["name", "os_family", "attached_disks", "enable_uuid", "retention_volumes"], &rows);
         println!("process servers:");
-        columns(&c["process_servers"], &["name", "cache", "cache_free_percent"]);
-        for w in site["warnings"].as_array().into_iter().flatten() {
-            println!("WARNING: {}", w.as_str().unwrap_or(""));
+        let rows: Vec<_> = c
+            .process_servers
+            .iter()
+            .map(|p| vec![p.name.clone(), p.cache.display().to_string(), opt(&p.cache_free_percent)])
+            .collect();
+        table(&["name", "cache", "cache_free_percent"], &rows);
+        for w in &site.warnings {
+            println!("WARNING: {w}");
         }
     }
     Ok(())
@@ -368,11 +528,11 @@ pub async fn inventory(s: &ServerArgs, out: OutputFormat) -> Result<()> {
 
 pub async fn jobs(a: JobAction, s: &ServerArgs, out: OutputFormat) -> Result<()> {
     match a {
-        JobAction::List => show(&s.call("GET", "/api/v1/jobs", None).await?, out, JOB_COLS),
+        JobAction::List => show(&s.get::<Vec<Job>>("/api/v1/jobs").await?, out),
         JobAction::Show { id } => {
-            let v = s.call("GET", &format!("/api/v1/jobs/{}", enc(&id)), None).await?;
+            let v: Job = s.get(&format!("/api/v1/jobs/{}", enc(&id))).await?;
             match out {
-                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+                OutputFormat::Json => print_json(&v),
                 OutputFormat::Table => print_job(&v),
             }
         }
@@ -381,53 +541,49 @@ pub async fn jobs(a: JobAction, s: &ServerArgs, out: OutputFormat) -> Result<()>
             let step = match step {
                 Some(s) => s,
                 None => {
-                    let j = s.call("GET", &format!("/api/v1/jobs/{}", enc(&id)), None).await?;
-                    if let Some(p) = j["input_prompt"].as_str() {
+                    let j: Job = s.get(&format!("/api/v1/jobs/{}", enc(&id))).await?;
+                    if let Some(p) = &j.input_prompt {
                         eprintln!("confirming: {p}");
                     }
-                    j["current_step"].as_u64().unwrap_or(0) as usize
+                    j.current_step
                 }
             };
-            let v =
-                s.call("POST", &format!("/api/v1/jobs/{}/confirm", enc(&id)), Some(json!({ "step": step }))).await?;
-            show(&v, out, &["confirmed", "step"]);
+            let path = format!("/api/v1/jobs/{}/confirm", enc(&id));
+            let v: Confirmed = s.call(Method::Post, &path, Some(&Confirm { step: Some(step) })).await?;
+            show_one(&v, out);
         }
         JobAction::Cancel { id } => {
-            show(&s.call("POST", &format!("/api/v1/jobs/{}/cancel", enc(&id)), None).await?, out, &["cancelling"])
+            let path = format!("/api/v1/jobs/{}/cancel", enc(&id));
+            show_one(&s.call::<Cancelling>(Method::Post, &path, None::<&()>).await?, out)
         }
     }
     Ok(())
 }
 
-fn print_job(v: &Value) {
+fn print_job(v: &Job) {
     println!(
         "job {}  {} of {}  state {}  {:.0}%{}",
-        v["id"].as_str().unwrap_or("?"),
-        v["kind"].as_str().unwrap_or("?"),
-        v["target"].as_str().unwrap_or("?"),
-        v["state"].as_str().unwrap_or("?"),
-        v["progress_percent"].as_f64().unwrap_or(0.0),
-        v["eta_secs"].as_f64().map(|e| format!("  ETA {e:.0} s")).unwrap_or_default()
+        v.id,
+        v.kind,
+        v.target,
+        v.state.as_str(),
+        v.progress_percent,
+        v.eta_secs.map(|e| format!("  ETA {e:.0} s")).unwrap_or_default()
     );
-    for (i, st) in v["steps"].as_array().into_iter().flatten().enumerate() {
+    for (i, st) in v.steps.iter().enumerate() {
+        let state = serde_json::to_value(st.state).ok().and_then(|s| s.as_str().map(str::to_owned)).unwrap_or_default();
         println!(
-            "  {:>2}. [{}] {}{}",
+            "  {:>2}. [{state}] {}{}",
             i + 1,
-            st["state"].as_str().unwrap_or("?"),
-            st["name"].as_str().unwrap_or("?"),
-            st["message"].as_str().map(|m| format!(" — {m}")).unwrap_or_default()
+            st.name,
+            st.message.as_ref().map(|m| format!(" — {m}")).unwrap_or_default()
         );
     }
-    if let Some(p) = v["input_prompt"].as_str() {
+    if let Some(p) = &v.input_prompt {
         println!("WAITING FOR INPUT: {p}");
     }
-    if !v["error"].is_null() {
-        println!(
-            "ERROR {}: {} (remedy: {})",
-            v["error"]["code"],
-            v["error"]["message"].as_str().unwrap_or(""),
-            v["error"]["remedy"].as_str().unwrap_or("")
-        );
+    if let Some(e) = &v.error {
+        println!("ERROR {}: {} (remedy: {})", e.code, e.message, e.remedy);
     }
 }
 
@@ -443,52 +599,63 @@ pub async fn watch(id: &str, s: &ServerArgs, out: OutputFormat) -> Result<()> {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     let v = loop {
-        let v = s.call("GET", &format!("/api/v1/jobs/{}", enc(id)), None).await?;
-        let pct = v["progress_percent"].as_f64().unwrap_or(0.0);
-        bar.set_position((pct * 10.0) as u64);
-        let step = v["steps"]
-            .get(v["current_step"].as_u64().unwrap_or(0) as usize)
-            .and_then(|s| s["name"].as_str())
-            .unwrap_or("");
-        let bytes = match (v["bytes_done"].as_u64(), v["bytes_total"].as_u64()) {
-            (Some(d), Some(t)) if t > 0 => {
-                let eta = v["eta_secs"].as_f64().map(|e| format!(", ETA {e:.0} s")).unwrap_or_default();
-                format!(" ({:.1}/{:.1} MiB{eta})", d as f64 / 1048576.0, t as f64 / 1048576.0)
-            }
-            _ => String::new(),
+        let v: Job = s.get(&format!("/api/v1/jobs/{}", enc(id))).await?;
+        bar.set_position((v.progress_percent * 10.0) as u64);
+        let step = v.steps.get(v.current_step).map(|s| s.name.as_str()).unwrap_or("");
+        let bytes = if v.bytes_total > 0 {
+            let eta = v.eta_secs.map(|e| format!(", ETA {e:.0} s")).unwrap_or_default();
+            format!(" ({:.1}/{:.1} MiB{eta})", v.bytes_done as f64 / 1048576.0, v.bytes_total as f64 / 1048576.0)
+        } else {
+            String::new()
         };
-        bar.set_message(format!("{} {step}{bytes}", v["state"].as_str().unwrap_or("")));
-        if matches!(v["state"].as_str(), Some("succeeded" | "failed" | "cancelled" | "waiting-for-input")) {
+        bar.set_message(format!("{} {step}{bytes}", v.state.as_str()));
+        if v.state.finished() || v.state == JobState::WaitingForInput {
             break v;
         }
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     };
     bar.finish_and_clear();
     match out {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+        OutputFormat::Json => print_json(&v),
         OutputFormat::Table => print_job(&v),
     }
-    match v["state"].as_str() {
-        Some("succeeded") => Ok(()),
-        Some("waiting-for-input") => Ok(()),
-        Some(st) => bail!("job {id} {st}: {}", v["error"]["message"].as_str().unwrap_or("-")),
-        None => bail!("job {id}: no state"),
+    match v.state {
+        JobState::Succeeded | JobState::WaitingForInput => Ok(()),
+        st => bail!("job {id} {}: {}", st.as_str(), v.error.as_ref().map(|e| e.message.as_str()).unwrap_or("-")),
     }
 }
 
 pub async fn tokens(a: TokenAction, s: &ServerArgs, out: OutputFormat) -> Result<()> {
-    let cols = &["id", "name", "role", "created_ms"];
     match a {
-        TokenAction::List => show(&s.call("GET", "/api/v1/tokens", None).await?, out, cols),
+        TokenAction::List => show(&s.get::<Vec<TokenInfo>>("/api/v1/tokens").await?, out),
         TokenAction::Create { name, role } => {
-            let v = s.call("POST", "/api/v1/tokens", Some(json!({"name": name, "role": role}))).await?;
-            show(&v, out, &["id", "name", "role", "token"]);
+            let v: TokenCreated = s.call(Method::Post, "/api/v1/tokens", Some(&NewToken { name, role })).await?;
+            show_one(&v, out);
         }
         TokenAction::Revoke { id } => {
-            show(&s.call("DELETE", &format!("/api/v1/tokens/{}", enc(&id)), None).await?, out, &["deleted"])
+            let path = format!("/api/v1/tokens/{}", enc(&id));
+            show_one(&s.call::<Deleted>(Method::Delete, &path, None::<&()>).await?, out)
         }
     }
     Ok(())
+}
+
+/// `ferry events`.
+pub async fn events(s: &ServerArgs, out: OutputFormat) -> Result<()> {
+    show(&s.get::<Vec<EventInfo>>("/api/v1/events").await?, out);
+    Ok(())
+}
+
+/// `ferry components`.
+pub async fn components(s: &ServerArgs, out: OutputFormat) -> Result<()> {
+    show(&s.get::<Vec<ComponentHealth>>("/api/v1/components").await?, out);
+    Ok(())
+}
+
+/// `ferry backup`: start a backup job and follow it.
+pub async fn backup(s: &ServerArgs, out: OutputFormat) -> Result<()> {
+    let job: Job = s.call(Method::Post, "/api/v1/backups", None::<&()>).await?;
+    watch(&job.id, s, out).await
 }
 
 /// Register a data-path component: key and CSR made here, certificate signed by the server.
@@ -503,19 +670,21 @@ pub async fn register(
     dir: &std::path::Path,
     out: OutputFormat,
 ) -> Result<()> {
+    let kind = ComponentKind::parse(kind)
+        .with_context(|| format!("--kind {kind:?} is not agent, process-server or master-target"))?;
     let summary =
         ferry_status::server_client::register_component(server, fingerprint, passphrase, kind, name, hosts, dir)
             .await?;
     match out {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&summary)?),
+        OutputFormat::Json => print_json(&summary),
         OutputFormat::Table => println!(
             "registered {kind} {name}: certificate {} (key stayed here), token in {}",
-            summary["cert"], summary["token_file"]
+            summary.cert.display(),
+            summary.token_file.display()
         ),
     }
     Ok(())
 }
-
 #[derive(Args)]
 pub struct ProtectArgs {
     /// Machines to protect (none with --group: every machine of the group).
@@ -545,61 +714,59 @@ pub struct ProtectArgs {
 
 /// `ferry protect`: enable replication and follow the job (initial sync with bytes, %, ETA).
 pub async fn protect(a: ProtectArgs, s: &ServerArgs, out: OutputFormat) -> Result<()> {
-    let body = json!({
-        "machines": a.machines, "group": a.group, "policy": a.policy, "process_server": a.process_server,
-        "master_target": a.master_target, "datastore": a.datastore, "wait_secs": a.wait_secs,
-        "stall_secs": a.stall_secs,
-    });
-    let job = s.call("POST", "/api/v1/protections", Some(body)).await?;
-    let id = job["id"].as_str().context("the server answered without a job id")?.to_owned();
+    let req = ProtectRequest {
+        machine: None,
+        machines: a.machines,
+        group: a.group,
+        policy: a.policy,
+        process_server: a.process_server,
+        master_target: a.master_target,
+        datastore: a.datastore,
+        wait_secs: a.wait_secs,
+        stall_secs: a.stall_secs,
+    };
+    let job: Job = s.call(Method::Post, "/api/v1/protections", Some(&req)).await?;
     if a.no_wait {
-        show(&job, out, &["id", "kind", "target", "state"]);
+        show_one(&job, out);
         return Ok(());
     }
-    watch(&id, s, out).await
+    watch(&job.id, s, out).await
 }
 
-pub fn print_machines(v: &Value) {
+pub fn print_machines(v: &[MachineView]) {
     println!(
-        "{:<10} {:<10} {:<8} {:<5} {:<22} {:<10} {:<9} {:<14} {:<12} POINTS (crash/app)",
+        "{:<10} {:<10} {:<8} {:<5} {:<22} {:<14} {:<9} {:<14} {:<12} POINTS (crash/app)",
         "MACHINE", "SITE", "OS", "POWER", "REPLICATION", "HEALTH", "RPO", "MASTER TARGET", "GROUP"
     );
-    for m in v.as_array().into_iter().flatten() {
-        let rpo = m["rpo_secs"].as_f64().map(|r| format!("{r:.1} s")).unwrap_or_else(|| "-".into());
-        let sync = m["initial_sync"]["percent"].as_f64().map(|p| format!(" {p:.0}%")).unwrap_or_default();
-        let points = if m["points"].is_object() {
-            format!(
-                "{}/{}",
-                m["points"]["crash_tags"].as_u64().unwrap_or(0),
-                m["points"]["app_tags"].as_u64().unwrap_or(0)
-            )
-        } else {
-            "-".into()
-        };
+    for m in v {
+        let rpo = m.rpo_secs.map(|r| format!("{r:.1} s")).unwrap_or_else(|| "-".into());
+        let sync = m.initial_sync.as_ref().map(|r| format!(" {:.0}%", r.percent)).unwrap_or_default();
+        let points =
+            m.points.as_ref().map(|p| format!("{}/{}", p.crash_tags, p.app_tags)).unwrap_or_else(|| "-".into());
         println!(
-            "{:<10} {:<10} {:<8} {:<5} {:<22} {:<10} {:<9} {:<14} {:<12} {}",
-            m["machine"].as_str().unwrap_or(""),
-            m["site"].as_str().unwrap_or(""),
-            m["os_family"].as_str().unwrap_or(""),
-            m["power"].as_str().unwrap_or(""),
-            format!("{}{sync}", m["replication"].as_str().unwrap_or("")),
-            m["health"].as_str().unwrap_or(""),
+            "{:<10} {:<10} {:<8} {:<5} {:<22} {:<14} {:<9} {:<14} {:<12} {}",
+            m.machine,
+            m.site,
+            m.os_family,
+            m.power,
+            format!("{}{sync}", m.replication),
+            m.health.map(|h| h.as_str()).unwrap_or("not registered"),
             rpo,
-            m["master_target"].as_str().unwrap_or("-"),
-            m["group"].as_str().unwrap_or("-"),
+            m.master_target.as_deref().unwrap_or("-"),
+            m.group.as_deref().unwrap_or("-"),
             points
         );
-        for r in m["reasons"].as_array().into_iter().flatten() {
-            println!("    {} {}", r["code"], r["message"].as_str().unwrap_or(""));
+        for r in &m.reasons {
+            println!("    {} {}", r.code, r.message);
         }
     }
 }
 
 /// `ferry machines`.
 pub async fn machines(s: &ServerArgs, out: OutputFormat) -> Result<()> {
-    let v = s.call("GET", "/api/v1/machines", None).await?;
+    let v: Vec<MachineView> = s.get("/api/v1/machines").await?;
     match out {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+        OutputFormat::Json => print_json(&v),
         OutputFormat::Table => print_machines(&v),
     }
     Ok(())
@@ -607,26 +774,23 @@ pub async fn machines(s: &ServerArgs, out: OutputFormat) -> Result<()> {
 
 /// `ferry recovery-points MACHINE`.
 pub async fn recovery_points(machine: &str, s: &ServerArgs, out: OutputFormat) -> Result<()> {
-    let v = s.call("GET", &format!("/api/v1/machines/{}/recovery-points", enc(machine)), None).await?;
+    let v: MachineRecoveryPoints = s.get(&format!("/api/v1/machines/{}/recovery-points", enc(machine))).await?;
     match out {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+        OutputFormat::Json => print_json(&v),
         OutputFormat::Table => {
-            println!("recovery points of {machine} on master target {}:", v["master_target"].as_str().unwrap_or("?"));
+            println!("recovery points of {machine} on master target {}:", v.master_target);
             println!("{:<20} {:<16} {:<8} {:<8} {:<12} SEQ", "ID", "AGE", "KIND", "SCOPE", "GROUP");
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0);
-            for p in v["points"].as_array().into_iter().flatten() {
-                let age = now.saturating_sub(p["time_ms"].as_u64().unwrap_or(0)) as f64 / 1000.0;
+            let now = ferry_sys::time::now_ms();
+            for p in &v.points.points {
+                let age = now.saturating_sub(p.time_ms) as f64 / 1000.0;
                 println!(
                     "{:<20} {:<16} {:<8} {:<8} {:<12} {}",
-                    p["id"].as_str().unwrap_or(""),
+                    p.id,
                     format!("{age:.0} s ago"),
-                    p["kind"].as_str().unwrap_or(""),
-                    p["scope"].as_str().unwrap_or(""),
-                    p["group"].as_str().unwrap_or("-"),
-                    p["seq"]
+                    if p.is_app() { "app" } else { "crash" },
+                    if p.is_multi() { "multi" } else { "single" },
+                    p.group.as_deref().unwrap_or("-"),
+                    p.seq
                 );
             }
         }

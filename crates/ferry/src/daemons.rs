@@ -282,14 +282,14 @@ pub(crate) async fn run_config_server(a: ConfigServerRunArgs, out: OutputFormat)
     let prepared = ferry_config_server::prepare(&config).await.context("configuration server setup")?;
     let fingerprint = ferry_tls::fingerprint(&prepared.2)?;
     let first = &prepared.1;
-    let shown = serde_json::json!({
-        "listen": config.listen,
-        "database": prepared.0.backend(),
-        "ca": config.tls_dir().join("ca.pem"),
-        "ca_fingerprint": fingerprint,
-        "admin_token": first.admin_token,
-        "registration_passphrase": first.registration_passphrase,
-    });
+    let shown = ferry_api::config_server::Started {
+        listen: config.listen.clone(),
+        database: format!("{:?}", prepared.0.backend()).to_lowercase(),
+        ca: config.tls_dir().join("ca.pem"),
+        ca_fingerprint: fingerprint.clone(),
+        admin_token: first.admin_token.clone(),
+        registration_passphrase: first.registration_passphrase.clone(),
+    };
     match out {
         OutputFormat::Json => println!("{}", serde_json::to_string(&shown)?),
         OutputFormat::Table => {

@@ -6,12 +6,12 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
+use ferry_api::config_server::SiteOperation;
 use ferry_lab::site::{self, LabState};
 use ferry_lab::{guest as lab_guest, link as lab_link, workload as lab};
-use serde_json::Value;
 
 use crate::daemons::shutdown_on_signal;
-use crate::output::OutputFormat;
+use crate::output::{print_json, OutputFormat};
 
 /// Progress lines of `lab up` go to stderr in table mode (JSON output stays machine-readable).
 pub async fn up(dir: &Path, config: Option<&Path>, out: OutputFormat) -> Result<()> {
@@ -28,9 +28,10 @@ pub async fn up(dir: &Path, config: Option<&Path>, out: OutputFormat) -> Result<
 fn print_up(state: &LabState, out: OutputFormat) -> Result<()> {
     match out {
         OutputFormat::Json => {
-            let mut v = serde_json::to_value(state)?;
-            v.as_object_mut().map(|o| o.remove("admin_token"));
-            println!("{}", serde_json::to_string_pretty(&v)?);
+            // The admin token stays in lab.json (mode 0600); the operator token is enough to use the lab.
+            let mut shown = state.clone();
+            shown.admin_token = String::new();
+            print_json(&shown);
         }
         OutputFormat::Table => {
             println!("lab up in {}", state.dir.display());
@@ -69,71 +70,53 @@ fn print_up(state: &LabState, out: OutputFormat) -> Result<()> {
 pub async fn status(dir: &Path, out: OutputFormat) -> Result<()> {
     let v = site::status(dir).await?;
     if matches!(out, OutputFormat::Json) {
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        print_json(&v);
         return Ok(());
     }
-    let list = |k: &str| v[k].as_array().cloned().unwrap_or_default();
-    println!(
-        "lab {} — configuration server {}",
-        v["dir"].as_str().unwrap_or(""),
-        v["config_server"].as_str().unwrap_or("")
-    );
+    println!("lab {} — configuration server {}", v.dir.display(), v.config_server);
     println!("\n{:<28} {:<16} {:<8} {:<8} ADDRESS", "PROCESS", "KIND", "PID", "RUNNING");
-    for p in list("processes") {
-        println!(
-            "{:<28} {:<16} {:<8} {:<8} {}",
-            p["name"].as_str().unwrap_or(""),
-            p["kind"].as_str().unwrap_or(""),
-            p["pid"].to_string(),
-            p["running"].to_string(),
-            p["address"].as_str().unwrap_or("")
-        );
+    for p in &v.processes {
+        println!("{:<28} {:<16} {:<8} {:<8} {}", p.name, p.kind, p.pid, p.running, p.address);
     }
     println!("\n{:<26} {:<22} {:<10} TO", "LINK", "LISTEN", "STATE");
-    for l in list("links") {
-        let state = if l["state"]["cut"] == true {
-            "cut"
-        } else if l["state"].is_null() {
-            "down"
-        } else {
-            "up"
+    for l in &v.links {
+        let state = match &l.state {
+            Some(s) if s.cut => "cut",
+            Some(_) => "up",
+            None => "down",
         };
-        println!(
-            "{:<26} {:<22} {:<10} {}",
-            l["name"].as_str().unwrap_or(""),
-            l["listen"].as_str().unwrap_or(""),
-            state,
-            l["to"].as_str().unwrap_or("")
-        );
+        println!("{:<26} {:<22} {:<10} {}", l.link.name, l.link.listen, state, l.link.to);
     }
     println!("\n{:<28} {:<10} REASONS", "COMPONENT", "HEALTH");
-    for c in list("components") {
-        let reasons: Vec<&str> =
-            c["reasons"].as_array().into_iter().flatten().filter_map(|r| r["message"].as_str()).collect();
+    for c in v.components.iter().flatten() {
+        let reasons: Vec<&str> = c.reasons.iter().map(|r| r.message.as_str()).collect();
         println!(
             "{:<28} {:<10} {}",
-            format!("{}/{}", c["kind"].as_str().unwrap_or(""), c["name"].as_str().unwrap_or("")),
-            c["health"].as_str().unwrap_or(""),
+            format!("{}/{}", c.component.kind, c.component.name),
+            c.health.as_str(),
             reasons.join("; ")
         );
     }
+    if v.components.is_none() {
+        println!("(the configuration server does not answer)");
+    }
     println!();
-    crate::ctl::print_machines(&v["machines"]);
+    crate::ctl::print_machines(v.machines.as_deref().unwrap_or_default());
     Ok(())
 }
 
 pub async fn down(dir: &Path, remove: bool, out: OutputFormat) -> Result<()> {
     let v = site::down(dir, remove).await?;
     match out {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+        OutputFormat::Json => print_json(&v),
         OutputFormat::Table => println!(
             "lab down: {} guest(s) shut down, {} process(es) stopped{}",
-            v["stopped_guests"],
-            v["stopped_processes"],
-            if v["removed"] == true {
-                format!(", {} removed", v["dir"].as_str().unwrap_or(""))
+            v.stopped_guests,
+            v.stopped_processes,
+            if v.removed {
+                format!(", {} removed", v.dir.display())
             } else {
-                format!("; files kept in {}", v["dir"].as_str().unwrap_or(""))
+                format!("; files kept in {}", v.dir.display())
             }
         ),
     }
@@ -143,17 +126,19 @@ pub async fn down(dir: &Path, remove: bool, out: OutputFormat) -> Result<()> {
 pub async fn restart(dir: &Path, name: &str, kill: bool, out: OutputFormat) -> Result<()> {
     let p = site::restart(dir, name, kill).await?;
     match out {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&p)?),
+        OutputFormat::Json => print_json(&p),
         OutputFormat::Table => println!("{name} restarted (pid {})", p.pid),
     }
     Ok(())
 }
 
-pub async fn machine_op(dir: &Path, machine: &str, op: &str, out: OutputFormat) -> Result<()> {
+pub async fn machine_op(dir: &Path, machine: &str, op: SiteOperation, out: OutputFormat) -> Result<()> {
     let v = site::machine_op(dir, machine, op).await?;
     match out {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&v)?),
-        OutputFormat::Table => println!("{}", v["steps"][0]["message"].as_str().unwrap_or("done")),
+        OutputFormat::Json => print_json(&v),
+        OutputFormat::Table => {
+            println!("{}", v.steps.first().and_then(|s| s.message.as_deref()).unwrap_or("done"))
+        }
     }
     Ok(())
 }
@@ -162,15 +147,15 @@ pub async fn link_control(
     dir: &Path,
     names: &[String],
     action: &str,
-    body: Option<Value>,
+    body: Option<ferry_lab::link::Slow>,
     out: OutputFormat,
 ) -> Result<()> {
     let results = site::link_control(dir, names, action, body).await?;
     match out {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&results)?),
+        OutputFormat::Json => print_json(&results),
         OutputFormat::Table => {
             for r in &results {
-                println!("{}: {action}", r["link"].as_str().unwrap_or(""));
+                println!("{}: {action}", r.link);
             }
         }
     }
@@ -246,7 +231,7 @@ pub async fn demo(args: DemoArgs, out: OutputFormat) -> Result<()> {
     };
     let report = ferry_lab::demo::run(opts, &spinner).await?;
     match out {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        OutputFormat::Json => print_json(&report),
         OutputFormat::Table => {
             println!();
             println!(
@@ -256,18 +241,14 @@ pub async fn demo(args: DemoArgs, out: OutputFormat) -> Result<()> {
             for r in &report.machines {
                 println!(
                     "{:<8} {:<13} {:>9.1} MiB {:>6.1} s {:>7} {:>9} {:<28} {}",
-                    r["machine"].as_str().unwrap_or(""),
-                    r["master_target"].as_str().unwrap_or(""),
-                    r["bytes_replicated"].as_f64().unwrap_or(0.0) / 1048576.0,
-                    r["rpo_secs"].as_f64().unwrap_or(0.0),
-                    r["points"].as_u64().unwrap_or(0),
-                    r["workload_records"].as_u64().unwrap_or(0),
-                    format!(
-                        "{} {}",
-                        r["app_point"].as_str().unwrap_or(""),
-                        r["verify_app_point"].as_str().unwrap_or("")
-                    ),
-                    r["verify_group_point"].as_str().unwrap_or("")
+                    r.machine,
+                    r.master_target,
+                    r.bytes_replicated as f64 / 1048576.0,
+                    r.rpo_secs,
+                    r.points,
+                    r.workload_records,
+                    format!("{} {}", r.app_point, r.verify_app_point),
+                    r.verify_group_point
                 );
             }
             println!(
@@ -458,17 +439,22 @@ pub(crate) async fn run_lab(action: LabAction, out: OutputFormat) -> Result<()> 
             Some(LinkAction::Cut { names, lab }) => link_control(&lab, &names, "cut", None, out).await,
             Some(LinkAction::Restore { names, lab }) => link_control(&lab, &names, "restore", None, out).await,
             Some(LinkAction::Slow { names, lab, latency_ms, bandwidth_bytes_per_sec }) => {
-                let body =
-                    serde_json::json!({"latency_ms": latency_ms, "bandwidth_bytes_per_sec": bandwidth_bytes_per_sec});
+                let body = ferry_lab::link::Slow { latency_ms, bandwidth_bytes_per_sec };
                 link_control(&lab, &names, "slow", Some(body), out).await
             }
         },
         LabAction::Up { dir, config } => up(&dir, config.as_deref(), out).await,
         LabAction::Status { dir } => status(&dir, out).await,
         LabAction::Down { dir, remove } => down(&dir, remove, out).await,
-        LabAction::Crash { machine, lab } => machine_op(&lab, &machine, "crash", out).await,
-        LabAction::PowerOn { machine, lab } => machine_op(&lab, &machine, "power-on", out).await,
-        LabAction::PowerOff { machine, lab } => machine_op(&lab, &machine, "power-off", out).await,
+        LabAction::Crash { machine, lab } => {
+            machine_op(&lab, &machine.clone(), SiteOperation::Crash { machine }, out).await
+        }
+        LabAction::PowerOn { machine, lab } => {
+            machine_op(&lab, &machine.clone(), SiteOperation::PowerOn { machine }, out).await
+        }
+        LabAction::PowerOff { machine, lab } => {
+            machine_op(&lab, &machine.clone(), SiteOperation::PowerOff { machine }, out).await
+        }
         LabAction::Restart { name, kill, lab } => restart(&lab, &name, kill, out).await,
         LabAction::Guest { dir } => lab_guest::run(dir, shutdown_on_signal()).await,
         LabAction::Verify { record_log, disks, seed, exact_seq } => {

@@ -251,20 +251,9 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Inventory { server } => ctl::inventory(&server, out).await,
         Command::Jobs { action, server } => ctl::jobs(action, &server, out).await,
         Command::Tokens { action, server } => ctl::tokens(action, &server, out).await,
-        Command::Events { server } => {
-            let v = server.call("GET", "/api/v1/events", None).await?;
-            ctl::show(&v, out, &["seq", "time_ms", "severity", "code", "object", "message"]);
-            Ok(())
-        }
-        Command::Components { server } => {
-            let v = server.call("GET", "/api/v1/components", None).await?;
-            ctl::show(&v, out, &["kind", "name", "health", "last_seen_ms", "reasons"]);
-            Ok(())
-        }
-        Command::Backup { server } => {
-            let job = server.call("POST", "/api/v1/backups", None).await?;
-            ctl::watch(job["id"].as_str().unwrap_or(""), &server, out).await
-        }
+        Command::Events { server } => ctl::events(&server, out).await,
+        Command::Components { server } => ctl::components(&server, out).await,
+        Command::Backup { server } => ctl::backup(&server, out).await,
         Command::Lab { action } => lab_cli::run_lab(action, out).await,
         Command::Protect { args, server } => ctl::protect(args, &server, out).await,
         Command::Machines { server } => ctl::machines(&server, out).await,

@@ -8,7 +8,12 @@ use clap::{Args, Subcommand};
 
 use crate::agent_cli::{api, print_result, status, StatusArgs};
 use crate::daemons::{MasterTargetRunArgs, ProcessServerRunArgs};
-use crate::output::{self, OutputFormat};
+use crate::output::{self, print_json, OutputFormat};
+use ferry_api::master_target::{
+    Changes, Discarded, GroupPoints, ImageFormat, Materialization, MaterializationKind, MaterializationList,
+    MaterializeRequest, MaterializedAs, Point, PointList, SelectPoint,
+};
+use ferry_api::Method;
 
 #[derive(Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -135,18 +140,22 @@ pub(crate) fn url_part(s: &str) -> String {
         .collect()
 }
 
-pub(crate) async fn post_materialization(
+async fn post_materialization(
     status: &StatusArgs,
     machine: &str,
-    body: &serde_json::Value,
-) -> Result<serde_json::Value> {
-    api("master-target", status, "POST", &format!("/machines/{}/materializations", url_part(machine)), Some(body)).await
+    body: &MaterializeRequest,
+) -> Result<Materialization> {
+    let path = format!("/machines/{}/materializations", url_part(machine));
+    api("master-target", status, Method::Post, &path, Some(body)).await
 }
 
-pub(crate) fn print_materialization(v: &serde_json::Value, out: OutputFormat, lines: &[&str]) {
-    let id = v["id"].as_str().unwrap_or("?");
-    let point = v["point"]["id"].as_str().unwrap_or("?");
-    print_result(v, out, &format!("{id}  point {point}\n  {}", lines.join("\n  ")));
+fn print_materialization(v: &Materialization, out: OutputFormat, lines: &[String]) {
+    print_result(v, out, &format!("{}  point {}\n  {}", v.id, v.point.id, lines.join("\n  ")));
+}
+
+fn image_format(s: &str) -> Result<ImageFormat> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned()))
+        .map_err(|_| anyhow::anyhow!("--format {s:?} is not one of raw, qcow2, vmdk, vhd"))
 }
 
 pub(crate) async fn master_target_action(action: MasterTargetAction, out: OutputFormat) -> Result<()> {
@@ -154,63 +163,78 @@ pub(crate) async fn master_target_action(action: MasterTargetAction, out: Output
     match action {
         MasterTargetAction::Status(s) => status(MT, &s, out).await,
         MasterTargetAction::Points(p) => {
-            let path = match (&p.machine, &p.group) {
-                (_, Some(g)) => format!("/groups/{}/points", url_part(g)),
-                (Some(m), None) => format!("/machines/{}/points", url_part(m)),
+            match (&p.machine, &p.group) {
+                (_, Some(g)) => {
+                    let path = format!("/groups/{}/points", url_part(g));
+                    let v: GroupPoints = api(MT, &p.status, Method::Get, &path, None::<&()>).await?;
+                    output::print_group_points(&v, out);
+                }
+                (Some(m), None) => {
+                    let path = format!("/machines/{}/points", url_part(m));
+                    let v: PointList = api(MT, &p.status, Method::Get, &path, None::<&()>).await?;
+                    output::print_points(&v, out);
+                }
                 (None, None) => bail!("give --machine or --group"),
-            };
-            let v = api(MT, &p.status, "GET", &path, None).await?;
-            output::print_points(&v, out);
+            }
             Ok(())
         }
         MasterTargetAction::Select(a) => {
-            let body = serde_json::json!({ "selector": a.point });
-            let v =
-                api(MT, &a.status, "POST", &format!("/machines/{}/points", url_part(&a.machine)), Some(&body)).await?;
-            print_result(
-                &v,
-                out,
-                &format!("{}  seq {}  {} {}", v["id"].as_str().unwrap_or("?"), v["seq"], v["kind"], v["scope"]),
-            );
+            let body = SelectPoint { selector: a.point.clone() };
+            let path = format!("/machines/{}/points", url_part(&a.machine));
+            let v: Point = api(MT, &a.status, Method::Post, &path, Some(&body)).await?;
+            let scope = if v.is_multi() { "multi" } else { "single" };
+            let kind = if v.is_app() { "app" } else { "crash" };
+            print_result(&v, out, &format!("{}  seq {}  {kind} {scope}", v.id, v.seq));
             Ok(())
         }
         MasterTargetAction::Materialize(a) => {
-            let mut body = serde_json::json!({ "point": a.point, "kind": "image", "format": a.format });
-            if let Some(d) = &a.dir {
-                let d = std::path::absolute(d).with_context(|| format!("bad folder {}", d.display()))?;
-                body["dir"] = serde_json::json!(d);
-            }
+            let dir = match &a.dir {
+                Some(d) => Some(std::path::absolute(d).with_context(|| format!("bad folder {}", d.display()))?),
+                None => None,
+            };
+            let body = MaterializeRequest {
+                point: a.point.clone(),
+                kind: MaterializationKind::Image,
+                format: Some(image_format(&a.format)?),
+                dir,
+                writable: false,
+            };
             let v = post_materialization(&a.status, &a.machine, &body).await?;
-            let files: Vec<_> = v["files"].as_array().into_iter().flatten().filter_map(|f| f.as_str()).collect();
+            let files: Vec<String> = match &v.what {
+                MaterializedAs::Image { files, .. } => files.iter().map(|f| f.display().to_string()).collect(),
+                MaterializedAs::Export { .. } => Vec::new(),
+            };
             print_materialization(&v, out, &files);
             Ok(())
         }
         MasterTargetAction::Export(a) => {
-            let body = serde_json::json!({ "point": a.point, "kind": "export", "writable": a.writable });
+            let body = MaterializeRequest {
+                point: a.point.clone(),
+                kind: MaterializationKind::Export,
+                format: None,
+                dir: None,
+                writable: a.writable,
+            };
             let v = post_materialization(&a.status, &a.machine, &body).await?;
-            let urls: Vec<_> = v["nbd_urls"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .flat_map(|u| u.as_array().cloned().unwrap_or_default())
-                .filter_map(|u| u.as_str().map(str::to_owned))
-                .collect();
-            let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+            let urls: Vec<String> = v.nbd_urls.iter().flatten().cloned().collect();
             print_materialization(&v, out, &urls);
             Ok(())
         }
         MasterTargetAction::Materializations(s) => {
-            let v = api(MT, &s, "GET", "/materializations", None).await?;
+            let v: MaterializationList = api(MT, &s, Method::Get, "/materializations", None::<&()>).await?;
             match out {
-                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+                OutputFormat::Json => print_json(&v),
                 OutputFormat::Table => {
-                    for m in v["materializations"].as_array().into_iter().flatten() {
+                    for m in &v.materializations {
+                        let kind = match m.what {
+                            MaterializedAs::Image { .. } => "image",
+                            MaterializedAs::Export { .. } => "export",
+                        };
                         println!(
-                            "{}  {}  point {}{}",
-                            m["id"].as_str().unwrap_or("?"),
-                            m["kind"].as_str().unwrap_or("?"),
-                            m["point"]["id"].as_str().unwrap_or("?"),
-                            m["problem"].as_str().map(|p| format!("  PROBLEM: {p}")).unwrap_or_default()
+                            "{}  {kind}  point {}{}",
+                            m.id,
+                            m.point.id,
+                            m.problem.as_ref().map(|p| format!("  PROBLEM: {p}")).unwrap_or_default()
                         );
                     }
                 }
@@ -218,7 +242,8 @@ pub(crate) async fn master_target_action(action: MasterTargetAction, out: Output
             Ok(())
         }
         MasterTargetAction::Discard(d) => {
-            let v = api(MT, &d.status, "DELETE", &format!("/materializations/{}", url_part(&d.id)), None).await?;
+            let path = format!("/materializations/{}", url_part(&d.id));
+            let v: Discarded = api(MT, &d.status, Method::Delete, &path, None::<&()>).await?;
             print_result(&v, out, &format!("discarded {}", d.id));
             Ok(())
         }
@@ -227,24 +252,19 @@ pub(crate) async fn master_target_action(action: MasterTargetAction, out: Output
             if let Some(t) = &c.to {
                 path.push_str(&format!("&to={}", url_part(t)));
             }
-            let v = api(MT, &c.status, "GET", &path, None).await?;
+            let v: Changes = api(MT, &c.status, Method::Get, &path, None::<&()>).await?;
             match out {
-                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+                OutputFormat::Json => print_json(&v),
                 OutputFormat::Table => {
                     println!(
                         "changes of {} from seq {} to seq {}{}",
-                        v["machine"].as_str().unwrap_or("?"),
-                        v["from_seq"],
-                        v["to_seq"],
-                        if v["full_resync"] == true { " (whole disks: an initial sync ran in between)" } else { "" }
+                        v.machine,
+                        v.from_seq,
+                        v.to_seq.map(|s| s.to_string()).unwrap_or_else(|| "head".into()),
+                        if v.full_resync { " (whole disks: an initial sync ran in between)" } else { "" }
                     );
-                    for d in v["disks"].as_array().into_iter().flatten() {
-                        println!(
-                            "  {}: {} bytes in {} extents",
-                            d["disk"].as_str().unwrap_or("?"),
-                            d["bytes"],
-                            d["extents"].as_array().map(|e| e.len()).unwrap_or(0)
-                        );
+                    for d in &v.disks {
+                        println!("  {}: {} bytes in {} extents", d.disk, d.bytes, d.extents.len());
                     }
                 }
             }

@@ -12,7 +12,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use serde_json::{json, Value};
+use ferry_api::agent::{AgentStatus, GroupPointRequest, GroupReport, TagTaken};
+use ferry_api::config_server::{Job, JobState, MachineRecoveryPoints, Policy, PolicyCreated, ProtectRequest};
+use ferry_api::control::ComponentStatus;
+use ferry_api::master_target::{ImageFormat, Materialization, MaterializationKind, MaterializeRequest, MaterializedAs};
+use ferry_api::Method;
 
 use crate::site::{self as lab_site, LabSpec, LabState};
 
@@ -38,21 +42,38 @@ pub trait Progress: Send + Sync {
 }
 
 /// What the demo found: a row per machine, and whether every point verified.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct DemoReport {
     pub lab: PathBuf,
-    pub machines: Vec<Value>,
+    pub machines: Vec<DemoMachine>,
     pub verified: bool,
 }
 
+/// One protected machine of the demo: what was replicated and what the verifications said.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct DemoMachine {
+    pub machine: String,
+    pub master_target: String,
+    pub bytes_replicated: u64,
+    pub rpo_secs: f64,
+    pub points: usize,
+    pub app_point: String,
+    /// The workload record the app-consistent point must end at.
+    pub app_point_record: Option<u64>,
+    /// `PASS` or `FAIL: why`.
+    pub verify_app_point: String,
+    /// `PASS (…)`, `FAIL: why`, or `-` (not in a group).
+    pub verify_group_point: String,
+    pub workload_records: u64,
+}
+
 /// The guest's agent status (its own status endpoint).
-async fn agent_status(st: &LabState, machine: &str) -> Result<Value> {
+async fn agent_status(st: &LabState, machine: &str) -> Result<AgentStatus> {
     let ends = st.guest_endpoints(machine)?;
-    let (code, v) = ferry_status::request(&ends.status, "GET", "/status", None).await?;
-    if code != 200 {
-        bail!("{machine}'s agent answered {code}: {v}");
+    match ferry_status::status_of(&ends.status).await? {
+        ComponentStatus::Agent(a) => Ok(a),
+        other => bail!("{} answers for a {}, not {machine}'s agent", ends.status, other.kind()),
     }
-    Ok(v)
 }
 
 fn last_line_seq(path: &Path) -> Option<u64> {
@@ -92,10 +113,10 @@ pub async fn run(args: DemoArgs, p: &dyn Progress) -> Result<DemoReport> {
     result
 }
 
-async fn wait_for<F, Fut>(what: &str, limit: Duration, mut f: F) -> Result<Value>
+async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut f: F) -> Result<T>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<Option<Value>>>,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
 {
     let deadline = Instant::now() + limit;
     loop {
@@ -113,13 +134,17 @@ where
 async fn demo(st: &LabState, args: &DemoArgs, p: &dyn Progress) -> Result<DemoReport> {
     let spec: LabSpec = toml::from_str(&std::fs::read_to_string(st.dir.join("lab.toml"))?)?;
     let server = st.server();
-    server
-        .call(
-            "POST",
-            "/api/v1/policies",
-            Some(json!({"name": "demo", "rpo_threshold_secs": 120, "retention_secs": 3600, "app_consistent_secs": 3600, "crash_consistent_secs": 10})),
-        )
-        .await?;
+    let policy = Policy {
+        name: "demo".into(),
+        rpo_threshold_secs: 120,
+        retention_secs: 3600,
+        app_consistent_secs: 3600,
+        crash_consistent_secs: 10,
+        failback_of: None,
+        read_only: false,
+        associated: true,
+    };
+    let _: PolicyCreated = server.call(Method::Post, "/api/v1/policies", Some(&policy)).await?;
     p.step(
         "policy demo: crash-consistent points every 10 s, app-consistent every hour, 1 h retention, RPO alert at 2 min",
     );
@@ -128,7 +153,7 @@ async fn demo(st: &LabState, args: &DemoArgs, p: &dyn Progress) -> Result<DemoRe
     // one when there is one), datastores of that site in turn.
     let mut requests = Vec::new();
     let mut grouped = std::collections::HashSet::new();
-    let plan = |machines: Vec<(String, String, String)>, group: Option<String>, k: usize| -> Result<Value> {
+    let plan = |machines: Vec<(String, String, String)>, group: Option<String>, k: usize| -> Result<ProtectRequest> {
         let (_, site, os) = machines[0].clone();
         let other =
             spec.sites.iter().filter(|s| s.name != site && s.master_targets.iter().any(|m| m.run)).collect::<Vec<_>>();
@@ -151,10 +176,17 @@ async fn demo(st: &LabState, args: &DemoArgs, p: &dyn Progress) -> Result<DemoRe
             .find(|s| s.name == site)
             .and_then(|s| s.process_server.clone())
             .context("the machine's site has no process server")?;
-        Ok(json!({
-            "machines": machines.iter().map(|m| m.0.clone()).collect::<Vec<_>>(),
-            "group": group, "policy": "demo", "process_server": ps.name, "master_target": mt.name, "datastore": ds.name,
-        }))
+        Ok(ProtectRequest {
+            machine: None,
+            machines: machines.iter().map(|m| m.0.clone()).collect(),
+            group,
+            policy: "demo".into(),
+            process_server: ps.name,
+            master_target: mt.name.clone(),
+            datastore: ds.name.clone(),
+            wait_secs: 900,
+            stall_secs: 600,
+        })
     };
     let find = |name: &str| -> Option<(String, String, String)> {
         spec.sites.iter().find_map(|s| {
@@ -186,19 +218,16 @@ async fn demo(st: &LabState, args: &DemoArgs, p: &dyn Progress) -> Result<DemoRe
     }
     let mut jobs = Vec::new();
     for r in &requests {
-        let job = server.call("POST", "/api/v1/protections", Some(r.clone())).await?;
+        let job: Job = server.call(Method::Post, "/api/v1/protections", Some(r)).await?;
         p.step(&format!(
             "protect {} → {} on {} (datastore {}), job {}",
-            r["machines"]
-                .as_array()
-                .map(|a| a.iter().filter_map(|x| x.as_str()).collect::<Vec<_>>().join(", "))
-                .unwrap_or_default(),
-            r["master_target"].as_str().unwrap_or(""),
-            r["process_server"].as_str().unwrap_or(""),
-            r["datastore"].as_str().unwrap_or(""),
-            job["id"].as_str().unwrap_or("")
+            r.machines.join(", "),
+            r.master_target,
+            r.process_server,
+            r.datastore,
+            job.id
         ));
-        jobs.push(job["id"].as_str().unwrap_or("").to_owned());
+        jobs.push(job.id);
     }
     // Follow the jobs: initial sync bytes, %, ETA.
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -206,21 +235,21 @@ async fn demo(st: &LabState, args: &DemoArgs, p: &dyn Progress) -> Result<DemoRe
         let mut done = 0;
         let mut parts = Vec::new();
         for id in &jobs {
-            let v = server.call("GET", &format!("/api/v1/jobs/{id}"), None).await?;
-            match v["state"].as_str() {
-                Some("succeeded") => done += 1,
-                Some("failed" | "cancelled") => bail!(
+            let v: Job = server.call(Method::Get, &format!("/api/v1/jobs/{id}"), None::<&()>).await?;
+            match v.state {
+                JobState::Succeeded => done += 1,
+                JobState::Failed | JobState::Cancelled => bail!(
                     "protect job {id} failed: {} (remedy: {})",
-                    v["error"]["message"].as_str().unwrap_or("-"),
-                    v["error"]["remedy"].as_str().unwrap_or("-")
+                    v.error.as_ref().map(|e| e.message.as_str()).unwrap_or("-"),
+                    v.error.as_ref().map(|e| e.remedy.as_str()).unwrap_or("-")
                 ),
                 _ => {}
             }
             parts.push(format!(
                 "{} {:.0}%{}",
-                v["target"].as_str().unwrap_or(""),
-                v["progress_percent"].as_f64().unwrap_or(0.0),
-                v["eta_secs"].as_f64().map(|e| format!(" ETA {e:.0}s")).unwrap_or_default()
+                v.target,
+                v.progress_percent,
+                v.eta_secs.map(|e| format!(" ETA {e:.0}s")).unwrap_or_default()
             ));
         }
         p.status(&format!("initial sync: {}", parts.join(" · ")));
@@ -232,11 +261,7 @@ async fn demo(st: &LabState, args: &DemoArgs, p: &dyn Progress) -> Result<DemoRe
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    let machines: Vec<String> = requests
-        .iter()
-        .flat_map(|r| r["machines"].as_array().cloned().unwrap_or_default())
-        .filter_map(|m| m.as_str().map(str::to_owned))
-        .collect();
+    let machines: Vec<String> = requests.iter().flat_map(|r| r.machines.iter().cloned()).collect();
     p.step(&format!("{} machine(s) Protected; workloads running for {:.0} s", machines.len(), args.workload_secs));
     let guest_dir = |m: &str| -> Result<PathBuf> { Ok(st.machine_site(m)?.1.join("guests").join(m)) };
     let start = Instant::now();
@@ -255,10 +280,9 @@ async fn demo(st: &LabState, args: &DemoArgs, p: &dyn Progress) -> Result<DemoRe
     for m in &machines {
         let ends = st.guest_endpoints(m)?;
         let before = crate::site::now_ms();
-        let (code, v) = ferry_status::request(&ends.status, "POST", "/points/app", None).await?;
-        if code != 200 {
-            bail!("app-consistent point of {m} refused ({code}): {v}");
-        }
+        let _: TagTaken = ferry_status::call(&ends.status, Method::Post, "/points/app", None::<&()>)
+            .await
+            .with_context(|| format!("app-consistent point of {m}"))?;
         let seq = last_line_seq(&guest_dir(m)?.join("app-consistent.log"));
         p.step(&format!(
             "{m}: app-consistent point taken (workload paused at record {})",
@@ -269,23 +293,17 @@ async fn demo(st: &LabState, args: &DemoArgs, p: &dyn Progress) -> Result<DemoRe
     }
     // A multi-machine (crash-consistent) point per replication group, from its coordinator.
     let mut group_of: BTreeMap<String, String> = BTreeMap::new();
-    for r in requests.iter().filter(|r| r["group"].is_string()) {
-        let members: Vec<String> =
-            r["machines"].as_array().into_iter().flatten().filter_map(|m| m.as_str().map(str::to_owned)).collect();
-        let ends = st.guest_endpoints(&members[0])?;
-        let (code, v) =
-            ferry_status::request(&ends.status, "POST", "/group/point", Some(&json!({"app": false}))).await?;
-        if code != 200 {
-            bail!("multi-machine point of group {} refused ({code}): {v}", r["group"]);
+    for r in &requests {
+        let (Some(group), Some(first)) = (&r.group, r.machines.first()) else { continue };
+        let ends = st.guest_endpoints(first)?;
+        let _: GroupReport =
+            ferry_status::call(&ends.status, Method::Post, "/group/point", Some(&GroupPointRequest { app: false }))
+                .await
+                .with_context(|| format!("multi-machine point of group {group}"))?;
+        for m in &r.machines {
+            group_of.insert(m.clone(), group.clone());
         }
-        for m in &members {
-            group_of.insert(m.clone(), r["group"].as_str().unwrap_or("").to_owned());
-        }
-        p.step(&format!(
-            "group {}: multi-machine point across {}",
-            r["group"].as_str().unwrap_or(""),
-            members.join(", ")
-        ));
+        p.step(&format!("group {group}: multi-machine point across {}", r.machines.join(", ")));
     }
 
     // Materialize and verify.
@@ -308,22 +326,21 @@ async fn demo(st: &LabState, args: &DemoArgs, p: &dyn Progress) -> Result<DemoRe
                 let server = server.clone();
                 let m = m.clone();
                 async move {
-                    let v = server.call("GET", &format!("/api/v1/machines/{m}/recovery-points"), None).await?;
-                    let has = v["points"].as_array().into_iter().flatten().any(|p| {
-                        p["kind"] == "app" && p["scope"] == "single" && p["time_ms"].as_u64().unwrap_or(0) >= since
-                    });
+                    let path = format!("/api/v1/machines/{m}/recovery-points");
+                    let v: MachineRecoveryPoints = server.call(Method::Get, &path, None::<&()>).await?;
+                    let has = v.points.points.iter().any(|p| p.is_app() && !p.is_multi() && p.time_ms >= since);
                     Ok(has.then_some(v))
                 }
             })
             .await?;
-        let list = points["points"].as_array().cloned().unwrap_or_default();
+        let list = &points.points.points;
         let app = list
             .iter()
-            .filter(|p| p["kind"] == "app" && p["scope"] == "single" && p["time_ms"].as_u64().unwrap_or(0) >= since)
-            .max_by_key(|p| p["seq"].as_u64().unwrap_or(0))
+            .filter(|p| p.is_app() && !p.is_multi() && p.time_ms >= since)
+            .max_by_key(|p| p.seq)
             .cloned()
-            .unwrap_or_default();
-        let mt = points["master_target"].as_str().unwrap_or("").to_owned();
+            .with_context(|| format!("{m}'s app-consistent point went away"))?;
+        let mt = points.master_target.clone();
         let mt_status = st
             .process(&mt)
             .and_then(|p| p.status.clone())
@@ -332,22 +349,29 @@ async fn demo(st: &LabState, args: &DemoArgs, p: &dyn Progress) -> Result<DemoRe
             let mt_status = mt_status.clone();
             let m = m.clone();
             async move {
-                let (code, v) = ferry_status::request(
+                let req = MaterializeRequest {
+                    point: point.clone(),
+                    kind: MaterializationKind::Image,
+                    format: Some(ImageFormat::Raw),
+                    dir: Some(dir),
+                    writable: false,
+                };
+                let v: Materialization = ferry_status::call(
                     &mt_status,
-                    "POST",
+                    Method::Post,
                     &format!("/machines/{m}/materializations"),
-                    Some(&json!({"point": point, "kind": "image", "format": "raw", "dir": dir})),
+                    Some(&req),
                 )
-                .await?;
-                if code != 201 {
-                    bail!("materializing {point} of {m} failed ({code}): {v}");
-                }
-                let files: Vec<PathBuf> =
-                    v["files"].as_array().into_iter().flatten().filter_map(|f| f.as_str().map(PathBuf::from)).collect();
-                Ok::<_, anyhow::Error>((v["id"].as_str().unwrap_or("").to_owned(), files))
+                .await
+                .with_context(|| format!("materializing {point} of {m}"))?;
+                let files = match v.what {
+                    MaterializedAs::Image { files, .. } => files,
+                    MaterializedAs::Export { .. } => bail!("{mt_status} made an export of {point}, not images"),
+                };
+                Ok::<_, anyhow::Error>((v.id, files))
             }
         };
-        let id = app["id"].as_str().unwrap_or("").to_owned();
+        let id = app.id.clone();
         let (_, files) = materialize(id.clone(), work.join(format!("{m}-app"))).await?;
         let log = gdir.join("records.log");
         let exact = app_seq[m];
@@ -380,19 +404,23 @@ async fn demo(st: &LabState, args: &DemoArgs, p: &dyn Progress) -> Result<DemoRe
                 format!("FAIL: {}", v.problem.unwrap_or_default())
             };
         }
-        let agent = agent_status(st, m).await.unwrap_or_default();
-        rows.push(json!({
-            "machine": m,
-            "master_target": mt,
-            "bytes_replicated": agent["shipped_bytes"],
-            "rpo_secs": agent["lag_seconds"],
-            "points": list.len(),
-            "app_point": id,
-            "app_point_record": exact,
-            "verify_app_point": if verdict.consistent { "PASS".to_owned() } else { format!("FAIL: {}", verdict.problem.unwrap_or_default()) },
-            "verify_group_point": group_result,
-            "workload_records": records(&log),
-        }));
+        let agent = agent_status(st, m).await.ok();
+        rows.push(DemoMachine {
+            machine: m.clone(),
+            master_target: mt,
+            bytes_replicated: agent.as_ref().map(|a| a.shipped_bytes).unwrap_or(0),
+            rpo_secs: agent.as_ref().map(|a| a.lag_seconds).unwrap_or(0.0),
+            points: list.len(),
+            app_point: id,
+            app_point_record: exact,
+            verify_app_point: if verdict.consistent {
+                "PASS".to_owned()
+            } else {
+                format!("FAIL: {}", verdict.problem.unwrap_or_default())
+            },
+            verify_group_point: group_result,
+            workload_records: records(&log),
+        });
     }
     Ok(DemoReport { lab: st.dir.clone(), machines: rows, verified: all_ok })
 }

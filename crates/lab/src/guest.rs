@@ -14,8 +14,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use ferry_api::control::{
+    ComponentKind, ComponentSettings, ComponentStatus, Heartbeat, HeartbeatAck, MobilityServiceStatus,
+};
+use ferry_api::Method;
+use ferry_status::server_client::ServerClient;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
@@ -199,20 +204,20 @@ impl Guest {
         std::fs::read_to_string(self.reg.join("config-server.token")).ok().map(|t| t.trim().to_owned())
     }
 
-    async fn api(&self, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Value)> {
+    /// A call to the configuration server with the machine's component token.
+    async fn api<T: serde::de::DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&(impl serde::Serialize + ?Sized)>,
+    ) -> Result<T> {
         let token = self.token().context("not registered")?;
-        let auth = format!("Bearer {token}");
-        let body = body.map(|b| b.to_string());
-        let (code, resp) = ferry_tls::https_request(
-            &self.file.settings.config_server,
-            ferry_tls::Trust::CaFile(&self.reg.join("ca.pem")),
-            method,
-            path,
-            &[("Authorization", auth.as_str())],
-            body.as_deref().map(str::as_bytes),
-        )
-        .await?;
-        Ok((code, serde_json::from_slice(&resp).unwrap_or(Value::Null)))
+        let client = ServerClient {
+            server: self.file.settings.config_server.clone(),
+            token: Some(token),
+            ca: Some(self.reg.join("ca.pem")),
+        };
+        Ok(client.call(method, path, body).await?)
     }
 
     async fn register(&self, shutdown: &CancellationToken) -> bool {
@@ -228,7 +233,7 @@ impl Guest {
                     &g.config_server,
                     &g.ca_fingerprint,
                     pass.trim(),
-                    "agent",
+                    ferry_api::control::ComponentKind::Agent,
                     &self.file.machine,
                     &[],
                     &self.reg,
@@ -252,8 +257,8 @@ impl Guest {
     }
 
     /// The agent's configuration: local keys, then the server's settings.
-    fn write_agent_config(&self, settings: &Value) -> Result<PathBuf> {
-        let mut t = match to_toml(settings) {
+    fn write_agent_config(&self, settings: &ComponentSettings) -> Result<PathBuf> {
+        let mut t = match to_toml(&serde_json::to_value(settings)?) {
             Some(toml::Value::Table(t)) => t,
             _ => toml::Table::new(),
         };
@@ -335,24 +340,27 @@ pub async fn run(dir: PathBuf, shutdown: CancellationToken) -> Result<()> {
     if !g.register(&shutdown).await {
         return Ok(());
     }
-    let mut agent: Option<(Child, Value)> = None;
+    let mut agent: Option<(Child, ComponentSettings)> = None;
     let mut workload: Option<Child> = None;
     let mut last_heartbeat = std::time::Instant::now() - Duration::from_secs(3600);
     let hb_every = Duration::from_secs_f64(g.file.settings.heartbeat_interval_secs.max(0.2));
     // The last settings the server gave: a crashed agent restarts with them even while the
     // server is unreachable (a real mobility service keeps its configuration too).
-    let mut known: Option<Value> = None;
+    let mut known: Option<ComponentSettings> = None;
     loop {
         let path = format!("/api/v1/components/agent/{}/settings", g.file.machine);
-        let fetch = g.api("GET", &path, None);
+        let fetch = g.api::<ComponentSettings>(Method::Get, &path, None::<&()>);
         let answer = tokio::select! {
             r = fetch => r,
             _ = shutdown.cancelled() => break,
         };
         let fetched = match answer {
-            Ok((200, v)) => Some(v),
-            Ok((code, v)) => {
-                tracing::warn!(code, body = %v, "the configuration server refused the settings request");
+            Ok(v) => Some(v),
+            Err(e)
+                if e.downcast_ref::<ferry_status::server_client::ClientError>()
+                    .is_some_and(|c| matches!(c, ferry_status::server_client::ClientError::Refused { .. })) =>
+            {
+                tracing::warn!(error = %format!("{e:#}"), "the configuration server refused the settings request");
                 None
             }
             Err(e) => {
@@ -364,7 +372,7 @@ pub async fn run(dir: PathBuf, shutdown: CancellationToken) -> Result<()> {
             known = fetched;
         }
         if let Some(s) = &known {
-            let protected = s["process_server"].is_string() && s["disks"].as_array().is_some_and(|d| !d.is_empty());
+            let protected = s.process_server.is_some() && s.disks.as_ref().is_some_and(|d| !d.is_empty());
             let changed = agent.as_ref().map(|(_, cur)| cur != s).unwrap_or(true);
             if protected && changed {
                 if let Some((mut c, _)) = agent.take() {
@@ -385,7 +393,7 @@ pub async fn run(dir: PathBuf, shutdown: CancellationToken) -> Result<()> {
                 });
                 match started {
                     Ok(c) => {
-                        tracing::info!(process_server = %s["process_server"], "agent started");
+                        tracing::info!(process_server = s.process_server.as_deref().unwrap_or(""), "agent started");
                         record_pid(&g.dir.join("agent.pid"), &c);
                         agent = Some((c, s.clone()));
                     }
@@ -409,11 +417,17 @@ pub async fn run(dir: PathBuf, shutdown: CancellationToken) -> Result<()> {
         }
         if agent.is_none() && last_heartbeat.elapsed() >= hb_every {
             // Unprotected: the mobility service still reports in (and says where it serves).
-            let body = json!({"kind": "agent", "name": g.file.machine, "status": {
-                "component": "agent", "machine": g.file.machine, "mode": "not-protected",
-                "status_listen": g.ends.status, "nbd_listen": g.ends.nbd,
-            }});
-            if let Err(e) = g.api("POST", "/api/v1/heartbeats", Some(&body)).await {
+            let beat = Heartbeat {
+                kind: ComponentKind::Agent,
+                name: g.file.machine.clone(),
+                status: Some(ComponentStatus::MobilityService(MobilityServiceStatus {
+                    machine: g.file.machine.clone(),
+                    status_listen: Some(g.ends.status.clone()),
+                    nbd_listen: Some(g.ends.nbd.clone()),
+                })),
+                policy: None,
+            };
+            if let Err(e) = g.api::<HeartbeatAck>(Method::Post, "/api/v1/heartbeats", Some(&beat)).await {
                 tracing::debug!(error = %format!("{e:#}"), "heartbeat failed");
             }
             last_heartbeat = std::time::Instant::now();
@@ -456,7 +470,7 @@ mod tests {
 
     #[test]
     fn settings_become_toml_without_nulls() {
-        let v = json!({"process_server": "127.0.0.1:1", "disks": [{"name": "d", "path": "/x", "uuid": null}], "n": 3, "f": 1.5, "off": null});
+        let v = serde_json::json!({"process_server": "127.0.0.1:1", "disks": [{"name": "d", "path": "/x", "uuid": null}], "n": 3, "f": 1.5, "off": null});
         let t = match to_toml(&v) {
             Some(toml::Value::Table(t)) => t,
             other => panic!("{other:?}"),

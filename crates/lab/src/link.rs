@@ -14,6 +14,16 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+/// A link's state, as its control endpoint answers (`GET /status`, and every control call).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct LinkStatus {
+    pub cut: bool,
+    pub latency_ms: u64,
+    pub bandwidth_bytes_per_sec: u64,
+    pub bytes_forwarded: u64,
+    pub connections: u64,
+}
+
 #[derive(Default)]
 pub struct LinkState {
     cut: AtomicBool,
@@ -30,15 +40,14 @@ impl LinkState {
     fn token(&self) -> CancellationToken {
         self.generation.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
-    fn status(&self) -> serde_json::Value {
-        serde_json::json!({
-            "component": "lab-link",
-            "cut": self.cut.load(Ordering::SeqCst),
-            "latency_ms": self.latency_ms.load(Ordering::SeqCst),
-            "bandwidth_bytes_per_sec": self.bandwidth.load(Ordering::SeqCst),
-            "bytes_forwarded": self.bytes.load(Ordering::SeqCst),
-            "connections": self.connections.load(Ordering::SeqCst),
-        })
+    fn status(&self) -> LinkStatus {
+        LinkStatus {
+            cut: self.cut.load(Ordering::SeqCst),
+            latency_ms: self.latency_ms.load(Ordering::SeqCst),
+            bandwidth_bytes_per_sec: self.bandwidth.load(Ordering::SeqCst),
+            bytes_forwarded: self.bytes.load(Ordering::SeqCst),
+            connections: self.connections.load(Ordering::SeqCst),
+        }
     }
 }
 
@@ -95,13 +104,14 @@ async fn handle(client: TcpStream, upstream: String, state: Arc<LinkState>) {
     state.connections.fetch_sub(1, Ordering::Relaxed);
 }
 
-#[derive(serde::Deserialize, Default)]
+/// `POST /slow`: added latency per chunk and a bandwidth limit (0 = none).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct Slow {
+pub struct Slow {
     #[serde(default)]
-    latency_ms: u64,
+    pub latency_ms: u64,
     #[serde(default)]
-    bandwidth_bytes_per_sec: u64,
+    pub bandwidth_bytes_per_sec: u64,
 }
 
 /// Run the link until `shutdown`.
@@ -115,6 +125,7 @@ pub async fn run(listen: &str, upstream: String, control: &str, shutdown: Cancel
     ferry_sys::listen::publish(&[("listen", listener.local_addr()?), ("control", control_l.local_addr()?)])?;
     let state = Arc::new(LinkState::default());
     let routes = Router::new()
+        .route("/status", axum::routing::get(|State(s): State<Arc<LinkState>>| async move { Json(s.status()) }))
         .route(
             "/cut",
             post(|State(s): State<Arc<LinkState>>| async move {
@@ -145,8 +156,7 @@ pub async fn run(listen: &str, upstream: String, control: &str, shutdown: Cancel
             }),
         )
         .with_state(state.clone());
-    let st = state.clone();
-    ferry_status::spawn(Some(control_l), move || st.status(), routes, shutdown.clone());
+    ferry_status::spawn(Some(control_l), routes, shutdown.clone());
     loop {
         let (client, _) = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),

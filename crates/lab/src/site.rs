@@ -17,10 +17,15 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::guest::{GuestSettings, WorkloadSpec};
+use crate::link::LinkStatus;
 use anyhow::{bail, Context, Result};
+use ferry_api::config_server::{
+    Job, JobState, MachineView, NewToken, ReplicationGroup, Site, SiteAdded, SiteOperation, Started, TokenCreated,
+};
+use ferry_api::control::ComponentHealth;
+use ferry_api::Method;
 use ferry_config_server::discovery::{self, Credential, Host, Network, Nic};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 
 use ferry_status::server_client::ServerClient;
 
@@ -577,20 +582,20 @@ fn write_site(folder: &Path, file: &discovery::SiteFile) -> Result<()> {
     std::fs::write(&p, toml::to_string(file)?).with_context(|| format!("cannot write {}", p.display()))
 }
 
-async fn wait_job(server: &ServerClient, job: &Value, limit: Duration) -> Result<Value> {
-    let id = job["id"].as_str().context("no job id in the answer")?.to_owned();
+async fn wait_job(server: &ServerClient, job: &Job, limit: Duration) -> Result<Job> {
+    let id = &job.id;
     let deadline = Instant::now() + limit;
     loop {
-        let v = server.call("GET", &format!("/api/v1/jobs/{id}"), None).await?;
-        match v["state"].as_str() {
-            Some("succeeded") => return Ok(v),
-            Some("failed" | "cancelled") => {
-                bail!("job {id} ({}) failed: {}", v["kind"], v["error"]["message"].as_str().unwrap_or("-"))
+        let v: Job = server.call(Method::Get, &format!("/api/v1/jobs/{id}"), None::<&()>).await?;
+        match v.state {
+            JobState::Succeeded => return Ok(v),
+            JobState::Failed | JobState::Cancelled => {
+                bail!("job {id} ({}) failed: {}", v.kind, v.error.as_ref().map(|e| e.message.as_str()).unwrap_or("-"))
             }
             _ => {}
         }
         if Instant::now() >= deadline {
-            bail!("job {id} ({}) did not finish within {limit:?}", v["kind"]);
+            bail!("job {id} ({}) did not finish within {limit:?}", v.kind);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -714,7 +719,7 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, say: Say<'_>) -> Result<L
     state.config_server = cs_addr.clone();
     state.save()?;
     wait_ready(cs_pid, &cs_log, Duration::from_secs(60)).await.context("the configuration server")?;
-    let first: Value = {
+    let first: Started = {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let t = std::fs::read_to_string(&first_out).unwrap_or_default();
@@ -731,9 +736,9 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, say: Say<'_>) -> Result<L
         }
     };
     let _ = std::fs::remove_file(&first_out);
-    state.admin_token = first["admin_token"].as_str().context("no admin token in the first-start output")?.into();
-    state.ca_fingerprint = first["ca_fingerprint"].as_str().context("no CA fingerprint")?.into();
-    let passphrase = first["registration_passphrase"].as_str().context("no registration passphrase")?.to_owned();
+    state.admin_token = first.admin_token.context("no admin token in the first-start output")?;
+    state.ca_fingerprint = first.ca_fingerprint;
+    let passphrase = first.registration_passphrase.context("no registration passphrase")?;
     let pass_file = dir.join("registration.passphrase");
     {
         use std::os::unix::fs::OpenOptionsExt;
@@ -742,8 +747,9 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, say: Say<'_>) -> Result<L
     }
     let admin =
         ServerClient { server: cs_addr.clone(), token: Some(state.admin_token.clone()), ca: Some(state.ca.clone()) };
-    let tok = admin.call("POST", "/api/v1/tokens", Some(json!({"name": "lab-operator", "role": "operator"}))).await?;
-    state.operator_token = tok["token"].as_str().context("no token in the answer")?.into();
+    let new = NewToken { name: "lab-operator".into(), role: "operator".into() };
+    let tok: TokenCreated = admin.call(Method::Post, "/api/v1/tokens", Some(&new)).await?;
+    state.operator_token = tok.token;
     state.save()?;
 
     // 2. Links: in front of every master target and of the configuration server for other sites.
@@ -833,7 +839,7 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, say: Say<'_>) -> Result<L
                 &cs_addr,
                 &state.ca_fingerprint,
                 &passphrase,
-                "master-target",
+                ferry_api::control::ComponentKind::MasterTarget,
                 &mt.name,
                 &[],
                 &reg,
@@ -871,7 +877,7 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, say: Say<'_>) -> Result<L
                 &cs_addr,
                 &state.ca_fingerprint,
                 &passphrase,
-                "process-server",
+                ferry_api::control::ComponentKind::ProcessServer,
                 &ps.name,
                 &[],
                 &reg,
@@ -929,25 +935,20 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, say: Say<'_>) -> Result<L
         };
         let file = build_site(site, &folder, Some((&exe, guest)))?;
         write_site(&folder, &file)?;
-        let job = op.call("POST", "/api/v1/sites", Some(json!({"name": site.name, "path": folder}))).await?;
-        let job = if job["job"].is_object() { job["job"].clone() } else { job };
-        if job["id"].is_string() {
-            wait_job(&op, &job, Duration::from_secs(60)).await?;
-        }
+        let new = Site { name: site.name.clone(), provider: "local".into(), path: folder.clone() };
+        let added: SiteAdded = op.call(Method::Post, "/api/v1/sites", Some(&new)).await?;
+        wait_job(&op, &added.job, Duration::from_secs(60)).await?;
     }
     for g in &spec.groups {
-        op.call("POST", "/api/v1/replication-groups", Some(json!({"name": g.name, "machines": g.machines}))).await?;
+        let group = ReplicationGroup { name: g.name.clone(), machines: g.machines.clone(), policy: None };
+        let _: ReplicationGroup = op.call(Method::Post, "/api/v1/replication-groups", Some(&group)).await?;
     }
     let mut powered = Vec::new();
     for site in &spec.sites {
         for m in site.machines.iter().filter(|m| m.power == "on") {
-            let job = op
-                .call(
-                    "POST",
-                    &format!("/api/v1/sites/{}/operations", site.name),
-                    Some(json!({"op": "power-on", "machine": m.name})),
-                )
-                .await?;
+            let power_on = SiteOperation::PowerOn { machine: m.name.clone() };
+            let path = format!("/api/v1/sites/{}/operations", site.name);
+            let job: Job = op.call(Method::Post, &path, Some(&power_on)).await?;
             wait_job(&op, &job, Duration::from_secs(60)).await.with_context(|| format!("powering {} on", m.name))?;
             powered.push(m.name.clone());
         }
@@ -967,13 +968,12 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, say: Say<'_>) -> Result<L
         if let Some(p) = processes.iter().find(|p| !same_process(p.pid, p.start_ticks)) {
             bail!("{} {}: it exited at start; see {}", p.kind, p.name, p.log.display());
         }
-        let comps = op.call("GET", "/api/v1/components", None).await?;
+        let comps: Vec<ComponentHealth> = op.call(Method::Get, "/api/v1/components", None::<&()>).await?;
         let missing: Vec<&String> = want
             .iter()
             .filter(|w| {
-                !comps.as_array().into_iter().flatten().any(|c| {
-                    format!("{}/{}", c["kind"].as_str().unwrap_or(""), c["name"].as_str().unwrap_or("")) == **w
-                        && c["last_seen_ms"].is_number()
+                !comps.iter().any(|c| {
+                    format!("{}/{}", c.component.kind, c.component.name) == **w && c.component.last_seen_ms.is_some()
                 })
             })
             .collect();
@@ -992,23 +992,87 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, say: Say<'_>) -> Result<L
 }
 
 /// `ferry lab status`: processes, links, components and machines.
-pub async fn status(dir: &Path) -> Result<Value> {
+pub async fn status(dir: &Path) -> Result<LabStatus> {
     let st = LabState::load(dir)?;
-    let mut procs = Vec::new();
-    for p in &st.processes {
-        procs.push(json!({"name": p.name, "kind": p.kind, "site": p.site, "pid": p.pid, "running": alive(p.pid), "address": p.address, "status": p.status, "log": p.log}));
-    }
+    let processes = st
+        .processes
+        .iter()
+        .map(|p| ProcessState {
+            name: p.name.clone(),
+            kind: p.kind.clone(),
+            site: p.site.clone(),
+            pid: p.pid,
+            running: alive(p.pid),
+            address: p.address.clone(),
+            status: p.status.clone(),
+            log: p.log.clone(),
+        })
+        .collect();
     let mut links = Vec::new();
     for l in &st.links {
-        let v = ferry_status::request(&l.control, "GET", "/status", None).await.map(|(_, v)| v).unwrap_or(Value::Null);
-        links.push(json!({"name": l.name, "listen": l.listen, "to": l.to, "control": l.control, "state": v}));
+        let state = ferry_status::call(&l.control, Method::Get, "/status", None::<&()>).await.ok();
+        links.push(LinkState { link: l.clone(), state });
     }
     let server = st.server();
-    let machines = server.call("GET", "/api/v1/machines", None).await.unwrap_or(Value::Null);
-    let components = server.call("GET", "/api/v1/components", None).await.unwrap_or(Value::Null);
-    Ok(
-        json!({"dir": st.dir, "config_server": st.config_server, "processes": procs, "links": links, "components": components, "machines": machines}),
-    )
+    let machines = server.call(Method::Get, "/api/v1/machines", None::<&()>).await.ok();
+    let components = server.call(Method::Get, "/api/v1/components", None::<&()>).await.ok();
+    Ok(LabStatus {
+        dir: st.dir.clone(),
+        config_server: st.config_server.clone(),
+        processes,
+        links,
+        components,
+        machines,
+    })
+}
+
+/// `ferry lab status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabStatus {
+    pub dir: PathBuf,
+    pub config_server: String,
+    pub processes: Vec<ProcessState>,
+    pub links: Vec<LinkState>,
+    /// None when the configuration server does not answer.
+    pub components: Option<Vec<ComponentHealth>>,
+    pub machines: Option<Vec<MachineView>>,
+}
+
+/// A lab process and whether it runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProcessState {
+    pub name: String,
+    pub kind: String,
+    pub site: Option<String>,
+    pub pid: i32,
+    pub running: bool,
+    pub address: String,
+    pub status: Option<String>,
+    pub log: PathBuf,
+}
+
+/// A link and its state (None when its control endpoint does not answer).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LinkState {
+    #[serde(flatten)]
+    pub link: LabLink,
+    pub state: Option<LinkStatus>,
+}
+
+/// What `ferry lab down` did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LabDown {
+    pub dir: PathBuf,
+    pub stopped_processes: usize,
+    pub stopped_guests: usize,
+    pub removed: bool,
+}
+
+/// What a link control call answered.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LinkResult {
+    pub link: String,
+    pub result: LinkStatus,
 }
 
 /// Stop every guest of the lab cleanly (power off), in parallel.
@@ -1027,7 +1091,7 @@ fn stop_guests(st: &LabState, signal: i32) -> usize {
 /// `ferry lab down`: guests first (clean shutdown), then process servers, master targets, links
 /// and the configuration server; SIGKILL after a grace period; then check no pid is left. Only
 /// processes this lab started are signalled: a pid must still have the start time recorded.
-pub async fn down(dir: &Path, remove: bool) -> Result<Value> {
+pub async fn down(dir: &Path, remove: bool) -> Result<LabDown> {
     let st = LabState::load(dir)?;
     let guests = tokio::task::spawn_blocking({
         let st = st.clone();
@@ -1077,7 +1141,7 @@ pub async fn down(dir: &Path, remove: bool) -> Result<Value> {
     if remove {
         std::fs::remove_dir_all(&st.dir).with_context(|| format!("cannot remove {}", st.dir.display()))?;
     }
-    Ok(json!({"dir": st.dir, "stopped_processes": targets.len(), "stopped_guests": guests, "removed": remove}))
+    Ok(LabDown { dir: st.dir.clone(), stopped_processes: targets.len(), stopped_guests: guests, removed: remove })
 }
 
 /// `ferry lab restart NAME [--kill]`: stop one of the lab's daemons (SIGTERM, or SIGKILL at
@@ -1153,18 +1217,21 @@ async fn rebind(addr: &str) -> std::io::Result<std::net::TcpListener> {
 }
 
 /// A provider operation on a lab machine (power-on, power-off, crash), through the server.
-pub async fn machine_op(dir: &Path, machine: &str, op: &str) -> Result<Value> {
+pub async fn machine_op(dir: &Path, machine: &str, op: SiteOperation) -> Result<Job> {
     let st = LabState::load(dir)?;
     let (site, _) = st.machine_site(machine)?;
     let server = st.server();
-    let job = server
-        .call("POST", &format!("/api/v1/sites/{site}/operations"), Some(json!({"op": op, "machine": machine})))
-        .await?;
+    let job: Job = server.call(Method::Post, &format!("/api/v1/sites/{site}/operations"), Some(&op)).await?;
     wait_job(&server, &job, Duration::from_secs(120)).await
 }
 
 /// `ferry lab link cut|restore|slow [NAME...]` (all links when none is named).
-pub async fn link_control(dir: &Path, names: &[String], action: &str, body: Option<Value>) -> Result<Vec<Value>> {
+pub async fn link_control(
+    dir: &Path,
+    names: &[String],
+    action: &str,
+    body: Option<crate::link::Slow>,
+) -> Result<Vec<LinkResult>> {
     let st = LabState::load(dir)?;
     let chosen: Vec<&LabLink> = if names.is_empty() {
         st.links.iter().collect()
@@ -1182,13 +1249,10 @@ pub async fn link_control(dir: &Path, names: &[String], action: &str, body: Opti
     };
     let mut results = Vec::new();
     for l in chosen {
-        let (code, v) = ferry_status::request(&l.control, "POST", &format!("/{action}"), body.as_ref())
+        let result: LinkStatus = ferry_status::call(&l.control, Method::Post, &format!("/{action}"), body.as_ref())
             .await
-            .with_context(|| format!("link {} does not answer on {}", l.name, l.control))?;
-        if code != 200 {
-            bail!("link {} refused {action}: {v}", l.name);
-        }
-        results.push(json!({"link": l.name, "result": v}));
+            .with_context(|| format!("link {} refused {action} (control endpoint {})", l.name, l.control))?;
+        results.push(LinkResult { link: l.name.clone(), result });
     }
     Ok(results)
 }

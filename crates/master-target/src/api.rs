@@ -1,55 +1,50 @@
-//! The master target's recovery-point API (JSON over HTTP, on the status listener):
-//!
-//! - `GET  /machines/{m}/points` — points, the RC-1 selectors resolved, problems (RG-2)
-//! - `POST /machines/{m}/points` `{"selector": "latest"}` — resolve a selector ("latest" takes a
-//!   point at everything received)
-//! - `GET  /groups/{g}/points` — multi-machine points of a replication group
-//! - `POST /machines/{m}/materializations` — image files or NBD exports of a point
-//! - `GET  /materializations`, `DELETE /materializations/{id}`
-//! - `GET  /machines/{m}/changes?from=P[&to=Q]` — extents changed between two points (or the head)
-//!
-//! Errors are `{"code", "message", "remedy"}` with an HTTP status that says who must act.
+//! The master target's recovery-point API on its status listener. The routes are listed once,
+//! in `ferry_api::master_target::ROUTES` (which also writes `docs/openapi/master-target.json`);
+//! [`router`] gives each its handler. Errors are Ferry's `{code, name, message, remedy}` with an
+//! HTTP status that says who must act.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::StatusCode;
-use axum::routing::{delete, get};
+use axum::routing::{on, MethodRouter};
 use axum::{Json, Router};
+use ferry_api::control::ComponentStatus;
+pub use ferry_api::master_target::SELECTORS;
+use ferry_api::master_target::{
+    Changes, ChangesQuery, Discarded, GroupPoint, GroupPoints, IncompleteTag, MasterTargetEndpoint,
+    MaterializationList, PointKind, PointList, PointOrigin, PointScope, SelectPoint, Selectors, ROUTES,
+};
 use ferry_protocol::codes;
+use ferry_status::{method_filter, ok, Failure, JsonBody, Reply};
 
 use crate::history::{GroupCommitted, Point};
 use crate::recovery::{MaterializeRequest, MaterializedAs, PointError};
 use crate::MasterTarget;
 
-type Reply = (StatusCode, Json<serde_json::Value>);
-
-fn error(status: StatusCode, code: u32, message: impl Into<String>, remedy: &str) -> Reply {
-    (status, Json(serde_json::json!({ "code": code, "message": message.into(), "remedy": remedy })))
-}
-
-fn point_error(e: PointError) -> Reply {
+fn point_error(e: PointError) -> Failure {
     let (status, code) = match &e {
-        PointError::NotFound(_) => (StatusCode::NOT_FOUND, codes::POINT_NOT_FOUND.code),
-        PointError::Conflict(_) => (StatusCode::CONFLICT, codes::CONFLICT.code),
-        PointError::Invalid(_) => (StatusCode::BAD_REQUEST, codes::BAD_REQUEST.code),
-        PointError::Failed(_) => (StatusCode::INTERNAL_SERVER_ERROR, codes::MATERIALIZE_FAILED.code),
+        PointError::NotFound(_) => (StatusCode::NOT_FOUND, codes::POINT_NOT_FOUND),
+        PointError::Conflict(_) => (StatusCode::CONFLICT, codes::CONFLICT),
+        PointError::Invalid(_) => (StatusCode::BAD_REQUEST, codes::BAD_REQUEST),
+        PointError::Failed(_) => (StatusCode::INTERNAL_SERVER_ERROR, codes::MATERIALIZE_FAILED),
     };
-    error(status, code, e.to_string(), e.remedy())
+    Failure::with_status(status, code, e.to_string(), e.remedy())
 }
 
-fn no_machine(m: &str) -> Reply {
-    error(
+fn no_machine(m: &str) -> Failure {
+    Failure::with_status(
         StatusCode::NOT_FOUND,
-        codes::NOT_FOUND.code,
+        codes::NOT_FOUND,
         format!("machine {m:?} is not replicated to this master target"),
         "check the machine name (`ferry master-target status`) and which master target protects it",
     )
 }
 
-/// The selectors of RC-1, in the order an operator reads them.
-pub const SELECTORS: [&str; 5] = ["latest-processed", "latest-app", "latest-multi", "latest-multi-app", "latest"];
+fn joined(e: tokio::task::JoinError) -> Failure {
+    Failure::internal(e.to_string())
+}
 
 impl MasterTarget {
     /// Every machine's committed group tags (to decide which group tags are complete).
@@ -136,7 +131,7 @@ impl MasterTarget {
     }
 
     /// Multi-machine points of a group: complete tags with each member's position.
-    pub fn group_points(&self, group: &str) -> serde_json::Value {
+    pub fn group_points(&self, group: &str) -> GroupPoints {
         let committed = self.committed_tags();
         let replicas: Vec<_> = self.lock_replicas().values().cloned().collect();
         let mut tags: BTreeMap<String, (GroupCommitted, BTreeMap<String, u64>)> = BTreeMap::new();
@@ -152,10 +147,14 @@ impl MasterTarget {
         for (tag, (g, seqs)) in &tags {
             let (complete, missing) = group_complete(g, &committed);
             if complete {
-                points.push(serde_json::json!({
-                    "id": tag, "group": group, "time_ms": g.prepare_time_ms,
-                    "kind": if g.app { "app" } else { "crash" }, "scope": "multi", "members": seqs,
-                }));
+                points.push(GroupPoint {
+                    id: tag.clone(),
+                    group: group.to_owned(),
+                    time_ms: g.prepare_time_ms,
+                    kind: if g.app { PointKind::App } else { PointKind::Crash },
+                    scope: PointScope::Multi,
+                    members: seqs.clone(),
+                });
             } else {
                 let absent: Vec<_> = missing.iter().filter(|m| !committed.contains_key(m.as_str())).cloned().collect();
                 if !absent.is_empty() {
@@ -164,11 +163,15 @@ impl MasterTarget {
                         problems.push(p);
                     }
                 }
-                incomplete.push(serde_json::json!({ "tag": tag, "committed_by": seqs.keys().collect::<Vec<_>>(), "missing": missing }));
+                incomplete.push(IncompleteTag {
+                    tag: tag.clone(),
+                    committed_by: seqs.keys().cloned().collect(),
+                    missing,
+                });
             }
         }
-        points.sort_by_key(|p| p["time_ms"].as_u64().unwrap_or(0));
-        serde_json::json!({ "group": group, "points": points, "incomplete_tags": incomplete, "problems": problems })
+        points.sort_by_key(|p| p.time_ms);
+        GroupPoints { group: group.to_owned(), points, incomplete_tags: incomplete, problems }
     }
 
     pub fn materializations(&self) -> Vec<crate::Materialization> {
@@ -178,8 +181,9 @@ impl MasterTarget {
         all
     }
 
-    fn describe(&self, m: &crate::Materialization) -> serde_json::Value {
-        let mut v = serde_json::to_value(m).unwrap_or_default();
+    /// A materialization as the API shows it (with the NBD URLs of exports).
+    fn describe(&self, m: &crate::Materialization) -> crate::Materialization {
+        let mut v = m.clone();
         if let MaterializedAs::Export { exports, .. } = &m.what {
             let sock = self.config.nbd_socket();
             let urls: Vec<_> = exports
@@ -192,7 +196,7 @@ impl MasterTarget {
                     u
                 })
                 .collect();
-            v["nbd_urls"] = serde_json::json!(urls);
+            v.nbd_urls = urls;
         }
         v
     }
@@ -218,127 +222,93 @@ fn multi_point(machine: &str, g: &GroupCommitted, generation: u64) -> Point {
         machine: machine.to_owned(),
         seq: g.prepare_seq,
         time_ms: g.prepare_time_ms,
-        kind: if g.app { "app" } else { "crash" }.into(),
-        scope: "multi".into(),
+        kind: if g.app { PointKind::App } else { PointKind::Crash },
+        scope: PointScope::Multi,
         group: Some(g.group.clone()),
         group_tag: Some(g.tag.clone()),
         generation,
-        origin: "group".into(),
+        origin: PointOrigin::Group,
     }
 }
 
-pub(crate) fn routes(mt: Arc<MasterTarget>) -> Router {
-    Router::new()
-        .route("/machines/{m}/points", get(list_points).post(select_point))
-        .route("/groups/{g}/points", get(list_group_points))
-        .route("/machines/{m}/materializations", axum::routing::post(materialize))
-        .route("/materializations", get(list_materializations))
-        .route("/materializations/{id}", delete(discard))
-        .route("/machines/{m}/changes", get(changes))
-        .with_state(mt)
+/// The status listener's router: every route of the table with its handler.
+pub(crate) fn router(mt: Arc<MasterTarget>) -> Router {
+    let status = mt.clone();
+    ferry_status::router_from(ROUTES, |r| {
+        let m = method_filter(r.method);
+        let h: MethodRouter<Arc<MasterTarget>> = match r.id {
+            MasterTargetEndpoint::Status => {
+                let status = status.clone();
+                return ferry_status::status_route(move || ComponentStatus::MasterTarget(status.status()))
+                    .with_state(());
+            }
+            MasterTargetEndpoint::ListPoints => on(m, list_points),
+            MasterTargetEndpoint::SelectPoint => on(m, select_point),
+            MasterTargetEndpoint::GroupPoints => on(m, list_group_points),
+            MasterTargetEndpoint::Materialize => on(m, materialize),
+            MasterTargetEndpoint::ListMaterializations => on(m, list_materializations),
+            MasterTargetEndpoint::Discard => on(m, discard),
+            MasterTargetEndpoint::Changes => on(m, changes),
+        };
+        h.with_state(mt.clone())
+    })
 }
 
-async fn list_points(State(mt): State<Arc<MasterTarget>>, UrlPath(m): UrlPath<String>) -> Reply {
+async fn list_points(State(mt): State<Arc<MasterTarget>>, UrlPath(m): UrlPath<String>) -> Reply<PointList> {
     let mt2 = mt.clone();
     let m2 = m.clone();
-    let Ok(Some((points, problems))) = tokio::task::spawn_blocking(move || mt2.points_of(&m2)).await else {
-        return no_machine(&m);
+    let Some((points, problems)) = tokio::task::spawn_blocking(move || mt2.points_of(&m2)).await.map_err(joined)?
+    else {
+        return Err(no_machine(&m));
     };
     let pick = |f: &dyn Fn(&Point) -> bool| points.iter().rev().find(|p| f(p)).map(|p| p.id.clone());
-    let selectors = serde_json::json!({
-        "latest": "taken on request: POST {\"selector\": \"latest\"} (everything received)",
-        "latest-processed": pick(&|_| true),
-        "latest-app": pick(&|p| p.is_app()),
-        "latest-multi": pick(&|p| p.is_multi()),
-        "latest-multi-app": pick(&|p| p.is_multi() && p.is_app()),
-    });
-    (
-        StatusCode::OK,
-        Json(serde_json::json!({ "machine": m, "points": points, "selectors": selectors, "problems": problems })),
-    )
-}
-
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct SelectRequest {
-    selector: String,
+    let selectors = Selectors {
+        latest: "taken on request: POST {\"selector\": \"latest\"} (everything received)".into(),
+        latest_processed: pick(&|_| true),
+        latest_app: pick(&|p| p.is_app()),
+        latest_multi: pick(&|p| p.is_multi()),
+        latest_multi_app: pick(&|p| p.is_multi() && p.is_app()),
+    };
+    ok(PointList { machine: m, points, selectors, problems })
 }
 
 async fn select_point(
     State(mt): State<Arc<MasterTarget>>,
     UrlPath(m): UrlPath<String>,
-    body: Result<Json<SelectRequest>, axum::extract::rejection::JsonRejection>,
-) -> Reply {
-    let Json(req) = match body {
-        Ok(b) => b,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                codes::BAD_REQUEST.code,
-                format!("bad request: {e}"),
-                "send JSON {\"selector\": \"latest\"} (or latest-processed, latest-app, latest-multi, latest-multi-app, a point ID)",
-            )
-        }
-    };
+    JsonBody(req): JsonBody<SelectPoint>,
+) -> Reply<Point> {
     if mt.replica(&m).is_none() {
-        return no_machine(&m);
+        return Err(no_machine(&m));
     }
-    match tokio::task::spawn_blocking(move || mt.resolve_point(&m, &req.selector)).await {
-        Ok(Ok(p)) => (StatusCode::OK, Json(serde_json::to_value(p).unwrap_or_default())),
-        Ok(Err(e)) => point_error(e),
-        Err(e) => {
-            error(StatusCode::INTERNAL_SERVER_ERROR, codes::MATERIALIZE_FAILED.code, e.to_string(), "see the log")
-        }
-    }
+    let p = tokio::task::spawn_blocking(move || mt.resolve_point(&m, &req.selector)).await.map_err(joined)?;
+    ok(p.map_err(point_error)?)
 }
 
-async fn list_group_points(State(mt): State<Arc<MasterTarget>>, UrlPath(g): UrlPath<String>) -> Reply {
-    match tokio::task::spawn_blocking(move || mt.group_points(&g)).await {
-        Ok(v) => (StatusCode::OK, Json(v)),
-        Err(e) => {
-            error(StatusCode::INTERNAL_SERVER_ERROR, codes::MATERIALIZE_FAILED.code, e.to_string(), "see the log")
-        }
-    }
+async fn list_group_points(State(mt): State<Arc<MasterTarget>>, UrlPath(g): UrlPath<String>) -> Reply<GroupPoints> {
+    ok(tokio::task::spawn_blocking(move || mt.group_points(&g)).await.map_err(joined)?)
 }
 
 async fn materialize(
     State(mt): State<Arc<MasterTarget>>,
     UrlPath(m): UrlPath<String>,
-    body: Result<Json<MaterializeRequest>, axum::extract::rejection::JsonRejection>,
-) -> Reply {
-    let Json(req) = match body {
-        Ok(b) => b,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                codes::BAD_REQUEST.code,
-                format!("bad materialization request: {e}"),
-                "send JSON {\"point\": \"latest-processed\", \"kind\": \"image\"|\"export\", \"format\": \"raw\"|\"qcow2\"|\"vmdk\"|\"vhd\", \"writable\": false}",
-            )
-        }
-    };
-    let Some(r) = mt.replica(&m) else { return no_machine(&m) };
+    JsonBody(req): JsonBody<MaterializeRequest>,
+) -> Reply<crate::Materialization> {
+    let Some(r) = mt.replica(&m) else { return Err(no_machine(&m)) };
     let result = tokio::task::spawn_blocking(move || {
         let point = mt.resolve_point(&m, &req.point)?;
         let mat = r.materialize(point, &req, &r.datastore.clone(), &mt.config.nbd_socket())?;
         Ok::<_, PointError>(mt.describe(&mat))
     })
-    .await;
-    match result {
-        Ok(Ok(v)) => (StatusCode::CREATED, Json(v)),
-        Ok(Err(e)) => point_error(e),
-        Err(e) => {
-            error(StatusCode::INTERNAL_SERVER_ERROR, codes::MATERIALIZE_FAILED.code, e.to_string(), "see the log")
-        }
-    }
+    .await
+    .map_err(joined)?;
+    Ok((StatusCode::CREATED, Json(result.map_err(point_error)?)))
 }
 
-async fn list_materializations(State(mt): State<Arc<MasterTarget>>) -> Reply {
-    let all: Vec<_> = mt.materializations().iter().map(|m| mt.describe(m)).collect();
-    (StatusCode::OK, Json(serde_json::json!({ "materializations": all })))
+async fn list_materializations(State(mt): State<Arc<MasterTarget>>) -> Reply<MaterializationList> {
+    ok(MaterializationList { materializations: mt.materializations().iter().map(|m| mt.describe(m)).collect() })
 }
 
-async fn discard(State(mt): State<Arc<MasterTarget>>, UrlPath(id): UrlPath<String>) -> Reply {
+async fn discard(State(mt): State<Arc<MasterTarget>>, UrlPath(id): UrlPath<String>) -> Reply<Discarded> {
     let replicas: Vec<_> = mt.lock_replicas().values().cloned().collect();
     let id2 = id.clone();
     let result = tokio::task::spawn_blocking(move || {
@@ -349,43 +319,39 @@ async fn discard(State(mt): State<Arc<MasterTarget>>, UrlPath(id): UrlPath<Strin
         }
         Ok::<_, String>(None)
     })
-    .await;
+    .await
+    .map_err(joined)?;
     match result {
-        Ok(Ok(Some(m))) => (StatusCode::OK, Json(serde_json::json!({ "discarded": m.id, "point": m.point.id }))),
-        Ok(Ok(None)) => error(
+        Ok(Some(m)) => ok(Discarded { discarded: m.id, point: m.point.id }),
+        Ok(None) => Err(Failure::with_status(
             StatusCode::NOT_FOUND,
-            codes::NOT_FOUND.code,
+            codes::NOT_FOUND,
             format!("no materialization {id:?}"),
             "list them with `ferry master-target materializations`",
-        ),
-        Ok(Err(e)) => {
-            error(StatusCode::INTERNAL_SERVER_ERROR, codes::STORAGE.code, e, "check permissions on the image folder")
-        }
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, codes::STORAGE.code, e.to_string(), "see the log"),
+        )),
+        Err(e) => Err(Failure::with_status(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            codes::STORAGE,
+            e,
+            "check permissions on the image folder",
+        )),
     }
-}
-
-#[derive(serde::Deserialize)]
-struct ChangesQuery {
-    from: String,
-    #[serde(default)]
-    to: Option<String>,
 }
 
 async fn changes(
     State(mt): State<Arc<MasterTarget>>,
     UrlPath(m): UrlPath<String>,
     q: Result<Query<ChangesQuery>, axum::extract::rejection::QueryRejection>,
-) -> Reply {
+) -> Reply<Changes> {
     let Ok(Query(q)) = q else {
-        return error(
+        return Err(Failure::with_status(
             StatusCode::BAD_REQUEST,
-            codes::BAD_REQUEST.code,
+            codes::BAD_REQUEST,
             "missing `from`",
             "ask GET /machines/M/changes?from=POINT[&to=POINT] (POINT: an ID, a seq or a selector; `to` defaults to the head)",
-        );
+        ));
     };
-    let Some(r) = mt.replica(&m) else { return no_machine(&m) };
+    let Some(r) = mt.replica(&m) else { return Err(no_machine(&m)) };
     let result = tokio::task::spawn_blocking(move || {
         let from = mt.resolve_point(&m, &q.from)?.seq;
         let to = match q.to.as_deref() {
@@ -394,12 +360,7 @@ async fn changes(
         };
         r.changed_extents(from, to)
     })
-    .await;
-    match result {
-        Ok(Ok(v)) => (StatusCode::OK, Json(v)),
-        Ok(Err(e)) => point_error(e),
-        Err(e) => {
-            error(StatusCode::INTERNAL_SERVER_ERROR, codes::MATERIALIZE_FAILED.code, e.to_string(), "see the log")
-        }
-    }
+    .await
+    .map_err(joined)?;
+    ok(result.map_err(point_error)?)
 }

@@ -86,38 +86,7 @@ impl Marker {
     }
 }
 
-/// A recovery point of one machine: a sequence position k at which every disk of the machine is
-/// write-order consistent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Point {
-    /// Stable ID: `<machine>@<seq>` (seqs are never reused by a machine).
-    pub id: String,
-    pub machine: String,
-    pub seq: u64,
-    pub time_ms: u64,
-    /// `crash` or `app`.
-    pub kind: String,
-    /// `single` (this machine) or `multi` (common to every machine of `group`).
-    pub scope: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub group: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub group_tag: Option<String>,
-    /// Disk generation in effect at the point.
-    pub generation: u64,
-    /// What made it: `tag`, `latest`, `group`, `resync-end` (the replica became consistent again)
-    /// or `before-resync` (the last state before a resync started).
-    pub origin: String,
-}
-
-impl Point {
-    pub fn is_app(&self) -> bool {
-        self.kind == "app"
-    }
-    pub fn is_multi(&self) -> bool {
-        self.scope == "multi"
-    }
-}
+pub use ferry_api::master_target::{Point, PointKind, PointOrigin, PointScope};
 
 /// A group tag this machine committed: valid as a multi-machine point once all members did.
 #[derive(Debug, Clone)]
@@ -269,36 +238,39 @@ impl History {
         // after a consistent base, which is never inside a resync.
         let mut generation = base_generation;
         let mut prepares: HashMap<(String, String), (u64, u64, bool)> = HashMap::new();
-        let add = |points: &mut BTreeMap<u64, Point>, seq: u64, time_ms: u64, app: bool, origin: &str, g: u64| {
-            if seq < base_seq {
-                return;
-            }
-            let p = Point {
-                id: format!("{machine}@{seq}"),
-                machine: machine.to_owned(),
-                seq,
-                time_ms,
-                kind: if app { "app" } else { "crash" }.into(),
-                scope: "single".into(),
-                group: None,
-                group_tag: None,
-                generation: g,
-                origin: origin.into(),
-            };
-            match points.get(&seq) {
-                // Same position: keep the most useful description (app beats crash).
-                Some(old) if old.is_app() || !app => {}
-                _ => {
-                    points.insert(seq, p);
+        let add =
+            |points: &mut BTreeMap<u64, Point>, seq: u64, time_ms: u64, app: bool, origin: PointOrigin, g: u64| {
+                if seq < base_seq {
+                    return;
                 }
-            }
-        };
+                let p = Point {
+                    id: format!("{machine}@{seq}"),
+                    machine: machine.to_owned(),
+                    seq,
+                    time_ms,
+                    kind: if app { PointKind::App } else { PointKind::Crash },
+                    scope: PointScope::Single,
+                    group: None,
+                    group_tag: None,
+                    generation: g,
+                    origin,
+                };
+                match points.get(&seq) {
+                    // Same position: keep the most useful description (app beats crash).
+                    Some(old) if old.is_app() || !app => {}
+                    _ => {
+                        points.insert(seq, p);
+                    }
+                }
+            };
         for m in &self.markers {
             match &m.kind {
                 MarkerKind::Tag { app, .. } if !in_resync => {
-                    add(&mut points, m.seq, m.time_ms, *app, "tag", generation)
+                    add(&mut points, m.seq, m.time_ms, *app, PointOrigin::Tag, generation)
                 }
-                MarkerKind::Latest if !in_resync => add(&mut points, m.seq, m.time_ms, false, "latest", generation),
+                MarkerKind::Latest if !in_resync => {
+                    add(&mut points, m.seq, m.time_ms, false, PointOrigin::Latest, generation)
+                }
                 MarkerKind::GroupPrepare { group, tag } => {
                     prepares.insert((group.clone(), tag.clone()), (m.seq, m.time_ms, in_resync));
                 }
@@ -319,7 +291,7 @@ impl History {
                 MarkerKind::ResyncBegin { generation: g, preserve, prev_seq, .. } => {
                     if !in_resync && *preserve && *prev_seq > 0 {
                         // The last consistent state before the resync stays a point (never destroyed).
-                        add(&mut points, *prev_seq, m.time_ms, false, "before-resync", generation);
+                        add(&mut points, *prev_seq, m.time_ms, false, PointOrigin::BeforeResync, generation);
                     }
                     in_resync = true;
                     generation = *g;
@@ -327,7 +299,7 @@ impl History {
                 MarkerKind::ResyncEnd { generation: g } => {
                     in_resync = false;
                     generation = *g;
-                    add(&mut points, m.seq, m.time_ms, false, "resync-end", generation);
+                    add(&mut points, m.seq, m.time_ms, false, PointOrigin::ResyncEnd, generation);
                 }
                 _ => {}
             }

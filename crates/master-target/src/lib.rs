@@ -21,6 +21,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use ferry_api::control::{ComponentKind, ComponentStatus};
 use ferry_protocol::{codes, validate_name, Ack, FrameCodec, Hello, HelloAck, Message, Role};
 use ferry_tls::TlsFiles;
 use futures::{FutureExt, SinkExt, StreamExt};
@@ -144,13 +145,7 @@ fn default_checkpoint_secs() -> f64 {
 }
 
 /// The per-machine settings a running master target takes from the configuration server.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct LiveSettings {
-    #[serde(default)]
-    pub machine_retention_secs: HashMap<String, f64>,
-    #[serde(default)]
-    pub machine_datastores: HashMap<String, PathBuf>,
-}
+pub use ferry_api::master_target::MasterTargetSettings as LiveSettings;
 
 pub struct MasterTarget {
     config: MasterTargetConfig,
@@ -183,8 +178,8 @@ impl MasterTarget {
             retention: volume.path.clone(),
             _volume: volume,
             live: std::sync::RwLock::new(LiveSettings {
-                machine_retention_secs: config.machine_retention_secs.clone(),
-                machine_datastores: config.machine_datastores.clone(),
+                machine_retention_secs: config.machine_retention_secs.clone().into_iter().collect(),
+                machine_datastores: config.machine_datastores.clone().into_iter().collect(),
             }),
             config,
             replicas: Mutex::new(HashMap::new()),
@@ -241,9 +236,13 @@ impl MasterTarget {
 
     /// Take new per-machine settings (from the configuration server). A machine's datastore
     /// applies when its replica is created; a new retention window applies at once.
-    pub fn apply_settings(&self, v: &serde_json::Value) {
-        match serde_json::from_value::<LiveSettings>(v.clone()) {
-            Ok(mut s) => {
+    pub fn apply_settings(&self, v: &ferry_api::control::ComponentSettings) {
+        let mut s = LiveSettings {
+            machine_retention_secs: v.machine_retention_secs.clone().unwrap_or_default(),
+            machine_datastores: v.machine_datastores.clone().unwrap_or_default(),
+        };
+        {
+            {
                 let mut live = self.live.write().unwrap_or_else(|p| p.into_inner());
                 // Keys the server does not send keep their values from the local file.
                 for (k, w) in &self.config.machine_retention_secs {
@@ -259,24 +258,22 @@ impl MasterTarget {
                     r.set_window(windows.get(m).copied(), self.config.retention_window_secs);
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "ignoring malformed settings from the configuration server"),
         }
     }
 
-    pub fn status(&self) -> serde_json::Value {
-        let map = self.lock_replicas();
-        let mut machines: Vec<_> = map.values().map(|r| r.status()).collect();
+    pub fn status(&self) -> ferry_api::master_target::MasterTargetStatus {
+        let replicas: Vec<_> = self.lock_replicas().values().cloned().collect();
+        let mut machines: Vec<_> = replicas.iter().map(|r| r.status()).collect();
         machines.sort_by(|a, b| a.machine.cmp(&b.machine));
         let live = self.live.read().unwrap_or_else(|p| p.into_inner()).clone();
-        serde_json::json!({
-            "component": "master-target",
-            "name": self.config.name,
-            "listen": self.config.listen,
-            "advertise": self.config.advertise.clone().unwrap_or_else(|| self.config.listen.clone()),
-            "status_listen": self.config.status_listen,
-            "settings": live,
-            "machines": machines,
-        })
+        ferry_api::master_target::MasterTargetStatus {
+            name: self.config.name.clone(),
+            listen: self.config.listen.clone(),
+            advertise: self.config.advertise.clone().unwrap_or_else(|| self.config.listen.clone()),
+            status_listen: self.config.status_listen.clone(),
+            settings: live,
+            machines,
+        }
     }
 
     pub fn replica(&self, machine: &str) -> Option<Arc<Replica>> {
@@ -327,21 +324,20 @@ pub async fn serve(
             tracing::warn!(%addr, "the status and recovery-point API listens on a non-loopback address without authentication: anyone who reaches it can create images and exports; keep status_listen on 127.0.0.1");
         }
     }
-    let mt2 = mt.clone();
-    ferry_status::spawn(status_listener, move || mt2.status(), api::routes(mt.clone()), shutdown.clone());
+    ferry_status::spawn(status_listener, api::router(mt.clone()), shutdown.clone());
     if let Some(link) = mt.config.config_server.clone() {
         let mt2 = mt.clone();
         ferry_status::spawn_heartbeats(
             link.clone(),
-            "master-target",
+            ComponentKind::MasterTarget,
             mt.config.name.clone(),
-            move || mt2.status(),
+            move || ComponentStatus::MasterTarget(mt2.status()),
             shutdown.clone(),
         );
         let mt2 = mt.clone();
         ferry_status::spawn_settings_watch(
             link,
-            "master-target",
+            ComponentKind::MasterTarget,
             mt.config.name.clone(),
             move |v| mt2.apply_settings(&v),
             shutdown.clone(),

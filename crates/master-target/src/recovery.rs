@@ -28,6 +28,8 @@ use ferry_nbd::{Backend, CowBackend, Export};
 use ferry_protocol::{now_ms, RecordBody, ResyncReason};
 use serde::{Deserialize, Serialize};
 
+use ferry_api::master_target::{Changes, DiskChanges, Extent, PointKind, PointOrigin, PointScope, RetentionStatus};
+
 use crate::history::{Marker, MarkerKind, Point};
 use crate::point_image::{self, ExtentMap, PointBackend, PointDisk, Source};
 use crate::replica::Replica;
@@ -63,73 +65,9 @@ pub(crate) struct BaseSlot {
     pub exported: HashMap<String, Vec<std::sync::Weak<PointDisk>>>,
 }
 
-/// An image or export of a point: it pins the point and its base until it is deleted.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Materialization {
-    pub id: String,
-    pub machine: String,
-    pub point: Point,
-    pub base_epoch: u64,
-    pub base_seq: u64,
-    pub created_ms: u64,
-    #[serde(flatten)]
-    pub what: MaterializedAs,
-    /// Set when something went wrong with it (e.g. a writable export lost at a restart).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub problem: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "kebab-case")]
-pub enum MaterializedAs {
-    /// Image files, one per disk.
-    Image { format: ImageFormat, files: Vec<PathBuf> },
-    /// NBD exports, one per disk (`<id>/<disk>`), optionally writable through throwaway overlays.
-    Export { writable: bool, exports: Vec<String>, overlays: Vec<PathBuf> },
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ImageFormat {
-    /// Self-contained raw image (allocated regions of the base copied, then the changes).
-    Raw,
-    /// qcow2 overlay whose backing file is the frozen base: only the changes are written.
-    Qcow2,
-    /// Through `qemu-img convert` from the point's export.
-    Vmdk,
-    /// Fixed VHD (`qemu-img convert -O vpc -o subformat=fixed`).
-    Vhd,
-}
-
-impl ImageFormat {
-    fn ext(self) -> &'static str {
-        match self {
-            ImageFormat::Raw => "img",
-            ImageFormat::Qcow2 => "qcow2",
-            ImageFormat::Vmdk => "vmdk",
-            ImageFormat::Vhd => "vhd",
-        }
-    }
-}
-
-/// What to materialize.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MaterializeRequest {
-    /// A point ID (`vm1@1234`), a seq, or a selector (`latest`, `latest-processed`, `latest-app`,
-    /// `latest-multi`, `latest-multi-app`).
-    pub point: String,
-    /// `image` or `export`.
-    pub kind: String,
-    #[serde(default)]
-    pub format: Option<ImageFormat>,
-    /// Folder for image files (default `<datastore>/<machine>/images/<id>`).
-    #[serde(default)]
-    pub dir: Option<PathBuf>,
-    /// Exports only: writable through a throwaway copy-on-write overlay (test failover).
-    #[serde(default)]
-    pub writable: bool,
-}
+pub use ferry_api::master_target::{
+    ImageFormat, Materialization, MaterializationKind, MaterializeRequest, MaterializedAs,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PointError {
@@ -182,15 +120,14 @@ impl Replica {
     pub(crate) fn push_event(&self, kind: &str, message: String) {
         let mut ev = self.events.lock().unwrap_or_else(|p| p.into_inner());
         // The same event again within 10 s is not news.
-        if ev.back().is_some_and(|e| {
-            e["kind"] == kind
-                && e["message"] == message.as_str()
-                && now_ms().saturating_sub(e["time_ms"].as_u64().unwrap_or(0)) < 10_000
-        }) {
+        if ev
+            .back()
+            .is_some_and(|e| e.kind == kind && e.message == message && now_ms().saturating_sub(e.time_ms) < 10_000)
+        {
             return;
         }
         tracing::warn!(machine = %self.name, kind, "{message}");
-        ev.push_back(serde_json::json!({ "time_ms": now_ms(), "kind": kind, "message": message }));
+        ev.push_back(ferry_api::Event { time_ms: now_ms(), kind: kind.to_owned(), message });
         while ev.len() > 50 {
             ev.pop_front();
         }
@@ -692,14 +629,11 @@ impl Replica {
         datastore: &Path,
         nbd_socket: &Path,
     ) -> Result<Materialization, PointError> {
-        let kind = req.kind.as_str();
-        if kind != "image" && kind != "export" {
-            return Err(PointError::Invalid(format!("kind must be \"image\" or \"export\", not {kind:?}")));
-        }
-        if kind == "export" && req.format.is_some() {
+        let kind = req.kind;
+        if kind == MaterializationKind::Export && req.format.is_some() {
             return Err(PointError::Invalid("an export has no format (it is served over NBD)".into()));
         }
-        if kind == "image" && req.writable {
+        if kind == MaterializationKind::Image && req.writable {
             return Err(PointError::Invalid("`writable` applies to exports only".into()));
         }
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -741,12 +675,13 @@ impl Replica {
                 created_ms: now_ms(),
                 what: MaterializedAs::Export { writable: false, exports: Vec::new(), overlays: Vec::new() },
                 problem: None,
+                nbd_urls: Vec::new(),
             };
             self.lock_mats().push(m);
             self.update_release_limit(&slot);
             (disks, state.epoch, state.seq)
         };
-        let result = if kind == "image" {
+        let result = if kind == MaterializationKind::Image {
             let format = req.format.unwrap_or(ImageFormat::Raw);
             let dir = req.dir.clone().unwrap_or_else(|| datastore.join(&self.name).join("images").join(&id));
             if let Err(e) = self.check_image_dir(&dir) {
@@ -778,6 +713,7 @@ impl Replica {
             created_ms: now_ms(),
             what,
             problem: None,
+            nbd_urls: Vec::new(),
         };
         {
             let mut mats = self.lock_mats();
@@ -1024,7 +960,7 @@ impl Replica {
 
     /// Extents of each disk changed between point seqs `from` and `to` (the journal's end when
     /// None). `full` = everything must be resynced (initial-sync data is not in the journal).
-    pub(crate) fn changed_extents(&self, from: u64, to: Option<u64>) -> Result<serde_json::Value, PointError> {
+    pub(crate) fn changed_extents(&self, from: u64, to: Option<u64>) -> Result<Changes, PointError> {
         let slot = self.lock_base();
         let Some(state) = slot.state.clone() else {
             return Err(PointError::NotFound(format!("{} has no recovery point yet", self.name)));
@@ -1071,20 +1007,18 @@ impl Replica {
             .map(|(d, m)| {
                 let ranges = if full { vec![(0, d.size)] } else { m.ranges() };
                 let bytes: u64 = ranges.iter().map(|r| r.1).sum();
-                serde_json::json!({
-                    "disk": d.name,
-                    "bytes": bytes,
-                    "extents": ranges.iter().map(|(o, l)| serde_json::json!({"offset": o, "length": l})).collect::<Vec<_>>(),
-                })
+                DiskChanges {
+                    disk: d.name.clone(),
+                    bytes,
+                    extents: ranges.iter().map(|&(offset, length)| Extent { offset, length }).collect(),
+                }
             })
             .collect();
-        Ok(
-            serde_json::json!({ "machine": self.name, "from_seq": from, "to_seq": to, "full_resync": full, "disks": disks }),
-        )
+        Ok(Changes { machine: self.name.clone(), from_seq: from, to_seq: Some(to), full_resync: full, disks })
     }
 
     /// Retention figures for the status.
-    pub(crate) fn retention_status(&self) -> serde_json::Value {
+    pub(crate) fn retention_status(&self) -> RetentionStatus {
         let slot = self.lock_base();
         let (journal_bytes, payload) = {
             let j = self.lock_journal();
@@ -1092,20 +1026,23 @@ impl Replica {
         };
         let base_bytes: u64 = slot.files.iter().map(|(p, _)| allocated_bytes(p)).sum();
         let (free, total) = statvfs_free(&self.dir).unwrap_or((0, 0));
-        serde_json::json!({
-            "window_secs": self.window().as_secs_f64(),
-            "base_seq": slot.state.as_ref().map(|s| s.seq),
-            "base_time_ms": slot.state.as_ref().map(|s| s.time_ms),
-            "base_bytes": base_bytes,
-            "journal_bytes": journal_bytes,
-            "journal_payload_bytes": payload,
-            // Journal bytes per GiB written (record framing and indexes on top of the data).
-            "journal_bytes_per_gib_written": if payload > 0 { (journal_bytes as f64 / payload as f64) * (1u64 << 30) as f64 } else { 0.0 },
-            "volume_free_bytes": free,
-            "volume_total_bytes": total,
-            "pruning_paused": slot.paused,
-            "pinned_by": self.lock_mats().iter().map(|m| m.id.clone()).collect::<Vec<_>>(),
-        })
+        RetentionStatus {
+            window_secs: self.window().as_secs_f64(),
+            base_seq: slot.state.as_ref().map(|s| s.seq),
+            base_time_ms: slot.state.as_ref().map(|s| s.time_ms),
+            base_bytes,
+            journal_bytes,
+            journal_payload_bytes: payload,
+            journal_bytes_per_gib_written: if payload > 0 {
+                (journal_bytes as f64 / payload as f64) * (1u64 << 30) as f64
+            } else {
+                0.0
+            },
+            volume_free_bytes: free,
+            volume_total_bytes: total,
+            pruning_paused: slot.paused.clone(),
+            pinned_by: self.lock_mats().iter().map(|m| m.id.clone()).collect(),
+        }
     }
 }
 
@@ -1121,12 +1058,12 @@ pub(crate) fn prune_loop(replica: Arc<Replica>) {
                     machine: String::new(),
                     seq: g.prepare_seq,
                     time_ms: g.prepare_time_ms,
-                    kind: "crash".into(),
-                    scope: "multi".into(),
+                    kind: PointKind::Crash,
+                    scope: PointScope::Multi,
                     group: None,
                     group_tag: None,
                     generation: 0,
-                    origin: "group".into(),
+                    origin: PointOrigin::Group,
                 });
             }
             while replica.prune_once(&pts) && replica.space_low() && !replica.stopped.load(Ordering::SeqCst) {}

@@ -52,35 +52,7 @@ pub(crate) struct ApplyState {
     error: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct ReplicaStatus {
-    pub machine: String,
-    pub disks: Vec<DiskStatus>,
-    /// Highest seq durable in the journal (acknowledged to the process server).
-    pub journaled_seq: u64,
-    /// Highest seq applied to the target disks.
-    pub applied_seq: u64,
-    pub consistent: bool,
-    pub mode: &'static str,
-    pub journal_bytes: u64,
-    pub lag_seconds: f64,
-    pub apply_bytes_per_sec: f64,
-    pub error: Option<String>,
-    /// History: base, journal space per GiB written, volume space, pruning state.
-    pub retention: serde_json::Value,
-    /// Recovery points of this machine alone (multi-machine ones: see the points API).
-    pub points: usize,
-    pub newest_point: Option<crate::history::Point>,
-    /// Recent events (pruning, space, materializations), newest last.
-    pub events: Vec<serde_json::Value>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct DiskStatus {
-    pub name: String,
-    pub size: u64,
-    pub target: PathBuf,
-}
+pub use ferry_api::master_target::{ReplicaDisk, ReplicaStatus};
 
 pub struct Replica {
     pub(crate) name: String,
@@ -100,7 +72,7 @@ pub struct Replica {
     pub(crate) history: Mutex<History>,
     pub(crate) base: Mutex<BaseSlot>,
     pub(crate) mats: Mutex<Vec<Materialization>>,
-    pub(crate) events: Mutex<VecDeque<serde_json::Value>>,
+    pub(crate) events: Mutex<VecDeque<ferry_api::Event>>,
     /// The master target's NBD exports (materialized points are served there).
     pub(crate) exports: Exports,
     /// The journal is never released past this seq (the base and pinned points need it).
@@ -788,12 +760,12 @@ impl Replica {
                 .disks
                 .iter()
                 .zip(&self.targets)
-                .map(|(d, (p, _))| DiskStatus { name: d.name.clone(), size: d.size, target: p.clone() })
+                .map(|(d, (p, _))| ReplicaDisk { name: d.name.clone(), size: d.size, target: p.clone() })
                 .collect(),
             journaled_seq: journaled,
             applied_seq: applied,
             consistent: st.ckpt.consistent,
-            mode,
+            mode: mode.to_owned(),
             journal_bytes,
             lag_seconds: lag,
             apply_bytes_per_sec: st.rate.bytes_per_sec(),

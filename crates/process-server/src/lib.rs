@@ -14,6 +14,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ferry_api::control::{ComponentKind, ComponentStatus};
+use ferry_api::process_server::{ProcessServerEndpoint, ROUTES};
 use ferry_protocol::{codes, validate_name, FrameCodec, Hello, HelloAck, Message, Role};
 use ferry_tls::TlsFiles;
 use futures::{FutureExt, SinkExt, StreamExt};
@@ -85,20 +87,9 @@ pub struct ProcessServerConfig {
 /// (A leading dot: no machine name can take it, so it never meets a spool folder.)
 const ROUTES_FILE: &str = ".master-target-routes.json";
 
-/// Where one machine's changes go.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MasterTargetRoute {
-    pub address: String,
-    /// Name in that master target's certificate.
-    pub name: String,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct LiveSettings {
-    #[serde(default)]
-    machine_master_targets: HashMap<String, MasterTargetRoute>,
-}
+pub use ferry_api::process_server::MasterTargetRoute;
+/// The per-machine routes a running process server takes from the configuration server.
+use ferry_api::process_server::ProcessServerSettings as LiveSettings;
 
 fn default_mt_name() -> String {
     "master-target".into()
@@ -137,10 +128,11 @@ impl ProcessServer {
         let connector = ferry_tls::connector(&config.tls)?;
         // Routes from the configuration server, remembered in the cache folder: after a restart
         // with the server unreachable, spooled changes still go to each machine's own master target.
-        let mut routes: HashMap<String, MasterTargetRoute> = std::fs::read(config.cache_dir.join(ROUTES_FILE))
-            .ok()
-            .and_then(|d| serde_json::from_slice(&d).ok())
-            .unwrap_or_default();
+        let mut routes: std::collections::BTreeMap<String, MasterTargetRoute> =
+            std::fs::read(config.cache_dir.join(ROUTES_FILE))
+                .ok()
+                .and_then(|d| serde_json::from_slice(&d).ok())
+                .unwrap_or_default();
         routes.extend(config.machine_master_targets.clone());
         let live = std::sync::RwLock::new(LiveSettings { machine_master_targets: routes });
         let ps = Arc::new(ProcessServer { config, spools: Mutex::new(HashMap::new()), live, connector, shutdown });
@@ -209,9 +201,10 @@ impl ProcessServer {
 
     /// Take new per-machine routes from the configuration server (they apply from the
     /// machine's next connection to a master target).
-    pub fn apply_settings(&self, v: &serde_json::Value) {
-        match serde_json::from_value::<LiveSettings>(v.clone()) {
-            Ok(mut s) => {
+    pub fn apply_settings(&self, v: &ferry_api::control::ComponentSettings) {
+        let mut s = LiveSettings { machine_master_targets: v.machine_master_targets.clone().unwrap_or_default() };
+        {
+            {
                 for (k, r) in &self.config.machine_master_targets {
                     s.machine_master_targets.entry(k.clone()).or_insert(r.clone());
                 }
@@ -224,26 +217,26 @@ impl ProcessServer {
                 }
                 *self.live.write().unwrap_or_else(|p| p.into_inner()) = s;
             }
-            Err(e) => tracing::warn!(error = %e, "ignoring malformed settings from the configuration server"),
         }
     }
 
-    pub fn status(&self) -> serde_json::Value {
-        let mut machines: Vec<_> = self.lock_spools().values().map(|s| s.status()).collect();
+    pub fn status(&self) -> ferry_api::process_server::ProcessServerStatus {
+        let spools: Vec<_> = self.lock_spools().values().cloned().collect();
+        let mut machines: Vec<_> = spools.iter().map(|s| s.status()).collect();
         machines.sort_by(|a, b| a.machine.cmp(&b.machine));
         let live = self.live.read().unwrap_or_else(|p| p.into_inner()).clone();
-        serde_json::json!({
-            "component": "process-server",
-            "listen": self.config.listen,
-            "advertise": self.config.advertise.clone().unwrap_or_else(|| self.config.listen.clone()),
-            "settings": live,
-            "cache_capacity_bytes": self.config.cache_capacity_bytes,
-            "spool_bytes": self.spool_bytes(),
-            "free_percent": self.free_percent(),
-            "throttling": self.free_percent() < self.config.throttle_free_percent,
-            "filesystem_available_bytes": fs_available(&self.config.cache_dir),
-            "machines": machines,
-        })
+        let free_percent = self.free_percent();
+        ferry_api::process_server::ProcessServerStatus {
+            listen: self.config.listen.clone(),
+            advertise: self.config.advertise.clone().unwrap_or_else(|| self.config.listen.clone()),
+            settings: live,
+            cache_capacity_bytes: self.config.cache_capacity_bytes,
+            spool_bytes: self.spool_bytes(),
+            free_percent,
+            throttling: free_percent < self.config.throttle_free_percent,
+            filesystem_available_bytes: fs_available(&self.config.cache_dir),
+            machines,
+        }
     }
 
     async fn forward_loop(self: Arc<Self>, spool: Arc<MachineSpool>) {
@@ -409,20 +402,26 @@ pub async fn serve(
     let acceptor = ferry_tls::acceptor(&config.tls)?;
     let ps = ProcessServer::new(config, shutdown.clone())?;
     let ps2 = ps.clone();
-    ferry_status::spawn(status_listener, move || ps2.status(), axum::Router::new(), shutdown.clone());
+    let routes = ferry_status::router_from(ROUTES, |r| match r.id {
+        ProcessServerEndpoint::Status => {
+            let ps2 = ps2.clone();
+            ferry_status::status_route(move || ComponentStatus::ProcessServer(ps2.status()))
+        }
+    });
+    ferry_status::spawn(status_listener, routes, shutdown.clone());
     if let Some(link) = ps.config.config_server.clone() {
         let ps2 = ps.clone();
         ferry_status::spawn_heartbeats(
             link.clone(),
-            "process-server",
+            ComponentKind::ProcessServer,
             "process-server".into(),
-            move || ps2.status(),
+            move || ComponentStatus::ProcessServer(ps2.status()),
             shutdown.clone(),
         );
         let ps2 = ps.clone();
         ferry_status::spawn_settings_watch(
             link,
-            "process-server",
+            ComponentKind::ProcessServer,
             "process-server".into(),
             move |v| ps2.apply_settings(&v),
             shutdown.clone(),

@@ -6,7 +6,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use ferry_journal::{Cursor, SegmentLog};
 use ferry_protocol::{now_ms, Ack, Hello, Message, Record};
 use ferry_status::RateMeter;
-use serde::Serialize;
 use tokio::sync::{broadcast, mpsc, Notify};
 
 use crate::{ProcessServerConfig, ProcessServerError};
@@ -29,25 +28,7 @@ struct SpoolState {
     applied_time_ms: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct SpoolStatus {
-    pub machine: String,
-    pub agent_connected: bool,
-    pub master_target_connected: bool,
-    pub master_target_error: Option<String>,
-    /// Highest seq durable in this spool (acknowledged to the agent).
-    pub spooled_seq: u64,
-    /// Highest seq sent to the master target.
-    pub forwarded_seq: u64,
-    /// Highest seq durable at the master target.
-    pub target_durable_seq: u64,
-    pub applied_seq: u64,
-    pub spool_bytes: u64,
-    pub throttled: bool,
-    pub receive_bytes_per_sec: f64,
-    pub forward_bytes_per_sec: f64,
-    pub lag_seconds: f64,
-}
+pub use ferry_api::process_server::SpoolStatus;
 
 pub struct MachineSpool {
     name: String,

@@ -8,8 +8,16 @@ pub use rate::RateMeter;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::routing::get;
+use axum::extract::FromRequest;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, MethodRouter};
 use axum::{Json, Router};
+use ferry_api::control::{ComponentKind, ComponentSettings, ComponentStatus, Heartbeat};
+use ferry_api::{ErrorBody, Method, Route};
+use ferry_types::codes;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Debug, thiserror::Error)]
@@ -20,64 +28,193 @@ pub enum StatusError {
     Connect { addr: String, source: std::io::Error },
     #[error("status endpoint at {addr} answered badly: {reason}")]
     BadResponse { addr: String, reason: String },
+    #[error("{addr} refused (HTTP {status}): {error}")]
+    Refused { addr: String, status: u16, error: ErrorBody },
 }
 
-/// Serve `GET /status` (the JSON from `status`) plus `extra` routes until `shutdown`.
-pub async fn serve<F>(
+/// Serve `routes` (which must include `GET /status`, see [`status_route`]) until `shutdown`.
+pub async fn serve(
     listener: tokio::net::TcpListener,
-    status: F,
-    extra: Router,
+    routes: Router,
     shutdown: tokio_util::sync::CancellationToken,
-) -> std::io::Result<()>
-where
-    F: Fn() -> serde_json::Value + Send + Sync + 'static,
-{
-    let status = Arc::new(status);
-    let app = Router::new()
-        .route(
-            "/status",
-            get(move || {
-                let status = status.clone();
-                // A status may take locks a busy component holds for a while: never block the
-                // async workers with it.
-                async move {
-                    match tokio::task::spawn_blocking(move || status()).await {
-                        Ok(v) => Json(v),
-                        Err(e) => Json(serde_json::json!({ "error": format!("status failed: {e}") })),
-                    }
-                }
-            }),
+) -> std::io::Result<()> {
+    let app = routes.fallback(|| async {
+        Failure(
+            StatusCode::NOT_FOUND,
+            ErrorBody::with_remedy(
+                codes::NOT_FOUND,
+                "no such route",
+                "see the component's OpenAPI document (docs/openapi/)",
+            ),
         )
-        .merge(extra);
+    });
     axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
 }
 
-/// Serve the status endpoint in the background when a listener is given (errors are logged).
-pub fn spawn<F>(
-    listener: Option<tokio::net::TcpListener>,
-    status: F,
-    extra: Router,
-    shutdown: tokio_util::sync::CancellationToken,
-) where
-    F: Fn() -> serde_json::Value + Send + Sync + 'static,
-{
+/// Serve the status listener in the background when a listener is given (errors are logged).
+pub fn spawn(listener: Option<tokio::net::TcpListener>, routes: Router, shutdown: tokio_util::sync::CancellationToken) {
     if let Some(l) = listener {
         tokio::spawn(async move {
-            if let Err(e) = serve(l, status, extra, shutdown).await {
+            if let Err(e) = serve(l, routes, shutdown).await {
                 tracing::error!(error = %e, "status endpoint failed");
             }
         });
     }
 }
 
-/// Minimal HTTP/1.1 client for the CLI: `method path` with an optional JSON body, returns the
-/// status code and JSON body.
-pub async fn request(
+/// The `GET /status` handler: `status()` runs on a blocking thread (a status may take locks a busy
+/// component holds for a while: never block the async workers with it).
+pub fn status_route<F>(status: F) -> MethodRouter
+where
+    F: Fn() -> ComponentStatus + Send + Sync + 'static,
+{
+    let status = Arc::new(status);
+    get(move || {
+        let status = status.clone();
+        async move {
+            match tokio::task::spawn_blocking(move || status()).await {
+                Ok(v) => Ok(Json(v)),
+                Err(e) => Err(Failure::internal(format!("status failed: {e}"))),
+            }
+        }
+    })
+}
+
+/// Build a router from a route table: `handler` gives each route its method router (an
+/// exhaustive match on the route's id), so the table is the one list of what is served.
+pub fn router_from<Id: Copy, S: Clone + Send + Sync + 'static>(
+    table: &'static [Route<Id>],
+    mut handler: impl FnMut(&'static Route<Id>) -> MethodRouter<S>,
+) -> Router<S> {
+    table.iter().fold(Router::new(), |r, route| r.route(route.path, handler(route)))
+}
+
+/// The method filter of a table's method.
+pub fn method_filter(m: Method) -> axum::routing::MethodFilter {
+    match m {
+        Method::Get => axum::routing::MethodFilter::GET,
+        Method::Post => axum::routing::MethodFilter::POST,
+        Method::Put => axum::routing::MethodFilter::PUT,
+        Method::Delete => axum::routing::MethodFilter::DELETE,
+    }
+}
+
+/// An HTTP failure: status plus Ferry's error body.
+#[derive(Debug, Clone)]
+pub struct Failure(pub StatusCode, pub ErrorBody);
+
+impl Failure {
+    /// A failure with the registry's HTTP status for `code`.
+    pub fn of(code: ferry_types::ErrorCode, message: impl Into<String>, remedy: impl Into<String>) -> Failure {
+        Failure(
+            StatusCode::from_u16(code.http_status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            ErrorBody::with_remedy(code, message, remedy),
+        )
+    }
+    pub fn with_status(
+        status: StatusCode,
+        code: ferry_types::ErrorCode,
+        message: impl Into<String>,
+        remedy: impl Into<String>,
+    ) -> Failure {
+        Failure(status, ErrorBody::with_remedy(code, message, remedy))
+    }
+    /// A worker thread failed (a bug): see the log.
+    pub fn internal(message: impl Into<String>) -> Failure {
+        Failure(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorBody::with_remedy(codes::INTERNAL, message, "see the component's log"),
+        )
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        (self.0, Json(self.1)).into_response()
+    }
+}
+
+/// A handler's answer: the route's typed body, or a failure.
+pub type Reply<T> = Result<(StatusCode, Json<T>), Failure>;
+
+/// `200 OK` with `v`.
+pub fn ok<T>(v: T) -> Reply<T> {
+    Ok((StatusCode::OK, Json(v)))
+}
+
+/// A JSON body whose rejection is Ferry's error body, naming what was wrong.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+    type Rejection = Failure;
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Failure> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(JsonBody(v)),
+            Err(e) => {
+                // Malformed, mistyped or missing: all 400, with the reason (only size differs).
+                let (status, code) = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    (StatusCode::PAYLOAD_TOO_LARGE, codes::BODY_TOO_LARGE)
+                } else {
+                    (StatusCode::BAD_REQUEST, codes::BAD_REQUEST)
+                };
+                Err(Failure(
+                    status,
+                    ErrorBody::with_remedy(
+                        code,
+                        e.body_text(),
+                        format!(
+                            "send the JSON body the component's OpenAPI document gives for this route ({})",
+                            std::any::type_name::<T>().rsplit("::").next().unwrap_or("object")
+                        ),
+                    ),
+                ))
+            }
+        }
+    }
+}
+
+/// Typed call to a component's status listener: `method path` with an optional JSON body; the
+/// answer as `T`, or the component's refusal.
+pub async fn call<T: DeserializeOwned>(
     addr: &str,
-    method: &str,
+    method: Method,
     path: &str,
-    body: Option<&serde_json::Value>,
-) -> Result<(u16, serde_json::Value), StatusError> {
+    body: Option<&(impl Serialize + ?Sized)>,
+) -> Result<T, StatusError> {
+    let body = match body {
+        Some(b) => Some(
+            serde_json::to_vec(b)
+                .map_err(|e| StatusError::BadResponse { addr: addr.to_owned(), reason: e.to_string() })?,
+        ),
+        None => None,
+    };
+    let (code, payload) = request(addr, method.http(), path, body.as_deref()).await?;
+    if !(200..300).contains(&code) {
+        let error = serde_json::from_slice::<ErrorBody>(&payload).unwrap_or_else(|_| ErrorBody {
+            code: 0,
+            name: String::new(),
+            message: String::from_utf8_lossy(&payload).chars().take(500).collect(),
+            remedy: String::new(),
+        });
+        return Err(StatusError::Refused { addr: addr.to_owned(), status: code, error });
+    }
+    serde_json::from_slice(&payload).map_err(|e| StatusError::BadResponse {
+        addr: addr.to_owned(),
+        reason: format!(
+            "the answer to {path} is not the expected {}: {e}",
+            std::any::type_name::<T>().rsplit("::").next().unwrap_or("type")
+        ),
+    })
+}
+
+/// A component's status (`GET /status`).
+pub async fn status_of(addr: &str) -> Result<ComponentStatus, StatusError> {
+    call(addr, Method::Get, "/status", None::<&()>).await
+}
+
+/// Minimal HTTP/1.1 client: `method path` with an optional JSON body, returns the status code
+/// and the body's bytes.
+pub async fn request(addr: &str, method: &str, path: &str, body: Option<&[u8]>) -> Result<(u16, Vec<u8>), StatusError> {
     let connect_err = |source| StatusError::Connect { addr: addr.to_owned(), source };
     let bad = |reason: String| StatusError::BadResponse { addr: addr.to_owned(), reason };
     let sa: SocketAddr = tokio::net::lookup_host(addr)
@@ -86,40 +223,39 @@ pub async fn request(
         .next()
         .ok_or_else(|| StatusError::Connect { addr: addr.to_owned(), source: std::io::Error::other("no address") })?;
     let mut s = tokio::net::TcpStream::connect(sa).await.map_err(connect_err)?;
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+    let body = body.unwrap_or_default();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );
-    s.write_all(req.as_bytes()).await.map_err(connect_err)?;
+    s.write_all(head.as_bytes()).await.map_err(connect_err)?;
+    s.write_all(body).await.map_err(connect_err)?;
     let mut resp = Vec::new();
     s.read_to_end(&mut resp).await.map_err(connect_err)?;
-    let text = String::from_utf8_lossy(&resp);
-    let (head, rest) = text.split_once("\r\n\r\n").ok_or_else(|| bad("no header terminator".into()))?;
+    let split = resp.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| bad("no header terminator".into()))?;
+    let head = String::from_utf8_lossy(&resp[..split]).into_owned();
+    let rest = &resp[split + 4..];
     let code: u16 = head
         .split_whitespace()
         .nth(1)
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| bad(format!("bad status line {head:?}")))?;
     let chunked = head.to_ascii_lowercase().contains("transfer-encoding: chunked");
-    let payload = if chunked { dechunk(rest) } else { rest.to_owned() };
-    let json = if payload.trim().is_empty() {
-        serde_json::Value::Null
-    } else {
-        serde_json::from_str(&payload).unwrap_or(serde_json::Value::String(payload))
-    };
-    Ok((code, json))
+    let payload = if chunked { dechunk(rest) } else { rest.to_vec() };
+    Ok((code, payload))
 }
 
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
+fn dechunk(mut s: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(pos) = s.windows(2).position(|w| w == b"\r\n") {
+        let size = String::from_utf8_lossy(&s[..pos]);
+        let rest = &s[pos + 2..];
         let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
         if n == 0 || rest.len() < n {
             break;
         }
-        out.push_str(&rest[..n]);
-        s = rest[n..].trim_start_matches("\r\n");
+        out.extend_from_slice(&rest[..n]);
+        s = rest[n..].strip_prefix(b"\r\n").unwrap_or(&rest[n..]);
     }
     out
 }
@@ -134,13 +270,29 @@ mod tests {
         let addr = l.local_addr().unwrap().to_string();
         let token = tokio_util::sync::CancellationToken::new();
         let t = token.clone();
-        let h = tokio::spawn(serve(l, || serde_json::json!({"ok": true}), Router::new(), t));
-        let (code, v) = request(&addr, "GET", "/status", None).await.unwrap();
-        assert_eq!(code, 200);
-        assert_eq!(v["ok"], true);
+        let status = || {
+            ComponentStatus::ProcessServer(ferry_api::process_server::ProcessServerStatus {
+                listen: "127.0.0.1:1".into(),
+                advertise: "127.0.0.1:1".into(),
+                settings: Default::default(),
+                cache_capacity_bytes: 1,
+                spool_bytes: 0,
+                free_percent: 100,
+                throttling: false,
+                filesystem_available_bytes: 1,
+                machines: vec![],
+            })
+        };
+        let h = tokio::spawn(serve(l, Router::new().route("/status", status_route(status)), t));
+        let st = status_of(&addr).await.unwrap();
+        assert_eq!(st.kind(), ComponentKind::ProcessServer);
+        match call::<ComponentStatus>(&addr, Method::Get, "/nothing", None::<&()>).await {
+            Err(StatusError::Refused { status: 404, error, .. }) => assert_eq!(error.code, codes::NOT_FOUND.code),
+            other => panic!("{other:?}"),
+        }
         token.cancel();
         h.await.unwrap().unwrap();
-        assert!(request(&addr, "GET", "/status", None).await.is_err());
+        assert!(status_of(&addr).await.is_err());
     }
 }
 
@@ -172,12 +324,12 @@ fn default_heartbeat() -> f64 {
 /// Send heartbeats with `status()` until `shutdown`; failures are logged and retried.
 pub fn spawn_heartbeats<F>(
     link: ConfigServerLink,
-    kind: &'static str,
+    kind: ComponentKind,
     default_name: String,
     status: F,
     shutdown: tokio_util::sync::CancellationToken,
 ) where
-    F: Fn() -> serde_json::Value + Send + Sync + 'static,
+    F: Fn() -> ComponentStatus + Send + Sync + 'static,
 {
     let status = Arc::new(status);
     tokio::spawn(async move {
@@ -193,9 +345,9 @@ pub fn spawn_heartbeats<F>(
                 }
             };
             let st = status.clone();
-            let snapshot = tokio::task::spawn_blocking(move || st()).await.unwrap_or_default();
-            let body = serde_json::json!({ "kind": kind, "name": name, "status": snapshot, "policy": link.policy })
-                .to_string();
+            let snapshot = tokio::task::spawn_blocking(move || st()).await.ok();
+            let beat = Heartbeat { kind, name: name.clone(), status: snapshot, policy: link.policy.clone() };
+            let body = serde_json::to_string(&beat).unwrap_or_default();
             let auth = format!("Bearer {token}");
             let r = ferry_tls::https_request(
                 &link.address,
@@ -232,17 +384,17 @@ pub fn spawn_heartbeats<F>(
 /// routes, datastores, retention windows) change without a restart this way.
 pub fn spawn_settings_watch<F>(
     link: ConfigServerLink,
-    kind: &'static str,
+    kind: ComponentKind,
     default_name: String,
     apply: F,
     shutdown: tokio_util::sync::CancellationToken,
 ) where
-    F: Fn(serde_json::Value) + Send + Sync + 'static,
+    F: Fn(ComponentSettings) + Send + Sync + 'static,
 {
     tokio::spawn(async move {
         let name = link.name.clone().unwrap_or(default_name);
         let every = std::time::Duration::from_secs_f64(link.heartbeat_interval_secs.clamp(0.1, 10.0));
-        let mut last: Option<serde_json::Value> = None;
+        let mut last: Option<ComponentSettings> = None;
         loop {
             if let Ok(token) = std::fs::read_to_string(&link.token_file) {
                 let auth = format!("Bearer {}", token.trim());
@@ -256,11 +408,15 @@ pub fn spawn_settings_watch<F>(
                 )
                 .await;
                 if let Ok((200, body)) = r {
-                    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&body) {
-                        if last.as_ref() != Some(&v) {
+                    match serde_json::from_slice::<ComponentSettings>(&body) {
+                        Ok(v) if last.as_ref() != Some(&v) => {
                             tracing::info!(%kind, %name, "settings from the configuration server changed; applying");
                             apply(v.clone());
                             last = Some(v);
+                        }
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "ignoring malformed settings from the configuration server")
                         }
                     }
                 }

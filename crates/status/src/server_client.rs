@@ -4,7 +4,11 @@
 
 use std::path::{Path, PathBuf};
 
-use serde_json::{json, Value};
+use ferry_api::config_server::{RegisterRequest, Registered};
+use ferry_api::control::ComponentKind;
+use ferry_api::{ErrorBody, Method};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -12,8 +16,8 @@ pub enum ClientError {
     NoCa,
     #[error("cannot reach the configuration server at {server}: {source}")]
     Unreachable { server: String, source: ferry_tls::TlsError },
-    #[error("{message} (HTTP {status}, code {code}; remedy: {remedy})")]
-    Refused { status: u16, code: Value, message: String, remedy: String },
+    #[error("{} (HTTP {status}, code {}; remedy: {})", error.message, error.code, if error.remedy.is_empty() { "-" } else { &error.remedy })]
+    Refused { status: u16, error: ErrorBody },
     #[error("the server's CA fingerprint is {got}, not the {want} you were given: do not register with this server (wrong address, or someone in between)")]
     WrongFingerprint { got: String, want: String },
     #[error("registration refused: {message} (remedy: {remedy})")]
@@ -37,36 +41,76 @@ pub struct ServerClient {
 }
 
 impl ServerClient {
-    /// `METHOD path` with an optional JSON body; the JSON answer, or the server's refusal.
-    pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Result<Value, ClientError> {
+    /// `METHOD path` with an optional JSON body; the answer as `T`, or the server's refusal.
+    pub async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&(impl Serialize + ?Sized)>,
+    ) -> Result<T, ClientError> {
         let ca = self.ca.clone().ok_or(ClientError::NoCa)?;
         let auth = self.token.as_ref().map(|t| format!("Bearer {t}"));
         let mut headers = Vec::new();
         if let Some(a) = &auth {
             headers.push(("Authorization", a.as_str()));
         }
-        let body = body.map(|b| b.to_string());
+        let body = match body {
+            Some(b) => Some(serde_json::to_vec(b).map_err(|e| ClientError::BadAnswer {
+                server: self.server.clone(),
+                what: format!("a request this client cannot encode: {e}"),
+            })?),
+            None => None,
+        };
         let (status, resp) = ferry_tls::https_request(
             &self.server,
             ferry_tls::Trust::CaFile(&ca),
-            method,
+            method.http(),
             path,
             &headers,
-            body.as_deref().map(str::as_bytes),
+            body.as_deref(),
         )
         .await
         .map_err(|source| ClientError::Unreachable { server: self.server.clone(), source })?;
-        let v: Value = serde_json::from_slice(&resp).unwrap_or(Value::Null);
         if !(200..300).contains(&status) {
-            return Err(ClientError::Refused {
-                status,
-                code: v["code"].clone(),
-                message: v["message"].as_str().unwrap_or("request refused").to_owned(),
-                remedy: v["remedy"].as_str().unwrap_or("-").to_owned(),
-            });
+            return Err(ClientError::Refused { status, error: refusal(&resp) });
         }
-        Ok(v)
+        serde_json::from_slice(&resp).map_err(|e| ClientError::BadAnswer {
+            server: self.server.clone(),
+            what: format!("to {path} something that is not the expected answer: {e}"),
+        })
     }
+
+    /// The server's answer as text (the CA certificate).
+    pub async fn text(&self, path: &str) -> Result<String, ClientError> {
+        let ca = self.ca.clone().ok_or(ClientError::NoCa)?;
+        let (status, resp) =
+            ferry_tls::https_request(&self.server, ferry_tls::Trust::CaFile(&ca), "GET", path, &[], None)
+                .await
+                .map_err(|source| ClientError::Unreachable { server: self.server.clone(), source })?;
+        if !(200..300).contains(&status) {
+            return Err(ClientError::Refused { status, error: refusal(&resp) });
+        }
+        Ok(String::from_utf8_lossy(&resp).into_owned())
+    }
+}
+
+/// A refusal's error body (or its text, when a proxy or an older server answered).
+fn refusal(resp: &[u8]) -> ErrorBody {
+    serde_json::from_slice(resp).unwrap_or_else(|_| ErrorBody {
+        code: 0,
+        name: String::new(),
+        message: String::from_utf8_lossy(resp).chars().take(500).collect(),
+        remedy: String::new(),
+    })
+}
+
+/// Where `register_component` put the component's files.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct RegistrationFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub token_file: PathBuf,
 }
 
 /// Register a component with the configuration server at `server`: fetch its CA and check it
@@ -76,11 +120,11 @@ pub async fn register_component(
     server: &str,
     fingerprint: &str,
     passphrase: &str,
-    kind: &str,
+    kind: ComponentKind,
     name: &str,
     hosts: &[String],
     dir: &Path,
-) -> Result<Value, ClientError> {
+) -> Result<RegistrationFiles, ClientError> {
     let unreachable = |source| ClientError::Unreachable { server: server.to_owned(), source };
     let (status, ca) = ferry_tls::https_request(server, ferry_tls::Trust::Insecure, "GET", "/api/v1/ca", &[], None)
         .await
@@ -103,31 +147,33 @@ pub async fn register_component(
     let ca_path = dir.join("ca.pem");
     ferry_sys::fs::atomic_replace(&ca_path, ca.as_bytes(), 0o644).map_err(write_err(&ca_path))?;
     let (key, csr) = ferry_tls::key_and_csr(name, hosts)?;
-    let body = json!({"kind": kind, "name": name, "passphrase": passphrase, "csr": csr, "hosts": hosts}).to_string();
+    let req =
+        RegisterRequest { kind, name: name.to_owned(), passphrase: passphrase.to_owned(), csr, hosts: hosts.to_vec() };
+    let body = serde_json::to_vec(&req)
+        .map_err(|e| ClientError::BadAnswer { server: server.to_owned(), what: e.to_string() })?;
     let (status, resp) = ferry_tls::https_request(
         server,
         ferry_tls::Trust::CaFile(&ca_path),
         "POST",
         "/api/v1/register",
         &[],
-        Some(body.as_bytes()),
+        Some(&body),
     )
     .await
     .map_err(unreachable)?;
-    let v: Value = serde_json::from_slice(&resp).unwrap_or(Value::Null);
     if status != 201 {
-        return Err(ClientError::RegistrationRefused {
-            message: v["message"].as_str().unwrap_or("?").to_owned(),
-            remedy: v["remedy"].as_str().unwrap_or("-").to_owned(),
-        });
+        let e = refusal(&resp);
+        return Err(ClientError::RegistrationRefused { message: e.message, remedy: e.remedy });
     }
+    let v: Registered = serde_json::from_slice(&resp).map_err(|e| ClientError::BadAnswer {
+        server: server.to_owned(),
+        what: format!("a registration answer that is not one: {e}"),
+    })?;
     let key_path = dir.join(format!("{kind}.key"));
     let cert_path = dir.join(format!("{kind}.pem"));
     let token_path = dir.join("config-server.token");
     ferry_sys::fs::atomic_replace(&key_path, key.as_bytes(), 0o600).map_err(write_err(&key_path))?;
-    let cert = v["certificate"].as_str().unwrap_or("");
-    ferry_sys::fs::atomic_replace(&cert_path, cert.as_bytes(), 0o644).map_err(write_err(&cert_path))?;
-    let token = v["token"].as_str().unwrap_or("");
-    ferry_sys::fs::atomic_replace(&token_path, token.as_bytes(), 0o600).map_err(write_err(&token_path))?;
-    Ok(json!({"ca": ca_path, "cert": cert_path, "key": key_path, "token_file": token_path}))
+    ferry_sys::fs::atomic_replace(&cert_path, v.certificate.as_bytes(), 0o644).map_err(write_err(&cert_path))?;
+    ferry_sys::fs::atomic_replace(&token_path, v.token.as_bytes(), 0o600).map_err(write_err(&token_path))?;
+    Ok(RegistrationFiles { ca: ca_path, cert: cert_path, key: key_path, token_file: token_path })
 }

@@ -142,6 +142,9 @@ registry! {
     MIXED_OS_FAMILY = 9030, 400, "mixed-os-family",
         "all machines of a replication group must have the same OS family (RG-1)",
         "put machines of different OS families in different replication groups";
+    INTERNAL = 9031, 500, "internal",
+        "a component failed inside (a worker thread ended unexpectedly)",
+        "see the component's log and report it; retry the request";
 }
 
 /// The registry entry for `code`.

@@ -325,10 +325,11 @@ fn conformance(database: &str, dir: &Path) {
     assert_eq!(info["database"], if database.starts_with("postgres") { "postgres" } else { "sqlite" });
     let (_, doc) = s.curl("GET", "/api/v1/openapi.json", None, None);
     let committed: Value = serde_json::from_str(
-        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../openapi.json")).unwrap(),
+        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/openapi/config-server.json"))
+            .unwrap(),
     )
     .unwrap();
-    assert_eq!(doc, committed, "openapi.json drifted from the server: regenerate it with `curl -s --cacert .../ca.pem https://HOST/api/v1/openapi.json | python3 -m json.tool > openapi.json`");
+    assert_eq!(doc, committed, "the server serves another document than docs/openapi/config-server.json: run `UPDATE_OPENAPI=1 cargo test -p ferry-api`");
     // Every documented route exists (no fallback 404).
     for (path, ops) in doc["paths"].as_object().unwrap() {
         for method in ops.as_object().unwrap().keys() {
@@ -591,9 +592,10 @@ fn conformance(database: &str, dir: &Path) {
         "POST",
         "/api/v1/heartbeats",
         Some(&comp_token),
-        Some(
-            r#"{"kind": "agent", "name": "vm1", "status": {"lag_seconds": 1000, "applied_seq": 5}, "policy": "gold"}"#,
-        ),
+        Some(&agent_heartbeat("vm1", Some("gold"), |a| {
+            a.lag_seconds = 1000.0;
+            a.applied_seq = 5;
+        })),
     );
     assert_eq!(code, 200, "{v}");
     let (code, v) =
@@ -602,12 +604,7 @@ fn conformance(database: &str, dir: &Path) {
     assert_eq!(s.curl("POST", "/api/v1/policies", Some(&comp_token), Some(r#"{"name": "c"}"#)).0, 403);
     let (_, comps) = s.curl("GET", "/api/v1/components", a, None);
     assert_eq!(comps[0]["health"], "warning", "lag 1000 s above gold's RPO of 300 s: {comps:#}");
-    s.curl(
-        "POST",
-        "/api/v1/heartbeats",
-        a,
-        Some(r#"{"kind": "process-server", "name": "ps1", "status": {"cache_free_percent": 10}}"#),
-    );
+    s.curl("POST", "/api/v1/heartbeats", a, Some(&process_server_heartbeat("ps1", 10)));
     let (_, comps) = s.curl("GET", "/api/v1/components", a, None);
     let ps = comps.as_array().unwrap().iter().find(|c| c["kind"] == "process-server").unwrap();
     assert_eq!(ps["health"], "critical", "{ps:#}");
@@ -697,7 +694,7 @@ fn conformance(database: &str, dir: &Path) {
         "POST",
         "/api/v1/heartbeats",
         Some(&comp_token),
-        Some(r#"{"kind": "agent", "name": "vm1", "status": {"applied_seq": 99}}"#),
+        Some(&agent_heartbeat("vm1", None, |a| a.applied_seq = 99)),
     );
     s.curl("POST", "/api/v1/heartbeats", a, Some(r#"{"kind": "master-target", "name": "mt-new"}"#));
     let (_, ev) = s.curl("GET", "/api/v1/events", a, None);
@@ -920,4 +917,29 @@ fn provider_operations_change_real_files() {
     // Unknown operations are refused up front.
     let (code, v) = s.curl("POST", "/api/v1/sites/site-a/operations", Some(&a), Some(r#"{"op": "explode"}"#));
     assert_eq!(code, 422, "{v}");
+}
+
+/// A heartbeat of agent `name` whose status `f` fills in (the rest as a fresh agent's).
+fn agent_heartbeat(name: &str, policy: Option<&str>, f: impl FnOnce(&mut ferry_api::agent::AgentStatus)) -> String {
+    let mut st = ferry_api::agent::AgentStatus { machine: name.into(), ..Default::default() };
+    f(&mut st);
+    let beat = ferry_api::control::Heartbeat {
+        kind: ferry_api::control::ComponentKind::Agent,
+        name: name.into(),
+        status: Some(ferry_api::control::ComponentStatus::Agent(st)),
+        policy: policy.map(str::to_owned),
+    };
+    serde_json::to_string(&beat).unwrap()
+}
+
+/// A heartbeat of process server `name` with its cache `free_percent` free.
+fn process_server_heartbeat(name: &str, free_percent: u8) -> String {
+    let st = ferry_api::process_server::ProcessServerStatus { free_percent, ..Default::default() };
+    let beat = ferry_api::control::Heartbeat {
+        kind: ferry_api::control::ComponentKind::ProcessServer,
+        name: name.into(),
+        status: Some(ferry_api::control::ComponentStatus::ProcessServer(st)),
+        policy: None,
+    };
+    serde_json::to_string(&beat).unwrap()
 }

@@ -703,7 +703,11 @@ run = false
     assert!(!dir.join("sites/primary/guests/golden").exists());
     let comps = lab.json(&["components"]);
     assert!(
-        comps.as_array().unwrap().iter().any(|c| c["name"] == "clone1" && c["status"]["mode"] == "not-protected"),
+        comps
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == "clone1" && c["status"]["component"] == "mobility-service"),
         "{comps:#}"
     );
     let pids = lab.down();

@@ -1,0 +1,299 @@
+//! The agent's status listener: status, points on request, online verify, and the group
+//! prepare/commit/abort protocol its coordinator runs with the other members' agents.
+
+use std::path::PathBuf;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::route::{get, Method, Role, Route};
+use crate::Event;
+
+/// How the agent is shipping a machine's changes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Every write is shipped in order.
+    Replicating,
+    /// Copying the disks for the first time (where every agent starts).
+    #[default]
+    InitialSync,
+    /// Copying changed regions (after a crash, a log overflow or a verify repair).
+    Resync,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Replicating => "replicating",
+            Mode::InitialSync => "initial-sync",
+            Mode::Resync => "resync",
+        }
+    }
+}
+
+/// `GET /status` of an agent (inside [`crate::control::ComponentStatus`]). `Default` is an agent
+/// that has done nothing yet (tests build statuses from it).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+pub struct AgentStatus {
+    pub machine: String,
+    pub status_listen: Option<String>,
+    /// The process server this agent ships to.
+    pub process_server: String,
+    pub nbd_listen: Option<String>,
+    pub mode: Mode,
+    pub generation: u64,
+    pub initial_sync_complete: bool,
+    /// Replicating, nothing pending, and everything sent applied at the master target.
+    pub caught_up: bool,
+    pub connected: bool,
+    /// The process server asked the agent to slow down (its cache is filling).
+    pub throttled: bool,
+    pub link_error: Option<String>,
+    pub last_seq: u64,
+    pub sent_seq: u64,
+    pub process_server_durable_seq: u64,
+    pub master_target_durable_seq: u64,
+    pub applied_seq: u64,
+    pub pending_log_bytes: u64,
+    pub pending_log_records: usize,
+    pub initial_sync_in_flight_bytes: u64,
+    pub resync_pending_bytes: u64,
+    pub resync: Option<ResyncProgress>,
+    pub lag_seconds: f64,
+    pub write_bytes_per_sec: f64,
+    pub ship_bytes_per_sec: f64,
+    pub shipped_bytes: u64,
+    pub activity_log_extents: usize,
+    /// The last resyncs (initial sync included), newest last.
+    pub completed_resyncs: Vec<CompletedResync>,
+    pub disks: Vec<AgentDisk>,
+    pub points: PointStats,
+    /// Writes held for a group tag (between prepare and commit).
+    pub write_hold: Option<WriteHold>,
+    pub events: Vec<Event>,
+}
+
+/// The resync running now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ResyncProgress {
+    /// Why it runs (`InitialSync`, `AgentRecovery`, `LogOverflow`, `VerifyRepair`, …).
+    pub reason: String,
+    pub generation: u64,
+    pub bytes_total: u64,
+    pub bytes_done: u64,
+    pub percent: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct CompletedResync {
+    pub reason: String,
+    pub bytes_copied: u64,
+    pub hole_bytes_zeroed: u64,
+    pub bytes_planned: u64,
+    pub time_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct AgentDisk {
+    pub name: String,
+    pub path: PathBuf,
+    pub size: u64,
+    pub uuid: String,
+    pub resync_pending_bytes: u64,
+}
+
+/// Consistency tags the agent inserted.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct PointStats {
+    pub crash_tags: u64,
+    pub app_tags: u64,
+    pub app_failures: u64,
+    pub group_commits: u64,
+    pub group_aborts: u64,
+    pub last_crash_tag_seq: Option<u64>,
+    pub last_app_tag_seq: Option<u64>,
+    pub last_group_tag: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct WriteHold {
+    pub group: String,
+    pub tag: String,
+}
+
+/// `POST /points/crash` and `/points/app`: the tag inserted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct TagTaken {
+    pub seq: u64,
+    /// `crash` or `app`.
+    pub kind: String,
+}
+
+/// `POST /group/point` (coordinator only).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+pub struct GroupPointRequest {
+    #[serde(default)]
+    pub app: bool,
+}
+
+/// What a group round did.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct GroupReport {
+    pub group: String,
+    pub tag: String,
+    pub app: bool,
+    pub committed: bool,
+    /// The machines that prepared.
+    pub members: Vec<String>,
+    pub failures: Vec<String>,
+    pub commit_failures: Vec<String>,
+}
+
+/// A group prepare/commit/abort request between agents.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct GroupRequest {
+    pub group: String,
+    pub tag: String,
+    #[serde(default)]
+    pub app: bool,
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Commit only: the machines that prepared.
+    #[serde(default)]
+    pub members: Vec<String>,
+    /// Unix ms after which a prepare is refused (the coordinator has given up); 0 = none.
+    #[serde(default)]
+    pub deadline_ms: u64,
+}
+
+fn default_timeout_ms() -> u64 {
+    10_000
+}
+
+/// A member's answer to prepare, commit or abort.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct GroupAnswer {
+    pub machine: String,
+    /// The marker's seq (none when there was nothing to commit or abort here).
+    pub seq: Option<u64>,
+}
+
+/// `POST /verify`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyRequest {
+    pub disk: String,
+    /// Resync the differing blocks once the comparison ends.
+    #[serde(default)]
+    pub repair: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct VerifyStarted {
+    pub verify_id: u64,
+}
+
+/// State of an online verify.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum VerifyState {
+    Running,
+    Complete,
+    Failed,
+}
+
+/// `GET /verify/{id}`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct VerifySession {
+    pub id: u64,
+    pub disk: String,
+    pub repair: bool,
+    pub state: VerifyState,
+    pub error: Option<String>,
+    pub bytes_hashed: u64,
+    pub disk_size: u64,
+    pub blocks_compared: u64,
+    pub block_size: u32,
+    pub differing_offsets: Vec<u64>,
+    pub repair_started: bool,
+}
+
+/// The agent's routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentEndpoint {
+    Status,
+    CrashPoint,
+    AppPoint,
+    GroupPoint,
+    GroupPrepare,
+    GroupCommit,
+    GroupAbort,
+    StartVerify,
+    GetVerify,
+}
+
+use AgentEndpoint as R;
+
+/// Every route of the agent's status listener.
+pub const ROUTES: &[Route<AgentEndpoint>] = &[
+    get::<_, crate::control::ComponentStatus>(
+        R::Status,
+        "/status",
+        Role::Local,
+        "The agent's status: mode, sequence positions, resync, disks, points, events",
+    ),
+    Route::new::<(), TagTaken>(
+        R::CrashPoint,
+        Method::Post,
+        "/points/crash",
+        Role::Local,
+        "Insert a crash-consistent tag now",
+    )
+    .no_body(),
+    Route::new::<(), TagTaken>(
+        R::AppPoint,
+        Method::Post,
+        "/points/app",
+        Role::Local,
+        "Run the freeze hook, insert an app-consistent tag, thaw",
+    )
+    .no_body(),
+    Route::new::<GroupPointRequest, GroupReport>(
+        R::GroupPoint,
+        Method::Post,
+        "/group/point",
+        Role::Local,
+        "Coordinator: take a multi-machine tag over every member (prepare everywhere, then commit or abort)",
+    ),
+    Route::new::<GroupRequest, GroupAnswer>(
+        R::GroupPrepare,
+        Method::Post,
+        "/group/prepare",
+        Role::Local,
+        "Member: hold writes and insert the group's prepare marker",
+    ),
+    Route::new::<GroupRequest, GroupAnswer>(
+        R::GroupCommit,
+        Method::Post,
+        "/group/commit",
+        Role::Local,
+        "Member: insert the commit marker (the tag becomes a multi-machine point) and release writes",
+    ),
+    Route::new::<GroupRequest, GroupAnswer>(
+        R::GroupAbort,
+        Method::Post,
+        "/group/abort",
+        Role::Local,
+        "Member: abandon the tag and release writes",
+    ),
+    Route::new::<VerifyRequest, VerifyStarted>(
+        R::StartVerify,
+        Method::Post,
+        "/verify",
+        Role::Local,
+        "Compare a disk with its replica block by block (optionally repair)",
+    )
+    .answers(202),
+    get::<_, VerifySession>(R::GetVerify, "/verify/{id}", Role::Local, "An online verify's progress and result"),
+];

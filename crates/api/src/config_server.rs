@@ -1,0 +1,770 @@
+//! The configuration server's API (`/api/v1`): the objects operators manage and the views the
+//! server computes.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+
+use ferry_types::{codes, ErrorCode};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::agent::{PointStats, ResyncProgress};
+use crate::control::{ComponentKind, Health, HealthReason};
+use crate::master_target::PointList;
+
+/// `GET /api/v1/machines`: a discovered machine with its protection, health and RPO.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct MachineView {
+    pub machine: String,
+    pub site: String,
+    pub os_family: String,
+    pub power: String,
+    /// `unprotected`, `enabling`, `failed`, `protected` or `protected (<agent mode>)`.
+    pub replication: String,
+    pub policy: Option<String>,
+    pub process_server: Option<String>,
+    pub master_target: Option<String>,
+    pub datastore: Option<String>,
+    pub group: Option<String>,
+    /// The protect job.
+    pub job: Option<String>,
+    /// None: its mobility service has not registered.
+    pub health: Option<Health>,
+    pub reasons: Vec<HealthReason>,
+    /// The agent's replication lag now, seconds.
+    pub rpo_secs: Option<f64>,
+    pub caught_up: Option<bool>,
+    /// The initial sync or resync running now.
+    pub initial_sync: Option<ResyncProgress>,
+    pub points: Option<PointStats>,
+    pub last_heartbeat_ms: Option<u64>,
+}
+
+/// `GET /api/v1/machines/{name}/recovery-points`: the points the machine's master target holds.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct MachineRecoveryPoints {
+    pub master_target: String,
+    #[serde(flatten)]
+    pub points: PointList,
+}
+
+/// A body that breaks a rule of the model: the registry code and what was wrong.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Invalid {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl Invalid {
+    pub fn bad(message: impl Into<String>) -> Invalid {
+        Invalid { code: codes::BAD_REQUEST, message: message.into() }
+    }
+}
+
+/// Names travel in URLs and become file names elsewhere: the data path's rule applies.
+pub fn check_name(what: &str, name: &str) -> Result<(), Invalid> {
+    ferry_types::validate_name(what, name).map_err(Invalid::bad)
+}
+
+/// A replication policy (POL-1).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    pub name: String,
+    /// RPO threshold: exceeding it raises an event only; it never changes replication.
+    #[serde(default = "default_rpo")]
+    pub rpo_threshold_secs: u64,
+    #[serde(default = "default_retention")]
+    pub retention_secs: u64,
+    #[serde(default = "default_app")]
+    pub app_consistent_secs: u64,
+    #[serde(default = "default_crash")]
+    pub crash_consistent_secs: u64,
+    /// Set on the failback policy made with a forward policy (POL-2); read-only.
+    #[serde(default)]
+    pub failback_of: Option<String>,
+    #[serde(default)]
+    pub read_only: bool,
+    /// Associated with the configuration server (failback policies always are).
+    #[serde(default = "yes")]
+    pub associated: bool,
+}
+
+fn default_rpo() -> u64 {
+    3600
+}
+fn default_retention() -> u64 {
+    86_400
+}
+fn default_app() -> u64 {
+    3600
+}
+fn default_crash() -> u64 {
+    300
+}
+fn yes() -> bool {
+    true
+}
+
+impl Policy {
+    pub fn validate(&self) -> Result<(), Invalid> {
+        check_name("policy", &self.name)?;
+        if self.name.ends_with("-failback") && self.failback_of.is_none() {
+            return Err(Invalid::bad(format!(
+                "policy names ending in -failback are reserved for the failback policies Ferry creates (POL-2): rename {:?}",
+                self.name
+            )));
+        }
+        for (field, v, min) in [
+            ("rpo_threshold_secs", self.rpo_threshold_secs, 1),
+            ("retention_secs", self.retention_secs, 60),
+            ("crash_consistent_secs", self.crash_consistent_secs, 1),
+        ] {
+            if v < min {
+                return Err(Invalid::bad(format!("{field} = {v} is below the minimum of {min} s")));
+            }
+        }
+        Ok(())
+    }
+
+    /// The failback policy of a forward policy (POL-2): 15 min / 24 h / 60 min, read-only.
+    pub fn failback_for(forward: &Policy) -> Policy {
+        Policy {
+            name: format!("{}-failback", forward.name),
+            rpo_threshold_secs: 15 * 60,
+            retention_secs: 24 * 3600,
+            app_consistent_secs: 60 * 60,
+            crash_consistent_secs: 300,
+            failback_of: Some(forward.name.clone()),
+            read_only: true,
+            associated: true,
+        }
+    }
+}
+
+/// A replication group: machines that share multi-machine recovery points (RG-1, RG-2).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationGroup {
+    pub name: String,
+    pub machines: Vec<String>,
+    #[serde(default)]
+    pub policy: Option<String>,
+}
+
+impl ReplicationGroup {
+    pub fn validate(&self) -> Result<(), Invalid> {
+        check_name("replication group", &self.name)?;
+        if self.machines.is_empty() {
+            return Err(Invalid::bad(format!("replication group {} names no machines", self.name)));
+        }
+        let mut seen = HashSet::new();
+        for m in &self.machines {
+            check_name("machine", m)?;
+            if !seen.insert(m) {
+                return Err(Invalid::bad(format!("machine {m} is listed twice in replication group {}", self.name)));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A pre- or post-action of a recovery-plan group.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Action {
+    /// A command run by the configuration server (`sh -c`); a non-zero exit fails the job.
+    Script {
+        name: String,
+        command: String,
+        #[serde(default = "default_script_timeout")]
+        timeout_secs: u64,
+    },
+    /// An instruction for a person: the job waits in "waiting for input" until confirmed.
+    Manual { name: String, instruction: String },
+}
+
+fn default_script_timeout() -> u64 {
+    600
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlanGroup {
+    #[serde(default)]
+    pub machines: Vec<String>,
+    #[serde(default)]
+    pub replication_groups: Vec<String>,
+    #[serde(default)]
+    pub pre_actions: Vec<Action>,
+    #[serde(default)]
+    pub post_actions: Vec<Action>,
+}
+
+/// A recovery plan: up to 7 ordered groups, up to 100 machines.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RecoveryPlan {
+    pub name: String,
+    pub groups: Vec<PlanGroup>,
+}
+
+pub const MAX_PLAN_GROUPS: usize = 7;
+pub const MAX_PLAN_MACHINES: usize = 100;
+
+impl RecoveryPlan {
+    /// `group_machines` resolves a replication group's machines.
+    pub fn validate(&self, group_machines: impl Fn(&str) -> Option<Vec<String>>) -> Result<(), Invalid> {
+        check_name("recovery plan", &self.name)?;
+        let limit = |m: String| Invalid { code: codes::LIMIT_EXCEEDED, message: m };
+        if self.groups.is_empty() {
+            return Err(Invalid::bad(format!("recovery plan {} has no groups", self.name)));
+        }
+        if self.groups.len() > MAX_PLAN_GROUPS {
+            return Err(limit(format!(
+                "recovery plan {} has {} groups; at most {MAX_PLAN_GROUPS}",
+                self.name,
+                self.groups.len()
+            )));
+        }
+        let mut machines = HashSet::new();
+        let mut rgs = HashSet::new();
+        for (i, g) in self.groups.iter().enumerate() {
+            for a in g.pre_actions.iter().chain(&g.post_actions) {
+                let (Action::Script { name, .. } | Action::Manual { name, .. }) = a;
+                if name.trim().is_empty() {
+                    return Err(Invalid::bad(format!("an action of group {} has no name", i + 1)));
+                }
+            }
+            for rg in &g.replication_groups {
+                check_name("replication group", rg)?;
+                if !rgs.insert(rg.clone()) {
+                    return Err(limit(format!(
+                        "replication group {rg} appears in more than one group of plan {}",
+                        self.name
+                    )));
+                }
+                let members = group_machines(rg).ok_or_else(|| {
+                    Invalid::bad(format!(
+                        "replication group {rg} (group {} of plan {}) does not exist",
+                        i + 1,
+                        self.name
+                    ))
+                })?;
+                for m in members {
+                    if !machines.insert(m.clone()) {
+                        return Err(limit(format!("machine {m} appears more than once in plan {}", self.name)));
+                    }
+                }
+            }
+            for m in &g.machines {
+                check_name("machine", m)?;
+                if !machines.insert(m.clone()) {
+                    return Err(limit(format!("machine {m} appears more than once in plan {}", self.name)));
+                }
+            }
+        }
+        if machines.len() > MAX_PLAN_MACHINES {
+            return Err(limit(format!(
+                "recovery plan {} has {} machines; at most {MAX_PLAN_MACHINES}",
+                self.name,
+                machines.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobState {
+    Queued,
+    InProgress,
+    WaitingForInput,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::InProgress => "in-progress",
+            JobState::WaitingForInput => "waiting-for-input",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+    pub fn finished(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum StepState {
+    Pending,
+    Running,
+    WaitingForInput,
+    Done,
+    Failed,
+    Cancelled,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct Step {
+    pub name: String,
+    pub state: StepState,
+    /// Safe to run again after a restart interrupted it.
+    pub idempotent: bool,
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct JobError {
+    pub code: u32,
+    pub message: String,
+    pub remedy: String,
+}
+
+impl JobError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> JobError {
+        JobError { code: code.code, message: message.into(), remedy: code.remedy.into() }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct Job {
+    pub id: String,
+    pub kind: String,
+    /// What the job works on (a site, a plan, the database).
+    pub target: String,
+    pub state: JobState,
+    pub steps: Vec<Step>,
+    pub current_step: usize,
+    pub progress_percent: f64,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub eta_secs: Option<f64>,
+    pub error: Option<JobError>,
+    /// What a person must do before the job goes on (a manual action).
+    pub input_prompt: Option<String>,
+    pub params: serde_json::Value,
+    pub created_ms: u64,
+    pub updated_ms: u64,
+    pub finished_ms: Option<u64>,
+    /// How often a restart resumed it.
+    pub resumes: u32,
+}
+
+/// A registered site (local provider: a folder with `site.toml`).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Site {
+    pub name: String,
+    /// `local` (the only provider so far).
+    #[serde(default = "local")]
+    pub provider: String,
+    pub path: PathBuf,
+}
+
+fn local() -> String {
+    "local".into()
+}
+
+/// A provider operation on a local site (real files; the site file is rewritten atomically).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum SiteOperation {
+    PowerOn {
+        machine: String,
+    },
+    PowerOff {
+        machine: String,
+    },
+    /// Kill the machine at once (SIGKILL to its process group), like pulling the plug.
+    Crash {
+        machine: String,
+    },
+    /// A new machine on `host`, its disks as sparse files in `datastore`.
+    CreateMachine {
+        machine: String,
+        host: String,
+        datastore: String,
+        os_family: String,
+        disks: Vec<NewDisk>,
+    },
+    /// Remove a powered-off machine and its disk files.
+    DeleteMachine {
+        machine: String,
+    },
+    AttachDisk {
+        master_target: String,
+        disk: PathBuf,
+    },
+    DetachDisk {
+        master_target: String,
+        disk: PathBuf,
+    },
+    /// A qcow2 overlay on each disk (the machine then writes to the overlay).
+    CreateSnapshot {
+        machine: String,
+    },
+    /// Commit every snapshot back into the disks (`qemu-img commit`, newest first) and delete them.
+    MergeSnapshots {
+        machine: String,
+    },
+}
+
+impl SiteOperation {
+    /// The operation's name (`power-on`, `create-machine`, …).
+    pub fn name(&self) -> &'static str {
+        match self {
+            SiteOperation::PowerOn { .. } => "power-on",
+            SiteOperation::PowerOff { .. } => "power-off",
+            SiteOperation::Crash { .. } => "crash",
+            SiteOperation::CreateMachine { .. } => "create-machine",
+            SiteOperation::DeleteMachine { .. } => "delete-machine",
+            SiteOperation::AttachDisk { .. } => "attach-disk",
+            SiteOperation::DetachDisk { .. } => "detach-disk",
+            SiteOperation::CreateSnapshot { .. } => "create-snapshot",
+            SiteOperation::MergeSnapshots { .. } => "merge-snapshots",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewDisk {
+    pub name: String,
+    pub size: u64,
+}
+
+/// `POST /api/v1/protections`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProtectRequest {
+    #[serde(default)]
+    pub machine: Option<String>,
+    /// Several machines (with `group`: every machine of the replication group, protected together).
+    #[serde(default)]
+    pub machines: Vec<String>,
+    #[serde(default)]
+    pub group: Option<String>,
+    pub policy: String,
+    pub process_server: String,
+    pub master_target: String,
+    /// A datastore of the master target's site, where the replica disks are created.
+    pub datastore: String,
+    /// How long to wait for the machines' mobility services to register (RP-7: up to 15 min).
+    #[serde(default = "default_wait")]
+    pub wait_secs: u64,
+    /// The initial sync fails when it makes no progress for this long.
+    #[serde(default = "default_stall")]
+    pub stall_secs: u64,
+}
+
+fn default_stall() -> u64 {
+    600
+}
+
+fn default_wait() -> u64 {
+    900
+}
+
+/// One machine's protection, as stored (`protection/<machine>`).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct Protection {
+    pub machine: String,
+    pub site: String,
+    pub os_family: String,
+    pub policy: String,
+    pub process_server: String,
+    pub master_target: String,
+    pub datastore: String,
+    /// The datastore's folder (where `<machine>/<disk>.img` replicas go).
+    pub datastore_path: PathBuf,
+    #[serde(default)]
+    pub group: Option<String>,
+    /// `enabling`, `protected` or `failed`.
+    pub state: String,
+    pub job: String,
+    pub disks: Vec<ProtectedDisk>,
+    pub since_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct ProtectedDisk {
+    pub name: String,
+    pub path: PathBuf,
+    #[serde(default)]
+    pub uuid: Option<String>,
+    #[serde(default)]
+    pub size: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    pub kind: ComponentKind,
+    pub name: String,
+    pub passphrase: String,
+    /// PEM certificate request (only its public key is used).
+    pub csr: String,
+    /// Host names / addresses the component is reached at (put in its certificate).
+    #[serde(default)]
+    pub hosts: Vec<String>,
+}
+
+/// `POST /api/v1/register` answer: the signed certificate and the component's token.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct Registered {
+    pub certificate: String,
+    pub ca: String,
+    pub token: String,
+    pub token_id: String,
+}
+
+/// `GET /api/v1/server`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct ServerInfo {
+    pub version: String,
+    /// `sqlite` or `postgres`.
+    pub database: String,
+    pub ca_fingerprint: String,
+    pub listen: String,
+}
+
+/// An entry of the error registry (`GET /api/v1/errors`).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct ErrorEntry {
+    pub code: u32,
+    pub name: String,
+    pub meaning: String,
+    pub remedy: String,
+    pub http_status: u16,
+}
+
+impl From<ErrorCode> for ErrorEntry {
+    fn from(c: ErrorCode) -> ErrorEntry {
+        ErrorEntry {
+            code: c.code,
+            name: c.name.into(),
+            meaning: c.meaning.into(),
+            remedy: c.remedy.into(),
+            http_status: c.http_status,
+        }
+    }
+}
+
+/// An API token (never its secret).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct TokenInfo {
+    pub id: String,
+    pub name: String,
+    /// `reader`, `operator`, `admin` or `component`.
+    pub role: String,
+    pub created_ms: i64,
+}
+
+/// `POST /api/v1/tokens`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewToken {
+    pub name: String,
+    /// `reader`, `operator` or `admin`.
+    pub role: String,
+}
+
+/// A token just created: its secret is shown this once.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct TokenCreated {
+    pub id: String,
+    pub name: String,
+    pub role: String,
+    pub token: String,
+    pub note: String,
+}
+
+/// A new registration passphrase (shown once).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct Passphrase {
+    pub passphrase: String,
+    pub note: String,
+}
+
+/// What a `DELETE` removed.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct Deleted {
+    pub deleted: Vec<String>,
+}
+
+/// `POST /api/v1/policies`: the policy and its failback policy (POL-2).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct PolicyCreated {
+    pub policy: Policy,
+    pub failback_policy: Policy,
+}
+
+/// `POST /api/v1/sites`: the site and its first discovery job.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct SiteAdded {
+    pub site: Site,
+    pub job: Job,
+}
+
+/// `POST /api/v1/jobs/{id}/confirm`: the step being confirmed (the job's `current_step` when
+/// its prompt was read); without it, whatever the job waits for now.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Confirm {
+    #[serde(default)]
+    pub step: Option<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct Confirmed {
+    pub confirmed: String,
+    pub step: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct Cancelling {
+    pub cancelling: String,
+}
+
+/// An event (health transitions, discovery warnings, restores).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct EventInfo {
+    pub seq: i64,
+    pub time_ms: i64,
+    /// Registry code, 0 for none.
+    pub code: i64,
+    /// `info`, `warning`, `critical`, `healthy`.
+    pub severity: String,
+    pub object: String,
+    pub message: String,
+}
+
+/// The configuration server's routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigServerEndpoint {
+    OpenApi,
+    Errors,
+    Server,
+    Ca,
+    Register,
+    ListTokens,
+    CreateToken,
+    DeleteToken,
+    RotatePassphrase,
+    ListPolicies,
+    CreatePolicy,
+    GetPolicy,
+    PutPolicy,
+    DeletePolicy,
+    ListGroups,
+    CreateGroup,
+    GetGroup,
+    PutGroup,
+    DeleteGroup,
+    ListPlans,
+    CreatePlan,
+    GetPlan,
+    PutPlan,
+    DeletePlan,
+    DrillPlan,
+    ListSites,
+    CreateSite,
+    GetSite,
+    DeleteSite,
+    DiscoverSite,
+    SiteOperation,
+    Inventory,
+    ListJobs,
+    GetJob,
+    ConfirmJob,
+    CancelJob,
+    Events,
+    Heartbeat,
+    Components,
+    GetSettings,
+    PutSettings,
+    Backup,
+    Protect,
+    Machines,
+    RecoveryPoints,
+}
+
+use crate::control::{ComponentHealth, ComponentSettings, Heartbeat, HeartbeatAck};
+use crate::inventory::Inventory;
+use crate::route::{get, Method::*, Role, Route};
+use ConfigServerEndpoint as C;
+
+/// The OpenAPI document itself and the CA certificate (PEM text) have no JSON schema of their own.
+pub type Document = serde_json::Value;
+
+/// Every route of the configuration server (`/api/v1`).
+#[rustfmt::skip]
+pub const ROUTES: &[Route<ConfigServerEndpoint>] = &[
+    get::<_, Document>(C::OpenApi, "/api/v1/openapi.json", Role::Anyone, "This OpenAPI document"),
+    get::<_, Vec<ErrorEntry>>(C::Errors, "/api/v1/errors", Role::Anyone, "The error-code table (code, name, meaning, remedy)"),
+    get::<_, ServerInfo>(C::Server, "/api/v1/server", Role::Anyone, "Server identity: version, database backend, CA fingerprint"),
+    get::<_, String>(C::Ca, "/api/v1/ca", Role::Anyone, "The CA certificate (PEM); check its fingerprint before trusting it"),
+    Route::new::<RegisterRequest, Registered>(C::Register, Post, "/api/v1/register", Role::Anyone, "Register a component: passphrase + certificate request (CSR) -> certificate and component token").answers(201),
+    get::<_, Vec<TokenInfo>>(C::ListTokens, "/api/v1/tokens", Role::Admin, "List API tokens (never their secrets)"),
+    Route::new::<NewToken, TokenCreated>(C::CreateToken, Post, "/api/v1/tokens", Role::Admin, "Create an API token {name, role}: the secret is shown once").answers(201),
+    Route::new::<(), Deleted>(C::DeleteToken, Delete, "/api/v1/tokens/{id}", Role::Admin, "Revoke a token").no_body(),
+    Route::new::<(), Passphrase>(C::RotatePassphrase, Post, "/api/v1/registration/passphrase", Role::Admin, "Rotate the registration passphrase (shown once)").no_body(),
+    get::<_, Vec<Policy>>(C::ListPolicies, "/api/v1/policies", Role::Reader, "List replication policies"),
+    Route::new::<Policy, PolicyCreated>(C::CreatePolicy, Post, "/api/v1/policies", Role::Operator, "Create a replication policy (its read-only -failback policy is created with it, POL-2)").answers(201),
+    get::<_, Policy>(C::GetPolicy, "/api/v1/policies/{name}", Role::Reader, "Show a policy"),
+    Route::new::<Policy, Policy>(C::PutPolicy, Put, "/api/v1/policies/{name}", Role::Operator, "Replace a policy (failback policies are read-only)"),
+    Route::new::<(), Deleted>(C::DeletePolicy, Delete, "/api/v1/policies/{name}", Role::Operator, "Delete a forward policy and its failback policy").no_body(),
+    get::<_, Vec<ReplicationGroup>>(C::ListGroups, "/api/v1/replication-groups", Role::Reader, "List replication groups"),
+    Route::new::<ReplicationGroup, ReplicationGroup>(C::CreateGroup, Post, "/api/v1/replication-groups", Role::Operator, "Create a replication group (one OS family, RG-1)").answers(201),
+    get::<_, ReplicationGroup>(C::GetGroup, "/api/v1/replication-groups/{name}", Role::Reader, "Show a replication group"),
+    Route::new::<ReplicationGroup, ReplicationGroup>(C::PutGroup, Put, "/api/v1/replication-groups/{name}", Role::Operator, "Replace a replication group"),
+    Route::new::<(), Deleted>(C::DeleteGroup, Delete, "/api/v1/replication-groups/{name}", Role::Operator, "Delete a replication group").no_body(),
+    get::<_, Vec<RecoveryPlan>>(C::ListPlans, "/api/v1/recovery-plans", Role::Reader, "List recovery plans"),
+    Route::new::<RecoveryPlan, RecoveryPlan>(C::CreatePlan, Post, "/api/v1/recovery-plans", Role::Operator, "Create a recovery plan (<= 7 groups, <= 100 machines)").answers(201),
+    get::<_, RecoveryPlan>(C::GetPlan, "/api/v1/recovery-plans/{name}", Role::Reader, "Show a recovery plan"),
+    Route::new::<RecoveryPlan, RecoveryPlan>(C::PutPlan, Put, "/api/v1/recovery-plans/{name}", Role::Operator, "Replace a recovery plan"),
+    Route::new::<(), Deleted>(C::DeletePlan, Delete, "/api/v1/recovery-plans/{name}", Role::Operator, "Delete a recovery plan").no_body(),
+    Route::new::<(), Job>(C::DrillPlan, Post, "/api/v1/recovery-plans/{name}/drill", Role::Operator, "Start a drill job: the plan's pre/post actions in order (manual ones wait for input; script actions need an admin token)").no_body().answers(202),
+    get::<_, Vec<Site>>(C::ListSites, "/api/v1/sites", Role::Reader, "List sites"),
+    Route::new::<Site, SiteAdded>(C::CreateSite, Post, "/api/v1/sites", Role::Operator, "Add a site {name, provider: local, path} and discover it").answers(201),
+    get::<_, Site>(C::GetSite, "/api/v1/sites/{name}", Role::Reader, "Show a site"),
+    Route::new::<(), Deleted>(C::DeleteSite, Delete, "/api/v1/sites/{name}", Role::Operator, "Remove a site and its inventory").no_body(),
+    Route::new::<(), Job>(C::DiscoverSite, Post, "/api/v1/sites/{name}/discover", Role::Operator, "Rediscover a site now (a job)").no_body().answers(202),
+    Route::new::<SiteOperation, Job>(C::SiteOperation, Post, "/api/v1/sites/{name}/operations", Role::Operator, "A provider operation (power-on/off, crash, create/delete-machine, attach/detach-disk, create/merge-snapshots) as a job").answers(202),
+    get::<_, Vec<Inventory>>(C::Inventory, "/api/v1/inventory", Role::Reader, "The discovered inventory of every site"),
+    get::<_, Vec<Job>>(C::ListJobs, "/api/v1/jobs", Role::Reader, "List jobs, newest first"),
+    get::<_, Job>(C::GetJob, "/api/v1/jobs/{id}", Role::Reader, "Show a job: steps, progress, bytes, ETA, state, error"),
+    Route::new::<Confirm, Confirmed>(C::ConfirmJob, Post, "/api/v1/jobs/{id}/confirm", Role::Operator, "Confirm the manual action a job waits for (body optional)"),
+    Route::new::<(), Cancelling>(C::CancelJob, Post, "/api/v1/jobs/{id}/cancel", Role::Operator, "Cancel a job").no_body(),
+    get::<_, Vec<EventInfo>>(C::Events, "/api/v1/events", Role::Reader, "Recent events (health transitions, discovery warnings, restores)"),
+    Route::new::<Heartbeat, HeartbeatAck>(C::Heartbeat, Post, "/api/v1/heartbeats", Role::Component, "A component's heartbeat with its status (a component token may only report itself)"),
+    get::<_, Vec<ComponentHealth>>(C::Components, "/api/v1/components", Role::Reader, "Components with health (Healthy / Warning / Critical) and reasons"),
+    get::<_, ComponentSettings>(C::GetSettings, "/api/v1/components/{kind}/{name}/settings", Role::Component, "A component's effective settings (its configuration keys, plus what its policy implies; a component token may only read its own)"),
+    Route::new::<ComponentSettings, ComponentSettings>(C::PutSettings, Put, "/api/v1/components/{kind}/{name}/settings", Role::Operator, "Set a component's configuration keys (peers, disks, policy...)"),
+    Route::new::<(), Job>(C::Backup, Post, "/api/v1/backups", Role::Admin, "Start a backup job (encrypted file in the backup folder)").no_body().answers(202),
+    Route::new::<ProtectRequest, Job>(C::Protect, Post, "/api/v1/protections", Role::Operator, "Enable replication {machine | machines | group, policy, process_server, master_target, datastore}: a protect job (initial sync with progress)").answers(202),
+    get::<_, Vec<MachineView>>(C::Machines, "/api/v1/machines", Role::Reader, "Every discovered machine: protection state, health, RPO, points"),
+    get::<_, MachineRecoveryPoints>(C::RecoveryPoints, "/api/v1/machines/{name}/recovery-points", Role::Reader, "The recovery points a protected machine's master target holds"),
+];
+
+/// What `ferry config-server` prints once it listens (`--output json`: one line). The secrets are
+/// there only at the first start.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct Started {
+    pub listen: String,
+    pub database: String,
+    pub ca: PathBuf,
+    pub ca_fingerprint: String,
+    pub admin_token: Option<String>,
+    pub registration_passphrase: Option<String>,
+}

@@ -1,0 +1,261 @@
+//! What data-path components and the configuration server exchange: status (served on each
+//! component's status listener and carried by heartbeats), heartbeats, component health, and the
+//! settings the server holds for a component.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::agent::AgentStatus;
+use crate::master_target::MasterTargetStatus;
+use crate::process_server::{MasterTargetRoute, ProcessServerStatus};
+
+/// The three data-path component roles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum ComponentKind {
+    Agent,
+    ProcessServer,
+    MasterTarget,
+}
+
+impl ComponentKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ComponentKind::Agent => "agent",
+            ComponentKind::ProcessServer => "process-server",
+            ComponentKind::MasterTarget => "master-target",
+        }
+    }
+    pub fn parse(s: &str) -> Option<ComponentKind> {
+        match s {
+            "agent" => Some(ComponentKind::Agent),
+            "process-server" => Some(ComponentKind::ProcessServer),
+            "master-target" => Some(ComponentKind::MasterTarget),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for ComponentKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A component's status, tagged with its role (`"component": "agent"`, …).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "component", rename_all = "kebab-case")]
+#[allow(clippy::large_enum_variant)] // built once per status request, never stored in bulk
+pub enum ComponentStatus {
+    Agent(AgentStatus),
+    /// A machine's mobility service while its agent does not run (not protected yet, or powered
+    /// on before protection): it reports in and says where it serves.
+    MobilityService(MobilityServiceStatus),
+    ProcessServer(ProcessServerStatus),
+    MasterTarget(MasterTargetStatus),
+}
+
+/// What a mobility service without a running agent reports (heartbeats of kind `agent`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct MobilityServiceStatus {
+    pub machine: String,
+    pub status_listen: Option<String>,
+    pub nbd_listen: Option<String>,
+}
+
+impl ComponentStatus {
+    pub fn kind(&self) -> ComponentKind {
+        match self {
+            ComponentStatus::Agent(_) | ComponentStatus::MobilityService(_) => ComponentKind::Agent,
+            ComponentStatus::ProcessServer(_) => ComponentKind::ProcessServer,
+            ComponentStatus::MasterTarget(_) => ComponentKind::MasterTarget,
+        }
+    }
+    pub fn agent(&self) -> Option<&AgentStatus> {
+        match self {
+            ComponentStatus::Agent(a) => Some(a),
+            _ => None,
+        }
+    }
+    pub fn process_server(&self) -> Option<&ProcessServerStatus> {
+        match self {
+            ComponentStatus::ProcessServer(p) => Some(p),
+            _ => None,
+        }
+    }
+    pub fn master_target(&self) -> Option<&MasterTargetStatus> {
+        match self {
+            ComponentStatus::MasterTarget(m) => Some(m),
+            _ => None,
+        }
+    }
+    /// The status listener it reports (agents and master targets).
+    pub fn status_listen(&self) -> Option<&str> {
+        match self {
+            ComponentStatus::Agent(a) => a.status_listen.as_deref(),
+            ComponentStatus::MobilityService(m) => m.status_listen.as_deref(),
+            ComponentStatus::MasterTarget(m) => m.status_listen.as_deref(),
+            ComponentStatus::ProcessServer(_) => None,
+        }
+    }
+    /// The replication address peers should use (process servers and master targets).
+    pub fn advertise(&self) -> Option<&str> {
+        match self {
+            ComponentStatus::ProcessServer(p) => Some(&p.advertise),
+            ComponentStatus::MasterTarget(m) => Some(&m.advertise),
+            ComponentStatus::Agent(_) | ComponentStatus::MobilityService(_) => None,
+        }
+    }
+}
+
+/// `POST /api/v1/heartbeats`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    pub kind: ComponentKind,
+    pub name: String,
+    #[serde(default)]
+    pub status: Option<ComponentStatus>,
+    /// Replication policy the component runs with (agents), for RPO alerts.
+    #[serde(default)]
+    pub policy: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct HeartbeatAck {
+    pub ok: bool,
+}
+
+/// Healthy, Warning or Critical.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Health {
+    Healthy,
+    Warning,
+    Critical,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Healthy => "healthy",
+            Health::Warning => "warning",
+            Health::Critical => "critical",
+        }
+    }
+}
+
+/// Why a component or machine is not healthy: a registry code (0 for an alert without one).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct HealthReason {
+    pub code: u32,
+    pub message: String,
+    #[serde(default)]
+    pub remedy: String,
+}
+
+/// What the server knows of a component (registration, then heartbeats).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct Component {
+    pub kind: ComponentKind,
+    pub name: String,
+    pub registered_ms: Option<u64>,
+    pub last_seen_ms: Option<u64>,
+    /// Its last heartbeat's status.
+    #[serde(default)]
+    pub status: Option<ComponentStatus>,
+    /// Replication policy the component runs with (agents), for RPO alerts.
+    #[serde(default)]
+    pub policy: Option<String>,
+    /// The restore this component was reconciled against (each restore reconciles once).
+    #[serde(default)]
+    pub reconciled_restore: Option<String>,
+}
+
+/// `GET /api/v1/components`: a component with its health now.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct ComponentHealth {
+    #[serde(flatten)]
+    pub component: Component,
+    pub health: Health,
+    pub reasons: Vec<HealthReason>,
+}
+
+/// The settings the configuration server holds for one component: keys of that component's
+/// configuration file that override the file (flags still override both). The keys the server
+/// itself sets are typed here; any other key of the component's file passes through as given and
+/// is checked by the component when it loads its configuration.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ComponentSettings {
+    /// Agents: the process server's address for agents.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process_server: Option<String>,
+    /// Agents: the name in the process server's certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process_server_name: Option<String>,
+    /// Agents: the disks to protect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disks: Option<Vec<DiskSetting>>,
+    /// Agents: the replication policy (stored; a component is given the intervals it implies).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    /// Agents: the replication group (multi-machine points).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupSetting>,
+    /// Agents: crash-consistent tag interval, seconds (from the policy unless set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crash_point_interval_secs: Option<f64>,
+    /// Agents: app-consistent tag interval, seconds (from the policy unless set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_point_interval_secs: Option<f64>,
+    /// Process servers: where each machine's changes go.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_master_targets: Option<BTreeMap<String, MasterTargetRoute>>,
+    /// Master targets: datastore folder per machine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_datastores: Option<BTreeMap<String, PathBuf>>,
+    /// Master targets: retention window per machine, seconds (from its agent's policy unless set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_retention_secs: Option<BTreeMap<String, f64>>,
+    /// Any other key of the component's configuration file.
+    #[serde(flatten)]
+    pub other: BTreeMap<String, serde_json::Value>,
+}
+
+/// Keys that stay in the component's own file (local to its host): the server refuses them.
+pub const LOCAL_KEYS: [&str; 6] = ["tls", "config_server", "state_dir", "cache_dir", "datastore", "retention"];
+
+/// A disk an agent protects (the agent's `[[disks]]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSetting {
+    pub name: String,
+    pub path: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uuid: Option<String>,
+    /// Test builds only (`volatile`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<String>,
+}
+
+/// An agent's replication group (the agent's `[group]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GroupSetting {
+    pub name: String,
+    /// The member that runs the group's rounds.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub coordinator: bool,
+    /// Coordinator: the other members' status addresses.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crash_interval_secs: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_interval_secs: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prepare_timeout_secs: Option<f64>,
+}

@@ -1,0 +1,409 @@
+//! The master target's status and recovery-point API (its status listener).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::route::{get, Method, Role, Route};
+use crate::Event;
+
+/// `GET /status` of a master target (inside [`crate::control::ComponentStatus`]).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct MasterTargetStatus {
+    pub name: String,
+    pub listen: String,
+    /// The address process servers should use.
+    pub advertise: String,
+    pub status_listen: Option<String>,
+    /// What the configuration server set while running.
+    pub settings: MasterTargetSettings,
+    pub machines: Vec<ReplicaStatus>,
+}
+
+/// The per-machine settings a running master target takes from the configuration server.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct MasterTargetSettings {
+    /// Retention window per machine, seconds.
+    #[serde(default)]
+    pub machine_retention_secs: BTreeMap<String, f64>,
+    /// Datastore folder per machine (where its target disks live).
+    #[serde(default)]
+    pub machine_datastores: BTreeMap<String, PathBuf>,
+}
+
+/// One replicated machine on a master target.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct ReplicaStatus {
+    pub machine: String,
+    pub disks: Vec<ReplicaDisk>,
+    /// Highest seq durable in the journal (acknowledged to the process server).
+    pub journaled_seq: u64,
+    /// Highest seq applied to the target disks.
+    pub applied_seq: u64,
+    pub consistent: bool,
+    /// In words: `replicating`, `waiting for initial sync`, `resync`, `resync (holding consistent
+    /// state)` (resync data journaled while the replica keeps its last consistent state), or
+    /// `resync (target not consistent)`.
+    pub mode: String,
+    pub journal_bytes: u64,
+    pub lag_seconds: f64,
+    pub apply_bytes_per_sec: f64,
+    pub error: Option<String>,
+    pub retention: RetentionStatus,
+    /// Recovery points of this machine alone (multi-machine ones: see the points API).
+    pub points: usize,
+    pub newest_point: Option<Point>,
+    /// Recent events (pruning, space, materializations), newest last.
+    pub events: Vec<Event>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ReplicaDisk {
+    pub name: String,
+    pub size: u64,
+    /// The target disk file.
+    pub target: PathBuf,
+}
+
+/// History of one machine: base, journal, volume space, pruning.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RetentionStatus {
+    pub window_secs: f64,
+    pub base_seq: Option<u64>,
+    pub base_time_ms: Option<u64>,
+    pub base_bytes: u64,
+    pub journal_bytes: u64,
+    pub journal_payload_bytes: u64,
+    /// Journal bytes per GiB written (record framing and indexes on top of the data).
+    pub journal_bytes_per_gib_written: f64,
+    pub volume_free_bytes: u64,
+    pub volume_total_bytes: u64,
+    /// Why pruning is paused, if it is.
+    pub pruning_paused: Option<String>,
+    /// Materializations pinning points and the base.
+    pub pinned_by: Vec<String>,
+}
+
+/// Crash- or application-consistent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum PointKind {
+    Crash,
+    App,
+}
+
+/// One machine's point, or common to every machine of a replication group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum PointScope {
+    Single,
+    Multi,
+}
+
+/// What made a point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum PointOrigin {
+    /// A consistency tag from the agent (timer or hooks).
+    Tag,
+    /// Taken on request at everything received.
+    Latest,
+    /// A multi-machine group tag.
+    Group,
+    /// The replica became consistent again at the end of a resync.
+    ResyncEnd,
+    /// The last consistent state before a resync started.
+    BeforeResync,
+}
+
+/// A recovery point of one machine: a sequence position at which every disk of the machine is
+/// write-order consistent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Point {
+    /// Stable ID: `<machine>@<seq>` (seqs are never reused by a machine).
+    pub id: String,
+    pub machine: String,
+    pub seq: u64,
+    pub time_ms: u64,
+    pub kind: PointKind,
+    pub scope: PointScope,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group_tag: Option<String>,
+    /// Disk generation in effect at the point.
+    pub generation: u64,
+    pub origin: PointOrigin,
+}
+
+impl Point {
+    pub fn is_app(&self) -> bool {
+        self.kind == PointKind::App
+    }
+    pub fn is_multi(&self) -> bool {
+        self.scope == PointScope::Multi
+    }
+}
+
+/// The selectors of RC-1, in the order an operator reads them.
+pub const SELECTORS: [&str; 5] = ["latest-processed", "latest-app", "latest-multi", "latest-multi-app", "latest"];
+
+/// `GET /machines/{m}/points`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct PointList {
+    pub machine: String,
+    /// Oldest first.
+    pub points: Vec<Point>,
+    pub selectors: Selectors,
+    /// Why points an operator may expect are missing (e.g. RG-2).
+    pub problems: Vec<String>,
+}
+
+/// What each selector resolves to now (point IDs).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct Selectors {
+    /// How to take one: `latest` is taken on request.
+    pub latest: String,
+    #[serde(rename = "latest-processed")]
+    pub latest_processed: Option<String>,
+    #[serde(rename = "latest-app")]
+    pub latest_app: Option<String>,
+    #[serde(rename = "latest-multi")]
+    pub latest_multi: Option<String>,
+    #[serde(rename = "latest-multi-app")]
+    pub latest_multi_app: Option<String>,
+}
+
+/// `POST /machines/{m}/points`: resolve a selector (`latest` takes a point at everything received).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SelectPoint {
+    pub selector: String,
+}
+
+/// `GET /groups/{g}/points`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct GroupPoints {
+    pub group: String,
+    pub points: Vec<GroupPoint>,
+    pub incomplete_tags: Vec<IncompleteTag>,
+    pub problems: Vec<String>,
+}
+
+/// A multi-machine point: each member's seq for one group tag.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct GroupPoint {
+    /// The group tag.
+    pub id: String,
+    pub group: String,
+    pub time_ms: u64,
+    pub kind: PointKind,
+    pub scope: PointScope,
+    pub members: BTreeMap<String, u64>,
+}
+
+/// A group tag not committed by every member (no multi-machine point).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct IncompleteTag {
+    pub tag: String,
+    pub committed_by: Vec<String>,
+    pub missing: Vec<String>,
+}
+
+/// Image files or NBD exports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum MaterializationKind {
+    Image,
+    Export,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum ImageFormat {
+    /// Self-contained raw image (allocated regions of the base copied, then the changes).
+    Raw,
+    /// qcow2 overlay whose backing file is the frozen base: only the changes are written.
+    Qcow2,
+    /// Through `qemu-img convert` from the point's export.
+    Vmdk,
+    /// Fixed VHD (`qemu-img convert -O vpc -o subformat=fixed`).
+    Vhd,
+}
+
+impl ImageFormat {
+    /// The file extension of images in this format.
+    pub fn ext(self) -> &'static str {
+        match self {
+            ImageFormat::Raw => "img",
+            ImageFormat::Qcow2 => "qcow2",
+            ImageFormat::Vmdk => "vmdk",
+            ImageFormat::Vhd => "vhd",
+        }
+    }
+}
+
+/// `POST /machines/{m}/materializations`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MaterializeRequest {
+    /// A point ID (`vm1@1234`), a seq, or a selector.
+    pub point: String,
+    pub kind: MaterializationKind,
+    #[serde(default)]
+    pub format: Option<ImageFormat>,
+    /// Folder for image files (default `<datastore>/<machine>/images/<id>`).
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// Exports only: writable through a throwaway copy-on-write overlay (test failover).
+    #[serde(default)]
+    pub writable: bool,
+}
+
+/// An image or export of a point: it pins the point and its base until it is discarded.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct Materialization {
+    pub id: String,
+    pub machine: String,
+    pub point: Point,
+    pub base_epoch: u64,
+    pub base_seq: u64,
+    pub created_ms: u64,
+    #[serde(flatten)]
+    pub what: MaterializedAs,
+    /// Set when something went wrong with it (e.g. a writable export lost at a restart).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+    /// Exports: the NBD URLs of each disk (unix socket first, then TCP when served).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nbd_urls: Vec<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum MaterializedAs {
+    /// Image files, one per disk.
+    Image { format: ImageFormat, files: Vec<PathBuf> },
+    /// NBD exports, one per disk (`<id>/<disk>`), optionally writable through throwaway overlays.
+    Export { writable: bool, exports: Vec<String>, overlays: Vec<PathBuf> },
+}
+
+/// `GET /materializations`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct MaterializationList {
+    pub materializations: Vec<Materialization>,
+}
+
+/// `DELETE /materializations/{id}`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct Discarded {
+    pub discarded: String,
+    pub point: String,
+}
+
+/// Query of `GET /machines/{m}/changes`: two point references (`to` defaults to the head).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct ChangesQuery {
+    pub from: String,
+    #[serde(default)]
+    pub to: Option<String>,
+}
+
+/// Extents changed between two points (what a reprotect must send).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct Changes {
+    pub machine: String,
+    pub from_seq: u64,
+    pub to_seq: Option<u64>,
+    /// The history does not reach back to `from`: everything must be sent.
+    pub full_resync: bool,
+    pub disks: Vec<DiskChanges>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct DiskChanges {
+    pub disk: String,
+    pub bytes: u64,
+    pub extents: Vec<Extent>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Extent {
+    pub offset: u64,
+    pub length: u64,
+}
+
+/// The master target's routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MasterTargetEndpoint {
+    Status,
+    ListPoints,
+    SelectPoint,
+    GroupPoints,
+    Materialize,
+    ListMaterializations,
+    Discard,
+    Changes,
+}
+
+use MasterTargetEndpoint as R;
+
+/// Every route of the master target's status listener.
+pub const ROUTES: &[Route<MasterTargetEndpoint>] = &[
+    get::<_, crate::control::ComponentStatus>(
+        R::Status,
+        "/status",
+        Role::Local,
+        "The master target's status: replicas, journals, retention, events",
+    ),
+    get::<_, PointList>(
+        R::ListPoints,
+        "/machines/{m}/points",
+        Role::Local,
+        "A machine's recovery points (oldest first), the RC-1 selectors resolved, and problems (RG-2)",
+    ),
+    Route::new::<SelectPoint, Point>(
+        R::SelectPoint,
+        Method::Post,
+        "/machines/{m}/points",
+        Role::Local,
+        "Resolve a selector to a point (`latest` takes a point at everything received)",
+    ),
+    get::<_, GroupPoints>(
+        R::GroupPoints,
+        "/groups/{g}/points",
+        Role::Local,
+        "Multi-machine points of a replication group and its incomplete tags",
+    ),
+    Route::new::<MaterializeRequest, Materialization>(
+        R::Materialize,
+        Method::Post,
+        "/machines/{m}/materializations",
+        Role::Local,
+        "Materialize a point as image files or NBD exports (pins the point)",
+    )
+    .answers(201),
+    get::<_, MaterializationList>(
+        R::ListMaterializations,
+        "/materializations",
+        Role::Local,
+        "Every image and export of a point",
+    ),
+    Route::new::<(), Discarded>(
+        R::Discard,
+        Method::Delete,
+        "/materializations/{id}",
+        Role::Local,
+        "Discard an image or export (unpins its point)",
+    )
+    .no_body(),
+    get::<_, Changes>(
+        R::Changes,
+        "/machines/{m}/changes",
+        Role::Local,
+        "Extents changed between two points, or from a point to the head",
+    )
+    .with_query::<ChangesQuery>(),
+];
