@@ -2,6 +2,8 @@
 //! sequences every write with one per-machine counter, and ships the changes in order to a
 //! process server. See [`machine`] for the ordering and crash-recovery invariants.
 
+#[cfg(test)]
+mod chain_tests;
 mod config;
 pub mod machine;
 pub mod points;

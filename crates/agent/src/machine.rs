@@ -28,7 +28,6 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use crate::config::{AgentConfig, DiskCache};
-use crate::verify::VerifySessions;
 use crate::AgentError;
 
 const SEQ_RESERVATION: u64 = 1 << 20;
@@ -138,9 +137,34 @@ pub(crate) struct Core {
     /// crash resent only the activity log's regions.
     completed_resyncs: VecDeque<ferry_api::agent::CompletedResync>,
     /// Writes are held (multi-machine prepare) until this group tag commits, aborts or expires.
-    pub(crate) hold: Option<crate::points::WriteHold>,
+    pub(crate) hold: Option<WriteHold>,
     /// Recovery-point tags inserted, for the status.
     pub(crate) points: ferry_api::agent::PointStats,
+}
+
+/// Writes held by a group prepare.
+#[derive(Debug, Clone)]
+pub(crate) struct WriteHold {
+    pub group: String,
+    pub tag: String,
+    pub until: Instant,
+    pub app: bool,
+}
+
+/// Online verify sessions by id (the comparison itself is `verify`).
+#[derive(Default)]
+pub struct VerifySessions {
+    sessions: Mutex<HashMap<u64, ferry_api::agent::VerifySession>>,
+}
+
+impl VerifySessions {
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, ferry_api::agent::VerifySession>> {
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn get(&self, id: u64) -> Option<ferry_api::agent::VerifySession> {
+        self.lock().get(&id).cloned()
+    }
 }
 
 pub struct Machine {
@@ -1208,7 +1232,7 @@ impl Machine {
     // ---- status -----------------------------------------------------------------------------
 
     pub fn status(&self) -> ferry_api::agent::AgentStatus {
-        use ferry_api::agent::{AgentDisk, AgentStatus, ResyncProgress, WriteHold};
+        use ferry_api::agent::{AgentDisk, AgentStatus, ResyncProgress, WriteHold as HoldView};
         let mut c = self.lock();
         let now = now_ms();
         let lag = c.unapplied.front().map(|(_, t)| now.saturating_sub(*t) as f64 / 1000.0).unwrap_or(0.0);
@@ -1275,7 +1299,7 @@ impl Machine {
                 })
                 .collect(),
             points: c.points.clone(),
-            write_hold: c.hold.as_ref().map(|h| WriteHold { group: h.group.clone(), tag: h.tag.clone() }),
+            write_hold: c.hold.as_ref().map(|h| HoldView { group: h.group.clone(), tag: h.tag.clone() }),
             events: c.events.iter().cloned().collect(),
         }
     }

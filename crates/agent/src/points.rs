@@ -19,17 +19,8 @@ use ferry_api::Method;
 use ferry_protocol::{codes, now_ms, RecordBody, TagKind};
 use ferry_status::{ok, Failure, JsonBody, Reply};
 
-use crate::machine::{push_event, Machine};
+use crate::machine::{push_event, Machine, WriteHold};
 use crate::AgentError;
-
-/// Writes held by a group prepare.
-#[derive(Debug, Clone)]
-pub(crate) struct WriteHold {
-    pub group: String,
-    pub tag: String,
-    pub until: Instant,
-    pub app: bool,
-}
 
 /// Run a hook with `sh -c`, killing it after `timeout`.
 fn run_hook(what: &str, cmd: &str, timeout: Duration) -> Result<(), String> {

@@ -61,7 +61,16 @@ async fn session(
         .await
         .map_err(|_| format!("TLS with process server {addr} did not complete within {limit:?}"))?
         .map_err(|e| format!("TLS with process server {addr} failed: {e}"))?;
-    let mut framed = Framed::new(tls, FrameCodec::default());
+    ship(machine, tls, shutdown).await
+}
+
+/// One session over an established stream: hello, then the in-order log and initial-sync chunks
+/// out, acknowledgements in, until the stream fails or `shutdown`.
+pub(crate) async fn ship<S>(machine: &Arc<Machine>, stream: S, shutdown: &CancellationToken) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut framed = Framed::new(stream, FrameCodec::default());
     framed
         .send(Message::Hello(Hello {
             role: Role::Agent,

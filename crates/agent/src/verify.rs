@@ -1,8 +1,7 @@
 //! Online verify (like `drbdadm verify`): compare block hashes of source and target at the same
 //! point of the change stream, without stopping replication; optionally resync what differs.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use ferry_protocol::{Event, RecordBody, ResyncReason};
 
@@ -15,21 +14,6 @@ pub const VERIFY_BLOCK: u32 = 64 * 1024;
 const VERIFY_CHUNK: u64 = 4 << 20;
 
 pub use ferry_api::agent::{VerifySession, VerifyState};
-
-#[derive(Default)]
-pub struct VerifySessions {
-    sessions: Mutex<HashMap<u64, VerifySession>>,
-}
-
-impl VerifySessions {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, VerifySession>> {
-        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub fn get(&self, id: u64) -> Option<VerifySession> {
-        self.lock().get(&id).cloned()
-    }
-}
 
 impl Machine {
     /// Start verifying a disk; returns the session id.

@@ -208,17 +208,70 @@ async fn plan(s: &AppState, req: &ProtectRequest) -> Result<Vec<Protection>, Api
     Ok(out)
 }
 
+/// The steps of a protect job, in order; each names what it does and, beside it, the code it
+/// fails with when its component does not do its part.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProtectStep {
+    /// The machines' mobility services register and report (RP-7: up to 15 min).
+    AwaitMobilityService,
+    /// The master target takes each machine's datastore and retention window.
+    AssignMasterTarget,
+    /// The process server routes each machine to the master target.
+    RouteProcessServer,
+    /// The agents get their process server, disks, policy and group.
+    ConfigureAgents,
+    /// The initial sync runs to completion (progress, bytes, stall detection).
+    InitialSync,
+    /// The protection records say Protected.
+    MarkProtected,
+}
+
+impl ProtectStep {
+    pub const ALL: [ProtectStep; 6] = [
+        ProtectStep::AwaitMobilityService,
+        ProtectStep::AssignMasterTarget,
+        ProtectStep::RouteProcessServer,
+        ProtectStep::ConfigureAgents,
+        ProtectStep::InitialSync,
+        ProtectStep::MarkProtected,
+    ];
+
+    /// The step's name in the job, for these machines.
+    pub fn name(self, ps: &[Protection]) -> String {
+        let names = ps.iter().map(|p| p.machine.as_str()).collect::<Vec<_>>().join(", ");
+        let Some(p) = ps.first() else { return String::new() };
+        match self {
+            ProtectStep::AwaitMobilityService => {
+                format!("wait for the mobility service of {names} to register and report")
+            }
+            ProtectStep::AssignMasterTarget => {
+                format!("assign {names} to master target {} (datastore {})", p.master_target, p.datastore)
+            }
+            ProtectStep::RouteProcessServer => {
+                format!("route {names} through process server {} to {}", p.process_server, p.master_target)
+            }
+            ProtectStep::ConfigureAgents => format!("configure the mobility service of {names} (policy {})", p.policy),
+            ProtectStep::InitialSync => format!("initial sync of {names}"),
+            ProtectStep::MarkProtected => format!("mark {names} Protected"),
+        }
+    }
+
+    /// The code the step fails with when the component it waits for does not answer.
+    pub fn code(self) -> errors::ErrorCode {
+        match self {
+            ProtectStep::AwaitMobilityService => errors::MACHINE_NOT_ACCESSIBLE,
+            ProtectStep::AssignMasterTarget => errors::MT_HEARTBEAT_LOST,
+            ProtectStep::RouteProcessServer => errors::PS_HEARTBEAT_LOST,
+            ProtectStep::ConfigureAgents => errors::PS_UNREACHABLE,
+            ProtectStep::InitialSync => errors::PROTECTION_NOT_COMPLETED,
+            ProtectStep::MarkProtected => errors::STORE,
+        }
+    }
+}
+
+/// The job's steps (all idempotent: a restarted server runs the interrupted one again).
 pub fn steps(ps: &[Protection]) -> Vec<(String, bool)> {
-    let names = ps.iter().map(|p| p.machine.as_str()).collect::<Vec<_>>().join(", ");
-    let p = &ps[0];
-    vec![
-        (format!("wait for the mobility service of {names} to register and report"), true),
-        (format!("assign {names} to master target {} (datastore {})", p.master_target, p.datastore), true),
-        (format!("route {names} through process server {} to {}", p.process_server, p.master_target), true),
-        (format!("configure the mobility service of {names} (policy {})", p.policy), true),
-        (format!("initial sync of {names}"), true),
-        (format!("mark {names} Protected"), true),
-    ]
+    ProtectStep::ALL.iter().map(|s| (s.name(ps), true)).collect()
 }
 
 /// `POST /api/v1/protections`: check, record, and start the job. The work runs in its own task,
@@ -461,8 +514,8 @@ pub struct ProtectJob<'a> {
 pub async fn run_step(store: &Store, pj: &ProtectJob<'_>, step: usize, ctl: &JobControl) -> Outcome {
     let (job, ps) = (pj.job, pj.protections.to_vec());
     let Some(first) = ps.first() else { return fail(errors::BAD_REQUEST, "no machines in the job") };
-    match step {
-        0 => {
+    match ProtectStep::ALL.get(step).copied() {
+        Some(ProtectStep::AwaitMobilityService) => {
             let wait = Duration::from_secs(pj.wait_secs);
             for p in &ps {
                 // Any heartbeat will do; group members must also say where they coordinate.
@@ -473,7 +526,7 @@ pub async fn run_step(store: &Store, pj: &ProtectJob<'_>, step: usize, ctl: &Job
                 .await;
                 if let Err(e) = r {
                     return fail(
-                        errors::MACHINE_NOT_ACCESSIBLE,
+                        ProtectStep::AwaitMobilityService.code(),
                         format!(
                             "the mobility service of {} has not reported: {e}; power the machine on (its agent registers after its boot delay) and retry",
                             p.machine
@@ -483,7 +536,7 @@ pub async fn run_step(store: &Store, pj: &ProtectJob<'_>, step: usize, ctl: &Job
             }
             Outcome::Done(Some(format!("{} mobility service(s) reporting", ps.len())))
         }
-        1 => {
+        Some(ProtectStep::AssignMasterTarget) => {
             let key = format!("master-target/{}", first.master_target);
             // The policy goes to the agents' settings first (their process server comes later, so
             // no agent starts yet): the master target derives each machine's retention window
@@ -547,12 +600,15 @@ pub async fn run_step(store: &Store, pj: &ProtectJob<'_>, step: usize, ctl: &Job
                 )
                 .await;
                 if let Err(e) = r {
-                    return fail(errors::MT_HEARTBEAT_LOST, format!("{e}: is it running and linked to this server?"));
+                    return fail(
+                        ProtectStep::AssignMasterTarget.code(),
+                        format!("{e}: is it running and linked to this server?"),
+                    );
                 }
             }
             Outcome::Done(Some(format!("replicas go to {}", first.datastore_path.display())))
         }
-        2 => {
+        Some(ProtectStep::RouteProcessServer) => {
             let Some(mt) = component(store, ComponentKind::MasterTarget, &first.master_target).await else {
                 return fail(
                     errors::MT_HEARTBEAT_LOST,
@@ -591,12 +647,15 @@ pub async fn run_step(store: &Store, pj: &ProtectJob<'_>, step: usize, ctl: &Job
                 )
                 .await;
                 if let Err(e) = r {
-                    return fail(errors::PS_HEARTBEAT_LOST, format!("{e}: is it running and linked to this server?"));
+                    return fail(
+                        ProtectStep::RouteProcessServer.code(),
+                        format!("{e}: is it running and linked to this server?"),
+                    );
                 }
             }
             Outcome::Done(Some(format!("{} → {address}", first.process_server)))
         }
-        3 => {
+        Some(ProtectStep::ConfigureAgents) => {
             let Some(psc) = component(store, ComponentKind::ProcessServer, &first.process_server).await else {
                 return fail(
                     errors::PS_HEARTBEAT_LOST,
@@ -657,7 +716,7 @@ pub async fn run_step(store: &Store, pj: &ProtectJob<'_>, step: usize, ctl: &Job
             }
             Outcome::Done(Some(format!("agents replicate to {ps_addr}")))
         }
-        4 => {
+        Some(ProtectStep::InitialSync) => {
             let started = tokio::time::Instant::now();
             let ps_addr = match component(store, ComponentKind::ProcessServer, &first.process_server).await {
                 Some(c) => c.status.as_ref().and_then(|s| s.advertise()).unwrap_or_default().to_owned(),
@@ -726,7 +785,7 @@ pub async fn run_step(store: &Store, pj: &ProtectJob<'_>, step: usize, ctl: &Job
                         }
                     }
                     return fail(
-                        errors::PROTECTION_NOT_COMPLETED,
+                        ProtectStep::InitialSync.code(),
                         format!(
                             "the initial sync made no progress for {stall:?} ({}): fix the cause and protect again (the agents keep their settings)",
                             if why.is_empty() { "no hop reports an error".to_owned() } else { why.join("; ") }
@@ -739,7 +798,7 @@ pub async fn run_step(store: &Store, pj: &ProtectJob<'_>, step: usize, ctl: &Job
                 }
             }
         }
-        5 => {
+        Some(ProtectStep::MarkProtected) => {
             for p in &ps {
                 let r: Result<(), String> = async {
                     let cur = store.get::<Protection>(PROTECTION, &p.machine).await.map_err(|e| e.to_string())?;
@@ -775,7 +834,7 @@ pub async fn run_step(store: &Store, pj: &ProtectJob<'_>, step: usize, ctl: &Job
             }
             Outcome::Done(Some(format!("{} machine(s) Protected", ps.len())))
         }
-        _ => fail(errors::JOB_STATE, format!("protect job has no step {step}")),
+        None => fail(errors::JOB_STATE, format!("protect job has no step {step}")),
     }
 }
 

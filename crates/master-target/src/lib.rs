@@ -11,6 +11,7 @@
 //! consistent state is never overwritten in place by a resync that might not finish.
 
 mod api;
+mod base;
 pub mod history;
 pub mod point_image;
 mod recovery;

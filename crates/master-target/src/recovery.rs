@@ -25,8 +25,7 @@ use std::time::Duration;
 
 use ferry_journal::Cursor;
 use ferry_nbd::{Backend, CowBackend, Export};
-use ferry_protocol::{now_ms, RecordBody, ResyncReason};
-use serde::{Deserialize, Serialize};
+use ferry_protocol::{now_ms, RecordBody};
 
 use ferry_api::master_target::{Changes, DiskChanges, Extent, PointKind, PointOrigin, PointScope, RetentionStatus};
 
@@ -35,35 +34,8 @@ use crate::point_image::{self, ExtentMap, PointBackend, PointDisk, Source};
 use crate::replica::Replica;
 use crate::MasterTargetError;
 
-/// The frozen base of a replica's history.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct BaseState {
-    /// Bumped when the base is taken again from the target (after an initial sync).
-    pub epoch: u64,
-    /// The base holds the disks as of this seq.
-    pub seq: u64,
-    pub time_ms: u64,
-    /// Set while pruning replays records (seq, advancing_to] into the base: after a crash the
-    /// replay is finished before the base is used.
-    #[serde(default)]
-    pub advancing_to: Option<u64>,
-    /// Disk generation in effect at `seq` (the history before it is pruned).
-    #[serde(default)]
-    pub generation: u64,
-}
-
-pub(crate) struct BaseSlot {
-    pub state: Option<BaseState>,
-    /// Open base files (read by materializations, written by pruning).
-    pub files: Vec<(PathBuf, Arc<File>)>,
-    /// Why pruning is not running, for the status.
-    pub paused: Option<String>,
-    /// Discarded exports whose NBD clients are still connected: they still read the base, so
-    /// they pin it until the last connection closes.
-    pub lingering: Vec<(String, u64, Vec<std::sync::Weak<PointDisk>>)>,
-    /// The disks behind each export materialization (to notice connections that outlive it).
-    pub exported: HashMap<String, Vec<std::sync::Weak<PointDisk>>>,
-}
+use crate::base::BaseSlot;
+pub use crate::base::BaseState;
 
 pub use ferry_api::master_target::{
     ImageFormat, Materialization, MaterializationKind, MaterializeRequest, MaterializedAs,
@@ -1048,32 +1020,30 @@ impl Replica {
 
 /// Keep the pruner going: a pass every second, until the replica stops. Group tags count as
 /// positions too (whether complete or not, the base may rest on any consistent position).
-pub(crate) fn prune_loop(replica: Arc<Replica>) {
-    while !replica.stopped.load(Ordering::SeqCst) {
-        if replica.history_on() {
-            let (mut pts, groups) = replica.local_points();
-            for g in groups {
-                pts.push(Point {
-                    id: String::new(),
-                    machine: String::new(),
-                    seq: g.prepare_seq,
-                    time_ms: g.prepare_time_ms,
-                    kind: PointKind::Crash,
-                    scope: PointScope::Multi,
-                    group: None,
-                    group_tag: None,
-                    generation: 0,
-                    origin: PointOrigin::Group,
-                });
+impl Replica {
+    /// The pruner of one replica (its own thread, started with the replica).
+    pub(crate) fn prune_loop(replica: Arc<Replica>) {
+        while !replica.stopped.load(Ordering::SeqCst) {
+            if replica.history_on() {
+                let (mut pts, groups) = replica.local_points();
+                for g in groups {
+                    pts.push(Point {
+                        id: String::new(),
+                        machine: String::new(),
+                        seq: g.prepare_seq,
+                        time_ms: g.prepare_time_ms,
+                        kind: PointKind::Crash,
+                        scope: PointScope::Multi,
+                        group: None,
+                        group_tag: None,
+                        generation: 0,
+                        origin: PointOrigin::Group,
+                    });
+                }
+                while replica.prune_once(&pts) && replica.space_low() && !replica.stopped.load(Ordering::SeqCst) {}
             }
-            while replica.prune_once(&pts) && replica.space_low() && !replica.stopped.load(Ordering::SeqCst) {}
+            let g = replica.lock_apply();
+            let _ = replica.prune_wake.wait_timeout(g, Duration::from_secs(1));
         }
-        let g = replica.lock_apply();
-        let _ = replica.prune_wake.wait_timeout(g, Duration::from_secs(1));
     }
-}
-
-/// Whether a resync reason copies data outside the journal (the history cannot replay it).
-pub(crate) fn bypasses_journal(reason: ResyncReason) -> bool {
-    reason == ResyncReason::InitialSync
 }

@@ -19,9 +19,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::base::BaseSlot;
 use crate::history::{History, Marker};
-use crate::recovery::{BaseSlot, Materialization};
 use crate::{MasterTargetConfig, MasterTargetError};
+use ferry_api::master_target::Materialization;
 
 /// Persisted apply position. Written only after the target disks were fsync'd.
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
@@ -339,7 +340,7 @@ impl Replica {
         let r2 = r.clone();
         std::thread::Builder::new()
             .name(format!("prune-{}", machine.name))
-            .spawn(move || crate::recovery::prune_loop(r2))
+            .spawn(move || Replica::prune_loop(r2))
             .map_err(|e| MasterTargetError::Refused(format!("cannot start pruning thread: {e}")))?;
         let r3 = r.clone();
         tokio::spawn(async move {
@@ -647,7 +648,7 @@ impl Replica {
                 st.holding_resync_at = None;
                 st.ckpt.consistent = false;
                 st.ckpt.in_resync = true;
-                st.ckpt.initial_sync_open = crate::recovery::bypasses_journal(*reason);
+                st.ckpt.initial_sync_open = crate::base::bypasses_journal(*reason);
             }
             RecordBody::ResyncEnd { .. } => {
                 let mut st = self.lock_apply();
