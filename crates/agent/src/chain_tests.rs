@@ -54,7 +54,13 @@ where
             Some(Ok(Message::Hello(_))) => {}
             other => panic!("expected a hello, got {other:?}"),
         }
-        framed.send(Message::HelloAck(HelloAck { durable_seq: 0, applied_seq: 0 })).await.unwrap();
+        framed
+            .send(Message::HelloAck(HelloAck {
+                durable_seq: ferry_protocol::Seq(0),
+                applied_seq: ferry_protocol::Seq(0),
+            }))
+            .await
+            .unwrap();
         let mut highest = 0u64;
         let mut acked = 0u64;
         loop {
@@ -62,7 +68,11 @@ where
             let through = highest.min(limit);
             if through > acked {
                 acked = through;
-                let ack = Ack { durable_seq: through, target_durable_seq: through, applied_seq: through };
+                let ack = Ack {
+                    durable_seq: ferry_protocol::Seq(through),
+                    target_durable_seq: ferry_protocol::Seq(through),
+                    applied_seq: ferry_protocol::Seq(through),
+                };
                 if framed.send(Message::Ack(ack)).await.is_err() {
                     return;
                 }
@@ -76,8 +86,8 @@ where
                 Message::Records(records) => {
                     let mut r = rec.lock().unwrap();
                     for record in records {
-                        r.seqs.push(record.seq);
-                        highest = highest.max(record.seq);
+                        r.seqs.push(record.seq.get());
+                        highest = highest.max(record.seq.get());
                         match record.body {
                             RecordBody::Write { disk, offset, data } => {
                                 let d = r.disks.get_mut(&disk).unwrap();

@@ -565,7 +565,7 @@ impl Machine {
         }
         c.last_record_seq = seq;
         c.log_bytes += bytes;
-        c.log.push_back(LogEntry { record: Record { seq, time_ms, body }, extents, bytes });
+        c.log.push_back(LogEntry { record: Record { seq: ferry_protocol::Seq(seq), time_ms, body }, extents, bytes });
     }
 
     /// Make sure the extents covering a range are active in the activity log (durably).
@@ -628,7 +628,7 @@ impl Machine {
             c.resync_reason = ResyncReason::LogOverflow;
         }
         // Resend from the ack point: the sender must not skip what the process server lacks.
-        c.sent_seq = c.ack.durable_seq;
+        c.sent_seq = c.ack.durable_seq.get();
         let msg = format!(
             "in-order log overflowed ({dropped} records, {bytes} bytes unacknowledged; limit {} bytes): falling back to the change bitmap; changed regions will be resynced when the process server catches up",
             self.config.log_limit_bytes
@@ -742,7 +742,7 @@ impl Machine {
             }
         }
         let applied = c.ack.applied_seq;
-        while c.unapplied.front().is_some_and(|(s, _)| *s <= applied) {
+        while c.unapplied.front().is_some_and(|(s, _)| *s <= applied.get()) {
             c.unapplied.pop_front();
         }
         drop(c);
@@ -778,7 +778,7 @@ impl Machine {
     /// neither side lost state.
     pub(crate) fn on_hello_ack(&self, durable_seq: u64, applied_seq: u64) {
         let mut c = self.lock();
-        if durable_seq < c.ack.durable_seq {
+        if durable_seq < c.ack.durable_seq.get() {
             // The process server acknowledged more before: its spool (or the master target's
             // journal) was lost, and with it records this agent no longer holds.
             let msg = format!(
@@ -788,7 +788,7 @@ impl Machine {
             tracing::error!(machine = %self.name, "{msg}");
             push_event(&mut c, "peer-state-lost", msg);
             self.mark_everything(&mut c);
-            c.ack.durable_seq = durable_seq;
+            c.ack.durable_seq = ferry_protocol::Seq(durable_seq);
         }
         if durable_seq >= c.next_seq {
             // The agent's counter is behind what the chain already holds (its state was lost or
@@ -811,9 +811,13 @@ impl Machine {
                 tracing::error!(error = %e, "cannot persist the sequence reservation");
             }
         }
-        c.sent_seq = durable_seq.max(c.ack.durable_seq);
+        c.sent_seq = durable_seq.max(c.ack.durable_seq.get());
         drop(c);
-        self.on_ack(Ack { durable_seq, target_durable_seq: 0, applied_seq });
+        self.on_ack(Ack {
+            durable_seq: ferry_protocol::Seq(durable_seq),
+            target_durable_seq: ferry_protocol::Seq::ZERO,
+            applied_seq: ferry_protocol::Seq(applied_seq),
+        });
         self.resync_wake.notify_all();
     }
 
@@ -951,7 +955,15 @@ impl Machine {
             let reason = if c.mode == Mode::InitialSync { ResyncReason::InitialSync } else { c.resync_reason };
             let preserve = c.state.initial_sync_complete;
             let seq = self.alloc_seq(c)?;
-            self.push(c, seq, RecordBody::ResyncBegin { generation, reason, preserve_consistent: preserve });
+            self.push(
+                c,
+                seq,
+                RecordBody::ResyncBegin {
+                    generation: ferry_protocol::Generation(generation),
+                    reason,
+                    preserve_consistent: preserve,
+                },
+            );
             c.state.generation = generation;
             c.state.resync_open_seq = Some(seq);
             c.pending_end_seq = None;
@@ -982,7 +994,7 @@ impl Machine {
             // Everything copied: the target is consistent again at the ResyncEnd.
             let Some(run) = c.resync.take() else { return Ok(()) };
             let seq = self.alloc_seq(c)?;
-            self.push(c, seq, RecordBody::ResyncEnd { generation: run.generation });
+            self.push(c, seq, RecordBody::ResyncEnd { generation: ferry_protocol::Generation(run.generation) });
             let was_initial = c.mode == Mode::InitialSync;
             c.mode = Mode::Replicating;
             c.state.initial_sync_complete = true;
@@ -1272,9 +1284,9 @@ impl Machine {
             link_error: c.link_error.clone(),
             last_seq: c.last_record_seq,
             sent_seq: c.sent_seq,
-            process_server_durable_seq: c.ack.durable_seq,
-            master_target_durable_seq: c.ack.target_durable_seq,
-            applied_seq: c.ack.applied_seq,
+            process_server_durable_seq: c.ack.durable_seq.get(),
+            master_target_durable_seq: c.ack.target_durable_seq.get(),
+            applied_seq: c.ack.applied_seq.get(),
             pending_log_bytes: c.log_bytes,
             pending_log_records: c.log.len(),
             initial_sync_in_flight_bytes: c.bulk_bytes,

@@ -75,7 +75,7 @@ where
         .send(Message::Hello(Hello {
             role: Role::Agent,
             machine: machine.descriptor(),
-            generation: machine.generation(),
+            generation: ferry_protocol::Generation(machine.generation()),
         }))
         .await
         .map_err(|e| e.to_string())?;
@@ -88,13 +88,13 @@ where
         Some(Err(e)) => return Err(e.to_string()),
         None => return Err("process server closed the connection".into()),
     };
-    machine.on_hello_ack(ack.durable_seq, ack.applied_seq);
+    machine.on_hello_ack(ack.durable_seq.get(), ack.applied_seq.get());
     {
         let mut c = machine.lock();
         c.connected = true;
         c.link_error = None;
     }
-    tracing::info!(machine = %machine.name, resume_after = ack.durable_seq, "connected to process server");
+    tracing::info!(machine = %machine.name, resume_after = ack.durable_seq.get(), "connected to process server");
     let (mut sink, mut stream) = framed.split();
     let batch = machine.config.batch_bytes;
     loop {
@@ -118,7 +118,7 @@ where
                 }
             }
             let mut c = machine.lock();
-            c.sent_seq = c.sent_seq.max(last);
+            c.sent_seq = c.sent_seq.max(last.get());
             c.rate_out.add(bytes);
             c.shipped_bytes += bytes;
             continue;

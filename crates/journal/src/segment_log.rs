@@ -178,14 +178,14 @@ impl SegmentLog {
 
     /// Append a record (not yet durable: call [`SegmentLog::sync`]). Returns the bytes it takes.
     pub fn append(&mut self, rec: &Record) -> Result<u64, JournalError> {
-        if rec.seq <= self.last_seq {
-            return Err(JournalError::OutOfOrder { seq: rec.seq, last: self.last_seq });
+        if rec.seq.get() <= self.last_seq {
+            return Err(JournalError::OutOfOrder { seq: rec.seq.get(), last: self.last_seq });
         }
         let needs_roll =
             self.segments.last().map(|s| s.len + self.wbuf.len() as u64 >= self.segment_bytes).unwrap_or(true);
         if needs_roll {
             self.sync()?;
-            self.new_segment(rec.seq)?;
+            self.new_segment(rec.seq.get())?;
         }
         let start = self.wbuf.len();
         self.wbuf.extend_from_slice(&[0u8; ENTRY_HEADER]);
@@ -195,10 +195,10 @@ impl SegmentLog {
         self.wbuf[start..start + 4].copy_from_slice(&(body_len as u32).to_le_bytes());
         self.wbuf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
         if let Some(seg) = self.segments.last_mut() {
-            seg.last_seq = rec.seq;
+            seg.last_seq = rec.seq.get();
             seg.payload += rec.body.data_len();
         }
-        self.last_seq = rec.seq;
+        self.last_seq = rec.seq.get();
         if self.wbuf.len() >= 8 << 20 {
             self.write_out()?;
         }
@@ -330,16 +330,16 @@ impl SegmentLog {
                         None if pos == 0 => read_entry(&seg.file, &seg.path, cursor.offset, seg.len)?,
                         None => break,
                     };
-                    if rec.seq > upto {
+                    if rec.seq.get() > upto {
                         return Ok(());
                     }
                     let loc = Location { seg_first: seg.first_seq, entry_offset: cursor.offset, entry_len: size };
                     pos += size as usize;
                     cursor.offset += size;
-                    if rec.seq <= cursor.after_seq {
+                    if rec.seq.get() <= cursor.after_seq {
                         continue;
                     }
-                    cursor.after_seq = rec.seq;
+                    cursor.after_seq = rec.seq.get();
                     bytes += size as usize;
                     emit(rec, loc);
                     if bytes >= max_bytes {
@@ -441,14 +441,14 @@ fn scan(file: &File, path: &Path, is_last: bool) -> Result<(u64, Option<u64>, u6
     while off < end {
         match read_entry(file, path, off, end) {
             Ok((rec, size)) => {
-                if last.is_some_and(|l| rec.seq <= l) {
+                if last.is_some_and(|l| rec.seq.get() <= l) {
                     return Err(JournalError::Corrupt {
                         path: path.to_owned(),
                         offset: off,
                         reason: "sequence goes backwards".into(),
                     });
                 }
-                last = Some(rec.seq);
+                last = Some(rec.seq.get());
                 payload += rec.body.data_len();
                 off += size;
             }
@@ -465,7 +465,11 @@ mod tests {
     use ferry_protocol::RecordBody;
 
     fn rec(seq: u64, n: usize) -> Record {
-        Record { seq, time_ms: seq, body: RecordBody::Write { disk: 0, offset: seq * 4096, data: vec![seq as u8; n] } }
+        Record {
+            seq: ferry_protocol::Seq(seq),
+            time_ms: seq,
+            body: RecordBody::Write { disk: 0, offset: seq * 4096, data: vec![seq as u8; n] },
+        }
     }
 
     #[test]
@@ -514,7 +518,7 @@ mod tests {
         assert!(log.append(&rec(50, 1)).is_err(), "out of order append refused");
         log.release_through(30).unwrap();
         let mut c2 = Cursor::after(30);
-        assert_eq!(log.read(&mut c2, usize::MAX).unwrap().first().map(|r| r.seq), Some(31));
+        assert_eq!(log.read(&mut c2, usize::MAX).unwrap().first().map(|r| r.seq.get()), Some(31));
         drop(log);
         let mut log = SegmentLog::open(dir.path(), 10_000).unwrap();
         assert_eq!(log.last_seq(), 50);
@@ -567,7 +571,7 @@ mod tests {
         }
         log.sync().unwrap();
         let mut c = Cursor::after(0);
-        let seqs: Vec<u64> = log.read(&mut c, usize::MAX).unwrap().iter().map(|r| r.seq).collect();
+        let seqs: Vec<u64> = log.read(&mut c, usize::MAX).unwrap().iter().map(|r| r.seq.get()).collect();
         assert_eq!(seqs, vec![1, 2, 3, 4, 5, 6]);
         drop(log);
         assert_eq!(SegmentLog::open(dir.path(), 1 << 20).unwrap().last_seq(), 6);

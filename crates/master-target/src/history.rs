@@ -74,15 +74,15 @@ impl Marker {
                 app: *kind == TagKind::AppConsistent,
             },
             RecordBody::ResyncBegin { generation, reason, preserve_consistent } => MarkerKind::ResyncBegin {
-                generation: *generation,
+                generation: generation.get(),
                 reason: *reason,
                 preserve: *preserve_consistent,
                 prev_seq,
             },
-            RecordBody::ResyncEnd { generation } => MarkerKind::ResyncEnd { generation: *generation },
+            RecordBody::ResyncEnd { generation } => MarkerKind::ResyncEnd { generation: generation.get() },
             _ => return None,
         };
-        Some(Marker { seq: r.seq, time_ms: r.time_ms, kind })
+        Some(Marker { seq: r.seq.get(), time_ms: r.time_ms, kind })
     }
 }
 

@@ -367,7 +367,10 @@ where
     tracing::info!(%machine, "process server connected");
     let (durable, applied) = replica.positions();
     framed
-        .send(Message::HelloAck(HelloAck { durable_seq: durable, applied_seq: applied }))
+        .send(Message::HelloAck(HelloAck {
+            durable_seq: ferry_protocol::Seq(durable),
+            applied_seq: ferry_protocol::Seq(applied),
+        }))
         .await
         .map_err(|e| e.to_string())?;
     let bulk_epoch = replica.new_bulk_epoch();
@@ -394,7 +397,7 @@ where
                     if applied != last_sent_applied {
                         last_sent_applied = applied;
                         let (durable, _) = replica.positions();
-                        framed.send(Message::Ack(Ack { durable_seq: durable, target_durable_seq: durable, applied_seq: applied })).await.map_err(|e| e.to_string())?;
+                        framed.send(Message::Ack(Ack { durable_seq: ferry_protocol::Seq(durable), target_durable_seq: ferry_protocol::Seq(durable), applied_seq: ferry_protocol::Seq(applied) })).await.map_err(|e| e.to_string())?;
                     }
                     continue;
                 }
@@ -427,7 +430,11 @@ where
                 let applied = *applied_rx.borrow_and_update();
                 last_sent_applied = applied;
                 framed
-                    .send(Message::Ack(Ack { durable_seq: durable, target_durable_seq: durable, applied_seq: applied }))
+                    .send(Message::Ack(Ack {
+                        durable_seq: ferry_protocol::Seq(durable),
+                        target_durable_seq: ferry_protocol::Seq(durable),
+                        applied_seq: ferry_protocol::Seq(applied),
+                    }))
                     .await
                     .map_err(|e| e.to_string())?;
             }

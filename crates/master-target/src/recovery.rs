@@ -320,7 +320,7 @@ impl Replica {
             }
             // The base now holds everything through `last`: record it, then free the journal.
             if last < to {
-                state.seq = last;
+                state.seq = last.get();
                 self.write_base_state(&state)?;
                 slot.state = Some(state.clone());
                 self.update_release_limit(slot);

@@ -263,7 +263,7 @@ impl Replica {
             }
             for r in &batch {
                 if matches!(r.body, RecordBody::ResyncEnd { .. }) {
-                    latest_end = r.seq;
+                    latest_end = r.seq.get();
                 }
             }
         }
@@ -459,7 +459,7 @@ impl Replica {
             let prev = j.last_seq();
             j.append(r)?;
             if matches!(r.body, RecordBody::ResyncEnd { .. }) {
-                end = Some(r.seq);
+                end = Some(r.seq.get());
             }
             markers.extend(Marker::of(r, prev));
             self.journal_last_time_ms.store(r.time_ms, Ordering::Relaxed);
@@ -584,14 +584,14 @@ impl Replica {
         for rec in &batch {
             if !self.apply_record(rec)? {
                 // Hold at this ResyncBegin: re-read from here once its ResyncEnd is durable.
-                *cursor = Cursor::after(rec.seq - 1);
+                *cursor = Cursor::after(rec.seq.get() - 1);
                 held = true;
                 break;
             }
             *dirty = true;
             if self.lock_apply().ckpt.base_due {
                 // An initial sync just ended: nothing more is applied until the base is taken.
-                *cursor = Cursor::after(rec.seq);
+                *cursor = Cursor::after(rec.seq.get());
                 base_next = true;
                 break;
             }
@@ -641,8 +641,11 @@ impl Replica {
             }
             RecordBody::ResyncBegin { preserve_consistent, reason, .. } => {
                 let mut st = self.lock_apply();
-                if *preserve_consistent && st.ckpt.consistent && self.latest_end_seq.load(Ordering::SeqCst) < rec.seq {
-                    st.holding_resync_at = Some(rec.seq);
+                if *preserve_consistent
+                    && st.ckpt.consistent
+                    && self.latest_end_seq.load(Ordering::SeqCst) < rec.seq.get()
+                {
+                    st.holding_resync_at = Some(rec.seq.get());
                     return Ok(false);
                 }
                 st.holding_resync_at = None;
@@ -667,7 +670,7 @@ impl Replica {
             | RecordBody::GroupCommit { .. } => {}
         }
         let mut st = self.lock_apply();
-        st.ckpt.applied_seq = rec.seq;
+        st.ckpt.applied_seq = rec.seq.get();
         st.last_applied_time_ms = rec.time_ms;
         st.rate.add(rec.body.data_len());
         Ok(true)

@@ -319,16 +319,18 @@ impl ProcessServer {
             tracing::error!("{detail}");
             spool.mark_downstream_lost(&detail).map_err(|e| e.to_string())?;
         }
-        spool.downstream_acked(ack.durable_seq, ack.durable_seq, ack.applied_seq).map_err(|e| e.to_string())?;
+        spool
+            .downstream_acked(ack.durable_seq.get(), ack.durable_seq.get(), ack.applied_seq.get())
+            .map_err(|e| e.to_string())?;
         spool.set_downstream(true, None);
-        let mut cursor = ferry_journal::Cursor::after(ack.durable_seq);
+        let mut cursor = ferry_journal::Cursor::after(ack.durable_seq.get());
         let (mut sink, mut stream) = framed.split();
         let batch_bytes = self.config.forward_batch_bytes;
         loop {
             let batch = spool.read(&mut cursor, batch_bytes).map_err(|e| e.to_string())?;
             if !batch.is_empty() {
                 let bytes: u64 = batch.iter().map(|r| r.body.data_len()).sum();
-                let last = batch.last().map(|r| r.seq).unwrap_or(0);
+                let last = batch.last().map(|r| r.seq.get()).unwrap_or(0);
                 // Keep reading acks while a large frame is being written.
                 let send = sink.send(Message::Records(batch));
                 tokio::pin!(send);
@@ -373,9 +375,9 @@ impl ProcessServer {
         match m {
             None => Err("master target closed the connection".into()),
             Some(Err(e)) => Err(format!("bad frame from master target: {e}")),
-            Some(Ok(Message::Ack(a))) => {
-                spool.downstream_acked(a.durable_seq, a.target_durable_seq, a.applied_seq).map_err(|e| e.to_string())
-            }
+            Some(Ok(Message::Ack(a))) => spool
+                .downstream_acked(a.durable_seq.get(), a.target_durable_seq.get(), a.applied_seq.get())
+                .map_err(|e| e.to_string()),
             Some(Ok(m @ (Message::Event(_) | Message::BulkAck { .. }))) => {
                 spool.relay_upstream(m);
                 Ok(())
@@ -456,7 +458,10 @@ where
     let epoch = spool.new_agent_epoch();
     let (durable, applied) = spool.positions();
     framed
-        .send(Message::HelloAck(HelloAck { durable_seq: durable, applied_seq: applied }))
+        .send(Message::HelloAck(HelloAck {
+            durable_seq: ferry_protocol::Seq(durable),
+            applied_seq: ferry_protocol::Seq(applied),
+        }))
         .await
         .map_err(|e| e.to_string())?;
     if let Some(detail) = spool.downstream_lost() {
@@ -488,9 +493,9 @@ where
             let (durable, applied) = spool.positions();
             framed
                 .send(Message::Ack(ferry_protocol::Ack {
-                    durable_seq: durable,
-                    target_durable_seq: 0,
-                    applied_seq: applied,
+                    durable_seq: ferry_protocol::Seq(durable),
+                    target_durable_seq: ferry_protocol::Seq::ZERO,
+                    applied_seq: ferry_protocol::Seq(applied),
                 }))
                 .await
                 .map_err(|e| e.to_string())

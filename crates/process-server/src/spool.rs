@@ -138,7 +138,7 @@ impl MachineSpool {
             }
             log.append(r)?;
             bytes += r.body.data_len();
-            newest = Some((r.seq, r.time_ms));
+            newest = Some((r.seq.get(), r.time_ms));
         }
         log.sync()?;
         ferry_sys::fail::fail_point("process-server.spool.fsync-before-ack");
@@ -152,9 +152,9 @@ impl MachineSpool {
             st.newest = n;
         }
         Ok(Ack {
-            durable_seq: synced.max(st.target_durable),
-            target_durable_seq: st.target_durable,
-            applied_seq: st.applied,
+            durable_seq: ferry_protocol::Seq(synced.max(st.target_durable)),
+            target_durable_seq: ferry_protocol::Seq(st.target_durable),
+            applied_seq: ferry_protocol::Seq(st.applied),
         })
     }
 
@@ -240,9 +240,9 @@ impl MachineSpool {
                 }
             }
             Ack {
-                durable_seq: synced.max(st.target_durable),
-                target_durable_seq: st.target_durable,
-                applied_seq: st.applied,
+                durable_seq: ferry_protocol::Seq(synced.max(st.target_durable)),
+                target_durable_seq: ferry_protocol::Seq(st.target_durable),
+                applied_seq: ferry_protocol::Seq(st.applied),
             }
         };
         let _ = self.upstream.send(Message::Ack(ack));
@@ -335,7 +335,7 @@ mod tests {
 
     fn write(seq: u64) -> Record {
         Record {
-            seq,
+            seq: ferry_protocol::Seq(seq),
             time_ms: 1000 + seq,
             body: RecordBody::Write { disk: 0, offset: seq * 4096, data: vec![seq as u8; 4096] },
         }
@@ -349,7 +349,7 @@ mod tests {
             if got.is_empty() {
                 return seqs;
             }
-            seqs.extend(got.iter().map(|r| r.seq));
+            seqs.extend(got.iter().map(|r| r.seq.get()));
         }
     }
 

@@ -198,8 +198,12 @@ mod tests {
 
     fn sample() -> Message {
         Message::Records(vec![
-            Record { seq: 7, time_ms: 1, body: RecordBody::Write { disk: 0, offset: 4096, data: vec![0xab; 8192] } },
-            Record { seq: 8, time_ms: 2, body: RecordBody::Zero { disk: 1, offset: 0, len: 1 << 20 } },
+            Record {
+                seq: crate::Seq(7),
+                time_ms: 1,
+                body: RecordBody::Write { disk: 0, offset: 4096, data: vec![0xab; 8192] },
+            },
+            Record { seq: crate::Seq(8), time_ms: 2, body: RecordBody::Zero { disk: 1, offset: 0, len: 1 << 20 } },
         ])
     }
 
@@ -317,7 +321,7 @@ mod robustness {
     fn random_and_mutated_frames_never_panic() {
         let mut valid = BytesMut::new();
         let msg = Message::Records(vec![Record {
-            seq: 1,
+            seq: crate::Seq(1),
             time_ms: 2,
             body: RecordBody::Write { disk: 0, offset: 0, data: vec![1; 300] },
         }]);

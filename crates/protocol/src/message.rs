@@ -1,3 +1,4 @@
+use ferry_types::{Generation, Seq};
 use serde::{Deserialize, Serialize};
 
 /// Which Ferry component is speaking.
@@ -42,16 +43,16 @@ pub struct Hello {
     pub role: Role,
     pub machine: MachineDescriptor,
     /// The sender's replication generation (see [`RecordBody::ResyncBegin`]).
-    pub generation: u64,
+    pub generation: Generation,
 }
 
 /// The receiver's answer: everything up to `durable_seq` is durable at the receiver (or beyond),
 /// so the sender resumes after it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HelloAck {
-    pub durable_seq: u64,
+    pub durable_seq: Seq,
     /// Sequence applied to the target disks at the master target, when known.
-    pub applied_seq: u64,
+    pub applied_seq: Seq,
 }
 
 /// Why a resync (out-of-order shipping of regions) runs.
@@ -83,7 +84,7 @@ pub enum TagKind {
 /// strictly increasing along the stream (gaps are allowed; a gap is always followed by a resync).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
-    pub seq: u64,
+    pub seq: Seq,
     /// Unix time in milliseconds when the agent sequenced the record (lag and recovery-point times).
     pub time_ms: u64,
     pub body: RecordBody,
@@ -102,11 +103,11 @@ pub enum RecordBody {
     Zero { disk: u16, offset: u64, len: u64 },
     /// Start of an out-of-order region copy. With `preserve_consistent`, the master target must
     /// not overwrite its last consistent state until the matching `ResyncEnd`.
-    ResyncBegin { generation: u64, reason: ResyncReason, preserve_consistent: bool },
+    ResyncBegin { generation: Generation, reason: ResyncReason, preserve_consistent: bool },
     /// End of the resync: the target is consistent again at this record's seq.
-    ResyncEnd { generation: u64 },
+    ResyncEnd { generation: Generation },
     /// A new generation starts (a side was promoted, or in-order shipping was abandoned).
-    GenerationChange { generation: u64 },
+    GenerationChange { generation: Generation },
     /// A consistency tag (a recovery-point candidate).
     Tag { id: String, kind: TagKind },
     /// Multi-machine consistency: the machine's writes are held from here until the commit (or
@@ -144,11 +145,11 @@ impl RecordBody {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Ack {
     /// Durable at the hop that sends this ack.
-    pub durable_seq: u64,
+    pub durable_seq: Seq,
     /// Durable at the master target (equals `durable_seq` when the master target sends it).
-    pub target_durable_seq: u64,
+    pub target_durable_seq: Seq,
     /// Applied to the target disks at the master target.
-    pub applied_seq: u64,
+    pub applied_seq: Seq,
 }
 
 /// A region of a disk copied during initial sync.

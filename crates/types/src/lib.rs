@@ -36,3 +36,68 @@ mod tests {
         }
     }
 }
+
+/// A position in a machine's ordered change stream: from the machine's single counter, strictly
+/// increasing along the stream, never reused. On the wire it is the bare number.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct Seq(pub u64);
+
+impl Seq {
+    /// Before the first record.
+    pub const ZERO: Seq = Seq(0);
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+    /// The seq after this one.
+    pub const fn next(self) -> Seq {
+        Seq(self.0 + 1)
+    }
+}
+
+impl std::fmt::Display for Seq {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl PartialEq<u64> for Seq {
+    fn eq(&self, other: &u64) -> bool {
+        self.0 == *other
+    }
+}
+
+impl PartialOrd<u64> for Seq {
+    fn partial_cmp(&self, other: &u64) -> Option<std::cmp::Ordering> {
+        self.0.partial_cmp(other)
+    }
+}
+
+/// A replication generation: bumped when in-order shipping is abandoned or a side is promoted, so
+/// a receiver can tell a stream that continues from one that starts over. On the wire it is the
+/// bare number.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct Generation(pub u64);
+
+impl Generation {
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+    /// The generation after this one.
+    pub const fn next(self) -> Generation {
+        Generation(self.0 + 1)
+    }
+}
+
+impl std::fmt::Display for Generation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl PartialEq<u64> for Generation {
+    fn eq(&self, other: &u64) -> bool {
+        self.0 == *other
+    }
+}

@@ -52,10 +52,12 @@ async fn malformed_frames_close_only_that_connection() {
         name: "rogue".into(),
         disks: vec![DiskDescriptor { name: "d".into(), size: 1 << 20, uuid: "u".into() }],
     };
-    f.send(Message::Hello(Hello { role: Role::ProcessServer, machine, generation: 1 })).await.unwrap();
+    f.send(Message::Hello(Hello { role: Role::ProcessServer, machine, generation: ferry_protocol::Generation(1) }))
+        .await
+        .unwrap();
     assert!(matches!(f.next().await, Some(Ok(Message::HelloAck(_)))));
     f.send(Message::Records(vec![Record {
-        seq: 1,
+        seq: ferry_protocol::Seq(1),
         time_ms: 0,
         body: RecordBody::Write { disk: 0, offset: 1 << 20, data: vec![1; 4096] },
     }]))
@@ -70,7 +72,9 @@ async fn malformed_frames_close_only_that_connection() {
     let tls = tls_to(c.mt_port, &c, "agent", "master-target").await;
     let mut f = Framed::new(tls, FrameCodec::default());
     let machine = MachineDescriptor { name: "x".into(), disks: vec![] };
-    f.send(Message::Hello(Hello { role: Role::Agent, machine, generation: 1 })).await.unwrap();
+    f.send(Message::Hello(Hello { role: Role::Agent, machine, generation: ferry_protocol::Generation(1) }))
+        .await
+        .unwrap();
     match f.next().await {
         Some(Ok(Message::Error { message, .. })) => assert!(message.contains("process server"), "{message}"),
         other => panic!("expected an error, got {other:?}"),
@@ -80,7 +84,9 @@ async fn malformed_frames_close_only_that_connection() {
     let tls = tls_to(c.ps_port, &c, "agent", "process-server").await;
     let mut f = Framed::new(tls, FrameCodec::default());
     let machine = MachineDescriptor { name: "../../etc".into(), disks: vec![] };
-    f.send(Message::Hello(Hello { role: Role::Agent, machine, generation: 1 })).await.unwrap();
+    f.send(Message::Hello(Hello { role: Role::Agent, machine, generation: ferry_protocol::Generation(1) }))
+        .await
+        .unwrap();
     match f.next().await {
         Some(Ok(Message::Error { message, .. })) => assert!(message.contains("invalid machine name"), "{message}"),
         other => panic!("expected an error, got {other:?}"),
