@@ -159,9 +159,8 @@ fn spawn(exe: &Path, args: &[String], log: &Path, listeners: &[(&str, &std::net:
         .open(log)
         .with_context(|| format!("cannot open {}", log.display()))?;
     let err = out.try_clone()?;
-    let mut cmd = Command::new(exe);
-    cmd.args(args).stdin(std::process::Stdio::null()).stdout(out).stderr(err);
-    ferry_sys::listen::pass(cmd.as_std_mut(), listeners);
+    let mut cmd = Command::from(crate::launch::daemon_command(exe, args, listeners, None));
+    cmd.stdout(out).stderr(err);
     // SAFETY: prctl in the child before exec; async-signal-safe.
     unsafe {
         cmd.pre_exec(|| {

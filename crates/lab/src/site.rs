@@ -330,11 +330,8 @@ fn spawn_daemon(
         None => l.try_clone()?,
     };
     let ready = ready_file(log);
-    let _ = std::fs::remove_file(&ready);
-    let mut cmd = std::process::Command::new(exe);
-    cmd.args(args).stdin(std::process::Stdio::null()).stdout(out).stderr(l).process_group(0);
-    cmd.env("FERRY_READY_FILE", &ready);
-    ferry_sys::listen::pass(&mut cmd, listeners);
+    let mut cmd = crate::launch::daemon_command(exe, args, listeners, Some(&ready));
+    cmd.stdout(out).stderr(l).process_group(0);
     let child = cmd.spawn().with_context(|| format!("cannot start {} {}", exe.display(), args.join(" ")))?;
     let pid = child.id() as i32;
     let ticks = start_ticks(pid).unwrap_or(0);
@@ -355,10 +352,7 @@ fn spawn_daemon(
     Ok((pid, ticks, args.to_vec(), handed))
 }
 
-/// Where a daemon logging to `log` publishes the addresses it listens on once they are bound.
-fn ready_file(log: &Path) -> PathBuf {
-    log.with_extension("ready")
-}
+use crate::launch::ready_file;
 
 /// Wait until the daemon `pid` (logging to `log`) says it listens: its ready file exists. Not a
 /// connection attempt: a port freed by a daemon that died at start may already belong to another

@@ -216,21 +216,33 @@ impl Cluster {
             std::fs::OpenOptions::new().create(true).append(true).open(self.path().join(format!("{c}.log"))).unwrap();
         let mut cmd = self.command(c);
         cmd.env("FERRY_LOG", "info").stdout(Stdio::null()).stderr(log);
-        let child = cmd.spawn().unwrap();
+        let mut child = cmd.spawn().unwrap();
+        let ready = self.ready_file(c);
+        let r = ferry_lab::launch::wait_ready_blocking(&ready, Duration::from_secs(20), || {
+            child.try_wait().ok().flatten().map(|st| st.to_string())
+        });
+        if let Err(e) = r {
+            panic!("{c}: {e}; log:\n{}", self.log(c));
+        }
         self.procs.insert(c, child);
         self.wait_status(c);
     }
 
-    /// The command that runs component `c` on its configuration, with its listeners handed down.
+    fn ready_file(&self, c: &str) -> PathBuf {
+        self.path().join(format!("{c}.ready"))
+    }
+
+    /// The command that runs component `c` on its configuration, the way the lab starts its
+    /// daemons (`ferry_lab::launch`): its listeners handed down, its ready file named.
     pub fn command(&self, c: &str) -> Command {
-        let mut cmd = Command::new(FERRY);
-        cmd.arg(if c.starts_with("agent") { "agent" } else { c })
-            .arg("--config")
-            .arg(self.path().join(format!("{c}.toml")));
+        let args = vec![
+            if c.starts_with("agent") { "agent" } else { c }.to_owned(),
+            "--config".to_owned(),
+            self.path().join(format!("{c}.toml")).to_string_lossy().into_owned(),
+        ];
         let mine: Vec<(&str, &std::net::TcpListener)> =
             self.listeners.iter().filter(|((comp, _), _)| *comp == c).map(|((_, key), l)| (*key, l)).collect();
-        pass_listeners(&mut cmd, &mine);
-        cmd
+        ferry_lab::launch::daemon_command(Path::new(FERRY), &args, &mine, Some(&self.ready_file(c)))
     }
 
     /// Start component `c` with extra environment (e.g. `FERRY_FAILPOINTS`), without waiting
