@@ -164,8 +164,10 @@ pub struct Component {
     pub name: String,
     pub registered_ms: Option<u64>,
     pub last_seen_ms: Option<u64>,
-    /// Its last heartbeat's status.
-    #[serde(default)]
+    /// Its last heartbeat's status. Only a cache of what the component said last: a stored
+    /// status this version cannot read (written by another version) reads as none, and the
+    /// next heartbeat replaces it, rather than making the record unreadable.
+    #[serde(default, deserialize_with = "status_or_none")]
     pub status: Option<ComponentStatus>,
     /// Replication policy the component runs with (agents), for RPO alerts.
     #[serde(default)]
@@ -173,6 +175,11 @@ pub struct Component {
     /// The restore this component was reconciled against (each restore reconciles once).
     #[serde(default)]
     pub reconciled_restore: Option<String>,
+}
+
+fn status_or_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<ComponentStatus>, D::Error> {
+    let v = serde_json::Value::deserialize(d)?;
+    Ok(serde_json::from_value(v).ok())
 }
 
 /// `GET /api/v1/components`: a component with its health now.
@@ -258,4 +265,41 @@ pub struct GroupSetting {
     pub app_interval_secs: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prepare_timeout_secs: Option<f64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record written by an earlier version (a mobility service's `not-protected` status, or
+    /// any shape this version does not know) still loads; its status reads as none.
+    #[test]
+    fn a_stored_component_with_a_status_of_another_version_still_loads() {
+        let old = r#"{"kind":"agent","name":"vm1","registered_ms":1,"last_seen_ms":2,
+            "status":{"component":"agent","machine":"vm1","mode":"not-protected","status_listen":"127.0.0.1:1"},
+            "policy":null,"reconciled_restore":null}"#;
+        let c: Component = serde_json::from_str(old).unwrap();
+        assert_eq!((c.kind, c.name.as_str(), c.last_seen_ms), (ComponentKind::Agent, "vm1", Some(2)));
+        assert!(c.status.is_none());
+        let null: Component = serde_json::from_str(
+            r#"{"kind":"agent","name":"vm1","registered_ms":null,"last_seen_ms":null,"status":null}"#,
+        )
+        .unwrap();
+        assert!(null.status.is_none());
+    }
+
+    /// A heartbeat, unlike the stored record, is strict: a status that is not one is refused.
+    #[test]
+    fn a_heartbeat_with_a_malformed_status_is_refused() {
+        let bad = r#"{"kind":"agent","name":"vm1","status":{"component":"agent","mode":"not-protected"}}"#;
+        assert!(serde_json::from_str::<Heartbeat>(bad).is_err());
+        let beat = Heartbeat {
+            kind: ComponentKind::Agent,
+            name: "vm1".into(),
+            status: Some(ComponentStatus::Agent(crate::agent::AgentStatus::default())),
+            policy: None,
+        };
+        let back: Heartbeat = serde_json::from_str(&serde_json::to_string(&beat).unwrap()).unwrap();
+        assert_eq!(back.status.map(|s| s.kind()), Some(ComponentKind::Agent));
+    }
 }

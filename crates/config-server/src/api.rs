@@ -541,7 +541,7 @@ async fn drill_plan(State(s): State<Arc<AppState>>, Path(name): Path<String>) ->
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no recovery plan {name}")))?;
     let (steps, work) = Ops::drill_steps(&p.body);
-    let (kind, params) = work.split();
+    let (kind, params) = work.split()?;
     let job = s.jobs.start(s.ops.clone(), kind, &name, steps, params).await?;
     Ok((StatusCode::ACCEPTED, Json(job)).into_response())
 }
@@ -557,7 +557,7 @@ async fn get_site(State(s): State<Arc<AppState>>, Path(name): Path<String>) -> A
 }
 
 pub async fn start_discovery(s: &AppState, name: &str) -> Result<Job, ApiError> {
-    let (kind, params) = crate::ops::JobWork::Discovery {}.split();
+    let (kind, params) = crate::ops::JobWork::Discovery {}.split()?;
     Ok(s.jobs.start(s.ops.clone(), kind, name, Ops::discovery_steps(name), params).await?)
 }
 
@@ -609,7 +609,7 @@ async fn site_operation(
     }
     let title = format!("{} on site {name}", op.name());
     let steps = vec![(title, false), (format!("rediscover site {name}"), true)];
-    let (kind, params) = crate::ops::JobWork::SiteOperation { operation: op }.split();
+    let (kind, params) = crate::ops::JobWork::SiteOperation { operation: op }.split()?;
     let job = s.jobs.start(s.ops.clone(), kind, &name, steps, params).await?;
     Ok((StatusCode::ACCEPTED, Json(job)).into_response())
 }
@@ -683,7 +683,7 @@ async fn start_backup(State(s): State<Arc<AppState>>) -> ApiResult {
             "backup",
             "configuration database",
             vec![("write an encrypted backup".into(), true)],
-            crate::ops::JobWork::Backup {}.split().1,
+            crate::ops::JobWork::Backup {}.split()?.1,
         )
         .await?;
     Ok((StatusCode::ACCEPTED, Json(job)).into_response())

@@ -40,6 +40,15 @@ pub async fn heartbeat(
         ));
     }
     model::check_name("component", &h.name)?;
+    if let Some(st) = &h.status {
+        if st.kind() != h.kind {
+            return Err(ApiError::bad(format!(
+                "a heartbeat of kind {} carries the status of a {}: send the component's own status",
+                h.kind,
+                st.kind()
+            )));
+        }
+    }
     let key = format!("{}/{}", h.kind, h.name);
     let old = s.store.get::<Component>(COMPONENT, &key).await?;
     let restored = s.store.setting("restored_from_backup_ms").await?;

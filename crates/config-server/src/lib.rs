@@ -343,17 +343,16 @@ async fn periodic(s: Arc<AppState>, shutdown: CancellationToken) {
             if now >= at {
                 next_backup = Some(now + b);
                 let steps = vec![("write an encrypted backup".to_owned(), true)];
-                if let Err(e) = s
-                    .jobs
-                    .start(
-                        s.ops.clone(),
-                        "backup",
-                        "configuration database (scheduled)",
-                        steps,
-                        crate::ops::JobWork::Backup {}.split().1,
-                    )
-                    .await
-                {
+                let work = crate::ops::JobWork::Backup {};
+                let started = match work.split() {
+                    Ok((kind, params)) => s
+                        .jobs
+                        .start(s.ops.clone(), kind, "configuration database (scheduled)", steps, params)
+                        .await
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.message),
+                };
+                if let Err(e) = started {
                     tracing::warn!(error = %e, "scheduled backup failed to start");
                 }
             }

@@ -34,7 +34,7 @@ pub enum JobWork {
 
 impl JobWork {
     /// The kind name and parameters the job engine stores.
-    pub fn split(&self) -> (&'static str, serde_json::Value) {
+    pub fn split(&self) -> Result<(&'static str, serde_json::Value), crate::errors::ApiError> {
         let kind = match self {
             JobWork::Discovery {} => "discovery",
             JobWork::PlanDrill { .. } => "plan-drill",
@@ -42,8 +42,12 @@ impl JobWork {
             JobWork::SiteOperation { .. } => "site-operation",
             JobWork::Protect { .. } => "protect",
         };
-        let params = serde_json::to_value(self).ok().and_then(|mut v| v.get_mut("params").map(serde_json::Value::take));
-        (kind, params.unwrap_or_else(|| serde_json::json!({})))
+        let internal = |what: String| {
+            crate::errors::ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, errors::INTERNAL, what)
+        };
+        let mut v = serde_json::to_value(self).map_err(|e| internal(format!("cannot encode the {kind} job: {e}")))?;
+        let params = v.get_mut("params").map(serde_json::Value::take).unwrap_or_else(|| serde_json::json!({}));
+        Ok((kind, params))
     }
 
     /// A stored job's work, or why it cannot be read (a job from another version).

@@ -332,7 +332,13 @@ async fn claim_and_start(s: &Arc<AppState>, req: &ProtectRequest) -> Result<Job,
     let target = req.group.clone().unwrap_or_else(|| ps[0].machine.clone());
     let steps = steps(&ps);
     let work = crate::ops::JobWork::Protect { protections: ps, wait_secs: req.wait_secs, stall_secs: req.stall_secs };
-    let (kind, params) = work.split();
+    let (kind, params) = match work.split() {
+        Ok(kp) => kp,
+        Err(e) => {
+            undo(claimed).await;
+            return Err(e);
+        }
+    };
     match s.jobs.start_with_id(id, s.ops.clone(), kind, &target, steps, params).await {
         Ok(j) => Ok(j),
         Err(e) => {
