@@ -1,8 +1,9 @@
-//! The REST API under `/api/v1`. Every route is listed once in [`ROUTES`], which also generates the
-//! OpenAPI document (`openapi.json`, committed; a test fails when it drifts). Every error is
-//! `{code, name, message, remedy}` from the error table. Tokens are stored hashed (BLAKE3);
-//! roles: reader (sees everything, changes nothing) < operator < admin; `component` tokens (given
-//! at registration) may only send heartbeats.
+//! The REST API under `/api/v1`. Every route is listed once in `ferry_api::config_server::ROUTES`,
+//! which drives the router, the role check and the OpenAPI document
+//! (`docs/openapi/config-server.json`, committed; a ferry-api test fails when it drifts). Every
+//! error is `{code, name, message, remedy}` from the error table. Tokens are stored hashed
+//! (BLAKE3); roles: reader (sees everything, changes nothing) < operator < admin; `component`
+//! tokens (given at registration) may only send their own heartbeats and read their own settings.
 //!
 //! Size: the route table and the handlers of the small objects; moving each object's handlers beside its model is planned (docs/limitations.md).
 
