@@ -1,5 +1,6 @@
 use std::path::PathBuf;
 
+use ferry_protocol::{DiskName, MachineName};
 use ferry_tls::TlsFiles;
 use serde::{Deserialize, Serialize};
 
@@ -8,7 +9,7 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
     /// The protected machine's name.
-    pub machine: String,
+    pub machine: MachineName,
     /// Where the agent keeps its activity log, change bitmap and state.
     pub state_dir: PathBuf,
     /// The process server's address for agents.
@@ -119,7 +120,7 @@ pub struct GroupConfig {
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
     /// Stable disk name; the export name and the target file name.
-    pub name: String,
+    pub name: DiskName,
     /// The raw image file.
     pub path: PathBuf,
     /// Disk UUID; generated on first start when absent.

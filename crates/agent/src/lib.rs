@@ -183,7 +183,7 @@ pub async fn serve(
     let exports = Exports::new();
     for (i, d) in machine.disks.iter().enumerate() {
         exports.insert(Export {
-            name: d.name.clone(),
+            name: d.name.to_string(),
             description: format!("{} disk {} (protected by Ferry)", machine.name, d.name),
             backend: Arc::new(ReplicatedDisk { machine: machine.clone(), index: i as u16 }),
         });
@@ -201,7 +201,7 @@ pub async fn serve(
     if let Some(link) = config.config_server.clone() {
         let m = machine.clone();
         let status = move || ComponentStatus::Agent(m.status());
-        ferry_status::spawn_heartbeats(link, ComponentKind::Agent, machine.name.clone(), status, shutdown.clone());
+        ferry_status::spawn_heartbeats(link, ComponentKind::Agent, machine.name.to_string(), status, shutdown.clone());
     }
     shutdown.cancelled().await;
     for t in tasks {

@@ -22,7 +22,9 @@ use std::time::{Duration, Instant};
 
 use ferry_journal::{ActivityLog, AlSlot, DirtyMap, JournalError, TRACK_BLOCK};
 use ferry_nbd::{Backend, BackendError};
-use ferry_protocol::{now_ms, Ack, DiskDescriptor, MachineDescriptor, Record, RecordBody, ResyncReason};
+use ferry_protocol::{
+    now_ms, Ack, DiskDescriptor, DiskName, MachineDescriptor, MachineName, Record, RecordBody, ResyncReason,
+};
 use ferry_status::RateMeter;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
@@ -49,7 +51,7 @@ struct PersistentState {
 }
 
 pub struct Disk {
-    pub name: String,
+    pub name: DiskName,
     pub size: u64,
     pub uuid: String,
     pub path: PathBuf,
@@ -168,7 +170,7 @@ impl VerifySessions {
 }
 
 pub struct Machine {
-    pub name: String,
+    pub name: MachineName,
     pub disks: Vec<Disk>,
     pub(crate) config: AgentConfig,
     core: Mutex<Core>,
@@ -208,7 +210,6 @@ impl Machine {
         if let Some(d) = config.disks.iter().find(|d| matches!(d.cache, crate::config::DiskCache::Volatile)) {
             return Err(crate::testing_only(&format!("cache = \"volatile\" (disk {})", d.name)));
         }
-        ferry_protocol::validate_name("machine", &config.machine).map_err(AgentError::Config)?;
         if config.disks.is_empty() {
             return Err(AgentError::Config(
                 "no disks configured: add at least one [[disks]] entry with name and path".into(),
@@ -231,7 +232,6 @@ impl Machine {
         };
         let mut disks = Vec::new();
         for (i, dc) in config.disks.iter().enumerate() {
-            ferry_protocol::validate_name("disk", &dc.name).map_err(AgentError::Config)?;
             if config.disks[..i].iter().any(|d| d.name == dc.name) {
                 return Err(AgentError::Config(format!("disk name {:?} is used twice", dc.name)));
             }
@@ -249,7 +249,7 @@ impl Machine {
                 DiskCache::Volatile => return Err(crate::testing_only("cache = \"volatile\"")),
             };
             let size = backend.size();
-            let known = previous.as_ref().and_then(|p| p.disks.iter().find(|d| d.name == dc.name));
+            let known = previous.as_ref().and_then(|p| p.disks.iter().find(|d| d.name == *dc.name));
             if let Some(k) = known {
                 if k.size != size {
                     return Err(AgentError::Config(format!(
@@ -309,7 +309,7 @@ impl Machine {
                     resync_open_seq: None,
                     disks: disks
                         .iter()
-                        .map(|d| DiskDescriptor { name: d.name.clone(), size: d.size, uuid: d.uuid.clone() })
+                        .map(|d| DiskDescriptor { name: d.name.to_string(), size: d.size, uuid: d.uuid.clone() })
                         .collect(),
                 };
                 (st, Mode::InitialSync, ResyncReason::InitialSync)
@@ -422,11 +422,11 @@ impl Machine {
 
     pub fn descriptor(&self) -> MachineDescriptor {
         MachineDescriptor {
-            name: self.name.clone(),
+            name: self.name.to_string(),
             disks: self
                 .disks
                 .iter()
-                .map(|d| DiskDescriptor { name: d.name.clone(), size: d.size, uuid: d.uuid.clone() })
+                .map(|d| DiskDescriptor { name: d.name.to_string(), size: d.size, uuid: d.uuid.clone() })
                 .collect(),
         }
     }
@@ -1271,7 +1271,7 @@ impl Machine {
         let write_bytes_per_sec = c.rate_in.bytes_per_sec();
         let ship_bytes_per_sec = c.rate_out.bytes_per_sec();
         AgentStatus {
-            machine: self.name.clone(),
+            machine: self.name.to_string(),
             status_listen: self.config.status_listen.clone(),
             process_server: self.config.process_server.clone(),
             nbd_listen: self.config.nbd_listen.clone(),
@@ -1303,7 +1303,7 @@ impl Machine {
                 .iter()
                 .enumerate()
                 .map(|(i, d)| AgentDisk {
-                    name: d.name.clone(),
+                    name: d.name.to_string(),
                     path: d.path.clone(),
                     size: d.size,
                     uuid: d.uuid.clone(),

@@ -286,7 +286,7 @@ pub async fn group_round(m: Arc<Machine>, app: bool) -> Result<GroupReport, Stri
     let mut prepared = Vec::new();
     let mut prepared_addrs = Vec::new();
     match tokio::time::timeout_at(deadline, local).await {
-        Ok(Ok(Ok(_))) => prepared.push(m.name.clone()),
+        Ok(Ok(Ok(_))) => prepared.push(m.name.to_string()),
         Ok(Ok(Err(e))) => failures.push(format!("{}: {e}", m.name)),
         _ => failures.push(format!("{}: did not prepare in time", m.name)),
     }
@@ -327,7 +327,7 @@ pub async fn group_round(m: Arc<Machine>, app: bool) -> Result<GroupReport, Stri
     let (m2, r2) = (m.clone(), req.clone());
     let local = tokio::task::spawn_blocking(move || m2.group_finish(&r2, commit)).await;
     if let Ok(Err(e)) = local {
-        if prepared.contains(&m.name) {
+        if prepared.iter().any(|p| *p == *m.name) {
             finish_failures.push(format!("{}: {e}", m.name));
         }
     }
@@ -464,7 +464,7 @@ pub(crate) async fn prepare(
 ) -> Reply<GroupAnswer> {
     let m2 = m.clone();
     match blocking(move || m2.group_prepare(&req)).await? {
-        Ok(seq) => ok(GroupAnswer { machine: m.name.clone(), seq: Some(seq) }),
+        Ok(seq) => ok(GroupAnswer { machine: m.name.to_string(), seq: Some(seq) }),
         Err(e) => Err(Failure::with_status(
             StatusCode::CONFLICT,
             codes::GROUP_TAG_FAILED,
@@ -485,7 +485,7 @@ pub(crate) async fn abort(State(m): State<Arc<Machine>>, JsonBody(req): JsonBody
 async fn finish(m: Arc<Machine>, req: GroupRequest, commit: bool) -> Reply<GroupAnswer> {
     let m2 = m.clone();
     match blocking(move || m2.group_finish(&req, commit)).await? {
-        Ok(seq) => ok(GroupAnswer { machine: m.name.clone(), seq }),
+        Ok(seq) => ok(GroupAnswer { machine: m.name.to_string(), seq }),
         Err(e) => Err(Failure::with_status(StatusCode::CONFLICT, codes::GROUP_TAG_FAILED, e, "take a new group tag")),
     }
 }

@@ -18,7 +18,7 @@ pub use ferry_api::agent::{VerifySession, VerifyState};
 impl Machine {
     /// Start verifying a disk; returns the session id.
     pub fn start_verify(self: &Arc<Self>, disk_name: &str, repair: bool) -> Result<u64, AgentError> {
-        let disk = self.disks.iter().position(|d| d.name == disk_name).ok_or_else(|| {
+        let disk = self.disks.iter().position(|d| d.name.as_str() == disk_name).ok_or_else(|| {
             AgentError::Config(format!(
                 "no disk named {disk_name:?}; this machine has {:?}",
                 self.disks.iter().map(|d| &d.name).collect::<Vec<_>>()

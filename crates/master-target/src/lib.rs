@@ -23,7 +23,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use ferry_api::control::{ComponentKind, ComponentStatus};
-use ferry_protocol::{codes, validate_name, Ack, FrameCodec, Hello, HelloAck, Message, Role};
+use ferry_protocol::{codes, Ack, FrameCodec, Hello, HelloAck, MachineName, Message, Role};
 use ferry_tls::TlsFiles;
 use futures::{FutureExt, SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
@@ -153,7 +153,7 @@ pub struct MasterTarget {
     /// The eligible, locked retention volume (canonical path).
     retention: PathBuf,
     _volume: retention::RetentionVolume,
-    replicas: Mutex<HashMap<String, Arc<Replica>>>,
+    replicas: Mutex<HashMap<MachineName, Arc<Replica>>>,
     /// Per-machine settings taken from the configuration server while running.
     live: std::sync::RwLock<LiveSettings>,
     /// Materialized points served over NBD.
@@ -191,8 +191,8 @@ impl MasterTarget {
         // without waiting for the process server to reconnect.
         if let Ok(entries) = std::fs::read_dir(&mt.retention) {
             for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if validate_name("machine", &name).is_ok() && e.path().join("machine.json").exists() {
+                let Ok(name) = MachineName::new(e.file_name().to_string_lossy()) else { continue };
+                if e.path().join("machine.json").exists() {
                     match Replica::reopen(&mt.config, &name, mt.exports.clone(), mt.shutdown.clone()) {
                         Ok(r) => {
                             mt.lock_replicas().insert(name, r);
@@ -205,24 +205,29 @@ impl MasterTarget {
         Ok(mt)
     }
 
-    fn lock_replicas(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Replica>>> {
+    fn lock_replicas(&self) -> std::sync::MutexGuard<'_, HashMap<MachineName, Arc<Replica>>> {
         self.replicas.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn replica_for(&self, hello: &Hello) -> Result<Arc<Replica>, (u32, String, String)> {
-        validate_name("machine", &hello.machine.name)
-            .map_err(|m| (codes::BAD_NAME.code, m, "rename the machine".into()))?;
-        for d in &hello.machine.disks {
-            validate_name("disk", &d.name).map_err(|m| (codes::BAD_NAME.code, m, "rename the disk".into()))?;
-        }
+        let (machine, _) = hello
+            .machine
+            .checked_names()
+            .map_err(|m| (codes::BAD_NAME.code, m, "rename the machine or disk".into()))?;
         let mut map = self.lock_replicas();
-        if let Some(r) = map.get(&hello.machine.name) {
+        if let Some(r) = map.get(&machine) {
             r.check_layout(&hello.machine)?;
             return Ok(r.clone());
         }
-        let r = Replica::create(&self.config_for_new(), &hello.machine, self.exports.clone(), self.shutdown.clone())
-            .map_err(|e| (codes::STORAGE.code, e.to_string(), "check the datastore and retention folders".into()))?;
-        map.insert(hello.machine.name.clone(), r.clone());
+        let r = Replica::create(
+            &self.config_for_new(),
+            &machine,
+            &hello.machine,
+            self.exports.clone(),
+            self.shutdown.clone(),
+        )
+        .map_err(|e| (codes::STORAGE.code, e.to_string(), "check the datastore and retention folders".into()))?;
+        map.insert(machine, r.clone());
         Ok(r)
     }
 
@@ -256,7 +261,7 @@ impl MasterTarget {
                 let windows = live.machine_retention_secs.clone();
                 drop(live);
                 for (m, r) in self.lock_replicas().iter() {
-                    r.set_window(windows.get(m).copied(), self.config.retention_window_secs);
+                    r.set_window(windows.get(m.as_str()).copied(), self.config.retention_window_secs);
                 }
             }
         }

@@ -13,7 +13,9 @@ use std::collections::VecDeque;
 
 use ferry_journal::{Cursor, SegmentLog};
 use ferry_nbd::Exports;
-use ferry_protocol::{codes, now_ms, BulkChunk, DiskDescriptor, Event, MachineDescriptor, Record, RecordBody};
+use ferry_protocol::{
+    codes, now_ms, BulkChunk, DiskDescriptor, Event, MachineDescriptor, MachineName, Record, RecordBody,
+};
 use ferry_status::RateMeter;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
@@ -54,6 +56,20 @@ pub(crate) struct ApplyState {
 }
 
 pub use ferry_api::master_target::{ReplicaDisk, ReplicaStatus};
+
+/// `targets.json` in a replica's retention folder: where its target disks are (chosen at first
+/// contact, kept whatever later settings say).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct TargetsFile {
+    dir: PathBuf,
+}
+
+/// `window.json`: the retention window last set for the machine, used while the configuration
+/// server is unreachable.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct WindowFile {
+    window_secs: f64,
+}
 
 pub struct Replica {
     pub(crate) name: String,
@@ -109,16 +125,16 @@ impl Replica {
         let path = self.dir.join("window.json");
         let target = secs.unwrap_or(default_secs).max(0.0);
         let recorded = match secs {
-            Some(w) => serde_json::to_vec(&serde_json::json!({ "window_secs": w }))
-                .map_err(std::io::Error::other)
-                .and_then(|rec| {
+            Some(w) => {
+                serde_json::to_vec(&WindowFile { window_secs: w }).map_err(std::io::Error::other).and_then(|rec| {
                     let same = std::fs::read(&path).is_ok_and(|d| d == rec);
                     if same {
                         Ok(())
                     } else {
                         ferry_sys::fs::write_atomic(&path, &rec).map_err(|e| std::io::Error::other(e.to_string()))
                     }
-                }),
+                })
+            }
             None => match std::fs::remove_file(&path) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
                 _ => Ok(()),
@@ -141,24 +157,24 @@ impl Replica {
         tracing::info!(machine = %self.name, window_secs = target, "retention window changed");
     }
 
-    /// First contact for a machine: create its folders and sparse target disks.
+    /// First contact for a machine: create its folders and sparse target disks. `name` is the
+    /// descriptor's name, validated: only it is joined to a folder.
     pub fn create(
         config: &MasterTargetConfig,
+        name: &MachineName,
         machine: &MachineDescriptor,
         exports: Exports,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, MasterTargetError> {
-        let dir = config.retention_dir().join(&machine.name);
+        let dir = config.retention_dir().join(name);
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         // Where the target disks go is recorded first: the datastore chosen now stays the
         // replica's, whatever later settings say (`open` reads it back).
-        let tdir = config.datastore_for(&machine.name).join(&machine.name);
+        let tdir = config.datastore_for(name).join(name);
         let targets = dir.join("targets.json");
         match std::fs::read(&targets) {
             Ok(d) => {
-                let had = serde_json::from_slice::<serde_json::Value>(&d)
-                    .ok()
-                    .and_then(|v| v["dir"].as_str().map(PathBuf::from));
+                let had = serde_json::from_slice::<TargetsFile>(&d).ok().map(|t| t.dir);
                 if had.as_deref() != Some(tdir.as_path()) {
                     return Err(MasterTargetError::Refused(format!(
                         "{} already has target disks in {} on this master target, not in {}: protect it to that datastore again, or remove {} and the old target disks first",
@@ -171,7 +187,7 @@ impl Replica {
             }
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&targets)(e)),
             Err(_) => {
-                let rec = serde_json::to_vec(&serde_json::json!({ "dir": tdir }))
+                let rec = serde_json::to_vec(&TargetsFile { dir: tdir.clone() })
                     .map_err(|e| MasterTargetError::Refused(e.to_string()))?;
                 ferry_sys::fs::write_atomic(&targets, &rec).map_err(crate::io_at(&targets))?;
             }
@@ -179,13 +195,13 @@ impl Replica {
         let desc = serde_json::to_vec_pretty(machine).map_err(|e| MasterTargetError::Refused(e.to_string()))?;
         ferry_sys::fs::write_atomic(&dir.join("machine.json"), &desc)
             .map_err(crate::io_at(&dir.join("machine.json")))?;
-        Self::open(config, machine.clone(), exports, shutdown)
+        Self::open(config, name, machine.clone(), exports, shutdown)
     }
 
     /// Reopen a machine known from a previous run (its journal is replayed by the applier).
     pub fn reopen(
         config: &MasterTargetConfig,
-        name: &str,
+        name: &MachineName,
         exports: Exports,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, MasterTargetError> {
@@ -193,25 +209,34 @@ impl Replica {
         let data = std::fs::read(&path).map_err(io(&path))?;
         let machine: MachineDescriptor = serde_json::from_slice(&data)
             .map_err(|e| MasterTargetError::Refused(format!("{} is unreadable: {e}", path.display())))?;
-        Self::open(config, machine, exports, shutdown)
+        if machine.name != **name {
+            return Err(MasterTargetError::Refused(format!(
+                "{} describes machine {:?}, not {name}: restore the file or remove the folder",
+                path.display(),
+                machine.name
+            )));
+        }
+        Self::open(config, name, machine, exports, shutdown)
     }
 
     fn open(
         config: &MasterTargetConfig,
+        name: &MachineName,
         machine: MachineDescriptor,
         exports: Exports,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, MasterTargetError> {
-        let dir = config.retention_dir().join(&machine.name);
+        let dir = config.retention_dir().join(name);
         let tdir = match std::fs::read(dir.join("targets.json")) {
-            Ok(d) => serde_json::from_slice::<serde_json::Value>(&d)
-                .ok()
-                .and_then(|v| v["dir"].as_str().map(PathBuf::from))
-                .ok_or_else(|| {
-                    MasterTargetError::Refused(format!("{} is corrupt", dir.join("targets.json").display()))
-                })?,
+            Ok(d) => {
+                serde_json::from_slice::<TargetsFile>(&d)
+                    .map_err(|e| {
+                        MasterTargetError::Refused(format!("{} is corrupt: {e}", dir.join("targets.json").display()))
+                    })?
+                    .dir
+            }
             // Replicas from before per-machine datastores live in the master target's own.
-            Err(_) => config.datastore.join(&machine.name),
+            Err(_) => config.datastore.join(name),
         };
         std::fs::create_dir_all(&tdir).map_err(io(&tdir))?;
         let ckpt_path = dir.join("checkpoint.json");
@@ -272,12 +297,12 @@ impl Replica {
         // setting (the configuration server may be unreachable now) > this master target's default.
         let remembered = std::fs::read(dir.join("window.json"))
             .ok()
-            .and_then(|d| serde_json::from_slice::<serde_json::Value>(&d).ok())
-            .and_then(|v| v["window_secs"].as_f64());
+            .and_then(|d| serde_json::from_slice::<WindowFile>(&d).ok())
+            .map(|w| w.window_secs);
         let window_secs = match config.machine_retention_secs.get(&machine.name) {
             Some(w) => {
                 if remembered != Some(*w) {
-                    let rec = serde_json::to_vec(&serde_json::json!({ "window_secs": w }))
+                    let rec = serde_json::to_vec(&WindowFile { window_secs: *w })
                         .map_err(|e| MasterTargetError::Refused(e.to_string()))?;
                     ferry_sys::fs::write_atomic(&dir.join("window.json"), &rec)
                         .map_err(crate::io_at(&dir.join("window.json")))?;

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use ferry_api::control::{ComponentKind, ComponentStatus};
 use ferry_api::process_server::{ProcessServerEndpoint, ROUTES};
-use ferry_protocol::{codes, validate_name, FrameCodec, Hello, HelloAck, Message, Role};
+use ferry_protocol::{codes, FrameCodec, Hello, HelloAck, MachineName, Message, Role};
 use ferry_tls::TlsFiles;
 use futures::{FutureExt, SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
@@ -109,7 +109,7 @@ fn default_batch() -> usize {
 
 pub struct ProcessServer {
     config: ProcessServerConfig,
-    spools: Mutex<HashMap<String, Arc<MachineSpool>>>,
+    spools: Mutex<HashMap<MachineName, Arc<MachineSpool>>>,
     live: std::sync::RwLock<LiveSettings>,
     connector: ferry_tls::tokio_rustls::TlsConnector,
     shutdown: CancellationToken,
@@ -139,8 +139,8 @@ impl ProcessServer {
         // Resume forwarding whatever the spool still holds, agent connected or not.
         if let Ok(entries) = std::fs::read_dir(&ps.config.cache_dir) {
             for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                if validate_name("machine", &name).is_ok() && e.path().join("machine.json").exists() {
+                let Ok(name) = MachineName::new(e.file_name().to_string_lossy()) else { continue };
+                if e.path().join("machine.json").exists() {
                     if let Err(err) = ps.spool_for(None, &name) {
                         tracing::error!(machine = %name, error = %err, "cannot reopen spool");
                     }
@@ -150,12 +150,16 @@ impl ProcessServer {
         Ok(ps)
     }
 
-    fn lock_spools(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<MachineSpool>>> {
+    fn lock_spools(&self) -> std::sync::MutexGuard<'_, HashMap<MachineName, Arc<MachineSpool>>> {
         self.spools.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Open (and start forwarding) the spool of a machine; `hello` updates its descriptor.
-    fn spool_for(self: &Arc<Self>, hello: Option<&Hello>, name: &str) -> Result<Arc<MachineSpool>, ProcessServerError> {
+    fn spool_for(
+        self: &Arc<Self>,
+        hello: Option<&Hello>,
+        name: &MachineName,
+    ) -> Result<Arc<MachineSpool>, ProcessServerError> {
         let mut map = self.lock_spools();
         if let Some(s) = map.get(name) {
             if let Some(h) = hello {
@@ -164,7 +168,7 @@ impl ProcessServer {
             return Ok(s.clone());
         }
         let s = MachineSpool::open(&self.config, name, hello)?;
-        map.insert(name.to_owned(), s.clone());
+        map.insert(name.clone(), s.clone());
         let ps = self.clone();
         let s2 = s.clone();
         tokio::spawn(async move { ps.forward_loop(s2).await });
@@ -440,19 +444,19 @@ where
 {
     let mut framed = Framed::new(stream, FrameCodec::default());
     let Some(hello) = ferry_protocol::read_hello(&mut framed, Role::Agent).await? else { return Ok(()) };
-    if let Err(m) = validate_name("machine", &hello.machine.name)
-        .and_then(|_| hello.machine.disks.iter().try_for_each(|d| validate_name("disk", &d.name)))
-    {
-        return Err(ferry_protocol::refuse(&mut framed, codes::BAD_NAME.code, m, "rename the machine or disk").await);
-    }
-    let spool = match ps.spool_for(Some(&hello), &hello.machine.name) {
+    let machine = match hello.machine.checked_names() {
+        Ok((machine, _)) => machine,
+        Err(m) => {
+            return Err(ferry_protocol::refuse(&mut framed, codes::BAD_NAME.code, m, "rename the machine or disk").await)
+        }
+    };
+    let spool = match ps.spool_for(Some(&hello), &machine) {
         Ok(s) => s,
         Err(e) => {
             let remedy = "check the process server's cache folder";
             return Err(ferry_protocol::refuse(&mut framed, codes::STORAGE.code, e.to_string(), remedy).await);
         }
     };
-    let machine = hello.machine.name.clone();
     tracing::info!(%machine, "agent connected");
     let mut upstream = spool.subscribe_upstream();
     let epoch = spool.new_agent_epoch();

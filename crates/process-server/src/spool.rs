@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ferry_journal::{Cursor, SegmentLog};
-use ferry_protocol::{now_ms, Ack, Hello, Message, Record};
+use ferry_protocol::{now_ms, Ack, Hello, MachineName, Message, Record};
 use ferry_status::RateMeter;
 use tokio::sync::{broadcast, mpsc, Notify};
 
@@ -51,7 +51,7 @@ pub struct MachineSpool {
 impl MachineSpool {
     pub(crate) fn open(
         config: &ProcessServerConfig,
-        name: &str,
+        name: &MachineName,
         hello: Option<&Hello>,
     ) -> Result<Arc<Self>, ProcessServerError> {
         let dir = config.cache_dir.join(name);
@@ -67,7 +67,7 @@ impl MachineSpool {
         let (upstream, _) = broadcast::channel(1024);
         let (bulk_tx, bulk_rx) = mpsc::channel(32);
         let s = Arc::new(MachineSpool {
-            name: name.to_owned(),
+            name: name.to_string(),
             dir,
             log: Mutex::new(log),
             descriptor: Mutex::new(None),
@@ -321,6 +321,10 @@ mod tests {
     use super::*;
     use ferry_protocol::RecordBody;
 
+    fn vm1() -> MachineName {
+        MachineName::new("vm1").unwrap()
+    }
+
     fn config(dir: &std::path::Path) -> ProcessServerConfig {
         serde_json::from_value(serde_json::json!({
             "cache_dir": dir,
@@ -356,7 +360,7 @@ mod tests {
     #[test]
     fn an_ack_covers_exactly_what_is_spooled_and_resends_are_not_spooled_twice() {
         let d = tempfile::tempdir().unwrap();
-        let s = MachineSpool::open(&config(d.path()), "vm1", None).unwrap();
+        let s = MachineSpool::open(&config(d.path()), &vm1(), None).unwrap();
         let ack = s.append(vec![(1..=5).map(write).collect()]).unwrap();
         assert_eq!(ack.durable_seq, 5);
         // The agent resends 3..=7 after a reconnect: 3..=5 are already here.
@@ -370,11 +374,11 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let cfg = config(d.path());
         {
-            let s = MachineSpool::open(&cfg, "vm1", None).unwrap();
+            let s = MachineSpool::open(&cfg, &vm1(), None).unwrap();
             // Enough to span several 64 KiB segments.
             s.append(vec![(1..=40).map(write).collect()]).unwrap();
         }
-        let s = MachineSpool::open(&cfg, "vm1", None).unwrap();
+        let s = MachineSpool::open(&cfg, &vm1(), None).unwrap();
         assert_eq!(all(&s, 0), (1..=40).collect::<Vec<_>>(), "everything acknowledged is still spooled");
         let before = s.bytes();
         s.downstream_acked(30, 30, 20).unwrap();
@@ -389,7 +393,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let cfg = config(d.path());
         {
-            let s = MachineSpool::open(&cfg, "vm1", None).unwrap();
+            let s = MachineSpool::open(&cfg, &vm1(), None).unwrap();
             s.append(vec![(1..=3).map(write).collect()]).unwrap();
         }
         // A crash in the middle of the next append: half a record's bytes at the end of the
@@ -399,7 +403,7 @@ mod tests {
         let mut f = std::fs::OpenOptions::new().append(true).open(&newest).unwrap();
         std::io::Write::write_all(&mut f, &[0x5a; 1500]).unwrap();
         drop(f);
-        let s = MachineSpool::open(&cfg, "vm1", None).unwrap();
+        let s = MachineSpool::open(&cfg, &vm1(), None).unwrap();
         assert_eq!(all(&s, 0), vec![1, 2, 3]);
         let ack = s.append(vec![vec![write(4)]]).unwrap();
         assert_eq!(ack.durable_seq, 4, "appending continues after the cut");

@@ -19,7 +19,7 @@ pub use codec::{FrameCodec, ProtocolError, FRAME_HEADER_LEN, FRAME_MAGIC, MAX_FR
 pub use handshake::{read_hello, refuse};
 pub use message::*;
 
-pub use ferry_types::{validate_name, Generation, Seq};
+pub use ferry_types::{validate_name, DiskName, Generation, MachineName, Seq};
 
 pub use ferry_sys::time::now_ms;
 

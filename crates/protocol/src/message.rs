@@ -1,4 +1,4 @@
-use ferry_types::{Generation, Seq};
+use ferry_types::{DiskName, Generation, MachineName, Seq};
 use serde::{Deserialize, Serialize};
 
 /// Which Ferry component is speaking.
@@ -31,10 +31,23 @@ pub struct DiskDescriptor {
 }
 
 /// The machine whose change stream a connection carries.
+///
+/// The names are plain strings on the wire, checked by the receiver with [`Self::checked_names`]:
+/// a postcard decode error cannot say what was wrong, and a refused name must come back as
+/// BAD_NAME naming it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MachineDescriptor {
     pub name: String,
     pub disks: Vec<DiskDescriptor>,
+}
+
+impl MachineDescriptor {
+    /// The machine's name and its disks' names, each validated (safe as a folder or file name).
+    pub fn checked_names(&self) -> Result<(MachineName, Vec<DiskName>), String> {
+        let machine = MachineName::new(self.name.clone())?;
+        let disks = self.disks.iter().map(|d| DiskName::new(d.name.clone())).collect::<Result<_, _>>()?;
+        Ok((machine, disks))
+    }
 }
 
 /// Opens every connection: who speaks, for which machine.
@@ -212,4 +225,21 @@ pub enum Message {
         message: String,
         remedy: String,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_descriptor_with_a_name_that_could_leave_a_folder_is_refused_naming_it() {
+        let disk = |name: &str| DiskDescriptor { name: name.into(), size: 4096, uuid: "u".into() };
+        let ok = MachineDescriptor { name: "db1".into(), disks: vec![disk("disk0")] };
+        let (m, d) = ok.checked_names().unwrap();
+        assert_eq!((m.as_str(), d[0].as_str()), ("db1", "disk0"));
+        let bad_machine = MachineDescriptor { name: "../db1".into(), disks: vec![disk("disk0")] };
+        assert!(bad_machine.checked_names().unwrap_err().contains("invalid machine name \"../db1\""));
+        let bad_disk = MachineDescriptor { name: "db1".into(), disks: vec![disk("a/b")] };
+        assert!(bad_disk.checked_names().unwrap_err().contains("invalid disk name \"a/b\""));
+    }
 }
