@@ -13,6 +13,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::component::ComponentFile;
 use anyhow::{Context, Result};
 use ferry_api::control::{
     ComponentKind, ComponentSettings, ComponentStatus, Heartbeat, HeartbeatAck, MobilityServiceStatus,
@@ -257,26 +258,24 @@ impl Guest {
 
     /// The agent's configuration: local keys, then the server's settings.
     fn write_agent_config(&self, settings: &ComponentSettings) -> Result<PathBuf> {
-        let mut t = match to_toml(&serde_json::to_value(settings)?) {
+        let t = match to_toml(&serde_json::to_value(settings)?) {
             Some(toml::Value::Table(t)) => t,
             _ => toml::Table::new(),
         };
-        t.insert("machine".into(), self.file.machine.clone().into());
-        t.insert("state_dir".into(), self.dir.join("agent").to_string_lossy().into_owned().into());
-        t.insert("nbd_listen".into(), self.ends.nbd.clone().into());
-        t.insert("status_listen".into(), self.ends.status.clone().into());
-        let mut tls = toml::Table::new();
-        tls.insert("ca".into(), self.reg.join("ca.pem").to_string_lossy().into_owned().into());
-        tls.insert("cert".into(), self.reg.join("agent.pem").to_string_lossy().into_owned().into());
-        tls.insert("key".into(), self.reg.join("agent.key").to_string_lossy().into_owned().into());
-        t.insert("tls".into(), tls.into());
-        let mut link = toml::Table::new();
-        link.insert("address".into(), self.file.settings.config_server.clone().into());
-        link.insert("ca".into(), self.reg.join("ca.pem").to_string_lossy().into_owned().into());
-        link.insert("token_file".into(), self.reg.join("config-server.token").to_string_lossy().into_owned().into());
-        link.insert("name".into(), self.file.machine.clone().into());
-        link.insert("heartbeat_interval_secs".into(), self.file.settings.heartbeat_interval_secs.into());
-        t.insert("config_server".into(), link.into());
+        let link = crate::site::registered_link(
+            self.file.settings.config_server.clone(),
+            &self.reg,
+            &self.file.machine,
+            self.file.settings.heartbeat_interval_secs,
+        );
+        let file = ComponentFile::new()
+            .merge(t)
+            .set("machine", self.file.machine.as_str())
+            .path("state_dir", &self.dir.join("agent"))
+            .set("nbd_listen", self.ends.nbd.as_str())
+            .set("status_listen", self.ends.status.as_str())
+            .tls(&crate::site::registered_tls(&self.reg, "agent"))?
+            .config_server(&link)?;
         // App consistency: freeze pauses the workload (it flushes and writes the seq it paused
         // at, which is appended to app-consistent.log); a machine without one has nothing to quiesce.
         let (freeze, thaw) = if self.file.workload.is_some() {
@@ -293,11 +292,8 @@ impl Guest {
         } else {
             ("true".to_owned(), "true".to_owned())
         };
-        t.insert("freeze_command".into(), freeze.into());
-        t.insert("thaw_command".into(), thaw.into());
-        t.insert("hook_timeout_secs".into(), 60.0.into());
         let path = self.dir.join("agent.toml");
-        std::fs::write(&path, toml::to_string(&t)?).with_context(|| format!("cannot write {}", path.display()))?;
+        file.set("freeze_command", freeze).set("thaw_command", thaw).set("hook_timeout_secs", 60.0).write(&path)?;
         Ok(path)
     }
 

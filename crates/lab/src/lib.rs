@@ -10,13 +10,14 @@
 //! - [`link`]: a fault-injecting TCP proxy with a control endpoint.
 //! - [`workload`]: verifiable records written through NBD exports, and the consistent-prefix check.
 //! - [`demo`]: `ferry demo`, returning a report.
-//! - [`launch`]: the one way a Ferry daemon is started (listeners handed down, ready file), used
-//!   by the lab and by the end-to-end test harness.
+//! - [`launch`] and [`component`]: the one way a Ferry daemon is started (its configuration file,
+//!   listeners handed down, ready file), used by the lab and by the end-to-end test harness.
 //!
 //! Architecture Invariant: the lab drives Ferry's components only as processes and through their
 //! APIs; it depends on no agent, process-server or master-target crate. It prints nothing: progress
 //! goes to a callback, results are returned, the binary renders them.
 
+pub mod component;
 pub mod demo;
 pub mod guest;
 pub mod launch;

@@ -27,7 +27,10 @@ use ferry_api::Method;
 use ferry_config_server::discovery::{self, Credential, Host, Network, Nic};
 use serde::{Deserialize, Serialize};
 
+use crate::component::ComponentFile;
 use ferry_status::server_client::ServerClient;
+use ferry_status::ConfigServerLink;
+use ferry_tls::TlsFiles;
 
 pub const DEFAULT_LAB: &str = include_str!("../default-lab.toml");
 
@@ -309,30 +312,15 @@ fn spawn_daemon(
     stdout: Option<&Path>,
     listeners: &[(&str, &std::net::TcpListener)],
 ) -> Result<Spawned> {
-    use std::os::unix::process::CommandExt;
-    let l = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .with_context(|| format!("cannot open {}", log.display()))?;
-    let out = match stdout {
-        // It holds the first admin token and the registration passphrase.
-        Some(p) => {
-            use std::os::unix::fs::OpenOptionsExt;
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(p)
-                .with_context(|| format!("cannot create {}", p.display()))?
-        }
-        None => l.try_clone()?,
-    };
-    let ready = ready_file(log);
-    let mut cmd = crate::launch::daemon_command(exe, args, listeners, Some(&ready));
-    cmd.stdout(out).stderr(l).process_group(0);
-    let child = cmd.spawn().with_context(|| format!("cannot start {} {}", exe.display(), args.join(" ")))?;
+    let child = crate::launch::spawn(&crate::launch::Spawn {
+        exe,
+        args,
+        log,
+        stdout: stdout.map_or(crate::launch::Stdout::Log, crate::launch::Stdout::Private),
+        listeners,
+        env: &[],
+        own_group: true,
+    })?;
     let pid = child.id() as i32;
     let ticks = start_ticks(pid).unwrap_or(0);
     if let Some(dir) = log.parent().and_then(|l| l.parent()) {
@@ -387,20 +375,14 @@ fn start_component(
     reg: &Path,
     kind: &str,
     (site, name): (&String, &String),
-    keys: String,
-    link: String,
+    keys: ComponentFile,
+    link: &ConfigServerLink,
     (address, address_l): (String, &std::net::TcpListener),
     (status, status_l): (String, &std::net::TcpListener),
     extra: &[(&str, &std::net::TcpListener)],
 ) -> Result<LabProcess> {
-    let cfg = format!(
-        "{keys}[tls]\nca = '{}'\ncert = '{}'\nkey = '{}'\n{link}",
-        s(&reg.join("ca.pem")),
-        s(&reg.join(format!("{kind}.pem"))),
-        s(&reg.join(format!("{kind}.key"))),
-    );
     let cfg_path = reg.join(format!("{kind}.toml"));
-    std::fs::write(&cfg_path, cfg).with_context(|| format!("cannot write {}", cfg_path.display()))?;
+    keys.tls(&registered_tls(reg, kind))?.config_server(link)?.write(&cfg_path)?;
     let log = logs.join(format!("{name}.log"));
     let mut handed = vec![("listen", address_l), ("status_listen", status_l)];
     handed.extend_from_slice(extra);
@@ -418,6 +400,29 @@ fn start_component(
         args,
         listeners,
     })
+}
+
+/// The TLS files `ferry register` wrote for `kind` in `reg`.
+pub fn registered_tls(reg: &Path, kind: &str) -> TlsFiles {
+    TlsFiles { ca: reg.join("ca.pem"), cert: reg.join(format!("{kind}.pem")), key: reg.join(format!("{kind}.key")) }
+}
+
+/// The link to the configuration server at `address` of a component registered as `name` into
+/// `reg`: heartbeats and settings go under that name.
+pub fn registered_link(address: String, reg: &Path, name: &str, heartbeat_interval_secs: f64) -> ConfigServerLink {
+    ConfigServerLink {
+        address,
+        ca: reg.join("ca.pem"),
+        token_file: reg.join("config-server.token"),
+        name: Some(name.to_owned()),
+        policy: None,
+        heartbeat_interval_secs,
+    }
+}
+
+/// A byte count as a TOML integer (TOML integers are signed 64-bit).
+fn to_toml_int(n: u64) -> Result<i64> {
+    i64::try_from(n).with_context(|| format!("{n} is too large for the configuration file"))
 }
 
 fn check_spec(spec: &LabSpec) -> Result<()> {
@@ -816,13 +821,8 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, say: Say<'_>) -> Result<L
     let link_of = |name: &str| links.iter().find(|l| l.name == name).map(|l| l.listen.clone());
     let hb = spec.heartbeat_interval_secs;
     // The registered name goes with the link: heartbeats and settings are under it.
-    let server_link = |site: &str, reg: &Path, name: &str| -> String {
-        format!(
-            "[config_server]\naddress = '{}'\nca = '{}'\ntoken_file = '{}'\nname = '{name}'\nheartbeat_interval_secs = {hb}\n",
-            site_server[site],
-            s(&reg.join("ca.pem")),
-            s(&reg.join("config-server.token"))
-        )
+    let server_link = |site: &str, reg: &Path, name: &str| -> ConfigServerLink {
+        registered_link(site_server[site].clone(), reg, name, hb)
     };
     for site in &spec.sites {
         let folder = dir.join("sites").join(&site.name);
@@ -842,13 +842,14 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, say: Say<'_>) -> Result<L
             .with_context(|| format!("registering master target {}", mt.name))?;
             let ((listen, listen_l), (status, status_l), (nbd, nbd_l)) =
                 mt_addr.remove(&mt.name).context("master target listeners")?;
-            let keys = format!(
-                "name = '{}'\ndatastore = '{}'\nretention = '{}'\nlisten = '{listen}'\nstatus_listen = '{status}'\nnbd_listen = '{nbd}'\nadvertise = '{}'\n",
-                mt.name,
-                s(&reg.join("datastore")),
-                s(&folder.join("retention").join(&mt.name)),
-                link_of(&mt.name).unwrap_or_else(|| listen.clone()),
-            );
+            let keys = ComponentFile::new()
+                .set("name", mt.name.as_str())
+                .path("datastore", &reg.join("datastore"))
+                .path("retention", &folder.join("retention").join(&mt.name))
+                .set("listen", listen.as_str())
+                .set("status_listen", status.as_str())
+                .set("nbd_listen", nbd.as_str())
+                .set("advertise", link_of(&mt.name).unwrap_or_else(|| listen.clone()));
             let link = server_link(&site.name, &reg, &mt.name);
             let names = (&site.name, &mt.name);
             processes.push(start_component(
@@ -858,7 +859,7 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, say: Say<'_>) -> Result<L
                 "master-target",
                 names,
                 keys,
-                link,
+                &link,
                 (listen, &listen_l),
                 (status, &status_l),
                 &[("nbd_listen", &nbd_l)],
@@ -888,11 +889,13 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, say: Say<'_>) -> Result<L
                 .context("no master target on another site")?;
             let (listen, listen_l) = bind_loopback()?;
             let (status, status_l) = bind_loopback()?;
-            let keys = format!(
-                "cache_dir = '{}'\ncache_capacity_bytes = {}\nlisten = '{listen}'\nstatus_listen = '{status}'\nmaster_target = '{mt_link}'\nmaster_target_name = '{mt_name}'\n",
-                s(&folder.join("cache").join(&ps.name)),
-                ps.cache_capacity_bytes,
-            );
+            let keys = ComponentFile::new()
+                .path("cache_dir", &folder.join("cache").join(&ps.name))
+                .set("cache_capacity_bytes", to_toml_int(ps.cache_capacity_bytes)?)
+                .set("listen", listen.as_str())
+                .set("status_listen", status.as_str())
+                .set("master_target", mt_link.as_str())
+                .set("master_target_name", mt_name.as_str());
             let link = server_link(&site.name, &reg, &ps.name);
             let names = (&site.name, &ps.name);
             processes.push(start_component(
@@ -902,7 +905,7 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, say: Say<'_>) -> Result<L
                 "process-server",
                 names,
                 keys,
-                link,
+                &link,
                 (listen, &listen_l),
                 (status, &status_l),
                 &[],

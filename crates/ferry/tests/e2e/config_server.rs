@@ -4,9 +4,8 @@
 //!
 //! Size: one conformance suite run on both databases; it must stay one list to stay one contract.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -130,32 +129,19 @@ impl Server {
     }
 
     fn spawn(&mut self) -> Value {
-        let mut cmd = Command::new(FERRY);
-        crate::harness::pass_listeners(&mut cmd, &[("listen", &self.listener)]);
-        cmd.args(["--output", "json", "config-server", "--listen", &format!("127.0.0.1:{}", self.port)])
-            .arg("--state-dir")
-            .arg(&self.state)
-            .args(["--database", &self.database]);
+        let listen = format!("127.0.0.1:{}", self.port);
+        let state = self.state.to_string_lossy().into_owned();
+        let mut args = vec!["--output", "json", "config-server", "--listen", &listen, "--state-dir", &state];
+        args.extend(["--database", &self.database]);
         for s in &self.sets {
-            cmd.args(["--set", s]);
+            args.extend(["--set", s]);
         }
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.state.with_extension("log")).unwrap();
-        let mut child = cmd.stdout(Stdio::piped()).stderr(log).spawn().unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let first: Value =
-            serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad first line {line:?}: {e}; log: {}", self.log()));
+        let out = self.state.with_extension("out");
+        let log = self.state.with_extension("log");
+        let mut child = crate::harness::start_daemon(&args, &log, Some(&out), &[("listen", &self.listener)]);
+        let first = crate::harness::first_line(&out, &mut child);
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "config server did not listen; log: {}", self.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
         first
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.state.with_extension("log")).unwrap_or_default()
     }
 
     fn kill9(&mut self) {

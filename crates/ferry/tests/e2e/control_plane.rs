@@ -1,8 +1,7 @@
 //! Data-path components registered with a configuration server: certificates by CSR, heartbeats
 //! with their status, health derived from it, and critical health once one stops.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::harness::*;
@@ -13,25 +12,28 @@ fn registered_components_take_their_settings_from_the_server_heartbeat_and_turn_
     let state = tempfile::tempdir().unwrap();
     let server_listener = listener();
     let port = port_of(&server_listener);
-    let mut server = Command::new(FERRY);
-    pass_listeners(&mut server, &[("listen", &server_listener)]);
-    let mut server = server
-        .args(["--output", "json", "config-server", "--listen", &format!("127.0.0.1:{port}"), "--state-dir"])
-        .arg(state.path())
-        .args(["--set", "heartbeat_timeout_secs = 2", "--set", "health_interval_secs = 0.3"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(server.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let first: Value = serde_json::from_str(&line).unwrap();
     let addr = format!("127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let state_dir = state.path().to_string_lossy().into_owned();
+    let out = state.path().with_extension("out");
+    let mut server = start_daemon(
+        &[
+            "--output",
+            "json",
+            "config-server",
+            "--listen",
+            &addr,
+            "--state-dir",
+            &state_dir,
+            "--set",
+            "heartbeat_timeout_secs = 2",
+            "--set",
+            "health_interval_secs = 0.3",
+        ],
+        &state.path().with_extension("log"),
+        Some(&out),
+        &[("listen", &server_listener)],
+    );
+    let first = first_line(&out, &mut server);
     let certs = state.path().join("component-certs");
     for (kind, name) in [("agent", "vm1"), ("process-server", "process-server"), ("master-target", "master-target")] {
         let out = Command::new(FERRY)

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use ferry_lab::component::ComponentFile;
 use rand::{Rng, SeedableRng};
 
 pub const FERRY: &str = env!("CARGO_BIN_EXE_ferry");
@@ -21,7 +22,7 @@ pub fn require_qemu() {
 }
 
 /// A listener on a loopback port the kernel chooses, for a daemon started later: the test binds
-/// it and hands it down ([`pass_listeners`]); the daemon never binds the address itself, so no
+/// it and hands it down (`ferry_lab::launch`); the daemon never binds the address itself, so no
 /// other process can take the port in between, and a restarted daemon gets the same socket.
 pub fn listener() -> std::net::TcpListener {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap()
@@ -30,11 +31,6 @@ pub fn listener() -> std::net::TcpListener {
 /// The port of a listener.
 pub fn port_of(l: &std::net::TcpListener) -> u16 {
     l.local_addr().unwrap().port()
-}
-
-/// Hand `listeners` (configuration key → socket) to the child `cmd` starts.
-pub fn pass_listeners(cmd: &mut Command, listeners: &[(&str, &std::net::TcpListener)]) {
-    ferry_sys::listen::pass(cmd, listeners);
 }
 
 /// A loopback port nothing listens on, for a *client* that must find no daemon there (never
@@ -50,6 +46,51 @@ pub fn seed(test: &str) -> u64 {
     });
     eprintln!("{test}: seed {s} (replay with FERRY_TEST_SEED={s})");
     s
+}
+
+/// Start `ferry ARGS` as a daemon the way the lab starts its daemons (`ferry_lab::launch::spawn`):
+/// `listeners` handed down, standard error appended to `log`, standard output to `stdout` (a
+/// private file) or nowhere; returns once it listens (its ready file), or panics with its log.
+pub fn start_daemon(
+    args: &[&str],
+    log: &Path,
+    stdout: Option<&Path>,
+    listeners: &[(&str, &std::net::TcpListener)],
+) -> Child {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let mut child = ferry_lab::launch::spawn(&ferry_lab::launch::Spawn {
+        exe: Path::new(FERRY),
+        args: &args,
+        log,
+        stdout: stdout.map_or(ferry_lab::launch::Stdout::Null, ferry_lab::launch::Stdout::Private),
+        listeners,
+        env: &[("FERRY_LOG", "info")],
+        own_group: false,
+    })
+    .unwrap_or_else(|e| panic!("ferry {}: {e}", args.join(" ")));
+    let ready = ferry_lab::launch::ready_file(log);
+    if let Err(e) = ferry_lab::launch::wait_ready_blocking(&ready, Duration::from_secs(30), || {
+        child.try_wait().ok().flatten().map(|st| st.to_string())
+    }) {
+        panic!("ferry {}: {e}; log:\n{}", args.join(" "), std::fs::read_to_string(log).unwrap_or_default());
+    }
+    child
+}
+
+/// The first whole line a daemon wrote to `path` (the configuration server's first-start JSON).
+pub fn first_line(path: &Path, child: &mut Child) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if let Some((line, _)) = text.split_once('\n') {
+            return serde_json::from_str(line).unwrap_or_else(|e| panic!("bad first line {line:?}: {e}"));
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("it exited ({st}) before writing a line to {}", path.display());
+        }
+        assert!(Instant::now() < deadline, "no first line in {} after 30 s", path.display());
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 pub struct Opts {
@@ -124,61 +165,65 @@ impl Cluster {
             nbds.insert(*a, bind(a, "nbd_listen"));
         }
         let nbd = nbds["agent"];
-        let tls = |c: &str| {
-            format!(
-                "[tls]\nca = '{0}/certs/ca.pem'\ncert = '{0}/certs/{1}.pem'\nkey = '{0}/certs/{1}.key'\n",
-                d.display(),
-                c
-            )
-        };
-        std::fs::write(
-            d.join("master-target.toml"),
-            format!(
-                "datastore = '{0}/datastore'\nretention = '{0}/retention'\nlisten = '127.0.0.1:{mt}'\nstatus_listen = '127.0.0.1:{1}'\ncheckpoint_interval_secs = 0.2\n{3}\n{2}",
-                d.display(),
-                status["master-target"],
-                tls("master-target"),
-                opts.mt_extra.replace("{dir}", &d.display().to_string())
-            ),
-        )
-        .unwrap();
-        std::fs::write(
-            d.join("process-server.toml"),
-            format!(
-                "cache_dir = '{0}/cache'\ncache_capacity_bytes = {1}\nlisten = '127.0.0.1:{ps}'\nstatus_listen = '127.0.0.1:{2}'\nmaster_target = '127.0.0.1:{mt}'\nreconnect_interval_secs = 0.2\n{3}\n{4}",
-                d.display(),
-                opts.ps_capacity,
-                status["process-server"],
-                opts.ps_extra,
-                tls("process-server")
-            ),
-        )
-        .unwrap();
+        // Written the way the lab writes its components' files (`ferry_lab::component`).
+        let tls = |c: &str| ferry_tls::TlsFiles::in_dir(&d.join("certs"), c);
+        let fill =
+            |extra: &str, machine: &str| extra.replace("{machine}", machine).replace("{dir}", &d.display().to_string());
+        let loopback = |port: u16| format!("127.0.0.1:{port}");
+        ComponentFile::new()
+            .path("datastore", &d.join("datastore"))
+            .path("retention", &d.join("retention"))
+            .set("listen", loopback(mt))
+            .set("status_listen", loopback(status["master-target"]))
+            .set("checkpoint_interval_secs", 0.2)
+            .tls(&tls("master-target"))
+            .unwrap()
+            .extra(&fill(&opts.mt_extra, ""))
+            .unwrap()
+            .write(&d.join("master-target.toml"))
+            .unwrap();
+        ComponentFile::new()
+            .path("cache_dir", &d.join("cache"))
+            .set("cache_capacity_bytes", opts.ps_capacity as i64)
+            .set("listen", loopback(ps))
+            .set("status_listen", loopback(status["process-server"]))
+            .set("master_target", loopback(mt))
+            .set("reconnect_interval_secs", 0.2)
+            .tls(&tls("process-server"))
+            .unwrap()
+            .extra(&opts.ps_extra)
+            .unwrap()
+            .write(&d.join("process-server.toml"))
+            .unwrap();
         for agent in &AGENTS[..opts.agents] {
-            let prefix = if *agent == "agent" { String::new() } else { format!("{}-", machine_of(agent)) };
-            let mut disks = String::new();
+            let machine = machine_of(agent);
+            let prefix = if *agent == "agent" { String::new() } else { format!("{machine}-") };
+            let mut disks = Vec::new();
             for (name, size) in &opts.disks {
                 let p = d.join(format!("{prefix}{name}.img"));
                 std::fs::File::create(&p).unwrap().set_len(*size).unwrap();
-                disks.push_str(&format!(
-                    "[[disks]]\nname = '{name}'\npath = '{}'\ncache = '{}'\n",
-                    p.display(),
-                    if opts.volatile { "volatile" } else { "page-cache" }
-                ));
+                let mut disk = toml::Table::new();
+                disk.insert("name".into(), (*name).into());
+                disk.insert("path".into(), ferry_lab::component::path_value(&p));
+                disk.insert("cache".into(), if opts.volatile { "volatile" } else { "page-cache" }.into());
+                disks.push(toml::Value::Table(disk));
             }
-            std::fs::write(
-                d.join(format!("{agent}.toml")),
-                format!(
-                    "machine = '{4}'\nstate_dir = '{0}/{agent}-state'\nprocess_server = '127.0.0.1:{ps}'\nnbd_listen = '127.0.0.1:{5}'\nstatus_listen = '127.0.0.1:{1}'\nreconnect_interval_secs = 0.2\nmaintenance_interval_secs = 0.2\nal_retire_interval_secs = 0.5\n{2}\n{3}\n{disks}",
-                    d.display(),
-                    status[agent],
-                    opts.agent_extra.replace("{machine}", &machine_of(agent)).replace("{dir}", &d.display().to_string()),
-                    tls("agent"),
-                    machine_of(agent),
-                    nbds[agent],
-                ),
-            )
-            .unwrap();
+            ComponentFile::new()
+                .set("machine", machine.as_str())
+                .path("state_dir", &d.join(format!("{agent}-state")))
+                .set("process_server", loopback(ps))
+                .set("nbd_listen", loopback(nbds[agent]))
+                .set("status_listen", loopback(status[agent]))
+                .set("reconnect_interval_secs", 0.2)
+                .set("maintenance_interval_secs", 0.2)
+                .set("al_retire_interval_secs", 0.5)
+                .set("disks", disks)
+                .tls(&tls("agent"))
+                .unwrap()
+                .extra(&fill(&opts.agent_extra, &machine))
+                .unwrap()
+                .write(&d.join(format!("{agent}.toml")))
+                .unwrap();
         }
         Cluster {
             listeners,
@@ -212,12 +257,8 @@ impl Cluster {
     }
 
     pub fn start(&mut self, c: &'static str) {
-        let log =
-            std::fs::OpenOptions::new().create(true).append(true).open(self.path().join(format!("{c}.log"))).unwrap();
-        let mut cmd = self.command(c);
-        cmd.env("FERRY_LOG", "info").stdout(Stdio::null()).stderr(log);
-        let mut child = cmd.spawn().unwrap();
-        let ready = self.ready_file(c);
+        let mut child = self.spawn(c, &[]);
+        let ready = ferry_lab::launch::ready_file(&self.log_path(c));
         let r = ferry_lab::launch::wait_ready_blocking(&ready, Duration::from_secs(20), || {
             child.try_wait().ok().flatten().map(|st| st.to_string())
         });
@@ -228,34 +269,59 @@ impl Cluster {
         self.wait_status(c);
     }
 
-    fn ready_file(&self, c: &str) -> PathBuf {
-        self.path().join(format!("{c}.ready"))
+    fn log_path(&self, c: &str) -> PathBuf {
+        self.path().join(format!("{c}.log"))
     }
 
-    /// The command that runs component `c` on its configuration, the way the lab starts its
-    /// daemons (`ferry_lab::launch`): its listeners handed down, its ready file named.
-    pub fn command(&self, c: &str) -> Command {
-        let args = vec![
+    fn args(&self, c: &str) -> Vec<String> {
+        vec![
             if c.starts_with("agent") { "agent" } else { c }.to_owned(),
             "--config".to_owned(),
             self.path().join(format!("{c}.toml")).to_string_lossy().into_owned(),
-        ];
-        let mine: Vec<(&str, &std::net::TcpListener)> =
-            self.listeners.iter().filter(|((comp, _), _)| *comp == c).map(|((_, key), l)| (*key, l)).collect();
-        ferry_lab::launch::daemon_command(Path::new(FERRY), &args, &mine, Some(&self.ready_file(c)))
+        ]
+    }
+
+    fn handed(&self, c: &str) -> Vec<(&str, &std::net::TcpListener)> {
+        self.listeners.iter().filter(|((comp, _), _)| *comp == c).map(|((_, key), l)| (*key, l)).collect()
+    }
+
+    /// Start component `c` on its configuration the way the lab starts its daemons
+    /// (`ferry_lab::launch::spawn`): its listeners handed down, its ready file named.
+    fn spawn(&self, c: &str, env: &[(&str, &str)]) -> Child {
+        let mut env = env.to_vec();
+        env.push(("FERRY_LOG", "info"));
+        let (args, listeners, log) = (self.args(c), self.handed(c), self.log_path(c));
+        ferry_lab::launch::spawn(&ferry_lab::launch::Spawn {
+            exe: Path::new(FERRY),
+            args: &args,
+            log: &log,
+            stdout: ferry_lab::launch::Stdout::Null,
+            listeners: &listeners,
+            env: &env,
+            own_group: false,
+        })
+        .unwrap_or_else(|e| panic!("{c}: {e}"))
+    }
+
+    /// Change component `c`'s configuration file (read, edit as a table, write back).
+    pub fn edit_config(&self, c: &str, edit: impl FnOnce(&mut toml::Table)) {
+        let p = self.path().join(format!("{c}.toml"));
+        let mut t: toml::Table = toml::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        edit(&mut t);
+        std::fs::write(&p, toml::to_string(&t).unwrap()).unwrap();
+    }
+
+    /// The command that runs component `c` (for a test that runs it in the foreground itself).
+    pub fn command(&self, c: &str) -> Command {
+        let ready = ferry_lab::launch::ready_file(&self.log_path(c));
+        ferry_lab::launch::daemon_command(Path::new(FERRY), &self.args(c), &self.handed(c), Some(&ready))
     }
 
     /// Start component `c` with extra environment (e.g. `FERRY_FAILPOINTS`), without waiting
     /// for it to come up (a failpoint may stop it at once).
     pub fn start_env(&mut self, c: &'static str, env: &[(&str, &str)]) {
-        let log =
-            std::fs::OpenOptions::new().create(true).append(true).open(self.path().join(format!("{c}.log"))).unwrap();
-        let mut cmd = self.command(c);
-        cmd.env("FERRY_LOG", "info").stdout(Stdio::null()).stderr(log);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        self.procs.insert(c, cmd.spawn().unwrap());
+        let child = self.spawn(c, env);
+        self.procs.insert(c, child);
     }
 
     /// Wait for component `c` to exit on its own; its exit status, or None after `limit`.

@@ -103,33 +103,17 @@ fn a_cut_lab_link_stops_replication_and_a_restored_one_resumes_without_a_resync(
     let mut c = Cluster::new(Opts::default());
     let (link_l, control_l) = (listener(), listener());
     let (link, control) = (port_of(&link_l), port_of(&control_l));
-    let cfg = c.path().join("agent.toml");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace(
-        &format!("process_server = '127.0.0.1:{}'", c.ps_port),
-        &format!("process_server = '127.0.0.1:{link}'"),
+    c.edit_config("agent", |t| {
+        t.insert("process_server".into(), format!("127.0.0.1:{link}").into());
+    });
+    let (listen, to, ctl) =
+        (format!("127.0.0.1:{link}"), format!("127.0.0.1:{}", c.ps_port), format!("127.0.0.1:{control}"));
+    let mut proxy = start_daemon(
+        &["lab", "link", "--listen", &listen, "--to", &to, "--control", &ctl],
+        &c.path().join("link.log"),
+        None,
+        &[("listen", &link_l), ("control", &control_l)],
     );
-    std::fs::write(&cfg, text).unwrap();
-    let mut proxy = Command::new(FERRY);
-    pass_listeners(&mut proxy, &[("listen", &link_l), ("control", &control_l)]);
-    let mut proxy = proxy
-        .args([
-            "lab",
-            "link",
-            "--listen",
-            &format!("127.0.0.1:{link}"),
-            "--to",
-            &format!("127.0.0.1:{}", c.ps_port),
-            "--control",
-            &format!("127.0.0.1:{control}"),
-        ])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while http_json(control, "GET", "/status", None).is_none() {
-        assert!(std::time::Instant::now() < deadline, "lab link did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
     c.start_all();
     c.wait_caught_up(Duration::from_secs(30));
     assert!(c.qemu_io("disk0", "write -P 1 0 4M\nflush\n").status.success());
