@@ -42,13 +42,13 @@ pub struct AgentConfig {
     #[serde(default = "default_al_extent_bytes")]
     pub al_extent_bytes: u64,
     /// How often the agent persists its change bitmap and checks the activity log, seconds.
-    #[serde(default = "default_maintenance")]
+    #[serde(default = "default_maintenance", deserialize_with = "ferry_types::bounds::secs")]
     pub maintenance_interval_secs: f64,
     /// Retiring activity-log extents needs a flush of the disks, which stalls writers on a busy
     /// disk; it runs at this interval, or earlier once half the activity log is in use.
-    #[serde(default = "default_retire")]
+    #[serde(default = "default_retire", deserialize_with = "ferry_types::bounds::secs")]
     pub al_retire_interval_secs: f64,
-    #[serde(default = "default_reconnect")]
+    #[serde(default = "default_reconnect", deserialize_with = "ferry_types::bounds::secs")]
     pub reconnect_interval_secs: f64,
     /// Bytes of records per frame to the process server.
     #[serde(default = "default_batch")]
@@ -58,17 +58,17 @@ pub struct AgentConfig {
     pub resync_chunk_bytes: u64,
     /// On shutdown, wait this long for the process server to acknowledge the log before
     /// converting the rest into the change bitmap.
-    #[serde(default = "default_drain")]
+    #[serde(default = "default_drain", deserialize_with = "ferry_types::bounds::secs")]
     pub shutdown_drain_secs: f64,
     /// Hold shipping (writes are still logged and tracked): for maintenance and benchmarks.
     #[serde(default)]
     pub shipping_paused: bool,
     /// Crash-consistent recovery point (a tag in the stream) every this many seconds (POL-1:
     /// 5 minutes). 0 turns the timer off (points can still be requested).
-    #[serde(default = "default_crash_interval")]
+    #[serde(default = "default_crash_interval", deserialize_with = "ferry_types::bounds::secs")]
     pub crash_point_interval_secs: f64,
     /// App-consistent recovery point every this many seconds (policy default 60 min); 0 = off.
-    #[serde(default = "default_app_interval")]
+    #[serde(default = "default_app_interval", deserialize_with = "ferry_types::bounds::secs")]
     pub app_point_interval_secs: f64,
     /// Run before an app-consistent tag (`sh -c`): quiesce applications and flush (e.g.
     /// `fsfreeze -f /data`; on Windows the VSS requestor). Non-zero exit = no app-consistent point.
@@ -78,7 +78,7 @@ pub struct AgentConfig {
     #[serde(default)]
     pub thaw_command: Option<String>,
     /// A hook running longer than this is killed and the point abandoned.
-    #[serde(default = "default_hook_timeout")]
+    #[serde(default = "default_hook_timeout", deserialize_with = "ferry_types::bounds::secs")]
     pub hook_timeout_secs: f64,
     /// Multi-machine consistency: this machine's replication group.
     #[serde(default)]
@@ -105,14 +105,14 @@ pub struct GroupConfig {
     #[serde(default)]
     pub members: Vec<String>,
     /// Coordinator only: a multi-machine crash-consistent tag every this many seconds (0 = off).
-    #[serde(default = "default_crash_interval")]
+    #[serde(default = "default_crash_interval", deserialize_with = "ferry_types::bounds::secs")]
     pub crash_interval_secs: f64,
     /// Coordinator only: a multi-machine app-consistent tag every this many seconds (0 = off).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "ferry_types::bounds::secs")]
     pub app_interval_secs: f64,
     /// How long members hold writes waiting for every member to prepare; past it the tag is
     /// abandoned (no partial multi-machine point).
-    #[serde(default = "default_prepare_timeout")]
+    #[serde(default = "default_prepare_timeout", deserialize_with = "ferry_types::bounds::secs")]
     pub prepare_timeout_secs: f64,
 }
 

@@ -124,6 +124,17 @@ impl Policy {
                 return Err(Invalid::bad(format!("{field} = {v} is below the minimum of {min} s")));
             }
         }
+        let max = ferry_types::bounds::MAX_SECS as u64;
+        for (field, v) in [
+            ("rpo_threshold_secs", self.rpo_threshold_secs),
+            ("retention_secs", self.retention_secs),
+            ("crash_consistent_secs", self.crash_consistent_secs),
+            ("app_consistent_secs", self.app_consistent_secs),
+        ] {
+            if v > max {
+                return Err(Invalid::bad(format!("{field} = {v} is above the maximum of {max} s (ten years)")));
+            }
+        }
         Ok(())
     }
 

@@ -213,10 +213,10 @@ pub struct ComponentSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<GroupSetting>,
     /// Agents: crash-consistent tag interval, seconds (from the policy unless set).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "ferry_types::bounds::opt_secs")]
     pub crash_point_interval_secs: Option<f64>,
     /// Agents: app-consistent tag interval, seconds (from the policy unless set).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "ferry_types::bounds::opt_secs")]
     pub app_point_interval_secs: Option<f64>,
     /// Process servers: where each machine's changes go.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -259,11 +259,11 @@ pub struct GroupSetting {
     /// Coordinator: the other members' status addresses.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "ferry_types::bounds::opt_secs")]
     pub crash_interval_secs: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "ferry_types::bounds::opt_secs")]
     pub app_interval_secs: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "ferry_types::bounds::opt_secs")]
     pub prepare_timeout_secs: Option<f64>,
 }
 

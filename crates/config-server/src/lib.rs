@@ -54,18 +54,18 @@ pub struct ConfigServerConfig {
     #[serde(default)]
     pub hosts: Vec<String>,
     /// Missing heartbeats become critical after this long (806, 78174, 78022).
-    #[serde(default = "default_heartbeat_timeout")]
+    #[serde(default = "default_heartbeat_timeout", deserialize_with = "ferry_types::bounds::secs")]
     pub heartbeat_timeout_secs: f64,
-    #[serde(default = "default_health_interval")]
+    #[serde(default = "default_health_interval", deserialize_with = "ferry_types::bounds::secs")]
     pub health_interval_secs: f64,
     /// Sites are rediscovered this often (a new retention volume shows within it, MT-5).
-    #[serde(default = "default_discovery_interval")]
+    #[serde(default = "default_discovery_interval", deserialize_with = "ferry_types::bounds::secs")]
     pub discovery_interval_secs: f64,
     /// RPO threshold for agents without a policy.
-    #[serde(default = "default_rpo")]
+    #[serde(default = "default_rpo", deserialize_with = "ferry_types::bounds::secs")]
     pub default_rpo_threshold_secs: f64,
     /// Scheduled backups (0 = off) and how many are kept.
-    #[serde(default = "default_backup_interval")]
+    #[serde(default = "default_backup_interval", deserialize_with = "ferry_types::bounds::secs")]
     pub backup_interval_secs: f64,
     #[serde(default = "default_backup_keep")]
     pub backup_keep: usize,

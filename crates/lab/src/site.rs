@@ -38,13 +38,13 @@ pub const DEFAULT_LAB: &str = include_str!("../default-lab.toml");
 #[serde(deny_unknown_fields)]
 pub struct LabSpec {
     /// Seconds from power-on until a machine's mobility service registers (RP-7).
-    #[serde(default = "one")]
+    #[serde(default = "one", deserialize_with = "ferry_types::bounds::secs")]
     pub boot_delay_secs: f64,
     /// Components' heartbeat interval.
-    #[serde(default = "one")]
+    #[serde(default = "one", deserialize_with = "ferry_types::bounds::secs")]
     pub heartbeat_interval_secs: f64,
     /// The configuration server's missing-heartbeat threshold (806 / 78174 / 78022).
-    #[serde(default = "ten")]
+    #[serde(default = "ten", deserialize_with = "ferry_types::bounds::secs")]
     pub heartbeat_timeout_secs: f64,
     pub sites: Vec<LabSite>,
     #[serde(default)]

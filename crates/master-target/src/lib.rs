@@ -82,11 +82,11 @@ pub struct MasterTargetConfig {
     #[serde(default = "default_segment_bytes")]
     pub segment_bytes: u64,
     /// How often applied changes are checkpointed (target disks fsync'd, journal released), seconds.
-    #[serde(default = "default_checkpoint_secs")]
+    #[serde(default = "default_checkpoint_secs", deserialize_with = "ferry_types::bounds::secs")]
     pub checkpoint_interval_secs: f64,
     /// How long recovery points are kept, seconds (default 24 h). 0 turns history off: the
     /// journal is then released as soon as it is applied and only the replica itself remains.
-    #[serde(default = "default_window")]
+    #[serde(default = "default_window", deserialize_with = "ferry_types::bounds::secs")]
     pub retention_window_secs: f64,
     /// Per-machine retention windows (the machine's replication policy), seconds.
     #[serde(default)]
@@ -100,7 +100,7 @@ pub struct MasterTargetConfig {
     pub advertise: Option<String>,
     /// When the retention volume has less free space than this share (percent), the oldest points
     /// are pruned early, inside the window, with an event.
-    #[serde(default = "default_min_free")]
+    #[serde(default = "default_min_free", deserialize_with = "ferry_types::bounds::percent")]
     pub retention_min_free_percent: f64,
     /// NBD address serving materialized points (test failover). Loopback only; the unix socket
     /// `<retention>/nbd.sock` is always served.

@@ -71,6 +71,27 @@ const PRUNE_BATCH: u64 = 4 << 20;
 /// The largest write one record carries (an NBD request).
 const MAX_RECORD: u64 = 32 << 20;
 
+/// Free-space thresholds of a retention volume of `total` bytes, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SpaceLimits {
+    /// Below this much free space the oldest points are pruned early, inside the window.
+    pub reserve: u64,
+    /// Records that would leave less than this free are refused (the process server retries).
+    pub floor: u64,
+}
+
+/// The reserve is `min_free_percent` of the volume; the floor a quarter of it, and at least the
+/// room pruning needs to make progress (the largest record plus two pruning batches and two
+/// journal segments: pruning fills the base's holes before it frees segments, one batch at a
+/// time). The reserve is never below twice that room, so early pruning always starts before
+/// records are refused: on a small volume the percentage alone would put the refusal floor above
+/// the reserve, and the volume would stall for good with nothing pruning.
+pub(crate) fn space_limits(total: u64, min_free_percent: f64, segment_bytes: u64) -> SpaceLimits {
+    let room = MAX_RECORD + 2 * (PRUNE_BATCH + segment_bytes);
+    let share = (total as f64 * min_free_percent / 100.0) as u64;
+    SpaceLimits { reserve: share.max(2 * room), floor: (share / 4).max(room) }
+}
+
 pub(crate) fn statvfs_free(path: &Path) -> Option<(u64, u64)> {
     ferry_sys::fs::space(path).ok().map(|s| (s.available, s.total))
 }
@@ -474,23 +495,21 @@ impl Replica {
         }
     }
 
-    /// The retention volume has less free space than the configured reserve.
+    /// The retention volume has less free space than the reserve: the oldest points are pruned
+    /// early.
     pub(crate) fn space_low(&self) -> bool {
         match statvfs_free(&self.dir) {
-            Some((free, total)) => (free as f64) < total as f64 * self.min_free_percent / 100.0,
+            Some((free, total)) => free < space_limits(total, self.min_free_percent, self.segment_bytes).reserve,
             None => false,
         }
     }
 
-    /// Records that would leave less than a floor free are refused (the process server
-    /// retries) so pruning keeps the room it needs: pruning fills the base's holes before it
-    /// frees journal segments, one batch at a time. The floor is a quarter of the reserve, and at
-    /// least the largest record plus two pruning batches and two journal segments.
+    /// Records that would leave less than the floor free are refused (the process server
+    /// retries) so pruning keeps the room it needs (see [`space_limits`]).
     pub(crate) fn journal_room_check(&self, incoming: u64) -> Result<(), String> {
         let Some((free, total)) = statvfs_free(&self.dir) else { return Ok(()) };
-        let floor = (total as f64 * self.min_free_percent / 400.0)
-            .max((MAX_RECORD + 2 * (PRUNE_BATCH + self.segment_bytes)) as f64);
-        if (free.saturating_sub(incoming) as f64) >= floor || !self.history_on() {
+        let floor = space_limits(total, self.min_free_percent, self.segment_bytes).floor;
+        if free.saturating_sub(incoming) >= floor || !self.history_on() {
             return Ok(());
         }
         self.prune_wake.notify_all();
@@ -1045,5 +1064,25 @@ impl Replica {
             let g = replica.lock_apply();
             let _ = replica.prune_wake.wait_timeout(g, Duration::from_secs(1));
         }
+    }
+}
+
+#[cfg(test)]
+mod space_tests {
+    use super::space_limits;
+
+    #[test]
+    fn early_pruning_starts_before_records_are_refused_at_any_volume_size() {
+        for total_mib in [64u64, 200, 512, 1024, 3 << 10, 3300, 10 << 10, 1 << 20, 16 << 20] {
+            for pct in [0.0, 1.0, 5.0, 10.0, 40.0, 50.0, 100.0] {
+                for segment in [1u64 << 20, 64 << 20] {
+                    let l = space_limits(total_mib << 20, pct, segment);
+                    assert!(l.reserve > l.floor, "{total_mib} MiB at {pct} %: reserve {} floor {}", l.reserve, l.floor);
+                }
+            }
+        }
+        // A large volume keeps the configured share as its reserve.
+        let l = space_limits(1 << 40, 5.0, 64 << 20);
+        assert_eq!(l.reserve, ((1u64 << 40) as f64 * 0.05) as u64);
     }
 }

@@ -62,10 +62,10 @@ pub struct ProcessServerConfig {
     pub master_target_name: String,
     pub tls: TlsFiles,
     /// Throttle agents below this free percentage of the cache (NET-2: 20).
-    #[serde(default = "default_throttle")]
+    #[serde(default = "default_throttle", deserialize_with = "ferry_types::bounds::percent_u8")]
     pub throttle_free_percent: u8,
     /// Seconds between reconnection attempts to the master target.
-    #[serde(default = "default_reconnect")]
+    #[serde(default = "default_reconnect", deserialize_with = "ferry_types::bounds::secs")]
     pub reconnect_interval_secs: f64,
     #[serde(default = "default_segment_bytes")]
     pub segment_bytes: u64,

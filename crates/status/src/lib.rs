@@ -313,7 +313,7 @@ pub struct ConfigServerLink {
     /// Replication policy this machine runs with (agents; RPO alerts).
     #[serde(default)]
     pub policy: Option<String>,
-    #[serde(default = "default_heartbeat")]
+    #[serde(default = "default_heartbeat", deserialize_with = "ferry_types::bounds::secs")]
     pub heartbeat_interval_secs: f64,
 }
 

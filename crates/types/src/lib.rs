@@ -4,6 +4,7 @@
 //!
 //! Leaf crate: no I/O, no async, serde derives only.
 
+pub mod bounds;
 pub mod codes;
 
 pub use codes::{ErrorCode, HasErrorCode};

@@ -151,6 +151,43 @@ fn bad_configuration_names_the_file_and_the_problem() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/agent.toml"));
 }
 
+/// Numbers no setting can mean (`inf`, NaN, 1e300, a percentage of 200) are refused when the
+/// daemon starts, naming the key, instead of panicking a background task later and leaving a
+/// daemon that runs but never replicates.
+#[test]
+fn out_of_range_numbers_in_a_configuration_are_refused_at_start() {
+    let c = Cluster::new(Opts::default());
+    for (component, set, key) in [
+        ("agent", "crash_point_interval_secs = inf", "crash_point_interval_secs"),
+        ("agent", "reconnect_interval_secs = 1e300", "reconnect_interval_secs"),
+        ("agent", "hook_timeout_secs = -1", "hook_timeout_secs"),
+        ("process-server", "reconnect_interval_secs = nan", "reconnect_interval_secs"),
+        ("process-server", "throttle_free_percent = 200", "throttle_free_percent"),
+        ("master-target", "retention_min_free_percent = 200", "retention_min_free_percent"),
+        ("master-target", "retention_min_free_percent = nan", "retention_min_free_percent"),
+        ("master-target", "retention_window_secs = inf", "retention_window_secs"),
+    ] {
+        let out = c.command(component).args(["--set", set]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{component} started with {set}: {err}");
+        assert!(
+            err.contains(key) && (err.contains("not a number of seconds") || err.contains("not a percentage")),
+            "{component} {set}: {err}"
+        );
+    }
+    let state = c.path().join("cs-state");
+    let out = std::process::Command::new(FERRY)
+        .args(["config-server", "--listen", "127.0.0.1:0", "--set", "heartbeat_timeout_secs = inf", "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("heartbeat_timeout_secs") && err.contains("not a number of seconds"),
+        "{err}"
+    );
+}
+
 /// MT-5 on a real FAT filesystem: a vfat image made by mkfs.vfat, mounted through FUSE with
 /// fusefat (this kernel has no vfat driver; ./test installs dosfstools and fusefat).
 #[test]

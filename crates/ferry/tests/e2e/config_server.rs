@@ -376,6 +376,20 @@ fn conformance(database: &str, dir: &Path) {
     assert_eq!(s.curl("POST", "/api/v1/policies", a, Some(r#"{"name": "gold"}"#)).0, 409);
     let (code, v) = s.curl("PUT", "/api/v1/policies/gold", a, Some(r#"{"name": "gold", "rpo_threshold_secs": 300}"#));
     assert_eq!(code, 200, "{v}");
+    // Numbers no policy can mean are refused, naming the field (u64::MAX once reached the agents).
+    let huge = format!(r#"{{"name": "huge", "retention_secs": {}}}"#, u64::MAX);
+    let (code, v) = s.curl("POST", "/api/v1/policies", a, Some(&huge));
+    assert_eq!(code, 400, "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("retention_secs") && v["message"].as_str().unwrap().contains("maximum"),
+        "{v}"
+    );
+    assert_eq!(s.curl("GET", "/api/v1/policies/huge", a, None).0, 404);
+    // Settings pushed to a component are range-checked too.
+    let (code, v) =
+        s.curl("PUT", "/api/v1/components/agent/vm9/settings", a, Some(r#"{"crash_point_interval_secs": 1e300}"#));
+    assert_eq!(code, 422, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("not a number of seconds"), "{v}");
 
     // Bad input: 4xx with a JSON error; the server keeps serving.
     for (body, what) in [
