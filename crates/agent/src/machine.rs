@@ -219,7 +219,7 @@ impl Machine {
             return Err(AgentError::Config("too many disks".into()));
         }
         validate_limits(&config)?;
-        std::fs::create_dir_all(&config.state_dir)
+        ferry_sys::fs::private_dir(&config.state_dir)
             .map_err(|source| AgentError::Io { path: config.state_dir.clone(), source })?;
         let state_path = config.state_dir.join("state.json");
         let previous: Option<PersistentState> = match std::fs::read(&state_path) {

@@ -169,11 +169,11 @@ pub struct FirstStart {
 /// Open the database, the CA and the server certificate; create the first admin token and the
 /// registration passphrase when they do not exist yet.
 pub async fn prepare(config: &ConfigServerConfig) -> Result<(Store, FirstStart, String), ConfigServerError> {
-    std::fs::create_dir_all(&config.state_dir)
+    ferry_sys::fs::private_dir(&config.state_dir)
         .map_err(|e| ConfigServerError::Setup(format!("cannot create {}: {e}", config.state_dir.display())))?;
     let lock = lock_state(&config.state_dir)?;
     let tls = config.tls_dir();
-    std::fs::create_dir_all(&tls)
+    ferry_sys::fs::private_dir(&tls)
         .map_err(|e| ConfigServerError::Setup(format!("cannot create {}: {e}", tls.display())))?;
     if !tls.join("ca.key").exists() {
         if let Some(certs) = &config.certs {

@@ -176,6 +176,8 @@ struct CertsArgs {
 }
 
 fn main() -> std::process::ExitCode {
+    // Nothing Ferry creates is readable by other local users (replicas, points, keys, database).
+    ferry_sys::proc::private_umask();
     // Listeners handed down by whoever started us (the lab, the test harness), taken while the
     // process is still single-threaded.
     if let Err(e) = ferry_sys::listen::adopt() {

@@ -81,7 +81,7 @@ fn seg_name(first: u64) -> String {
 impl SegmentLog {
     /// Open (or create) the log in `dir`, recovering from a torn tail.
     pub fn open(dir: &Path, segment_bytes: u64) -> Result<Self, JournalError> {
-        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        ferry_sys::fs::private_dir(dir).map_err(io_err(dir))?;
         let mut firsts = Vec::new();
         for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
             let entry = entry.map_err(io_err(dir))?;

@@ -167,7 +167,7 @@ impl Replica {
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, MasterTargetError> {
         let dir = config.retention_dir().join(name);
-        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        ferry_sys::fs::private_dir(&dir).map_err(io(&dir))?;
         // Where the target disks go is recorded first: the datastore chosen now stays the
         // replica's, whatever later settings say (`open` reads it back).
         let tdir = config.datastore_for(name).join(name);
@@ -238,7 +238,7 @@ impl Replica {
             // Replicas from before per-machine datastores live in the master target's own.
             Err(_) => config.datastore.join(name),
         };
-        std::fs::create_dir_all(&tdir).map_err(io(&tdir))?;
+        ferry_sys::fs::private_dir(&tdir).map_err(io(&tdir))?;
         let ckpt_path = dir.join("checkpoint.json");
         let ckpt: Checkpoint = match std::fs::read(&ckpt_path) {
             Ok(d) => serde_json::from_slice(&d)

@@ -71,7 +71,7 @@ pub fn open_retention_volume(
     if path.is_dir() {
         check_filesystem(&path)?;
     }
-    std::fs::create_dir_all(&path).map_err(io(&path))?;
+    ferry_sys::fs::private_dir(&path).map_err(io(&path))?;
     let path = path.canonicalize().map_err(io(&path))?;
     check_filesystem(&path)?;
     for (what, other) in others {

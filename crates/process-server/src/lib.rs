@@ -123,7 +123,7 @@ impl ProcessServer {
         if config.throttle_free_percent >= 100 {
             return Err(ProcessServerError::Config("throttle_free_percent must be below 100".into()));
         }
-        std::fs::create_dir_all(&config.cache_dir)
+        ferry_sys::fs::private_dir(&config.cache_dir)
             .map_err(|source| ProcessServerError::Io { path: config.cache_dir.clone(), source })?;
         let connector = ferry_tls::connector(&config.tls)?;
         // Routes from the configuration server, remembered in the cache folder: after a restart

@@ -55,7 +55,7 @@ impl MachineSpool {
         hello: Option<&Hello>,
     ) -> Result<Arc<Self>, ProcessServerError> {
         let dir = config.cache_dir.join(name);
-        std::fs::create_dir_all(&dir).map_err(|source| ProcessServerError::Io { path: dir.clone(), source })?;
+        ferry_sys::fs::private_dir(&dir).map_err(|source| ProcessServerError::Io { path: dir.clone(), source })?;
         let descriptor = match hello {
             Some(h) => Some(h.clone()),
             None => {

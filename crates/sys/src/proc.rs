@@ -59,6 +59,16 @@ pub fn set_parent_death_signal(signal: i32) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Make every file and folder this process (and its children, e.g. `qemu-img`) creates private
+/// to its user: mode 0600 files, 0700 folders. Ferry's files hold replicated disk data, recovery
+/// points, keys and the configuration database; no other local user may read them.
+pub fn private_umask() {
+    // SAFETY: umask only sets the process's file-creation mask; it cannot fail.
+    unsafe {
+        libc::umask(0o077);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,3 +16,4 @@ mod lab;
 mod lab_sites;
 mod recovery_points;
 mod replication;
+mod security;
