@@ -124,8 +124,8 @@ pub struct AppState {
     pub tls_dir: PathBuf,
     pub ca_pem: String,
     pub ca_fingerprint: String,
-    /// Times of recent failed registrations (guessing is throttled).
-    pub registration_failures: std::sync::Mutex<std::collections::VecDeque<u64>>,
+    /// Recent failed registrations per source (guessing is throttled per source).
+    pub registration_failures: std::sync::Mutex<registration::RegistrationFailures>,
     /// Held while the server runs: a restore refuses to run under it.
     pub _lock: Option<std::fs::File>,
 }
@@ -236,6 +236,16 @@ impl axum::serve::Listener for TlsListener {
     }
 }
 
+/// The address a request came from, for handlers that need it (per-source throttling).
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub std::net::SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for PeerAddr {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
+        PeerAddr(*stream.remote_addr())
+    }
+}
+
 fn tls_listener(
     listener: TcpListener,
     acceptor: ferry_tls::tokio_rustls::TlsAcceptor,
@@ -292,7 +302,7 @@ pub async fn serve(
         jobs,
         ops,
         config: config.clone(),
-        registration_failures: std::sync::Mutex::new(std::collections::VecDeque::new()),
+        registration_failures: std::sync::Mutex::new(registration::RegistrationFailures::default()),
         _lock: first.lock.take(),
     });
     tokio::spawn(health::watch(state.clone(), shutdown.clone()));
@@ -300,7 +310,8 @@ pub async fn serve(
     let app = api::router(state.clone());
     let l = tls_listener(listener, acceptor, shutdown.clone()).map_err(|e| ConfigServerError::Setup(e.to_string()))?;
     let sd = shutdown.clone();
-    axum::serve(l, app)
+    // The peer address reaches handlers (registration is throttled per source).
+    axum::serve(l, app.into_make_service_with_connect_info::<PeerAddr>())
         .with_graceful_shutdown(async move { sd.cancelled().await })
         .await
         .map_err(|e| ConfigServerError::Setup(e.to_string()))?;

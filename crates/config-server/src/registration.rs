@@ -30,8 +30,9 @@ pub fn check_kind(kind: &str) -> Result<ComponentKind, ApiError> {
 
 pub async fn register(
     State(s): State<Arc<AppState>>,
+    axum::extract::ConnectInfo(crate::PeerAddr(peer)): axum::extract::ConnectInfo<crate::PeerAddr>,
     Body(r): Body<RegisterRequest>,
-) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+) -> Result<(StatusCode, Json<ferry_api::config_server::Registered>), ApiError> {
     crate::model::check_name("component", &r.name)?;
     for h in &r.hosts {
         let valid =
@@ -41,26 +42,19 @@ pub async fn register(
         }
     }
     let refused = |m: &str| ApiError::new(StatusCode::FORBIDDEN, errors::REGISTRATION_REFUSED, m.to_owned());
-    // Guessing is throttled: after 10 failures within a minute, attempts are refused until the
-    // oldest of them is a minute old (a sliding window).
     let now = crate::jobs::now_ms();
-    {
-        let mut f = s.registration_failures.lock().unwrap_or_else(|p| p.into_inner());
-        while f.front().is_some_and(|t| now.saturating_sub(*t) > 60_000) {
-            f.pop_front();
-        }
-        if f.len() >= 10 {
-            return Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                errors::REGISTRATION_REFUSED,
-                "too many failed registrations: wait a minute",
-            ));
-        }
+    let source = peer.ip();
+    if s.registration_failures.lock().unwrap_or_else(|p| p.into_inner()).locked(source, now) {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            errors::REGISTRATION_REFUSED,
+            format!("too many failed registrations from {source}: wait a minute"),
+        ));
     }
     let expected = s.store.setting("registration_passphrase_hash").await?;
     // Compare hashes (fixed length) rather than the secrets themselves.
     if expected.as_deref() != Some(hash_token(&r.passphrase).as_str()) {
-        s.registration_failures.lock().unwrap_or_else(|p| p.into_inner()).push_back(now);
+        s.registration_failures.lock().unwrap_or_else(|p| p.into_inner()).failed(source, now);
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         return Err(refused("wrong registration passphrase"));
     }
@@ -105,6 +99,76 @@ pub async fn register(
     s.store.add_event(0, "info", &key, &format!("{} {} registered", r.kind, r.name)).await?;
     Ok((
         StatusCode::CREATED,
-        Json(serde_json::json!({ "certificate": cert, "ca": s.ca_pem, "token": token, "token_id": id })),
+        Json(ferry_api::config_server::Registered { certificate: cert, ca: s.ca_pem.clone(), token, token_id: id }),
     ))
+}
+
+/// Failed registrations per source address, for throttling guesses. Per source, so that guesses
+/// from one address never lock the right passphrase out for the others: after
+/// [`Self::LIMIT`] failures within a minute from an address, its attempts are refused until the
+/// oldest of them is a minute old (a sliding window). The table is bounded: past
+/// [`Self::SOURCES`] addresses the one with the oldest last failure is forgotten.
+#[derive(Debug, Default)]
+pub struct RegistrationFailures {
+    by_source: std::collections::HashMap<std::net::IpAddr, std::collections::VecDeque<u64>>,
+}
+
+impl RegistrationFailures {
+    pub const LIMIT: usize = 10;
+    pub const WINDOW_MS: u64 = 60_000;
+    pub const SOURCES: usize = 4096;
+
+    /// Whether `source` must wait (and forget failures older than the window).
+    pub fn locked(&mut self, source: std::net::IpAddr, now: u64) -> bool {
+        let Some(f) = self.by_source.get_mut(&source) else { return false };
+        while f.front().is_some_and(|t| now.saturating_sub(*t) > Self::WINDOW_MS) {
+            f.pop_front();
+        }
+        if f.is_empty() {
+            self.by_source.remove(&source);
+            return false;
+        }
+        f.len() >= Self::LIMIT
+    }
+
+    /// Record a failed attempt from `source`.
+    pub fn failed(&mut self, source: std::net::IpAddr, now: u64) {
+        if !self.by_source.contains_key(&source) && self.by_source.len() >= Self::SOURCES {
+            self.by_source.retain(|_, f| f.back().is_some_and(|t| now.saturating_sub(*t) <= Self::WINDOW_MS));
+            if self.by_source.len() >= Self::SOURCES {
+                let oldest = self.by_source.iter().min_by_key(|(_, f)| f.back().copied()).map(|(ip, _)| *ip);
+                if let Some(ip) = oldest {
+                    self.by_source.remove(&ip);
+                }
+            }
+        }
+        let f = self.by_source.entry(source).or_default();
+        f.push_back(now);
+        while f.len() > Self::LIMIT {
+            f.pop_front();
+        }
+    }
+}
+
+#[cfg(test)]
+mod throttle_tests {
+    use super::RegistrationFailures;
+    use std::net::IpAddr;
+
+    #[test]
+    fn guesses_from_one_source_never_lock_out_another_and_expire() {
+        let (a, b): (IpAddr, IpAddr) = ("127.0.0.2".parse().unwrap(), "127.0.0.3".parse().unwrap());
+        let mut f = RegistrationFailures::default();
+        for i in 0..RegistrationFailures::LIMIT as u64 {
+            assert!(!f.locked(a, i));
+            f.failed(a, i);
+        }
+        assert!(f.locked(a, 100), "the guessing source waits");
+        assert!(!f.locked(b, 100), "another source is served");
+        assert!(!f.locked(a, 100 + RegistrationFailures::WINDOW_MS), "a minute later it may try again");
+        for n in 0..(RegistrationFailures::SOURCES as u32 + 10) {
+            f.failed(IpAddr::from(n.to_be_bytes()), 200);
+        }
+        assert!(f.by_source.len() <= RegistrationFailures::SOURCES, "the table stays bounded");
+    }
 }

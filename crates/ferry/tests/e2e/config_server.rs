@@ -773,12 +773,22 @@ fn registration_guessing_is_throttled_and_reregistration_revokes_the_old_token()
     let new = std::fs::read_to_string(dir.path().join("second/config-server.token")).unwrap();
     assert_eq!(s.curl("POST", "/api/v1/heartbeats", Some(&old), Some(hb)).0, 401, "the earlier token is revoked");
     assert_eq!(s.curl("POST", "/api/v1/heartbeats", Some(&new), Some(hb)).0, 200);
+    // Guessing is throttled per source: guesses from 127.0.0.2 lock out 127.0.0.2 only.
     let body = r#"{"kind": "agent", "name": "x", "passphrase": "guess", "csr": "-"}"#;
-    let mut codes = Vec::new();
-    for _ in 0..12 {
-        codes.push(s.curl("POST", "/api/v1/register", None, Some(body)).0);
-    }
+    let guess_from = |source: &str| -> u16 {
+        let out = Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--interface", source, "--cacert"])
+            .arg(s.ca())
+            .args(["-X", "POST", "-H", "Content-Type: application/json", "--data-binary", body])
+            .arg(format!("https://127.0.0.1:{}/api/v1/register", s.port))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
+    };
+    let codes: Vec<u16> = (0..12).map(|_| guess_from("127.0.0.2")).collect();
     assert!(codes[..10].iter().all(|c| *c == 403) && codes[10..].iter().all(|c| *c == 429), "{codes:?}");
+    assert_eq!(guess_from("127.0.0.3"), 403, "another source is not locked out: its guess is judged");
+    assert!(reg(&dir.path().join("third")).status.success(), "the right passphrase is served from another source");
 }
 
 #[test]
