@@ -391,13 +391,13 @@ impl Replica {
 
     pub fn check_layout(&self, machine: &MachineDescriptor) -> Result<(), (u32, String, String)> {
         if machine.disks != self.disks {
+            // The replica's own layout stays in the log: a refusal must not tell a peer what
+            // another machine's disks are.
+            tracing::warn!(machine = %self.name, offered = ?machine.disks, held = ?self.disks, "disk layout differs from the replica's");
             return Err((
                 codes::DISK_LAYOUT_CHANGED.code,
-                format!(
-                    "machine {} now has disks {:?}, but its replica holds {:?}",
-                    self.name, machine.disks, self.disks
-                ),
-                "a disk was added, removed or resized: re-protect the machine".into(),
+                format!("machine {}'s disk layout differs from the one its replica holds", self.name),
+                "a disk was added, removed or resized: re-protect the machine (the master target's log names the difference)".into(),
             ));
         }
         Ok(())
@@ -418,33 +418,7 @@ impl Replica {
     }
 
     fn validate(&self, r: &Record) -> Result<(), String> {
-        let check = |disk: u16, offset: u64, len: u64| -> Result<(), String> {
-            let d = self
-                .disks
-                .get(disk as usize)
-                .ok_or_else(|| format!("record {} names disk {disk}, machine has {}", r.seq, self.disks.len()))?;
-            if offset.checked_add(len).is_none_or(|end| end > d.size) {
-                return Err(format!(
-                    "record {} writes [{offset}, +{len}) beyond disk {} of {} bytes",
-                    r.seq, d.name, d.size
-                ));
-            }
-            Ok(())
-        };
-        match &r.body {
-            RecordBody::Write { disk, offset, data } => check(*disk, *offset, data.len() as u64),
-            RecordBody::Zero { disk, offset, len } => check(*disk, *offset, *len),
-            RecordBody::VerifyChunk { disk, offset, block_size, hashes, .. } => {
-                if !(512..=(4 << 20)).contains(block_size) || hashes.len() % 32 != 0 {
-                    return Err(format!(
-                        "record {} has a verify block size of {block_size} or a malformed hash list",
-                        r.seq
-                    ));
-                }
-                check(*disk, *offset, 0)
-            }
-            _ => Ok(()),
-        }
+        ferry_protocol::check_record(&self.disks, r)
     }
 
     /// Append records to the journal and fsync; returns the durable seq (what may be acknowledged).

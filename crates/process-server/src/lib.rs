@@ -473,7 +473,7 @@ where
         spool.clear_downstream_lost();
     }
     spool.set_agent_connected(true);
-    let result = agent_loop(&ps, &spool, &mut framed, &mut upstream, epoch).await;
+    let result = agent_loop(&ps, &spool, &mut framed, &mut upstream, epoch, &hello.machine).await;
     spool.set_agent_connected(false);
     result
 }
@@ -514,6 +514,7 @@ async fn agent_loop<S>(
     framed: &mut Framed<S, FrameCodec>,
     upstream: &mut tokio::sync::broadcast::Receiver<Message>,
     epoch: u64,
+    machine: &ferry_protocol::MachineDescriptor,
 ) -> Result<(), String>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -572,6 +573,13 @@ where
                         Some(Some(Err(e))) => return Err(format!("bad frame from agent: {e}")),
                         Some(None) | None => break,
                     }
+                }
+                // Nothing is acknowledged that the master target would refuse: one such record
+                // spooled would block this machine's forwarding for good.
+                if let Some(e) = batches.iter().flatten().find_map(|r| machine.check_record(r).err()) {
+                    let remedy = "the agent sent a record outside the machine's disks: restart the agent; if it persists, re-protect the machine";
+                    let _ = framed.send(Message::Error { code: codes::INVALID_RECORD.code, message: e.clone(), remedy: remedy.into() }).await;
+                    return Err(e);
                 }
                 let s2 = spool.clone();
                 let ack = tokio::task::spawn_blocking(move || s2.append(batches)).await.map_err(|e| e.to_string())?;

@@ -48,6 +48,44 @@ impl MachineDescriptor {
         let disks = self.disks.iter().map(|d| DiskName::new(d.name.clone())).collect::<Result<_, _>>()?;
         Ok((machine, disks))
     }
+
+    /// Whether record `r` fits this machine (see [`check_record`]).
+    pub fn check_record(&self, r: &Record) -> Result<(), String> {
+        check_record(&self.disks, r)
+    }
+}
+
+/// Whether record `r` fits a machine with `disks`: it names one of its disks, writes inside that disk
+/// (no offset that wraps), and a verify chunk has a sane block size and hash list. Every hop
+/// checks this before it acknowledges a record: one acknowledged record that a later hop must
+/// refuse would block the machine's stream there for good.
+pub fn check_record(disks: &[DiskDescriptor], r: &Record) -> Result<(), String> {
+    let check = |disk: u16, offset: u64, len: u64| -> Result<(), String> {
+        let d = disks
+            .get(disk as usize)
+            .ok_or_else(|| format!("record {} names disk {disk}, machine has {}", r.seq, disks.len()))?;
+        if offset.checked_add(len).is_none_or(|end| end > d.size) {
+            return Err(format!(
+                "record {} writes [{offset}, +{len}) beyond disk {} of {} bytes",
+                r.seq, d.name, d.size
+            ));
+        }
+        Ok(())
+    };
+    match &r.body {
+        RecordBody::Write { disk, offset, data } => check(*disk, *offset, data.len() as u64),
+        RecordBody::Zero { disk, offset, len } => check(*disk, *offset, *len),
+        RecordBody::VerifyChunk { disk, offset, block_size, hashes, .. } => {
+            if !(512..=(4 << 20)).contains(block_size) || hashes.len() % 32 != 0 {
+                return Err(format!(
+                    "record {} has a verify block size of {block_size} or a malformed hash list",
+                    r.seq
+                ));
+            }
+            check(*disk, *offset, 0)
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Opens every connection: who speaks, for which machine.
@@ -241,5 +279,21 @@ mod tests {
         assert!(bad_machine.checked_names().unwrap_err().contains("invalid machine name \"../db1\""));
         let bad_disk = MachineDescriptor { name: "db1".into(), disks: vec![disk("a/b")] };
         assert!(bad_disk.checked_names().unwrap_err().contains("invalid disk name \"a/b\""));
+    }
+
+    #[test]
+    fn a_record_outside_the_machine_is_refused() {
+        let m = MachineDescriptor {
+            name: "db1".into(),
+            disks: vec![DiskDescriptor { name: "disk0".into(), size: 1 << 20, uuid: "u".into() }],
+        };
+        let rec = |body| Record { seq: Seq(7), time_ms: 0, body };
+        let write = |disk, offset: u64, n: usize| RecordBody::Write { disk, offset, data: vec![0u8; n] };
+        assert!(m.check_record(&rec(write(0, 0, 4096))).is_ok());
+        assert!(m.check_record(&rec(write(0, (1 << 20) - 4096, 4096))).is_ok());
+        assert!(m.check_record(&rec(write(99, 0, 4096))).unwrap_err().contains("names disk 99"));
+        assert!(m.check_record(&rec(write(0, 1 << 20, 1))).unwrap_err().contains("beyond disk disk0"));
+        let wrap = RecordBody::Zero { disk: 0, offset: u64::MAX - 10, len: 4096 };
+        assert!(m.check_record(&rec(wrap)).unwrap_err().contains("beyond disk"));
     }
 }

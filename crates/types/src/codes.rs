@@ -107,6 +107,9 @@ registry! {
     GROUP_TAG_FAILED = 9012, 409, "group-tag-failed",
         "a multi-machine (group) point could not be taken on every member",
         "check that every member's agent runs and is caught up, then take a new group point";
+    INVALID_RECORD = 9013, 400, "invalid-record",
+        "a record names a disk the machine does not have or writes outside its disk; it was not acknowledged",
+        "restart the agent; if it persists, re-protect the machine";
 
     // Ferry's own: the control plane.
     UNAUTHENTICATED = 9020, 401, "unauthenticated",

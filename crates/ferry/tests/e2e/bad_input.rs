@@ -9,18 +9,6 @@ use ferry_protocol::{DiskDescriptor, FrameCodec, Hello, MachineDescriptor, Messa
 use futures::{SinkExt, StreamExt};
 use tokio_util::codec::Framed;
 
-async fn tls_to(
-    port: u16,
-    cluster: &Cluster,
-    as_component: &str,
-    server_name: &str,
-) -> ferry_tls::tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    let files = ferry_tls::TlsFiles::in_dir(&cluster.path().join("certs"), as_component);
-    let connector = ferry_tls::connector(&files).unwrap();
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    connector.connect(ferry_tls::server_name(server_name).unwrap(), tcp).await.unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_frames_close_only_that_connection() {
     let mut c = Cluster::new(Opts::default());

@@ -679,3 +679,17 @@ impl Drop for SmallFs {
 pub fn is_not_root() -> bool {
     Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() != "0").unwrap_or(true)
 }
+
+/// A TLS connection to `port` with `as_component`'s certificate from `ferry certs`, expecting the
+/// server's certificate to name `server_name`.
+pub async fn tls_to(
+    port: u16,
+    cluster: &Cluster,
+    as_component: &str,
+    server_name: &str,
+) -> ferry_tls::tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let files = ferry_tls::TlsFiles::in_dir(&cluster.path().join("certs"), as_component);
+    let connector = ferry_tls::connector(&files).unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    connector.connect(ferry_tls::server_name(server_name).unwrap(), tcp).await.unwrap()
+}

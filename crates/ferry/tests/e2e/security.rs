@@ -94,3 +94,77 @@ fn replicated_data_and_the_database_are_private_to_ferrys_user() {
     let _ = cs.kill();
     let _ = cs.wait();
 }
+
+/// The layout vm1's agent announces (from its state file).
+fn vm1_layout(c: &Cluster) -> ferry_protocol::MachineDescriptor {
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(c.path().join("agent-state/state.json")).unwrap()).unwrap();
+    ferry_protocol::MachineDescriptor {
+        name: "vm1".into(),
+        disks: serde_json::from_value(state["disks"].clone()).unwrap(),
+    }
+}
+
+/// One invalid record (a disk the machine lacks, an offset that wraps) is refused by the process
+/// server before it is acknowledged or spooled, with its code; the machine's replication goes on
+/// (it once blocked forwarding for good). A refused layout does not reveal the replica's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_record_is_refused_before_it_is_acknowledged_and_blocks_nothing() {
+    use ferry_protocol::{FrameCodec, Hello, Message, Record, RecordBody, Role};
+    use futures::{SinkExt, StreamExt};
+    let mut c = Cluster::new(Opts::default());
+    c.start_all();
+    assert!(c.qemu_io("disk0", "write -P 3 0 1M\nflush\n").status.success());
+    c.wait_caught_up(Duration::from_secs(30));
+    let layout = vm1_layout(&c);
+    let bad_bodies = [
+        RecordBody::Write { disk: 99, offset: 0, data: vec![9; 4096] },
+        RecordBody::Zero { disk: 0, offset: u64::MAX - 100, len: 4096 },
+    ];
+    for body in bad_bodies {
+        let tls = tls_to(c.ps_port, &c, "agent", "process-server").await;
+        let mut f = tokio_util::codec::Framed::new(tls, FrameCodec::default());
+        let hello = Hello { role: Role::Agent, machine: layout.clone(), generation: ferry_protocol::Generation(1) };
+        f.send(Message::Hello(hello)).await.unwrap();
+        let durable = match f.next().await {
+            Some(Ok(Message::HelloAck(a))) => a.durable_seq,
+            other => panic!("expected a HelloAck, got {other:?}"),
+        };
+        let seq = ferry_protocol::Seq(durable.get() + 1);
+        f.send(Message::Records(vec![Record { seq, time_ms: 0, body }])).await.unwrap();
+        loop {
+            match f.next().await {
+                Some(Ok(Message::Error { code, message, .. })) => {
+                    assert_eq!(code, ferry_protocol::codes::INVALID_RECORD.code, "{message}");
+                    break;
+                }
+                Some(Ok(Message::Ack(a))) => panic!("the invalid record was acknowledged: {a:?}"),
+                Some(Ok(_)) => continue,
+                other => panic!("expected an error, got {other:?}"),
+            }
+        }
+    }
+    // The real agent reconnects and its writes still reach the replica, byte for byte.
+    assert!(c.qemu_io("disk0", "write -P 4 1M 1M\nflush\n").status.success());
+    c.wait_caught_up(Duration::from_secs(60));
+    c.assert_identical();
+
+    // A process server's certificate offering vm1 with another layout learns nothing of vm1's.
+    let tls = tls_to(c.mt_port, &c, "process-server", "master-target").await;
+    let mut f = tokio_util::codec::Framed::new(tls, FrameCodec::default());
+    let mut other = layout.clone();
+    other.disks[0].size *= 2;
+    let hello = Hello { role: Role::ProcessServer, machine: other, generation: ferry_protocol::Generation(1) };
+    f.send(Message::Hello(hello)).await.unwrap();
+    match f.next().await {
+        Some(Ok(Message::Error { code, message, remedy })) => {
+            assert_eq!(code, ferry_protocol::codes::DISK_LAYOUT_CHANGED.code);
+            let told = format!("{message} {remedy}");
+            assert!(
+                !told.contains(&layout.disks[0].uuid) && !told.contains(&layout.disks[0].size.to_string()),
+                "{told}"
+            );
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
