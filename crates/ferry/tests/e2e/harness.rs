@@ -583,7 +583,7 @@ pub struct SourceEntry {
     pub data: Vec<u8>,
 }
 
-/// Parse the agent's source write log.
+/// Parse the agent's source write log (complete entries; it may be read while it grows).
 pub fn read_source_log(path: &Path) -> Vec<SourceEntry> {
     let b = std::fs::read(path).unwrap();
     let mut out = Vec::new();
@@ -597,7 +597,9 @@ pub fn read_source_log(path: &Path) -> Vec<SourceEntry> {
         let len = u64_at(pos + 19);
         pos += 27;
         let data = if kind == 0 {
-            let d = b[pos..pos + len as usize].to_vec();
+            // The agent may be appending this entry right now: a torn last entry is not read.
+            let Some(d) = b.get(pos..pos.saturating_add(len as usize)) else { break };
+            let d = d.to_vec();
             pos += len as usize;
             d
         } else {
