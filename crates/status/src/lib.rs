@@ -48,7 +48,38 @@ pub async fn serve(
             ),
         )
     });
+    let app = app.layer(axum::middleware::from_fn(refuse_browser_writes));
     axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+}
+
+/// Any web page a local user opens can make the browser send a "simple" cross-origin POST (a
+/// form or text body, no preflight) to a loopback port, and so take points or freeze a
+/// machine's writes through a status listener. Such requests are refused: a request that
+/// changes state must not come from a browser page (it carries `Origin`, or `Sec-Fetch-Site`
+/// other than `none`) and must not have a body type a form can send. Ferry's own clients send
+/// `application/json` and no `Origin`; a non-simple request from a page needs a preflight, which
+/// these listeners never grant.
+async fn refuse_browser_writes(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    use axum::http::{header, Method as M};
+    use axum::response::IntoResponse;
+    if req.method() != M::GET && req.method() != M::HEAD {
+        let h = req.headers();
+        let from_page =
+            h.contains_key(header::ORIGIN) || h.get("sec-fetch-site").is_some_and(|v| v.as_bytes() != b"none");
+        let form_type = h.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| {
+            let v = v.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+            matches!(v.as_str(), "application/x-www-form-urlencoded" | "multipart/form-data" | "text/plain")
+        });
+        if from_page || form_type || req.method() == M::OPTIONS {
+            return Failure::of(
+                codes::FORBIDDEN,
+                "requests that change state are not accepted from web pages or with a form body type",
+                "send the request with Content-Type: application/json and no Origin header (the ferry CLI does)",
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
 }
 
 /// Serve the status listener in the background when a listener is given (errors are logged).

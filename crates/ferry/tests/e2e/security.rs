@@ -168,3 +168,39 @@ async fn an_invalid_record_is_refused_before_it_is_acknowledged_and_blocks_nothi
         other => panic!("expected a refusal, got {other:?}"),
     }
 }
+
+/// A web page cannot drive an agent: the "simple" cross-origin POSTs a browser sends without a
+/// preflight (an `Origin` header, a form or text body) are refused before any handler runs,
+/// so no point is taken and no write is held; Ferry's own JSON requests still work.
+#[test]
+fn a_web_page_cannot_take_points_or_hold_writes_through_a_status_listener() {
+    let mut c = Cluster::new(Opts { agent_extra: "crash_point_interval_secs = 0\n".into(), ..Default::default() });
+    c.start_all();
+    c.wait_caught_up(Duration::from_secs(30));
+    let port = c.status["agent"];
+    let tags = |c: &Cluster| c.status("agent")["points"]["crash_tags"].as_u64().unwrap_or(0);
+    let before = tags(&c);
+    let curl = |path: &str, headers: &[&str], data: &str| -> u16 {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST"]);
+        for h in headers {
+            cmd.args(["-H", h]);
+        }
+        let out = cmd.args(["--data-binary", data]).arg(format!("http://127.0.0.1:{port}{path}")).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
+    };
+    // What a page's <form> or fetch(..., {mode: "no-cors"}) sends.
+    assert_eq!(curl("/points/crash", &["Origin: http://evil.example"], "x"), 403);
+    assert_eq!(curl("/points/crash", &["Content-Type: text/plain"], "x"), 403);
+    assert_eq!(curl("/points/crash", &[], "a=b"), 403, "curl -d sends a form body");
+    assert_eq!(curl("/points/crash", &["Content-Type: multipart/form-data; boundary=x"], "x"), 403);
+    let prepare = r#"{"group": "g", "tag": 1}"#;
+    assert_eq!(curl("/group/prepare", &["Origin: null", "Content-Type: application/json"], prepare), 403);
+    assert_eq!(curl("/group/prepare", &["Sec-Fetch-Site: cross-site", "Content-Type: application/json"], prepare), 403);
+    assert_eq!(tags(&c), before, "no point was taken");
+    // The machine still writes (no write hold), and Ferry's own request is served.
+    assert!(c.qemu_io("disk0", "write -P 5 0 64k\nflush\n").status.success());
+    let (code, v) = http_json(port, "POST", "/points/crash", None).unwrap();
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(tags(&c), before + 1);
+}
