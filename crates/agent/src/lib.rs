@@ -133,7 +133,7 @@ pub async fn serve(
         }
     }
     let connector = ferry_tls::connector(&config.tls)?;
-    let nbd_tls = if config.nbd_tls { Some(ferry_tls::nbd_acceptor(&config.tls)?) } else { None };
+    let nbd_tls = if config.nbd_tls { Some(ferry_tls::acceptor(&config.tls)?) } else { None };
     let machine = {
         let config = config.clone();
         tokio::task::spawn_blocking(move || Machine::open(config))

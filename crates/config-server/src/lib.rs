@@ -290,7 +290,7 @@ pub async fn serve(
 ) -> Result<(), ConfigServerError> {
     let (store, mut first, ca_pem) = prepared;
     let tls_dir = config.tls_dir();
-    let acceptor = ferry_tls::nbd_acceptor(&ferry_tls::TlsFiles::in_dir(&tls_dir, "config-server"))?;
+    let acceptor = ferry_tls::token_api_acceptor(&ferry_tls::TlsFiles::in_dir(&tls_dir, "config-server"))?;
     let ops = ops::arc(store.clone(), config.backup_config());
     let jobs = jobs::Jobs::new(store.clone());
     jobs.recover(ops.clone(), ops::JOB_KINDS).await?;

@@ -102,14 +102,16 @@ pub fn client_config(files: &TlsFiles) -> Result<Arc<rustls::ClientConfig>, TlsE
     Ok(Arc::new(cfg))
 }
 
+/// Mutual TLS 1.3: the peer must present a certificate issued by the CA (the data path between
+/// components, and NBD exports with `nbd_tls`, where qemu presents `client-cert.pem`).
 pub fn acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
     Ok(tokio_rustls::TlsAcceptor::from(server_config(files)?))
 }
 
-/// TLS for NBD clients (STARTTLS): TLS 1.3, client certificates verified when presented.
-/// NBD clients such as qemu authenticate the server; requiring client certificates too is left
-/// to deployments that configure them.
-pub fn nbd_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
+/// Server-authenticated TLS 1.3 without client certificates: for the configuration server's
+/// API only, whose clients authenticate with tokens. Every listener that reaches disk data (the
+/// data path, NBD exports) uses [`acceptor`], which requires a client certificate from the CA.
+pub fn token_api_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
     let cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()

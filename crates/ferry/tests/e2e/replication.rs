@@ -131,7 +131,7 @@ fn two_tib_sparse_disk_replicates_its_data_only() {
 }
 
 #[test]
-fn nbd_export_with_tls_serves_qemu_with_x509_credentials_and_refuses_plaintext() {
+fn nbd_export_with_tls_serves_qemu_with_a_client_certificate_and_refuses_plaintext_and_anonymous() {
     let mut c = Cluster::new(Opts { agent_extra: "nbd_tls = true\n".into(), ..Default::default() });
     c.start_all();
     let creds = c.path().join("qemu-creds");
@@ -143,14 +143,30 @@ fn nbd_export_with_tls_serves_qemu_with_x509_credentials_and_refuses_plaintext()
         .unwrap();
     assert!(!plain.status.success(), "a plaintext client must be refused");
     assert!(String::from_utf8_lossy(&plain.stderr).contains("TLS"), "{}", String::from_utf8_lossy(&plain.stderr));
-    let tls = std::process::Command::new("qemu-io")
-        .arg("--object")
-        .arg(format!("tls-creds-x509,id=tls0,endpoint=client,dir={}", creds.display()))
-        .arg("--image-opts")
-        .arg(format!("driver=nbd,host=127.0.0.1,port={},export=disk0,tls-creds=tls0", c.nbd))
-        .args(["-c", "write -P 0x61 1M 3M", "-c", "read -P 0x61 1M 3M", "-c", "flush"])
+    let qemu_tls = |commands: &[&str]| {
+        let mut cmd = std::process::Command::new("qemu-io");
+        cmd.arg("--object")
+            .arg(format!("tls-creds-x509,id=tls0,endpoint=client,dir={}", creds.display()))
+            .arg("--image-opts")
+            .arg(format!("driver=nbd,host=127.0.0.1,port={},export=disk0,tls-creds=tls0", c.nbd));
+        for command in commands {
+            cmd.args(["-c", command]);
+        }
+        cmd.output().unwrap()
+    };
+    // TLS without a client certificate: anyone local could still write the disk; refused.
+    let anonymous = qemu_tls(&["write -P 0x62 0 64k"]);
+    assert!(!anonymous.status.success(), "a TLS client without a certificate must be refused");
+    // With a certificate issued by Ferry's CA (`ferry certs --component nbd-client`).
+    let out = std::process::Command::new(FERRY)
+        .args(["certs", "--component", "nbd-client", "--dir"])
+        .arg(c.path().join("certs"))
         .output()
         .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::copy(c.path().join("certs/nbd-client.pem"), creds.join("client-cert.pem")).unwrap();
+    std::fs::copy(c.path().join("certs/nbd-client.key"), creds.join("client-key.pem")).unwrap();
+    let tls = qemu_tls(&["write -P 0x61 1M 3M", "read -P 0x61 1M 3M", "flush"]);
     assert!(tls.status.success(), "{}{}", String::from_utf8_lossy(&tls.stdout), String::from_utf8_lossy(&tls.stderr));
     c.wait_caught_up(Duration::from_secs(30));
     c.assert_identical();
