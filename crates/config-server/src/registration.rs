@@ -34,13 +34,6 @@ pub async fn register(
     Body(r): Body<RegisterRequest>,
 ) -> Result<(StatusCode, Json<ferry_api::config_server::Registered>), ApiError> {
     crate::model::check_name("component", &r.name)?;
-    for h in &r.hosts {
-        let valid =
-            !h.is_empty() && h.len() <= 253 && h.chars().all(|c| c.is_ascii_alphanumeric() || ".-:".contains(c));
-        if !valid || h == "config-server" {
-            return Err(ApiError::bad(format!("host {h:?} is not a host name or address")));
-        }
-    }
     let refused = |m: &str| ApiError::new(StatusCode::FORBIDDEN, errors::REGISTRATION_REFUSED, m.to_owned());
     let now = crate::jobs::now_ms();
     let source = peer.ip();
@@ -61,9 +54,8 @@ pub async fn register(
     let tls = s.tls_dir.clone();
     let csr = r.csr.clone();
     let cn = format!("{}/{}", r.kind, r.name);
-    let mut sans = vec![r.name.clone(), "localhost".to_owned(), "127.0.0.1".to_owned()];
-    sans.extend(r.hosts.iter().cloned());
-    sans.dedup();
+    let others: Vec<Component> = s.store.list::<Component>(COMPONENT).await?.into_iter().map(|d| d.body).collect();
+    let sans = certificate_names(r.kind, &r.name, &r.hosts, source, &others).map_err(ApiError::bad)?;
     let cert = tokio::task::spawn_blocking(move || ferry_tls::sign_csr(&tls, &csr, &cn, &sans, CERT_DAYS))
         .await
         .map_err(|e| refused(&e.to_string()))?
@@ -101,6 +93,60 @@ pub async fn register(
         StatusCode::CREATED,
         Json(ferry_api::config_server::Registered { certificate: cert, ca: s.ca_pem.clone(), token, token_id: id }),
     ))
+}
+
+/// Names no component's certificate may carry: the configuration server's own, and the default
+/// server names components verify their peers by.
+const RESERVED_NAMES: [&str; 4] = ["config-server", "process-server", "master-target", "agent"];
+
+/// The names a component's certificate carries, chosen by the configuration server: its own name
+/// and the extra host names it asked for, never a name another component goes by (a certificate
+/// naming a process server would let its holder pose as that process server to agents), never a
+/// reserved name except a kind's own default name for that kind, and `localhost`/`127.0.0.1`
+/// only for a component registering from this host (`source` is loopback).
+pub fn certificate_names(
+    kind: ComponentKind,
+    name: &str,
+    hosts: &[String],
+    source: std::net::IpAddr,
+    registered: &[Component],
+) -> Result<Vec<String>, String> {
+    let own_default = kind.as_str();
+    let taken = |n: &str| -> Option<String> {
+        if RESERVED_NAMES.contains(&n) && n != own_default {
+            return Some(format!("{n:?} is reserved"));
+        }
+        registered
+            .iter()
+            .find(|c| c.name.eq_ignore_ascii_case(n) && !(c.kind == kind && c.name == name))
+            .map(|c| format!("{n:?} is the name of {} {}", c.kind, c.name))
+    };
+    if let Some(why) = taken(name) {
+        return Err(format!("a {kind} cannot be registered as {name:?}: {why}; choose another name"));
+    }
+    let loopback =
+        |h: &str| h.eq_ignore_ascii_case("localhost") || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    let mut names = vec![name.to_owned()];
+    for h in hosts {
+        let valid =
+            !h.is_empty() && h.len() <= 253 && h.chars().all(|c| c.is_ascii_alphanumeric() || ".-:".contains(c));
+        if !valid {
+            return Err(format!("host {h:?} is not a host name or address"));
+        }
+        if let Some(why) = taken(h) {
+            return Err(format!("host {h:?} cannot be in a {kind}'s certificate: {why}"));
+        }
+        if loopback(h) && !source.is_loopback() {
+            return Err(format!("host {h:?} names this host, but the {kind} registers from {source}"));
+        }
+        names.push(h.clone());
+    }
+    if source.is_loopback() {
+        names.extend(["localhost".to_owned(), "127.0.0.1".to_owned()]);
+    }
+    let mut seen = std::collections::HashSet::new();
+    names.retain(|n| seen.insert(n.to_ascii_lowercase()));
+    Ok(names)
 }
 
 /// Failed registrations per source address, for throttling guesses. Per source, so that guesses
@@ -147,6 +193,48 @@ impl RegistrationFailures {
         while f.len() > Self::LIMIT {
             f.pop_front();
         }
+    }
+}
+
+#[cfg(test)]
+mod name_tests {
+    use super::*;
+
+    fn comp(kind: ComponentKind, name: &str) -> Component {
+        Component {
+            kind,
+            name: name.into(),
+            registered_ms: None,
+            last_seen_ms: None,
+            status: None,
+            policy: None,
+            reconciled_restore: None,
+        }
+    }
+
+    #[test]
+    fn certificate_names_never_claim_another_components_name_or_this_host_from_afar() {
+        let local: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+        let remote: std::net::IpAddr = "10.1.2.3".parse().unwrap();
+        let others = [comp(ComponentKind::ProcessServer, "ps-primary"), comp(ComponentKind::Agent, "db1")];
+        let ok = certificate_names(ComponentKind::Agent, "app1", &["app1.example".into()], local, &others).unwrap();
+        assert_eq!(ok, ["app1", "app1.example", "localhost", "127.0.0.1"]);
+        let far = certificate_names(ComponentKind::Agent, "app1", &[], remote, &others).unwrap();
+        assert_eq!(far, ["app1"], "no loopback names for a component registering from elsewhere");
+        for (kind, name, hosts) in [
+            (ComponentKind::Agent, "app1", vec!["ps-primary".to_owned()]),
+            (ComponentKind::Agent, "app1", vec!["config-server".to_owned()]),
+            (ComponentKind::Agent, "process-server", vec![]),
+            (ComponentKind::MasterTarget, "DB1", vec![]),
+            (ComponentKind::Agent, "app1", vec!["a b".to_owned()]),
+        ] {
+            assert!(certificate_names(kind, name, &hosts, local, &others).is_err(), "{kind} {name} {hosts:?}");
+        }
+        let e = certificate_names(ComponentKind::Agent, "app1", &["localhost".into()], remote, &others).unwrap_err();
+        assert!(e.contains("registers from 10.1.2.3"), "{e}");
+        // Registering again under one's own name, and a kind's own default name, are fine.
+        assert!(certificate_names(ComponentKind::Agent, "db1", &[], local, &others).is_ok());
+        assert!(certificate_names(ComponentKind::ProcessServer, "process-server", &[], local, &others).is_ok());
     }
 }
 

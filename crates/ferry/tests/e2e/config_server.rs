@@ -789,6 +789,27 @@ fn registration_guessing_is_throttled_and_reregistration_revokes_the_old_token()
     assert!(codes[..10].iter().all(|c| *c == 403) && codes[10..].iter().all(|c| *c == 429), "{codes:?}");
     assert_eq!(guess_from("127.0.0.3"), 403, "another source is not locked out: its guess is judged");
     assert!(reg(&dir.path().join("third")).status.success(), "the right passphrase is served from another source");
+    // The server chooses the names: no certificate may name another component or this server.
+    let claim = |kind: &str, name: &str, host: Option<&str>| {
+        let mut cmd = Command::new(FERRY);
+        cmd.args(["register", "--server", &server, "--ca-fingerprint", &fp, "--passphrase", &pass])
+            .args(["--kind", kind, "--name", name, "--dir"])
+            .arg(dir.path().join(format!("claim-{kind}-{name}")));
+        if let Some(h) = host {
+            cmd.args(["--host", h]);
+        }
+        cmd.output().unwrap()
+    };
+    for (kind, name, host, why) in [
+        ("agent", "app1", Some("mt1"), "the name of master-target mt1"),
+        ("agent", "app1", Some("config-server"), "reserved"),
+        ("agent", "process-server", None, "reserved"),
+        ("process-server", "MT1", None, "the name of master-target mt1"),
+    ] {
+        let out = claim(kind, name, host);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(why), "{kind} {name} {host:?}: {err}");
+    }
 }
 
 #[test]
