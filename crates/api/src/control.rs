@@ -235,6 +235,93 @@ pub struct ComponentSettings {
 /// Keys that stay in the component's own file (local to its host): the server refuses them.
 pub const LOCAL_KEYS: [&str; 6] = ["tls", "config_server", "state_dir", "cache_dir", "datastore", "retention"];
 
+/// Who may set a settings key through the API (`PUT .../settings`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SettingAccess {
+    /// An operator (or an admin).
+    Operator,
+    /// Only an admin: the key makes the component run a command.
+    Admin,
+    /// Nobody: a path, an address, a peer or an identity. The component's own file holds it, or
+    /// the configuration server derives it from inventory in its own jobs (protect, failover), so
+    /// no token can point a component at other files, ports or peers.
+    Never,
+}
+
+/// Who may set `key` of a `kind`'s settings, or `None` when the component has no such setting.
+/// An allow-list: a key not named here cannot be set through the API at all.
+pub fn setting_access(kind: ComponentKind, key: &str) -> Option<SettingAccess> {
+    use SettingAccess::*;
+    let never = [
+        "disks",
+        "process_server",
+        "process_server_name",
+        "machine_master_targets",
+        "machine_datastores",
+        "master_target",
+        "master_target_name",
+        "machine",
+        "name",
+        "advertise",
+        "nbd_listen",
+        "nbd_socket",
+        "nbd_tls",
+        "listen",
+        "status_listen",
+        "source_write_log",
+        "shipping_paused",
+    ];
+    if never.contains(&key) || LOCAL_KEYS.contains(&key) {
+        return Some(Never);
+    }
+    let access = match (kind, key) {
+        (ComponentKind::Agent, "freeze_command" | "thaw_command" | "hook_timeout_secs") => Admin,
+        (
+            ComponentKind::Agent,
+            "policy"
+            | "group"
+            | "crash_point_interval_secs"
+            | "app_point_interval_secs"
+            | "reconnect_interval_secs"
+            | "maintenance_interval_secs"
+            | "al_retire_interval_secs"
+            | "shutdown_drain_secs"
+            | "batch_bytes",
+        ) => Operator,
+        (ComponentKind::ProcessServer, "reconnect_interval_secs" | "throttle_free_percent" | "forward_batch_bytes") => {
+            Operator
+        }
+        (
+            ComponentKind::MasterTarget,
+            "machine_retention_secs"
+            | "retention_window_secs"
+            | "checkpoint_interval_secs"
+            | "retention_min_free_percent",
+        ) => Operator,
+        _ => return None,
+    };
+    Some(access)
+}
+
+impl ComponentSettings {
+    /// The keys this body sets (typed and passed through).
+    pub fn keys(&self) -> Vec<&str> {
+        let typed = [
+            ("process_server", self.process_server.is_some()),
+            ("process_server_name", self.process_server_name.is_some()),
+            ("disks", self.disks.is_some()),
+            ("policy", self.policy.is_some()),
+            ("group", self.group.is_some()),
+            ("crash_point_interval_secs", self.crash_point_interval_secs.is_some()),
+            ("app_point_interval_secs", self.app_point_interval_secs.is_some()),
+            ("machine_master_targets", self.machine_master_targets.is_some()),
+            ("machine_datastores", self.machine_datastores.is_some()),
+            ("machine_retention_secs", self.machine_retention_secs.is_some()),
+        ];
+        typed.iter().filter(|(_, set)| *set).map(|(k, _)| *k).chain(self.other.keys().map(String::as_str)).collect()
+    }
+}
+
 /// A disk an agent protects (the agent's `[[disks]]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]

@@ -11,7 +11,7 @@ use crate::errors::{self, ApiError};
 use crate::http::{ok, ApiResult, Body, Caller, Role};
 use crate::model::{self, Policy};
 use crate::AppState;
-use ferry_api::control::{ComponentKind, ComponentSettings, LOCAL_KEYS};
+use ferry_api::control::{setting_access, ComponentKind, ComponentSettings, SettingAccess};
 
 pub const SETTINGS: &str = "component-settings";
 
@@ -78,16 +78,35 @@ pub(crate) async fn get_settings(
 
 pub(crate) async fn put_settings(
     State(s): State<Arc<AppState>>,
+    c: Caller,
     Path((kind, name)): Path<(String, String)>,
     Body(v): Body<ComponentSettings>,
 ) -> ApiResult {
     let kind = crate::registration::check_kind(&kind)?;
     model::check_name("component", &name)?;
-    for k in LOCAL_KEYS {
-        if v.other.contains_key(k) {
-            return Err(ApiError::bad(format!(
-                "{k} is local to the component's host and stays in its own file (the server sets peers, disks and policies)"
-            )));
+    // An allow-list per kind and role: no token makes a component run a command of its choosing,
+    // or read or write files, ports or peers other than those its host or the server's own jobs
+    // gave it.
+    for k in v.keys() {
+        match setting_access(kind, k) {
+            None => {
+                return Err(ApiError::bad(format!(
+                    "a {kind} has no setting {k:?} that may be set through the API (see docs/operator.md)"
+                )))
+            }
+            Some(SettingAccess::Never) => {
+                return Err(ApiError::bad(format!(
+                    "{k} is never taken from a settings request: it is a path, address, peer or identity that stays in the component's own file or that the server derives from inventory in its own jobs (protect, failover)"
+                )))
+            }
+            Some(SettingAccess::Admin) if c.role != Role::Admin => {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    errors::FORBIDDEN,
+                    format!("{k} makes the {kind} run a command: only an admin may set it"),
+                ))
+            }
+            Some(_) => {}
         }
     }
     if let Some(p) = &v.policy {

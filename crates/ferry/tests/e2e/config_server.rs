@@ -491,6 +491,30 @@ fn conformance(database: &str, dir: &Path) {
     let op = op["token"].as_str().unwrap().to_owned();
     let (code, v) = s.curl("POST", "/api/v1/recovery-plans", Some(&op), Some(&plan.to_string()));
     assert_eq!(code, 403, "script actions run on the server: admins only: {v}");
+    // Settings are allow-listed per kind and role: an operator cannot make an agent run a
+    // command, and nobody points a component at other disks, addresses or peers.
+    let settings = "/api/v1/components/agent/vm9/settings";
+    let (code, v) = s.curl("PUT", settings, Some(&op), Some(r#"{"freeze_command": "id > /tmp/owned"}"#));
+    assert_eq!((code, v["code"].as_u64()), (403, Some(9021)), "{v}");
+    for body in [
+        r#"{"disks": [{"name": "disk0", "path": "/etc/shadow"}]}"#,
+        r#"{"nbd_listen": "0.0.0.0:10809"}"#,
+        r#"{"process_server": "203.0.113.9:7200"}"#,
+        r#"{"source_write_log": "/tmp/copy"}"#,
+        r#"{"no_such_key": 1}"#,
+    ] {
+        for token in [&op, &s.admin()] {
+            let (code, v) = s.curl("PUT", settings, Some(token), Some(body));
+            assert_eq!(code, 400, "{body}: {v}");
+        }
+    }
+    let (code, v) =
+        s.curl("PUT", "/api/v1/components/process-server/ps1/settings", Some(&op), Some(r#"{"policy": "gold"}"#));
+    assert_eq!(code, 400, "a process server has no policy setting: {v}");
+    let (code, v) = s.curl("PUT", settings, a, Some(r#"{"freeze_command": "true", "policy": "gold"}"#));
+    assert_eq!(code, 200, "an admin may set a hook: {v}");
+    let (code, v) = s.curl("PUT", settings, Some(&op), Some(r#"{"policy": "gold", "crash_point_interval_secs": 60}"#));
+    assert_eq!(code, 200, "{v}");
     let (code, v) = s.curl("POST", "/api/v1/recovery-plans", a, Some(&plan.to_string()));
     assert_eq!(code, 201, "{v}");
     // Two confirmations in a row confirm one manual action, not the next one too.
