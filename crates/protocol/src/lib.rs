@@ -16,7 +16,7 @@ mod handshake;
 mod message;
 
 pub use codec::{FrameCodec, ProtocolError, FRAME_HEADER_LEN, FRAME_MAGIC, MAX_FRAME_LEN, PROTOCOL_VERSION};
-pub use handshake::{read_hello, refuse};
+pub use handshake::{read_hello, read_hello_within, refuse, HELLO_TIMEOUT};
 pub use message::*;
 
 pub use ferry_types::{validate_name, DiskName, Generation, MachineName, Seq};
