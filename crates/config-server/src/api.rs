@@ -576,6 +576,26 @@ async fn create_site(State(s): State<Arc<AppState>>, Body(site): Body<Site>) -> 
             site.path.display()
         )));
     }
+    // The folder's description decides what the server runs for the site: only folders below the
+    // root the admin configured qualify, reached without links.
+    let Some(root) = &s.config.site_root else {
+        return Err(ApiError::bad(
+            "this configuration server accepts no sites: an admin sets site_root in its configuration to the folder that holds the site folders",
+        ));
+    };
+    let resolved = match (root.canonicalize(), site.path.canonicalize()) {
+        (Ok(r), Ok(p)) if p.starts_with(&r) && p != r => Some(p),
+        _ => None,
+    };
+    let Some(resolved) = resolved else {
+        return Err(ApiError::bad(format!(
+            "{} is not a folder below the site root {} (links are not followed): put the site folder there",
+            site.path.display(),
+            root.display()
+        )));
+    };
+    // Later operations use the resolved folder: a link swapped in afterwards changes nothing.
+    let site = Site { path: resolved, ..site };
     s.store.put(ops::SITE, &site.name, &site, Some(0)).await.map_err(|e| match e {
         ferry_store::StoreError::Conflict { .. } => ApiError::conflict(format!("site {} already exists", site.name)),
         e => e.into(),

@@ -19,6 +19,8 @@ pub use ferry_api::inventory::{
 pub struct LocalSite {
     pub name: String,
     pub folder: PathBuf,
+    /// The programs power commands may run (the configuration server's `power_programs`).
+    pub power_programs: Vec<String>,
 }
 
 fn statvfs(path: &Path) -> Option<(u64, u64)> {
@@ -147,9 +149,27 @@ impl LocalSite {
         ferry_sys::fs::atomic_replace(&file, text.as_bytes(), 0o644).map_err(|e| e.to_string())
     }
 
+    /// `p` (relative to the site folder) as a path below it. No part of it below the site folder
+    /// may be a symbolic link: an operation that creates, deletes or rewrites a file there must
+    /// never reach a file outside the site through a link planted in it.
     fn inside(&self, p: &Path) -> Result<PathBuf, String> {
         if p.is_absolute() || p.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
             return Err(format!("path {} must be relative to the site folder, without ..", p.display()));
+        }
+        let mut at = self.folder.clone();
+        for c in p.components() {
+            at.push(c);
+            match std::fs::symlink_metadata(&at) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(format!(
+                        "{} is a symbolic link: site paths may not go through links (replace it with the folder or file itself)",
+                        at.display()
+                    ))
+                }
+                Ok(_) => {}
+                // What does not exist yet (a disk about to be created) cannot be a link.
+                Err(_) => break,
+            }
         }
         Ok(self.folder.join(p))
     }
@@ -423,6 +443,13 @@ impl LocalSite {
         let Some((program, args)) = argv.split_first() else {
             return Err(format!("site {}: [power] on is empty: name the program that starts a machine", self.name));
         };
+        // A site file is data; which programs may run is the admin's choice, not the file's.
+        if !self.power_programs.iter().any(|p| p == &power.on[0]) {
+            return Err(format!(
+                "site {}: [power] on runs {:?}, which the configuration server does not allow: an admin adds it to power_programs in the server's configuration",
+                self.name, power.on[0]
+            ));
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

@@ -64,6 +64,15 @@ pub struct ConfigServerConfig {
     /// RPO threshold for agents without a policy.
     #[serde(default = "default_rpo", deserialize_with = "ferry_types::bounds::secs")]
     pub default_rpo_threshold_secs: f64,
+    /// Sites may be added only from folders below this one (set by the admin who runs the
+    /// server; unset: no site can be added). A site folder holds the description whose power
+    /// commands the server runs, so who may write it decides what runs.
+    #[serde(default)]
+    pub site_root: Option<PathBuf>,
+    /// The programs a site's `[power]` commands may run (the first word, exactly as `site.toml`
+    /// writes it); a site naming any other program is refused at power-on.
+    #[serde(default)]
+    pub power_programs: Vec<String>,
     /// Scheduled backups (0 = off) and how many are kept.
     #[serde(default = "default_backup_interval", deserialize_with = "ferry_types::bounds::secs")]
     pub backup_interval_secs: f64,
@@ -291,7 +300,7 @@ pub async fn serve(
     let (store, mut first, ca_pem) = prepared;
     let tls_dir = config.tls_dir();
     let acceptor = ferry_tls::token_api_acceptor(&ferry_tls::TlsFiles::in_dir(&tls_dir, "config-server"))?;
-    let ops = ops::arc(store.clone(), config.backup_config());
+    let ops = ops::arc(store.clone(), config.backup_config(), config.power_programs.clone());
     let jobs = jobs::Jobs::new(store.clone());
     jobs.recover(ops.clone(), ops::JOB_KINDS).await?;
     let state = Arc::new(AppState {

@@ -62,6 +62,8 @@ impl JobWork {
 pub struct Ops {
     pub store: Store,
     pub backup: crate::backup::BackupConfig,
+    /// The programs sites' power commands may run (`power_programs`).
+    pub power_programs: Vec<String>,
 }
 
 impl Ops {
@@ -107,7 +109,7 @@ impl Ops {
         let Some(site) = site else {
             return Outcome::Failed(JobError::new(errors::NOT_FOUND, format!("site {} was deleted", job.target)));
         };
-        let provider = provider::for_site(&site.body.name, &site.body.path);
+        let provider = provider::for_site(&site.body.name, &site.body.path, &self.power_programs);
         let inv = match provider.discover().await {
             Ok(inv) => inv,
             Err(e) => return Outcome::Failed(JobError::new(ferry_types::HasErrorCode::error_code(&e), e.to_string())),
@@ -144,7 +146,7 @@ impl Ops {
         let Some(site) = site else {
             return Outcome::Failed(JobError::new(errors::NOT_FOUND, format!("site {} was deleted", job.target)));
         };
-        let provider = provider::for_site(&site.body.name, &site.body.path);
+        let provider = provider::for_site(&site.body.name, &site.body.path, &self.power_programs);
         match provider.operate(op).await {
             Ok(msg) => Outcome::Done(Some(msg)),
             Err(e) => Outcome::Failed(JobError::new(ferry_types::HasErrorCode::error_code(&e), e.to_string())),
@@ -238,6 +240,6 @@ impl Runner for Ops {
 
 pub const JOB_KINDS: &[&str] = &["discovery", "plan-drill", "backup", "site-operation", "protect"];
 
-pub fn arc(store: Store, backup: crate::backup::BackupConfig) -> Arc<Ops> {
-    Arc::new(Ops { store, backup })
+pub fn arc(store: Store, backup: crate::backup::BackupConfig, power_programs: Vec<String>) -> Arc<Ops> {
+    Arc::new(Ops { store, backup, power_programs })
 }

@@ -696,6 +696,11 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, say: Say<'_>) -> Result<L
             format!("heartbeat_timeout_secs = {}", spec.heartbeat_timeout_secs),
             "--set".into(),
             "health_interval_secs = 1.0".into(),
+            // The lab's sites, and the one program their power commands run: its guest.
+            "--set".into(),
+            format!("site_root = {}", toml::Value::String(s(&dir.join("sites")))),
+            "--set".into(),
+            format!("power_programs = [{}]", toml::Value::String(s(&exe))),
         ],
         &cs_log,
         Some(&first_out),

@@ -298,7 +298,12 @@ fn conformance(database: &str, dir: &Path) {
     let mut s = Server::start(
         &dir.join("state"),
         database,
-        &["heartbeat_timeout_secs = 1.5", "health_interval_secs = 0.3", "discovery_interval_secs = 1"],
+        &[
+            "heartbeat_timeout_secs = 1.5",
+            "health_interval_secs = 0.3",
+            "discovery_interval_secs = 1",
+            &format!("site_root = '{}'", dir.display()),
+        ],
     );
     let admin = s.admin();
     let a = Some(admin.as_str());
@@ -896,7 +901,8 @@ fn adopts_the_ferry_certs_ca_rotates_the_passphrase_and_keeps_scheduled_backups(
 fn provider_operations_change_real_files() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("ferry.db");
-    let s = Server::start(&dir.path().join("state"), db.to_str().unwrap(), &[]);
+    let root = format!("site_root = '{}'", dir.path().display());
+    let s = Server::start(&dir.path().join("state"), db.to_str().unwrap(), &[&root]);
     let a = s.admin();
     let site = write_site(dir.path());
     let (code, v) =
@@ -997,4 +1003,65 @@ fn process_server_heartbeat(name: &str, free_percent: u8) -> String {
         policy: None,
     };
     serde_json::to_string(&beat).unwrap()
+}
+
+/// A site is data, not a program: only folders below the admin's site root are accepted (links
+/// resolved), a power command runs only a program the admin allowed, and no site operation
+/// reaches a file outside the site through a link planted in it.
+#[test]
+fn a_site_cannot_make_the_server_run_a_program_or_touch_files_outside_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("sites");
+    let elsewhere = dir.path().join("elsewhere");
+    let marker = dir.path().join("ran");
+    let victim = dir.path().join("victim");
+    for d in [&root, &elsewhere, &victim] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::write(victim.join("disk0.img"), b"not yours").unwrap();
+    let site_file = |folder: &Path| {
+        std::fs::create_dir_all(folder.join("datastores/ds/m1")).unwrap();
+        std::fs::File::create(folder.join("datastores/ds/m1/disk0.img")).unwrap().set_len(1 << 20).unwrap();
+        std::fs::create_dir_all(folder.join("datastores/ds")).unwrap();
+        std::os::unix::fs::symlink(&victim, folder.join("datastores/ds/m2")).unwrap();
+        let text = format!(
+            "[power]\non = [\"sh\", \"-c\", \"touch {}\"]\n[[hosts]]\nname = \"h\"\n[[datastores]]\nname = \"ds\"\nkind = \"vmfs\"\npath = \"datastores/ds\"\nhosts = [\"h\"]\n[[machines]]\nname = \"m1\"\nos_family = \"linux\"\nhost = \"h\"\ndisks = [{{ name = \"disk0\", path = \"datastores/ds/m1/disk0.img\" }}]\n[[machines]]\nname = \"m2\"\nos_family = \"linux\"\nhost = \"h\"\npower = \"off\"\ndisks = [{{ name = \"disk0\", path = \"datastores/ds/m2/disk0.img\" }}]\n",
+            marker.display()
+        );
+        std::fs::write(folder.join("site.toml"), text).unwrap();
+    };
+    site_file(&root.join("a"));
+    site_file(&elsewhere);
+    // The root itself is no site either.
+    std::fs::copy(elsewhere.join("site.toml"), root.join("site.toml")).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, root.join("link")).unwrap();
+    let db = dir.path().join("ferry.db");
+    let set_root = format!("site_root = '{}'", root.display());
+    let s = Server::start(&dir.path().join("state"), db.to_str().unwrap(), &[&set_root]);
+    let a = s.admin();
+    let add = |name: &str, path: &Path| {
+        s.curl("POST", "/api/v1/sites", Some(&a), Some(&json!({"name": name, "path": path}).to_string()))
+    };
+    for (name, path) in [("out", elsewhere.clone()), ("via-link", root.join("link")), ("root", root.clone())] {
+        let (code, v) = add(name, &path);
+        assert_eq!(code, 400, "{name}: {v}");
+        assert!(v["message"].as_str().unwrap().contains("below the site root"), "{v}");
+    }
+    let (code, v) = add("a", &root.join("a"));
+    assert_eq!(code, 201, "{v}");
+    s.wait_job(v["job"]["id"].as_str().unwrap(), &["succeeded", "failed"]);
+    let op = |body: Value| -> Value {
+        let (code, job) = s.curl("POST", "/api/v1/sites/a/operations", Some(&a), Some(&body.to_string()));
+        assert_eq!(code, 202, "{job}");
+        s.wait_job(job["id"].as_str().unwrap(), &["succeeded", "failed"])
+    };
+    let j = op(json!({"op": "power-on", "machine": "m1"}));
+    assert_eq!(j["state"], "failed", "{j}");
+    assert!(j["error"]["message"].as_str().unwrap().contains("power_programs"), "{j}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!marker.exists(), "the site's program ran");
+    let j = op(json!({"op": "delete-machine", "machine": "m2"}));
+    assert_eq!(j["state"], "failed", "{j}");
+    assert!(j["error"]["message"].as_str().unwrap().contains("symbolic link"), "{j}");
+    assert_eq!(std::fs::read(victim.join("disk0.img")).unwrap(), b"not yours");
 }
