@@ -188,7 +188,7 @@ pub async fn serve(
             backend: Arc::new(ReplicatedDisk { machine: machine.clone(), index: i as u16 }),
         });
     }
-    let nbd_config = Arc::new(ServerConfig { exports, require_tls: nbd_tls.is_some(), tls: nbd_tls });
+    let nbd_config = Arc::new(ServerConfig::new(exports, nbd_tls.clone(), nbd_tls.is_some()));
     let mut tasks = Vec::new();
     if let Some(l) = listeners.nbd_tcp {
         tasks.push(tokio::spawn(ferry_nbd::serve_tcp(l, nbd_config.clone(), shutdown.clone())));

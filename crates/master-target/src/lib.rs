@@ -316,7 +316,7 @@ pub async fn serve(
         None => None,
     };
     let mt = MasterTarget::new(config, shutdown.clone())?;
-    let nbd_config = Arc::new(ferry_nbd::ServerConfig { exports: mt.exports.clone(), tls: None, require_tls: false });
+    let nbd_config = Arc::new(ferry_nbd::ServerConfig::new(mt.exports.clone(), None, false));
     let sock = mt.config.nbd_socket();
     let _ = std::fs::remove_file(&sock);
     let unix =

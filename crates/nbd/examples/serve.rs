@@ -19,7 +19,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
     eprintln!("serving {image} as nbd://127.0.0.1:{port}/{name}");
-    let config = Arc::new(ServerConfig { exports, tls: None, require_tls: false });
+    let config = Arc::new(ServerConfig::new(exports, None, false));
     let shutdown = tokio_util::sync::CancellationToken::new();
     let s = shutdown.clone();
     tokio::spawn(async move {

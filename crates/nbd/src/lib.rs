@@ -68,7 +68,7 @@ pub use backends::VolatileCacheFileBackend;
 pub use backends::{CowBackend, FileBackend, MemBackend};
 pub use client::{ClientError, NbdClient};
 pub use proto::ProtocolError;
-pub use server::{handle_connection, serve_tcp, serve_unix};
+pub use server::{handle_connection, serve_tcp, serve_unix, CONNECTION_BUDGET};
 
 /// A named export.
 pub struct Export {
@@ -148,6 +148,42 @@ pub struct ServerConfig {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// Refuse everything but `STARTTLS`/`ABORT` until TLS is up.
     pub require_tls: bool,
+    /// What all connections together may hold.
+    pub limits: Limits,
+}
+
+impl ServerConfig {
+    pub fn new(exports: Exports, tls: Option<tokio_rustls::TlsAcceptor>, require_tls: bool) -> Self {
+        ServerConfig { exports, tls, require_tls, limits: Limits::default() }
+    }
+}
+
+/// Bounds across all connections of one server, so that clients that open many connections, or
+/// ask for data they never read, cannot grow the server's memory or threads without limit.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Connections served at once; one more is closed at accept.
+    pub connections: Arc<tokio::sync::Semaphore>,
+    /// Bytes of requests and replies in flight across all connections (each connection also has
+    /// its own budget, [`CONNECTION_BUDGET`]).
+    pub inflight_bytes: Arc<tokio::sync::Semaphore>,
+    /// Time a client has from connecting to the end of option negotiation.
+    pub negotiation_timeout: std::time::Duration,
+}
+
+impl Limits {
+    pub const MAX_CONNECTIONS: usize = 64;
+    pub const TOTAL_INFLIGHT_BYTES: usize = 96 << 20;
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            connections: Arc::new(tokio::sync::Semaphore::new(Self::MAX_CONNECTIONS)),
+            inflight_bytes: Arc::new(tokio::sync::Semaphore::new(Self::TOTAL_INFLIGHT_BYTES)),
+            negotiation_timeout: std::time::Duration::from_secs(30),
+        }
+    }
 }
 
 /// Errors ending one connection.

@@ -18,8 +18,8 @@ trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 type BoxIo = Box<dyn Io>;
 
-/// Per-connection budget of in-flight request bytes.
-const INFLIGHT_BUDGET: u32 = 64 * 1024 * 1024;
+/// Per-connection budget of in-flight request bytes (at least the largest request).
+pub const CONNECTION_BUDGET: u32 = 32 * 1024 * 1024;
 /// Minimum budget charged per request (bounds the number of requests in flight).
 const MIN_REQUEST_COST: u32 = 4096;
 /// Max options accepted during one negotiation (denial-of-service guard).
@@ -41,11 +41,16 @@ pub async fn serve_tcp(
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
+                    let Ok(slot) = config.limits.connections.clone().try_acquire_owned() else {
+                        warn!(%peer, max = crate::Limits::MAX_CONNECTIONS, "too many NBD connections: closing this one");
+                        continue;
+                    };
                     if let Err(e) = stream.set_nodelay(true) {
                         debug!(%peer, error = %e, "set_nodelay failed");
                     }
                     let config = config.clone();
                     tasks.spawn(async move {
+                        let _slot = slot;
                         debug!(%peer, "nbd connection accepted");
                         match handle_connection(stream, config).await {
                             Ok(()) => debug!(%peer, "nbd connection closed"),
@@ -74,8 +79,13 @@ pub async fn serve_unix(
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             r = listener.accept() => match r {
                 Ok((stream, _)) => {
+                    let Ok(slot) = config.limits.connections.clone().try_acquire_owned() else {
+                        warn!(max = crate::Limits::MAX_CONNECTIONS, "too many NBD connections: closing this one");
+                        continue;
+                    };
                     let config = config.clone();
                     tasks.spawn(async move {
+                        let _slot = slot;
                         match handle_connection(stream, config).await {
                             Ok(()) => debug!("nbd unix connection closed"),
                             Err(e) => warn!(error = %e, "nbd unix connection ended with error"),
@@ -101,6 +111,8 @@ pub async fn handle_connection<S>(stream: S, config: Arc<ServerConfig>) -> Resul
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let limit = config.limits.negotiation_timeout;
+    let shared = config.limits.inflight_bytes.clone();
     let neg = Negotiation {
         io: Box::new(stream),
         config,
@@ -109,8 +121,12 @@ where
         structured: false,
         meta: None,
     };
-    match neg.run().await? {
-        Some(session) => transmission(session).await,
+    // A client that never finishes negotiating would hold its connection slot for good.
+    let negotiated = tokio::time::timeout(limit, neg.run())
+        .await
+        .map_err(|_| NbdError::Io(io::Error::new(io::ErrorKind::TimedOut, "negotiation took too long")))??;
+    match negotiated {
+        Some(session) => transmission(session, shared).await,
         None => Ok(()),
     }
 }
@@ -382,10 +398,14 @@ enum Step {
 // Transmission phase
 // ---------------------------------------------------------------------------
 
+/// In-flight budget held by one request until its reply is sent: the connection's and the
+/// server's.
+type Cost = (OwnedSemaphorePermit, OwnedSemaphorePermit);
+
 /// One encoded reply; the permit (if any) returns its budget once sent.
 struct Reply {
     buf: Vec<u8>,
-    _permit: Option<OwnedSemaphorePermit>,
+    _permit: Option<Cost>,
 }
 
 type ReplyTx = mpsc::UnboundedSender<Reply>;
@@ -516,7 +536,7 @@ struct Job {
     cookie: u64,
     kind: JobKind,
     /// In-flight budget held until the reply has been sent.
-    permit: OwnedSemaphorePermit,
+    permit: Cost,
 }
 
 enum JobKind {
@@ -562,7 +582,7 @@ async fn writer_loop<W: AsyncWrite + Unpin>(w: W, mut rx: mpsc::UnboundedReceive
     w.shutdown().await
 }
 
-async fn transmission(session: Session) -> Result<(), NbdError> {
+async fn transmission(session: Session, shared: Arc<Semaphore>) -> Result<(), NbdError> {
     let Session { io, export, structured, block_status } = session;
     let backend = export.backend.clone();
     let replies = Replies { structured };
@@ -583,9 +603,9 @@ async fn transmission(session: Session) -> Result<(), NbdError> {
             .spawn(move || worker_loop(backend, job_rx, tx, replies))?;
     }
 
-    let budget = Arc::new(Semaphore::new(INFLIGHT_BUDGET as usize));
+    let budget = Arc::new(Semaphore::new(CONNECTION_BUDGET as usize));
     let mut rd = BufReader::with_capacity(256 * 1024, rd);
-    let result = reader_loop(&mut rd, &ctx, replies, &backend, &reply_tx, &job_tx, &budget).await;
+    let result = reader_loop(&mut rd, &ctx, replies, &backend, &reply_tx, &job_tx, (&budget, &shared)).await;
 
     // Stop accepting work; queued requests still complete and are answered.
     drop(job_tx);
@@ -605,16 +625,22 @@ async fn reader_loop<R: AsyncRead + Unpin>(
     backend: &Arc<dyn Backend>,
     reply_tx: &ReplyTx,
     job_tx: &std::sync::mpsc::Sender<Job>,
-    budget: &Arc<Semaphore>,
+    (budget, shared): (&Arc<Semaphore>, &Arc<Semaphore>),
 ) -> Result<(), NbdError> {
     let closed = || NbdError::Io(io::Error::new(io::ErrorKind::BrokenPipe, "request worker stopped"));
     // Every request holds budget until its reply is sent, so a client that
     // never reads replies cannot make the server queue unbounded data.
+    // The connection's budget first, then the server's (always in this order).
     let acquire = |cost: u32| {
-        let budget = budget.clone();
-        async move { budget.acquire_many_owned(cost.clamp(MIN_REQUEST_COST, INFLIGHT_BUDGET)).await.map_err(|_| closed()) }
+        let (budget, shared) = (budget.clone(), shared.clone());
+        async move {
+            let n = cost.clamp(MIN_REQUEST_COST, CONNECTION_BUDGET);
+            let own = budget.acquire_many_owned(n).await.map_err(|_| closed())?;
+            let all = shared.acquire_many_owned(n).await.map_err(|_| closed())?;
+            Ok::<Cost, NbdError>((own, all))
+        }
     };
-    let send = |buf: Vec<u8>, permit: OwnedSemaphorePermit| {
+    let send = |buf: Vec<u8>, permit: Cost| {
         let _ = reply_tx.send(Reply { buf, _permit: Some(permit) });
     };
     loop {

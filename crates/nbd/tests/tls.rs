@@ -40,7 +40,7 @@ async fn start(tls: Option<tokio_rustls::TlsAcceptor>, require_tls: bool) -> (u1
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let token = CancellationToken::new();
-    let config = Arc::new(ServerConfig { exports, tls, require_tls });
+    let config = Arc::new(ServerConfig::new(exports, tls, require_tls));
     tokio::spawn(ferry_nbd::serve_tcp(listener, config, token.clone()));
     (port, token, backend)
 }

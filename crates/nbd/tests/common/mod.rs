@@ -41,7 +41,7 @@ pub fn export(name: &str, backend: Arc<dyn Backend>) -> Export {
 }
 
 pub fn start_tcp(exports: Exports) -> TestServer {
-    start_tcp_with(ServerConfig { exports, tls: None, require_tls: false })
+    start_tcp_with(ServerConfig::new(exports, None, false))
 }
 
 pub fn start_tcp_with(config: ServerConfig) -> TestServer {
@@ -68,7 +68,7 @@ pub fn start_unix(exports: Exports, path: &Path) -> TestServer {
     std_listener.set_nonblocking(true).unwrap();
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
-    let config = Arc::new(ServerConfig { exports: exports.clone(), tls: None, require_tls: false });
+    let config = Arc::new(ServerConfig::new(exports.clone(), None, false));
     let thread = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         rt.block_on(async move {
