@@ -851,6 +851,7 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, say: Say<'_>) -> Result<L
                 .set("name", mt.name.as_str())
                 .path("datastore", &reg.join("datastore"))
                 .path("retention", &folder.join("retention").join(&mt.name))
+                .path("image_root", &dir)
                 .set("listen", listen.as_str())
                 .set("status_listen", status.as_str())
                 .set("nbd_listen", nbd.as_str())

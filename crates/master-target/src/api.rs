@@ -296,7 +296,8 @@ async fn materialize(
     let Some(r) = mt.replica(&m) else { return Err(no_machine(&m)) };
     let result = tokio::task::spawn_blocking(move || {
         let point = mt.resolve_point(&m, &req.point)?;
-        let mat = r.materialize(point, &req, &r.datastore.clone(), &mt.config.nbd_socket())?;
+        let mat =
+            r.materialize(point, &req, &r.datastore.clone(), &mt.config.nbd_socket(), mt.config.image_root.as_deref())?;
         Ok::<_, PointError>(mt.describe(&mat))
     })
     .await

@@ -102,6 +102,11 @@ pub struct MasterTargetConfig {
     /// are pruned early, inside the window, with an event.
     #[serde(default = "default_min_free", deserialize_with = "ferry_types::bounds::percent")]
     pub retention_min_free_percent: f64,
+    /// The folder below which a materialization may name its own image folder (`dir`); unset:
+    /// images go to the default folder under the datastore only. The admin's choice: `qemu-img`
+    /// follows links, so a folder another local user may write must never be an image folder.
+    #[serde(default)]
+    pub image_root: Option<PathBuf>,
     /// NBD address serving materialized points (test failover). Loopback only; the unix socket
     /// `<retention>/nbd.sock` is always served.
     #[serde(default)]

@@ -619,6 +619,7 @@ impl Replica {
         req: &MaterializeRequest,
         datastore: &Path,
         nbd_socket: &Path,
+        image_root: Option<&Path>,
     ) -> Result<Materialization, PointError> {
         let kind = req.kind;
         if kind == MaterializationKind::Export && req.format.is_some() {
@@ -675,7 +676,7 @@ impl Replica {
         let result = if kind == MaterializationKind::Image {
             let format = req.format.unwrap_or(ImageFormat::Raw);
             let dir = req.dir.clone().unwrap_or_else(|| datastore.join(&self.name).join("images").join(&id));
-            if let Err(e) = self.check_image_dir(&dir) {
+            if let Err(e) = self.check_image_dir(&dir, format, req.dir.is_some().then_some(image_root)) {
                 self.lock_mats().retain(|m| m.id != id);
                 let slot = self.lock_base();
                 self.update_release_limit(&slot);
@@ -717,8 +718,16 @@ impl Replica {
     }
 
     /// Image folders must be absolute and outside the retention volume (MT-5: it holds nothing
-    /// else).
-    fn check_image_dir(&self, dir: &Path) -> Result<(), PointError> {
+    /// else). A folder the request names (`requested` = Some(the configured image root)) must also
+    /// lie below the admin's image root and be reached without a symbolic link: `qemu-img`
+    /// follows links, so a folder another local user controls could make it create or overwrite
+    /// any file.
+    fn check_image_dir(
+        &self,
+        dir: &Path,
+        format: ImageFormat,
+        requested: Option<Option<&Path>>,
+    ) -> Result<(), PointError> {
         if !dir.is_absolute() {
             return Err(PointError::Invalid(format!("image folder {} must be an absolute path", dir.display())));
         }
@@ -738,6 +747,45 @@ impl Replica {
                 retention.display()
             )));
         }
+        let Some(root) = requested else { return Ok(()) };
+        let Some(root) = root else {
+            return Err(PointError::Invalid(format!(
+                "this master target takes no image folder from a request ({}): leave `dir` out for the default folder, or an admin sets image_root in its configuration",
+                dir.display()
+            )));
+        };
+        let below = dir.strip_prefix(root).ok().filter(|rest| {
+            !rest.as_os_str().is_empty() && rest.components().all(|c| matches!(c, std::path::Component::Normal(_)))
+        });
+        let Some(rest) = below else {
+            return Err(PointError::Invalid(format!(
+                "image folder {} is not below the image root {}: choose a folder there",
+                dir.display(),
+                root.display()
+            )));
+        };
+        let mut at = root.to_path_buf();
+        for c in rest.components() {
+            at.push(c);
+            match std::fs::symlink_metadata(&at) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    return Err(PointError::Invalid(format!(
+                        "{} is a symbolic link: image folders are reached without links",
+                        at.display()
+                    )))
+                }
+                Ok(m) if !m.is_dir() => return Err(PointError::Invalid(format!("{} is not a folder", at.display()))),
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        for d in &self.disks {
+            let out = dir.join(format!("{}.{}", d.name, format.ext()));
+            // Not `exists()`: a dangling link would pass it, and qemu-img would follow it.
+            if std::fs::symlink_metadata(&out).is_ok() {
+                return Err(PointError::Invalid(format!("{} already exists: choose another folder", out.display())));
+            }
+        }
         Ok(())
     }
 
@@ -754,7 +802,8 @@ impl Replica {
         let result = (|| {
             for (disk, d) in disks.iter().zip(&self.disks) {
                 let out = dir.join(format!("{}.{}", d.name, format.ext()));
-                if out.exists() {
+                // Not `exists()`: a dangling link would pass it, and qemu-img would follow it.
+                if std::fs::symlink_metadata(&out).is_ok() {
                     return Err(format!("{} already exists: choose another folder", out.display()));
                 }
                 files.push(out.clone());

@@ -4,6 +4,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -260,8 +261,24 @@ impl Replica {
                     machine.name
                 )));
             }
-            let f = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&p).map_err(io(&p))?;
-            let len = f.metadata().map_err(io(&p))?.len();
+            // Never through a link: the target disk is this replica's own file.
+            let f = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&p)
+                .map_err(io(&p))?;
+            let mut len = f.metadata().map_err(io(&p))?.len();
+            if len != 0 && !created_marker.exists() && ckpt.applied_seq == 0 {
+                // A file this replica did not create (planted there, or left from an earlier
+                // protection) is never adopted: the initial copy sends allocated regions only, so
+                // anything it holds in the source's holes would stay in the replica.
+                tracing::warn!(machine = %machine.name, path = %p.display(), bytes = len, "discarding a target disk file this replica did not create");
+                f.set_len(0).map_err(io(&p))?;
+                len = 0;
+            }
             if len == 0 {
                 f.set_len(d.size).map_err(io(&p))?;
             } else if len != d.size {

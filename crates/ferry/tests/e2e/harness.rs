@@ -176,6 +176,7 @@ impl Cluster {
             .set("listen", loopback(mt))
             .set("status_listen", loopback(status["master-target"]))
             .set("checkpoint_interval_secs", 0.2)
+            .path("image_root", d)
             .tls(&tls("master-target"))
             .unwrap()
             .extra(&fill(&opts.mt_extra, ""))

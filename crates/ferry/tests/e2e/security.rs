@@ -204,3 +204,56 @@ fn a_web_page_cannot_take_points_or_hold_writes_through_a_status_listener() {
     assert_eq!(code, 200, "{v}");
     assert_eq!(tags(&c), before + 1);
 }
+
+/// Images of a point go only where the admin allows, never through a link (qemu-img follows
+/// links: a planted one made it create or overwrite any file), and a new replica never adopts a
+/// file it did not create (planted data in the source's holes would have stayed in the replica).
+#[test]
+fn images_go_only_below_the_image_root_without_links_and_planted_targets_are_discarded() {
+    let mut c = Cluster::new(Opts::default());
+    // Planted before the machine is first protected: data where the source has a hole.
+    let planted = c.path().join("datastore/vm1/disk0.img");
+    std::fs::create_dir_all(planted.parent().unwrap()).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(&planted).unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.write_all_at(&[0xaa; 65536], 32 << 20).unwrap();
+    }
+    c.start_all();
+    assert!(c.qemu_io("disk0", "write -P 7 0 1M\nflush\n").status.success());
+    c.wait_caught_up(Duration::from_secs(30));
+    c.assert_identical();
+
+    let victim = c.path().join("victim");
+    std::fs::write(&victim, b"keep me").unwrap();
+    let evil = c.path().join("evil");
+    std::fs::create_dir_all(&evil).unwrap();
+    for name in ["disk0.raw", "disk0.img", "disk0.qcow2"] {
+        std::os::unix::fs::symlink(&victim, evil.join(name)).unwrap();
+    }
+    let outside = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(outside.path(), c.path().join("link")).unwrap();
+    let materialize = |dir: &Path| {
+        c.mt_api(
+            "POST",
+            "/machines/vm1/materializations",
+            Some(serde_json::json!({ "point": "latest-processed", "kind": "image", "dir": dir })),
+        )
+    };
+    for (dir, why) in [
+        (evil.clone(), "already exists"),
+        (c.path().join("link/x"), "symbolic link"),
+        (outside.path().join("x"), "not below the image root"),
+        (c.path().join("a/../../x"), "not below the image root"),
+    ] {
+        let (code, v) = materialize(&dir);
+        assert_eq!(code, 400, "{}: {v}", dir.display());
+        assert!(v["message"].as_str().unwrap().contains(why), "{}: {v}", dir.display());
+    }
+    assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
+    assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0, "nothing was created outside");
+    // Below the root, without links: served.
+    let (code, v) = materialize(&c.path().join("images/ok"));
+    assert_eq!(code, 201, "{v}");
+}
