@@ -254,6 +254,9 @@ pub fn setting_access(kind: ComponentKind, key: &str) -> Option<SettingAccess> {
     use SettingAccess::*;
     let never = [
         "disks",
+        // Group membership names peers (member status addresses): the server's protection of a
+        // replication group sets it.
+        "group",
         "process_server",
         "process_server_name",
         "machine_master_targets",
@@ -279,7 +282,6 @@ pub fn setting_access(kind: ComponentKind, key: &str) -> Option<SettingAccess> {
         (
             ComponentKind::Agent,
             "policy"
-            | "group"
             | "crash_point_interval_secs"
             | "app_point_interval_secs"
             | "reconnect_interval_secs"
@@ -304,6 +306,25 @@ pub fn setting_access(kind: ComponentKind, key: &str) -> Option<SettingAccess> {
 }
 
 impl ComponentSettings {
+    /// `self` (a settings request, already checked against [`setting_access`]) as the new stored
+    /// settings of a `kind`: the keys nobody may set through the API — those the server's own jobs
+    /// wrote (disks, peers, routes, datastores, group) — are kept from `stored`, so an operator
+    /// changing a policy never drops what protection set.
+    pub fn keeping_server_keys(mut self, kind: ComponentKind, stored: &ComponentSettings) -> Self {
+        self.process_server.clone_from(&stored.process_server);
+        self.process_server_name.clone_from(&stored.process_server_name);
+        self.disks.clone_from(&stored.disks);
+        self.group.clone_from(&stored.group);
+        self.machine_master_targets.clone_from(&stored.machine_master_targets);
+        self.machine_datastores.clone_from(&stored.machine_datastores);
+        for (k, v) in &stored.other {
+            if setting_access(kind, k) == Some(SettingAccess::Never) {
+                self.other.insert(k.clone(), v.clone());
+            }
+        }
+        self
+    }
+
     /// The keys this body sets (typed and passed through).
     pub fn keys(&self) -> Vec<&str> {
         let typed = [
@@ -352,6 +373,32 @@ pub struct GroupSetting {
     pub app_interval_secs: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "ferry_types::bounds::opt_secs")]
     pub prepare_timeout_secs: Option<f64>,
+}
+
+#[cfg(test)]
+mod settings_tests {
+    use super::*;
+
+    #[test]
+    fn an_operator_request_keeps_what_protection_set() {
+        let stored = ComponentSettings {
+            process_server: Some("10.0.0.5:7200".into()),
+            disks: Some(vec![DiskSetting {
+                name: "disk0".into(),
+                path: "/ds/vm1/disk0.img".into(),
+                uuid: None,
+                cache: None,
+            }]),
+            policy: Some("silver".into()),
+            ..Default::default()
+        };
+        let req = ComponentSettings { policy: Some("gold".into()), ..Default::default() };
+        let new = req.keeping_server_keys(ComponentKind::Agent, &stored);
+        assert_eq!(new.policy.as_deref(), Some("gold"));
+        assert_eq!(new.process_server, stored.process_server);
+        assert_eq!(new.disks, stored.disks);
+        assert_eq!(setting_access(ComponentKind::Agent, "group"), Some(SettingAccess::Never));
+    }
 }
 
 #[cfg(test)]

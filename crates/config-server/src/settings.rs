@@ -109,11 +109,39 @@ pub(crate) async fn put_settings(
             Some(_) => {}
         }
     }
+    // Keys passed through are range-checked here too: the component would refuse them at its
+    // next start.
+    for (k, value) in &v.other {
+        let n = value.as_f64();
+        let bad = if k.ends_with("_secs") {
+            n.map(ferry_types::bounds::check_secs).map(|r| r.err())
+        } else if k.ends_with("_percent") {
+            n.map(ferry_types::bounds::check_percent).map(|r| r.err())
+        } else {
+            Some(None)
+        };
+        match bad {
+            None => return Err(ApiError::bad(format!("{k} must be a number"))),
+            Some(Some(why)) => return Err(ApiError::bad(format!("{k}: {why}"))),
+            Some(None) => {}
+        }
+    }
     if let Some(p) = &v.policy {
         if s.store.get::<Policy>(model::POLICY, p).await?.is_none() {
             return Err(ApiError::bad(format!("policy {p} does not exist")));
         }
     }
-    s.store.put(SETTINGS, &format!("{kind}/{name}"), &v, None).await?;
-    ok(v)
+    // Read-modify-write under compare-and-set: the keys the server's own jobs wrote stay.
+    let key = format!("{kind}/{name}");
+    for _ in 0..20 {
+        let cur = s.store.get::<ComponentSettings>(SETTINGS, &key).await?;
+        let (stored, rev) = cur.map(|d| (d.body, d.revision)).unwrap_or_default();
+        let new = v.clone().keeping_server_keys(kind, &stored);
+        match s.store.put(SETTINGS, &key, &new, Some(rev)).await {
+            Ok(_) => return ok(new),
+            Err(ferry_store::StoreError::Conflict { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(ApiError::conflict(format!("the settings of {key} kept changing: retry")))
 }
