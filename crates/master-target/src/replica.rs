@@ -261,6 +261,18 @@ impl Replica {
                     machine.name
                 )));
             }
+            if !created_marker.exists() && ckpt.applied_seq == 0 {
+                if let Ok(m) = std::fs::symlink_metadata(&p) {
+                    // A file this replica did not create (planted there, or a copy kept when the
+                    // retention volume was lost) is never adopted: the initial copy sends
+                    // allocated regions only, so anything it holds in the source's holes would
+                    // stay in the replica. It is moved aside, not deleted: it may be the only
+                    // other copy of the machine until the new initial copy completes.
+                    let aside = p.with_extension(format!("img.not-adopted-{}", now_ms()));
+                    tracing::warn!(machine = %machine.name, path = %p.display(), aside = %aside.display(), bytes = m.len(), "a target disk file this replica did not create is moved aside; the initial copy starts from an empty disk");
+                    ferry_sys::fs::rename_durable(&p, &aside).map_err(io(&p))?;
+                }
+            }
             // Never through a link: the target disk is this replica's own file.
             let f = OpenOptions::new()
                 .read(true)
@@ -270,15 +282,7 @@ impl Replica {
                 .custom_flags(libc::O_NOFOLLOW)
                 .open(&p)
                 .map_err(io(&p))?;
-            let mut len = f.metadata().map_err(io(&p))?.len();
-            if len != 0 && !created_marker.exists() && ckpt.applied_seq == 0 {
-                // A file this replica did not create (planted there, or left from an earlier
-                // protection) is never adopted: the initial copy sends allocated regions only, so
-                // anything it holds in the source's holes would stay in the replica.
-                tracing::warn!(machine = %machine.name, path = %p.display(), bytes = len, "discarding a target disk file this replica did not create");
-                f.set_len(0).map_err(io(&p))?;
-                len = 0;
-            }
+            let len = f.metadata().map_err(io(&p))?.len();
             if len == 0 {
                 f.set_len(d.size).map_err(io(&p))?;
             } else if len != d.size {

@@ -209,7 +209,7 @@ fn a_web_page_cannot_take_points_or_hold_writes_through_a_status_listener() {
 /// links: a planted one made it create or overwrite any file), and a new replica never adopts a
 /// file it did not create (planted data in the source's holes would have stayed in the replica).
 #[test]
-fn images_go_only_below_the_image_root_without_links_and_planted_targets_are_discarded() {
+fn images_go_only_below_the_image_root_without_links_and_planted_targets_are_set_aside() {
     let mut c = Cluster::new(Opts::default());
     // Planted before the machine is first protected: data where the source has a hole.
     let planted = c.path().join("datastore/vm1/disk0.img");
@@ -224,6 +224,12 @@ fn images_go_only_below_the_image_root_without_links_and_planted_targets_are_dis
     assert!(c.qemu_io("disk0", "write -P 7 0 1M\nflush\n").status.success());
     c.wait_caught_up(Duration::from_secs(30));
     c.assert_identical();
+    let aside: Vec<_> = std::fs::read_dir(c.path().join("datastore/vm1"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("disk0.img.not-adopted-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "the planted file is moved aside, not adopted and not deleted");
 
     let victim = c.path().join("victim");
     std::fs::write(&victim, b"keep me").unwrap();
