@@ -19,8 +19,9 @@ pub use ferry_api::inventory::{
 pub struct LocalSite {
     pub name: String,
     pub folder: PathBuf,
-    /// The programs power commands may run (the configuration server's `power_programs`).
-    pub power_programs: Vec<String>,
+    /// The commands power-on may run (the configuration server's `power_programs`): each an
+    /// argument-list prefix that the site's `on` must start with.
+    pub power_programs: Vec<Vec<String>>,
 }
 
 fn statvfs(path: &Path) -> Option<(u64, u64)> {
@@ -419,7 +420,21 @@ impl LocalSite {
     /// Run the site's power-on command for a machine, detached in its own process group; its pid
     /// and start time go to `power.pid`. A thread reaps it when it exits (the server is its parent).
     fn start_machine(&self, m: &Machine, power: &PowerCommand) -> Result<(), String> {
-        let dir = self.run_dir(&m.name);
+        // A site file is data; what may run is the admin's choice, not the file's: the whole
+        // command must start with an allowed prefix (program and its leading arguments), checked
+        // before anything is written.
+        let dir_probe = self.inside(&Path::new("guests").join(&m.name))?;
+        let dir_s = dir_probe.to_string_lossy();
+        let argv: Vec<String> =
+            power.on.iter().map(|a| a.replace("{dir}", &dir_s).replace("{machine}", &m.name)).collect();
+        if !self.power_programs.iter().any(|prefix| !prefix.is_empty() && argv.starts_with(prefix)) {
+            return Err(format!(
+                "site {}: [power] on runs {:?}, which the configuration server does not allow: an admin adds the command (program and leading arguments) to power_programs in the server's configuration",
+                self.name,
+                argv.first().map(String::as_str).unwrap_or("")
+            ));
+        }
+        let dir = dir_probe;
         std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         let mut extra = power.extra.clone();
         for (k, v) in &m.extra {
@@ -437,19 +452,9 @@ impl LocalSite {
         };
         let text = toml::to_string(&file).map_err(|e| e.to_string())?;
         ferry_sys::fs::write_atomic(&dir.join("machine.toml"), text.as_bytes()).map_err(|e| e.to_string())?;
-        let dir_s = dir.to_string_lossy();
-        let argv: Vec<String> =
-            power.on.iter().map(|a| a.replace("{dir}", &dir_s).replace("{machine}", &m.name)).collect();
         let Some((program, args)) = argv.split_first() else {
             return Err(format!("site {}: [power] on is empty: name the program that starts a machine", self.name));
         };
-        // A site file is data; which programs may run is the admin's choice, not the file's.
-        if !self.power_programs.iter().any(|p| p == &power.on[0]) {
-            return Err(format!(
-                "site {}: [power] on runs {:?}, which the configuration server does not allow: an admin adds it to power_programs in the server's configuration",
-                self.name, power.on[0]
-            ));
-        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

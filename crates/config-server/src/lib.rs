@@ -69,10 +69,11 @@ pub struct ConfigServerConfig {
     /// commands the server runs, so who may write it decides what runs.
     #[serde(default)]
     pub site_root: Option<PathBuf>,
-    /// The programs a site's `[power]` commands may run (the first word, exactly as `site.toml`
-    /// writes it); a site naming any other program is refused at power-on.
+    /// The commands a site's `[power] on` may run: each an argument-list prefix (the program and
+    /// its leading arguments, e.g. `[["/usr/local/bin/start-vm"]]`) that the command, after its
+    /// placeholders are filled in, must start with; any other command is refused at power-on.
     #[serde(default)]
-    pub power_programs: Vec<String>,
+    pub power_programs: Vec<Vec<String>>,
     /// Scheduled backups (0 = off) and how many are kept.
     #[serde(default = "default_backup_interval", deserialize_with = "ferry_types::bounds::secs")]
     pub backup_interval_secs: f64,

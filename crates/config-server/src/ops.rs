@@ -62,8 +62,8 @@ impl JobWork {
 pub struct Ops {
     pub store: Store,
     pub backup: crate::backup::BackupConfig,
-    /// The programs sites' power commands may run (`power_programs`).
-    pub power_programs: Vec<String>,
+    /// The commands sites' power-on may run (`power_programs`).
+    pub power_programs: Vec<Vec<String>>,
 }
 
 impl Ops {
@@ -240,6 +240,6 @@ impl Runner for Ops {
 
 pub const JOB_KINDS: &[&str] = &["discovery", "plan-drill", "backup", "site-operation", "protect"];
 
-pub fn arc(store: Store, backup: crate::backup::BackupConfig, power_programs: Vec<String>) -> Arc<Ops> {
+pub fn arc(store: Store, backup: crate::backup::BackupConfig, power_programs: Vec<Vec<String>>) -> Arc<Ops> {
     Arc::new(Ops { store, backup, power_programs })
 }

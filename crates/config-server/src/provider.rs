@@ -81,7 +81,7 @@ pub fn supported(caps: &Capabilities, op: &SiteOperation) -> (&'static str, bool
 }
 
 /// The provider of a site (local folders today).
-pub fn for_site(name: &str, folder: &std::path::Path, power_programs: &[String]) -> Box<dyn SiteProvider> {
+pub fn for_site(name: &str, folder: &std::path::Path, power_programs: &[Vec<String>]) -> Box<dyn SiteProvider> {
     Box::new(LocalSite { name: name.to_owned(), folder: folder.to_owned(), power_programs: power_programs.to_vec() })
 }
 
@@ -155,7 +155,7 @@ extra = {{ colour = "blue" }}
             ),
         )
         .unwrap();
-        let p = for_site("s", d.path(), &["sh".to_owned()]);
+        let p = for_site("s", d.path(), &[vec!["sh".to_owned(), "-c".to_owned()]]);
         (d, p)
     }
 

@@ -700,7 +700,7 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, say: Say<'_>) -> Result<L
             "--set".into(),
             format!("site_root = {}", toml::Value::String(s(&dir.join("sites")))),
             "--set".into(),
-            format!("power_programs = [{}]", toml::Value::String(s(&exe))),
+            format!("power_programs = [[{}, 'lab', 'guest']]", toml::Value::String(s(&exe))),
         ],
         &cs_log,
         Some(&first_out),
