@@ -569,15 +569,24 @@ fn worker_loop(backend: Arc<dyn Backend>, jobs: std::sync::mpsc::Receiver<Job>, 
     }
 }
 
+/// A client that has not taken a reply within this long is dropped: its replies hold in-flight
+/// budget that every other connection shares.
+pub const REPLY_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 async fn writer_loop<W: AsyncWrite + Unpin>(w: W, mut rx: mpsc::UnboundedReceiver<Reply>) -> io::Result<()> {
     let mut w = BufWriter::with_capacity(256 * 1024, w);
+    async fn timed(f: impl std::future::Future<Output = io::Result<()>>) -> io::Result<()> {
+        tokio::time::timeout(REPLY_WRITE_TIMEOUT, f)
+            .await
+            .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "the client took no reply for 60 s")))
+    }
     while let Some(r) = rx.recv().await {
-        w.write_all(&r.buf).await?;
+        timed(w.write_all(&r.buf)).await?;
         drop(r);
         while let Ok(r) = rx.try_recv() {
-            w.write_all(&r.buf).await?;
+            timed(w.write_all(&r.buf)).await?;
         }
-        w.flush().await?;
+        timed(w.flush()).await?;
     }
     w.shutdown().await
 }
