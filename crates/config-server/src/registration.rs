@@ -36,8 +36,19 @@ pub async fn register(
     crate::model::check_name("component", &r.name)?;
     let refused = |m: &str| ApiError::new(StatusCode::FORBIDDEN, errors::REGISTRATION_REFUSED, m.to_owned());
     let now = crate::jobs::now_ms();
-    let source = peer.ip();
-    if s.registration_failures.lock().unwrap_or_else(|p| p.into_inner()).locked(source, now) {
+    // An IPv4 peer on a dual-stack listener arrives as ::ffff:a.b.c.d.
+    let source = peer.ip().to_canonical();
+    // Counted as a failure before the passphrase is looked at (and forgiven when it is right), so
+    // a burst of concurrent guesses from one source is throttled too.
+    let counted = {
+        let mut f = s.registration_failures.lock().unwrap_or_else(|p| p.into_inner());
+        let locked = f.locked(source, now);
+        if !locked {
+            f.failed(source, now);
+        }
+        !locked
+    };
+    if !counted {
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             errors::REGISTRATION_REFUSED,
@@ -47,10 +58,10 @@ pub async fn register(
     let expected = s.store.setting("registration_passphrase_hash").await?;
     // Compare hashes (fixed length) rather than the secrets themselves.
     if expected.as_deref() != Some(hash_token(&r.passphrase).as_str()) {
-        s.registration_failures.lock().unwrap_or_else(|p| p.into_inner()).failed(source, now);
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         return Err(refused("wrong registration passphrase"));
     }
+    s.registration_failures.lock().unwrap_or_else(|p| p.into_inner()).forgive(source, now);
     let tls = s.tls_dir.clone();
     let csr = r.csr.clone();
     let cn = format!("{}/{}", r.kind, r.name);
@@ -113,7 +124,9 @@ pub fn certificate_names(
 ) -> Result<Vec<String>, String> {
     let own_default = kind.as_str();
     let taken = |n: &str| -> Option<String> {
-        if RESERVED_NAMES.contains(&n) && n != own_default {
+        // `ps-primary.` names the same host as `ps-primary`.
+        let n = n.trim_end_matches('.');
+        if RESERVED_NAMES.iter().any(|r| r.eq_ignore_ascii_case(n)) && !n.eq_ignore_ascii_case(own_default) {
             return Some(format!("{n:?} is reserved"));
         }
         registered
@@ -177,6 +190,18 @@ impl RegistrationFailures {
         f.len() >= Self::LIMIT
     }
 
+    /// Take back the attempt counted at `now` for `source` (its passphrase was right).
+    pub fn forgive(&mut self, source: std::net::IpAddr, now: u64) {
+        if let Some(f) = self.by_source.get_mut(&source) {
+            if let Some(i) = f.iter().rposition(|t| *t == now) {
+                f.remove(i);
+            }
+            if f.is_empty() {
+                self.by_source.remove(&source);
+            }
+        }
+    }
+
     /// Record a failed attempt from `source`.
     pub fn failed(&mut self, source: std::net::IpAddr, now: u64) {
         if !self.by_source.contains_key(&source) && self.by_source.len() >= Self::SOURCES {
@@ -224,6 +249,8 @@ mod name_tests {
         for (kind, name, hosts) in [
             (ComponentKind::Agent, "app1", vec!["ps-primary".to_owned()]),
             (ComponentKind::Agent, "app1", vec!["config-server".to_owned()]),
+            (ComponentKind::Agent, "app1", vec!["ps-primary.".to_owned()]),
+            (ComponentKind::Agent, "app1", vec!["Config-Server".to_owned()]),
             (ComponentKind::Agent, "process-server", vec![]),
             (ComponentKind::MasterTarget, "DB1", vec![]),
             (ComponentKind::Agent, "app1", vec!["a b".to_owned()]),
@@ -254,6 +281,10 @@ mod throttle_tests {
         assert!(f.locked(a, 100), "the guessing source waits");
         assert!(!f.locked(b, 100), "another source is served");
         assert!(!f.locked(a, 100 + RegistrationFailures::WINDOW_MS), "a minute later it may try again");
+        // An attempt counted up front and then found right is taken back.
+        f.failed(b, 500);
+        f.forgive(b, 500);
+        assert!(!f.by_source.contains_key(&b));
         for n in 0..(RegistrationFailures::SOURCES as u32 + 10) {
             f.failed(IpAddr::from(n.to_be_bytes()), 200);
         }
