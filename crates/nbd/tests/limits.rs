@@ -66,7 +66,9 @@ fn rss_bytes() -> u64 {
 /// for the agent); now all of them together hold at most the server's in-flight budget.
 #[test]
 fn clients_that_never_read_their_replies_hold_at_most_the_shared_budget() {
-    let srv = start_tcp(exports(128 << 20));
+    let limits = Limits::default();
+    let budget = limits.inflight_bytes.clone();
+    let srv = start_tcp_with(ServerConfig { limits, ..ServerConfig::new(exports(128 << 20), None, false) });
     let mut clients = Vec::new();
     let base = rss_bytes();
     for i in 0..40u64 {
@@ -77,7 +79,12 @@ fn clients_that_never_read_their_replies_hold_at_most_the_shared_budget() {
         }
         clients.push(c);
     }
-    std::thread::sleep(Duration::from_secs(2));
+    // Wait until the server holds all it may (the shared budget is used up), then measure.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while budget.available_permits() > 0 {
+        assert!(Instant::now() < deadline, "the clients' reads never filled the shared budget");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let grown = rss_bytes().saturating_sub(base);
     // The budget (96 MiB) plus room for buffers and the test itself; without a shared budget it
     // grows by about a gigabyte.
