@@ -4,6 +4,13 @@ use ferry_protocol::{DiskName, MachineName};
 use ferry_tls::TlsFiles;
 use serde::{Deserialize, Serialize};
 
+impl AgentConfig {
+    /// Where the control token is kept.
+    pub fn control_token_path(&self) -> PathBuf {
+        self.control_token_file.clone().unwrap_or_else(|| self.state_dir.join("control-token"))
+    }
+}
+
 /// Configuration of `ferry agent` (the mobility service of one machine).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -30,6 +37,10 @@ pub struct AgentConfig {
     /// Status endpoint (plain HTTP, loopback).
     #[serde(default)]
     pub status_listen: Option<String>,
+    /// The control token's file (default `<state_dir>/control-token`): created owner-only at
+    /// first start; points, group points and verify need it (`ferry agent …` reads it).
+    #[serde(default)]
+    pub control_token_file: Option<PathBuf>,
     pub tls: TlsFiles,
     pub disks: Vec<DiskConfig>,
     /// Bound of the in-order log held in memory while the process server has not acknowledged it.
@@ -101,6 +112,13 @@ pub struct GroupConfig {
     /// This agent takes the group's tags (exactly one member should).
     #[serde(default)]
     pub coordinator: bool,
+    /// Coordinator only: the key sent with every prepare/commit/abort.
+    #[serde(default)]
+    pub coordinator_key: Option<String>,
+    /// Members: the BLAKE3 hash (hex) of the coordinator's key. Without it this member refuses
+    /// every group request (nobody else may hold its writes).
+    #[serde(default)]
+    pub coordinator_key_blake3: Option<String>,
     /// Coordinator only: the status addresses (host:port) of the other members' agents.
     #[serde(default)]
     pub members: Vec<String>,

@@ -132,6 +132,15 @@ pub async fn serve(
             )));
         }
     }
+    let mut config = config;
+    // The status names this file to the CLI, which may run from another folder.
+    let token_file = config.control_token_path();
+    let token_file = std::path::absolute(&token_file).unwrap_or(token_file);
+    config.control_token_file = Some(token_file.clone());
+    let control = ferry_status::control::load_or_create_control_token(&token_file)
+        .map_err(|source| AgentError::Io { path: token_file.clone(), source })?;
+    let access = ferry_status::Access::control(&control)
+        .with_coordinator_hash(config.group.as_ref().and_then(|g| g.coordinator_key_blake3.as_deref()));
     let connector = ferry_tls::connector(&config.tls)?;
     let nbd_tls = if config.nbd_tls { Some(ferry_tls::acceptor(&config.tls)?) } else { None };
     let machine = {
@@ -197,7 +206,7 @@ pub async fn serve(
         tasks.push(tokio::spawn(ferry_nbd::serve_unix(l, nbd_config.clone(), shutdown.clone())));
     }
     points::spawn_timers(machine.clone(), shutdown.clone());
-    ferry_status::spawn(listeners.status, router(machine.clone()), shutdown.clone());
+    ferry_status::spawn(listeners.status, router(machine.clone(), &access), shutdown.clone());
     if let Some(link) = config.config_server.clone() {
         let m = machine.clone();
         let status = move || ComponentStatus::Agent(m.status());
@@ -217,9 +226,9 @@ pub async fn serve(
 }
 
 /// The status listener's router: every route of `ferry_api::agent::ROUTES` with its handler.
-fn router(machine: Arc<Machine>) -> Router {
+fn router(machine: Arc<Machine>, access: &ferry_status::Access) -> Router {
     let m = machine.clone();
-    ferry_status::router_from(ROUTES, |r| {
+    ferry_status::router_from(ROUTES, access, |r| {
         let f = method_filter(r.method);
         let h: MethodRouter<Arc<Machine>> = match r.id {
             AgentEndpoint::Status => {

@@ -1273,6 +1273,7 @@ impl Machine {
         AgentStatus {
             machine: self.name.to_string(),
             status_listen: self.config.status_listen.clone(),
+            control_token_file: Some(self.config.control_token_path().display().to_string()),
             process_server: self.config.process_server.clone(),
             nbd_listen: self.config.nbd_listen.clone(),
             mode: c.mode,

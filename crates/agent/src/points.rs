@@ -269,9 +269,15 @@ pub async fn group_round(m: Arc<Machine>, app: bool) -> Result<GroupReport, Stri
     let deadline = tokio::time::Instant::now() + timeout;
     let mut tasks = Vec::new();
     for addr in &g.members {
-        let (addr, body) = (addr.clone(), req.clone());
+        let (addr, body, key) = (addr.clone(), req.clone(), g.coordinator_key.clone());
         tasks.push(tokio::spawn(async move {
-            let call = ferry_status::call::<GroupAnswer>(&addr, Method::Post, "/group/prepare", Some(&body));
+            let call = ferry_status::call_as::<GroupAnswer>(
+                &addr,
+                key.as_deref(),
+                Method::Post,
+                "/group/prepare",
+                Some(&body),
+            );
             let r = match tokio::time::timeout_at(deadline, call).await {
                 Err(_) => Err("did not prepare in time".to_string()),
                 Ok(Err(e)) => Err(e.to_string()),
@@ -308,9 +314,9 @@ pub async fn group_round(m: Arc<Machine>, app: bool) -> Result<GroupReport, Stri
     let mut finish_failures = Vec::new();
     let mut sends = Vec::new();
     for addr in &g.members {
-        let (addr, body, path) = (addr.clone(), body.clone(), path.to_owned());
+        let (addr, body, path, key) = (addr.clone(), body.clone(), path.to_owned(), g.coordinator_key.clone());
         sends.push(tokio::spawn(async move {
-            let call = ferry_status::call::<GroupAnswer>(&addr, Method::Post, &path, Some(&body));
+            let call = ferry_status::call_as::<GroupAnswer>(&addr, key.as_deref(), Method::Post, &path, Some(&body));
             let r = tokio::time::timeout(timeout, call).await;
             (addr, r)
         }));

@@ -38,6 +38,10 @@ impl Mode {
 pub struct AgentStatus {
     pub machine: String,
     pub status_listen: Option<String>,
+    /// The file holding the control token the point, group and verify routes need (readable
+    /// only by the agent's user).
+    #[serde(default)]
+    pub control_token_file: Option<String>,
     /// The process server this agent ships to.
     pub process_server: String,
     pub nbd_listen: Option<String>,
@@ -247,7 +251,7 @@ pub const ROUTES: &[Route<AgentEndpoint>] = &[
         R::CrashPoint,
         Method::Post,
         "/points/crash",
-        Role::Local,
+        Role::Control,
         "Insert a crash-consistent tag now",
     )
     .no_body(),
@@ -255,7 +259,7 @@ pub const ROUTES: &[Route<AgentEndpoint>] = &[
         R::AppPoint,
         Method::Post,
         "/points/app",
-        Role::Local,
+        Role::Control,
         "Run the freeze hook, insert an app-consistent tag, thaw",
     )
     .no_body(),
@@ -263,35 +267,35 @@ pub const ROUTES: &[Route<AgentEndpoint>] = &[
         R::GroupPoint,
         Method::Post,
         "/group/point",
-        Role::Local,
+        Role::Control,
         "Coordinator: take a multi-machine tag over every member (prepare everywhere, then commit or abort)",
     ),
     Route::new::<GroupRequest, GroupAnswer>(
         R::GroupPrepare,
         Method::Post,
         "/group/prepare",
-        Role::Local,
+        Role::Coordinator,
         "Member: hold writes and insert the group's prepare marker",
     ),
     Route::new::<GroupRequest, GroupAnswer>(
         R::GroupCommit,
         Method::Post,
         "/group/commit",
-        Role::Local,
+        Role::Coordinator,
         "Member: insert the commit marker (the tag becomes a multi-machine point) and release writes",
     ),
     Route::new::<GroupRequest, GroupAnswer>(
         R::GroupAbort,
         Method::Post,
         "/group/abort",
-        Role::Local,
+        Role::Coordinator,
         "Member: abandon the tag and release writes",
     ),
     Route::new::<VerifyRequest, VerifyStarted>(
         R::StartVerify,
         Method::Post,
         "/verify",
-        Role::Local,
+        Role::Control,
         "Compare a disk with its replica block by block (optionally repair)",
     )
     .answers(202),

@@ -101,6 +101,14 @@ impl ComponentStatus {
             ComponentStatus::ProcessServer(_) => None,
         }
     }
+    /// The file holding the daemon's control token (agents and master targets).
+    pub fn control_token_file(&self) -> Option<&str> {
+        match self {
+            ComponentStatus::Agent(a) => a.control_token_file.as_deref(),
+            ComponentStatus::MasterTarget(m) => m.control_token_file.as_deref(),
+            ComponentStatus::MobilityService(_) | ComponentStatus::ProcessServer(_) => None,
+        }
+    }
     /// The replication address peers should use (process servers and master targets).
     pub fn advertise(&self) -> Option<&str> {
         match self {
@@ -356,6 +364,18 @@ pub struct DiskSetting {
     pub cache: Option<String>,
 }
 
+impl ComponentSettings {
+    /// These settings as a reader may see them: a group coordinator's key replaced by `"set"`.
+    pub fn without_secrets(mut self) -> ComponentSettings {
+        if let Some(g) = &mut self.group {
+            if g.coordinator_key.is_some() {
+                g.coordinator_key = Some("set".into());
+            }
+        }
+        self
+    }
+}
+
 /// An agent's replication group (the agent's `[group]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -364,6 +384,14 @@ pub struct GroupSetting {
     /// The member that runs the group's rounds.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub coordinator: bool,
+    /// Coordinator: the key it sends with prepare/commit/abort (the configuration server
+    /// chooses it per group at protection).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coordinator_key: Option<String>,
+    /// Members: the BLAKE3 hash (hex) of the coordinator's key; a group request is accepted
+    /// only with the key of this hash, so members cannot pose as the coordinator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coordinator_key_blake3: Option<String>,
     /// Coordinator: the other members' status addresses.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members: Vec<String>,

@@ -17,6 +17,10 @@ pub struct MasterTargetStatus {
     /// The address process servers should use.
     pub advertise: String,
     pub status_listen: Option<String>,
+    /// The file holding the control token the point API's changing routes need (readable only
+    /// by the master target's user).
+    #[serde(default)]
+    pub control_token_file: Option<String>,
     /// What the configuration server set while running.
     pub settings: MasterTargetSettings,
     pub machines: Vec<ReplicaStatus>,
@@ -368,7 +372,7 @@ pub const ROUTES: &[Route<MasterTargetEndpoint>] = &[
         R::SelectPoint,
         Method::Post,
         "/machines/{m}/points",
-        Role::Local,
+        Role::Control,
         "Resolve a selector to a point (`latest` takes a point at everything received)",
     ),
     get::<_, GroupPoints>(
@@ -381,7 +385,7 @@ pub const ROUTES: &[Route<MasterTargetEndpoint>] = &[
         R::Materialize,
         Method::Post,
         "/machines/{m}/materializations",
-        Role::Local,
+        Role::Control,
         "Materialize a point as image files or NBD exports (pins the point)",
     )
     .answers(201),
@@ -395,7 +399,7 @@ pub const ROUTES: &[Route<MasterTargetEndpoint>] = &[
         R::Discard,
         Method::Delete,
         "/materializations/{id}",
-        Role::Local,
+        Role::Control,
         "Discard an image or export (unpins its point)",
     )
     .no_body(),

@@ -45,6 +45,13 @@ pub enum Role {
     Anyone,
     /// A daemon's local status listener: whoever can reach its (loopback) address.
     Local,
+    /// The daemon's control token (`Authorization: Bearer`): a secret the daemon keeps in a
+    /// file only its own user can read (`control_token_file` in its status), so the ferry CLI
+    /// running as that user on the same host may call it and other local users may not.
+    Control,
+    /// The coordinator key of the member's replication group, which only the coordinator holds
+    /// (members keep its hash): group prepare/commit/abort come only from the coordinator.
+    Coordinator,
     /// A registered component's token (heartbeats, its own settings).
     Component,
     /// Sees everything, changes nothing.
@@ -58,6 +65,8 @@ impl Role {
         match self {
             Role::Anyone => "none",
             Role::Local => "local",
+            Role::Control => "control",
+            Role::Coordinator => "coordinator",
             Role::Component => "component",
             Role::Reader => "reader",
             Role::Operator => "operator",
@@ -82,7 +91,9 @@ impl Role {
     pub fn allows(self, need: Role) -> bool {
         match need {
             Role::Anyone | Role::Local | Role::Component => true,
-            _ => self != Role::Component && self >= need,
+            // A status listener's own secrets: no configuration-server token grants them.
+            Role::Control | Role::Coordinator => false,
+            _ => !matches!(self, Role::Component | Role::Control | Role::Coordinator) && self >= need,
         }
     }
 }
@@ -233,14 +244,14 @@ pub fn openapi<Id: Copy>(info: &DocInfo, table: &[Route<Id>]) -> Value {
                 "default": {"description": "Error: code, name, message and remedy", "content": {"application/json": {"schema": error.clone().to_value()}}},
             }),
         );
-        if !matches!(r.role, crate::Role::Anyone | crate::Role::Local) && info.bearer_tokens {
+        if !matches!(r.role, crate::Role::Anyone | crate::Role::Local) {
             op.insert("security".into(), json!([{"token": []}]));
         }
         entry[r.method.as_str()] = Value::Object(op);
     }
     let schemas: Map<String, Value> = gen.take_definitions(true).into_iter().collect();
     let mut components = json!({ "schemas": schemas });
-    if info.bearer_tokens {
+    if info.bearer_tokens || table.iter().any(|r| !matches!(r.role, crate::Role::Anyone | crate::Role::Local)) {
         components["securitySchemes"] = json!({"token": {"type": "http", "scheme": "bearer"}});
     }
     json!({

@@ -468,6 +468,19 @@ async fn component(store: &Store, kind: ComponentKind, name: &str) -> Option<Com
     store.get::<Component>(COMPONENT, &format!("{kind}/{name}")).await.ok().flatten().map(|d| d.body)
 }
 
+/// The key a replication group's coordinator sends with its prepare/commit/abort: chosen once
+/// per group and kept in the server's settings, so protecting one more member does not change
+/// it under the others.
+async fn group_coordinator_key(store: &Store, group: &str) -> Result<String, String> {
+    let id = format!("group-coordinator-key/{group}");
+    if let Some(k) = store.setting(&id).await.map_err(|e| e.to_string())? {
+        return Ok(k);
+    }
+    let k = crate::http::new_token().replacen("fy_", "gk_", 1);
+    store.set_setting(&id, &k).await.map_err(|e| e.to_string())?;
+    Ok(k)
+}
+
 /// Read-modify-write a component's settings with compare-and-set (concurrent jobs share them).
 async fn update_settings(store: &Store, key: &str, f: impl Fn(&mut ComponentSettings)) -> Result<(), String> {
     for _ in 0..20 {
@@ -682,8 +695,18 @@ pub async fn run_step(store: &Store, pj: &ProtectJob<'_>, step: usize, ctl: &Job
                     .and_then(|c| c.status.as_ref().and_then(|s| s.status_listen()).map(str::to_owned));
                 members.insert(p.machine.clone(), addr);
             }
+            let mut keys = HashMap::new();
+            for g in ps.iter().filter_map(|p| p.group.as_ref()) {
+                if !keys.contains_key(g) {
+                    match group_coordinator_key(store, g).await {
+                        Ok(k) => keys.insert(g.clone(), k),
+                        Err(e) => return fail(errors::STORE, e),
+                    };
+                }
+            }
             for (i, p) in ps.iter().enumerate() {
                 let group = p.group.as_ref().map(|g| {
+                    let key = keys.get(g).cloned().unwrap_or_default();
                     let others: Vec<String> = ps
                         .iter()
                         .filter(|o| o.machine != p.machine)
@@ -692,6 +715,9 @@ pub async fn run_step(store: &Store, pj: &ProtectJob<'_>, step: usize, ctl: &Job
                     GroupSetting {
                         name: g.clone(),
                         coordinator: i == 0,
+                        // Only the coordinator holds the key; members can check it, not use it.
+                        coordinator_key_blake3: Some(blake3::hash(key.as_bytes()).to_hex().to_string()),
+                        coordinator_key: (i == 0).then_some(key),
                         members: if i == 0 { others } else { Vec::new() },
                         crash_interval_secs: None,
                         app_interval_secs: None,

@@ -73,7 +73,9 @@ pub(crate) async fn get_settings(
         s.store.list::<Policy>(model::POLICY).await?.into_iter().map(|d| (d.id, d.body)).collect();
     let key = format!("{kind}/{name}");
     let stored = all.iter().find(|(id, _)| *id == key).map(|(_, b)| b.clone()).unwrap_or_default();
-    ok(effective_settings(kind, &stored, &policies, &all))
+    let effective = effective_settings(kind, &stored, &policies, &all);
+    // The coordinator's key is its own: readers and operators see that one is set, not what it is.
+    ok(if own { effective } else { effective.without_secrets() })
 }
 
 pub(crate) async fn put_settings(
@@ -138,7 +140,7 @@ pub(crate) async fn put_settings(
         let (stored, rev) = cur.map(|d| (d.body, d.revision)).unwrap_or_default();
         let new = v.clone().keeping_server_keys(kind, &stored);
         match s.store.put(SETTINGS, &key, &new, Some(rev)).await {
-            Ok(_) => return ok(new),
+            Ok(_) => return ok(new.without_secrets()),
             Err(ferry_store::StoreError::Conflict { .. }) => continue,
             Err(e) => return Err(e.into()),
         }

@@ -88,7 +88,7 @@ pub(crate) async fn status(component: &str, s: &StatusArgs, out: OutputFormat) -
 pub(crate) async fn verify(v: VerifyArgs, out: OutputFormat) -> Result<()> {
     let addr = status_addr("agent", &v.status)?;
     let body = VerifyRequest { disk: v.disk.clone(), repair: v.repair };
-    let started: VerifyStarted = ferry_status::call(&addr, Method::Post, "/verify", Some(&body)).await?;
+    let started: VerifyStarted = ferry_status::call_control(&addr, Method::Post, "/verify", Some(&body)).await?;
     let id = started.verify_id;
     let mut progress = (0u64, 0u64);
     let mut last_progress = std::time::Instant::now();
@@ -148,7 +148,13 @@ pub(crate) async fn api<T: serde::de::DeserializeOwned>(
     body: Option<&(impl serde::Serialize + ?Sized)>,
 ) -> Result<T> {
     let addr = status_addr(component, s)?;
-    match ferry_status::call(&addr, method, path, body).await {
+    // What changes state needs the daemon's control token (read from the file its status names).
+    let answer = if method == Method::Get {
+        ferry_status::call(&addr, method, path, body).await
+    } else {
+        ferry_status::call_control(&addr, method, path, body).await
+    };
+    match answer {
         Ok(v) => Ok(v),
         Err(ferry_status::StatusError::Refused { error, .. }) => bail!("{error}"),
         Err(e) => Err(e).with_context(|| format!("cannot reach the {component} at {addr}")),

@@ -280,7 +280,7 @@ async fn demo(st: &LabState, args: &DemoArgs, p: &dyn Progress) -> Result<DemoRe
     for m in &machines {
         let ends = st.guest_endpoints(m)?;
         let before = crate::site::now_ms();
-        let _: TagTaken = ferry_status::call(&ends.status, Method::Post, "/points/app", None::<&()>)
+        let _: TagTaken = ferry_status::call_control(&ends.status, Method::Post, "/points/app", None::<&()>)
             .await
             .with_context(|| format!("app-consistent point of {m}"))?;
         let seq = last_line_seq(&guest_dir(m)?.join("app-consistent.log"));
@@ -296,10 +296,14 @@ async fn demo(st: &LabState, args: &DemoArgs, p: &dyn Progress) -> Result<DemoRe
     for r in &requests {
         let (Some(group), Some(first)) = (&r.group, r.machines.first()) else { continue };
         let ends = st.guest_endpoints(first)?;
-        let _: GroupReport =
-            ferry_status::call(&ends.status, Method::Post, "/group/point", Some(&GroupPointRequest { app: false }))
-                .await
-                .with_context(|| format!("multi-machine point of group {group}"))?;
+        let _: GroupReport = ferry_status::call_control(
+            &ends.status,
+            Method::Post,
+            "/group/point",
+            Some(&GroupPointRequest { app: false }),
+        )
+        .await
+        .with_context(|| format!("multi-machine point of group {group}"))?;
         for m in &r.machines {
             group_of.insert(m.clone(), group.clone());
         }
@@ -356,7 +360,7 @@ async fn demo(st: &LabState, args: &DemoArgs, p: &dyn Progress) -> Result<DemoRe
                     dir: Some(dir),
                     writable: false,
                 };
-                let v: Materialization = ferry_status::call(
+                let v: Materialization = ferry_status::call_control(
                     &mt_status,
                     Method::Post,
                     &format!("/machines/{m}/materializations"),

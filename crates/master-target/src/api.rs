@@ -232,9 +232,9 @@ fn multi_point(machine: &str, g: &GroupCommitted, generation: u64) -> Point {
 }
 
 /// The status listener's router: every route of the table with its handler.
-pub(crate) fn router(mt: Arc<MasterTarget>) -> Router {
+pub(crate) fn router(mt: Arc<MasterTarget>, access: &ferry_status::Access) -> Router {
     let status = mt.clone();
-    ferry_status::router_from(ROUTES, |r| {
+    ferry_status::router_from(ROUTES, access, |r| {
         let m = method_filter(r.method);
         let h: MethodRouter<Arc<MasterTarget>> = match r.id {
             MasterTargetEndpoint::Status => {

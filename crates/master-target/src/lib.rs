@@ -77,6 +77,10 @@ pub struct MasterTargetConfig {
     /// Status endpoint (plain HTTP; keep it on loopback).
     #[serde(default)]
     pub status_listen: Option<String>,
+    /// The control token's file (default `<retention>/.control-token`): created owner-only at
+    /// first start; the point API's changing routes need it (`ferry master-target …` reads it).
+    #[serde(default)]
+    pub control_token_file: Option<PathBuf>,
     pub tls: TlsFiles,
     /// Journal segment size in bytes.
     #[serde(default = "default_segment_bytes")]
@@ -125,6 +129,11 @@ impl MasterTargetConfig {
     /// The datastore a new replica of `machine` goes to.
     pub fn datastore_for(&self, machine: &str) -> PathBuf {
         self.machine_datastores.get(machine).cloned().unwrap_or_else(|| self.datastore.clone())
+    }
+
+    /// Where the control token is kept.
+    pub fn control_token_path(&self) -> PathBuf {
+        self.control_token_file.clone().unwrap_or_else(|| self.retention_dir().join(".control-token"))
     }
 
     /// The unix socket serving materialized points.
@@ -180,6 +189,10 @@ impl MasterTarget {
         let volume = retention::open_retention_volume(config.retention.as_deref(), &config.name, &others)?;
         retention::claim(&config.datastore, "datastore", &config.name)?;
         config.retention = Some(volume.path.clone());
+        // The status names this file to the CLI, which may run from another folder.
+        if let Some(f) = config.control_token_file.take() {
+            config.control_token_file = Some(std::path::absolute(&f).unwrap_or(f));
+        }
         let mt = Arc::new(MasterTarget {
             retention: volume.path.clone(),
             _volume: volume,
@@ -282,6 +295,7 @@ impl MasterTarget {
             listen: self.config.listen.clone(),
             advertise: self.config.advertise.clone().unwrap_or_else(|| self.config.listen.clone()),
             status_listen: self.config.status_listen.clone(),
+            control_token_file: Some(self.config.control_token_path().display().to_string()),
             settings: live,
             machines,
         }
@@ -321,6 +335,9 @@ pub async fn serve(
         None => None,
     };
     let mt = MasterTarget::new(config, shutdown.clone())?;
+    let token_file = mt.config.control_token_path();
+    let control = ferry_status::control::load_or_create_control_token(&token_file)
+        .map_err(|source| MasterTargetError::Io { path: token_file.clone(), source })?;
     let nbd_config = Arc::new(ferry_nbd::ServerConfig::new(mt.exports.clone(), None, false));
     let sock = mt.config.nbd_socket();
     let _ = std::fs::remove_file(&sock);
@@ -335,7 +352,11 @@ pub async fn serve(
             tracing::warn!(%addr, "the status and recovery-point API listens on a non-loopback address without authentication: anyone who reaches it can create images and exports; keep status_listen on 127.0.0.1");
         }
     }
-    ferry_status::spawn(status_listener, api::router(mt.clone()), shutdown.clone());
+    ferry_status::spawn(
+        status_listener,
+        api::router(mt.clone(), &ferry_status::Access::control(&control)),
+        shutdown.clone(),
+    );
     if let Some(link) = mt.config.config_server.clone() {
         let mt2 = mt.clone();
         ferry_status::spawn_heartbeats(

@@ -408,7 +408,7 @@ pub async fn serve(
     let acceptor = ferry_tls::acceptor(&config.tls)?;
     let ps = ProcessServer::new(config, shutdown.clone())?;
     let ps2 = ps.clone();
-    let routes = ferry_status::router_from(ROUTES, |r| match r.id {
+    let routes = ferry_status::router_from(ROUTES, &ferry_status::Access::default(), |r| match r.id {
         ProcessServerEndpoint::Status => {
             let ps2 = ps2.clone();
             ferry_status::status_route(move || ComponentStatus::ProcessServer(ps2.status()))

@@ -1,8 +1,10 @@
 //! Every Ferry daemon serves its status as JSON over HTTP (`GET /status`) on a loopback address,
 //! and `ferry <component> status` reads it. Extra routes (e.g. the agent's verify) are merged in.
 
+pub mod control;
 mod rate;
 pub mod server_client;
+pub use control::Access;
 pub use rate::RateMeter;
 
 use std::net::SocketAddr;
@@ -28,6 +30,10 @@ pub enum StatusError {
     Connect { addr: String, source: std::io::Error },
     #[error("status endpoint at {addr} answered badly: {reason}")]
     BadResponse { addr: String, reason: String },
+    #[error(
+        "cannot read the control token of the daemon at {addr} from {file}: {source} — run this as the daemon's user on its host"
+    )]
+    ControlToken { addr: String, file: String, source: std::io::Error },
     #[error("{addr} refused (HTTP {status}): {error}")]
     Refused { addr: String, status: u16, error: ErrorBody },
 }
@@ -113,11 +119,35 @@ where
 
 /// Build a router from a route table: `handler` gives each route its method router (an
 /// exhaustive match on the route's id), so the table is the one list of what is served.
+///
+/// Each route's role is checked before its handler runs: [`ferry_api::Role::Control`] and
+/// [`ferry_api::Role::Coordinator`] routes need the secret `access` holds (see [`control`]).
 pub fn router_from<Id: Copy, S: Clone + Send + Sync + 'static>(
     table: &'static [Route<Id>],
+    access: &Access,
     mut handler: impl FnMut(&'static Route<Id>) -> MethodRouter<S>,
 ) -> Router<S> {
-    table.iter().fold(Router::new(), |r, route| r.route(route.path, handler(route)))
+    table.iter().fold(Router::new(), |r, route| {
+        let h = handler(route);
+        let h = match route.role {
+            ferry_api::Role::Control | ferry_api::Role::Coordinator => {
+                let (access, role) = (access.clone(), route.role);
+                h.route_layer(axum::middleware::from_fn(
+                    move |req: axum::extract::Request, next: axum::middleware::Next| {
+                        let checked = access.check(role, req.headers());
+                        async move {
+                            match checked {
+                                Ok(()) => next.run(req).await,
+                                Err(f) => f.into_response(),
+                            }
+                        }
+                    },
+                ))
+            }
+            _ => h,
+        };
+        r.route(route.path, h)
+    })
 }
 
 /// The method filter of a table's method.
@@ -212,6 +242,17 @@ pub async fn call<T: DeserializeOwned>(
     path: &str,
     body: Option<&(impl Serialize + ?Sized)>,
 ) -> Result<T, StatusError> {
+    call_as(addr, None, method, path, body).await
+}
+
+/// [`call`] with `Authorization: Bearer <bearer>` (a control token or a coordinator key).
+pub async fn call_as<T: DeserializeOwned>(
+    addr: &str,
+    bearer: Option<&str>,
+    method: Method,
+    path: &str,
+    body: Option<&(impl Serialize + ?Sized)>,
+) -> Result<T, StatusError> {
     let body = match body {
         Some(b) => Some(
             serde_json::to_vec(b)
@@ -219,7 +260,7 @@ pub async fn call<T: DeserializeOwned>(
         ),
         None => None,
     };
-    let (code, payload) = request(addr, method.http(), path, body.as_deref()).await?;
+    let (code, payload) = request(addr, bearer, method.http(), path, body.as_deref()).await?;
     if !(200..300).contains(&code) {
         let error = serde_json::from_slice::<ErrorBody>(&payload).unwrap_or_else(|_| ErrorBody {
             code: 0,
@@ -238,6 +279,27 @@ pub async fn call<T: DeserializeOwned>(
     })
 }
 
+/// [`call`] on a route that needs the daemon's control token: the token is read from the file
+/// the daemon's status names (so the caller must run as the daemon's user on its host).
+pub async fn call_control<T: DeserializeOwned>(
+    addr: &str,
+    method: Method,
+    path: &str,
+    body: Option<&(impl Serialize + ?Sized)>,
+) -> Result<T, StatusError> {
+    let status = status_of(addr).await?;
+    let token =
+        match status.control_token_file() {
+            None => None,
+            Some(file) => {
+                Some(control::read_control_token(std::path::Path::new(file)).map_err(|e| {
+                    StatusError::ControlToken { addr: addr.to_owned(), file: file.to_owned(), source: e }
+                })?)
+            }
+        };
+    call_as(addr, token.as_deref(), method, path, body).await
+}
+
 /// A component's status (`GET /status`).
 pub async fn status_of(addr: &str) -> Result<ComponentStatus, StatusError> {
     call(addr, Method::Get, "/status", None::<&()>).await
@@ -245,7 +307,13 @@ pub async fn status_of(addr: &str) -> Result<ComponentStatus, StatusError> {
 
 /// Minimal HTTP/1.1 client: `method path` with an optional JSON body, returns the status code
 /// and the body's bytes.
-pub async fn request(addr: &str, method: &str, path: &str, body: Option<&[u8]>) -> Result<(u16, Vec<u8>), StatusError> {
+pub async fn request(
+    addr: &str,
+    bearer: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+) -> Result<(u16, Vec<u8>), StatusError> {
     let connect_err = |source| StatusError::Connect { addr: addr.to_owned(), source };
     let bad = |reason: String| StatusError::BadResponse { addr: addr.to_owned(), reason };
     let sa: SocketAddr = tokio::net::lookup_host(addr)
@@ -255,8 +323,9 @@ pub async fn request(addr: &str, method: &str, path: &str, body: Option<&[u8]>) 
         .ok_or_else(|| StatusError::Connect { addr: addr.to_owned(), source: std::io::Error::other("no address") })?;
     let mut s = tokio::net::TcpStream::connect(sa).await.map_err(connect_err)?;
     let body = body.unwrap_or_default();
+    let auth = bearer.map(|b| format!("Authorization: Bearer {b}\r\n")).unwrap_or_default();
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );
     s.write_all(head.as_bytes()).await.map_err(connect_err)?;

@@ -61,16 +61,20 @@ fn group_tags_give_common_points_and_a_failed_member_leaves_none() {
         agent_extra: "crash_point_interval_secs = 0\nsource_write_log = '{dir}/{machine}-source.log'\nfreeze_command = 'echo freeze >> {dir}/{machine}-hooks.log; test ! -e {dir}/{machine}-slow || sleep 5'\nthaw_command = 'echo thaw >> {dir}/{machine}-hooks.log'\nhook_timeout_secs = 10\n".into(),
         ..Default::default()
     });
+    // Only the coordinator holds the key; every member (the coordinator's own agent too, for
+    // the manual rounds below) checks its hash.
+    let key = ferry_status::control::new_secret("gk_");
+    let hash = ferry_status::control::hash(&key);
     append(
         &c,
         "agent",
         &format!(
-            "[group]\nname = 'g1'\ncoordinator = true\nmembers = ['127.0.0.1:{}', '127.0.0.1:{}']\ncrash_interval_secs = 0\nprepare_timeout_secs = 1\n",
+            "[group]\nname = 'g1'\ncoordinator = true\ncoordinator_key = '{key}'\ncoordinator_key_blake3 = '{hash}'\nmembers = ['127.0.0.1:{}', '127.0.0.1:{}']\ncrash_interval_secs = 0\nprepare_timeout_secs = 1\n",
             c.status["agent2"], c.status["agent3"]
         ),
     );
-    append(&c, "agent2", "[group]\nname = 'g1'\n");
-    append(&c, "agent3", "[group]\nname = 'g1'\n");
+    append(&c, "agent2", &format!("[group]\nname = 'g1'\ncoordinator_key_blake3 = '{hash}'\n"));
+    append(&c, "agent3", &format!("[group]\nname = 'g1'\ncoordinator_key_blake3 = '{hash}'\n"));
     let agents = ["agent", "agent2", "agent3"];
     c.start_all();
     wait_all_caught_up(&c, &agents);
@@ -162,15 +166,15 @@ fn group_tags_give_common_points_and_a_failed_member_leaves_none() {
 
     // Committed by two of three members only: not a point for anyone (no partial point).
     for a in agents {
-        let (code, v) = c.api(a, "POST", "/group/prepare", Some(member_request("manual-1", &[])));
+        let (code, v) = c.api_as(a, Some(&key), "POST", "/group/prepare", Some(member_request("manual-1", &[])));
         assert_eq!(code, 200, "{a}: {v}");
     }
     let members = ["vm1", "vm2", "vm3"];
     for a in ["agent", "agent2"] {
-        let (code, v) = c.api(a, "POST", "/group/commit", Some(member_request("manual-1", &members)));
+        let (code, v) = c.api_as(a, Some(&key), "POST", "/group/commit", Some(member_request("manual-1", &members)));
         assert_eq!(code, 200, "{a}: {v}");
     }
-    let (code, v) = c.api("agent3", "POST", "/group/abort", Some(member_request("manual-1", &members)));
+    let (code, v) = c.api_as("agent3", Some(&key), "POST", "/group/abort", Some(member_request("manual-1", &members)));
     assert_eq!(code, 200, "{v}");
     wait_all_caught_up(&c, &agents);
     let g = group(&c);
@@ -182,9 +186,10 @@ fn group_tags_give_common_points_and_a_failed_member_leaves_none() {
 
     // A member replicated to another master target: no common point can exist (RG-2).
     for a in ["agent", "agent2"] {
-        let (code, v) = c.api(a, "POST", "/group/prepare", Some(member_request("rg2", &[])));
+        let (code, v) = c.api_as(a, Some(&key), "POST", "/group/prepare", Some(member_request("rg2", &[])));
         assert_eq!(code, 200, "{v}");
-        let (code, v) = c.api(a, "POST", "/group/commit", Some(member_request("rg2", &["vm1", "vm2", "vm9"])));
+        let (code, v) =
+            c.api_as(a, Some(&key), "POST", "/group/commit", Some(member_request("rg2", &["vm1", "vm2", "vm9"])));
         assert_eq!(code, 200, "{v}");
     }
     wait_all_caught_up(&c, &agents);
@@ -194,7 +199,20 @@ fn group_tags_give_common_points_and_a_failed_member_leaves_none() {
     let g = group(&c);
     assert!(g["problems"].to_string().contains("RG-2"), "{g:#}");
     // Not a member of this group: refused clearly.
-    let (code, v) = c.api("agent2", "POST", "/group/prepare", Some(json!({ "group": "other", "tag": "x" })));
+    let (code, v) =
+        c.api_as("agent2", Some(&key), "POST", "/group/prepare", Some(json!({ "group": "other", "tag": "x" })));
     assert_eq!(code, 409, "{v}");
     assert!(v["message"].as_str().unwrap().contains("not a member"), "{v}");
+    // Nobody else holds a member's writes: not without a key, not with the member's own control
+    // token (a member cannot pose as the coordinator), not with a wrong key.
+    let prepare = Some(member_request("forged", &[]));
+    let token = c.control_token("agent2");
+    for (who, bearer) in
+        [("no key", None), ("the member's control token", Some(token.as_str())), ("a wrong key", Some("gk_0"))]
+    {
+        let (code, v) = c.api_as("agent2", bearer, "POST", "/group/prepare", prepare.clone());
+        assert!(code == 401 || code == 403, "{who}: {code} {v}");
+        assert!(v["code"] == 9020 || v["code"] == 9021, "{who}: {v}");
+    }
+    assert!(c.status("agent2")["write_hold"].is_null(), "no write hold was taken: {}", c.status("agent2"));
 }

@@ -357,11 +357,32 @@ impl Cluster {
         self.api("master-target", method, path, body)
     }
 
-    /// Call a component's API (status listener).
+    /// Call a component's API (status listener) as the ferry CLI does: what is not a GET carries
+    /// the daemon's control token, read from the file its status names.
     pub fn api(&self, c: &str, method: &str, path: &str, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
+        let token = (method != "GET").then(|| self.control_token(c));
+        self.api_as(c, token.as_deref(), method, path, body)
+    }
+
+    /// Call a component's API with this bearer token (or none).
+    pub fn api_as(
+        &self,
+        c: &str,
+        bearer: Option<&str>,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
         let body = body.map(|b| b.to_string());
-        http_json(self.status[c], method, path, body.as_deref())
+        http_json_as(self.status[c], bearer, method, path, body.as_deref())
             .unwrap_or_else(|| panic!("{c} API {method} {path} unreachable; log:\n{}", tail(&self.log(c))))
+    }
+
+    /// The control token of a component, from the file its status names.
+    pub fn control_token(&self, c: &str) -> String {
+        let st = self.status(c);
+        let file = st["control_token_file"].as_str().unwrap_or_else(|| panic!("{c} names no control token: {st}"));
+        std::fs::read_to_string(file).unwrap_or_else(|e| panic!("{file}: {e}")).trim().to_owned()
     }
 
     /// Wait until a component's status endpoint answers (it is up), or fail with its log.
@@ -505,10 +526,22 @@ pub fn tail(s: &str) -> String {
 
 /// Blocking HTTP/1.1 request returning (status, JSON).
 pub fn http_json(port: u16, method: &str, path: &str, body: Option<&str>) -> Option<(u16, serde_json::Value)> {
+    http_json_as(port, None, method, path, body)
+}
+
+/// [`http_json`] with `Authorization: Bearer <bearer>`.
+pub fn http_json_as(
+    port: u16,
+    bearer: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Option<(u16, serde_json::Value)> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
     let body = body.unwrap_or("");
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).ok()?;
+    let auth = bearer.map(|b| format!("Authorization: Bearer {b}\r\n")).unwrap_or_default();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).ok()?;
     let mut resp = String::new();
     s.read_to_string(&mut resp).ok()?;
     let (head, rest) = resp.split_once("\r\n\r\n")?;

@@ -173,8 +173,16 @@ impl Drop for Lab {
 
 /// Plain HTTP to a status endpoint (loopback).
 fn http_json(addr: &str, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+    http_json_as(addr, None, method, path, body)
+}
+
+/// [`http_json`] with a bearer token.
+fn http_json_as(addr: &str, bearer: Option<&str>, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
     let mut c = Command::new("curl");
     c.args(["-s", "-X", method, "-w", "\n%{http_code}", "-H", "Content-Type: application/json"]);
+    if let Some(b) = bearer {
+        c.args(["-H", &format!("Authorization: Bearer {b}")]);
+    }
     if let Some(b) = body {
         c.args(["--data-binary", &b.to_string()]);
     }
@@ -769,7 +777,11 @@ fn a_protect_job_survives_the_configuration_server_killed_at_a_random_point() {
     // The group's machines take a common point through their coordinator.
     let ends: Value =
         serde_json::from_slice(&std::fs::read(lab.guest("app1").join("endpoints.json")).unwrap()).unwrap();
-    let (code, v) = http_json(ends["status"].as_str().unwrap(), "POST", "/group/point", Some(&json!({"app": false})));
+    // As the ferry CLI does it: the coordinator's control token from the file its status names.
+    let addr = ends["status"].as_str().unwrap();
+    let (_, st) = http_json(addr, "GET", "/status", None);
+    let token = std::fs::read_to_string(st["control_token_file"].as_str().unwrap()).unwrap();
+    let (code, v) = http_json_as(addr, Some(token.trim()), "POST", "/group/point", Some(&json!({"app": false})));
     assert_eq!(code, 200, "{v}");
     let pts = wait("the multi-machine point at the master target", Duration::from_secs(60), || {
         let p = lab.json(&["recovery-points", "app2"]);

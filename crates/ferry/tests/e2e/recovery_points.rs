@@ -683,7 +683,10 @@ fn operator_commands_and_bad_requests() {
     let (code, v) = c.mt_api("POST", "/machines/vm1/points", Some(json!({ "selector": "latest-app" })));
     assert_eq!(code, 404, "{v}");
     assert!(v["message"].as_str().unwrap().contains("app-consistent"), "{v}");
-    let (code, v) = http_json(c.status["master-target"], "POST", "/machines/vm1/points", Some("{not json")).unwrap();
+    let token = c.control_token("master-target");
+    let (code, v) =
+        http_json_as(c.status["master-target"], Some(&token), "POST", "/machines/vm1/points", Some("{not json"))
+            .unwrap();
     assert_eq!(code, 400, "{v}");
     let (code, v) = c.mt_api(
         "POST",

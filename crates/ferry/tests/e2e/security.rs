@@ -13,6 +13,11 @@ fn as_nobody(cmd: &str, args: &[&str]) -> Output {
     Command::new("runuser").args(["-u", "nobody", "--", cmd]).args(args).output().unwrap()
 }
 
+/// Run the ferry CLI as this test's user (the daemons' user).
+fn ferry_cmd(args: &[&str]) -> Output {
+    Command::new(FERRY).args(args).output().unwrap()
+}
+
 /// Every file and folder below `root` (and `root` itself) with its mode.
 fn modes(root: &Path) -> Vec<(PathBuf, u32, bool)> {
     let mut out = Vec::new();
@@ -200,9 +205,99 @@ fn a_web_page_cannot_take_points_or_hold_writes_through_a_status_listener() {
     assert_eq!(tags(&c), before, "no point was taken");
     // The machine still writes (no write hold), and Ferry's own request is served.
     assert!(c.qemu_io("disk0", "write -P 5 0 64k\nflush\n").status.success());
-    let (code, v) = http_json(port, "POST", "/points/crash", None).unwrap();
+    let (code, v) = c.api("agent", "POST", "/points/crash", None);
     assert_eq!(code, 200, "{v}");
     assert_eq!(tags(&c), before + 1);
+}
+
+/// The master target's point API and the agent's point and verify routes need the daemon's
+/// control token, which only the daemon's user can read: a local user (as `nobody`, who reaches
+/// the loopback listeners and the test folder) can neither read the token nor take a point,
+/// open a writable export of a machine's disk, discard another operator's export or start a
+/// verify; the read-only status stays open. The ferry CLI, as the daemon's user, is served.
+#[test]
+fn a_local_user_cannot_use_the_point_api_or_the_agents_control_routes() {
+    let mut c = Cluster::new(Opts { agent_extra: "crash_point_interval_secs = 0\n".into(), ..Default::default() });
+    c.start_all();
+    assert!(c.qemu_io("disk0", "write -P 7 0 1M\nflush\n").status.success());
+    c.wait_caught_up(Duration::from_secs(30));
+    // An operator's export, which the attacker will try to discard.
+    let (code, export) = c.mt_api(
+        "POST",
+        "/machines/vm1/materializations",
+        Some(serde_json::json!({ "point": "latest-processed", "kind": "export" })),
+    );
+    assert_eq!(code, 201, "{export}");
+    let id = export["id"].as_str().unwrap().to_owned();
+    let listed =
+        |c: &Cluster| c.mt_api("GET", "/materializations", None).1["materializations"].as_array().unwrap().len();
+    let tags = |c: &Cluster| c.status("agent")["points"]["crash_tags"].as_u64().unwrap_or(0);
+    let (before_listed, before_tags) = (listed(&c), tags(&c));
+
+    let token_files = [c.status("agent"), c.status("master-target")]
+        .map(|st| PathBuf::from(st["control_token_file"].as_str().unwrap()));
+    for f in &token_files {
+        assert_eq!(std::fs::metadata(f).unwrap().permissions().mode() & 0o777, 0o600, "{}", f.display());
+    }
+    let (mt, agent) = (c.status["master-target"], c.status["agent"]);
+    let attempts: Vec<(u16, &str, String, String)> = vec![
+        (
+            mt,
+            "POST",
+            "/machines/vm1/materializations".into(),
+            r#"{"point": "latest-processed", "kind": "export", "writable": true}"#.into(),
+        ),
+        (mt, "POST", "/machines/vm1/points".into(), r#"{"selector": "latest"}"#.into()),
+        (mt, "DELETE", format!("/materializations/{id}"), String::new()),
+        (agent, "POST", "/points/crash".into(), String::new()),
+        (agent, "POST", "/points/app".into(), String::new()),
+        (agent, "POST", "/verify".into(), r#"{"disk": "disk0", "repair": true}"#.into()),
+        (agent, "POST", "/group/point".into(), "{}".into()),
+    ];
+    let root = !is_not_root();
+    if root {
+        std::fs::set_permissions(c.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(as_nobody("ls", &[c.path().to_str().unwrap()]).status.success(), "nobody reaches the test folder");
+        for f in &token_files {
+            let read = as_nobody("cat", &[f.to_str().unwrap()]);
+            assert!(!read.status.success() && read.stdout.is_empty(), "nobody read {}", f.display());
+        }
+        let status = as_nobody(
+            "curl",
+            &["-s", "-o", "/dev/null", "-w", "%{http_code}", &format!("http://127.0.0.1:{mt}/status")],
+        );
+        assert_eq!(String::from_utf8_lossy(&status.stdout), "200", "the read-only status stays open");
+    }
+    for (port, method, path, body) in &attempts {
+        let url = format!("http://127.0.0.1:{port}{path}");
+        let mut args =
+            vec!["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", method, "-H", "Content-Type: application/json"];
+        if !body.is_empty() {
+            args.extend(["--data-binary", body.as_str()]);
+        }
+        args.push(&url);
+        for bearer in [None, Some("Authorization: Bearer fc_guessed")] {
+            let mut a = args.clone();
+            if let Some(h) = bearer {
+                a.splice(0..0, ["-H", h]);
+            }
+            let out = if root { as_nobody("curl", &a) } else { Command::new("curl").args(&a).output().unwrap() };
+            let code = String::from_utf8_lossy(&out.stdout).into_owned();
+            let want = if bearer.is_some() { "403" } else { "401" };
+            assert_eq!(code, want, "{method} {path} with {bearer:?}");
+        }
+    }
+    // Nothing changed: no point, no new export, the operator's export still there.
+    assert_eq!(tags(&c), before_tags, "no point was taken");
+    assert_eq!(listed(&c), before_listed, "no export was made or discarded");
+    assert!(c.status("agent")["write_hold"].is_null());
+    // The daemon's own user (the CLI reads the token file the status names) is served.
+    let out = ferry_cmd(&["agent", "crash-point", "--status-addr", &format!("127.0.0.1:{agent}")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(tags(&c), before_tags + 1);
+    let out = ferry_cmd(&["master-target", "discard", &id, "--status-addr", &format!("127.0.0.1:{mt}")]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(listed(&c), before_listed - 1);
 }
 
 /// Images of a point go only where the admin allows, never through a link (qemu-img follows
