@@ -85,6 +85,26 @@ pub struct ConfigServerConfig {
     /// Largest request body accepted.
     #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
+    /// Connections open at once (more are closed at accept), 1..=65536.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Connections open at once from one source address (IPv6: one /64), 1..=max_connections.
+    #[serde(default = "default_max_connections_per_source")]
+    pub max_connections_per_source: usize,
+    /// Time a client has for its TLS handshake and for each request's header; also the longest
+    /// a kept-alive connection stays idle. Seconds, above 0.
+    #[serde(default = "default_header_read_timeout", deserialize_with = "ferry_types::bounds::secs")]
+    pub header_read_timeout_secs: f64,
+}
+
+fn default_max_connections() -> usize {
+    1024
+}
+fn default_max_connections_per_source() -> usize {
+    128
+}
+fn default_header_read_timeout() -> f64 {
+    10.0
 }
 
 fn default_heartbeat_timeout() -> f64 {
@@ -110,6 +130,30 @@ fn default_max_body() -> usize {
 }
 
 impl ConfigServerConfig {
+    /// The API listener's limits, range-checked.
+    pub fn http_limits(&self) -> Result<ferry_status::http::HttpLimits, ConfigServerError> {
+        let bad = |m: String| Err(ConfigServerError::Setup(m));
+        if !(1..=65536).contains(&self.max_connections) {
+            return bad(format!("max_connections = {} must be between 1 and 65536", self.max_connections));
+        }
+        if !(1..=self.max_connections).contains(&self.max_connections_per_source) {
+            return bad(format!(
+                "max_connections_per_source = {} must be between 1 and max_connections ({})",
+                self.max_connections_per_source, self.max_connections
+            ));
+        }
+        if self.header_read_timeout_secs < 0.1 || self.header_read_timeout_secs > 3600.0 {
+            return bad(format!(
+                "header_read_timeout_secs = {} must be between 0.1 and 3600",
+                self.header_read_timeout_secs
+            ));
+        }
+        Ok(ferry_status::http::HttpLimits {
+            max_connections: self.max_connections,
+            max_per_source: self.max_connections_per_source,
+            header_read_timeout: std::time::Duration::from_secs_f64(self.header_read_timeout_secs),
+        })
+    }
     pub fn database_location(&self) -> String {
         self.database.clone().unwrap_or_else(|| self.state_dir.join("ferry.db").to_string_lossy().into_owned())
     }
@@ -221,74 +265,46 @@ pub async fn prepare(config: &ConfigServerConfig) -> Result<(Store, FirstStart, 
     Ok((store, first, ca_pem))
 }
 
-/// Accept loop: TLS handshakes run concurrently (a slow client never blocks others); finished
-/// streams are handed to axum.
-struct TlsListener {
-    rx: tokio::sync::mpsc::Receiver<(
-        ferry_tls::tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
-        std::net::SocketAddr,
-    )>,
-    local: std::net::SocketAddr,
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = ferry_tls::tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
-    type Addr = std::net::SocketAddr;
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.rx.recv().await {
-            Some(x) => x,
-            // The accept loop ended (shutdown): park; graceful shutdown completes the server.
-            None => std::future::pending().await,
-        }
-    }
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
-    }
-}
-
 /// The address a request came from, for handlers that need it (per-source throttling).
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub std::net::SocketAddr);
 
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for PeerAddr {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
-        PeerAddr(*stream.remote_addr())
-    }
-}
-
-fn tls_listener(
+/// Accept loop: each connection is admitted under the HTTP limits (in total and per source)
+/// before its TLS handshake, which runs concurrently with a time limit (a slow client never
+/// blocks others), then served with the header timeout (`ferry_status::http`).
+async fn serve_tls(
     listener: TcpListener,
     acceptor: ferry_tls::tokio_rustls::TlsAcceptor,
+    app: axum::Router,
+    limits: ferry_status::http::HttpLimits,
     shutdown: CancellationToken,
-) -> std::io::Result<TlsListener> {
-    let local = listener.local_addr()?;
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(async move {
-        loop {
-            let (tcp, peer) = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
-            tokio::spawn(async move {
-                match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = tx.send((tls, peer)).await;
-                    }
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+) {
+    let gate = ferry_status::http::Gate::new(limits);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
                 }
-            });
-        }
-    });
-    Ok(TlsListener { rx, local })
+            },
+        };
+        let Some(admitted) = gate.admit(peer.ip()) else {
+            tracing::debug!(%peer, "connection refused: too many open");
+            continue;
+        };
+        let (acceptor, app, sd) = (acceptor.clone(), app.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => ferry_status::http::spawn_connection(tls, PeerAddr(peer), app, limits, admitted, sd),
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            }
+        });
+    }
 }
 
 /// Run the configuration server on a pre-bound listener until `shutdown`.
@@ -299,6 +315,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), ConfigServerError> {
     let (store, mut first, ca_pem) = prepared;
+    let limits = config.http_limits()?;
     let tls_dir = config.tls_dir();
     let acceptor = ferry_tls::token_api_acceptor(&ferry_tls::TlsFiles::in_dir(&tls_dir, "config-server"))?;
     let ops = ops::arc(store.clone(), config.backup_config(), config.power_programs.clone());
@@ -318,13 +335,8 @@ pub async fn serve(
     tokio::spawn(health::watch(state.clone(), shutdown.clone()));
     tokio::spawn(periodic(state.clone(), shutdown.clone()));
     let app = api::router(state.clone());
-    let l = tls_listener(listener, acceptor, shutdown.clone()).map_err(|e| ConfigServerError::Setup(e.to_string()))?;
-    let sd = shutdown.clone();
     // The peer address reaches handlers (registration is throttled per source).
-    axum::serve(l, app.into_make_service_with_connect_info::<PeerAddr>())
-        .with_graceful_shutdown(async move { sd.cancelled().await })
-        .await
-        .map_err(|e| ConfigServerError::Setup(e.to_string()))?;
+    serve_tls(listener, acceptor, app, limits, shutdown.clone()).await;
     state.store.close().await;
     Ok(())
 }

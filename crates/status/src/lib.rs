@@ -2,6 +2,7 @@
 //! and `ferry <component> status` reads it. Extra routes (e.g. the agent's verify) are merged in.
 
 pub mod control;
+pub mod http;
 mod rate;
 pub mod server_client;
 pub use control::Access;
@@ -55,7 +56,15 @@ pub async fn serve(
         )
     });
     let app = app.layer(axum::middleware::from_fn(refuse_browser_writes));
-    axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+    // Loopback listeners are reached by every local user: a flood must not take the descriptors
+    // the daemon needs for its data path, so connections are capped and timed out.
+    http::serve_tcp(
+        listener,
+        app,
+        http::HttpLimits { max_connections: 512, max_per_source: 128, ..Default::default() },
+        shutdown,
+    )
+    .await
 }
 
 /// Any web page a local user opens can make the browser send a "simple" cross-origin POST (a

@@ -1066,3 +1066,67 @@ fn a_site_cannot_make_the_server_run_a_program_or_touch_files_outside_it() {
     assert!(j["error"]["message"].as_str().unwrap().contains("symbolic link"), "{j}");
     assert_eq!(std::fs::read(victim.join("disk0.img")).unwrap(), b"not yours");
 }
+
+/// 16 000 connections that never finish their TLS handshake (or their header) cannot exhaust the
+/// configuration server: those over the per-source cap are closed at accept, the others after
+/// the header timeout; a client from another address is served throughout, and descriptors and
+/// memory come back after the flood. Bad limits are refused at start.
+#[test]
+fn a_connection_flood_cannot_exhaust_the_configuration_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ferry.db");
+    let s = Server::start(&dir.path().join("state"), db.to_str().unwrap(), &["header_read_timeout_secs=2"]);
+    let pid = s.child.as_ref().unwrap().id();
+    let admin = s.admin();
+    let probe = || {
+        let out = Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10", "--interface", "127.0.0.3"])
+            .arg("--cacert")
+            .arg(s.ca())
+            .args(["-H", &format!("Authorization: Bearer {admin}")])
+            .arg(format!("https://127.0.0.1:{}/api/v1/policies", s.port))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(probe(), "200");
+    let (fds0, rss0) = crate::harness::fds_and_rss(pid);
+    let mut flood = Vec::new();
+    // 16 000: the test's own descriptor limit here is 20 000.
+    for _ in 0..16 {
+        flood.extend(crate::harness::slow_connections(s.port, "127.0.0.2", 1000, b""));
+        assert_eq!(probe(), "200", "a client from another address is served during the flood");
+    }
+    let (fds, _) = crate::harness::fds_and_rss(pid);
+    assert!(fds <= fds0 + 128 + 16, "the flood holds {fds} descriptors (baseline {fds0})");
+    eprintln!("flood: {} client sockets, daemon descriptors {fds0} -> {fds}", flood.len());
+    assert!(flood.len() >= 15_000, "the flood reached the listener");
+    drop(flood);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (fds, rss) = crate::harness::fds_and_rss(pid);
+        if fds <= fds0 + fds0 / 10 + 1 && rss <= rss0 + rss0 / 10 + (4 << 20) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "descriptors {fds} (was {fds0}), RSS {rss} (was {rss0})");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(probe(), "200");
+
+    for (set, what) in [
+        ("max_connections=0", "max_connections"),
+        ("max_connections_per_source=5000", "max_connections_per_source"),
+        ("header_read_timeout_secs=0", "header_read_timeout_secs"),
+    ] {
+        let state = dir.path().join(format!("bad-{what}"));
+        let out = Command::new(FERRY)
+            .args(["config-server", "--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(&state)
+            .args(["--set", set])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{set} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(what), "{set}: {err}");
+    }
+}

@@ -378,6 +378,11 @@ impl Cluster {
             .unwrap_or_else(|| panic!("{c} API {method} {path} unreachable; log:\n{}", tail(&self.log(c))))
     }
 
+    /// The process ID of a running component.
+    pub fn pid(&self, c: &str) -> u32 {
+        self.procs[c].id()
+    }
+
     /// The control token of a component, from the file its status names.
     pub fn control_token(&self, c: &str) -> String {
         let st = self.status(c);
@@ -728,4 +733,45 @@ pub async fn tls_to(
     let connector = ferry_tls::connector(&files).unwrap();
     let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     connector.connect(ferry_tls::server_name(server_name).unwrap(), tcp).await.unwrap()
+}
+
+/// Open descriptors and resident memory (bytes) of a process.
+pub fn fds_and_rss(pid: u32) -> (usize, u64) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    (fds, rss * 1024)
+}
+
+/// `n` connections from `source` (a loopback address) to 127.0.0.1:`port`, each having sent
+/// `first` (half a request header, or nothing for a TLS listener: a handshake never started)
+/// and nothing more. Returns the client sockets.
+pub fn slow_connections(port: u16, source: &str, n: usize, first: &[u8]) -> Vec<std::net::TcpStream> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let source: std::net::SocketAddr = format!("{source}:0").parse().unwrap();
+    rt.block_on(async {
+        let mut open = Vec::new();
+        for _ in 0..n {
+            let Ok(sock) = tokio::net::TcpSocket::new_v4() else { break };
+            if sock.bind(source).is_err() {
+                break;
+            }
+            let Ok(Ok(s)) =
+                tokio::time::timeout(Duration::from_secs(5), sock.connect(([127, 0, 0, 1], port).into())).await
+            else {
+                continue;
+            };
+            let s = s.into_std().unwrap();
+            s.set_nonblocking(false).unwrap();
+            if !first.is_empty() {
+                let _ = (&s).write_all(first);
+            }
+            open.push(s);
+        }
+        open
+    })
 }

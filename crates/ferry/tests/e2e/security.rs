@@ -358,3 +358,52 @@ fn images_go_only_below_the_image_root_without_links_and_planted_targets_are_set
     let (code, v) = materialize(&c.path().join("images/ok"));
     assert_eq!(code, 201, "{v}");
 }
+
+/// A flood of slow-header connections to the master target's loopback status listener cannot
+/// take the descriptors it needs: connections over the cap are closed at accept, the others
+/// after the header timeout; a request from another address is served throughout, replication
+/// goes on, and descriptors and memory come back once the flood ends.
+#[test]
+fn a_connection_flood_on_a_status_listener_is_bounded_and_the_master_target_keeps_serving() {
+    let mut c = Cluster::new(Opts::default());
+    c.start_all();
+    assert!(c.qemu_io("disk0", "write -P 3 0 1M\nflush\n").status.success());
+    c.wait_caught_up(Duration::from_secs(30));
+    let pid = c.pid("master-target");
+    let port = c.status["master-target"];
+    let (fds0, rss0) = fds_and_rss(pid);
+    let probe = || {
+        let out = Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10", "--interface", "127.0.0.3"])
+            .arg(format!("http://127.0.0.1:{port}/status"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let mut flood = Vec::new();
+    // 16 000: the test's own descriptor limit here is 20 000.
+    for _ in 0..16 {
+        flood.extend(slow_connections(port, "127.0.0.2", 1000, b"GET /status HTTP/1.1\r\nHost: x\r\n"));
+        assert_eq!(probe(), "200", "a request from another address is served during the flood");
+    }
+    let (fds, _) = fds_and_rss(pid);
+    // The per-source cap (128) bounds what the flood holds, whatever its size.
+    assert!(fds <= fds0 + 128 + 16, "the flood holds {fds} descriptors (baseline {fds0})");
+    eprintln!("flood: {} client sockets, daemon descriptors {fds0} -> {fds}", flood.len());
+    assert!(flood.len() >= 15_000, "the flood reached the listener");
+    // Replication goes on meanwhile.
+    assert!(c.qemu_io("disk0", "write -P 4 1M 1M\nflush\n").status.success());
+    c.wait_caught_up(Duration::from_secs(60));
+    c.assert_identical();
+    drop(flood);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (fds, rss) = fds_and_rss(pid);
+        if fds <= fds0 + fds0 / 10 + 1 && rss <= rss0 + rss0 / 10 + (4 << 20) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "descriptors {fds} (was {fds0}), RSS {rss} (was {rss0})");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(probe(), "200");
+}
