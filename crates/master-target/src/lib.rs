@@ -237,14 +237,19 @@ impl MasterTarget {
             r.check_layout(&hello.machine)?;
             return Ok(r.clone());
         }
-        let r = Replica::create(
-            &self.config_for_new(),
-            &machine,
-            &hello.machine,
-            self.exports.clone(),
-            self.shutdown.clone(),
-        )
-        .map_err(|e| (codes::STORAGE.code, e.to_string(), "check the datastore and retention folders".into()))?;
+        // A master target linked to a configuration server replicates only what it protected
+        // (the protect job assigns the machine's datastore first): a certificate holder cannot
+        // make it create replicas, threads and sparse disks for any name it invents.
+        let config = self.config_for_new();
+        if config.config_server.is_some() && !config.machine_datastores.contains_key(machine.as_str()) {
+            return Err((
+                codes::NOT_PROTECTED.code,
+                format!("machine {machine} is not protected on master target {}", self.config.name),
+                codes::NOT_PROTECTED.remedy.to_owned(),
+            ));
+        }
+        let r = Replica::create(&config, &machine, &hello.machine, self.exports.clone(), self.shutdown.clone())
+            .map_err(|e| (codes::STORAGE.code, e.to_string(), "check the datastore and retention folders".into()))?;
         map.insert(machine, r.clone());
         Ok(r)
     }

@@ -110,6 +110,9 @@ registry! {
     INVALID_RECORD = 9013, 400, "invalid-record",
         "a record names a disk the machine does not have or writes outside its disk; it was not acknowledged",
         "restart the agent; if it persists, re-protect the machine";
+    NOT_PROTECTED = 9014, 403, "not-protected",
+        "a stream for a machine the configuration server has not protected on this master target was refused: no replica was created",
+        "protect the machine through the configuration server (`ferry protect`), which assigns it to this master target; a standalone master target names its machines in `machine_datastores`";
 
     // Ferry's own: the control plane.
     UNAUTHENTICATED = 9020, 401, "unauthenticated",

@@ -85,7 +85,9 @@ fn registered_components_take_their_settings_from_the_server_heartbeat_and_turn_
     let mut c = Cluster::new(Opts {
         agent_extra: link("agent"),
         ps_extra: link("process-server"),
-        mt_extra: link("master-target"),
+        // vm1 is not protected through the server here: the master target's own file names it
+        // (a linked master target creates replicas only for the machines it was given).
+        mt_extra: format!("{}[machine_datastores]\nvm1 = '{{dir}}/datastore'\n", link("master-target")),
         ..Default::default()
     });
     c.start_all();
@@ -129,6 +131,32 @@ fn registered_components_take_their_settings_from_the_server_heartbeat_and_turn_
     });
     let agent = v.as_array().unwrap().iter().find(|c| c["kind"] == "agent").unwrap();
     assert_eq!(agent["status"]["machine"], "vm1", "the heartbeat carries the agent's status: {agent:#}");
+    // A stream for a machine the server never gave this master target creates nothing (300 such
+    // Hellos once made 300 replicas of sparse 4 TiB disks, with their threads, kept for good).
+    let state: Value =
+        serde_json::from_slice(&std::fs::read(c.path().join("agent-state/state.json")).unwrap()).unwrap();
+    let intruder = ferry_protocol::MachineDescriptor {
+        name: "intruder".into(),
+        disks: serde_json::from_value(state["disks"].clone()).unwrap(),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        use ferry_protocol::{FrameCodec, Hello, Message, Role};
+        use futures::{SinkExt, StreamExt};
+        let tls = tls_to(c.mt_port, &c, "process-server", "master-target").await;
+        let mut f = tokio_util::codec::Framed::new(tls, FrameCodec::default());
+        let hello = Hello { role: Role::ProcessServer, machine: intruder, generation: ferry_protocol::Generation(1) };
+        f.send(Message::Hello(hello)).await.unwrap();
+        match f.next().await {
+            Some(Ok(Message::Error { code, message, .. })) => {
+                assert_eq!(code, ferry_protocol::codes::NOT_PROTECTED.code, "{message}")
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    });
+    assert!(!c.path().join("datastore/intruder").exists(), "no replica folder was created");
+    assert!(!c.path().join("retention/intruder").exists(), "no journal was created");
+    assert!(c.status("master-target")["machines"].as_array().unwrap().iter().all(|m| m["machine"] != "intruder"));
     c.kill9("process-server");
     let v =
         wait("the process server turns critical (806)", &|v| health(v, "process-server") == Some("critical".into()));
