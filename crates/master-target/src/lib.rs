@@ -354,7 +354,7 @@ pub async fn serve(
     }
     if let Some(addr) = status_listener.as_ref().and_then(|l| l.local_addr().ok()) {
         if !addr.ip().is_loopback() {
-            tracing::warn!(%addr, "the status and recovery-point API listens on a non-loopback address without authentication: anyone who reaches it can create images and exports; keep status_listen on 127.0.0.1");
+            tracing::warn!(%addr, "the status and recovery-point API listens on a non-loopback address over plain HTTP: the control token would cross the network in clear and anyone who reaches it reads the status; keep status_listen on 127.0.0.1");
         }
     }
     ferry_status::spawn(

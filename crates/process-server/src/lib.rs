@@ -175,6 +175,12 @@ impl ProcessServer {
         Ok(s)
     }
 
+    /// Whether the machine has a spool here or a route from the configuration server.
+    fn knows(&self, machine: &MachineName) -> bool {
+        self.lock_spools().contains_key(machine)
+            || self.live.read().unwrap_or_else(|p| p.into_inner()).machine_master_targets.contains_key(machine.as_str())
+    }
+
     /// Bytes held by all spools.
     pub fn spool_bytes(&self) -> u64 {
         self.lock_spools().values().map(|s| s.bytes()).sum()
@@ -450,6 +456,19 @@ where
             return Err(ferry_protocol::refuse(&mut framed, codes::BAD_NAME.code, m, "rename the machine or disk").await)
         }
     };
+    // Linked to a configuration server, the process server spools only machines the server
+    // routed to it (the protect job routes before it configures the agent): a certificate holder
+    // cannot make it open spools and forwarding tasks for names it invents.
+    if ps.config.config_server.is_some() && !ps.knows(&machine) {
+        let message = format!("machine {machine} is not protected through this process server");
+        return Err(ferry_protocol::refuse(
+            &mut framed,
+            codes::NOT_PROTECTED.code,
+            message,
+            codes::NOT_PROTECTED.remedy,
+        )
+        .await);
+    }
     let spool = match ps.spool_for(Some(&hello), &machine) {
         Ok(s) => s,
         Err(e) => {

@@ -90,6 +90,15 @@ fn registered_components_take_their_settings_from_the_server_heartbeat_and_turn_
         mt_extra: format!("{}[machine_datastores]\nvm1 = '{{dir}}/datastore'\n", link("master-target")),
         ..Default::default()
     });
+    // Likewise the process server spools only machines routed to it.
+    c.edit_config("process-server", |t| {
+        let mut route = toml::Table::new();
+        route.insert("address".into(), t["master_target"].clone());
+        route.insert("name".into(), "master-target".into());
+        let mut routes = toml::Table::new();
+        routes.insert("vm1".into(), route.into());
+        t.insert("machine_master_targets".into(), routes.into());
+    });
     c.start_all();
     c.wait_caught_up(Duration::from_secs(30));
     let mt = c.status("master-target");
@@ -143,17 +152,23 @@ fn registered_components_take_their_settings_from_the_server_heartbeat_and_turn_
     rt.block_on(async {
         use ferry_protocol::{FrameCodec, Hello, Message, Role};
         use futures::{SinkExt, StreamExt};
-        let tls = tls_to(c.mt_port, &c, "process-server", "master-target").await;
-        let mut f = tokio_util::codec::Framed::new(tls, FrameCodec::default());
-        let hello = Hello { role: Role::ProcessServer, machine: intruder, generation: ferry_protocol::Generation(1) };
-        f.send(Message::Hello(hello)).await.unwrap();
-        match f.next().await {
-            Some(Ok(Message::Error { code, message, .. })) => {
-                assert_eq!(code, ferry_protocol::codes::NOT_PROTECTED.code, "{message}")
+        for (port, as_component, server, role) in [
+            (c.mt_port, "process-server", "master-target", Role::ProcessServer),
+            (c.ps_port, "agent", "process-server", Role::Agent),
+        ] {
+            let tls = tls_to(port, &c, as_component, server).await;
+            let mut f = tokio_util::codec::Framed::new(tls, FrameCodec::default());
+            let hello = Hello { role, machine: intruder.clone(), generation: ferry_protocol::Generation(1) };
+            f.send(Message::Hello(hello)).await.unwrap();
+            match f.next().await {
+                Some(Ok(Message::Error { code, message, .. })) => {
+                    assert_eq!(code, ferry_protocol::codes::NOT_PROTECTED.code, "{server}: {message}")
+                }
+                other => panic!("{server}: expected a refusal, got {other:?}"),
             }
-            other => panic!("expected a refusal, got {other:?}"),
         }
     });
+    assert!(!c.path().join("cache/intruder").exists(), "no spool was created");
     assert!(!c.path().join("datastore/intruder").exists(), "no replica folder was created");
     assert!(!c.path().join("retention/intruder").exists(), "no journal was created");
     assert!(c.status("master-target")["machines"].as_array().unwrap().iter().all(|m| m["machine"] != "intruder"));
