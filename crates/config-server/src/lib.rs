@@ -282,7 +282,11 @@ async fn serve_tls(
     let gate = ferry_status::http::Gate::new(limits);
     loop {
         let (tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => {
+                // Requests in flight finish before the store closes.
+                gate.drained(std::time::Duration::from_secs(5)).await;
+                return;
+            }
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {

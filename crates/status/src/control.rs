@@ -105,6 +105,13 @@ pub fn load_or_create_control_token(path: &Path) -> std::io::Result<String> {
                     path.display()
                 )));
             }
+            if md.uid() != ferry_sys::proc::effective_uid() {
+                return Err(std::io::Error::other(format!(
+                    "{} belongs to another user (uid {}): whoever planted it knows the token; remove it and restart",
+                    path.display(),
+                    md.uid()
+                )));
+            }
             if md.mode() & 0o077 != 0 {
                 return Err(std::io::Error::other(format!(
                     "{} can be read by other users (mode {:o}): remove it and restart (the daemon writes a new, private control token)",
@@ -135,9 +142,33 @@ pub fn load_or_create_control_token(path: &Path) -> std::io::Result<String> {
 }
 
 /// The control token a daemon's status names, read from its file (the caller must be allowed
-/// to read it: the daemon's user on its host).
+/// to read it: the daemon's user on its host). The status is unauthenticated, so the file is
+/// trusted only when it looks like a control token file: a regular file (not a link) of the
+/// caller's own user, private, and small; a status that names any other file (a secret of the
+/// caller's, `/dev/zero`) gets nothing sent.
 pub fn read_control_token(path: &Path) -> std::io::Result<String> {
-    std::fs::read_to_string(path).map(|t| t.trim().to_owned())
+    use std::os::unix::fs::MetadataExt;
+    let md = std::fs::symlink_metadata(path)?;
+    let why = if !md.file_type().is_file() {
+        Some("is not a regular file")
+    } else if md.uid() != ferry_sys::proc::effective_uid() {
+        Some("belongs to another user")
+    } else if md.mode() & 0o077 != 0 {
+        Some("can be read by other users")
+    } else if md.len() > 256 {
+        Some("is too large for a control token")
+    } else {
+        None
+    };
+    if let Some(why) = why {
+        return Err(std::io::Error::other(format!("{} {why}: not a control token file", path.display())));
+    }
+    let t = std::fs::read_to_string(path)?;
+    let t = t.trim();
+    if !t.starts_with("fc_") {
+        return Err(std::io::Error::other(format!("{} does not hold a control token", path.display())));
+    }
+    Ok(t.to_owned())
 }
 
 impl Failure {
@@ -184,7 +215,18 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
         assert_eq!(load_or_create_control_token(&p).unwrap(), t, "kept across restarts");
+        assert_eq!(read_control_token(&p).unwrap(), t);
+        // What an unauthenticated status might name instead: a link, another secret, a device.
+        let link = d.path().join("link");
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+        assert!(read_control_token(&link).is_err(), "a link is not followed");
+        let other = d.path().join("other-secret");
+        std::fs::write(&other, "hunter2").unwrap();
+        std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(read_control_token(&other).is_err(), "a file that holds no control token");
+        assert!(read_control_token(Path::new("/dev/zero")).is_err());
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert!(load_or_create_control_token(&p).is_err(), "a readable token file is refused");
+        assert!(read_control_token(&p).is_err());
     }
 }

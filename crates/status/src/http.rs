@@ -100,6 +100,15 @@ impl Gate {
         Some(Admitted { open: self.open.clone(), source })
     }
 
+    /// Wait until every admitted connection has ended (they finish their requests after a
+    /// shutdown), at most `limit`.
+    pub async fn drained(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.open() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Connections open now.
     pub fn open(&self) -> usize {
         self.open.lock().unwrap_or_else(|p| p.into_inner()).0
@@ -154,7 +163,10 @@ pub async fn serve_tcp(
     let gate = Gate::new(limits);
     loop {
         let (tcp, peer): (tokio::net::TcpStream, SocketAddr) = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = shutdown.cancelled() => {
+                gate.drained(Duration::from_secs(5)).await;
+                return Ok(());
+            }
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {

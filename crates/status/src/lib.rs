@@ -296,6 +296,17 @@ pub async fn call_control<T: DeserializeOwned>(
     path: &str,
     body: Option<&(impl Serialize + ?Sized)>,
 ) -> Result<T, StatusError> {
+    // The token is this host's secret: sent only to a daemon on this host.
+    let local = tokio::net::lookup_host(addr).await.map(|mut a| a.all(|a| a.ip().is_loopback())).unwrap_or(false);
+    if !local {
+        return Err(StatusError::ControlToken {
+            addr: addr.to_owned(),
+            file: String::new(),
+            source: std::io::Error::other(
+                "control routes are served to the daemon's own host only: run the command there, against its loopback status address",
+            ),
+        });
+    }
     let status = status_of(addr).await?;
     let token =
         match status.control_token_file() {

@@ -69,6 +69,12 @@ pub fn private_umask() {
     }
 }
 
+/// The effective user ID of this process.
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

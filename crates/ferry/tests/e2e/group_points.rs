@@ -203,8 +203,8 @@ fn group_tags_give_common_points_and_a_failed_member_leaves_none() {
         c.api_as("agent2", Some(&key), "POST", "/group/prepare", Some(json!({ "group": "other", "tag": "x" })));
     assert_eq!(code, 409, "{v}");
     assert!(v["message"].as_str().unwrap().contains("not a member"), "{v}");
-    // Nobody else holds a member's writes: not without a key, not with the member's own control
-    // token (a member cannot pose as the coordinator), not with a wrong key.
+    // Nobody without the key holds a member's writes: not without a key, not with the member's
+    // own control token (the local CLI's credential is not the group's), not with a wrong key.
     let prepare = Some(member_request("forged", &[]));
     let token = c.control_token("agent2");
     for (who, bearer) in
