@@ -389,7 +389,8 @@ pub struct GroupSetting {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub coordinator_key: Option<String>,
     /// Members: the BLAKE3 hash (hex) of the coordinator's key; a group request is accepted
-    /// only with the key of this hash, so members cannot pose as the coordinator.
+    /// only with the key of this hash (the coordinator sends the key itself, so members learn it
+    /// at the first round: it keeps out everyone outside the group, not the members).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub coordinator_key_blake3: Option<String>,
     /// Coordinator: the other members' status addresses.

@@ -6,9 +6,10 @@
 //! way a database keeps a cookie file for its local clients. The ferry CLI, running as that user
 //! on the same host, learns the file from `GET /status` and sends the token as
 //! `Authorization: Bearer`. Routes whose role is [`Role::Coordinator`] (a replication group's
-//! prepare/commit/abort) need the group's coordinator key, which only the coordinator holds:
-//! members keep its BLAKE3 hash, so no member (and no local user) can hold another member's
-//! writes. Read-only routes ([`Role::Local`]) stay open.
+//! prepare/commit/abort) need the group's coordinator key: the configuration server gives it to
+//! the coordinator and its BLAKE3 hash to the members, so no local user or other component can
+//! hold a member's writes (members see the key when the coordinator sends it: closing that needs
+//! per-request signatures). Read-only routes ([`Role::Local`]) stay open.
 
 use std::path::Path;
 use std::sync::Arc;
