@@ -61,7 +61,7 @@ class Chain:
         self.p = {k: so.getsockname()[1] for k, so in self.socks.items()}
         self.exe_for = {}
         if not os.path.exists(f"{d}/certs"):
-            run([FERRY, "certs", "--dir", f"{d}/certs"])
+            run([FERRY, "certs", "--dir", f"{d}/certs", "--component", "process-server", "--component", "master-target", "--component", "agent/vm1"])
         self.extra_agent = list(extra_agent)
 
     def start(self, which):

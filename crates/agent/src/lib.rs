@@ -118,6 +118,9 @@ pub struct AgentListeners {
     pub status: Option<TcpListener>,
 }
 
+/// Where a linked agent keeps the revoked certificate serials (in its state folder).
+pub const REVOKED_FILE: &str = "revoked-certificates.json";
+
 /// Run the agent until `shutdown` is cancelled, then stop cleanly.
 pub async fn serve(
     config: AgentConfig,
@@ -161,7 +164,12 @@ pub async fn serve(
     // The sender outlives the NBD exports: on shutdown it keeps draining the log while the
     // machine waits for the process server's acknowledgements.
     let sender_stop = CancellationToken::new();
-    let sender = tokio::spawn(sender::run(machine.clone(), connector, sender_stop.clone()));
+    // A linked agent keeps the certificates the configuration server revoked in its state folder.
+    let revoked = Arc::new(match config.config_server {
+        Some(_) => ferry_tls::Revoked::load(&config.state_dir.join(REVOKED_FILE)).map_err(AgentError::Config)?,
+        None => ferry_tls::Revoked::none(),
+    });
+    let sender = tokio::spawn(sender::run(machine.clone(), connector, revoked.clone(), sender_stop.clone()));
     let maintenance = {
         let m = machine.clone();
         let sd = shutdown.clone();
@@ -197,7 +205,18 @@ pub async fn serve(
             backend: Arc::new(ReplicatedDisk { machine: machine.clone(), index: i as u16 }),
         });
     }
-    let nbd_config = Arc::new(ServerConfig::new(exports, nbd_tls.clone(), nbd_tls.is_some()));
+    let mut nbd_config = ServerConfig::new(exports, nbd_tls.clone(), nbd_tls.is_some());
+    // Over TLS only this machine's NBD client (`nbd-client/MACHINE`) attaches its disks: not any
+    // certificate of the CA (another machine's hypervisor, a process server's).
+    let (rv, name) = (revoked.clone(), machine.name.to_string());
+    nbd_config.tls_client_check = Some(Arc::new(move |conn| {
+        let id = rv.peer_identity(conn).map_err(|e| e.to_string())?;
+        if id.role != ferry_tls::CertRole::NbdClient || id.name != name {
+            return Err(format!("certificate {id} may not attach machine {name}'s disks (needs nbd-client/{name})"));
+        }
+        Ok(())
+    }));
+    let nbd_config = Arc::new(nbd_config);
     let mut tasks = Vec::new();
     if let Some(l) = listeners.nbd_tcp {
         tasks.push(tokio::spawn(ferry_nbd::serve_tcp(l, nbd_config.clone(), shutdown.clone())));
@@ -210,7 +229,15 @@ pub async fn serve(
     if let Some(link) = config.config_server.clone() {
         let m = machine.clone();
         let status = move || ComponentStatus::Agent(m.status());
-        ferry_status::spawn_heartbeats(link, ComponentKind::Agent, machine.name.to_string(), status, shutdown.clone());
+        let name = machine.name.to_string();
+        ferry_status::spawn_heartbeats(link.clone(), ComponentKind::Agent, name.clone(), status, shutdown.clone());
+        // The agent takes its other settings at start; while running it follows the revocations.
+        let apply = move |v: ferry_api::control::ComponentSettings| {
+            if let Err(e) = revoked.extend(v.revoked_certificates.as_deref().unwrap_or_default()) {
+                tracing::error!(error = %e, "cannot keep the revoked certificates");
+            }
+        };
+        ferry_status::spawn_settings_watch(link, ComponentKind::Agent, name, apply, shutdown.clone());
     }
     shutdown.cancelled().await;
     for t in tasks {

@@ -13,6 +13,7 @@ use crate::machine::{push_event, Machine};
 pub(crate) async fn run(
     machine: Arc<Machine>,
     connector: ferry_tls::tokio_rustls::TlsConnector,
+    revoked: Arc<ferry_tls::Revoked>,
     shutdown: CancellationToken,
 ) {
     let interval = Duration::from_secs_f64(machine.config.reconnect_interval_secs.max(0.01));
@@ -20,7 +21,7 @@ pub(crate) async fn run(
         if shutdown.is_cancelled() {
             return;
         }
-        let result = session(&machine, &connector, &shutdown).await;
+        let result = session(&machine, &connector, &revoked, &shutdown).await;
         // Initial-sync chunks sent on a lost link may never be acknowledged: copy them again.
         machine.requeue_bulk();
         let err = match result {
@@ -46,6 +47,7 @@ pub(crate) async fn run(
 async fn session(
     machine: &Arc<Machine>,
     connector: &ferry_tls::tokio_rustls::TlsConnector,
+    revoked: &ferry_tls::Revoked,
     shutdown: &CancellationToken,
 ) -> Result<(), String> {
     let addr = &machine.config.process_server;
@@ -61,6 +63,10 @@ async fn session(
         .await
         .map_err(|_| format!("TLS with process server {addr} did not complete within {limit:?}"))?
         .map_err(|e| format!("TLS with process server {addr} failed: {e}"))?;
+    // Only a process server's certificate, not revoked: the disk's writes go nowhere else.
+    revoked
+        .check_server(tls.get_ref().1, ferry_tls::CertRole::ProcessServer)
+        .map_err(|e| format!("process server {addr} refused: {e}"))?;
     ship(machine, tls, shutdown).await
 }
 

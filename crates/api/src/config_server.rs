@@ -528,6 +528,11 @@ pub struct RegisterRequest {
     /// Host names / addresses the component is reached at (put in its certificate).
     #[serde(default)]
     pub hosts: Vec<String>,
+    /// The site the component runs at, for its identity (`kind/name@site`). An agent's site is
+    /// the one whose inventory holds its machine; a component a discovered site lists must name
+    /// that site (or none).
+    #[serde(default)]
+    pub site: Option<String>,
 }
 
 /// `POST /api/v1/register` answer: the signed certificate and the component's token.
@@ -537,6 +542,8 @@ pub struct Registered {
     pub ca: String,
     pub token: String,
     pub token_id: String,
+    /// The identity the certificate carries (`agent/db1@primary`).
+    pub identity: String,
 }
 
 /// `GET /api/v1/server`.

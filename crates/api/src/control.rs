@@ -183,6 +183,12 @@ pub struct Component {
     /// The restore this component was reconciled against (each restore reconciles once).
     #[serde(default)]
     pub reconciled_restore: Option<String>,
+    /// The identity its certificate carries (`agent/db1@primary`), chosen at registration.
+    #[serde(default)]
+    pub identity: Option<String>,
+    /// Serial of its current certificate (registering again revokes the earlier one).
+    #[serde(default)]
+    pub certificate_serial: Option<String>,
 }
 
 fn status_or_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<ComponentStatus>, D::Error> {
@@ -232,6 +238,13 @@ pub struct ComponentSettings {
     /// Master targets: datastore folder per machine.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine_datastores: Option<BTreeMap<String, PathBuf>>,
+    /// Every linked component: serials of the certificates the configuration server revoked
+    /// (computed at each fetch, never stored per component).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_certificates: Option<Vec<String>>,
+    /// Master targets: identity of the process server each machine streams through.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_process_servers: Option<BTreeMap<String, String>>,
     /// Master targets: retention window per machine, seconds (from its agent's policy unless set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine_retention_secs: Option<BTreeMap<String, f64>>,
@@ -269,6 +282,8 @@ pub fn setting_access(kind: ComponentKind, key: &str) -> Option<SettingAccess> {
         "process_server_name",
         "machine_master_targets",
         "machine_datastores",
+        "machine_process_servers",
+        "revoked_certificates",
         "master_target",
         "master_target_name",
         "machine",

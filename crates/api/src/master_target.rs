@@ -35,6 +35,10 @@ pub struct MasterTargetSettings {
     /// Datastore folder per machine (where its target disks live).
     #[serde(default)]
     pub machine_datastores: BTreeMap<String, PathBuf>,
+    /// The identity (`process-server/NAME@site`) of the only process server that may stream each
+    /// machine here: the one its protection routes it through.
+    #[serde(default)]
+    pub machine_process_servers: BTreeMap<String, String>,
 }
 
 /// One replicated machine on a master target.

@@ -38,6 +38,11 @@ pub struct MasterTargetRoute {
     pub address: String,
     /// Name in that master target's certificate.
     pub name: String,
+    /// The identity (`agent/M@site`) of the only certificate whose holder may stream this
+    /// machine to the process server: the one the configuration server issued to its agent.
+    /// None (a hand-written route): any agent certificate naming the machine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
 }
 
 /// One machine's spool.

@@ -98,6 +98,8 @@ pub async fn heartbeat(
         status: None,
         policy: None,
         reconciled_restore: None,
+        identity: None,
+        certificate_serial: None,
     });
     comp.reconciled_restore = restored;
     comp.last_seen_ms = Some(crate::jobs::now_ms());

@@ -16,6 +16,7 @@ pub mod ops;
 pub mod protection;
 pub mod provider;
 pub mod registration;
+pub mod revocation;
 pub mod settings;
 
 use std::path::PathBuf;

@@ -9,7 +9,7 @@
 //!
 //! Size: the protect job (request checks and steps) in one place; its steps become an enum when failover and reprotect add jobs of the same shape.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -593,10 +593,27 @@ pub async fn run_step(store: &Store, pj: &ProtectJob<'_>, step: usize, ctl: &Job
                     }
                 }
             }
+            // The master target takes each machine's stream only from the process server its
+            // protection routes it through (by the identity that server's certificate carries).
+            let Some(ps_identity) =
+                component(store, ComponentKind::ProcessServer, &first.process_server).await.and_then(|c| c.identity)
+            else {
+                return fail(
+                    errors::NOT_FOUND,
+                    format!(
+                        "process server {} registered without an identity: register it again",
+                        first.process_server
+                    ),
+                );
+            };
             let r = update_settings(store, &key, |b| {
                 let map = b.machine_datastores.get_or_insert_with(Default::default);
                 for p in &ps {
                     map.insert(p.machine.clone(), p.datastore_path.clone());
+                }
+                let map = b.machine_process_servers.get_or_insert_with(Default::default);
+                for p in &ps {
+                    map.insert(p.machine.clone(), ps_identity.clone());
                 }
             })
             .await;
@@ -613,6 +630,7 @@ pub async fn run_step(store: &Store, pj: &ProtectJob<'_>, step: usize, ctl: &Job
                     |st| {
                         st.master_target().is_some_and(|mt| {
                             mt.settings.machine_datastores.get(&p.machine) == Some(&p.datastore_path)
+                                && mt.settings.machine_process_servers.get(&p.machine) == Some(&ps_identity)
                                 && mt.settings.machine_retention_secs.contains_key(&p.machine)
                         })
                     },
@@ -640,13 +658,23 @@ pub async fn run_step(store: &Store, pj: &ProtectJob<'_>, step: usize, ctl: &Job
                     format!("master target {} has not reported its replication address", first.master_target),
                 );
             };
-            let route = MasterTargetRoute { address: address.clone(), name: first.master_target.clone() };
+            // Each machine's route names the identity its agent's certificate carries: the process
+            // server takes that machine's stream from that certificate only.
+            let mut routes = BTreeMap::new();
+            for p in &ps {
+                let agent = component(store, ComponentKind::Agent, &p.machine).await.and_then(|c| c.identity);
+                if agent.is_none() {
+                    return fail(
+                        errors::NOT_FOUND,
+                        format!("agent {} registered without an identity: register it again", p.machine),
+                    );
+                }
+                let route = MasterTargetRoute { address: address.clone(), name: first.master_target.clone(), agent };
+                routes.insert(p.machine.clone(), route);
+            }
             let key = format!("process-server/{}", first.process_server);
             let r = update_settings(store, &key, |b| {
-                let map = b.machine_master_targets.get_or_insert_with(Default::default);
-                for p in &ps {
-                    map.insert(p.machine.clone(), route.clone());
-                }
+                b.machine_master_targets.get_or_insert_with(Default::default).extend(routes.clone());
             })
             .await;
             if let Err(e) = r {
@@ -660,8 +688,9 @@ pub async fn run_step(store: &Store, pj: &ProtectJob<'_>, step: usize, ctl: &Job
                     &p.process_server,
                     Duration::from_secs(120),
                     |st| {
-                        st.process_server()
-                            .is_some_and(|ps| ps.settings.machine_master_targets.get(&p.machine) == Some(&route))
+                        st.process_server().is_some_and(|ps| {
+                            ps.settings.machine_master_targets.get(&p.machine) == routes.get(&p.machine)
+                        })
                     },
                 )
                 .await;

@@ -12,6 +12,7 @@ use crate::errors::{self, ApiError};
 use crate::http::{hash_token, new_token, Body};
 use crate::AppState;
 use ferry_api::control::ComponentKind;
+use ferry_api::inventory::Inventory;
 
 pub const COMPONENT: &str = "component";
 
@@ -64,10 +65,14 @@ pub async fn register(
     s.registration_failures.lock().unwrap_or_else(|p| p.into_inner()).forgive(source, now);
     let tls = s.tls_dir.clone();
     let csr = r.csr.clone();
-    let cn = format!("{}/{}", r.kind, r.name);
     let others: Vec<Component> = s.store.list::<Component>(COMPONENT).await?.into_iter().map(|d| d.body).collect();
     let sans = certificate_names(r.kind, &r.name, &r.hosts, source, &others).map_err(ApiError::bad)?;
-    let cert = tokio::task::spawn_blocking(move || ferry_tls::sign_csr(&tls, &csr, &cn, &sans, CERT_DAYS))
+    let inventories: Vec<Inventory> =
+        s.store.list::<Inventory>(crate::ops::INVENTORY).await?.into_iter().map(|d| d.body).collect();
+    let site = component_site(r.kind, &r.name, r.site.as_deref(), &inventories).map_err(ApiError::bad)?;
+    let identity = ferry_tls::Identity::new(cert_role(r.kind), &r.name, site.as_deref()).map_err(ApiError::bad)?;
+    let id2 = identity.clone();
+    let signed = tokio::task::spawn_blocking(move || ferry_tls::sign_csr(&tls, &csr, &id2, &sans, CERT_DAYS))
         .await
         .map_err(|e| refused(&e.to_string()))?
         .map_err(|e| refused(&format!("the certificate request is invalid: {e}")))?;
@@ -96,14 +101,65 @@ pub async fn register(
         status: None,
         policy: None,
         reconciled_restore: None,
+        identity: None,
+        certificate_serial: None,
     });
     comp.registered_ms = Some(crate::jobs::now_ms());
+    let earlier = comp.certificate_serial.replace(signed.serial.clone());
+    comp.identity = Some(identity.to_string());
     s.store.put(COMPONENT, &key, &comp, None).await?;
+    if let Some(serial) = earlier {
+        crate::revocation::revoke(&s, &serial, &format!("{key} registered again")).await?;
+    }
     s.store.add_event(0, "info", &key, &format!("{} {} registered", r.kind, r.name)).await?;
     Ok((
         StatusCode::CREATED,
-        Json(ferry_api::config_server::Registered { certificate: cert, ca: s.ca_pem.clone(), token, token_id: id }),
+        Json(ferry_api::config_server::Registered {
+            certificate: signed.pem,
+            ca: s.ca_pem.clone(),
+            token,
+            token_id: id,
+            identity: identity.to_string(),
+        }),
     ))
+}
+
+/// The certificate role of a component kind.
+pub fn cert_role(kind: ComponentKind) -> ferry_tls::CertRole {
+    match kind {
+        ComponentKind::Agent => ferry_tls::CertRole::Agent,
+        ComponentKind::ProcessServer => ferry_tls::CertRole::ProcessServer,
+        ComponentKind::MasterTarget => ferry_tls::CertRole::MasterTarget,
+    }
+}
+
+/// The site in a component's identity: the site whose discovered inventory lists it (an agent's
+/// machine, a master target, a process server) — a request naming another site is refused —
+/// else the site the registering admin named, else none.
+pub fn component_site(
+    kind: ComponentKind,
+    name: &str,
+    requested: Option<&str>,
+    inventories: &[Inventory],
+) -> Result<Option<String>, String> {
+    let listed = inventories.iter().find(|i| match kind {
+        ComponentKind::Agent => i.content.machines.iter().any(|m| m.name == name),
+        ComponentKind::MasterTarget => i.content.master_targets.iter().any(|m| m.name == name),
+        ComponentKind::ProcessServer => i.content.process_servers.iter().any(|p| p.name == name),
+    });
+    match (listed, requested) {
+        (Some(i), Some(r)) if i.site != r => Err(format!(
+            "{kind} {name} is in the inventory of site {}, not {r}: register it with --site {} (or without --site)",
+            i.site, i.site
+        )),
+        (Some(i), _) => Ok(Some(i.site.clone())),
+        (None, r) => {
+            if let Some(r) = r {
+                ferry_types::validate_name("site", r)?;
+            }
+            Ok(r.map(str::to_owned))
+        }
+    }
 }
 
 /// Names no component's certificate may carry: the configuration server's own, and the default
@@ -234,6 +290,8 @@ mod name_tests {
             status: None,
             policy: None,
             reconciled_restore: None,
+            identity: None,
+            certificate_serial: None,
         }
     }
 

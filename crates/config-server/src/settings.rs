@@ -73,7 +73,9 @@ pub(crate) async fn get_settings(
         s.store.list::<Policy>(model::POLICY).await?.into_iter().map(|d| (d.id, d.body)).collect();
     let key = format!("{kind}/{name}");
     let stored = all.iter().find(|(id, _)| *id == key).map(|(_, b)| b.clone()).unwrap_or_default();
-    let effective = effective_settings(kind, &stored, &policies, &all);
+    let mut effective = effective_settings(kind, &stored, &policies, &all);
+    let revoked = crate::revocation::revoked_serials(&s).await?;
+    effective.revoked_certificates = (!revoked.is_empty()).then_some(revoked);
     // The coordinator's key is its own: readers and operators see that one is set, not what it is.
     ok(if own { effective } else { effective.without_secrets() })
 }

@@ -117,7 +117,11 @@ async fn fetch_settings(link: &ferry_status::ConfigServerLink, kind: &str, name:
     if status != 200 {
         anyhow::bail!("HTTP {status}: {}", String::from_utf8_lossy(&body));
     }
-    let v: serde_json::Value = serde_json::from_slice(&body).context("settings are not JSON")?;
+    let mut v: serde_json::Value = serde_json::from_slice(&body).context("settings are not JSON")?;
+    // Not a configuration key: the running component follows it (its settings watch).
+    if let Some(m) = v.as_object_mut() {
+        m.remove("revoked_certificates");
+    }
     let t: toml::Table = toml::Value::try_from(v)
         .context("settings do not convert to TOML")?
         .try_into()

@@ -667,14 +667,14 @@ pub async fn register(
     kind: &str,
     name: &str,
     hosts: &[String],
+    site: Option<&str>,
     dir: &std::path::Path,
     out: OutputFormat,
 ) -> Result<()> {
     let kind = ComponentKind::parse(kind)
         .with_context(|| format!("--kind {kind:?} is not agent, process-server or master-target"))?;
-    let summary =
-        ferry_status::server_client::register_component(server, fingerprint, passphrase, kind, name, hosts, dir)
-            .await?;
+    let who = ferry_status::server_client::Registrant { kind, name, hosts, site };
+    let summary = ferry_status::server_client::register_component(server, fingerprint, passphrase, &who, dir).await?;
     match out {
         OutputFormat::Json => print_json(&summary),
         OutputFormat::Table => println!(

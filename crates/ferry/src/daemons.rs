@@ -74,7 +74,7 @@ pub(crate) struct AgentRunArgs {
     pub(crate) nbd_socket: Option<PathBuf>,
     #[arg(long)]
     pub(crate) status_listen: Option<String>,
-    /// Folder with ca.pem, agent.pem, agent.key (as written by `ferry certs`).
+    /// Folder with ca.pem, agent-MACHINE.pem, agent-MACHINE.key (`ferry certs --component agent/MACHINE`).
     #[arg(long)]
     pub(crate) certs: Option<PathBuf>,
     /// A protected disk as NAME=PATH (repeatable; replaces the file's disks).
@@ -176,13 +176,15 @@ pub(crate) fn publish_ready(listeners: &[(&str, Option<&tokio::net::TcpListener>
 
 pub(crate) async fn run_agent(a: AgentRunArgs) -> Result<()> {
     let mut o = Overrides::default();
+    // `ferry certs --component agent/MACHINE` writes agent-MACHINE.pem.
+    let stem = a.machine.as_deref().map_or_else(|| "agent".to_owned(), |m| format!("agent-{m}"));
     o.string("machine", a.machine);
     o.path("state_dir", a.state_dir);
     o.string("process_server", a.process_server);
     o.string("nbd_listen", a.nbd_listen);
     o.path("nbd_socket", a.nbd_socket);
     o.string("status_listen", a.status_listen);
-    o.certs(a.certs, "agent");
+    o.certs(a.certs, &stem);
     o.int("log_limit_bytes", a.log_limit_bytes);
     if a.shipping_paused {
         o.bool("shipping_paused", true);

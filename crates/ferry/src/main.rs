@@ -160,6 +160,10 @@ struct RegisterArgs {
     /// Host names or addresses peers reach this component at (repeatable; in its certificate).
     #[arg(long = "host")]
     hosts: Vec<String>,
+    /// The site this component runs at (its identity is KIND/NAME@SITE; an agent's site is its
+    /// machine's, from the server's inventory).
+    #[arg(long)]
+    site: Option<String>,
 }
 
 #[derive(Args)]
@@ -167,8 +171,11 @@ struct CertsArgs {
     /// Folder for ca.pem/ca.key and COMPONENT.pem/.key (an existing CA there is reused).
     #[arg(long)]
     dir: PathBuf,
-    /// Components to issue certificates for.
-    #[arg(long = "component", default_values_t = vec!["agent".to_string(), "process-server".to_string(), "master-target".to_string()])]
+    /// Identities to issue certificates for: `process-server`, `master-target`, `agent/MACHINE`,
+    /// `nbd-client/MACHINE`, each optionally `@SITE` (files: `process-server.pem`,
+    /// `agent-MACHINE.pem`, ...). Data-path peers accept an agent's stream only for the machine its
+    /// certificate names.
+    #[arg(long = "component", default_values_t = vec!["process-server".to_string(), "master-target".to_string()])]
     components: Vec<String>,
     /// Extra DNS names or IP addresses for the certificates (localhost and 127.0.0.1 are always included).
     #[arg(long = "host")]
@@ -262,7 +269,18 @@ async fn run(cli: Cli) -> Result<()> {
         Command::RecoveryPoints { machine, server } => ctl::recovery_points(&machine, &server, out).await,
         Command::Demo(args) => lab_cli::demo(args, out).await,
         Command::Register(r) => {
-            ctl::register(&r.server, &r.ca_fingerprint, &r.passphrase, &r.kind, &r.name, &r.hosts, &r.dir, out).await
+            ctl::register(
+                &r.server,
+                &r.ca_fingerprint,
+                &r.passphrase,
+                &r.kind,
+                &r.name,
+                &r.hosts,
+                r.site.as_deref(),
+                &r.dir,
+                out,
+            )
+            .await
         }
         Command::MasterTarget(cmd) => master_target_cli::run(cmd, out).await,
     }

@@ -233,9 +233,12 @@ impl Guest {
                     &g.config_server,
                     &g.ca_fingerprint,
                     pass.trim(),
-                    ferry_api::control::ComponentKind::Agent,
-                    &self.file.machine,
-                    &[],
+                    &ferry_status::server_client::Registrant {
+                        kind: ferry_api::control::ComponentKind::Agent,
+                        name: &self.file.machine,
+                        hosts: &[],
+                        site: None,
+                    },
                     &self.reg,
                 )
                 .await

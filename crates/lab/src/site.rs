@@ -838,9 +838,12 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, say: Say<'_>) -> Result<L
                 &cs_addr,
                 &state.ca_fingerprint,
                 &passphrase,
-                ferry_api::control::ComponentKind::MasterTarget,
-                &mt.name,
-                &[],
+                &ferry_status::server_client::Registrant {
+                    kind: ferry_api::control::ComponentKind::MasterTarget,
+                    name: &mt.name,
+                    hosts: &[],
+                    site: Some(&site.name),
+                },
                 &reg,
             )
             .await
@@ -878,9 +881,12 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, say: Say<'_>) -> Result<L
                 &cs_addr,
                 &state.ca_fingerprint,
                 &passphrase,
-                ferry_api::control::ComponentKind::ProcessServer,
-                &ps.name,
-                &[],
+                &ferry_status::server_client::Registrant {
+                    kind: ferry_api::control::ComponentKind::ProcessServer,
+                    name: &ps.name,
+                    hosts: &[],
+                    site: Some(&site.name),
+                },
                 &reg,
             )
             .await

@@ -99,6 +99,10 @@ pub struct MasterTargetConfig {
     /// Only used when a machine's replica is created; its folder is then recorded with it.
     #[serde(default)]
     pub machine_datastores: HashMap<String, PathBuf>,
+    /// Per-machine identity of the only process server that may stream it here
+    /// (`process-server/NAME@site`; set by protection). Absent: any process-server certificate.
+    #[serde(default)]
+    pub machine_process_servers: HashMap<String, String>,
     /// The address process servers should use (a proxy or NAT address; default: `listen`).
     #[serde(default)]
     pub advertise: Option<String>,
@@ -159,6 +163,9 @@ fn default_checkpoint_secs() -> f64 {
     1.0
 }
 
+/// Where a linked master target keeps the revoked certificate serials (on its retention volume).
+pub const REVOKED_FILE: &str = "revoked-certificates.json";
+
 /// The per-machine settings a running master target takes from the configuration server.
 pub use ferry_api::master_target::MasterTargetSettings as LiveSettings;
 
@@ -172,6 +179,8 @@ pub struct MasterTarget {
     live: std::sync::RwLock<LiveSettings>,
     /// Materialized points served over NBD.
     pub exports: ferry_nbd::Exports,
+    /// Certificates the configuration server revoked (kept on the retention volume).
+    revoked: Arc<ferry_tls::Revoked>,
     shutdown: CancellationToken,
 }
 
@@ -193,12 +202,18 @@ impl MasterTarget {
         if let Some(f) = config.control_token_file.take() {
             config.control_token_file = Some(std::path::absolute(&f).unwrap_or(f));
         }
+        let revoked = match config.config_server {
+            Some(_) => ferry_tls::Revoked::load(&volume.path.join(REVOKED_FILE)).map_err(MasterTargetError::Refused)?,
+            None => ferry_tls::Revoked::none(),
+        };
         let mt = Arc::new(MasterTarget {
+            revoked: Arc::new(revoked),
             retention: volume.path.clone(),
             _volume: volume,
             live: std::sync::RwLock::new(LiveSettings {
                 machine_retention_secs: config.machine_retention_secs.clone().into_iter().collect(),
                 machine_datastores: config.machine_datastores.clone().into_iter().collect(),
+                machine_process_servers: config.machine_process_servers.clone().into_iter().collect(),
             }),
             config,
             replicas: Mutex::new(HashMap::new()),
@@ -227,11 +242,33 @@ impl MasterTarget {
         self.replicas.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn replica_for(&self, hello: &Hello) -> Result<Arc<Replica>, (u32, String, String)> {
+    /// Whether `peer` may stream `machine` here: a process-server certificate, and when the
+    /// configuration server routed the machine, exactly the process server it routed it through.
+    fn check_process_server(
+        &self,
+        peer: &ferry_tls::Identity,
+        machine: &MachineName,
+    ) -> Result<(), (u32, String, String)> {
+        let wrong = |m: String| (codes::WRONG_IDENTITY.code, m, codes::WRONG_IDENTITY.remedy.to_owned());
+        if peer.role != ferry_tls::CertRole::ProcessServer {
+            return Err(wrong(format!("certificate {peer} is not a process server's")));
+        }
+        let live = self.live.read().unwrap_or_else(|p| p.into_inner());
+        match live.machine_process_servers.get(machine.as_str()) {
+            Some(expected) if *expected != peer.to_string() => Err(wrong(format!(
+                "machine {machine} does not stream through {peer} to master target {}",
+                self.config.name
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    fn replica_for(&self, hello: &Hello, peer: &ferry_tls::Identity) -> Result<Arc<Replica>, (u32, String, String)> {
         let (machine, _) = hello
             .machine
             .checked_names()
             .map_err(|m| (codes::BAD_NAME.code, m, "rename the machine or disk".into()))?;
+        self.check_process_server(peer, &machine)?;
         let mut map = self.lock_replicas();
         if let Some(r) = map.get(&machine) {
             r.check_layout(&hello.machine)?;
@@ -269,7 +306,11 @@ impl MasterTarget {
         let mut s = LiveSettings {
             machine_retention_secs: v.machine_retention_secs.clone().unwrap_or_default(),
             machine_datastores: v.machine_datastores.clone().unwrap_or_default(),
+            machine_process_servers: v.machine_process_servers.clone().unwrap_or_default(),
         };
+        if let Err(e) = self.revoked.extend(v.revoked_certificates.as_deref().unwrap_or_default()) {
+            tracing::error!(error = %e, "cannot keep the revoked certificates");
+        }
         {
             {
                 let mut live = self.live.write().unwrap_or_else(|p| p.into_inner());
@@ -279,6 +320,9 @@ impl MasterTarget {
                 }
                 for (k, d) in &self.config.machine_datastores {
                     s.machine_datastores.entry(k.clone()).or_insert(d.clone());
+                }
+                for (k, p) in &self.config.machine_process_servers {
+                    s.machine_process_servers.entry(k.clone()).or_insert(p.clone());
                 }
                 *live = s;
                 let windows = live.machine_retention_secs.clone();
@@ -381,21 +425,30 @@ pub async fn serve(
         );
     }
     let (mt2, sd) = (mt.clone(), shutdown.clone());
-    ferry_tls::serve_tls(listener, acceptor, shutdown, "process server", move |tls| {
-        handle_process_server(mt2.clone(), tls, sd.clone())
+    ferry_tls::serve_tls(listener, acceptor, mt.revoked.clone(), shutdown, "process server", move |tls, peer| {
+        handle_process_server(mt2.clone(), tls, peer, sd.clone())
     })
     .await;
     mt.lock_replicas().values().for_each(|r| r.stop());
     Ok(())
 }
 
-async fn handle_process_server<S>(mt: Arc<MasterTarget>, stream: S, shutdown: CancellationToken) -> Result<(), String>
+async fn handle_process_server<S>(
+    mt: Arc<MasterTarget>,
+    stream: S,
+    peer: Result<ferry_tls::Identity, ferry_tls::PeerError>,
+    shutdown: CancellationToken,
+) -> Result<(), String>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let mut framed = Framed::new(stream, FrameCodec::default());
+    let peer = match peer {
+        Ok(p) => p,
+        Err(e) => return Err(ferry_protocol::refuse(&mut framed, e.code().code, e.to_string(), e.code().remedy).await),
+    };
     let Some(hello) = ferry_protocol::read_hello(&mut framed, Role::ProcessServer).await? else { return Ok(()) };
-    let replica = match mt.replica_for(&hello) {
+    let replica = match mt.replica_for(&hello, &peer) {
         Ok(r) => r,
         Err((code, message, remedy)) => return Err(ferry_protocol::refuse(&mut framed, code, message, &remedy).await),
     };

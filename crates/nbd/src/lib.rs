@@ -150,11 +150,17 @@ pub struct ServerConfig {
     pub require_tls: bool,
     /// What all connections together may hold.
     pub limits: Limits,
+    /// Who may attach over TLS: called with the finished handshake; an error closes the
+    /// connection before any export is named (the agent allows only its machine's NBD client).
+    pub tls_client_check: Option<TlsClientCheck>,
 }
+
+/// See [`ServerConfig::tls_client_check`].
+pub type TlsClientCheck = Arc<dyn Fn(&tokio_rustls::rustls::CommonState) -> Result<(), String> + Send + Sync>;
 
 impl ServerConfig {
     pub fn new(exports: Exports, tls: Option<tokio_rustls::TlsAcceptor>, require_tls: bool) -> Self {
-        ServerConfig { exports, tls, require_tls, limits: Limits::default() }
+        ServerConfig { exports, tls, require_tls, limits: Limits::default(), tls_client_check: None }
     }
 }
 
@@ -199,6 +205,8 @@ pub enum NbdError {
     TlsRequired,
     #[error("TLS handshake failed: {0}")]
     Tls(std::io::Error),
+    #[error("TLS client refused: {0}")]
+    TlsClientRefused(String),
     #[error("request payload of {0} bytes exceeds the 32 MiB limit")]
     Oversized(u32),
     #[error("too many options during negotiation")]

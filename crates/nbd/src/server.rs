@@ -304,6 +304,12 @@ impl Negotiation {
                     warn!(error = %e, "TLS handshake failed");
                     NbdError::Tls(e)
                 })?;
+                if let Some(check) = &self.config.tls_client_check {
+                    check(tls.get_ref().1).map_err(|e| {
+                        warn!(error = %e, "NBD TLS client refused");
+                        NbdError::TlsClientRefused(e)
+                    })?;
+                }
                 self.io = Box::new(tls);
                 self.tls_active = true;
                 // Negotiation state before STARTTLS is forgotten.

@@ -112,8 +112,13 @@ pub struct ProcessServer {
     spools: Mutex<HashMap<MachineName, Arc<MachineSpool>>>,
     live: std::sync::RwLock<LiveSettings>,
     connector: ferry_tls::tokio_rustls::TlsConnector,
+    /// Certificates the configuration server revoked (kept in the cache folder).
+    revoked: Arc<ferry_tls::Revoked>,
     shutdown: CancellationToken,
 }
+
+/// Where a linked process server keeps the revoked certificate serials.
+pub const REVOKED_FILE: &str = "revoked-certificates.json";
 
 impl ProcessServer {
     pub fn new(config: ProcessServerConfig, shutdown: CancellationToken) -> Result<Arc<Self>, ProcessServerError> {
@@ -135,7 +140,15 @@ impl ProcessServer {
                 .unwrap_or_default();
         routes.extend(config.machine_master_targets.clone());
         let live = std::sync::RwLock::new(LiveSettings { machine_master_targets: routes });
-        let ps = Arc::new(ProcessServer { config, spools: Mutex::new(HashMap::new()), live, connector, shutdown });
+        let revoked = match config.config_server {
+            Some(_) => {
+                ferry_tls::Revoked::load(&config.cache_dir.join(REVOKED_FILE)).map_err(ProcessServerError::Config)?
+            }
+            None => ferry_tls::Revoked::none(),
+        };
+        let revoked = Arc::new(revoked);
+        let ps =
+            Arc::new(ProcessServer { config, spools: Mutex::new(HashMap::new()), live, connector, revoked, shutdown });
         // Resume forwarding whatever the spool still holds, agent connected or not.
         if let Ok(entries) = std::fs::read_dir(&ps.config.cache_dir) {
             for e in entries.flatten() {
@@ -175,6 +188,21 @@ impl ProcessServer {
         Ok(s)
     }
 
+    /// Whether `peer` may stream `machine`: an agent certificate naming that machine, and when the
+    /// configuration server routed the machine, exactly the identity it issued to its agent.
+    fn check_agent(&self, peer: &ferry_tls::Identity, machine: &MachineName) -> Result<(), String> {
+        if peer.role != ferry_tls::CertRole::Agent || peer.name != machine.as_str() {
+            return Err(format!("certificate {peer} may not stream machine {machine}"));
+        }
+        let live = self.live.read().unwrap_or_else(|p| p.into_inner());
+        match live.machine_master_targets.get(machine.as_str()).and_then(|r| r.agent.as_ref()) {
+            Some(expected) if *expected != peer.to_string() => {
+                Err(format!("machine {machine} is protected from another agent than {peer}"))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Whether the machine has a spool here or a route from the configuration server.
     fn knows(&self, machine: &MachineName) -> bool {
         self.lock_spools().contains_key(machine)
@@ -206,12 +234,16 @@ impl ProcessServer {
         live.machine_master_targets.get(machine).cloned().unwrap_or_else(|| MasterTargetRoute {
             address: self.config.master_target.clone(),
             name: self.config.master_target_name.clone(),
+            agent: None,
         })
     }
 
     /// Take new per-machine routes from the configuration server (they apply from the
     /// machine's next connection to a master target).
     pub fn apply_settings(&self, v: &ferry_api::control::ComponentSettings) {
+        if let Err(e) = self.revoked.extend(v.revoked_certificates.as_deref().unwrap_or_default()) {
+            tracing::error!(error = %e, "cannot keep the revoked certificates");
+        }
         let mut s = LiveSettings { machine_master_targets: v.machine_master_targets.clone().unwrap_or_default() };
         {
             {
@@ -300,6 +332,9 @@ impl ProcessServer {
             .await
             .map_err(|_| format!("TLS with master target {addr} did not complete within {limit:?}"))?
             .map_err(|e| format!("TLS with master target {addr} failed: {e}"))?;
+        self.revoked
+            .check_server(tls.get_ref().1, ferry_tls::CertRole::MasterTarget)
+            .map_err(|e| format!("master target {addr} refused: {e}"))?;
         let mut framed = Framed::new(tls, FrameCodec::compressed());
         framed
             .send(Message::Hello(Hello {
@@ -440,15 +475,27 @@ pub async fn serve(
         );
     }
     let ps2 = ps.clone();
-    ferry_tls::serve_tls(listener, acceptor, shutdown, "agent", move |tls| handle_agent(ps2.clone(), tls)).await;
+    let revoked = ps.revoked.clone();
+    ferry_tls::serve_tls(listener, acceptor, revoked, shutdown, "agent", move |tls, peer| {
+        handle_agent(ps2.clone(), tls, peer)
+    })
+    .await;
     Ok(())
 }
 
-async fn handle_agent<S>(ps: Arc<ProcessServer>, stream: S) -> Result<(), String>
+async fn handle_agent<S>(
+    ps: Arc<ProcessServer>,
+    stream: S,
+    peer: Result<ferry_tls::Identity, ferry_tls::PeerError>,
+) -> Result<(), String>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let mut framed = Framed::new(stream, FrameCodec::default());
+    let peer = match peer {
+        Ok(p) => p,
+        Err(e) => return Err(ferry_protocol::refuse(&mut framed, e.code().code, e.to_string(), e.code().remedy).await),
+    };
     let Some(hello) = ferry_protocol::read_hello(&mut framed, Role::Agent).await? else { return Ok(()) };
     let machine = match hello.machine.checked_names() {
         Ok((machine, _)) => machine,
@@ -456,6 +503,10 @@ where
             return Err(ferry_protocol::refuse(&mut framed, codes::BAD_NAME.code, m, "rename the machine or disk").await)
         }
     };
+    if let Err(m) = ps.check_agent(&peer, &machine) {
+        let remedy = codes::WRONG_IDENTITY.remedy;
+        return Err(ferry_protocol::refuse(&mut framed, codes::WRONG_IDENTITY.code, m, remedy).await);
+    }
     // Linked to a configuration server, the process server spools only machines the server
     // routed to it (the protect job routes before it configures the agent): a certificate holder
     // cannot make it open spools and forwarding tasks for names it invents.

@@ -113,6 +113,16 @@ pub struct RegistrationFiles {
     pub token_file: PathBuf,
 }
 
+/// The component being registered: its kind and name, the host names peers reach it at, and the
+/// site it runs at (for its identity; an agent's comes from its machine's inventory).
+#[derive(Debug, Clone, Copy)]
+pub struct Registrant<'a> {
+    pub kind: ComponentKind,
+    pub name: &'a str,
+    pub hosts: &'a [String],
+    pub site: Option<&'a str>,
+}
+
 /// Register a component with the configuration server at `server`: fetch its CA and check it
 /// against `fingerprint`, send a certificate request with `passphrase`, and keep the CA, the key,
 /// the signed certificate and the component token in `dir`. Returns where the files went.
@@ -120,11 +130,10 @@ pub async fn register_component(
     server: &str,
     fingerprint: &str,
     passphrase: &str,
-    kind: ComponentKind,
-    name: &str,
-    hosts: &[String],
+    who: &Registrant<'_>,
     dir: &Path,
 ) -> Result<RegistrationFiles, ClientError> {
+    let Registrant { kind, name, hosts, site } = *who;
     let unreachable = |source| ClientError::Unreachable { server: server.to_owned(), source };
     let (status, ca) = ferry_tls::https_request(server, ferry_tls::Trust::Insecure, "GET", "/api/v1/ca", &[], None)
         .await
@@ -147,8 +156,14 @@ pub async fn register_component(
     let ca_path = dir.join("ca.pem");
     ferry_sys::fs::atomic_replace(&ca_path, ca.as_bytes(), 0o644).map_err(write_err(&ca_path))?;
     let (key, csr) = ferry_tls::key_and_csr(name, hosts)?;
-    let req =
-        RegisterRequest { kind, name: name.to_owned(), passphrase: passphrase.to_owned(), csr, hosts: hosts.to_vec() };
+    let req = RegisterRequest {
+        kind,
+        name: name.to_owned(),
+        passphrase: passphrase.to_owned(),
+        csr,
+        hosts: hosts.to_vec(),
+        site: site.map(str::to_owned),
+    };
     let body = serde_json::to_vec(&req)
         .map_err(|e| ClientError::BadAnswer { server: server.to_owned(), what: e.to_string() })?;
     let (status, resp) = ferry_tls::https_request(

@@ -5,6 +5,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+pub mod identity;
+pub mod revocation;
+pub use identity::{CertRole, Identity};
+pub use revocation::{PeerError, Revoked};
+
 pub use rustls;
 pub use tokio_rustls;
 
@@ -27,6 +32,8 @@ pub enum TlsError {
     Generate(#[from] rcgen::Error),
     #[error("invalid TLS server name {0:?}")]
     ServerName(String),
+    #[error("invalid component identity {0}")]
+    Identity(String),
 }
 
 /// Where a component finds its identity: the CA certificate it trusts, its own certificate and key.
@@ -127,16 +134,22 @@ pub fn server_name(name: &str) -> Result<ServerName<'static>, TlsError> {
     ServerName::try_from(name.to_owned()).map_err(|_| TlsError::ServerName(name.to_owned()))
 }
 
-/// Accept TLS connections until `shutdown`, running `handle` for each in its own task. A failed
-/// handshake or handler is logged with the peer's address; the listener keeps serving others.
+/// Accept TLS connections until `shutdown`, running `handle` for each in its own task with the
+/// identity the peer's verified certificate carries (or why it has none usable: no identity, or
+/// a certificate in `revoked`; the handler refuses such a peer with a code on its own protocol). A failed handshake or handler is logged with
+/// the peer's address; the listener keeps serving others.
 pub async fn serve_tls<F, Fut>(
     listener: tokio::net::TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
+    revoked: Arc<Revoked>,
     shutdown: tokio_util::sync::CancellationToken,
     what: &'static str,
     handle: F,
 ) where
-    F: Fn(tokio_rustls::server::TlsStream<tokio::net::TcpStream>) -> Fut + Send + Sync + 'static,
+    F: Fn(tokio_rustls::server::TlsStream<tokio::net::TcpStream>, Result<Identity, PeerError>) -> Fut
+        + Send
+        + Sync
+        + 'static,
     Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
 {
     let handle = Arc::new(handle);
@@ -155,6 +168,7 @@ pub async fn serve_tls<F, Fut>(
         let _ = stream.set_nodelay(true);
         let acceptor = acceptor.clone();
         let handle = handle.clone();
+        let revoked = revoked.clone();
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(stream)).await {
                 Ok(Ok(t)) => t,
@@ -167,7 +181,8 @@ pub async fn serve_tls<F, Fut>(
                     return;
                 }
             };
-            if let Err(e) = handle(tls).await {
+            let identity = revoked.peer_identity(tls.get_ref().1);
+            if let Err(e) = handle(tls, identity).await {
                 tracing::warn!(%peer, error = %e, "{what} connection closed");
             }
         });
@@ -202,10 +217,14 @@ fn ca_params() -> Result<rcgen::CertificateParams, TlsError> {
     Ok(params)
 }
 
-/// Create (or reuse) a CA in `dir` and a certificate for each component. Each component
-/// certificate names the component and every entry of `hosts` (DNS names or IP addresses) and is
-/// valid for both server and client authentication (components are both).
+/// Create (or reuse) a CA in `dir` and a certificate for each component, named by its identity
+/// (`process-server`, `master-target`, `agent/vm1`, `nbd-client/vm1`, optionally `@SITE`; see
+/// [`Identity::parse`]) and written as `<file stem>.pem`/`.key` ([`Identity::file_stem`]). Each
+/// certificate carries the identity, its name and every entry of `hosts` (DNS names or IP
+/// addresses) and is valid for both server and client authentication (components are both).
 pub fn generate(dir: &Path, components: &[String], hosts: &[String]) -> Result<GeneratedCerts, TlsError> {
+    let identities =
+        components.iter().map(|c| Identity::parse(c).map_err(TlsError::Identity)).collect::<Result<Vec<_>, _>>()?;
     std::fs::create_dir_all(dir).map_err(|source| TlsError::Write { path: dir.to_owned(), source })?;
     let ca_pem = dir.join("ca.pem");
     let ca_key_pem = dir.join("ca.key");
@@ -223,30 +242,52 @@ pub fn generate(dir: &Path, components: &[String], hosts: &[String]) -> Result<G
         (ca_cert, ca_key)
     };
     let mut out = Vec::new();
-    for component in components {
-        let mut names = vec![component.clone(), "localhost".to_owned()];
+    for identity in &identities {
+        let mut names = vec![identity.name.clone(), "localhost".to_owned(), "127.0.0.1".to_owned()];
         names.extend(hosts.iter().cloned());
-        names.dedup();
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-        for n in &names {
-            let san = match n.parse::<std::net::IpAddr>() {
-                Ok(ip) => rcgen::SanType::IpAddress(ip),
-                Err(_) => rcgen::SanType::DnsName(n.clone().try_into()?),
-            };
-            params.subject_alt_names.push(san);
-        }
-        params.subject_alt_names.push(rcgen::SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
-        params.distinguished_name.push(rcgen::DnType::CommonName, component.clone());
-        params.extended_key_usages =
-            vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
         let key = rcgen::KeyPair::generate()?;
-        let cert = params.signed_by(&key, &ca_cert, &ca_key)?;
-        let files = TlsFiles::in_dir(dir, component);
+        let cert = component_params(identity, &names, 825)?.signed_by(&key, &ca_cert, &ca_key)?;
+        let files = TlsFiles::in_dir(dir, &identity.file_stem());
         write_file(&files.cert, &cert.pem(), false)?;
         write_file(&files.key, &key.serialize_pem(), true)?;
         out.push(files);
     }
     Ok(GeneratedCerts { ca: ca_pem, components: out })
+}
+
+/// A component certificate's contents: the identity (subject and URI name), its host names,
+/// server and client authentication, a random serial (what a revocation list names).
+fn component_params(identity: &Identity, names: &[String], days: u32) -> Result<rcgen::CertificateParams, TlsError> {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    let mut seen = std::collections::HashSet::new();
+    for n in names.iter().filter(|n| seen.insert(n.to_ascii_lowercase())) {
+        let san = match n.parse::<std::net::IpAddr>() {
+            Ok(ip) => rcgen::SanType::IpAddress(ip),
+            Err(_) => rcgen::SanType::DnsName(n.clone().try_into()?),
+        };
+        params.subject_alt_names.push(san);
+    }
+    params.subject_alt_names.push(rcgen::SanType::URI(identity.uri().try_into()?));
+    params.distinguished_name.push(rcgen::DnType::CommonName, identity.to_string());
+    params.extended_key_usages =
+        vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    params.is_ca = rcgen::IsCa::NoCa;
+    // 16 random bytes, positive and without a leading zero (DER keeps them as they are, so the
+    // serial a revocation list names is exactly what the peer's certificate carries).
+    let mut serial: [u8; 16] = rand_bytes()?;
+    serial[0] = (serial[0] & 0x7f) | 0x40;
+    params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+    let now = std::time::SystemTime::now();
+    params.not_before = now.into();
+    params.not_after = (now + std::time::Duration::from_secs(u64::from(days) * 86_400)).into();
+    Ok(params)
+}
+
+fn rand_bytes<const N: usize>() -> Result<[u8; N], TlsError> {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; N];
+    ring::rand::SystemRandom::new().fill(&mut b).map_err(|_| TlsError::Verifier("no system randomness".into()))?;
+    Ok(b)
 }
 
 /// SHA-256 of a PEM certificate's DER, as lowercase hex: what an operator compares before
@@ -279,37 +320,36 @@ pub fn key_and_csr(name: &str, hosts: &[String]) -> Result<(String, String), Tls
     Ok((key.serialize_pem(), csr.pem()?))
 }
 
+/// A certificate the CA signed: the PEM and its serial (lowercase hex), which a revocation list
+/// names when the certificate is revoked.
+#[derive(Debug, Clone)]
+pub struct Signed {
+    pub pem: String,
+    pub serial: String,
+}
+
 /// Sign a certificate request with the CA in `ca_dir` (server and client auth, `days` valid).
-/// Only the request's public key is used: the subject (`common_name`) and names (`sans`) are
-/// the signer's choice, never the requester's.
+/// Only the request's public key is used: the identity and names (`sans`) are the signer's
+/// choice, never the requester's.
 pub fn sign_csr(
     ca_dir: &Path,
     csr_pem: &str,
-    common_name: &str,
+    identity: &Identity,
     sans: &[String],
     days: u32,
-) -> Result<String, TlsError> {
+) -> Result<Signed, TlsError> {
     let key_pem = String::from_utf8_lossy(&read(&ca_dir.join("ca.key"))?).into_owned();
     let ca_key = rcgen::KeyPair::from_pem(&key_pem)?;
     let ca_cert = ca_params()?.self_signed(&ca_key)?;
     let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    for n in sans {
-        let san = match n.parse::<std::net::IpAddr>() {
-            Ok(ip) => rcgen::SanType::IpAddress(ip),
-            Err(_) => rcgen::SanType::DnsName(n.clone().try_into()?),
-        };
-        params.subject_alt_names.push(san);
-    }
-    params.distinguished_name.push(rcgen::DnType::CommonName, common_name.to_owned());
-    params.extended_key_usages =
-        vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
-    params.is_ca = rcgen::IsCa::NoCa;
-    let now = std::time::SystemTime::now();
-    params.not_before = now.into();
-    params.not_after = (now + std::time::Duration::from_secs(u64::from(days) * 86_400)).into();
+    let params = component_params(identity, sans, days)?;
+    let serial = params.serial_number.as_ref().map(|s| hex(s.as_ref())).unwrap_or_default();
     csr.params = params;
-    Ok(csr.signed_by(&ca_cert, &ca_key)?.pem())
+    Ok(Signed { pem: csr.signed_by(&ca_cert, &ca_key)?.pem(), serial })
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The one certificate of a PEM document, or an error when it holds none or several (a CA

@@ -113,6 +113,12 @@ registry! {
     NOT_PROTECTED = 9014, 403, "not-protected",
         "a stream for a machine the configuration server has not protected on this master target was refused: no replica was created",
         "protect the machine through the configuration server (`ferry protect`), which assigns it to this master target; a standalone master target names its machines in `machine_datastores`";
+    WRONG_IDENTITY = 9015, 403, "wrong-identity",
+        "the peer's certificate does not carry the identity this stream needs (an agent streams only its own machine, a master target takes a machine only from the process server routed for it); nothing was written",
+        "give each component the certificate issued to it: `ferry register` (the configuration server names it KIND/NAME@SITE), or `ferry certs --component agent/MACHINE` for a CA you hold";
+    CERTIFICATE_REVOKED = 9016, 403, "certificate-revoked",
+        "the peer's certificate was revoked (its component registered again, or an admin revoked it); nothing was written",
+        "register the component again (`ferry register`) and restart it with its new certificate";
 
     // Ferry's own: the control plane.
     UNAUTHENTICATED = 9020, 401, "unauthenticated",

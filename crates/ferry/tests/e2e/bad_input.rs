@@ -21,14 +21,14 @@ async fn malformed_frames_close_only_that_connection() {
     let _ = raw.read_to_end(&mut sink);
 
     // A well-authenticated peer sending a corrupt frame gets an error naming the problem.
-    let mut tls = tls_to(c.ps_port, &c, "agent", "process-server").await;
+    let mut tls = tls_to(c.ps_port, &c, "agent-vm1", "process-server").await;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     tls.write_all(b"FRY1\x01\x00\x00\x00\x00\x00\x00\x04\xde\xad\xbe\xefabcd").await.unwrap();
     let mut resp = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut resp)).await;
 
     // A frame of another protocol version.
-    let mut tls = tls_to(c.ps_port, &c, "agent", "process-server").await;
+    let mut tls = tls_to(c.ps_port, &c, "agent-vm1", "process-server").await;
     tls.write_all(b"FRY1\x07\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00").await.unwrap();
     let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut resp)).await;
 
@@ -57,7 +57,7 @@ async fn malformed_frames_close_only_that_connection() {
     }
 
     // An agent impersonating nothing: wrong role at the master target.
-    let tls = tls_to(c.mt_port, &c, "agent", "master-target").await;
+    let tls = tls_to(c.mt_port, &c, "agent-vm1", "master-target").await;
     let mut f = Framed::new(tls, FrameCodec::default());
     let machine = MachineDescriptor { name: "x".into(), disks: vec![] };
     f.send(Message::Hello(Hello { role: Role::Agent, machine, generation: ferry_protocol::Generation(1) }))
@@ -69,7 +69,7 @@ async fn malformed_frames_close_only_that_connection() {
     }
 
     // A path-traversal machine name is refused.
-    let tls = tls_to(c.ps_port, &c, "agent", "process-server").await;
+    let tls = tls_to(c.ps_port, &c, "agent-vm1", "process-server").await;
     let mut f = Framed::new(tls, FrameCodec::default());
     let machine = MachineDescriptor { name: "../../etc".into(), disks: vec![] };
     f.send(Message::Hello(Hello { role: Role::Agent, machine, generation: ferry_protocol::Generation(1) }))

@@ -148,13 +148,21 @@ fn registered_components_take_their_settings_from_the_server_heartbeat_and_turn_
         name: "intruder".into(),
         disks: serde_json::from_value(state["disks"].clone()).unwrap(),
     };
+    // Its own agent certificate (the CA's holder issues it), so that what refuses it is the
+    // protection check, not the identity check.
+    let issued = Command::new(FERRY)
+        .args(["certs", "--component", "agent/intruder", "--dir"])
+        .arg(c.path().join("certs"))
+        .output()
+        .unwrap();
+    assert!(issued.status.success(), "{}", String::from_utf8_lossy(&issued.stderr));
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
         use ferry_protocol::{FrameCodec, Hello, Message, Role};
         use futures::{SinkExt, StreamExt};
         for (port, as_component, server, role) in [
             (c.mt_port, "process-server", "master-target", Role::ProcessServer),
-            (c.ps_port, "agent", "process-server", Role::Agent),
+            (c.ps_port, "agent-intruder", "process-server", Role::Agent),
         ] {
             let tls = tls_to(port, &c, as_component, server).await;
             let mut f = tokio_util::codec::Framed::new(tls, FrameCodec::default());
@@ -177,6 +185,110 @@ fn registered_components_take_their_settings_from_the_server_heartbeat_and_turn_
         wait("the process server turns critical (806)", &|v| health(v, "process-server") == Some("critical".into()));
     assert!(v.to_string().contains("806"), "{v:#}");
     assert_eq!(health(&v, "master-target"), Some("healthy".into()));
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+/// Registering a component again revokes its earlier certificate (a reinstalled host, a stolen
+/// key): the server hands the revoked serial to every linked component with its settings, the
+/// process server keeps it in its cache folder, and a stream from the old certificate is refused
+/// with 9016 — after a restart too — while the new certificate streams on.
+#[test]
+fn registering_again_revokes_the_earlier_certificate_on_the_data_path() {
+    let mut c = Cluster::new(Opts::default());
+    // The server adopts the cluster's CA, so that what it signs verifies on the data path.
+    let state = c.path().join("server");
+    let server_listener = listener();
+    let addr = format!("127.0.0.1:{}", port_of(&server_listener));
+    let certs_set = format!("certs = '{}'", c.path().join("certs").display());
+    let out = c.path().join("server.out");
+    let args = ["--output", "json", "config-server", "--listen", &addr, "--state-dir"];
+    let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    args.extend([state.display().to_string(), "--set".into(), certs_set]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut server = start_daemon(&args, &c.path().join("server.log"), Some(&out), &[("listen", &server_listener)]);
+    let first = first_line(&out, &mut server);
+    let root = c.path().to_owned();
+    let register = |kind: &str, name: &str, dir: &str| {
+        let out = Command::new(FERRY)
+            .args(["register", "--server", &addr, "--ca-fingerprint", first["ca_fingerprint"].as_str().unwrap()])
+            .args(["--passphrase", first["registration_passphrase"].as_str().unwrap()])
+            .args(["--kind", kind, "--name", name, "--dir"])
+            .arg(root.join(dir))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    let serial = |dir: &str| {
+        let out = Command::new("openssl")
+            .args(["x509", "-noout", "-serial", "-in"])
+            .arg(root.join(dir).join("agent.pem"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().trim_start_matches("serial=").to_ascii_lowercase()
+    };
+    register("process-server", "process-server", "reg-ps");
+    register("agent", "vm1", "reg-old");
+    let old = serial("reg-old");
+    let use_cert = |c: &Cluster, dir: &str| {
+        let dir = c.path().join(dir);
+        c.edit_config("agent", |t| {
+            let tls = t["tls"].as_table_mut().unwrap();
+            tls["cert"] = dir.join("agent.pem").display().to_string().into();
+            tls["key"] = dir.join("agent.key").display().to_string().into();
+        });
+    };
+    use_cert(&c, "reg-old");
+    let reg_ps = c.path().join("reg-ps");
+    c.edit_config("process-server", |t| {
+        let mut link = toml::Table::new();
+        link.insert("address".into(), addr.clone().into());
+        link.insert("ca".into(), reg_ps.join("ca.pem").display().to_string().into());
+        link.insert("token_file".into(), reg_ps.join("config-server.token").display().to_string().into());
+        link.insert("heartbeat_interval_secs".into(), 0.3.into());
+        t.insert("config_server".into(), link.into());
+        let mut route = toml::Table::new();
+        route.insert("address".into(), t["master_target"].clone());
+        route.insert("name".into(), "master-target".into());
+        let mut routes = toml::Table::new();
+        routes.insert("vm1".into(), route.into());
+        t.insert("machine_master_targets".into(), routes.into());
+    });
+    c.start_all();
+    assert!(c.qemu_io("disk0", "write -P 7 0 1M\nflush\n").status.success());
+    c.wait_caught_up(Duration::from_secs(30));
+
+    register("agent", "vm1", "reg-new");
+    let kept = c.path().join("cache/revoked-certificates.json");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&kept).unwrap_or_default().contains(&old) {
+        assert!(Instant::now() < deadline, "the process server takes the revocation of {old}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The process server restarts (the revocation is kept), the agent comes back with the old
+    // certificate: refused, its writes stay at the agent.
+    c.kill9("process-server");
+    c.start("process-server");
+    c.kill9("agent");
+    c.start("agent");
+    assert!(c.qemu_io("disk0", "write -P 8 1M 1M\nflush\n").status.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let e = c.status("agent")["link_error"].as_str().unwrap_or_default().to_owned();
+        if e.contains("revoked") {
+            assert!(e.contains("9016") && e.contains(&old), "{e}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the old certificate is refused: {:#}", c.status("agent"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_ne!(c.status("agent")["caught_up"], true, "nothing of the new write reached the replica");
+    // With the new certificate the agent streams again, byte for byte.
+    c.kill9("agent");
+    use_cert(&c, "reg-new");
+    c.start("agent");
+    c.wait_caught_up(Duration::from_secs(60));
+    c.assert_identical();
     let _ = server.kill();
     let _ = server.wait();
 }

@@ -136,6 +136,11 @@ pub struct Cluster {
 pub const COMPONENTS: [&str; 3] = ["master-target", "process-server", "agent"];
 pub const AGENTS: [&str; 3] = ["agent", "agent2", "agent3"];
 
+/// The file stem of an agent component's certificate (`agent-vm1`).
+pub fn agent_cert(agent: &str) -> String {
+    format!("agent-{}", machine_of(agent))
+}
+
 /// Machine name of an agent component.
 pub fn machine_of(agent: &str) -> String {
     format!("vm{}", agent.strip_prefix("agent").filter(|n| !n.is_empty()).unwrap_or("1"))
@@ -146,7 +151,17 @@ impl Cluster {
         require_qemu();
         let dir = tempfile::Builder::new().prefix("ferry-test-").tempdir().unwrap();
         let d = dir.path();
-        let out = Command::new(FERRY).args(["certs", "--dir"]).arg(d.join("certs")).output().unwrap();
+        // One certificate per component, each agent's naming its machine (`agent-vm1.pem`, ...):
+        // the process server takes a machine's stream only from its own agent's certificate.
+        let mut certs = Command::new(FERRY);
+        certs.args(["certs", "--dir"]).arg(d.join("certs"));
+        for id in ["process-server", "master-target"] {
+            certs.args(["--component", id]);
+        }
+        for a in &AGENTS[..opts.agents] {
+            certs.args(["--component", &format!("agent/{}", machine_of(a))]);
+        }
+        let out = certs.output().unwrap();
         assert!(out.status.success(), "ferry certs failed: {}", String::from_utf8_lossy(&out.stderr));
         let mut listeners = HashMap::new();
         let mut bind = |c: &'static str, key: &'static str| {
@@ -219,7 +234,7 @@ impl Cluster {
                 .set("maintenance_interval_secs", 0.2)
                 .set("al_retire_interval_secs", 0.5)
                 .set("disks", disks)
-                .tls(&tls("agent"))
+                .tls(&tls(&agent_cert(agent)))
                 .unwrap()
                 .extra(&fill(&opts.agent_extra, &machine))
                 .unwrap()

@@ -157,15 +157,24 @@ fn nbd_export_with_tls_serves_qemu_with_a_client_certificate_and_refuses_plainte
     // TLS without a client certificate: anyone local could still write the disk; refused.
     let anonymous = qemu_tls(&["write -P 0x62 0 64k"]);
     assert!(!anonymous.status.success(), "a TLS client without a certificate must be refused");
-    // With a certificate issued by Ferry's CA (`ferry certs --component nbd-client`).
+    // Certificates of Ferry's CA that are not this machine's NBD client's: another machine's
+    // NBD client, the process server's, the agent's own. Each refused, nothing written.
     let out = std::process::Command::new(FERRY)
-        .args(["certs", "--component", "nbd-client", "--dir"])
+        .args(["certs", "--component", "nbd-client/vm1", "--component", "nbd-client/vm2", "--dir"])
         .arg(c.path().join("certs"))
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    std::fs::copy(c.path().join("certs/nbd-client.pem"), creds.join("client-cert.pem")).unwrap();
-    std::fs::copy(c.path().join("certs/nbd-client.key"), creds.join("client-key.pem")).unwrap();
+    for stem in ["nbd-client-vm2", "process-server", "agent-vm1"] {
+        std::fs::copy(c.path().join(format!("certs/{stem}.pem")), creds.join("client-cert.pem")).unwrap();
+        std::fs::copy(c.path().join(format!("certs/{stem}.key")), creds.join("client-key.pem")).unwrap();
+        let refused = qemu_tls(&["write -P 0x63 0 64k"]);
+        assert!(!refused.status.success(), "{stem}'s certificate must not attach vm1's disks");
+    }
+    assert!(c.log("agent").contains("may not attach machine vm1"), "the agent says why");
+    // With the certificate issued to vm1's NBD client (`ferry certs --component nbd-client/vm1`).
+    std::fs::copy(c.path().join("certs/nbd-client-vm1.pem"), creds.join("client-cert.pem")).unwrap();
+    std::fs::copy(c.path().join("certs/nbd-client-vm1.key"), creds.join("client-key.pem")).unwrap();
     let tls = qemu_tls(&["write -P 0x61 1M 3M", "read -P 0x61 1M 3M", "flush"]);
     assert!(tls.status.success(), "{}{}", String::from_utf8_lossy(&tls.stdout), String::from_utf8_lossy(&tls.stderr));
     c.wait_caught_up(Duration::from_secs(30));

@@ -127,7 +127,7 @@ async fn an_invalid_record_is_refused_before_it_is_acknowledged_and_blocks_nothi
         RecordBody::Zero { disk: 0, offset: u64::MAX - 100, len: 4096 },
     ];
     for body in bad_bodies {
-        let tls = tls_to(c.ps_port, &c, "agent", "process-server").await;
+        let tls = tls_to(c.ps_port, &c, "agent-vm1", "process-server").await;
         let mut f = tokio_util::codec::Framed::new(tls, FrameCodec::default());
         let hello = Hello { role: Role::Agent, machine: layout.clone(), generation: ferry_protocol::Generation(1) };
         f.send(Message::Hello(hello)).await.unwrap();
@@ -406,4 +406,53 @@ fn a_connection_flood_on_a_status_listener_is_bounded_and_the_master_target_keep
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(probe(), "200");
+}
+
+/// Finding 1: a certificate of one machine's agent, or of another kind of component, cannot
+/// stream another machine. At the process server only the certificate naming vm1's agent streams
+/// vm1; at the master target only a process server's certificate says Hello as a process
+/// server. Each is refused with 9015 before anything is spooled or journaled (the forged records
+/// once landed at seq 10^12 and made every later write of vm1 a "duplicate"); vm1's replica stays
+/// byte-exact and its replication goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_streams_only_the_machine_and_the_role_it_names() {
+    use ferry_protocol::{FrameCodec, Hello, Message, Record, RecordBody, Role};
+    use futures::{SinkExt, StreamExt};
+    let mut c = Cluster::new(Opts { agents: 2, ..Default::default() });
+    c.start_all();
+    assert!(c.qemu_io("disk0", "write -P 5 0 1M\nflush\n").status.success());
+    c.wait_caught_up(Duration::from_secs(30));
+    let layout = vm1_layout(&c);
+    let forged = ferry_protocol::Seq(1_000_000_000_000);
+    for (port, cert, server, role) in [
+        (c.ps_port, "agent-vm2", "process-server", Role::Agent),
+        (c.ps_port, "master-target", "process-server", Role::Agent),
+        (c.ps_port, "process-server", "process-server", Role::Agent),
+        (c.mt_port, "agent-vm1", "master-target", Role::ProcessServer),
+        (c.mt_port, "agent-vm2", "master-target", Role::ProcessServer),
+        (c.mt_port, "master-target", "master-target", Role::ProcessServer),
+    ] {
+        let tls = tls_to(port, &c, cert, server).await;
+        let mut f = tokio_util::codec::Framed::new(tls, FrameCodec::default());
+        let hello = Hello { role, machine: layout.clone(), generation: ferry_protocol::Generation(1) };
+        f.send(Message::Hello(hello)).await.unwrap();
+        let write = RecordBody::Write { disk: 0, offset: 0, data: vec![0xee; 4096] };
+        let _ = f.send(Message::Records(vec![Record { seq: forged, time_ms: 0, body: write }])).await;
+        match f.next().await {
+            Some(Ok(Message::Error { code, message, remedy })) => {
+                assert_eq!(code, ferry_protocol::codes::WRONG_IDENTITY.code, "{cert} → {server}: {message}");
+                assert!(message.contains("certificate"), "the refusal names the certificate: {message}");
+                assert!(remedy.contains("ferry register"), "{remedy}");
+            }
+            other => panic!("{cert} as {role} at {server}: expected a refusal, got {other:?}"),
+        }
+        assert!(f.next().await.is_none_or(|m| !matches!(m, Ok(Message::Ack(_)))), "nothing acknowledged");
+    }
+    let mt = c.status("master-target");
+    let vm1 = mt["machines"].as_array().unwrap().iter().find(|m| m["machine"] == "vm1").unwrap();
+    assert!(vm1["journaled_seq"].as_u64().unwrap() < forged.get(), "no forged record journaled: {vm1:#}");
+    // The real agent's writes still arrive, byte for byte.
+    assert!(c.qemu_io("disk0", "write -P 6 1M 1M\nflush\n").status.success());
+    c.wait_caught_up(Duration::from_secs(60));
+    c.assert_identical();
 }
