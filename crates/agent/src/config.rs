@@ -112,13 +112,14 @@ pub struct GroupConfig {
     /// This agent takes the group's tags (exactly one member should).
     #[serde(default)]
     pub coordinator: bool,
-    /// Coordinator only: the key sent with every prepare/commit/abort.
+    /// Coordinator only: the group's Ed25519 private key (hex PKCS#8) that signs every
+    /// prepare/commit/abort.
     #[serde(default)]
     pub coordinator_key: Option<String>,
-    /// Members: the BLAKE3 hash (hex) of the coordinator's key. Without it this member refuses
-    /// every group request (nobody else may hold its writes).
+    /// Members: the coordinator key's public half (hex). Without it this member refuses every
+    /// group request (nobody else may hold its writes).
     #[serde(default)]
-    pub coordinator_key_blake3: Option<String>,
+    pub coordinator_public_key: Option<String>,
     /// Coordinator only: the status addresses (host:port) of the other members' agents.
     #[serde(default)]
     pub members: Vec<String>,

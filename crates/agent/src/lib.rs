@@ -143,7 +143,7 @@ pub async fn serve(
     let control = ferry_status::control::load_or_create_control_token(&token_file)
         .map_err(|source| AgentError::Io { path: token_file.clone(), source })?;
     let access = ferry_status::Access::control(&control)
-        .with_coordinator_hash(config.group.as_ref().and_then(|g| g.coordinator_key_blake3.as_deref()));
+        .with_coordinator_key(config.group.as_ref().and_then(|g| g.coordinator_public_key.as_deref()));
     let connector = ferry_tls::connector(&config.tls)?;
     let nbd_tls = if config.nbd_tls { Some(ferry_tls::acceptor(&config.tls)?) } else { None };
     let machine = {

@@ -256,6 +256,11 @@ pub async fn group_round(m: Arc<Machine>, app: bool) -> Result<GroupReport, Stri
         return Err(format!("machine {} is not the coordinator of group {}", m.name, g.name));
     }
     let timeout = Duration::from_secs_f64(g.prepare_timeout_secs.max(0.1));
+    // Every request to a member is signed; without the key no member would accept one.
+    let signer = match g.coordinator_key.as_deref() {
+        Some(k) => Arc::new(ferry_status::control::GroupSigner::from_hex(k)?),
+        None => return Err(format!("group {} has no coordinator_key on its coordinator {}", g.name, m.name)),
+    };
     let tag = format!("{}-{}", g.name, now_ms());
     let mut req = GroupRequest {
         group: g.name.clone(),
@@ -269,15 +274,9 @@ pub async fn group_round(m: Arc<Machine>, app: bool) -> Result<GroupReport, Stri
     let deadline = tokio::time::Instant::now() + timeout;
     let mut tasks = Vec::new();
     for addr in &g.members {
-        let (addr, body, key) = (addr.clone(), req.clone(), g.coordinator_key.clone());
+        let (addr, body, signer) = (addr.clone(), req.clone(), signer.clone());
         tasks.push(tokio::spawn(async move {
-            let call = ferry_status::call_as::<GroupAnswer>(
-                &addr,
-                key.as_deref(),
-                Method::Post,
-                "/group/prepare",
-                Some(&body),
-            );
+            let call = ferry_status::call_signed::<GroupAnswer>(&addr, &signer, Method::Post, "/group/prepare", &body);
             let r = match tokio::time::timeout_at(deadline, call).await {
                 Err(_) => Err("did not prepare in time".to_string()),
                 Ok(Err(e)) => Err(e.to_string()),
@@ -314,9 +313,9 @@ pub async fn group_round(m: Arc<Machine>, app: bool) -> Result<GroupReport, Stri
     let mut finish_failures = Vec::new();
     let mut sends = Vec::new();
     for addr in &g.members {
-        let (addr, body, path, key) = (addr.clone(), body.clone(), path.to_owned(), g.coordinator_key.clone());
+        let (addr, body, path, signer) = (addr.clone(), body.clone(), path.to_owned(), signer.clone());
         sends.push(tokio::spawn(async move {
-            let call = ferry_status::call_as::<GroupAnswer>(&addr, key.as_deref(), Method::Post, &path, Some(&body));
+            let call = ferry_status::call_signed::<GroupAnswer>(&addr, &signer, Method::Post, &path, &body);
             let r = tokio::time::timeout(timeout, call).await;
             (addr, r)
         }));

@@ -399,15 +399,15 @@ pub struct GroupSetting {
     /// The member that runs the group's rounds.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub coordinator: bool,
-    /// Coordinator: the key it sends with prepare/commit/abort (the configuration server
-    /// chooses it per group at protection).
+    /// Coordinator: the Ed25519 private key (hex PKCS#8) that signs its prepare/commit/abort
+    /// (the configuration server makes the pair per group at protection).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub coordinator_key: Option<String>,
-    /// Members: the BLAKE3 hash (hex) of the coordinator's key; a group request is accepted
-    /// only with the key of this hash (the coordinator sends the key itself, so members learn it
-    /// at the first round: it keeps out everyone outside the group, not the members).
+    /// Members: the public half (hex) of the coordinator's Ed25519 key; a group request is
+    /// accepted only signed by that key (the coordinator never sends the private key, so no
+    /// member can pose as the coordinator to the others).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub coordinator_key_blake3: Option<String>,
+    pub coordinator_public_key: Option<String>,
     /// Coordinator: the other members' status addresses.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members: Vec<String>,

@@ -49,9 +49,9 @@ pub enum Role {
     /// file only its own user can read (`control_token_file` in its status), so the ferry CLI
     /// running as that user on the same host may call it and other local users may not.
     Control,
-    /// The coordinator key of the member's replication group (the configuration server gives
-    /// the key to the coordinator, its hash to the members): group prepare/commit/abort come
-    /// only from inside the group.
+    /// A signature by the coordinator key of the member's replication group (the configuration
+    /// server gives the private key to the coordinator, the public key to the members): group
+    /// prepare/commit/abort come only from the coordinator.
     Coordinator,
     /// A registered component's token (heartbeats, its own settings).
     Component,

@@ -468,17 +468,19 @@ async fn component(store: &Store, kind: ComponentKind, name: &str) -> Option<Com
     store.get::<Component>(COMPONENT, &format!("{kind}/{name}")).await.ok().flatten().map(|d| d.body)
 }
 
-/// The key a replication group's coordinator sends with its prepare/commit/abort: chosen once
-/// per group and kept in the server's settings, so protecting one more member does not change
-/// it under the others.
-async fn group_coordinator_key(store: &Store, group: &str) -> Result<String, String> {
-    let id = format!("group-coordinator-key/{group}");
+/// The key pair (private, public; hex) whose private half signs a replication group's
+/// prepare/commit/abort: made once per group and kept in the server's settings, so protecting one
+/// more member does not change it under the others.
+async fn group_coordinator_key(store: &Store, group: &str) -> Result<(String, String), String> {
+    let id = format!("group-coordinator-key-pair/{group}");
     if let Some(k) = store.setting(&id).await.map_err(|e| e.to_string())? {
-        return Ok(k);
+        if let Some((private, public)) = k.split_once(':') {
+            return Ok((private.to_owned(), public.to_owned()));
+        }
     }
-    let k = crate::http::new_token().replacen("fy_", "gk_", 1);
-    store.set_setting(&id, &k).await.map_err(|e| e.to_string())?;
-    Ok(k)
+    let (private, public) = ferry_status::control::new_group_key_pair()?;
+    store.set_setting(&id, &format!("{private}:{public}")).await.map_err(|e| e.to_string())?;
+    Ok((private, public))
 }
 
 /// Read-modify-write a component's settings with compare-and-set (concurrent jobs share them).
@@ -735,7 +737,7 @@ pub async fn run_step(store: &Store, pj: &ProtectJob<'_>, step: usize, ctl: &Job
             }
             for (i, p) in ps.iter().enumerate() {
                 let group = p.group.as_ref().map(|g| {
-                    let key = keys.get(g).cloned().unwrap_or_default();
+                    let (key, public) = keys.get(g).cloned().unwrap_or_default();
                     let others: Vec<String> = ps
                         .iter()
                         .filter(|o| o.machine != p.machine)
@@ -744,8 +746,8 @@ pub async fn run_step(store: &Store, pj: &ProtectJob<'_>, step: usize, ctl: &Job
                     GroupSetting {
                         name: g.clone(),
                         coordinator: i == 0,
-                        // Only the coordinator holds the key; members can check it, not use it.
-                        coordinator_key_blake3: Some(blake3::hash(key.as_bytes()).to_hex().to_string()),
+                        // Only the coordinator holds the private key; members verify with the public.
+                        coordinator_public_key: Some(public),
                         coordinator_key: (i == 0).then_some(key),
                         members: if i == 0 { others } else { Vec::new() },
                         crash_interval_secs: None,

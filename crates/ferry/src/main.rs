@@ -47,6 +47,9 @@ enum Command {
     MasterTarget(MasterTargetCmd),
     /// Create a CA and component certificates for TLS between Ferry processes.
     Certs(CertsArgs),
+    /// Make a replication group's coordinator key pair, for a `[group]` written by hand
+    /// (protection through the configuration server makes one itself).
+    GroupKey,
     /// Run the configuration server (control plane), or restore its database from a backup.
     ConfigServer(ConfigServerCmd),
     /// Replication policies (a read-only -failback policy comes with each, POL-2).
@@ -246,6 +249,21 @@ async fn run(cli: Cli) -> Result<()> {
                     for c in &generated.components {
                         println!("certificate {}  key {}", c.cert.display(), c.key.display());
                     }
+                }
+            }
+            Ok(())
+        }
+        Command::GroupKey => {
+            let (private, public) = ferry_status::control::new_group_key_pair().map_err(anyhow::Error::msg)?;
+            match out {
+                OutputFormat::Json => {
+                    println!("{}", serde_json::json!({ "coordinator_key": private, "coordinator_public_key": public }))
+                }
+                OutputFormat::Table => {
+                    println!("# the coordinator's [group] only (keep it private):");
+                    println!("coordinator_key = \"{private}\"");
+                    println!("# every member's [group], the coordinator's too:");
+                    println!("coordinator_public_key = \"{public}\"");
                 }
             }
             Ok(())

@@ -144,11 +144,29 @@ pub fn router_from<Id: Copy, S: Clone + Send + Sync + 'static>(
                 h.route_layer(axum::middleware::from_fn(
                     move |req: axum::extract::Request, next: axum::middleware::Next| {
                         let checked = access.check(role, req.headers());
+                        let access = access.clone();
                         async move {
-                            match checked {
-                                Ok(()) => next.run(req).await,
-                                Err(f) => f.into_response(),
+                            if let Err(f) = checked {
+                                return f.into_response();
                             }
+                            if role != ferry_api::Role::Coordinator {
+                                return next.run(req).await;
+                            }
+                            // The signature covers the exact body: read it (small, bounded),
+                            // check, and hand the same bytes on.
+                            let (parts, body) = req.into_parts();
+                            let Ok(bytes) = axum::body::to_bytes(body, SIGNED_BODY_LIMIT).await else {
+                                let f = Failure::of(
+                                    ferry_types::codes::BODY_TOO_LARGE,
+                                    format!("a group request body is at most {SIGNED_BODY_LIMIT} bytes"),
+                                    "send a smaller request",
+                                );
+                                return f.into_response();
+                            };
+                            if let Err(f) = access.check_signed(&parts.headers, parts.uri.path(), &bytes) {
+                                return f.into_response();
+                            }
+                            next.run(axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes))).await
                         }
                     },
                 ))
@@ -254,7 +272,10 @@ pub async fn call<T: DeserializeOwned>(
     call_as(addr, None, method, path, body).await
 }
 
-/// [`call`] with `Authorization: Bearer <bearer>` (a control token or a coordinator key).
+/// The largest body a signed (coordinator) route reads.
+pub const SIGNED_BODY_LIMIT: usize = 64 << 10;
+
+/// [`call`] with `Authorization: Bearer <bearer>` (a control token).
 pub async fn call_as<T: DeserializeOwned>(
     addr: &str,
     bearer: Option<&str>,
@@ -262,14 +283,37 @@ pub async fn call_as<T: DeserializeOwned>(
     path: &str,
     body: Option<&(impl Serialize + ?Sized)>,
 ) -> Result<T, StatusError> {
-    let body = match body {
-        Some(b) => Some(
-            serde_json::to_vec(b)
-                .map_err(|e| StatusError::BadResponse { addr: addr.to_owned(), reason: e.to_string() })?,
-        ),
-        None => None,
-    };
-    let (code, payload) = request(addr, bearer, method.http(), path, body.as_deref()).await?;
+    let body = encode(addr, body)?;
+    call_bytes(addr, bearer, method, path, body.as_deref()).await
+}
+
+/// [`call`] on a coordinator route: the request signed by the group's coordinator key.
+pub async fn call_signed<T: DeserializeOwned>(
+    addr: &str,
+    signer: &control::GroupSigner,
+    method: Method,
+    path: &str,
+    body: &(impl Serialize + ?Sized),
+) -> Result<T, StatusError> {
+    let body = encode(addr, Some(body))?.unwrap_or_default();
+    let bearer = signer.bearer(path, &body);
+    call_bytes(addr, Some(&bearer), method, path, Some(&body)).await
+}
+
+fn encode(addr: &str, body: Option<&(impl Serialize + ?Sized)>) -> Result<Option<Vec<u8>>, StatusError> {
+    body.map(|b| serde_json::to_vec(b))
+        .transpose()
+        .map_err(|e| StatusError::BadResponse { addr: addr.to_owned(), reason: e.to_string() })
+}
+
+async fn call_bytes<T: DeserializeOwned>(
+    addr: &str,
+    bearer: Option<&str>,
+    method: Method,
+    path: &str,
+    body: Option<&[u8]>,
+) -> Result<T, StatusError> {
+    let (code, payload) = request(addr, bearer, method.http(), path, body).await?;
     if !(200..300).contains(&code) {
         let error = serde_json::from_slice::<ErrorBody>(&payload).unwrap_or_else(|_| ErrorBody {
             code: 0,

@@ -63,18 +63,17 @@ fn group_tags_give_common_points_and_a_failed_member_leaves_none() {
     });
     // Only the coordinator holds the key; every member (the coordinator's own agent too, for
     // the manual rounds below) checks its hash.
-    let key = ferry_status::control::new_secret("gk_");
-    let hash = ferry_status::control::hash(&key);
+    let (key, public) = ferry_status::control::new_group_key_pair().unwrap();
     append(
         &c,
         "agent",
         &format!(
-            "[group]\nname = 'g1'\ncoordinator = true\ncoordinator_key = '{key}'\ncoordinator_key_blake3 = '{hash}'\nmembers = ['127.0.0.1:{}', '127.0.0.1:{}']\ncrash_interval_secs = 0\nprepare_timeout_secs = 1\n",
+            "[group]\nname = 'g1'\ncoordinator = true\ncoordinator_key = '{key}'\ncoordinator_public_key = '{public}'\nmembers = ['127.0.0.1:{}', '127.0.0.1:{}']\ncrash_interval_secs = 0\nprepare_timeout_secs = 1\n",
             c.status["agent2"], c.status["agent3"]
         ),
     );
-    append(&c, "agent2", &format!("[group]\nname = 'g1'\ncoordinator_key_blake3 = '{hash}'\n"));
-    append(&c, "agent3", &format!("[group]\nname = 'g1'\ncoordinator_key_blake3 = '{hash}'\n"));
+    append(&c, "agent2", &format!("[group]\nname = 'g1'\ncoordinator_public_key = '{public}'\n"));
+    append(&c, "agent3", &format!("[group]\nname = 'g1'\ncoordinator_public_key = '{public}'\n"));
     let agents = ["agent", "agent2", "agent3"];
     c.start_all();
     wait_all_caught_up(&c, &agents);
@@ -166,15 +165,15 @@ fn group_tags_give_common_points_and_a_failed_member_leaves_none() {
 
     // Committed by two of three members only: not a point for anyone (no partial point).
     for a in agents {
-        let (code, v) = c.api_as(a, Some(&key), "POST", "/group/prepare", Some(member_request("manual-1", &[])));
+        let (code, v) = c.api_signed(a, &key, "/group/prepare", member_request("manual-1", &[]));
         assert_eq!(code, 200, "{a}: {v}");
     }
     let members = ["vm1", "vm2", "vm3"];
     for a in ["agent", "agent2"] {
-        let (code, v) = c.api_as(a, Some(&key), "POST", "/group/commit", Some(member_request("manual-1", &members)));
+        let (code, v) = c.api_signed(a, &key, "/group/commit", member_request("manual-1", &members));
         assert_eq!(code, 200, "{a}: {v}");
     }
-    let (code, v) = c.api_as("agent3", Some(&key), "POST", "/group/abort", Some(member_request("manual-1", &members)));
+    let (code, v) = c.api_signed("agent3", &key, "/group/abort", member_request("manual-1", &members));
     assert_eq!(code, 200, "{v}");
     wait_all_caught_up(&c, &agents);
     let g = group(&c);
@@ -186,10 +185,9 @@ fn group_tags_give_common_points_and_a_failed_member_leaves_none() {
 
     // A member replicated to another master target: no common point can exist (RG-2).
     for a in ["agent", "agent2"] {
-        let (code, v) = c.api_as(a, Some(&key), "POST", "/group/prepare", Some(member_request("rg2", &[])));
+        let (code, v) = c.api_signed(a, &key, "/group/prepare", member_request("rg2", &[]));
         assert_eq!(code, 200, "{v}");
-        let (code, v) =
-            c.api_as(a, Some(&key), "POST", "/group/commit", Some(member_request("rg2", &["vm1", "vm2", "vm9"])));
+        let (code, v) = c.api_signed(a, &key, "/group/commit", member_request("rg2", &["vm1", "vm2", "vm9"]));
         assert_eq!(code, 200, "{v}");
     }
     wait_all_caught_up(&c, &agents);
@@ -199,18 +197,32 @@ fn group_tags_give_common_points_and_a_failed_member_leaves_none() {
     let g = group(&c);
     assert!(g["problems"].to_string().contains("RG-2"), "{g:#}");
     // Not a member of this group: refused clearly.
-    let (code, v) =
-        c.api_as("agent2", Some(&key), "POST", "/group/prepare", Some(json!({ "group": "other", "tag": "x" })));
+    let (code, v) = c.api_signed("agent2", &key, "/group/prepare", json!({ "group": "other", "tag": "x" }));
     assert_eq!(code, 409, "{v}");
     assert!(v["message"].as_str().unwrap().contains("not a member"), "{v}");
-    // Nobody without the key holds a member's writes: not without a key, not with the member's
-    // own control token (the local CLI's credential is not the group's), not with a wrong key.
-    let prepare = Some(member_request("forged", &[]));
+    // Nobody without the coordinator's private key holds a member's writes: not without a
+    // signature, not with the member's own control token (the local CLI's credential is not the
+    // group's), not with the public key every member holds, not signed by another key, not with
+    // a signature of another request replayed (what a member that saw one could try), not with
+    // one two minutes old.
+    let prepare = member_request("forged", &[]);
+    let body = prepare.to_string();
     let token = c.control_token("agent2");
-    for (who, bearer) in
-        [("no key", None), ("the member's control token", Some(token.as_str())), ("a wrong key", Some("gk_0"))]
-    {
-        let (code, v) = c.api_as("agent2", bearer, "POST", "/group/prepare", prepare.clone());
+    let signer = ferry_status::control::GroupSigner::from_hex(&key).unwrap();
+    let (other_key, _) = ferry_status::control::new_group_key_pair().unwrap();
+    let other = ferry_status::control::GroupSigner::from_hex(&other_key).unwrap();
+    let old = ferry_sys::time::now_ms() - 120_000;
+    let seen = signer.bearer("/group/commit", body.as_bytes());
+    let forgeries = [
+        ("no signature", None),
+        ("the member's control token", Some(token.clone())),
+        ("the public key", Some(public.clone())),
+        ("another key's signature", Some(other.bearer("/group/prepare", body.as_bytes()))),
+        ("a commit's signature replayed on prepare", Some(seen)),
+        ("a signature of two minutes ago", Some(signer.bearer_at("/group/prepare", body.as_bytes(), old))),
+    ];
+    for (who, bearer) in forgeries {
+        let (code, v) = c.api_as("agent2", bearer.as_deref(), "POST", "/group/prepare", Some(prepare.clone()));
         assert!(code == 401 || code == 403, "{who}: {code} {v}");
         assert!(v["code"] == 9020 || v["code"] == 9021, "{who}: {v}");
     }

@@ -393,6 +393,15 @@ impl Cluster {
             .unwrap_or_else(|| panic!("{c} API {method} {path} unreachable; log:\n{}", tail(&self.log(c))))
     }
 
+    /// A coordinator route of agent `c` called as the group's coordinator: `body` signed with
+    /// the group's private key (hex).
+    pub fn api_signed(&self, c: &str, key: &str, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let body = body.to_string();
+        let signer = ferry_status::control::GroupSigner::from_hex(key).unwrap();
+        let bearer = signer.bearer(path, body.as_bytes());
+        self.api_as(c, Some(&bearer), "POST", path, Some(serde_json::from_str(&body).unwrap()))
+    }
+
     /// The process ID of a running component.
     pub fn pid(&self, c: &str) -> u32 {
         self.procs[c].id()
