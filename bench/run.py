@@ -41,6 +41,18 @@ def wait_port(p, timeout=20):
     raise RuntimeError(f"port {p} never opened")
 
 
+def wait_socket(path, timeout=30):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            with socket.socket(socket.AF_UNIX) as so:
+                so.connect(path)
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"socket {path} never opened")
+
+
 def status(p):
     with urllib.request.urlopen(f"http://127.0.0.1:{p}/status", timeout=5) as r:
         return json.load(r)
@@ -55,7 +67,7 @@ class Chain:
         # Listeners bound here and handed to each start (FERRY_LISTEN_FDS): no port is chosen by
         # one process and bound by another, and a restarted daemon keeps its address.
         self.socks = {}
-        for k in ["nbd", "as", "ps", "pss", "mt", "mts"]:
+        for k in ["as", "ps", "pss", "mt", "mts"]:
             so = socket.socket(); so.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             so.bind(("127.0.0.1", 0)); so.listen(128); self.socks[k] = so
         self.p = {k: so.getsockname()[1] for k, so in self.socks.items()}
@@ -63,19 +75,21 @@ class Chain:
         if not os.path.exists(f"{d}/certs"):
             run([FERRY, "certs", "--dir", f"{d}/certs", "--component", "process-server", "--component", "master-target", "--component", "agent/vm1"])
         self.extra_agent = list(extra_agent)
+        # The agent's disks: its owner-only unix socket (plain TCP NBD is refused).
+        self.nbd_url = f"nbd+unix:///disk0?socket={d}/nbd.sock"
 
     def start(self, which):
         d, p = self.d, self.p
         args = {
             "master-target": ["--datastore", f"{d}/ds", "--retention", f"{d}/ret", "--listen", f"127.0.0.1:{p['mt']}", "--status-listen", f"127.0.0.1:{p['mts']}", "--certs", f"{d}/certs"] + self.extra_mt,
             "process-server": ["--cache-dir", f"{d}/cache", "--cache-capacity-bytes", str(8 << 30), "--listen", f"127.0.0.1:{p['ps']}", "--status-listen", f"127.0.0.1:{p['pss']}", "--master-target", f"127.0.0.1:{p['mt']}", "--certs", f"{d}/certs"],
-            "agent": ["--machine", "vm1", "--state-dir", f"{d}/agent", "--process-server", f"127.0.0.1:{p['ps']}", "--nbd-listen", f"127.0.0.1:{p['nbd']}", "--status-listen", f"127.0.0.1:{p['as']}", "--certs", f"{d}/certs", "--disk", f"disk0={self.disk}"] + self.extra_agent,
+            "agent": ["--machine", "vm1", "--state-dir", f"{d}/agent", "--process-server", f"127.0.0.1:{p['ps']}", "--nbd-socket", f"{d}/nbd.sock", "--status-listen", f"127.0.0.1:{p['as']}", "--certs", f"{d}/certs", "--disk", f"disk0={self.disk}"] + self.extra_agent,
         }[which]
         log = open(f"{d}/{which}.log", "a")
         exe = self.exe_for.get(which, FERRY)
         keys = {"master-target": [("listen", "mt"), ("status_listen", "mts")],
                 "process-server": [("listen", "ps"), ("status_listen", "pss")],
-                "agent": [("nbd_listen", "nbd"), ("status_listen", "as")]}[which]
+                "agent": [("status_listen", "as")]}[which]
         fds = [self.socks[k].fileno() for _, k in keys]
         env = dict(os.environ, FERRY_LISTEN_FDS=",".join(f"{key}={self.socks[k].fileno()}" for key, k in keys))
         self.procs[which] = subprocess.Popen([exe, "--log", "warn", which] + args, stdout=log, stderr=log,
@@ -124,10 +138,11 @@ def write_throughput(rounds, work, extra=()):
         # qemu-nbd, writeback cache, same preallocated image.
         shutil.rmtree(f"{work}/wq", ignore_errors=True); os.makedirs(f"{work}/wq")
         run(["qemu-img", "create", "-f", "raw", "-o", "preallocation=falloc", img, "1G"])
-        p = port()
-        q = subprocess.Popen(["qemu-nbd", "-f", "raw", "--cache=writeback", "-t", "-p", str(p), "-b", "127.0.0.1", "-x", "disk0", img])
-        wait_port(p)
-        res["qemu-nbd"].append(mib / bench_seconds(f"nbd://127.0.0.1:{p}/disk0", count, depth, size))
+        # Served the way Ferry's agent serves its disks: a unix socket.
+        sock = f"{work}/wq/nbd.sock"
+        q = subprocess.Popen(["qemu-nbd", "-f", "raw", "--cache=writeback", "-t", "-k", sock, "-x", "disk0", img])
+        wait_socket(sock)
+        res["qemu-nbd"].append(mib / bench_seconds(f"nbd+unix:///disk0?socket={sock}", count, depth, size))
         q.terminate(); q.wait()
         for mode in ["ferry (shipping paused)", "ferry (replicating)"]:
             d = f"{work}/wf"; shutil.rmtree(d, ignore_errors=True); os.makedirs(d)
@@ -137,7 +152,7 @@ def write_throughput(rounds, work, extra=()):
             if mode.endswith("paused)"):
                 c.stop("agent"); c.extra_agent.append("--shipping-paused"); c.exe_for["agent"] = testing
                 c.start("agent")
-            res[mode].append(mib / bench_seconds(f"nbd://127.0.0.1:{c.p['nbd']}/disk0", count, depth, size))
+            res[mode].append(mib / bench_seconds(c.nbd_url, count, depth, size))
             c.stop()
     return res
 
@@ -186,7 +201,7 @@ def lag(work, rate_mib=20, seconds=15):
     period = int(1000 / rate_mib)
     n = rate_mib * seconds
     cmds = "".join(f"write -P {i % 250 + 1} {(i % 1000) << 20} 1M\nsleep {period}\n" for i in range(n)) + "flush\n"
-    qio = subprocess.Popen(["qemu-io", "-f", "raw", f"nbd://127.0.0.1:{c.p['nbd']}/disk0"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    qio = subprocess.Popen(["qemu-io", "-f", "raw", c.nbd_url], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     qio.stdin.write(cmds); qio.stdin.close()
     samples = []
     while qio.poll() is None:
@@ -217,7 +232,7 @@ def points_bench(rounds, work):
     rng = random.Random(7)
     n = (4 << 30) // 100 // 65536
     cmds = "".join(f"aio_write -P {i % 250 + 1} {rng.randrange(0, (4 << 30) // 65536) * 65536} 64k\n" for i in range(n)) + "aio_flush\nflush\n"
-    run(["qemu-io", "-f", "raw", f"nbd://127.0.0.1:{c.p['nbd']}/disk0"], input=cmds)
+    run(["qemu-io", "-f", "raw", c.nbd_url], input=cmds)
     c.wait_caught_up()
     pt = api(c.p["mts"], "POST", "/machines/vm1/points", {"selector": "latest"})
     res = {"cp && sync (full copy)": [], "qemu-img convert -O qcow2 (full copy)": [], "ferry raw image": [], "ferry qcow2 overlay on the base": [], "ferry NBD export (index)": []}
@@ -247,7 +262,7 @@ def journal_bench(work):
         c = Chain(d, img, ["--set", "crash_point_interval_secs=1"], ["--set", f"retention_window_secs={window}"])
         c.start_all(); c.wait_caught_up()
         t = time.time()
-        bench_seconds(f"nbd://127.0.0.1:{c.p['nbd']}/disk0", 16384, 16, "64k")
+        bench_seconds(c.nbd_url, 16384, 16, "64k")
         c.wait_caught_up(poll=0.02)
         secs = time.time() - t
         m = status(c.p["mts"])["machines"][0]["retention"]

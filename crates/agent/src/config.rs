@@ -5,6 +5,16 @@ use ferry_tls::TlsFiles;
 use serde::{Deserialize, Serialize};
 
 impl AgentConfig {
+    /// The unix socket of the NBD export: `nbd_socket`, or `<state_dir>/nbd.sock` when no
+    /// export is configured at all.
+    pub fn nbd_socket_path(&self) -> Option<PathBuf> {
+        match (&self.nbd_socket, &self.nbd_listen) {
+            (Some(p), _) => Some(p.clone()),
+            (None, Some(_)) => None,
+            (None, None) => Some(self.state_dir.join("nbd.sock")),
+        }
+    }
+
     /// Where the control token is kept.
     pub fn control_token_path(&self) -> PathBuf {
         self.control_token_file.clone().unwrap_or_else(|| self.state_dir.join("control-token"))
@@ -24,14 +34,16 @@ pub struct AgentConfig {
     /// Name in the process server's certificate.
     #[serde(default = "default_ps_name")]
     pub process_server_name: String,
-    /// NBD export address (the machine's disk interface). Loopback only unless `nbd_tls` is set.
+    /// NBD export over TCP (the machine's disk interface). Only with `nbd_tls`: a plain TCP
+    /// export, loopback included, would let every local user write the protected disks.
     #[serde(default)]
     pub nbd_listen: Option<String>,
-    /// NBD export on a unix socket.
+    /// NBD export on a unix socket, owner-only (0600). The default when neither is set:
+    /// `<state_dir>/nbd.sock`.
     #[serde(default)]
     pub nbd_socket: Option<PathBuf>,
-    /// Require NBD clients to use TLS (STARTTLS) with this agent's certificate. Mandatory when
-    /// `nbd_listen` is not a loopback address.
+    /// Require NBD clients on `nbd_listen` to use TLS (STARTTLS) with the certificate issued to
+    /// this machine's NBD client (`nbd-client/MACHINE`). Mandatory for `nbd_listen`.
     #[serde(default)]
     pub nbd_tls: bool,
     /// Status endpoint (plain HTTP, loopback).

@@ -129,9 +129,10 @@ pub async fn serve(
 ) -> Result<(), AgentError> {
     if let Some(l) = &listeners.nbd_tcp {
         let addr = l.local_addr().map_err(|source| AgentError::Io { path: "nbd listener".into(), source })?;
-        if !addr.ip().is_loopback() && !config.nbd_tls {
+        if !config.nbd_tls {
             return Err(AgentError::Config(format!(
-                "the NBD export would listen on {addr}, which is not loopback: set nbd_tls = true (clients must then use TLS), or listen on 127.0.0.1 or a unix socket"
+                "the NBD export would listen on {addr} in plain TCP, where every local user (and, beyond loopback, anyone) could write the protected disks: set nbd_tls = true (clients then need the nbd-client/{} certificate, `ferry certs --component nbd-client/{}`), or drop nbd_listen and use the owner-only unix socket (nbd_socket, default <state_dir>/nbd.sock)",
+                config.machine, config.machine
             )));
         }
     }

@@ -1276,6 +1276,7 @@ impl Machine {
             control_token_file: Some(self.config.control_token_path().display().to_string()),
             process_server: self.config.process_server.clone(),
             nbd_listen: self.config.nbd_listen.clone(),
+            nbd_socket: self.config.nbd_socket_path().map(|p| p.display().to_string()),
             mode: c.mode,
             generation: c.state.generation,
             initial_sync_complete: c.state.initial_sync_complete,

@@ -44,7 +44,11 @@ pub struct AgentStatus {
     pub control_token_file: Option<String>,
     /// The process server this agent ships to.
     pub process_server: String,
+    /// The NBD export over TCP (TLS only).
     pub nbd_listen: Option<String>,
+    /// The NBD export's owner-only unix socket (`nbd+unix:///DISK?socket=PATH`).
+    #[serde(default)]
+    pub nbd_socket: Option<String>,
     pub mode: Mode,
     pub generation: u64,
     pub initial_sync_complete: bool,

@@ -205,16 +205,22 @@ pub(crate) async fn run_agent(a: AgentRunArgs) -> Result<()> {
         t.get("machine").and_then(|m| m.as_str()).unwrap_or("agent").to_owned()
     })
     .await?;
-    if config.nbd_listen.is_none() && config.nbd_socket.is_none() {
-        bail!("the agent needs nbd_listen (e.g. 127.0.0.1:10809) or nbd_socket: it is the machine's disk interface");
-    }
-    let nbd_unix = match &config.nbd_socket {
+    let nbd_unix = match config.nbd_socket_path() {
         Some(p) => {
-            let _ = std::fs::remove_file(p);
-            Some(
-                tokio::net::UnixListener::bind(p)
-                    .with_context(|| format!("cannot listen on unix socket {}", p.display()))?,
-            )
+            if let Some(dir) = p.parent().filter(|_| config.nbd_socket.is_none()) {
+                ferry_sys::fs::private_dir(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            }
+            // A stale socket of an earlier run; never anything else (a file planted there is
+            // refused rather than deleted).
+            if std::fs::symlink_metadata(&p).is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())) {
+                let _ = std::fs::remove_file(&p);
+            }
+            let l = tokio::net::UnixListener::bind(&p)
+                .with_context(|| format!("cannot listen on unix socket {}", p.display()))?;
+            // Owner-only: the socket is the machine's disk (the umask made it so; say it).
+            std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .with_context(|| format!("cannot make {} owner-only", p.display()))?;
+            Some(l)
         }
         None => None,
     };

@@ -271,7 +271,7 @@ pub async fn demo(args: DemoArgs, out: OutputFormat) -> Result<()> {
 pub(crate) enum LabAction {
     /// Write verifiable records (seq, checksums, random offsets and sizes) through NBD exports.
     Workload {
-        /// An NBD export HOST:PORT/EXPORT per disk (repeatable; disk index = order).
+        /// An NBD export HOST:PORT/EXPORT or unix:SOCKET:EXPORT per disk (repeatable; disk index = order).
         #[arg(long = "disk", required = true)]
         disks: Vec<String>,
         /// The record log (appended before each write; `lab verify` reads it).

@@ -107,19 +107,20 @@ impl GuestFile {
     }
 }
 
-/// Ports the guest's agent serves on, kept across reboots.
+/// Where the guest's agent serves, kept across reboots: its status port, and its NBD export's
+/// owner-only unix socket (the guest's "hypervisor" attaches the disks through it).
 #[derive(serde::Serialize, serde::Deserialize)]
 pub struct Endpoints {
+    /// The agent's NBD unix socket.
     pub nbd: String,
     pub status: String,
 }
 
-/// The agent's listeners, bound by the guest itself and handed to every agent it starts (so a
-/// restarted agent serves the very same sockets). The first boot binds port 0 and records the
-/// ports in `endpoints.json`; later boots bind the recorded ports again, since the configuration
-/// server and the workload know the machine by them.
+/// The agent's status listener, bound by the guest itself and handed to every agent it starts
+/// (so a restarted agent serves the very same socket). The first boot binds port 0 and records
+/// the port in `endpoints.json`; later boots bind the recorded port again, since the
+/// configuration server knows the machine by it.
 struct Listeners {
-    nbd: std::net::TcpListener,
     status: std::net::TcpListener,
 }
 
@@ -128,11 +129,13 @@ fn endpoints(dir: &Path) -> Result<(Endpoints, Listeners)> {
     let recorded = std::fs::read(&p).ok().and_then(|d| serde_json::from_slice::<Endpoints>(&d).ok());
     let bind = |a: &str| std::net::TcpListener::bind(a).with_context(|| format!("cannot listen on {a} for the agent"));
     let listeners = match &recorded {
-        Some(e) => Listeners { nbd: bind(&e.nbd)?, status: bind(&e.status)? },
-        None => Listeners { nbd: bind("127.0.0.1:0")?, status: bind("127.0.0.1:0")? },
+        Some(e) => Listeners { status: bind(&e.status)? },
+        None => Listeners { status: bind("127.0.0.1:0")? },
     };
-    let e =
-        Endpoints { nbd: listeners.nbd.local_addr()?.to_string(), status: listeners.status.local_addr()?.to_string() };
+    let e = Endpoints {
+        nbd: dir.join("nbd.sock").to_string_lossy().into_owned(),
+        status: listeners.status.local_addr()?.to_string(),
+    };
     if recorded.is_none() {
         ferry_sys::fs::atomic_replace(&p, &serde_json::to_vec_pretty(&e)?, 0o644)?;
     }
@@ -275,7 +278,7 @@ impl Guest {
             .merge(t)
             .set("machine", self.file.machine.as_str())
             .path("state_dir", &self.dir.join("agent"))
-            .set("nbd_listen", self.ends.nbd.as_str())
+            .path("nbd_socket", Path::new(&self.ends.nbd))
             .set("status_listen", self.ends.status.as_str())
             .tls(&crate::site::registered_tls(&self.reg, "agent"))?
             .config_server(&link)?;
@@ -305,7 +308,7 @@ impl Guest {
         let mut args = vec!["lab".to_owned(), "workload".to_owned()];
         for (name, _) in &self.file.disks {
             args.push("--disk".into());
-            args.push(format!("{}/{name}", self.ends.nbd));
+            args.push(format!("unix:{}:{name}", self.ends.nbd));
         }
         args.extend([
             "--record-log".into(),
@@ -382,12 +385,7 @@ pub async fn run(dir: PathBuf, shutdown: CancellationToken) -> Result<()> {
                 }
                 let started = g.write_agent_config(s).and_then(|path| {
                     let args = vec!["agent".to_owned(), "--config".to_owned(), path.to_string_lossy().into_owned()];
-                    spawn(
-                        &g.exe,
-                        &args,
-                        &g.dir.join("agent.log"),
-                        &[("nbd_listen", &g.listeners.nbd), ("status_listen", &g.listeners.status)],
-                    )
+                    spawn(&g.exe, &args, &g.dir.join("agent.log"), &[("status_listen", &g.listeners.status)])
                 });
                 match started {
                     Ok(c) => {
@@ -421,7 +419,7 @@ pub async fn run(dir: PathBuf, shutdown: CancellationToken) -> Result<()> {
                 status: Some(ComponentStatus::MobilityService(MobilityServiceStatus {
                     machine: g.file.machine.clone(),
                     status_listen: Some(g.ends.status.clone()),
-                    nbd_listen: Some(g.ends.nbd.clone()),
+                    nbd_listen: None,
                 })),
                 policy: None,
             };
@@ -436,7 +434,7 @@ pub async fn run(dir: PathBuf, shutdown: CancellationToken) -> Result<()> {
                 workload = None;
             }
         }
-        if workload.is_none() && agent.is_some() && tokio::net::TcpStream::connect(&g.ends.nbd).await.is_ok() {
+        if workload.is_none() && agent.is_some() && tokio::net::UnixStream::connect(&g.ends.nbd).await.is_ok() {
             if let Some(args) = g.workload_args() {
                 match spawn(&g.exe, &args, &g.dir.join("workload.log"), &[]) {
                     Ok(c) => {

@@ -75,9 +75,7 @@ pub fn workload(a: &WorkloadArgs) -> Result<u64> {
     let mut clients = Vec::new();
     let mut sizes = Vec::new();
     for d in &a.disks {
-        let (addr, export) = d.split_once('/').with_context(|| format!("{d:?} is not HOST:PORT/EXPORT"))?;
-        let c =
-            ferry_nbd::NbdClient::connect_tcp(addr, export).with_context(|| format!("cannot open NBD export {d}"))?;
+        let c = ferry_nbd::NbdClient::connect_spec(d).with_context(|| format!("cannot open NBD export {d}"))?;
         if c.read_only() {
             bail!("NBD export {d} is read-only");
         }
@@ -85,7 +83,7 @@ pub fn workload(a: &WorkloadArgs) -> Result<u64> {
         clients.push(c);
     }
     if clients.is_empty() {
-        bail!("give at least one --disk HOST:PORT/EXPORT");
+        bail!("give at least one --disk HOST:PORT/EXPORT or unix:SOCKET:EXPORT");
     }
     // Continue after an earlier run's log (same --seed): cut a torn last line, and write the last
     // logged record again — it may have been logged but never written when that run was killed.

@@ -20,6 +20,59 @@ pub enum ClientError {
     Errno(u32),
 }
 
+/// A TCP or unix-socket connection, for callers that take either.
+pub enum AnyStream {
+    Tcp(std::net::TcpStream),
+    Unix(UnixStream),
+}
+
+impl Read for AnyStream {
+    fn read(&mut self, b: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            AnyStream::Tcp(s) => s.read(b),
+            AnyStream::Unix(s) => s.read(b),
+        }
+    }
+}
+
+impl Write for AnyStream {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        match self {
+            AnyStream::Tcp(s) => s.write(b),
+            AnyStream::Unix(s) => s.write(b),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            AnyStream::Tcp(s) => s.flush(),
+            AnyStream::Unix(s) => s.flush(),
+        }
+    }
+}
+
+impl NbdClient<AnyStream> {
+    /// Open an export named `HOST:PORT/EXPORT` (TCP) or `unix:SOCKET:EXPORT` (unix socket).
+    pub fn connect_spec(spec: &str) -> Result<Self, ClientError> {
+        let bad = || ClientError::Protocol(format!("{spec:?} is neither HOST:PORT/EXPORT nor unix:SOCKET:EXPORT"));
+        let timeout = Some(std::time::Duration::from_secs(120));
+        let (stream, export) = if let Some(rest) = spec.strip_prefix("unix:") {
+            let (socket, export) = rest.rsplit_once(':').ok_or_else(bad)?;
+            let s = UnixStream::connect(socket)?;
+            s.set_read_timeout(timeout)?;
+            s.set_write_timeout(timeout)?;
+            (AnyStream::Unix(s), export)
+        } else {
+            let (addr, export) = spec.split_once('/').ok_or_else(bad)?;
+            let s = std::net::TcpStream::connect(addr)?;
+            s.set_nodelay(true)?;
+            s.set_read_timeout(timeout)?;
+            s.set_write_timeout(timeout)?;
+            (AnyStream::Tcp(s), export)
+        };
+        Self::handshake(stream, export)
+    }
+}
+
 pub struct NbdClient<S: Read + Write> {
     stream: S,
     size: u64,

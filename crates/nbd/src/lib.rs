@@ -66,7 +66,7 @@ pub use backend::{Backend, BackendError, Extent, BLOCK};
 #[cfg(feature = "testing")]
 pub use backends::VolatileCacheFileBackend;
 pub use backends::{CowBackend, FileBackend, MemBackend};
-pub use client::{ClientError, NbdClient};
+pub use client::{AnyStream, ClientError, NbdClient};
 pub use proto::ProtocolError;
 pub use server::{handle_connection, serve_tcp, serve_unix, CONNECTION_BUDGET};
 

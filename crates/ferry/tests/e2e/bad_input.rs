@@ -95,34 +95,39 @@ async fn malformed_frames_close_only_that_connection() {
     );
 }
 
+/// Finding 5: a plain TCP NBD export, loopback included, would let every local user write the
+/// protected disks: refused at start unless `nbd_tls` (the default export is an owner-only unix
+/// socket).
 #[test]
-fn nbd_export_on_a_non_loopback_address_requires_tls() {
+fn a_plain_tcp_nbd_export_is_refused_loopback_included() {
     let c = Cluster::new(Opts::default());
     let cfg = std::fs::read_to_string(c.path().join("agent.toml")).unwrap();
-    let cfg = cfg
-        .lines()
-        .map(|l| {
-            if l.starts_with("nbd_listen") {
-                "nbd_listen = '0.0.0.0:0'".to_owned()
-            } else if l.starts_with("status_listen") {
-                // The cluster holds the agent's own status socket; this run binds its own.
-                "status_listen = '127.0.0.1:0'".to_owned()
-            } else {
-                l.to_owned()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
-    std::fs::write(c.path().join("agent-open.toml"), cfg).unwrap();
-    let out = std::process::Command::new(FERRY)
-        .arg("agent")
-        .arg("--config")
-        .arg(c.path().join("agent-open.toml"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("not loopback") && err.contains("nbd_tls"), "{err}");
+    for listen in ["127.0.0.1:0", "0.0.0.0:0"] {
+        let cfg = cfg
+            .lines()
+            .map(|l| {
+                if l.starts_with("nbd_socket") {
+                    format!("nbd_listen = '{listen}'")
+                } else if l.starts_with("status_listen") {
+                    // The cluster holds the agent's own status socket; this run binds its own.
+                    "status_listen = '127.0.0.1:0'".to_owned()
+                } else {
+                    l.to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        std::fs::write(c.path().join("agent-open.toml"), cfg).unwrap();
+        let out = std::process::Command::new(FERRY)
+            .arg("agent")
+            .arg("--config")
+            .arg(c.path().join("agent-open.toml"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{listen}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("plain TCP") && err.contains("nbd_tls") && err.contains("unix socket"), "{err}");
+    }
 }
 
 #[test]

@@ -78,9 +78,8 @@ fn group_tags_give_common_points_and_a_failed_member_leaves_none() {
     c.start_all();
     wait_all_caught_up(&c, &agents);
     for a in agents {
-        let nbd = c.nbds[a];
         let out = std::process::Command::new("qemu-io")
-            .args(["-f", "raw", &format!("nbd://127.0.0.1:{nbd}/disk0"), "-c", "write -P 7 0 1M", "-c", "flush"])
+            .args(["-f", "raw", &c.nbd_url_of(a, "disk0"), "-c", "write -P 7 0 1M", "-c", "flush"])
             .output()
             .unwrap();
         assert!(out.status.success());

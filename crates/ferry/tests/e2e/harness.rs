@@ -102,6 +102,9 @@ pub struct Opts {
     pub volatile: bool,
     /// Number of agents (machines vm1, vm2, ...; components "agent", "agent2", ...).
     pub agents: usize,
+    /// The agents' NBD exports over TCP (`nbd_listen`, which needs `nbd_tls`) instead of their
+    /// owner-only unix sockets.
+    pub nbd_tcp: bool,
 }
 
 impl Default for Opts {
@@ -114,6 +117,7 @@ impl Default for Opts {
             mt_extra: String::new(),
             volatile: false,
             agents: 1,
+            nbd_tcp: false,
         }
     }
 }
@@ -123,8 +127,9 @@ pub struct Cluster {
     /// (component, configuration key) → socket.
     listeners: HashMap<(&'static str, &'static str), std::net::TcpListener>,
     pub dir: tempfile::TempDir,
+    /// The first agent's NBD port (with `Opts::nbd_tcp`; 0 otherwise).
     pub nbd: u16,
-    /// NBD port of each agent ("agent", "agent2", ...).
+    /// NBD port of each agent ("agent", "agent2", ...), with `Opts::nbd_tcp`.
     pub nbds: HashMap<&'static str, u16>,
     pub ps_port: u16,
     pub mt_port: u16,
@@ -135,6 +140,11 @@ pub struct Cluster {
 
 pub const COMPONENTS: [&str; 3] = ["master-target", "process-server", "agent"];
 pub const AGENTS: [&str; 3] = ["agent", "agent2", "agent3"];
+
+/// The owner-only unix socket of an agent's NBD export in a cluster folder.
+pub fn nbd_socket_in(dir: &Path, agent: &str) -> PathBuf {
+    dir.join(format!("{agent}-nbd.sock"))
+}
 
 /// The file stem of an agent component's certificate (`agent-vm1`).
 pub fn agent_cert(agent: &str) -> String {
@@ -177,9 +187,11 @@ impl Cluster {
             if *a != "agent" {
                 status.insert(*a, bind(a, "status_listen"));
             }
-            nbds.insert(*a, bind(a, "nbd_listen"));
+            if opts.nbd_tcp {
+                nbds.insert(*a, bind(a, "nbd_listen"));
+            }
         }
-        let nbd = nbds["agent"];
+        let nbd = nbds.get("agent").copied().unwrap_or(0);
         // Written the way the lab writes its components' files (`ferry_lab::component`).
         let tls = |c: &str| ferry_tls::TlsFiles::in_dir(&d.join("certs"), c);
         let fill =
@@ -224,11 +236,14 @@ impl Cluster {
                 disk.insert("cache".into(), if opts.volatile { "volatile" } else { "page-cache" }.into());
                 disks.push(toml::Value::Table(disk));
             }
-            ComponentFile::new()
+            let nbd_export = match nbds.get(agent) {
+                Some(port) => ComponentFile::new().set("nbd_listen", loopback(*port)),
+                None => ComponentFile::new().path("nbd_socket", &nbd_socket_in(d, agent)),
+            };
+            nbd_export
                 .set("machine", machine.as_str())
                 .path("state_dir", &d.join(format!("{agent}-state")))
                 .set("process_server", loopback(ps))
-                .set("nbd_listen", loopback(nbds[agent]))
                 .set("status_listen", loopback(status[agent]))
                 .set("reconnect_interval_secs", 0.2)
                 .set("maintenance_interval_secs", 0.2)
@@ -491,7 +506,23 @@ impl Cluster {
     }
 
     pub fn nbd_url(&self, disk: &str) -> String {
-        format!("nbd://127.0.0.1:{}/{disk}", self.nbd)
+        self.nbd_url_of("agent", disk)
+    }
+
+    /// The NBD URL of `disk` of agent `agent` (its unix socket, or TCP with `Opts::nbd_tcp`).
+    pub fn nbd_url_of(&self, agent: &str, disk: &str) -> String {
+        match self.nbds.get(agent) {
+            Some(port) => format!("nbd://127.0.0.1:{port}/{disk}"),
+            None => format!("nbd+unix:///{disk}?socket={}", nbd_socket_in(self.path(), agent).display()),
+        }
+    }
+
+    /// The `ferry lab workload --disk` form of agent `agent`'s `disk`.
+    pub fn nbd_spec(&self, agent: &str, disk: &str) -> String {
+        match self.nbds.get(agent) {
+            Some(port) => format!("127.0.0.1:{port}/{disk}"),
+            None => format!("unix:{}:{disk}", nbd_socket_in(self.path(), agent).display()),
+        }
     }
 
     /// Run qemu-io with commands on stdin against a disk's export.

@@ -18,20 +18,13 @@ fn lab_workload_verifies_on_the_replica_and_an_app_point_and_fails_on_a_corrupte
     c.wait_caught_up(Duration::from_secs(30));
     let d = c.path().to_owned();
     let log = d.join("workload.log");
-    let nbd = c.nbd;
+    let (disk0, disk1) = (c.nbd_spec("agent", "disk0"), c.nbd_spec("agent", "disk1"));
     let pause = d.join("pause");
     let work = {
         let log = log.clone();
         std::thread::spawn(move || {
             Command::new(FERRY)
-                .args([
-                    "lab",
-                    "workload",
-                    "--disk",
-                    &format!("127.0.0.1:{nbd}/disk0"),
-                    "--disk",
-                    &format!("127.0.0.1:{nbd}/disk1"),
-                ])
+                .args(["lab", "workload", "--disk", &disk0, "--disk", &disk1])
                 .arg("--record-log")
                 .arg(&log)
                 .args(["--records", "400", "--rate", "200", "--seed", "7", "--pause-file"])

@@ -132,7 +132,7 @@ fn two_tib_sparse_disk_replicates_its_data_only() {
 
 #[test]
 fn nbd_export_with_tls_serves_qemu_with_a_client_certificate_and_refuses_plaintext_and_anonymous() {
-    let mut c = Cluster::new(Opts { agent_extra: "nbd_tls = true\n".into(), ..Default::default() });
+    let mut c = Cluster::new(Opts { agent_extra: "nbd_tls = true\n".into(), nbd_tcp: true, ..Default::default() });
     c.start_all();
     let creds = c.path().join("qemu-creds");
     std::fs::create_dir_all(&creds).unwrap();
@@ -181,13 +181,19 @@ fn nbd_export_with_tls_serves_qemu_with_a_client_certificate_and_refuses_plainte
     c.assert_identical();
 }
 
+/// Without `nbd_listen` or `nbd_socket` the agent serves its disks on `<state_dir>/nbd.sock`,
+/// owner-only, and names it in its status; qemu attaches there.
 #[test]
-fn nbd_export_on_a_unix_socket() {
+fn nbd_export_defaults_to_a_unix_socket_in_the_state_folder() {
+    use std::os::unix::fs::PermissionsExt;
     let mut c = Cluster::new(Opts::default());
-    let sock = c.path().join("vm1.sock");
-    let cfg = std::fs::read_to_string(c.path().join("agent.toml")).unwrap();
-    std::fs::write(c.path().join("agent.toml"), format!("nbd_socket = '{}'\n{cfg}", sock.display())).unwrap();
+    c.edit_config("agent", |t| {
+        t.remove("nbd_socket");
+    });
     c.start_all();
+    let sock = c.path().join("agent-state/nbd.sock");
+    assert_eq!(c.status("agent")["nbd_socket"], sock.display().to_string());
+    assert_eq!(std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777, 0o600);
     let url = format!("nbd+unix:///disk0?socket={}", sock.display());
     let out = std::process::Command::new("qemu-io")
         .args(["-f", "raw", "-c", "write -P 0x33 0 1M", "-c", "flush", &url])

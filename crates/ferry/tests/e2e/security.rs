@@ -456,3 +456,31 @@ async fn a_certificate_streams_only_the_machine_and_the_role_it_names() {
     c.wait_caught_up(Duration::from_secs(60));
     c.assert_identical();
 }
+
+/// Finding 5: another local user cannot write a protected disk through the agent's NBD export.
+/// The export is an owner-only unix socket (a plain TCP export is refused at start, see
+/// `bad_input`); `nobody`, who reaches the folder holding the socket, cannot connect, and the
+/// disk is unchanged.
+#[test]
+fn a_local_user_cannot_attach_a_protected_disk() {
+    if is_not_root() {
+        eprintln!("skipped: runs the attack as nobody, which needs root to switch users");
+        return;
+    }
+    let mut c = Cluster::new(Opts::default());
+    std::fs::set_permissions(c.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    c.start_all();
+    assert!(c.qemu_io("disk0", "write -P 0x11 0 1M\nflush\n").status.success());
+    c.wait_caught_up(Duration::from_secs(30));
+    let sock = nbd_socket_in(c.path(), "agent");
+    assert!(as_nobody("ls", &[c.path().to_str().unwrap()]).status.success(), "nobody reaches the socket's folder");
+    assert_eq!(std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777, 0o600, "the socket is owner-only");
+    let url = c.nbd_url("disk0");
+    let attack = as_nobody("qemu-io", &["-f", "raw", "-c", "write -P 0x99 0 64k", "-c", "flush", &url]);
+    assert!(!attack.status.success(), "nobody attached the disk: {}", String::from_utf8_lossy(&attack.stdout));
+    let err = String::from_utf8_lossy(&attack.stderr);
+    assert!(err.contains("ermission denied"), "refused by the socket's mode: {err}");
+    assert!(c.qemu_io("disk0", "read -P 0x11 0 1M\n").status.success(), "the disk is unchanged");
+    c.wait_caught_up(Duration::from_secs(30));
+    c.assert_identical();
+}
