@@ -792,14 +792,15 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, say: Say<'_>) -> Result<L
         });
         Ok(l)
     };
-    // name -> listen, status and NBD listeners (bound here, handed to the master target).
+    // name -> listen and status listeners (bound here, handed to the master target; its point
+    // exports are on its retention volume's owner-only unix socket).
     type Bound = (String, std::net::TcpListener);
-    let mut mt_addr: BTreeMap<String, (Bound, Bound, Bound)> = BTreeMap::new();
+    let mut mt_addr: BTreeMap<String, (Bound, Bound)> = BTreeMap::new();
     for site in &spec.sites {
         for mt in site.master_targets.iter().filter(|m| m.run) {
             let listen = bind_loopback()?;
             let link = start_link(mt.name.clone(), listen.0.clone())?;
-            mt_addr.insert(mt.name.clone(), (listen, bind_loopback()?, bind_loopback()?));
+            mt_addr.insert(mt.name.clone(), (listen, bind_loopback()?));
             links.push(link);
         }
     }
@@ -848,7 +849,7 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, say: Say<'_>) -> Result<L
             )
             .await
             .with_context(|| format!("registering master target {}", mt.name))?;
-            let ((listen, listen_l), (status, status_l), (nbd, nbd_l)) =
+            let ((listen, listen_l), (status, status_l)) =
                 mt_addr.remove(&mt.name).context("master target listeners")?;
             let keys = ComponentFile::new()
                 .set("name", mt.name.as_str())
@@ -857,7 +858,6 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, say: Say<'_>) -> Result<L
                 .path("image_root", &dir)
                 .set("listen", listen.as_str())
                 .set("status_listen", status.as_str())
-                .set("nbd_listen", nbd.as_str())
                 .set("advertise", link_of(&mt.name).unwrap_or_else(|| listen.clone()));
             let link = server_link(&site.name, &reg, &mt.name);
             let names = (&site.name, &mt.name);
@@ -871,7 +871,7 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, say: Say<'_>) -> Result<L
                 &link,
                 (listen, &listen_l),
                 (status, &status_l),
-                &[("nbd_listen", &nbd_l)],
+                &[],
             )?);
         }
         if let Some(ps) = &site.process_server {

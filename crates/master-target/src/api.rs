@@ -186,16 +186,8 @@ impl MasterTarget {
         let mut v = m.clone();
         if let MaterializedAs::Export { exports, .. } = &m.what {
             let sock = self.config.nbd_socket();
-            let urls: Vec<_> = exports
-                .iter()
-                .map(|e| {
-                    let mut u = vec![format!("nbd+unix:///{e}?socket={}", sock.display())];
-                    if let Some(l) = &self.config.nbd_listen {
-                        u.push(format!("nbd://{l}/{e}"));
-                    }
-                    u
-                })
-                .collect();
+            let urls: Vec<_> =
+                exports.iter().map(|e| vec![format!("nbd+unix:///{e}?socket={}", sock.display())]).collect();
             v.nbd_urls = urls;
         }
         v

@@ -115,8 +115,10 @@ pub struct MasterTargetConfig {
     /// follows links, so a folder another local user may write must never be an image folder.
     #[serde(default)]
     pub image_root: Option<PathBuf>,
-    /// NBD address serving materialized points (test failover). Loopback only; the unix socket
-    /// `<retention>/nbd.sock` is always served.
+    /// Refused when set: materialized points (test failover) are served only on the owner-only
+    /// unix socket `<retention>/nbd.sock`. A plain TCP export, loopback included, would let every
+    /// local user read any machine's point and write a test-failover disk. The key stays so that
+    /// a configuration naming it is refused with that reason, not as an unknown key.
     #[serde(default)]
     pub nbd_listen: Option<String>,
     /// Heartbeats to a configuration server (from `ferry register`); standalone without it.
@@ -367,22 +369,11 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), MasterTargetError> {
     let acceptor = ferry_tls::acceptor(&config.tls)?;
-    let nbd_tcp = match &config.nbd_listen {
-        Some(addr) => {
-            // A socket handed down by whoever started us (the lab), else our own bind.
-            let l = ferry_sys::listen::listener("nbd_listen", addr)
-                .and_then(TcpListener::from_std)
-                .map_err(|source| MasterTargetError::Io { path: PathBuf::from(addr), source })?;
-            let local = l.local_addr().map_err(|source| MasterTargetError::Io { path: PathBuf::from(addr), source })?;
-            if !local.ip().is_loopback() {
-                return Err(MasterTargetError::Refused(format!(
-                    "nbd_listen = {addr:?} is not a loopback address: recovery-point exports are served without TLS, so keep them on 127.0.0.1 (or use the unix socket <retention>/nbd.sock)"
-                )));
-            }
-            Some(l)
-        }
-        None => None,
-    };
+    if let Some(addr) = &config.nbd_listen {
+        return Err(MasterTargetError::Refused(format!(
+            "nbd_listen = {addr:?}: recovery-point exports are served only on the owner-only unix socket <retention>/nbd.sock (plain TCP, loopback included, would let every local user read any machine's points and write test-failover disks); remove nbd_listen and attach with nbd+unix:///EXPORT?socket=<retention>/nbd.sock"
+        )));
+    }
     let mt = MasterTarget::new(config, shutdown.clone())?;
     let token_file = mt.config.control_token_path();
     let control = ferry_status::control::load_or_create_control_token(&token_file)
@@ -392,10 +383,10 @@ pub async fn serve(
     let _ = std::fs::remove_file(&sock);
     let unix =
         tokio::net::UnixListener::bind(&sock).map_err(|source| MasterTargetError::Io { path: sock.clone(), source })?;
-    tokio::spawn(ferry_nbd::serve_unix(unix, nbd_config.clone(), shutdown.clone()));
-    if let Some(l) = nbd_tcp {
-        tokio::spawn(ferry_nbd::serve_tcp(l, nbd_config, shutdown.clone()));
-    }
+    // Owner-only (the umask made it so; say it): the exports are machines' disks.
+    std::fs::set_permissions(&sock, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .map_err(|source| MasterTargetError::Io { path: sock.clone(), source })?;
+    tokio::spawn(ferry_nbd::serve_unix(unix, nbd_config, shutdown.clone()));
     if let Some(addr) = status_listener.as_ref().and_then(|l| l.local_addr().ok()) {
         if !addr.ip().is_loopback() {
             tracing::warn!(%addr, "the status and recovery-point API listens on a non-loopback address over plain HTTP: the control token would cross the network in clear and anyone who reaches it reads the status; keep status_listen on 127.0.0.1");

@@ -130,6 +130,27 @@ fn a_plain_tcp_nbd_export_is_refused_loopback_included() {
     }
 }
 
+/// The master target's point exports are a machine's disks: never on plain TCP (refused at
+/// start), only on its owner-only unix socket.
+#[test]
+fn master_target_point_exports_over_tcp_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    assert!(std::process::Command::new(FERRY).args(["certs", "--dir"]).arg(&certs).output().unwrap().status.success());
+    let out = std::process::Command::new(FERRY)
+        .args(["master-target", "--datastore"])
+        .arg(dir.path().join("ds"))
+        .arg("--retention")
+        .arg(dir.path().join("ret"))
+        .args(["--listen", "127.0.0.1:0", "--set", "nbd_listen = '127.0.0.1:0'", "--certs"])
+        .arg(&certs)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("nbd_listen") && err.contains("owner-only unix socket"), "{err}");
+}
+
 #[test]
 fn bad_configuration_names_the_file_and_the_problem() {
     let dir = tempfile::tempdir().unwrap();

@@ -273,12 +273,6 @@ impl Cluster {
         self.dir.path()
     }
 
-    /// Hand one more listener to component `c` (for a key its configuration names, e.g. a master
-    /// target's `nbd_listen`) at each of its starts.
-    pub fn hand(&mut self, c: &'static str, key: &'static str, l: std::net::TcpListener) {
-        self.listeners.insert((c, key), l);
-    }
-
     pub fn source(&self, disk: &str) -> PathBuf {
         self.path().join(format!("{disk}.img"))
     }

@@ -239,11 +239,7 @@ fn failing_or_slow_freeze_hook_gives_an_event_and_no_app_point() {
 
 #[test]
 fn test_failover_overlay_never_touches_the_replica_and_is_removed_at_cleanup() {
-    let nbd_listener = listener();
-    let nbd = port_of(&nbd_listener);
-    let mut c =
-        Cluster::new(oracle_opts("crash_point_interval_secs = 0.2\n", &format!("nbd_listen = '127.0.0.1:{nbd}'\n")));
-    c.hand("master-target", "nbd_listen", nbd_listener);
+    let mut c = Cluster::new(oracle_opts("crash_point_interval_secs = 0.2\n", ""));
     let seed = seed("test_failover_overlay");
     prepare_sources(&c, seed);
     c.start_all();
@@ -258,8 +254,8 @@ fn test_failover_overlay_never_touches_the_replica_and_is_removed_at_cleanup() {
     );
     assert_eq!(code, 201, "{m}");
     let export = m["exports"][0].as_str().unwrap();
-    // The test machine boots from the loopback TCP export (the unix socket serves the same).
-    let url = format!("nbd://127.0.0.1:{nbd}/{export}");
+    // The test machine boots from the export on the master target's owner-only unix socket.
+    let url = format!("nbd+unix:///{export}?socket={}", c.path().join("retention/nbd.sock").display());
     assert!(m["nbd_urls"].to_string().contains(&url), "{m:#}");
     let before = c.status("master-target")["machines"][0]["journaled_seq"].clone();
     // The test-failover machine writes to its disk...

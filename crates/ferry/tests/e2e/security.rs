@@ -481,6 +481,12 @@ fn a_local_user_cannot_attach_a_protected_disk() {
     let err = String::from_utf8_lossy(&attack.stderr);
     assert!(err.contains("ermission denied"), "refused by the socket's mode: {err}");
     assert!(c.qemu_io("disk0", "read -P 0x11 0 1M\n").status.success(), "the disk is unchanged");
+    // The master target's point exports likewise: its socket is owner-only (in its 0700
+    // retention volume), and it serves no TCP export at all.
+    let mt_sock = c.path().join("retention/nbd.sock");
+    assert_eq!(std::fs::metadata(&mt_sock).unwrap().permissions().mode() & 0o777, 0o600);
+    let mt_url = format!("nbd+unix:///x?socket={}", mt_sock.display());
+    assert!(!as_nobody("qemu-io", &["-f", "raw", "-c", "read 0 4k", &mt_url]).status.success());
     c.wait_caught_up(Duration::from_secs(30));
     c.assert_identical();
 }
