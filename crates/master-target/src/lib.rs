@@ -168,6 +168,11 @@ fn default_checkpoint_secs() -> f64 {
 /// Where a linked master target keeps the revoked certificate serials (on its retention volume).
 pub const REVOKED_FILE: &str = "revoked-certificates.json";
 
+/// Where a linked master target keeps the per-machine settings the configuration server
+/// assigned (datastores, process servers, windows): after a restart with the server unreachable
+/// it still creates the replicas it was given and takes each machine only from its process server.
+pub const ASSIGNED_FILE: &str = "assigned-settings.json";
+
 /// The per-machine settings a running master target takes from the configuration server.
 pub use ferry_api::master_target::MasterTargetSettings as LiveSettings;
 
@@ -208,15 +213,33 @@ impl MasterTarget {
             Some(_) => ferry_tls::Revoked::load(&volume.path.join(REVOKED_FILE)).map_err(MasterTargetError::Refused)?,
             None => ferry_tls::Revoked::none(),
         };
+        // What the server assigned before a restart; the file and the server's answer at start
+        // (already in `config`) win over it.
+        let mut live = LiveSettings {
+            machine_retention_secs: config.machine_retention_secs.clone().into_iter().collect(),
+            machine_datastores: config.machine_datastores.clone().into_iter().collect(),
+            machine_process_servers: config.machine_process_servers.clone().into_iter().collect(),
+        };
+        if config.config_server.is_some() {
+            let saved = std::fs::read(volume.path.join(ASSIGNED_FILE))
+                .ok()
+                .and_then(|d| serde_json::from_slice::<LiveSettings>(&d).ok())
+                .unwrap_or_default();
+            for (k, v) in saved.machine_retention_secs {
+                live.machine_retention_secs.entry(k).or_insert(v);
+            }
+            for (k, v) in saved.machine_datastores {
+                live.machine_datastores.entry(k).or_insert(v);
+            }
+            for (k, v) in saved.machine_process_servers {
+                live.machine_process_servers.entry(k).or_insert(v);
+            }
+        }
         let mt = Arc::new(MasterTarget {
             revoked: Arc::new(revoked),
             retention: volume.path.clone(),
             _volume: volume,
-            live: std::sync::RwLock::new(LiveSettings {
-                machine_retention_secs: config.machine_retention_secs.clone().into_iter().collect(),
-                machine_datastores: config.machine_datastores.clone().into_iter().collect(),
-                machine_process_servers: config.machine_process_servers.clone().into_iter().collect(),
-            }),
+            live: std::sync::RwLock::new(live),
             config,
             replicas: Mutex::new(HashMap::new()),
             exports: ferry_nbd::Exports::new(),
@@ -325,6 +348,13 @@ impl MasterTarget {
                 }
                 for (k, p) in &self.config.machine_process_servers {
                     s.machine_process_servers.entry(k.clone()).or_insert(p.clone());
+                }
+                let path = self.retention.join(ASSIGNED_FILE);
+                let saved = serde_json::to_vec_pretty(&s)
+                    .map_err(std::io::Error::other)
+                    .and_then(|d| ferry_sys::fs::write_atomic(&path, &d));
+                if let Err(e) = saved {
+                    tracing::error!(error = %e, file = %path.display(), "cannot keep the assigned settings");
                 }
                 *live = s;
                 let windows = live.machine_retention_secs.clone();

@@ -187,6 +187,16 @@ fn registered_components_take_their_settings_from_the_server_heartbeat_and_turn_
     assert_eq!(health(&v, "master-target"), Some("healthy".into()));
     let _ = server.kill();
     let _ = server.wait();
+    // What the server assigned is kept on the retention volume: restarted while the server is
+    // gone, the master target still holds vm1's assigned settings (its window here; protection
+    // also assigns datastores and process servers the same way).
+    assert!(c.path().join("retention/assigned-settings.json").exists());
+    // Gone for good: its address refuses connections (the test held its listener until now).
+    drop(server_listener);
+    c.kill9("master-target");
+    c.start("master-target");
+    let mt = c.status("master-target");
+    assert_eq!(mt["settings"]["machine_retention_secs"]["vm1"], 7200.0, "kept across the restart: {mt:#}");
 }
 
 /// Registering a component again revokes its earlier certificate (a reinstalled host, a stolen
