@@ -1336,6 +1336,17 @@ fn is_zero(b: &[u8]) -> bool {
 /// Limits that make progress possible: a resync step must fit in the log, and one maximal NBD
 /// write (32 MiB) plus a resync chunk must fit in the activity log.
 fn validate_limits(c: &AgentConfig) -> Result<(), AgentError> {
+    use ferry_types::bounds::check_range;
+    let (min_batch, max_batch) = ferry_types::bounds::BATCH_BYTES;
+    [
+        check_range("batch_bytes", c.batch_bytes as u64, min_batch, max_batch),
+        check_range("log_limit_bytes", c.log_limit_bytes, 1 << 20, 1 << 40),
+        check_range("al_extent_bytes", c.al_extent_bytes, TRACK_BLOCK, 1 << 30),
+        check_range("al_extents", c.al_extents as u64, 1, 1 << 20),
+    ]
+    .into_iter()
+    .collect::<Result<(), String>>()
+    .map_err(AgentError::Config)?;
     let chunk = c.resync_chunk_bytes;
     if !(TRACK_BLOCK..=(32 << 20)).contains(&chunk) {
         return Err(AgentError::Config(format!("resync_chunk_bytes = {chunk}: use 4096 to 33554432")));

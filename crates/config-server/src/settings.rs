@@ -121,6 +121,9 @@ pub(crate) async fn put_settings(
             n.map(ferry_types::bounds::check_secs).map(|r| r.err())
         } else if k.ends_with("_percent") {
             n.map(ferry_types::bounds::check_percent).map(|r| r.err())
+        } else if k == "batch_bytes" || k == "forward_batch_bytes" {
+            let (min, max) = ferry_types::bounds::BATCH_BYTES;
+            value.as_u64().map(|b| ferry_types::bounds::check_range(k, b, min, max).err())
         } else {
             Some(None)
         };

@@ -193,6 +193,8 @@ pub struct MasterTarget {
 
 impl MasterTarget {
     pub fn new(mut config: MasterTargetConfig, shutdown: CancellationToken) -> Result<Arc<Self>, MasterTargetError> {
+        ferry_types::bounds::check_range("segment_bytes", config.segment_bytes, 64 << 10, 1 << 30)
+            .map_err(MasterTargetError::Refused)?;
         let ds = &config.datastore;
         std::fs::create_dir_all(ds).map_err(|source| MasterTargetError::Io { path: ds.clone(), source })?;
         let mut others = vec![("datastore (target disks) of this master target".to_owned(), config.datastore.clone())];

@@ -122,8 +122,17 @@ pub const REVOKED_FILE: &str = "revoked-certificates.json";
 
 impl ProcessServer {
     pub fn new(config: ProcessServerConfig, shutdown: CancellationToken) -> Result<Arc<Self>, ProcessServerError> {
-        if config.cache_capacity_bytes == 0 {
-            return Err(ProcessServerError::Config("cache_capacity_bytes must be greater than 0".into()));
+        {
+            use ferry_types::bounds::check_range;
+            let (min_batch, max_batch) = ferry_types::bounds::BATCH_BYTES;
+            [
+                check_range("cache_capacity_bytes", config.cache_capacity_bytes, 1 << 20, 1 << 50),
+                check_range("segment_bytes", config.segment_bytes, 64 << 10, 1 << 30),
+                check_range("forward_batch_bytes", config.forward_batch_bytes as u64, min_batch, max_batch),
+            ]
+            .into_iter()
+            .collect::<Result<(), String>>()
+            .map_err(ProcessServerError::Config)?;
         }
         if config.throttle_free_percent >= 100 {
             return Err(ProcessServerError::Config("throttle_free_percent must be below 100".into()));

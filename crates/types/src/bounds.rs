@@ -27,6 +27,21 @@ pub fn check_percent(v: f64) -> Result<f64, String> {
     }
 }
 
+/// What a batch of records or chunks may hold (`batch_bytes`, `forward_batch_bytes`): at least
+/// a block, at most half a frame.
+pub const BATCH_BYTES: (u64, u64) = (4096, 32 << 20);
+
+/// A size or count key of a component's configuration within `min..=max`, or an error that
+/// names the key and the range (sizes are checked at start: 0 or 2^64 would otherwise reach an
+/// allocation or a division much later).
+pub fn check_range(key: &str, v: u64, min: u64, max: u64) -> Result<(), String> {
+    if (min..=max).contains(&v) {
+        Ok(())
+    } else {
+        Err(format!("{key} = {v} is out of range: use {min} to {max}"))
+    }
+}
+
 /// A number as a person reads it: 1e300, not three hundred digits.
 fn show(v: f64) -> String {
     if v.is_finite() && v.abs() >= 1e15 {

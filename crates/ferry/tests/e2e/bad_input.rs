@@ -189,6 +189,22 @@ fn out_of_range_numbers_in_a_configuration_are_refused_at_start() {
             "{component} {set}: {err}"
         );
     }
+    // Sizes and counts: 0 or 2^63 would reach an allocation or a division much later.
+    for (component, set, key) in [
+        ("agent", "batch_bytes = 0", "batch_bytes"),
+        ("agent", "al_extents = 9223372036854775807", "al_extents"),
+        ("agent", "log_limit_bytes = 9223372036854775807", "log_limit_bytes"),
+        ("agent", "al_extent_bytes = 1", "al_extent_bytes"),
+        ("process-server", "segment_bytes = 0", "segment_bytes"),
+        ("process-server", "forward_batch_bytes = 9223372036854775807", "forward_batch_bytes"),
+        ("process-server", "cache_capacity_bytes = 0", "cache_capacity_bytes"),
+        ("master-target", "segment_bytes = 9223372036854775807", "segment_bytes"),
+    ] {
+        let out = c.command(component).args(["--set", set]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{component} started with {set}: {err}");
+        assert!(err.contains(key) && err.contains("out of range: use"), "{component} {set}: {err}");
+    }
     let state = c.path().join("cs-state");
     let out = std::process::Command::new(FERRY)
         .args(["config-server", "--listen", "127.0.0.1:0", "--set", "heartbeat_timeout_secs = inf", "--state-dir"])

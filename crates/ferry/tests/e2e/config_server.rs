@@ -395,6 +395,9 @@ fn conformance(database: &str, dir: &Path) {
         s.curl("PUT", "/api/v1/components/agent/vm9/settings", a, Some(r#"{"crash_point_interval_secs": 1e300}"#));
     assert_eq!(code, 422, "{v}");
     assert!(v["message"].as_str().unwrap().contains("not a number of seconds"), "{v}");
+    // A size the agent would refuse at its next start (it would not come up again).
+    let (code, v) = s.curl("PUT", "/api/v1/components/agent/vm9/settings", a, Some(r#"{"batch_bytes": 0}"#));
+    assert!((400..500).contains(&code) && v["message"].as_str().unwrap().contains("out of range"), "{code} {v}");
 
     // Bad input: 4xx with a JSON error; the server keeps serving.
     for (body, what) in [
