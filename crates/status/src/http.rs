@@ -130,10 +130,14 @@ pub fn spawn_connection<I, A>(
 {
     tokio::spawn(async move {
         let _admitted = admitted;
+        let body_limit = limits.header_read_timeout;
         let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
             req.extensions_mut().insert(ConnectInfo(peer.clone()));
             let mut app = app.clone();
-            async move { tower_service::Service::call(&mut app, req.map(axum::body::Body::new)).await }
+            // The body, too, must arrive within the header time (from the end of the header): a
+            // client that trickles it would otherwise hold the connection and its task for ever.
+            let req = req.map(|b| axum::body::Body::new(Deadline::new(b, body_limit)));
+            async move { tower_service::Service::call(&mut app, req).await }
         });
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
@@ -151,6 +155,52 @@ pub fn spawn_connection<I, A>(
             }
         }
     });
+}
+
+/// A request body that fails once its deadline passes before it has all arrived.
+struct Deadline<B> {
+    inner: B,
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+    limit: Duration,
+}
+
+impl<B> Deadline<B> {
+    fn new(inner: B, limit: Duration) -> Self {
+        Deadline { inner, sleep: Box::pin(tokio::time::sleep(limit)), limit }
+    }
+}
+
+impl<B> hyper::body::Body for Deadline<B>
+where
+    B: hyper::body::Body<Data = hyper::body::Bytes> + Unpin,
+    B::Error: Into<axum::BoxError>,
+{
+    type Data = hyper::body::Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        use std::future::Future;
+        let this = self.get_mut();
+        if let std::task::Poll::Ready(f) = std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            return std::task::Poll::Ready(f.map(|r| r.map_err(Into::into)));
+        }
+        if this.sleep.as_mut().poll(cx).is_ready() {
+            let why = format!("the request body did not arrive within {:?} of its header", this.limit);
+            return std::task::Poll::Ready(Some(Err(why.into())));
+        }
+        std::task::Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Serve `app` on a plain TCP listener under `limits` until `shutdown`.
@@ -210,5 +260,34 @@ mod tests {
         assert!(g6.admit("2001:db8:0:1::2".parse().unwrap()).is_some());
         let _y = g6.admit("::ffff:10.0.0.1".parse().unwrap()).unwrap();
         assert!(g6.admit("10.0.0.1".parse().unwrap()).is_none());
+    }
+
+    /// A body trickled after a complete header is cut at the header time, answered with an
+    /// error, and the connection closed; a body sent in time is served.
+    #[tokio::test]
+    async fn a_trickled_body_is_cut_at_the_header_time() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let app = Router::new().route("/echo", axum::routing::post(|body: String| async move { body }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = HttpLimits { header_read_timeout: Duration::from_millis(300), ..Default::default() };
+        let shutdown = CancellationToken::new();
+        tokio::spawn(serve_tcp(listener, app, limits, shutdown.clone()));
+        let head = "POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n";
+        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        c.write_all(format!("{head}0123456789").as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; 1024];
+        let n = c.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"), "served in time");
+        let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+        slow.write_all(format!("{head}01").as_bytes()).await.unwrap();
+        let started = std::time::Instant::now();
+        let mut answer = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(30), slow.read_to_end(&mut answer)).await;
+        assert!(r.is_ok(), "the trickled connection was not closed");
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.is_empty() || text.starts_with("HTTP/1.1 4"), "{text}");
+        assert!(started.elapsed() < Duration::from_secs(20), "cut at about the header time");
+        shutdown.cancel();
     }
 }
