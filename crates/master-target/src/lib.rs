@@ -45,6 +45,10 @@ pub enum MasterTargetError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
     Refused(String),
+    #[error("bulk data for {machine} outside an initial sync was refused: the replica is consistent and takes changes only in the ordered log")]
+    BulkOutsideInitialSync { machine: String },
+    #[error("{0}")]
+    InvalidRecord(String),
     #[error(transparent)]
     Retention(#[from] retention::EligibilityError),
 }
@@ -100,7 +104,9 @@ pub struct MasterTargetConfig {
     #[serde(default)]
     pub machine_datastores: HashMap<String, PathBuf>,
     /// Per-machine identity of the only process server that may stream it here
-    /// (`process-server/NAME@site`; set by protection). Absent: any process-server certificate.
+    /// (`process-server/NAME@site`; set by protection). Absent: any process-server certificate,
+    /// except on a master target linked to a configuration server (`[config_server]`) whose own
+    /// file does not name the machine in `machine_datastores`: refused (9014).
     #[serde(default)]
     pub machine_process_servers: HashMap<String, String>,
     /// The address process servers should use (a proxy or NAT address; default: `listen`).
@@ -286,7 +292,24 @@ impl MasterTarget {
                 "machine {machine} does not stream through {peer} to master target {}",
                 self.config.name
             ))),
-            _ => Ok(()),
+            Some(_) => Ok(()),
+            // Linked to a configuration server, only the process server its protection routed
+            // the machine through may stream it (also for a replica made before the link: any
+            // other process server, of either site, would overwrite it) — unless this master
+            // target's own configuration file names the machine (its local operator's choice).
+            None if self.config.config_server.is_some()
+                && !self.config.machine_datastores.contains_key(machine.as_str()) =>
+            {
+                Err((
+                codes::NOT_PROTECTED.code,
+                format!(
+                    "machine {machine} has no process server assigned on master target {} (it was not protected through the configuration server)",
+                    self.config.name
+                ),
+                codes::NOT_PROTECTED.remedy.to_owned(),
+                ))
+            }
+            None => Ok(()),
         }
     }
 
@@ -526,6 +549,15 @@ where
             message: e,
             remedy: "check the datastore and retention volume (space, permissions)".into(),
         };
+        let refusal = |e: &MasterTargetError| match e {
+            MasterTargetError::BulkOutsideInitialSync { .. } => Some(codes::BULK_OUTSIDE_INITIAL_SYNC),
+            MasterTargetError::InvalidRecord(_) => Some(codes::INVALID_RECORD),
+            _ => None,
+        };
+        let error_message = |e: &MasterTargetError| match refusal(e) {
+            Some(c) => Message::Error { code: c.code, message: e.to_string(), remedy: c.remedy.into() },
+            None => storage_error(e.to_string()),
+        };
         match msg {
             Message::Records(records) => {
                 let r2 = replica.clone();
@@ -535,7 +567,7 @@ where
                 let durable = match durable {
                     Ok(d) => d,
                     Err(e) => {
-                        let _ = framed.send(storage_error(e.to_string())).await;
+                        let _ = framed.send(error_message(&e)).await;
                         return Err(e.to_string());
                     }
                 };
@@ -575,7 +607,7 @@ where
                 {
                     Ok(ids) => ids,
                     Err(e) => {
-                        let _ = framed.send(storage_error(e.to_string())).await;
+                        let _ = framed.send(error_message(&e)).await;
                         return Err(e.to_string());
                     }
                 };

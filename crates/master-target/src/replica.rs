@@ -99,6 +99,10 @@ pub struct Replica {
     pub(crate) segment_bytes: u64,
     /// Seq of the newest ResyncEnd durable in the journal.
     latest_end_seq: AtomicU64,
+    /// Bulk (initial-sync) data is taken only while this holds: the replica has no consistent
+    /// state yet, or the journal holds an initial sync's ResyncBegin without its ResyncEnd.
+    /// Outside that window a `Bulk` chunk would overwrite replicated data without ordering.
+    bulk_open: AtomicBool,
     journal_last_time_ms: AtomicU64,
     applied_tx: watch::Sender<u64>,
     events_tx: broadcast::Sender<Event>,
@@ -301,6 +305,7 @@ impl Replica {
         let journal = SegmentLog::open(&dir.join("journal"), config.segment_bytes)?;
         // Where does the newest completed resync end? (decides whether held resync data may apply)
         let mut latest_end = 0;
+        let mut bulk_open = ckpt.initial_sync_open || (journal.last_seq() == 0 && !ckpt.consistent);
         let mut cur = Cursor::after(ckpt.applied_seq);
         loop {
             let batch = journal.read(&mut cur, 64 << 20)?;
@@ -308,8 +313,15 @@ impl Replica {
                 break;
             }
             for r in &batch {
-                if matches!(r.body, RecordBody::ResyncEnd { .. }) {
-                    latest_end = r.seq.get();
+                match r.body {
+                    RecordBody::ResyncEnd { .. } => {
+                        latest_end = r.seq.get();
+                        bulk_open = false;
+                    }
+                    RecordBody::ResyncBegin { reason, .. } if crate::base::bypasses_journal(reason) => {
+                        bulk_open = true;
+                    }
+                    _ => {}
                 }
             }
         }
@@ -369,6 +381,7 @@ impl Replica {
             prune_wake: Condvar::new(),
             segment_bytes: config.segment_bytes,
             latest_end_seq: AtomicU64::new(latest_end),
+            bulk_open: AtomicBool::new(bulk_open),
             journal_last_time_ms: AtomicU64::new(0),
             applied_tx,
             events_tx,
@@ -449,7 +462,7 @@ impl Replica {
         self.journal_room_check(incoming).map_err(MasterTargetError::Refused)?;
         // The whole batch is checked before anything of it is journaled.
         for r in &records {
-            self.validate(r).map_err(MasterTargetError::Refused)?;
+            self.validate(r).map_err(MasterTargetError::InvalidRecord)?;
         }
         let mut j = self.lock_journal();
         let result = self.journal_locked(&mut j, &records);
@@ -471,6 +484,7 @@ impl Replica {
 
     fn journal_locked(&self, j: &mut SegmentLog, records: &[Record]) -> Result<(u64, Option<u64>), MasterTargetError> {
         let mut end = None;
+        let mut bulk_open = None;
         let mut markers = Vec::new();
         for r in records {
             if r.seq <= j.last_seq() {
@@ -478,8 +492,15 @@ impl Replica {
             }
             let prev = j.last_seq();
             j.append(r)?;
-            if matches!(r.body, RecordBody::ResyncEnd { .. }) {
-                end = Some(r.seq.get());
+            match r.body {
+                RecordBody::ResyncEnd { .. } => {
+                    end = Some(r.seq.get());
+                    bulk_open = Some(false);
+                }
+                RecordBody::ResyncBegin { reason, .. } if crate::base::bypasses_journal(reason) => {
+                    bulk_open = Some(true);
+                }
+                _ => {}
             }
             markers.extend(Marker::of(r, prev));
             self.journal_last_time_ms.store(r.time_ms, Ordering::Relaxed);
@@ -489,6 +510,11 @@ impl Replica {
             self.lock_history().append(&markers)?;
         }
         j.sync()?;
+        // Only a durable ResyncBegin opens the replica to bulk data (a crash must not leave bulk
+        // on the target that the journal does not explain).
+        if let Some(open) = bulk_open {
+            self.bulk_open.store(open, Ordering::SeqCst);
+        }
         ferry_sys::fail::fail_point("master-target.journal.fsync-before-ack");
         Ok((j.synced_seq(), end))
     }
@@ -502,12 +528,15 @@ impl Replica {
                 "a newer connection for this machine exists: dropping this one's bulk data".into(),
             ));
         }
+        if !self.bulk_open.load(Ordering::SeqCst) {
+            return Err(MasterTargetError::BulkOutsideInitialSync { machine: self.name.clone() });
+        }
         let mut touched = vec![false; self.targets.len()];
         let mut ids = Vec::with_capacity(chunks.len());
         let mut bytes = 0;
         for c in chunks {
             let d = self.disks.get(c.disk as usize).ok_or_else(|| {
-                MasterTargetError::Refused(format!(
+                MasterTargetError::InvalidRecord(format!(
                     "bulk chunk {} names disk {}, machine has {}",
                     c.id,
                     c.disk,
@@ -516,7 +545,7 @@ impl Replica {
             })?;
             let len = if c.data.is_empty() { c.len } else { c.data.len() as u64 };
             if c.offset.checked_add(len).is_none_or(|end| end > d.size) {
-                return Err(MasterTargetError::Refused(format!(
+                return Err(MasterTargetError::InvalidRecord(format!(
                     "bulk chunk {} writes [{}, +{len}) beyond disk {} of {} bytes",
                     c.id, c.offset, d.name, d.size
                 )));
@@ -803,3 +832,103 @@ impl Replica {
 }
 
 use crate::point_image::zero_range;
+
+#[cfg(test)]
+mod bulk_tests {
+    use super::*;
+    use ferry_protocol::{Generation, ResyncReason, Seq};
+
+    impl Replica {
+        fn config_for_test(&self, dir: &Path) -> MasterTargetConfig {
+            config(dir)
+        }
+    }
+
+    fn config(dir: &Path) -> MasterTargetConfig {
+        serde_json::from_value(serde_json::json!({
+            "datastore": dir.join("ds"),
+            "retention": dir.join("ret"),
+            "listen": "127.0.0.1:0",
+            "tls": { "ca": "ca.pem", "cert": "mt.pem", "key": "mt.key" },
+        }))
+        .unwrap()
+    }
+
+    fn replica(dir: &Path) -> Arc<Replica> {
+        let config = config(dir);
+        std::fs::create_dir_all(dir.join("ds")).unwrap();
+        std::fs::create_dir_all(dir.join("ret")).unwrap();
+        let machine = MachineDescriptor {
+            name: "vm1".into(),
+            disks: vec![DiskDescriptor { name: "disk0".into(), size: 1 << 20, uuid: "u0".into() }],
+        };
+        let name = MachineName::new("vm1").unwrap();
+        let r = Replica::create(&config, &name, &machine, Exports::new(), CancellationToken::new()).unwrap();
+        r.stop(); // no applier: the test looks at what is journaled and written only
+        r
+    }
+
+    fn record(seq: u64, body: RecordBody) -> Record {
+        Record { seq: Seq(seq), time_ms: 1, body }
+    }
+
+    fn chunk(id: u64) -> BulkChunk {
+        BulkChunk { id, disk: 0, offset: 0, len: 4096, data: vec![7; 4096] }
+    }
+
+    /// Bulk data lands only while the replica has no consistent state or an initial sync is
+    /// open in the journal; after the ResyncEnd (and after a reopen) it is refused.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn bulk_is_taken_only_inside_an_initial_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = replica(dir.path());
+        let epoch = r.new_bulk_epoch();
+        // A new replica (nothing journaled yet): the initial sync's data may come first.
+        assert_eq!(r.write_bulk(epoch, vec![chunk(1)]).unwrap(), vec![1]);
+        let begin = RecordBody::ResyncBegin {
+            generation: Generation(1),
+            reason: ResyncReason::InitialSync,
+            preserve_consistent: false,
+        };
+        r.journal_records(vec![record(1, begin)]).unwrap();
+        assert_eq!(r.write_bulk(epoch, vec![chunk(2)]).unwrap(), vec![2]);
+        r.journal_records(vec![record(2, RecordBody::ResyncEnd { generation: Generation(1) })]).unwrap();
+        let e = r.write_bulk(epoch, vec![chunk(3)]).unwrap_err();
+        assert!(matches!(e, MasterTargetError::BulkOutsideInitialSync { .. }), "{e}");
+        // A resync that keeps the ordered log (a later resync) does not open it either.
+        let resync = RecordBody::ResyncBegin {
+            generation: Generation(1),
+            reason: ResyncReason::LogOverflow,
+            preserve_consistent: true,
+        };
+        r.journal_records(vec![record(3, resync)]).unwrap();
+        assert!(r.write_bulk(epoch, vec![chunk(4)]).is_err());
+        // An invalid chunk is an invalid record, not a storage error.
+        let bad = BulkChunk { id: 5, disk: 9, offset: 0, len: 1, data: vec![1] };
+        r.journal_records(vec![record(
+            4,
+            RecordBody::ResyncBegin {
+                generation: Generation(1),
+                reason: ResyncReason::InitialSync,
+                preserve_consistent: false,
+            },
+        )])
+        .unwrap();
+        assert!(matches!(r.write_bulk(epoch, vec![bad]).unwrap_err(), MasterTargetError::InvalidRecord(_)));
+        // Reopened (a master-target restart), the open initial sync still takes its data; once
+        // ended, a reopen refuses it.
+        let config = r.config_for_test(dir.path());
+        drop(r);
+        let name = MachineName::new("vm1").unwrap();
+        let r = Replica::reopen(&config, &name, Exports::new(), CancellationToken::new()).unwrap();
+        r.stop();
+        let epoch = r.new_bulk_epoch();
+        assert_eq!(r.write_bulk(epoch, vec![chunk(6)]).unwrap(), vec![6]);
+        r.journal_records(vec![record(5, RecordBody::ResyncEnd { generation: Generation(1) })]).unwrap();
+        drop(r);
+        let r = Replica::reopen(&config, &name, Exports::new(), CancellationToken::new()).unwrap();
+        r.stop();
+        let epoch = r.new_bulk_epoch();
+        assert!(r.write_bulk(epoch, vec![chunk(7)]).is_err());
+    }
+}

@@ -380,8 +380,15 @@ impl ProcessServer {
         let mut cursor = ferry_journal::Cursor::after(ack.durable_seq.get());
         let (mut sink, mut stream) = framed.split();
         let batch_bytes = self.config.forward_batch_bytes;
+        // A bulk chunk waits until the records the spool held when it arrived are sent: it must
+        // not overtake its ResyncBegin (the master target takes bulk only inside an initial
+        // sync); records spooled after it do not hold it back, so a busy workload cannot starve
+        // an initial sync.
+        let mut pending_bulk: Option<(Message, u64)> = None;
         loop {
-            let batch = spool.read(&mut cursor, batch_bytes).map_err(|e| e.to_string())?;
+            let behind = pending_bulk.as_ref().is_none_or(|(_, upto)| cursor.after_seq < *upto);
+            let batch =
+                if behind { spool.read(&mut cursor, batch_bytes).map_err(|e| e.to_string())? } else { Vec::new() };
             if !batch.is_empty() {
                 let bytes: u64 = batch.iter().map(|r| r.body.data_len()).sum();
                 let last = batch.last().map(|r| r.seq.get()).unwrap_or(0);
@@ -397,6 +404,19 @@ impl ProcessServer {
                 spool.forwarded(last, bytes);
                 continue;
             }
+            if let Some((b, _)) = pending_bulk.take() {
+                let bytes = if let Message::Bulk(c) = &b { c.len } else { 0 };
+                let send = sink.send(b);
+                tokio::pin!(send);
+                loop {
+                    tokio::select! {
+                        r = &mut send => { r.map_err(|e| format!("send to master target failed: {e}"))?; break; }
+                        m = stream.next() => self.handle_downstream(spool, m)?,
+                    }
+                }
+                spool.forwarded(0, bytes);
+                continue;
+            }
             tokio::select! {
                 _ = self.shutdown.cancelled() => return Ok(()),
                 _ = spool.wait_data() => {}
@@ -406,16 +426,7 @@ impl ProcessServer {
                     if !spool.is_current_agent(epoch) {
                         continue; // from a superseded agent connection: it was resent
                     }
-                    let bytes = if let Message::Bulk(c) = &b { c.len } else { 0 };
-                    let send = sink.send(b);
-                    tokio::pin!(send);
-                    loop {
-                        tokio::select! {
-                            r = &mut send => { r.map_err(|e| format!("send to master target failed: {e}"))?; break; }
-                            m = stream.next() => self.handle_downstream(spool, m)?,
-                        }
-                    }
-                    spool.forwarded(0, bytes);
+                    pending_bulk = Some((b, spool.positions().0));
                 }
             }
         }
@@ -551,10 +562,18 @@ where
         framed.send(Message::PeerStateLost { detail }).await.map_err(|e| e.to_string())?;
         spool.clear_downstream_lost();
     }
+    // Reset on drop: a connection cut mid-loop (revoked certificate, shutdown) never returns here.
+    struct Connected<'a>(&'a Arc<MachineSpool>, u64);
+    impl Drop for Connected<'_> {
+        fn drop(&mut self) {
+            if self.0.is_current_agent(self.1) {
+                self.0.set_agent_connected(false);
+            }
+        }
+    }
     spool.set_agent_connected(true);
-    let result = agent_loop(&ps, &spool, &mut framed, &mut upstream, epoch, &hello.machine).await;
-    spool.set_agent_connected(false);
-    result
+    let _connected = Connected(&spool, epoch);
+    agent_loop(&ps, &spool, &mut framed, &mut upstream, epoch, &hello.machine).await
 }
 
 /// Relay an upstream message (acks, events, bulk acks) to the agent. If this connection fell

@@ -119,6 +119,9 @@ registry! {
     CERTIFICATE_REVOKED = 9016, 403, "certificate-revoked",
         "the peer's certificate was revoked (its component registered again, or an admin revoked it); nothing was written",
         "register the component again (`ferry register`) and restart it with its new certificate";
+    BULK_OUTSIDE_INITIAL_SYNC = 9017, 409, "bulk-outside-initial-sync",
+        "initial-sync (bulk) data arrived for a replica that is not in an initial sync; nothing was written",
+        "nothing to do if the agent is starting an initial sync (it resends once its ResyncBegin is journaled); otherwise restart the agent, and if it persists re-protect the machine";
 
     // Ferry's own: the control plane.
     UNAUTHENTICATED = 9020, 401, "unauthenticated",

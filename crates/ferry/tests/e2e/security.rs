@@ -448,6 +448,26 @@ async fn a_certificate_streams_only_the_machine_and_the_role_it_names() {
         }
         assert!(f.next().await.is_none_or(|m| !matches!(m, Ok(Message::Ack(_)))), "nothing acknowledged");
     }
+    // The routed process server's own certificate may say Hello for vm1, but initial-sync (bulk)
+    // data, which bypasses the ordered log, is refused once vm1's replica is consistent.
+    let tls = tls_to(c.mt_port, &c, "process-server", "master-target").await;
+    let mut f = tokio_util::codec::Framed::new(tls, FrameCodec::default());
+    let hello = Hello { role: Role::ProcessServer, machine: layout.clone(), generation: ferry_protocol::Generation(1) };
+    f.send(Message::Hello(hello)).await.unwrap();
+    assert!(matches!(f.next().await, Some(Ok(Message::HelloAck(_)))));
+    let chunk = ferry_protocol::BulkChunk { id: 1, disk: 0, offset: 0, len: 4096, data: vec![0xee; 4096] };
+    f.send(Message::Bulk(chunk)).await.unwrap();
+    loop {
+        match f.next().await {
+            Some(Ok(Message::Error { code, message, .. })) => {
+                assert_eq!(code, ferry_protocol::codes::BULK_OUTSIDE_INITIAL_SYNC.code, "{message}");
+                break;
+            }
+            Some(Ok(Message::Ack(_) | Message::Event(_))) => continue,
+            other => panic!("bulk outside an initial sync: expected a refusal, got {other:?}"),
+        }
+    }
+    drop(f);
     let mt = c.status("master-target");
     let vm1 = mt["machines"].as_array().unwrap().iter().find(|m| m["machine"] == "vm1").unwrap();
     assert!(vm1["journaled_seq"].as_u64().unwrap() < forged.get(), "no forged record journaled: {vm1:#}");
