@@ -215,7 +215,14 @@ pub async fn serve(
         if id.role != ferry_tls::CertRole::NbdClient || id.name != name {
             return Err(format!("certificate {id} may not attach machine {name}'s disks (needs nbd-client/{name})"));
         }
-        Ok(())
+        // Revoked later: the attached client is cut at once, not at its next connection.
+        let Some(serial) = ferry_tls::Revoked::peer_serial(conn) else { return Ok(None) };
+        let rv = rv.clone();
+        let cut: ferry_nbd::CutSignal = Box::pin(async move {
+            rv.revoked_now(&serial).await;
+            format!("certificate {id} (serial {serial}) was revoked")
+        });
+        Ok(Some(cut))
     }));
     let nbd_config = Arc::new(nbd_config);
     let mut tasks = Vec::new();

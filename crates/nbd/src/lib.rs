@@ -152,11 +152,17 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// Who may attach over TLS: called with the finished handshake; an error closes the
     /// connection before any export is named (the agent allows only its machine's NBD client).
+    /// An accepted client may come with a [`CutSignal`]: the connection is closed when it
+    /// resolves (the agent's: the client's certificate was revoked).
     pub tls_client_check: Option<TlsClientCheck>,
 }
 
 /// See [`ServerConfig::tls_client_check`].
-pub type TlsClientCheck = Arc<dyn Fn(&tokio_rustls::rustls::CommonState) -> Result<(), String> + Send + Sync>;
+pub type TlsClientCheck =
+    Arc<dyn Fn(&tokio_rustls::rustls::CommonState) -> Result<Option<CutSignal>, String> + Send + Sync>;
+
+/// Resolves, with the reason, when an accepted TLS client's connection must be closed.
+pub type CutSignal = std::pin::Pin<Box<dyn std::future::Future<Output = String> + Send>>;
 
 impl ServerConfig {
     pub fn new(exports: Exports, tls: Option<tokio_rustls::TlsAcceptor>, require_tls: bool) -> Self {
@@ -207,6 +213,8 @@ pub enum NbdError {
     Tls(std::io::Error),
     #[error("TLS client refused: {0}")]
     TlsClientRefused(String),
+    #[error("connection cut: {0}")]
+    Cut(String),
     #[error("request payload of {0} bytes exceeds the 32 MiB limit")]
     Oversized(u32),
     #[error("too many options during negotiation")]

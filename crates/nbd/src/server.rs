@@ -12,7 +12,7 @@ use tracing::{debug, warn};
 
 use crate::backend::{Backend, Extent};
 use crate::proto::{self, ClientOption, Command, ProtocolError, Rejection, Request};
-use crate::{Export, NbdError, ServerConfig};
+use crate::{CutSignal, Export, NbdError, ServerConfig};
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
@@ -113,6 +113,7 @@ where
 {
     let limit = config.limits.negotiation_timeout;
     let shared = config.limits.inflight_bytes.clone();
+    let (cut_tx, cut_rx) = tokio::sync::oneshot::channel::<CutSignal>();
     let neg = Negotiation {
         io: Box::new(stream),
         config,
@@ -120,14 +121,30 @@ where
         tls_active: false,
         structured: false,
         meta: None,
+        cut: Some(cut_tx),
     };
-    // A client that never finishes negotiating would hold its connection slot for good.
-    let negotiated = tokio::time::timeout(limit, neg.run())
-        .await
-        .map_err(|_| NbdError::Io(io::Error::new(io::ErrorKind::TimedOut, "negotiation took too long")))??;
-    match negotiated {
-        Some(session) => transmission(session, shared).await,
-        None => Ok(()),
+    let work = async {
+        // A client that never finishes negotiating would hold its connection slot for good.
+        let negotiated = tokio::time::timeout(limit, neg.run())
+            .await
+            .map_err(|_| NbdError::Io(io::Error::new(io::ErrorKind::TimedOut, "negotiation took too long")))??;
+        match negotiated {
+            Some(session) => transmission(session, shared).await,
+            None => Ok(()),
+        }
+    };
+    let cut = async {
+        match cut_rx.await {
+            Ok(signal) => signal.await,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        r = work => r,
+        reason = cut => {
+            warn!(%reason, "NBD connection cut");
+            Err(NbdError::Cut(reason))
+        }
     }
 }
 
@@ -147,6 +164,8 @@ struct Negotiation {
     structured: bool,
     /// (export name, base:allocation selected) from SET_META_CONTEXT.
     meta: Option<(String, bool)>,
+    /// Where an accepted TLS client's cut signal goes (see `handle_connection`).
+    cut: Option<tokio::sync::oneshot::Sender<CutSignal>>,
 }
 
 fn transmission_flags(backend: &dyn Backend, structured: bool) -> u16 {
@@ -305,10 +324,13 @@ impl Negotiation {
                     NbdError::Tls(e)
                 })?;
                 if let Some(check) = &self.config.tls_client_check {
-                    check(tls.get_ref().1).map_err(|e| {
+                    let signal = check(tls.get_ref().1).map_err(|e| {
                         warn!(error = %e, "NBD TLS client refused");
                         NbdError::TlsClientRefused(e)
                     })?;
+                    if let (Some(signal), Some(tx)) = (signal, self.cut.take()) {
+                        let _ = tx.send(signal);
+                    }
                 }
                 self.io = Box::new(tls);
                 self.tls_active = true;

@@ -182,8 +182,21 @@ pub async fn serve_tls<F, Fut>(
                 }
             };
             let identity = revoked.peer_identity(tls.get_ref().1);
-            if let Err(e) = handle(tls, identity).await {
-                tracing::warn!(%peer, error = %e, "{what} connection closed");
+            // A peer refused now gets its refusal from the handler; one accepted is watched.
+            let serial = identity.as_ref().ok().and_then(|_| Revoked::peer_serial(tls.get_ref().1)).unwrap_or_default();
+            let cut = async {
+                if serial.is_empty() {
+                    std::future::pending::<()>().await
+                }
+                revoked.revoked_now(&serial).await
+            };
+            tokio::select! {
+                r = handle(tls, identity) => if let Err(e) = r {
+                    tracing::warn!(%peer, error = %e, "{what} connection closed");
+                },
+                // Revoked while connected: the connection is dropped at once (the peer's
+                // reconnect is then refused with the revocation's code).
+                _ = cut => tracing::warn!(%peer, serial, "{what} connection cut: its certificate was revoked"),
             }
         });
     }

@@ -37,10 +37,19 @@ pub fn serial_of(der: &[u8]) -> Result<String, String> {
 }
 
 /// The set of revoked serials a component refuses, optionally kept in a file.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Revoked {
     serials: RwLock<BTreeSet<String>>,
     file: Option<PathBuf>,
+    /// Bumped whenever the set grows: established connections of a newly revoked certificate
+    /// are cut (see [`Revoked::revoked_now`]).
+    grown: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Revoked {
+    fn default() -> Self {
+        Revoked { serials: RwLock::default(), file: None, grown: tokio::sync::watch::Sender::new(0) }
+    }
 }
 
 /// At most this many serials are taken (a list is small: one entry per re-registration).
@@ -61,32 +70,68 @@ impl Revoked {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(format!("cannot read {}: {e}", file.display())),
         };
-        Ok(Revoked { serials: RwLock::new(serials.into_iter().collect()), file: Some(file.to_owned()) })
+        Ok(Revoked {
+            serials: RwLock::new(serials.into_iter().collect()),
+            file: Some(file.to_owned()),
+            ..Revoked::default()
+        })
     }
 
     /// Take the list the configuration server sent (it only grows there; entries are never
     /// dropped here, so a stale answer cannot un-revoke), and keep it in the file.
     pub fn extend(&self, serials: &[String]) -> Result<(), String> {
         let valid = |s: &String| !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_hexdigit());
+        // A full list must be loud: a revocation silently not taken would let a stolen key in.
+        let full = |dropped: usize| {
+            match dropped {
+            0 => Ok(()),
+            n => Err(format!(
+                "the revocation list is full ({MAX_REVOKED} serials): {n} revocation(s) were not taken; re-issue the CA (`ferry certs`) and register every component again"
+            )),
+        }
+        };
+        let mut dropped = 0;
         let saved = {
             let mut set = self.serials.write().unwrap_or_else(|p| p.into_inner());
             let before = set.len();
             for s in serials.iter().filter(|s| valid(s)) {
-                if set.len() >= MAX_REVOKED {
-                    break;
+                if set.len() >= MAX_REVOKED && !set.contains(&s.to_ascii_lowercase()) {
+                    dropped += 1;
+                    continue;
                 }
                 set.insert(s.to_ascii_lowercase());
             }
             if set.len() == before {
-                return Ok(());
+                return full(dropped);
             }
             set.iter().cloned().collect::<Vec<_>>()
         };
+        self.grown.send_modify(|n| *n += 1);
         if let Some(f) = &self.file {
             let data = serde_json::to_vec(&saved).map_err(|e| e.to_string())?;
             ferry_sys::fs::write_atomic(f, &data).map_err(|e| format!("cannot write {}: {e}", f.display()))?;
         }
-        Ok(())
+        full(dropped)
+    }
+
+    /// Resolves once `serial` is revoked (at once if it already is): a listener drops an
+    /// established connection then, so a revoked certificate stops streaming without a restart.
+    pub async fn revoked_now(&self, serial: &str) {
+        let mut rx = self.grown.subscribe();
+        loop {
+            if self.contains(serial) {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                // The list is gone with its component: never resolves.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// The serial of a TLS peer's certificate, if it presented one.
+    pub fn peer_serial(conn: &rustls::CommonState) -> Option<String> {
+        conn.peer_certificates().and_then(|c| c.first()).and_then(|c| serial_of(c.as_ref()).ok())
     }
 
     pub fn contains(&self, serial: &str) -> bool {
@@ -121,6 +166,19 @@ impl Revoked {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_connection_learns_its_certificate_was_revoked() {
+        let r = std::sync::Arc::new(Revoked::none());
+        let r2 = r.clone();
+        let wait = tokio::spawn(async move { r2.revoked_now("ab").await });
+        tokio::task::yield_now().await;
+        r.extend(&["cd".into()]).unwrap();
+        tokio::task::yield_now().await;
+        assert!(!wait.is_finished(), "another serial's revocation does not cut it");
+        r.extend(&["AB".into()]).unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(10), wait).await.unwrap().unwrap();
+    }
 
     #[test]
     fn a_revoked_list_only_grows_survives_a_restart_and_refuses_a_damaged_file() {
