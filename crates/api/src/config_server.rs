@@ -634,6 +634,25 @@ pub struct SiteAdded {
     pub job: Job,
 }
 
+/// A revoked data-path certificate: every component refuses it on every data-path connection
+/// (and cuts its established ones) once it fetched its settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct RevokedCertificate {
+    /// The certificate's serial, lowercase hex (as `ferry components` and `openssl x509 -serial` show it).
+    pub serial: String,
+    pub reason: String,
+    pub revoked_ms: u64,
+}
+
+/// `POST /api/v1/certificates/{serial}/revoke`: the body is optional.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeCertificate {
+    /// Why (kept with the revocation and in the event log); at most 200 characters.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
 /// `POST /api/v1/jobs/{id}/confirm`: the step being confirmed (the job's `current_step` when
 /// its prompt was read); without it, whatever the job waits for now.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
@@ -715,6 +734,8 @@ pub enum ConfigServerEndpoint {
     Protect,
     Machines,
     RecoveryPoints,
+    RevokedCertificates,
+    RevokeCertificate,
 }
 
 use crate::control::{ComponentHealth, ComponentSettings, Heartbeat, HeartbeatAck};
@@ -773,6 +794,8 @@ pub const ROUTES: &[Route<ConfigServerEndpoint>] = &[
     Route::new::<ProtectRequest, Job>(C::Protect, Post, "/api/v1/protections", Role::Operator, "Enable replication {machine | machines | group, policy, process_server, master_target, datastore}: a protect job (initial sync with progress)").answers(202),
     get::<_, Vec<MachineView>>(C::Machines, "/api/v1/machines", Role::Reader, "Every discovered machine: protection state, health, RPO, points"),
     get::<_, MachineRecoveryPoints>(C::RecoveryPoints, "/api/v1/machines/{name}/recovery-points", Role::Reader, "The recovery points a protected machine's master target holds"),
+    get::<_, Vec<RevokedCertificate>>(C::RevokedCertificates, "/api/v1/certificates/revoked", Role::Reader, "Revoked data-path certificates (re-registration revokes the earlier one; an admin may revoke any)"),
+    Route::new::<RevokeCertificate, RevokedCertificate>(C::RevokeCertificate, Post, "/api/v1/certificates/{serial}/revoke", Role::Admin, "Revoke a data-path certificate by serial {reason?}: components refuse it and cut its connections once they fetch their settings"),
 ];
 
 /// What `ferry config-server` prints once it listens (`--output json`: one line). The secrets are

@@ -91,6 +91,8 @@ pub fn router(state: Arc<AppState>) -> Router {
             C::Protect => on(m, crate::protection::protect),
             C::Machines => on(m, crate::protection::list_machines),
             C::RecoveryPoints => on(m, crate::protection::recovery_points),
+            C::RevokedCertificates => on(m, crate::revocation::list),
+            C::RevokeCertificate => on(m, crate::revocation::revoke_route),
         };
         let need = r.role;
         let h = if need == ApiRole::Anyone {

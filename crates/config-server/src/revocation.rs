@@ -3,30 +3,83 @@
 //! and handed to every linked component with its settings (`revoked_certificates`); each keeps
 //! them in a file and refuses a revoked certificate on every data-path connection.
 
-use serde::{Deserialize, Serialize};
+//!
+//! An admin may also revoke any certificate by serial (`POST /api/v1/certificates/{serial}/revoke`):
+//! a stolen key is shut out without waiting for its host to be reinstalled. The revoked component
+//! is locked out until it registers again (with a new key and a new certificate).
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use ferry_api::config_server::{RevokeCertificate, RevokedCertificate};
 
 use crate::errors::ApiError;
+use crate::http::{ok, ApiResult, Caller};
 use crate::AppState;
 
 pub const REVOKED: &str = "revoked-certificate";
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RevokedCertificate {
-    pub serial: String,
-    pub reason: String,
-    pub revoked_ms: u64,
-}
+/// Longest reason kept with a revocation.
+const MAX_REASON: usize = 200;
 
-/// Revoke the certificate with `serial` (idempotent), with an event saying why.
-pub async fn revoke(s: &AppState, serial: &str, reason: &str) -> Result<(), ApiError> {
-    if s.store.get::<RevokedCertificate>(REVOKED, serial).await?.is_some() {
-        return Ok(());
+/// Revoke the certificate with `serial` (idempotent: the first revocation and its reason stand),
+/// with an event saying why.
+pub async fn revoke(s: &AppState, serial: &str, reason: &str) -> Result<RevokedCertificate, ApiError> {
+    if let Some(d) = s.store.get::<RevokedCertificate>(REVOKED, serial).await? {
+        return Ok(d.body);
     }
     let r =
         RevokedCertificate { serial: serial.to_owned(), reason: reason.to_owned(), revoked_ms: crate::jobs::now_ms() };
     s.store.put(REVOKED, serial, &r, None).await?;
     s.store.add_event(0, "warning", "certificates", &format!("certificate {serial} revoked: {reason}")).await?;
-    Ok(())
+    Ok(r)
+}
+
+/// A serial as an operator may paste it (`openssl x509 -serial` prints uppercase, some tools
+/// separate bytes with colons), normalised to the lowercase hex the components compare.
+pub fn normalise_serial(raw: &str) -> Result<String, ApiError> {
+    let hex: String = raw.trim().chars().filter(|c| *c != ':').collect::<String>().to_ascii_lowercase();
+    let hex = hex.strip_prefix("serial=").unwrap_or(&hex).to_owned();
+    if hex.is_empty() || hex.len() > 64 || !hex.len().is_multiple_of(2) || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ApiError::bad(format!(
+            "{raw:?} is not a certificate serial: give its hex bytes (2 to 64 hex digits, as `ferry components` or `openssl x509 -noout -serial` shows)"
+        )));
+    }
+    Ok(hex)
+}
+
+/// `GET /api/v1/certificates/revoked`
+pub async fn list(State(s): State<Arc<AppState>>) -> ApiResult {
+    let mut v: Vec<RevokedCertificate> =
+        s.store.list::<RevokedCertificate>(REVOKED).await?.into_iter().map(|d| d.body).collect();
+    v.sort_by_key(|r| (r.revoked_ms, r.serial.clone()));
+    ok(v)
+}
+
+/// `POST /api/v1/certificates/{serial}/revoke` (admin): the body `{"reason": ".."}` is optional.
+pub async fn revoke_route(
+    State(s): State<Arc<AppState>>,
+    caller: Caller,
+    Path(serial): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    let serial = normalise_serial(&serial)?;
+    let req: RevokeCertificate = if body.is_empty() {
+        RevokeCertificate::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad(format!("bad revocation: {e}; send {{\"reason\": \"..\"}} or nothing")))?
+    };
+    let reason = match req.reason.map(|r| r.trim().to_owned()).filter(|r| !r.is_empty()) {
+        Some(r) if r.chars().count() > MAX_REASON || r.chars().any(char::is_control) => {
+            return Err(ApiError::bad(format!(
+                "the reason must be one line of at most {MAX_REASON} characters; shorten it"
+            )))
+        }
+        Some(r) => format!("{r} (revoked by token {:?})", caller.token_name),
+        None => format!("revoked by token {:?}", caller.token_name),
+    };
+    ok(revoke(&s, &serial, &reason).await?)
 }
 
 /// Every revoked serial, sorted.

@@ -9,7 +9,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use ferry_api::config_server::{
     Cancelling, Confirm, Confirmed, Deleted, EventInfo, Job, JobState, MachineRecoveryPoints, MachineView, NewToken,
-    Policy, PolicyCreated, ProtectRequest, RecoveryPlan, ReplicationGroup, Site, SiteAdded, TokenCreated, TokenInfo,
+    Policy, PolicyCreated, ProtectRequest, RecoveryPlan, ReplicationGroup, RevokeCertificate, RevokedCertificate, Site,
+    SiteAdded, TokenCreated, TokenInfo,
 };
 use ferry_api::control::{ComponentHealth, ComponentKind};
 use ferry_api::inventory::Inventory;
@@ -171,6 +172,22 @@ pub enum TokenAction {
     },
 }
 
+#[derive(Subcommand)]
+pub enum CertificateAction {
+    /// Revoked data-path certificates, oldest first.
+    Revoked,
+    /// Revoke a data-path certificate by serial (admin): every component refuses it and cuts
+    /// its connections once it fetches its settings; the component must register again.
+    Revoke {
+        /// The serial (`ferry components --output json` shows each component's; colons and
+        /// uppercase as `openssl x509 -noout -serial` prints are accepted).
+        serial: String,
+        /// Why (kept with the revocation and in the event log).
+        #[arg(long)]
+        reason: Option<String>,
+    },
+}
+
 /// Rows of a table: its column headers and each item's cells.
 pub trait Rows {
     const HEADERS: &'static [&'static str];
@@ -284,6 +301,13 @@ impl Rows for TokenInfo {
     const HEADERS: &'static [&'static str] = &["id", "name", "role", "created_ms"];
     fn cells(&self) -> Vec<String> {
         vec![self.id.clone(), self.name.clone(), self.role.clone(), self.created_ms.to_string()]
+    }
+}
+
+impl Rows for RevokedCertificate {
+    const HEADERS: &'static [&'static str] = &["serial", "revoked_ms", "reason"];
+    fn cells(&self) -> Vec<String> {
+        vec![self.serial.clone(), self.revoked_ms.to_string(), self.reason.clone()]
     }
 }
 
@@ -635,6 +659,23 @@ pub async fn tokens(a: TokenAction, s: &ServerArgs, out: OutputFormat) -> Result
         TokenAction::Revoke { id } => {
             let path = format!("/api/v1/tokens/{}", enc(&id));
             show_one(&s.call::<Deleted>(Method::Delete, &path, None::<&()>).await?, out)
+        }
+    }
+    Ok(())
+}
+
+/// `ferry certificates`.
+pub async fn certificates(a: CertificateAction, s: &ServerArgs, out: OutputFormat) -> Result<()> {
+    match a {
+        CertificateAction::Revoked => {
+            show(&s.get::<Vec<RevokedCertificate>>("/api/v1/certificates/revoked").await?, out)
+        }
+        CertificateAction::Revoke { serial, reason } => {
+            let path = format!("/api/v1/certificates/{}/revoke", enc(&serial));
+            show_one(
+                &s.call::<RevokedCertificate>(Method::Post, &path, Some(&RevokeCertificate { reason })).await?,
+                out,
+            )
         }
     }
     Ok(())

@@ -99,6 +99,13 @@ enum Command {
         #[command(flatten)]
         server: ctl::ServerArgs,
     },
+    /// Data-path certificates: the revoked ones, revoke one (admin).
+    Certificates {
+        #[command(subcommand)]
+        action: ctl::CertificateAction,
+        #[command(flatten)]
+        server: ctl::ServerArgs,
+    },
     /// Recent events.
     Events {
         #[command(flatten)]
@@ -278,6 +285,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Inventory { server } => ctl::inventory(&server, out).await,
         Command::Jobs { action, server } => ctl::jobs(action, &server, out).await,
         Command::Tokens { action, server } => ctl::tokens(action, &server, out).await,
+        Command::Certificates { action, server } => ctl::certificates(action, &server, out).await,
         Command::Events { server } => ctl::events(&server, out).await,
         Command::Components { server } => ctl::components(&server, out).await,
         Command::Backup { server } => ctl::backup(&server, out).await,

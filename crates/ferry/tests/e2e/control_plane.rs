@@ -202,7 +202,8 @@ fn registered_components_take_their_settings_from_the_server_heartbeat_and_turn_
 /// Registering a component again revokes its earlier certificate (a reinstalled host, a stolen
 /// key): the server hands the revoked serial to every linked component with its settings, the
 /// process server keeps it in its cache folder, and a stream from the old certificate is refused
-/// with 9016 — after a restart too — while the new certificate streams on.
+/// with 9016 — the established stream is cut, and after a restart it stays refused — while the
+/// new certificate streams on. An admin then revokes the new one by serial, with the same effect.
 #[test]
 fn registering_again_revokes_the_earlier_certificate_on_the_data_path() {
     let mut c = Cluster::new(Opts::default());
@@ -270,28 +271,38 @@ fn registering_again_revokes_the_earlier_certificate_on_the_data_path() {
 
     register("agent", "vm1", "reg-new");
     let kept = c.path().join("cache/revoked-certificates.json");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !std::fs::read_to_string(&kept).unwrap_or_default().contains(&old) {
-        assert!(Instant::now() < deadline, "the process server takes the revocation of {old}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let wait_kept = |serial: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !std::fs::read_to_string(&kept).unwrap_or_default().contains(serial) {
+            assert!(Instant::now() < deadline, "the process server takes the revocation of {serial}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let wait_refused = |c: &Cluster, serial: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let e = c.status("agent")["link_error"].as_str().unwrap_or_default().to_owned();
+            if e.contains("revoked") && e.contains(serial) {
+                assert!(e.contains("9016"), "{e}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "the certificate {serial} is refused: {:#}", c.status("agent"));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    wait_kept(&old);
+    // The agent's established stream is cut (no restart of anything) and its reconnection is
+    // refused: the next write stays at the agent.
+    assert!(c.qemu_io("disk0", "write -P 8 1M 1M\nflush\n").status.success());
+    wait_refused(&c, &old);
+    assert_ne!(c.status("agent")["caught_up"], true, "nothing of the new write reached the replica");
     // The process server restarts (the revocation is kept), the agent comes back with the old
-    // certificate: refused, its writes stay at the agent.
+    // certificate: refused again.
     c.kill9("process-server");
     c.start("process-server");
     c.kill9("agent");
     c.start("agent");
-    assert!(c.qemu_io("disk0", "write -P 8 1M 1M\nflush\n").status.success());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let e = c.status("agent")["link_error"].as_str().unwrap_or_default().to_owned();
-        if e.contains("revoked") {
-            assert!(e.contains("9016") && e.contains(&old), "{e}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "the old certificate is refused: {:#}", c.status("agent"));
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_refused(&c, &old);
     assert_ne!(c.status("agent")["caught_up"], true, "nothing of the new write reached the replica");
     // With the new certificate the agent streams again, byte for byte.
     c.kill9("agent");
@@ -299,6 +310,43 @@ fn registering_again_revokes_the_earlier_certificate_on_the_data_path() {
     c.start("agent");
     c.wait_caught_up(Duration::from_secs(60));
     c.assert_identical();
+
+    // An admin revokes the new certificate by hand (a stolen key), pasting the serial as openssl
+    // prints it; a reader cannot. The streaming agent is cut and refused.
+    let new = serial("reg-new");
+    let admin = first["admin_token"].as_str().unwrap().to_owned();
+    let ca = state.join("tls/ca.pem");
+    let cli = |token: &str, args: &[&str]| {
+        Command::new(FERRY)
+            .args(["--output", "json"])
+            .args(args)
+            .args(["--server", &addr, "--token", token, "--ca"])
+            .arg(&ca)
+            .output()
+            .unwrap()
+    };
+    let reader = cli(&admin, &["tokens", "create", "--name", "watcher", "--role", "reader"]);
+    assert!(reader.status.success(), "{}", String::from_utf8_lossy(&reader.stderr));
+    let reader: serde_json::Value = serde_json::from_slice(&reader.stdout).unwrap();
+    let reader = reader["token"].as_str().unwrap().to_owned();
+    let refused = cli(&reader, &["certificates", "revoke", &new]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("admin"), "{}", String::from_utf8_lossy(&refused.stderr));
+    let bad = cli(&admin, &["certificates", "revoke", "not-a-serial"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("hex"), "{}", String::from_utf8_lossy(&bad.stderr));
+    assert!(c.qemu_io("disk0", "write -P 9 2M 1M\nflush\n").status.success());
+    let revoked = cli(&admin, &["certificates", "revoke", &new.to_ascii_uppercase(), "--reason", "key stolen"]);
+    assert!(revoked.status.success(), "{}", String::from_utf8_lossy(&revoked.stderr));
+    wait_kept(&new);
+    assert!(c.qemu_io("disk0", "write -P 10 3M 1M\nflush\n").status.success());
+    wait_refused(&c, &new);
+    let list = cli(&reader, &["certificates", "revoked"]);
+    assert!(list.status.success(), "{}", String::from_utf8_lossy(&list.stderr));
+    let list: Vec<ferry_api::config_server::RevokedCertificate> = serde_json::from_slice(&list.stdout).unwrap();
+    let reasons: Vec<(&str, &str)> = list.iter().map(|r| (r.serial.as_str(), r.reason.as_str())).collect();
+    assert!(reasons.iter().any(|(s, r)| *s == old && r.contains("registered again")), "{reasons:?}");
+    assert!(reasons.iter().any(|(s, r)| *s == new && r.contains("key stolen")), "{reasons:?}");
     let _ = server.kill();
     let _ = server.wait();
 }
