@@ -90,25 +90,52 @@ pub async fn heartbeat(
             _ => {}
         }
     }
-    let mut comp = old.map(|d| d.body).unwrap_or(Component {
-        kind: h.kind,
-        name: h.name.clone(),
-        registered_ms: None,
-        last_seen_ms: None,
-        status: None,
-        policy: None,
-        reconciled_restore: None,
-        identity: None,
-        certificate_serial: None,
-    });
-    comp.reconciled_restore = restored;
-    comp.last_seen_ms = Some(crate::jobs::now_ms());
-    comp.status = h.status;
-    if h.policy.is_some() {
-        comp.policy = h.policy;
-    }
-    s.store.put(COMPONENT, &key, &comp, None).await?;
+    update_component(&s, h.kind, &h.name, |comp| {
+        comp.reconciled_restore = restored.clone();
+        comp.last_seen_ms = Some(crate::jobs::now_ms());
+        comp.status = h.status.clone();
+        if h.policy.is_some() {
+            comp.policy = h.policy.clone();
+        }
+    })
+    .await?;
     Ok(Json(HeartbeatAck { ok: true }))
+}
+
+/// Read, change and write a component's record (created when absent) compare-and-set, retried:
+/// a heartbeat and a registration at once must not undo each other (a heartbeat writing back an
+/// older certificate serial would keep the newer certificate out of the next revocation).
+/// Returns the record as it was before `change`.
+pub(crate) async fn update_component(
+    s: &AppState,
+    kind: ComponentKind,
+    name: &str,
+    mut change: impl FnMut(&mut Component),
+) -> Result<Option<Component>, ApiError> {
+    let key = format!("{kind}/{name}");
+    for _ in 0..16 {
+        let old = s.store.get::<Component>(COMPONENT, &key).await?;
+        let revision = old.as_ref().map_or(0, |d| d.revision);
+        let before = old.map(|d| d.body);
+        let mut comp = before.clone().unwrap_or(Component {
+            kind,
+            name: name.to_owned(),
+            registered_ms: None,
+            last_seen_ms: None,
+            status: None,
+            policy: None,
+            reconciled_restore: None,
+            identity: None,
+            certificate_serial: None,
+        });
+        change(&mut comp);
+        match s.store.put(COMPONENT, &key, &comp, Some(revision)).await {
+            Ok(_) => return Ok(before),
+            Err(ferry_store::StoreError::Conflict { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(ApiError::conflict(format!("{key} is being changed by many requests at once: try again")))
 }
 
 /// What a component reports as applied (agents: at the master target; master targets: the

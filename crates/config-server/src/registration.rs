@@ -93,25 +93,19 @@ pub async fn register(
     }
     s.store.add_token(&id, &hash_token(&token), &token_name, "component").await?;
     let key = format!("{}/{}", r.kind, r.name);
-    let mut comp = s.store.get::<Component>(COMPONENT, &key).await?.map(|d| d.body).unwrap_or(Component {
-        kind: r.kind,
-        name: r.name.clone(),
-        registered_ms: None,
-        last_seen_ms: None,
-        status: None,
-        policy: None,
-        reconciled_restore: None,
-        identity: None,
-        certificate_serial: None,
-    });
-    comp.registered_ms = Some(crate::jobs::now_ms());
-    let earlier = comp.certificate_serial.replace(signed.serial.clone());
-    comp.identity = Some(identity.to_string());
-    s.store.put(COMPONENT, &key, &comp, None).await?;
+    let now = crate::jobs::now_ms();
+    let before = crate::health::update_component(&s, r.kind, &r.name, |comp| {
+        comp.registered_ms = Some(now);
+        comp.certificate_serial = Some(signed.serial.clone());
+        comp.identity = Some(identity.to_string());
+    })
+    .await?;
+    let earlier = before.and_then(|c| c.certificate_serial);
     if let Some(serial) = earlier {
         crate::revocation::revoke(&s, &serial, &format!("{key} registered again")).await?;
     }
-    s.store.add_event(0, "info", &key, &format!("{} {} registered", r.kind, r.name)).await?;
+    let msg = format!("{} {} registered (certificate serial {})", r.kind, r.name, signed.serial);
+    s.store.add_event(0, "info", &key, &msg).await?;
     Ok((
         StatusCode::CREATED,
         Json(ferry_api::config_server::Registered {
@@ -133,27 +127,36 @@ pub fn cert_role(kind: ComponentKind) -> ferry_tls::CertRole {
     }
 }
 
-/// The site in a component's identity: the site whose discovered inventory lists it (an agent's
-/// machine, a master target, a process server) — a request naming another site is refused —
-/// else the site the registering admin named, else none.
+/// The site in a component's identity: a site whose discovered inventory lists it (an agent's
+/// machine, a master target, a process server) — the requested one when several do (a machine
+/// listed at both sites after a failover); a request naming a site that does not list it is
+/// refused; when only one site lists it and none is requested, that one — else the site the
+/// registering admin named, else none.
 pub fn component_site(
     kind: ComponentKind,
     name: &str,
     requested: Option<&str>,
     inventories: &[Inventory],
 ) -> Result<Option<String>, String> {
-    let listed = inventories.iter().find(|i| match kind {
-        ComponentKind::Agent => i.content.machines.iter().any(|m| m.name == name),
-        ComponentKind::MasterTarget => i.content.master_targets.iter().any(|m| m.name == name),
-        ComponentKind::ProcessServer => i.content.process_servers.iter().any(|p| p.name == name),
-    });
-    match (listed, requested) {
-        (Some(i), Some(r)) if i.site != r => Err(format!(
-            "{kind} {name} is in the inventory of site {}, not {r}: register it with --site {} (or without --site)",
-            i.site, i.site
+    let listed: Vec<&Inventory> = inventories
+        .iter()
+        .filter(|i| match kind {
+            ComponentKind::Agent => i.content.machines.iter().any(|m| m.name == name),
+            ComponentKind::MasterTarget => i.content.master_targets.iter().any(|m| m.name == name),
+            ComponentKind::ProcessServer => i.content.process_servers.iter().any(|p| p.name == name),
+        })
+        .collect();
+    let sites = || listed.iter().map(|i| i.site.as_str()).collect::<Vec<_>>().join(", ");
+    match (listed.as_slice(), requested) {
+        (l, Some(r)) if !l.is_empty() && !l.iter().any(|i| i.site == r) => Err(format!(
+            "{kind} {name} is in the inventory of site {}, not {r}: register it with --site naming one of them",
+            sites()
         )),
-        (Some(i), _) => Ok(Some(i.site.clone())),
-        (None, r) => {
+        ([_, _, ..], None) => {
+            Err(format!("{kind} {name} is in the inventories of sites {}: say which with --site", sites()))
+        }
+        ([i, ..], r) => Ok(Some(r.map_or_else(|| i.site.clone(), str::to_owned))),
+        ([], r) => {
             if let Some(r) = r {
                 ferry_types::validate_name("site", r)?;
             }
@@ -320,6 +323,37 @@ mod name_tests {
         // Registering again under one's own name, and a kind's own default name, are fine.
         assert!(certificate_names(ComponentKind::Agent, "db1", &[], local, &others).is_ok());
         assert!(certificate_names(ComponentKind::ProcessServer, "process-server", &[], local, &others).is_ok());
+    }
+}
+
+#[cfg(test)]
+mod site_tests {
+    use super::*;
+
+    fn inventory(site: &str, machines: &[&str]) -> Inventory {
+        let machines: Vec<_> =
+            machines.iter().map(|m| serde_json::json!({"name": m, "os_family": "linux", "host": "h1"})).collect();
+        Inventory {
+            site: site.into(),
+            folder: "/nonexistent".into(),
+            discovered_ms: 0,
+            content: serde_json::from_value(serde_json::json!({ "machines": machines })).unwrap(),
+            warnings: vec![],
+        }
+    }
+
+    #[test]
+    fn a_machine_listed_at_both_sites_registers_at_the_site_it_names() {
+        let invs = [inventory("primary", &["db1", "app1"]), inventory("recovery", &["db1"])];
+        let site = |name: &str, requested: Option<&str>| component_site(ComponentKind::Agent, name, requested, &invs);
+        assert_eq!(site("db1", Some("recovery")).unwrap().as_deref(), Some("recovery"), "after a failover");
+        assert_eq!(site("db1", Some("primary")).unwrap().as_deref(), Some("primary"));
+        assert!(site("db1", None).unwrap_err().contains("--site"), "ambiguous without a site");
+        assert_eq!(site("app1", None).unwrap().as_deref(), Some("primary"), "listed once: that site");
+        assert!(site("app1", Some("recovery")).unwrap_err().contains("primary"), "a site that does not list it");
+        assert_eq!(site("web9", Some("lab")).unwrap().as_deref(), Some("lab"), "not discovered: the admin's word");
+        assert_eq!(site("web9", None).unwrap(), None);
+        assert!(site("web9", Some("no such site!")).is_err());
     }
 }
 
