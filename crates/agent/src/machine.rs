@@ -140,6 +140,9 @@ pub(crate) struct Core {
     completed_resyncs: VecDeque<ferry_api::agent::CompletedResync>,
     /// Writes are held (multi-machine prepare) until this group tag commits, aborts or expires.
     pub(crate) hold: Option<WriteHold>,
+    /// The group tags prepared here lately (newest last, at most 256): a replayed prepare of one
+    /// of them is refused before it freezes or holds anything.
+    pub(crate) prepared_tags: VecDeque<String>,
     /// Recovery-point tags inserted, for the status.
     pub(crate) points: ferry_api::agent::PointStats,
 }
@@ -393,6 +396,7 @@ impl Machine {
             pending_end_seq: None,
             write_stamp: 0,
             hold: None,
+            prepared_tags: VecDeque::new(),
             points: Default::default(),
         };
         #[cfg(feature = "testing")]

@@ -131,6 +131,9 @@ impl Machine {
                 self.name, req.group
             ));
         }
+        if self.lock().prepared_tags.contains(&req.tag) {
+            return Err(format!("group tag {} was already prepared here: a repeated prepare is refused", req.tag));
+        }
         if req.app {
             if let Err(e) = self.freeze() {
                 self.thaw();
@@ -158,6 +161,10 @@ impl Machine {
             .insert_marker_locked(&mut c, RecordBody::GroupPrepare { group: req.group.clone(), tag: req.tag.clone() })
         {
             Ok(seq) => {
+                if c.prepared_tags.len() >= 256 {
+                    c.prepared_tags.pop_front();
+                }
+                c.prepared_tags.push_back(req.tag.clone());
                 // Long enough for the commit phase too (as long again as the prepare phase).
                 let until = Instant::now() + 2 * timeout;
                 if let Some(old) =

@@ -29,6 +29,8 @@ pub struct Access {
     control: Option<Arc<str>>,
     /// The group coordinator's Ed25519 public key.
     coordinator: Option<Arc<[u8]>>,
+    /// Signatures taken within the last two windows, with their times: each is good once.
+    used: Arc<std::sync::Mutex<std::collections::HashMap<Vec<u8>, u64>>>,
 }
 
 /// How far a signed group request's time may be from the member's clock.
@@ -91,7 +93,7 @@ impl Access {
     /// Control routes need `token`; coordinator routes are refused until
     /// [`Access::with_coordinator_key`] names the public key.
     pub fn control(token: &str) -> Access {
-        Access { control: Some(hash(token).into()), coordinator: None }
+        Access { control: Some(hash(token).into()), ..Access::default() }
     }
 
     /// Coordinator routes need a signature by the key whose public half (hex) is
@@ -157,7 +159,16 @@ impl Access {
         let sig = unhex(sig).ok_or_else(|| refuse("the signature is not hex"))?;
         ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, &key[..])
             .verify(&signed_message(path, t, body), &sig)
-            .map_err(|_| refuse("the signature does not verify with the group's coordinator key"))
+            .map_err(|_| refuse("the signature does not verify with the group's coordinator key"))?;
+        // A request seen on the wire (plain HTTP on loopback) must not be sent again: only valid
+        // signatures are kept, and only as long as their time is inside the window.
+        let now = ferry_sys::time::now_ms();
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        used.retain(|_, at| now.abs_diff(*at) <= 2 * SIGNATURE_WINDOW_MS);
+        if used.insert(sig, t).is_some() {
+            return Err(refuse("this signed request was already taken (a replay)"));
+        }
+        Ok(())
     }
 }
 
@@ -298,6 +309,10 @@ mod tests {
         let body = br#"{"group":"g1","tag":"t1"}"#;
         let good = bearer(&signer.bearer("/group/prepare", body));
         assert!(a.check_signed(&good, "/group/prepare", body).is_ok());
+        // Each signed request is good once: a copy seen on the wire is refused, also by a clone
+        // of the listener's access (one per connection).
+        let e = a.clone().check_signed(&good, "/group/prepare", body).unwrap_err();
+        assert!(e.1.message.contains("replay"), "{}", e.1.message);
         // Not the control token, not the public key itself, not for another route or body, not
         // from another key, not two minutes old.
         let (other, _) = new_group_key_pair().unwrap();

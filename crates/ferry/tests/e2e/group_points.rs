@@ -226,4 +226,21 @@ fn group_tags_give_common_points_and_a_failed_member_leaves_none() {
         assert!(v["code"] == 9020 || v["code"] == 9021, "{who}: {v}");
     }
     assert!(c.status("agent2")["write_hold"].is_null(), "no write hold was taken: {}", c.status("agent2"));
+    // A genuine signed prepare copied off the wire (plain HTTP on loopback) and sent again is
+    // refused, and so is a fresh prepare of a tag this member already prepared: no second hold
+    // or freeze from one coordinator request.
+    let genuine = member_request("once", &[]);
+    let body = genuine.to_string();
+    let copied = signer.bearer("/group/prepare", body.as_bytes());
+    let (code, v) = c.api_as("agent2", Some(&copied), "POST", "/group/prepare", Some(genuine.clone()));
+    assert_eq!(code, 200, "{v}");
+    let (code, v) = c.api_signed("agent2", &key, "/group/abort", genuine.clone());
+    assert_eq!(code, 200, "{v}");
+    let (code, v) = c.api_as("agent2", Some(&copied), "POST", "/group/prepare", Some(genuine.clone()));
+    assert_eq!((code, v["code"].as_u64()), (403, Some(9021)), "{v}");
+    assert!(v["message"].as_str().unwrap().contains("replay"), "{v}");
+    let (code, v) = c.api_signed("agent2", &key, "/group/prepare", genuine);
+    assert_eq!(code, 409, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("already prepared"), "{v}");
+    assert!(c.status("agent2")["write_hold"].is_null(), "no write hold was taken: {}", c.status("agent2"));
 }
