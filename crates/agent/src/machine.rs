@@ -56,6 +56,8 @@ pub struct Disk {
     pub uuid: String,
     pub path: PathBuf,
     pub backend: Arc<dyn Backend>,
+    /// Held while the agent runs: one writer per disk (a second agent on it fails at start).
+    _writer: ferry_sys::fs::WriterLock,
 }
 
 #[derive(Default)]
@@ -244,6 +246,8 @@ impl Machine {
                 error: format!("cannot open disk {}: {e}; check its path in [[disks]] and that the file exists and is readable and writable", dc.name),
             }
             };
+            let writer = ferry_sys::fs::WriterLock::open(&dc.path, &format!("agent {}", config.machine))
+                .map_err(|e| AgentError::Disk { path: dc.path.clone(), error: e.to_string() })?;
             let backend: Arc<dyn Backend> = match dc.cache {
                 DiskCache::PageCache => Arc::new(ferry_nbd::FileBackend::open(&dc.path, false).map_err(open_err)?),
                 #[cfg(feature = "testing")]
@@ -268,7 +272,7 @@ impl Machine {
                 )));
             }
             let uuid = dc.uuid.clone().or_else(|| known.map(|k| k.uuid.clone())).unwrap_or_else(new_uuid);
-            disks.push(Disk { name: dc.name.clone(), size, uuid, path: dc.path.clone(), backend });
+            disks.push(Disk { name: dc.name.clone(), size, uuid, path: dc.path.clone(), backend, _writer: writer });
         }
         if let Some(p) = &previous {
             let now: Vec<&str> = disks.iter().map(|d| d.name.as_str()).collect();

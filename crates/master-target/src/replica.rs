@@ -286,6 +286,9 @@ impl Replica {
                 .custom_flags(libc::O_NOFOLLOW)
                 .open(&p)
                 .map_err(io(&p))?;
+            // One writer per disk: this applier, until the replica is closed.
+            ferry_sys::fs::lock_one_writer(&f, &p, &format!("the master target's applier for {}", machine.name))
+                .map_err(io(&p))?;
             let len = f.metadata().map_err(io(&p))?.len();
             if len == 0 {
                 f.set_len(d.size).map_err(io(&p))?;

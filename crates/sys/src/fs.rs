@@ -130,10 +130,104 @@ pub fn fs_type(path: &Path) -> io::Result<i64> {
     Ok(st.f_type as i64)
 }
 
+/// The one-writer lock on a disk file: an exclusive `flock` held as long as this value lives
+/// (the kernel drops it when the process dies, SIGKILL included). Every Ferry writer of a disk
+/// (an agent on its source disk, a master target's applier on its target disk) takes it, so a
+/// second writer — a second agent started on the same disk, a master target still applying to a
+/// disk a failed-over machine now runs on — fails at open with a clear error instead of
+/// interleaving writes. `flock` locks are independent of the byte-range (OFD) locks QEMU takes,
+/// so `qemu-img compare`/`qemu-io -r` still read a locked disk.
+#[derive(Debug)]
+pub struct WriterLock {
+    _file: File,
+}
+
+impl WriterLock {
+    /// Open `path` (following links: a disk may be a `/dev/disk/by-id` link) and lock it.
+    pub fn open(path: &Path, who: &str) -> io::Result<WriterLock> {
+        let file =
+            File::open(path).map_err(|e| io::Error::new(e.kind(), format!("cannot open {}: {e}", path.display())))?;
+        lock_one_writer(&file, path, who)?;
+        Ok(WriterLock { _file: file })
+    }
+}
+
+/// Take the one-writer lock (see [`WriterLock`]) on `file`, already open at `path`, for as long
+/// as its open file description lives (the caller keeps `file` open for the writer's life);
+/// `who` names the writer in the error.
+pub fn lock_one_writer(file: &File, path: &Path, who: &str) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor we own; no memory is passed.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+        return Err(io::Error::new(e.kind(), format!("cannot lock {} for {who}: {e}", path.display())));
+    }
+    let holder = file
+        .metadata()
+        .ok()
+        .and_then(|m| {
+            use std::os::unix::fs::MetadataExt;
+            flock_holder(m.ino())
+        })
+        .map(|(pid, comm)| format!(" (held by process {pid}, {comm})"))
+        .unwrap_or_default();
+    Err(io::Error::new(
+        io::ErrorKind::WouldBlock,
+        format!(
+            "{} is already open for writing by another Ferry process{holder}: one writer per disk — stop the other agent or master target using it before {who} opens it",
+            path.display()
+        ),
+    ))
+}
+
+/// Who holds a `flock` on inode `ino`, from `/proc/locks` (best effort, for the error message).
+fn flock_holder(ino: u64) -> Option<(u32, String)> {
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|l| {
+        // "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let (kind, pid, dev_ino) = (f.get(1)?, f.get(4)?, f.get(5)?);
+        if *kind != "FLOCK" || dev_ino.rsplit(':').next()?.parse::<u64>().ok()? != ino {
+            return None;
+        }
+        let pid: u32 = pid.parse().ok()?;
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        Some((pid, comm.trim().to_owned()))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_disk_has_one_writer_and_readers_are_not_blocked() {
+        let d = tempfile::tempdir().unwrap();
+        let disk = d.path().join("disk0.img");
+        std::fs::write(&disk, vec![0u8; 4096]).unwrap();
+        let first = WriterLock::open(&disk, "agent vm1").unwrap();
+        let e = WriterLock::open(&disk, "agent vm1").unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        let m = e.to_string();
+        assert!(m.contains("one writer per disk") && m.contains(&std::process::id().to_string()), "{m}");
+        // Through a link too: the lock is on the file.
+        let link = d.path().join("by-id");
+        std::os::unix::fs::symlink(&disk, &link).unwrap();
+        assert!(WriterLock::open(&link, "master target").is_err());
+        // A plain reader is not blocked; once the writer is gone, the next one takes it.
+        assert_eq!(std::fs::read(&disk).unwrap().len(), 4096);
+        drop(first);
+        // (A child forked by another test may hold a copy of the descriptor until it execs.)
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while let Err(e) = WriterLock::open(&disk, "agent vm1") {
+            assert!(std::time::Instant::now() < deadline, "{e}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
 
     #[test]
     fn write_atomic_replaces_whole_files_with_private_mode() {

@@ -288,3 +288,34 @@ fn retention_volume_inside_the_datastore_is_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("lies inside") && err.contains("datastore"), "{err}");
 }
+
+/// One writer per disk file: a second agent started on a protected disk, or an agent started on
+/// a replica's target disk while the master target applies to it (what a failover must never
+/// leave behind), fails at start with an error naming the disk and the process holding it; the
+/// running writers go on, and the replica stays byte-exact.
+#[test]
+fn a_disk_has_one_writer_and_a_second_one_fails_at_open() {
+    let mut c = Cluster::new(Opts::default());
+    c.start_all();
+    assert!(c.qemu_io("disk0", "write -P 3 0 1M\nflush\n").status.success());
+    c.wait_caught_up(Duration::from_secs(30));
+    let mut cfg: toml::Table = std::fs::read_to_string(c.path().join("agent.toml")).unwrap().parse().unwrap();
+    for (disk, holder) in [(c.source("disk0"), "agent"), (c.target("disk0"), "master-target")] {
+        let state = c.path().join(format!("second-agent-{holder}"));
+        std::fs::create_dir(&state).unwrap();
+        cfg.insert("state_dir".into(), state.display().to_string().into());
+        cfg.insert("nbd_socket".into(), state.join("nbd.sock").display().to_string().into());
+        cfg.insert("status_listen".into(), "127.0.0.1:0".into());
+        cfg["disks"].as_array_mut().unwrap()[0].as_table_mut().unwrap()["path"] = disk.display().to_string().into();
+        let file = c.path().join(format!("second-agent-{holder}.toml"));
+        std::fs::write(&file, toml::to_string(&cfg).unwrap()).unwrap();
+        let out = std::process::Command::new(FERRY).arg("agent").arg("--config").arg(&file).output().unwrap();
+        assert!(!out.status.success(), "a second writer of {} started", disk.display());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("one writer per disk") && err.contains(&disk.display().to_string()), "{err}");
+        assert!(err.contains(&format!("process {}", c.pid(holder))), "names the {holder} holding it: {err}");
+    }
+    assert!(c.qemu_io("disk0", "write -P 4 1M 1M\nflush\n").status.success());
+    c.wait_caught_up(Duration::from_secs(30));
+    c.assert_identical();
+}
