@@ -72,7 +72,7 @@ class Chain:
             so.bind(("127.0.0.1", 0)); so.listen(128); self.socks[k] = so
         self.p = {k: so.getsockname()[1] for k, so in self.socks.items()}
         self.exe_for = {}
-        if not os.path.exists(f"{d}/certs"):
+        if not os.path.exists(f"{d}/certs/agent-vm1.pem"):
             run([FERRY, "certs", "--dir", f"{d}/certs", "--component", "process-server", "--component", "master-target", "--component", "agent/vm1"])
         self.extra_agent = list(extra_agent)
         # The agent's disks: its owner-only unix socket (plain TCP NBD is refused).
