@@ -857,7 +857,9 @@ mod bulk_tests {
         .unwrap()
     }
 
-    fn replica(dir: &Path) -> Arc<Replica> {
+    /// A replica without an applier, and the token whose cancellation lets it go (its shutdown
+    /// task holds it, and with it the target disks' one-writer lock, until then).
+    fn replica(dir: &Path) -> (Arc<Replica>, CancellationToken) {
         let config = config(dir);
         std::fs::create_dir_all(dir.join("ds")).unwrap();
         std::fs::create_dir_all(dir.join("ret")).unwrap();
@@ -866,9 +868,10 @@ mod bulk_tests {
             disks: vec![DiskDescriptor { name: "disk0".into(), size: 1 << 20, uuid: "u0".into() }],
         };
         let name = MachineName::new("vm1").unwrap();
-        let r = Replica::create(&config, &name, &machine, Exports::new(), CancellationToken::new()).unwrap();
+        let shutdown = CancellationToken::new();
+        let r = Replica::create(&config, &name, &machine, Exports::new(), shutdown.clone()).unwrap();
         r.stop(); // no applier: the test looks at what is journaled and written only
-        r
+        (r, shutdown)
     }
 
     fn record(seq: u64, body: RecordBody) -> Record {
@@ -884,7 +887,7 @@ mod bulk_tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn bulk_is_taken_only_inside_an_initial_sync() {
         let dir = tempfile::tempdir().unwrap();
-        let r = replica(dir.path());
+        let (r, mut shutdown) = replica(dir.path());
         let epoch = r.new_bulk_epoch();
         // A new replica (nothing journaled yet): the initial sync's data may come first.
         assert_eq!(r.write_bulk(epoch, vec![chunk(1)]).unwrap(), vec![1]);
@@ -923,13 +926,29 @@ mod bulk_tests {
         let config = r.config_for_test(dir.path());
         drop(r);
         let name = MachineName::new("vm1").unwrap();
-        let r = Replica::reopen(&config, &name, Exports::new(), CancellationToken::new()).unwrap();
+        // The old replica's threads let go of the target disks (their one-writer lock) as they end.
+        let reopen = |previous: &CancellationToken| {
+            previous.cancel();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            loop {
+                let token = CancellationToken::new();
+                match Replica::reopen(&config, &name, Exports::new(), token.clone()) {
+                    Ok(r) => return (r, token),
+                    Err(e) if std::time::Instant::now() < deadline && e.to_string().contains("one writer") => {
+                        std::thread::sleep(std::time::Duration::from_millis(20))
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        };
+        let (r, next) = reopen(&shutdown);
+        shutdown = next;
         r.stop();
         let epoch = r.new_bulk_epoch();
         assert_eq!(r.write_bulk(epoch, vec![chunk(6)]).unwrap(), vec![6]);
         r.journal_records(vec![record(5, RecordBody::ResyncEnd { generation: Generation(1) })]).unwrap();
         drop(r);
-        let r = Replica::reopen(&config, &name, Exports::new(), CancellationToken::new()).unwrap();
+        let (r, _shutdown) = reopen(&shutdown);
         r.stop();
         let epoch = r.new_bulk_epoch();
         assert!(r.write_bulk(epoch, vec![chunk(7)]).is_err());
