@@ -6,6 +6,7 @@
 mod chain_tests;
 mod config;
 pub mod machine;
+pub mod offline;
 pub mod points;
 mod sender;
 #[cfg(feature = "testing")]

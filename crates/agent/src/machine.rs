@@ -8,9 +8,11 @@
 //! the submission applies overlapping writes to the source in seq order.
 //!
 //! Architecture Invariant: an activity-log extent is retired only when every change in it is
-//! acknowledged durable by the process server (or recorded in the persisted change bitmap) *and*
-//! a local flush completed after its last write — so after a crash, even one that loses the
-//! page cache, every region that may differ between source and target is resynced.
+//! durable at the **master target** (not merely at the process server: its spool may be lost) or
+//! recorded in the persisted change bitmap, *and* a local flush completed after its last write —
+//! so after a crash, even one that loses the page cache, every region that may differ between
+//! source and target is resynced, and what never reached the recovery site is known from the
+//! agent's own state.
 //!
 //! Size: the sequencer, activity-log retirement, bulk window and resync share one lock and its invariants; the split into machine/ submodules is planned (docs/limitations.md).
 
@@ -92,6 +94,19 @@ struct LogEntry {
     bytes: u64,
 }
 
+/// A change durable at the process server, not yet at the master target: its activity-log
+/// extents stay active until the master target has it (its data is no longer held).
+struct AwaitingTarget {
+    seq: u64,
+    disk: u16,
+    offset: u64,
+    len: u64,
+    extents: Vec<(u16, u64)>,
+}
+
+/// Changes awaiting the master target kept by range; past this many they go to the bitmap.
+const MAX_AWAITING_TARGET: usize = 1 << 20;
+
 /// An event the agent shows in its status.
 pub type EventEntry = ferry_api::Event;
 
@@ -109,6 +124,8 @@ pub(crate) struct Core {
     dirty_unsaved: bool,
     log: VecDeque<LogEntry>,
     log_bytes: u64,
+    /// Released from `log` on the process server's ack, oldest first.
+    awaiting_target: VecDeque<AwaitingTarget>,
     pub(crate) ack: Ack,
     pub(crate) mode: Mode,
     resync_reason: ResyncReason,
@@ -375,6 +392,7 @@ impl Machine {
             dirty_unsaved: false,
             log: VecDeque::new(),
             log_bytes: 0,
+            awaiting_target: VecDeque::new(),
             ack: Ack::default(),
             mode,
             resync_reason: reason,
@@ -626,6 +644,17 @@ impl Machine {
             }
         }
         c.log_bytes = 0;
+        // What the process server holds but the master target may not goes to the bitmap too:
+        // after a fallback, everything not known at the recovery site is in the bitmap.
+        while let Some(a) = c.awaiting_target.pop_front() {
+            c.dirty.mark(a.disk as usize, a.offset, a.len);
+            for key in &a.extents {
+                if let Some(e) = c.al_index.get_mut(key) {
+                    e.pending = e.pending.saturating_sub(1);
+                    e.bitmap_unsaved = true;
+                }
+            }
+        }
         c.dirty_unsaved = true;
         c.unapplied.clear();
         self.requeue_bulk_locked(c);
@@ -735,12 +764,31 @@ impl Machine {
         while c.log.front().is_some_and(|e| e.record.seq <= durable) {
             if let Some(e) = c.log.pop_front() {
                 c.log_bytes -= e.bytes;
-                for key in &e.extents {
-                    if let Some(a) = c.al_index.get_mut(key) {
-                        a.pending = a.pending.saturating_sub(1);
+                let range = match &e.record.body {
+                    RecordBody::Write { disk, offset, data } => Some((*disk, *offset, data.len() as u64)),
+                    RecordBody::Zero { disk, offset, len } => Some((*disk, *offset, *len)),
+                    _ => None,
+                };
+                if let (Some((disk, offset, len)), false) = (range, e.extents.is_empty()) {
+                    let seq = e.record.seq.get();
+                    c.awaiting_target.push_back(AwaitingTarget { seq, disk, offset, len, extents: e.extents });
+                }
+            }
+        }
+        // The master target has these: their extents may retire.
+        let at_target = c.ack.target_durable_seq.get();
+        while c.awaiting_target.front().is_some_and(|a| a.seq <= at_target) {
+            if let Some(a) = c.awaiting_target.pop_front() {
+                for key in &a.extents {
+                    if let Some(e) = c.al_index.get_mut(key) {
+                        e.pending = e.pending.saturating_sub(1);
                     }
                 }
             }
+        }
+        if c.awaiting_target.len() > MAX_AWAITING_TARGET {
+            // The master target is far behind: keep the regions in the bitmap instead.
+            self.overflow(&mut c);
         }
         if c.pending_end_seq.is_some_and(|e| durable >= e) {
             c.pending_end_seq = None;

@@ -1,4 +1,5 @@
-//! `ferry agent status|verify|crash-point|app-point|group-point`: the agent's status listener.
+//! `ferry agent status|verify|crash-point|app-point|group-point`: the agent's status listener;
+//! `ferry agent changes`: its state read offline.
 
 use std::path::PathBuf;
 
@@ -33,6 +34,16 @@ pub(crate) enum AgentAction {
     AppPoint(StatusArgs),
     /// Take a multi-machine point of this agent's replication group now (coordinator only).
     GroupPoint(GroupPointArgs),
+    /// With the agent stopped (a powered-off or lost primary): the regions its own state says
+    /// may not be durable at the master target — what a failover would leave behind.
+    Changes(ChangesArgs),
+}
+
+#[derive(Args)]
+pub(crate) struct ChangesArgs {
+    /// The agent's TOML configuration (its state_dir, disks and al_extent_bytes).
+    #[arg(long, short)]
+    pub(crate) config: PathBuf,
 }
 
 #[derive(Args)]
@@ -189,6 +200,32 @@ pub(crate) async fn run(cmd: AgentCmd, out: OutputFormat) -> Result<()> {
             print_result(&v, out, &format!("group tag {} committed by {}", v.tag, v.members.join(", ")));
             Ok(())
         }
+        Some(AgentAction::Changes(a)) => changes(&a, out),
         None => crate::daemons::run_agent(cmd.run).await,
     }
+}
+
+/// `ferry agent changes --config FILE`.
+fn changes(a: &ChangesArgs, out: OutputFormat) -> Result<()> {
+    let config: ferry_agent::AgentConfig =
+        crate::cli_config::load_config(Some(&a.config), crate::cli_config::Overrides::default(), "agent")?;
+    let v = ferry_agent::offline::unconfirmed_changes(&config).with_context(|| {
+        format!("cannot read the state of agent {} in {}", config.machine, config.state_dir.display())
+    })?;
+    match out {
+        OutputFormat::Json => print_json(&v),
+        OutputFormat::Table => {
+            println!("{}: {} bytes may not be at the master target", v.machine, v.bytes);
+            for d in &v.disks {
+                println!("  {} ({} bytes): {} bytes in {} runs", d.name, d.size, d.bytes, d.extents.len());
+                for (off, len) in d.extents.iter().take(20) {
+                    println!("    {off} +{len}");
+                }
+                if d.extents.len() > 20 {
+                    println!("    … {} more (--output json lists all)", d.extents.len() - 20);
+                }
+            }
+        }
+    }
+    Ok(())
 }

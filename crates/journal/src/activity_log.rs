@@ -14,7 +14,7 @@ pub type AlSlot = usize;
 /// The agent's activity log: a fixed array of slots, each naming an active extent
 /// `(disk, extent index)`. An extent is activated (slot written + fdatasync) *before* any write to
 /// it is submitted to the local disk, and deactivated once every change in it is durable elsewhere
-/// (acknowledged by the process server, or recorded in the persisted [`crate::DirtyMap`]).
+/// (at the master target, or recorded in the persisted [`crate::DirtyMap`]).
 /// After a crash, the active extents are exactly the regions that may differ from what the peer
 /// holds and are not in the dirty map: they are resynced. The header also holds the sequence
 /// reservation, so a restarted agent never reuses a sequence number.
@@ -42,6 +42,32 @@ impl ActivityLog {
     pub fn open(path: &Path, slots: usize) -> Result<(Self, Vec<(u16, u64)>), JournalError> {
         let file =
             OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path).map_err(io_err(path))?;
+        let (reserved_seq, active) = Self::parse(&file, path)?;
+        let mut al = ActivityLog { path: path.to_owned(), file, slots: vec![None; slots.max(1)], reserved_seq };
+        al.write_header()?;
+        al.file.set_len(HEADER + SLOT * al.slots.len() as u64).map_err(io_err(path))?;
+        // Recovered extents are handed to the caller, who must persist them (in the dirty map)
+        // before calling `clear`.
+        for (i, e) in active.iter().enumerate().take(al.slots.len()) {
+            al.slots[i] = Some(*e);
+            al.file.write_all_at(&slot_bytes(Some(*e)), HEADER + SLOT * i as u64).map_err(io_err(path))?;
+        }
+        al.file.sync_all().map_err(io_err(path))?;
+        Ok((al, active))
+    }
+
+    /// The extents active in the log at `path`, read without changing it (the agent stopped,
+    /// e.g. a powered-off primary whose state a failover reads); a missing file: none.
+    pub fn read_active(path: &Path) -> Result<Vec<(u16, u64)>, JournalError> {
+        match File::open(path) {
+            Ok(f) => Ok(Self::parse(&f, path)?.1),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(io_err(path)(e)),
+        }
+    }
+
+    /// The header's sequence reservation and the active extents (sorted, unique).
+    fn parse(file: &File, path: &Path) -> Result<(u64, Vec<(u16, u64)>), JournalError> {
         let len = file.metadata().map_err(io_err(path))?.len();
         let mut active = Vec::new();
         let mut reserved_seq = 0;
@@ -82,17 +108,7 @@ impl ActivityLog {
         }
         active.sort_unstable();
         active.dedup();
-        let mut al = ActivityLog { path: path.to_owned(), file, slots: vec![None; slots.max(1)], reserved_seq };
-        al.write_header()?;
-        al.file.set_len(HEADER + SLOT * al.slots.len() as u64).map_err(io_err(path))?;
-        // Recovered extents are handed to the caller, who must persist them (in the dirty map)
-        // before calling `clear`.
-        for (i, e) in active.iter().enumerate().take(al.slots.len()) {
-            al.slots[i] = Some(*e);
-            al.file.write_all_at(&slot_bytes(Some(*e)), HEADER + SLOT * i as u64).map_err(io_err(path))?;
-        }
-        al.file.sync_all().map_err(io_err(path))?;
-        Ok((al, active))
+        Ok((reserved_seq, active))
     }
 
     fn write_header(&mut self) -> Result<(), JournalError> {

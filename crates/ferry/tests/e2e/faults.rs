@@ -432,3 +432,70 @@ fn a_master_target_restarted_under_a_running_chain_is_reached_at_the_same_addres
     let ps = c.status("process-server");
     assert!(ps["machines"][0]["master_target_error"].is_null(), "{ps:#}");
 }
+
+/// Changes are tracked against the master target, not the process server: with the master
+/// target down, writes the process server acknowledged stay in the agent's own state, and
+/// `ferry agent changes` — read with the agent killed, as a failover reads a powered-off
+/// primary — covers every one of them; with everything at the master target it reports nothing.
+#[test]
+fn the_agents_own_state_says_what_the_master_target_lacks() {
+    let mut c = Cluster::new(Opts::default());
+    c.start_all();
+    assert!(c.qemu_io("disk0", "write -P 1 0 2M\nflush\n").status.success());
+    c.wait_caught_up(Duration::from_secs(60));
+    let wait_for = |c: &Cluster, what: &str, done: &dyn Fn(&serde_json::Value) -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let s = c.status("agent");
+            if done(&s) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{what}: {s:#}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_for(&c, "the activity log retires once the master target has everything", &|s| s["activity_log_extents"] == 0);
+    let changes = |c: &Cluster| -> serde_json::Value {
+        let out = Command::new(FERRY)
+            .args(["--output", "json", "agent", "changes", "--config"])
+            .arg(c.path().join("agent.toml"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    c.kill9("agent");
+    assert_eq!(changes(&c)["bytes"], 0, "nothing unconfirmed: {}", changes(&c));
+    c.start("agent");
+    c.wait_caught_up(Duration::from_secs(60));
+
+    c.kill9("master-target");
+    let written = [(8u64 << 20, 1u64 << 20), (20 << 20, 64 << 10)];
+    assert!(c.qemu_io("disk0", "write -P 2 8M 1M\nwrite -P 3 20M 64K\nflush\n").status.success());
+    wait_for(&c, "the process server holds the writes", &|s| {
+        s["process_server_durable_seq"] == s["last_seq"] && s["pending_log_records"] == 0
+    });
+    // Long enough for the activity log to retire what only the process server holds, if it did.
+    std::thread::sleep(Duration::from_secs(2));
+    c.kill9("agent");
+    let v = changes(&c);
+    let extents: Vec<(u64, u64)> = v["disks"][0]["extents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e[0].as_u64().unwrap(), e[1].as_u64().unwrap()))
+        .collect();
+    for (off, len) in written {
+        assert!(
+            extents.iter().any(|(o, l)| *o <= off && off + len <= o + l),
+            "the write at {off} +{len} the master target never got is covered: {v:#}"
+        );
+    }
+    // Extent-granular (4 MiB activity-log extents), never the whole disk.
+    let bytes = v["bytes"].as_u64().unwrap();
+    assert!(bytes <= 8 << 20, "{v:#}");
+    c.start("master-target");
+    c.start("agent");
+    c.wait_caught_up(Duration::from_secs(60));
+    c.assert_identical();
+}
