@@ -79,6 +79,19 @@ pub async fn revoke_route(
         Some(r) => format!("{r} (revoked by token {:?})", caller.token_name),
         None => format!("revoked by token {:?}", caller.token_name),
     };
+    // Say whose certificate it was: a serial no registered component holds now may be a typo
+    // (or an earlier certificate); the operator reads it in the answer and the event log.
+    let holder = s
+        .store
+        .list::<crate::registration::Component>(crate::registration::COMPONENT)
+        .await?
+        .into_iter()
+        .find(|d| d.body.certificate_serial.as_deref() == Some(serial.as_str()))
+        .map(|d| format!("{}/{}", d.body.kind, d.body.name));
+    let reason = match holder {
+        Some(h) => format!("{reason}; the current certificate of {h}, which must register again"),
+        None => format!("{reason}; no registered component holds it now"),
+    };
     ok(revoke(&s, &serial, &reason).await?)
 }
 

@@ -346,7 +346,10 @@ fn registering_again_revokes_the_earlier_certificate_on_the_data_path() {
     let list: Vec<ferry_api::config_server::RevokedCertificate> = serde_json::from_slice(&list.stdout).unwrap();
     let reasons: Vec<(&str, &str)> = list.iter().map(|r| (r.serial.as_str(), r.reason.as_str())).collect();
     assert!(reasons.iter().any(|(s, r)| *s == old && r.contains("registered again")), "{reasons:?}");
-    assert!(reasons.iter().any(|(s, r)| *s == new && r.contains("key stolen")), "{reasons:?}");
+    assert!(
+        reasons.iter().any(|(s, r)| *s == new && r.contains("key stolen") && r.contains("agent/vm1")),
+        "the revocation names whose certificate it was: {reasons:?}"
+    );
     let _ = server.kill();
     let _ = server.wait();
 }
