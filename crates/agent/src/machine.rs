@@ -755,6 +755,14 @@ impl Machine {
     /// The process server acknowledged: release durable records from the log.
     pub(crate) fn on_ack(&self, ack: Ack) {
         let mut c = self.lock();
+        // An acknowledgement of a seq this agent never handed out is another history's (a new
+        // process server passes the master target's head on): jump past it before taking it
+        // as confirmation of anything.
+        let highest = ack.durable_seq.max(ack.target_durable_seq).get();
+        if highest >= c.next_seq {
+            let who = if ack.target_durable_seq.get() >= c.next_seq { "master target" } else { "process server" };
+            self.jump_past(&mut c, highest, who);
+        }
         if ack.durable_seq > c.ack.durable_seq {
             c.ack.durable_seq = ack.durable_seq;
         }
@@ -805,6 +813,32 @@ impl Machine {
         self.resync_wake.notify_all();
     }
 
+    /// The chain already holds seq `held`, at or beyond this agent's counter (its state was lost
+    /// or restored from a copy, maybe with the process server's spool): continue after it, or new
+    /// writes would be taken as resends — never forwarded (the process server resumes after the
+    /// master target's head) yet acknowledged as durable there.
+    fn jump_past(&self, c: &mut Core, held: u64, who: &str) {
+        let msg = format!(
+            "the {who} already holds seq {held}, beyond this agent's counter {}: continuing after it",
+            c.next_seq
+        );
+        tracing::warn!(machine = %self.name, "{msg}");
+        push_event(c, "sequence-jump", msg);
+        // Whatever was queued or awaits confirmation under the old numbers would be taken for
+        // resends and dropped: turn it into bitmap regions, copied again in a new run numbered
+        // after the chain.
+        self.overflow(c);
+        if c.mode == Mode::Resync {
+            c.resync_reason = ResyncReason::StateLost;
+        }
+        c.next_seq = held + 1;
+        c.sent_seq = c.sent_seq.max(c.ack.durable_seq.get());
+        let reserve = c.next_seq + SEQ_RESERVATION;
+        if let Err(e) = c.al.reserve_seq(reserve) {
+            tracing::error!(error = %e, "cannot persist the sequence reservation");
+        }
+    }
+
     /// Downstream lost acknowledged changes: copy the whole disks again (holes as zeroing).
     pub(crate) fn on_peer_state_lost(&self, detail: &str) {
         let mut c = self.lock();
@@ -847,25 +881,7 @@ impl Machine {
             c.ack.durable_seq = ferry_protocol::Seq(durable_seq);
         }
         if durable_seq >= c.next_seq {
-            // The agent's counter is behind what the chain already holds (its state was lost or
-            // restored from a copy): continue after it, or new writes would be taken as resends.
-            let msg = format!(
-                "process server already holds seq {durable_seq}, beyond this agent's counter {}: continuing after it",
-                c.next_seq
-            );
-            tracing::warn!(machine = %self.name, "{msg}");
-            push_event(&mut c, "sequence-jump", msg);
-            // Whatever was queued under the old numbers would be taken for resends and dropped:
-            // turn it into bitmap regions, copied again in a new run numbered after the chain.
-            self.overflow(&mut c);
-            if c.mode == Mode::Resync {
-                c.resync_reason = ResyncReason::StateLost;
-            }
-            c.next_seq = durable_seq + 1;
-            let reserve = c.next_seq + SEQ_RESERVATION;
-            if let Err(e) = c.al.reserve_seq(reserve) {
-                tracing::error!(error = %e, "cannot persist the sequence reservation");
-            }
+            self.jump_past(&mut c, durable_seq, "process server");
         }
         c.sent_seq = durable_seq.max(c.ack.durable_seq.get());
         drop(c);

@@ -390,6 +390,44 @@ fn agent_state_restored_from_an_older_copy_converges() {
     assert!(s["events"].as_array().unwrap().iter().any(|e| e["kind"] == "sequence-jump"), "{s:#}");
 }
 
+/// The same, with the process server's cache lost as well: the new process server knows no
+/// history, so only the master target's acknowledgements show that the chain holds seqs beyond
+/// the agent's counter. The agent must jump past them on that acknowledgement — before taking it
+/// as "durable at the master target" — or its new writes, numbered below the replica's head,
+/// would never be forwarded (the process server resumes after the master target's head) while
+/// the agent retired them as confirmed.
+#[test]
+fn agent_state_and_process_server_cache_lost_together_converge() {
+    let mut c = Cluster::new(Opts::default());
+    c.start_all();
+    assert!(c.qemu_io("disk0", "write -P 1 0 4M\nflush\n").status.success());
+    c.wait_caught_up(Duration::from_secs(30));
+    c.stop("agent");
+    let state = c.path().join("agent-state");
+    let old = c.path().join("agent-state-old");
+    assert!(Command::new("cp").arg("-a").arg(&state).arg(&old).status().unwrap().success());
+    c.start("agent");
+    let mut cmds = String::new();
+    for i in 0..3000u64 {
+        cmds.push_str(&format!("write -P {} {} 4k\n", i % 200 + 1, (i * 8192) % (60 << 20)));
+    }
+    cmds.push_str("flush\n");
+    assert!(c.qemu_io("disk0", &cmds).status.success());
+    c.wait_caught_up(Duration::from_secs(30));
+    c.stop("agent");
+    c.kill9("process-server");
+    std::fs::remove_dir_all(c.path().join("cache")).unwrap();
+    std::fs::remove_dir_all(&state).unwrap();
+    std::fs::rename(&old, &state).unwrap();
+    c.start("process-server");
+    c.start("agent");
+    assert!(c.qemu_io("disk0", "write -P 9 8M 1M\nflush\n").status.success());
+    c.wait_caught_up(Duration::from_secs(60));
+    c.assert_identical();
+    let s = c.status("agent");
+    assert!(s["events"].as_array().unwrap().iter().any(|e| e["kind"] == "sequence-jump"), "{s:#}");
+}
+
 #[test]
 fn lost_master_target_journal_is_detected_and_repaired() {
     let mut c = Cluster::new(Opts::default());
