@@ -65,6 +65,33 @@ pub struct ReplicaStatus {
     pub newest_point: Option<Point>,
     /// Recent events (pruning, space, materializations), newest last.
     pub events: Vec<Event>,
+    /// Set once the replica is closed to its source (failover).
+    #[serde(default)]
+    pub fence: Option<Fence>,
+}
+
+/// A replica closed to its source — the machine failed over, or an operator fenced it: the
+/// master target takes no stream, record or initial-sync data for it any more (9018), from any
+/// process server, also after restarts; the journal is applied up to `at_seq`, then the target
+/// disks are never written by the master target again and pruning stops (the recovery point
+/// and everything after it stay for the reprotect).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Fence {
+    /// The journal's head when the fence was set: nothing after it was taken.
+    pub at_seq: u64,
+    pub time_ms: u64,
+    pub reason: String,
+    /// The journal is applied up to `at_seq` and that is durable: from now on the target disks
+    /// belong to whoever runs the failed-over machine.
+    pub handed_over: bool,
+}
+
+/// `POST /machines/{m}/fence`.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FenceRequest {
+    /// Why (kept with the fence, shown in the status); one line, at most 200 characters.
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -354,6 +381,7 @@ pub enum MasterTargetEndpoint {
     ListMaterializations,
     Discard,
     Changes,
+    Fence,
 }
 
 use MasterTargetEndpoint as R;
@@ -414,4 +442,11 @@ pub const ROUTES: &[Route<MasterTargetEndpoint>] = &[
         "Extents changed between two points, or from a point to the head",
     )
     .with_query::<ChangesQuery>(),
+    Route::new::<FenceRequest, Fence>(
+        R::Fence,
+        Method::Post,
+        "/machines/{m}/fence",
+        Role::Control,
+        "Close a replica to its source for good (failover): no stream is taken, the journal is applied to its head, then the target disks are left alone",
+    ),
 ];

@@ -57,6 +57,20 @@ pub(crate) enum MasterTargetAction {
     Discard(DiscardArgs),
     /// Extents changed between a point and the head, or between two points.
     Changes(ChangesArgs),
+    /// Close a machine's replica to its source for good (what a failover does): no stream is
+    /// taken any more, the journal is applied to its head, then the target disks are left alone.
+    Fence(FenceArgs),
+}
+
+#[derive(Args)]
+pub(crate) struct FenceArgs {
+    #[arg(long)]
+    pub(crate) machine: String,
+    /// Why (kept with the fence and shown in the status).
+    #[arg(long)]
+    pub(crate) reason: String,
+    #[command(flatten)]
+    pub(crate) status: StatusArgs,
 }
 
 #[derive(Args)]
@@ -245,6 +259,13 @@ pub(crate) async fn master_target_action(action: MasterTargetAction, out: Output
             let path = format!("/materializations/{}", url_part(&d.id));
             let v: Discarded = api(MT, &d.status, Method::Delete, &path, None::<&()>).await?;
             print_result(&v, out, &format!("discarded {}", d.id));
+            Ok(())
+        }
+        MasterTargetAction::Fence(f) => {
+            let path = format!("/machines/{}/fence", url_part(&f.machine));
+            let body = ferry_api::master_target::FenceRequest { reason: f.reason.clone() };
+            let v: ferry_api::master_target::Fence = api(MT, &f.status, Method::Post, &path, Some(&body)).await?;
+            print_result(&v, out, &format!("{} fenced at seq {}: {}", f.machine, v.at_seq, v.reason));
             Ok(())
         }
         MasterTargetAction::Changes(c) => {

@@ -241,6 +241,7 @@ pub(crate) fn router(mt: Arc<MasterTarget>, access: &ferry_status::Access) -> Ro
             MasterTargetEndpoint::ListMaterializations => on(m, list_materializations),
             MasterTargetEndpoint::Discard => on(m, discard),
             MasterTargetEndpoint::Changes => on(m, changes),
+            MasterTargetEndpoint::Fence => on(m, fence),
         };
         h.with_state(mt.clone())
     })
@@ -356,4 +357,26 @@ async fn changes(
     .await
     .map_err(joined)?;
     ok(result.map_err(point_error)?)
+}
+
+async fn fence(
+    State(mt): State<Arc<MasterTarget>>,
+    UrlPath(m): UrlPath<String>,
+    JsonBody(req): JsonBody<ferry_api::master_target::FenceRequest>,
+) -> Reply<crate::replica::Fence> {
+    let reason = req.reason.trim();
+    if reason.is_empty() || reason.chars().count() > 200 || reason.chars().any(char::is_control) {
+        return Err(Failure::with_status(
+            StatusCode::BAD_REQUEST,
+            codes::BAD_REQUEST,
+            "the fence needs a reason: one line of 1 to 200 characters",
+            "send {\"reason\": \"failover of vm1\"}",
+        ));
+    }
+    let Some(r) = mt.replica(&m) else { return Err(no_machine(&m)) };
+    let reason = reason.to_owned();
+    let f = tokio::task::spawn_blocking(move || r.set_fence(&reason)).await.map_err(joined)?;
+    ok(f.map_err(|e| {
+        Failure::with_status(StatusCode::INTERNAL_SERVER_ERROR, codes::STORAGE, e.to_string(), codes::STORAGE.remedy)
+    })?)
 }

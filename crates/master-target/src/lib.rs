@@ -49,6 +49,8 @@ pub enum MasterTargetError {
     BulkOutsideInitialSync { machine: String },
     #[error("{0}")]
     InvalidRecord(String),
+    #[error("machine {machine} is fenced at seq {at_seq} (it failed over): this master target takes nothing more from its old source")]
+    Fenced { machine: String, at_seq: u64 },
     #[error(transparent)]
     Retention(#[from] retention::EligibilityError),
 }
@@ -321,6 +323,9 @@ impl MasterTarget {
         self.check_process_server(peer, &machine)?;
         let mut map = self.lock_replicas();
         if let Some(r) = map.get(&machine) {
+            if let Err(e) = r.refuse_if_fenced() {
+                return Err((codes::FENCED.code, e.to_string(), codes::FENCED.remedy.to_owned()));
+            }
             r.check_layout(&hello.machine)?;
             return Ok(r.clone());
         }
@@ -552,6 +557,7 @@ where
         let refusal = |e: &MasterTargetError| match e {
             MasterTargetError::BulkOutsideInitialSync { .. } => Some(codes::BULK_OUTSIDE_INITIAL_SYNC),
             MasterTargetError::InvalidRecord(_) => Some(codes::INVALID_RECORD),
+            MasterTargetError::Fenced { .. } => Some(codes::FENCED),
             _ => None,
         };
         let error_message = |e: &MasterTargetError| match refusal(e) {

@@ -1092,7 +1092,8 @@ impl Replica {
     /// The pruner of one replica (its own thread, started with the replica).
     pub(crate) fn prune_loop(replica: Arc<Replica>) {
         while !replica.stopped.load(Ordering::SeqCst) {
-            if replica.history_on() {
+            // Fenced: the failover point and everything after it stay for the reprotect.
+            if replica.history_on() && replica.fence_state().is_none() {
                 let (mut pts, groups) = replica.local_points();
                 for g in groups {
                     pts.push(Point {

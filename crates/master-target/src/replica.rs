@@ -111,7 +111,12 @@ pub struct Replica {
     /// Bumped by every new process-server connection; bulk writes of an older connection are
     /// refused so a stale chunk never lands after its resent copy. Held while writing bulk.
     bulk_epoch: Mutex<u64>,
+    /// Closed to its source (`fence.json`; see [`Fence`]). Set under the journal lock, so no
+    /// batch lands after the head it names.
+    fence: Mutex<Option<Fence>>,
 }
+
+pub use ferry_api::master_target::Fence;
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> MasterTargetError + '_ {
     move |source| MasterTargetError::Io { path: path.to_owned(), source }
@@ -251,6 +256,19 @@ impl Replica {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Checkpoint::default(),
             Err(e) => return Err(io(&ckpt_path)(e)),
         };
+        let fence_path = dir.join("fence.json");
+        let fence: Option<Fence> = match std::fs::read(&fence_path) {
+            Ok(d) => Some(serde_json::from_slice(&d).map_err(|e| {
+                // A fence must never be forgotten: an unreadable one stops the replica.
+                MasterTargetError::Refused(format!(
+                    "{} is corrupt ({e}): the replica was fenced; restore the file (or remove the replica) before starting",
+                    fence_path.display()
+                ))
+            })?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io(&fence_path)(e)),
+        };
+        let handed_over = fence.as_ref().is_some_and(|f| f.handed_over);
         // Written once the target disks exist: from then on a missing target is an error.
         let created_marker = dir.join("targets.created");
         let mut targets = Vec::new();
@@ -286,9 +304,11 @@ impl Replica {
                 .custom_flags(libc::O_NOFOLLOW)
                 .open(&p)
                 .map_err(io(&p))?;
-            // One writer per disk: this applier, until the replica is closed.
-            ferry_sys::fs::lock_one_writer(&f, &p, &format!("the master target's applier for {}", machine.name))
-                .map_err(io(&p))?;
+            // One writer per disk: this applier, until the replica is closed or handed over.
+            if !handed_over {
+                ferry_sys::fs::lock_one_writer(&f, &p, &format!("the master target's applier for {}", machine.name))
+                    .map_err(io(&p))?;
+            }
             let len = f.metadata().map_err(io(&p))?.len();
             if len == 0 {
                 f.set_len(d.size).map_err(io(&p))?;
@@ -390,15 +410,19 @@ impl Replica {
             events_tx,
             stopped: AtomicBool::new(false),
             bulk_epoch: Mutex::new(0),
+            fence: Mutex::new(fence),
             checkpoint_interval: Duration::from_secs_f64(config.checkpoint_interval_secs.max(0.01)),
         });
         r.open_base()?;
         r.reload_mats()?;
-        let r2 = r.clone();
-        std::thread::Builder::new()
-            .name(format!("apply-{}", machine.name))
-            .spawn(move || r2.apply_loop())
-            .map_err(|e| MasterTargetError::Refused(format!("cannot start applier thread: {e}")))?;
+        // A handed-over replica's target disks belong to the failed-over machine: no applier.
+        if !handed_over {
+            let r2 = r.clone();
+            std::thread::Builder::new()
+                .name(format!("apply-{}", machine.name))
+                .spawn(move || r2.apply_loop())
+                .map_err(|e| MasterTargetError::Refused(format!("cannot start applier thread: {e}")))?;
+        }
         let r2 = r.clone();
         std::thread::Builder::new()
             .name(format!("prune-{}", machine.name))
@@ -410,6 +434,65 @@ impl Replica {
             r3.stop();
         });
         Ok(r)
+    }
+
+    pub fn fence_state(&self) -> Option<Fence> {
+        self.fence.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Refused with 9018 once fenced (checked under the journal lock by the journaling paths).
+    pub(crate) fn refuse_if_fenced(&self) -> Result<(), MasterTargetError> {
+        match self.fence_state() {
+            Some(f) => Err(MasterTargetError::Fenced { machine: self.name.clone(), at_seq: f.at_seq }),
+            None => Ok(()),
+        }
+    }
+
+    /// Close the replica to its source at the journal's head (idempotent: an existing fence
+    /// stands). Durable before it returns; the applier then applies up to the head and hands
+    /// the disks over.
+    pub fn set_fence(&self, reason: &str) -> Result<Fence, MasterTargetError> {
+        // No initial-sync chunk (written straight to the target disks) lands after the fence.
+        let _bulk = self.bulk_epoch.lock().unwrap_or_else(|p| p.into_inner());
+        let j = self.lock_journal();
+        let mut slot = self.fence.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = slot.as_ref() {
+            return Ok(f.clone());
+        }
+        let f = Fence { at_seq: j.synced_seq(), time_ms: now_ms(), reason: reason.to_owned(), handed_over: false };
+        self.write_fence(&f)?;
+        *slot = Some(f.clone());
+        drop(slot);
+        drop(j);
+        tracing::warn!(machine = %self.name, at_seq = f.at_seq, reason, "replica fenced: no stream is taken any more");
+        self.wake.notify_all();
+        self.prune_wake.notify_all();
+        Ok(f)
+    }
+
+    fn write_fence(&self, f: &Fence) -> Result<(), MasterTargetError> {
+        let path = self.dir.join("fence.json");
+        let data = serde_json::to_vec_pretty(f).map_err(|e| MasterTargetError::Refused(e.to_string()))?;
+        ferry_sys::fs::write_atomic(&path, &data).map_err(crate::io_at(&path))
+    }
+
+    /// The applier reached the fence: make that durable (a checkpoint at the head, then the
+    /// fence marked handed over) so no restart applies anything to the disks again.
+    fn hand_over(&self) -> Result<bool, String> {
+        let Some(f) = self.fence_state().filter(|f| !f.handed_over) else { return Ok(false) };
+        if self.lock_apply().ckpt.applied_seq < f.at_seq {
+            return Ok(false);
+        }
+        self.checkpoint()?;
+        let done = Fence { handed_over: true, ..f };
+        self.write_fence(&done).map_err(|e| e.to_string())?;
+        *self.fence.lock().unwrap_or_else(|p| p.into_inner()) = Some(done.clone());
+        // The failed-over machine's agent becomes the one writer.
+        for (p, f) in &self.targets {
+            ferry_sys::fs::unlock_one_writer(f).map_err(|e| format!("cannot unlock {}: {e}", p.display()))?;
+        }
+        tracing::warn!(machine = %self.name, at_seq = done.at_seq, "fenced replica applied to its head: target disks handed over");
+        Ok(true)
     }
 
     pub fn stop(&self) {
@@ -468,6 +551,7 @@ impl Replica {
             self.validate(r).map_err(MasterTargetError::InvalidRecord)?;
         }
         let mut j = self.lock_journal();
+        self.refuse_if_fenced()?;
         let result = self.journal_locked(&mut j, &records);
         if result.is_err() {
             // Nothing of a failed batch may stay half-appended: its resend must be journaled
@@ -531,6 +615,7 @@ impl Replica {
                 "a newer connection for this machine exists: dropping this one's bulk data".into(),
             ));
         }
+        self.refuse_if_fenced()?;
         if !self.bulk_open.load(Ordering::SeqCst) {
             return Err(MasterTargetError::BulkOutsideInitialSync { machine: self.name.clone() });
         }
@@ -589,6 +674,12 @@ impl Replica {
             match self.apply_step(&mut cursor, &mut dirty, &mut last_ckpt) {
                 Ok(idle) => {
                     if idle {
+                        match self.hand_over() {
+                            // The target disks are no longer this applier's.
+                            Ok(true) => return,
+                            Ok(false) => {}
+                            Err(e) => self.fail(e),
+                        }
                         let g = self.lock_apply();
                         let wait = if dirty { Duration::from_millis(20) } else { Duration::from_millis(200) };
                         let _ = self.wake.wait_timeout(g, wait);
@@ -820,6 +911,7 @@ impl Replica {
                 .collect(),
             journaled_seq: journaled,
             applied_seq: applied,
+            fence: self.fence_state(),
             consistent: st.ckpt.consistent,
             mode: mode.to_owned(),
             journal_bytes,

@@ -183,6 +183,17 @@ pub fn lock_one_writer(file: &File, path: &Path, who: &str) -> io::Result<()> {
     ))
 }
 
+/// Give up the one-writer lock taken by [`lock_one_writer`] on `file` (the writer keeps the
+/// file open, e.g. a master target handing a failed-over machine's disks to its agent).
+pub fn unlock_one_writer(file: &File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock on a descriptor we own; no memory is passed.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Who holds a `flock` on inode `ino`, from `/proc/locks` (best effort, for the error message).
 fn flock_holder(ino: u64) -> Option<(u32, String)> {
     let locks = std::fs::read_to_string("/proc/locks").ok()?;

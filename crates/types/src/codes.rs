@@ -122,6 +122,9 @@ registry! {
     BULK_OUTSIDE_INITIAL_SYNC = 9017, 409, "bulk-outside-initial-sync",
         "initial-sync (bulk) data arrived for a replica that is not in an initial sync; nothing was written",
         "nothing to do if the agent is starting an initial sync (it resends once its ResyncBegin is journaled); otherwise restart the agent, and if it persists re-protect the machine";
+    FENCED = 9018, 409, "fenced",
+        "the replica is fenced (its machine failed over): the master target takes nothing more from its old source; nothing was written",
+        "nothing to do on the old primary: stop its agent; to replicate again, reprotect the machine (it replicates back from the recovery site)";
 
     // Ferry's own: the control plane.
     UNAUTHENTICATED = 9020, 401, "unauthenticated",

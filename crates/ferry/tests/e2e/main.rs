@@ -9,6 +9,7 @@ mod harness;
 mod bad_input;
 mod config_server;
 mod control_plane;
+mod failover;
 mod failpoints;
 mod faults;
 mod group_points;
