@@ -79,8 +79,8 @@ pub struct AgentConfig {
     /// Bytes read per resync step.
     #[serde(default = "default_resync_chunk")]
     pub resync_chunk_bytes: u64,
-    /// On shutdown, wait this long for the process server to acknowledge the log before
-    /// converting the rest into the change bitmap.
+    /// On shutdown, wait this long for the master target to confirm what it lacks (not merely
+    /// the process server) before converting the rest into the change bitmap.
     #[serde(default = "default_drain", deserialize_with = "ferry_types::bounds::secs")]
     pub shutdown_drain_secs: f64,
     /// Hold shipping (writes are still logged and tracked): for maintenance and benchmarks.

@@ -1280,22 +1280,24 @@ impl Machine {
         }
     }
 
-    /// Clean stop: give the process server a moment to acknowledge, then turn what is left into
-    /// bitmap regions, flush everything and empty the activity log (so a restart resyncs only those).
+    /// Clean stop: give the master target a moment to confirm what it lacks (`shutdown_drain_secs`),
+    /// then turn what is left — unacknowledged, or acknowledged by the process server only — into
+    /// bitmap regions, flush everything and empty the activity log (so a restart resyncs only those,
+    /// and the agent's state alone still says what the recovery site may lack).
     pub fn shutdown(&self) -> Result<(), AgentError> {
         self.stopped.store(true, Ordering::SeqCst);
         self.resync_wake.notify_all();
         let deadline = Instant::now() + Duration::from_secs_f64(self.config.shutdown_drain_secs.max(0.0));
         while Instant::now() < deadline {
             let c = self.lock();
-            if c.log.is_empty() && c.bulk.is_empty() {
+            if c.log.is_empty() && c.bulk.is_empty() && c.awaiting_target.is_empty() {
                 break;
             }
             drop(c);
             std::thread::sleep(Duration::from_millis(20));
         }
         let mut c = self.lock();
-        if !c.log.is_empty() {
+        if !c.log.is_empty() || !c.awaiting_target.is_empty() {
             let mode = c.mode;
             self.overflow(&mut c);
             if mode != Mode::Replicating {

@@ -532,6 +532,24 @@ fn the_agents_own_state_says_what_the_master_target_lacks() {
     // Extent-granular (4 MiB activity-log extents), never the whole disk.
     let bytes = v["bytes"].as_u64().unwrap();
     assert!(bytes <= 8 << 20, "{v:#}");
+    // A clean stop (a planned power-off) keeps them too: what the process server acknowledged
+    // but the master target never confirmed goes to the bitmap, not away with the activity log.
+    c.start("agent");
+    assert!(c.qemu_io("disk0", "write -P 4 40M 64K\nflush\n").status.success());
+    wait_for(&c, "the process server holds the write", &|s| {
+        s["process_server_durable_seq"] == s["last_seq"] && s["pending_log_records"] == 0
+    });
+    c.stop("agent");
+    let v = changes(&c);
+    let covered = |off: u64, len: u64| {
+        v["disks"][0]["extents"].as_array().unwrap().iter().any(|e| {
+            let (o, l) = (e[0].as_u64().unwrap(), e[1].as_u64().unwrap());
+            o <= off && off + len <= o + l
+        })
+    };
+    for (off, len) in written.into_iter().chain([(40 << 20, 64 << 10)]) {
+        assert!(covered(off, len), "after a clean stop, {off} +{len} is still known: {v:#}");
+    }
     c.start("master-target");
     c.start("agent");
     c.wait_caught_up(Duration::from_secs(60));
