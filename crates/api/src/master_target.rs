@@ -84,6 +84,10 @@ pub struct Fence {
     /// The journal is applied up to `at_seq` and that is durable: from now on the target disks
     /// belong to whoever runs the failed-over machine.
     pub handed_over: bool,
+    /// Once handed over: the seq the target disks hold — `at_seq`, or the consistent state
+    /// before a resync run the fence cut off (its records after that stay in the journal).
+    #[serde(default)]
+    pub applied_seq: u64,
 }
 
 /// `POST /machines/{m}/fence`.

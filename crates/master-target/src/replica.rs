@@ -459,7 +459,13 @@ impl Replica {
         if let Some(f) = slot.as_ref() {
             return Ok(f.clone());
         }
-        let f = Fence { at_seq: j.synced_seq(), time_ms: now_ms(), reason: reason.to_owned(), handed_over: false };
+        let f = Fence {
+            at_seq: j.synced_seq(),
+            time_ms: now_ms(),
+            reason: reason.to_owned(),
+            handed_over: false,
+            applied_seq: 0,
+        };
         self.write_fence(&f)?;
         *slot = Some(f.clone());
         drop(slot);
@@ -478,20 +484,27 @@ impl Replica {
 
     /// The applier reached the fence: make that durable (a checkpoint at the head, then the
     /// fence marked handed over) so no restart applies anything to the disks again.
+    /// Called by the applier when idle. Also reached when the applier holds the consistent state
+    /// for a resync run the fence cut off (its `ResyncEnd` can never come now): the disks are
+    /// handed over at that consistent state, `applied_seq` says which.
     fn hand_over(&self) -> Result<bool, String> {
         let Some(f) = self.fence_state().filter(|f| !f.handed_over) else { return Ok(false) };
-        if self.lock_apply().ckpt.applied_seq < f.at_seq {
-            return Ok(false);
-        }
+        let applied = {
+            let st = self.lock_apply();
+            if st.ckpt.applied_seq < f.at_seq && st.holding_resync_at.is_none() {
+                return Ok(false);
+            }
+            st.ckpt.applied_seq
+        };
         self.checkpoint()?;
-        let done = Fence { handed_over: true, ..f };
+        // Unlocked before the hand-over is published: whoever sees it can take the disks.
+        for (p, file) in &self.targets {
+            ferry_sys::fs::unlock_one_writer(file).map_err(|e| format!("cannot unlock {}: {e}", p.display()))?;
+        }
+        let done = Fence { handed_over: true, applied_seq: applied, ..f };
         self.write_fence(&done).map_err(|e| e.to_string())?;
         *self.fence.lock().unwrap_or_else(|p| p.into_inner()) = Some(done.clone());
-        // The failed-over machine's agent becomes the one writer.
-        for (p, f) in &self.targets {
-            ferry_sys::fs::unlock_one_writer(f).map_err(|e| format!("cannot unlock {}: {e}", p.display()))?;
-        }
-        tracing::warn!(machine = %self.name, at_seq = done.at_seq, "fenced replica applied to its head: target disks handed over");
+        tracing::warn!(machine = %self.name, at_seq = done.at_seq, applied_seq = applied, "fenced replica applied: target disks handed over");
         Ok(true)
     }
 
@@ -671,15 +684,16 @@ impl Replica {
         let mut last_ckpt = Instant::now();
         let mut dirty = false;
         while !self.stopped.load(Ordering::SeqCst) {
-            match self.apply_step(&mut cursor, &mut dirty, &mut last_ckpt) {
-                Ok(idle) => {
+            let step = self.apply_step(&mut cursor, &mut dirty, &mut last_ckpt).and_then(|idle| {
+                // Idle with a fence: hand the disks over (an error takes the restart path below).
+                let handed = if idle { self.hand_over()? } else { false };
+                Ok((idle, handed))
+            });
+            match step {
+                // The target disks are no longer this applier's.
+                Ok((_, true)) => return,
+                Ok((idle, false)) => {
                     if idle {
-                        match self.hand_over() {
-                            // The target disks are no longer this applier's.
-                            Ok(true) => return,
-                            Ok(false) => {}
-                            Err(e) => self.fail(e),
-                        }
                         let g = self.lock_apply();
                         let wait = if dirty { Duration::from_millis(20) } else { Duration::from_millis(200) };
                         let _ = self.wake.wait_timeout(g, wait);
@@ -951,7 +965,7 @@ mod bulk_tests {
 
     /// A replica without an applier, and the token whose cancellation lets it go (its shutdown
     /// task holds it, and with it the target disks' one-writer lock, until then).
-    fn replica(dir: &Path) -> (Arc<Replica>, CancellationToken) {
+    pub(super) fn replica_for_test(dir: &Path) -> (Arc<Replica>, CancellationToken) {
         let config = config(dir);
         std::fs::create_dir_all(dir.join("ds")).unwrap();
         std::fs::create_dir_all(dir.join("ret")).unwrap();
@@ -979,7 +993,7 @@ mod bulk_tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn bulk_is_taken_only_inside_an_initial_sync() {
         let dir = tempfile::tempdir().unwrap();
-        let (r, mut shutdown) = replica(dir.path());
+        let (r, mut shutdown) = replica_for_test(dir.path());
         let epoch = r.new_bulk_epoch();
         // A new replica (nothing journaled yet): the initial sync's data may come first.
         assert_eq!(r.write_bulk(epoch, vec![chunk(1)]).unwrap(), vec![1]);
@@ -1044,5 +1058,44 @@ mod bulk_tests {
         r.stop();
         let epoch = r.new_bulk_epoch();
         assert!(r.write_bulk(epoch, vec![chunk(7)]).is_err());
+    }
+}
+
+#[cfg(test)]
+mod fence_tests {
+    use super::bulk_tests::replica_for_test;
+    use super::*;
+    use ferry_protocol::{Generation, ResyncReason, Seq};
+
+    /// A fence stops the journal at its head; the disks are handed over once applied there — or,
+    /// when the applier holds the consistent state for a resync run the fence cut off (its end can
+    /// never come now), at that state; nothing is taken after the fence, also after a reopen.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_fence_hands_the_disks_over_even_inside_a_cut_off_resync() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, _shutdown) = replica_for_test(dir.path());
+        let rec = |seq: u64, body: RecordBody| Record { seq: Seq(seq), time_ms: 1, body };
+        let write = |seq| rec(seq, RecordBody::Write { disk: 0, offset: 0, data: vec![seq as u8; 4096] });
+        let begin = RecordBody::ResyncBegin {
+            generation: Generation(3),
+            reason: ResyncReason::LogOverflow,
+            preserve_consistent: true,
+        };
+        r.journal_records(vec![write(1), rec(2, begin), write(3)]).unwrap();
+        {
+            // What the applier does at the ResyncBegin: seq 1 applied, holding at 2.
+            let mut st = r.lock_apply();
+            st.ckpt.applied_seq = 1;
+            st.holding_resync_at = Some(2);
+        }
+        assert!(!r.hand_over().unwrap(), "no fence, no hand-over");
+        let f = r.set_fence("drill").unwrap();
+        assert_eq!((f.at_seq, f.handed_over), (3, false));
+        assert!(matches!(r.journal_records(vec![write(4)]).unwrap_err(), MasterTargetError::Fenced { .. }));
+        assert!(r.hand_over().unwrap());
+        let f = r.fence_state().unwrap();
+        assert_eq!((f.at_seq, f.handed_over, f.applied_seq), (3, true, 1), "handed over at the consistent state");
+        assert!(ferry_sys::fs::WriterLock::open(&r.targets[0].0, "the failed-over machine's agent").is_ok());
+        assert_eq!(r.set_fence("again").unwrap(), f, "the first fence stands");
     }
 }
