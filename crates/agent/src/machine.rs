@@ -798,7 +798,8 @@ impl Machine {
             // The master target is far behind: keep the regions in the bitmap instead.
             self.overflow(&mut c);
         }
-        if c.pending_end_seq.is_some_and(|e| durable >= e) {
+        // A run is closed once the master target has its end (not merely the process server).
+        if c.pending_end_seq.is_some_and(|e| c.ack.target_durable_seq >= ferry_protocol::Seq(e)) {
             c.pending_end_seq = None;
             c.state.resync_open_seq = None;
             if let Err(e) = self.save_state(&c) {

@@ -19,6 +19,12 @@ pub struct UnconfirmedChanges {
     pub disks: Vec<UnconfirmedDisk>,
     /// Sum over the disks.
     pub bytes: u64,
+    /// A resync run was open (its `ResyncBegin` at this seq, its end not confirmed): the master
+    /// target may hold the run's regions only in a journal it keeps apart from the replica's
+    /// consistent state, so a failover to that state lacks them too (they are in no list here).
+    pub open_resync_seq: Option<u64>,
+    /// Why the list is the whole disks, when it is (the activity log is missing).
+    pub whole_disks: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -39,12 +45,33 @@ pub fn unconfirmed_changes(config: &AgentConfig) -> Result<UnconfirmedChanges, A
     #[derive(serde::Deserialize)]
     struct Disks {
         disks: Vec<ferry_protocol::DiskDescriptor>,
+        #[serde(default)]
+        resync_open_seq: Option<u64>,
     }
     let disks: Disks = serde_json::from_slice(&state)
         .map_err(|e| AgentError::Config(format!("{} is corrupt: {e}", state_path.display())))?;
+    // A running agent changes these files as it goes, and holds its disks' one-writer lock.
+    for d in &config.disks {
+        if let Err(e) = ferry_sys::fs::WriterLock::open(&d.path, "ferry agent changes") {
+            if e.kind() == std::io::ErrorKind::WouldBlock {
+                return Err(AgentError::Config(format!(
+                    "the agent of {} is running ({e}): stop it first, or ask the running agent (`ferry agent status`)",
+                    config.machine
+                )));
+            }
+        }
+    }
     let mut map = DirtyMap::load(&dir.join("dirty.map"), disks.disks.len())?;
+    let al_path = dir.join("activity.log");
+    // As at the agent's start: without the activity log nothing bounds what may differ.
+    let whole_disks = (!al_path.exists()).then(|| format!("{} is missing: anything may differ", al_path.display()));
+    if whole_disks.is_some() {
+        for (i, d) in disks.disks.iter().enumerate() {
+            map.mark(i, 0, d.size);
+        }
+    }
     let ext = config.al_extent_bytes.max(TRACK_BLOCK);
-    for (disk, e) in ActivityLog::read_active(&dir.join("activity.log"))? {
+    for (disk, e) in ActivityLog::read_active(&al_path)? {
         if let Some(d) = disks.disks.get(disk as usize) {
             let off = e.saturating_mul(ext);
             if off < d.size {
@@ -67,5 +94,11 @@ pub fn unconfirmed_changes(config: &AgentConfig) -> Result<UnconfirmedChanges, A
         out.push(UnconfirmedDisk { name: d.name.clone(), size: d.size, extents, bytes });
     }
     let bytes = out.iter().map(|d| d.bytes).sum();
-    Ok(UnconfirmedChanges { machine: config.machine.to_string(), disks: out, bytes })
+    Ok(UnconfirmedChanges {
+        machine: config.machine.to_string(),
+        disks: out,
+        bytes,
+        open_resync_seq: disks.resync_open_seq,
+        whole_disks,
+    })
 }

@@ -216,6 +216,12 @@ fn changes(a: &ChangesArgs, out: OutputFormat) -> Result<()> {
         OutputFormat::Json => print_json(&v),
         OutputFormat::Table => {
             println!("{}: {} bytes may not be at the master target", v.machine, v.bytes);
+            if let Some(why) = &v.whole_disks {
+                println!("  whole disks: {why}");
+            }
+            if let Some(seq) = v.open_resync_seq {
+                println!("  a resync run was open from seq {seq}: its regions may be missing from the master target's consistent state too");
+            }
             for d in &v.disks {
                 println!("  {} ({} bytes): {} bytes in {} runs", d.name, d.size, d.bytes, d.extents.len());
                 for (off, len) in d.extents.iter().take(20) {

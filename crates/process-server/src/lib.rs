@@ -562,6 +562,9 @@ where
         framed.send(Message::PeerStateLost { detail }).await.map_err(|e| e.to_string())?;
         spool.clear_downstream_lost();
     }
+    // The hello's answer carries no master-target confirmation: say it now, so an idle
+    // machine's agent can retire what the master target already holds.
+    framed.send(Message::Ack(spool.current_ack())).await.map_err(|e| e.to_string())?;
     // Reset on drop: a connection cut mid-loop (revoked certificate, shutdown) never returns here.
     struct Connected<'a>(&'a Arc<MachineSpool>, u64);
     impl Drop for Connected<'_> {
@@ -592,15 +595,7 @@ where
         Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
             tracing::warn!(machine = %spool.name(), dropped = n, "agent connection fell behind on acknowledgements; asking it to resend bulk chunks");
             framed.send(Message::BulkReset).await.map_err(|e| e.to_string())?;
-            let (durable, applied) = spool.positions();
-            framed
-                .send(Message::Ack(ferry_protocol::Ack {
-                    durable_seq: ferry_protocol::Seq(durable),
-                    target_durable_seq: ferry_protocol::Seq::ZERO,
-                    applied_seq: ferry_protocol::Seq(applied),
-                }))
-                .await
-                .map_err(|e| e.to_string())
+            framed.send(Message::Ack(spool.current_ack())).await.map_err(|e| e.to_string())
         }
         Err(tokio::sync::broadcast::error::RecvError::Closed) => Err("spool closed".into()),
     }

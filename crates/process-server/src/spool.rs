@@ -127,6 +127,18 @@ impl MachineSpool {
         (synced.max(st.target_durable), st.applied)
     }
 
+    /// The acknowledgement of everything known now, the master target's confirmation included
+    /// (the agent retires its activity log on it; sent when it may have missed one).
+    pub(crate) fn current_ack(&self) -> Ack {
+        let synced = self.lock_log().synced_seq();
+        let st = self.lock_state();
+        Ack {
+            durable_seq: ferry_protocol::Seq(synced.max(st.target_durable)),
+            target_durable_seq: ferry_protocol::Seq(st.target_durable),
+            applied_seq: ferry_protocol::Seq(st.applied),
+        }
+    }
+
     /// Spool batches from the agent and fsync once; returns the ack to send.
     pub(crate) fn append(&self, batches: Vec<Vec<Record>>) -> Result<Ack, ProcessServerError> {
         let mut log = self.lock_log();

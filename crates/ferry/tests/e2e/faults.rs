@@ -502,6 +502,15 @@ fn the_agents_own_state_says_what_the_master_target_lacks() {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         serde_json::from_slice(&out.stdout).unwrap()
     };
+    // A running agent's files change as it goes: read them only with the agent stopped.
+    let running =
+        Command::new(FERRY).args(["agent", "changes", "--config"]).arg(c.path().join("agent.toml")).output().unwrap();
+    assert!(!running.status.success());
+    assert!(
+        String::from_utf8_lossy(&running.stderr).contains("is running"),
+        "{}",
+        String::from_utf8_lossy(&running.stderr)
+    );
     c.kill9("agent");
     assert_eq!(changes(&c)["bytes"], 0, "nothing unconfirmed: {}", changes(&c));
     c.start("agent");
