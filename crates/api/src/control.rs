@@ -191,6 +191,23 @@ pub struct Component {
     pub certificate_serial: Option<String>,
 }
 
+impl Component {
+    /// A component the server has heard nothing from yet.
+    pub fn new(kind: ComponentKind, name: &str) -> Component {
+        Component {
+            kind,
+            name: name.to_owned(),
+            registered_ms: None,
+            last_seen_ms: None,
+            status: None,
+            policy: None,
+            reconciled_restore: None,
+            identity: None,
+            certificate_serial: None,
+        }
+    }
+}
+
 fn status_or_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<ComponentStatus>, D::Error> {
     let v = serde_json::Value::deserialize(d)?;
     Ok(serde_json::from_value(v).ok())

@@ -117,17 +117,7 @@ pub(crate) async fn update_component(
         let old = s.store.get::<Component>(COMPONENT, &key).await?;
         let revision = old.as_ref().map_or(0, |d| d.revision);
         let before = old.map(|d| d.body);
-        let mut comp = before.clone().unwrap_or(Component {
-            kind,
-            name: name.to_owned(),
-            registered_ms: None,
-            last_seen_ms: None,
-            status: None,
-            policy: None,
-            reconciled_restore: None,
-            identity: None,
-            certificate_serial: None,
-        });
+        let mut comp = before.clone().unwrap_or_else(|| Component::new(kind, name));
         change(&mut comp);
         match s.store.put(COMPONENT, &key, &comp, Some(revision)).await {
             Ok(_) => return Ok(before),

@@ -285,17 +285,7 @@ mod name_tests {
     use super::*;
 
     fn comp(kind: ComponentKind, name: &str) -> Component {
-        Component {
-            kind,
-            name: name.into(),
-            registered_ms: None,
-            last_seen_ms: None,
-            status: None,
-            policy: None,
-            reconciled_restore: None,
-            identity: None,
-            certificate_serial: None,
-        }
+        Component::new(kind, name)
     }
 
     #[test]
