@@ -68,6 +68,9 @@ pub struct ReplicaStatus {
     /// Set once the replica is closed to its source (failover).
     #[serde(default)]
     pub fence: Option<Fence>,
+    /// Set once the target disks were put at a recovery point for the failed-over machine.
+    #[serde(default)]
+    pub failover: Option<Failover>,
 }
 
 /// A replica closed to its source — the machine failed over, or an operator fenced it: the
@@ -96,6 +99,93 @@ pub struct Fence {
 pub struct FenceRequest {
     /// Why (kept with the fence, shown in the status); one line, at most 200 characters.
     pub reason: String,
+}
+
+/// `POST /machines/{m}/failover`: fence the replica (if it is not yet), wait until its disks are
+/// handed over, and put them at a recovery point — in time proportional to the writes after the
+/// point. Again before commit: change the recovery point.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverRequest {
+    /// The recovery point: an RC-1 selector (`latest` — everything the recovery site holds —,
+    /// `latest-processed`, `latest-app`, `latest-multi`, `latest-multi-app`), a point ID
+    /// (`MACHINE@SEQ`) or a seq from the points list.
+    pub point: String,
+    /// Why (kept with the fence when this call sets it); one line, 1 to 200 characters.
+    pub reason: String,
+    /// When the point changes after the machine ran at the recovery site: the extents it wrote
+    /// since (its agent's change set). They are put back to the new point too; extents given
+    /// earlier are remembered.
+    #[serde(default)]
+    pub recovery_writes: Vec<DiskExtent>,
+}
+
+/// An extent of one disk, named.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DiskExtent {
+    pub disk: String,
+    pub offset: u64,
+    pub length: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailoverPhase {
+    /// The target disks are being put at the point: the machine must not start yet.
+    Restoring,
+    /// The disks hold the point: the machine may run; the point can still change.
+    AtPoint,
+    /// Committed: the point cannot change any more.
+    Committed,
+}
+
+/// The failover of a replica's machine (`failover.json` beside its journal).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Failover {
+    pub phase: FailoverPhase,
+    pub point: Point,
+    /// The seq the target disks held when they were handed over: the newest write the recovery
+    /// site holds.
+    pub handed_over_seq: u64,
+    /// What the recovery site holds after the point and the failed-over disks no longer have.
+    pub discarded: DiscardedWrites,
+    /// Bytes the last restore put back to the point.
+    pub restored_bytes: u64,
+    /// Every extent written after this seq was put back (the lowest point chosen so far).
+    pub restored_after_seq: u64,
+    pub started_ms: u64,
+    #[serde(default)]
+    pub at_point_ms: Option<u64>,
+    #[serde(default)]
+    pub committed_ms: Option<u64>,
+    /// Points chosen earlier (change recovery point), oldest first.
+    #[serde(default)]
+    pub earlier_points: Vec<Point>,
+    /// Extents the machine wrote at the recovery site, as given with point changes.
+    #[serde(default)]
+    pub recovery_writes: Vec<DiskExtent>,
+}
+
+/// Writes after the failover point that the recovery site holds, discarded from the failed-over
+/// disks (the journal keeps them for the reprotect). Writes the primary acknowledged but never
+/// shipped are not among them: they are known only from the primary's agent, at reprotect.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub struct DiscardedWrites {
+    /// Bytes of the extents written after the point (overlapping writes counted once).
+    pub bytes: u64,
+    /// Write and zero records after the point.
+    pub records: u64,
+    #[serde(default)]
+    pub first_seq: Option<u64>,
+    #[serde(default)]
+    pub last_seq: Option<u64>,
+    #[serde(default)]
+    pub first_time_ms: Option<u64>,
+    #[serde(default)]
+    pub last_time_ms: Option<u64>,
+    /// In words, for the job and the operator.
+    pub note: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -386,6 +476,8 @@ pub enum MasterTargetEndpoint {
     Discard,
     Changes,
     Fence,
+    Failover,
+    CommitFailover,
 }
 
 use MasterTargetEndpoint as R;
@@ -453,4 +545,19 @@ pub const ROUTES: &[Route<MasterTargetEndpoint>] = &[
         Role::Control,
         "Close a replica to its source for good (failover): no stream is taken, the journal is applied to its head, then the target disks are left alone",
     ),
+    Route::new::<FailoverRequest, Failover>(
+        R::Failover,
+        Method::Post,
+        "/machines/{m}/failover",
+        Role::Control,
+        "Fail a machine over: fence its replica, then put the target disks at a recovery point (O(writes after it)); again before commit to change the point",
+    ),
+    Route::new::<(), Failover>(
+        R::CommitFailover,
+        Method::Post,
+        "/machines/{m}/failover/commit",
+        Role::Control,
+        "Commit a failover: its recovery point cannot change any more",
+    )
+    .no_body(),
 ];

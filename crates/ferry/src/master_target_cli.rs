@@ -13,6 +13,7 @@ use ferry_api::master_target::{
     Changes, Discarded, GroupPoints, ImageFormat, Materialization, MaterializationKind, MaterializationList,
     MaterializeRequest, MaterializedAs, Point, PointList, SelectPoint,
 };
+use ferry_api::master_target::{Failover, FailoverPhase, FailoverRequest};
 use ferry_api::Method;
 
 #[derive(Args)]
@@ -60,6 +61,38 @@ pub(crate) enum MasterTargetAction {
     /// Close a machine's replica to its source for good (what a failover does): no stream is
     /// taken any more, the journal is applied to its head, then the target disks are left alone.
     Fence(FenceArgs),
+    /// Fail a machine over on this master target: fence its replica, then put the target disks
+    /// at a recovery point (in time proportional to the writes after it). Again before commit
+    /// to change the point.
+    Failover(FailoverArgs),
+    /// Commit a machine's failover: its recovery point cannot change any more.
+    CommitFailover(MachineArgs),
+}
+
+#[derive(Args)]
+pub(crate) struct FailoverArgs {
+    #[arg(long)]
+    pub(crate) machine: String,
+    /// latest, latest-processed, latest-app, latest-multi, latest-multi-app, or a point ID.
+    #[arg(long, default_value = "latest-processed")]
+    pub(crate) point: String,
+    /// Why (kept with the fence and shown in the status).
+    #[arg(long)]
+    pub(crate) reason: String,
+    /// Changing the point after the machine ran at the recovery site: a JSON file listing the
+    /// extents it wrote (`[{"disk": "disk0", "offset": 0, "length": 4096}, …]`).
+    #[arg(long)]
+    pub(crate) recovery_writes: Option<PathBuf>,
+    #[command(flatten)]
+    pub(crate) status: StatusArgs,
+}
+
+#[derive(Args)]
+pub(crate) struct MachineArgs {
+    #[arg(long)]
+    pub(crate) machine: String,
+    #[command(flatten)]
+    pub(crate) status: StatusArgs,
 }
 
 #[derive(Args)]
@@ -268,6 +301,28 @@ pub(crate) async fn master_target_action(action: MasterTargetAction, out: Output
             print_result(&v, out, &format!("{} fenced at seq {}: {}", f.machine, v.at_seq, v.reason));
             Ok(())
         }
+        MasterTargetAction::Failover(f) => {
+            let recovery_writes = match &f.recovery_writes {
+                Some(p) => {
+                    let data = std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
+                    serde_json::from_slice(&data).with_context(|| {
+                        format!("{} is not a JSON list of {{disk, offset, length}} extents", p.display())
+                    })?
+                }
+                None => Vec::new(),
+            };
+            let path = format!("/machines/{}/failover", url_part(&f.machine));
+            let body = FailoverRequest { point: f.point.clone(), reason: f.reason.clone(), recovery_writes };
+            let v: Failover = api(MT, &f.status, Method::Post, &path, Some(&body)).await?;
+            print_result(&v, out, &failover_summary(&f.machine, &v));
+            Ok(())
+        }
+        MasterTargetAction::CommitFailover(c) => {
+            let path = format!("/machines/{}/failover/commit", url_part(&c.machine));
+            let v: Failover = api(MT, &c.status, Method::Post, &path, None::<&()>).await?;
+            print_result(&v, out, &failover_summary(&c.machine, &v));
+            Ok(())
+        }
         MasterTargetAction::Changes(c) => {
             let mut path = format!("/machines/{}/changes?from={}", url_part(&c.machine), url_part(&c.from));
             if let Some(t) = &c.to {
@@ -292,6 +347,15 @@ pub(crate) async fn master_target_action(action: MasterTargetAction, out: Output
             Ok(())
         }
     }
+}
+
+fn failover_summary(machine: &str, f: &Failover) -> String {
+    let phase = match f.phase {
+        FailoverPhase::Restoring => "being put at",
+        FailoverPhase::AtPoint => "failed over (uncommitted) to",
+        FailoverPhase::Committed => "failed over (committed) to",
+    };
+    format!("{machine} {phase} {} ({} bytes put back)\n{}", f.point.id, f.restored_bytes, f.discarded.note)
 }
 
 /// `ferry process-server [status]`.

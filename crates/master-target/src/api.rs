@@ -19,6 +19,9 @@ use ferry_api::master_target::{
 use ferry_protocol::codes;
 use ferry_status::{method_filter, ok, Failure, JsonBody, Reply};
 
+use ferry_api::master_target::{Failover, FailoverRequest};
+
+use crate::failover::FailoverError;
 use crate::history::{GroupCommitted, Point};
 use crate::recovery::{MaterializeRequest, MaterializedAs, PointError};
 use crate::MasterTarget;
@@ -242,6 +245,8 @@ pub(crate) fn router(mt: Arc<MasterTarget>, access: &ferry_status::Access) -> Ro
             MasterTargetEndpoint::Discard => on(m, discard),
             MasterTargetEndpoint::Changes => on(m, changes),
             MasterTargetEndpoint::Fence => on(m, fence),
+            MasterTargetEndpoint::Failover => on(m, failover),
+            MasterTargetEndpoint::CommitFailover => on(m, commit_failover),
         };
         h.with_state(mt.clone())
     })
@@ -359,12 +364,8 @@ async fn changes(
     ok(result.map_err(point_error)?)
 }
 
-async fn fence(
-    State(mt): State<Arc<MasterTarget>>,
-    UrlPath(m): UrlPath<String>,
-    JsonBody(req): JsonBody<ferry_api::master_target::FenceRequest>,
-) -> Reply<crate::replica::Fence> {
-    let reason = req.reason.trim();
+fn check_reason(reason: &str) -> Result<String, Failure> {
+    let reason = reason.trim();
     if reason.is_empty() || reason.chars().count() > 200 || reason.chars().any(char::is_control) {
         return Err(Failure::with_status(
             StatusCode::BAD_REQUEST,
@@ -373,8 +374,78 @@ async fn fence(
             "send {\"reason\": \"failover of vm1\"}",
         ));
     }
+    Ok(reason.to_owned())
+}
+
+fn failover_error(e: FailoverError) -> Failure {
+    match e {
+        FailoverError::Point(p) => point_error(p),
+        FailoverError::State(msg) => {
+            Failure::with_status(StatusCode::CONFLICT, codes::FAILOVER_STATE, msg, codes::FAILOVER_STATE.remedy)
+        }
+        FailoverError::DiskInUse(msg) => {
+            Failure::with_status(StatusCode::CONFLICT, codes::DISK_IN_USE, msg, codes::DISK_IN_USE.remedy)
+        }
+        FailoverError::Storage(msg) => {
+            Failure::with_status(StatusCode::INTERNAL_SERVER_ERROR, codes::STORAGE, msg, codes::STORAGE.remedy)
+        }
+    }
+}
+
+async fn failover(
+    State(mt): State<Arc<MasterTarget>>,
+    UrlPath(m): UrlPath<String>,
+    JsonBody(req): JsonBody<FailoverRequest>,
+) -> Reply<Failover> {
+    let reason = check_reason(&req.reason)?;
+    if req.recovery_writes.len() > 1_000_000 {
+        return Err(Failure::with_status(
+            StatusCode::BAD_REQUEST,
+            codes::BAD_REQUEST,
+            format!("{} recovery writes: at most 1000000 extents", req.recovery_writes.len()),
+            "merge adjacent extents (the agent's change set is already merged)",
+        ));
+    }
     let Some(r) = mt.replica(&m) else { return Err(no_machine(&m)) };
-    let reason = reason.to_owned();
+    let result = tokio::task::spawn_blocking(move || {
+        let head = r.fence_for_failover(&reason)?;
+        let point = if !r.history_on() && req.point == "latest" {
+            // No history: `latest` is what the disks hold.
+            Point {
+                id: format!("{m}@{head}"),
+                machine: m.clone(),
+                seq: head,
+                time_ms: ferry_protocol::now_ms(),
+                kind: PointKind::Crash,
+                scope: PointScope::Single,
+                group: None,
+                group_tag: None,
+                generation: r.base_generation(),
+                origin: PointOrigin::Latest,
+            }
+        } else {
+            mt.resolve_point(&m, &req.point)?
+        };
+        r.failover_to(point, req.recovery_writes)
+    })
+    .await
+    .map_err(joined)?;
+    ok(result.map_err(failover_error)?)
+}
+
+async fn commit_failover(State(mt): State<Arc<MasterTarget>>, UrlPath(m): UrlPath<String>) -> Reply<Failover> {
+    let Some(r) = mt.replica(&m) else { return Err(no_machine(&m)) };
+    let result = tokio::task::spawn_blocking(move || r.commit_failover()).await.map_err(joined)?;
+    ok(result.map_err(failover_error)?)
+}
+
+async fn fence(
+    State(mt): State<Arc<MasterTarget>>,
+    UrlPath(m): UrlPath<String>,
+    JsonBody(req): JsonBody<ferry_api::master_target::FenceRequest>,
+) -> Reply<crate::replica::Fence> {
+    let reason = check_reason(&req.reason)?;
+    let Some(r) = mt.replica(&m) else { return Err(no_machine(&m)) };
     let f = tokio::task::spawn_blocking(move || r.set_fence(&reason)).await.map_err(joined)?;
     ok(f.map_err(|e| {
         Failure::with_status(StatusCode::INTERNAL_SERVER_ERROR, codes::STORAGE, e.to_string(), codes::STORAGE.remedy)

@@ -19,8 +19,9 @@ use ferry_nbd::{Backend, BackendError, Extent};
 #[derive(Clone)]
 pub enum Source {
     Zero,
-    /// `offset` is the file position of the extent's first byte.
-    Journal {
+    /// Bytes in a file — a journal segment, or the frozen base; `offset` is the file position
+    /// of the extent's first byte.
+    File {
         file: Arc<File>,
         offset: u64,
     },
@@ -30,7 +31,7 @@ impl Source {
     fn advanced(&self, by: u64) -> Source {
         match self {
             Source::Zero => Source::Zero,
-            Source::Journal { file, offset } => Source::Journal { file: file.clone(), offset: offset + by },
+            Source::File { file, offset } => Source::File { file: file.clone(), offset: offset + by },
         }
     }
 }
@@ -130,7 +131,7 @@ impl PointDisk {
             let slice = &mut buf[(o - offset) as usize..(o - offset + len) as usize];
             match src {
                 Source::Zero => slice.fill(0),
-                Source::Journal { file, offset } => file.read_exact_at(slice, offset)?,
+                Source::File { file, offset } => file.read_exact_at(slice, offset)?,
             }
         }
         Ok(())
@@ -252,7 +253,7 @@ fn apply_map(map: &ExtentMap, dst: &File) -> std::io::Result<()> {
     for (off, len, src) in map.iter() {
         match src {
             Source::Zero => zero_range(dst, off, len)?,
-            Source::Journal { file, offset } => {
+            Source::File { file, offset } => {
                 let mut done = 0;
                 while done < len {
                     let n = (len - done).min(8 << 20) as usize;
@@ -319,7 +320,7 @@ pub fn write_qcow2_overlay(disk: &PointDisk, out: &Path, scratch: &Path) -> Resu
         for (off, len, src) in disk.map.iter() {
             match src {
                 Source::Zero => client.write_zeroes(off, len).map_err(|e| e.to_string())?,
-                Source::Journal { file, offset } => {
+                Source::File { file, offset } => {
                     let mut done = 0;
                     while done < len {
                         let n = (len - done).min(8 << 20) as usize;
@@ -382,7 +383,7 @@ mod tests {
                 }
             } else {
                 let off = (rng >> 24) % 1000;
-                m.insert(start, len, Source::Journal { file: j.clone(), offset: off });
+                m.insert(start, len, Source::File { file: j.clone(), offset: off });
                 for i in start..start + len {
                     model[i as usize] = (off + (i - start)) as i64 + 1;
                 }
@@ -393,7 +394,7 @@ mod tests {
             for i in o..o + l {
                 seen[i as usize] = match &src {
                     Source::Zero => -1,
-                    Source::Journal { offset, .. } => (offset + (i - o)) as i64 + 1,
+                    Source::File { offset, .. } => (offset + (i - o)) as i64 + 1,
                 };
             }
         }
@@ -401,7 +402,7 @@ mod tests {
         // Clipped queries agree too.
         for (o, l, src) in m.overlapping(37, 91) {
             assert!(o >= 37 && o + l <= 91);
-            if let Source::Journal { offset, .. } = src {
+            if let Source::File { offset, .. } = src {
                 assert_eq!(model[o as usize], offset as i64 + 1);
             }
         }

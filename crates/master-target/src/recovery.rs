@@ -244,6 +244,8 @@ impl Replica {
         let old_epoch = slot.state.as_ref().map(|s| s.epoch);
         slot.files = files;
         slot.state = Some(state);
+        // The applier stopped at `seq`: the index restarts there.
+        self.lock_index().reset(seq);
         if let Err(e) = self.lock_history().prune_before(seq) {
             tracing::warn!(machine = %self.name, error = %e, "cannot prune the history index");
         }
@@ -258,6 +260,39 @@ impl Replica {
             format!("recovery points start at seq {seq}: base taken from the replica ({copied} bytes copied)"),
         );
         Ok(())
+    }
+
+    /// At start: index the records applied between the base and the checkpoint (the applier
+    /// indexes what follows), once, in the background; until it is done a failover reads the
+    /// journal itself.
+    pub(crate) fn index_applied_history(self: &Arc<Self>) {
+        let from = match &self.lock_base().state {
+            Some(s) if self.history_on() => s.seq,
+            _ => return,
+        };
+        let to = self.lock_index().from_seq();
+        if from >= to {
+            return;
+        }
+        let r = self.clone();
+        let spawned = std::thread::Builder::new().name(format!("index-{}", self.name)).spawn(move || {
+            let started = std::time::Instant::now();
+            match r.scan_index(from, to) {
+                Ok(older) => {
+                    let entries = older.entries();
+                    let base = r.lock_base().state.as_ref().map_or(from, |s| s.seq);
+                    let mut idx = r.lock_index();
+                    if idx.join_older(older) {
+                        idx.forget_through(base);
+                        tracing::info!(machine = %r.name, from, to, entries, elapsed_ms = started.elapsed().as_millis() as u64, "journal indexed");
+                    }
+                }
+                Err(e) => r.push_event("index-error", format!("cannot index the journal ({e}): a failover reads the journal instead")),
+            }
+        });
+        if let Err(e) = spawned {
+            self.push_event("index-error", format!("cannot start the indexing thread: {e}"));
+        }
     }
 
     /// One more than the highest `base-N` folder present (never reuses a folder a pin may name).
@@ -362,6 +397,7 @@ impl Replica {
         state.advancing_to = None;
         self.write_base_state(&state)?;
         slot.state = Some(state);
+        self.lock_index().forget_through(to);
         self.lock_history().prune_before(to).map_err(|e| e.to_string())?;
         self.update_release_limit(slot);
         let applied = self.lock_apply().persisted.applied_seq;
@@ -600,7 +636,7 @@ impl Replica {
                                 f
                             }
                         };
-                        let src = Source::Journal { file, offset: loc.data_offset(data.len() as u64) };
+                        let src = Source::File { file, offset: loc.data_offset(data.len() as u64) };
                         maps[*disk as usize].insert(*offset, data.len() as u64, src);
                     }
                     RecordBody::Zero { disk, offset, len } => maps[*disk as usize].insert(*offset, *len, Source::Zero),

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::base::BaseSlot;
 use crate::history::{History, Marker};
+use crate::journal_index::JournalIndex;
 use crate::{MasterTargetConfig, MasterTargetError};
 use ferry_api::master_target::Materialization;
 
@@ -114,6 +115,12 @@ pub struct Replica {
     /// Closed to its source (`fence.json`; see [`Fence`]). Set under the journal lock, so no
     /// batch lands after the head it names.
     fence: Mutex<Option<Fence>>,
+    /// Where each write after the base lies in the journal (see [`JournalIndex`]).
+    pub(crate) index: Mutex<JournalIndex>,
+    /// `failover.json`: the target disks put at a recovery point (see `failover.rs`).
+    pub(crate) failover: Mutex<Option<ferry_api::master_target::Failover>>,
+    /// Serializes failover, change of point and commit.
+    pub(crate) failover_op: Mutex<()>,
 }
 
 pub use ferry_api::master_target::Fence;
@@ -269,6 +276,17 @@ impl Replica {
             Err(e) => return Err(io(&fence_path)(e)),
         };
         let handed_over = fence.as_ref().is_some_and(|f| f.handed_over);
+        let failover_path = dir.join("failover.json");
+        let failover: Option<ferry_api::master_target::Failover> = match std::fs::read(&failover_path) {
+            Ok(d) => Some(serde_json::from_slice(&d).map_err(|e| {
+                MasterTargetError::Refused(format!(
+                    "{} is corrupt ({e}): the machine was failed over; restore the file before starting",
+                    failover_path.display()
+                ))
+            })?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io(&failover_path)(e)),
+        };
         // Written once the target disks exist: from then on a missing target is an error.
         let created_marker = dir.join("targets.created");
         let mut targets = Vec::new();
@@ -411,10 +429,15 @@ impl Replica {
             stopped: AtomicBool::new(false),
             bulk_epoch: Mutex::new(0),
             fence: Mutex::new(fence),
+            index: Mutex::new(JournalIndex::new(machine.disks.len(), ckpt.applied_seq)),
+            failover: Mutex::new(failover),
+            failover_op: Mutex::new(()),
             checkpoint_interval: Duration::from_secs_f64(config.checkpoint_interval_secs.max(0.01)),
         });
         r.open_base()?;
         r.reload_mats()?;
+        r.index_applied_history();
+        r.resume_failover();
         // A handed-over replica's target disks belong to the failed-over machine: no applier.
         if !handed_over {
             let r2 = r.clone();
@@ -512,6 +535,10 @@ impl Replica {
         self.stopped.store(true, Ordering::SeqCst);
         self.wake.notify_all();
         self.prune_wake.notify_all();
+    }
+
+    pub(crate) fn lock_index(&self) -> MutexGuard<'_, JournalIndex> {
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub(crate) fn lock_journal(&self) -> MutexGuard<'_, SegmentLog> {
@@ -735,10 +762,12 @@ impl Replica {
             *dirty = false;
             *last_ckpt = Instant::now();
         }
-        let batch = self.lock_journal().read(cursor, 16 << 20).map_err(|e| format!("cannot read journal: {e}"))?;
+        let batch =
+            self.lock_journal().read_located(cursor, 16 << 20).map_err(|e| format!("cannot read journal: {e}"))?;
         let mut held = false;
         let mut base_next = false;
-        for rec in &batch {
+        let history_on = self.history_on();
+        for (rec, loc) in &batch {
             if !self.apply_record(rec)? {
                 // Hold at this ResyncBegin: re-read from here once its ResyncEnd is durable.
                 *cursor = Cursor::after(rec.seq.get() - 1);
@@ -746,6 +775,15 @@ impl Replica {
                 break;
             }
             *dirty = true;
+            {
+                // Without history nothing is kept to index; a base taken later starts it again.
+                let mut idx = self.lock_index();
+                if history_on {
+                    idx.add(rec, loc);
+                } else {
+                    idx.reset(rec.seq.get());
+                }
+            }
             if self.lock_apply().ckpt.base_due {
                 // An initial sync just ended: nothing more is applied until the base is taken.
                 *cursor = Cursor::after(rec.seq.get());
@@ -926,6 +964,7 @@ impl Replica {
             journaled_seq: journaled,
             applied_seq: applied,
             fence: self.fence_state(),
+            failover: self.failover_state(),
             consistent: st.ckpt.consistent,
             mode: mode.to_owned(),
             journal_bytes,

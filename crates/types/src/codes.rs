@@ -125,6 +125,9 @@ registry! {
     FENCED = 9018, 409, "fenced",
         "the replica is fenced (its machine failed over): the master target takes nothing more from its old source; nothing was written",
         "nothing to do on the old primary: stop its agent; to replicate again, reprotect the machine (it replicates back from the recovery site)";
+    FAILOVER_STATE = 9019, 409, "failover-state",
+        "the machine's failover state does not allow this: it is not failed over, its failover is already committed (the point cannot change any more), or it is still being handed over",
+        "see the replica's `failover` in `ferry master-target status`; a committed failover is undone only by reprotect and failback";
 
     // Ferry's own: the control plane.
     UNAUTHENTICATED = 9020, 401, "unauthenticated",
@@ -163,6 +166,9 @@ registry! {
     INTERNAL = 9031, 500, "internal",
         "a component failed inside (a worker thread ended unexpectedly)",
         "see the component's log and report it; retry the request";
+    DISK_IN_USE = 9032, 409, "disk-in-use",
+        "a target disk is locked by another writer (the machine runs at the recovery site, or another process holds it): nothing was changed",
+        "shut the machine at the recovery site down (its agent releases the disks), then retry";
 }
 
 /// The registry entry for `code`.

@@ -69,3 +69,141 @@ fn a_fenced_replica_takes_nothing_from_its_old_primary() {
     let (code, again) = c.mt_api("POST", "/machines/vm1/fence", Some(json!({ "reason": "another" })));
     assert_eq!((code, again["at_seq"].as_u64(), again["reason"].as_str()), (200, Some(at_seq), Some("failover drill")));
 }
+
+fn lab_verify(log: &std::path::Path, disk: &std::path::Path, exact: Option<u64>) -> (bool, Value) {
+    let mut cmd = Command::new(FERRY);
+    cmd.args(["--output", "json", "lab", "verify", "--seed", "11", "--record-log"]).arg(log).arg("--disk").arg(disk);
+    if let Some(e) = exact {
+        cmd.args(["--exact-seq", &e.to_string()]);
+    }
+    let out = cmd.output().unwrap();
+    (out.status.success(), serde_json::from_slice(&out.stdout).unwrap_or(Value::Null))
+}
+
+/// Unplanned failover to a chosen point: the failed-over disk (the same file, so the same disk
+/// identity) is byte-identical to the point materialized independently, holds exactly the
+/// workload's records up to it and none after, and the report names the discarded writes; the
+/// point changes (recovery-site writes put back too), then commit freezes it. Clear errors
+/// with codes: a disk another writer holds, commit twice, failover after commit, unknown machine.
+#[test]
+fn unplanned_failover_puts_the_disk_exactly_at_the_point_and_commit_freezes_it() {
+    let mut c = Cluster::new(Opts {
+        disks: vec![("disk0", 16 << 20)],
+        agent_extra: "crash_point_interval_secs = 0.3\n".into(),
+        ..Default::default()
+    });
+    c.start_all();
+    c.wait_caught_up(Duration::from_secs(30));
+    let log = c.path().join("workload.log");
+    let out = Command::new(FERRY)
+        .args(["lab", "workload", "--disk", &c.nbd_spec("agent", "disk0"), "--record-log"])
+        .arg(&log)
+        .args(["--records", "300", "--rate", "100", "--seed", "11"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    c.wait_caught_up(Duration::from_secs(60));
+    let head = c.status("master-target")["machines"][0]["journaled_seq"].as_u64().unwrap();
+    let (_, pts) = c.mt_api("GET", "/machines/vm1/points", None);
+    let crash: Vec<Value> =
+        pts["points"].as_array().unwrap().iter().filter(|p| p["origin"] == "tag").cloned().collect();
+    assert!(crash.len() >= 4, "crash points during the workload: {pts:#}");
+    let (early, mid) = (crash[1].clone(), crash[crash.len() / 2].clone());
+    // Each point materialized the slow, independent way (a replay from the base), and what
+    // the workload log says it holds.
+    let image_of = |p: &Value| {
+        let (code, m) = c.mt_api(
+            "POST",
+            "/machines/vm1/materializations",
+            Some(json!({ "point": p["id"], "kind": "image", "format": "raw" })),
+        );
+        assert_eq!(code, 201, "{m}");
+        let file = std::path::PathBuf::from(m["files"][0].as_str().unwrap());
+        let (ok, v) = lab_verify(&log, &file, None);
+        assert!(ok, "{v}");
+        (file, v["prefix_seq"].as_u64().unwrap())
+    };
+    let (mid_image, mid_records) = image_of(&mid);
+    let (early_image, early_records) = image_of(&early);
+    assert!(early_records < mid_records && mid_records < 300, "{early_records} {mid_records}");
+
+    // Another writer holds the disk (once the fence handed it over): refused with 9032,
+    // nothing changed.
+    let (code, fence) = c.mt_api("POST", "/machines/vm1/fence", Some(json!({ "reason": "site lost" })));
+    assert_eq!(code, 200, "{fence}");
+    wait_until("handed over", || {
+        let r = c.status("master-target")["machines"][0].clone();
+        (r["fence"]["handed_over"] == true).then_some(r)
+    });
+    let holder = ferry_sys::fs::WriterLock::open(&c.target("disk0"), "the recovery machine's agent").unwrap();
+    let (code, v) =
+        c.mt_api("POST", "/machines/vm1/failover", Some(json!({ "point": mid["id"], "reason": "site lost" })));
+    assert_eq!((code, v["code"].as_u64()), (409, Some(9032)), "{v}");
+    drop(holder);
+    let (ok, _) = lab_verify(&log, &c.target("disk0"), Some(300));
+    assert!(ok, "the refused failover left the disk at the head");
+
+    // Through the CLI, as an operator does it.
+    let out = Command::new(FERRY)
+        .args(["--output", "json", "master-target", "failover", "--machine", "vm1", "--point"])
+        .arg(mid["id"].as_str().unwrap())
+        .args(["--reason", "primary site lost", "--config"])
+        .arg(c.path().join("master-target.toml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let f: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(f["phase"], "at-point", "{f:#}");
+    let mid_seq = mid["seq"].as_u64().unwrap();
+    let d = &f["discarded"];
+    assert_eq!((d["first_seq"].as_u64(), d["last_seq"].as_u64()), (Some(mid_seq + 1), Some(head)), "{f:#}");
+    assert!(d["bytes"].as_u64().unwrap() > 0 && d["records"].as_u64().unwrap() >= 300 - mid_records, "{f:#}");
+    assert!(d["first_time_ms"].as_u64() >= mid["time_ms"].as_u64(), "{f:#}");
+    assert!(d["note"].as_str().unwrap().contains("known only at reprotect"), "{f:#}");
+    assert!(image_difference(&c.target("disk0"), "raw", mid_image.to_str().unwrap(), "raw").is_none());
+    let (ok, v) = lab_verify(&log, &c.target("disk0"), Some(mid_records));
+    assert!(ok, "exactly the records up to the point: {v}");
+    assert!(!lab_verify(&log, &c.target("disk0"), Some(mid_records + 1)).0, "no record after the point");
+    let status = c.status("master-target")["machines"][0].clone();
+    assert_eq!(status["failover"]["point"]["id"], mid["id"], "{status:#}");
+
+    // The machine writes at the recovery site; the operator then picks an earlier point.
+    let w =
+        Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 9 1M 64k"]).arg(c.target("disk0")).output().unwrap();
+    assert!(w.status.success());
+    let body = json!({
+        "point": early["id"], "reason": "change point",
+        "recovery_writes": [{ "disk": "disk0", "offset": 1 << 20, "length": 65536 }],
+    });
+    let (code, f) = c.mt_api("POST", "/machines/vm1/failover", Some(body));
+    assert_eq!(code, 200, "{f}");
+    assert_eq!(f["earlier_points"][0]["id"], mid["id"]);
+    assert!(image_difference(&c.target("disk0"), "raw", early_image.to_str().unwrap(), "raw").is_none());
+    let (ok, v) = lab_verify(&log, &c.target("disk0"), Some(early_records));
+    assert!(ok, "{v}");
+    // Bad bodies: a point that does not exist, an extent outside the disk.
+    let (code, v) = c.mt_api("POST", "/machines/vm1/failover", Some(json!({ "point": "vm1@999999", "reason": "x" })));
+    assert_eq!((code, v["code"].as_u64()), (404, Some(9007)), "{v}");
+    let body = json!({ "point": early["id"], "reason": "x", "recovery_writes": [{ "disk": "disk0", "offset": 16 << 20, "length": 1 }] });
+    let (code, v) = c.mt_api("POST", "/machines/vm1/failover", Some(body));
+    assert_eq!((code, v["code"].as_u64()), (400, Some(9009)), "{v}");
+
+    // Commit; then the point cannot change, and a restart keeps all of it.
+    let (code, f) = c.mt_api("POST", "/machines/vm1/failover/commit", None);
+    assert_eq!((code, f["phase"].as_str()), (200, Some("committed")), "{f}");
+    let (code, v) = c.mt_api("POST", "/machines/vm1/failover/commit", None);
+    assert_eq!((code, v["code"].as_u64()), (409, Some(9019)), "{v}");
+    let (code, v) = c.mt_api("POST", "/machines/vm1/failover", Some(json!({ "point": mid["id"], "reason": "x" })));
+    assert_eq!((code, v["code"].as_u64()), (409, Some(9019)), "{v}");
+    let (code, v) = c.mt_api("POST", "/machines/vm9/failover", Some(json!({ "point": "latest", "reason": "x" })));
+    assert_eq!(code, 404, "{v}");
+    let before = std::fs::read(c.target("disk0")).unwrap();
+    c.kill9("master-target");
+    c.start("master-target");
+    let status = c.status("master-target")["machines"][0].clone();
+    assert_eq!(
+        (status["failover"]["phase"].as_str(), &status["failover"]["point"]["id"]),
+        (Some("committed"), &early["id"])
+    );
+    assert!(std::fs::read(c.target("disk0")).unwrap() == before, "the restart did not touch the failed-over disk");
+}

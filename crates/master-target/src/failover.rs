@@ -1,0 +1,548 @@
+//! Failover of a replica's machine: after the fence has handed the target disks over (they hold
+//! the journal's head A), put them at the chosen recovery point P, keeping the files (and so the
+//! disk identities) — in time proportional to the writes after P, found through the
+//! [`JournalIndex`]: only the extents written in (P, A] (and those the machine wrote at the
+//! recovery site, when the point changes later) are rewritten, each with its content at P (the
+//! newest journal record at or before P, or the base).
+//!
+//! `failover.json` beside the journal is written before the disks are touched (phase
+//! `restoring`) and again once they hold P durably (`at-point`); a master target restarted
+//! mid-restore finishes it before anything else uses the disks. The journal after P stays (a
+//! fenced replica is never pruned), so the reprotect can send back exactly what differs.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ferry_api::master_target::{DiscardedWrites, DiskExtent, Failover, FailoverPhase};
+use ferry_journal::Cursor;
+use ferry_protocol::now_ms;
+
+use crate::history::Point;
+use crate::journal_index::{JournalIndex, Piece};
+use crate::point_image::zero_range;
+use crate::recovery::PointError;
+use crate::replica::Replica;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FailoverError {
+    /// The failover's state does not allow this (9019).
+    #[error("{0}")]
+    State(String),
+    /// Another writer holds a target disk (9032).
+    #[error("{0}")]
+    DiskInUse(String),
+    #[error(transparent)]
+    Point(#[from] PointError),
+    #[error("{0}")]
+    Storage(String),
+}
+
+/// How long a failover request waits for the applier to reach the fence.
+const HAND_OVER_WAIT: Duration = Duration::from_secs(30);
+
+impl Replica {
+    pub fn failover_state(&self) -> Option<Failover> {
+        self.failover.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn write_failover(&self, f: &Failover) -> Result<(), FailoverError> {
+        let path = self.dir.join("failover.json");
+        let data = serde_json::to_vec_pretty(f).map_err(|e| FailoverError::Storage(e.to_string()))?;
+        ferry_sys::fs::write_atomic(&path, &data)
+            .map_err(|e| FailoverError::Storage(format!("cannot write {}: {e}", path.display())))?;
+        *self.failover.lock().unwrap_or_else(|p| p.into_inner()) = Some(f.clone());
+        Ok(())
+    }
+
+    /// Refuse a failover that is committed; fence the replica and wait (bounded) until the
+    /// applier handed the disks over. Returns the seq they hold.
+    pub(crate) fn fence_for_failover(&self, reason: &str) -> Result<u64, FailoverError> {
+        if let Some(f) = self.failover_state().filter(|f| f.phase == FailoverPhase::Committed) {
+            return Err(FailoverError::State(format!(
+                "the failover of {} to {} is committed: its recovery point cannot change",
+                self.name, f.point.id
+            )));
+        }
+        self.set_fence(reason).map_err(|e| FailoverError::Storage(e.to_string()))?;
+        let deadline = Instant::now() + HAND_OVER_WAIT;
+        loop {
+            let f = self.fence_state().ok_or_else(|| FailoverError::State("the fence vanished".into()))?;
+            if f.handed_over {
+                return Ok(f.applied_seq);
+            }
+            if Instant::now() >= deadline {
+                let applied = self.positions().1;
+                return Err(FailoverError::State(format!(
+                    "{} is fenced at seq {} but its journal is applied only to seq {applied}: the disks are not handed over yet; retry the failover (nothing was changed)",
+                    self.name, f.at_seq
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Put the handed-over disks at `point` (or at another point, before commit). `extra` are
+    /// extents the machine wrote at the recovery site (disk index, offset, length).
+    pub(crate) fn failover_to(
+        &self,
+        point: Point,
+        recovery_writes: Vec<DiskExtent>,
+    ) -> Result<Failover, FailoverError> {
+        let _op = self.failover_op.lock().unwrap_or_else(|p| p.into_inner());
+        let fence = self.fence_state().filter(|f| f.handed_over).ok_or_else(|| {
+            FailoverError::State(format!("{} is not fenced and handed over: fail it over first", self.name))
+        })?;
+        let head = fence.applied_seq;
+        let prev = self.failover_state();
+        if let Some(f) = prev.as_ref().filter(|f| f.phase == FailoverPhase::Committed) {
+            return Err(FailoverError::State(format!(
+                "the failover of {} to {} is committed: its recovery point cannot change",
+                self.name, f.point.id
+            )));
+        }
+        if point.seq > head {
+            return Err(PointError::Invalid(format!(
+                "point {} lies after seq {head}, the last consistent state the disks were handed over at (a resync the fence cut off): choose `latest-processed` or an earlier point",
+                point.id
+            ))
+            .into());
+        }
+        for w in &recovery_writes {
+            let d = self.disks.iter().find(|d| d.name == w.disk).ok_or_else(|| {
+                PointError::Invalid(format!("recovery write on disk {:?}, which {} does not have", w.disk, self.name))
+            })?;
+            if w.offset.checked_add(w.length).is_none_or(|end| end > d.size) {
+                return Err(PointError::Invalid(format!(
+                    "recovery write {}+{} lies outside disk {} ({} bytes)",
+                    w.offset, w.length, d.name, d.size
+                ))
+                .into());
+            }
+        }
+        let mut writes = prev.as_ref().map(|f| f.recovery_writes.clone()).unwrap_or_default();
+        writes.extend(recovery_writes);
+        let restore_after = prev.as_ref().map_or(head, |f| f.restored_after_seq).min(point.seq);
+        let slot = self.lock_base();
+        let base_seq = match &slot.state {
+            Some(s) if self.history_on() => {
+                if s.advancing_to.is_some() {
+                    return Err(PointError::Conflict(format!(
+                        "a pruning step of {} failed part-way; see the events and retry",
+                        self.name
+                    ))
+                    .into());
+                }
+                if point.seq < s.seq {
+                    return Err(PointError::NotFound(format!(
+                        "point {} was pruned (history now starts at seq {})",
+                        point.id, s.seq
+                    ))
+                    .into());
+                }
+                s.seq
+            }
+            // No history: the disks can be only where they are.
+            _ if point.seq == head && writes.is_empty() => head,
+            _ => {
+                return Err(PointError::NotFound(format!(
+                    "{} keeps no history (retention window 0): it can fail over only to `latest`, the seq {head} its disks hold, before its machine wrote at the recovery site",
+                    self.name
+                ))
+                .into())
+            }
+        };
+        // Nobody else may write the disks meanwhile (the machine at the recovery site holds
+        // them while it runs).
+        let mut locked = Vec::new();
+        for (p, f) in &self.targets {
+            if let Err(e) =
+                ferry_sys::fs::lock_one_writer(f, p, &format!("the master target failing {} over", self.name))
+            {
+                for g in locked {
+                    let _ = ferry_sys::fs::unlock_one_writer(g);
+                }
+                return Err(FailoverError::DiskInUse(format!(
+                    "{e}; the failover of {} to {} needs the disks",
+                    self.name, point.id
+                )));
+            }
+            locked.push(f);
+        }
+        let result = self.restore(&slot, base_seq, head, restore_after, point, writes, prev);
+        drop(slot);
+        for f in locked {
+            let _ = ferry_sys::fs::unlock_one_writer(f);
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn restore(
+        &self,
+        slot: &crate::base::BaseSlot,
+        base_seq: u64,
+        head: u64,
+        restore_after: u64,
+        point: Point,
+        writes: Vec<DiskExtent>,
+        prev: Option<Failover>,
+    ) -> Result<Failover, FailoverError> {
+        let mut earlier = prev.as_ref().map(|f| f.earlier_points.clone()).unwrap_or_default();
+        if let Some(p) = prev.as_ref().filter(|f| f.phase != FailoverPhase::Restoring && f.point.seq != point.seq) {
+            earlier.push(p.point.clone());
+        }
+        let mut state = Failover {
+            phase: FailoverPhase::Restoring,
+            point: point.clone(),
+            handed_over_seq: head,
+            discarded: prev.as_ref().map(|f| f.discarded.clone()).unwrap_or_default(),
+            restored_bytes: 0,
+            restored_after_seq: restore_after,
+            started_ms: prev.as_ref().map_or(now_ms(), |f| f.started_ms),
+            at_point_ms: None,
+            committed_ms: None,
+            earlier_points: earlier,
+            recovery_writes: writes,
+        };
+        // Durable before the disks change: a restart finishes the restore.
+        self.write_failover(&state)?;
+        ferry_sys::fail::fail_point("master-target.failover.restoring");
+        let index = self.index_for(base_seq, head)?;
+        let mut restored = 0;
+        let mut buf = Vec::new();
+        for (d, (path, target)) in self.targets.iter().enumerate() {
+            let name = &self.disks[d].name;
+            let mut ranges = index.written_after(d, restore_after);
+            ranges.extend(state.recovery_writes.iter().filter(|w| &w.disk == name).map(|w| (w.offset, w.length)));
+            let ranges = merge(ranges);
+            for (off, len, piece) in index.content_at(d, base_seq, point.seq, &ranges) {
+                let io =
+                    |e: std::io::Error| FailoverError::Storage(format!("restoring {} failed: {e}", path.display()));
+                match piece {
+                    Piece::Zero => zero_range(target, off, len).map_err(io)?,
+                    Piece::Base => {
+                        let (_, base) = slot
+                            .files
+                            .get(d)
+                            .ok_or_else(|| FailoverError::Storage(format!("the base of disk {name} is not open")))?;
+                        copy_at(base, off, target, off, len, &mut buf).map_err(io)?;
+                    }
+                    Piece::Journal { seg_first, offset } => {
+                        let (_, seg) = self.lock_journal().segment_file(seg_first).ok_or_else(|| {
+                            FailoverError::Storage(format!(
+                                "journal segment {seg_first} is gone; the point cannot be restored"
+                            ))
+                        })?;
+                        copy_at(&seg, offset, target, off, len, &mut buf).map_err(io)?;
+                    }
+                }
+                restored += len;
+            }
+            target
+                .sync_data()
+                .map_err(|e| FailoverError::Storage(format!("fsync of {} failed: {e}", path.display())))?;
+        }
+        ferry_sys::fail::fail_point("master-target.failover.restored");
+        state.discarded = self.discarded_after(&index, point.seq, head);
+        state.restored_bytes = restored;
+        state.phase = FailoverPhase::AtPoint;
+        state.at_point_ms = Some(now_ms());
+        self.write_failover(&state)?;
+        tracing::warn!(
+            machine = %self.name, point = %point.id, restored_bytes = restored,
+            discarded_bytes = state.discarded.bytes, "failed-over disks are at the recovery point"
+        );
+        self.push_event(
+            "failover",
+            format!(
+                "the target disks are at point {} ({} bytes put back); {}",
+                point.id, restored, state.discarded.note
+            ),
+        );
+        Ok(state)
+    }
+
+    /// The index covering (base, head]: the live one when it does, else one read from the
+    /// journal now (after a restart, until the background indexing has caught up).
+    fn index_for(&self, base_seq: u64, head: u64) -> Result<JournalIndex, FailoverError> {
+        {
+            let idx = self.lock_index();
+            if idx.covers(base_seq, head) {
+                return Ok(idx.clone());
+            }
+        }
+        self.scan_index(base_seq, head).map_err(FailoverError::Storage)
+    }
+
+    /// Index the journal's records in (from, to] (one read of them).
+    pub(crate) fn scan_index(&self, from: u64, to: u64) -> Result<JournalIndex, String> {
+        let mut idx = JournalIndex::new(self.disks.len(), from);
+        let mut cursor = Cursor::after(from);
+        'outer: loop {
+            let batch = self
+                .lock_journal()
+                .read_located(&mut cursor, 16 << 20)
+                .map_err(|e| format!("cannot read the journal: {e}"))?;
+            if batch.is_empty() {
+                break;
+            }
+            for (r, loc) in batch {
+                if r.seq.get() > to {
+                    break 'outer;
+                }
+                idx.add(&r, &loc);
+            }
+        }
+        if idx.through_seq() < to {
+            return Err(format!("the journal ends at seq {} before seq {to}", idx.through_seq()));
+        }
+        Ok(idx)
+    }
+
+    fn discarded_after(&self, index: &JournalIndex, seq: u64, head: u64) -> DiscardedWrites {
+        let bytes: u64 = (0..self.disks.len()).flat_map(|d| index.written_after(d, seq)).map(|(_, len)| len).sum();
+        if head <= seq {
+            return DiscardedWrites {
+                note: "no write after the point: nothing the recovery site holds was discarded; writes the primary acknowledged but never shipped are known only at reprotect".into(),
+                ..Default::default()
+            };
+        }
+        let time_of = |after: u64| {
+            self.lock_journal().read(&mut Cursor::after(after), 1).ok().and_then(|b| b.first().map(|r| r.time_ms))
+        };
+        let records = index.records_after(seq);
+        let (first, last) = (time_of(seq), time_of(head - 1));
+        DiscardedWrites {
+            bytes,
+            records,
+            first_seq: Some(seq + 1),
+            last_seq: Some(head),
+            first_time_ms: first,
+            last_time_ms: last,
+            note: format!(
+                "{records} write records after the point (seqs {}..={head}, {bytes} bytes of extents) that the recovery site holds were discarded from the failed-over disks; the journal keeps them for the reprotect; writes the primary acknowledged but never shipped are known only at reprotect",
+                seq + 1
+            ),
+        }
+    }
+
+    /// Commit: the point cannot change any more.
+    pub(crate) fn commit_failover(&self) -> Result<Failover, FailoverError> {
+        let _op = self.failover_op.lock().unwrap_or_else(|p| p.into_inner());
+        let mut f = self
+            .failover_state()
+            .ok_or_else(|| FailoverError::State(format!("{} is not failed over: nothing to commit", self.name)))?;
+        match f.phase {
+            FailoverPhase::Committed => {
+                return Err(FailoverError::State(format!(
+                    "the failover of {} to {} is already committed",
+                    self.name, f.point.id
+                )))
+            }
+            FailoverPhase::Restoring => {
+                return Err(FailoverError::State(format!(
+                    "the disks of {} are still being put at {}: commit once they are",
+                    self.name, f.point.id
+                )))
+            }
+            FailoverPhase::AtPoint => {}
+        }
+        f.phase = FailoverPhase::Committed;
+        f.committed_ms = Some(now_ms());
+        self.write_failover(&f)?;
+        self.push_event("failover-committed", format!("failover to {} committed", f.point.id));
+        Ok(f)
+    }
+
+    /// At start: a restore that a crash interrupted is finished before the disks are used.
+    pub(crate) fn resume_failover(self: &Arc<Self>) {
+        let Some(f) = self.failover_state().filter(|f| f.phase == FailoverPhase::Restoring) else { return };
+        let r = self.clone();
+        let spawned = std::thread::Builder::new().name(format!("failover-{}", self.name)).spawn(move || {
+            // Until then the disks are locked by nobody: the phase says they are not ready.
+            while !r.stopped.load(Ordering::SeqCst) {
+                match r.failover_to(f.point.clone(), Vec::new()) {
+                    Ok(_) => return,
+                    Err(e) => {
+                        r.push_event(
+                            "failover-error",
+                            format!("finishing the restore to {} failed: {e}; retrying", f.point.id),
+                        );
+                        std::thread::sleep(Duration::from_secs(2));
+                    }
+                }
+            }
+        });
+        if let Err(e) = spawned {
+            self.push_event("failover-error", format!("cannot start the restore thread: {e}"));
+        }
+    }
+}
+
+fn merge(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.retain(|r| r.1 > 0);
+    ranges.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (s, l) in ranges {
+        match out.last_mut() {
+            Some((ls, ll)) if s <= *ls + *ll => *ll = (*ll).max(s + l - *ls),
+            _ => out.push((s, l)),
+        }
+    }
+    out
+}
+
+fn copy_at(src: &File, src_off: u64, dst: &File, dst_off: u64, len: u64, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < len {
+        let n = (len - done).min(8 << 20) as usize;
+        buf.resize(n, 0);
+        src.read_exact_at(&mut buf[..n], src_off + done)?;
+        dst.write_all_at(&buf[..n], dst_off + done)?;
+        done += n as u64;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MasterTargetConfig;
+    use ferry_nbd::Exports;
+    use ferry_protocol::{
+        DiskDescriptor, Generation, MachineDescriptor, MachineName, Record, RecordBody, ResyncReason, Seq, TagKind,
+    };
+    use tokio_util::sync::CancellationToken;
+
+    const SIZE: u64 = 1 << 20;
+
+    fn replica(dir: &std::path::Path) -> (Arc<Replica>, CancellationToken) {
+        let config: MasterTargetConfig = serde_json::from_value(serde_json::json!({
+            "datastore": dir.join("ds"),
+            "retention": dir.join("ret"),
+            "listen": "127.0.0.1:0",
+            "tls": { "ca": "ca.pem", "cert": "mt.pem", "key": "mt.key" },
+            "checkpoint_interval_secs": 0.05,
+        }))
+        .unwrap();
+        std::fs::create_dir_all(dir.join("ds")).unwrap();
+        std::fs::create_dir_all(dir.join("ret")).unwrap();
+        let machine = MachineDescriptor {
+            name: "vm1".into(),
+            disks: vec![DiskDescriptor { name: "disk0".into(), size: SIZE, uuid: "u0".into() }],
+        };
+        let shutdown = CancellationToken::new();
+        let r = Replica::create(&config, &MachineName::new("vm1").unwrap(), &machine, Exports::new(), shutdown.clone())
+            .unwrap();
+        (r, shutdown)
+    }
+
+    fn replay(records: &[Record], upto: u64) -> Vec<u8> {
+        let mut d = vec![0u8; SIZE as usize];
+        for r in records.iter().filter(|r| r.seq.get() <= upto) {
+            match &r.body {
+                RecordBody::Write { offset, data, .. } => {
+                    d[*offset as usize..*offset as usize + data.len()].copy_from_slice(data)
+                }
+                RecordBody::Zero { offset, len, .. } => d[*offset as usize..(*offset + *len) as usize].fill(0),
+                _ => {}
+            }
+        }
+        d
+    }
+
+    /// The disks go to the chosen point, then to an earlier and a later one (recovery-site
+    /// writes put back each time), each compared byte for byte with a replay of the journal;
+    /// the report counts exactly the writes after the point; commit freezes the point.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn the_disks_are_exactly_at_each_chosen_point_and_commit_freezes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, _shutdown) = replica(dir.path());
+        let rec = |seq: u64, body| Record { seq: Seq(seq), time_ms: 1_000 + seq, body };
+        let mut records = vec![
+            rec(
+                1,
+                RecordBody::ResyncBegin {
+                    generation: Generation(1),
+                    reason: ResyncReason::InitialSync,
+                    preserve_consistent: false,
+                },
+            ),
+            rec(2, RecordBody::ResyncEnd { generation: Generation(1) }),
+        ];
+        let mut x: u64 = 42;
+        let mut rnd = move |n: u64| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (x >> 33) % n
+        };
+        for seq in 3..=300u64 {
+            let body = match seq {
+                60 | 150 | 220 => RecordBody::Tag { id: format!("t{seq}"), kind: TagKind::CrashConsistent },
+                _ if seq % 11 == 0 => RecordBody::Zero { disk: 0, offset: rnd(SIZE / 512 - 64) * 512, len: 16 << 10 },
+                _ => {
+                    let len = (1 + rnd(64)) * 512;
+                    let offset = rnd((SIZE - len) / 512) * 512;
+                    RecordBody::Write { disk: 0, offset, data: vec![(seq % 251) as u8 + 1; len as usize] }
+                }
+            };
+            records.push(rec(seq, body));
+        }
+        r.journal_records(records.clone()).unwrap();
+        let mut applied = r.applied_watch();
+        tokio::time::timeout(Duration::from_secs(60), applied.wait_for(|s| *s >= 300)).await.unwrap().unwrap();
+        let head = tokio::task::block_in_place(|| r.fence_for_failover("test")).unwrap();
+        assert_eq!(head, 300);
+        // The live index is the one a read of the journal gives (what a restarted master target uses).
+        assert_eq!(r.scan_index(2, 300).unwrap(), *r.lock_index());
+        let points = r.local_points().0;
+        let at = |seq: u64| points.iter().find(|p| p.seq == seq).cloned().unwrap();
+        let target = || std::fs::read(&r.targets[0].0).unwrap();
+
+        let f = r.failover_to(at(150), Vec::new()).unwrap();
+        assert_eq!(f.phase, FailoverPhase::AtPoint);
+        assert!(target() == replay(&records, 150), "the disk is at seq 150");
+        let data_after = records
+            .iter()
+            .filter(|x| x.seq.get() > 150 && matches!(x.body, RecordBody::Write { .. } | RecordBody::Zero { .. }))
+            .count();
+        assert_eq!(f.discarded.records as usize, data_after);
+        assert_eq!((f.discarded.first_seq, f.discarded.last_seq), (Some(151), Some(300)));
+        assert_eq!((f.discarded.first_time_ms, f.discarded.last_time_ms), (Some(1_151), Some(1_300)));
+        assert!(f.restored_bytes > 0 && f.restored_bytes < SIZE, "only what changed after the point is rewritten");
+
+        // The machine writes at the recovery site; then the point changes to an earlier one.
+        let ours = std::fs::OpenOptions::new().write(true).open(&r.targets[0].0).unwrap();
+        ours.write_all_at(&[0xee; 8192], 4096 * 100).unwrap();
+        let wrote = vec![DiskExtent { disk: "disk0".into(), offset: 4096 * 100, length: 8192 }];
+        let f = r.failover_to(at(60), wrote).unwrap();
+        assert!(target() == replay(&records, 60), "the disk is at seq 60, recovery writes undone");
+        assert_eq!(f.earlier_points.iter().map(|p| p.seq).collect::<Vec<_>>(), vec![150]);
+        // And forward again: everything after the lowest point chosen is put back.
+        ours.write_all_at(&[0xdd; 512], 4096 * 100).unwrap();
+        let f = r.failover_to(at(220), Vec::new()).unwrap();
+        assert!(target() == replay(&records, 220), "the disk is at seq 220");
+        assert_eq!(f.restored_after_seq, 60);
+
+        let bad = vec![DiskExtent { disk: "disk9".into(), offset: 0, length: 1 }];
+        assert!(matches!(r.failover_to(at(220), bad), Err(FailoverError::Point(PointError::Invalid(_)))));
+        let outside = vec![DiskExtent { disk: "disk0".into(), offset: SIZE - 1, length: 2 }];
+        assert!(matches!(r.failover_to(at(220), outside), Err(FailoverError::Point(PointError::Invalid(_)))));
+
+        // Another writer holds the disk: refused, nothing changed.
+        let lock = ferry_sys::fs::WriterLock::open(&r.targets[0].0, "the machine's agent").unwrap();
+        assert!(matches!(r.failover_to(at(60), Vec::new()), Err(FailoverError::DiskInUse(_))));
+        assert!(target() == replay(&records, 220));
+        drop(lock);
+
+        let c = r.commit_failover().unwrap();
+        assert_eq!((c.phase, c.point.seq), (FailoverPhase::Committed, 220));
+        assert!(matches!(r.commit_failover(), Err(FailoverError::State(_))));
+        assert!(matches!(r.failover_to(at(150), Vec::new()), Err(FailoverError::State(_))));
+        assert!(matches!(r.fence_for_failover("again"), Err(FailoverError::State(_))));
+        let saved: Failover = serde_json::from_slice(&std::fs::read(r.dir.join("failover.json")).unwrap()).unwrap();
+        assert_eq!(saved, c);
+    }
+}
