@@ -59,7 +59,7 @@ impl Replica {
 
     /// Refuse a failover that is committed; fence the replica and wait (bounded) until the
     /// applier handed the disks over. Returns the seq they hold.
-    pub(crate) fn fence_for_failover(&self, reason: &str) -> Result<u64, FailoverError> {
+    pub fn fence_for_failover(&self, reason: &str) -> Result<u64, FailoverError> {
         if let Some(f) = self.failover_state().filter(|f| f.phase == FailoverPhase::Committed) {
             return Err(FailoverError::State(format!(
                 "the failover of {} to {} is committed: its recovery point cannot change",
@@ -86,11 +86,7 @@ impl Replica {
 
     /// Put the handed-over disks at `point` (or at another point, before commit). `extra` are
     /// extents the machine wrote at the recovery site (disk index, offset, length).
-    pub(crate) fn failover_to(
-        &self,
-        point: Point,
-        recovery_writes: Vec<DiskExtent>,
-    ) -> Result<Failover, FailoverError> {
+    pub fn failover_to(&self, point: Point, recovery_writes: Vec<DiskExtent>) -> Result<Failover, FailoverError> {
         let _op = self.failover_op.lock().unwrap_or_else(|p| p.into_inner());
         let fence = self.fence_state().filter(|f| f.handed_over).ok_or_else(|| {
             FailoverError::State(format!("{} is not fenced and handed over: fail it over first", self.name))
@@ -310,11 +306,8 @@ impl Replica {
                 ..Default::default()
             };
         }
-        let time_of = |after: u64| {
-            self.lock_journal().read(&mut Cursor::after(after), 1).ok().and_then(|b| b.first().map(|r| r.time_ms))
-        };
-        let records = index.records_after(seq);
-        let (first, last) = (time_of(seq), time_of(head - 1));
+        let (records, times) = index.records_after(seq);
+        let (first, last) = (times.map(|t| t.0), times.map(|t| t.1));
         DiscardedWrites {
             bytes,
             records,
@@ -330,7 +323,7 @@ impl Replica {
     }
 
     /// Commit: the point cannot change any more.
-    pub(crate) fn commit_failover(&self) -> Result<Failover, FailoverError> {
+    pub fn commit_failover(&self) -> Result<Failover, FailoverError> {
         let _op = self.failover_op.lock().unwrap_or_else(|p| p.into_inner());
         let mut f = self
             .failover_state()

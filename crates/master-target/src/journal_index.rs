@@ -5,7 +5,7 @@
 //! entry at or before it, or the base), whatever the length of the journal between the base and
 //! the point.
 //!
-//! The index lives in memory: one entry of 40 bytes per write and 4 MiB chunk it touches (a
+//! The index lives in memory: one entry of 48 bytes per write and 4 MiB chunk it touches (a
 //! `Zero` record over a large range gets one per chunk). The applier feeds it as it applies; at
 //! start the records already applied since the base are indexed once in the background (one read
 //! of that part of the journal). Until then, or with history off, [`JournalIndex::covers`] says
@@ -26,6 +26,8 @@ const ZEROES: u64 = u64::MAX;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Entry {
     seq: u64,
+    /// The record's time (the discarded writes' time range comes from here, not the journal).
+    time_ms: u64,
     offset: u64,
     len: u64,
     /// The journal segment holding the data (first seq of the segment).
@@ -101,15 +103,25 @@ impl JournalIndex {
         match &rec.body {
             RecordBody::Write { disk, offset, data } => {
                 let len = data.len() as u64;
-                self.add_extent(*disk, seq, *offset, len, loc.seg_first, loc.data_offset(len));
+                self.add_extent(*disk, (seq, rec.time_ms), *offset, len, loc.seg_first, loc.data_offset(len));
             }
-            RecordBody::Zero { disk, offset, len } => self.add_extent(*disk, seq, *offset, *len, loc.seg_first, ZEROES),
+            RecordBody::Zero { disk, offset, len } => {
+                self.add_extent(*disk, (seq, rec.time_ms), *offset, *len, loc.seg_first, ZEROES)
+            }
             _ => {}
         }
         self.through_seq = seq;
     }
 
-    fn add_extent(&mut self, disk: u16, seq: u64, offset: u64, len: u64, seg_first: u64, data_offset: u64) {
+    fn add_extent(
+        &mut self,
+        disk: u16,
+        (seq, time_ms): (u64, u64),
+        offset: u64,
+        len: u64,
+        seg_first: u64,
+        data_offset: u64,
+    ) {
         // Records were validated against the machine's disks before they were journaled.
         let Some(chunks) = self.disks.get_mut(disk as usize) else { return };
         let end = offset.saturating_add(len);
@@ -120,6 +132,7 @@ impl JournalIndex {
             let data = if data_offset == ZEROES { ZEROES } else { data_offset + (at - offset) };
             chunks.entry(chunk).or_default().push(Entry {
                 seq,
+                time_ms,
                 offset: at,
                 len: piece_end - at,
                 seg_first,
@@ -166,17 +179,19 @@ impl JournalIndex {
         self.through_seq = self.through_seq.max(seq);
     }
 
-    /// How many write and zero records after `after_seq` are indexed.
-    pub fn records_after(&self, after_seq: u64) -> u64 {
-        let mut seqs: Vec<u64> = self
+    /// The write and zero records after `after_seq`: how many, and the times of the first and
+    /// the last.
+    pub fn records_after(&self, after_seq: u64) -> (u64, Option<(u64, u64)>) {
+        let mut seqs: Vec<(u64, u64)> = self
             .disks
             .iter()
             .flat_map(|d| d.values())
-            .flat_map(|v| v[v.partition_point(|e| e.seq <= after_seq)..].iter().map(|e| e.seq))
+            .flat_map(|v| v[v.partition_point(|e| e.seq <= after_seq)..].iter().map(|e| (e.seq, e.time_ms)))
             .collect();
         seqs.sort_unstable();
         seqs.dedup();
-        seqs.len() as u64
+        let times = seqs.first().zip(seqs.last()).map(|(f, l)| (f.1, l.1));
+        (seqs.len() as u64, times)
     }
 
     /// Ranges of `disk` written by records after `after_seq` (sorted, merged).

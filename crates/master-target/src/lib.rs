@@ -12,7 +12,7 @@
 
 mod api;
 mod base;
-mod failover;
+pub mod failover;
 pub mod history;
 pub mod journal_index;
 pub mod point_image;

@@ -425,7 +425,7 @@ impl Replica {
     }
 
     /// All points of this machine (single-machine ones plus group tags it committed).
-    pub(crate) fn local_points(&self) -> (Vec<Point>, Vec<crate::history::GroupCommitted>) {
+    pub fn local_points(&self) -> (Vec<Point>, Vec<crate::history::GroupCommitted>) {
         if !self.history_on() {
             // History off: the journal is released once applied, nothing can be rebuilt.
             return (Vec::new(), Vec::new());
