@@ -118,6 +118,14 @@ impl Replica {
                 .into());
             }
         }
+        // Initial-sync data bypasses the journal: what it wrote after the point is in no index.
+        if let Some(begin) = self.lock_history().initial_sync_begin_after(point.seq).filter(|b| *b <= head) {
+            return Err(PointError::Invalid(format!(
+                "an initial sync began at seq {begin}, after point {}: its data never passed through the journal, so the disks cannot be put back before it; choose a point after the initial sync ended",
+                point.id
+            ))
+            .into());
+        }
         let mut writes = prev.as_ref().map(|f| f.recovery_writes.clone()).unwrap_or_default();
         writes.extend(recovery_writes);
         let restore_after = prev.as_ref().map_or(head, |f| f.restored_after_seq).min(point.seq);
@@ -537,5 +545,39 @@ mod tests {
         assert!(matches!(r.fence_for_failover("again"), Err(FailoverError::State(_))));
         let saved: Failover = serde_json::from_slice(&std::fs::read(r.dir.join("failover.json")).unwrap()).unwrap();
         assert_eq!(saved, c);
+    }
+
+    /// Initial-sync data does not pass through the journal: a point before an initial sync
+    /// that the fence cut into cannot be restored from it, and says so.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_point_before_a_later_initial_sync_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, _shutdown) = replica(dir.path());
+        let rec = |seq: u64, body| Record { seq: Seq(seq), time_ms: seq, body };
+        let begin = || RecordBody::ResyncBegin {
+            generation: Generation(1),
+            reason: ResyncReason::InitialSync,
+            preserve_consistent: false,
+        };
+        let write = |seq: u64| rec(seq, RecordBody::Write { disk: 0, offset: 0, data: vec![seq as u8; 4096] });
+        let records = vec![
+            rec(1, begin()),
+            rec(2, RecordBody::ResyncEnd { generation: Generation(1) }),
+            write(3),
+            rec(4, RecordBody::Tag { id: "t".into(), kind: TagKind::CrashConsistent }),
+            write(5),
+            rec(6, begin()),
+            write(7),
+        ];
+        r.journal_records(records).unwrap();
+        let mut applied = r.applied_watch();
+        tokio::time::timeout(Duration::from_secs(60), applied.wait_for(|s| *s >= 7)).await.unwrap().unwrap();
+        tokio::task::block_in_place(|| r.fence_for_failover("test")).unwrap();
+        let p =
+            r.local_points().0.into_iter().find(|p| p.seq == 4).expect("the point before the initial sync is listed");
+        match r.failover_to(p, Vec::new()) {
+            Err(FailoverError::Point(PointError::Invalid(m))) => assert!(m.contains("initial sync"), "{m}"),
+            other => panic!("{other:?}"),
+        }
     }
 }
