@@ -84,8 +84,9 @@ impl Replica {
         }
     }
 
-    /// Put the handed-over disks at `point` (or at another point, before commit). `extra` are
-    /// extents the machine wrote at the recovery site (disk index, offset, length).
+    /// Put the handed-over disks at `point` (or at another point, before commit).
+    /// `recovery_writes` are extents the machine wrote at the recovery site since: they are put
+    /// back too, now and at every later change of point.
     pub fn failover_to(&self, point: Point, recovery_writes: Vec<DiskExtent>) -> Result<Failover, FailoverError> {
         let _op = self.failover_op.lock().unwrap_or_else(|p| p.into_inner());
         let fence = self.fence_state().filter(|f| f.handed_over).ok_or_else(|| {
