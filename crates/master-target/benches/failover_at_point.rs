@@ -8,9 +8,6 @@
 //! system temp folder). Each timing starts with the page cache dropped (when run as root).
 //! Needs about 3 × 4 GiB + the journals of free space.
 
-// A benchmark run by a developer: a failed step ends it with its message.
-#![allow(clippy::expect_used, clippy::unwrap_used)]
-
 use std::fs::OpenOptions;
 use std::path::Path;
 use std::process::Command;
@@ -24,28 +21,27 @@ use ferry_protocol::{
 };
 use tokio_util::sync::CancellationToken;
 
+type Fallible<T> = Result<T, Box<dyn std::error::Error>>;
+
 const DISK: u64 = 4 << 30;
 const WRITE: u64 = 1 << 20;
 
-fn replica(dir: &Path) -> (Arc<Replica>, CancellationToken) {
+fn replica(dir: &Path) -> Fallible<(Arc<Replica>, CancellationToken)> {
     let config: MasterTargetConfig = serde_json::from_value(serde_json::json!({
         "datastore": dir.join("ds"),
         "retention": dir.join("ret"),
         "listen": "127.0.0.1:0",
         "tls": { "ca": "ca.pem", "cert": "mt.pem", "key": "mt.key" },
-    }))
-    .expect("config");
-    std::fs::create_dir_all(dir.join("ds")).expect("ds");
-    std::fs::create_dir_all(dir.join("ret")).expect("ret");
+    }))?;
+    std::fs::create_dir_all(dir.join("ds"))?;
+    std::fs::create_dir_all(dir.join("ret"))?;
     let machine = MachineDescriptor {
         name: "vm1".into(),
         disks: vec![DiskDescriptor { name: "disk0".into(), size: DISK, uuid: "u0".into() }],
     };
     let shutdown = CancellationToken::new();
-    let r =
-        Replica::create(&config, &MachineName::new("vm1").expect("name"), &machine, Exports::new(), shutdown.clone())
-            .expect("replica");
-    (r, shutdown)
+    let r = Replica::create(&config, &MachineName::new("vm1")?, &machine, Exports::new(), shutdown.clone())?;
+    Ok((r, shutdown))
 }
 
 struct Run {
@@ -55,10 +51,10 @@ struct Run {
     cp_s: f64,
 }
 
-async fn one(dir: &Path, journal_gib: u64) -> Run {
+async fn one(dir: &Path, journal_gib: u64) -> Fallible<Run> {
     let _ = std::fs::remove_dir_all(dir);
-    std::fs::create_dir_all(dir).expect("dir");
-    let (r, shutdown) = replica(dir);
+    std::fs::create_dir_all(dir)?;
+    let (r, shutdown) = replica(dir)?;
     let seq = std::cell::Cell::new(0u64);
     let next = |body| {
         seq.set(seq.get() + 1);
@@ -71,8 +67,7 @@ async fn one(dir: &Path, journal_gib: u64) -> Run {
             preserve_consistent: false,
         }),
         next(RecordBody::ResyncEnd { generation: Generation(1) }),
-    ])
-    .expect("initial sync");
+    ])?;
     // The journal between the base and P: 1 MiB writes sweeping the disk (and again when the
     // journal is larger than the disk), with a crash point every 256 MiB.
     let mut x: u64 = 7;
@@ -85,7 +80,7 @@ async fn one(dir: &Path, journal_gib: u64) -> Run {
             batch.push(next(RecordBody::Tag { id: format!("t{i}"), kind: TagKind::CrashConsistent }));
         }
         if batch.len() >= 32 {
-            r.journal_records(std::mem::take(&mut batch)).expect("journal");
+            r.journal_records(std::mem::take(&mut batch))?;
         }
     }
     batch.push(next(RecordBody::Tag { id: "P".into(), kind: TagKind::CrashConsistent }));
@@ -97,37 +92,38 @@ async fn one(dir: &Path, journal_gib: u64) -> Run {
         let offset = ((x >> 20) % ((2 << 30) / (64 << 10))) * (64 << 10);
         batch.push(next(RecordBody::Write { disk: 0, offset, data: vec![0xab; 64 << 10] }));
         if batch.len() >= 256 {
-            r.journal_records(std::mem::take(&mut batch)).expect("journal");
+            r.journal_records(std::mem::take(&mut batch))?;
         }
     }
     let head = seq.get();
-    r.journal_records(batch).expect("journal");
+    r.journal_records(batch)?;
     let mut applied = r.applied_watch();
-    tokio::time::timeout(Duration::from_secs(3600), applied.wait_for(|s| *s >= head))
-        .await
-        .expect("applied")
-        .expect("watch");
+    tokio::time::timeout(Duration::from_secs(3600), applied.wait_for(|s| *s >= head)).await??;
     let target = r.status().disks[0].target.clone();
-    let point = r.local_points().0.into_iter().find(|p| p.seq == p_seq).expect("point P");
-    let fenced = tokio::task::block_in_place(|| r.fence_for_failover("bench")).expect("fence");
-    assert_eq!(fenced, head);
+    let point = r.local_points().0.into_iter().find(|p| p.seq == p_seq).ok_or("point P is not listed")?;
+    let fenced = tokio::task::block_in_place(|| r.fence_for_failover("bench"))?;
+    if fenced != head {
+        return Err(format!("handed over at seq {fenced}, not at the head {head}").into());
+    }
     sync();
     let t = Instant::now();
-    let f = tokio::task::block_in_place(|| r.failover_to(point, Vec::new())).expect("failover");
+    let f = tokio::task::block_in_place(|| r.failover_to(point, Vec::new()))?;
     let restore_s = t.elapsed().as_secs_f64();
     // The peer: a copy of the disk, made durable.
     let copy = dir.join("copy.img");
     sync();
     let t = Instant::now();
-    let ok = Command::new("cp").arg(&target).arg(&copy).status().expect("cp").success();
-    let out = OpenOptions::new().write(true).open(&copy).expect("copy");
-    out.sync_all().expect("fsync");
+    let ok = Command::new("cp").arg(&target).arg(&copy).status()?.success();
+    let out = OpenOptions::new().write(true).open(&copy)?;
+    out.sync_all()?;
     let cp_s = t.elapsed().as_secs_f64();
-    assert!(ok);
+    if !ok {
+        return Err("cp failed".into());
+    }
     shutdown.cancel();
     drop(r);
     let _ = std::fs::remove_dir_all(dir);
-    Run { journal_gib, restore_s, restored_bytes: f.restored_bytes, cp_s }
+    Ok(Run { journal_gib, restore_s, restored_bytes: f.restored_bytes, cp_s })
 }
 
 /// Flush, and drop the page cache when allowed (root), so that each measurement starts cold
@@ -138,7 +134,7 @@ fn sync() {
 }
 
 #[tokio::main(flavor = "multi_thread")]
-async fn main() {
+async fn main() -> Fallible<()> {
     let args: Vec<String> = std::env::args().collect();
     let base = args
         .iter()
@@ -152,12 +148,13 @@ async fn main() {
         .position(|a| a == "--rounds")
         .and_then(|i| args.get(i + 1))
         .and_then(|n| n.parse().ok())
-        .unwrap_or(3);
+        .unwrap_or(3)
+        .max(1);
     let mut all: Vec<Vec<Run>> = vec![Vec::new(), Vec::new()];
     // Alternating, so drift of the shared machine hits both sizes alike.
     for _ in 0..rounds {
         for (k, gib) in [2, 4].into_iter().enumerate() {
-            let r = one(&base, gib).await;
+            let r = one(&base, gib).await.map_err(|e| format!("the {gib} GiB run failed: {e}"))?;
             eprintln!(
                 "journal {} GiB: restore {:.3} s ({} MiB put back), cp {:.3} s, ratio {:.3}",
                 r.journal_gib,
@@ -189,4 +186,5 @@ async fn main() {
         println!("| {} GiB | {:.3} s | {:.3} s | {:.3}× |", r.journal_gib, r.restore_s, r.cp_s, r.restore_s / r.cp_s);
     }
     println!("restore with the journal doubled: {:.2}× the first", runs[1].restore_s / runs[0].restore_s);
+    Ok(())
 }
