@@ -240,10 +240,21 @@ pub async fn serve(
         let status = move || ComponentStatus::Agent(m.status());
         let name = machine.name.to_string();
         ferry_status::spawn_heartbeats(link.clone(), ComponentKind::Agent, name.clone(), status, shutdown.clone());
-        // The agent takes its other settings at start; while running it follows the revocations.
+        // The agent takes its other settings at start; while running it follows the revocations
+        // and a planned failover's quiesce (its hooks may take a while: off the watch's task).
+        let m = machine.clone();
         let apply = move |v: ferry_api::control::ComponentSettings| {
             if let Err(e) = revoked.extend(v.revoked_certificates.as_deref().unwrap_or_default()) {
                 tracing::error!(error = %e, "cannot keep the revoked certificates");
+            }
+            let m = m.clone();
+            let order = v.quiesce.map(|q| q.order);
+            let spawned = std::thread::Builder::new().name("quiesce".into()).spawn(move || match order {
+                Some(order) => m.quiesce(&order),
+                None => m.lift_quiesce(),
+            });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start the quiesce thread");
             }
         };
         ferry_status::spawn_settings_watch(link, ComponentKind::Agent, name, apply, shutdown.clone());

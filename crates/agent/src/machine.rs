@@ -159,11 +159,20 @@ pub(crate) struct Core {
     completed_resyncs: VecDeque<ferry_api::agent::CompletedResync>,
     /// Writes are held (multi-machine prepare) until this group tag commits, aborts or expires.
     pub(crate) hold: Option<WriteHold>,
+    /// A planned failover stopped the writes (see `points::quiesce`).
+    pub(crate) quiesced: Option<ferry_api::agent::Quiesced>,
     /// The group tags prepared here lately (newest last, at most 256): a replayed prepare of one
     /// of them is refused before it freezes or holds anything.
     pub(crate) prepared_tags: VecDeque<String>,
     /// Recovery-point tags inserted, for the status.
     pub(crate) points: ferry_api::agent::PointStats,
+}
+
+impl Core {
+    /// The seq of the newest record sequenced.
+    pub(crate) fn last_seq(&self) -> u64 {
+        self.last_record_seq
+    }
 }
 
 /// Writes held by a group prepare.
@@ -418,6 +427,7 @@ impl Machine {
             pending_end_seq: None,
             write_stamp: 0,
             hold: None,
+            quiesced: None,
             prepared_tags: VecDeque::new(),
             points: Default::default(),
         };
@@ -492,6 +502,12 @@ impl Machine {
                 break;
             }
             c = self.hold_released.wait_timeout(c, until - now).map(|(g, _)| g).unwrap_or_else(|p| p.into_inner().0);
+        }
+        if let Some(q) = &c.quiesced {
+            return Err(BackendError::Refused(format!(
+                "machine {} is quiesced for failover {} (its last write is seq {}): it takes no writes",
+                self.name, q.order, q.last_seq
+            )));
         }
         self.ensure_active(&mut c, disk, offset, len)
             .map_err(|e| BackendError::Io(std::io::Error::other(e.to_string())))?;
@@ -1389,6 +1405,7 @@ impl Machine {
                 .collect(),
             points: c.points.clone(),
             write_hold: c.hold.as_ref().map(|h| HoldView { group: h.group.clone(), tag: h.tag.clone() }),
+            quiesced: c.quiesced.clone(),
             events: c.events.iter().cloned().collect(),
         }
     }

@@ -80,6 +80,43 @@ impl Machine {
         }
     }
 
+    /// Planned failover: run the freeze hook (applications flush and pause), then refuse every
+    /// later write, and say the seq of the last one. Repeating an order changes nothing.
+    pub fn quiesce(&self, order: &str) {
+        if self.lock().quiesced.as_ref().is_some_and(|q| q.order == order) {
+            return;
+        }
+        let froze = self.freeze();
+        let mut c = self.lock();
+        let (frozen, message) = match froze {
+            Ok(()) => (true, None),
+            Err(e) => (false, Some(format!("{e}; writes are refused from now on instead"))),
+        };
+        let q = ferry_api::agent::Quiesced {
+            order: order.to_owned(),
+            last_seq: c.last_seq(),
+            at_ms: now_ms(),
+            frozen,
+            message,
+        };
+        push_event(
+            &mut c,
+            "quiesced",
+            format!("quiesced for failover {order}: the last write is seq {}; later writes are refused", q.last_seq),
+        );
+        c.quiesced = Some(q);
+    }
+
+    /// Lift a quiesce (the failover was cancelled): writes are taken again, applications thawed.
+    pub fn lift_quiesce(&self) {
+        let Some(q) = self.lock().quiesced.take() else { return };
+        if q.frozen {
+            self.thaw();
+        }
+        let mut c = self.lock();
+        push_event(&mut c, "quiesce-lifted", format!("quiesce of failover {} lifted: writes are taken again", q.order));
+    }
+
     /// A crash-consistent tag now. Returns its seq.
     pub fn crash_point(&self) -> Result<u64, AgentError> {
         let mut c = self.lock();
@@ -93,6 +130,10 @@ impl Machine {
     /// An app-consistent tag: freeze hook, tag, thaw hook. A failing or timed-out freeze gives
     /// an event and no tag (never a false app-consistent point).
     pub fn app_point(&self) -> Result<u64, String> {
+        if let Some(q) = self.lock().quiesced.as_ref() {
+            // Its freeze and thaw would wake applications the failover paused.
+            return Err(format!("no app-consistent point: the machine is quiesced for failover {}", q.order));
+        }
         if let Err(e) = self.freeze() {
             self.thaw();
             let mut c = self.lock();
@@ -130,6 +171,9 @@ impl Machine {
                 "machine {} is not a member of group {:?} (its group: {mine:?})",
                 self.name, req.group
             ));
+        }
+        if let Some(q) = self.lock().quiesced.as_ref() {
+            return Err(format!("machine {} is quiesced for failover {}: it joins no group tag", self.name, q.order));
         }
         if self.lock().prepared_tags.contains(&req.tag) {
             return Err(format!("group tag {} was already prepared here: a repeated prepare is refused", req.tag));

@@ -79,7 +79,32 @@ pub struct AgentStatus {
     pub points: PointStats,
     /// Writes held for a group tag (between prepare and commit).
     pub write_hold: Option<WriteHold>,
+    /// Set while the agent takes no writes for a planned failover.
+    #[serde(default)]
+    pub quiesced: Option<Quiesced>,
     pub events: Vec<Event>,
+}
+
+/// A planned failover's order to stop taking writes (the agent's settings, `quiesce`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QuiesceOrder {
+    pub order: String,
+}
+
+/// The agent took its last write for a planned failover: the machine's freeze hook ran (its
+/// applications flushed and paused), then every later write is refused (EPERM). Nothing after
+/// `last_seq` exists, so a recovery site holding `last_seq` holds every acknowledged write.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Quiesced {
+    pub order: String,
+    pub last_seq: u64,
+    pub at_ms: u64,
+    /// Whether the freeze hook ran and succeeded (false: none is configured, or it failed, and
+    /// the applications' writes since are refused rather than paused).
+    pub frozen: bool,
+    #[serde(default)]
+    pub message: Option<String>,
 }
 
 /// The resync running now.

@@ -265,10 +265,22 @@ pub struct ComponentSettings {
     /// Master targets: retention window per machine, seconds (from its agent's policy unless set).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine_retention_secs: Option<BTreeMap<String, f64>>,
+    /// Agents: stop taking writes for a planned failover (set by the failover job; cleared to
+    /// lift it). The running agent follows it; it is never a key of the agent's file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quiesce: Option<crate::agent::QuiesceOrder>,
+    /// Master targets: per machine, the failover the configuration server's jobs ask for (fence,
+    /// put the disks at a point, commit). The running master target follows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_failovers: Option<BTreeMap<String, crate::master_target::FailoverOrder>>,
     /// Any other key of the component's configuration file.
     #[serde(flatten)]
     pub other: BTreeMap<String, serde_json::Value>,
 }
+
+/// Settings a running component follows (its settings watch) that are not keys of its
+/// configuration file: left out when the settings are merged into the file's keys at start.
+pub const RUNTIME_KEYS: [&str; 3] = ["revoked_certificates", "quiesce", "machine_failovers"];
 
 /// Keys that stay in the component's own file (local to its host): the server refuses them.
 pub const LOCAL_KEYS: [&str; 6] = ["tls", "config_server", "state_dir", "cache_dir", "datastore", "retention"];
@@ -301,6 +313,9 @@ pub fn setting_access(kind: ComponentKind, key: &str) -> Option<SettingAccess> {
         "machine_datastores",
         "machine_process_servers",
         "revoked_certificates",
+        // Set by the failover jobs only: a token holder must not fence or freeze a machine.
+        "quiesce",
+        "machine_failovers",
         "master_target",
         "master_target_name",
         "machine",

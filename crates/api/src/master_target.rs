@@ -71,6 +71,34 @@ pub struct ReplicaStatus {
     /// Set once the target disks were put at a recovery point for the failed-over machine.
     #[serde(default)]
     pub failover: Option<Failover>,
+    /// The last failover order from the configuration server that could not be carried out.
+    #[serde(default)]
+    pub failover_order_error: Option<FailoverOrderError>,
+}
+
+/// What a configuration server's failover job asks of a master target for one machine (its
+/// settings, `machine_failovers`): fence the replica and put the disks at `point`, or commit.
+/// `order` names the job step that asked; the outcome is reported in the replica's status
+/// (`failover.order`, or `failover_order_error`), so a job knows its own order was carried out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverOrder {
+    pub order: String,
+    /// A point reference: an RC-1 selector, a point ID or a seq.
+    pub point: String,
+    pub reason: String,
+    /// Commit the failover at the point it is at (the point must be `point`'s resolution).
+    #[serde(default)]
+    pub commit: bool,
+}
+
+/// A failover order that failed, with the error's code.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct FailoverOrderError {
+    pub order: String,
+    pub code: u32,
+    pub message: String,
+    pub at_ms: u64,
 }
 
 /// A replica closed to its source — the machine failed over, or an operator fenced it: the
@@ -165,6 +193,9 @@ pub struct Failover {
     /// Extents the machine wrote at the recovery site, as given with point changes.
     #[serde(default)]
     pub recovery_writes: Vec<DiskExtent>,
+    /// The configuration server's order this state carries out (None: asked through this API).
+    #[serde(default)]
+    pub order: Option<String>,
 }
 
 /// Writes after the failover point that the recovery site holds, discarded from the failed-over

@@ -118,9 +118,11 @@ async fn fetch_settings(link: &ferry_status::ConfigServerLink, kind: &str, name:
         anyhow::bail!("HTTP {status}: {}", String::from_utf8_lossy(&body));
     }
     let mut v: serde_json::Value = serde_json::from_slice(&body).context("settings are not JSON")?;
-    // Not a configuration key: the running component follows it (its settings watch).
+    // Not configuration keys: the running component follows them (its settings watch).
     if let Some(m) = v.as_object_mut() {
-        m.remove("revoked_certificates");
+        for k in ferry_api::control::RUNTIME_KEYS {
+            m.remove(k);
+        }
     }
     let t: toml::Table = toml::Value::try_from(v)
         .context("settings do not convert to TOML")?

@@ -369,8 +369,10 @@ pub async fn run(dir: PathBuf, shutdown: CancellationToken) -> Result<()> {
                 None
             }
         };
-        if fetched.is_some() {
-            known = fetched;
+        if let Some(mut s) = fetched {
+            // The running agent follows these itself: a change must not restart it.
+            s.quiesce = None;
+            known = Some(s);
         }
         if let Some(s) = &known {
             let protected = s.process_server.is_some() && s.disks.as_ref().is_some_and(|d| !d.is_empty());

@@ -107,7 +107,7 @@ async fn one(dir: &Path, journal_gib: u64) -> Fallible<Run> {
     }
     sync();
     let t = Instant::now();
-    let f = tokio::task::block_in_place(|| r.failover_to(point, Vec::new()))?;
+    let f = tokio::task::block_in_place(|| r.failover_to(point, Vec::new(), None))?;
     let restore_s = t.elapsed().as_secs_f64();
     // The peer: a copy of the disk, made durable.
     let copy = dir.join("copy.img");

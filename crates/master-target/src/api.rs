@@ -406,36 +406,18 @@ async fn failover(
             "merge adjacent extents (the agent's change set is already merged)",
         ));
     }
-    let Some(r) = mt.replica(&m) else { return Err(no_machine(&m)) };
-    let result = tokio::task::spawn_blocking(move || {
-        let head = r.fence_for_failover(&reason)?;
-        let point = if !r.history_on() && req.point == "latest" {
-            // No history: `latest` is what the disks hold.
-            Point {
-                id: format!("{m}@{head}"),
-                machine: m.clone(),
-                seq: head,
-                time_ms: ferry_protocol::now_ms(),
-                kind: PointKind::Crash,
-                scope: PointScope::Single,
-                group: None,
-                group_tag: None,
-                generation: r.base_generation(),
-                origin: PointOrigin::Latest,
-            }
-        } else {
-            mt.resolve_point(&m, &req.point)?
-        };
-        r.failover_to(point, req.recovery_writes)
-    })
-    .await
-    .map_err(joined)?;
+    if mt.replica(&m).is_none() {
+        return Err(no_machine(&m));
+    }
+    let result = tokio::task::spawn_blocking(move || mt.fail_over(&m, &req.point, &reason, req.recovery_writes, None))
+        .await
+        .map_err(joined)?;
     ok(result.map_err(failover_error)?)
 }
 
 async fn commit_failover(State(mt): State<Arc<MasterTarget>>, UrlPath(m): UrlPath<String>) -> Reply<Failover> {
     let Some(r) = mt.replica(&m) else { return Err(no_machine(&m)) };
-    let result = tokio::task::spawn_blocking(move || r.commit_failover()).await.map_err(joined)?;
+    let result = tokio::task::spawn_blocking(move || r.commit_failover(None)).await.map_err(joined)?;
     ok(result.map_err(failover_error)?)
 }
 

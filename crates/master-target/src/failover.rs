@@ -40,6 +40,24 @@ pub enum FailoverError {
     Storage(String),
 }
 
+impl FailoverError {
+    /// The registry's code for this error.
+    pub fn code(&self) -> ferry_types::ErrorCode {
+        use ferry_protocol::codes;
+        match self {
+            FailoverError::State(_) => codes::FAILOVER_STATE,
+            FailoverError::DiskInUse(_) => codes::DISK_IN_USE,
+            FailoverError::Storage(_) => codes::STORAGE,
+            FailoverError::Point(p) => match p {
+                PointError::NotFound(_) => codes::POINT_NOT_FOUND,
+                PointError::Conflict(_) => codes::CONFLICT,
+                PointError::Invalid(_) => codes::BAD_REQUEST,
+                PointError::Failed(_) => codes::MATERIALIZE_FAILED,
+            },
+        }
+    }
+}
+
 /// How long a failover request waits for the applier to reach the fence.
 const HAND_OVER_WAIT: Duration = Duration::from_secs(30);
 
@@ -87,7 +105,12 @@ impl Replica {
     /// Put the handed-over disks at `point` (or at another point, before commit).
     /// `recovery_writes` are extents the machine wrote at the recovery site since: they are put
     /// back too, now and at every later change of point.
-    pub fn failover_to(&self, point: Point, recovery_writes: Vec<DiskExtent>) -> Result<Failover, FailoverError> {
+    pub fn failover_to(
+        &self,
+        point: Point,
+        recovery_writes: Vec<DiskExtent>,
+        order: Option<String>,
+    ) -> Result<Failover, FailoverError> {
         let _op = self.failover_op.lock().unwrap_or_else(|p| p.into_inner());
         let fence = self.fence_state().filter(|f| f.handed_over).ok_or_else(|| {
             FailoverError::State(format!("{} is not fenced and handed over: fail it over first", self.name))
@@ -176,7 +199,7 @@ impl Replica {
             }
             locked.push(f);
         }
-        let result = self.restore(&slot, base_seq, head, restore_after, point, writes, prev);
+        let result = self.restore(&slot, base_seq, head, restore_after, point, writes, prev, order);
         drop(slot);
         for f in locked {
             let _ = ferry_sys::fs::unlock_one_writer(f);
@@ -194,6 +217,7 @@ impl Replica {
         point: Point,
         writes: Vec<DiskExtent>,
         prev: Option<Failover>,
+        order: Option<String>,
     ) -> Result<Failover, FailoverError> {
         let mut earlier = prev.as_ref().map(|f| f.earlier_points.clone()).unwrap_or_default();
         if let Some(p) = prev.as_ref().filter(|f| f.phase != FailoverPhase::Restoring && f.point.seq != point.seq) {
@@ -211,6 +235,7 @@ impl Replica {
             committed_ms: None,
             earlier_points: earlier,
             recovery_writes: writes,
+            order,
         };
         // Durable before the disks change: a restart finishes the restore.
         self.write_failover(&state)?;
@@ -332,7 +357,7 @@ impl Replica {
     }
 
     /// Commit: the point cannot change any more.
-    pub fn commit_failover(&self) -> Result<Failover, FailoverError> {
+    pub fn commit_failover(&self, order: Option<String>) -> Result<Failover, FailoverError> {
         let _op = self.failover_op.lock().unwrap_or_else(|p| p.into_inner());
         let mut f = self
             .failover_state()
@@ -354,6 +379,7 @@ impl Replica {
         }
         f.phase = FailoverPhase::Committed;
         f.committed_ms = Some(now_ms());
+        f.order = order;
         self.write_failover(&f)?;
         self.push_event("failover-committed", format!("failover to {} committed", f.point.id));
         Ok(f)
@@ -366,7 +392,7 @@ impl Replica {
         let spawned = std::thread::Builder::new().name(format!("failover-{}", self.name)).spawn(move || {
             // Until then the disks are locked by nobody: the phase says they are not ready.
             while !r.stopped.load(Ordering::SeqCst) {
-                match r.failover_to(f.point.clone(), Vec::new()) {
+                match r.failover_to(f.point.clone(), Vec::new(), f.order.clone()) {
                     Ok(_) => return,
                     Err(e) => {
                         r.push_event(
@@ -380,6 +406,96 @@ impl Replica {
         });
         if let Err(e) = spawned {
             self.push_event("failover-error", format!("cannot start the restore thread: {e}"));
+        }
+    }
+}
+
+impl crate::MasterTarget {
+    /// Fence `machine`'s replica (waiting for the hand-over), resolve `reference` and put the
+    /// disks there: the path of both the API and the configuration server's orders.
+    pub fn fail_over(
+        &self,
+        machine: &str,
+        reference: &str,
+        reason: &str,
+        recovery_writes: Vec<DiskExtent>,
+        order: Option<String>,
+    ) -> Result<Failover, FailoverError> {
+        let r = self
+            .replica(machine)
+            .ok_or_else(|| PointError::NotFound(format!("machine {machine:?} is not replicated here")))?;
+        let head = r.fence_for_failover(reason)?;
+        let point = if !r.history_on() && reference == "latest" {
+            // No history: `latest` is what the disks hold.
+            Point {
+                id: format!("{machine}@{head}"),
+                machine: machine.to_owned(),
+                seq: head,
+                time_ms: now_ms(),
+                kind: ferry_api::master_target::PointKind::Crash,
+                scope: ferry_api::master_target::PointScope::Single,
+                group: None,
+                group_tag: None,
+                generation: r.base_generation(),
+                origin: ferry_api::master_target::PointOrigin::Latest,
+            }
+        } else {
+            self.resolve_point(machine, reference)?
+        };
+        r.failover_to(point, recovery_writes, order)
+    }
+
+    /// Carry out the configuration server's failover orders (settings `machine_failovers`): each
+    /// once, in its own thread; the outcome shows in the replica's status (`failover.order`, or
+    /// `failover_order_error`). An order already carried out, or that failed, is not repeated:
+    /// the job that gave it decides what comes next.
+    pub(crate) fn follow_failover_orders(self: &Arc<Self>) {
+        let orders = self.failover_orders.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for (machine, o) in &orders {
+            let Some(r) = self.replica(machine) else {
+                tracing::warn!(%machine, order = %o.order, "failover order for a machine this master target does not hold");
+                continue;
+            };
+            let done = r
+                .failover_state()
+                .is_some_and(|f| f.order.as_deref() == Some(o.order.as_str()) && f.phase != FailoverPhase::Restoring);
+            let failed =
+                r.order_error.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_some_and(|e| e.order == o.order);
+            if done || failed || r.order_busy.swap(true, Ordering::SeqCst) {
+                continue;
+            }
+            let (mt, o, machine) = (self.clone(), o.clone(), machine.clone());
+            let spawned = std::thread::Builder::new().name(format!("order-{machine}")).spawn(move || {
+                let result = if o.commit {
+                    r.commit_failover(Some(o.order.clone()))
+                } else {
+                    mt.fail_over(&machine, &o.point, &o.reason, Vec::new(), Some(o.order.clone()))
+                };
+                let mut err = r.order_error.lock().unwrap_or_else(|p| p.into_inner());
+                match result {
+                    Ok(f) => {
+                        tracing::info!(%machine, order = %o.order, point = %f.point.id, phase = ?f.phase, "failover order carried out");
+                        *err = None;
+                    }
+                    Err(e) => {
+                        tracing::warn!(%machine, order = %o.order, error = %e, "failover order failed");
+                        r.push_event("failover-order-failed", format!("order {}: {e}", o.order));
+                        *err = Some(ferry_api::master_target::FailoverOrderError {
+                            order: o.order.clone(),
+                            code: e.code().code,
+                            message: e.to_string(),
+                            at_ms: now_ms(),
+                        });
+                    }
+                }
+                drop(err);
+                r.order_busy.store(false, Ordering::SeqCst);
+                // An order that arrived meanwhile was skipped: look again.
+                mt.follow_failover_orders();
+            });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start a failover order thread");
+            }
         }
     }
 }
@@ -503,7 +619,7 @@ mod tests {
         let at = |seq: u64| points.iter().find(|p| p.seq == seq).cloned().unwrap();
         let target = || std::fs::read(&r.targets[0].0).unwrap();
 
-        let f = r.failover_to(at(150), Vec::new()).unwrap();
+        let f = r.failover_to(at(150), Vec::new(), None).unwrap();
         assert_eq!(f.phase, FailoverPhase::AtPoint);
         assert!(target() == replay(&records, 150), "the disk is at seq 150");
         let data_after = records
@@ -519,30 +635,30 @@ mod tests {
         let ours = std::fs::OpenOptions::new().write(true).open(&r.targets[0].0).unwrap();
         ours.write_all_at(&[0xee; 8192], 4096 * 100).unwrap();
         let wrote = vec![DiskExtent { disk: "disk0".into(), offset: 4096 * 100, length: 8192 }];
-        let f = r.failover_to(at(60), wrote).unwrap();
+        let f = r.failover_to(at(60), wrote, None).unwrap();
         assert!(target() == replay(&records, 60), "the disk is at seq 60, recovery writes undone");
         assert_eq!(f.earlier_points.iter().map(|p| p.seq).collect::<Vec<_>>(), vec![150]);
         // And forward again: everything after the lowest point chosen is put back.
         ours.write_all_at(&[0xdd; 512], 4096 * 100).unwrap();
-        let f = r.failover_to(at(220), Vec::new()).unwrap();
+        let f = r.failover_to(at(220), Vec::new(), None).unwrap();
         assert!(target() == replay(&records, 220), "the disk is at seq 220");
         assert_eq!(f.restored_after_seq, 60);
 
         let bad = vec![DiskExtent { disk: "disk9".into(), offset: 0, length: 1 }];
-        assert!(matches!(r.failover_to(at(220), bad), Err(FailoverError::Point(PointError::Invalid(_)))));
+        assert!(matches!(r.failover_to(at(220), bad, None), Err(FailoverError::Point(PointError::Invalid(_)))));
         let outside = vec![DiskExtent { disk: "disk0".into(), offset: SIZE - 1, length: 2 }];
-        assert!(matches!(r.failover_to(at(220), outside), Err(FailoverError::Point(PointError::Invalid(_)))));
+        assert!(matches!(r.failover_to(at(220), outside, None), Err(FailoverError::Point(PointError::Invalid(_)))));
 
         // Another writer holds the disk: refused, nothing changed.
         let lock = ferry_sys::fs::WriterLock::open(&r.targets[0].0, "the machine's agent").unwrap();
-        assert!(matches!(r.failover_to(at(60), Vec::new()), Err(FailoverError::DiskInUse(_))));
+        assert!(matches!(r.failover_to(at(60), Vec::new(), None), Err(FailoverError::DiskInUse(_))));
         assert!(target() == replay(&records, 220));
         drop(lock);
 
-        let c = r.commit_failover().unwrap();
+        let c = r.commit_failover(None).unwrap();
         assert_eq!((c.phase, c.point.seq), (FailoverPhase::Committed, 220));
-        assert!(matches!(r.commit_failover(), Err(FailoverError::State(_))));
-        assert!(matches!(r.failover_to(at(150), Vec::new()), Err(FailoverError::State(_))));
+        assert!(matches!(r.commit_failover(None), Err(FailoverError::State(_))));
+        assert!(matches!(r.failover_to(at(150), Vec::new(), None), Err(FailoverError::State(_))));
         assert!(matches!(r.fence_for_failover("again"), Err(FailoverError::State(_))));
         let saved: Failover = serde_json::from_slice(&std::fs::read(r.dir.join("failover.json")).unwrap()).unwrap();
         assert_eq!(saved, c);
@@ -576,7 +692,7 @@ mod tests {
         tokio::task::block_in_place(|| r.fence_for_failover("test")).unwrap();
         let p =
             r.local_points().0.into_iter().find(|p| p.seq == 4).expect("the point before the initial sync is listed");
-        match r.failover_to(p, Vec::new()) {
+        match r.failover_to(p, Vec::new(), None) {
             Err(FailoverError::Point(PointError::Invalid(m))) => assert!(m.contains("initial sync"), "{m}"),
             other => panic!("{other:?}"),
         }

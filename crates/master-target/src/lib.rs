@@ -198,6 +198,8 @@ pub struct MasterTarget {
     pub exports: ferry_nbd::Exports,
     /// Certificates the configuration server revoked (kept on the retention volume).
     revoked: Arc<ferry_tls::Revoked>,
+    /// The configuration server's latest failover orders (followed again when one finishes).
+    failover_orders: Mutex<std::collections::BTreeMap<String, ferry_api::master_target::FailoverOrder>>,
     shutdown: CancellationToken,
 }
 
@@ -249,6 +251,7 @@ impl MasterTarget {
         }
         let mt = Arc::new(MasterTarget {
             revoked: Arc::new(revoked),
+            failover_orders: Mutex::new(Default::default()),
             retention: volume.path.clone(),
             _volume: volume,
             live: std::sync::RwLock::new(live),
@@ -359,7 +362,10 @@ impl MasterTarget {
 
     /// Take new per-machine settings (from the configuration server). A machine's datastore
     /// applies when its replica is created; a new retention window applies at once.
-    pub fn apply_settings(&self, v: &ferry_api::control::ComponentSettings) {
+    pub fn apply_settings(self: &Arc<Self>, v: &ferry_api::control::ComponentSettings) {
+        *self.failover_orders.lock().unwrap_or_else(|p| p.into_inner()) =
+            v.machine_failovers.clone().unwrap_or_default();
+        self.follow_failover_orders();
         let mut s = LiveSettings {
             machine_retention_secs: v.machine_retention_secs.clone().unwrap_or_default(),
             machine_datastores: v.machine_datastores.clone().unwrap_or_default(),

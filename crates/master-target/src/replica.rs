@@ -121,6 +121,10 @@ pub struct Replica {
     pub(crate) failover: Mutex<Option<ferry_api::master_target::Failover>>,
     /// Serializes failover, change of point and commit.
     pub(crate) failover_op: Mutex<()>,
+    /// A configuration server's failover order is being carried out.
+    pub(crate) order_busy: std::sync::atomic::AtomicBool,
+    /// The last order that failed (reported until another succeeds).
+    pub(crate) order_error: Mutex<Option<ferry_api::master_target::FailoverOrderError>>,
 }
 
 pub use ferry_api::master_target::Fence;
@@ -432,6 +436,8 @@ impl Replica {
             index: Mutex::new(JournalIndex::new(machine.disks.len(), ckpt.applied_seq)),
             failover: Mutex::new(failover),
             failover_op: Mutex::new(()),
+            order_busy: std::sync::atomic::AtomicBool::new(false),
+            order_error: Mutex::new(None),
             checkpoint_interval: Duration::from_secs_f64(config.checkpoint_interval_secs.max(0.01)),
         });
         r.open_base()?;
@@ -965,6 +971,7 @@ impl Replica {
             applied_seq: applied,
             fence: self.fence_state(),
             failover: self.failover_state(),
+            failover_order_error: self.order_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             consistent: st.ckpt.consistent,
             mode: mode.to_owned(),
             journal_bytes,
