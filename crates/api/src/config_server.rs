@@ -19,7 +19,8 @@ pub struct MachineView {
     pub site: String,
     pub os_family: String,
     pub power: String,
-    /// `unprotected`, `enabling`, `failed`, `protected` or `protected (<agent mode>)`.
+    /// `unprotected`, `enabling`, `failed`, `protected`, `protected (<agent mode>)`, `failover
+    /// in progress`, `failover failed`, `failed over (uncommitted)` or `failed over (committed)`.
     pub replication: String,
     pub policy: Option<String>,
     pub process_server: Option<String>,
@@ -38,6 +39,9 @@ pub struct MachineView {
     pub initial_sync: Option<ResyncProgress>,
     pub points: Option<PointStats>,
     pub last_heartbeat_ms: Option<u64>,
+    /// The failover of the machine, once one was asked for.
+    #[serde(default)]
+    pub failover: Option<ProtectionFailover>,
 }
 
 /// `GET /api/v1/machines/{name}/recovery-points`: the points the machine's master target holds.
@@ -392,6 +396,10 @@ fn local() -> String {
 pub enum SiteOperation {
     PowerOn {
         machine: String,
+        /// Power on a machine that failed over from this site (two copies of it then run; the
+        /// old one's writes never reach the failed-over disks).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        allow_failed_over: bool,
     },
     PowerOff {
         machine: String,
@@ -505,6 +513,88 @@ pub struct Protection {
     pub job: String,
     pub disks: Vec<ProtectedDisk>,
     pub since_ms: u64,
+    /// The machine's failover, once one was asked for (its jobs keep it current).
+    #[serde(default)]
+    pub failover: Option<ProtectionFailover>,
+}
+
+/// Planned (primary healthy: no acknowledged write is lost) or unplanned (primary lost: the
+/// writes after the chosen point are).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailoverKind {
+    Planned,
+    Unplanned,
+}
+
+/// Where a machine's failover stands, as the configuration server knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailoverStage {
+    /// A failover job runs (or ran and failed: see its job).
+    InProgress,
+    /// The disks at the recovery site hold the point; it may still change.
+    FailedOver,
+    /// Committed: the point cannot change any more.
+    Committed,
+}
+
+/// A machine's failover on its protection record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ProtectionFailover {
+    pub kind: FailoverKind,
+    pub stage: FailoverStage,
+    /// The job working on it now, or the last one (failover, change point, commit).
+    pub job: String,
+    pub reason: String,
+    pub started_ms: u64,
+    /// The point the failed-over disks hold.
+    #[serde(default)]
+    pub point: Option<crate::master_target::Point>,
+    /// The newest write the recovery site held when the disks were handed over.
+    #[serde(default)]
+    pub handed_over_seq: Option<u64>,
+    /// Writes after the point the recovery site held and the failed-over disks do not have.
+    #[serde(default)]
+    pub discarded: Option<crate::master_target::DiscardedWrites>,
+    /// Planned: the seq of the primary's last write (its agent quiesced there).
+    #[serde(default)]
+    pub primary_last_seq: Option<u64>,
+    /// What became of the primary machine (shut down, or why it could not be).
+    #[serde(default)]
+    pub primary: Option<String>,
+    #[serde(default)]
+    pub committed_ms: Option<u64>,
+}
+
+/// `POST /api/v1/failovers`: fail a protected machine over to its recovery site.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverRequest {
+    pub machine: String,
+    pub kind: FailoverKind,
+    /// Unplanned only: an RC-1 selector (`latest`, `latest-processed`, `latest-app`,
+    /// `latest-multi`, `latest-multi-app`), a point ID or a seq; default `latest` (everything
+    /// the recovery site holds). A planned failover's point is the primary's last write.
+    #[serde(default)]
+    pub point: Option<String>,
+    /// Why (kept in the replica's fence and the job); default names the kind.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Planned: how long to wait for the recovery site to hold every write of the primary.
+    #[serde(default = "default_drain_secs")]
+    pub drain_secs: u64,
+}
+
+fn default_drain_secs() -> u64 {
+    300
+}
+
+/// `POST /api/v1/machines/{name}/failover/change-point`: another point, before commit.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChangePointRequest {
+    pub point: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -734,6 +824,9 @@ pub enum ConfigServerEndpoint {
     Protect,
     Machines,
     RecoveryPoints,
+    Failover,
+    ChangeFailoverPoint,
+    CommitFailover,
     RevokedCertificates,
     RevokeCertificate,
 }
@@ -794,6 +887,9 @@ pub const ROUTES: &[Route<ConfigServerEndpoint>] = &[
     Route::new::<ProtectRequest, Job>(C::Protect, Post, "/api/v1/protections", Role::Operator, "Enable replication {machine | machines | group, policy, process_server, master_target, datastore}: a protect job (initial sync with progress)").answers(202),
     get::<_, Vec<MachineView>>(C::Machines, "/api/v1/machines", Role::Reader, "Every discovered machine: protection state, health, RPO, points"),
     get::<_, MachineRecoveryPoints>(C::RecoveryPoints, "/api/v1/machines/{name}/recovery-points", Role::Reader, "The recovery points a protected machine's master target holds"),
+    Route::new::<FailoverRequest, Job>(C::Failover, Post, "/api/v1/failovers", Role::Operator, "Fail a protected machine over {machine, kind: planned | unplanned, point, reason}: a failover job (planned: quiesce, drain, shut down, fence, disks at the last write; unplanned: try to shut down, fence, disks at the point)").answers(202),
+    Route::new::<ChangePointRequest, Job>(C::ChangeFailoverPoint, Post, "/api/v1/machines/{name}/failover/change-point", Role::Operator, "Put a failed-over machine's disks at another point {point}, before commit: a job").answers(202),
+    Route::new::<(), Job>(C::CommitFailover, Post, "/api/v1/machines/{name}/failover/commit", Role::Operator, "Commit a machine's failover: its point cannot change any more (a job)").no_body().answers(202),
     get::<_, Vec<RevokedCertificate>>(C::RevokedCertificates, "/api/v1/certificates/revoked", Role::Reader, "Revoked data-path certificates (re-registration revokes the earlier one; an admin may revoke any)"),
     Route::new::<RevokeCertificate, RevokedCertificate>(C::RevokeCertificate, Post, "/api/v1/certificates/{serial}/revoke", Role::Admin, "Revoke a data-path certificate by serial {reason?}: components refuse it and cut its connections once they fetch their settings"),
 ];

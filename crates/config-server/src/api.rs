@@ -89,6 +89,9 @@ pub fn router(state: Arc<AppState>) -> Router {
             C::PutSettings => on(m, put_settings),
             C::Backup => on(m, start_backup),
             C::Protect => on(m, crate::protection::protect),
+            C::Failover => on(m, crate::failover::start_failover),
+            C::ChangeFailoverPoint => on(m, crate::failover::change_point),
+            C::CommitFailover => on(m, crate::failover::commit),
             C::Machines => on(m, crate::protection::list_machines),
             C::RecoveryPoints => on(m, crate::protection::recovery_points),
             C::RevokedCertificates => on(m, crate::revocation::list),
@@ -629,6 +632,20 @@ async fn site_operation(
 ) -> ApiResult {
     if s.store.get::<Site>(ops::SITE, &name).await?.is_none() {
         return Err(ApiError::not_found(format!("no site {name}")));
+    }
+    if let crate::discovery::SiteOperation::PowerOn { machine, allow_failed_over: false } = &op {
+        // The old primary of a failed-over machine stays off unless the operator says otherwise.
+        let p = s.store.get::<crate::protection::Protection>(crate::protection::PROTECTION, machine).await?;
+        if let Some(f) = p.map(|d| d.body).filter(|p| p.site == name).and_then(|p| p.failover) {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                crate::errors::FAILOVER_STATE,
+                format!(
+                    "{machine} failed over from site {name} (job {}): powering its old primary on runs a second copy of it; its writes never reach the failed-over disks (the replica is fenced). Power it on with allow_failed_over (`ferry lab power-on {machine} --allow-failed-over`) only if you mean that",
+                    f.job
+                ),
+            ));
+        }
     }
     let title = format!("{} on site {name}", op.name());
     let steps = vec![(title, false), (format!("rediscover site {name}"), true)];

@@ -198,7 +198,7 @@ impl LocalSite {
                 .ok_or_else(|| format!("site {} has no machine {m}", self.name))
         };
         let msg = match op {
-            SiteOperation::PowerOn { machine } => {
+            SiteOperation::PowerOn { machine, .. } => {
                 let i = machine_idx(&site, machine)?;
                 if let Some(power) = &site.power {
                     if running_pid(&self.run_dir(machine)).is_some() {

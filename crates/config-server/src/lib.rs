@@ -7,6 +7,7 @@ pub mod api;
 pub mod backup;
 pub mod discovery;
 pub mod errors;
+pub mod failover;
 pub mod health;
 pub mod http;
 pub mod inventory;

@@ -30,6 +30,18 @@ pub enum JobWork {
     SiteOperation { operation: SiteOperation },
     /// Enable replication of machines (see `protection`).
     Protect { protections: Vec<crate::protection::Protection>, wait_secs: u64, stall_secs: u64 },
+    /// Fail a machine over (see `failover`).
+    Failover {
+        machine: String,
+        kind: ferry_api::config_server::FailoverKind,
+        point: String,
+        reason: String,
+        drain_secs: u64,
+    },
+    /// Put a failed-over machine's disks at another point.
+    FailoverChangePoint { machine: String, point: String },
+    /// Commit a machine's failover.
+    FailoverCommit { machine: String },
 }
 
 impl JobWork {
@@ -41,6 +53,9 @@ impl JobWork {
             JobWork::Backup {} => "backup",
             JobWork::SiteOperation { .. } => "site-operation",
             JobWork::Protect { .. } => "protect",
+            JobWork::Failover { .. } => "failover",
+            JobWork::FailoverChangePoint { .. } => "failover-change-point",
+            JobWork::FailoverCommit { .. } => "failover-commit",
         };
         let internal = |what: String| {
             crate::errors::ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, errors::INTERNAL, what)
@@ -230,6 +245,21 @@ impl Runner for Ops {
                     o => o,
                 }
             }
+            JobWork::Failover { machine, kind, point, reason, drain_secs } => {
+                let fj = crate::failover::FailoverJob {
+                    job,
+                    machine: &machine,
+                    kind,
+                    point: &point,
+                    reason: &reason,
+                    drain_secs,
+                };
+                self.failover_step(&fj, step, ctl).await
+            }
+            JobWork::FailoverChangePoint { machine, point } => {
+                self.change_point_step(job, &machine, &point, step, ctl).await
+            }
+            JobWork::FailoverCommit { machine } => self.commit_step(job, &machine, step, ctl).await,
             JobWork::Backup {} => match crate::backup::write_backup(&self.store, &self.backup, ctl).await {
                 Ok(path) => Outcome::Done(Some(format!("backup written to {}", path.display()))),
                 Err(e) => Outcome::Failed(JobError::new(errors::BACKUP_FAILED, e)),
@@ -238,7 +268,16 @@ impl Runner for Ops {
     }
 }
 
-pub const JOB_KINDS: &[&str] = &["discovery", "plan-drill", "backup", "site-operation", "protect"];
+pub const JOB_KINDS: &[&str] = &[
+    "discovery",
+    "plan-drill",
+    "backup",
+    "site-operation",
+    "protect",
+    "failover",
+    "failover-change-point",
+    "failover-commit",
+];
 
 pub fn arc(store: Store, backup: crate::backup::BackupConfig, power_programs: Vec<Vec<String>>) -> Arc<Ops> {
     Arc::new(Ops { store, backup, power_programs })

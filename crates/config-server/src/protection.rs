@@ -203,6 +203,7 @@ async fn plan(s: &AppState, req: &ProtectRequest) -> Result<Vec<Protection>, Api
                 })
                 .collect(),
             since_ms: now_ms(),
+            failover: None,
         });
     }
     Ok(out)
@@ -357,7 +358,7 @@ pub async fn list_machines(State(s): State<Arc<AppState>>) -> crate::http::ApiRe
         for m in &inv.content.machines {
             let comp = s.store.get::<Component>(COMPONENT, &format!("agent/{}", m.name)).await?.map(|d| d.body);
             let p = protections.get(&m.name);
-            let (health, reasons) = match &comp {
+            let (mut health, mut reasons) = match &comp {
                 Some(c) => crate::health::health_of(&s, c).await,
                 None => (Health::Critical, Vec::new()),
             };
@@ -366,11 +367,18 @@ pub async fn list_machines(State(s): State<Arc<AppState>>) -> crate::http::ApiRe
                 Some(p) => Some(effective_state(&s.store, p).await?),
                 None => None,
             };
-            let replication = match (state.as_deref(), st.as_ref().map(|a| a.mode)) {
-                (None, _) => "unprotected".to_owned(),
-                (Some("protected"), Some(Mode::Replicating)) => "protected".to_owned(),
-                (Some("protected"), Some(mode)) => format!("protected ({})", mode.as_str()),
-                (Some(state), _) => state.to_owned(),
+            let failover = p.and_then(|p| p.failover.clone());
+            if let (Some(p), Some(f)) = (p, &failover) {
+                // Failed over, the machine's health is its recovery site's: the primary's agent
+                // is expected to be silent.
+                (health, reasons) = crate::failover::failover_health(&s.store, p, f).await;
+            }
+            let replication = match (state.as_deref(), st.as_ref().map(|a| a.mode), &failover) {
+                (Some(_), _, Some(f)) => crate::failover::failover_view(&s.store, f).await?,
+                (None, _, _) => "unprotected".to_owned(),
+                (Some("protected"), Some(Mode::Replicating), _) => "protected".to_owned(),
+                (Some("protected"), Some(mode), _) => format!("protected ({})", mode.as_str()),
+                (Some(state), _, _) => state.to_owned(),
             };
             out.push(MachineView {
                 machine: m.name.clone(),
@@ -384,13 +392,14 @@ pub async fn list_machines(State(s): State<Arc<AppState>>) -> crate::http::ApiRe
                 datastore: p.map(|p| p.datastore.clone()),
                 group: p.and_then(|p| p.group.clone()),
                 job: p.map(|p| p.job.clone()),
-                health: if comp.is_some() { Some(health) } else { None },
+                health: if comp.is_some() || failover.is_some() { Some(health) } else { None },
                 reasons,
                 rpo_secs: st.as_ref().map(|a| a.lag_seconds),
                 caught_up: st.as_ref().map(|a| a.caught_up),
                 initial_sync: st.as_ref().and_then(|a| a.resync.clone()),
                 points: st.as_ref().map(|a| a.points.clone()),
                 last_heartbeat_ms: comp.as_ref().and_then(|c| c.last_seen_ms),
+                failover,
             });
         }
     }
@@ -460,11 +469,11 @@ pub async fn effective_state(store: &Store, p: &Protection) -> Result<String, fe
 
 // ---- the job's steps ---------------------------------------------------------------------------
 
-fn fail(code: errors::ErrorCode, msg: impl Into<String>) -> Outcome {
+pub(crate) fn fail(code: errors::ErrorCode, msg: impl Into<String>) -> Outcome {
     Outcome::Failed(JobError::new(code, msg))
 }
 
-async fn component(store: &Store, kind: ComponentKind, name: &str) -> Option<Component> {
+pub(crate) async fn component(store: &Store, kind: ComponentKind, name: &str) -> Option<Component> {
     store.get::<Component>(COMPONENT, &format!("{kind}/{name}")).await.ok().flatten().map(|d| d.body)
 }
 
@@ -484,7 +493,11 @@ async fn group_coordinator_key(store: &Store, group: &str) -> Result<(String, St
 }
 
 /// Read-modify-write a component's settings with compare-and-set (concurrent jobs share them).
-async fn update_settings(store: &Store, key: &str, f: impl Fn(&mut ComponentSettings)) -> Result<(), String> {
+pub(crate) async fn update_settings(
+    store: &Store,
+    key: &str,
+    f: impl Fn(&mut ComponentSettings),
+) -> Result<(), String> {
     for _ in 0..20 {
         let cur = store.get::<ComponentSettings>(SETTINGS, key).await.map_err(|e| e.to_string())?;
         let (mut body, rev) = cur.map(|d| (d.body, d.revision)).unwrap_or_default();
@@ -499,7 +512,7 @@ async fn update_settings(store: &Store, key: &str, f: impl Fn(&mut ComponentSett
 }
 
 /// Poll until `check` passes on the component's latest status, or fail after `limit`.
-async fn wait_status(
+pub(crate) async fn wait_status(
     store: &Store,
     ctl: &JobControl,
     kind: ComponentKind,

@@ -165,11 +165,12 @@ extra = {{ colour = "blue" }}
             "[power]\non = [\"sh\", \"-c\", \"cp {dir}/machine.toml {dir}/seen.toml; exec sleep 60\"]\nextra = { owner = \"lab\" }",
         );
         assert_eq!(p.kind(), "local");
-        let on = p.operate(SiteOperation::PowerOn { machine: "m1".into() }).await.unwrap();
+        let on = p.operate(SiteOperation::PowerOn { machine: "m1".into(), allow_failed_over: false }).await.unwrap();
         assert!(on.contains("powered on"), "{on}");
         let run = d.path().join("guests/m1");
         let pid = running_pid(&run).expect("the program runs, recorded with its start time");
-        let again = p.operate(SiteOperation::PowerOn { machine: "m1".into() }).await.unwrap_err();
+        let again =
+            p.operate(SiteOperation::PowerOn { machine: "m1".into(), allow_failed_over: false }).await.unwrap_err();
         assert!(again.to_string().contains("already running"), "{again}");
         assert_eq!(ferry_types::HasErrorCode::error_code(&again), errors::CONFLICT);
         // The program got the machine file: its disks (absolute) and the merged extra settings.
@@ -193,11 +194,12 @@ extra = {{ colour = "blue" }}
     #[tokio::test]
     async fn a_site_without_a_power_program_records_power_states_only() {
         let (d, p) = site("");
-        p.operate(SiteOperation::PowerOn { machine: "m1".into() }).await.unwrap();
+        p.operate(SiteOperation::PowerOn { machine: "m1".into(), allow_failed_over: false }).await.unwrap();
         assert!(!d.path().join("guests/m1/power.pid").exists());
         let inv = p.discover().await.unwrap();
         assert_eq!(inv.content.machines[0].power, "on");
-        let unknown = p.operate(SiteOperation::PowerOn { machine: "nope".into() }).await.unwrap_err();
+        let unknown =
+            p.operate(SiteOperation::PowerOn { machine: "nope".into(), allow_failed_over: false }).await.unwrap_err();
         assert!(unknown.to_string().contains("no machine nope"), "{unknown}");
     }
 

@@ -774,9 +774,73 @@ pub async fn protect(a: ProtectArgs, s: &ServerArgs, out: OutputFormat) -> Resul
     watch(&job.id, s, out).await
 }
 
+#[derive(Subcommand)]
+pub enum FailoverAction {
+    /// Fail a protected machine over: --planned (primary healthy, nothing lost) or --unplanned
+    /// (primary lost: to --point, default `latest`).
+    Start {
+        machine: String,
+        #[arg(long, conflicts_with = "unplanned", required_unless_present = "unplanned")]
+        planned: bool,
+        #[arg(long)]
+        unplanned: bool,
+        /// Unplanned: an RC-1 selector (latest, latest-processed, latest-app, latest-multi,
+        /// latest-multi-app), a point ID or a seq.
+        #[arg(long, conflicts_with = "planned")]
+        point: Option<String>,
+        #[arg(long)]
+        reason: Option<String>,
+        /// Planned: how long to wait for the recovery site to hold every write.
+        #[arg(long, default_value_t = 300)]
+        drain_secs: u64,
+        /// Return once the job is started instead of following it.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Put a failed-over machine's disks at another point (before commit).
+    ChangePoint {
+        machine: String,
+        #[arg(long)]
+        point: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Commit a failover: its point cannot change any more.
+    Commit {
+        machine: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
+}
+
+/// `ferry failover …`: start the job, then follow it (steps, progress, ETA).
+pub async fn failover(a: FailoverAction, s: &ServerArgs, out: OutputFormat) -> Result<()> {
+    use ferry_api::config_server::{ChangePointRequest, FailoverKind, FailoverRequest};
+    let (job, no_wait): (Job, bool) = match a {
+        FailoverAction::Start { machine, planned, unplanned: _, point, reason, drain_secs, no_wait } => {
+            let kind = if planned { FailoverKind::Planned } else { FailoverKind::Unplanned };
+            let req = FailoverRequest { machine, kind, point, reason, drain_secs };
+            (s.call(Method::Post, "/api/v1/failovers", Some(&req)).await?, no_wait)
+        }
+        FailoverAction::ChangePoint { machine, point, no_wait } => {
+            let path = format!("/api/v1/machines/{machine}/failover/change-point");
+            (s.call(Method::Post, &path, Some(&ChangePointRequest { point })).await?, no_wait)
+        }
+        FailoverAction::Commit { machine, no_wait } => {
+            let path = format!("/api/v1/machines/{machine}/failover/commit");
+            (s.call(Method::Post, &path, None::<&()>).await?, no_wait)
+        }
+    };
+    if no_wait {
+        show_one(&job, out);
+        return Ok(());
+    }
+    watch(&job.id, s, out).await
+}
+
 pub fn print_machines(v: &[MachineView]) {
     println!(
-        "{:<10} {:<10} {:<8} {:<5} {:<22} {:<14} {:<9} {:<14} {:<12} POINTS (crash/app)",
+        "{:<10} {:<10} {:<8} {:<5} {:<26} {:<14} {:<9} {:<14} {:<12} POINTS (crash/app)",
         "MACHINE", "SITE", "OS", "POWER", "REPLICATION", "HEALTH", "RPO", "MASTER TARGET", "GROUP"
     );
     for m in v {
@@ -785,7 +849,7 @@ pub fn print_machines(v: &[MachineView]) {
         let points =
             m.points.as_ref().map(|p| format!("{}/{}", p.crash_tags, p.app_tags)).unwrap_or_else(|| "-".into());
         println!(
-            "{:<10} {:<10} {:<8} {:<5} {:<22} {:<14} {:<9} {:<14} {:<12} {}",
+            "{:<10} {:<10} {:<8} {:<5} {:<26} {:<14} {:<9} {:<14} {:<12} {}",
             m.machine,
             m.site,
             m.os_family,

@@ -327,6 +327,9 @@ pub(crate) enum LabAction {
     /// Power a lab machine on (its guest boots and its mobility service registers).
     PowerOn {
         machine: String,
+        /// Also when the machine failed over from this site (the old primary, fenced).
+        #[arg(long)]
+        allow_failed_over: bool,
         #[arg(long, env = "FERRY_LAB", default_value = "ferry-lab")]
         lab: PathBuf,
     },
@@ -449,8 +452,8 @@ pub(crate) async fn run_lab(action: LabAction, out: OutputFormat) -> Result<()> 
         LabAction::Crash { machine, lab } => {
             machine_op(&lab, &machine.clone(), SiteOperation::Crash { machine }, out).await
         }
-        LabAction::PowerOn { machine, lab } => {
-            machine_op(&lab, &machine.clone(), SiteOperation::PowerOn { machine }, out).await
+        LabAction::PowerOn { machine, allow_failed_over, lab } => {
+            machine_op(&lab, &machine.clone(), SiteOperation::PowerOn { machine, allow_failed_over }, out).await
         }
         LabAction::PowerOff { machine, lab } => {
             machine_op(&lab, &machine.clone(), SiteOperation::PowerOff { machine }, out).await

@@ -130,6 +130,13 @@ enum Command {
         #[command(flatten)]
         server: ctl::ServerArgs,
     },
+    /// Fail a protected machine over, change its point, commit (jobs with steps and progress).
+    Failover {
+        #[command(subcommand)]
+        action: ctl::FailoverAction,
+        #[command(flatten)]
+        server: ctl::ServerArgs,
+    },
     /// Discovered machines: protection, health, RPO, points.
     Machines {
         #[command(flatten)]
@@ -291,6 +298,7 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Backup { server } => ctl::backup(&server, out).await,
         Command::Lab { action } => lab_cli::run_lab(action, out).await,
         Command::Protect { args, server } => ctl::protect(args, &server, out).await,
+        Command::Failover { action, server } => ctl::failover(action, &server, out).await,
         Command::Machines { server } => ctl::machines(&server, out).await,
         Command::RecoveryPoints { machine, server } => ctl::recovery_points(&machine, &server, out).await,
         Command::Demo(args) => lab_cli::demo(args, out).await,

@@ -955,7 +955,7 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, say: Say<'_>) -> Result<L
     let mut powered = Vec::new();
     for site in &spec.sites {
         for m in site.machines.iter().filter(|m| m.power == "on") {
-            let power_on = SiteOperation::PowerOn { machine: m.name.clone() };
+            let power_on = SiteOperation::PowerOn { machine: m.name.clone(), allow_failed_over: false };
             let path = format!("/api/v1/sites/{}/operations", site.name);
             let job: Job = op.call(Method::Post, &path, Some(&power_on)).await?;
             wait_job(&op, &job, Duration::from_secs(60)).await.with_context(|| format!("powering {} on", m.name))?;

@@ -169,6 +169,9 @@ registry! {
     DISK_IN_USE = 9032, 409, "disk-in-use",
         "a target disk is locked by another writer (the machine runs at the recovery site, or another process holds it): nothing was changed",
         "shut the machine at the recovery site down (its agent releases the disks), then retry";
+    DRAIN_INCOMPLETE = 9033, 504, "drain-incomplete",
+        "a planned failover could not confirm that the recovery site holds every write the primary acknowledged (the primary's agent is quiesced: it takes no writes)",
+        "check the link, the process server and the master target (`ferry components`), then run the planned failover again (it resumes where it stopped), or fail over unplanned to a chosen point (the writes after it are lost)";
 }
 
 /// The registry entry for `code`.

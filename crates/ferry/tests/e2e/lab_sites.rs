@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use crate::harness::*;
 use serde_json::{json, Value};
 
-fn ferry(args: &[&str], env: &[(&str, String)]) -> Output {
+pub(crate) fn ferry(args: &[&str], env: &[(&str, String)]) -> Output {
     let mut c = Command::new(FERRY);
     c.args(args);
     for (k, v) in env {
@@ -21,7 +21,7 @@ fn ferry(args: &[&str], env: &[(&str, String)]) -> Output {
     c.output().unwrap()
 }
 
-fn ok(o: &Output, what: &str) -> String {
+pub(crate) fn ok(o: &Output, what: &str) -> String {
     assert!(
         o.status.success(),
         "{what}: {}\n{}",
@@ -31,12 +31,12 @@ fn ok(o: &Output, what: &str) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-fn json_of(o: &Output, what: &str) -> Value {
+pub(crate) fn json_of(o: &Output, what: &str) -> Value {
     serde_json::from_str(&ok(o, what))
         .unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {}", String::from_utf8_lossy(&o.stdout)))
 }
 
-fn alive(pid: i64) -> bool {
+pub(crate) fn alive(pid: i64) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| !s.rsplit(')').next().is_some_and(|r| r.trim_start().starts_with('Z')))
         .unwrap_or(false)
@@ -57,15 +57,15 @@ fn processes_mentioning(path: &Path) -> Vec<String> {
     out
 }
 
-struct Lab {
-    dir: PathBuf,
-    state: Value,
-    env: Vec<(&'static str, String)>,
+pub(crate) struct Lab {
+    pub(crate) dir: PathBuf,
+    pub(crate) state: Value,
+    pub(crate) env: Vec<(&'static str, String)>,
     down: bool,
 }
 
 impl Lab {
-    fn up(dir: &Path, config: Option<&Path>) -> Lab {
+    pub(crate) fn up(dir: &Path, config: Option<&Path>) -> Lab {
         let mut args =
             vec!["--output".to_owned(), "json".into(), "lab".into(), "up".into(), dir.to_string_lossy().into_owned()];
         if let Some(c) = config {
@@ -83,18 +83,18 @@ impl Lab {
         Lab { dir: dir.to_owned(), state, env, down: false }
     }
 
-    fn run(&self, args: &[&str]) -> Output {
+    pub(crate) fn run(&self, args: &[&str]) -> Output {
         ferry(args, &self.env)
     }
 
-    fn json(&self, args: &[&str]) -> Value {
+    pub(crate) fn json(&self, args: &[&str]) -> Value {
         let mut a = vec!["--output", "json"];
         a.extend_from_slice(args);
         json_of(&self.run(&a), &args.join(" "))
     }
 
     /// Every pid the lab started: daemons, guests, agents, workloads.
-    fn pids(&self) -> Vec<(String, i64)> {
+    pub(crate) fn pids(&self) -> Vec<(String, i64)> {
         let state: Value = serde_json::from_slice(&std::fs::read(self.dir.join("lab.json")).unwrap()).unwrap();
         let mut out: Vec<(String, i64)> = state["processes"]
             .as_array()
@@ -116,33 +116,33 @@ impl Lab {
         out
     }
 
-    fn guest(&self, m: &str) -> PathBuf {
+    pub(crate) fn guest(&self, m: &str) -> PathBuf {
         self.dir.join("sites/primary/guests").join(m)
     }
 
-    fn machine(&self, m: &str) -> Value {
+    pub(crate) fn machine(&self, m: &str) -> Value {
         let v = self.json(&["machines"]);
         v.as_array().unwrap().iter().find(|x| x["machine"] == m).cloned().unwrap_or_else(|| panic!("no {m}: {v:#}"))
     }
 
-    fn process_status(&self, name: &str) -> Value {
+    pub(crate) fn process_status(&self, name: &str) -> Value {
         let p = self.state["processes"].as_array().unwrap().iter().find(|p| p["name"] == name).unwrap();
         http_json(p["status"].as_str().unwrap(), "GET", "/status", None).1
     }
 
     /// A master target's status entry for one machine's replica (Null when it holds none).
-    fn replica(&self, mt: &str, m: &str) -> Value {
+    pub(crate) fn replica(&self, mt: &str, m: &str) -> Value {
         let st = self.process_status(mt);
         st["machines"].as_array().unwrap().iter().find(|r| r["machine"] == m).cloned().unwrap_or(Value::Null)
     }
 
-    fn agent_status(&self, m: &str) -> Value {
+    pub(crate) fn agent_status(&self, m: &str) -> Value {
         let ends: Value =
             serde_json::from_slice(&std::fs::read(self.guest(m).join("endpoints.json")).unwrap()).unwrap();
         http_json(ends["status"].as_str().unwrap(), "GET", "/status", None).1
     }
 
-    fn down(&mut self) -> Vec<(String, i64)> {
+    pub(crate) fn down(&mut self) -> Vec<(String, i64)> {
         let pids = self.pids();
         ok(&self.run(&["lab", "down", self.dir.to_str().unwrap()]), "lab down");
         self.down = true;
@@ -172,12 +172,18 @@ impl Drop for Lab {
 }
 
 /// Plain HTTP to a status endpoint (loopback).
-fn http_json(addr: &str, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+pub(crate) fn http_json(addr: &str, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
     http_json_as(addr, None, method, path, body)
 }
 
 /// [`http_json`] with a bearer token.
-fn http_json_as(addr: &str, bearer: Option<&str>, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+pub(crate) fn http_json_as(
+    addr: &str,
+    bearer: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> (u16, Value) {
     let mut c = Command::new("curl");
     c.args(["-s", "-X", method, "-w", "\n%{http_code}", "-H", "Content-Type: application/json"]);
     if let Some(b) = bearer {
@@ -192,7 +198,7 @@ fn http_json_as(addr: &str, bearer: Option<&str>, method: &str, path: &str, body
     (code.trim().parse().unwrap_or(0), serde_json::from_str(body).unwrap_or(Value::Null))
 }
 
-fn wait<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+pub(crate) fn wait<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + limit;
     loop {
         if let Some(v) = f() {
@@ -204,12 +210,12 @@ fn wait<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
 }
 
 /// SIGKILL to a process group the lab started.
-fn kill_group(pid: i64) {
+pub(crate) fn kill_group(pid: i64) {
     let _ = Command::new("kill").args(["-KILL", "--", &format!("-{pid}")]).status();
     wait("the process dies", Duration::from_secs(10), || (!alive(pid)).then_some(()));
 }
 
-fn records(p: &Path) -> usize {
+pub(crate) fn records(p: &Path) -> usize {
     std::fs::read_to_string(p).map(|t| t.lines().count()).unwrap_or(0)
 }
 

@@ -1,0 +1,229 @@
+//! Failover through the configuration server, on lab sites: a planned failover loses no
+//! acknowledged write (the failed-over disk holds exactly the workload's last record), an
+//! unplanned one goes to the chosen point and reports what it discards (checked against the
+//! workload's log), change point and commit, the old primary kept off and fenced, and the errors
+//! an operator meets on the way.
+//!
+//! Size: one story per test; each needs a whole lab.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::lab_sites::{json_of, ok, records, wait, Lab};
+use serde_json::Value;
+
+const LAB: &str = r#"
+boot_delay_secs = 0.5
+[[sites]]
+name = "primary"
+config_server = true
+hosts = [{ name = "esx-p1" }]
+datastores = [{ name = "vmfs-p", kind = "vmfs", hosts = ["esx-p1"] }]
+process_server = { name = "ps-primary" }
+[[sites.machines]]
+name = "web1"
+os_family = "linux"
+host = "esx-p1"
+datastore = "vmfs-p"
+disks = [{ name = "disk0", size = 16777216 }]
+workload = { rate = 25, max_blocks = 4, seed = 21 }
+[[sites.machines]]
+name = "db1"
+os_family = "linux"
+host = "esx-p1"
+datastore = "vmfs-p"
+disks = [{ name = "disk0", size = 16777216 }]
+workload = { rate = 25, max_blocks = 4, seed = 22 }
+[[sites.machines]]
+name = "spare"
+os_family = "linux"
+host = "esx-p1"
+datastore = "vmfs-p"
+power = "off"
+disks = [{ name = "disk0", size = 1048576 }]
+[[sites]]
+name = "recovery"
+hosts = [{ name = "esx-r1" }]
+datastores = [{ name = "vmfs-r", kind = "vmfs", hosts = ["esx-r1"] }]
+[[sites.master_targets]]
+name = "mt-r"
+os_family = "linux"
+host = "esx-r1"
+"#;
+
+fn failed(o: &std::process::Output, want: &str, what: &str) {
+    let err = String::from_utf8_lossy(&o.stderr).into_owned() + &String::from_utf8_lossy(&o.stdout);
+    assert!(!o.status.success(), "{what} must fail: {err}");
+    assert!(err.contains(want), "{what}: expected {want:?} in: {err}");
+}
+
+/// The failed-over disk, copied (the target file itself belongs to whoever runs the machine).
+fn copy_of(lab: &Lab, m: &str, tmp: &Path, name: &str) -> PathBuf {
+    let target = lab.dir.join("sites/recovery/datastores/vmfs-r").join(m).join("disk0.img");
+    let copy = tmp.join(name);
+    std::fs::copy(&target, &copy).unwrap();
+    copy
+}
+
+fn verify(lab: &Lab, m: &str, seed: u64, disk: &Path, exact: Option<u64>) -> (bool, Value) {
+    let log = lab.guest(m).join("records.log");
+    let seed = seed.to_string();
+    let mut args = vec![
+        "--output",
+        "json",
+        "lab",
+        "verify",
+        "--seed",
+        &seed,
+        "--record-log",
+        log.to_str().unwrap(),
+        "--disk",
+        disk.to_str().unwrap(),
+    ];
+    let e = exact.map(|e| e.to_string());
+    if let Some(e) = &e {
+        args.extend_from_slice(&["--exact-seq", e]);
+    }
+    let o = lab.run(&args);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+    (o.status.success() && v["consistent"] == true, v)
+}
+
+fn sha(p: &Path) -> String {
+    let o = std::process::Command::new("sha256sum").arg(p).output().unwrap();
+    String::from_utf8_lossy(&o.stdout).split_whitespace().next().unwrap_or("").to_owned()
+}
+
+#[test]
+fn planned_and_unplanned_failover_change_point_commit_and_the_old_primary_stays_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("lab.toml");
+    std::fs::write(&cfg, LAB).unwrap();
+    let dir = tmp.path().join("lab");
+    let mut lab = Lab::up(&dir, Some(&cfg));
+    ok(&lab.run(&["policies", "create", "gold", "--crash-consistent-secs", "2", "--retention-secs", "3600"]), "policy");
+    let job = lab.json(&[
+        "protect",
+        "web1",
+        "db1",
+        "--policy",
+        "gold",
+        "--process-server",
+        "ps-primary",
+        "--master-target",
+        "mt-r",
+        "--datastore",
+        "vmfs-r",
+    ]);
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    for m in ["web1", "db1"] {
+        let log = lab.guest(m).join("records.log");
+        wait(&format!("{m} writes"), Duration::from_secs(60), || (records(&log) > 40).then_some(()));
+    }
+
+    // What an operator may get wrong, refused at once with what to do.
+    failed(&lab.run(&["failover", "start", "spare", "--planned"]), "is not protected", "unprotected machine");
+    failed(
+        &lab.run(&["failover", "start", "web1", "--planned", "--point", "latest"]),
+        "cannot be used with",
+        "planned + point",
+    );
+    failed(&lab.run(&["failover", "commit", "web1"]), "is not failed over", "commit before failover");
+    failed(
+        &lab.run(&["failover", "start", "web1", "--unplanned", "--point", "no such point!"]),
+        "RC-1 selector",
+        "a malformed point",
+    );
+
+    // Planned: every write the primary acknowledged is on the failed-over disk, exactly.
+    let job = lab.json(&["failover", "start", "web1", "--planned", "--reason", "maintenance of site primary"]);
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert_eq!(job["steps"].as_array().unwrap().len(), 6, "{job:#}");
+    let paused: u64 = std::fs::read_to_string(lab.guest("web1").join("pause.paused")).unwrap().trim().parse().unwrap();
+    let disk = copy_of(&lab, "web1", tmp.path(), "web1-planned.img");
+    let (good, v) = verify(&lab, "web1", 21, &disk, Some(paused));
+    assert!(good, "the failed-over disk holds exactly record {paused}, the last one written: {v:#}");
+    let m = lab.machine("web1");
+    assert_eq!(m["replication"], "failed over (uncommitted)", "{m:#}");
+    assert_eq!(m["health"], "healthy", "{m:#}");
+    assert_eq!(m["power"], "off", "the primary was shut down: {m:#}");
+    assert_eq!(m["failover"]["kind"], "planned");
+    assert!(m["failover"]["primary_last_seq"].as_u64().is_some(), "{m:#}");
+    let rep = lab.replica("mt-r", "web1");
+    assert_eq!(rep["failover"]["phase"], "at-point", "{rep:#}");
+    assert!(rep["fence"]["reason"].as_str().unwrap().contains("maintenance"), "{rep:#}");
+    failed(&lab.run(&["failover", "start", "web1", "--planned"]), "already failed over", "a second failover");
+
+    // The old primary stays off unless the operator insists; then it runs, fenced: not a byte
+    // of it reaches the failed-over disk.
+    failed(&lab.run(&["lab", "power-on", "web1"]), "allow-failed-over", "powering the old primary on");
+    let target = lab.dir.join("sites/recovery/datastores/vmfs-r/web1/disk0.img");
+    let before = sha(&target);
+    ok(&lab.run(&["lab", "power-on", "web1", "--allow-failed-over"]), "power on, explicitly");
+    let log = lab.guest("web1").join("records.log");
+    let n = records(&log);
+    wait("the old primary's workload writes again", Duration::from_secs(60), || (records(&log) > n + 25).then_some(()));
+    assert_eq!(sha(&target), before, "the fenced replica took nothing from the old primary");
+    ok(&lab.run(&["lab", "power-off", "web1"]), "power the old primary off");
+
+    // Unplanned, to a chosen point: the disk holds exactly the records up to it, and the
+    // report of what was discarded matches the workload's log.
+    let points = wait("db1 has crash points", Duration::from_secs(60), || {
+        let v = lab.json(&["recovery-points", "db1"]);
+        let pts: Vec<Value> =
+            v["points"].as_array().unwrap().iter().filter(|p| p["kind"] == "crash").cloned().collect();
+        (pts.len() >= 4).then_some(pts)
+    });
+    let chosen = points[points.len() - 2]["id"].as_str().unwrap().to_owned();
+    let earlier = points[1]["id"].as_str().unwrap().to_owned();
+    ok(&lab.run(&["lab", "crash", "db1"]), "the primary is lost");
+    let job = lab.json(&["failover", "start", "db1", "--unplanned", "--point", &chosen]);
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert_eq!(job["steps"].as_array().unwrap().len(), 4, "{job:#}");
+    let at_point = job["steps"][2]["message"].as_str().unwrap();
+    assert!(at_point.contains(&chosen) && at_point.contains("known only at reprotect"), "{job:#}");
+    let m = lab.machine("db1");
+    assert_eq!(m["failover"]["point"]["id"], chosen.as_str(), "{m:#}");
+    let discarded = m["failover"]["discarded"].clone();
+    let disk = copy_of(&lab, "db1", tmp.path(), "db1-unplanned.img");
+    let (good, v) = verify(&lab, "db1", 22, &disk, None);
+    assert!(good, "{v:#}");
+    let k = v["prefix_seq"].as_u64().unwrap();
+    assert!(verify(&lab, "db1", 22, &disk, Some(k)).0 && !verify(&lab, "db1", 22, &disk, Some(k + 1)).0);
+    let n = discarded["records"].as_u64().unwrap();
+    assert!(n > 0, "writes came after the chosen point: {discarded:#}");
+    let log = std::fs::read_to_string(lab.guest("db1").join("records.log")).unwrap();
+    let mut blocks = BTreeSet::new();
+    for line in log.lines() {
+        let v: Vec<u64> = line.split_whitespace().map(|x| x.parse().unwrap()).collect();
+        if v[0] > k && v[0] <= k + n {
+            blocks.extend((0..v[3]).map(|i| v[2] / 4096 + i));
+        }
+    }
+    assert_eq!(
+        discarded["bytes"].as_u64().unwrap(),
+        blocks.len() as u64 * 4096,
+        "the discarded bytes are the blocks of records {}..={} of the workload's log: {discarded:#}",
+        k + 1,
+        k + n
+    );
+
+    // Change point (before commit), then commit; after that the point is fixed.
+    let job = lab.json(&["failover", "change-point", "db1", "--point", &earlier]);
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    let disk = copy_of(&lab, "db1", tmp.path(), "db1-earlier.img");
+    let (good, v) = verify(&lab, "db1", 22, &disk, None);
+    assert!(good, "{v:#}");
+    assert!(v["prefix_seq"].as_u64().unwrap() < k, "an earlier point holds fewer records: {v:#}");
+    assert_eq!(lab.machine("db1")["failover"]["point"]["id"], earlier.as_str());
+    let job = lab.json(&["failover", "commit", "db1"]);
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    let m = lab.machine("db1");
+    assert_eq!(m["replication"], "failed over (committed)", "{m:#}");
+    assert_eq!(lab.replica("mt-r", "db1")["failover"]["phase"], "committed");
+    failed(&lab.run(&["failover", "commit", "db1"]), "already committed", "commit twice");
+    failed(&lab.run(&["failover", "change-point", "db1", "--point", &chosen]), "committed", "change after commit");
+    assert_eq!(json_of(&lab.run(&["--output", "json", "machines"]), "machines").as_array().unwrap().len(), 3);
+    lab.down();
+}
