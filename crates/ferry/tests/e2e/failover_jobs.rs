@@ -227,3 +227,111 @@ fn planned_and_unplanned_failover_change_point_commit_and_the_old_primary_stays_
     assert_eq!(json_of(&lab.run(&["--output", "json", "machines"]), "machines").as_array().unwrap().len(), 3);
     lab.down();
 }
+
+fn three_machine_lab() -> String {
+    let mut lab = LAB.replace(
+        "[[sites.machines]]\nname = \"spare\"",
+        "[[sites.machines]]\nname = \"app1\"\nos_family = \"linux\"\nhost = \"esx-p1\"\ndatastore = \"vmfs-p\"\ndisks = [{ name = \"disk0\", size = 16777216 }]\nworkload = { rate = 25, max_blocks = 4, seed = 23 }\n[[sites.machines]]\nname = \"spare\"",
+    );
+    lab.push('\n');
+    lab
+}
+
+/// SIGKILL to the pid a guest recorded for one of its processes (`agent`, `workload`).
+fn kill_guest_process(lab: &Lab, m: &str, what: &str) {
+    let t = std::fs::read_to_string(lab.guest(m).join(format!("{what}.pid"))).unwrap();
+    let pid = t.split_whitespace().next().unwrap();
+    let _ = std::process::Command::new("kill").args(["-KILL", pid]).status();
+}
+
+#[test]
+fn failover_jobs_finish_exactly_when_each_component_is_killed_at_a_seeded_random_point() {
+    use rand::{Rng, SeedableRng};
+    let seed = crate::harness::seed("failover_jobs_killed");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("lab.toml");
+    std::fs::write(&cfg, three_machine_lab()).unwrap();
+    let dir = tmp.path().join("lab");
+    let mut lab = Lab::up(&dir, Some(&cfg));
+    ok(&lab.run(&["policies", "create", "gold", "--crash-consistent-secs", "2", "--retention-secs", "3600"]), "policy");
+    let job = lab.json(&[
+        "protect",
+        "web1",
+        "db1",
+        "app1",
+        "--policy",
+        "gold",
+        "--process-server",
+        "ps-primary",
+        "--master-target",
+        "mt-r",
+        "--datastore",
+        "vmfs-r",
+    ]);
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    for m in ["web1", "db1", "app1"] {
+        let log = lab.guest(m).join("records.log");
+        wait(&format!("{m} writes"), Duration::from_secs(60), || (records(&log) > 40).then_some(()));
+    }
+    let start = |args: &[&str]| -> String {
+        let mut a = vec!["failover", "start"];
+        a.extend_from_slice(args);
+        a.push("--no-wait");
+        lab.json(&a)["id"].as_str().unwrap().to_owned()
+    };
+    let finish = |id: &str| -> Value {
+        let o = lab.run(&["--output", "json", "jobs", "watch", id]);
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+        assert_eq!(v["state"], "succeeded", "{}\n{v:#}", String::from_utf8_lossy(&o.stderr));
+        v
+    };
+    let planned_is_exact = |m: &str, seed: u64, name: &str| {
+        let paused: u64 = std::fs::read_to_string(lab.guest(m).join("pause.paused")).unwrap().trim().parse().unwrap();
+        let disk = copy_of(&lab, m, tmp.path(), name);
+        let (good, v) = verify(&lab, m, seed, &disk, Some(paused));
+        assert!(good, "{m}: the failed-over disk holds exactly record {paused}: {v:#}");
+    };
+
+    // The configuration server dies mid-job; restarted, it resumes the job at its step.
+    let id = start(&["web1", "--planned"]);
+    std::thread::sleep(Duration::from_millis(rng.gen_range(0..2500)));
+    ok(&lab.run(&["lab", "restart", "config-server", "--kill"]), "kill and restart the configuration server");
+    let job = finish(&id);
+    assert!(job["resumes"].as_u64().unwrap() <= 1, "{job:#}");
+    planned_is_exact("web1", 21, "web1.img");
+
+    // The primary's agent dies mid-job (its guest restarts it, and it quiesces again), then the
+    // process server it ships through.
+    let id = start(&["app1", "--planned"]);
+    std::thread::sleep(Duration::from_millis(rng.gen_range(0..1500)));
+    kill_guest_process(&lab, "app1", "agent");
+    std::thread::sleep(Duration::from_millis(rng.gen_range(0..1500)));
+    ok(&lab.run(&["lab", "restart", "ps-primary", "--kill"]), "kill and restart the process server");
+    finish(&id);
+    planned_is_exact("app1", 23, "app1.img");
+
+    // The master target dies while it fences and restores; restarted, it carries the order out.
+    let point = wait("db1 has crash points", Duration::from_secs(60), || {
+        let v = lab.json(&["recovery-points", "db1"]);
+        let pts: Vec<Value> =
+            v["points"].as_array().unwrap().iter().filter(|p| p["kind"] == "crash").cloned().collect();
+        (pts.len() >= 3).then(|| pts[pts.len() - 2]["id"].as_str().unwrap().to_owned())
+    });
+    let id = start(&["db1", "--unplanned", "--point", &point]);
+    std::thread::sleep(Duration::from_millis(rng.gen_range(0..2000)));
+    ok(&lab.run(&["lab", "restart", "mt-r", "--kill"]), "kill and restart the master target");
+    finish(&id);
+    let m = lab.machine("db1");
+    assert_eq!(m["failover"]["point"]["id"], point.as_str(), "{m:#}");
+    assert_eq!(m["replication"], "failed over (uncommitted)", "{m:#}");
+    let disk = copy_of(&lab, "db1", tmp.path(), "db1.img");
+    let (good, v) = verify(&lab, "db1", 22, &disk, None);
+    assert!(good, "{v:#}");
+    let k = v["prefix_seq"].as_u64().unwrap();
+    assert!(!verify(&lab, "db1", 22, &disk, Some(k + 1)).0, "exactly k records: {v:#}");
+    // The point is the master target's own: the disk is byte-identical to it materialized.
+    let rep = lab.replica("mt-r", "db1");
+    assert_eq!(rep["failover"]["point"]["id"], point.as_str(), "{rep:#}");
+    lab.down();
+}
