@@ -255,3 +255,80 @@ async fn an_extent_is_never_retired_while_a_change_to_it_is_not_durable_downstre
     assert_eq!(m.status().activity_log_extents, 0);
     stop.cancel();
 }
+
+/// A failed-over machine's agent: no process server, a seed file from the master target.
+fn tracking_machine(dir: &std::path::Path, seed: &ferry_api::agent::FailoverSeed) -> Arc<Machine> {
+    let disk = dir.join("d0.img");
+    if !disk.exists() {
+        std::fs::File::create(&disk).unwrap().set_len(DISK).unwrap();
+    }
+    std::fs::write(dir.join("seed.json"), serde_json::to_vec(seed).unwrap()).unwrap();
+    let cfg = format!(
+        "machine = \"vm1.recovery\"\nstate_dir = \"{0}/state\"\nal_extent_bytes = 1048576\nal_extents = 64\ncrash_point_interval_secs = 0\napp_point_interval_secs = 0\nfailover_seed = \"{0}/seed.json\"\nrecovery_writes_file = \"{0}/writes.json\"\n[tls]\nca = \"{0}/ca.pem\"\ncert = \"{0}/a.pem\"\nkey = \"{0}/a.key\"\n[[disks]]\nname = \"d0\"\npath = \"{1}\"\n",
+        dir.display(),
+        disk.display()
+    );
+    Machine::open(toml::from_str(&cfg).unwrap()).unwrap()
+}
+
+fn extent(offset: u64, length: u64) -> ferry_api::master_target::DiskExtent {
+    ferry_api::master_target::DiskExtent { disk: "d0".into(), offset, length }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_over_machine_tracks_the_seed_and_every_write_and_reports_them_after_a_clean_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let seed = ferry_api::agent::FailoverSeed {
+        machine: "vm1".into(),
+        point: "vm1@100".into(),
+        point_seq: 100,
+        extents: vec![extent(0, 8192), extent(1 << 20, 4096)],
+    };
+    let m = tracking_machine(dir.path(), &seed);
+    assert_eq!(m.status().mode, Mode::Tracking, "no process server: tracking, not an initial sync");
+    assert!(m.status().initial_sync_complete, "the disks hold the point: nothing to copy in full");
+    m.write_recovery_writes(&m.lock(), false).unwrap();
+    let unclean: ferry_api::agent::RecoveryWrites =
+        serde_json::from_slice(&std::fs::read(dir.path().join("writes.json")).unwrap()).unwrap();
+    assert!(!unclean.clean, "while it runs its writes are not complete anywhere but in its state");
+    write(&m, 0, 3 << 20, vec![7u8; 12288]).await;
+    write(&m, 0, 4096, vec![7u8; 4096]).await;
+    assert_eq!(m.status().disks[0].resync_pending_bytes, 8192 + 4096 + 12288, "seed ∪ writes, block-exact");
+    m.shutdown().unwrap();
+    let w: ferry_api::agent::RecoveryWrites =
+        serde_json::from_slice(&std::fs::read(dir.path().join("writes.json")).unwrap()).unwrap();
+    assert!(w.clean);
+    assert_eq!(w.extents, vec![extent(0, 8192), extent(1 << 20, 4096), extent(3 << 20, 12288)]);
+    drop(m);
+    // A restart counts the same seed once; a new one (change of point) is added.
+    let m = tracking_machine(dir.path(), &seed);
+    assert_eq!(m.status().disks[0].resync_pending_bytes, 24576);
+    m.shutdown().unwrap();
+    drop(m);
+    let later = ferry_api::agent::FailoverSeed { point: "vm1@90".into(), extents: vec![extent(5 << 20, 4096)], ..seed };
+    let m = tracking_machine(dir.path(), &later);
+    assert_eq!(m.status().disks[0].resync_pending_bytes, 24576 + 4096);
+    assert_eq!(m.status().mode, Mode::Tracking);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_quiesced_machine_refuses_writes_after_its_last_seq_until_lifted() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = machine(dir.path(), 1);
+    write(&m, 0, 0, vec![1u8; 4096]).await;
+    m.quiesce("job-1/quiesce");
+    let q = m.status().quiesced.unwrap();
+    assert_eq!(q.last_seq, m.status().last_seq, "nothing after the last write");
+    assert!(!q.frozen && q.message.unwrap().contains("refused"), "no freeze hook: writes are refused instead");
+    let m2 = m.clone();
+    let refused =
+        tokio::task::spawn_blocking(move || m2.submit(0, 4096, 4096, Some(&[2u8; 4096]), false, false)).await.unwrap();
+    assert!(matches!(refused, Err(ferry_nbd::BackendError::Refused(_))), "{refused:?}");
+    assert_eq!(m.status().last_seq, q.last_seq);
+    assert!(m.app_point().is_err(), "no app point wakes what a failover paused");
+    m.quiesce("job-1/quiesce");
+    assert_eq!(m.status().quiesced.unwrap().at_ms, q.at_ms, "the same order again changes nothing");
+    m.lift_quiesce();
+    assert!(m.status().quiesced.is_none());
+    write(&m, 0, 4096, vec![2u8; 4096]).await;
+}

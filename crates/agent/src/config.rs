@@ -29,8 +29,10 @@ pub struct AgentConfig {
     pub machine: MachineName,
     /// Where the agent keeps its activity log, change bitmap and state.
     pub state_dir: PathBuf,
-    /// The process server's address for agents.
-    pub process_server: String,
+    /// The process server's address for agents. None: tracking only (a failed-over machine
+    /// before its reprotect): writes are tracked in the change bitmap, nothing is shipped.
+    #[serde(default)]
+    pub process_server: Option<String>,
     /// Name in the process server's certificate.
     #[serde(default = "default_ps_name")]
     pub process_server_name: String,
@@ -110,6 +112,14 @@ pub struct AgentConfig {
     /// file, so recovery points can be checked against what the source really wrote.
     #[serde(default)]
     pub source_write_log: Option<PathBuf>,
+    /// A failed-over machine: the master target's seed file (the extents after the failover
+    /// point), counted as changed when first seen (and again when the point changes).
+    #[serde(default)]
+    pub failover_seed: Option<PathBuf>,
+    /// A failed-over machine: where the agent says what it wrote at the recovery site (marked
+    /// unclean while it runs, complete after a clean stop), for a change of recovery point.
+    #[serde(default)]
+    pub recovery_writes_file: Option<PathBuf>,
     /// Heartbeats to a configuration server (from `ferry register`); standalone without it.
     #[serde(default)]
     pub config_server: Option<ferry_status::ConfigServerLink>,

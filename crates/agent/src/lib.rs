@@ -156,12 +156,26 @@ pub async fn serve(
     };
     tracing::info!(machine = %machine.name, mode = ?machine.lock().mode, "agent started");
 
-    let resync = {
+    // Before the first write: until a clean stop says otherwise, the writes at the recovery
+    // site are known only from this agent's state.
+    {
         let m = machine.clone();
-        std::thread::Builder::new()
-            .name("resync".into())
-            .spawn(move || m.resync_loop())
-            .map_err(|e| AgentError::Config(e.to_string()))?
+        tokio::task::spawn_blocking(move || m.write_recovery_writes(&m.lock(), false))
+            .await
+            .map_err(|e| AgentError::Config(e.to_string()))??;
+    }
+    // Tracking only (no process server): nothing resyncs, nothing ships.
+    let shipping = config.process_server.is_some();
+    let resync = if shipping {
+        let m = machine.clone();
+        Some(
+            std::thread::Builder::new()
+                .name("resync".into())
+                .spawn(move || m.resync_loop())
+                .map_err(|e| AgentError::Config(e.to_string()))?,
+        )
+    } else {
+        None
     };
     // The sender outlives the NBD exports: on shutdown it keeps draining the log while the
     // machine waits for the process server's acknowledgements.
@@ -171,7 +185,8 @@ pub async fn serve(
         Some(_) => ferry_tls::Revoked::load(&config.state_dir.join(REVOKED_FILE)).map_err(AgentError::Config)?,
         None => ferry_tls::Revoked::none(),
     });
-    let sender = tokio::spawn(sender::run(machine.clone(), connector, revoked.clone(), sender_stop.clone()));
+    let sender =
+        shipping.then(|| tokio::spawn(sender::run(machine.clone(), connector, revoked.clone(), sender_stop.clone())));
     let maintenance = {
         let m = machine.clone();
         let sd = shutdown.clone();
@@ -267,8 +282,12 @@ pub async fn serve(
     let m = machine.clone();
     let r = tokio::task::spawn_blocking(move || m.shutdown()).await.map_err(|e| AgentError::Config(e.to_string()))?;
     sender_stop.cancel();
-    let _ = sender.await;
-    let _ = resync.join();
+    if let Some(s) = sender {
+        let _ = s.await;
+    }
+    if let Some(t) = resync {
+        let _ = t.join();
+    }
     r
 }
 

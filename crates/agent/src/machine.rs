@@ -50,6 +50,9 @@ struct PersistentState {
     /// (stop, crash, overflow), a restart runs a (possibly empty) resync to close it.
     #[serde(default)]
     resync_open_seq: Option<u64>,
+    /// The failover seed last counted (its point ID).
+    #[serde(default)]
+    failover_seed: Option<String>,
 }
 
 pub struct Disk {
@@ -329,7 +332,23 @@ impl Machine {
                 dirty.mark(i, 0, d.size);
             }
         }
-        let (state, mode, reason) = match previous {
+        let seed = read_seed(&config, &disks)?;
+        let (mut state, mode, reason) = match previous {
+            // A failed-over machine's first start: its disks hold the point; what differs from
+            // the primary is the seed (the extents after the point), not the whole disk.
+            None if seed.is_some() => {
+                let st = PersistentState {
+                    generation: rand::random::<u64>() | 1,
+                    initial_sync_complete: true,
+                    resync_open_seq: None,
+                    disks: disks
+                        .iter()
+                        .map(|d| DiskDescriptor { name: d.name.to_string(), size: d.size, uuid: d.uuid.clone() })
+                        .collect(),
+                    failover_seed: None,
+                };
+                (st, Mode::Tracking, ResyncReason::AgentRecovery)
+            }
             None => {
                 // First start: everything allocated is copied; holes are skipped (the master
                 // target starts from sparse, all-zero target disks).
@@ -344,6 +363,7 @@ impl Machine {
                         .iter()
                         .map(|d| DiskDescriptor { name: d.name.to_string(), size: d.size, uuid: d.uuid.clone() })
                         .collect(),
+                    failover_seed: None,
                 };
                 (st, Mode::InitialSync, ResyncReason::InitialSync)
             }
@@ -360,6 +380,20 @@ impl Machine {
             }
             Some(st) => (st, Mode::Replicating, ResyncReason::AgentRecovery),
         };
+        let mut seeded_bytes = None;
+        if let Some(seed) = seed.filter(|s| state.failover_seed.as_deref() != Some(s.point.as_str())) {
+            let mut bytes = 0;
+            for e in &seed.extents {
+                if let Some(i) = disks.iter().position(|d| *d.name == *e.disk) {
+                    dirty.mark(i, e.offset, e.length);
+                    bytes += e.length;
+                }
+            }
+            state.failover_seed = Some(seed.point.clone());
+            seeded_bytes = Some((seed.point, bytes));
+        }
+        // Without a process server nothing ships: every write is tracked.
+        let mode = if config.process_server.is_none() { Mode::Tracking } else { mode };
         // The recovered regions are now in the persisted bitmap: the activity log can start empty.
         dirty.save()?;
         al.clear()?;
@@ -371,6 +405,13 @@ impl Machine {
         )
         .map_err(crate::io_at(&state_path))?;
         let mut events = VecDeque::new();
+        if let Some((point, bytes)) = seeded_bytes {
+            events.push_back(EventEntry {
+                time_ms: now_ms(),
+                kind: "failover-seed".into(),
+                message: format!("failed over at {point}: {bytes} byte(s) written after it count as changed"),
+            });
+        }
         if al_lost {
             let msg = format!("{} is missing although the machine was protected: all allocated regions will be compared and copied again", al_path.display());
             tracing::warn!("{msg}");
@@ -1329,7 +1370,46 @@ impl Machine {
         self.save_bitmap(&mut c)?;
         c.al.clear()?;
         c.al_index.clear();
+        self.write_recovery_writes(&c, true)?;
         Ok(())
+    }
+
+    /// A failed-over machine's account of its writes (see `recovery_writes_file`): complete
+    /// only after a clean stop, with the bitmap saved and the activity log empty.
+    pub(crate) fn write_recovery_writes(&self, c: &Core, clean: bool) -> Result<(), AgentError> {
+        let Some(path) = &self.config.recovery_writes_file else { return Ok(()) };
+        let mut extents = Vec::new();
+        if clean {
+            for (i, d) in self.disks.iter().enumerate() {
+                let mut last: Option<(u64, u64)> = None;
+                for block in c.dirty.disks.get(i).into_iter().flat_map(|b| b.iter()) {
+                    let off = u64::from(block) * TRACK_BLOCK;
+                    let len = TRACK_BLOCK.min(d.size.saturating_sub(off));
+                    last = match last {
+                        Some((o, l)) if o + l == off => Some((o, l + len)),
+                        Some((o, l)) => {
+                            extents.push(ferry_api::master_target::DiskExtent {
+                                disk: d.name.to_string(),
+                                offset: o,
+                                length: l,
+                            });
+                            Some((off, len))
+                        }
+                        None => Some((off, len)),
+                    };
+                }
+                if let Some((o, l)) = last {
+                    extents.push(ferry_api::master_target::DiskExtent {
+                        disk: d.name.to_string(),
+                        offset: o,
+                        length: l,
+                    });
+                }
+            }
+        }
+        let w = ferry_api::agent::RecoveryWrites { machine: self.name.to_string(), clean, extents };
+        let data = serde_json::to_vec(&w).map_err(|e| AgentError::Config(e.to_string()))?;
+        ferry_sys::fs::write_atomic(path, &data).map_err(crate::io_at(path))
     }
 
     // ---- status -----------------------------------------------------------------------------
@@ -1365,7 +1445,7 @@ impl Machine {
             machine: self.name.to_string(),
             status_listen: self.config.status_listen.clone(),
             control_token_file: Some(self.config.control_token_path().display().to_string()),
-            process_server: self.config.process_server.clone(),
+            process_server: self.config.process_server.clone().unwrap_or_default(),
             nbd_listen: self.config.nbd_listen.clone(),
             nbd_socket: self.config.nbd_socket_path().map(|p| p.display().to_string()),
             mode: c.mode,
@@ -1510,4 +1590,36 @@ fn new_uuid() -> String {
         b[14],
         b[15]
     )
+}
+
+/// The failover seed named in the configuration, checked against the disks.
+fn read_seed(config: &AgentConfig, disks: &[Disk]) -> Result<Option<ferry_api::agent::FailoverSeed>, AgentError> {
+    let Some(path) = &config.failover_seed else { return Ok(None) };
+    let data = match std::fs::read(path) {
+        Ok(d) => d,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(AgentError::Io { path: path.clone(), source }),
+    };
+    let seed: ferry_api::agent::FailoverSeed = serde_json::from_slice(&data)
+        .map_err(|e| AgentError::Config(format!("failover seed {} is corrupt: {e}", path.display())))?;
+    for e in &seed.extents {
+        let d = disks.iter().find(|d| *d.name == *e.disk).ok_or_else(|| {
+            AgentError::Config(format!(
+                "failover seed {} names disk {:?}, which is not configured",
+                path.display(),
+                e.disk
+            ))
+        })?;
+        if e.offset.checked_add(e.length).is_none_or(|end| end > d.size) {
+            return Err(AgentError::Config(format!(
+                "failover seed {}: extent {}+{} lies outside disk {} ({} bytes)",
+                path.display(),
+                e.offset,
+                e.length,
+                d.name,
+                d.size
+            )));
+        }
+    }
+    Ok(Some(seed))
 }

@@ -50,7 +50,9 @@ async fn session(
     revoked: &ferry_tls::Revoked,
     shutdown: &CancellationToken,
 ) -> Result<(), String> {
-    let addr = &machine.config.process_server;
+    let Some(addr) = &machine.config.process_server else {
+        return Err("no process server is configured (tracking only)".into());
+    };
     // Bounded: an unreachable address must not hang the agent for the OS's SYN timeout.
     let limit = Duration::from_secs(10);
     let tcp = tokio::time::timeout(limit, tokio::net::TcpStream::connect(addr))

@@ -20,6 +20,9 @@ pub enum Mode {
     InitialSync,
     /// Copying changed regions (after a crash, a log overflow or a verify repair).
     Resync,
+    /// No process server: every write is tracked (change bitmap), nothing is shipped — a
+    /// failed-over machine at its recovery site until it is reprotected.
+    Tracking,
 }
 
 impl Mode {
@@ -28,6 +31,7 @@ impl Mode {
             Mode::Replicating => "replicating",
             Mode::InitialSync => "initial-sync",
             Mode::Resync => "resync",
+            Mode::Tracking => "tracking",
         }
     }
 }
@@ -83,6 +87,31 @@ pub struct AgentStatus {
     #[serde(default)]
     pub quiesced: Option<Quiesced>,
     pub events: Vec<Event>,
+}
+
+/// What a failed-over machine's agent starts from (`failover_seed`, a file the master target
+/// writes beside the failed-over disks): the extents the disks were put back on — every one
+/// the recovery site held after the point — which the agent counts as changed, since the
+/// primary has them otherwise (a reprotect sends them back).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverSeed {
+    pub machine: String,
+    /// The point the disks hold (`MACHINE@SEQ`); a new one (change point) is taken again.
+    pub point: String,
+    pub point_seq: u64,
+    pub extents: Vec<crate::master_target::DiskExtent>,
+}
+
+/// What a tracking agent wrote at the recovery site (`recovery_writes_file`, beside its disks):
+/// `clean` once it stopped cleanly with `extents` complete; false while it runs (or after a
+/// crash), when its writes are known only from its own state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RecoveryWrites {
+    pub machine: String,
+    pub clean: bool,
+    pub extents: Vec<crate::master_target::DiskExtent>,
 }
 
 /// A planned failover's order to stop taking writes (the agent's settings, `quiesce`).

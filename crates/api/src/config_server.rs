@@ -436,6 +436,19 @@ pub enum SiteOperation {
     MergeSnapshots {
         machine: String,
     },
+    /// Add a machine on disk files the site already holds (a failed-over machine on its
+    /// replica disks: the files and their UUIDs are kept), powered off. Adopting the same
+    /// machine on the same disks again changes nothing.
+    AdoptMachine {
+        machine: String,
+        host: String,
+        os_family: String,
+        disks: Vec<crate::inventory::Disk>,
+        /// Settings for the program that runs it (the site's `[power]`), as a machine's `extra`.
+        #[serde(default)]
+        #[schemars(with = "serde_json::Map<String, serde_json::Value>")]
+        extra: toml::Table,
+    },
 }
 
 impl SiteOperation {
@@ -451,6 +464,7 @@ impl SiteOperation {
             SiteOperation::DetachDisk { .. } => "detach-disk",
             SiteOperation::CreateSnapshot { .. } => "create-snapshot",
             SiteOperation::MergeSnapshots { .. } => "merge-snapshots",
+            SiteOperation::AdoptMachine { .. } => "adopt-machine",
         }
     }
 }
@@ -565,6 +579,16 @@ pub struct ProtectionFailover {
     pub primary: Option<String>,
     #[serde(default)]
     pub committed_ms: Option<u64>,
+    /// The machine at the recovery site (`MACHINE.SITE`, its own inventory object and agent
+    /// identity, on the failed-over disks), once started.
+    #[serde(default)]
+    pub recovery_machine: Option<String>,
+    #[serde(default)]
+    pub recovery_site: Option<String>,
+    /// Whether the machine at the recovery site was running when a change of point shut it
+    /// down (it is started again after).
+    #[serde(default)]
+    pub restart_recovery_machine: bool,
 }
 
 /// `POST /api/v1/failovers`: fail a protected machine over to its recovery site.
@@ -584,6 +608,10 @@ pub struct FailoverRequest {
     /// Planned: how long to wait for the recovery site to hold every write of the primary.
     #[serde(default = "default_drain_secs")]
     pub drain_secs: u64,
+    /// Put the machine at the recovery site on its disks but leave it off (power it on with
+    /// the site operation when ready); default: start it.
+    #[serde(default)]
+    pub no_start: bool,
 }
 
 fn default_drain_secs() -> u64 {

@@ -316,6 +316,8 @@ pub fn setting_access(kind: ComponentKind, key: &str) -> Option<SettingAccess> {
         // Set by the failover jobs only: a token holder must not fence or freeze a machine.
         "quiesce",
         "machine_failovers",
+        "failover_seed",
+        "recovery_writes_file",
         "master_target",
         "master_target_name",
         "machine",

@@ -76,6 +76,12 @@ pub struct ReplicaStatus {
     pub failover_order_error: Option<FailoverOrderError>,
 }
 
+/// Beside a failed-over machine's disks (its folder in the datastore): the extents its agent
+/// counts as changed (`agent::FailoverSeed`), written by the master target at each point.
+pub const FAILOVER_SEED_FILE: &str = "failover-seed.json";
+/// Beside a failed-over machine's disks: what its agent wrote there (`agent::RecoveryWrites`).
+pub const RECOVERY_WRITES_FILE: &str = "recovery-writes.json";
+
 /// What a configuration server's failover job asks of a master target for one machine (its
 /// settings, `machine_failovers`): fence the replica and put the disks at `point`, or commit.
 /// `order` names the job step that asked; the outcome is reported in the replica's status

@@ -310,6 +310,60 @@ impl LocalSite {
                 });
                 format!("machine {machine} created on {host} in {datastore}")
             }
+            SiteOperation::AdoptMachine { machine, host, os_family, disks, extra } => {
+                ferry_types::validate_name("machine", machine)?;
+                if !site.hosts.iter().any(|h| &h.name == host) {
+                    return Err(format!("site {} has no host {host}", self.name));
+                }
+                if !["linux", "windows"].contains(&os_family.as_str()) {
+                    return Err(format!("os_family {os_family:?} is not linux or windows"));
+                }
+                if disks.is_empty() {
+                    return Err(format!("machine {machine} needs at least one disk"));
+                }
+                let mut adopted = Vec::new();
+                for d in disks {
+                    ferry_types::validate_name("disk", &d.name)?;
+                    let path = self.inside(&d.path)?;
+                    if !path.is_file() {
+                        return Err(format!(
+                            "disk {} of {machine}: {} is not a file of site {}",
+                            d.name,
+                            d.path.display(),
+                            self.name
+                        ));
+                    }
+                    adopted.push(Disk {
+                        name: d.name.clone(),
+                        path: d.path.clone(),
+                        uuid: d.uuid.clone(),
+                        size: None,
+                        allocated: None,
+                    });
+                }
+                if let Some(m) = site.machines.iter().find(|m| &m.name == machine) {
+                    let same = m.disks.len() == adopted.len()
+                        && m.disks.iter().zip(&adopted).all(|(a, b)| a.name == b.name && a.path == b.path);
+                    if !same {
+                        return Err(format!("machine {machine} already exists on site {} with other disks", self.name));
+                    }
+                    format!("{machine} is already on site {} with these disks", self.name)
+                } else {
+                    site.machines.push(Machine {
+                        name: machine.clone(),
+                        os_family: os_family.clone(),
+                        os: String::new(),
+                        host: host.clone(),
+                        nics: Vec::new(),
+                        disks: adopted,
+                        controller: "pvscsi".into(),
+                        snapshots: Vec::new(),
+                        power: "off".into(),
+                        extra: extra.clone(),
+                    });
+                    format!("{machine} added to site {} on {} existing disk(s)", self.name, disks.len())
+                }
+            }
             SiteOperation::DeleteMachine { machine } => {
                 let i = machine_idx(&site, machine)?;
                 if site.machines[i].power == "on" {

@@ -52,6 +52,7 @@ pub enum FailoverStep {
     Drain,
     ShutDownPrimary,
     AtPoint,
+    StartAtRecovery,
     MarkFailedOver,
     Commit,
 }
@@ -60,8 +61,10 @@ impl FailoverStep {
     pub fn of(kind: FailoverKind) -> &'static [FailoverStep] {
         use FailoverStep::*;
         match kind {
-            FailoverKind::Planned => &[Check, Quiesce, Drain, ShutDownPrimary, AtPoint, MarkFailedOver],
-            FailoverKind::Unplanned => &[Check, ShutDownPrimary, AtPoint, MarkFailedOver],
+            FailoverKind::Planned => {
+                &[Check, Quiesce, Drain, ShutDownPrimary, AtPoint, StartAtRecovery, MarkFailedOver]
+            }
+            FailoverKind::Unplanned => &[Check, ShutDownPrimary, AtPoint, StartAtRecovery, MarkFailedOver],
         }
     }
 
@@ -87,6 +90,9 @@ impl FailoverStep {
             (FailoverStep::AtPoint, FailoverKind::Unplanned) => {
                 format!("fence {m} at {} and put its disks at point {point}", p.master_target)
             }
+            (FailoverStep::StartAtRecovery, _) => {
+                format!("start {m} at the recovery site on its failed-over disks (its agent tracks every write)")
+            }
             (FailoverStep::MarkFailedOver, _) => format!("mark {m} failed over (uncommitted)"),
             (FailoverStep::Commit, _) => format!("commit the failover of {m}"),
         }
@@ -101,7 +107,9 @@ pub fn failover_steps(p: &Protection, kind: FailoverKind, point: &str) -> Vec<(S
 fn change_point_steps(p: &Protection, point: &str) -> Vec<(String, bool)> {
     vec![
         (format!("check that {} is failed over and not committed", p.machine), true),
+        ("shut the machine at the recovery site down (its writes are undone with the change)".to_owned(), true),
         (format!("put the disks of {} at point {point}", p.machine), true),
+        (format!("start {} at the recovery site again", p.machine), true),
     ]
 }
 
@@ -248,6 +256,9 @@ async fn claim_failover(s: &Arc<AppState>, req: FailoverRequest) -> Result<Job, 
         primary_last_seq: previous.as_ref().and_then(|f| f.primary_last_seq),
         primary: None,
         committed_ms: None,
+        recovery_machine: None,
+        recovery_site: None,
+        restart_recovery_machine: false,
     });
     let rev = s.store.put(PROTECTION, &p.machine, &p, Some(doc.revision)).await.map_err(|e| match e {
         ferry_store::StoreError::Conflict { .. } => {
@@ -256,8 +267,14 @@ async fn claim_failover(s: &Arc<AppState>, req: FailoverRequest) -> Result<Job, 
         e => e.into(),
     })?;
     let steps = failover_steps(&p, req.kind, &point);
-    let work =
-        JobWork::Failover { machine: p.machine.clone(), kind: req.kind, point, reason, drain_secs: req.drain_secs };
+    let work = JobWork::Failover {
+        machine: p.machine.clone(),
+        kind: req.kind,
+        point,
+        reason,
+        drain_secs: req.drain_secs,
+        no_start: req.no_start,
+    };
     start(s, id, &p, rev, work, steps).await
 }
 
@@ -376,6 +393,7 @@ pub struct FailoverJob<'a> {
     pub point: &'a str,
     pub reason: &'a str,
     pub drain_secs: u64,
+    pub no_start: bool,
 }
 
 async fn protection(store: &Store, machine: &str) -> Result<(Protection, i64), Outcome> {
@@ -496,13 +514,169 @@ fn describe_discarded(f: &ferry_api::master_target::Failover) -> String {
     )
 }
 
+/// A failed-over machine's name at its recovery site: its own inventory object and agent
+/// identity, never the primary's.
+pub fn recovery_machine_name(machine: &str, site: &str) -> String {
+    format!("{machine}.{site}")
+}
+
+/// How long the machine at the recovery site may take to boot and report (RP-7).
+const BOOT_LIMIT: Duration = Duration::from_secs(900);
+
 impl Ops {
+    /// Put the machine at the recovery site on its failed-over disks (the files and their
+    /// UUIDs kept), give its agent those disks and the master target's seed (no process
+    /// server: it tracks every write from its first), power it on and wait until it reports.
+    async fn start_recovery_machine(&self, job: &Job, p: &Protection, power_on: bool, ctl: &JobControl) -> Outcome {
+        let store = &self.store;
+        let invs: Vec<crate::discovery::Inventory> = match store.list(crate::ops::INVENTORY).await {
+            Ok(v) => v.into_iter().map(|d| d.body).collect(),
+            Err(e) => return fail(errors::STORE, e.to_string()),
+        };
+        let Some(rsite) = invs.iter().find(|i| i.content.master_targets.iter().any(|m| m.name == p.master_target))
+        else {
+            return fail(
+                errors::NOT_FOUND,
+                format!("master target {} is in no discovered site: discover the recovery site", p.master_target),
+            );
+        };
+        let host = rsite
+            .content
+            .master_targets
+            .iter()
+            .find(|m| m.name == p.master_target)
+            .map(|m| m.host.clone())
+            .filter(|h| rsite.content.hosts.iter().any(|x| &x.name == h))
+            .or_else(|| rsite.content.hosts.first().map(|h| h.name.clone()));
+        let Some(host) = host else {
+            return fail(errors::NOT_FOUND, format!("site {} has no host to run {}", rsite.site, p.machine));
+        };
+        let primary = invs
+            .iter()
+            .find(|i| i.site == p.site)
+            .and_then(|i| i.content.machines.iter().find(|m| m.name == p.machine))
+            .cloned();
+        let rm = recovery_machine_name(&p.machine, &rsite.site);
+        let folder = p.datastore_path.join(&p.machine);
+        let mut disks = Vec::new();
+        let mut settings = Vec::new();
+        for d in &p.disks {
+            let path = folder.join(format!("{}.img", d.name));
+            let Ok(rel) = path.strip_prefix(&rsite.folder) else {
+                return fail(
+                    errors::NOT_FOUND,
+                    format!("the failed-over disk {} lies outside site {}", path.display(), rsite.site),
+                );
+            };
+            disks.push(crate::discovery::Disk {
+                name: d.name.clone(),
+                path: rel.to_owned(),
+                uuid: d.uuid.clone(),
+                size: None,
+                allocated: None,
+            });
+            settings.push(ferry_api::control::DiskSetting {
+                name: d.name.clone(),
+                path,
+                uuid: d.uuid.clone(),
+                cache: None,
+            });
+        }
+        let seed = folder.join(ferry_api::master_target::FAILOVER_SEED_FILE);
+        let writes = folder.join(ferry_api::master_target::RECOVERY_WRITES_FILE);
+        let r = update_settings(store, &format!("agent/{rm}"), move |b| {
+            b.disks = Some(settings.clone());
+            b.process_server = None;
+            b.process_server_name = None;
+            b.other.insert("failover_seed".into(), serde_json::json!(seed));
+            b.other.insert("recovery_writes_file".into(), serde_json::json!(writes));
+        })
+        .await;
+        if let Err(e) = r {
+            return fail(errors::STORE, e);
+        }
+        let doc: Option<ferry_store::Doc<crate::ops::Site>> = match store.get(crate::ops::SITE, &rsite.site).await {
+            Ok(d) => d,
+            Err(e) => return fail(errors::STORE, e.to_string()),
+        };
+        let Some(site) = doc.map(|d| d.body) else {
+            return fail(errors::NOT_FOUND, format!("site {} is not defined any more", rsite.site));
+        };
+        let provider = crate::provider::for_site(&site.name, &site.path, &self.power_programs);
+        let adopt = crate::discovery::SiteOperation::AdoptMachine {
+            machine: rm.clone(),
+            host,
+            os_family: primary.as_ref().map(|m| m.os_family.clone()).unwrap_or_else(|| p.os_family.clone()),
+            disks,
+            extra: primary.map(|m| m.extra).unwrap_or_default(),
+        };
+        if let Err(e) = provider.operate(adopt).await {
+            return fail(ferry_types::HasErrorCode::error_code(&e), e.to_string());
+        }
+        let on = crate::discovery::SiteOperation::PowerOn { machine: rm.clone(), allow_failed_over: false };
+        if power_on {
+            if let Err(e) = provider.operate(on).await {
+                // Resumed after a restart: it may be running already.
+                if !e.to_string().contains("already running") {
+                    return fail(ferry_types::HasErrorCode::error_code(&e), e.to_string());
+                }
+            }
+        }
+        if let Ok(inv) = provider.discover().await {
+            let _ = store.put(crate::ops::INVENTORY, &inv.site, &inv, None).await;
+        }
+        let (rm2, site_name) = (rm.clone(), rsite.site.clone());
+        if let o @ Outcome::Failed(_) = update_failover(store, job, &p.machine, move |f| {
+            f.recovery_machine = Some(rm2.clone());
+            f.recovery_site = Some(site_name.clone());
+        })
+        .await
+        {
+            return o;
+        }
+        if !power_on {
+            return Outcome::Done(Some(format!(
+                "{rm} is on site {} on the failed-over disks, powered off as asked (power it on with the site operation)",
+                rsite.site
+            )));
+        }
+        let deadline = tokio::time::Instant::now() + BOOT_LIMIT;
+        loop {
+            if let Some(a) =
+                agent_status(store, &rm, 30_000).await.filter(|a| a.mode == ferry_api::agent::Mode::Tracking)
+            {
+                let tracked: u64 = a.disks.iter().map(|d| d.resync_pending_bytes).sum();
+                return Outcome::Done(Some(format!(
+                    "{rm} runs at site {} on the failed-over disks; its agent tracks every write ({tracked} byte(s) changed since the point, counted from the master target's seed)",
+                    rsite.site
+                )));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return fail(
+                    errors::MACHINE_NOT_ACCESSIBLE,
+                    format!("{rm} did not report from site {} within {BOOT_LIMIT:?}: see its guest's log", rsite.site),
+                );
+            }
+            if !pause(ctl, Duration::from_millis(300)).await {
+                return fail(errors::JOB_STATE, format!("the job was cancelled while {rm} boots"));
+            }
+        }
+    }
+
     /// A retried planned failover whose earlier run got past the drain (the primary may be off
     /// now): the replica is fenced and its journal holds the primary's last write.
     async fn drained_before(&self, p: &Protection) -> bool {
         let Some(last) = p.failover.as_ref().and_then(|f| f.primary_last_seq) else { return false };
         let r = replica_status(&self.store, &p.master_target, &p.machine).await;
         r.is_some_and(|r| r.fence.is_some() && r.journaled_seq >= last)
+    }
+
+    /// Whether the site's inventory (refreshed after every provider operation) shows the
+    /// machine powered on.
+    async fn powered_on(&self, site: &str, machine: &str) -> bool {
+        let inv: Option<ferry_store::Doc<crate::discovery::Inventory>> =
+            self.store.get(crate::ops::INVENTORY, site).await.ok().flatten();
+        inv.is_some_and(|i| i.body.content.machines.iter().any(|m| m.name == machine && m.power == "on"))
     }
 
     /// Power a machine off through its site's provider, then refresh the site's inventory.
@@ -740,6 +914,7 @@ impl Ops {
                 }
                 Outcome::Done(Some(said))
             }
+            Some(FailoverStep::StartAtRecovery) => self.start_recovery_machine(job, &p, !fj.no_start, ctl).await,
             Some(FailoverStep::MarkFailedOver) => {
                 if fj.kind == FailoverKind::Planned {
                     // The fence keeps the old primary out now; should the operator power it on
@@ -796,7 +971,30 @@ impl Ops {
                     fail(errors::FAILOVER_STATE, format!("the failover of {machine} did not finish"))
                 }
             },
-            1 => {
+            1 => match (&pf.recovery_machine, &pf.recovery_site) {
+                (Some(rm), Some(site)) => {
+                    let running = self.powered_on(site, rm).await;
+                    match self.shut_down(site, rm).await {
+                    Ok(msg) => {
+                        let o = update_failover(&self.store, job, machine, |f| f.restart_recovery_machine = running).await;
+                        if let Outcome::Failed(_) = o {
+                            return o;
+                        }
+                        Outcome::Done(Some(msg))
+                    }
+                    Err(e) => fail(
+                        errors::MACHINE_NOT_ACCESSIBLE,
+                        format!("{rm} could not be shut down at site {site}: {e}; shut it down, then change the point again"),
+                    ),
+                }
+                }
+                _ => Outcome::Done(Some(format!("{machine} was not started at the recovery site"))),
+            },
+            3 => match pf.recovery_machine {
+                Some(_) => self.start_recovery_machine(job, &p, pf.restart_recovery_machine, ctl).await,
+                None => Outcome::Done(Some(format!("{machine} was not started at the recovery site"))),
+            },
+            2 => {
                 let order = FailoverOrder {
                     order: format!("{}/at-point", job.id),
                     point: point.to_owned(),

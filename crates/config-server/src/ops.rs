@@ -37,6 +37,8 @@ pub enum JobWork {
         point: String,
         reason: String,
         drain_secs: u64,
+        #[serde(default)]
+        no_start: bool,
     },
     /// Put a failed-over machine's disks at another point.
     FailoverChangePoint { machine: String, point: String },
@@ -245,7 +247,7 @@ impl Runner for Ops {
                     o => o,
                 }
             }
-            JobWork::Failover { machine, kind, point, reason, drain_secs } => {
+            JobWork::Failover { machine, kind, point, reason, drain_secs, no_start } => {
                 let fj = crate::failover::FailoverJob {
                     job,
                     machine: &machine,
@@ -253,6 +255,7 @@ impl Runner for Ops {
                     point: &point,
                     reason: &reason,
                     drain_secs,
+                    no_start,
                 };
                 self.failover_step(&fj, step, ctl).await
             }

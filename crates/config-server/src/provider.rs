@@ -77,6 +77,7 @@ pub fn supported(caps: &Capabilities, op: &SiteOperation) -> (&'static str, bool
         SiteOperation::DetachDisk { .. } => ("detach a disk", caps.attach_disks),
         SiteOperation::CreateSnapshot { .. } => ("create a snapshot", caps.snapshots),
         SiteOperation::MergeSnapshots { .. } => ("merge snapshots", caps.snapshots),
+        SiteOperation::AdoptMachine { .. } => ("add a machine on existing disks", caps.create_machine),
     }
 }
 

@@ -793,6 +793,9 @@ pub enum FailoverAction {
         /// Planned: how long to wait for the recovery site to hold every write.
         #[arg(long, default_value_t = 300)]
         drain_secs: u64,
+        /// Leave the machine at the recovery site powered off (power it on when ready).
+        #[arg(long)]
+        no_start: bool,
         /// Return once the job is started instead of following it.
         #[arg(long)]
         no_wait: bool,
@@ -817,9 +820,9 @@ pub enum FailoverAction {
 pub async fn failover(a: FailoverAction, s: &ServerArgs, out: OutputFormat) -> Result<()> {
     use ferry_api::config_server::{ChangePointRequest, FailoverKind, FailoverRequest};
     let (job, no_wait): (Job, bool) = match a {
-        FailoverAction::Start { machine, planned, unplanned: _, point, reason, drain_secs, no_wait } => {
+        FailoverAction::Start { machine, planned, unplanned: _, point, reason, drain_secs, no_start, no_wait } => {
             let kind = if planned { FailoverKind::Planned } else { FailoverKind::Unplanned };
-            let req = FailoverRequest { machine, kind, point, reason, drain_secs };
+            let req = FailoverRequest { machine, kind, point, reason, drain_secs, no_start };
             (s.call(Method::Post, "/api/v1/failovers", Some(&req)).await?, no_wait)
         }
         FailoverAction::ChangePoint { machine, point, no_wait } => {

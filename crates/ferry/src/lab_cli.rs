@@ -293,6 +293,10 @@ pub(crate) enum LabAction {
         /// freeze hook of an app-consistent point creates it, the thaw hook removes it.
         #[arg(long)]
         pause_file: Option<PathBuf>,
+        /// The first record's seq when the log is empty: a failed-over machine's workload forks
+        /// its log here, so its records are never mistaken for the primary's lost tail.
+        #[arg(long)]
+        first_seq: Option<u64>,
     },
     /// A controllable link between sites: a TCP proxy whose control endpoint cuts, restores or
     /// slows it. `ferry lab link --listen --to --control` runs one; `ferry lab link cut|restore|slow
@@ -414,7 +418,17 @@ pub(crate) enum LinkAction {
 
 pub(crate) async fn run_lab(action: LabAction, out: OutputFormat) -> Result<()> {
     match action {
-        LabAction::Workload { disks, record_log, seed, rate, records, duration_secs, max_blocks, pause_file } => {
+        LabAction::Workload {
+            disks,
+            record_log,
+            seed,
+            rate,
+            records,
+            duration_secs,
+            max_blocks,
+            pause_file,
+            first_seq,
+        } => {
             let args = lab::WorkloadArgs {
                 disks,
                 log: record_log,
@@ -424,6 +438,7 @@ pub(crate) async fn run_lab(action: LabAction, out: OutputFormat) -> Result<()> 
                 duration: duration_secs.map(std::time::Duration::from_secs_f64),
                 max_blocks,
                 pause_file,
+                first_seq,
             };
             let last = tokio::task::spawn_blocking(move || lab::workload(&args)).await??;
             match out {

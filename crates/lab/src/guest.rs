@@ -303,7 +303,9 @@ impl Guest {
         Ok(path)
     }
 
-    fn workload_args(&self) -> Option<Vec<String>> {
+    /// The workload's command; a failed-over machine's (its agent has a failover seed) forks
+    /// the record log at [`FORK_SEQ`].
+    fn workload_args(&self, failed_over: bool) -> Option<Vec<String>> {
         let w = self.file.workload.as_ref()?;
         let mut args = vec!["lab".to_owned(), "workload".to_owned()];
         for (name, _) in &self.file.disks {
@@ -322,9 +324,17 @@ impl Guest {
             "--pause-file".into(),
             self.dir.join("pause").to_string_lossy().into_owned(),
         ]);
+        if failed_over {
+            args.extend(["--first-seq".into(), FORK_SEQ.to_string()]);
+        }
         Some(args)
     }
 }
+
+/// Where a failed-over machine's workload starts its record log: far above any seq the
+/// primary reached, so `lab verify` of the primary's prefix followed by this log tells the two
+/// apart (a block of the primary's lost tail is never in it).
+pub const FORK_SEQ: u64 = 1_000_000_000;
 
 pub async fn run(dir: PathBuf, shutdown: CancellationToken) -> Result<()> {
     let file = GuestFile::load(&dir)?;
@@ -375,7 +385,8 @@ pub async fn run(dir: PathBuf, shutdown: CancellationToken) -> Result<()> {
             known = Some(s);
         }
         if let Some(s) = &known {
-            let protected = s.process_server.is_some() && s.disks.as_ref().is_some_and(|d| !d.is_empty());
+            // Disks to serve: a protected machine, or a failed-over one whose agent only tracks.
+            let protected = s.disks.as_ref().is_some_and(|d| !d.is_empty());
             let changed = agent.as_ref().map(|(_, cur)| cur != s).unwrap_or(true);
             if protected && changed {
                 if let Some((mut c, _)) = agent.take() {
@@ -437,7 +448,8 @@ pub async fn run(dir: PathBuf, shutdown: CancellationToken) -> Result<()> {
             }
         }
         if workload.is_none() && agent.is_some() && tokio::net::UnixStream::connect(&g.ends.nbd).await.is_ok() {
-            if let Some(args) = g.workload_args() {
+            let failed_over = known.as_ref().is_some_and(|s| s.other.contains_key("failover_seed"));
+            if let Some(args) = g.workload_args(failed_over) {
                 match spawn(&g.exe, &args, &g.dir.join("workload.log"), &[]) {
                     Ok(c) => {
                         record_pid(&g.dir.join("workload.pid"), &c);

@@ -68,6 +68,8 @@ pub struct WorkloadArgs {
     /// While this file exists the workload flushes every disk, writes `<file>.paused` with the last
     /// seq written, and waits (an app-consistency freeze hook creates the file, the thaw removes it).
     pub pause_file: Option<PathBuf>,
+    /// The first record's seq when the log is empty (a fork of another machine's log).
+    pub first_seq: Option<u64>,
 }
 
 /// Write verifiable records; returns the last seq written.
@@ -93,7 +95,7 @@ pub fn workload(a: &WorkloadArgs) -> Result<u64> {
     } else {
         Vec::new()
     };
-    let mut seq = previous.last().map(|r| r.seq).unwrap_or(0);
+    let mut seq = previous.last().map(|r| r.seq).unwrap_or(a.first_seq.unwrap_or(1).saturating_sub(1));
     let mut buf = Vec::new();
     if let Some(r) = previous.last() {
         let c = clients.get_mut(r.disk as usize).with_context(|| {

@@ -58,10 +58,37 @@ impl FailoverError {
     }
 }
 
+pub use ferry_api::master_target::{FAILOVER_SEED_FILE, RECOVERY_WRITES_FILE};
+
 /// How long a failover request waits for the applier to reach the fence.
 const HAND_OVER_WAIT: Duration = Duration::from_secs(30);
 
 impl Replica {
+    /// A file beside the target disks (the machine's folder in its datastore).
+    pub fn failover_file(&self, name: &str) -> std::path::PathBuf {
+        let dir = self.targets.first().and_then(|(p, _)| p.parent()).unwrap_or(&self.dir);
+        dir.join(name)
+    }
+
+    /// What the machine wrote at the recovery site, as its agent reported after a clean stop.
+    fn recovery_writes_reported(&self) -> Result<Vec<DiskExtent>, FailoverError> {
+        let path = self.failover_file(RECOVERY_WRITES_FILE);
+        let data = match std::fs::read(&path) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(FailoverError::Storage(format!("cannot read {}: {e}", path.display()))),
+        };
+        let w: ferry_api::agent::RecoveryWrites = serde_json::from_slice(&data)
+            .map_err(|e| FailoverError::Storage(format!("{} is corrupt: {e}", path.display())))?;
+        if !w.clean {
+            return Err(FailoverError::DiskInUse(format!(
+                "the machine at the recovery site runs, or did not stop cleanly ({} says so): what it wrote is not known here; shut it down cleanly (or start and shut it down once more), then retry",
+                path.display()
+            )));
+        }
+        Ok(w.extents)
+    }
+
     pub fn failover_state(&self) -> Option<Failover> {
         self.failover.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -130,7 +157,23 @@ impl Replica {
             ))
             .into());
         }
-        for w in &recovery_writes {
+        // Initial-sync data bypasses the journal: what it wrote after the point is in no index.
+        if let Some(begin) = self.lock_history().initial_sync_begin_after(point.seq).filter(|b| *b <= head) {
+            return Err(PointError::Invalid(format!(
+                "an initial sync began at seq {begin}, after point {}: its data never passed through the journal, so the disks cannot be put back before it; choose a point after the initial sync ended",
+                point.id
+            ))
+            .into());
+        }
+        let mut writes = prev.as_ref().map(|f| f.recovery_writes.clone()).unwrap_or_default();
+        writes.extend(recovery_writes);
+        if prev.is_some() {
+            // A change of point also undoes what the machine wrote at the recovery site.
+            writes.extend(self.recovery_writes_reported()?);
+            writes.sort_by(|a, b| (&a.disk, a.offset, a.length).cmp(&(&b.disk, b.offset, b.length)));
+            writes.dedup();
+        }
+        for w in &writes {
             let d = self.disks.iter().find(|d| d.name == w.disk).ok_or_else(|| {
                 PointError::Invalid(format!("recovery write on disk {:?}, which {} does not have", w.disk, self.name))
             })?;
@@ -142,16 +185,6 @@ impl Replica {
                 .into());
             }
         }
-        // Initial-sync data bypasses the journal: what it wrote after the point is in no index.
-        if let Some(begin) = self.lock_history().initial_sync_begin_after(point.seq).filter(|b| *b <= head) {
-            return Err(PointError::Invalid(format!(
-                "an initial sync began at seq {begin}, after point {}: its data never passed through the journal, so the disks cannot be put back before it; choose a point after the initial sync ended",
-                point.id
-            ))
-            .into());
-        }
-        let mut writes = prev.as_ref().map(|f| f.recovery_writes.clone()).unwrap_or_default();
-        writes.extend(recovery_writes);
         let restore_after = prev.as_ref().map_or(head, |f| f.restored_after_seq).min(point.seq);
         let slot = self.lock_base();
         let base_seq = match &slot.state {
@@ -243,11 +276,13 @@ impl Replica {
         let index = self.index_for(base_seq, head)?;
         let mut restored = 0;
         let mut buf = Vec::new();
+        let mut seed = Vec::new();
         for (d, (path, target)) in self.targets.iter().enumerate() {
             let name = &self.disks[d].name;
             let mut ranges = index.written_after(d, restore_after);
             ranges.extend(state.recovery_writes.iter().filter(|w| &w.disk == name).map(|w| (w.offset, w.length)));
             let ranges = merge(ranges);
+            seed.extend(ranges.iter().map(|&(offset, length)| DiskExtent { disk: name.to_string(), offset, length }));
             for (off, len, piece) in index.content_at(d, base_seq, point.seq, &ranges) {
                 let io =
                     |e: std::io::Error| FailoverError::Storage(format!("restoring {} failed: {e}", path.display()));
@@ -276,6 +311,19 @@ impl Replica {
                 .map_err(|e| FailoverError::Storage(format!("fsync of {} failed: {e}", path.display())))?;
         }
         ferry_sys::fail::fail_point("master-target.failover.restored");
+        // Beside the disks, for the machine's agent at the recovery site: what it must count
+        // as changed (the primary holds something else there, or nothing).
+        let seed = ferry_api::agent::FailoverSeed {
+            machine: self.name.to_string(),
+            point: point.id.clone(),
+            point_seq: point.seq,
+            extents: seed,
+        };
+        let path = self.failover_file(FAILOVER_SEED_FILE);
+        serde_json::to_vec(&seed)
+            .map_err(std::io::Error::other)
+            .and_then(|d| ferry_sys::fs::write_atomic(&path, &d))
+            .map_err(|e| FailoverError::Storage(format!("cannot write {}: {e}", path.display())))?;
         state.discarded = self.discarded_after(&index, point.seq, head);
         state.restored_bytes = restored;
         state.phase = FailoverPhase::AtPoint;
@@ -575,6 +623,10 @@ mod tests {
     /// The disks go to the chosen point, then to an earlier and a later one (recovery-site
     /// writes put back each time), each compared byte for byte with a replay of the journal;
     /// the report counts exactly the writes after the point; commit freezes the point.
+    fn index_written_after(r: &Replica, seq: u64) -> Vec<(u64, u64)> {
+        r.lock_index().written_after(0, seq)
+    }
+
     #[tokio::test(flavor = "multi_thread")]
     async fn the_disks_are_exactly_at_each_chosen_point_and_commit_freezes_it() {
         let dir = tempfile::tempdir().unwrap();
@@ -643,6 +695,29 @@ mod tests {
         let f = r.failover_to(at(220), Vec::new(), None).unwrap();
         assert!(target() == replay(&records, 220), "the disk is at seq 220");
         assert_eq!(f.restored_after_seq, 60);
+        // The seed beside the disks names every extent put back since the lowest point.
+        let seed: ferry_api::agent::FailoverSeed =
+            serde_json::from_slice(&std::fs::read(r.failover_file(FAILOVER_SEED_FILE)).unwrap()).unwrap();
+        assert_eq!(seed.point, at(220).id);
+        let mut want = index_written_after(&r, 60);
+        want.push((4096 * 100, 8192));
+        let have: u64 = seed.extents.iter().map(|e| e.length).sum();
+        assert_eq!(have, merge(want).iter().map(|r| r.1).sum::<u64>());
+
+        // The machine's agent at the recovery site says what it wrote beside the disks: while it
+        // runs (or after a crash) nothing is known and the point cannot change; after a clean
+        // stop its writes are undone with the change.
+        let report = |clean: bool, extents: Vec<DiskExtent>| {
+            let w = ferry_api::agent::RecoveryWrites { machine: "vm1".into(), clean, extents };
+            std::fs::write(r.failover_file(RECOVERY_WRITES_FILE), serde_json::to_vec(&w).unwrap()).unwrap();
+        };
+        report(false, Vec::new());
+        assert!(matches!(r.failover_to(at(150), Vec::new(), None), Err(FailoverError::DiskInUse(_))));
+        ours.write_all_at(&[0xcc; 4096], 4096 * 200).unwrap();
+        report(true, vec![DiskExtent { disk: "disk0".into(), offset: 4096 * 200, length: 4096 }]);
+        let f = r.failover_to(at(220), Vec::new(), None).unwrap();
+        assert!(target() == replay(&records, 220), "the reported recovery write is undone");
+        assert!(f.recovery_writes.iter().any(|w| w.offset == 4096 * 200), "and kept for later changes: {f:?}");
 
         let bad = vec![DiskExtent { disk: "disk9".into(), offset: 0, length: 1 }];
         assert!(matches!(r.failover_to(at(220), bad, None), Err(FailoverError::Point(PointError::Invalid(_)))));
