@@ -280,6 +280,7 @@ async fn a_failed_over_machine_tracks_the_seed_and_every_write_and_reports_them_
     let dir = tempfile::tempdir().unwrap();
     let seed = ferry_api::agent::FailoverSeed {
         machine: "vm1".into(),
+        lineage: 7,
         point: "vm1@100".into(),
         point_seq: 100,
         extents: vec![extent(0, 8192), extent(1 << 20, 4096)],
@@ -287,6 +288,13 @@ async fn a_failed_over_machine_tracks_the_seed_and_every_write_and_reports_them_
     let m = tracking_machine(dir.path(), &seed);
     assert_eq!(m.status().mode, Mode::Tracking, "no process server: tracking, not an initial sync");
     assert!(m.status().initial_sync_complete, "the disks hold the point: nothing to copy in full");
+    let l = m.lineage();
+    assert_eq!(
+        l.parent.map(|p| (p.id, p.seq)),
+        Some((7, 100)),
+        "a copy of its own, forked from the primary's at the point"
+    );
+    assert!(l.id != 0 && l.id != 7 && !l.initial_sync);
     m.write_recovery_writes(&m.lock(), false).unwrap();
     let unclean: ferry_api::agent::RecoveryWrites =
         serde_json::from_slice(&std::fs::read(dir.path().join("writes.json")).unwrap()).unwrap();

@@ -53,6 +53,17 @@ struct PersistentState {
     /// The failover seed last counted (its point ID).
     #[serde(default)]
     failover_seed: Option<String>,
+    /// Which copy of the disks this is (made at the first start; a failed-over machine's
+    /// names the primary's copy and the point as its parent).
+    #[serde(default)]
+    lineage: Option<StateLineage>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct StateLineage {
+    id: u64,
+    #[serde(default)]
+    parent: Option<(u64, u64)>,
 }
 
 pub struct Disk {
@@ -346,6 +357,10 @@ impl Machine {
                         .map(|d| DiskDescriptor { name: d.name.to_string(), size: d.size, uuid: d.uuid.clone() })
                         .collect(),
                     failover_seed: None,
+                    lineage: seed.as_ref().map(|s| StateLineage {
+                        id: rand::random::<u64>() | 1,
+                        parent: (s.lineage != 0).then_some((s.lineage, s.point_seq)),
+                    }),
                 };
                 (st, Mode::Tracking, ResyncReason::AgentRecovery)
             }
@@ -364,6 +379,7 @@ impl Machine {
                         .map(|d| DiskDescriptor { name: d.name.to_string(), size: d.size, uuid: d.uuid.clone() })
                         .collect(),
                     failover_seed: None,
+                    lineage: None,
                 };
                 (st, Mode::InitialSync, ResyncReason::InitialSync)
             }
@@ -391,6 +407,10 @@ impl Machine {
             }
             state.failover_seed = Some(seed.point.clone());
             seeded_bytes = Some((seed.point, bytes));
+        }
+        // A copy without a lineage (a first start, or state from before lineage) gets one.
+        if state.lineage.is_none() {
+            state.lineage = Some(StateLineage { id: rand::random::<u64>() | 1, parent: None });
         }
         // Without a process server nothing ships: every write is tracked.
         let mode = if config.process_server.is_none() { Mode::Tracking } else { mode };
@@ -505,6 +525,17 @@ impl Machine {
                 .iter()
                 .map(|d| DiskDescriptor { name: d.name.to_string(), size: d.size, uuid: d.uuid.clone() })
                 .collect(),
+        }
+    }
+
+    /// This copy's lineage, as a hello announces it.
+    pub fn lineage(&self) -> ferry_protocol::Lineage {
+        let c = self.lock();
+        let l = c.state.lineage.unwrap_or(StateLineage { id: 0, parent: None });
+        ferry_protocol::Lineage {
+            id: l.id,
+            parent: l.parent.map(|(id, seq)| ferry_protocol::LineageParent { id, seq }),
+            initial_sync: !c.state.initial_sync_complete,
         }
     }
 
@@ -1486,6 +1517,11 @@ impl Machine {
             points: c.points.clone(),
             write_hold: c.hold.as_ref().map(|h| HoldView { group: h.group.clone(), tag: h.tag.clone() }),
             quiesced: c.quiesced.clone(),
+            lineage: c.state.lineage.map(|l| ferry_api::agent::AgentLineage {
+                id: l.id,
+                parent_id: l.parent.map(|p| p.0),
+                parent_seq: l.parent.map(|p| p.1),
+            }),
             events: c.events.iter().cloned().collect(),
         }
     }

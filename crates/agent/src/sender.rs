@@ -84,6 +84,7 @@ where
             role: Role::Agent,
             machine: machine.descriptor(),
             generation: ferry_protocol::Generation(machine.generation()),
+            lineage: machine.lineage(),
         }))
         .await
         .map_err(|e| e.to_string())?;

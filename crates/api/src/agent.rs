@@ -86,6 +86,9 @@ pub struct AgentStatus {
     /// Set while the agent takes no writes for a planned failover.
     #[serde(default)]
     pub quiesced: Option<Quiesced>,
+    /// Which copy of the disks this agent tracks: its ID, and the copy and seq it forked from.
+    #[serde(default)]
+    pub lineage: Option<AgentLineage>,
     pub events: Vec<Event>,
 }
 
@@ -97,6 +100,10 @@ pub struct AgentStatus {
 #[serde(deny_unknown_fields)]
 pub struct FailoverSeed {
     pub machine: String,
+    /// The lineage ID of the copy the replica holds (the primary's): the parent of the copy
+    /// that starts from this seed.
+    #[serde(default)]
+    pub lineage: u64,
     /// The point the disks hold (`MACHINE@SEQ`); a new one (change point) is taken again.
     pub point: String,
     pub point_seq: u64,
@@ -112,6 +119,16 @@ pub struct RecoveryWrites {
     pub machine: String,
     pub clean: bool,
     pub extents: Vec<crate::master_target::DiskExtent>,
+}
+
+/// An agent's lineage (see `ferry_protocol::Lineage`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct AgentLineage {
+    pub id: u64,
+    #[serde(default)]
+    pub parent_id: Option<u64>,
+    #[serde(default)]
+    pub parent_seq: Option<u64>,
 }
 
 /// A planned failover's order to stop taking writes (the agent's settings, `quiesce`).

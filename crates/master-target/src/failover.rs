@@ -315,6 +315,7 @@ impl Replica {
         // as changed (the primary holds something else there, or nothing).
         let seed = ferry_api::agent::FailoverSeed {
             machine: self.name.to_string(),
+            lineage: self.source_lineage().map_or(0, |l| l.id),
             point: point.id.clone(),
             point_seq: point.seq,
             extents: seed,
@@ -623,6 +624,29 @@ mod tests {
     /// The disks go to the chosen point, then to an earlier and a later one (recovery-site
     /// writes put back each time), each compared byte for byte with a replay of the journal;
     /// the report counts exactly the writes after the point; commit freezes the point.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_replica_takes_streams_only_from_the_copy_it_holds() {
+        use ferry_protocol::{Lineage, LineageParent};
+        let dir = tempfile::tempdir().unwrap();
+        let (r, _shutdown) = replica(dir.path());
+        let primary = Lineage { id: 7, parent: None, initial_sync: true };
+        r.check_lineage(&primary).unwrap();
+        assert_eq!(r.source_lineage().map(|l| l.id), Some(7), "the first copy is recorded");
+        r.check_lineage(&Lineage { initial_sync: false, ..primary }).unwrap();
+        // A failed-over copy (forked from 7) with the same machine name: refused, not deduplicated.
+        let fork = Lineage { id: 9, parent: Some(LineageParent { id: 7, seq: 150 }), initial_sync: false };
+        let (code, msg, _) = r.check_lineage(&fork).unwrap_err();
+        assert_eq!(code, ferry_protocol::codes::LINEAGE_MISMATCH.code);
+        assert!(msg.contains("forked from") && msg.contains("nothing was written"), "{msg}");
+        assert_eq!(r.source_lineage().map(|l| l.id), Some(7), "a refusal changes nothing");
+        // A new copy that copies everything (a reinstalled agent's initial sync) replaces it.
+        r.check_lineage(&Lineage { id: 11, parent: None, initial_sync: true }).unwrap();
+        assert_eq!(r.source_lineage().map(|l| l.id), Some(11));
+        assert!(r.check_lineage(&primary).is_ok(), "an initial sync of the old copy may replace it again");
+        assert!(r.check_lineage(&Lineage { id: 11, ..Default::default() }).is_err(), "then 11 is another copy");
+        assert!(r.check_lineage(&Lineage::default()).is_ok(), "an unknown lineage (an old sender) is taken as before");
+    }
+
     fn index_written_after(r: &Replica, seq: u64) -> Vec<(u64, u64)> {
         r.lock_index().written_after(0, seq)
     }

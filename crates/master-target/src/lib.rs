@@ -332,6 +332,7 @@ impl MasterTarget {
                 return Err((codes::FENCED.code, e.to_string(), codes::FENCED.remedy.to_owned()));
             }
             r.check_layout(&hello.machine)?;
+            r.check_lineage(&hello.lineage)?;
             return Ok(r.clone());
         }
         // A master target linked to a configuration server replicates only what it protected
@@ -347,6 +348,7 @@ impl MasterTarget {
         }
         let r = Replica::create(&config, &machine, &hello.machine, self.exports.clone(), self.shutdown.clone())
             .map_err(|e| (codes::STORAGE.code, e.to_string(), "check the datastore and retention folders".into()))?;
+        r.check_lineage(&hello.lineage)?;
         map.insert(machine, r.clone());
         Ok(r)
     }

@@ -73,6 +73,17 @@ struct WindowFile {
     window_secs: f64,
 }
 
+/// The copy of the disks a replica holds (beside its journal).
+const LINEAGE_FILE: &str = "lineage.json";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredLineage {
+    id: u64,
+    #[serde(default)]
+    parent: Option<(u64, u64)>,
+    since_ms: u64,
+}
+
 pub struct Replica {
     pub(crate) name: String,
     pub(crate) dir: PathBuf,
@@ -553,6 +564,66 @@ impl Replica {
 
     pub(crate) fn lock_apply(&self) -> MutexGuard<'_, ApplyState> {
         self.apply.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The copy of the machine's disks this replica holds (`lineage.json`), if known.
+    pub fn source_lineage(&self) -> Option<ferry_protocol::Lineage> {
+        let data = std::fs::read(self.dir.join(LINEAGE_FILE)).ok()?;
+        let l: StoredLineage = serde_json::from_slice(&data).ok()?;
+        Some(ferry_protocol::Lineage {
+            id: l.id,
+            parent: l.parent.map(|(id, seq)| ferry_protocol::LineageParent { id, seq }),
+            initial_sync: false,
+        })
+    }
+
+    /// Take a stream only from the copy this replica holds, or from one starting an initial
+    /// sync (it replaces the content, and the lineage is recorded anew). Never deduplicate
+    /// another copy's records by machine name.
+    pub fn check_lineage(&self, offered: &ferry_protocol::Lineage) -> Result<(), (u32, String, String)> {
+        if offered.id == 0 {
+            return Ok(());
+        }
+        let held = self.source_lineage();
+        match held {
+            Some(h) if h.id == offered.id => Ok(()),
+            Some(h) if !offered.initial_sync => {
+                tracing::warn!(machine = %self.name, held = h.id, offered = offered.id, "a stream from another copy of the machine was refused");
+                Err((
+                    codes::LINEAGE_MISMATCH.code,
+                    format!(
+                        "the stream for {} comes from another copy of its disks (lineage {:016x}{}) than the one this replica holds ({:016x}): nothing was written",
+                        self.name,
+                        offered.id,
+                        offered.parent.map(|p| format!(", forked from {:016x} at seq {}", p.id, p.seq)).unwrap_or_default(),
+                        h.id
+                    ),
+                    codes::LINEAGE_MISMATCH.remedy.to_owned(),
+                ))
+            }
+            _ => {
+                let l =
+                    StoredLineage { id: offered.id, parent: offered.parent.map(|p| (p.id, p.seq)), since_ms: now_ms() };
+                let path = self.dir.join(LINEAGE_FILE);
+                serde_json::to_vec(&l)
+                    .map_err(std::io::Error::other)
+                    .and_then(|d| ferry_sys::fs::write_atomic(&path, &d))
+                    .map_err(|e| {
+                        (
+                            codes::STORAGE.code,
+                            format!("cannot write {}: {e}", path.display()),
+                            codes::STORAGE.remedy.to_owned(),
+                        )
+                    })?;
+                if held.is_some() {
+                    self.push_event(
+                        "lineage",
+                        format!("an initial sync from copy {:016x} replaces the replica's content", offered.id),
+                    );
+                }
+                Ok(())
+            }
+        }
     }
 
     pub fn check_layout(&self, machine: &MachineDescriptor) -> Result<(), (u32, String, String)> {

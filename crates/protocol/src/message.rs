@@ -95,6 +95,28 @@ pub struct Hello {
     pub machine: MachineDescriptor,
     /// The sender's replication generation (see [`RecordBody::ResyncBegin`]).
     pub generation: Generation,
+    /// Which copy of the machine's disks the stream comes from (see [`Lineage`]).
+    pub lineage: Lineage,
+}
+
+/// The lineage of a copy of a machine's disks: an ID made when the copy starts (an agent's
+/// first start, a failed-over machine's first boot), and the copy it forked from with the seq
+/// it forked at. A replica takes a stream only from the copy it holds (or from one starting an
+/// initial sync, which replaces its content): never from another copy with the same name.
+/// ID 0: unknown (a sender that predates lineage); taken, never recorded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lineage {
+    pub id: u64,
+    pub parent: Option<LineageParent>,
+    /// The sender is about to copy the whole disks (an initial sync): the replica's content,
+    /// and its lineage, are replaced.
+    pub initial_sync: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LineageParent {
+    pub id: u64,
+    pub seq: u64,
 }
 
 /// The receiver's answer: everything up to `durable_seq` is durable at the receiver (or beyond),

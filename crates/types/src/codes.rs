@@ -172,6 +172,9 @@ registry! {
     DRAIN_INCOMPLETE = 9033, 504, "drain-incomplete",
         "a planned failover could not confirm that the recovery site holds every write the primary acknowledged (the primary's agent is quiesced: it takes no writes)",
         "check the link, the process server and the master target (`ferry components`), then run the planned failover again (it resumes where it stopped), or fail over unplanned to a chosen point (the writes after it are lost)";
+    LINEAGE_MISMATCH = 9034, 409, "lineage-mismatch",
+        "the stream comes from another copy of the machine's disks than the one the replica holds (a failed-over or restored copy with the same name); nothing was written",
+        "stop the agent of the other copy; to replicate that copy, reprotect the machine (it replicates from the copy that runs), or protect it again for a full initial sync";
 }
 
 /// The registry entry for `code`.

@@ -40,9 +40,14 @@ async fn malformed_frames_close_only_that_connection() {
         name: "rogue".into(),
         disks: vec![DiskDescriptor { name: "d".into(), size: 1 << 20, uuid: "u".into() }],
     };
-    f.send(Message::Hello(Hello { role: Role::ProcessServer, machine, generation: ferry_protocol::Generation(1) }))
-        .await
-        .unwrap();
+    f.send(Message::Hello(Hello {
+        role: Role::ProcessServer,
+        machine,
+        generation: ferry_protocol::Generation(1),
+        lineage: Default::default(),
+    }))
+    .await
+    .unwrap();
     assert!(matches!(f.next().await, Some(Ok(Message::HelloAck(_)))));
     f.send(Message::Records(vec![Record {
         seq: ferry_protocol::Seq(1),
@@ -60,9 +65,14 @@ async fn malformed_frames_close_only_that_connection() {
     let tls = tls_to(c.mt_port, &c, "agent-vm1", "master-target").await;
     let mut f = Framed::new(tls, FrameCodec::default());
     let machine = MachineDescriptor { name: "x".into(), disks: vec![] };
-    f.send(Message::Hello(Hello { role: Role::Agent, machine, generation: ferry_protocol::Generation(1) }))
-        .await
-        .unwrap();
+    f.send(Message::Hello(Hello {
+        role: Role::Agent,
+        machine,
+        generation: ferry_protocol::Generation(1),
+        lineage: Default::default(),
+    }))
+    .await
+    .unwrap();
     match f.next().await {
         Some(Ok(Message::Error { message, .. })) => assert!(message.contains("process server"), "{message}"),
         other => panic!("expected an error, got {other:?}"),
@@ -72,9 +82,14 @@ async fn malformed_frames_close_only_that_connection() {
     let tls = tls_to(c.ps_port, &c, "agent-vm1", "process-server").await;
     let mut f = Framed::new(tls, FrameCodec::default());
     let machine = MachineDescriptor { name: "../../etc".into(), disks: vec![] };
-    f.send(Message::Hello(Hello { role: Role::Agent, machine, generation: ferry_protocol::Generation(1) }))
-        .await
-        .unwrap();
+    f.send(Message::Hello(Hello {
+        role: Role::Agent,
+        machine,
+        generation: ferry_protocol::Generation(1),
+        lineage: Default::default(),
+    }))
+    .await
+    .unwrap();
     match f.next().await {
         Some(Ok(Message::Error { message, .. })) => assert!(message.contains("invalid machine name"), "{message}"),
         other => panic!("expected an error, got {other:?}"),

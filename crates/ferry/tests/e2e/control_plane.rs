@@ -166,7 +166,12 @@ fn registered_components_take_their_settings_from_the_server_heartbeat_and_turn_
         ] {
             let tls = tls_to(port, &c, as_component, server).await;
             let mut f = tokio_util::codec::Framed::new(tls, FrameCodec::default());
-            let hello = Hello { role, machine: intruder.clone(), generation: ferry_protocol::Generation(1) };
+            let hello = Hello {
+                role,
+                machine: intruder.clone(),
+                generation: ferry_protocol::Generation(1),
+                lineage: Default::default(),
+            };
             f.send(Message::Hello(hello)).await.unwrap();
             match f.next().await {
                 Some(Ok(Message::Error { code, message, .. })) => {

@@ -222,6 +222,7 @@ fn planned_and_unplanned_failover_change_point_commit_and_the_old_primary_stays_
 
     // Planned: every write the primary acknowledged is on the failed-over disk, exactly, and
     // the machine runs at the recovery site on it.
+    let primary_lineage = lab.agent_status("web1")["lineage"]["id"].as_u64().unwrap();
     let job = lab.json(&["failover", "start", "web1", "--planned", "--reason", "maintenance of site primary"]);
     assert_eq!(job["state"], "succeeded", "{job:#}");
     assert_eq!(job["steps"].as_array().unwrap().len(), 7, "{job:#}");
@@ -241,6 +242,15 @@ fn planned_and_unplanned_failover_change_point_commit_and_the_old_primary_stays_
     failed(&lab.run(&["failover", "start", "web1", "--planned"]), "already failed over", "a second failover");
     let recovery_log = recovery_guest(&lab, "web1.recovery").join("records.log");
     wait("the failed-over machine writes", Duration::from_secs(60), || (records(&recovery_log) > 20).then_some(()));
+    // Its agent tracks a copy of its own, forked from the primary's at the point.
+    let ends: Value =
+        serde_json::from_slice(&std::fs::read(recovery_guest(&lab, "web1.recovery").join("endpoints.json")).unwrap())
+            .unwrap();
+    let st = crate::lab_sites::http_json(ends["status"].as_str().unwrap(), "GET", "/status", None).1;
+    assert_eq!(st["mode"], "tracking", "{st:#}");
+    assert_eq!(st["lineage"]["parent_id"].as_u64(), Some(primary_lineage), "{st:#}");
+    assert_eq!(st["lineage"]["parent_seq"], m["failover"]["point"]["seq"], "{st:#}");
+    assert_ne!(st["lineage"]["id"].as_u64(), Some(primary_lineage));
 
     // The old primary stays off unless the operator insists; then it runs, fenced: not a byte
     // of it reaches the failed-over disk (the forked log below verifies without its tail).

@@ -129,7 +129,12 @@ async fn an_invalid_record_is_refused_before_it_is_acknowledged_and_blocks_nothi
     for body in bad_bodies {
         let tls = tls_to(c.ps_port, &c, "agent-vm1", "process-server").await;
         let mut f = tokio_util::codec::Framed::new(tls, FrameCodec::default());
-        let hello = Hello { role: Role::Agent, machine: layout.clone(), generation: ferry_protocol::Generation(1) };
+        let hello = Hello {
+            role: Role::Agent,
+            machine: layout.clone(),
+            generation: ferry_protocol::Generation(1),
+            lineage: Default::default(),
+        };
         f.send(Message::Hello(hello)).await.unwrap();
         let durable = match f.next().await {
             Some(Ok(Message::HelloAck(a))) => a.durable_seq,
@@ -161,7 +166,12 @@ async fn an_invalid_record_is_refused_before_it_is_acknowledged_and_blocks_nothi
     let mut f = tokio_util::codec::Framed::new(tls, FrameCodec::default());
     let mut other = layout.clone();
     other.disks[0].size *= 2;
-    let hello = Hello { role: Role::ProcessServer, machine: other, generation: ferry_protocol::Generation(1) };
+    let hello = Hello {
+        role: Role::ProcessServer,
+        machine: other,
+        generation: ferry_protocol::Generation(1),
+        lineage: Default::default(),
+    };
     f.send(Message::Hello(hello)).await.unwrap();
     match f.next().await {
         Some(Ok(Message::Error { code, message, remedy })) => {
@@ -436,7 +446,12 @@ async fn a_certificate_streams_only_the_machine_and_the_role_it_names() {
     ] {
         let tls = tls_to(port, &c, cert, server).await;
         let mut f = tokio_util::codec::Framed::new(tls, FrameCodec::default());
-        let hello = Hello { role, machine: layout.clone(), generation: ferry_protocol::Generation(1) };
+        let hello = Hello {
+            role,
+            machine: layout.clone(),
+            generation: ferry_protocol::Generation(1),
+            lineage: Default::default(),
+        };
         f.send(Message::Hello(hello)).await.unwrap();
         let write = RecordBody::Write { disk: 0, offset: 0, data: vec![0xee; 4096] };
         let _ = f.send(Message::Records(vec![Record { seq: forged, time_ms: 0, body: write }])).await;
@@ -454,7 +469,12 @@ async fn a_certificate_streams_only_the_machine_and_the_role_it_names() {
     // data, which bypasses the ordered log, is refused once vm1's replica is consistent.
     let tls = tls_to(c.mt_port, &c, "process-server", "master-target").await;
     let mut f = tokio_util::codec::Framed::new(tls, FrameCodec::default());
-    let hello = Hello { role: Role::ProcessServer, machine: layout.clone(), generation: ferry_protocol::Generation(1) };
+    let hello = Hello {
+        role: Role::ProcessServer,
+        machine: layout.clone(),
+        generation: ferry_protocol::Generation(1),
+        lineage: Default::default(),
+    };
     f.send(Message::Hello(hello)).await.unwrap();
     assert!(matches!(f.next().await, Some(Ok(Message::HelloAck(_)))));
     let chunk = ferry_protocol::BulkChunk { id: 1, disk: 0, offset: 0, len: 4096, data: vec![0xee; 4096] };
