@@ -259,6 +259,13 @@ fn planned_and_unplanned_failover_change_point_commit_and_the_old_primary_stays_
     let log = lab.guest("web1").join("records.log");
     let n = records(&log);
     wait("the old primary's workload writes again", Duration::from_secs(60), || (records(&log) > n + 25).then_some(()));
+    // Its process server (with what it spooled) and the master target restart meanwhile.
+    ok(&lab.run(&["lab", "restart", "ps-primary", "--kill"]), "kill and restart the process server");
+    ok(&lab.run(&["lab", "restart", "mt-r", "--kill"]), "kill and restart the master target");
+    let n = records(&log);
+    wait("the old primary writes on", Duration::from_secs(60), || (records(&log) > n + 10).then_some(()));
+    let rep = lab.replica("mt-r", "web1");
+    assert_eq!(rep["journaled_seq"], rep["fence"]["at_seq"], "nothing journaled after the fence: {rep:#}");
     ok(&lab.run(&["lab", "power-off", "web1"]), "power the old primary off");
     ok(&lab.run(&["lab", "power-off", "web1.recovery"]), "shut the failed-over machine down");
     let forked = fork_log(&lab, "web1", paused, &recovery_log, tmp.path());
@@ -353,7 +360,7 @@ fn three_machine_lab() -> String {
         "[[sites.machines]]\nname = \"spare\"",
         "[[sites.machines]]\nname = \"app1\"\nos_family = \"linux\"\nhost = \"esx-p1\"\ndatastore = \"vmfs-p\"\ndisks = [{ name = \"disk0\", size = 16777216 }]\nworkload = { rate = 25, max_blocks = 4, seed = 23 }\n[[sites.machines]]\nname = \"spare\"",
     );
-    lab.push('\n');
+    lab.push_str("\n[[groups]]\nname = \"grp\"\nmachines = [\"web1\", \"app1\"]\n");
     lab
 }
 
@@ -377,9 +384,21 @@ fn failover_jobs_finish_exactly_when_each_component_is_killed_at_a_seeded_random
     ok(&lab.run(&["policies", "create", "gold", "--crash-consistent-secs", "2", "--retention-secs", "3600"]), "policy");
     let job = lab.json(&[
         "protect",
-        "web1",
+        "--group",
+        "grp",
+        "--policy",
+        "gold",
+        "--process-server",
+        "ps-primary",
+        "--master-target",
+        "mt-r",
+        "--datastore",
+        "vmfs-r",
+    ]);
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    let job = lab.json(&[
+        "protect",
         "db1",
-        "app1",
         "--policy",
         "gold",
         "--process-server",
@@ -420,6 +439,22 @@ fn failover_jobs_finish_exactly_when_each_component_is_killed_at_a_seeded_random
     let job = finish(&id);
     assert!(job["resumes"].as_u64().unwrap() <= 1, "{job:#}");
     planned_is_exact("web1", 21, "web1.img");
+
+    // A replication group's member fails over only to a multi-machine point (or planned).
+    let single = wait("app1 has a crash point", Duration::from_secs(60), || {
+        let v = lab.json(&["recovery-points", "app1"]);
+        v["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["kind"] == "crash")
+            .map(|p| p["id"].as_str().unwrap().to_owned())
+    });
+    failed(
+        &lab.run(&["failover", "start", "app1", "--unplanned", "--point", &single]),
+        "replication group grp",
+        "a custom point for a group member",
+    );
 
     // The primary's agent dies mid-job (its guest restarts it, and it quiesces again), then the
     // process server it ships through.
