@@ -251,6 +251,17 @@ fn planned_and_unplanned_failover_change_point_commit_and_the_old_primary_stays_
     assert_eq!(st["lineage"]["parent_id"].as_u64(), Some(primary_lineage), "{st:#}");
     assert_eq!(st["lineage"]["parent_seq"], m["failover"]["point"]["seq"], "{st:#}");
     assert_ne!(st["lineage"]["id"].as_u64(), Some(primary_lineage));
+    // An identity of its own: registering it revoked nothing of the primary's.
+    let comps = lab.json(&["components"]);
+    let comp = |n: &str| comps.as_array().unwrap().iter().find(|c| c["kind"] == "agent" && c["name"] == n).cloned();
+    let (p_id, r_id) = (comp("web1").unwrap(), comp("web1.recovery").unwrap());
+    assert!(r_id["identity"].as_str().unwrap().contains("web1.recovery@recovery"), "{r_id:#}");
+    assert_ne!(p_id["certificate_serial"], r_id["certificate_serial"]);
+    let revoked = lab.json(&["certificates", "revoked"]).to_string();
+    assert!(
+        !revoked.contains(p_id["certificate_serial"].as_str().unwrap()),
+        "the primary's certificate stands: {revoked}"
+    );
 
     // The old primary stays off unless the operator insists; then it runs, fenced: not a byte
     // of it reaches the failed-over disk (the forked log below verifies without its tail).
