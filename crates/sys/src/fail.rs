@@ -24,6 +24,8 @@ pub const ALL: &[&str] = &[
     "master-target.checkpoint.write",
     "master-target.base.advance",
     "agent.activity-log.slot-before-data",
+    "master-target.failover.restoring",
+    "master-target.failover.restored",
 ];
 
 /// Mark the failpoint `name`: in a `testing` build armed by [`ENV`], the process stops here.

@@ -208,3 +208,69 @@ fn unplanned_failover_puts_the_disk_exactly_at_the_point_and_commit_freezes_it()
     );
     assert!(std::fs::read(c.target("disk0")).unwrap() == before, "the restart did not touch the failed-over disk");
 }
+
+/// A master target stopped exactly at each durability boundary of a failover — `failover.json`
+/// says restoring but no disk byte changed yet; every extent is back and fsync'd but the state
+/// does not say at-point yet — finishes the restore at its restart: the disk then holds exactly
+/// the point, and the status says at-point.
+#[test]
+fn a_failover_stopped_at_each_durability_boundary_finishes_at_the_point_after_a_restart() {
+    for failpoint in ["master-target.failover.restoring", "master-target.failover.restored"] {
+        assert!(ferry_sys::fail::ALL.contains(&failpoint));
+        let mut c = Cluster::new(Opts {
+            disks: vec![("disk0", 16 << 20)],
+            agent_extra: "crash_point_interval_secs = 0.3\n".into(),
+            ..Default::default()
+        });
+        c.start_all();
+        c.wait_caught_up(Duration::from_secs(30));
+        let log = c.path().join("workload.log");
+        let out = Command::new(FERRY)
+            .args(["lab", "workload", "--disk", &c.nbd_spec("agent", "disk0"), "--record-log"])
+            .arg(&log)
+            .args(["--records", "200", "--rate", "100", "--seed", "11"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        c.wait_caught_up(Duration::from_secs(60));
+        let (_, pts) = c.mt_api("GET", "/machines/vm1/points", None);
+        let tags: Vec<Value> =
+            pts["points"].as_array().unwrap().iter().filter(|p| p["origin"] == "tag").cloned().collect();
+        assert!(tags.len() >= 3, "{pts:#}");
+        let p = tags[tags.len() / 2].clone();
+        let (code, m) = c.mt_api(
+            "POST",
+            "/machines/vm1/materializations",
+            Some(json!({ "point": p["id"], "kind": "image", "format": "raw" })),
+        );
+        assert_eq!(code, 201, "{m}");
+        let image = std::path::PathBuf::from(m["files"][0].as_str().unwrap());
+        let (ok, v) = lab_verify(&log, &image, None);
+        assert!(ok, "{v}");
+        let records = v["prefix_seq"].as_u64().unwrap();
+        assert!(records < 200, "writes after the point: {v}");
+
+        c.stop("master-target");
+        c.start_env("master-target", &[("FERRY_FAILPOINTS", &format!("{failpoint}=abort"))]);
+        // The master target dies inside the request: no answer.
+        let body = json!({ "point": p["id"], "reason": "site lost" }).to_string();
+        let token = c.control_token("master-target");
+        let _ = http_json_as(c.status["master-target"], Some(&token), "POST", "/machines/vm1/failover", Some(&body));
+        let st =
+            c.wait_exit("master-target", Duration::from_secs(60)).unwrap_or_else(|| panic!("{failpoint} never hit"));
+        assert_eq!(st.code(), Some(ferry_sys::fail::EXIT_CODE), "{failpoint}: {st}");
+        assert!(c.log("master-target").contains(&format!("ferry failpoint {failpoint} hit")));
+        c.start("master-target");
+        let r = wait_until("the restarted master target finishes the restore", || {
+            let r = c.status("master-target")["machines"][0].clone();
+            (r["failover"]["phase"] == "at-point").then_some(r)
+        });
+        assert_eq!(r["failover"]["point"]["id"], p["id"], "{r:#}");
+        assert!(
+            image_difference(&c.target("disk0"), "raw", image.to_str().unwrap(), "raw").is_none(),
+            "{failpoint}: the disk is the point, byte for byte"
+        );
+        let (ok, v) = lab_verify(&log, &c.target("disk0"), Some(records));
+        assert!(ok, "{failpoint}: exactly the records up to the point: {v}");
+    }
+}
