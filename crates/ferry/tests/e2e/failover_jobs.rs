@@ -90,6 +90,11 @@ fn verify(lab: &Lab, m: &str, seed: u64, disk: &Path, exact: Option<u64>) -> (bo
     (o.status.success() && v["consistent"] == true, v)
 }
 
+fn sha(p: &Path) -> String {
+    let o = std::process::Command::new("sha256sum").arg(p).output().unwrap();
+    String::from_utf8_lossy(&o.stdout).split_whitespace().next().unwrap_or("").to_owned()
+}
+
 /// Where a failed-over machine's guest keeps its files.
 fn recovery_guest(lab: &Lab, rm: &str) -> PathBuf {
     lab.dir.join("sites/recovery/guests").join(rm)
@@ -326,6 +331,22 @@ fn planned_and_unplanned_failover_change_point_commit_and_the_old_primary_stays_
         k + 1,
         k + n
     );
+
+    // With nothing running at the recovery site, the failed-over disk is byte-identical before
+    // and after the old primary comes back writing and its process server (with a spool of its
+    // writes) and the master target are restarted.
+    let target = lab.dir.join("sites/recovery/datastores/vmfs-r/db1/disk0.img");
+    let before = sha(&target);
+    ok(&lab.run(&["lab", "power-on", "db1", "--allow-failed-over"]), "the old primary comes back");
+    let old_log = lab.guest("db1").join("records.log");
+    let n0 = records(&old_log);
+    wait("the old primary writes", Duration::from_secs(60), || (records(&old_log) > n0 + 20).then_some(()));
+    ok(&lab.run(&["lab", "restart", "ps-primary", "--kill"]), "kill and restart the process server");
+    ok(&lab.run(&["lab", "restart", "mt-r", "--kill"]), "kill and restart the master target");
+    let n1 = records(&old_log);
+    wait("the old primary writes on", Duration::from_secs(60), || (records(&old_log) > n1 + 20).then_some(()));
+    ok(&lab.run(&["lab", "power-off", "db1"]), "the old primary goes off again");
+    assert_eq!(sha(&target), before, "not a byte of the old primary reached the failed-over disk");
 
     // Change point (before commit), then commit; after that the point is fixed.
     let job = lab.json(&["failover", "change-point", "db1", "--point", &earlier]);
