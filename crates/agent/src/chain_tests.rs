@@ -281,6 +281,7 @@ async fn a_failed_over_machine_tracks_the_seed_and_every_write_and_reports_them_
     let seed = ferry_api::agent::FailoverSeed {
         machine: "vm1".into(),
         lineage: 7,
+        lineage_ancestors: vec![(3, 40)],
         point: "vm1@100".into(),
         point_seq: 100,
         extents: vec![extent(0, 8192), extent(1 << 20, 4096)],
@@ -295,6 +296,7 @@ async fn a_failed_over_machine_tracks_the_seed_and_every_write_and_reports_them_
         "a copy of its own, forked from the primary's at the point"
     );
     assert!(l.id != 0 && l.id != 7 && !l.initial_sync);
+    assert_eq!(l.ancestors.iter().map(|p| (p.id, p.seq)).collect::<Vec<_>>(), vec![(3, 40)], "and its history");
     m.write_recovery_writes(&m.lock(), false).unwrap();
     let unclean: ferry_api::agent::RecoveryWrites =
         serde_json::from_slice(&std::fs::read(dir.path().join("writes.json")).unwrap()).unwrap();

@@ -59,11 +59,14 @@ struct PersistentState {
     lineage: Option<StateLineage>,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct StateLineage {
     id: u64,
     #[serde(default)]
     parent: Option<(u64, u64)>,
+    /// The parent's ancestors, newest first (bounded by `ferry_protocol::LINEAGE_HISTORY`).
+    #[serde(default)]
+    ancestors: Vec<(u64, u64)>,
 }
 
 pub struct Disk {
@@ -360,6 +363,12 @@ impl Machine {
                     lineage: seed.as_ref().map(|s| StateLineage {
                         id: rand::random::<u64>() | 1,
                         parent: (s.lineage != 0).then_some((s.lineage, s.point_seq)),
+                        ancestors: s
+                            .lineage_ancestors
+                            .iter()
+                            .copied()
+                            .take(ferry_protocol::LINEAGE_HISTORY.saturating_sub(1))
+                            .collect(),
                     }),
                 };
                 (st, Mode::Tracking, ResyncReason::AgentRecovery)
@@ -410,7 +419,7 @@ impl Machine {
         }
         // A copy without a lineage (a first start, or state from before lineage) gets one.
         if state.lineage.is_none() {
-            state.lineage = Some(StateLineage { id: rand::random::<u64>() | 1, parent: None });
+            state.lineage = Some(StateLineage { id: rand::random::<u64>() | 1, parent: None, ancestors: Vec::new() });
         }
         // Without a process server nothing ships: every write is tracked.
         let mode = if config.process_server.is_none() { Mode::Tracking } else { mode };
@@ -531,10 +540,11 @@ impl Machine {
     /// This copy's lineage, as a hello announces it.
     pub fn lineage(&self) -> ferry_protocol::Lineage {
         let c = self.lock();
-        let l = c.state.lineage.unwrap_or(StateLineage { id: 0, parent: None });
+        let l = c.state.lineage.clone().unwrap_or(StateLineage { id: 0, parent: None, ancestors: Vec::new() });
         ferry_protocol::Lineage {
             id: l.id,
             parent: l.parent.map(|(id, seq)| ferry_protocol::LineageParent { id, seq }),
+            ancestors: l.ancestors.iter().map(|&(id, seq)| ferry_protocol::LineageParent { id, seq }).collect(),
             initial_sync: !c.state.initial_sync_complete,
         }
     }
@@ -1517,10 +1527,11 @@ impl Machine {
             points: c.points.clone(),
             write_hold: c.hold.as_ref().map(|h| HoldView { group: h.group.clone(), tag: h.tag.clone() }),
             quiesced: c.quiesced.clone(),
-            lineage: c.state.lineage.map(|l| ferry_api::agent::AgentLineage {
+            lineage: c.state.lineage.as_ref().map(|l| ferry_api::agent::AgentLineage {
                 id: l.id,
                 parent_id: l.parent.map(|p| p.0),
                 parent_seq: l.parent.map(|p| p.1),
+                ancestors: l.ancestors.clone(),
             }),
             events: c.events.iter().cloned().collect(),
         }

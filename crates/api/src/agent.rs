@@ -104,6 +104,9 @@ pub struct FailoverSeed {
     /// that starts from this seed.
     #[serde(default)]
     pub lineage: u64,
+    /// That copy's own ancestors, newest first: `(lineage, seq)` of each fork.
+    #[serde(default)]
+    pub lineage_ancestors: Vec<(u64, u64)>,
     /// The point the disks hold (`MACHINE@SEQ`); a new one (change point) is taken again.
     pub point: String,
     pub point_seq: u64,
@@ -129,6 +132,9 @@ pub struct AgentLineage {
     pub parent_id: Option<u64>,
     #[serde(default)]
     pub parent_seq: Option<u64>,
+    /// The parent's ancestors, newest first: `(lineage, seq)` of each earlier fork.
+    #[serde(default)]
+    pub ancestors: Vec<(u64, u64)>,
 }
 
 /// A planned failover's order to stop taking writes (the agent's settings, `quiesce`).

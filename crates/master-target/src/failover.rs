@@ -313,9 +313,15 @@ impl Replica {
         ferry_sys::fail::fail_point("master-target.failover.restored");
         // Beside the disks, for the machine's agent at the recovery site: what it must count
         // as changed (the primary holds something else there, or nothing).
+        let source = self.source_lineage();
         let seed = ferry_api::agent::FailoverSeed {
             machine: self.name.to_string(),
-            lineage: self.source_lineage().map_or(0, |l| l.id),
+            lineage: source.as_ref().map_or(0, |l| l.id),
+            // The new copy's ancestors: the held copy's parent, then its ancestors.
+            lineage_ancestors: source
+                .as_ref()
+                .map(|l| l.parent.iter().chain(l.ancestors.iter()).map(|p| (p.id, p.seq)).collect())
+                .unwrap_or_default(),
             point: point.id.clone(),
             point_seq: point.seq,
             extents: seed,
@@ -629,18 +635,26 @@ mod tests {
         use ferry_protocol::{Lineage, LineageParent};
         let dir = tempfile::tempdir().unwrap();
         let (r, _shutdown) = replica(dir.path());
-        let primary = Lineage { id: 7, parent: None, initial_sync: true };
+        let primary = Lineage { id: 7, parent: None, ancestors: Vec::new(), initial_sync: true };
         r.check_lineage(&primary).unwrap();
         assert_eq!(r.source_lineage().map(|l| l.id), Some(7), "the first copy is recorded");
-        r.check_lineage(&Lineage { initial_sync: false, ..primary }).unwrap();
+        r.check_lineage(&Lineage { initial_sync: false, ..primary.clone() }).unwrap();
         // A failed-over copy (forked from 7) with the same machine name: refused, not deduplicated.
-        let fork = Lineage { id: 9, parent: Some(LineageParent { id: 7, seq: 150 }), initial_sync: false };
+        let fork = Lineage {
+            id: 9,
+            parent: Some(LineageParent { id: 7, seq: 150 }),
+            ancestors: vec![LineageParent { id: 3, seq: 40 }],
+            initial_sync: false,
+        };
         let (code, msg, _) = r.check_lineage(&fork).unwrap_err();
         assert_eq!(code, ferry_protocol::codes::LINEAGE_MISMATCH.code);
         assert!(msg.contains("forked from") && msg.contains("nothing was written"), "{msg}");
         assert_eq!(r.source_lineage().map(|l| l.id), Some(7), "a refusal changes nothing");
         // A new copy that copies everything (a reinstalled agent's initial sync) replaces it.
-        r.check_lineage(&Lineage { id: 11, parent: None, initial_sync: true }).unwrap();
+        r.check_lineage(&Lineage { initial_sync: true, ..fork.clone() }).unwrap();
+        let held = r.source_lineage().unwrap();
+        assert_eq!((held.id, held.parent, held.ancestors.len()), (9, fork.parent, 1), "its history is kept");
+        r.check_lineage(&Lineage { id: 11, parent: None, ancestors: Vec::new(), initial_sync: true }).unwrap();
         assert_eq!(r.source_lineage().map(|l| l.id), Some(11));
         assert!(r.check_lineage(&primary).is_ok(), "an initial sync of the old copy may replace it again");
         assert!(r.check_lineage(&Lineage { id: 11, ..Default::default() }).is_err(), "then 11 is another copy");

@@ -81,6 +81,8 @@ struct StoredLineage {
     id: u64,
     #[serde(default)]
     parent: Option<(u64, u64)>,
+    #[serde(default)]
+    ancestors: Vec<(u64, u64)>,
     since_ms: u64,
 }
 
@@ -573,6 +575,7 @@ impl Replica {
         Some(ferry_protocol::Lineage {
             id: l.id,
             parent: l.parent.map(|(id, seq)| ferry_protocol::LineageParent { id, seq }),
+            ancestors: l.ancestors.iter().map(|&(id, seq)| ferry_protocol::LineageParent { id, seq }).collect(),
             initial_sync: false,
         })
     }
@@ -602,8 +605,17 @@ impl Replica {
                 ))
             }
             _ => {
-                let l =
-                    StoredLineage { id: offered.id, parent: offered.parent.map(|p| (p.id, p.seq)), since_ms: now_ms() };
+                let l = StoredLineage {
+                    id: offered.id,
+                    parent: offered.parent.map(|p| (p.id, p.seq)),
+                    ancestors: offered
+                        .ancestors
+                        .iter()
+                        .take(ferry_protocol::LINEAGE_HISTORY)
+                        .map(|p| (p.id, p.seq))
+                        .collect(),
+                    since_ms: now_ms(),
+                };
                 let path = self.dir.join(LINEAGE_FILE);
                 serde_json::to_vec(&l)
                     .map_err(std::io::Error::other)

@@ -350,7 +350,7 @@ impl ProcessServer {
                 role: Role::ProcessServer,
                 machine: hello.machine.clone(),
                 generation: hello.generation,
-                lineage: hello.lineage,
+                lineage: hello.lineage.clone(),
             }))
             .await
             .map_err(|e| e.to_string())?;

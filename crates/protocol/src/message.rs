@@ -104,14 +104,21 @@ pub struct Hello {
 /// it forked at. A replica takes a stream only from the copy it holds (or from one starting an
 /// initial sync, which replaces its content): never from another copy with the same name.
 /// ID 0: unknown (a sender that predates lineage); taken, never recorded.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lineage {
     pub id: u64,
     pub parent: Option<LineageParent>,
+    /// The parent's own ancestors, newest first (a short history: at most
+    /// [`LINEAGE_HISTORY`] entries with the parent), so later cycles can tell how two copies
+    /// are related.
+    pub ancestors: Vec<LineageParent>,
     /// The sender is about to copy the whole disks (an initial sync): the replica's content,
     /// and its lineage, are replaced.
     pub initial_sync: bool,
 }
+
+/// How many forks a lineage remembers (parent included).
+pub const LINEAGE_HISTORY: usize = 8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LineageParent {
