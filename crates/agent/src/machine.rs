@@ -57,6 +57,9 @@ struct PersistentState {
     /// names the primary's copy and the point as its parent).
     #[serde(default)]
     lineage: Option<StateLineage>,
+    /// A planned failover's quiesce: kept across restarts, taken before the disks are served.
+    #[serde(default)]
+    pub(crate) quiesced: Option<ferry_api::agent::Quiesced>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -190,6 +193,11 @@ impl Core {
     pub(crate) fn last_seq(&self) -> u64 {
         self.last_record_seq
     }
+
+    pub(crate) fn set_quiesced(&mut self, q: Option<ferry_api::agent::Quiesced>) {
+        self.state.quiesced = q.clone();
+        self.quiesced = q;
+    }
 }
 
 /// Writes held by a group prepare.
@@ -230,6 +238,8 @@ pub struct Machine {
     pub(crate) verify: VerifySessions,
     /// Wakes writers held by a group prepare.
     pub(crate) hold_released: Condvar,
+    /// One quiesce or lift at a time (their hooks run outside the core lock).
+    pub(crate) quiesce_op: Mutex<()>,
     /// TEST/DIAGNOSTIC: every local write with its seq (see `AgentConfig::source_write_log`).
     #[cfg(feature = "testing")]
     source_log: Option<Mutex<crate::testing::SourceLog>>,
@@ -347,6 +357,15 @@ impl Machine {
             }
         }
         let seed = read_seed(&config, &disks)?;
+        // A failed-over machine whose agent state is gone although it ran (its report exists):
+        // what it wrote at the recovery site is unknown, so everything counts as changed.
+        let ran_before =
+            previous.is_none() && seed.is_some() && config.recovery_writes_file.as_ref().is_some_and(|p| p.exists());
+        if ran_before {
+            for (i, d) in disks.iter().enumerate() {
+                dirty.mark(i, 0, d.size);
+            }
+        }
         let (mut state, mode, reason) = match previous {
             // A failed-over machine's first start: its disks hold the point; what differs from
             // the primary is the seed (the extents after the point), not the whole disk.
@@ -360,6 +379,7 @@ impl Machine {
                         .map(|d| DiskDescriptor { name: d.name.to_string(), size: d.size, uuid: d.uuid.clone() })
                         .collect(),
                     failover_seed: None,
+                    quiesced: None,
                     lineage: seed.as_ref().map(|s| StateLineage {
                         id: rand::random::<u64>() | 1,
                         parent: (s.lineage != 0).then_some((s.lineage, s.point_seq)),
@@ -389,6 +409,7 @@ impl Machine {
                         .collect(),
                     failover_seed: None,
                     lineage: None,
+                    quiesced: None,
                 };
                 (st, Mode::InitialSync, ResyncReason::InitialSync)
             }
@@ -463,6 +484,7 @@ impl Machine {
                 ),
             });
         }
+        let was_quiesced = state.quiesced.clone();
         let core = Core {
             next_seq,
             al,
@@ -497,7 +519,7 @@ impl Machine {
             pending_end_seq: None,
             write_stamp: 0,
             hold: None,
-            quiesced: None,
+            quiesced: was_quiesced,
             prepared_tags: VecDeque::new(),
             points: Default::default(),
         };
@@ -517,6 +539,7 @@ impl Machine {
             stopped: AtomicBool::new(false),
             verify: VerifySessions::default(),
             hold_released: Condvar::new(),
+            quiesce_op: Mutex::new(()),
             #[cfg(feature = "testing")]
             source_log,
         }))
@@ -1312,7 +1335,7 @@ impl Machine {
         Ok(true)
     }
 
-    fn save_state(&self, c: &Core) -> Result<(), AgentError> {
+    pub(crate) fn save_state(&self, c: &Core) -> Result<(), AgentError> {
         let data = serde_json::to_vec_pretty(&c.state).map_err(|e| AgentError::Config(e.to_string()))?;
         ferry_sys::fs::write_atomic(&c.state_path, &data).map_err(crate::io_at(&c.state_path))?;
         Ok(())

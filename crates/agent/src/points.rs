@@ -81,8 +81,10 @@ impl Machine {
     }
 
     /// Planned failover: run the freeze hook (applications flush and pause), then refuse every
-    /// later write, and say the seq of the last one. Repeating an order changes nothing.
+    /// later write, and say the seq of the last one. Kept in the state file, so a restarted
+    /// agent refuses writes before it serves its disks. Repeating an order changes nothing.
     pub fn quiesce(&self, order: &str) {
+        let _op = self.quiesce_op.lock().unwrap_or_else(|p| p.into_inner());
         if self.lock().quiesced.as_ref().is_some_and(|q| q.order == order) {
             return;
         }
@@ -104,12 +106,24 @@ impl Machine {
             "quiesced",
             format!("quiesced for failover {order}: the last write is seq {}; later writes are refused", q.last_seq),
         );
-        c.quiesced = Some(q);
+        c.set_quiesced(Some(q));
+        if let Err(e) = self.save_state(&c) {
+            // Refused in memory all the same; only a restart would forget it.
+            push_event(&mut c, "quiesce-not-saved", format!("the quiesce could not be saved: {e}"));
+        }
     }
 
     /// Lift a quiesce (the failover was cancelled): writes are taken again, applications thawed.
     pub fn lift_quiesce(&self) {
-        let Some(q) = self.lock().quiesced.take() else { return };
+        let _op = self.quiesce_op.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(q) = self.lock().quiesced.clone() else { return };
+        {
+            let mut c = self.lock();
+            c.set_quiesced(None);
+            if let Err(e) = self.save_state(&c) {
+                push_event(&mut c, "quiesce-not-saved", format!("lifting the quiesce could not be saved: {e}"));
+            }
+        }
         if q.frozen {
             self.thaw();
         }

@@ -589,6 +589,9 @@ pub struct ProtectionFailover {
     /// down (it is started again after).
     #[serde(default)]
     pub restart_recovery_machine: bool,
+    /// The change-point job that decided `restart_recovery_machine` (decided once per job).
+    #[serde(default)]
+    pub restart_decided_by: Option<String>,
 }
 
 /// `POST /api/v1/failovers`: fail a protected machine over to its recovery site.

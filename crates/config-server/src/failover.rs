@@ -193,17 +193,8 @@ async fn claim_failover(s: &Arc<AppState>, req: FailoverRequest) -> Result<Job, 
                     p.machine, f.job, f.job
                 )))
             }
-            // A failed failover job: run again (its orders resume where they stopped).
-            FailoverStage::InProgress if f.kind != req.kind => {
-                return Err(failover_state_error(format!(
-                    "the {} failover of {} (job {}) failed part-way: run it again as {}, not {}",
-                    kind_name(f.kind),
-                    p.machine,
-                    f.job,
-                    kind_name(f.kind),
-                    kind_name(req.kind)
-                )))
-            }
+            // A failover job that failed after the fence: run it again (planned or unplanned;
+            // its steps resume where they stopped).
             FailoverStage::InProgress => {}
             FailoverStage::FailedOver | FailoverStage::Committed => {
                 return Err(failover_state_error(format!(
@@ -259,6 +250,7 @@ async fn claim_failover(s: &Arc<AppState>, req: FailoverRequest) -> Result<Job, 
         recovery_machine: None,
         recovery_site: None,
         restart_recovery_machine: false,
+        restart_decided_by: None,
     });
     let rev = s.store.put(PROTECTION, &p.machine, &p, Some(doc.revision)).await.map_err(|e| match e {
         ferry_store::StoreError::Conflict { .. } => {
@@ -464,13 +456,42 @@ async fn order_master_target(
     })
     .await
     .map_err(|e| fail(errors::STORE, e))?;
+    let result = wait_for_order(store, ctl, p, &order).await;
+    // Done or given up: the order goes, so no restart of the master target ever carries out a
+    // job's order after that job ended.
+    let (machine, id) = (p.machine.clone(), order.order.clone());
+    let withdrawn = update_settings(store, &key, move |b| {
+        if let Some(map) = b.machine_failovers.as_mut() {
+            if map.get(&machine).is_some_and(|o| o.order == id) {
+                map.remove(&machine);
+            }
+        }
+    })
+    .await;
+    if let Err(e) = withdrawn {
+        tracing::warn!(machine = %p.machine, order = %order.order, error = %e, "cannot withdraw a failover order");
+    }
+    result
+}
+
+async fn wait_for_order(
+    store: &Store,
+    ctl: &JobControl,
+    p: &Protection,
+    order: &FailoverOrder,
+) -> Result<ferry_api::master_target::Failover, Outcome> {
     let want = if order.commit { FailoverPhase::Committed } else { FailoverPhase::AtPoint };
-    let deadline = tokio::time::Instant::now() + AT_POINT_LIMIT;
+    let mut deadline = tokio::time::Instant::now() + AT_POINT_LIMIT;
     loop {
         if let Some(r) = replica_status(store, &p.master_target, &p.machine).await {
             if let Some(f) = r.failover.as_ref().filter(|f| f.order.as_deref() == Some(order.order.as_str())) {
                 if f.phase == want {
                     return Ok(f.clone());
+                }
+                if f.phase == FailoverPhase::Restoring {
+                    // Restoring, reported by a live master target: it works (its time follows
+                    // the writes after the point), so the limit counts from its last report.
+                    deadline = tokio::time::Instant::now() + AT_POINT_LIMIT;
                 }
             }
             if let Some(e) = r.failover_order_error.as_ref().filter(|e| e.order == order.order) {
@@ -524,6 +545,51 @@ pub fn recovery_machine_name(machine: &str, site: &str) -> String {
 const BOOT_LIMIT: Duration = Duration::from_secs(900);
 
 impl Ops {
+    /// A failover job failed at `step`. Before the fence nothing has failed over: the
+    /// primary is released (its quiesce lifted: it takes writes and keeps replicating) and the
+    /// machine is Protected again. From the fence on it stays as it is (a released primary would
+    /// take writes the recovery site never holds): running the failover again resumes it.
+    pub async fn failover_failed(
+        &self,
+        fj: &FailoverJob<'_>,
+        step: usize,
+        mut e: crate::jobs::JobError,
+    ) -> crate::jobs::JobError {
+        let before_fence =
+            FailoverStep::of(fj.kind).iter().position(|s| *s == FailoverStep::AtPoint).is_some_and(|at| step < at);
+        let fenced = match protection(&self.store, fj.machine).await {
+            Ok((p, _)) => {
+                replica_status(&self.store, &p.master_target, fj.machine).await.is_none_or(|r| r.fence.is_some())
+            }
+            Err(_) => true,
+        };
+        if !before_fence || fenced {
+            e.message.push_str(" (the failover stands where it stopped: run it again to resume)");
+            return e;
+        }
+        let m = fj.machine.to_owned();
+        if let Err(err) = update_settings(&self.store, &format!("agent/{m}"), |b| b.quiesce = None).await {
+            e.message.push_str(&format!(" (the primary's quiesce could not be lifted: {err})"));
+            return e;
+        }
+        for _ in 0..20 {
+            let Ok(Some(d)) = self.store.get::<Protection>(PROTECTION, &m).await else { break };
+            let mut p = d.body;
+            if p.failover.as_ref().is_none_or(|f| f.job != fj.job.id) {
+                break;
+            }
+            p.failover = None;
+            match self.store.put(PROTECTION, &m, &p, Some(d.revision)).await {
+                Err(ferry_store::StoreError::Conflict { .. }) => continue,
+                _ => break,
+            }
+        }
+        e.message.push_str(&format!(
+            " — nothing was fenced: {m} was released (it takes writes again and keeps replicating) and is Protected"
+        ));
+        e
+    }
+
     /// Put the machine at the recovery site on its failed-over disks (the files and their
     /// UUIDs kept), give its agent those disks and the master target's seed (no process
     /// server: it tracks every write from its first), power it on and wait until it reports.
@@ -614,10 +680,13 @@ impl Ops {
             return fail(ferry_types::HasErrorCode::error_code(&e), e.to_string());
         }
         let on = crate::discovery::SiteOperation::PowerOn { machine: rm.clone(), allow_failed_over: false };
+        // A report from before this power-on (the machine ran until a change of point shut it
+        // down) is not a boot.
+        let powered_ms = now_ms();
         if power_on {
             if let Err(e) = provider.operate(on).await {
                 // Resumed after a restart: it may be running already.
-                if !e.to_string().contains("already running") {
+                if !e.to_string().contains("already running") && !self.powered_on(&rsite.site, &rm).await {
                     return fail(ferry_types::HasErrorCode::error_code(&e), e.to_string());
                 }
             }
@@ -642,9 +711,12 @@ impl Ops {
         }
         let deadline = tokio::time::Instant::now() + BOOT_LIMIT;
         loop {
-            if let Some(a) =
-                agent_status(store, &rm, 30_000).await.filter(|a| a.mode == ferry_api::agent::Mode::Tracking)
-            {
+            let booted = component(store, ComponentKind::Agent, &rm)
+                .await
+                .filter(|c| c.last_seen_ms.is_some_and(|t| t >= powered_ms))
+                .and_then(|c| c.status)
+                .and_then(|st| st.agent().cloned());
+            if let Some(a) = booted.filter(|a| a.mode == ferry_api::agent::Mode::Tracking) {
                 let tracked: u64 = a.disks.iter().map(|d| d.resync_pending_bytes).sum();
                 return Outcome::Done(Some(format!(
                     "{rm} runs at site {} on the failed-over disks; its agent tracks every write ({tracked} byte(s) changed since the point, counted from the master target's seed)",
@@ -789,7 +861,7 @@ impl Ops {
                 };
                 let last = q.last_seq;
                 if let o @ Outcome::Failed(_) =
-                    update_failover(store, job, m, |f| f.primary_last_seq = Some(last)).await
+                    update_failover(store, job, m, |f| f.primary_last_seq = f.primary_last_seq.max(Some(last))).await
                 {
                     return o;
                 }
@@ -809,16 +881,21 @@ impl Ops {
                             let pending = a.pending_log_bytes + a.resync_pending_bytes + a.initial_sync_in_flight_bytes;
                             total = total.max(pending);
                             ctl.bytes(total - pending, total);
-                            let held = a.master_target_durable_seq >= q.last_seq
-                                && r.journaled_seq >= q.last_seq
+                            // The agent's newest record now (a resync after a restart adds
+                            // some), not only the one it quiesced at.
+                            let last = q.last_seq.max(a.last_seq);
+                            let held = a.master_target_durable_seq >= last
+                                && r.journaled_seq >= last
                                 && a.pending_log_records == 0
                                 && a.resync_pending_bytes == 0
+                                && a.initial_sync_in_flight_bytes == 0
                                 && a.resync.is_none()
                                 && a.mode == ferry_api::agent::Mode::Replicating;
                             if held {
-                                let last = q.last_seq;
-                                if let o @ Outcome::Failed(_) =
-                                    update_failover(store, job, m, |f| f.primary_last_seq = Some(last)).await
+                                if let o @ Outcome::Failed(_) = update_failover(store, job, m, |f| {
+                                    f.primary_last_seq = f.primary_last_seq.max(Some(last))
+                                })
+                                .await
                                 {
                                     return o;
                                 }
@@ -880,15 +957,26 @@ impl Ops {
                 Outcome::Done(Some(said))
             }
             Some(FailoverStep::AtPoint) => {
-                let order = FailoverOrder {
-                    order: format!("{}/at-point", job.id),
-                    point: fj.point.to_owned(),
-                    reason: fj.reason.to_owned(),
-                    commit: false,
-                };
-                let f = match order_master_target(store, ctl, &p, order).await {
-                    Ok(f) => f,
-                    Err(o) => return o,
+                // An earlier run of this failover put the disks at a point already: taking it
+                // again would be a change of point (undoing what the machine wrote since).
+                let earlier = replica_status(store, &p.master_target, m)
+                    .await
+                    .and_then(|r| r.failover)
+                    .filter(|f| f.phase != FailoverPhase::Restoring);
+                let f = match earlier {
+                    Some(f) => f,
+                    None => {
+                        let order = FailoverOrder {
+                            order: format!("{}/at-point", job.id),
+                            point: fj.point.to_owned(),
+                            reason: fj.reason.to_owned(),
+                            commit: false,
+                        };
+                        match order_master_target(store, ctl, &p, order).await {
+                            Ok(f) => f,
+                            Err(o) => return o,
+                        }
+                    }
                 };
                 let last = p.failover.as_ref().and_then(|f| f.primary_last_seq);
                 if fj.kind == FailoverKind::Planned {
@@ -973,15 +1061,22 @@ impl Ops {
             },
             1 => match (&pf.recovery_machine, &pf.recovery_site) {
                 (Some(rm), Some(site)) => {
-                    let running = self.powered_on(site, rm).await;
-                    match self.shut_down(site, rm).await {
-                    Ok(msg) => {
-                        let o = update_failover(&self.store, job, machine, |f| f.restart_recovery_machine = running).await;
+                    // Decided once per job, before the shutdown: a resumed step must not see the
+                    // machine off (its own doing) and leave it off.
+                    if pf.restart_decided_by.as_deref() != Some(job.id.as_str()) {
+                        let running = self.powered_on(site, rm).await;
+                        let id = job.id.clone();
+                        let o = update_failover(&self.store, job, machine, move |f| {
+                            f.restart_recovery_machine = running;
+                            f.restart_decided_by = Some(id.clone());
+                        })
+                        .await;
                         if let Outcome::Failed(_) = o {
                             return o;
                         }
-                        Outcome::Done(Some(msg))
                     }
+                    match self.shut_down(site, rm).await {
+                    Ok(msg) => Outcome::Done(Some(msg)),
                     Err(e) => fail(
                         errors::MACHINE_NOT_ACCESSIBLE,
                         format!("{rm} could not be shut down at site {site}: {e}; shut it down, then change the point again"),

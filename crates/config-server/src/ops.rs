@@ -257,7 +257,10 @@ impl Runner for Ops {
                     drain_secs,
                     no_start,
                 };
-                self.failover_step(&fj, step, ctl).await
+                match self.failover_step(&fj, step, ctl).await {
+                    Outcome::Failed(e) => Outcome::Failed(self.failover_failed(&fj, step, e).await),
+                    o => o,
+                }
             }
             JobWork::FailoverChangePoint { machine, point } => {
                 self.change_point_step(job, &machine, &point, step, ctl).await

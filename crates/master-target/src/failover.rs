@@ -70,6 +70,23 @@ impl Replica {
         dir.join(name)
     }
 
+    /// Every extent names a disk of the machine and lies inside it.
+    fn check_extents(&self, writes: &[DiskExtent]) -> Result<(), FailoverError> {
+        for w in writes {
+            let d = self.disks.iter().find(|d| d.name == w.disk).ok_or_else(|| {
+                PointError::Invalid(format!("recovery write on disk {:?}, which {} does not have", w.disk, self.name))
+            })?;
+            if w.offset.checked_add(w.length).is_none_or(|end| end > d.size) {
+                return Err(PointError::Invalid(format!(
+                    "recovery write {}+{} lies outside disk {} ({} bytes)",
+                    w.offset, w.length, d.name, d.size
+                ))
+                .into());
+            }
+        }
+        Ok(())
+    }
+
     /// What the machine wrote at the recovery site, as its agent reported after a clean stop.
     fn recovery_writes_reported(&self) -> Result<Vec<DiskExtent>, FailoverError> {
         let path = self.failover_file(RECOVERY_WRITES_FILE);
@@ -167,24 +184,7 @@ impl Replica {
         }
         let mut writes = prev.as_ref().map(|f| f.recovery_writes.clone()).unwrap_or_default();
         writes.extend(recovery_writes);
-        if prev.is_some() {
-            // A change of point also undoes what the machine wrote at the recovery site.
-            writes.extend(self.recovery_writes_reported()?);
-            writes.sort_by(|a, b| (&a.disk, a.offset, a.length).cmp(&(&b.disk, b.offset, b.length)));
-            writes.dedup();
-        }
-        for w in &writes {
-            let d = self.disks.iter().find(|d| d.name == w.disk).ok_or_else(|| {
-                PointError::Invalid(format!("recovery write on disk {:?}, which {} does not have", w.disk, self.name))
-            })?;
-            if w.offset.checked_add(w.length).is_none_or(|end| end > d.size) {
-                return Err(PointError::Invalid(format!(
-                    "recovery write {}+{} lies outside disk {} ({} bytes)",
-                    w.offset, w.length, d.name, d.size
-                ))
-                .into());
-            }
-        }
+        self.check_extents(&writes)?;
         let restore_after = prev.as_ref().map_or(head, |f| f.restored_after_seq).min(point.seq);
         let slot = self.lock_base();
         let base_seq = match &slot.state {
@@ -232,7 +232,20 @@ impl Replica {
             }
             locked.push(f);
         }
-        let result = self.restore(&slot, base_seq, head, restore_after, point, writes, prev, order);
+        // Read under the disks' lock: the machine at the recovery site cannot start (and
+        // write) between reading its report and the restore.
+        let result = (|| {
+            let mut writes = writes;
+            if prev.is_some() {
+                // A change of point also undoes what the machine wrote at the recovery site.
+                let reported = self.recovery_writes_reported()?;
+                self.check_extents(&reported)?;
+                writes.extend(reported);
+                writes.sort_by(|a, b| (&a.disk, a.offset, a.length).cmp(&(&b.disk, b.offset, b.length)));
+                writes.dedup();
+            }
+            self.restore(&slot, base_seq, head, restore_after, point, writes, prev, order)
+        })();
         drop(slot);
         for f in locked {
             let _ = ferry_sys::fs::unlock_one_writer(f);
@@ -627,9 +640,7 @@ mod tests {
         d
     }
 
-    /// The disks go to the chosen point, then to an earlier and a later one (recovery-site
-    /// writes put back each time), each compared byte for byte with a replay of the journal;
-    /// the report counts exactly the writes after the point; commit freezes the point.
+    /// Lineage at the hello: the copy the replica holds, another copy, an initial sync.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_replica_takes_streams_only_from_the_copy_it_holds() {
         use ferry_protocol::{Lineage, LineageParent};
@@ -665,6 +676,9 @@ mod tests {
         r.lock_index().written_after(0, seq)
     }
 
+    /// The disks go to the chosen point, then to an earlier and a later one (recovery-site
+    /// writes put back each time), each compared byte for byte with a replay of the journal;
+    /// the report counts exactly the writes after the point; commit freezes the point.
     #[tokio::test(flavor = "multi_thread")]
     async fn the_disks_are_exactly_at_each_chosen_point_and_commit_freezes_it() {
         let dir = tempfile::tempdir().unwrap();

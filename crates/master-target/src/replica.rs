@@ -568,16 +568,28 @@ impl Replica {
         self.apply.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The copy of the machine's disks this replica holds (`lineage.json`), if known.
-    pub fn source_lineage(&self) -> Option<ferry_protocol::Lineage> {
-        let data = std::fs::read(self.dir.join(LINEAGE_FILE)).ok()?;
-        let l: StoredLineage = serde_json::from_slice(&data).ok()?;
-        Some(ferry_protocol::Lineage {
+    /// `lineage.json`: None when there is none yet; an unreadable or corrupt one is an error,
+    /// never "none" (that would let any copy in).
+    fn read_lineage(&self) -> Result<Option<ferry_protocol::Lineage>, String> {
+        let path = self.dir.join(LINEAGE_FILE);
+        let data = match std::fs::read(&path) {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        };
+        let l: StoredLineage =
+            serde_json::from_slice(&data).map_err(|e| format!("{} is corrupt: {e}", path.display()))?;
+        Ok(Some(ferry_protocol::Lineage {
             id: l.id,
             parent: l.parent.map(|(id, seq)| ferry_protocol::LineageParent { id, seq }),
             ancestors: l.ancestors.iter().map(|&(id, seq)| ferry_protocol::LineageParent { id, seq }).collect(),
             initial_sync: false,
-        })
+        }))
+    }
+
+    /// The copy of the machine's disks this replica holds (`lineage.json`), if known.
+    pub fn source_lineage(&self) -> Option<ferry_protocol::Lineage> {
+        self.read_lineage().ok().flatten()
     }
 
     /// Take a stream only from the copy this replica holds, or from one starting an initial
@@ -587,7 +599,9 @@ impl Replica {
         if offered.id == 0 {
             return Ok(());
         }
-        let held = self.source_lineage();
+        let held = self
+            .read_lineage()
+            .map_err(|e| (codes::STORAGE.code, e, "the replica's lineage file is damaged: check the retention volume (removing the file lets the next copy that connects be recorded)".to_owned()))?;
         match held {
             Some(h) if h.id == offered.id => Ok(()),
             Some(h) if !offered.initial_sync => {

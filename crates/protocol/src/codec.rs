@@ -4,7 +4,7 @@ use tokio_util::codec::{Decoder, Encoder};
 use crate::Message;
 
 pub const FRAME_MAGIC: u32 = u32::from_be_bytes(*b"FRY1");
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 pub const FRAME_HEADER_LEN: usize = 16;
 /// Largest payload accepted, compressed or not (a batch of records; writes are ≤ 32 MiB each).
 pub const MAX_FRAME_LEN: usize = 64 << 20;

@@ -95,7 +95,9 @@ pub struct Hello {
     pub machine: MachineDescriptor,
     /// The sender's replication generation (see [`RecordBody::ResyncBegin`]).
     pub generation: Generation,
-    /// Which copy of the machine's disks the stream comes from (see [`Lineage`]).
+    /// Which copy of the machine's disks the stream comes from (see [`Lineage`]). Absent in a
+    /// process server's spool description from before lineage: unknown.
+    #[serde(default)]
     pub lineage: Lineage,
 }
 

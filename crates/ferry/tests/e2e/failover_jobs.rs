@@ -225,6 +225,23 @@ fn planned_and_unplanned_failover_change_point_commit_and_the_old_primary_stays_
         "a malformed point",
     );
 
+    // A planned failover that cannot drain (the link to the recovery site is cut) fails before
+    // the fence: the primary is released — it writes and replicates again — and stays Protected.
+    ok(&lab.run(&["lab", "link", "cut"]), "cut the link");
+    let o = lab.run(&["--output", "json", "failover", "start", "web1", "--planned", "--drain-secs", "3"]);
+    failed(&o, "was released", "a planned failover that cannot drain");
+    let job: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(job["error"]["code"], 9033, "{job:#}");
+    ok(&lab.run(&["lab", "link", "restore"]), "restore the link");
+    let m = lab.machine("web1");
+    assert!(m["failover"].is_null() && m["replication"].as_str().unwrap().starts_with("protected"), "{m:#}");
+    let log = lab.guest("web1").join("records.log");
+    let n = records(&log);
+    wait("the released primary writes again", Duration::from_secs(60), || {
+        (records(&log) > n + 20 && lab.agent_status("web1")["quiesced"].is_null()).then_some(())
+    });
+    wait("and replicates", Duration::from_secs(60), || (lab.agent_status("web1")["caught_up"] == true).then_some(()));
+
     // Planned: every write the primary acknowledged is on the failed-over disk, exactly, and
     // the machine runs at the recovery site on it.
     let primary_lineage = lab.agent_status("web1")["lineage"]["id"].as_u64().unwrap();
