@@ -319,6 +319,12 @@ async fn a_failed_over_machine_tracks_the_seed_and_every_write_and_reports_them_
     let m = tracking_machine(dir.path(), &later);
     assert_eq!(m.status().disks[0].resync_pending_bytes, 24576 + 4096);
     assert_eq!(m.status().mode, Mode::Tracking);
+    m.shutdown().unwrap();
+    drop(m);
+    // Its state lost although it ran (its report is there): everything counts as changed.
+    std::fs::remove_dir_all(dir.path().join("state")).unwrap();
+    let m = tracking_machine(dir.path(), &later);
+    assert_eq!(m.status().disks[0].resync_pending_bytes, DISK, "what it wrote is unknown");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
