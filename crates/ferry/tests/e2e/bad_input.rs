@@ -23,7 +23,10 @@ async fn malformed_frames_close_only_that_connection() {
     // A well-authenticated peer sending a corrupt frame gets an error naming the problem.
     let mut tls = tls_to(c.ps_port, &c, "agent-vm1", "process-server").await;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    tls.write_all(b"FRY1\x01\x00\x00\x00\x00\x00\x00\x04\xde\xad\xbe\xefabcd").await.unwrap();
+    let mut frame = b"FRY1".to_vec();
+    frame.push(ferry_protocol::PROTOCOL_VERSION);
+    frame.extend_from_slice(b"\x00\x00\x00\x00\x00\x00\x04\xde\xad\xbe\xefabcd");
+    tls.write_all(&frame).await.unwrap();
     let mut resp = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut resp)).await;
 
