@@ -62,6 +62,24 @@ struct PersistentState {
     pub(crate) quiesced: Option<ferry_api::agent::Quiesced>,
 }
 
+impl PersistentState {
+    /// A first start's state (a new generation; no lineage yet: `open` gives one).
+    fn first(disks: &[Disk], initial_sync_complete: bool) -> PersistentState {
+        PersistentState {
+            generation: rand::random::<u64>() | 1,
+            initial_sync_complete,
+            resync_open_seq: None,
+            disks: disks
+                .iter()
+                .map(|d| DiskDescriptor { name: d.name.to_string(), size: d.size, uuid: d.uuid.clone() })
+                .collect(),
+            failover_seed: None,
+            lineage: None,
+            quiesced: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct StateLineage {
     id: u64,
@@ -370,27 +388,17 @@ impl Machine {
             // A failed-over machine's first start: its disks hold the point; what differs from
             // the primary is the seed (the extents after the point), not the whole disk.
             None if seed.is_some() => {
-                let st = PersistentState {
-                    generation: rand::random::<u64>() | 1,
-                    initial_sync_complete: true,
-                    resync_open_seq: None,
-                    disks: disks
+                let mut st = PersistentState::first(&disks, true);
+                st.lineage = seed.as_ref().map(|s| StateLineage {
+                    id: rand::random::<u64>() | 1,
+                    parent: (s.lineage != 0).then_some((s.lineage, s.point_seq)),
+                    ancestors: s
+                        .lineage_ancestors
                         .iter()
-                        .map(|d| DiskDescriptor { name: d.name.to_string(), size: d.size, uuid: d.uuid.clone() })
+                        .copied()
+                        .take(ferry_protocol::LINEAGE_HISTORY.saturating_sub(1))
                         .collect(),
-                    failover_seed: None,
-                    quiesced: None,
-                    lineage: seed.as_ref().map(|s| StateLineage {
-                        id: rand::random::<u64>() | 1,
-                        parent: (s.lineage != 0).then_some((s.lineage, s.point_seq)),
-                        ancestors: s
-                            .lineage_ancestors
-                            .iter()
-                            .copied()
-                            .take(ferry_protocol::LINEAGE_HISTORY.saturating_sub(1))
-                            .collect(),
-                    }),
-                };
+                });
                 (st, Mode::Tracking, ResyncReason::AgentRecovery)
             }
             None => {
@@ -399,18 +407,7 @@ impl Machine {
                 for (i, d) in disks.iter().enumerate() {
                     mark_allocated(&mut dirty, i, d)?;
                 }
-                let st = PersistentState {
-                    generation: rand::random::<u64>() | 1,
-                    initial_sync_complete: false,
-                    resync_open_seq: None,
-                    disks: disks
-                        .iter()
-                        .map(|d| DiskDescriptor { name: d.name.to_string(), size: d.size, uuid: d.uuid.clone() })
-                        .collect(),
-                    failover_seed: None,
-                    lineage: None,
-                    quiesced: None,
-                };
+                let st = PersistentState::first(&disks, false);
                 (st, Mode::InitialSync, ResyncReason::InitialSync)
             }
             Some(st) if !st.initial_sync_complete => (st, Mode::InitialSync, ResyncReason::InitialSync),

@@ -171,19 +171,9 @@ fn print_master_target(mt: &MasterTargetStatus) {
 }
 
 fn time_of(ms: u64) -> String {
-    // UTC, seconds precision, without a date library: days since the epoch to a civil date.
-    let secs = ms / 1000;
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    // UTC to the second: the table has no room for milliseconds.
+    let t = ferry_sys::time::utc(ms);
+    format!("{} {}Z", t.get(..10).unwrap_or(&t), t.get(11..19).unwrap_or_default())
 }
 
 fn kind_name(k: PointKind) -> &'static str {

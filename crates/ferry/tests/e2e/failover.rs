@@ -85,8 +85,9 @@ fn lab_verify(log: &std::path::Path, disk: &std::path::Path, exact: Option<u64>)
 /// workload's records up to it and none after, and the report names the discarded writes; the
 /// point changes (recovery-site writes put back too), then commit freezes it. Clear errors
 /// with codes: a disk another writer holds, commit twice, failover after commit, unknown machine.
-#[test]
-fn unplanned_failover_puts_the_disk_exactly_at_the_point_and_commit_freezes_it() {
+/// A cluster whose agent takes a crash point every 0.3 s, after `records` workload records
+/// (seed 11) are replicated: the cluster, the workload's log, and the tagged points.
+fn written_with_points(records: u32) -> (Cluster, std::path::PathBuf, Vec<Value>) {
     let mut c = Cluster::new(Opts {
         disks: vec![("disk0", 16 << 20)],
         agent_extra: "crash_point_interval_secs = 0.3\n".into(),
@@ -98,15 +99,20 @@ fn unplanned_failover_puts_the_disk_exactly_at_the_point_and_commit_freezes_it()
     let out = Command::new(FERRY)
         .args(["lab", "workload", "--disk", &c.nbd_spec("agent", "disk0"), "--record-log"])
         .arg(&log)
-        .args(["--records", "300", "--rate", "100", "--seed", "11"])
+        .args(["--records", &records.to_string(), "--rate", "100", "--seed", "11"])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     c.wait_caught_up(Duration::from_secs(60));
     let (_, pts) = c.mt_api("GET", "/machines/vm1/points", None);
-    let crash: Vec<Value> =
-        pts["points"].as_array().unwrap().iter().filter(|p| p["origin"] == "tag").cloned().collect();
-    assert!(crash.len() >= 4, "crash points during the workload: {pts:#}");
+    let tags = pts["points"].as_array().unwrap().iter().filter(|p| p["origin"] == "tag").cloned().collect();
+    (c, log, tags)
+}
+
+#[test]
+fn unplanned_failover_puts_the_disk_exactly_at_the_point_and_commit_freezes_it() {
+    let (mut c, log, crash) = written_with_points(300);
+    assert!(crash.len() >= 4, "crash points during the workload: {crash:#?}");
     let (early, mid) = (crash[1].clone(), crash[crash.len() / 2].clone());
     // Each point materialized the slow, independent way (a replay from the base), and what
     // the workload log says it holds.
@@ -217,26 +223,8 @@ fn unplanned_failover_puts_the_disk_exactly_at_the_point_and_commit_freezes_it()
 fn a_failover_stopped_at_each_durability_boundary_finishes_at_the_point_after_a_restart() {
     for failpoint in ["master-target.failover.restoring", "master-target.failover.restored"] {
         assert!(ferry_sys::fail::ALL.contains(&failpoint));
-        let mut c = Cluster::new(Opts {
-            disks: vec![("disk0", 16 << 20)],
-            agent_extra: "crash_point_interval_secs = 0.3\n".into(),
-            ..Default::default()
-        });
-        c.start_all();
-        c.wait_caught_up(Duration::from_secs(30));
-        let log = c.path().join("workload.log");
-        let out = Command::new(FERRY)
-            .args(["lab", "workload", "--disk", &c.nbd_spec("agent", "disk0"), "--record-log"])
-            .arg(&log)
-            .args(["--records", "200", "--rate", "100", "--seed", "11"])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        c.wait_caught_up(Duration::from_secs(60));
-        let (_, pts) = c.mt_api("GET", "/machines/vm1/points", None);
-        let tags: Vec<Value> =
-            pts["points"].as_array().unwrap().iter().filter(|p| p["origin"] == "tag").cloned().collect();
-        assert!(tags.len() >= 3, "{pts:#}");
+        let (mut c, log, tags) = written_with_points(200);
+        assert!(tags.len() >= 3, "{tags:#?}");
         let p = tags[tags.len() / 2].clone();
         let (code, m) = c.mt_api(
             "POST",

@@ -67,27 +67,25 @@ fn copy_of(lab: &Lab, m: &str, tmp: &Path, name: &str) -> PathBuf {
 }
 
 fn verify(lab: &Lab, m: &str, seed: u64, disk: &Path, exact: Option<u64>) -> (bool, Value) {
-    let log = lab.guest(m).join("records.log");
-    let seed = seed.to_string();
-    let mut args = vec![
-        "--output",
-        "json",
-        "lab",
-        "verify",
-        "--seed",
-        &seed,
-        "--record-log",
-        log.to_str().unwrap(),
-        "--disk",
-        disk.to_str().unwrap(),
-    ];
-    let e = exact.map(|e| e.to_string());
-    if let Some(e) = &e {
-        args.extend_from_slice(&["--exact-seq", e]);
-    }
-    let o = lab.run(&args);
-    let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
-    (o.status.success() && v["consistent"] == true, v)
+    verify_log(lab, &lab.guest(m).join("records.log"), seed, disk, exact)
+}
+
+/// The lab's "gold" policy, then a protect job of `what` (machines, or `--group G`) to mt-r.
+fn protect(lab: &Lab, what: &[&str]) {
+    let mut args = vec!["protect"];
+    args.extend_from_slice(what);
+    args.extend_from_slice(&[
+        "--policy",
+        "gold",
+        "--process-server",
+        "ps-primary",
+        "--master-target",
+        "mt-r",
+        "--datastore",
+        "vmfs-r",
+    ]);
+    let job = lab.json(&args);
+    assert_eq!(job["state"], "succeeded", "{job:#}");
 }
 
 fn sha(p: &Path) -> String {
@@ -192,20 +190,7 @@ fn planned_and_unplanned_failover_change_point_commit_and_the_old_primary_stays_
     let dir = tmp.path().join("lab");
     let mut lab = Lab::up(&dir, Some(&cfg));
     ok(&lab.run(&["policies", "create", "gold", "--crash-consistent-secs", "2", "--retention-secs", "3600"]), "policy");
-    let job = lab.json(&[
-        "protect",
-        "web1",
-        "db1",
-        "--policy",
-        "gold",
-        "--process-server",
-        "ps-primary",
-        "--master-target",
-        "mt-r",
-        "--datastore",
-        "vmfs-r",
-    ]);
-    assert_eq!(job["state"], "succeeded", "{job:#}");
+    protect(&lab, &["web1", "db1"]);
     for m in ["web1", "db1"] {
         let log = lab.guest(m).join("records.log");
         wait(&format!("{m} writes"), Duration::from_secs(60), || (records(&log) > 40).then_some(()));
@@ -431,33 +416,8 @@ fn failover_jobs_finish_exactly_when_each_component_is_killed_at_a_seeded_random
     let dir = tmp.path().join("lab");
     let mut lab = Lab::up(&dir, Some(&cfg));
     ok(&lab.run(&["policies", "create", "gold", "--crash-consistent-secs", "2", "--retention-secs", "3600"]), "policy");
-    let job = lab.json(&[
-        "protect",
-        "--group",
-        "grp",
-        "--policy",
-        "gold",
-        "--process-server",
-        "ps-primary",
-        "--master-target",
-        "mt-r",
-        "--datastore",
-        "vmfs-r",
-    ]);
-    assert_eq!(job["state"], "succeeded", "{job:#}");
-    let job = lab.json(&[
-        "protect",
-        "db1",
-        "--policy",
-        "gold",
-        "--process-server",
-        "ps-primary",
-        "--master-target",
-        "mt-r",
-        "--datastore",
-        "vmfs-r",
-    ]);
-    assert_eq!(job["state"], "succeeded", "{job:#}");
+    protect(&lab, &["--group", "grp"]);
+    protect(&lab, &["db1"]);
     for m in ["web1", "db1", "app1"] {
         let log = lab.guest(m).join("records.log");
         wait(&format!("{m} writes"), Duration::from_secs(60), || (records(&log) > 40).then_some(()));
