@@ -204,6 +204,9 @@ impl Jobs {
                 job.steps[i].state = StepState::Running;
                 job.input_prompt = None;
                 self.save(&mut job).await;
+                if let Some((running, _)) = step_failpoints(&job.kind) {
+                    ferry_sys::fail::fail_point(running);
+                }
                 let ctl = JobControl { cancel: cancel.clone(), progress: Arc::new(Mutex::new((0, 0))) };
                 let snapshot = job.clone();
                 let fut = runner.run_step(&snapshot, i, &ctl);
@@ -250,6 +253,9 @@ impl Jobs {
                         let secs = started.elapsed().as_secs_f64();
                         job.eta_secs = Some(secs / job.current_step as f64 * (total - job.current_step) as f64);
                         self.save(&mut job).await;
+                        if let Some((_, done)) = step_failpoints(&job.kind) {
+                            ferry_sys::fail::fail_point(done);
+                        }
                         continue;
                     }
                     Outcome::Failed(e) if cancel.is_cancelled() => {
@@ -334,6 +340,17 @@ impl Jobs {
             }
             None => Err(format!("job {id} is not running on this server")),
         }
+    }
+}
+
+/// The failpoints at a job's two durability boundaries, for the kinds whose fault tests stop the
+/// server exactly there: its current step recorded running (the step not yet begun), and recorded
+/// done (the next one not yet begun).
+fn step_failpoints(kind: &str) -> Option<(&'static str, &'static str)> {
+    match kind {
+        "failover" => Some(("config-server.failover.step-running", "config-server.failover.step-done")),
+        "protect" => Some(("config-server.protect.step-running", "config-server.protect.step-done")),
+        _ => None,
     }
 }
 

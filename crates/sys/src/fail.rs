@@ -26,6 +26,10 @@ pub const ALL: &[&str] = &[
     "agent.activity-log.slot-before-data",
     "master-target.failover.restoring",
     "master-target.failover.restored",
+    "config-server.failover.step-running",
+    "config-server.failover.step-done",
+    "config-server.protect.step-running",
+    "config-server.protect.step-done",
 ];
 
 /// Mark the failpoint `name`: in a `testing` build armed by [`ENV`], the process stops here.

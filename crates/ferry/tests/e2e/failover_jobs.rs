@@ -499,3 +499,92 @@ fn failover_jobs_finish_exactly_when_each_component_is_killed_at_a_seeded_random
     assert_eq!(rep["failover"]["point"]["id"], point.as_str(), "{rep:#}");
     lab.down();
 }
+
+/// Stop the lab's configuration server at failpoint `failpoint`=abort@`at` while `start` runs a
+/// failover of `machine`, then start it again unarmed; returns that failover job's ID. (The server
+/// may stop before it answers `start`: the job is found in its list afterwards.)
+fn stop_the_configuration_server_at(lab: &Lab, failpoint: &str, at: usize, machine: &str, start: &[&str]) -> String {
+    assert!(ferry_sys::fail::ALL.contains(&failpoint), "{failpoint}");
+    let mut env = lab.env.clone();
+    env.push(("FERRY_FAILPOINTS", format!("{failpoint}=abort@{at}")));
+    ok(&crate::lab_sites::ferry(&["lab", "restart", "config-server"], &env), "restart the configuration server armed");
+    let pid = lab.pids().into_iter().find(|(n, _)| n == "config-server").map(|(_, p)| p).unwrap();
+    let mut a = vec!["failover", "start"];
+    a.extend_from_slice(start);
+    a.push("--no-wait");
+    let _ = lab.run(&a);
+    wait(&format!("the configuration server stops at {failpoint}@{at}"), Duration::from_secs(120), || {
+        (!crate::lab_sites::alive(pid)).then_some(())
+    });
+    let log = std::fs::read_to_string(lab.dir.join("logs/config-server.log")).unwrap();
+    assert!(log.contains(&format!("ferry failpoint {failpoint} hit")), "stopped by the failpoint, not otherwise");
+    ok(&lab.run(&["lab", "restart", "config-server"]), "restart the configuration server");
+    let jobs = lab.json(&["jobs", "list"]);
+    let job = jobs.as_array().unwrap().iter().rfind(|j| j["kind"] == "failover" && j["target"] == machine);
+    job.unwrap_or_else(|| panic!("a failover job of {machine}: {jobs:#}"))["id"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn a_failover_job_finishes_exactly_when_the_configuration_server_stops_at_a_step_boundary() {
+    use rand::{Rng, SeedableRng};
+    let seed = crate::harness::seed("failover_step_boundary");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("lab.toml");
+    std::fs::write(&cfg, LAB).unwrap();
+    let dir = tmp.path().join("lab");
+    let mut lab = Lab::up(&dir, Some(&cfg));
+    ok(&lab.run(&["policies", "create", "gold", "--crash-consistent-secs", "2", "--retention-secs", "3600"]), "policy");
+    protect(&lab, &["web1"]);
+    protect(&lab, &["db1"]);
+    for m in ["web1", "db1"] {
+        let log = lab.guest(m).join("records.log");
+        wait(&format!("{m} writes"), Duration::from_secs(60), || (records(&log) > 40).then_some(()));
+    }
+    let finish = |id: &str| -> Value {
+        let o = lab.run(&["--output", "json", "jobs", "watch", id]);
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+        assert_eq!(v["state"], "succeeded", "{}\n{v:#}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(v["resumes"], 1, "resumed once, by the restarted server: {v:#}");
+        v
+    };
+
+    // Planned: the server stops right after step K is recorded done (K = 7: after the last one,
+    // before the job is recorded finished).
+    let k = rng.gen_range(1..=7);
+    eprintln!("planned failover: the server stops after step {k} is recorded done");
+    let id = stop_the_configuration_server_at(
+        &lab,
+        "config-server.failover.step-done",
+        k,
+        "web1",
+        &["web1", "--planned", "--no-start"],
+    );
+    finish(&id);
+    let paused: u64 = std::fs::read_to_string(lab.guest("web1").join("pause.paused")).unwrap().trim().parse().unwrap();
+    let disk = copy_of(&lab, "web1", tmp.path(), "web1.img");
+    let (good, v) = verify(&lab, "web1", 21, &disk, Some(paused));
+    assert!(good, "after step {k}: the failed-over disk holds exactly record {paused}: {v:#}");
+    assert_eq!(lab.machine("web1")["replication"], "failed over (uncommitted)");
+
+    // Unplanned to a chosen point: the server stops with step K recorded running, not yet begun.
+    let point = wait("db1 has crash points", Duration::from_secs(60), || {
+        let v = lab.json(&["recovery-points", "db1"]);
+        let pts: Vec<Value> =
+            v["points"].as_array().unwrap().iter().filter(|p| p["kind"] == "crash").cloned().collect();
+        (pts.len() >= 3).then(|| pts[pts.len() - 2]["id"].as_str().unwrap().to_owned())
+    });
+    let k = rng.gen_range(1..=5);
+    eprintln!("unplanned failover: the server stops with step {k} recorded running");
+    let start = ["db1", "--unplanned", "--point", &point, "--no-start"];
+    let id = stop_the_configuration_server_at(&lab, "config-server.failover.step-running", k, "db1", &start);
+    finish(&id);
+    let m = lab.machine("db1");
+    assert_eq!(m["failover"]["point"]["id"], point.as_str(), "{m:#}");
+    let disk = copy_of(&lab, "db1", tmp.path(), "db1.img");
+    let (good, v) = verify(&lab, "db1", 22, &disk, None);
+    assert!(good, "{v:#}");
+    let at = v["prefix_seq"].as_u64().unwrap();
+    assert!(!verify(&lab, "db1", 22, &disk, Some(at + 1)).0, "before step {k}: exactly the point's records: {v:#}");
+    lab.down();
+}
