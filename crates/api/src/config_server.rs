@@ -19,8 +19,9 @@ pub struct MachineView {
     pub site: String,
     pub os_family: String,
     pub power: String,
-    /// `unprotected`, `enabling`, `failed`, `protected`, `protected (<agent mode>)`, `failover
-    /// in progress`, `failover failed`, `failed over (uncommitted)` or `failed over (committed)`.
+    /// `unprotected`, `enabling`, `failed`, `protected`, `protected (<agent mode>)`, `protected
+    /// (test failover running)`, `failover in progress`, `failover failed`, `failed over
+    /// (uncommitted)`, `failed over (committed)`, or `test machine of M (drill D)`.
     pub replication: String,
     pub policy: Option<String>,
     pub process_server: Option<String>,
@@ -42,6 +43,9 @@ pub struct MachineView {
     /// The failover of the machine, once one was asked for.
     #[serde(default)]
     pub failover: Option<ProtectionFailover>,
+    /// The drill running now, if any (replication goes on meanwhile).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_failover: Option<ProtectionTestFailover>,
 }
 
 /// `GET /api/v1/machines/{name}/recovery-points`: the points the machine's master target holds.
@@ -449,6 +453,20 @@ pub enum SiteOperation {
         #[schemars(with = "serde_json::Map<String, serde_json::Value>")]
         extra: toml::Table,
     },
+    /// A test failover's machine, in the isolated test area: on the test network only, its
+    /// disks network-attached exports of a recovery point (`nbd_disks`: `(disk, NBD address)`),
+    /// no disk files of its own, powered off. Made by test-failover jobs only (the operations
+    /// API refuses it: the addresses would let a token holder attach any export).
+    CreateTestMachine {
+        machine: String,
+        host: String,
+        os_family: String,
+        network: String,
+        nbd_disks: Vec<(String, String)>,
+        #[serde(default)]
+        #[schemars(with = "serde_json::Map<String, serde_json::Value>")]
+        extra: toml::Table,
+    },
 }
 
 impl SiteOperation {
@@ -465,6 +483,7 @@ impl SiteOperation {
             SiteOperation::CreateSnapshot { .. } => "create-snapshot",
             SiteOperation::MergeSnapshots { .. } => "merge-snapshots",
             SiteOperation::AdoptMachine { .. } => "adopt-machine",
+            SiteOperation::CreateTestMachine { .. } => "create-test-machine",
         }
     }
 }
@@ -530,6 +549,109 @@ pub struct Protection {
     /// The machine's failover, once one was asked for (its jobs keep it current).
     #[serde(default)]
     pub failover: Option<ProtectionFailover>,
+    /// The test failover (drill) running now, from its start until its cleanup ends.
+    #[serde(default)]
+    pub test_failover: Option<ProtectionTestFailover>,
+}
+
+/// A machine's running test failover on its protection record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ProtectionTestFailover {
+    pub drill: String,
+    /// The job working on it now (start or cleanup).
+    pub job: String,
+    pub started_ms: u64,
+}
+
+/// `POST /api/v1/test-failovers`: a drill of a protected machine at a point, replication going on.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TestFailoverRequest {
+    pub machine: String,
+    /// An RC-1 selector, a point ID or a seq; default `latest-processed` (the newest point the
+    /// master target holds).
+    #[serde(default)]
+    pub point: Option<String>,
+    /// Make the writable export of the point but start no test machine (attach it yourself:
+    /// the job shows the NBD URLs).
+    #[serde(default)]
+    pub no_start: bool,
+}
+
+/// `POST /api/v1/machines/{name}/test-failover/cleanup`: end the drill, recording its result.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CleanupTestFailoverRequest {
+    /// What the drill showed (the operator's verdict); none: not recorded.
+    #[serde(default)]
+    pub result: Option<DrillResult>,
+    /// Observations for the drill record (at most 2000 characters).
+    #[serde(default)]
+    pub notes: Option<String>,
+}
+
+/// The operator's verdict on a drill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum DrillResult {
+    Passed,
+    Failed,
+}
+
+/// Where a drill stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum DrillState {
+    /// Its start job runs.
+    Starting,
+    /// The test machine runs (or the export is ready, with `no_start`).
+    Running,
+    /// Its start job failed: clean it up (whatever it made is removed).
+    StartFailed,
+    /// Its cleanup job runs.
+    CleaningUp,
+    /// Cleaned up: nothing of it is left but this record.
+    CleanedUp,
+}
+
+/// A test failover's record (`GET /api/v1/drills`): kept after the cleanup.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Drill {
+    pub id: String,
+    pub machine: String,
+    pub state: DrillState,
+    /// The point asked for, and the point it resolved to.
+    pub point_requested: String,
+    #[serde(default)]
+    pub point: Option<crate::master_target::Point>,
+    pub master_target: String,
+    /// The isolated test area: the site, the test network, and the test machine (its own
+    /// inventory object, no agent, never registered as the machine).
+    #[serde(default)]
+    pub site: Option<String>,
+    pub network: String,
+    #[serde(default)]
+    pub test_machine: Option<String>,
+    /// The writable export's disks (`nbd+unix://` URLs), while the drill runs.
+    #[serde(default)]
+    pub nbd_urls: Vec<String>,
+    pub started_ms: u64,
+    /// The token that started it.
+    pub started_by: String,
+    pub start_job: String,
+    #[serde(default)]
+    pub cleanup_job: Option<String>,
+    #[serde(default)]
+    pub cleaned_up_ms: Option<u64>,
+    #[serde(default)]
+    pub cleaned_up_by: Option<String>,
+    #[serde(default)]
+    pub result: Option<DrillResult>,
+    #[serde(default)]
+    pub notes: Option<String>,
+    /// Why the start failed, if it did.
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 /// Planned (primary healthy: no acknowledged write is lost) or unplanned (primary lost: the
@@ -858,6 +980,9 @@ pub enum ConfigServerEndpoint {
     Failover,
     ChangeFailoverPoint,
     CommitFailover,
+    TestFailover,
+    CleanupTestFailover,
+    Drills,
     RevokedCertificates,
     RevokeCertificate,
 }
@@ -921,6 +1046,9 @@ pub const ROUTES: &[Route<ConfigServerEndpoint>] = &[
     Route::new::<FailoverRequest, Job>(C::Failover, Post, "/api/v1/failovers", Role::Operator, "Fail a protected machine over {machine, kind: planned | unplanned, point, reason}: a failover job (planned: quiesce, drain, shut down, fence, disks at the last write; unplanned: try to shut down, fence, disks at the point)").answers(202),
     Route::new::<ChangePointRequest, Job>(C::ChangeFailoverPoint, Post, "/api/v1/machines/{name}/failover/change-point", Role::Operator, "Put a failed-over machine's disks at another point {point}, before commit: a job").answers(202),
     Route::new::<(), Job>(C::CommitFailover, Post, "/api/v1/machines/{name}/failover/commit", Role::Operator, "Commit a machine's failover: its point cannot change any more (a job)").no_body().answers(202),
+    Route::new::<TestFailoverRequest, Job>(C::TestFailover, Post, "/api/v1/test-failovers", Role::Operator, "Test failover (a drill) of a protected machine {machine, point}: a writable export of the point and a test machine on it in an isolated test area; replication goes on (a job)").answers(202),
+    Route::new::<CleanupTestFailoverRequest, Job>(C::CleanupTestFailover, Post, "/api/v1/machines/{name}/test-failover/cleanup", Role::Operator, "End a machine's drill {result?, notes?}: the test machine and the export removed, the point released, the drill recorded (a job)").answers(202),
+    get::<_, Vec<Drill>>(C::Drills, "/api/v1/drills", Role::Reader, "Test failovers (drills), running and past: when, which point, result, who"),
     get::<_, Vec<RevokedCertificate>>(C::RevokedCertificates, "/api/v1/certificates/revoked", Role::Reader, "Revoked data-path certificates (re-registration revokes the earlier one; an admin may revoke any)"),
     Route::new::<RevokeCertificate, RevokedCertificate>(C::RevokeCertificate, Post, "/api/v1/certificates/{serial}/revoke", Role::Admin, "Revoke a data-path certificate by serial {reason?}: components refuse it and cut its connections once they fetch their settings"),
 ];

@@ -273,6 +273,10 @@ pub struct ComponentSettings {
     /// put the disks at a point, commit). The running master target follows it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine_failovers: Option<BTreeMap<String, crate::master_target::FailoverOrder>>,
+    /// Master targets: per machine, the test failover (drill) the configuration server's jobs
+    /// hold open: a writable export of a point. The running master target follows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_test_failovers: Option<BTreeMap<String, crate::master_target::TestFailoverOrder>>,
     /// Any other key of the component's configuration file.
     #[serde(flatten)]
     pub other: BTreeMap<String, serde_json::Value>,
@@ -280,7 +284,7 @@ pub struct ComponentSettings {
 
 /// Settings a running component follows (its settings watch) that are not keys of its
 /// configuration file: left out when the settings are merged into the file's keys at start.
-pub const RUNTIME_KEYS: [&str; 3] = ["revoked_certificates", "quiesce", "machine_failovers"];
+pub const RUNTIME_KEYS: [&str; 4] = ["revoked_certificates", "quiesce", "machine_failovers", "machine_test_failovers"];
 
 /// Keys that stay in the component's own file (local to its host): the server refuses them.
 pub const LOCAL_KEYS: [&str; 6] = ["tls", "config_server", "state_dir", "cache_dir", "datastore", "retention"];
@@ -316,6 +320,7 @@ pub fn setting_access(kind: ComponentKind, key: &str) -> Option<SettingAccess> {
         // Set by the failover jobs only: a token holder must not fence or freeze a machine.
         "quiesce",
         "machine_failovers",
+        "machine_test_failovers",
         "failover_seed",
         "recovery_writes_file",
         "master_target",

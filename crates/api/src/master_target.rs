@@ -74,6 +74,13 @@ pub struct ReplicaStatus {
     /// The last failover order from the configuration server that could not be carried out.
     #[serde(default)]
     pub failover_order_error: Option<FailoverOrderError>,
+    /// The test failover (drill) the configuration server ordered for this machine: a writable
+    /// export of its point, held while the order stands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_failover: Option<TestFailoverExport>,
+    /// The last test-failover order that could not be carried out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_failover_error: Option<FailoverOrderError>,
 }
 
 /// Beside a failed-over machine's disks (its folder in the datastore): the extents its agent
@@ -96,6 +103,36 @@ pub struct FailoverOrder {
     /// Commit the failover at the point it is at (the point must be `point`'s resolution).
     #[serde(default)]
     pub commit: bool,
+}
+
+/// What a configuration server's test-failover job asks of a master target for one machine (its
+/// settings, `machine_test_failovers`): a writable NBD export of `point` (a throwaway
+/// copy-on-write overlay over the point; the replica and its journal are never written), held
+/// while the order stands and discarded — pin released — once it is withdrawn. Replication of
+/// the machine goes on meanwhile.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TestFailoverOrder {
+    /// The drill's ID.
+    pub order: String,
+    /// A point reference: an RC-1 selector, a point ID or a seq.
+    pub point: String,
+}
+
+/// A test failover's export as the master target holds it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct TestFailoverExport {
+    pub order: String,
+    /// The materialization that pins the point (`ferry master-target materializations`).
+    pub materialization: String,
+    pub point: Point,
+    /// Per disk, for Ferry's own NBD client: `unix:SOCKET:EXPORT`.
+    pub nbd_disks: Vec<String>,
+    /// Per disk, for qemu: `nbd+unix:///EXPORT?socket=SOCKET`.
+    pub nbd_urls: Vec<String>,
+    /// Set when the export was lost (a restart of the master target drops the overlay).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 /// A failover order that failed, with the error's code.
@@ -426,6 +463,10 @@ pub struct MaterializeRequest {
     /// Exports only: writable through a throwaway copy-on-write overlay (test failover).
     #[serde(default)]
     pub writable: bool,
+    /// The test-failover order that asked for it (never from the HTTP API).
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub order: Option<String>,
 }
 
 /// An image or export of a point: it pins the point and its base until it is discarded.
@@ -442,6 +483,9 @@ pub struct Materialization {
     /// Set when something went wrong with it (e.g. a writable export lost at a restart).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub problem: Option<String>,
+    /// The configuration server's test-failover order it serves (None: asked through the API).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order: Option<String>,
     /// Exports: the NBD URLs of each disk (unix socket first, then TCP when served).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub nbd_urls: Vec<Vec<String>>,

@@ -92,6 +92,9 @@ pub fn router(state: Arc<AppState>) -> Router {
             C::Failover => on(m, crate::failover::start_failover),
             C::ChangeFailoverPoint => on(m, crate::failover::change_point),
             C::CommitFailover => on(m, crate::failover::commit),
+            C::TestFailover => on(m, crate::test_failover::start),
+            C::CleanupTestFailover => on(m, crate::test_failover::cleanup),
+            C::Drills => on(m, crate::test_failover::list),
             C::Machines => on(m, crate::protection::list_machines),
             C::RecoveryPoints => on(m, crate::protection::recovery_points),
             C::RevokedCertificates => on(m, crate::revocation::list),
@@ -632,6 +635,11 @@ async fn site_operation(
 ) -> ApiResult {
     if s.store.get::<Site>(ops::SITE, &name).await?.is_none() {
         return Err(ApiError::not_found(format!("no site {name}")));
+    }
+    if let crate::discovery::SiteOperation::CreateTestMachine { machine, .. } = &op {
+        return Err(ApiError::bad(format!(
+            "test machine {machine}: test machines are made by test failovers only (`ferry test-failover start MACHINE`), which attach them to their drill's export"
+        )));
     }
     if let crate::discovery::SiteOperation::PowerOn { machine, allow_failed_over: false } = &op {
         // The old primary of a failed-over machine stays off unless the operator says otherwise.

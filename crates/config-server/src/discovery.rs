@@ -364,6 +364,55 @@ impl LocalSite {
                     format!("{machine} added to site {} on {} existing disk(s)", self.name, disks.len())
                 }
             }
+            SiteOperation::CreateTestMachine { machine, host, os_family, network, nbd_disks, extra } => {
+                ferry_types::validate_name("machine", machine)?;
+                ferry_types::validate_name("network", network)?;
+                if !site.hosts.iter().any(|h| &h.name == host) {
+                    return Err(format!("site {} has no host {host}", self.name));
+                }
+                if nbd_disks.is_empty() {
+                    return Err(format!("test machine {machine} needs at least one disk"));
+                }
+                let mut extra = extra.clone();
+                let mut area = toml::Table::new();
+                area.insert("network".into(), toml::Value::String(network.clone()));
+                let disks = nbd_disks
+                    .iter()
+                    .map(|(name, nbd)| {
+                        ferry_types::validate_name("disk", name)?;
+                        let mut d = toml::Table::new();
+                        d.insert("name".into(), toml::Value::String(name.clone()));
+                        d.insert("nbd".into(), toml::Value::String(nbd.clone()));
+                        Ok(toml::Value::Table(d))
+                    })
+                    .collect::<Result<Vec<_>, String>>()?;
+                area.insert("disks".into(), toml::Value::Array(disks));
+                extra.insert("test_failover".into(), toml::Value::Table(area));
+                let nics = vec![Nic { network: network.clone(), addressing: "dhcp".into(), ip: None }];
+                match site.machines.iter_mut().find(|m| &m.name == machine) {
+                    Some(m) if m.disks.is_empty() && m.nics.iter().map(|n| &n.network).eq([network]) => {
+                        // Made again by a resumed job: the export's addresses may be new.
+                        m.extra = extra;
+                        format!("{machine} is already in test network {network} of site {}", self.name)
+                    }
+                    Some(_) => return Err(format!("machine {machine} already exists on site {}", self.name)),
+                    None => {
+                        site.machines.push(Machine {
+                            name: machine.clone(),
+                            os_family: os_family.clone(),
+                            os: String::new(),
+                            host: host.clone(),
+                            nics,
+                            disks: Vec::new(),
+                            controller: "pvscsi".into(),
+                            snapshots: Vec::new(),
+                            power: "off".into(),
+                            extra,
+                        });
+                        format!("test machine {machine} added to site {} in test network {network}", self.name)
+                    }
+                }
+            }
             SiteOperation::DeleteMachine { machine } => {
                 let i = machine_idx(&site, machine)?;
                 if site.machines[i].power == "on" {

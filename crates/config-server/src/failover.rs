@@ -131,7 +131,7 @@ fn check_reason(reason: Option<&str>, default: String) -> Result<String, ApiErro
     Ok(r.to_owned())
 }
 
-fn check_point(point: &str) -> Result<(), ApiError> {
+pub(crate) fn check_point(point: &str) -> Result<(), ApiError> {
     let ok = !point.is_empty()
         && point.len() <= 200
         && point.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c));
@@ -144,12 +144,12 @@ fn check_point(point: &str) -> Result<(), ApiError> {
     }
 }
 
-fn failover_state_error(msg: String) -> ApiError {
+pub(crate) fn failover_state_error(msg: String) -> ApiError {
     ApiError::new(StatusCode::CONFLICT, errors::FAILOVER_STATE, msg)
 }
 
 /// Whether a job is still running (or may still run: queued, waiting).
-async fn running(store: &Store, job: &str) -> Result<bool, ApiError> {
+pub(crate) async fn running(store: &Store, job: &str) -> Result<bool, ApiError> {
     Ok(store.job::<Job>(job).await?.is_some_and(|j| !j.state.finished()))
 }
 
@@ -164,7 +164,7 @@ pub async fn start_failover(
     Ok((StatusCode::ACCEPTED, Json(job)).into_response())
 }
 
-async fn protection_of(s: &AppState, machine: &str) -> Result<ferry_store::Doc<Protection>, ApiError> {
+pub(crate) async fn protection_of(s: &AppState, machine: &str) -> Result<ferry_store::Doc<Protection>, ApiError> {
     crate::model::check_name("machine", machine)?;
     s.store.get::<Protection>(PROTECTION, machine).await?.ok_or_else(|| {
         ApiError::new(
@@ -183,6 +183,12 @@ async fn claim_failover(s: &Arc<AppState>, req: FailoverRequest) -> Result<Job, 
         return Err(failover_state_error(format!(
             "machine {} is {state}, not protected: only a Protected machine fails over (wait for its protect job {})",
             p.machine, p.job
+        )));
+    }
+    if let Some(t) = &p.test_failover {
+        return Err(failover_state_error(format!(
+            "machine {} is in test failover {} (job {}): clean the drill up first (`ferry test-failover cleanup {}`), then fail it over",
+            p.machine, t.drill, t.job, p.machine
         )));
     }
     if let Some(f) = &p.failover {
@@ -388,7 +394,7 @@ pub struct FailoverJob<'a> {
     pub no_start: bool,
 }
 
-async fn protection(store: &Store, machine: &str) -> Result<(Protection, i64), Outcome> {
+pub(crate) async fn protection(store: &Store, machine: &str) -> Result<(Protection, i64), Outcome> {
     match store.get::<Protection>(PROTECTION, machine).await {
         Ok(Some(d)) => Ok((d.body, d.revision)),
         Ok(None) => Err(fail(errors::NOT_FOUND, format!("the protection of {machine} was removed"))),
@@ -419,7 +425,7 @@ async fn update_failover(store: &Store, job: &Job, machine: &str, f: impl Fn(&mu
     fail(errors::STORE, format!("the protection of {machine} kept changing under job {}", job.id))
 }
 
-async fn replica_status(store: &Store, mt: &str, machine: &str) -> Option<ReplicaStatus> {
+pub(crate) async fn replica_status(store: &Store, mt: &str, machine: &str) -> Option<ReplicaStatus> {
     let c = component(store, ComponentKind::MasterTarget, mt).await?;
     let st = c.status?;
     st.master_target()?.machines.iter().find(|r| r.machine == machine).cloned()
@@ -433,7 +439,7 @@ async fn agent_status(store: &Store, machine: &str, fresh_ms: u64) -> Option<Age
     c.status?.agent().cloned()
 }
 
-async fn pause(ctl: &JobControl, d: Duration) -> bool {
+pub(crate) async fn pause(ctl: &JobControl, d: Duration) -> bool {
     tokio::select! {
         _ = ctl.cancel.cancelled() => false,
         _ = tokio::time::sleep(d) => true,
@@ -535,6 +541,42 @@ fn describe_discarded(f: &ferry_api::master_target::Failover) -> String {
     )
 }
 
+/// The recovery site of a protection (the discovered site holding its master target), the host
+/// there to run the machine on (the master target's, else the first), and the primary machine's
+/// inventory entry.
+pub(crate) async fn recovery_site(
+    store: &Store,
+    p: &Protection,
+) -> Result<(crate::discovery::Inventory, String, Option<crate::discovery::Machine>), Outcome> {
+    let invs: Vec<crate::discovery::Inventory> = match store.list(crate::ops::INVENTORY).await {
+        Ok(v) => v.into_iter().map(|d| d.body).collect(),
+        Err(e) => return Err(fail(errors::STORE, e.to_string())),
+    };
+    let Some(rsite) = invs.iter().find(|i| i.content.master_targets.iter().any(|m| m.name == p.master_target)) else {
+        return Err(fail(
+            errors::NOT_FOUND,
+            format!("master target {} is in no discovered site: discover the recovery site", p.master_target),
+        ));
+    };
+    let host = rsite
+        .content
+        .master_targets
+        .iter()
+        .find(|m| m.name == p.master_target)
+        .map(|m| m.host.clone())
+        .filter(|h| rsite.content.hosts.iter().any(|x| &x.name == h))
+        .or_else(|| rsite.content.hosts.first().map(|h| h.name.clone()));
+    let Some(host) = host else {
+        return Err(fail(errors::NOT_FOUND, format!("site {} has no host to run {}", rsite.site, p.machine)));
+    };
+    let primary = invs
+        .iter()
+        .find(|i| i.site == p.site)
+        .and_then(|i| i.content.machines.iter().find(|m| m.name == p.machine))
+        .cloned();
+    Ok((rsite.clone(), host, primary))
+}
+
 /// A failed-over machine's name at its recovery site: its own inventory object and agent
 /// identity, never the primary's.
 pub fn recovery_machine_name(machine: &str, site: &str) -> String {
@@ -595,33 +637,10 @@ impl Ops {
     /// server: it tracks every write from its first), power it on and wait until it reports.
     async fn start_recovery_machine(&self, job: &Job, p: &Protection, power_on: bool, ctl: &JobControl) -> Outcome {
         let store = &self.store;
-        let invs: Vec<crate::discovery::Inventory> = match store.list(crate::ops::INVENTORY).await {
-            Ok(v) => v.into_iter().map(|d| d.body).collect(),
-            Err(e) => return fail(errors::STORE, e.to_string()),
+        let (rsite, host, primary) = match recovery_site(store, p).await {
+            Ok(x) => x,
+            Err(o) => return o,
         };
-        let Some(rsite) = invs.iter().find(|i| i.content.master_targets.iter().any(|m| m.name == p.master_target))
-        else {
-            return fail(
-                errors::NOT_FOUND,
-                format!("master target {} is in no discovered site: discover the recovery site", p.master_target),
-            );
-        };
-        let host = rsite
-            .content
-            .master_targets
-            .iter()
-            .find(|m| m.name == p.master_target)
-            .map(|m| m.host.clone())
-            .filter(|h| rsite.content.hosts.iter().any(|x| &x.name == h))
-            .or_else(|| rsite.content.hosts.first().map(|h| h.name.clone()));
-        let Some(host) = host else {
-            return fail(errors::NOT_FOUND, format!("site {} has no host to run {}", rsite.site, p.machine));
-        };
-        let primary = invs
-            .iter()
-            .find(|i| i.site == p.site)
-            .and_then(|i| i.content.machines.iter().find(|m| m.name == p.machine))
-            .cloned();
         let rm = recovery_machine_name(&p.machine, &rsite.site);
         let folder = p.datastore_path.join(&p.machine);
         let mut disks = Vec::new();
@@ -745,18 +764,23 @@ impl Ops {
 
     /// Whether the site's inventory (refreshed after every provider operation) shows the
     /// machine powered on.
-    async fn powered_on(&self, site: &str, machine: &str) -> bool {
+    pub(crate) async fn powered_on(&self, site: &str, machine: &str) -> bool {
         let inv: Option<ferry_store::Doc<crate::discovery::Inventory>> =
             self.store.get(crate::ops::INVENTORY, site).await.ok().flatten();
         inv.is_some_and(|i| i.body.content.machines.iter().any(|m| m.name == machine && m.power == "on"))
     }
 
-    /// Power a machine off through its site's provider, then refresh the site's inventory.
-    async fn shut_down(&self, site: &str, machine: &str) -> Result<String, String> {
+    /// The provider of a defined site.
+    pub(crate) async fn provider_of(&self, site: &str) -> Result<Box<dyn crate::provider::SiteProvider>, String> {
         let doc: Option<ferry_store::Doc<crate::ops::Site>> =
             self.store.get(crate::ops::SITE, site).await.map_err(|e| e.to_string())?;
         let site = doc.ok_or_else(|| format!("site {site} is not defined any more"))?.body;
-        let provider = crate::provider::for_site(&site.name, &site.path, &self.power_programs);
+        Ok(crate::provider::for_site(&site.name, &site.path, &self.power_programs))
+    }
+
+    /// Power a machine off through its site's provider, then refresh the site's inventory.
+    pub(crate) async fn shut_down(&self, site: &str, machine: &str) -> Result<String, String> {
+        let provider = self.provider_of(site).await?;
         let op = crate::discovery::SiteOperation::PowerOff { machine: machine.to_owned() };
         let msg = provider.operate(op).await.map_err(|e| e.to_string())?;
         if let Ok(inv) = provider.discover().await {

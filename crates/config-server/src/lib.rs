@@ -19,6 +19,7 @@ pub mod provider;
 pub mod registration;
 pub mod revocation;
 pub mod settings;
+pub mod test_failover;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -30,6 +30,16 @@ pub enum JobWork {
     SiteOperation { operation: SiteOperation },
     /// Enable replication of machines (see `protection`).
     Protect { protections: Vec<crate::protection::Protection>, wait_secs: u64, stall_secs: u64 },
+    /// Start a test failover (see `test_failover`).
+    TestFailover { machine: String, drill: String, point: String, no_start: bool },
+    /// End a test failover and record it.
+    TestFailoverCleanup {
+        machine: String,
+        drill: String,
+        result: Option<ferry_api::config_server::DrillResult>,
+        notes: Option<String>,
+        by: String,
+    },
     /// Fail a machine over (see `failover`).
     Failover {
         machine: String,
@@ -58,6 +68,8 @@ impl JobWork {
             JobWork::Failover { .. } => "failover",
             JobWork::FailoverChangePoint { .. } => "failover-change-point",
             JobWork::FailoverCommit { .. } => "failover-commit",
+            JobWork::TestFailover { .. } => "test-failover",
+            JobWork::TestFailoverCleanup { .. } => "test-failover-cleanup",
         };
         let internal = |what: String| {
             crate::errors::ApiError::new(axum::http::StatusCode::INTERNAL_SERVER_ERROR, errors::INTERNAL, what)
@@ -266,6 +278,15 @@ impl Runner for Ops {
                 self.change_point_step(job, &machine, &point, step, ctl).await
             }
             JobWork::FailoverCommit { machine } => self.commit_step(job, &machine, step, ctl).await,
+            JobWork::TestFailover { machine, drill, point, no_start } => {
+                match self.test_failover_step(&machine, &drill, &point, no_start, step, ctl).await {
+                    Outcome::Failed(e) => Outcome::Failed(self.test_failover_failed(&drill, e).await),
+                    o => o,
+                }
+            }
+            JobWork::TestFailoverCleanup { machine, drill, result, notes, by } => {
+                self.test_failover_cleanup_step(job, &machine, &drill, (result, notes, &by), step, ctl).await
+            }
             JobWork::Backup {} => match crate::backup::write_backup(&self.store, &self.backup, ctl).await {
                 Ok(path) => Outcome::Done(Some(format!("backup written to {}", path.display()))),
                 Err(e) => Outcome::Failed(JobError::new(errors::BACKUP_FAILED, e)),
@@ -283,6 +304,8 @@ pub const JOB_KINDS: &[&str] = &[
     "failover",
     "failover-change-point",
     "failover-commit",
+    "test-failover",
+    "test-failover-cleanup",
 ];
 
 pub fn arc(store: Store, backup: crate::backup::BackupConfig, power_programs: Vec<Vec<String>>) -> Arc<Ops> {

@@ -204,6 +204,7 @@ async fn plan(s: &AppState, req: &ProtectRequest) -> Result<Vec<Protection>, Api
                 .collect(),
             since_ms: now_ms(),
             failover: None,
+            test_failover: None,
         });
     }
     Ok(out)
@@ -373,9 +374,22 @@ pub async fn list_machines(State(s): State<Arc<AppState>>) -> crate::http::ApiRe
                 // is expected to be silent.
                 (health, reasons) = crate::failover::failover_health(&s.store, p, f).await;
             }
+            // A running drill's test machine (its own inventory object, never protected).
+            let drill_of = protections
+                .values()
+                .find(|q| q.test_failover.is_some() && crate::test_failover::test_machine_name(&q.machine) == m.name);
+            let test_failover = p.and_then(|p| p.test_failover.clone());
             let replication = match (state.as_deref(), st.as_ref().map(|a| a.mode), &failover) {
                 (Some(_), _, Some(f)) => crate::failover::failover_view(&s.store, f).await?,
+                (None, _, _) if drill_of.is_some() => format!(
+                    "test machine of {} (drill {})",
+                    drill_of.map(|q| q.machine.as_str()).unwrap_or_default(),
+                    drill_of.and_then(|q| q.test_failover.as_ref()).map(|t| t.drill.as_str()).unwrap_or_default()
+                ),
                 (None, _, _) => "unprotected".to_owned(),
+                (Some("protected"), Some(Mode::Replicating), _) if test_failover.is_some() => {
+                    "protected (test failover running)".to_owned()
+                }
                 (Some("protected"), Some(Mode::Replicating), _) => "protected".to_owned(),
                 (Some("protected"), Some(mode), _) => format!("protected ({})", mode.as_str()),
                 (Some(state), _, _) => state.to_owned(),
@@ -400,6 +414,7 @@ pub async fn list_machines(State(s): State<Arc<AppState>>) -> crate::http::ApiRe
                 points: st.as_ref().map(|a| a.points.clone()),
                 last_heartbeat_ms: comp.as_ref().and_then(|c| c.last_seen_ms),
                 failover,
+                test_failover,
             });
         }
     }

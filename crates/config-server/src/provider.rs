@@ -78,6 +78,7 @@ pub fn supported(caps: &Capabilities, op: &SiteOperation) -> (&'static str, bool
         SiteOperation::CreateSnapshot { .. } => ("create a snapshot", caps.snapshots),
         SiteOperation::MergeSnapshots { .. } => ("merge snapshots", caps.snapshots),
         SiteOperation::AdoptMachine { .. } => ("add a machine on existing disks", caps.create_machine),
+        SiteOperation::CreateTestMachine { .. } => ("create a test machine", caps.create_machine),
     }
 }
 

@@ -841,6 +841,89 @@ pub async fn failover(a: FailoverAction, s: &ServerArgs, out: OutputFormat) -> R
     watch(&job.id, s, out).await
 }
 
+#[derive(Debug, clap::Subcommand)]
+pub enum TestFailoverAction {
+    /// Drill a protected machine at a point (default `latest-processed`): a test machine runs in
+    /// an isolated test network on a writable export of the point; replication goes on.
+    Start {
+        machine: String,
+        /// An RC-1 selector (latest, latest-processed, latest-app, latest-multi,
+        /// latest-multi-app), a point ID or a seq.
+        #[arg(long)]
+        point: Option<String>,
+        /// Export the point but start no test machine (attach the export yourself).
+        #[arg(long)]
+        no_start: bool,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// End a machine's drill: the test machine and the export removed, the point released, the
+    /// drill recorded with its result.
+    Cleanup {
+        machine: String,
+        #[arg(long, value_parser = ["passed", "failed"])]
+        result: Option<String>,
+        #[arg(long)]
+        notes: Option<String>,
+        #[arg(long)]
+        no_wait: bool,
+    },
+}
+
+/// `ferry test-failover …`.
+pub async fn test_failover(a: TestFailoverAction, s: &ServerArgs, out: OutputFormat) -> Result<()> {
+    use ferry_api::config_server::{CleanupTestFailoverRequest, DrillResult, TestFailoverRequest};
+    let (job, no_wait): (Job, bool) = match a {
+        TestFailoverAction::Start { machine, point, no_start, no_wait } => {
+            let req = TestFailoverRequest { machine, point, no_start };
+            (s.call(Method::Post, "/api/v1/test-failovers", Some(&req)).await?, no_wait)
+        }
+        TestFailoverAction::Cleanup { machine, result, notes, no_wait } => {
+            let result = match result.as_deref() {
+                Some("passed") => Some(DrillResult::Passed),
+                Some(_) => Some(DrillResult::Failed),
+                None => None,
+            };
+            let path = format!("/api/v1/machines/{}/test-failover/cleanup", enc(&machine));
+            (s.call(Method::Post, &path, Some(&CleanupTestFailoverRequest { result, notes })).await?, no_wait)
+        }
+    };
+    if no_wait {
+        show_one(&job, out);
+        return Ok(());
+    }
+    watch(&job.id, s, out).await
+}
+
+impl Rows for ferry_api::config_server::Drill {
+    const HEADERS: &'static [&'static str] =
+        &["id", "machine", "state", "point", "started", "by", "test_machine", "result", "cleaned_up"];
+    fn cells(&self) -> Vec<String> {
+        use ferry_api::config_server::DrillResult;
+        vec![
+            self.id.clone(),
+            self.machine.clone(),
+            serde_json::to_value(self.state).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default(),
+            self.point.as_ref().map(|p| p.id.clone()).unwrap_or_else(|| self.point_requested.clone()),
+            ferry_sys::time::utc(self.started_ms),
+            self.started_by.clone(),
+            opt(&self.test_machine),
+            match self.result {
+                Some(DrillResult::Passed) => "passed".into(),
+                Some(DrillResult::Failed) => "failed".into(),
+                None => "-".into(),
+            },
+            self.cleaned_up_ms.map(ferry_sys::time::utc).unwrap_or_else(|| "-".into()),
+        ]
+    }
+}
+
+/// `ferry drills`: test failovers, running and past.
+pub async fn drills(s: &ServerArgs, out: OutputFormat) -> Result<()> {
+    show(&s.get::<Vec<ferry_api::config_server::Drill>>("/api/v1/drills").await?, out);
+    Ok(())
+}
+
 pub fn print_machines(v: &[MachineView]) {
     println!(
         "{:<10} {:<10} {:<8} {:<5} {:<26} {:<14} {:<9} {:<14} {:<12} POINTS (crash/app)",

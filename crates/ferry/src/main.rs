@@ -137,6 +137,18 @@ enum Command {
         #[command(flatten)]
         server: ctl::ServerArgs,
     },
+    /// Test failover (a drill) of a protected machine, and its cleanup (jobs).
+    TestFailover {
+        #[command(subcommand)]
+        action: ctl::TestFailoverAction,
+        #[command(flatten)]
+        server: ctl::ServerArgs,
+    },
+    /// Test failovers (drills), running and past: when, which point, result, who.
+    Drills {
+        #[command(flatten)]
+        server: ctl::ServerArgs,
+    },
     /// Discovered machines: protection, health, RPO, points.
     Machines {
         #[command(flatten)]
@@ -299,6 +311,8 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Lab { action } => lab_cli::run_lab(action, out).await,
         Command::Protect { args, server } => ctl::protect(args, &server, out).await,
         Command::Failover { action, server } => ctl::failover(action, &server, out).await,
+        Command::TestFailover { action, server } => ctl::test_failover(action, &server, out).await,
+        Command::Drills { server } => ctl::drills(&server, out).await,
         Command::Machines { server } => ctl::machines(&server, out).await,
         Command::RecoveryPoints { machine, server } => ctl::recovery_points(&machine, &server, out).await,
         Command::Demo(args) => lab_cli::demo(args, out).await,

@@ -245,6 +245,7 @@ pub(crate) async fn master_target_action(action: MasterTargetAction, out: Output
                 format: Some(image_format(&a.format)?),
                 dir,
                 writable: false,
+                order: None,
             };
             let v = post_materialization(&a.status, &a.machine, &body).await?;
             let files: Vec<String> = match &v.what {
@@ -261,6 +262,7 @@ pub(crate) async fn master_target_action(action: MasterTargetAction, out: Output
                 format: None,
                 dir: None,
                 writable: a.writable,
+                order: None,
             };
             let v = post_materialization(&a.status, &a.machine, &body).await?;
             let urls: Vec<String> = v.nbd_urls.iter().flatten().cloned().collect();

@@ -359,6 +359,7 @@ async fn demo(st: &LabState, args: &DemoArgs, p: &dyn Progress) -> Result<DemoRe
                     format: Some(ImageFormat::Raw),
                     dir: Some(dir),
                     writable: false,
+                    order: None,
                 };
                 let v: Materialization = ferry_status::call_control(
                     &mt_status,

@@ -81,6 +81,26 @@ struct GuestExtra {
     guest: GuestSettings,
     #[serde(default)]
     workload: Option<WorkloadSpec>,
+    #[serde(default)]
+    test_failover: Option<TestArea>,
+}
+
+/// A test failover's machine (`[extra.test_failover]`, written by the provider's
+/// `create-test-machine`): it runs in the isolated test network, its disks the drill's
+/// network-attached exports; no agent, and it never reaches the configuration server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestArea {
+    pub network: String,
+    pub disks: Vec<TestDisk>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TestDisk {
+    pub name: String,
+    /// `unix:SOCKET:EXPORT` or `HOST:PORT/EXPORT`.
+    pub nbd: String,
 }
 
 /// A guest's view of its machine: `machine.toml` as the provider wrote it at power-on.
@@ -91,6 +111,8 @@ pub struct GuestFile {
     pub workload: Option<WorkloadSpec>,
     /// Disk files (absolute), in the machine's order.
     pub disks: Vec<(String, PathBuf)>,
+    /// Set for a test failover's machine.
+    pub test_area: Option<TestArea>,
 }
 
 impl GuestFile {
@@ -103,7 +125,13 @@ impl GuestFile {
         let extra: GuestExtra = toml::Value::Table(m.extra).try_into().with_context(|| {
             format!("{}: [extra] must hold [extra.guest] (and may hold [extra.workload])", p.display())
         })?;
-        Ok(GuestFile { machine: m.machine, settings: extra.guest, workload: extra.workload, disks: m.disks })
+        Ok(GuestFile {
+            machine: m.machine,
+            settings: extra.guest,
+            workload: extra.workload,
+            disks: m.disks,
+            test_area: extra.test_failover,
+        })
     }
 }
 
@@ -306,11 +334,18 @@ impl Guest {
     /// The workload's command; a failed-over machine's (its agent has a failover seed) forks
     /// the record log at [`FORK_SEQ`].
     fn workload_args(&self, failed_over: bool) -> Option<Vec<String>> {
+        let disks: Vec<String> =
+            self.file.disks.iter().map(|(name, _)| format!("unix:{}:{name}", self.ends.nbd)).collect();
+        self.workload_args_on(&disks, failed_over)
+    }
+
+    /// The workload's command on the NBD `disks`.
+    fn workload_args_on(&self, disks: &[String], failed_over: bool) -> Option<Vec<String>> {
         let w = self.file.workload.as_ref()?;
         let mut args = vec!["lab".to_owned(), "workload".to_owned()];
-        for (name, _) in &self.file.disks {
+        for d in disks {
             args.push("--disk".into());
-            args.push(format!("unix:{}:{name}", self.ends.nbd));
+            args.push(d.clone());
         }
         args.extend([
             "--record-log".into(),
@@ -336,6 +371,45 @@ impl Guest {
 /// apart (a block of the primary's lost tail is never in it).
 pub const FORK_SEQ: u64 = 1_000_000_000;
 
+impl Guest {
+    /// A test failover's machine: no registration, no agent, no heartbeat (the test network
+    /// does not reach the configuration server); the workload writes to the drill's exports,
+    /// continuing the machine's record log as a fork (like a failed-over machine's), and is
+    /// restarted should it stop.
+    async fn run_test_machine(&self, area: &TestArea, shutdown: CancellationToken) -> Result<()> {
+        tracing::info!(network = %area.network, disks = area.disks.len(), "test machine: running in the test network");
+        let mut workload: Option<Child> = None;
+        loop {
+            if let Some(w) = &mut workload {
+                if let Ok(Some(st)) = w.try_wait() {
+                    tracing::warn!(status = %st, "the workload exited (see workload.log); restarting it");
+                    workload = None;
+                }
+            }
+            if workload.is_none() {
+                let disks: Vec<String> = area.disks.iter().map(|d| d.nbd.clone()).collect();
+                if let Some(args) = self.workload_args_on(&disks, true) {
+                    match spawn(&self.exe, &args, &self.dir.join("workload.log"), &[]) {
+                        Ok(c) => {
+                            record_pid(&self.dir.join("workload.pid"), &c);
+                            workload = Some(c);
+                        }
+                        Err(e) => tracing::error!(error = %format!("{e:#}"), "cannot start the workload"),
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+        if let Some(mut w) = workload.take() {
+            stop(&mut w, Duration::from_secs(5)).await;
+        }
+        Ok(())
+    }
+}
+
 pub async fn run(dir: PathBuf, shutdown: CancellationToken) -> Result<()> {
     let file = GuestFile::load(&dir)?;
     let exe = std::env::current_exe().context("cannot find the ferry executable")?;
@@ -348,6 +422,9 @@ pub async fn run(dir: PathBuf, shutdown: CancellationToken) -> Result<()> {
     }
     // A stale pause marker from a crash would freeze the new workload at once.
     let _ = std::fs::remove_file(g.dir.join("pause"));
+    if let Some(area) = g.file.test_area.clone() {
+        return g.run_test_machine(&area, shutdown).await;
+    }
     if !g.register(&shutdown).await {
         return Ok(());
     }

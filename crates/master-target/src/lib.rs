@@ -19,6 +19,7 @@ pub mod point_image;
 mod recovery;
 mod replica;
 pub mod retention;
+mod test_failover;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -200,6 +201,10 @@ pub struct MasterTarget {
     revoked: Arc<ferry_tls::Revoked>,
     /// The configuration server's latest failover orders (followed again when one finishes).
     failover_orders: Mutex<std::collections::BTreeMap<String, ferry_api::master_target::FailoverOrder>>,
+    /// The configuration server's latest test-failover orders, and whether a thread follows them.
+    test_failover_orders:
+        Mutex<Option<std::collections::BTreeMap<String, ferry_api::master_target::TestFailoverOrder>>>,
+    test_orders_busy: std::sync::atomic::AtomicBool,
     shutdown: CancellationToken,
 }
 
@@ -252,6 +257,8 @@ impl MasterTarget {
         let mt = Arc::new(MasterTarget {
             revoked: Arc::new(revoked),
             failover_orders: Mutex::new(Default::default()),
+            test_failover_orders: Mutex::new(None),
+            test_orders_busy: std::sync::atomic::AtomicBool::new(false),
             retention: volume.path.clone(),
             _volume: volume,
             live: std::sync::RwLock::new(live),
@@ -368,6 +375,9 @@ impl MasterTarget {
         *self.failover_orders.lock().unwrap_or_else(|p| p.into_inner()) =
             v.machine_failovers.clone().unwrap_or_default();
         self.follow_failover_orders();
+        *self.test_failover_orders.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(v.machine_test_failovers.clone().unwrap_or_default());
+        self.follow_test_failover_orders();
         let mut s = LiveSettings {
             machine_retention_secs: v.machine_retention_secs.clone().unwrap_or_default(),
             machine_datastores: v.machine_datastores.clone().unwrap_or_default(),
@@ -408,7 +418,14 @@ impl MasterTarget {
 
     pub fn status(&self) -> ferry_api::master_target::MasterTargetStatus {
         let replicas: Vec<_> = self.lock_replicas().values().cloned().collect();
-        let mut machines: Vec<_> = replicas.iter().map(|r| r.status()).collect();
+        let mut machines: Vec<_> = replicas
+            .iter()
+            .map(|r| {
+                let mut st = r.status();
+                st.test_failover = self.test_failover_export(r);
+                st
+            })
+            .collect();
         machines.sort_by(|a, b| a.machine.cmp(&b.machine));
         let live = self.live.read().unwrap_or_else(|p| p.into_inner()).clone();
         ferry_api::master_target::MasterTargetStatus {

@@ -704,6 +704,8 @@ impl Replica {
                 what: MaterializedAs::Export { writable: false, exports: Vec::new(), overlays: Vec::new() },
                 problem: None,
                 nbd_urls: Vec::new(),
+                // Set once it is made: an order's export is never reported half-made.
+                order: None,
             };
             self.lock_mats().push(m);
             self.update_release_limit(&slot);
@@ -742,6 +744,7 @@ impl Replica {
             what,
             problem: None,
             nbd_urls: Vec::new(),
+            order: req.order.clone(),
         };
         {
             let mut mats = self.lock_mats();

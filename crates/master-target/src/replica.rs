@@ -138,6 +138,8 @@ pub struct Replica {
     pub(crate) order_busy: std::sync::atomic::AtomicBool,
     /// The last order that failed (reported until another succeeds).
     pub(crate) order_error: Mutex<Option<ferry_api::master_target::FailoverOrderError>>,
+    /// The last test-failover order that could not be carried out.
+    pub(crate) test_order_error: Mutex<Option<ferry_api::master_target::FailoverOrderError>>,
 }
 
 pub use ferry_api::master_target::Fence;
@@ -451,6 +453,7 @@ impl Replica {
             failover_op: Mutex::new(()),
             order_busy: std::sync::atomic::AtomicBool::new(false),
             order_error: Mutex::new(None),
+            test_order_error: Mutex::new(None),
             checkpoint_interval: Duration::from_secs_f64(config.checkpoint_interval_secs.max(0.01)),
         });
         r.open_base()?;
@@ -1069,6 +1072,9 @@ impl Replica {
             fence: self.fence_state(),
             failover: self.failover_state(),
             failover_order_error: self.order_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            // Filled in by the master target (it knows the NBD socket).
+            test_failover: None,
+            test_failover_error: self.test_order_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             consistent: st.ckpt.consistent,
             mode: mode.to_owned(),
             journal_bytes,

@@ -13,7 +13,7 @@ use std::time::Duration;
 use crate::lab_sites::{json_of, ok, records, wait, Lab};
 use serde_json::Value;
 
-const LAB: &str = r#"
+pub(crate) const LAB: &str = r#"
 boot_delay_secs = 0.5
 [[sites]]
 name = "primary"
@@ -52,7 +52,7 @@ os_family = "linux"
 host = "esx-r1"
 "#;
 
-fn failed(o: &std::process::Output, want: &str, what: &str) {
+pub(crate) fn failed(o: &std::process::Output, want: &str, what: &str) {
     let err = String::from_utf8_lossy(&o.stderr).into_owned() + &String::from_utf8_lossy(&o.stdout);
     assert!(!o.status.success(), "{what} must fail: {err}");
     assert!(err.contains(want), "{what}: expected {want:?} in: {err}");
@@ -71,7 +71,7 @@ fn verify(lab: &Lab, m: &str, seed: u64, disk: &Path, exact: Option<u64>) -> (bo
 }
 
 /// The lab's "gold" policy, then a protect job of `what` (machines, or `--group G`) to mt-r.
-fn protect(lab: &Lab, what: &[&str]) {
+pub(crate) fn protect(lab: &Lab, what: &[&str]) {
     let mut args = vec!["protect"];
     args.extend_from_slice(what);
     args.extend_from_slice(&[
@@ -94,13 +94,13 @@ fn sha(p: &Path) -> String {
 }
 
 /// Where a failed-over machine's guest keeps its files.
-fn recovery_guest(lab: &Lab, rm: &str) -> PathBuf {
+pub(crate) fn recovery_guest(lab: &Lab, rm: &str) -> PathBuf {
     lab.dir.join("sites/recovery/guests").join(rm)
 }
 
 /// The log a failed-over machine's disk holds: the primary's records up to the point, then the
 /// recovery site's (its workload forks at [`FORK_SEQ`]).
-fn fork_log(lab: &Lab, m: &str, upto: u64, recovery_log: &Path, tmp: &Path) -> PathBuf {
+pub(crate) fn fork_log(lab: &Lab, m: &str, upto: u64, recovery_log: &Path, tmp: &Path) -> PathBuf {
     let primary = std::fs::read_to_string(lab.guest(m).join("records.log")).unwrap();
     let mut text: String = primary
         .lines()
@@ -113,7 +113,7 @@ fn fork_log(lab: &Lab, m: &str, upto: u64, recovery_log: &Path, tmp: &Path) -> P
     p
 }
 
-fn verify_log(lab: &Lab, log: &Path, seed: u64, disk: &Path, exact: Option<u64>) -> (bool, Value) {
+pub(crate) fn verify_log(lab: &Lab, log: &Path, seed: u64, disk: &Path, exact: Option<u64>) -> (bool, Value) {
     let seed = seed.to_string();
     let mut args = vec![
         "--output",

@@ -19,3 +19,4 @@ mod lab_sites;
 mod recovery_points;
 mod replication;
 mod security;
+mod test_failover;
