@@ -340,6 +340,11 @@ pub struct Step {
     pub idempotent: bool,
     #[serde(default)]
     pub message: Option<String>,
+    /// When it last started running, and when it ended (done, failed, confirmed).
+    #[serde(default)]
+    pub started_ms: Option<u64>,
+    #[serde(default)]
+    pub finished_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -743,6 +748,26 @@ fn default_drain_secs() -> u64 {
     300
 }
 
+/// `POST /api/v1/recovery-plans/{name}/failover`: fail every machine of a plan over, group by
+/// group.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlanFailoverRequest {
+    pub kind: FailoverKind,
+    /// Unplanned only: an RC-1 selector (`latest`, `latest-processed`, `latest-app`,
+    /// `latest-multi`, `latest-multi-app`; a point ID is one machine's and is refused). The
+    /// members of a replication group all go to one multi-machine point (app-consistent for
+    /// the `-app` selectors), chosen before any is fenced.
+    #[serde(default)]
+    pub point: Option<String>,
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default = "default_drain_secs")]
+    pub drain_secs: u64,
+    #[serde(default)]
+    pub no_start: bool,
+}
+
 /// `POST /api/v1/machines/{name}/failover/change-point`: another point, before commit.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -957,6 +982,7 @@ pub enum ConfigServerEndpoint {
     PutPlan,
     DeletePlan,
     DrillPlan,
+    FailoverPlan,
     ListSites,
     CreateSite,
     GetSite,
@@ -1023,6 +1049,7 @@ pub const ROUTES: &[Route<ConfigServerEndpoint>] = &[
     Route::new::<RecoveryPlan, RecoveryPlan>(C::PutPlan, Put, "/api/v1/recovery-plans/{name}", Role::Operator, "Replace a recovery plan"),
     Route::new::<(), Deleted>(C::DeletePlan, Delete, "/api/v1/recovery-plans/{name}", Role::Operator, "Delete a recovery plan").no_body(),
     Route::new::<(), Job>(C::DrillPlan, Post, "/api/v1/recovery-plans/{name}/drill", Role::Operator, "Start a drill job: the plan's pre/post actions in order (manual ones wait for input; script actions need an admin token)").no_body().answers(202),
+    Route::new::<PlanFailoverRequest, Job>(C::FailoverPlan, Post, "/api/v1/recovery-plans/{name}/failover", Role::Operator, "Fail a recovery plan over {kind: planned | unplanned, point?}: group by group (machines of a group in parallel, actions between), a replication group to one multi-machine point (a job)").answers(202),
     get::<_, Vec<Site>>(C::ListSites, "/api/v1/sites", Role::Reader, "List sites"),
     Route::new::<Site, SiteAdded>(C::CreateSite, Post, "/api/v1/sites", Role::Operator, "Add a site {name, provider: local, path} and discover it").answers(201),
     get::<_, Site>(C::GetSite, "/api/v1/sites/{name}", Role::Reader, "Show a site"),

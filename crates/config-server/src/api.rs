@@ -71,6 +71,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             C::PutPlan => on(m, put_plan),
             C::DeletePlan => on(m, delete_plan),
             C::DrillPlan => on(m, drill_plan),
+            C::FailoverPlan => on(m, crate::plan_failover::start),
             C::ListSites => on(m, list_sites),
             C::CreateSite => on(m, create_site),
             C::GetSite => on(m, get_site),

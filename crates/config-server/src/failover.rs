@@ -120,7 +120,7 @@ fn commit_steps(p: &Protection) -> Vec<(String, bool)> {
     ]
 }
 
-fn check_reason(reason: Option<&str>, default: String) -> Result<String, ApiError> {
+pub(crate) fn check_reason(reason: Option<&str>, default: String) -> Result<String, ApiError> {
     let r = reason.map(str::trim).unwrap_or_default();
     if r.is_empty() {
         return Ok(default);

@@ -106,7 +106,14 @@ impl Jobs {
             state: JobState::Queued,
             steps: steps
                 .into_iter()
-                .map(|(name, idempotent)| Step { name, state: StepState::Pending, idempotent, message: None })
+                .map(|(name, idempotent)| Step {
+                    name,
+                    state: StepState::Pending,
+                    idempotent,
+                    message: None,
+                    started_ms: None,
+                    finished_ms: None,
+                })
                 .collect(),
             current_step: 0,
             progress_percent: 0.0,
@@ -202,6 +209,7 @@ impl Jobs {
             } else {
                 job.state = JobState::InProgress;
                 job.steps[i].state = StepState::Running;
+                job.steps[i].started_ms = Some(now_ms());
                 job.input_prompt = None;
                 self.save(&mut job).await;
                 if let Some((running, _)) = step_failpoints(&job.kind) {
@@ -248,6 +256,7 @@ impl Jobs {
                     Outcome::Done(msg) => {
                         job.steps[i].state = StepState::Done;
                         job.steps[i].message = msg;
+                        job.steps[i].finished_ms = Some(now_ms());
                         job.current_step += 1;
                         job.progress_percent = job.current_step as f64 / total as f64 * 100.0;
                         let secs = started.elapsed().as_secs_f64();
@@ -267,6 +276,7 @@ impl Jobs {
                     Outcome::Failed(e) => {
                         job.steps[i].state = StepState::Failed;
                         job.steps[i].message = Some(e.message.clone());
+                        job.steps[i].finished_ms = Some(now_ms());
                         self.finish(&mut job, JobState::Failed, Some(e)).await;
                         return;
                     }
@@ -288,6 +298,7 @@ impl Jobs {
                         }
                         job.steps[i].state = StepState::Done;
                         job.steps[i].message = Some("confirmed by an operator".into());
+                        job.steps[i].finished_ms = Some(now_ms());
                         job.input_prompt = None;
                         job.current_step += 1;
                         job.progress_percent = job.current_step as f64 / total as f64 * 100.0;
@@ -467,7 +478,14 @@ mod tests {
                 state: JobState::InProgress,
                 steps: steps(2, idempotent)
                     .into_iter()
-                    .map(|(name, idempotent)| Step { name, state: StepState::Pending, idempotent, message: None })
+                    .map(|(name, idempotent)| Step {
+                        name,
+                        state: StepState::Pending,
+                        idempotent,
+                        message: None,
+                        started_ms: None,
+                        finished_ms: None,
+                    })
                     .collect(),
                 current_step: 1,
                 progress_percent: 50.0,

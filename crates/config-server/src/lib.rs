@@ -14,6 +14,7 @@ pub mod inventory;
 pub mod jobs;
 pub mod model;
 pub mod ops;
+pub mod plan_failover;
 pub mod protection;
 pub mod provider;
 pub mod registration;

@@ -40,6 +40,16 @@ pub enum JobWork {
         notes: Option<String>,
         by: String,
     },
+    /// Fail a recovery plan over (see `plan_failover`).
+    PlanFailover {
+        plan: String,
+        kind: ferry_api::config_server::FailoverKind,
+        point: String,
+        reason: String,
+        drain_secs: u64,
+        no_start: bool,
+        steps: Vec<crate::plan_failover::PlanStep>,
+    },
     /// Fail a machine over (see `failover`).
     Failover {
         machine: String,
@@ -69,6 +79,7 @@ impl JobWork {
             JobWork::FailoverChangePoint { .. } => "failover-change-point",
             JobWork::FailoverCommit { .. } => "failover-commit",
             JobWork::TestFailover { .. } => "test-failover",
+            JobWork::PlanFailover { .. } => "plan-failover",
             JobWork::TestFailoverCleanup { .. } => "test-failover-cleanup",
         };
         let internal = |what: String| {
@@ -185,13 +196,21 @@ impl Ops {
     async fn drill(&self, job: &Job, actions: &[Option<Action>], step: usize, ctl: &JobControl) -> Outcome {
         match actions.get(step).cloned().flatten() {
             None => Outcome::Done(Some("no data-path operation in a drill".into())),
-            Some(Action::Manual { name, instruction }) => {
+            Some(a) => self.run_action(job, &a, ctl).await,
+        }
+    }
+
+    /// Run a plan's action: a manual one waits for input; a script runs (`sh -c`), its output
+    /// (the last 4000 characters of stdout and stderr) kept in the step's message.
+    pub(crate) async fn run_action(&self, job: &Job, action: &Action, ctl: &JobControl) -> Outcome {
+        match action {
+            Action::Manual { name, instruction } => {
                 Outcome::WaitForInput(format!("{name}: {instruction} (confirm with `ferry jobs confirm {}`)", job.id))
             }
-            Some(Action::Script { name, command, timeout_secs }) => {
-                let mut child = match tokio::process::Command::new("sh")
+            Action::Script { name, command, timeout_secs } => {
+                let child = match tokio::process::Command::new("sh")
                     .arg("-c")
-                    .arg(&command)
+                    .arg(command)
                     .stdin(std::process::Stdio::null())
                     .stdout(std::process::Stdio::piped())
                     .stderr(std::process::Stdio::piped())
@@ -206,18 +225,26 @@ impl Ops {
                         ))
                     }
                 };
-                let stderr = child.stderr.take();
-                let wait = tokio::time::timeout(Duration::from_secs(timeout_secs.max(1)), child.wait());
+                let timeout_secs = *timeout_secs;
+                let wait = tokio::time::timeout(Duration::from_secs(timeout_secs.max(1)), child.wait_with_output());
                 tokio::select! {
                     r = wait => match r {
-                        Ok(Ok(st)) if st.success() => Outcome::Done(Some(format!("script {name:?} succeeded"))),
-                        Ok(Ok(st)) => {
-                            let mut err = String::new();
-                            if let Some(mut s) = stderr {
-                                use tokio::io::AsyncReadExt;
-                                let _ = s.read_to_string(&mut err).await;
+                        Ok(Ok(o)) => {
+                            let mut out = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+                            let err = String::from_utf8_lossy(&o.stderr).trim().to_owned();
+                            if !err.is_empty() {
+                                out.push_str(&format!("{}stderr: {err}", if out.is_empty() { "" } else { "\n" }));
                             }
-                            Outcome::Failed(JobError::new(errors::JOB_STATE, format!("script action {name:?} failed ({st}): {}", err.trim())))
+                            let n = out.chars().count();
+                            if n > 4000 {
+                                out = format!("…{}", out.chars().skip(n - 4000).collect::<String>());
+                            }
+                            let shown = if out.is_empty() { String::new() } else { format!(": {out}") };
+                            if o.status.success() {
+                                Outcome::Done(Some(format!("script {name:?} succeeded{shown}")))
+                            } else {
+                                Outcome::Failed(JobError::new(errors::JOB_STATE, format!("script action {name:?} failed ({}){shown}", o.status)))
+                            }
                         }
                         Ok(Err(e)) => Outcome::Failed(JobError::new(errors::JOB_STATE, format!("script action {name:?}: {e}"))),
                         Err(_) => Outcome::Failed(JobError::new(errors::JOB_STATE, format!("script action {name:?} did not finish within {timeout_secs} s and was killed"))),
@@ -229,7 +256,7 @@ impl Ops {
     }
 }
 
-fn action_step(group: usize, when: &str, a: &Action) -> (String, bool) {
+pub(crate) fn action_step(group: usize, when: &str, a: &Action) -> (String, bool) {
     match a {
         Action::Script { name, command, .. } => {
             (format!("group {group}: {when}-action script {name:?} ({command})"), false)
@@ -284,6 +311,17 @@ impl Runner for Ops {
                     o => o,
                 }
             }
+            JobWork::PlanFailover { kind, point, reason, drain_secs, no_start, steps, .. } => {
+                let pj =
+                    crate::plan_failover::PlanJob { job, kind, point: &point, reason: &reason, drain_secs, no_start };
+                match self.plan_failover_step(&pj, &steps, step, ctl).await {
+                    Outcome::Failed(e) => {
+                        self.plan_failover_failed(&pj, &steps).await;
+                        Outcome::Failed(e)
+                    }
+                    o => o,
+                }
+            }
             JobWork::TestFailoverCleanup { machine, drill, result, notes, by } => {
                 self.test_failover_cleanup_step(job, &machine, &drill, (result, notes, &by), step, ctl).await
             }
@@ -306,6 +344,7 @@ pub const JOB_KINDS: &[&str] = &[
     "failover-commit",
     "test-failover",
     "test-failover-cleanup",
+    "plan-failover",
 ];
 
 pub fn arc(store: Store, backup: crate::backup::BackupConfig, power_programs: Vec<Vec<String>>) -> Arc<Ops> {

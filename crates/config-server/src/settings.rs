@@ -30,6 +30,12 @@ fn effective_settings(
         if let Some(p) = stored.policy.as_ref().and_then(|p| policies.get(p)) {
             out.crash_point_interval_secs.get_or_insert(p.crash_consistent_secs as f64);
             out.app_point_interval_secs.get_or_insert(p.app_consistent_secs as f64);
+            // A replication group's coordinator takes its multi-machine tags as often as the
+            // policy takes a machine's points (unless protection set otherwise).
+            if let Some(g) = out.group.as_mut().filter(|g| g.coordinator) {
+                g.crash_interval_secs.get_or_insert(p.crash_consistent_secs as f64);
+                g.app_interval_secs.get_or_insert(p.app_consistent_secs as f64);
+            }
         }
     }
     if kind == ComponentKind::MasterTarget {

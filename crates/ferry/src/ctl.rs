@@ -116,6 +116,28 @@ pub enum PlanAction {
     Drill {
         name: String,
     },
+    /// Fail the plan over, group by group: --planned (nothing lost) or --unplanned (to --point,
+    /// a selector; a replication group goes to one multi-machine point).
+    Failover {
+        name: String,
+        #[arg(long, conflicts_with = "unplanned", required_unless_present = "unplanned")]
+        planned: bool,
+        #[arg(long)]
+        unplanned: bool,
+        /// Unplanned: latest, latest-processed, latest-app, latest-multi or latest-multi-app.
+        #[arg(long, conflicts_with = "planned")]
+        point: Option<String>,
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long, default_value_t = 300)]
+        drain_secs: u64,
+        /// Leave the machines at the recovery site powered off.
+        #[arg(long)]
+        no_start: bool,
+        /// Return once the job is started instead of following it.
+        #[arg(long)]
+        no_wait: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -445,6 +467,18 @@ pub async fn plans(a: PlanAction, s: &ServerArgs, out: OutputFormat) -> Result<(
         PlanAction::Drill { name } => {
             let path = format!("/api/v1/recovery-plans/{}/drill", enc(&name));
             show_one(&s.call::<Job>(Method::Post, &path, None::<&()>).await?, out)
+        }
+        PlanAction::Failover { name, planned, unplanned: _, point, reason, drain_secs, no_start, no_wait } => {
+            use ferry_api::config_server::{FailoverKind, PlanFailoverRequest};
+            let kind = if planned { FailoverKind::Planned } else { FailoverKind::Unplanned };
+            let req = PlanFailoverRequest { kind, point, reason, drain_secs, no_start };
+            let path = format!("/api/v1/recovery-plans/{}/failover", enc(&name));
+            let job: Job = s.call(Method::Post, &path, Some(&req)).await?;
+            if no_wait {
+                show_one(&job, out);
+            } else {
+                watch(&job.id, s, out).await?;
+            }
         }
     }
     Ok(())

@@ -59,14 +59,14 @@ pub(crate) fn failed(o: &std::process::Output, want: &str, what: &str) {
 }
 
 /// The failed-over disk, copied (the target file itself belongs to whoever runs the machine).
-fn copy_of(lab: &Lab, m: &str, tmp: &Path, name: &str) -> PathBuf {
+pub(crate) fn copy_of(lab: &Lab, m: &str, tmp: &Path, name: &str) -> PathBuf {
     let target = lab.dir.join("sites/recovery/datastores/vmfs-r").join(m).join("disk0.img");
     let copy = tmp.join(name);
     std::fs::copy(&target, &copy).unwrap();
     copy
 }
 
-fn verify(lab: &Lab, m: &str, seed: u64, disk: &Path, exact: Option<u64>) -> (bool, Value) {
+pub(crate) fn verify(lab: &Lab, m: &str, seed: u64, disk: &Path, exact: Option<u64>) -> (bool, Value) {
     verify_log(lab, &lab.guest(m).join("records.log"), seed, disk, exact)
 }
 
@@ -389,7 +389,7 @@ fn planned_and_unplanned_failover_change_point_commit_and_the_old_primary_stays_
     lab.down();
 }
 
-fn three_machine_lab() -> String {
+pub(crate) fn three_machine_lab() -> String {
     let mut lab = LAB.replace(
         "[[sites.machines]]\nname = \"spare\"",
         "[[sites.machines]]\nname = \"app1\"\nos_family = \"linux\"\nhost = \"esx-p1\"\ndatastore = \"vmfs-p\"\ndisks = [{ name = \"disk0\", size = 16777216 }]\nworkload = { rate = 25, max_blocks = 4, seed = 23 }\n[[sites.machines]]\nname = \"spare\"",

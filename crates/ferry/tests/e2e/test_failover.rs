@@ -26,6 +26,8 @@ fn convert(url: &str, image: &std::path::Path) {
 
 #[test]
 fn a_drill_runs_a_test_machine_on_the_point_while_replication_goes_on_and_cleanup_leaves_its_record() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(crate::harness::seed("drill"));
     let tmp = tempfile::tempdir().unwrap();
     let cfg = tmp.path().join("lab.toml");
     std::fs::write(&cfg, LAB).unwrap();
@@ -61,7 +63,16 @@ fn a_drill_runs_a_test_machine_on_the_point_while_replication_goes_on_and_cleanu
     let job = lab.json(&["test-failover", "cleanup", "web1"]);
     assert_eq!(job["state"], "succeeded", "{job:#}");
 
-    let job = lab.json(&["test-failover", "start", "web1", "--point", &point_id]);
+    // The configuration server is killed at a seeded random moment of the drill's start job;
+    // restarted, it resumes the job.
+    let id = lab.json(&["test-failover", "start", "web1", "--point", &point_id, "--no-wait"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    std::thread::sleep(Duration::from_millis(rng.gen_range(0..2500)));
+    ok(&lab.run(&["lab", "restart", "config-server", "--kill"]), "kill and restart the configuration server");
+    let o = lab.run(&["--output", "json", "jobs", "watch", &id]);
+    let job: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
     assert_eq!(job["state"], "succeeded", "{job:#}");
     let drills = lab.json(&["drills"]);
     assert_eq!(drills.as_array().unwrap().len(), 2, "{drills:#}");
@@ -124,5 +135,128 @@ fn a_drill_runs_a_test_machine_on_the_point_while_replication_goes_on_and_cleanu
     assert!(d["cleaned_up_ms"].as_u64().unwrap() >= d["started_ms"].as_u64().unwrap());
     assert!(!d["started_by"].as_str().unwrap().is_empty(), "{d:#}");
     assert_eq!(d["started_by"], d["cleaned_up_by"]);
+    lab.down();
+}
+
+/// A step's start and end times.
+fn times(job: &Value, name_has: &str) -> (u64, u64) {
+    let s = job["steps"].as_array().unwrap().iter().find(|s| s["name"].as_str().unwrap().contains(name_has));
+    let s = s.unwrap_or_else(|| panic!("no step {name_has:?}: {job:#}"));
+    (s["started_ms"].as_u64().unwrap(), s["finished_ms"].as_u64().unwrap())
+}
+
+#[test]
+fn a_plan_fails_over_group_by_group_with_its_actions_and_a_replication_group_at_one_point() {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(crate::harness::seed("plan_failover"));
+    use crate::failover_jobs::{copy_of, three_machine_lab, verify};
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("lab.toml");
+    std::fs::write(&cfg, three_machine_lab()).unwrap();
+    let dir = tmp.path().join("lab");
+    let mut lab = Lab::up(&dir, Some(&cfg));
+    ok(
+        &lab.run(&[
+            "policies",
+            "create",
+            "gold",
+            "--crash-consistent-secs",
+            "2",
+            "--retention-secs",
+            "3600",
+            "--app-consistent-secs",
+            "4",
+        ]),
+        "policy",
+    );
+    protect(&lab, &["--group", "grp"]);
+    protect(&lab, &["db1"]);
+    let plan = serde_json::json!({"name": "dr", "groups": [
+        {"replication_groups": ["grp"], "post_actions": [
+            {"kind": "script", "name": "announce", "command": "echo web is up; echo a note >&2"},
+            {"kind": "manual", "name": "check web", "instruction": "open the web site"}]},
+        {"machines": ["db1"], "pre_actions": [{"kind": "script", "name": "db next", "command": "echo db next"}]}
+    ]});
+    let file = tmp.path().join("plan.json");
+    std::fs::write(&file, plan.to_string()).unwrap();
+    let mut admin = lab.env.clone();
+    for (k, v) in admin.iter_mut() {
+        if *k == "FERRY_TOKEN" {
+            // Shown only in the lab's own state file (owner-only), never printed.
+            let st: Value = serde_json::from_slice(&std::fs::read(lab.dir.join("lab.json")).unwrap()).unwrap();
+            *v = st["admin_token"].as_str().unwrap().to_owned();
+        }
+    }
+    ok(
+        &crate::lab_sites::ferry(&["plans", "create", file.to_str().unwrap()], &admin),
+        "create the plan (scripts: admin)",
+    );
+    failed(
+        &lab.run(&["plans", "failover", "dr", "--unplanned", "--point", "web1@5"]),
+        "selector",
+        "a point ID for a plan",
+    );
+    wait("the replication group has a multi-machine point", Duration::from_secs(90), || {
+        let v = lab.json(&["recovery-points", "app1"]);
+        v["points"].as_array().unwrap().iter().any(|p| p["group_tag"].is_string()).then_some(())
+    });
+    for m in ["web1", "app1", "db1"] {
+        let log = lab.guest(m).join("records.log");
+        wait(&format!("{m} writes"), Duration::from_secs(60), || (records(&log) > 30).then_some(()));
+    }
+
+    let id = lab.json(&["plans", "failover", "dr", "--unplanned", "--no-start", "--no-wait"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // The configuration server is killed at a seeded random moment of group 1's failovers;
+    // restarted, it resumes every machine at its own step.
+    wait("group 1 fails over", Duration::from_secs(120), || {
+        let j = lab.json(&["jobs", "show", &id]);
+        (j["current_step"].as_u64() >= Some(1)).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(rng.gen_range(0..1000)));
+    ok(&lab.run(&["lab", "restart", "config-server", "--kill"]), "kill and restart the configuration server");
+    let job = wait("the plan waits at its manual action", Duration::from_secs(300), || {
+        let j = lab.json(&["jobs", "show", &id]);
+        assert!(!["failed", "cancelled", "succeeded"].contains(&j["state"].as_str().unwrap()), "{j:#}");
+        (j["state"] == "waiting-for-input").then_some(j)
+    });
+    assert!(job["input_prompt"].as_str().unwrap().contains("open the web site"), "{job:#}");
+    // Group 1 is over; group 2 has not begun: db1 still replicates, unfenced.
+    for m in ["web1", "app1"] {
+        assert_eq!(lab.machine(m)["replication"], "failed over (uncommitted)", "{m}");
+    }
+    assert!(lab.replica("mt-r", "db1")["fence"].is_null(), "db1 waits for group 2");
+    ok(&lab.run(&["jobs", "confirm", &id]), "confirm the manual action");
+    let o = lab.run(&["--output", "json", "jobs", "watch", &id]);
+    let job: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+
+    // Order, from the steps' times: group 1, its post-actions, then group 2's pre-action and group 2.
+    let g1 = times(&job, "group 1: fail over");
+    let announce = times(&job, "announce");
+    let manual = times(&job, "check web");
+    let pre = times(&job, "db next");
+    let g2 = times(&job, "group 2: fail over");
+    assert!(g1.1 <= announce.0 && announce.1 <= manual.0 && manual.1 <= pre.0 && pre.1 <= g2.0, "{job:#}");
+    let msg = |name: &str| -> String {
+        job["steps"].as_array().unwrap().iter().find(|s| s["name"].as_str().unwrap().contains(name)).unwrap()["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(msg("announce").contains("web is up") && msg("announce").contains("a note"), "script output kept: {job:#}");
+    // The replication group went to one multi-machine point; every disk verifies (the
+    // machines were left off, so each disk is exactly its point).
+    let (w, a) = (lab.machine("web1"), lab.machine("app1"));
+    assert!(w["failover"]["point"]["group_tag"].is_string(), "{w:#}");
+    assert_eq!(w["failover"]["point"]["group_tag"], a["failover"]["point"]["group_tag"], "{w:#}\n{a:#}");
+    assert_eq!(lab.machine("db1")["replication"], "failed over (uncommitted)");
+    for (m, seed) in [("web1", 21), ("app1", 23), ("db1", 22)] {
+        let disk = copy_of(&lab, m, tmp.path(), &format!("{m}.img"));
+        let (good, v) = verify(&lab, m, seed, &disk, None);
+        assert!(good, "{m}: {v:#}");
+    }
     lab.down();
 }
