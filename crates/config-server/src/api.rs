@@ -637,6 +637,13 @@ async fn site_operation(
     if s.store.get::<Site>(ops::SITE, &name).await?.is_none() {
         return Err(ApiError::not_found(format!("no site {name}")));
     }
+    if let crate::discovery::SiteOperation::AdoptMachine { machine, extra, .. } = &op {
+        if extra.contains_key("test_failover") {
+            return Err(ApiError::bad(format!(
+                "machine {machine}: extra.test_failover is set by test failovers only (it attaches a drill's exports)"
+            )));
+        }
+    }
     if let crate::discovery::SiteOperation::CreateTestMachine { machine, .. } = &op {
         return Err(ApiError::bad(format!(
             "test machine {machine}: test machines are made by test failovers only (`ferry test-failover start MACHINE`), which attach them to their drill's export"

@@ -79,6 +79,18 @@ async fn plan_machines(s: &AppState, plan: &RecoveryPlan) -> Result<Vec<Vec<Stri
         }
         out.push(ms);
     }
+    // A machine added to a replication group since the plan was saved may now be in it twice.
+    let mut seen = std::collections::HashSet::new();
+    for ms in &out {
+        for m in ms {
+            if !seen.insert(m.clone()) {
+                return Err(ApiError::bad(format!(
+                    "machine {m} is in plan {} more than once (a replication group changed since the plan was saved): fix the plan",
+                    plan.name
+                )));
+            }
+        }
+    }
     Ok(out)
 }
 
@@ -356,6 +368,15 @@ impl Ops {
             _ => crate::jobs::JobError::new(errors::JOB_STATE, "unexpected outcome".to_owned()),
         };
         let (run, _) = run_record(&self.store, &pj.job.id).await.map_err(outcome_err)?;
+        // A machine released by an earlier run of this step (it failed before its fence and
+        // was given back: it takes writes again) is never taken up again by a resumed step.
+        let (p, _) = crate::failover::protection(&self.store, m).await.map_err(outcome_err)?;
+        if p.failover.as_ref().is_none_or(|f| f.job != pj.job.id) {
+            return Err(crate::jobs::JobError::new(
+                errors::FAILOVER_STATE,
+                format!("{m} is no longer this plan's (released after a failure, or taken by another job): see `ferry machines`"),
+            ));
+        }
         let Some(point) = run.points.get(m).cloned() else {
             return Err(crate::jobs::JobError::new(errors::JOB_STATE, format!("no point was chosen for {m}")));
         };
