@@ -292,7 +292,15 @@ impl Guest {
 
     /// The agent's configuration: local keys, then the server's settings.
     fn write_agent_config(&self, settings: &ComponentSettings) -> Result<PathBuf> {
-        let t = match to_toml(&serde_json::to_value(settings)?) {
+        let mut v = serde_json::to_value(settings)?;
+        // Not configuration keys (the running agent follows them through its settings watch):
+        // in the file they would make it refuse to start.
+        if let Some(m) = v.as_object_mut() {
+            for k in ferry_api::control::RUNTIME_KEYS {
+                m.remove(k);
+            }
+        }
+        let t = match to_toml(&v) {
             Some(toml::Value::Table(t)) => t,
             _ => toml::Table::new(),
         };

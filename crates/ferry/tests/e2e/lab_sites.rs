@@ -185,7 +185,9 @@ pub(crate) fn http_json_as(
     body: Option<&Value>,
 ) -> (u16, Value) {
     let mut c = Command::new("curl");
-    c.args(["-s", "-X", method, "-w", "\n%{http_code}", "-H", "Content-Type: application/json"]);
+    // Bounded: a listener nobody accepts on (an agent restarting) must fail the call, not hang
+    // the test.
+    c.args(["-s", "--max-time", "30", "-X", method, "-w", "\n%{http_code}", "-H", "Content-Type: application/json"]);
     if let Some(b) = bearer {
         c.args(["-H", &format!("Authorization: Bearer {b}")]);
     }
