@@ -20,7 +20,8 @@ pub struct MachineView {
     pub os_family: String,
     pub power: String,
     /// `unprotected`, `enabling`, `failed`, `protected`, `protected (<agent mode>)`, `protected
-    /// (test failover running)`, `failover in progress`, `failover failed`, `failed over
+    /// (test failover running)`, `protected (failover cancelled)`, `failover in progress`,
+    /// `failover failed`, `failover cancelling`, `failover cancel failed`, `failed over
     /// (uncommitted)`, `failed over (committed)`, or `test machine of M (drill D)`.
     pub replication: String,
     pub policy: Option<String>,
@@ -46,6 +47,9 @@ pub struct MachineView {
     /// The drill running now, if any (replication goes on meanwhile).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_failover: Option<ProtectionTestFailover>,
+    /// The last cancelled failover (what the recovery site wrote and the cancel discarded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancelled_failover: Option<ProtectionCancelledFailover>,
 }
 
 /// `GET /api/v1/machines/{name}/recovery-points`: the points the machine's master target holds.
@@ -458,6 +462,11 @@ pub enum SiteOperation {
         #[schemars(with = "serde_json::Map<String, serde_json::Value>")]
         extra: toml::Table,
     },
+    /// Remove a powered-off machine from the site, keeping its disk files (a failed-over
+    /// machine whose disks go back to their replica when the failover is cancelled).
+    ReleaseMachine {
+        machine: String,
+    },
     /// A test failover's machine, in the isolated test area: on the test network only, its
     /// disks network-attached exports of a recovery point (`nbd_disks`: `(disk, NBD address)`),
     /// no disk files of its own, powered off. Made by test-failover jobs only (the operations
@@ -489,6 +498,7 @@ impl SiteOperation {
             SiteOperation::MergeSnapshots { .. } => "merge-snapshots",
             SiteOperation::AdoptMachine { .. } => "adopt-machine",
             SiteOperation::CreateTestMachine { .. } => "create-test-machine",
+            SiteOperation::ReleaseMachine { .. } => "release-machine",
         }
     }
 }
@@ -557,6 +567,37 @@ pub struct Protection {
     /// The test failover (drill) running now, from its start until its cleanup ends.
     #[serde(default)]
     pub test_failover: Option<ProtectionTestFailover>,
+    /// The last failover that was cancelled (the machine runs at its primary site again).
+    #[serde(default)]
+    pub cancelled_failover: Option<ProtectionCancelledFailover>,
+}
+
+/// A failover cancelled before commit, on the protection record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ProtectionCancelledFailover {
+    /// The cancel job.
+    pub job: String,
+    pub kind: FailoverKind,
+    /// The point the failed-over disks were at, if they reached one.
+    #[serde(default)]
+    pub point: Option<crate::master_target::Point>,
+    /// The seq the replica holds again (the primary's last write the recovery site held).
+    pub restored_seq: u64,
+    /// What the machine wrote at the recovery site and the cancel discarded.
+    pub recovery_write_bytes: u64,
+    pub recovery_write_extents: u64,
+    pub cancelled_ms: u64,
+    /// Who asked (the token's name).
+    pub by: String,
+}
+
+/// `POST /api/v1/machines/{name}/failover/cancel`: undo a failover before commit.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CancelFailoverRequest {
+    /// Leave the primary machine powered off (its quiesce is lifted all the same).
+    #[serde(default)]
+    pub no_start: bool,
 }
 
 /// A machine's running test failover on its protection record.
@@ -1006,6 +1047,7 @@ pub enum ConfigServerEndpoint {
     Failover,
     ChangeFailoverPoint,
     CommitFailover,
+    CancelFailover,
     TestFailover,
     CleanupTestFailover,
     Drills,
@@ -1073,6 +1115,7 @@ pub const ROUTES: &[Route<ConfigServerEndpoint>] = &[
     Route::new::<FailoverRequest, Job>(C::Failover, Post, "/api/v1/failovers", Role::Operator, "Fail a protected machine over {machine, kind: planned | unplanned, point, reason}: a failover job (planned: quiesce, drain, shut down, fence, disks at the last write; unplanned: try to shut down, fence, disks at the point)").answers(202),
     Route::new::<ChangePointRequest, Job>(C::ChangeFailoverPoint, Post, "/api/v1/machines/{name}/failover/change-point", Role::Operator, "Put a failed-over machine's disks at another point {point}, before commit: a job").answers(202),
     Route::new::<(), Job>(C::CommitFailover, Post, "/api/v1/machines/{name}/failover/commit", Role::Operator, "Commit a machine's failover: its point cannot change any more (a job)").no_body().answers(202),
+    Route::new::<CancelFailoverRequest, Job>(C::CancelFailover, Post, "/api/v1/machines/{name}/failover/cancel", Role::Operator, "Cancel a machine's failover before commit {no_start?}: the machine at the recovery site removed and its writes discarded (reported), the replica put back at the primary's last write and unfenced, the primary started again (a job)").answers(202),
     Route::new::<TestFailoverRequest, Job>(C::TestFailover, Post, "/api/v1/test-failovers", Role::Operator, "Test failover (a drill) of a protected machine {machine, point}: a writable export of the point and a test machine on it in an isolated test area; replication goes on (a job)").answers(202),
     Route::new::<CleanupTestFailoverRequest, Job>(C::CleanupTestFailover, Post, "/api/v1/machines/{name}/test-failover/cleanup", Role::Operator, "End a machine's drill {result?, notes?}: the test machine and the export removed, the point released, the drill recorded (a job)").answers(202),
     get::<_, Vec<Drill>>(C::Drills, "/api/v1/drills", Role::Reader, "Test failovers (drills), running and past: when, which point, result, who"),

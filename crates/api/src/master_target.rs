@@ -74,6 +74,9 @@ pub struct ReplicaStatus {
     /// The last failover order from the configuration server that could not be carried out.
     #[serde(default)]
     pub failover_order_error: Option<FailoverOrderError>,
+    /// The last failover of this replica that was cancelled (the fence lifted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover_cancelled: Option<CancelledFailover>,
     /// The test failover (drill) the configuration server ordered for this machine: a writable
     /// export of its point, held while the order stands.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -103,6 +106,34 @@ pub struct FailoverOrder {
     /// Commit the failover at the point it is at (the point must be `point`'s resolution).
     #[serde(default)]
     pub commit: bool,
+    /// Cancel the failover (before commit): put the disks back at the seq they were handed over
+    /// at (undoing the recovery site's writes and the writes after the point) and lift the
+    /// fence, so replication from the primary resumes where it stopped. `point` is unused.
+    #[serde(default)]
+    pub cancel: bool,
+}
+
+/// A failover cancelled before commit (`failover-cancelled.json` beside the journal): the disks
+/// were put back at the seq they were handed over at and the fence lifted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct CancelledFailover {
+    /// The configuration server's order that cancelled it.
+    #[serde(default)]
+    pub order: Option<String>,
+    /// The fence that was lifted.
+    pub fence: Fence,
+    /// The point the failed-over disks were at, if they were put at one.
+    #[serde(default)]
+    pub point: Option<Point>,
+    /// The seq the disks hold again (the journal's head at the fence: the primary's state).
+    pub restored_seq: u64,
+    /// What the machine wrote at the recovery site, now discarded (from its agent's report).
+    pub recovery_writes: Vec<DiskExtent>,
+    /// Bytes of those writes (merged extents).
+    pub recovery_write_bytes: u64,
+    /// Bytes put back on the disks (the recovery writes and the writes after the point).
+    pub restored_bytes: u64,
+    pub at_ms: u64,
 }
 
 /// What a configuration server's test-failover job asks of a master target for one machine (its

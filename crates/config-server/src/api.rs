@@ -93,6 +93,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             C::Failover => on(m, crate::failover::start_failover),
             C::ChangeFailoverPoint => on(m, crate::failover::change_point),
             C::CommitFailover => on(m, crate::failover::commit),
+            C::CancelFailover => on(m, crate::failover::cancel),
             C::TestFailover => on(m, crate::test_failover::start),
             C::CleanupTestFailover => on(m, crate::test_failover::cleanup),
             C::Drills => on(m, crate::test_failover::list),

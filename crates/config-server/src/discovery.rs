@@ -439,6 +439,16 @@ impl LocalSite {
                 }
                 format!("machine {machine} deleted with {} disk(s)", m.disks.len())
             }
+            SiteOperation::ReleaseMachine { machine } => {
+                let Some(i) = site.machines.iter().position(|m| &m.name == machine) else {
+                    return Ok(format!("{machine} is not on site {}", self.name));
+                };
+                if site.machines[i].power == "on" {
+                    return Err(format!("{machine} is powered on: power it off first"));
+                }
+                let m = site.machines.remove(i);
+                format!("{machine} removed from site {}; its {} disk file(s) are kept", self.name, m.disks.len())
+            }
             SiteOperation::AttachDisk { master_target, disk } | SiteOperation::DetachDisk { master_target, disk } => {
                 let path = self.inside(disk)?;
                 let attach = matches!(op, SiteOperation::AttachDisk { .. });

@@ -381,6 +381,75 @@ pub async fn commit(State(s): State<Arc<AppState>>, Path(machine): Path<String>)
     Ok((StatusCode::ACCEPTED, Json(job)).into_response())
 }
 
+fn cancel_steps(p: &Protection, site: &str) -> Vec<(String, bool)> {
+    let m = &p.machine;
+    let rm = recovery_machine_name(m, site);
+    vec![
+        (format!("check that the failover of {m} can be cancelled"), true),
+        (format!("shut {rm} down at site {site} (its agent says what it wrote)"), true),
+        (
+            format!(
+                "put the replica of {m} back at the primary's last write on master target {} and lift the fence",
+                p.master_target
+            ),
+            true,
+        ),
+        (format!("remove {rm} from site {site} and retire its agent identity"), true),
+        (format!("release {m} at site {}: lift its quiesce, start it, wait until it replicates", p.site), true),
+        (format!("mark {m} protected again (failover cancelled)"), true),
+    ]
+}
+
+/// `POST /api/v1/machines/{name}/failover/cancel`: undo a failover that is not committed.
+pub async fn cancel(
+    State(s): State<Arc<AppState>>,
+    caller: crate::http::Caller,
+    Path(machine): Path<String>,
+    Body(req): Body<ferry_api::config_server::CancelFailoverRequest>,
+) -> crate::http::ApiResult {
+    let job = tokio::spawn(async move {
+        let doc = protection_of(&s, &machine).await?;
+        let mut p = doc.body;
+        let site = match recovery_site(&s.store, &p).await {
+            Ok((rsite, _, _)) => rsite.site,
+            Err(Outcome::Failed(e)) => {
+                let code = ferry_types::codes::by_code(e.code).unwrap_or(errors::FAILOVER_STATE);
+                return Err(ApiError::new(StatusCode::CONFLICT, code, e.message));
+            }
+            Err(_) => return Err(failover_state_error(format!("the recovery site of {machine} is not known"))),
+        };
+        let Some(f) = p.failover.as_mut() else {
+            return Err(failover_state_error(format!("machine {machine} is not failed over: there is nothing to cancel")));
+        };
+        if running(&s.store, &f.job).await? {
+            return Err(failover_state_error(format!(
+                "job {} is working on the failover of {machine}: wait for it, or cancel that job first (`ferry jobs cancel {}`), then cancel the failover",
+                f.job, f.job
+            )));
+        }
+        if f.stage == FailoverStage::Committed {
+            return Err(failover_state_error(format!(
+                "the failover of {machine} to {} is committed: it cannot be cancelled; reprotect {machine} to replicate back, then fail it back",
+                f.point.as_ref().map(|p| p.id.as_str()).unwrap_or("?")
+            )));
+        }
+        let id = crate::jobs::Jobs::new_id();
+        f.job = id.clone();
+        let rev = s.store.put(PROTECTION, &machine, &p, Some(doc.revision)).await.map_err(|e| match e {
+            ferry_store::StoreError::Conflict { .. } => {
+                failover_state_error(format!("machine {machine} changed under this request: retry"))
+            }
+            e => e.into(),
+        })?;
+        let steps = cancel_steps(&p, &site);
+        let work = JobWork::FailoverCancel { machine, no_start: req.no_start, by: caller.token_name.clone() };
+        start(&s, id, &p, rev, work, steps).await
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, errors::JOB_STATE, e.to_string()))??;
+    Ok((StatusCode::ACCEPTED, Json(job)).into_response())
+}
+
 // ---- the steps ---------------------------------------------------------------------------------
 
 /// What a failover job's steps need.
@@ -454,6 +523,23 @@ async fn order_master_target(
     p: &Protection,
     order: FailoverOrder,
 ) -> Result<ferry_api::master_target::Failover, Outcome> {
+    let want = if order.commit { FailoverPhase::Committed } else { FailoverPhase::AtPoint };
+    let id = order.order.clone();
+    order_and_wait(store, ctl, p, order, move |r| {
+        r.failover.clone().filter(|f| f.order.as_deref() == Some(id.as_str()) && f.phase == want)
+    })
+    .await
+}
+
+/// Give the master target `order` and wait until `done` finds it carried out in the replica's
+/// status (or the master target reports it failed); the order is withdrawn either way.
+async fn order_and_wait<T>(
+    store: &Store,
+    ctl: &JobControl,
+    p: &Protection,
+    order: FailoverOrder,
+    done: impl Fn(&ReplicaStatus) -> Option<T>,
+) -> Result<T, Outcome> {
     let key = format!("master-target/{}", p.master_target);
     let machine = p.machine.clone();
     let o = order.clone();
@@ -462,7 +548,7 @@ async fn order_master_target(
     })
     .await
     .map_err(|e| fail(errors::STORE, e))?;
-    let result = wait_for_order(store, ctl, p, &order).await;
+    let result = wait_for_order(store, ctl, p, &order, done).await;
     // Done or given up: the order goes, so no restart of the master target ever carries out a
     // job's order after that job ended.
     let (machine, id) = (p.machine.clone(), order.order.clone());
@@ -480,20 +566,20 @@ async fn order_master_target(
     result
 }
 
-async fn wait_for_order(
+async fn wait_for_order<T>(
     store: &Store,
     ctl: &JobControl,
     p: &Protection,
     order: &FailoverOrder,
-) -> Result<ferry_api::master_target::Failover, Outcome> {
-    let want = if order.commit { FailoverPhase::Committed } else { FailoverPhase::AtPoint };
+    done: impl Fn(&ReplicaStatus) -> Option<T>,
+) -> Result<T, Outcome> {
     let mut deadline = tokio::time::Instant::now() + AT_POINT_LIMIT;
     loop {
         if let Some(r) = replica_status(store, &p.master_target, &p.machine).await {
+            if let Some(t) = done(&r) {
+                return Ok(t);
+            }
             if let Some(f) = r.failover.as_ref().filter(|f| f.order.as_deref() == Some(order.order.as_str())) {
-                if f.phase == want {
-                    return Ok(f.clone());
-                }
                 if f.phase == FailoverPhase::Restoring {
                     // Restoring, reported by a live master target: it works (its time follows
                     // the writes after the point), so the limit counts from its last report.
@@ -995,6 +1081,7 @@ impl Ops {
                             point: fj.point.to_owned(),
                             reason: fj.reason.to_owned(),
                             commit: false,
+                            cancel: false,
                         };
                         match order_master_target(store, ctl, &p, order).await {
                             Ok(f) => f,
@@ -1119,6 +1206,7 @@ impl Ops {
                     point: point.to_owned(),
                     reason: pf.reason.clone(),
                     commit: false,
+                    cancel: false,
                 };
                 let f = match order_master_target(&self.store, ctl, &p, order).await {
                     Ok(f) => f,
@@ -1166,6 +1254,7 @@ impl Ops {
                     point: point.id.clone(),
                     reason: pf.reason.clone(),
                     commit: true,
+                    cancel: false,
                 };
                 let f = match order_master_target(&self.store, ctl, &p, order).await {
                     Ok(f) => f,
@@ -1205,10 +1294,309 @@ impl Ops {
     }
 }
 
-/// The state `ferry machines` shows for a machine with a failover.
+/// How long the primary may take to boot and replicate again after a cancel.
+const RELEASE_LIMIT: Duration = Duration::from_secs(900);
+
+impl Ops {
+    /// The steps of a cancel (see [`cancel_steps`]). Each is idempotent: a restarted server
+    /// resumes at the step it was in; the master target's order is carried out once.
+    pub async fn cancel_step(
+        &self,
+        job: &Job,
+        machine: &str,
+        no_start: bool,
+        by: &str,
+        step: usize,
+        ctl: &JobControl,
+    ) -> Outcome {
+        let store = &self.store;
+        let (p, _) = match protection(store, machine).await {
+            Ok(x) => x,
+            Err(o) => return o,
+        };
+        let Some(pf) = p.failover.clone().filter(|f| f.job == job.id) else {
+            // Only the last step removes the failover: a resumed job past it is done.
+            if step == 5 && p.cancelled_failover.as_ref().is_some_and(|c| c.job == job.id) {
+                return Outcome::Done(Some(format!("{machine} is protected again")));
+            }
+            return fail(
+                errors::FAILOVER_STATE,
+                format!("the failover record of {machine} no longer belongs to job {}: see `ferry machines`", job.id),
+            );
+        };
+        let (rsite, _, _) = match recovery_site(store, &p).await {
+            Ok(x) => x,
+            Err(o) => return o,
+        };
+        let site = rsite.site.clone();
+        let rm = recovery_machine_name(machine, &site);
+        let on_site = rsite.content.machines.iter().any(|m| m.name == rm);
+        match step {
+            0 => match pf.stage {
+                FailoverStage::Committed => fail(
+                    errors::FAILOVER_STATE,
+                    format!("the failover of {machine} is committed: it cannot be cancelled (reprotect it)"),
+                ),
+                _ => Outcome::Done(Some(format!(
+                    "the {} failover of {machine} is not committed ({}): it can be cancelled",
+                    kind_name(pf.kind),
+                    match &pf.point {
+                        Some(pt) => format!("its disks are at {}", pt.id),
+                        None => "its disks never reached a point".to_owned(),
+                    }
+                ))),
+            },
+            1 => {
+                if !on_site {
+                    return Outcome::Done(Some(format!("{rm} was never put on site {site}")));
+                }
+                if !self.powered_on(&site, &rm).await {
+                    return Outcome::Done(Some(format!("{rm} is off")));
+                }
+                match self.shut_down(&site, &rm).await {
+                    Ok(msg) => Outcome::Done(Some(msg)),
+                    Err(e) => fail(
+                        errors::MACHINE_NOT_ACCESSIBLE,
+                        format!("{rm} could not be shut down at site {site}: {e}; shut it down, then cancel again"),
+                    ),
+                }
+            }
+            2 => {
+                let r = replica_status(store, &p.master_target, machine).await;
+                let order_id = format!("{}/cancel", job.id);
+                let done_already = r.as_ref().and_then(|r| {
+                    r.failover_cancelled
+                        .clone()
+                        .filter(|c| c.order.as_deref() == Some(order_id.as_str()) && r.fence.is_none())
+                });
+                let c = match (done_already, r) {
+                    (Some(c), _) => c,
+                    (None, Some(r)) if r.fence.is_none() => {
+                        return Outcome::Done(Some(format!(
+                            "master target {} never fenced {machine}: its replica takes the primary's stream as before",
+                            p.master_target
+                        )))
+                    }
+                    (None, _) => {
+                        let order = FailoverOrder {
+                            order: order_id.clone(),
+                            point: String::new(),
+                            reason: format!("cancel of the failover of {machine} (job {})", job.id),
+                            commit: false,
+                            cancel: true,
+                        };
+                        let id = order_id.clone();
+                        let done = move |r: &ReplicaStatus| {
+                            r.failover_cancelled
+                                .clone()
+                                .filter(|c| c.order.as_deref() == Some(id.as_str()) && r.fence.is_none())
+                        };
+                        match order_and_wait(store, ctl, &p, order, done).await {
+                            Ok(c) => c,
+                            Err(o) => return o,
+                        }
+                    }
+                };
+                let record = ferry_api::config_server::ProtectionCancelledFailover {
+                    job: job.id.clone(),
+                    kind: pf.kind,
+                    point: c.point.clone(),
+                    restored_seq: c.restored_seq,
+                    recovery_write_bytes: c.recovery_write_bytes,
+                    recovery_write_extents: c.recovery_writes.len() as u64,
+                    cancelled_ms: c.at_ms,
+                    by: by.to_owned(),
+                };
+                if let o @ Outcome::Failed(_) = set_cancel_record(store, job, machine, record).await {
+                    return o;
+                }
+                Outcome::Done(Some(format!(
+                    "the replica of {machine} holds seq {} again (the primary's last write it received; {} byte(s) put back); discarded: {} byte(s) in {} extent(s) the machine wrote at the recovery site; the fence is lifted",
+                    c.restored_seq,
+                    c.restored_bytes,
+                    c.recovery_write_bytes,
+                    c.recovery_writes.len()
+                )))
+            }
+            3 => {
+                let mut said = Vec::new();
+                if on_site {
+                    let provider = match self.provider_of(&site).await {
+                        Ok(x) => x,
+                        Err(e) => return fail(errors::NOT_FOUND, e),
+                    };
+                    let op = crate::discovery::SiteOperation::ReleaseMachine { machine: rm.clone() };
+                    match provider.operate(op).await {
+                        Ok(m) => said.push(m),
+                        Err(e) => return fail(ferry_types::HasErrorCode::error_code(&e), e.to_string()),
+                    }
+                    if let Ok(inv) = provider.discover().await {
+                        let _ = store.put(crate::ops::INVENTORY, &inv.site, &inv, None).await;
+                    }
+                }
+                match retire_agent(store, &rm, &format!("the failover of {machine} was cancelled (job {})", job.id))
+                    .await
+                {
+                    Ok(m) => said.push(m),
+                    Err(e) => return fail(errors::STORE, e),
+                }
+                Outcome::Done(Some(said.join("; ")))
+            }
+            4 => {
+                if let Err(e) = update_settings(store, &format!("agent/{machine}"), |b| b.quiesce = None).await {
+                    return fail(errors::STORE, e);
+                }
+                if no_start && !self.powered_on(&p.site, machine).await {
+                    return Outcome::Done(Some(format!(
+                        "{machine}'s quiesce is lifted; it stays off at site {} as asked (power it on to replicate)",
+                        p.site
+                    )));
+                }
+                let since = now_ms();
+                if !self.powered_on(&p.site, machine).await {
+                    let provider = match self.provider_of(&p.site).await {
+                        Ok(x) => x,
+                        Err(e) => return fail(errors::NOT_FOUND, e),
+                    };
+                    let on = crate::discovery::SiteOperation::PowerOn {
+                        machine: machine.to_owned(),
+                        allow_failed_over: true,
+                    };
+                    if let Err(e) = provider.operate(on).await {
+                        if !e.to_string().contains("already running") {
+                            return fail(
+                                ferry_types::HasErrorCode::error_code(&e),
+                                format!(
+                                    "{machine} could not be started at site {}: {e}; start it, then cancel again",
+                                    p.site
+                                ),
+                            );
+                        }
+                    }
+                    if let Ok(inv) = provider.discover().await {
+                        let _ = store.put(crate::ops::INVENTORY, &inv.site, &inv, None).await;
+                    }
+                }
+                let deadline = tokio::time::Instant::now() + RELEASE_LIMIT;
+                loop {
+                    let a = component(store, ComponentKind::Agent, machine)
+                        .await
+                        .filter(|c| c.last_seen_ms.is_some_and(|t| t >= since))
+                        .and_then(|c| c.status)
+                        .and_then(|st| st.agent().cloned());
+                    let r = replica_status(store, &p.master_target, machine).await;
+                    if let (Some(a), Some(r)) = (&a, &r) {
+                        if a.quiesced.is_none() && a.mode == ferry_api::agent::Mode::Replicating && r.fence.is_none() {
+                            return Outcome::Done(Some(format!(
+                                "{machine} runs at site {} and replicates to {} again (the master target holds seq {})",
+                                p.site, p.master_target, r.journaled_seq
+                            )));
+                        }
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        return fail(
+                            errors::MACHINE_NOT_ACCESSIBLE,
+                            format!(
+                                "{machine} did not report replicating (unquiesced) within {RELEASE_LIMIT:?}: see `ferry machines` and its agent's log, then cancel again"
+                            ),
+                        );
+                    }
+                    if !pause(ctl, Duration::from_millis(300)).await {
+                        return fail(errors::JOB_STATE, format!("the job was cancelled while {machine} starts"));
+                    }
+                }
+            }
+            5 => {
+                for _ in 0..20 {
+                    let (mut p, rev) = match protection(store, machine).await {
+                        Ok(x) => x,
+                        Err(o) => return o,
+                    };
+                    if p.failover.as_ref().is_none_or(|f| f.job != job.id) {
+                        break;
+                    }
+                    p.failover = None;
+                    match store.put(PROTECTION, machine, &p, Some(rev)).await {
+                        Ok(_) => break,
+                        Err(ferry_store::StoreError::Conflict { .. }) => continue,
+                        Err(e) => return fail(errors::STORE, e.to_string()),
+                    }
+                }
+                let _ = store
+                    .add_event(
+                        0,
+                        "info",
+                        &format!("agent/{machine}"),
+                        &format!("the failover of {machine} was cancelled: it is protected again"),
+                    )
+                    .await;
+                Outcome::Done(Some(format!("{machine} is protected again (its failover cancelled)")))
+            }
+            _ => fail(errors::JOB_STATE, format!("cancel job has no step {step}")),
+        }
+    }
+}
+
+/// Keep the cancel's report on the protection record (the failover record stays until the
+/// last step: until then the machine counts as failed over).
+async fn set_cancel_record(
+    store: &Store,
+    job: &Job,
+    machine: &str,
+    record: ferry_api::config_server::ProtectionCancelledFailover,
+) -> Outcome {
+    for _ in 0..20 {
+        let (mut p, rev) = match protection(store, machine).await {
+            Ok(x) => x,
+            Err(o) => return o,
+        };
+        if p.failover.as_ref().is_none_or(|f| f.job != job.id) {
+            return fail(
+                errors::FAILOVER_STATE,
+                format!("the failover record of {machine} no longer belongs to job {}", job.id),
+            );
+        }
+        p.cancelled_failover = Some(record.clone());
+        match store.put(PROTECTION, machine, &p, Some(rev)).await {
+            Ok(_) => return Outcome::Done(None),
+            Err(ferry_store::StoreError::Conflict { .. }) => continue,
+            Err(e) => return fail(errors::STORE, e.to_string()),
+        }
+    }
+    fail(errors::STORE, format!("the protection of {machine} kept changing under job {}", job.id))
+}
+
+/// Retire an agent identity that is gone for good (a recovery-site machine removed): its
+/// certificate revoked, its tokens, component record and settings deleted. Idempotent.
+pub(crate) async fn retire_agent(store: &Store, name: &str, reason: &str) -> Result<String, String> {
+    let key = format!("{}/{name}", ComponentKind::Agent);
+    let comp = component(store, ComponentKind::Agent, name).await;
+    let mut said = Vec::new();
+    if let Some(serial) = comp.as_ref().and_then(|c| c.certificate_serial.clone()) {
+        crate::revocation::revoke(store, &serial, reason).await.map_err(|e| e.message)?;
+        said.push(format!("certificate {serial} revoked"));
+    }
+    for t in store.tokens().await.map_err(|e| e.to_string())? {
+        if t.role == "component" && t.name == key {
+            store.delete_token(&t.id).await.map_err(|e| e.to_string())?;
+        }
+    }
+    store.delete(crate::registration::COMPONENT, &key).await.map_err(|e| e.to_string())?;
+    store.delete(crate::settings::SETTINGS, &key).await.map_err(|e| e.to_string())?;
+    if said.is_empty() {
+        said.push("it never registered".into());
+    }
+    Ok(format!("agent identity {key} retired ({})", said.join(", ")))
+}
+
+/// The state `ferry machines` shows for a machine with a failover./// The state `ferry machines` shows for a machine with a failover.
 pub async fn failover_view(store: &Store, f: &ProtectionFailover) -> Result<String, ferry_store::StoreError> {
+    let job = store.job::<Job>(&f.job).await?;
+    if let Some(j) = job.as_ref().filter(|j| j.kind == "failover-cancel") {
+        return Ok(if j.state.finished() { "failover cancel failed" } else { "failover cancelling" }.into());
+    }
     Ok(match f.stage {
-        FailoverStage::InProgress => match store.job::<Job>(&f.job).await? {
+        FailoverStage::InProgress => match job {
             Some(j) if !j.state.finished() => "failover in progress".into(),
             _ => "failover failed".into(),
         },

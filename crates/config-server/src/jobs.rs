@@ -359,7 +359,9 @@ impl Jobs {
 /// done (the next one not yet begun).
 fn step_failpoints(kind: &str) -> Option<(&'static str, &'static str)> {
     match kind {
-        "failover" => Some(("config-server.failover.step-running", "config-server.failover.step-done")),
+        "failover" | "failover-cancel" => {
+            Some(("config-server.failover.step-running", "config-server.failover.step-done"))
+        }
         "protect" => Some(("config-server.protect.step-running", "config-server.protect.step-done")),
         _ => None,
     }

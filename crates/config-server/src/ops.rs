@@ -64,6 +64,8 @@ pub enum JobWork {
     FailoverChangePoint { machine: String, point: String },
     /// Commit a machine's failover.
     FailoverCommit { machine: String },
+    /// Cancel a machine's failover before commit (`by`: who asked).
+    FailoverCancel { machine: String, no_start: bool, by: String },
 }
 
 impl JobWork {
@@ -78,6 +80,7 @@ impl JobWork {
             JobWork::Failover { .. } => "failover",
             JobWork::FailoverChangePoint { .. } => "failover-change-point",
             JobWork::FailoverCommit { .. } => "failover-commit",
+            JobWork::FailoverCancel { .. } => "failover-cancel",
             JobWork::TestFailover { .. } => "test-failover",
             JobWork::PlanFailover { .. } => "plan-failover",
             JobWork::TestFailoverCleanup { .. } => "test-failover-cleanup",
@@ -305,6 +308,9 @@ impl Runner for Ops {
                 self.change_point_step(job, &machine, &point, step, ctl).await
             }
             JobWork::FailoverCommit { machine } => self.commit_step(job, &machine, step, ctl).await,
+            JobWork::FailoverCancel { machine, no_start, by } => {
+                self.cancel_step(job, &machine, no_start, &by, step, ctl).await
+            }
             JobWork::TestFailover { machine, drill, point, no_start } => {
                 match self.test_failover_step(&machine, &drill, &point, no_start, step, ctl).await {
                     Outcome::Failed(e) => Outcome::Failed(self.test_failover_failed(&drill, e).await),
@@ -342,6 +348,7 @@ pub const JOB_KINDS: &[&str] = &[
     "failover",
     "failover-change-point",
     "failover-commit",
+    "failover-cancel",
     "test-failover",
     "test-failover-cleanup",
     "plan-failover",

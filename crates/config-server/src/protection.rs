@@ -205,6 +205,7 @@ async fn plan(s: &AppState, req: &ProtectRequest) -> Result<Vec<Protection>, Api
             since_ms: now_ms(),
             failover: None,
             test_failover: None,
+            cancelled_failover: None,
         });
     }
     Ok(out)
@@ -390,6 +391,11 @@ pub async fn list_machines(State(s): State<Arc<AppState>>) -> crate::http::ApiRe
                 (Some("protected"), Some(Mode::Replicating), _) if test_failover.is_some() => {
                     "protected (test failover running)".to_owned()
                 }
+                (Some("protected"), Some(Mode::Replicating), _)
+                    if p.is_some_and(|p| p.cancelled_failover.is_some()) =>
+                {
+                    "protected (failover cancelled)".to_owned()
+                }
                 (Some("protected"), Some(Mode::Replicating), _) => "protected".to_owned(),
                 (Some("protected"), Some(mode), _) => format!("protected ({})", mode.as_str()),
                 (Some(state), _, _) => state.to_owned(),
@@ -415,6 +421,7 @@ pub async fn list_machines(State(s): State<Arc<AppState>>) -> crate::http::ApiRe
                 last_heartbeat_ms: comp.as_ref().and_then(|c| c.last_seen_ms),
                 failover,
                 test_failover,
+                cancelled_failover: p.and_then(|p| p.cancelled_failover.clone()),
             });
         }
     }

@@ -79,6 +79,7 @@ pub fn supported(caps: &Capabilities, op: &SiteOperation) -> (&'static str, bool
         SiteOperation::MergeSnapshots { .. } => ("merge snapshots", caps.snapshots),
         SiteOperation::AdoptMachine { .. } => ("add a machine on existing disks", caps.create_machine),
         SiteOperation::CreateTestMachine { .. } => ("create a test machine", caps.create_machine),
+        SiteOperation::ReleaseMachine { .. } => ("remove a machine, keeping its disks", caps.create_machine),
     }
 }
 

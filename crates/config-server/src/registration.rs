@@ -102,7 +102,7 @@ pub async fn register(
     .await?;
     let earlier = before.and_then(|c| c.certificate_serial);
     if let Some(serial) = earlier {
-        crate::revocation::revoke(&s, &serial, &format!("{key} registered again")).await?;
+        crate::revocation::revoke(&s.store, &serial, &format!("{key} registered again")).await?;
     }
     let msg = format!("{} {} registered (certificate serial {})", r.kind, r.name, signed.serial);
     s.store.add_event(0, "info", &key, &msg).await?;

@@ -24,14 +24,14 @@ const MAX_REASON: usize = 200;
 
 /// Revoke the certificate with `serial` (idempotent: the first revocation and its reason stand),
 /// with an event saying why.
-pub async fn revoke(s: &AppState, serial: &str, reason: &str) -> Result<RevokedCertificate, ApiError> {
-    if let Some(d) = s.store.get::<RevokedCertificate>(REVOKED, serial).await? {
+pub async fn revoke(store: &ferry_store::Store, serial: &str, reason: &str) -> Result<RevokedCertificate, ApiError> {
+    if let Some(d) = store.get::<RevokedCertificate>(REVOKED, serial).await? {
         return Ok(d.body);
     }
     let r =
         RevokedCertificate { serial: serial.to_owned(), reason: reason.to_owned(), revoked_ms: crate::jobs::now_ms() };
-    s.store.put(REVOKED, serial, &r, None).await?;
-    s.store.add_event(0, "warning", "certificates", &format!("certificate {serial} revoked: {reason}")).await?;
+    store.put(REVOKED, serial, &r, None).await?;
+    store.add_event(0, "warning", "certificates", &format!("certificate {serial} revoked: {reason}")).await?;
     Ok(r)
 }
 
@@ -92,7 +92,7 @@ pub async fn revoke_route(
         Some(h) => format!("{reason}; the current certificate of {h}, which must register again"),
         None => format!("{reason}; no registered component holds it now"),
     };
-    ok(revoke(&s, &serial, &reason).await?)
+    ok(revoke(&s.store, &serial, &reason).await?)
 }
 
 /// Every revoked serial, sorted.

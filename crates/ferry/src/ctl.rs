@@ -848,6 +848,17 @@ pub enum FailoverAction {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Cancel a failover before commit: the machine at the recovery site is removed and its
+    /// writes discarded (reported), the replica is put back at the primary's last write and
+    /// unfenced, and the primary starts again and replicates.
+    Cancel {
+        machine: String,
+        /// Leave the primary powered off (its quiesce is lifted all the same).
+        #[arg(long)]
+        no_start: bool,
+        #[arg(long)]
+        no_wait: bool,
+    },
 }
 
 /// `ferry failover …`: start the job, then follow it (steps, progress, ETA).
@@ -866,6 +877,11 @@ pub async fn failover(a: FailoverAction, s: &ServerArgs, out: OutputFormat) -> R
         FailoverAction::Commit { machine, no_wait } => {
             let path = format!("/api/v1/machines/{machine}/failover/commit");
             (s.call(Method::Post, &path, None::<&()>).await?, no_wait)
+        }
+        FailoverAction::Cancel { machine, no_start, no_wait } => {
+            let path = format!("/api/v1/machines/{machine}/failover/cancel");
+            let req = ferry_api::config_server::CancelFailoverRequest { no_start };
+            (s.call(Method::Post, &path, Some(&req)).await?, no_wait)
         }
     };
     if no_wait {

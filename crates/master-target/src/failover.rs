@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_api::master_target::{DiscardedWrites, DiskExtent, Failover, FailoverPhase};
+use ferry_api::master_target::{CancelledFailover, DiscardedWrites, DiskExtent, Failover, FailoverPhase};
 use ferry_journal::Cursor;
 use ferry_protocol::now_ms;
 
@@ -59,6 +59,47 @@ impl FailoverError {
 }
 
 pub use ferry_api::master_target::{FAILOVER_SEED_FILE, RECOVERY_WRITES_FILE};
+
+/// Beside the journal: the last cancelled failover.
+const CANCELLED_FILE: &str = "failover-cancelled.json";
+
+/// The last cancelled failover of the replica in `dir`; a corrupt record refuses the start (it
+/// may be the only trace of a cancel to finish).
+pub(crate) fn read_cancelled(dir: &std::path::Path) -> Result<Option<CancelledFailover>, crate::MasterTargetError> {
+    let path = dir.join(CANCELLED_FILE);
+    match std::fs::read(&path) {
+        Ok(d) => serde_json::from_slice(&d).map(Some).map_err(|e| {
+            crate::MasterTargetError::Refused(format!(
+                "{} is corrupt ({e}): restore it, or remove it if the failover it names was not being cancelled",
+                path.display()
+            ))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(crate::io_at(&path)(e)),
+    }
+}
+
+/// Remove the files of a failover (the fence last, each removal durable): what remains after a
+/// crash in between still says "fenced", never "replicating with a failover half-undone".
+pub(crate) fn remove_failover_files(dir: &std::path::Path, tdir: &std::path::Path) -> Result<(), String> {
+    for p in [dir.join("failover.json"), tdir.join(FAILOVER_SEED_FILE), tdir.join(RECOVERY_WRITES_FILE)] {
+        match std::fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("cannot remove {}: {e}", p.display())),
+        }
+    }
+    for d in [dir, tdir] {
+        ferry_sys::fs::sync_dir(d).map_err(|e| format!("cannot sync {}: {e}", d.display()))?;
+    }
+    let fence = dir.join("fence.json");
+    match std::fs::remove_file(&fence) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("cannot remove {}: {e}", fence.display())),
+    }
+    ferry_sys::fs::sync_dir(dir).map_err(|e| format!("cannot sync {}: {e}", dir.display()))
+}
 
 /// How long a failover request waits for the applier to reach the fence.
 const HAND_OVER_WAIT: Duration = Duration::from_secs(30);
@@ -156,6 +197,16 @@ impl Replica {
         order: Option<String>,
     ) -> Result<Failover, FailoverError> {
         let _op = self.failover_op.lock().unwrap_or_else(|p| p.into_inner());
+        self.failover_to_locked(point, recovery_writes, order)
+    }
+
+    /// [`Replica::failover_to`], the caller holding `failover_op`.
+    fn failover_to_locked(
+        &self,
+        point: Point,
+        recovery_writes: Vec<DiskExtent>,
+        order: Option<String>,
+    ) -> Result<Failover, FailoverError> {
         let fence = self.fence_state().filter(|f| f.handed_over).ok_or_else(|| {
             FailoverError::State(format!("{} is not fenced and handed over: fail it over first", self.name))
         })?;
@@ -453,6 +504,134 @@ impl Replica {
         Ok(f)
     }
 
+    pub fn cancelled_state(&self) -> Option<CancelledFailover> {
+        self.cancelled.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Cancel the failover (before commit): the disks go back to the seq they were handed over
+    /// at — the journal's head at the fence, the primary's state — by putting back, from the
+    /// journal, every extent written since (the recovery site's writes, as its agent reported
+    /// them after a clean stop, and the writes after the point). Then the fence is lifted and
+    /// the applier runs again: the primary's stream resumes where it stopped, nothing of it
+    /// lost. Recorded (`failover-cancelled.json`) before the fence goes, so a crash in between
+    /// finishes the cancel at the next start. Cancelling again with the same order changes
+    /// nothing.
+    pub fn cancel_failover(self: &Arc<Self>, order: Option<String>) -> Result<CancelledFailover, FailoverError> {
+        let _op = self.failover_op.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = self.cancelled_state().filter(|c| order.is_some() && c.order == order) {
+            if self.fence_state().is_none_or(|f| f != c.fence) {
+                return Ok(c);
+            }
+            // Recorded, not finished (the disks were busy): finish it.
+            self.finish_cancel(&c)?;
+            return Ok(c);
+        }
+        let fence = self.fence_state().ok_or_else(|| {
+            FailoverError::State(format!("{} is not fenced: there is no failover to cancel", self.name))
+        })?;
+        if !fence.handed_over {
+            return Err(FailoverError::State(format!(
+                "{} is fenced at seq {} but its journal is not applied that far yet: retry the cancel in a moment",
+                self.name, fence.at_seq
+            )));
+        }
+        if fence.applied_seq != fence.at_seq {
+            return Err(FailoverError::State(format!(
+                "{} was fenced inside a resync (its disks were handed over at seq {}, the journal holds seq {}): the primary's resync cannot resume from there; commit the failover and reprotect, or disable protection and protect {} again",
+                self.name, fence.applied_seq, fence.at_seq, self.name
+            )));
+        }
+        let prev = self.failover_state();
+        if let Some(f) = prev.as_ref().filter(|f| f.phase == FailoverPhase::Committed) {
+            return Err(FailoverError::State(format!(
+                "the failover of {} to {} is committed: it cannot be cancelled (reprotect the machine to replicate back)",
+                self.name, f.point.id
+            )));
+        }
+        let head = fence.applied_seq;
+        let (point, writes, restored) = match &prev {
+            // Fenced, never put at a point: the disks hold the head and nobody wrote them.
+            None => (None, Vec::new(), 0),
+            Some(f) => {
+                let at = Point {
+                    id: format!("{}@{head}", self.name),
+                    machine: self.name.to_string(),
+                    seq: head,
+                    time_ms: fence.time_ms,
+                    kind: ferry_api::master_target::PointKind::Crash,
+                    scope: ferry_api::master_target::PointScope::Single,
+                    group: None,
+                    group_tag: None,
+                    generation: self.base_generation(),
+                    origin: ferry_api::master_target::PointOrigin::Latest,
+                };
+                let back = self.failover_to_locked(at, Vec::new(), order.clone())?;
+                (Some(f.point.clone()), back.recovery_writes, back.restored_bytes)
+            }
+        };
+        let recovery_write_bytes =
+            merge(writes.iter().map(|w| (w.offset, w.length)).collect::<Vec<_>>()).iter().map(|r| r.1).sum::<u64>();
+        let c = CancelledFailover {
+            order,
+            fence,
+            point,
+            restored_seq: head,
+            recovery_writes: writes,
+            recovery_write_bytes,
+            restored_bytes: restored,
+            at_ms: now_ms(),
+        };
+        let path = self.dir.join(CANCELLED_FILE);
+        let data = serde_json::to_vec_pretty(&c).map_err(|e| FailoverError::Storage(e.to_string()))?;
+        ferry_sys::fs::write_atomic(&path, &data)
+            .map_err(|e| FailoverError::Storage(format!("cannot write {}: {e}", path.display())))?;
+        *self.cancelled.lock().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
+        ferry_sys::fail::fail_point("master-target.failover.cancel-recorded");
+        self.finish_cancel(&c)?;
+        Ok(c)
+    }
+
+    /// The cancel is recorded and the disks are back: take them for the applier again, remove
+    /// what says "failed over" (the fence last) and start the applier.
+    fn finish_cancel(self: &Arc<Self>, c: &CancelledFailover) -> Result<(), FailoverError> {
+        let mut locked = Vec::new();
+        for (p, f) in &self.targets {
+            if let Err(e) =
+                ferry_sys::fs::lock_one_writer(f, p, &format!("the master target's applier for {}", self.name))
+            {
+                for g in locked {
+                    let _ = ferry_sys::fs::unlock_one_writer(g);
+                }
+                return Err(FailoverError::DiskInUse(format!(
+                    "{e}; the cancel of the failover of {} needs the disks back (is the machine at the recovery site running?)",
+                    self.name
+                )));
+            }
+            locked.push(f);
+        }
+        let tdir = self.targets.first().and_then(|(p, _)| p.parent()).unwrap_or(&self.dir);
+        remove_failover_files(&self.dir, tdir).map_err(FailoverError::Storage)?;
+        *self.failover.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *self.fence.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *self.order_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let r = self.clone();
+        std::thread::Builder::new()
+            .name(format!("apply-{}", self.name))
+            .spawn(move || r.apply_loop())
+            .map_err(|e| FailoverError::Storage(format!("cannot start the applier thread: {e}")))?;
+        self.wake.notify_all();
+        self.prune_wake.notify_all();
+        tracing::warn!(machine = %self.name, seq = c.restored_seq, recovery_write_bytes = c.recovery_write_bytes, "failover cancelled: the fence is lifted, replication resumes");
+        self.push_event(
+            "failover-cancelled",
+            format!(
+                "failover cancelled: the disks are back at seq {} ({} bytes put back; {} bytes the machine wrote at the recovery site discarded); the fence is lifted",
+                c.restored_seq, c.restored_bytes, c.recovery_write_bytes
+            ),
+        );
+        Ok(())
+    }
+
     /// At start: a restore that a crash interrupted is finished before the disks are used.
     pub(crate) fn resume_failover(self: &Arc<Self>) {
         let Some(f) = self.failover_state().filter(|f| f.phase == FailoverPhase::Restoring) else { return };
@@ -524,9 +703,14 @@ impl crate::MasterTarget {
                 tracing::warn!(%machine, order = %o.order, "failover order for a machine this master target does not hold");
                 continue;
             };
-            let done = r
-                .failover_state()
-                .is_some_and(|f| f.order.as_deref() == Some(o.order.as_str()) && f.phase != FailoverPhase::Restoring);
+            let done = if o.cancel {
+                r.cancelled_state().is_some_and(|c| c.order.as_deref() == Some(o.order.as_str()))
+                    && r.fence_state().is_none()
+            } else {
+                r.failover_state().is_some_and(|f| {
+                    f.order.as_deref() == Some(o.order.as_str()) && f.phase != FailoverPhase::Restoring
+                })
+            };
             let failed =
                 r.order_error.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_some_and(|e| e.order == o.order);
             if done || failed || r.order_busy.swap(true, Ordering::SeqCst) {
@@ -534,15 +718,19 @@ impl crate::MasterTarget {
             }
             let (mt, o, machine) = (self.clone(), o.clone(), machine.clone());
             let spawned = std::thread::Builder::new().name(format!("order-{machine}")).spawn(move || {
-                let result = if o.commit {
-                    r.commit_failover(Some(o.order.clone()))
+                let result = if o.cancel {
+                    r.cancel_failover(Some(o.order.clone()))
+                        .map(|c| format!("cancelled, disks at seq {}", c.restored_seq))
+                } else if o.commit {
+                    r.commit_failover(Some(o.order.clone())).map(|f| format!("committed at {}", f.point.id))
                 } else {
                     mt.fail_over(&machine, &o.point, &o.reason, Vec::new(), Some(o.order.clone()))
+                        .map(|f| format!("disks at {}", f.point.id))
                 };
                 let mut err = r.order_error.lock().unwrap_or_else(|p| p.into_inner());
                 match result {
-                    Ok(f) => {
-                        tracing::info!(%machine, order = %o.order, point = %f.point.id, phase = ?f.phase, "failover order carried out");
+                    Ok(what) => {
+                        tracing::info!(%machine, order = %o.order, %what, "failover order carried out");
                         *err = None;
                     }
                     Err(e) => {
@@ -606,14 +794,7 @@ mod tests {
     const SIZE: u64 = 1 << 20;
 
     fn replica(dir: &std::path::Path) -> (Arc<Replica>, CancellationToken) {
-        let config: MasterTargetConfig = serde_json::from_value(serde_json::json!({
-            "datastore": dir.join("ds"),
-            "retention": dir.join("ret"),
-            "listen": "127.0.0.1:0",
-            "tls": { "ca": "ca.pem", "cert": "mt.pem", "key": "mt.key" },
-            "checkpoint_interval_secs": 0.05,
-        }))
-        .unwrap();
+        let config = test_config(dir);
         std::fs::create_dir_all(dir.join("ds")).unwrap();
         std::fs::create_dir_all(dir.join("ret")).unwrap();
         let machine = MachineDescriptor {
@@ -624,6 +805,17 @@ mod tests {
         let r = Replica::create(&config, &MachineName::new("vm1").unwrap(), &machine, Exports::new(), shutdown.clone())
             .unwrap();
         (r, shutdown)
+    }
+
+    fn test_config(dir: &std::path::Path) -> MasterTargetConfig {
+        serde_json::from_value(serde_json::json!({
+            "datastore": dir.join("ds"),
+            "retention": dir.join("ret"),
+            "listen": "127.0.0.1:0",
+            "tls": { "ca": "ca.pem", "cert": "mt.pem", "key": "mt.key" },
+            "checkpoint_interval_secs": 0.05,
+        }))
+        .unwrap()
     }
 
     fn replay(records: &[Record], upto: u64) -> Vec<u8> {
@@ -789,6 +981,104 @@ mod tests {
         assert!(matches!(r.fence_for_failover("again"), Err(FailoverError::State(_))));
         let saved: Failover = serde_json::from_slice(&std::fs::read(r.dir.join("failover.json")).unwrap()).unwrap();
         assert_eq!(saved, c);
+    }
+
+    /// Cancel: the disks go back to the head (the recovery site's reported writes and the
+    /// writes after the point undone), the fence is lifted, new records apply again; a crash
+    /// after the cancel was recorded (fence file still there) is finished at the next start.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_cancelled_failover_puts_the_disks_back_at_the_head_and_replication_resumes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, shutdown) = replica(dir.path());
+        let rec = |seq: u64, body| Record { seq: Seq(seq), time_ms: 1_000 + seq, body };
+        let mut records = vec![
+            rec(
+                1,
+                RecordBody::ResyncBegin {
+                    generation: Generation(1),
+                    reason: ResyncReason::InitialSync,
+                    preserve_consistent: false,
+                },
+            ),
+            rec(2, RecordBody::ResyncEnd { generation: Generation(1) }),
+        ];
+        for seq in 3..=100u64 {
+            let body = match seq {
+                50 => RecordBody::Tag { id: "t50".into(), kind: TagKind::CrashConsistent },
+                _ => RecordBody::Write { disk: 0, offset: (seq * 7919 % 200) * 4096, data: vec![seq as u8; 4096] },
+            };
+            records.push(rec(seq, body));
+        }
+        r.journal_records(records.clone()).unwrap();
+        let mut applied = r.applied_watch();
+        tokio::time::timeout(Duration::from_secs(60), applied.wait_for(|s| *s >= 100)).await.unwrap().unwrap();
+        assert!(matches!(r.cancel_failover(None), Err(FailoverError::State(_))), "nothing to cancel");
+        tokio::task::block_in_place(|| r.fence_for_failover("test")).unwrap();
+        let at50 = r.local_points().0.into_iter().find(|p| p.seq == 50).unwrap();
+        r.failover_to(at50, Vec::new(), None).unwrap();
+        let target = || std::fs::read(&r.targets[0].0).unwrap();
+        assert!(target() == replay(&records, 50));
+        // The machine at the recovery site wrote, stopped cleanly and said what it wrote.
+        let ours = std::fs::OpenOptions::new().write(true).open(&r.targets[0].0).unwrap();
+        ours.write_all_at(&[0xee; 8192], SIZE - 8192).unwrap();
+        let w = ferry_api::agent::RecoveryWrites {
+            machine: "vm1".into(),
+            clean: true,
+            extents: vec![DiskExtent { disk: "disk0".into(), offset: SIZE - 8192, length: 8192 }],
+        };
+        std::fs::write(r.failover_file(RECOVERY_WRITES_FILE), serde_json::to_vec(&w).unwrap()).unwrap();
+
+        let c = tokio::task::block_in_place(|| r.cancel_failover(Some("job/cancel".into()))).unwrap();
+        assert!(target() == replay(&records, 100), "the disk holds the head again: the primary's state");
+        assert_eq!((c.restored_seq, c.recovery_write_bytes), (100, 8192));
+        assert_eq!(c.point.as_ref().map(|p| p.seq), Some(50));
+        assert!(r.fence_state().is_none() && r.failover_state().is_none());
+        assert!(!r.failover_file(RECOVERY_WRITES_FILE).exists() && !r.failover_file(FAILOVER_SEED_FILE).exists());
+        let again = tokio::task::block_in_place(|| r.cancel_failover(Some("job/cancel".into()))).unwrap();
+        assert_eq!(again, c, "the same order again changes nothing");
+        // The primary's stream resumes: new records are taken and applied.
+        let more: Vec<Record> = (101..=120u64)
+            .map(|seq| rec(seq, RecordBody::Write { disk: 0, offset: seq * 4096, data: vec![0x5a; 4096] }))
+            .collect();
+        r.journal_records(more.clone()).unwrap();
+        records.extend(more);
+        tokio::time::timeout(Duration::from_secs(60), applied.wait_for(|s| *s >= 120)).await.unwrap().unwrap();
+        assert!(target() == replay(&records, 120));
+
+        // A crash between the record and the fence's removal: the next start finishes it.
+        let config = test_config(dir.path());
+        tokio::task::block_in_place(|| r.fence_for_failover("again")).unwrap();
+        let fence = r.fence_state().unwrap();
+        let c2 = CancelledFailover {
+            order: Some("job2/cancel".into()),
+            fence,
+            point: None,
+            restored_seq: 120,
+            recovery_writes: Vec::new(),
+            recovery_write_bytes: 0,
+            restored_bytes: 0,
+            at_ms: 1,
+        };
+        std::fs::write(r.dir.join(CANCELLED_FILE), serde_json::to_vec(&c2).unwrap()).unwrap();
+        let name = ferry_protocol::MachineName::new("vm1").unwrap();
+        drop(r);
+        shutdown.cancel();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let r = loop {
+            let token = CancellationToken::new();
+            match Replica::reopen(&config, &name, Exports::new(), token.clone()) {
+                Ok(r) => break r,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        };
+        assert!(r.fence_state().is_none(), "the recorded cancel was finished at start");
+        assert_eq!(r.cancelled_state(), Some(c2));
+        r.journal_records(vec![rec(121, RecordBody::Write { disk: 0, offset: 0, data: vec![1; 4096] })]).unwrap();
+        r.stop();
     }
 
     /// Initial-sync data does not pass through the journal: a point before an initial sync

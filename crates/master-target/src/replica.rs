@@ -95,7 +95,7 @@ pub struct Replica {
     pub(crate) datastore: PathBuf,
     journal: Mutex<SegmentLog>,
     apply: Mutex<ApplyState>,
-    wake: Condvar,
+    pub(crate) wake: Condvar,
     /// Retention window in ms (zero: no history, the journal is released once applied). Kept
     /// in `window.json` beside the journal so a restart without the configuration server keeps it.
     window_ms: std::sync::atomic::AtomicU64,
@@ -127,7 +127,7 @@ pub struct Replica {
     bulk_epoch: Mutex<u64>,
     /// Closed to its source (`fence.json`; see [`Fence`]). Set under the journal lock, so no
     /// batch lands after the head it names.
-    fence: Mutex<Option<Fence>>,
+    pub(crate) fence: Mutex<Option<Fence>>,
     /// Where each write after the base lies in the journal (see [`JournalIndex`]).
     pub(crate) index: Mutex<JournalIndex>,
     /// `failover.json`: the target disks put at a recovery point (see `failover.rs`).
@@ -138,6 +138,8 @@ pub struct Replica {
     pub(crate) order_busy: std::sync::atomic::AtomicBool,
     /// The last order that failed (reported until another succeeds).
     pub(crate) order_error: Mutex<Option<ferry_api::master_target::FailoverOrderError>>,
+    /// The last cancelled failover (`failover-cancelled.json`).
+    pub(crate) cancelled: Mutex<Option<ferry_api::master_target::CancelledFailover>>,
     /// The last test-failover order that could not be carried out.
     pub(crate) test_order_error: Mutex<Option<ferry_api::master_target::FailoverOrderError>>,
 }
@@ -294,8 +296,18 @@ impl Replica {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(io(&fence_path)(e)),
         };
-        let handed_over = fence.as_ref().is_some_and(|f| f.handed_over);
         let failover_path = dir.join("failover.json");
+        let cancelled = crate::failover::read_cancelled(&dir)?;
+        // A cancel that a crash cut off after it was recorded: finish it (the disks are back at
+        // the fence's seq; only the files saying "failed over" are left to remove).
+        let mut fence = fence;
+        if let (Some(c), Some(f)) = (&cancelled, &fence) {
+            if &c.fence == f {
+                crate::failover::remove_failover_files(&dir, &tdir).map_err(MasterTargetError::Refused)?;
+                fence = None;
+            }
+        }
+        let handed_over = fence.as_ref().is_some_and(|f| f.handed_over);
         let failover: Option<ferry_api::master_target::Failover> = match std::fs::read(&failover_path) {
             Ok(d) => Some(serde_json::from_slice(&d).map_err(|e| {
                 MasterTargetError::Refused(format!(
@@ -453,6 +465,7 @@ impl Replica {
             failover_op: Mutex::new(()),
             order_busy: std::sync::atomic::AtomicBool::new(false),
             order_error: Mutex::new(None),
+            cancelled: Mutex::new(cancelled),
             test_order_error: Mutex::new(None),
             checkpoint_interval: Duration::from_secs_f64(config.checkpoint_interval_secs.max(0.01)),
         });
@@ -811,7 +824,7 @@ impl Replica {
         *e
     }
 
-    fn apply_loop(self: Arc<Self>) {
+    pub(crate) fn apply_loop(self: Arc<Self>) {
         let start = self.lock_apply().ckpt.applied_seq;
         let mut cursor = Cursor::after(start);
         let mut last_ckpt = Instant::now();
@@ -1072,6 +1085,7 @@ impl Replica {
             fence: self.fence_state(),
             failover: self.failover_state(),
             failover_order_error: self.order_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            failover_cancelled: self.cancelled_state(),
             // Filled in by the master target (it knows the NBD socket).
             test_failover: None,
             test_failover_error: self.test_order_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),

@@ -26,6 +26,7 @@ pub const ALL: &[&str] = &[
     "agent.activity-log.slot-before-data",
     "master-target.failover.restoring",
     "master-target.failover.restored",
+    "master-target.failover.cancel-recorded",
     "config-server.failover.step-running",
     "config-server.failover.step-done",
     "config-server.protect.step-running",

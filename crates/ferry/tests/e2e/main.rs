@@ -10,6 +10,7 @@ mod bad_input;
 mod config_server;
 mod control_plane;
 mod failover;
+mod failover_cancel;
 mod failover_jobs;
 mod failpoints;
 mod faults;
