@@ -25,7 +25,7 @@ use crate::failover::{failover_state_error, FailoverJob, FailoverStep};
 use crate::http::Body;
 use crate::jobs::{now_ms, Job, JobControl, Outcome};
 use crate::ops::{JobWork, Ops};
-use crate::protection::{effective_state, fail, Protection, PROTECTION};
+use crate::protection::{effective_state, fail, update_settings, Protection, PROTECTION};
 use crate::AppState;
 
 /// Each plan failover's run record (`plan-run/<job>`): the chosen points, each machine's next step.
@@ -327,7 +327,37 @@ impl Ops {
             Some(PlanStep::ChoosePoints) => self.choose_plan_points(pj, steps).await,
             Some(PlanStep::Action { action }) => self.run_action(pj.job, action, ctl).await,
             Some(PlanStep::Group { n, machines }) => {
-                let runs = machines.iter().map(|m| self.plan_machine_failover(pj, m, ctl));
+                // A barrier before the fence: every machine of the group goes through its
+                // steps up to the fence first; if one fails there, none is fenced and every one
+                // is given back, so no member is ever left at another point (or at none) than
+                // its peers.
+                let steps = FailoverStep::of(pj.kind);
+                let fence_at = steps.iter().position(|s| *s == FailoverStep::AtPoint).unwrap_or(0);
+                let runs = machines.iter().map(|m| self.plan_machine_failover(pj, m, ctl, fence_at));
+                let before: Vec<_> = futures::future::join_all(runs).await;
+                let stopped: Vec<(String, crate::jobs::JobError)> =
+                    machines.iter().zip(before).filter_map(|(m, r)| r.err().map(|e| (m.clone(), e))).collect();
+                if let Some((_, first)) = stopped.first() {
+                    let mut given_back = Vec::new();
+                    for m in machines.iter().filter(|m| !stopped.iter().any(|(s, _)| s == *m)) {
+                        given_back.push(format!("{m}: {}", self.give_back_before_fence(pj, m).await));
+                    }
+                    let detail: Vec<String> = stopped.iter().map(|(m, e)| format!("{m}: {}", e.message)).collect();
+                    return fail(
+                        ferry_types::codes::by_code(first.code).unwrap_or(errors::FAILOVER_STATE),
+                        format!(
+                            "group {n} stopped before any of its machines was fenced: {} failed ({}); the plan goes no further{}",
+                            stopped.iter().map(|(m, _)| m.as_str()).collect::<Vec<_>>().join(", "),
+                            detail.join("; "),
+                            if given_back.is_empty() {
+                                String::new()
+                            } else {
+                                format!("; given back (Protected, replicating): {}", given_back.join("; "))
+                            }
+                        ),
+                    );
+                }
+                let runs = machines.iter().map(|m| self.plan_machine_failover(pj, m, ctl, steps.len()));
                 let results = futures::future::join_all(runs).await;
                 let mut failed = Vec::new();
                 let mut done = Vec::new();
@@ -362,6 +392,7 @@ impl Ops {
         pj: &PlanJob<'_>,
         m: &str,
         ctl: &JobControl,
+        upto: usize,
     ) -> Result<String, crate::jobs::JobError> {
         let outcome_err = |o: Outcome| match o {
             Outcome::Failed(e) => e,
@@ -389,9 +420,8 @@ impl Ops {
             drain_secs: pj.drain_secs,
             no_start: pj.no_start,
         };
-        let total = FailoverStep::of(pj.kind).len();
         let mut last = String::new();
-        for step in run.progress.get(m).copied().unwrap_or(0)..total {
+        for step in run.progress.get(m).copied().unwrap_or(0)..upto {
             match self.failover_step(&fj, step, ctl).await {
                 Outcome::Done(msg) => {
                     last = msg.unwrap_or_default();
@@ -409,6 +439,59 @@ impl Ops {
             }
         }
         Ok(if last.is_empty() { "failed over".to_owned() } else { last })
+    }
+
+    /// A machine of a group that stopped at the barrier (another member failed before its
+    /// fence): its quiesce lifted, the primary started again if this job shut it down, its
+    /// failover record removed. Never once it is fenced (then it stands: run the plan again).
+    async fn give_back_before_fence(&self, pj: &PlanJob<'_>, m: &str) -> String {
+        let Ok((p, _)) = crate::failover::protection(&self.store, m).await else {
+            return "its protection is gone".into();
+        };
+        if p.failover.as_ref().is_none_or(|f| f.job != pj.job.id) {
+            return "no longer this plan's".into();
+        }
+        let fenced =
+            crate::failover::replica_status(&self.store, &p.master_target, m).await.is_none_or(|r| r.fence.is_some());
+        if fenced {
+            return "fenced already (or its master target does not report): it stays; run the plan again".into();
+        }
+        if let Err(e) = update_settings(&self.store, &format!("agent/{m}"), |b| b.quiesce = None).await {
+            return format!("its quiesce could not be lifted: {e}");
+        }
+        let progress = run_record(&self.store, &pj.job.id).await.map(|(r, _)| r.progress).unwrap_or_default();
+        let shut_at = FailoverStep::of(pj.kind).iter().position(|s| *s == FailoverStep::ShutDownPrimary);
+        let was_shut_down = shut_at.is_some_and(|i| progress.get(m).copied().unwrap_or(0) > i);
+        for _ in 0..20 {
+            let Ok(Some(d)) = self.store.get::<Protection>(PROTECTION, m).await else { break };
+            let mut q = d.body;
+            if q.failover.as_ref().is_none_or(|f| f.job != pj.job.id) {
+                break;
+            }
+            q.failover = None;
+            match self.store.put(PROTECTION, m, &q, Some(d.revision)).await {
+                Err(ferry_store::StoreError::Conflict { .. }) => continue,
+                _ => break,
+            }
+        }
+        if !was_shut_down {
+            return "released (its quiesce lifted)".into();
+        }
+        let started = match self.provider_of(&p.site).await {
+            Ok(provider) => {
+                let on = crate::discovery::SiteOperation::PowerOn { machine: m.to_owned(), allow_failed_over: true };
+                let r = provider.operate(on).await.map_err(|e| e.to_string());
+                if let Ok(inv) = provider.discover().await {
+                    let _ = self.store.put(crate::ops::INVENTORY, &inv.site, &inv, None).await;
+                }
+                r
+            }
+            Err(e) => Err(e),
+        };
+        match started {
+            Ok(_) => format!("released and started again at site {}", p.site),
+            Err(e) => format!("released, but it could not be started again at site {} ({e}): start it", p.site),
+        }
     }
 
     /// Every machine's point: a replication group's members all at one multi-machine tag (the

@@ -205,6 +205,47 @@ fn a_plan_fails_over_group_by_group_with_its_actions_and_a_replication_group_at_
         wait(&format!("{m} writes"), Duration::from_secs(60), || (records(&log) > 30).then_some(()));
     }
 
+    // A planned failover of the plan while app1 is down: app1 fails its check, web1 — of the
+    // same group — gets as far as its shutdown, and nobody is fenced: web1 is given back
+    // (started again, replicating), the group stops and says which machine failed.
+    ok(&lab.run(&["lab", "power-off", "app1"]), "app1 goes down");
+    std::thread::sleep(Duration::from_secs(32));
+    let o = lab.run(&["--output", "json", "plans", "failover", "dr", "--planned"]);
+    failed(&o, "app1", "a planned plan failover with a member down");
+    let job: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let why = job["error"]["message"].as_str().unwrap();
+    assert!(
+        why.contains("before any of its machines was fenced") && why.contains("web1: released and started again"),
+        "{job:#}"
+    );
+    for m in ["web1", "app1", "db1"] {
+        assert!(lab.replica("mt-r", m)["fence"].is_null(), "{m} is not fenced");
+        assert!(lab.machine(m)["failover"].is_null(), "{m} has no failover");
+    }
+    let log = lab.guest("web1").join("records.log");
+    let n = records(&log);
+    wait("web1 writes and replicates again", Duration::from_secs(120), || {
+        let a = lab.agent_status("web1");
+        (records(&log) > n + 10 && a["quiesced"].is_null() && a["caught_up"] == true).then_some(())
+    });
+    ok(&lab.run(&["lab", "power-on", "app1"]), "app1 comes back");
+    wait("app1 replicates again", Duration::from_secs(120), || {
+        (lab.agent_status("app1")["caught_up"] == true).then_some(())
+    });
+    let newest_group_point = |lab: &Lab| -> u64 {
+        let v = lab.json(&["recovery-points", "app1"]);
+        v["points"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["group_tag"].is_string())
+            .filter_map(|p| p["seq"].as_u64())
+            .max()
+            .unwrap_or(0)
+    };
+    let before = newest_group_point(&lab);
+    wait("a new multi-machine point", Duration::from_secs(90), || (newest_group_point(&lab) > before).then_some(()));
+
     let id = lab.json(&["plans", "failover", "dr", "--unplanned", "--no-start", "--no-wait"])["id"]
         .as_str()
         .unwrap()
