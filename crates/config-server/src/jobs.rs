@@ -29,6 +29,14 @@ pub enum Outcome {
 /// The work behind the steps of each job kind.
 pub trait Runner: Send + Sync + 'static {
     fn run_step(&self, job: &Job, step: usize, ctl: &JobControl) -> impl std::future::Future<Output = Outcome> + Send;
+
+    /// The job ended without one of its steps failing: cancelled between steps or while it
+    /// waited for input, or failed at a restart (a step whose outcome is unknown). What a
+    /// failing step gives back, this gives back (a failover's quiesced primary, a plan's
+    /// untouched machines).
+    fn job_ended(&self, _job: &Job) -> impl std::future::Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// Handed to running steps: progress reporting and cancellation.
@@ -155,6 +163,7 @@ impl Jobs {
                     );
                     job.steps[job.current_step].state = StepState::Failed;
                     self.finish(&mut job, JobState::Failed, Some(JobError::new(errors::JOB_STATE, msg))).await;
+                    runner.job_ended(&job).await;
                 }
                 _ => {
                     job.resumes += 1;
@@ -201,6 +210,7 @@ impl Jobs {
             if cancel.is_cancelled() {
                 job.steps[i].state = StepState::Cancelled;
                 self.finish(&mut job, JobState::Cancelled, None).await;
+                runner.job_ended(&job).await;
                 return;
             }
             if job.steps[i].state == StepState::WaitingForInput {
@@ -377,9 +387,15 @@ mod tests {
     /// `slow` (step 0 runs until cancelled).
     struct FakeRunner {
         ran: Mutex<Vec<(String, usize)>>,
+        ended: Mutex<Vec<(String, JobState)>>,
     }
 
     impl Runner for FakeRunner {
+        fn job_ended(&self, job: &Job) -> impl std::future::Future<Output = ()> + Send {
+            self.ended.lock().unwrap().push((job.id.clone(), job.state));
+            async {}
+        }
+
         fn run_step(
             &self,
             job: &Job,
@@ -405,7 +421,7 @@ mod tests {
     async fn setup() -> (tempfile::TempDir, Jobs, Arc<FakeRunner>) {
         let d = tempfile::tempdir().unwrap();
         let store = Store::open(d.path().join("db.sqlite").to_str().unwrap()).await.unwrap();
-        (d, Jobs::new(store), Arc::new(FakeRunner { ran: Mutex::new(Vec::new()) }))
+        (d, Jobs::new(store), Arc::new(FakeRunner { ran: Mutex::new(Vec::new()), ended: Mutex::new(Vec::new()) }))
     }
 
     fn steps(n: usize, idempotent: bool) -> Vec<(String, bool)> {
@@ -434,6 +450,27 @@ mod tests {
         assert_eq!(done.progress_percent, 100.0);
         let ran: Vec<usize> = r.ran.lock().unwrap().iter().map(|(_, s)| *s).collect();
         assert_eq!(ran, vec![0, 1, 2]);
+    }
+
+    /// A job cancelled while it waits for input ends through the runner's `job_ended` (which
+    /// gives back what its steps held); one that succeeds does not.
+    #[tokio::test]
+    async fn a_job_cancelled_between_steps_tells_the_runner_it_ended() {
+        let (_d, jobs, r) = setup().await;
+        let ok = jobs.start(r.clone(), "ok", "t", steps(2, true), serde_json::json!({})).await.unwrap();
+        until(&jobs, &ok.id, |j| j.state.finished()).await;
+        let job = jobs.start(r.clone(), "manual", "t", steps(3, true), serde_json::json!({})).await.unwrap();
+        until(&jobs, &job.id, |j| j.state == JobState::WaitingForInput).await;
+        jobs.cancel(&job.id).await.unwrap();
+        let done = until(&jobs, &job.id, |j| j.state.finished()).await;
+        assert_eq!(done.state, JobState::Cancelled);
+        for _ in 0..200 {
+            if !r.ended.lock().unwrap().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(*r.ended.lock().unwrap(), vec![(job.id.clone(), JobState::Cancelled)]);
     }
 
     #[tokio::test]

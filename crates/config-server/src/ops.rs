@@ -269,6 +269,40 @@ pub(crate) fn action_step(group: usize, when: &str, a: &Action) -> (String, bool
 }
 
 impl Runner for Ops {
+    async fn job_ended(&self, job: &Job) {
+        let Ok(work) = JobWork::of(job) else { return };
+        let why = || {
+            JobError::new(
+                errors::JOB_STATE,
+                format!("job {} ended at step {} without finishing", job.id, job.current_step),
+            )
+        };
+        match work {
+            JobWork::Failover { machine, kind, point, reason, drain_secs, no_start } => {
+                let fj = crate::failover::FailoverJob {
+                    job,
+                    machine: &machine,
+                    kind,
+                    point: &point,
+                    reason: &reason,
+                    drain_secs,
+                    no_start,
+                };
+                let e = self.failover_failed(&fj, job.current_step, why()).await;
+                tracing::info!(job = %job.id, outcome = %e.message, "failover job ended early");
+            }
+            JobWork::PlanFailover { kind, point, reason, drain_secs, no_start, steps, .. } => {
+                let pj =
+                    crate::plan_failover::PlanJob { job, kind, point: &point, reason: &reason, drain_secs, no_start };
+                self.plan_failover_failed(&pj, &steps).await;
+            }
+            JobWork::TestFailover { drill, .. } => {
+                self.test_failover_failed(&drill, why()).await;
+            }
+            _ => {}
+        }
+    }
+
     async fn run_step(&self, job: &Job, step: usize, ctl: &JobControl) -> Outcome {
         let work = match JobWork::of(job) {
             Ok(w) => w,
