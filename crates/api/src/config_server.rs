@@ -698,6 +698,10 @@ pub struct Drill {
     /// Why the start failed, if it did.
     #[serde(default)]
     pub error: Option<String>,
+    /// The recovery plan whose test failover started this drill (its machines share one test
+    /// network, `test-PLAN`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
 }
 
 /// Planned (primary healthy: no acknowledged write is lost) or unplanned (primary lost: the
@@ -805,6 +809,20 @@ pub struct PlanFailoverRequest {
     pub reason: Option<String>,
     #[serde(default = "default_drain_secs")]
     pub drain_secs: u64,
+    #[serde(default)]
+    pub no_start: bool,
+}
+
+/// `POST /api/v1/recovery-plans/{name}/test-failover`: a drill of every machine of the plan,
+/// group by group, with its actions; replication goes on.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlanTestFailoverRequest {
+    /// An RC-1 selector (default `latest-processed`); a replication group's members all go to
+    /// one multi-machine point.
+    #[serde(default)]
+    pub point: Option<String>,
+    /// Export the points but start no test machine.
     #[serde(default)]
     pub no_start: bool,
 }
@@ -1048,6 +1066,8 @@ pub enum ConfigServerEndpoint {
     ChangeFailoverPoint,
     CommitFailover,
     CancelFailover,
+    TestFailoverPlan,
+    CleanupTestFailoverPlan,
     TestFailover,
     CleanupTestFailover,
     Drills,
@@ -1116,6 +1136,8 @@ pub const ROUTES: &[Route<ConfigServerEndpoint>] = &[
     Route::new::<ChangePointRequest, Job>(C::ChangeFailoverPoint, Post, "/api/v1/machines/{name}/failover/change-point", Role::Operator, "Put a failed-over machine's disks at another point {point}, before commit: a job").answers(202),
     Route::new::<(), Job>(C::CommitFailover, Post, "/api/v1/machines/{name}/failover/commit", Role::Operator, "Commit a machine's failover: its point cannot change any more (a job)").no_body().answers(202),
     Route::new::<CancelFailoverRequest, Job>(C::CancelFailover, Post, "/api/v1/machines/{name}/failover/cancel", Role::Operator, "Cancel a machine's failover before commit {no_start?}: the machine at the recovery site removed and its writes discarded (reported), the replica put back at the primary's last write and unfenced, the primary started again (a job)").answers(202),
+    Route::new::<PlanTestFailoverRequest, Job>(C::TestFailoverPlan, Post, "/api/v1/recovery-plans/{name}/test-failover", Role::Operator, "Test failover of a recovery plan {point?, no_start?}: a drill of every machine, group by group with the plan's actions, in one test network; a replication group at one multi-machine point; replication goes on (a job)").answers(202),
+    Route::new::<CleanupTestFailoverRequest, Job>(C::CleanupTestFailoverPlan, Post, "/api/v1/recovery-plans/{name}/test-failover/cleanup", Role::Operator, "End the plan's drills {result?, notes?}: every test machine and export removed, each drill recorded (a job)").answers(202),
     Route::new::<TestFailoverRequest, Job>(C::TestFailover, Post, "/api/v1/test-failovers", Role::Operator, "Test failover (a drill) of a protected machine {machine, point}: a writable export of the point and a test machine on it in an isolated test area; replication goes on (a job)").answers(202),
     Route::new::<CleanupTestFailoverRequest, Job>(C::CleanupTestFailover, Post, "/api/v1/machines/{name}/test-failover/cleanup", Role::Operator, "End a machine's drill {result?, notes?}: the test machine and the export removed, the point released, the drill recorded (a job)").answers(202),
     get::<_, Vec<Drill>>(C::Drills, "/api/v1/drills", Role::Reader, "Test failovers (drills), running and past: when, which point, result, who"),

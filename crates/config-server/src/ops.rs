@@ -50,6 +50,23 @@ pub enum JobWork {
         no_start: bool,
         steps: Vec<crate::plan_failover::PlanStep>,
     },
+    /// Test failover of a recovery plan (see `plan_test_failover`).
+    PlanTestFailover {
+        plan: String,
+        point: String,
+        no_start: bool,
+        steps: Vec<crate::plan_failover::PlanStep>,
+        /// Machine → its drill.
+        drills: std::collections::BTreeMap<String, String>,
+    },
+    /// End every drill of a plan's test failover, one step per machine.
+    PlanTestFailoverCleanup {
+        plan: String,
+        drills: Vec<(String, String)>,
+        result: Option<ferry_api::config_server::DrillResult>,
+        notes: Option<String>,
+        by: String,
+    },
     /// Fail a machine over (see `failover`).
     Failover {
         machine: String,
@@ -83,6 +100,8 @@ impl JobWork {
             JobWork::FailoverCancel { .. } => "failover-cancel",
             JobWork::TestFailover { .. } => "test-failover",
             JobWork::PlanFailover { .. } => "plan-failover",
+            JobWork::PlanTestFailover { .. } => "plan-test-failover",
+            JobWork::PlanTestFailoverCleanup { .. } => "plan-test-failover-cleanup",
             JobWork::TestFailoverCleanup { .. } => "test-failover-cleanup",
         };
         let internal = |what: String| {
@@ -362,6 +381,12 @@ impl Runner for Ops {
                     o => o,
                 }
             }
+            JobWork::PlanTestFailover { point, no_start, steps, drills, .. } => {
+                self.plan_test_failover_step(job, &point, no_start, &steps, &drills, step, ctl).await
+            }
+            JobWork::PlanTestFailoverCleanup { drills, result, notes, by, .. } => {
+                self.plan_test_failover_cleanup_step(job, &drills, result, notes, &by, step, ctl).await
+            }
             JobWork::TestFailoverCleanup { machine, drill, result, notes, by } => {
                 self.test_failover_cleanup_step(job, &machine, &drill, (result, notes, &by), step, ctl).await
             }
@@ -386,6 +411,8 @@ pub const JOB_KINDS: &[&str] = &[
     "test-failover",
     "test-failover-cleanup",
     "plan-failover",
+    "plan-test-failover",
+    "plan-test-failover-cleanup",
 ];
 
 pub fn arc(store: Store, backup: crate::backup::BackupConfig, power_programs: Vec<Vec<String>>) -> Arc<Ops> {

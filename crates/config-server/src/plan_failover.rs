@@ -32,7 +32,8 @@ use crate::AppState;
 pub const PLAN_RUN: &str = "plan-run";
 
 /// The selectors a plan fails over to (a point ID names one machine's point, not a plan's).
-const PLAN_SELECTORS: [&str; 5] = ["latest", "latest-processed", "latest-app", "latest-multi", "latest-multi-app"];
+pub(crate) const PLAN_SELECTORS: [&str; 5] =
+    ["latest", "latest-processed", "latest-app", "latest-multi", "latest-multi-app"];
 
 /// One step of a plan failover job.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -44,7 +45,7 @@ pub enum PlanStep {
 }
 
 /// Every machine of a plan failover's groups, in order.
-fn machines_of(steps: &[PlanStep]) -> Vec<String> {
+pub(crate) fn machines_of(steps: &[PlanStep]) -> Vec<String> {
     let mut out = Vec::new();
     for s in steps {
         if let PlanStep::Group { machines, .. } = s {
@@ -63,7 +64,7 @@ pub struct PlanRun {
 }
 
 /// The machines of each group of a plan, replication groups expanded.
-async fn plan_machines(s: &AppState, plan: &RecoveryPlan) -> Result<Vec<Vec<String>>, ApiError> {
+pub(crate) async fn plan_machines(s: &AppState, plan: &RecoveryPlan) -> Result<Vec<Vec<String>>, ApiError> {
     let mut out = Vec::new();
     for g in &plan.groups {
         let mut ms = g.machines.clone();
@@ -270,7 +271,7 @@ pub struct PlanJob<'a> {
     pub no_start: bool,
 }
 
-async fn run_record(store: &ferry_store::Store, job: &str) -> Result<(PlanRun, i64), Outcome> {
+pub(crate) async fn run_record(store: &ferry_store::Store, job: &str) -> Result<(PlanRun, i64), Outcome> {
     match store.get::<PlanRun>(PLAN_RUN, job).await {
         Ok(Some(d)) => Ok((d.body, d.revision)),
         Ok(None) => Err(fail(errors::NOT_FOUND, format!("the run record of job {job} is gone"))),
@@ -278,7 +279,7 @@ async fn run_record(store: &ferry_store::Store, job: &str) -> Result<(PlanRun, i
     }
 }
 
-async fn update_run(store: &ferry_store::Store, job: &str, f: impl Fn(&mut PlanRun)) -> Result<(), Outcome> {
+pub(crate) async fn update_run(store: &ferry_store::Store, job: &str, f: impl Fn(&mut PlanRun)) -> Result<(), Outcome> {
     for _ in 0..50 {
         let (mut run, rev) = run_record(store, job).await?;
         f(&mut run);
@@ -496,7 +497,7 @@ impl Ops {
 
     /// Every machine's point: a replication group's members all at one multi-machine tag (the
     /// newest complete one of the kind asked for); other machines at the plan's selector.
-    async fn choose_plan_points(&self, pj: &PlanJob<'_>, steps: &[PlanStep]) -> Outcome {
+    pub(crate) async fn choose_plan_points(&self, pj: &PlanJob<'_>, steps: &[PlanStep]) -> Outcome {
         let (run, _) = match run_record(&self.store, &pj.job.id).await {
             Ok(x) => x,
             Err(o) => return o,

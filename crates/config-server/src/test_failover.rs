@@ -115,6 +115,7 @@ async fn claim_start(s: &Arc<AppState>, caller: &Caller, req: TestFailoverReques
         result: None,
         notes: None,
         error: None,
+        plan: None,
     };
     p.test_failover = Some(ProtectionTestFailover { drill: id.clone(), job: id.clone(), started_ms: drill.started_ms });
     let rev = put_claim(s, &p, doc.revision).await?;
@@ -232,7 +233,7 @@ pub async fn cleanup(
 }
 
 /// Change a drill's record.
-async fn update_drill(store: &Store, id: &str, f: impl Fn(&mut Drill)) -> Outcome {
+pub(crate) async fn update_drill(store: &Store, id: &str, f: impl Fn(&mut Drill)) -> Outcome {
     for _ in 0..20 {
         let d = match store.get::<Drill>(DRILL, id).await {
             Ok(Some(d)) => d,
@@ -401,7 +402,11 @@ impl Ops {
             );
         }
         let tm = test_machine_name(&p.machine);
-        let network = test_network_name(&p.machine);
+        // The drill's own network (a plan's drills share the plan's).
+        let network = match store.get::<Drill>(DRILL, drill).await {
+            Ok(Some(d)) => d.body.network,
+            _ => test_network_name(&p.machine),
+        };
         let (site_name, tm2) = (rsite.site.clone(), tm.clone());
         if let o @ Outcome::Failed(_) = update_drill(store, drill, move |d| {
             d.site = Some(site_name.clone());

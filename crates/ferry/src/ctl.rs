@@ -138,6 +138,29 @@ pub enum PlanAction {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Test failover of the plan: a drill of every machine, group by group with the plan's
+    /// actions, in one test network (`test-PLAN`); replication goes on.
+    TestFailover {
+        name: String,
+        /// latest, latest-processed (default), latest-app, latest-multi or latest-multi-app.
+        #[arg(long)]
+        point: Option<String>,
+        /// Export the points but start no test machine.
+        #[arg(long)]
+        no_start: bool,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// End every drill of the plan's test failover, recording the result on each.
+    TestFailoverCleanup {
+        name: String,
+        #[arg(long, value_parser = ["passed", "failed"])]
+        result: Option<String>,
+        #[arg(long)]
+        notes: Option<String>,
+        #[arg(long)]
+        no_wait: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -474,6 +497,31 @@ pub async fn plans(a: PlanAction, s: &ServerArgs, out: OutputFormat) -> Result<(
             let req = PlanFailoverRequest { kind, point, reason, drain_secs, no_start };
             let path = format!("/api/v1/recovery-plans/{}/failover", enc(&name));
             let job: Job = s.call(Method::Post, &path, Some(&req)).await?;
+            if no_wait {
+                show_one(&job, out);
+            } else {
+                watch(&job.id, s, out).await?;
+            }
+        }
+        PlanAction::TestFailover { name, point, no_start, no_wait } => {
+            let req = ferry_api::config_server::PlanTestFailoverRequest { point, no_start };
+            let path = format!("/api/v1/recovery-plans/{}/test-failover", enc(&name));
+            let job: Job = s.call(Method::Post, &path, Some(&req)).await?;
+            if no_wait {
+                show_one(&job, out);
+            } else {
+                watch(&job.id, s, out).await?;
+            }
+        }
+        PlanAction::TestFailoverCleanup { name, result, notes, no_wait } => {
+            use ferry_api::config_server::{CleanupTestFailoverRequest, DrillResult};
+            let result = match result.as_deref() {
+                Some("passed") => Some(DrillResult::Passed),
+                Some(_) => Some(DrillResult::Failed),
+                None => None,
+            };
+            let path = format!("/api/v1/recovery-plans/{}/test-failover/cleanup", enc(&name));
+            let job: Job = s.call(Method::Post, &path, Some(&CleanupTestFailoverRequest { result, notes })).await?;
             if no_wait {
                 show_one(&job, out);
             } else {

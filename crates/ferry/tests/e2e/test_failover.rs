@@ -246,6 +246,48 @@ fn a_plan_fails_over_group_by_group_with_its_actions_and_a_replication_group_at_
     let before = newest_group_point(&lab);
     wait("a new multi-machine point", Duration::from_secs(90), || (newest_group_point(&lab) > before).then_some(()));
 
+    // Test failover of the plan: every machine drilled, the replication group at one tag, in
+    // one test network, the manual action waiting as in a failover; replication goes on.
+    failed(&lab.run(&["plans", "test-failover", "dr", "--point", "web1@5"]), "selector", "a point ID for a plan drill");
+    let id = lab.json(&["plans", "test-failover", "dr", "--no-start", "--no-wait"])["id"].as_str().unwrap().to_owned();
+    wait("the plan drill waits at its manual action", Duration::from_secs(300), || {
+        let j = lab.json(&["jobs", "show", &id]);
+        assert!(!["failed", "cancelled", "succeeded"].contains(&j["state"].as_str().unwrap()), "{j:#}");
+        (j["state"] == "waiting-for-input").then_some(())
+    });
+    ok(&lab.run(&["jobs", "confirm", &id]), "confirm the manual action");
+    let o = lab.run(&["--output", "json", "jobs", "watch", &id]);
+    let job: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    let plan_drills = |lab: &Lab| -> Vec<Value> {
+        lab.json(&["drills"]).as_array().unwrap().iter().filter(|d| d["plan"] == "dr").cloned().collect()
+    };
+    let drills = plan_drills(&lab);
+    assert_eq!(drills.len(), 3, "{drills:#?}");
+    let drill_of = |m: &str| drills.iter().find(|d| d["machine"] == m).unwrap().clone();
+    for (m, seed) in [("web1", 21), ("app1", 23), ("db1", 22)] {
+        let d = drill_of(m);
+        assert_eq!((d["state"].as_str(), d["network"].as_str()), (Some("running"), Some("test-dr")), "{d:#}");
+        assert!(lab.replica("mt-r", m)["fence"].is_null(), "{m}: a drill fences nothing");
+        assert_eq!(lab.machine(m)["replication"], "protected (test failover running)", "{m}");
+        let image = tmp.path().join(format!("{m}-plan-drill.img"));
+        convert(d["nbd_urls"][0].as_str().unwrap(), &image);
+        let (good, v) = verify(&lab, m, seed, &image, None);
+        assert!(good, "{m}: the drill's export holds a state of its log: {v:#}");
+    }
+    let tag = drill_of("web1")["point"]["group_tag"].clone();
+    assert!(tag.is_string() && tag == drill_of("app1")["point"]["group_tag"], "one multi-machine point: {drills:#?}");
+    failed(&lab.run(&["plans", "failover", "dr", "--planned"]), "in test failover", "a failover during the drill");
+    let job = lab.json(&["plans", "test-failover-cleanup", "dr", "--result", "passed", "--notes", "all three up"]);
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    for d in plan_drills(&lab) {
+        assert_eq!((d["state"].as_str(), d["result"].as_str()), (Some("cleaned-up"), Some("passed")), "{d:#}");
+        let m = d["machine"].as_str().unwrap();
+        assert!(lab.machine(m)["test_failover"].is_null(), "{m}");
+        assert!(lab.replica("mt-r", m)["test_failover"].is_null(), "{m}: the export is gone");
+    }
+    failed(&lab.run(&["plans", "test-failover-cleanup", "dr"]), "nothing to clean up", "a second cleanup");
+
     let id = lab.json(&["plans", "failover", "dr", "--unplanned", "--no-start", "--no-wait"])["id"]
         .as_str()
         .unwrap()
