@@ -380,6 +380,16 @@ pub async fn list_machines(State(s): State<Arc<AppState>>) -> crate::http::ApiRe
                 .values()
                 .find(|q| q.test_failover.is_some() && crate::test_failover::test_machine_name(&q.machine) == m.name);
             let test_failover = p.and_then(|p| p.test_failover.clone());
+            if let (Some(p), Some(t)) = (p, &test_failover) {
+                if let Some(problem) = crate::test_failover::drill_problem(&s.store, p, t).await {
+                    health = health.max(Health::Warning);
+                    reasons.push(ferry_api::control::HealthReason {
+                        code: errors::MATERIALIZE_FAILED.code,
+                        message: problem,
+                        remedy: errors::MATERIALIZE_FAILED.remedy.to_owned(),
+                    });
+                }
+            }
             let replication = match (state.as_deref(), st.as_ref().map(|a| a.mode), &failover) {
                 (Some(_), _, Some(f)) => crate::failover::failover_view(&s.store, f).await?,
                 (None, _, _) if drill_of.is_some() => format!(

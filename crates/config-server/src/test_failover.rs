@@ -232,6 +232,24 @@ pub async fn cleanup(
     Ok((StatusCode::ACCEPTED, Json(job)).into_response())
 }
 
+/// What is wrong with a running drill's export, as its master target reports it: lost (a
+/// restart of the master target drops the writable overlay and what the test machine wrote), or
+/// gone. None while the drill starts or cleans up, or when all is well.
+pub(crate) async fn drill_problem(store: &Store, p: &Protection, t: &ProtectionTestFailover) -> Option<String> {
+    let d = store.get::<Drill>(DRILL, &t.drill).await.ok().flatten()?.body;
+    if d.state != DrillState::Running {
+        return None;
+    }
+    let r = replica_status(store, &p.master_target, &p.machine).await?;
+    match r.test_failover.filter(|x| x.order == t.drill) {
+        Some(x) => x.problem.map(|problem| format!("drill {}: {problem}; clean the drill up", t.drill)),
+        None => Some(format!(
+            "master target {} no longer holds the export of drill {} (restarted?): what the test machine wrote is lost; clean the drill up",
+            p.master_target, t.drill
+        )),
+    }
+}
+
 /// Change a drill's record.
 pub(crate) async fn update_drill(store: &Store, id: &str, f: impl Fn(&mut Drill)) -> Outcome {
     for _ in 0..20 {

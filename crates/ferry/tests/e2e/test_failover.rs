@@ -114,6 +114,14 @@ fn a_drill_runs_a_test_machine_on_the_point_while_replication_goes_on_and_cleanu
     let forked = fork_log(&lab, "web1", k, &test_log, tmp.path());
     let (good, v) = verify_log(&lab, &forked, 21, &image, None);
     assert!(good, "the drill's disk holds the point and the test machine's records: {v:#}");
+    // A restart of the master target loses the writable overlay: the machine's health says so.
+    assert_eq!(lab.machine("web1")["health"], "healthy");
+    ok(&lab.run(&["lab", "restart", "mt-r", "--kill"]), "kill and restart the master target");
+    let m = wait("the lost export shows in the machine's health", Duration::from_secs(60), || {
+        let m = lab.machine("web1");
+        m["reasons"].to_string().contains("drill").then_some(m)
+    });
+    assert_eq!(m["health"], "warning", "{m:#}");
 
     let job = lab.json(&["test-failover", "cleanup", "web1", "--result", "passed", "--notes", "booted, app answered"]);
     assert_eq!(job["state"], "succeeded", "{job:#}");
