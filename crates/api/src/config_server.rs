@@ -699,7 +699,7 @@ pub struct Drill {
     #[serde(default)]
     pub error: Option<String>,
     /// The recovery plan whose test failover started this drill (its machines share one test
-    /// network, `test-PLAN`).
+    /// network, `plan-test-PLAN`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan: Option<String>,
 }

@@ -120,8 +120,9 @@ pub struct CancelledFailover {
     /// The configuration server's order that cancelled it.
     #[serde(default)]
     pub order: Option<String>,
-    /// The fence that was lifted.
-    pub fence: Fence,
+    /// The fence that was lifted (none: the replica was never fenced, nothing was undone).
+    #[serde(default)]
+    pub fence: Option<Fence>,
     /// The point the failed-over disks were at, if they were put at one.
     #[serde(default)]
     pub point: Option<Point>,

@@ -387,6 +387,7 @@ fn cancel_steps(p: &Protection, site: &str) -> Vec<(String, bool)> {
     vec![
         (format!("check that the failover of {m} can be cancelled"), true),
         (format!("shut {rm} down at site {site} (its agent says what it wrote)"), true),
+        (format!("remove {rm} from site {site} and retire its agent identity"), true),
         (
             format!(
                 "put the replica of {m} back at the primary's last write on master target {} and lift the fence",
@@ -394,7 +395,6 @@ fn cancel_steps(p: &Protection, site: &str) -> Vec<(String, bool)> {
             ),
             true,
         ),
-        (format!("remove {rm} from site {site} and retire its agent identity"), true),
         (format!("release {m} at site {}: lift its quiesce, start it, wait until it replicates", p.site), true),
         (format!("mark {m} protected again (failover cancelled)"), true),
     ]
@@ -1298,7 +1298,7 @@ impl Ops {
 const RELEASE_LIMIT: Duration = Duration::from_secs(900);
 
 impl Ops {
-    /// The steps of a cancel (see [`cancel_steps`]). Each is idempotent: a restarted server
+    /// The steps of a cancel (see `cancel_steps`). Each is idempotent: a restarted server
     /// resumes at the step it was in; the master target's order is carried out once.
     pub async fn cancel_step(
         &self,
@@ -1331,11 +1331,21 @@ impl Ops {
         let site = rsite.site.clone();
         let rm = recovery_machine_name(machine, &site);
         let on_site = rsite.content.machines.iter().any(|m| m.name == rm);
+        let refused = if step == 0 {
+            cancel_refused(replica_status(store, &p.master_target, machine).await.as_ref())
+        } else {
+            None
+        };
         match step {
             0 => match pf.stage {
                 FailoverStage::Committed => fail(
                     errors::FAILOVER_STATE,
                     format!("the failover of {machine} is committed: it cannot be cancelled (reprotect it)"),
+                ),
+                // Before anything is shut down: what the master target would refuse.
+                _ if refused.is_some() => fail(
+                    errors::FAILOVER_STATE,
+                    format!("{machine} on master target {}: {}", p.master_target, refused.unwrap_or_default()),
                 ),
                 _ => Outcome::Done(Some(format!(
                     "the {} failover of {machine} is not committed ({}): it can be cancelled",
@@ -1361,41 +1371,26 @@ impl Ops {
                     ),
                 }
             }
-            2 => {
-                let r = replica_status(store, &p.master_target, machine).await;
+            3 => {
+                // Always ordered, also when the status shows no fence: it may be older than a
+                // fence a cancelled failover's order still brings (the master target carries
+                // out one order of a machine at a time, so the cancel comes after it).
                 let order_id = format!("{}/cancel", job.id);
-                let done_already = r.as_ref().and_then(|r| {
+                let order = FailoverOrder {
+                    order: order_id.clone(),
+                    point: String::new(),
+                    reason: format!("cancel of the failover of {machine} (job {})", job.id),
+                    commit: false,
+                    cancel: true,
+                };
+                let done = move |r: &ReplicaStatus| {
                     r.failover_cancelled
                         .clone()
                         .filter(|c| c.order.as_deref() == Some(order_id.as_str()) && r.fence.is_none())
-                });
-                let c = match (done_already, r) {
-                    (Some(c), _) => c,
-                    (None, Some(r)) if r.fence.is_none() => {
-                        return Outcome::Done(Some(format!(
-                            "master target {} never fenced {machine}: its replica takes the primary's stream as before",
-                            p.master_target
-                        )))
-                    }
-                    (None, _) => {
-                        let order = FailoverOrder {
-                            order: order_id.clone(),
-                            point: String::new(),
-                            reason: format!("cancel of the failover of {machine} (job {})", job.id),
-                            commit: false,
-                            cancel: true,
-                        };
-                        let id = order_id.clone();
-                        let done = move |r: &ReplicaStatus| {
-                            r.failover_cancelled
-                                .clone()
-                                .filter(|c| c.order.as_deref() == Some(id.as_str()) && r.fence.is_none())
-                        };
-                        match order_and_wait(store, ctl, &p, order, done).await {
-                            Ok(c) => c,
-                            Err(o) => return o,
-                        }
-                    }
+                };
+                let c = match order_and_wait(store, ctl, &p, order, done).await {
+                    Ok(c) => c,
+                    Err(o) => return o,
                 };
                 let record = ferry_api::config_server::ProtectionCancelledFailover {
                     job: job.id.clone(),
@@ -1410,6 +1405,12 @@ impl Ops {
                 if let o @ Outcome::Failed(_) = set_cancel_record(store, job, machine, record).await {
                     return o;
                 }
+                if c.fence.is_none() {
+                    return Outcome::Done(Some(format!(
+                        "master target {} never fenced {machine}: its replica takes the primary's stream as before",
+                        p.master_target
+                    )));
+                }
                 Outcome::Done(Some(format!(
                     "the replica of {machine} holds seq {} again (the primary's last write it received; {} byte(s) put back); discarded: {} byte(s) in {} extent(s) the machine wrote at the recovery site; the fence is lifted",
                     c.restored_seq,
@@ -1418,7 +1419,7 @@ impl Ops {
                     c.recovery_writes.len()
                 )))
             }
-            3 => {
+            2 => {
                 let mut said = Vec::new();
                 if on_site {
                     let provider = match self.provider_of(&site).await {
@@ -1535,6 +1536,24 @@ impl Ops {
             _ => fail(errors::JOB_STATE, format!("cancel job has no step {step}")),
         }
     }
+}
+
+/// Why the master target would refuse to cancel, from its status (none: it would not).
+fn cancel_refused(r: Option<&ReplicaStatus>) -> Option<String> {
+    let r = r?;
+    if r.failover.as_ref().is_some_and(|f| f.phase == FailoverPhase::Committed) {
+        return Some("the failover is committed there: it cannot be cancelled (reprotect the machine)".into());
+    }
+    let f = r.fence.as_ref()?;
+    if !f.handed_over {
+        return Some(format!("fenced at seq {}, not applied that far yet: cancel again in a moment", f.at_seq));
+    }
+    (f.applied_seq != f.at_seq).then(|| {
+        format!(
+            "fenced inside a resync (disks at seq {}, journal at seq {}): the primary's resync cannot resume; commit and reprotect",
+            f.applied_seq, f.at_seq
+        )
+    })
 }
 
 /// Keep the cancel's report on the protection record (the failover record stays until the

@@ -30,9 +30,10 @@ pub enum Outcome {
 pub trait Runner: Send + Sync + 'static {
     fn run_step(&self, job: &Job, step: usize, ctl: &JobControl) -> impl std::future::Future<Output = Outcome> + Send;
 
-    /// The job ended without one of its steps failing: cancelled between steps or while it
-    /// waited for input, or failed at a restart (a step whose outcome is unknown). What a
-    /// failing step gives back, this gives back (a failover's quiesced primary, a plan's
+    /// The job ends without one of its steps failing: cancelled between steps or while it
+    /// waited for input, or failed at a restart (a step whose outcome is unknown). Called
+    /// before the job is recorded finished (so nothing can claim what it holds meanwhile).
+    /// What a failing step gives back, this gives back (a failover's quiesced primary, a plan's
     /// untouched machines).
     fn job_ended(&self, _job: &Job) -> impl std::future::Future<Output = ()> + Send {
         async {}
@@ -162,8 +163,9 @@ impl Jobs {
                         s.name
                     );
                     job.steps[job.current_step].state = StepState::Failed;
-                    self.finish(&mut job, JobState::Failed, Some(JobError::new(errors::JOB_STATE, msg))).await;
+                    // Before the job counts as finished: nothing can claim its machines meanwhile.
                     runner.job_ended(&job).await;
+                    self.finish(&mut job, JobState::Failed, Some(JobError::new(errors::JOB_STATE, msg))).await;
                 }
                 _ => {
                     job.resumes += 1;
@@ -209,8 +211,8 @@ impl Jobs {
             let i = job.current_step;
             if cancel.is_cancelled() {
                 job.steps[i].state = StepState::Cancelled;
-                self.finish(&mut job, JobState::Cancelled, None).await;
                 runner.job_ended(&job).await;
+                self.finish(&mut job, JobState::Cancelled, None).await;
                 return;
             }
             if job.steps[i].state == StepState::WaitingForInput {
@@ -470,7 +472,8 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert_eq!(*r.ended.lock().unwrap(), vec![(job.id.clone(), JobState::Cancelled)]);
+        let ended: Vec<String> = r.ended.lock().unwrap().iter().map(|(id, _)| id.clone()).collect();
+        assert_eq!(ended, vec![job.id.clone()]);
     }
 
     #[tokio::test]

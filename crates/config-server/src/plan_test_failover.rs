@@ -1,7 +1,7 @@
 //! Test failover of a recovery plan: a drill of every machine, group by group with the plan's
 //! actions between (as a plan failover runs them), the machines of a group in parallel, every
 //! replication group at one multi-machine point. Replication goes on throughout; nothing is
-//! fenced. The plan's test machines share one test network (`test-PLAN`). Each machine's drill
+//! fenced. The plan's test machines share one test network (`plan-test-PLAN`). Each machine's drill
 //! is an ordinary drill record (`plan` names the plan), listed by `ferry drills`; the cleanup
 //! of the plan ends every drill of it, recording the result on each.
 //!
@@ -35,7 +35,8 @@ const DRILL_STEPS: usize = 4;
 
 /// The test network of a plan's drills.
 pub fn plan_test_network(plan: &str) -> String {
-    format!("test-{plan}")
+    // Never a machine drill's `test-MACHINE`, whatever the names.
+    format!("plan-test-{plan}")
 }
 
 /// `POST /api/v1/recovery-plans/{name}/test-failover`.
@@ -133,9 +134,12 @@ async fn claim(s: &Arc<AppState>, caller: &Caller, name: &str, req: PlanTestFail
             error: None,
             plan: Some(name.to_owned()),
         };
-        s.store.put(DRILL, &drill, &record, None).await?;
+        claimed.push(p.clone());
+        if let Err(e) = s.store.put(DRILL, &drill, &record, None).await {
+            release(s, &claimed, &id).await;
+            return Err(e.into());
+        }
         drills.insert(p.machine.clone(), drill);
-        claimed.push(p);
     }
     let mut steps =
         vec![(format!("choose every machine's point ({point}; one multi-machine point per replication group)"), true)];
@@ -161,7 +165,10 @@ async fn claim(s: &Arc<AppState>, caller: &Caller, name: &str, req: PlanTestFail
             work_steps.push(PlanStep::Action { action: a.clone() });
         }
     }
-    s.store.put(PLAN_RUN, &id, &PlanRun::default(), None).await?;
+    if let Err(e) = s.store.put(PLAN_RUN, &id, &PlanRun::default(), None).await {
+        release(s, &claimed, &id).await;
+        return Err(e.into());
+    }
     let work =
         JobWork::PlanTestFailover { plan: name.to_owned(), point, no_start: req.no_start, steps: work_steps, drills };
     let started = match work.split() {

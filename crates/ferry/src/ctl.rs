@@ -139,7 +139,7 @@ pub enum PlanAction {
         no_wait: bool,
     },
     /// Test failover of the plan: a drill of every machine, group by group with the plan's
-    /// actions, in one test network (`test-PLAN`); replication goes on.
+    /// actions, in one test network (`plan-test-PLAN`); replication goes on.
     TestFailover {
         name: String,
         /// latest, latest-processed (default), latest-app, latest-multi or latest-multi-app.

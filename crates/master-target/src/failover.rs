@@ -79,10 +79,49 @@ pub(crate) fn read_cancelled(dir: &std::path::Path) -> Result<Option<CancelledFa
     }
 }
 
-/// Remove the files of a failover (the fence last, each removal durable): what remains after a
-/// crash in between still says "fenced", never "replicating with a failover half-undone".
+/// Whether a recorded cancel is to be finished at open: its fence is the one on disk, the
+/// failover record is the cancel's own restore (or already removed), and no report of writes at
+/// the recovery site came after it (the report goes first when the files are removed, so one
+/// that is there now may be newer than the restore: then the cancel is asked again and restores).
+pub(crate) fn cancel_to_finish(
+    cancelled: Option<&CancelledFailover>,
+    fence: Option<&ferry_api::master_target::Fence>,
+    failover: Option<&Failover>,
+    tdir: &std::path::Path,
+) -> bool {
+    let Some(c) = cancelled else { return false };
+    let (Some(cf), Some(f)) = (c.fence.as_ref(), fence) else { return false };
+    let own_restore = failover
+        .is_none_or(|x| x.phase == FailoverPhase::AtPoint && x.order == c.order && x.point.seq == c.restored_seq);
+    cf == f && own_restore && !tdir.join(RECOVERY_WRITES_FILE).exists()
+}
+
+/// Take every target disk's one-writer lock, or none.
+pub(crate) fn lock_all(targets: &[(std::path::PathBuf, File)], holder: &str) -> Result<(), String> {
+    let mut locked = Vec::new();
+    for (p, f) in targets {
+        if let Err(e) = ferry_sys::fs::lock_one_writer(f, p, holder) {
+            for g in locked {
+                let _ = ferry_sys::fs::unlock_one_writer(g);
+            }
+            return Err(e.to_string());
+        }
+        locked.push(f);
+    }
+    Ok(())
+}
+
+fn unlock_all(targets: &[(std::path::PathBuf, File)]) {
+    for (_, f) in targets {
+        let _ = ferry_sys::fs::unlock_one_writer(f);
+    }
+}
+
+/// Remove the files of a failover (the report of recovery-site writes first, the fence last,
+/// each removal durable): what remains after a crash in between still says "fenced", never
+/// "replicating with a failover half-undone".
 pub(crate) fn remove_failover_files(dir: &std::path::Path, tdir: &std::path::Path) -> Result<(), String> {
-    for p in [dir.join("failover.json"), tdir.join(FAILOVER_SEED_FILE), tdir.join(RECOVERY_WRITES_FILE)] {
+    for p in [tdir.join(RECOVERY_WRITES_FILE), tdir.join(FAILOVER_SEED_FILE), dir.join("failover.json")] {
         match std::fs::remove_file(&p) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -197,15 +236,33 @@ impl Replica {
         order: Option<String>,
     ) -> Result<Failover, FailoverError> {
         let _op = self.failover_op.lock().unwrap_or_else(|p| p.into_inner());
-        self.failover_to_locked(point, recovery_writes, order)
+        self.void_pending_cancel()?;
+        self.failover_to_locked(point, recovery_writes, order, false)
     }
 
-    /// [`Replica::failover_to`], the caller holding `failover_op`.
+    /// A recorded cancel whose fence still stands is void once the failover goes on (a change
+    /// of point, a commit): it must never be finished at a later start.
+    fn void_pending_cancel(&self) -> Result<(), FailoverError> {
+        let pending = self.cancelled_state().is_some_and(|c| c.fence.is_some() && c.fence == self.fence_state());
+        if !pending {
+            return Ok(());
+        }
+        let path = self.dir.join(CANCELLED_FILE);
+        std::fs::remove_file(&path)
+            .and_then(|_| ferry_sys::fs::sync_dir(&self.dir))
+            .map_err(|e| FailoverError::Storage(format!("cannot remove {}: {e}", path.display())))?;
+        *self.cancelled.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        Ok(())
+    }
+
+    /// [`Replica::failover_to`], the caller holding `failover_op` (and, with `disks_locked`,
+    /// the disks' one-writer locks: they are then neither taken nor released here).
     fn failover_to_locked(
         &self,
         point: Point,
         recovery_writes: Vec<DiskExtent>,
         order: Option<String>,
+        disks_locked: bool,
     ) -> Result<Failover, FailoverError> {
         let fence = self.fence_state().filter(|f| f.handed_over).ok_or_else(|| {
             FailoverError::State(format!("{} is not fenced and handed over: fail it over first", self.name))
@@ -268,20 +325,13 @@ impl Replica {
         };
         // Nobody else may write the disks meanwhile (the machine at the recovery site holds
         // them while it runs).
-        let mut locked = Vec::new();
-        for (p, f) in &self.targets {
-            if let Err(e) =
-                ferry_sys::fs::lock_one_writer(f, p, &format!("the master target failing {} over", self.name))
-            {
-                for g in locked {
-                    let _ = ferry_sys::fs::unlock_one_writer(g);
-                }
+        if !disks_locked {
+            if let Err(e) = lock_all(&self.targets, &format!("the master target failing {} over", self.name)) {
                 return Err(FailoverError::DiskInUse(format!(
                     "{e}; the failover of {} to {} needs the disks",
                     self.name, point.id
                 )));
             }
-            locked.push(f);
         }
         // Read under the disks' lock: the machine at the recovery site cannot start (and
         // write) between reading its report and the restore.
@@ -298,8 +348,8 @@ impl Replica {
             self.restore(&slot, base_seq, head, restore_after, point, writes, prev, order)
         })();
         drop(slot);
-        for f in locked {
-            let _ = ferry_sys::fs::unlock_one_writer(f);
+        if !disks_locked {
+            unlock_all(&self.targets);
         }
         result
     }
@@ -478,6 +528,7 @@ impl Replica {
     /// Commit: the point cannot change any more.
     pub fn commit_failover(&self, order: Option<String>) -> Result<Failover, FailoverError> {
         let _op = self.failover_op.lock().unwrap_or_else(|p| p.into_inner());
+        self.void_pending_cancel()?;
         let mut f = self
             .failover_state()
             .ok_or_else(|| FailoverError::State(format!("{} is not failed over: nothing to commit", self.name)))?;
@@ -519,16 +570,28 @@ impl Replica {
     pub fn cancel_failover(self: &Arc<Self>, order: Option<String>) -> Result<CancelledFailover, FailoverError> {
         let _op = self.failover_op.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = self.cancelled_state().filter(|c| order.is_some() && c.order == order) {
-            if self.fence_state().is_none_or(|f| f != c.fence) {
+            if c.fence.is_none() || self.fence_state() != c.fence {
                 return Ok(c);
             }
-            // Recorded, not finished (the disks were busy): finish it.
-            self.finish_cancel(&c)?;
-            return Ok(c);
+            // Recorded, not finished (the disks were busy, a removal failed): done again in
+            // full below, restore included — the disks may have been written since.
         }
-        let fence = self.fence_state().ok_or_else(|| {
-            FailoverError::State(format!("{} is not fenced: there is no failover to cancel", self.name))
-        })?;
+        let Some(fence) = self.fence_state() else {
+            // Never fenced (a failover stopped before its fence): nothing to undo. Recorded all
+            // the same, so the order counts as carried out.
+            let c = CancelledFailover {
+                order,
+                fence: None,
+                point: None,
+                restored_seq: self.positions().1,
+                recovery_writes: Vec::new(),
+                recovery_write_bytes: 0,
+                restored_bytes: 0,
+                at_ms: now_ms(),
+            };
+            self.write_cancelled(&c)?;
+            return Ok(c);
+        };
         if !fence.handed_over {
             return Err(FailoverError::State(format!(
                 "{} is fenced at seq {} but its journal is not applied that far yet: retry the cancel in a moment",
@@ -548,10 +611,40 @@ impl Replica {
                 self.name, f.point.id
             )));
         }
+        // From the restore until the applier runs, the disks stay locked: nobody writes them
+        // between what the cancel puts back and what the applier applies next.
+        lock_all(&self.targets, &format!("the master target's applier for {}", self.name)).map_err(|e| {
+            FailoverError::DiskInUse(format!(
+                "{e}; the cancel of the failover of {} needs the disks (is the machine at the recovery site running?)",
+                self.name
+            ))
+        })?;
+        let result = self.cancel_locked(order, fence, prev);
+        if result.is_err() && self.fence_state().is_some() {
+            unlock_all(&self.targets);
+        }
+        result
+    }
+
+    fn cancel_locked(
+        self: &Arc<Self>,
+        order: Option<String>,
+        fence: ferry_api::master_target::Fence,
+        prev: Option<Failover>,
+    ) -> Result<CancelledFailover, FailoverError> {
         let head = fence.applied_seq;
         let (point, writes, restored) = match &prev {
-            // Fenced, never put at a point: the disks hold the head and nobody wrote them.
-            None => (None, Vec::new(), 0),
+            // Fenced, never put at a point: the disks hold the head; nobody ran on them (a
+            // report of writes now would be newer than any cancel: refuse rather than guess).
+            None => {
+                if self.failover_file(RECOVERY_WRITES_FILE).exists() {
+                    return Err(FailoverError::DiskInUse(format!(
+                        "{} says the machine ran at the recovery site on disks that were never put at a point: what it wrote cannot be undone from the journal; commit the failover and reprotect",
+                        self.failover_file(RECOVERY_WRITES_FILE).display()
+                    )));
+                }
+                (None, Vec::new(), 0)
+            }
             Some(f) => {
                 let at = Point {
                     id: format!("{}@{head}", self.name),
@@ -565,15 +658,18 @@ impl Replica {
                     generation: self.base_generation(),
                     origin: ferry_api::master_target::PointOrigin::Latest,
                 };
-                let back = self.failover_to_locked(at, Vec::new(), order.clone())?;
-                (Some(f.point.clone()), back.recovery_writes, back.restored_bytes)
+                let back = self.failover_to_locked(at, Vec::new(), order.clone(), true)?;
+                // The original point, not the cancel's own restore (a retried cancel finds that).
+                let point = if f.order.is_some() && f.order == order { None } else { Some(f.point.clone()) };
+                (point, back.recovery_writes, back.restored_bytes)
             }
         };
         let recovery_write_bytes =
             merge(writes.iter().map(|w| (w.offset, w.length)).collect::<Vec<_>>()).iter().map(|r| r.1).sum::<u64>();
+        let point = point.or_else(|| self.cancelled_state().and_then(|c| c.point));
         let c = CancelledFailover {
             order,
-            fence,
+            fence: Some(fence),
             point,
             restored_seq: head,
             recovery_writes: writes,
@@ -581,44 +677,33 @@ impl Replica {
             restored_bytes: restored,
             at_ms: now_ms(),
         };
-        let path = self.dir.join(CANCELLED_FILE);
-        let data = serde_json::to_vec_pretty(&c).map_err(|e| FailoverError::Storage(e.to_string()))?;
-        ferry_sys::fs::write_atomic(&path, &data)
-            .map_err(|e| FailoverError::Storage(format!("cannot write {}: {e}", path.display())))?;
-        *self.cancelled.lock().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
+        self.write_cancelled(&c)?;
         ferry_sys::fail::fail_point("master-target.failover.cancel-recorded");
         self.finish_cancel(&c)?;
         Ok(c)
     }
 
-    /// The cancel is recorded and the disks are back: take them for the applier again, remove
-    /// what says "failed over" (the fence last) and start the applier.
+    fn write_cancelled(&self, c: &CancelledFailover) -> Result<(), FailoverError> {
+        let path = self.dir.join(CANCELLED_FILE);
+        let data = serde_json::to_vec_pretty(c).map_err(|e| FailoverError::Storage(e.to_string()))?;
+        ferry_sys::fs::write_atomic(&path, &data)
+            .map_err(|e| FailoverError::Storage(format!("cannot write {}: {e}", path.display())))?;
+        *self.cancelled.lock().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
+        Ok(())
+    }
+
+    /// The cancel is recorded, the disks are back and locked for the applier: remove what
+    /// says "failed over" (the fence last) and start the applier.
     fn finish_cancel(self: &Arc<Self>, c: &CancelledFailover) -> Result<(), FailoverError> {
-        let mut locked = Vec::new();
-        for (p, f) in &self.targets {
-            if let Err(e) =
-                ferry_sys::fs::lock_one_writer(f, p, &format!("the master target's applier for {}", self.name))
-            {
-                for g in locked {
-                    let _ = ferry_sys::fs::unlock_one_writer(g);
-                }
-                return Err(FailoverError::DiskInUse(format!(
-                    "{e}; the cancel of the failover of {} needs the disks back (is the machine at the recovery site running?)",
-                    self.name
-                )));
-            }
-            locked.push(f);
-        }
         let tdir = self.targets.first().and_then(|(p, _)| p.parent()).unwrap_or(&self.dir);
         remove_failover_files(&self.dir, tdir).map_err(FailoverError::Storage)?;
         *self.failover.lock().unwrap_or_else(|p| p.into_inner()) = None;
         *self.fence.lock().unwrap_or_else(|p| p.into_inner()) = None;
         *self.order_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let r = self.clone();
-        std::thread::Builder::new()
-            .name(format!("apply-{}", self.name))
-            .spawn(move || r.apply_loop())
-            .map_err(|e| FailoverError::Storage(format!("cannot start the applier thread: {e}")))?;
+        std::thread::Builder::new().name(format!("apply-{}", self.name)).spawn(move || r.apply_loop()).map_err(
+            |e| FailoverError::Storage(format!("cannot start the applier thread: {e} (restart the master target)")),
+        )?;
         self.wake.notify_all();
         self.prune_wake.notify_all();
         tracing::warn!(machine = %self.name, seq = c.restored_seq, recovery_write_bytes = c.recovery_write_bytes, "failover cancelled: the fence is lifted, replication resumes");
@@ -639,6 +724,13 @@ impl Replica {
         let spawned = std::thread::Builder::new().name(format!("failover-{}", self.name)).spawn(move || {
             // Until then the disks are locked by nobody: the phase says they are not ready.
             while !r.stopped.load(Ordering::SeqCst) {
+                // Only the restore that was interrupted: a later cancel or change ends this.
+                let same = r.failover_state().is_some_and(|x| {
+                    x.phase == FailoverPhase::Restoring && x.order == f.order && x.point.seq == f.point.seq
+                });
+                if !same || r.fence_state().is_none() {
+                    return;
+                }
                 match r.failover_to(f.point.clone(), Vec::new(), f.order.clone()) {
                     Ok(_) => return,
                     Err(e) => {
@@ -1012,7 +1104,8 @@ mod tests {
         r.journal_records(records.clone()).unwrap();
         let mut applied = r.applied_watch();
         tokio::time::timeout(Duration::from_secs(60), applied.wait_for(|s| *s >= 100)).await.unwrap().unwrap();
-        assert!(matches!(r.cancel_failover(None), Err(FailoverError::State(_))), "nothing to cancel");
+        let none = r.cancel_failover(Some("job0/cancel".into())).unwrap();
+        assert!(none.fence.is_none() && none.restored_bytes == 0, "never fenced: nothing undone, recorded: {none:?}");
         tokio::task::block_in_place(|| r.fence_for_failover("test")).unwrap();
         let at50 = r.local_points().0.into_iter().find(|p| p.seq == 50).unwrap();
         r.failover_to(at50, Vec::new(), None).unwrap();
@@ -1051,7 +1144,7 @@ mod tests {
         let fence = r.fence_state().unwrap();
         let c2 = CancelledFailover {
             order: Some("job2/cancel".into()),
-            fence,
+            fence: Some(fence),
             point: None,
             restored_seq: 120,
             recovery_writes: Vec::new(),
@@ -1076,8 +1169,19 @@ mod tests {
             }
         };
         assert!(r.fence_state().is_none(), "the recorded cancel was finished at start");
-        assert_eq!(r.cancelled_state(), Some(c2));
+        assert_eq!(r.cancelled_state(), Some(c2.clone()));
         r.journal_records(vec![rec(121, RecordBody::Write { disk: 0, offset: 0, data: vec![1; 4096] })]).unwrap();
+        let mut applied = r.applied_watch();
+        tokio::time::timeout(Duration::from_secs(60), applied.wait_for(|s| *s >= 121)).await.unwrap().unwrap();
+
+        // A recorded cancel is void once the failover goes on (here: a point is taken).
+        tokio::task::block_in_place(|| r.fence_for_failover("third")).unwrap();
+        let c3 = CancelledFailover { order: Some("job3/cancel".into()), fence: r.fence_state(), ..c2 };
+        std::fs::write(r.dir.join(CANCELLED_FILE), serde_json::to_vec(&c3).unwrap()).unwrap();
+        *r.cancelled.lock().unwrap() = Some(c3);
+        let at50 = r.local_points().0.into_iter().find(|p| p.seq == 50).unwrap();
+        r.failover_to(at50, Vec::new(), None).unwrap();
+        assert!(r.cancelled_state().is_none() && !r.dir.join(CANCELLED_FILE).exists(), "the pending cancel is void");
         r.stop();
     }
 

@@ -297,18 +297,9 @@ impl Replica {
             Err(e) => return Err(io(&fence_path)(e)),
         };
         let failover_path = dir.join("failover.json");
-        let cancelled = crate::failover::read_cancelled(&dir)?;
-        // A cancel that a crash cut off after it was recorded: finish it (the disks are back at
-        // the fence's seq; only the files saying "failed over" are left to remove).
         let mut fence = fence;
-        if let (Some(c), Some(f)) = (&cancelled, &fence) {
-            if &c.fence == f {
-                crate::failover::remove_failover_files(&dir, &tdir).map_err(MasterTargetError::Refused)?;
-                fence = None;
-            }
-        }
-        let handed_over = fence.as_ref().is_some_and(|f| f.handed_over);
-        let failover: Option<ferry_api::master_target::Failover> = match std::fs::read(&failover_path) {
+        let mut handed_over = fence.as_ref().is_some_and(|f| f.handed_over);
+        let mut failover: Option<ferry_api::master_target::Failover> = match std::fs::read(&failover_path) {
             Ok(d) => Some(serde_json::from_slice(&d).map_err(|e| {
                 MasterTargetError::Refused(format!(
                     "{} is corrupt ({e}): the machine was failed over; restore the file before starting",
@@ -318,6 +309,11 @@ impl Replica {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(io(&failover_path)(e)),
         };
+        let cancelled = crate::failover::read_cancelled(&dir)?;
+        // A cancel that a crash cut off after it was recorded, the disks back at the fence's seq
+        // and nothing changed since: finished below, once the disks are locked for the applier.
+        let finish_cancel =
+            crate::failover::cancel_to_finish(cancelled.as_ref(), fence.as_ref(), failover.as_ref(), &tdir);
         // Written once the target disks exist: from then on a missing target is an error.
         let created_marker = dir.join("targets.created");
         let mut targets = Vec::new();
@@ -354,7 +350,7 @@ impl Replica {
                 .open(&p)
                 .map_err(io(&p))?;
             // One writer per disk: this applier, until the replica is closed or handed over.
-            if !handed_over {
+            if !handed_over && !finish_cancel {
                 ferry_sys::fs::lock_one_writer(&f, &p, &format!("the master target's applier for {}", machine.name))
                     .map_err(io(&p))?;
             }
@@ -370,6 +366,22 @@ impl Replica {
             targets.push((p, f));
         }
         ferry_sys::fs::sync_dir(&tdir).map_err(crate::io_at(&tdir))?;
+        if finish_cancel {
+            // The disks first: held by someone (the machine at the recovery site started
+            // since), the replica stays fenced and the cancel can be asked again.
+            match crate::failover::lock_all(&targets, &format!("the master target's applier for {}", machine.name)) {
+                Ok(()) => {
+                    crate::failover::remove_failover_files(&dir, &tdir).map_err(MasterTargetError::Refused)?;
+                    tracing::warn!(machine = %machine.name, "a recorded cancel of the failover is finished: the fence is lifted");
+                    fence = None;
+                    failover = None;
+                    handed_over = false;
+                }
+                Err(e) => {
+                    tracing::warn!(machine = %machine.name, error = %e, "a recorded cancel cannot finish (the disks are in use): the replica stays fenced");
+                }
+            }
+        }
         if !created_marker.exists() {
             ferry_sys::fs::write_atomic(&created_marker, b"target disks created\n")
                 .map_err(crate::io_at(&created_marker))?;

@@ -67,7 +67,8 @@ fn a_cancelled_failover_gives_the_primary_back_with_nothing_lost_and_the_recover
     let job: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
     assert_eq!(job["state"], "succeeded", "{}\n{job:#}", String::from_utf8_lossy(&o.stderr));
     let step = |i: usize| job["steps"][i]["message"].as_str().unwrap_or_default().to_owned();
-    assert!(step(2).contains("discarded") && step(2).contains("holds seq"), "{job:#}");
+    assert!(step(3).contains("discarded") && step(3).contains("holds seq"), "{job:#}");
+    assert!(step(2).contains("retired"), "{job:#}");
 
     // Reported, recorded, and nothing of the recovery machine left.
     let m = lab.machine("web1");

@@ -275,7 +275,7 @@ fn a_plan_fails_over_group_by_group_with_its_actions_and_a_replication_group_at_
     let drill_of = |m: &str| drills.iter().find(|d| d["machine"] == m).unwrap().clone();
     for (m, seed) in [("web1", 21), ("app1", 23), ("db1", 22)] {
         let d = drill_of(m);
-        assert_eq!((d["state"].as_str(), d["network"].as_str()), (Some("running"), Some("test-dr")), "{d:#}");
+        assert_eq!((d["state"].as_str(), d["network"].as_str()), (Some("running"), Some("plan-test-dr")), "{d:#}");
         assert!(lab.replica("mt-r", m)["fence"].is_null(), "{m}: a drill fences nothing");
         assert_eq!(lab.machine(m)["replication"], "protected (test failover running)", "{m}");
         let image = tmp.path().join(format!("{m}-plan-drill.img"));
