@@ -410,6 +410,9 @@ pub async fn cancel(
     let job = tokio::spawn(async move {
         let doc = protection_of(&s, &machine).await?;
         let mut p = doc.body;
+        if p.failover.is_none() {
+            return Err(failover_state_error(format!("machine {machine} is not failed over: there is nothing to cancel")));
+        }
         let site = match recovery_site(&s.store, &p).await {
             Ok((rsite, _, _)) => rsite.site,
             Err(Outcome::Failed(e)) => {
