@@ -32,6 +32,31 @@ fn a_cancelled_failover_gives_the_primary_back_with_nothing_lost_and_the_recover
     failed(&lab.run(&["failover", "cancel", "web1"]), "is not failed over", "cancel before a failover");
     failed(&lab.run(&["failover", "cancel", "spare"]), "is not protected", "cancel of an unprotected machine");
 
+    // A failover job cancelled while it drains (the link is cut) gives the primary back: its
+    // quiesce is lifted and nothing was fenced.
+    ok(&lab.run(&["lab", "link", "cut"]), "cut the link");
+    let id = lab.json(&["failover", "start", "web1", "--planned", "--drain-secs", "600", "--no-wait"])["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait("the failover drains", Duration::from_secs(120), || {
+        let j = lab.json(&["jobs", "show", &id]);
+        (j["current_step"] == 2 && j["state"] == "in-progress").then_some(())
+    });
+    ok(&lab.run(&["jobs", "cancel", &id]), "cancel the failover job");
+    wait("the job ends cancelled", Duration::from_secs(60), || {
+        (lab.json(&["jobs", "show", &id])["state"] == "cancelled").then_some(())
+    });
+    ok(&lab.run(&["lab", "link", "restore"]), "restore the link");
+    let m = lab.machine("web1");
+    assert!(m["failover"].is_null(), "{m:#}");
+    assert!(lab.replica("mt-r", "web1")["fence"].is_null());
+    let n = records(&log);
+    wait("the released primary writes and replicates", Duration::from_secs(120), || {
+        let a = lab.agent_status("web1");
+        (records(&log) > n + 10 && a["quiesced"].is_null() && a["caught_up"] == true).then_some(())
+    });
+
     let job = lab.json(&["failover", "start", "web1", "--planned"]);
     assert_eq!(job["state"], "succeeded", "{job:#}");
     let paused: u64 = std::fs::read_to_string(lab.guest("web1").join("pause.paused")).unwrap().trim().parse().unwrap();

@@ -267,6 +267,7 @@ fn a_plan_fails_over_group_by_group_with_its_actions_and_a_replication_group_at_
     let o = lab.run(&["--output", "json", "jobs", "watch", &id]);
     let job: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
     assert_eq!(job["state"], "succeeded", "{job:#}");
+    failed(&lab.run(&["jobs", "confirm", &id]), "not waiting for input", "a confirmation of a job not waiting");
     let plan_drills = |lab: &Lab| -> Vec<Value> {
         lab.json(&["drills"]).as_array().unwrap().iter().filter(|d| d["plan"] == "dr").cloned().collect()
     };
