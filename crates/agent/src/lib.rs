@@ -258,6 +258,7 @@ pub async fn serve(
         // The agent takes its other settings at start; while running it follows the revocations
         // and a planned failover's quiesce (its hooks may take a while: off the watch's task).
         let m = machine.clone();
+        let revoked_for_status = revoked.clone();
         let apply = move |v: ferry_api::control::ComponentSettings| {
             if let Err(e) = revoked.extend(v.revoked_certificates.as_deref().unwrap_or_default()) {
                 tracing::error!(error = %e, "cannot keep the revoked certificates");
@@ -272,7 +273,8 @@ pub async fn serve(
                 tracing::error!(error = %e, "cannot start the quiesce thread");
             }
         };
-        ferry_status::spawn_settings_watch(link, ComponentKind::Agent, name, apply, shutdown.clone());
+        let watch = ferry_status::spawn_settings_watch(link, ComponentKind::Agent, name, apply, shutdown.clone());
+        let _ = machine.server_link.set((watch, revoked_for_status));
     }
     shutdown.cancelled().await;
     for t in tasks {

@@ -258,6 +258,9 @@ pub struct Machine {
     pub(crate) hold_released: Condvar,
     /// One quiesce or lift at a time (their hooks run outside the core lock).
     pub(crate) quiesce_op: Mutex<()>,
+    /// The link to the configuration server and the revocations held, for the status (set
+    /// once the settings watch runs).
+    pub(crate) server_link: std::sync::OnceLock<(ferry_status::SettingsLink, Arc<ferry_tls::Revoked>)>,
     /// TEST/DIAGNOSTIC: every local write with its seq (see `AgentConfig::source_write_log`).
     #[cfg(feature = "testing")]
     source_log: Option<Mutex<crate::testing::SourceLog>>,
@@ -537,6 +540,7 @@ impl Machine {
             verify: VerifySessions::default(),
             hold_released: Condvar::new(),
             quiesce_op: Mutex::new(()),
+            server_link: std::sync::OnceLock::new(),
             #[cfg(feature = "testing")]
             source_log,
         }))
@@ -1503,6 +1507,7 @@ impl Machine {
         let write_bytes_per_sec = c.rate_in.bytes_per_sec();
         let ship_bytes_per_sec = c.rate_out.bytes_per_sec();
         AgentStatus {
+            config_server_link: self.server_link.get().map(|(l, r)| l.snapshot(r.len())),
             machine: self.name.to_string(),
             status_listen: self.config.status_listen.clone(),
             control_token_file: Some(self.config.control_token_path().display().to_string()),

@@ -41,6 +41,9 @@ impl Mode {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
 pub struct AgentStatus {
     pub machine: String,
+    /// Its configuration server link: settings age, unreachable since, revocations held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_server_link: Option<crate::control::ServerLinkStatus>,
     pub status_listen: Option<String>,
     /// The file holding the control token the point, group and verify routes need (readable
     /// only by the agent's user).

@@ -137,6 +137,18 @@ pub struct HeartbeatAck {
     pub ok: bool,
 }
 
+/// How a component stands with its configuration server (in its status): when its settings —
+/// and with them the revocation list it enforces — last came, and since when no server answers.
+/// The list is kept (in a file) and enforced all the same while none does.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ServerLinkStatus {
+    pub last_settings_ms: Option<u64>,
+    /// Set while no configuration server answers (the first failed fetch).
+    pub unreachable_since_ms: Option<u64>,
+    /// Revoked certificate serials the component holds and refuses.
+    pub revoked_certificates: u64,
+}
+
 /// Healthy, Warning or Critical.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "kebab-case")]

@@ -13,6 +13,9 @@ use crate::Event;
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct MasterTargetStatus {
     pub name: String,
+    /// Its configuration server link: settings age, unreachable since, revocations held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_server_link: Option<crate::control::ServerLinkStatus>,
     pub listen: String,
     /// The address process servers should use.
     pub advertise: String,

@@ -11,6 +11,9 @@ use crate::route::{get, Role, Route};
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
 pub struct ProcessServerStatus {
     pub listen: String,
+    /// Its configuration server link: settings age, unreachable since, revocations held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_server_link: Option<crate::control::ServerLinkStatus>,
     /// The address agents should use.
     pub advertise: String,
     pub settings: ProcessServerSettings,

@@ -199,6 +199,8 @@ pub struct MasterTarget {
     pub exports: ferry_nbd::Exports,
     /// Certificates the configuration server revoked (kept on the retention volume).
     revoked: Arc<ferry_tls::Revoked>,
+    /// The link to the configuration server, for the status (set once its watch runs).
+    server_link: std::sync::OnceLock<ferry_status::SettingsLink>,
     /// The configuration server's latest failover orders (followed again when one finishes).
     failover_orders: Mutex<std::collections::BTreeMap<String, ferry_api::master_target::FailoverOrder>>,
     /// The configuration server's latest test-failover orders, and whether a thread follows them.
@@ -256,6 +258,7 @@ impl MasterTarget {
         }
         let mt = Arc::new(MasterTarget {
             revoked: Arc::new(revoked),
+            server_link: std::sync::OnceLock::new(),
             failover_orders: Mutex::new(Default::default()),
             test_failover_orders: Mutex::new(None),
             test_orders_busy: std::sync::atomic::AtomicBool::new(false),
@@ -429,6 +432,7 @@ impl MasterTarget {
         machines.sort_by(|a, b| a.machine.cmp(&b.machine));
         let live = self.live.read().unwrap_or_else(|p| p.into_inner()).clone();
         ferry_api::master_target::MasterTargetStatus {
+            config_server_link: self.server_link.get().map(|l| l.snapshot(self.revoked.len())),
             name: self.config.name.clone(),
             listen: self.config.listen.clone(),
             advertise: self.config.advertise.clone().unwrap_or_else(|| self.config.listen.clone()),
@@ -494,13 +498,14 @@ pub async fn serve(
             shutdown.clone(),
         );
         let mt2 = mt.clone();
-        ferry_status::spawn_settings_watch(
+        let watch = ferry_status::spawn_settings_watch(
             link,
             ComponentKind::MasterTarget,
             mt.config.name.clone(),
             move |v| mt2.apply_settings(&v),
             shutdown.clone(),
         );
+        let _ = mt.server_link.set(watch);
     }
     let (mt2, sd) = (mt.clone(), shutdown.clone());
     ferry_tls::serve_tls(listener, acceptor, mt.revoked.clone(), shutdown, "process server", move |tls, peer| {

@@ -114,6 +114,8 @@ pub struct ProcessServer {
     connector: ferry_tls::tokio_rustls::TlsConnector,
     /// Certificates the configuration server revoked (kept in the cache folder).
     revoked: Arc<ferry_tls::Revoked>,
+    /// The link to the configuration server, for the status (set once its watch runs).
+    server_link: std::sync::OnceLock<ferry_status::SettingsLink>,
     shutdown: CancellationToken,
 }
 
@@ -156,8 +158,15 @@ impl ProcessServer {
             None => ferry_tls::Revoked::none(),
         };
         let revoked = Arc::new(revoked);
-        let ps =
-            Arc::new(ProcessServer { config, spools: Mutex::new(HashMap::new()), live, connector, revoked, shutdown });
+        let ps = Arc::new(ProcessServer {
+            config,
+            spools: Mutex::new(HashMap::new()),
+            live,
+            connector,
+            revoked,
+            server_link: std::sync::OnceLock::new(),
+            shutdown,
+        });
         // Resume forwarding whatever the spool still holds, agent connected or not.
         if let Ok(entries) = std::fs::read_dir(&ps.config.cache_dir) {
             for e in entries.flatten() {
@@ -278,6 +287,7 @@ impl ProcessServer {
         let live = self.live.read().unwrap_or_else(|p| p.into_inner()).clone();
         let free_percent = self.free_percent();
         ferry_api::process_server::ProcessServerStatus {
+            config_server_link: self.server_link.get().map(|l| l.snapshot(self.revoked.len())),
             listen: self.config.listen.clone(),
             advertise: self.config.advertise.clone().unwrap_or_else(|| self.config.listen.clone()),
             settings: live,
@@ -487,13 +497,14 @@ pub async fn serve(
             shutdown.clone(),
         );
         let ps2 = ps.clone();
-        ferry_status::spawn_settings_watch(
+        let watch = ferry_status::spawn_settings_watch(
             link,
             ComponentKind::ProcessServer,
             "process-server".into(),
             move |v| ps2.apply_settings(&v),
             shutdown.clone(),
         );
+        let _ = ps.server_link.set(watch);
     }
     let ps2 = ps.clone();
     let revoked = ps.revoked.clone();

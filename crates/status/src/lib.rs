@@ -445,6 +445,7 @@ mod tests {
                 throttling: false,
                 filesystem_available_bytes: 1,
                 machines: vec![],
+                config_server_link: None,
             })
         };
         let h = tokio::spawn(serve(l, Router::new().route("/status", status_route(status)), t));
@@ -542,6 +543,39 @@ pub fn spawn_heartbeats<F>(
     });
 }
 
+/// What [`spawn_settings_watch`] knows of the link to the configuration server, for the
+/// component's status (the revoked count is the component's own, filled in by `snapshot`).
+#[derive(Clone, Default)]
+pub struct SettingsLink(Arc<std::sync::Mutex<ferry_api::control::ServerLinkStatus>>);
+
+impl SettingsLink {
+    pub fn snapshot(&self, revoked_certificates: usize) -> ferry_api::control::ServerLinkStatus {
+        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        s.revoked_certificates = revoked_certificates as u64;
+        s
+    }
+
+    fn fetched(&self) {
+        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(since) = s.unreachable_since_ms.take() {
+            tracing::info!(since_ms = since, "the configuration server answers again");
+        }
+        s.last_settings_ms = Some(now_ms());
+    }
+
+    fn failed(&self, why: &str) {
+        let mut s = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if s.unreachable_since_ms.is_none() {
+            s.unreachable_since_ms = Some(now_ms());
+            tracing::warn!(error = %why, last_settings_ms = ?s.last_settings_ms, "no configuration server answers: keeping the settings and the revocation list it sent last, and enforcing them");
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
 /// Follow the settings the configuration server holds for this component: every heartbeat
 /// interval, fetch them and call `apply` when they differ from the last ones seen (the first
 /// successful fetch always applies). Settings a component can take while running (per-machine
@@ -552,9 +586,12 @@ pub fn spawn_settings_watch<F>(
     default_name: String,
     apply: F,
     shutdown: tokio_util::sync::CancellationToken,
-) where
+) -> SettingsLink
+where
     F: Fn(ComponentSettings) + Send + Sync + 'static,
 {
+    let state = SettingsLink::default();
+    let st = state.clone();
     tokio::spawn(async move {
         let name = link.name.clone().unwrap_or(default_name);
         let every = std::time::Duration::from_secs_f64(link.heartbeat_interval_secs.clamp(0.1, 10.0));
@@ -571,6 +608,11 @@ pub fn spawn_settings_watch<F>(
                     None,
                 )
                 .await;
+                match &r {
+                    Ok((200, _)) => st.fetched(),
+                    Ok((code, _)) => st.failed(&format!("HTTP {code}")),
+                    Err(e) => st.failed(&e.to_string()),
+                }
                 if let Ok((200, body)) = r {
                     match serde_json::from_slice::<ComponentSettings>(&body) {
                         Ok(v) if last.as_ref() != Some(&v) => {
@@ -591,4 +633,5 @@ pub fn spawn_settings_watch<F>(
             }
         }
     });
+    state
 }

@@ -77,6 +77,15 @@ impl Revoked {
         })
     }
 
+    /// How many serials are held.
+    pub fn len(&self) -> usize {
+        self.serials.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Take the list the configuration server sent (it only grows there; entries are never
     /// dropped here, so a stale answer cannot un-revoke), and keep it in the file.
     pub fn extend(&self, serials: &[String]) -> Result<(), String> {

@@ -2,7 +2,8 @@
 //! removed with its identity, what it wrote is discarded and reported, the replica is exactly at
 //! the primary's last write again (`lab verify` exact), the fence is lifted and the primary
 //! replicates on — with the configuration server killed at a seeded random point of the cancel
-//! and the master target stopped exactly after it recorded the cancel.
+//! and the master target stopped exactly after it recorded the cancel; then, with no
+//! configuration server answering, the components keep the revocation and say since when.
 //!
 //! Size: one story; it needs a whole lab.
 
@@ -136,4 +137,24 @@ fn a_cancelled_failover_gives_the_primary_back_with_nothing_lost_and_the_recover
     assert!(good, "the replica holds a prefix of the primary's log: {v:#} {rep:#}");
     assert!(v["prefix_seq"].as_u64().unwrap() > paused + 10, "and the primary's writes after the cancel: {v:#}");
     ok(&lab.run(&["lab", "link", "restore"]), "restore the link");
+
+    // No configuration server answers: every component keeps enforcing the revocation list it
+    // holds (web1.recovery's certificate) and says since when it has heard nothing.
+    let cs = lab.pids().into_iter().find(|(n, _)| n == "config-server").map(|(_, p)| p).unwrap();
+    crate::lab_sites::kill_group(cs);
+    let mt = wait("the master target says the server is gone", Duration::from_secs(60), || {
+        let l = lab.process_status("mt-r")["config_server_link"].clone();
+        l["unreachable_since_ms"].is_u64().then_some(l)
+    });
+    assert!(mt["revoked_certificates"].as_u64().unwrap() >= 1, "the list is kept: {mt:#}");
+    assert!(mt["last_settings_ms"].as_u64().unwrap() <= mt["unreachable_since_ms"].as_u64().unwrap(), "{mt:#}");
+    let agent = wait("so does web1's agent", Duration::from_secs(60), || {
+        let l = lab.agent_status("web1")["config_server_link"].clone();
+        l["unreachable_since_ms"].is_u64().then_some(l)
+    });
+    assert!(agent["revoked_certificates"].as_u64().unwrap() >= 1, "{agent:#}");
+    ok(&lab.run(&["lab", "restart", "config-server"]), "the configuration server comes back");
+    wait("the master target hears from it again", Duration::from_secs(60), || {
+        lab.process_status("mt-r")["config_server_link"]["unreachable_since_ms"].is_null().then_some(())
+    });
 }
