@@ -119,6 +119,21 @@ async fn plan(s: &AppState, req: &ProtectRequest) -> Result<Vec<Protection>, Api
                 req.master_target
             ))
         })?;
+    for m in &names {
+        failover_names_fit(m, &mt_site.site).map_err(ApiError::bad)?;
+        if s.store.get::<Protection>(PROTECTION, m).await?.is_some() {
+            // Protected already (its own names may be in use): refused below, saying so.
+            continue;
+        }
+        let taken =
+            [crate::failover::recovery_machine_name(m, &mt_site.site), crate::test_failover::test_machine_name(m)];
+        if let Some(t) = taken.iter().find(|t| mt_site.content.machines.iter().any(|x| &x.name == *t)) {
+            return Err(ApiError::conflict(format!(
+                "site {} already has a machine named {t}: {m}'s failover or test failover would need that name there; rename one of them",
+                mt_site.site
+            )));
+        }
+    }
     let ds = mt_site.content.datastores.iter().find(|d| d.name == req.datastore).ok_or_else(|| {
         ApiError::not_found(format!(
             "site {} (master target {}'s) has no datastore {}",
@@ -503,6 +518,26 @@ pub async fn effective_state(store: &Store, p: &Protection) -> Result<String, fe
 
 pub(crate) fn fail(code: errors::ErrorCode, msg: impl Into<String>) -> Outcome {
     Outcome::Failed(JobError::new(code, msg))
+}
+
+/// A machine protected to `site` must fail over and drill under names of its own there:
+/// `MACHINE.SITE` (the failed-over machine), `MACHINE.test` and its network `test-MACHINE`. Checked
+/// when protection is enabled, not on the day of the failover.
+pub fn failover_names_fit(machine: &str, site: &str) -> Result<(), String> {
+    let names = [
+        crate::failover::recovery_machine_name(machine, site),
+        crate::test_failover::test_machine_name(machine),
+        crate::test_failover::test_network_name(machine),
+    ];
+    for n in &names {
+        if ferry_types::validate_name("machine", n).is_err() {
+            return Err(format!(
+                "machine name {machine:?} is too long to fail over to site {site}: its machine there would be {n:?} ({} characters, at most 128); protect it under a shorter name",
+                n.len()
+            ));
+        }
+    }
+    Ok(())
 }
 
 pub(crate) async fn component(store: &Store, kind: ComponentKind, name: &str) -> Option<Component> {
@@ -957,5 +992,21 @@ pub async fn mark_failed(store: &Store, pj: &ProtectJob<'_>) {
                 let _ = store.put(PROTECTION, &p.machine, &b, Some(d.revision)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_machine_whose_failover_names_would_not_fit_is_refused_at_protect() {
+        assert!(failover_names_fit("web1", "recovery").is_ok());
+        let longest = "m".repeat(128 - ".recovery".len());
+        assert!(failover_names_fit(&longest, "recovery").is_ok());
+        let e = failover_names_fit(&format!("{longest}x"), "recovery").unwrap_err();
+        assert!(e.contains("too long") && e.contains("at most 128"), "{e}");
+        // The drill's names count too (a short site name does not make a long machine fit).
+        assert!(failover_names_fit(&"m".repeat(124), "r").is_err());
     }
 }
