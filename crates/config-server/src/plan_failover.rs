@@ -63,6 +63,44 @@ pub struct PlanRun {
     pub progress: BTreeMap<String, usize>,
 }
 
+/// The machines of each group of a plan, and each one's protection record: every machine must
+/// be Protected and free (no failover, no drill) before any is claimed, for a plan failover and a
+/// plan test failover alike.
+pub(crate) async fn free_plan_machines(
+    s: &AppState,
+    plan: &RecoveryPlan,
+) -> Result<(Vec<Vec<String>>, Vec<ferry_store::Doc<Protection>>), ApiError> {
+    let name = &plan.name;
+    let groups = plan_machines(s, plan).await?;
+    if groups.iter().all(|g| g.is_empty()) {
+        return Err(ApiError::bad(format!("recovery plan {name} has no machines")));
+    }
+    let mut docs = Vec::new();
+    for m in groups.iter().flatten() {
+        let doc = crate::failover::protection_of(s, m).await?;
+        let state = effective_state(&s.store, &doc.body).await?;
+        if state != "protected" {
+            return Err(failover_state_error(format!(
+                "machine {m} of plan {name} is {state}, not protected: every machine of the plan must be Protected"
+            )));
+        }
+        if let Some(f) = &doc.body.failover {
+            return Err(failover_state_error(format!(
+                "machine {m} of plan {name} has a failover already (job {}): see `ferry machines`",
+                f.job
+            )));
+        }
+        if let Some(t) = &doc.body.test_failover {
+            return Err(failover_state_error(format!(
+                "machine {m} of plan {name} is in test failover {}: clean it up first (`ferry test-failover cleanup {m}`)",
+                t.drill
+            )));
+        }
+        docs.push(doc);
+    }
+    Ok((groups, docs))
+}
+
 /// The machines of each group of a plan, replication groups expanded.
 pub(crate) async fn plan_machines(s: &AppState, plan: &RecoveryPlan) -> Result<Vec<Vec<String>>, ApiError> {
     let mut out = Vec::new();
@@ -135,34 +173,7 @@ async fn claim(s: &Arc<AppState>, name: &str, req: PlanFailoverRequest) -> Resul
         return Err(ApiError::bad(format!("drain_secs {}: 1 to 86400", req.drain_secs)));
     }
     let reason = crate::failover::check_reason(req.reason.as_deref(), format!("failover of recovery plan {name}"))?;
-    let groups = plan_machines(s, &plan).await?;
-    if groups.iter().all(|g| g.is_empty()) {
-        return Err(ApiError::bad(format!("recovery plan {name} has no machines")));
-    }
-    // Every machine must be Protected and free before any is claimed.
-    let mut docs = Vec::new();
-    for m in groups.iter().flatten() {
-        let doc = crate::failover::protection_of(s, m).await?;
-        let state = effective_state(&s.store, &doc.body).await?;
-        if state != "protected" {
-            return Err(failover_state_error(format!(
-                "machine {m} of plan {name} is {state}, not protected: every machine of the plan must be Protected"
-            )));
-        }
-        if let Some(f) = &doc.body.failover {
-            return Err(failover_state_error(format!(
-                "machine {m} of plan {name} has a failover already (job {}): see `ferry machines`",
-                f.job
-            )));
-        }
-        if let Some(t) = &doc.body.test_failover {
-            return Err(failover_state_error(format!(
-                "machine {m} of plan {name} is in test failover {}: clean it up first (`ferry test-failover cleanup {m}`)",
-                t.drill
-            )));
-        }
-        docs.push(doc);
-    }
+    let (groups, docs) = free_plan_machines(s, &plan).await?;
     let id = crate::jobs::Jobs::new_id();
     let mut claimed: Vec<(Protection, i64)> = Vec::new();
     for doc in docs {

@@ -25,8 +25,8 @@ use crate::failover::{check_point, failover_state_error, running};
 use crate::http::{Body, Caller};
 use crate::jobs::{now_ms, Job, JobControl, Outcome};
 use crate::ops::{JobWork, Ops};
-use crate::plan_failover::{plan_machines, run_record, update_run, PlanJob, PlanRun, PlanStep, PLAN_RUN};
-use crate::protection::{effective_state, fail, Protection, PROTECTION};
+use crate::plan_failover::{run_record, update_run, PlanJob, PlanRun, PlanStep, PLAN_RUN};
+use crate::protection::{fail, Protection, PROTECTION};
 use crate::test_failover::{test_machine_name, DRILL};
 use crate::AppState;
 
@@ -68,33 +68,7 @@ async fn claim(s: &Arc<AppState>, caller: &Caller, name: &str, req: PlanTestFail
             crate::plan_failover::PLAN_SELECTORS.join(", ")
         )));
     }
-    let groups = plan_machines(s, &plan).await?;
-    if groups.iter().all(|g| g.is_empty()) {
-        return Err(ApiError::bad(format!("recovery plan {name} has no machines")));
-    }
-    let mut docs = Vec::new();
-    for m in groups.iter().flatten() {
-        let doc = crate::failover::protection_of(s, m).await?;
-        let state = effective_state(&s.store, &doc.body).await?;
-        if state != "protected" {
-            return Err(failover_state_error(format!(
-                "machine {m} of plan {name} is {state}, not protected: every machine of the plan must be Protected"
-            )));
-        }
-        if let Some(f) = &doc.body.failover {
-            return Err(failover_state_error(format!(
-                "machine {m} of plan {name} has a failover (job {}): a test failover drills protected machines",
-                f.job
-            )));
-        }
-        if let Some(t) = &doc.body.test_failover {
-            return Err(failover_state_error(format!(
-                "machine {m} of plan {name} is in test failover {} already: clean it up first",
-                t.drill
-            )));
-        }
-        docs.push(doc);
-    }
+    let (groups, docs) = crate::plan_failover::free_plan_machines(s, &plan).await?;
     let id = crate::jobs::Jobs::new_id();
     let started_ms = now_ms();
     let mut drills = BTreeMap::new();
@@ -209,11 +183,7 @@ pub async fn cleanup(
     Path(name): Path<String>,
     Body(req): Body<CleanupTestFailoverRequest>,
 ) -> crate::http::ApiResult {
-    if let Some(n) = &req.notes {
-        if n.chars().count() > 2000 || n.chars().any(|c| c.is_control() && c != '\n') {
-            return Err(ApiError::bad("notes: at most 2000 characters, no control characters but newlines"));
-        }
-    }
+    crate::test_failover::check_notes(req.notes.as_deref())?;
     let job = tokio::spawn(async move {
         crate::model::check_name("recovery plan", &name)?;
         let mut drills = BTreeMap::new();

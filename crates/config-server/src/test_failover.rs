@@ -179,6 +179,16 @@ async fn start_claimed(
     }
 }
 
+/// A drill's notes: at most 2000 characters, no control characters but newlines.
+pub(crate) fn check_notes(notes: Option<&str>) -> Result<(), ApiError> {
+    match notes {
+        Some(n) if n.chars().count() > 2000 || n.chars().any(|c| c.is_control() && c != '\n') => {
+            Err(ApiError::bad("notes: at most 2000 characters, no control characters but newlines"))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// `POST /api/v1/machines/{name}/test-failover/cleanup`.
 pub async fn cleanup(
     State(s): State<Arc<AppState>>,
@@ -186,11 +196,7 @@ pub async fn cleanup(
     Path(machine): Path<String>,
     Body(req): Body<CleanupTestFailoverRequest>,
 ) -> crate::http::ApiResult {
-    if let Some(n) = &req.notes {
-        if n.chars().count() > 2000 || n.chars().any(|c| c.is_control() && c != '\n') {
-            return Err(ApiError::bad("notes: at most 2000 characters, no control characters but newlines"));
-        }
-    }
+    check_notes(req.notes.as_deref())?;
     let job = tokio::spawn(async move {
         let doc = protection_of(&s, &machine).await?;
         let mut p = doc.body;
