@@ -348,3 +348,44 @@ async fn a_quiesced_machine_refuses_writes_after_its_last_seq_until_lifted() {
     assert!(m.status().quiesced.is_none());
     write(&m, 0, 4096, vec![2u8; 4096]).await;
 }
+
+/// Protection disabled: the agent forgets what it had shipped (its replica is gone), ships
+/// nothing, and a later protection starts with a full initial sync — even of a failed-over
+/// machine's agent, whose disks held a point.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disabled_agent_forgets_its_replication_state_and_a_new_protection_copies_in_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let seed = ferry_api::agent::FailoverSeed {
+        machine: "vm1".into(),
+        lineage: 7,
+        lineage_ancestors: Vec::new(),
+        point: "vm1@100".into(),
+        point_seq: 100,
+        extents: vec![extent(0, 8192)],
+    };
+    let m = tracking_machine(dir.path(), &seed);
+    assert!(m.status().initial_sync_complete);
+    m.shutdown().unwrap();
+    drop(m);
+    let disk = dir.path().join("d0.img");
+    let base = format!(
+        "machine = \"vm1.recovery\"\nstate_dir = \"{0}/state\"\nal_extent_bytes = 1048576\nal_extents = 64\ncrash_point_interval_secs = 0\napp_point_interval_secs = 0\n[tls]\nca = \"{0}/ca.pem\"\ncert = \"{0}/a.pem\"\nkey = \"{0}/a.key\"\n[[disks]]\nname = \"d0\"\npath = \"{1}\"\n",
+        dir.path().display(),
+        disk.display()
+    );
+    // A seed with the flag is refused: a disabled machine has no failover to track.
+    let with_seed =
+        format!("protection_disabled = true\nfailover_seed = \"{}/seed.json\"\n{base}", dir.path().display());
+    let e = Machine::open(toml::from_str(&with_seed).unwrap()).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(e.contains("ships nothing"), "{e}");
+    let disabled = format!("protection_disabled = true\n{base}");
+    let m = Machine::open(toml::from_str(&disabled).unwrap()).unwrap();
+    assert_eq!(m.status().mode, Mode::Disabled);
+    assert!(!m.status().initial_sync_complete, "what it had shipped no longer holds anywhere");
+    m.shutdown().unwrap();
+    drop(m);
+    let protected = format!("process_server = \"127.0.0.1:9\"\n{base}");
+    let m = Machine::open(toml::from_str(&protected).unwrap()).unwrap();
+    assert_eq!(m.status().mode, Mode::InitialSync, "protected again: a full copy");
+    m.shutdown().unwrap();
+}

@@ -120,6 +120,12 @@ pub struct AgentConfig {
     /// unclean while it runs, complete after a clean stop), for a change of recovery point.
     #[serde(default)]
     pub recovery_writes_file: Option<PathBuf>,
+    /// Protection was disabled (the configuration server's disable job sets it): the disks are
+    /// served, nothing ships, and the replication state (`state.json`, `activity.log`,
+    /// `dirty.map`) is deleted at each start, so a later protection copies the disks again in
+    /// full — the replica it had was deleted with it. Needs no `process_server`.
+    #[serde(default)]
+    pub protection_disabled: bool,
     /// Heartbeats to a configuration server (from `ferry register`); standalone without it.
     #[serde(default)]
     pub config_server: Option<ferry_status::ConfigServerLink>,

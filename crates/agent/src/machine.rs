@@ -301,6 +301,23 @@ impl Machine {
         ferry_sys::fs::private_dir(&config.state_dir)
             .map_err(|source| AgentError::Io { path: config.state_dir.clone(), source })?;
         let state_path = config.state_dir.join("state.json");
+        if config.protection_disabled {
+            if config.process_server.is_some() || config.failover_seed.is_some() {
+                return Err(AgentError::Config(
+                    "protection_disabled = true with a process_server or failover_seed: a disabled machine ships nothing; remove those keys (or protect the machine again, which clears protection_disabled)".into(),
+                ));
+            }
+            // Its replica is gone: what this state says was shipped no longer holds anywhere.
+            for f in ["state.json", "activity.log", "dirty.map"] {
+                let p = config.state_dir.join(f);
+                match std::fs::remove_file(&p) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(source) => return Err(AgentError::Io { path: p, source }),
+                }
+            }
+            ferry_sys::fs::sync_dir(&config.state_dir).map_err(crate::io_at(&config.state_dir))?;
+        }
         let previous: Option<PersistentState> = match std::fs::read(&state_path) {
             Ok(d) => Some(
                 serde_json::from_slice(&d)
@@ -443,7 +460,11 @@ impl Machine {
             state.lineage = Some(StateLineage { id: rand::random::<u64>() | 1, parent: None, ancestors: Vec::new() });
         }
         // Without a process server nothing ships: every write is tracked.
-        let mode = if config.process_server.is_none() { Mode::Tracking } else { mode };
+        let mode = match (config.protection_disabled, config.process_server.is_none()) {
+            (true, _) => Mode::Disabled,
+            (false, true) => Mode::Tracking,
+            (false, false) => mode,
+        };
         // The recovered regions are now in the persisted bitmap: the activity log can start empty.
         dirty.save()?;
         al.clear()?;

@@ -23,6 +23,9 @@ pub enum Mode {
     /// No process server: every write is tracked (change bitmap), nothing is shipped — a
     /// failed-over machine at its recovery site until it is reprotected.
     Tracking,
+    /// Protection was disabled: the disks are served, nothing is shipped, and a later
+    /// protection copies them again from the start.
+    Disabled,
 }
 
 impl Mode {
@@ -32,6 +35,7 @@ impl Mode {
             Mode::InitialSync => "initial-sync",
             Mode::Resync => "resync",
             Mode::Tracking => "tracking",
+            Mode::Disabled => "disabled",
         }
     }
 }

@@ -22,7 +22,8 @@ pub struct MachineView {
     /// `unprotected`, `enabling`, `failed`, `protected`, `protected (<agent mode>)`, `protected
     /// (test failover running)`, `protected (failover cancelled)`, `failover in progress`,
     /// `failover failed`, `failover cancelling`, `failover cancel failed`, `failed over
-    /// (uncommitted)`, `failed over (committed)`, or `test machine of M (drill D)`.
+    /// (uncommitted)`, `failed over (committed)`, `disabling`, `disable failed`, `protection
+    /// disabled`, `removed`, or `test machine of M (drill D)`.
     pub replication: String,
     pub policy: Option<String>,
     pub process_server: Option<String>,
@@ -50,6 +51,9 @@ pub struct MachineView {
     /// The last cancelled failover (what the recovery site wrote and the cancel discarded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cancelled_failover: Option<ProtectionCancelledFailover>,
+    /// Protection disabled or removed: what was cleaned up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disabled: Option<ProtectionDisabled>,
 }
 
 /// `GET /api/v1/machines/{name}/recovery-points`: the points the machine's master target holds.
@@ -570,6 +574,53 @@ pub struct Protection {
     /// The last failover that was cancelled (the machine runs at its primary site again).
     #[serde(default)]
     pub cancelled_failover: Option<ProtectionCancelledFailover>,
+    /// Protection was disabled or removed (kept for the reprotect check, RP-2).
+    #[serde(default)]
+    pub disabled: Option<ProtectionDisabled>,
+}
+
+/// A disabled (or removed) protection, on its record: what was cleaned up, and where.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ProtectionDisabled {
+    /// The disable job.
+    pub job: String,
+    /// `remove`: the source side was not waited for (unreachable); it cleans up when it is back.
+    pub removed: bool,
+    /// The machine was failed over (`force`): its reprotect and failback are no longer possible.
+    pub failed_over: bool,
+    pub requested_ms: u64,
+    /// When the last step ended (none while it runs or after it failed).
+    #[serde(default)]
+    pub done_ms: Option<u64>,
+    /// Who asked (the token's name).
+    pub by: String,
+    /// What the agent did (or why it was not waited for).
+    #[serde(default)]
+    pub agent: Option<String>,
+    /// Bytes of the process server's spool deleted (none: not confirmed, e.g. with `remove`).
+    #[serde(default)]
+    pub deleted_spool_bytes: Option<u64>,
+    /// Bytes of the replica (journal, recovery points, target disks) deleted at the master target.
+    #[serde(default)]
+    pub deleted_replica_bytes: Option<u64>,
+    /// The target disks were kept: a failed-over machine runs from them.
+    #[serde(default)]
+    pub kept_target_disks: bool,
+}
+
+/// `POST /api/v1/machines/{name}/disable-protection`: stop protecting a machine and delete what
+/// protection made (spool, replica, recovery points); the machine itself keeps running.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DisableProtectionRequest {
+    /// The source (primary site) is unreachable: do not wait for its agent and process server
+    /// (they clean up when they are back); the recovery side is cleaned up all the same.
+    #[serde(default)]
+    pub remove: bool,
+    /// Also for a failed-over machine: its recovery points go, and reprotect and failback are
+    /// then impossible (RP-2); the machine at the recovery site keeps running on its disks.
+    #[serde(default)]
+    pub force: bool,
 }
 
 /// A failover cancelled before commit, on the protection record.
@@ -1066,6 +1117,7 @@ pub enum ConfigServerEndpoint {
     ChangeFailoverPoint,
     CommitFailover,
     CancelFailover,
+    DisableProtection,
     TestFailoverPlan,
     CleanupTestFailoverPlan,
     TestFailover,
@@ -1135,6 +1187,7 @@ pub const ROUTES: &[Route<ConfigServerEndpoint>] = &[
     Route::new::<FailoverRequest, Job>(C::Failover, Post, "/api/v1/failovers", Role::Operator, "Fail a protected machine over {machine, kind: planned | unplanned, point, reason}: a failover job (planned: quiesce, drain, shut down, fence, disks at the last write; unplanned: try to shut down, fence, disks at the point)").answers(202),
     Route::new::<ChangePointRequest, Job>(C::ChangeFailoverPoint, Post, "/api/v1/machines/{name}/failover/change-point", Role::Operator, "Put a failed-over machine's disks at another point {point}, before commit: a job").answers(202),
     Route::new::<(), Job>(C::CommitFailover, Post, "/api/v1/machines/{name}/failover/commit", Role::Operator, "Commit a machine's failover: its point cannot change any more (a job)").no_body().answers(202),
+    Route::new::<DisableProtectionRequest, Job>(C::DisableProtection, Post, "/api/v1/machines/{name}/disable-protection", Role::Operator, "Disable protection of a machine {remove?, force?}: its agent stops shipping (the machine keeps running), its spool and replica with every recovery point are deleted; `remove` does not wait for an unreachable primary site; `force` for a failed-over machine (a job)").answers(202),
     Route::new::<CancelFailoverRequest, Job>(C::CancelFailover, Post, "/api/v1/machines/{name}/failover/cancel", Role::Operator, "Cancel a machine's failover before commit {no_start?}: the machine at the recovery site removed and its writes discarded (reported), the replica put back at the primary's last write and unfenced, the primary started again (a job)").answers(202),
     Route::new::<PlanTestFailoverRequest, Job>(C::TestFailoverPlan, Post, "/api/v1/recovery-plans/{name}/test-failover", Role::Operator, "Test failover of a recovery plan {point?, no_start?}: a drill of every machine, group by group with the plan's actions, in one test network; a replication group at one multi-machine point; replication goes on (a job)").answers(202),
     Route::new::<CleanupTestFailoverRequest, Job>(C::CleanupTestFailoverPlan, Post, "/api/v1/recovery-plans/{name}/test-failover/cleanup", Role::Operator, "End the plan's drills {result?, notes?}: every test machine and export removed, each drill recorded (a job)").answers(202),

@@ -289,6 +289,15 @@ pub struct ComponentSettings {
     /// hold open: a writable export of a point. The running master target follows it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine_test_failovers: Option<BTreeMap<String, crate::master_target::TestFailoverOrder>>,
+    /// Process servers and master targets: per machine, a disabled protection whose spool or
+    /// replica (journal, recovery points, target disks) is to be deleted. Followed while running
+    /// and after a restart; the status says when each one is done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_removals: Option<BTreeMap<String, RemovalOrder>>,
+    /// Agents: protection was disabled — serve the disks, ship nothing, and start over (a later
+    /// protection copies the disks again). Set by the disable job only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protection_disabled: Option<bool>,
     /// Any other key of the component's configuration file.
     #[serde(flatten)]
     pub other: BTreeMap<String, serde_json::Value>,
@@ -296,7 +305,37 @@ pub struct ComponentSettings {
 
 /// Settings a running component follows (its settings watch) that are not keys of its
 /// configuration file: left out when the settings are merged into the file's keys at start.
-pub const RUNTIME_KEYS: [&str; 4] = ["revoked_certificates", "quiesce", "machine_failovers", "machine_test_failovers"];
+pub const RUNTIME_KEYS: [&str; 5] =
+    ["revoked_certificates", "quiesce", "machine_failovers", "machine_test_failovers", "machine_removals"];
+
+/// A disabled protection's removal order to a process server or master target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RemovalOrder {
+    /// The disable job (a removal is done once per order).
+    pub order: String,
+    /// Master targets: keep the target disks (a failed-over machine runs from them); the journal
+    /// and recovery points are deleted all the same.
+    #[serde(default)]
+    pub keep_target_disks: bool,
+}
+
+/// What a process server or master target did with a removal order (its status, and a file
+/// beside its spools or replicas, so a restart does not forget it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RemovedMachine {
+    pub order: String,
+    /// When it finished (0 while it failed).
+    pub at_ms: u64,
+    /// Bytes of files deleted (spool; journal, history and, unless kept, target disks).
+    pub deleted_bytes: u64,
+    /// Master targets: the target disks were kept.
+    #[serde(default)]
+    pub kept_target_disks: bool,
+    /// Why it could not be done (it is tried again at each settings fetch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
 
 /// Keys that stay in the component's own file (local to its host): the server refuses them.
 pub const LOCAL_KEYS: [&str; 6] = ["tls", "config_server", "state_dir", "cache_dir", "datastore", "retention"];
@@ -333,6 +372,8 @@ pub fn setting_access(kind: ComponentKind, key: &str) -> Option<SettingAccess> {
         "quiesce",
         "machine_failovers",
         "machine_test_failovers",
+        "machine_removals",
+        "protection_disabled",
         "failover_seed",
         "recovery_writes_file",
         "master_target",
@@ -391,6 +432,14 @@ impl ComponentSettings {
         self.group.clone_from(&stored.group);
         self.machine_master_targets.clone_from(&stored.machine_master_targets);
         self.machine_datastores.clone_from(&stored.machine_datastores);
+        // The jobs' orders too: an operator's change of a window or an interval must not drop a
+        // fence, a quiesce, a drill or a removal.
+        self.machine_process_servers.clone_from(&stored.machine_process_servers);
+        self.quiesce.clone_from(&stored.quiesce);
+        self.machine_failovers.clone_from(&stored.machine_failovers);
+        self.machine_test_failovers.clone_from(&stored.machine_test_failovers);
+        self.machine_removals.clone_from(&stored.machine_removals);
+        self.protection_disabled = stored.protection_disabled;
         for (k, v) in &stored.other {
             if setting_access(kind, k) == Some(SettingAccess::Never) {
                 self.other.insert(k.clone(), v.clone());
@@ -493,6 +542,27 @@ mod settings_tests {
         assert_eq!(new.process_server, stored.process_server);
         assert_eq!(new.disks, stored.disks);
         assert_eq!(setting_access(ComponentKind::Agent, "group"), Some(SettingAccess::Never));
+    }
+
+    #[test]
+    fn an_operator_request_keeps_the_jobs_orders() {
+        let mut removals = BTreeMap::new();
+        removals.insert("vm1".to_owned(), RemovalOrder { order: "j1".into(), keep_target_disks: false });
+        let mut ps = BTreeMap::new();
+        ps.insert("vm2".to_owned(), "process-server/ps1@primary".to_owned());
+        let stored = ComponentSettings {
+            machine_removals: Some(removals),
+            machine_process_servers: Some(ps),
+            ..Default::default()
+        };
+        let mut windows = BTreeMap::new();
+        windows.insert("vm2".to_owned(), 60.0);
+        let req = ComponentSettings { machine_retention_secs: Some(windows), ..Default::default() };
+        let new = req.keeping_server_keys(ComponentKind::MasterTarget, &stored);
+        assert_eq!(new.machine_removals, stored.machine_removals);
+        assert_eq!(new.machine_process_servers, stored.machine_process_servers);
+        assert!(new.machine_retention_secs.is_some());
+        assert_eq!(setting_access(ComponentKind::Agent, "protection_disabled"), Some(SettingAccess::Never));
     }
 }
 

@@ -27,6 +27,9 @@ pub struct MasterTargetStatus {
     /// What the configuration server set while running.
     pub settings: MasterTargetSettings,
     pub machines: Vec<ReplicaStatus>,
+    /// Replicas deleted for a disabled protection, per machine (for the orders it was given).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub removed_machines: BTreeMap<String, crate::control::RemovedMachine>,
 }
 
 /// The per-machine settings a running master target takes from the configuration server.

@@ -24,6 +24,9 @@ pub struct ProcessServerStatus {
     pub throttling: bool,
     pub filesystem_available_bytes: u64,
     pub machines: Vec<SpoolStatus>,
+    /// Spools deleted for a disabled protection, per machine (for the orders it was given).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub removed_machines: BTreeMap<String, crate::control::RemovedMachine>,
 }
 
 /// What the configuration server set while running.

@@ -94,6 +94,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             C::ChangeFailoverPoint => on(m, crate::failover::change_point),
             C::CommitFailover => on(m, crate::failover::commit),
             C::CancelFailover => on(m, crate::failover::cancel),
+            C::DisableProtection => on(m, crate::disable::disable),
             C::TestFailoverPlan => on(m, crate::plan_test_failover::start),
             C::CleanupTestFailoverPlan => on(m, crate::plan_test_failover::cleanup),
             C::TestFailover => on(m, crate::test_failover::start),

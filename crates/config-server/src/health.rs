@@ -189,7 +189,9 @@ pub async fn health_of(s: &AppState, c: &Component) -> (Health, Vec<HealthReason
             }
         }
     }
-    if let Some(agent) = c.status.as_ref().and_then(|st| st.agent()) {
+    // A disabled protection has no lag to alert on: nothing ships by design.
+    let agent = c.status.as_ref().and_then(|st| st.agent()).filter(|a| a.mode != ferry_api::agent::Mode::Disabled);
+    if let Some(agent) = agent {
         let lag = agent.lag_seconds;
         // The policy from the heartbeat, else the one protection set in the agent's settings.
         let name = match &c.policy {

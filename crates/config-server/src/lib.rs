@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod backup;
+pub mod disable;
 pub mod discovery;
 pub mod errors;
 pub mod failover;

@@ -83,6 +83,8 @@ pub enum JobWork {
     FailoverCommit { machine: String },
     /// Cancel a machine's failover before commit (`by`: who asked).
     FailoverCancel { machine: String, no_start: bool, by: String },
+    /// Disable (or, source unreachable, remove) a machine's protection (see `disable`).
+    DisableProtection { machine: String, remove: bool },
 }
 
 impl JobWork {
@@ -98,6 +100,7 @@ impl JobWork {
             JobWork::FailoverChangePoint { .. } => "failover-change-point",
             JobWork::FailoverCommit { .. } => "failover-commit",
             JobWork::FailoverCancel { .. } => "failover-cancel",
+            JobWork::DisableProtection { .. } => "disable-protection",
             JobWork::TestFailover { .. } => "test-failover",
             JobWork::PlanFailover { .. } => "plan-failover",
             JobWork::PlanTestFailover { .. } => "plan-test-failover",
@@ -364,6 +367,7 @@ impl Runner for Ops {
             JobWork::FailoverCancel { machine, no_start, by } => {
                 self.cancel_step(job, &machine, no_start, &by, step, ctl).await
             }
+            JobWork::DisableProtection { machine, remove } => self.disable_step(job, &machine, remove, step, ctl).await,
             JobWork::TestFailover { machine, drill, point, no_start } => {
                 match self.test_failover_step(&machine, &drill, &point, no_start, step, ctl).await {
                     Outcome::Failed(e) => Outcome::Failed(self.test_failover_failed(&drill, e).await),
@@ -408,6 +412,7 @@ pub const JOB_KINDS: &[&str] = &[
     "failover-change-point",
     "failover-commit",
     "failover-cancel",
+    "disable-protection",
     "test-failover",
     "test-failover-cleanup",
     "plan-failover",

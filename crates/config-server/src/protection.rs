@@ -178,12 +178,7 @@ async fn plan(s: &AppState, req: &ProtectRequest) -> Result<Vec<Protection>, Api
         }
         if let Some(p) = s.store.get::<Protection>(PROTECTION, m).await? {
             let state = effective_state(&s.store, &p.body).await?;
-            if state != "failed" {
-                return Err(ApiError::conflict(format!(
-                    "machine {m} is already {state} (job {}) to master target {}",
-                    p.body.job, p.body.master_target
-                )));
-            }
+            may_protect_again(&p.body, &state, &req.master_target, &req.datastore)?;
         }
         let mt_os = mt_site
             .content
@@ -220,6 +215,7 @@ async fn plan(s: &AppState, req: &ProtectRequest) -> Result<Vec<Protection>, Api
             since_ms: now_ms(),
             failover: None,
             test_failover: None,
+            disabled: None,
             cancelled_failover: None,
         });
     }
@@ -323,12 +319,9 @@ async fn claim_and_start(s: &Arc<AppState>, req: &ProtectRequest) -> Result<Job,
         let (expected, previous) = match existing {
             Some(d) => {
                 let state = effective_state(&s.store, &d.body).await?;
-                if state != "failed" {
+                if let Err(e) = may_protect_again(&d.body, &state, &p.master_target, &p.datastore) {
                     undo(claimed).await;
-                    return Err(ApiError::conflict(format!(
-                        "machine {} is already {state} (job {})",
-                        p.machine, d.body.job
-                    )));
+                    return Err(e);
                 }
                 (d.revision, Some(d.body))
             }
@@ -366,6 +359,28 @@ async fn claim_and_start(s: &Arc<AppState>, req: &ProtectRequest) -> Result<Job,
     }
 }
 
+/// Whether a machine with protection record `p` (in `state`) may be protected anew to that
+/// master target and datastore: after a failed protect, or once its protection was disabled —
+/// but never into the folder whose kept target disks its failed-over machine runs from.
+fn may_protect_again(p: &Protection, state: &str, master_target: &str, datastore: &str) -> Result<(), ApiError> {
+    if !["failed", crate::disable::DISABLED, crate::disable::REMOVED].contains(&state) {
+        return Err(ApiError::conflict(format!(
+            "machine {} is already {state} (job {}) to master target {}",
+            p.machine, p.job, p.master_target
+        )));
+    }
+    let kept = p.disabled.as_ref().is_some_and(|x| x.kept_target_disks);
+    if kept && p.master_target == master_target && p.datastore == datastore {
+        return Err(ApiError::conflict(format!(
+            "the failed-over machine {} runs from the target disks the disabled protection of {} kept in datastore {datastore} of master target {master_target}: protect {} to another datastore",
+            p.failover.as_ref().and_then(|f| f.recovery_machine.clone()).unwrap_or_default(),
+            p.machine,
+            p.machine
+        )));
+    }
+    Ok(())
+}
+
 /// `GET /api/v1/machines`: every discovered machine with its protection, health and RPO.
 pub async fn list_machines(State(s): State<Arc<AppState>>) -> crate::http::ApiResult {
     let protections: HashMap<String, Protection> =
@@ -385,7 +400,8 @@ pub async fn list_machines(State(s): State<Arc<AppState>>) -> crate::http::ApiRe
                 None => None,
             };
             let failover = p.and_then(|p| p.failover.clone());
-            if let (Some(p), Some(f)) = (p, &failover) {
+            let disabling = p.is_some_and(|p| p.disabled.is_some());
+            if let (Some(p), Some(f), false) = (p, &failover, disabling) {
                 // Failed over, the machine's health is its recovery site's: the primary's agent
                 // is expected to be silent.
                 (health, reasons) = crate::failover::failover_health(&s.store, p, f).await;
@@ -405,7 +421,12 @@ pub async fn list_machines(State(s): State<Arc<AppState>>) -> crate::http::ApiRe
                     });
                 }
             }
+            let disabled_state = state.as_deref().filter(|st| {
+                [crate::disable::DISABLING, "disable failed", crate::disable::DISABLED, crate::disable::REMOVED]
+                    .contains(st)
+            });
             let replication = match (state.as_deref(), st.as_ref().map(|a| a.mode), &failover) {
+                (Some(_), _, _) if disabled_state.is_some() => disabled_state.unwrap_or_default().to_owned(),
                 (Some(_), _, Some(f)) => crate::failover::failover_view(&s.store, f).await?,
                 (None, _, _) if drill_of.is_some() => format!(
                     "test machine of {} (drill {})",
@@ -447,6 +468,7 @@ pub async fn list_machines(State(s): State<Arc<AppState>>) -> crate::http::ApiRe
                 failover,
                 test_failover,
                 cancelled_failover: p.and_then(|p| p.cancelled_failover.clone()),
+                disabled: p.and_then(|p| p.disabled.clone()),
             });
         }
     }
@@ -502,6 +524,16 @@ pub async fn recovery_points(State(s): State<Arc<AppState>>, Path(name): Path<St
 /// started (a server that stopped between the claim and the start) shown as `failed`: it may be
 /// retried. Database errors are errors, never "failed".
 pub async fn effective_state(store: &Store, p: &Protection) -> Result<String, ferry_store::StoreError> {
+    if p.state == crate::disable::DISABLING {
+        // A disable job that ended without finishing may be run again.
+        return Ok(match store.job::<Job>(&p.job).await? {
+            Some(j) if !j.state.finished() => p.state.clone(),
+            None if p.disabled.as_ref().is_some_and(|d| now_ms().saturating_sub(d.requested_ms) < 600_000) => {
+                p.state.clone()
+            }
+            _ => "disable failed".into(),
+        });
+    }
     if p.state != "enabling" {
         return Ok(p.state.clone());
     }
@@ -697,6 +729,12 @@ pub async fn run_step(store: &Store, pj: &ProtectJob<'_>, step: usize, ctl: &Job
                 for p in &ps {
                     map.insert(p.machine.clone(), ps_identity.clone());
                 }
+                // Protected again after a disable: its removal order (done) is withdrawn.
+                if let Some(map) = b.machine_removals.as_mut() {
+                    for p in &ps {
+                        map.remove(&p.machine);
+                    }
+                }
             })
             .await;
             if let Err(e) = r {
@@ -757,6 +795,11 @@ pub async fn run_step(store: &Store, pj: &ProtectJob<'_>, step: usize, ctl: &Job
             let key = format!("process-server/{}", first.process_server);
             let r = update_settings(store, &key, |b| {
                 b.machine_master_targets.get_or_insert_with(Default::default).extend(routes.clone());
+                if let Some(map) = b.machine_removals.as_mut() {
+                    for m in routes.keys() {
+                        map.remove(m);
+                    }
+                }
             })
             .await;
             if let Err(e) = r {
@@ -851,6 +894,7 @@ pub async fn run_step(store: &Store, pj: &ProtectJob<'_>, step: usize, ctl: &Job
                     b.disks = Some(disks.clone());
                     b.policy = Some(p.policy.clone());
                     b.group = group.clone();
+                    b.protection_disabled = None;
                 })
                 .await;
                 if let Err(e) = r {

@@ -910,6 +910,25 @@ pub enum FailoverAction {
 }
 
 /// `ferry failover …`: start the job, then follow it (steps, progress, ETA).
+/// `ferry disable-protection M [--remove] [--force]`: start the job, then follow it.
+pub async fn disable_protection(
+    machine: &str,
+    remove: bool,
+    force: bool,
+    no_wait: bool,
+    s: &ServerArgs,
+    out: OutputFormat,
+) -> Result<()> {
+    let path = format!("/api/v1/machines/{}/disable-protection", enc(machine));
+    let req = ferry_api::config_server::DisableProtectionRequest { remove, force };
+    let job: Job = s.call(Method::Post, &path, Some(&req)).await?;
+    if no_wait {
+        show_one(&job, out);
+        return Ok(());
+    }
+    watch(&job.id, s, out).await
+}
+
 pub async fn failover(a: FailoverAction, s: &ServerArgs, out: OutputFormat) -> Result<()> {
     use ferry_api::config_server::{ChangePointRequest, FailoverKind, FailoverRequest};
     let (job, no_wait): (Job, bool) = match a {

@@ -130,6 +130,23 @@ enum Command {
         #[command(flatten)]
         server: ctl::ServerArgs,
     },
+    /// Disable protection of a machine (a job): its agent stops shipping (the machine keeps
+    /// running), its spool and replica with every recovery point are deleted.
+    DisableProtection {
+        machine: String,
+        /// The primary site is unreachable: do not wait for its agent and process server (they
+        /// clean up when they are back); the recovery side is cleaned up all the same.
+        #[arg(long)]
+        remove: bool,
+        /// Also for a failed-over machine: its recovery points go and reprotect and failback are
+        /// then impossible; the machine at the recovery site keeps running on its disks.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        no_wait: bool,
+        #[command(flatten)]
+        server: ctl::ServerArgs,
+    },
     /// Fail a protected machine over, change its point, commit (jobs with steps and progress).
     Failover {
         #[command(subcommand)]
@@ -310,6 +327,9 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Backup { server } => ctl::backup(&server, out).await,
         Command::Lab { action } => lab_cli::run_lab(action, out).await,
         Command::Protect { args, server } => ctl::protect(args, &server, out).await,
+        Command::DisableProtection { machine, remove, force, no_wait, server } => {
+            ctl::disable_protection(&machine, remove, force, no_wait, &server, out).await
+        }
         Command::Failover { action, server } => ctl::failover(action, &server, out).await,
         Command::TestFailover { action, server } => ctl::test_failover(action, &server, out).await,
         Command::Drills { server } => ctl::drills(&server, out).await,

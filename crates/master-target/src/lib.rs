@@ -17,6 +17,7 @@ pub mod history;
 pub mod journal_index;
 pub mod point_image;
 mod recovery;
+mod removal;
 mod replica;
 pub mod retention;
 mod test_failover;
@@ -207,6 +208,8 @@ pub struct MasterTarget {
     test_failover_orders:
         Mutex<Option<std::collections::BTreeMap<String, ferry_api::master_target::TestFailoverOrder>>>,
     test_orders_busy: std::sync::atomic::AtomicBool,
+    /// What was done with removal orders (disabled protections), per machine.
+    removed: Mutex<std::collections::BTreeMap<String, ferry_api::control::RemovedMachine>>,
     shutdown: CancellationToken,
 }
 
@@ -262,6 +265,7 @@ impl MasterTarget {
             failover_orders: Mutex::new(Default::default()),
             test_failover_orders: Mutex::new(None),
             test_orders_busy: std::sync::atomic::AtomicBool::new(false),
+            removed: Mutex::new(Self::load_removed(&volume.path)),
             retention: volume.path.clone(),
             _volume: volume,
             live: std::sync::RwLock::new(live),
@@ -417,6 +421,7 @@ impl MasterTarget {
                 }
             }
         }
+        self.follow_removals(v.machine_removals.as_ref());
     }
 
     pub fn status(&self) -> ferry_api::master_target::MasterTargetStatus {
@@ -440,6 +445,7 @@ impl MasterTarget {
             control_token_file: Some(self.config.control_token_path().display().to_string()),
             settings: live,
             machines,
+            removed_machines: self.removed_machines(),
         }
     }
 

@@ -121,6 +121,8 @@ pub struct Replica {
     applied_tx: watch::Sender<u64>,
     events_tx: broadcast::Sender<Event>,
     pub(crate) stopped: AtomicBool,
+    /// Its protection was disabled: nothing more is taken, its files are being deleted.
+    pub(crate) removed: AtomicBool,
     checkpoint_interval: Duration,
     /// Bumped by every new process-server connection; bulk writes of an older connection are
     /// refused so a stale chunk never lands after its resent copy. Held while writing bulk.
@@ -470,6 +472,7 @@ impl Replica {
             applied_tx,
             events_tx,
             stopped: AtomicBool::new(false),
+            removed: AtomicBool::new(false),
             bulk_epoch: Mutex::new(0),
             fence: Mutex::new(fence),
             index: Mutex::new(JournalIndex::new(machine.disks.len(), ckpt.applied_seq)),
@@ -512,6 +515,12 @@ impl Replica {
 
     /// Refused with 9018 once fenced (checked under the journal lock by the journaling paths).
     pub(crate) fn refuse_if_fenced(&self) -> Result<(), MasterTargetError> {
+        if self.removed.load(Ordering::SeqCst) {
+            return Err(MasterTargetError::Refused(format!(
+                "protection of {} was disabled: its replica is deleted; protect it again for a new one",
+                self.name
+            )));
+        }
         match self.fence_state() {
             Some(f) => Err(MasterTargetError::Fenced { machine: self.name.clone(), at_seq: f.at_seq }),
             None => Ok(()),

@@ -87,6 +87,10 @@ pub struct ProcessServerConfig {
 /// (A leading dot: no machine name can take it, so it never meets a spool folder.)
 const ROUTES_FILE: &str = ".master-target-routes.json";
 
+/// What the process server did with the configuration server's removal orders (disabled
+/// protections), kept in the cache folder.
+const REMOVED_FILE: &str = ".removed-machines.json";
+
 pub use ferry_api::process_server::MasterTargetRoute;
 /// The per-machine routes a running process server takes from the configuration server.
 use ferry_api::process_server::ProcessServerSettings as LiveSettings;
@@ -116,6 +120,8 @@ pub struct ProcessServer {
     revoked: Arc<ferry_tls::Revoked>,
     /// The link to the configuration server, for the status (set once its watch runs).
     server_link: std::sync::OnceLock<ferry_status::SettingsLink>,
+    /// Removal orders done (or failing), per machine.
+    removed: Mutex<std::collections::BTreeMap<String, ferry_api::control::RemovedMachine>>,
     shutdown: CancellationToken,
 }
 
@@ -158,6 +164,7 @@ impl ProcessServer {
             None => ferry_tls::Revoked::none(),
         };
         let revoked = Arc::new(revoked);
+        let config_cache_dir = config.cache_dir.clone();
         let ps = Arc::new(ProcessServer {
             config,
             spools: Mutex::new(HashMap::new()),
@@ -165,6 +172,12 @@ impl ProcessServer {
             connector,
             revoked,
             server_link: std::sync::OnceLock::new(),
+            removed: Mutex::new(
+                std::fs::read(config_cache_dir.join(REMOVED_FILE))
+                    .ok()
+                    .and_then(|d| serde_json::from_slice(&d).ok())
+                    .unwrap_or_default(),
+            ),
             shutdown,
         });
         // Resume forwarding whatever the spool still holds, agent connected or not.
@@ -278,6 +291,69 @@ impl ProcessServer {
                 *self.live.write().unwrap_or_else(|p| p.into_inner()) = s;
             }
         }
+        self.follow_removals(v.machine_removals.as_ref());
+    }
+
+    /// Delete the spool of each machine whose protection was disabled (once per order; a failure
+    /// is reported and tried again at the next settings fetch). Records of orders the server no
+    /// longer gives (the machine was protected again) are dropped.
+    fn follow_removals(&self, orders: Option<&std::collections::BTreeMap<String, ferry_api::control::RemovalOrder>>) {
+        let empty = Default::default();
+        let orders = orders.unwrap_or(&empty);
+        let mut removed = self.removed.lock().unwrap_or_else(|p| p.into_inner());
+        let before = removed.clone();
+        removed.retain(|m, _| orders.contains_key(m));
+        for (m, o) in orders {
+            if removed.get(m).is_some_and(|r| r.order == o.order && r.error.is_none()) {
+                continue;
+            }
+            let spool = MachineName::new(m).ok().and_then(|name| self.lock_spools().remove(&name));
+            let dir = match &spool {
+                Some(s) => {
+                    s.closed.cancel();
+                    s.dir().to_owned()
+                }
+                None => self.config.cache_dir.join(m),
+            };
+            // A name that is not a machine's never names a folder here.
+            let r = if MachineName::new(m).is_err() {
+                Err(format!("{m:?} is not a machine name"))
+            } else {
+                ferry_sys::fs::remove_tree(&dir, "machine.json").map_err(|e| e.to_string())
+            };
+            let done = match r {
+                Ok(bytes) => {
+                    tracing::warn!(machine = %m, order = %o.order, deleted_bytes = bytes, "protection disabled: spool deleted");
+                    ferry_api::control::RemovedMachine {
+                        order: o.order.clone(),
+                        at_ms: ferry_protocol::now_ms(),
+                        deleted_bytes: bytes,
+                        kept_target_disks: false,
+                        error: None,
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(machine = %m, error = %e, "cannot delete the spool of a disabled protection");
+                    ferry_api::control::RemovedMachine {
+                        order: o.order.clone(),
+                        at_ms: 0,
+                        deleted_bytes: 0,
+                        kept_target_disks: false,
+                        error: Some(e),
+                    }
+                }
+            };
+            removed.insert(m.clone(), done);
+        }
+        if *removed != before {
+            let path = self.config.cache_dir.join(REMOVED_FILE);
+            let saved = serde_json::to_vec_pretty(&*removed)
+                .map_err(std::io::Error::other)
+                .and_then(|d| ferry_sys::fs::write_atomic(&path, &d));
+            if let Err(e) = saved {
+                tracing::error!(error = %e, file = %path.display(), "cannot keep the removal records");
+            }
+        }
     }
 
     pub fn status(&self) -> ferry_api::process_server::ProcessServerStatus {
@@ -297,6 +373,7 @@ impl ProcessServer {
             throttling: free_percent < self.config.throttle_free_percent,
             filesystem_available_bytes: fs_available(&self.config.cache_dir),
             machines,
+            removed_machines: self.removed.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         }
     }
 
@@ -307,7 +384,12 @@ impl ProcessServer {
             if self.shutdown.is_cancelled() {
                 return;
             }
-            match self.forward_once(&spool, &mut bulk_rx).await {
+            let once = tokio::select! {
+                r = self.forward_once(&spool, &mut bulk_rx) => r,
+                // Protection disabled: the spool is being deleted.
+                _ = spool.closed.cancelled() => return,
+            };
+            match once {
                 Ok(()) => return,
                 Err(e) => {
                     // Bulk chunks in flight on the lost link may be gone: the agent resends them.
@@ -588,7 +670,18 @@ where
     }
     spool.set_agent_connected(true);
     let _connected = Connected(&spool, epoch);
-    agent_loop(&ps, &spool, &mut framed, &mut upstream, epoch, &hello.machine).await
+    let ended = tokio::select! {
+        r = agent_loop(&ps, &spool, &mut framed, &mut upstream, epoch, &hello.machine) => Some(r),
+        _ = spool.closed.cancelled() => None,
+    };
+    match ended {
+        Some(r) => r,
+        None => {
+            let message = format!("protection of {machine} was disabled: its spool is deleted");
+            Err(ferry_protocol::refuse(&mut framed, codes::NOT_PROTECTED.code, message, codes::NOT_PROTECTED.remedy)
+                .await)
+        }
+    }
 }
 
 /// Relay an upstream message (acks, events, bulk acks) to the agent. If this connection fell

@@ -46,6 +46,9 @@ pub struct MachineSpool {
     agent_epoch: std::sync::atomic::AtomicU64,
     /// Spool size, readable without the log lock (which is held across fsyncs).
     bytes: std::sync::atomic::AtomicU64,
+    /// Cancelled when the machine's protection was disabled: its forwarding and agent
+    /// connection end, and its folder is deleted.
+    pub(crate) closed: tokio_util::sync::CancellationToken,
 }
 
 impl MachineSpool {
@@ -78,6 +81,7 @@ impl MachineSpool {
             bulk_rx: Mutex::new(Some(bulk_rx)),
             bytes: std::sync::atomic::AtomicU64::new(0),
             agent_epoch: std::sync::atomic::AtomicU64::new(0),
+            closed: tokio_util::sync::CancellationToken::new(),
         });
         s.bytes.store(s.lock_log().bytes(), std::sync::atomic::Ordering::Relaxed);
         if let Some(h) = descriptor {
@@ -88,6 +92,10 @@ impl MachineSpool {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    pub(crate) fn dir(&self) -> &std::path::Path {
+        &self.dir
     }
 
     fn lock_log(&self) -> MutexGuard<'_, SegmentLog> {

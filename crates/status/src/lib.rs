@@ -445,6 +445,7 @@ mod tests {
                 throttling: false,
                 filesystem_available_bytes: 1,
                 machines: vec![],
+                removed_machines: Default::default(),
                 config_server_link: None,
             })
         };

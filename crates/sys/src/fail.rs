@@ -27,6 +27,7 @@ pub const ALL: &[&str] = &[
     "master-target.failover.restoring",
     "master-target.failover.restored",
     "master-target.failover.cancel-recorded",
+    "master-target.removal.marker-removed",
     "config-server.failover.step-running",
     "config-server.failover.step-done",
     "config-server.protect.step-running",

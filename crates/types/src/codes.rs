@@ -175,6 +175,9 @@ registry! {
     LINEAGE_MISMATCH = 9034, 409, "lineage-mismatch",
         "the stream comes from another copy of the machine's disks than the one the replica holds (a failed-over or restored copy with the same name); nothing was written",
         "stop the agent of the other copy; to replicate that copy, reprotect the machine (it replicates from the copy that runs), or protect it again for a full initial sync";
+    PROTECTION_STATE = 9035, 409, "protection-state",
+        "the machine's protection state does not allow this: another job works on it, it is in a test failover, it is failed over (disable needs --force), or its protection is already disabled",
+        "see `ferry machines` and the job it names; wait for or cancel that job, clean a drill up, or say --force for a failed-over machine";
 }
 
 /// The registry entry for `code`.

@@ -9,6 +9,7 @@ mod harness;
 mod bad_input;
 mod config_server;
 mod control_plane;
+mod disable;
 mod failover;
 mod failover_cancel;
 mod failover_jobs;
