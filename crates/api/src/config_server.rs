@@ -934,6 +934,70 @@ pub struct ServerInfo {
     pub listen: String,
 }
 
+/// Which configuration server is authoritative (stored with its data, raised by a promotion):
+/// only the server holding the highest epoch changes anything.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Authority {
+    pub epoch: u64,
+    /// The authoritative server's `name`.
+    pub server: String,
+    pub since_ms: u64,
+}
+
+/// What a configuration server is now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum ServerRole {
+    /// Authoritative: it runs jobs and takes changes.
+    Active,
+    /// Keeps a copy of the active server's data and takes no changes until promoted.
+    Standby,
+    /// Another server was promoted above it: it takes no changes, runs no jobs, serves no
+    /// settings.
+    Stale,
+}
+
+/// `GET /api/v1/authority` (anyone: it is what a returning server and the operator ask).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct AuthorityStatus {
+    /// This server's name.
+    pub server: String,
+    pub role: ServerRole,
+    /// The authority this server's data holds (a standby: the active server's, as last copied).
+    pub authority: Option<Authority>,
+    /// Stale: the higher authority it learned of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub superseded_by: Option<Authority>,
+    /// Standby: how its copy stands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby: Option<StandbyStatus>,
+}
+
+/// A standby's copy of the active server's data.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+pub struct StandbyStatus {
+    /// The active server it copies from (HOST:PORT).
+    pub primary: String,
+    /// When the last copy was taken in full.
+    #[serde(default)]
+    pub last_copy_ms: Option<u64>,
+    /// Copies taken since start.
+    pub copies: u64,
+    /// Why the last attempt failed (the copy stays as it was).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `GET /api/v1/replication/snapshot` (admin): the active server's data in one consistent read,
+/// for its standby.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct ReplicationSnapshot {
+    pub authority: Authority,
+    pub taken_ms: u64,
+    /// Every table, as `ferry_store::Store::export_all` reads it.
+    pub data: serde_json::Value,
+}
+
 /// An entry of the error registry (`GET /api/v1/errors`).
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct ErrorEntry {
@@ -1070,6 +1134,9 @@ pub enum ConfigServerEndpoint {
     OpenApi,
     Errors,
     Server,
+    Authority,
+    Promote,
+    ReplicationSnapshot,
     Ca,
     Register,
     ListTokens,
@@ -1141,6 +1208,9 @@ pub const ROUTES: &[Route<ConfigServerEndpoint>] = &[
     get::<_, Document>(C::OpenApi, "/api/v1/openapi.json", Role::Anyone, "This OpenAPI document"),
     get::<_, Vec<ErrorEntry>>(C::Errors, "/api/v1/errors", Role::Anyone, "The error-code table (code, name, meaning, remedy)"),
     get::<_, ServerInfo>(C::Server, "/api/v1/server", Role::Anyone, "Server identity: version, database backend, CA fingerprint"),
+    get::<_, AuthorityStatus>(C::Authority, "/api/v1/authority", Role::Anyone, "Which server is authoritative (epoch), and what this one is: active, standby (with its copy's age) or stale"),
+    Route::new::<(), AuthorityStatus>(C::Promote, Post, "/api/v1/authority/promote", Role::Admin, "Promote this standby: it takes the next epoch, stops copying, resumes the jobs it copied and takes changes (the old server, back, is stale)").no_body(),
+    get::<_, ReplicationSnapshot>(C::ReplicationSnapshot, "/api/v1/replication/snapshot", Role::Admin, "The whole configuration database in one consistent read, with the authority, for a standby"),
     get::<_, String>(C::Ca, "/api/v1/ca", Role::Anyone, "The CA certificate (PEM); check its fingerprint before trusting it"),
     Route::new::<RegisterRequest, Registered>(C::Register, Post, "/api/v1/register", Role::Anyone, "Register a component: passphrase + certificate request (CSR) -> certificate and component token").answers(201),
     get::<_, Vec<TokenInfo>>(C::ListTokens, "/api/v1/tokens", Role::Admin, "List API tokens (never their secrets)"),

@@ -49,6 +49,9 @@ pub fn router(state: Arc<AppState>) -> Router {
                 Json(errors::ALL.iter().copied().map(ferry_api::config_server::ErrorEntry::from).collect::<Vec<_>>())
             }),
             C::Server => on(m, server_info),
+            C::Authority => on(m, crate::authority::status),
+            C::Promote => on(m, crate::authority::promote),
+            C::ReplicationSnapshot => on(m, crate::authority::snapshot),
             C::Ca => on(m, ca_pem),
             C::Register => on(m, crate::registration::register),
             C::ListTokens => on(m, list_tokens),
@@ -119,6 +122,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(|| async { ApiError::not_found("no such API route: see /api/v1/openapi.json") })
         .layer(axum::extract::DefaultBodyLimit::max(state.config.max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(state.clone(), limit_body))
+        // Outermost: a standby or stale server refuses changes before anything else runs.
+        .layer(axum::middleware::from_fn_with_state(state.clone(), crate::authority::gate))
         .with_state(state)
 }
 

@@ -4,6 +4,7 @@
 //! through it: it configures and observes.
 
 pub mod api;
+pub mod authority;
 pub mod backup;
 pub mod disable;
 pub mod discovery;
@@ -101,6 +102,27 @@ pub struct ConfigServerConfig {
     /// a kept-alive connection stays idle. Seconds, above 0.
     #[serde(default = "default_header_read_timeout", deserialize_with = "ferry_types::bounds::secs")]
     pub header_read_timeout_secs: f64,
+    /// This server's name in the authority record (which server holds the epoch).
+    #[serde(default = "default_server_name")]
+    pub name: String,
+    /// Run as the standby of another configuration server (see `authority`): copy its data,
+    /// take no changes until promoted.
+    #[serde(default)]
+    pub standby: Option<authority::StandbyConfig>,
+    /// Other configuration servers (HOST:PORT) asked for their authority, at start before any
+    /// job resumes and then at `peer_check_interval_secs`: one holding a higher epoch makes this
+    /// server stale.
+    #[serde(default)]
+    pub peers: Vec<String>,
+    #[serde(default = "default_peer_check", deserialize_with = "ferry_types::bounds::secs")]
+    pub peer_check_interval_secs: f64,
+}
+
+fn default_server_name() -> String {
+    "config-server".into()
+}
+fn default_peer_check() -> f64 {
+    10.0
 }
 
 fn default_max_connections() -> usize {
@@ -188,6 +210,8 @@ pub struct AppState {
     pub registration_failures: std::sync::Mutex<registration::RegistrationFailures>,
     /// Held while the server runs: a restore refuses to run under it.
     pub _lock: Option<std::fs::File>,
+    /// Active, standby or stale (see `authority`).
+    pub authority: authority::AuthorityState,
 }
 
 /// Take the state folder's lock (`<state_dir>/.lock`): one server, or one restore, at a time.
@@ -330,8 +354,10 @@ pub async fn serve(
     let acceptor = ferry_tls::token_api_acceptor(&ferry_tls::TlsFiles::in_dir(&tls_dir, "config-server"))?;
     let ops = ops::arc(store.clone(), config.backup_config(), config.power_programs.clone());
     let jobs = jobs::Jobs::new(store.clone());
-    jobs.recover(ops.clone(), ops::JOB_KINDS).await?;
+    // Decided before any job resumes: a returning server that was superseded resumes nothing.
+    let authority = authority::initial(&config, &store, shutdown.clone()).await?;
     let state = Arc::new(AppState {
+        authority,
         ca_fingerprint: ferry_tls::fingerprint(&ca_pem)?,
         ca_pem,
         tls_dir,
@@ -342,8 +368,10 @@ pub async fn serve(
         registration_failures: std::sync::Mutex::new(registration::RegistrationFailures::default()),
         _lock: first.lock.take(),
     });
-    tokio::spawn(health::watch(state.clone(), shutdown.clone()));
-    tokio::spawn(periodic(state.clone(), shutdown.clone()));
+    if state.authority.role() == ferry_api::config_server::ServerRole::Active {
+        authority::activate(&state).await?;
+    }
+    authority::spawn(&state);
     let app = api::router(state.clone());
     // The peer address reaches handlers (registration is throttled per source).
     serve_tls(listener, acceptor, app, limits, shutdown.clone()).await;
@@ -352,7 +380,7 @@ pub async fn serve(
 }
 
 /// Rediscovery of every site and scheduled backups.
-async fn periodic(s: Arc<AppState>, shutdown: CancellationToken) {
+pub(crate) async fn periodic(s: Arc<AppState>, shutdown: CancellationToken) {
     let discovery = std::time::Duration::from_secs_f64(s.config.discovery_interval_secs.max(1.0));
     let backup = (s.config.backup_interval_secs > 0.0)
         .then(|| std::time::Duration::from_secs_f64(s.config.backup_interval_secs.max(1.0)));

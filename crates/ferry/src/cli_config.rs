@@ -105,15 +105,14 @@ async fn fetch_settings(link: &ferry_status::ConfigServerLink, kind: &str, name:
     let token = std::fs::read_to_string(&link.token_file)
         .with_context(|| format!("cannot read {} (run `ferry register`)", link.token_file.display()))?;
     let auth = format!("Bearer {}", token.trim());
-    let (status, body) = ferry_tls::https_request(
-        &link.address,
-        ferry_tls::Trust::CaFile(&link.ca),
-        "GET",
-        &format!("/api/v1/components/{kind}/{name}/settings"),
-        &[("Authorization", auth.as_str())],
-        None,
-    )
-    .await?;
+    let (_, status, body) = link
+        .request(
+            "GET",
+            &format!("/api/v1/components/{kind}/{name}/settings"),
+            &[("Authorization", auth.as_str())],
+            None,
+        )
+        .await?;
     if status != 200 {
         anyhow::bail!("HTTP {status}: {}", String::from_utf8_lossy(&body));
     }

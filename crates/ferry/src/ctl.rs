@@ -910,6 +910,46 @@ pub enum FailoverAction {
 }
 
 /// `ferry failover …`: start the job, then follow it (steps, progress, ETA).
+impl Rows for ferry_api::config_server::AuthorityStatus {
+    const HEADERS: &'static [&'static str] = &["server", "role", "epoch", "authoritative", "note"];
+    fn cells(&self) -> Vec<String> {
+        let role = match self.role {
+            ferry_api::config_server::ServerRole::Active => "active",
+            ferry_api::config_server::ServerRole::Standby => "standby",
+            ferry_api::config_server::ServerRole::Stale => "stale",
+        };
+        let note = match (&self.superseded_by, &self.standby) {
+            (Some(h), _) => format!("{} was promoted (epoch {})", h.server, h.epoch),
+            (None, Some(st)) => format!(
+                "copies {} ({} copies{}{})",
+                st.primary,
+                st.copies,
+                st.last_copy_ms.map(|ms| format!(", last at {ms}")).unwrap_or_default(),
+                st.error.as_ref().map(|e| format!("; last attempt failed: {e}")).unwrap_or_default()
+            ),
+            _ => String::new(),
+        };
+        vec![
+            self.server.clone(),
+            role.into(),
+            self.authority.as_ref().map(|a| a.epoch.to_string()).unwrap_or_default(),
+            self.authority.as_ref().map(|a| a.server.clone()).unwrap_or_default(),
+            note,
+        ]
+    }
+}
+
+/// `ferry config-server authority|promote`.
+pub async fn authority(s: &ServerArgs, promote: bool, out: OutputFormat) -> Result<()> {
+    let v: ferry_api::config_server::AuthorityStatus = if promote {
+        s.call(Method::Post, "/api/v1/authority/promote", None::<&()>).await?
+    } else {
+        s.call(Method::Get, "/api/v1/authority", None::<&()>).await?
+    };
+    show_one(&v, out);
+    Ok(())
+}
+
 /// `ferry disable-protection M [--remove] [--force]`: start the job, then follow it.
 pub async fn disable_protection(
     machine: &str,

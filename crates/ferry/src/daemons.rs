@@ -21,6 +21,18 @@ pub(crate) struct ConfigServerCmd {
 
 #[derive(Subcommand)]
 pub(crate) enum ConfigServerAction {
+    /// Which server is authoritative (epoch), and what this one is: active, standby, stale.
+    Authority {
+        #[command(flatten)]
+        server: crate::ctl::ServerArgs,
+    },
+    /// Promote a standby (`--server` names it): it takes the next epoch, stops copying,
+    /// resumes the jobs it copied and takes changes. An explicit decision: the old server, if
+    /// it comes back, refuses every change.
+    Promote {
+        #[command(flatten)]
+        server: crate::ctl::ServerArgs,
+    },
     /// Restore the database (and CA) from an encrypted backup; run with the server stopped.
     Restore {
         #[arg(long, short)]
@@ -365,6 +377,8 @@ pub(crate) async fn run_config_server_cmd(cmd: ConfigServerCmd, out: OutputForma
         Some(ConfigServerAction::Restore { config, state_dir, database, from, key_file }) => {
             restore_config_server(config, state_dir, database, from, key_file, out).await
         }
+        Some(ConfigServerAction::Authority { server }) => crate::ctl::authority(&server, false, out).await,
+        Some(ConfigServerAction::Promote { server }) => crate::ctl::authority(&server, true, out).await,
         None => run_config_server(cmd.run, out).await,
     }
 }

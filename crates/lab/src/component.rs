@@ -102,6 +102,7 @@ mod tests {
             name: Some("vm1".into()),
             policy: None,
             heartbeat_interval_secs: 1.0,
+            other_addresses: Vec::new(),
         };
         let text = ComponentFile::new()
             .set("machine", "vm1")

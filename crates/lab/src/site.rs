@@ -417,6 +417,7 @@ pub fn registered_link(address: String, reg: &Path, name: &str, heartbeat_interv
         name: Some(name.to_owned()),
         policy: None,
         heartbeat_interval_secs,
+        other_addresses: Vec::new(),
     }
 }
 

@@ -426,6 +426,19 @@ fn dechunk(mut s: &[u8]) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_standby_or_stale_refusal_sends_the_component_to_the_next_server() {
+        let body =
+            |code: u32| format!(r#"{{"code": {code}, "name": "x", "message": "m", "remedy": "r"}}"#).into_bytes();
+        assert!(super::not_authoritative(503, &body(9036)));
+        assert!(super::not_authoritative(409, &body(9037)));
+        // Any other answer is the authoritative server's own (a conflict, a refusal, an error).
+        assert!(!super::not_authoritative(409, &body(9008)));
+        assert!(!super::not_authoritative(403, &body(9037)));
+        assert!(!super::not_authoritative(200, b"{}"));
+        assert!(!super::not_authoritative(503, b"not json"));
+    }
+
     use super::*;
 
     #[tokio::test]
@@ -481,10 +494,58 @@ pub struct ConfigServerLink {
     pub policy: Option<String>,
     #[serde(default = "default_heartbeat", deserialize_with = "ferry_types::bounds::secs")]
     pub heartbeat_interval_secs: f64,
+    /// The other configuration servers of this installation (HOST:PORT; a standby at the other
+    /// site), under the same name and CA: tried in order when `address` does not answer, or
+    /// answers that it is a standby or stale. The component follows whichever is authoritative.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub other_addresses: Vec<String>,
 }
 
 fn default_heartbeat() -> f64 {
     30.0
+}
+
+/// An answer of one configuration server: its address, the HTTP status and the body.
+pub type ServerAnswer = (String, u16, Vec<u8>);
+
+impl ConfigServerLink {
+    /// One request to the authoritative configuration server: `address` first, then each of
+    /// `other_addresses`, skipping one that does not answer or refuses as a standby (9036) or a
+    /// stale server (9037). Returns the answering address with the status and body; when none is
+    /// authoritative, the last refusal (or error).
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> Result<ServerAnswer, ferry_tls::TlsError> {
+        let mut last: Option<Result<ServerAnswer, ferry_tls::TlsError>> = None;
+        for addr in std::iter::once(&self.address).chain(&self.other_addresses) {
+            let r =
+                ferry_tls::https_request(addr, ferry_tls::Trust::CaFile(&self.ca), method, path, headers, body).await;
+            match r {
+                Ok((code, b)) if not_authoritative(code, &b) => last = Some(Ok((addr.clone(), code, b))),
+                Ok((code, b)) => return Ok((addr.clone(), code, b)),
+                Err(e) => {
+                    // An earlier refusal says more than a later connection error.
+                    if !matches!(last, Some(Ok(_))) {
+                        last = Some(Err(e));
+                    }
+                }
+            }
+        }
+        last.unwrap_or_else(|| Ok((self.address.clone(), 0, Vec::new())))
+    }
+}
+
+/// A standby's or stale server's refusal (its error body carries code 9036 or 9037).
+fn not_authoritative(code: u16, body: &[u8]) -> bool {
+    if code != 503 && code != 409 {
+        return false;
+    }
+    let c = serde_json::from_slice::<serde_json::Value>(body).ok().and_then(|v| v["code"].as_u64());
+    c == Some(u64::from(codes::STANDBY_SERVER.code)) || c == Some(u64::from(codes::STALE_SERVER.code))
 }
 
 /// Send heartbeats with `status()` until `shutdown`; failures are logged and retried.
@@ -515,15 +576,10 @@ pub fn spawn_heartbeats<F>(
             let beat = Heartbeat { kind, name: name.clone(), status: snapshot, policy: link.policy.clone() };
             let body = serde_json::to_string(&beat).unwrap_or_default();
             let auth = format!("Bearer {token}");
-            let r = ferry_tls::https_request(
-                &link.address,
-                ferry_tls::Trust::CaFile(&link.ca),
-                "POST",
-                "/api/v1/heartbeats",
-                &[("Authorization", auth.as_str())],
-                Some(body.as_bytes()),
-            )
-            .await;
+            let r = link
+                .request("POST", "/api/v1/heartbeats", &[("Authorization", auth.as_str())], Some(body.as_bytes()))
+                .await
+                .map(|(_, code, b)| (code, b));
             match r {
                 Ok((200, _)) => warned = false,
                 Ok((code, b)) if !warned => {
@@ -600,15 +656,15 @@ where
         loop {
             if let Ok(token) = std::fs::read_to_string(&link.token_file) {
                 let auth = format!("Bearer {}", token.trim());
-                let r = ferry_tls::https_request(
-                    &link.address,
-                    ferry_tls::Trust::CaFile(&link.ca),
-                    "GET",
-                    &format!("/api/v1/components/{kind}/{name}/settings"),
-                    &[("Authorization", auth.as_str())],
-                    None,
-                )
-                .await;
+                let r = link
+                    .request(
+                        "GET",
+                        &format!("/api/v1/components/{kind}/{name}/settings"),
+                        &[("Authorization", auth.as_str())],
+                        None,
+                    )
+                    .await
+                    .map(|(_, code, b)| (code, b));
                 match &r {
                     Ok((200, _)) => st.fetched(),
                     Ok((code, _)) => st.failed(&format!("HTTP {code}")),

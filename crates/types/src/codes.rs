@@ -178,6 +178,12 @@ registry! {
     PROTECTION_STATE = 9035, 409, "protection-state",
         "the machine's protection state does not allow this: another job works on it, it is in a test failover, it is failed over (disable needs --force), or its protection is already disabled",
         "see `ferry machines` and the job it names; wait for or cancel that job, clean a drill up, or say --force for a failed-over machine";
+    STANDBY_SERVER = 9036, 503, "standby-server",
+        "this configuration server is a standby: it keeps a copy of the active server's data and takes no changes",
+        "send the request to the active server; if it is lost, promote this one (`ferry config-server promote`)";
+    STALE_SERVER = 9037, 409, "stale-server",
+        "another configuration server was promoted above this one (a higher epoch): this one takes no changes, runs no jobs and serves no settings",
+        "use the promoted server named in the message; to use this host again, set it up as a standby of the promoted server";
 }
 
 /// The registry entry for `code`.

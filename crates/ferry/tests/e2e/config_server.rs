@@ -114,7 +114,12 @@ struct Server {
 
 impl Server {
     fn start(state: &Path, database: &str, sets: &[&str]) -> Server {
-        let listener = crate::harness::listener();
+        Self::start_on(crate::harness::listener(), state, database, sets)
+    }
+
+    /// On a listener the test bound (its address known before the server starts). An empty
+    /// `database`: the default SQLite file in the state folder.
+    fn start_on(listener: std::net::TcpListener, state: &Path, database: &str, sets: &[&str]) -> Server {
         let mut s = Server {
             child: None,
             port: crate::harness::port_of(&listener),
@@ -132,7 +137,9 @@ impl Server {
         let listen = format!("127.0.0.1:{}", self.port);
         let state = self.state.to_string_lossy().into_owned();
         let mut args = vec!["--output", "json", "config-server", "--listen", &listen, "--state-dir", &state];
-        args.extend(["--database", &self.database]);
+        if !self.database.is_empty() {
+            args.extend(["--database", &self.database]);
+        }
         for s in &self.sets {
             args.extend(["--set", s]);
         }
@@ -1132,4 +1139,100 @@ fn a_connection_flood_cannot_exhaust_the_configuration_server() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(what), "{set}: {err}");
     }
+}
+
+/// Primary site lost (issue 13): a standby at the recovery site keeps a copy of the active
+/// server's data and takes no changes; with the active one killed, an explicit promotion makes
+/// it authoritative (next epoch) — it takes changes and registers components (same CA, same
+/// passphrase) — and the old server, back, asks its peer before resuming anything and refuses
+/// every change as stale, naming the promoted one.
+#[test]
+fn a_promoted_standby_takes_over_and_the_returning_server_is_stale() {
+    let dir = tempfile::tempdir().unwrap();
+    let (la, lb) = (crate::harness::listener(), crate::harness::listener());
+    let (pa, pb) = (crate::harness::port_of(&la), crate::harness::port_of(&lb));
+    let (addr_a, addr_b) = (format!("127.0.0.1:{pa}"), format!("127.0.0.1:{pb}"));
+    let peer_b = format!("peers=[\"{addr_b}\"]");
+    let fast = "peer_check_interval_secs=0.5";
+    let mut a = Server::start_on(la, &dir.path().join("a"), "", &["name=\"cs-primary\"", &peer_b, fast]);
+    let token_file = dir.path().join("a-admin.token");
+    std::fs::write(&token_file, a.admin()).unwrap();
+    let standby =
+        format!("standby={{primary=\"{addr_a}\", token_file=\"{}\", interval_secs=0.3}}", token_file.display());
+    let certs = format!("certs=\"{}\"", dir.path().join("a/tls").display());
+    let peer_a = format!("peers=[\"{addr_a}\"]");
+    let b = Server::start_on(lb, &dir.path().join("b"), "", &["name=\"cs-recovery\"", &standby, &certs, &peer_a, fast]);
+    let token = a.admin();
+    let (_, st) = a.curl("GET", "/api/v1/authority", None, None);
+    assert_eq!((st["role"].as_str(), st["authority"]["epoch"].as_u64()), (Some("active"), Some(1)), "{st:#}");
+
+    // The standby follows the active server's changes and takes none itself.
+    let policy = |name: &str| {
+        json!({"name": name, "rpo_threshold_secs": 900, "retention_secs": 3600, "app_consistent_secs": 3600, "crash_consistent_secs": 300}).to_string()
+    };
+    assert_eq!(a.curl("POST", "/api/v1/policies", Some(&token), Some(&policy("gold"))).0, 201);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (code, list) = b.curl("GET", "/api/v1/policies", Some(&token), None);
+        if code == 200 && list.to_string().contains("\"gold\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the standby never copied the policy: {code} {list}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (_, st) = b.curl("GET", "/api/v1/authority", None, None);
+    assert_eq!(st["role"], "standby", "{st:#}");
+    assert_eq!((st["authority"]["server"].as_str(), st["authority"]["epoch"].as_u64()), (Some("cs-primary"), Some(1)));
+    assert!(st["standby"]["copies"].as_u64().unwrap() >= 1 && st["standby"]["error"].is_null(), "{st:#}");
+    let (code, e) = b.curl("POST", "/api/v1/policies", Some(&token), Some(&policy("silver")));
+    assert_eq!((code, e["code"].as_u64()), (503, Some(9036)), "a standby takes no changes: {e}");
+    let (code, e) = b.curl("GET", "/api/v1/components/agent/web1/settings", Some(&token), None);
+    assert_eq!((code, e["code"].as_u64()), (503, Some(9036)), "nor serves settings: {e}");
+    let (code, e) = a.curl("POST", "/api/v1/authority/promote", Some(&token), None);
+    assert_eq!(code, 409, "the active server is not promoted: {e}");
+
+    // The primary site is lost; the operator promotes the standby.
+    a.kill9();
+    let promote = Command::new(FERRY)
+        .args(["--output", "json", "config-server", "promote"])
+        .env("FERRY_SERVER", &addr_b)
+        .env("FERRY_TOKEN", &token)
+        .env("FERRY_CA", b.ca())
+        .output()
+        .unwrap();
+    assert!(promote.status.success(), "{}", String::from_utf8_lossy(&promote.stderr));
+    let st: Value = serde_json::from_slice(&promote.stdout).unwrap();
+    assert_eq!((st["role"].as_str(), st["authority"]["epoch"].as_u64()), (Some("active"), Some(2)), "{st:#}");
+    assert_eq!(st["authority"]["server"], "cs-recovery");
+    assert_eq!(b.curl("POST", "/api/v1/policies", Some(&token), Some(&policy("silver"))).0, 201, "it takes changes");
+    // Registration and signing work with the primary gone: same CA, the copied passphrase.
+    let pass = a.first["registration_passphrase"].as_str().unwrap().to_owned();
+    let fp = a.first["ca_fingerprint"].as_str().unwrap().to_owned();
+    let reg = Command::new(FERRY)
+        .args(["register", "--server", &addr_b, "--ca-fingerprint", &fp, "--passphrase", &pass])
+        .args(["--kind", "agent", "--name", "web1.recovery", "--dir"])
+        .arg(dir.path().join("reg"))
+        .output()
+        .unwrap();
+    assert!(reg.status.success(), "{}", String::from_utf8_lossy(&reg.stderr));
+
+    // The old server comes back: it asks its peer first, and is stale.
+    a.spawn();
+    let (_, st) = a.curl("GET", "/api/v1/authority", None, None);
+    assert_eq!(st["role"], "stale", "{st:#}");
+    assert_eq!(
+        (st["superseded_by"]["server"].as_str(), st["superseded_by"]["epoch"].as_u64()),
+        (Some("cs-recovery"), Some(2))
+    );
+    let (code, e) = a.curl("POST", "/api/v1/policies", Some(&token), Some(&policy("bronze")));
+    assert_eq!((code, e["code"].as_u64()), (409, Some(9037)), "{e}");
+    assert!(e["message"].as_str().unwrap().contains("cs-recovery"), "it names the promoted server: {e}");
+    let (code, _) = a.curl("GET", "/api/v1/components/agent/web1/settings", Some(&token), None);
+    assert_eq!(code, 409, "a stale server serves no settings");
+    let (code, list) = a.curl("GET", "/api/v1/policies", Some(&token), None);
+    assert!(code == 200 && !list.to_string().contains("silver"), "it still answers reads (its own, older data)");
+    // Stale across a restart, too (the promoted server need not answer).
+    drop(b);
+    a.restart();
+    assert_eq!(a.curl("GET", "/api/v1/authority", None, None).1["role"], "stale");
 }
