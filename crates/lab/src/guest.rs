@@ -32,6 +32,10 @@ use tokio_util::sync::CancellationToken;
 #[serde(deny_unknown_fields)]
 pub struct GuestSettings {
     pub config_server: String,
+    /// The installation's other configuration servers (a standby), tried in order when
+    /// `config_server` does not answer or is not authoritative.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub other_config_servers: Vec<String>,
     pub ca_fingerprint: String,
     /// File holding the registration passphrase.
     pub passphrase_file: PathBuf,
@@ -243,12 +247,29 @@ impl Guest {
         body: Option<&(impl serde::Serialize + ?Sized)>,
     ) -> Result<T> {
         let token = self.token().context("not registered")?;
-        let client = ServerClient {
-            server: self.file.settings.config_server.clone(),
-            token: Some(token),
-            ca: Some(self.reg.join("ca.pem")),
-        };
-        Ok(client.call(method, path, body).await?)
+        let mut last = None;
+        for server in self.servers() {
+            let client =
+                ServerClient { server: server.clone(), token: Some(token.clone()), ca: Some(self.reg.join("ca.pem")) };
+            match client.call(method, path, body).await {
+                Ok(v) => return Ok(v),
+                // Not the authoritative server (a standby, a stale one) or not answering: the next.
+                Err(e)
+                    if not_authoritative(&e)
+                        || !matches!(e, ferry_status::server_client::ClientError::Refused { .. }) =>
+                {
+                    last = Some(e)
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(last.map(anyhow::Error::from).unwrap_or_else(|| anyhow::anyhow!("no configuration server is configured")))
+    }
+
+    /// Every configuration server of the installation, in the order they are tried.
+    fn servers(&self) -> Vec<String> {
+        let g = &self.file.settings;
+        std::iter::once(g.config_server.clone()).chain(g.other_config_servers.iter().cloned()).collect()
     }
 
     async fn register(&self, shutdown: &CancellationToken) -> bool {
@@ -260,20 +281,28 @@ impl Guest {
             let r = async {
                 let pass = std::fs::read_to_string(&g.passphrase_file)
                     .with_context(|| format!("cannot read the passphrase file {}", g.passphrase_file.display()))?;
-                ferry_status::server_client::register_component(
-                    &g.config_server,
-                    &g.ca_fingerprint,
-                    pass.trim(),
-                    &ferry_status::server_client::Registrant {
-                        kind: ferry_api::control::ComponentKind::Agent,
-                        name: &self.file.machine,
-                        hosts: &[],
-                        site: None,
-                    },
-                    &self.reg,
-                )
-                .await
-                .map_err(anyhow::Error::from)
+                // Whichever server of the installation registers it (RP-7 with the primary site lost).
+                let mut last = anyhow::anyhow!("no configuration server is configured");
+                for server in self.servers() {
+                    let r = ferry_status::server_client::register_component(
+                        &server,
+                        &g.ca_fingerprint,
+                        pass.trim(),
+                        &ferry_status::server_client::Registrant {
+                            kind: ferry_api::control::ComponentKind::Agent,
+                            name: &self.file.machine,
+                            hosts: &[],
+                            site: None,
+                        },
+                        &self.reg,
+                    )
+                    .await;
+                    match r {
+                        Ok(v) => return Ok(v),
+                        Err(e) => last = anyhow::Error::from(e).context(format!("at {server}")),
+                    }
+                }
+                Err(last)
             }
             .await;
             match r {
@@ -304,12 +333,13 @@ impl Guest {
             Some(toml::Value::Table(t)) => t,
             _ => toml::Table::new(),
         };
-        let link = crate::site::registered_link(
+        let mut link = crate::site::registered_link(
             self.file.settings.config_server.clone(),
             &self.reg,
             &self.file.machine,
             self.file.settings.heartbeat_interval_secs,
         );
+        link.other_addresses.clone_from(&self.file.settings.other_config_servers);
         let file = ComponentFile::new()
             .merge(t)
             .set("machine", self.file.machine.as_str())
@@ -416,6 +446,13 @@ impl Guest {
         }
         Ok(())
     }
+}
+
+/// A standby's or stale server's refusal: the request goes to the next server.
+fn not_authoritative(e: &ferry_status::server_client::ClientError) -> bool {
+    use ferry_types::codes::{STALE_SERVER, STANDBY_SERVER};
+    matches!(e, ferry_status::server_client::ClientError::Refused { error, .. }
+        if error.code == STANDBY_SERVER.code || error.code == STALE_SERVER.code)
 }
 
 pub async fn run(dir: PathBuf, shutdown: CancellationToken) -> Result<()> {

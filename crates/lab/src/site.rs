@@ -77,6 +77,11 @@ pub struct LabSite {
     /// The site that hosts the configuration server (exactly one).
     #[serde(default)]
     pub config_server: bool,
+    /// This site hosts a standby configuration server (at most one site, not the one above): it
+    /// copies the active server's data and is promoted with `ferry config-server promote`; every
+    /// component lists it after its own site's server.
+    #[serde(default)]
+    pub standby_config_server: bool,
     #[serde(default)]
     pub hosts: Vec<Host>,
     #[serde(default)]
@@ -181,6 +186,9 @@ pub struct LabGroup {
 pub struct LabState {
     pub dir: PathBuf,
     pub config_server: String,
+    /// The standby configuration server's address, if the lab has one.
+    #[serde(default)]
+    pub standby_config_server: Option<String>,
     pub ca: PathBuf,
     pub ca_fingerprint: String,
     pub admin_token: String,
@@ -431,6 +439,10 @@ fn check_spec(spec: &LabSpec) -> Result<()> {
     if servers != 1 {
         bail!("exactly one site must have config_server = true (found {servers})");
     }
+    let standbys = spec.sites.iter().filter(|s| s.standby_config_server).count();
+    if standbys > 1 || spec.sites.iter().any(|s| s.standby_config_server && s.config_server) {
+        bail!("at most one site may have standby_config_server = true, and not the configuration server's own");
+    }
     let mut names = std::collections::HashSet::new();
     for site in &spec.sites {
         ferry_types::validate_name("site", &site.name).map_err(anyhow::Error::msg)?;
@@ -668,6 +680,7 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, say: Say<'_>) -> Result<L
     let mut state = LabState {
         dir: dir.clone(),
         config_server: String::new(),
+        standby_config_server: None,
         ca: dir.join("config-server/tls/ca.pem"),
         ca_fingerprint: String::new(),
         admin_token: String::new(),
@@ -681,6 +694,34 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, say: Say<'_>) -> Result<L
     // 1. The configuration server.
     say("starting the configuration server (SQLite)…");
     let (cs_addr, cs_listener) = bind_loopback()?;
+    let primary_site = spec.sites.iter().find(|s| s.config_server).map(|s| s.name.clone()).unwrap_or_default();
+    let standby_site = spec.sites.iter().find(|s| s.standby_config_server).map(|s| s.name.clone());
+    // Bound now: the active server asks its peer for the authority from its first start.
+    let standby_bound = match &standby_site {
+        Some(_) => Some(bind_loopback()?),
+        None => None,
+    };
+    let server_keys = |name: &str| -> Vec<String> {
+        vec![
+            "--set".into(),
+            format!("heartbeat_timeout_secs = {}", spec.heartbeat_timeout_secs),
+            "--set".into(),
+            "health_interval_secs = 1.0".into(),
+            // The lab's sites, and the one program their power commands run: its guest.
+            "--set".into(),
+            format!("site_root = {}", toml::Value::String(s(&dir.join("sites")))),
+            "--set".into(),
+            format!("power_programs = [[{}, 'lab', 'guest']]", toml::Value::String(s(&exe))),
+            "--set".into(),
+            format!("name = {}", toml::Value::String(name.to_owned())),
+            "--set".into(),
+            "peer_check_interval_secs = 1.0".into(),
+        ]
+    };
+    let mut cs_keys = server_keys(&format!("cs-{primary_site}"));
+    if let Some((addr, _)) = &standby_bound {
+        cs_keys.extend(["--set".into(), format!("peers = [{}]", toml::Value::String(addr.clone()))]);
+    }
     let cs_log = logs.join("config-server.log");
     let first_out = logs.join("config-server.first-start.json");
     let (cs_pid, cs_ticks, cs_args, cs_listeners) = spawn_daemon(
@@ -693,16 +734,10 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, say: Say<'_>) -> Result<L
             cs_addr.clone(),
             "--state-dir".into(),
             s(&dir.join("config-server")),
-            "--set".into(),
-            format!("heartbeat_timeout_secs = {}", spec.heartbeat_timeout_secs),
-            "--set".into(),
-            "health_interval_secs = 1.0".into(),
-            // The lab's sites, and the one program their power commands run: its guest.
-            "--set".into(),
-            format!("site_root = {}", toml::Value::String(s(&dir.join("sites")))),
-            "--set".into(),
-            format!("power_programs = [[{}, 'lab', 'guest']]", toml::Value::String(s(&exe))),
-        ],
+        ]
+        .into_iter()
+        .chain(cs_keys)
+        .collect::<Vec<_>>(),
         &cs_log,
         Some(&first_out),
         &[("listen", &cs_listener)],
@@ -823,13 +858,79 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, say: Say<'_>) -> Result<L
         wait_ready(p.pid, &p.log, Duration::from_secs(30)).await.with_context(|| format!("link {}", l.name))?;
     }
 
+    // 2b. The standby configuration server: it copies the active one through its site's link,
+    // with the active server's CA and an admin token of it.
+    let mut site_standby: BTreeMap<String, String> = BTreeMap::new();
+    if let (Some(site), Some((sb_addr, sb_listener))) = (&standby_site, standby_bound) {
+        say(&format!("starting the standby configuration server on site {site}…"));
+        let sb_dir = dir.join(format!("config-server-{site}"));
+        let token_file = dir.join(format!("config-server-{site}.primary-admin.token"));
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f =
+                std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&token_file)?;
+            std::io::Write::write_all(&mut f, state.admin_token.as_bytes())?;
+        }
+        let primary = site_server[site].clone();
+        let standby = format!(
+            "standby = {{ primary = {}, token_file = {}, interval_secs = 1.0 }}",
+            toml::Value::String(primary.clone()),
+            toml::Value::String(s(&token_file))
+        );
+        let mut args: Vec<String> = vec![
+            "--output".into(),
+            "json".into(),
+            "config-server".into(),
+            "--listen".into(),
+            sb_addr.clone(),
+            "--state-dir".into(),
+            s(&sb_dir),
+        ];
+        args.extend(server_keys(&format!("cs-{site}")));
+        args.extend([
+            "--set".into(),
+            standby,
+            "--set".into(),
+            format!("certs = {}", toml::Value::String(s(&dir.join("config-server/tls")))),
+            "--set".into(),
+            format!("peers = [{}]", toml::Value::String(primary)),
+        ]);
+        let log = logs.join(format!("config-server-{site}.log"));
+        let out = logs.join(format!("config-server-{site}.first-start.json"));
+        let (pid, ticks, args, listeners) = spawn_daemon(&exe, &args, &log, Some(&out), &[("listen", &sb_listener)])?;
+        drop(sb_listener);
+        processes.push(LabProcess {
+            name: format!("config-server-{site}"),
+            kind: "config-server".into(),
+            site: Some(site.clone()),
+            pid,
+            log: log.clone(),
+            address: sb_addr.clone(),
+            status: None,
+            start_ticks: ticks,
+            args,
+            listeners,
+        });
+        state.processes = processes.clone();
+        state.standby_config_server = Some(sb_addr.clone());
+        state.save()?;
+        wait_ready(pid, &log, Duration::from_secs(60)).await.context("the standby configuration server")?;
+        // The lab's components reach it directly (the lab's links stand between sites' data
+        // paths and in front of the active server only).
+        for site in &spec.sites {
+            site_standby.insert(site.name.clone(), sb_addr.clone());
+        }
+    }
+
     // 3. Register and start the master targets and process servers.
     let comps = dir.join("components");
     let link_of = |name: &str| links.iter().find(|l| l.name == name).map(|l| l.listen.clone());
     let hb = spec.heartbeat_interval_secs;
     // The registered name goes with the link: heartbeats and settings are under it.
     let server_link = |site: &str, reg: &Path, name: &str| -> ConfigServerLink {
-        registered_link(site_server[site].clone(), reg, name, hb)
+        let mut l = registered_link(site_server[site].clone(), reg, name, hb);
+        l.other_addresses = site_standby.get(site).cloned().into_iter().collect();
+        l
     };
     for site in &spec.sites {
         let folder = dir.join("sites").join(&site.name);
@@ -938,6 +1039,7 @@ async fn start(dir: &Path, spec: &LabSpec, text: &str, say: Say<'_>) -> Result<L
         let folder = dir.join("sites").join(&site.name);
         let guest = GuestSettings {
             config_server: site_server[&site.name].clone(),
+            other_config_servers: site_standby.get(&site.name).cloned().into_iter().collect(),
             ca_fingerprint: state.ca_fingerprint.clone(),
             passphrase_file: pass_file.clone(),
             boot_delay_secs: spec.boot_delay_secs,

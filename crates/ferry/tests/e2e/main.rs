@@ -21,4 +21,5 @@ mod lab_sites;
 mod recovery_points;
 mod replication;
 mod security;
+mod site_lost;
 mod test_failover;
