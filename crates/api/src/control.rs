@@ -294,6 +294,11 @@ pub struct ComponentSettings {
     /// and after a restart; the status says when each one is done.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine_removals: Option<BTreeMap<String, RemovalOrder>>,
+    /// Every linked component: the epoch of the configuration server that served these settings
+    /// (computed at each fetch). A component remembers the highest it saw and ignores settings
+    /// from a server below it (a stale one that does not know it yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority_epoch: Option<u64>,
     /// Agents: protection was disabled — serve the disks, ship nothing, and start over (a later
     /// protection copies the disks again). Set by the disable job only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -305,8 +310,14 @@ pub struct ComponentSettings {
 
 /// Settings a running component follows (its settings watch) that are not keys of its
 /// configuration file: left out when the settings are merged into the file's keys at start.
-pub const RUNTIME_KEYS: [&str; 5] =
-    ["revoked_certificates", "quiesce", "machine_failovers", "machine_test_failovers", "machine_removals"];
+pub const RUNTIME_KEYS: [&str; 6] = [
+    "revoked_certificates",
+    "quiesce",
+    "machine_failovers",
+    "machine_test_failovers",
+    "machine_removals",
+    "authority_epoch",
+];
 
 /// A disabled protection's removal order to a process server or master target.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -374,6 +385,7 @@ pub fn setting_access(kind: ComponentKind, key: &str) -> Option<SettingAccess> {
         "machine_test_failovers",
         "machine_removals",
         "protection_disabled",
+        "authority_epoch",
         "failover_seed",
         "recovery_writes_file",
         "master_target",

@@ -83,6 +83,7 @@ pub(crate) async fn get_settings(
     let revoked = crate::revocation::revoked_serials(&s).await?;
     effective.revoked_certificates = (!revoked.is_empty()).then_some(revoked);
     // The coordinator's key is its own: readers and operators see that one is set, not what it is.
+    effective.authority_epoch = crate::authority::load(&s.store, crate::authority::AUTHORITY).await?.map(|a| a.epoch);
     ok(if own { effective } else { effective.without_secrets() })
 }
 

@@ -102,17 +102,12 @@ pub async fn load_config_with_server<T: DeserializeOwned>(
 }
 
 async fn fetch_settings(link: &ferry_status::ConfigServerLink, kind: &str, name: &str) -> Result<toml::Table> {
-    let token = std::fs::read_to_string(&link.token_file)
-        .with_context(|| format!("cannot read {} (run `ferry register`)", link.token_file.display()))?;
-    let auth = format!("Bearer {}", token.trim());
-    let (_, status, body) = link
-        .request(
-            "GET",
-            &format!("/api/v1/components/{kind}/{name}/settings"),
-            &[("Authorization", auth.as_str())],
-            None,
-        )
-        .await?;
+    if !link.token_file.exists() {
+        anyhow::bail!("cannot read {} (run `ferry register`)", link.token_file.display());
+    }
+    let kind: ferry_api::control::ComponentKind = serde_json::from_value(serde_json::Value::String(kind.to_owned()))
+        .with_context(|| format!("component kind {kind}"))?;
+    let (_, status, body) = link.fetch_settings(kind, name).await?;
     if status != 200 {
         anyhow::bail!("HTTP {status}: {}", String::from_utf8_lossy(&body));
     }

@@ -266,6 +266,31 @@ impl Guest {
         Err(last.map(anyhow::Error::from).unwrap_or_else(|| anyhow::anyhow!("no configuration server is configured")))
     }
 
+    /// The machine's settings from the authoritative server (one below the highest epoch the
+    /// machine saw is skipped, as the agent's own watch does).
+    async fn fetch_settings(&self) -> Result<ComponentSettings> {
+        let mut link = crate::site::registered_link(
+            self.file.settings.config_server.clone(),
+            &self.reg,
+            &self.file.machine,
+            self.file.settings.heartbeat_interval_secs,
+        );
+        link.other_addresses.clone_from(&self.file.settings.other_config_servers);
+        let (server, code, body) =
+            link.fetch_settings(ferry_api::control::ComponentKind::Agent, &self.file.machine).await?;
+        if code != 200 {
+            let error = serde_json::from_slice(&body).unwrap_or_else(|_| ferry_api::ErrorBody {
+                code: 0,
+                name: String::new(),
+                message: String::from_utf8_lossy(&body).into_owned(),
+                remedy: String::new(),
+            });
+            return Err(ferry_status::server_client::ClientError::Refused { status: code, error })
+                .with_context(|| format!("settings from {server}"));
+        }
+        serde_json::from_slice(&body).with_context(|| format!("settings from {server} are unreadable"))
+    }
+
     /// Every configuration server of the installation, in the order they are tried.
     fn servers(&self) -> Vec<String> {
         let g = &self.file.settings;
@@ -481,8 +506,7 @@ pub async fn run(dir: PathBuf, shutdown: CancellationToken) -> Result<()> {
     // server is unreachable (a real mobility service keeps its configuration too).
     let mut known: Option<ComponentSettings> = None;
     loop {
-        let path = format!("/api/v1/components/agent/{}/settings", g.file.machine);
-        let fetch = g.api::<ComponentSettings>(Method::Get, &path, None::<&()>);
+        let fetch = g.fetch_settings();
         let answer = tokio::select! {
             r = fetch => r,
             _ = shutdown.cancelled() => break,

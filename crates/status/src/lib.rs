@@ -427,6 +427,26 @@ fn dechunk(mut s: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     #[test]
+    fn the_highest_epoch_seen_is_kept_and_never_goes_down() {
+        let d = tempfile::tempdir().unwrap();
+        let link = super::ConfigServerLink {
+            address: "127.0.0.1:1".into(),
+            ca: d.path().join("ca.pem"),
+            token_file: d.path().join("config-server.token"),
+            name: None,
+            policy: None,
+            heartbeat_interval_secs: 1.0,
+            other_addresses: Vec::new(),
+        };
+        assert_eq!(link.highest_epoch(), 0);
+        link.saw_epoch(2);
+        link.saw_epoch(1);
+        assert_eq!(link.highest_epoch(), 2, "a lower epoch (a stale server) does not lower it");
+        assert_eq!(super::epoch_of(br#"{"authority_epoch": 3, "disks": []}"#), 3);
+        assert_eq!(super::epoch_of(b"{}"), 0, "a server from before epochs");
+    }
+
+    #[test]
     fn a_standby_or_stale_refusal_sends_the_component_to_the_next_server() {
         let body =
             |code: u32| format!(r#"{{"code": {code}, "name": "x", "message": "m", "remedy": "r"}}"#).into_bytes();
@@ -520,12 +540,30 @@ impl ConfigServerLink {
         headers: &[(&str, &str)],
         body: Option<&[u8]>,
     ) -> Result<ServerAnswer, ferry_tls::TlsError> {
+        self.request_checked(method, path, headers, body, |_| true).await
+    }
+
+    /// [`ConfigServerLink::request`] where `accept` also judges a successful answer's body:
+    /// false sends the request on to the next server (settings from a server below the highest
+    /// epoch seen).
+    pub async fn request_checked(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+        accept: impl Fn(&[u8]) -> bool,
+    ) -> Result<ServerAnswer, ferry_tls::TlsError> {
         let mut last: Option<Result<ServerAnswer, ferry_tls::TlsError>> = None;
         for addr in std::iter::once(&self.address).chain(&self.other_addresses) {
             let r =
                 ferry_tls::https_request(addr, ferry_tls::Trust::CaFile(&self.ca), method, path, headers, body).await;
             match r {
                 Ok((code, b)) if not_authoritative(code, &b) => last = Some(Ok((addr.clone(), code, b))),
+                Ok((200, b)) if !accept(&b) => {
+                    tracing::warn!(server = %addr, "this configuration server is below the highest epoch seen: ignored (a stale server)");
+                    last = Some(Ok((addr.clone(), 409, b)));
+                }
                 Ok((code, b)) => return Ok((addr.clone(), code, b)),
                 Err(e) => {
                     // An earlier refusal says more than a later connection error.
@@ -537,6 +575,50 @@ impl ConfigServerLink {
         }
         last.unwrap_or_else(|| Ok((self.address.clone(), 0, Vec::new())))
     }
+}
+
+impl ConfigServerLink {
+    /// Where the highest authority epoch seen is kept: beside the token `ferry register` wrote.
+    fn epoch_file(&self) -> std::path::PathBuf {
+        self.token_file.with_file_name("config-server.epoch")
+    }
+
+    /// The highest authority epoch this component has seen (0: none yet).
+    pub fn highest_epoch(&self) -> u64 {
+        std::fs::read_to_string(self.epoch_file()).ok().and_then(|t| t.trim().parse().ok()).unwrap_or(0)
+    }
+
+    /// Remember `epoch` if it is higher than any seen (durably: a restart does not forget it).
+    pub fn saw_epoch(&self, epoch: u64) {
+        if epoch > self.highest_epoch() {
+            let path = self.epoch_file();
+            if let Err(e) = ferry_sys::fs::write_atomic(&path, epoch.to_string().as_bytes()) {
+                tracing::warn!(error = %e, file = %path.display(), "cannot keep the configuration server's epoch");
+            }
+        }
+    }
+
+    /// Fetch this component's settings from the authoritative server: one refusing as standby
+    /// or stale, or serving settings of an epoch below the highest seen, is skipped.
+    pub async fn fetch_settings(&self, kind: ComponentKind, name: &str) -> Result<ServerAnswer, ferry_tls::TlsError> {
+        let token = std::fs::read_to_string(&self.token_file)
+            .map_err(|e| ferry_tls::TlsError::Write { path: self.token_file.clone(), source: e })?;
+        let auth = format!("Bearer {}", token.trim());
+        let highest = self.highest_epoch();
+        let path = format!("/api/v1/components/{kind}/{name}/settings");
+        let r = self
+            .request_checked("GET", &path, &[("Authorization", auth.as_str())], None, |b| epoch_of(b) >= highest)
+            .await?;
+        if r.1 == 200 {
+            self.saw_epoch(epoch_of(&r.2));
+        }
+        Ok(r)
+    }
+}
+
+/// The authority epoch in a settings body (0 when absent: a server from before epochs).
+fn epoch_of(body: &[u8]) -> u64 {
+    serde_json::from_slice::<serde_json::Value>(body).ok().and_then(|v| v["authority_epoch"].as_u64()).unwrap_or(0)
 }
 
 /// A standby's or stale server's refusal (its error body carries code 9036 or 9037).
@@ -654,17 +736,8 @@ where
         let every = std::time::Duration::from_secs_f64(link.heartbeat_interval_secs.clamp(0.1, 10.0));
         let mut last: Option<ComponentSettings> = None;
         loop {
-            if let Ok(token) = std::fs::read_to_string(&link.token_file) {
-                let auth = format!("Bearer {}", token.trim());
-                let r = link
-                    .request(
-                        "GET",
-                        &format!("/api/v1/components/{kind}/{name}/settings"),
-                        &[("Authorization", auth.as_str())],
-                        None,
-                    )
-                    .await
-                    .map(|(_, code, b)| (code, b));
+            if link.token_file.exists() {
+                let r = link.fetch_settings(kind, &name).await.map(|(_, code, b)| (code, b));
                 match &r {
                     Ok((200, _)) => st.fetched(),
                     Ok((code, _)) => st.failed(&format!("HTTP {code}")),

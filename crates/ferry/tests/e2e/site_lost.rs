@@ -109,14 +109,38 @@ fn a_plan_fails_over_through_the_promoted_standby_with_the_primary_site_gone() {
     let link = lab.process_status("mt-r")["config_server_link"].clone();
     assert!(link["unreachable_since_ms"].is_null(), "it hears from a server: {link:#}");
 
-    // The old site comes back: its server asks its peer and is stale.
+    let epoch_file = dir.join("components/master-target-mt-r/config-server.epoch");
+    assert_eq!(std::fs::read_to_string(&epoch_file).unwrap().trim(), "2", "it remembers the epoch it follows");
+
+    // The old site comes back while the promoted server cannot be reached (a partition): the
+    // old server, unable to ask its peer, believes it is active — and the master target, which
+    // saw epoch 2, ignores its epoch-1 settings.
+    let sb_pid = lab.pids().into_iter().find(|(n, _)| n == "config-server-recovery").map(|(_, p)| p).unwrap();
+    kill_group(sb_pid);
     ok(&lab.run(&["lab", "link", "restore"]), "restore the links");
     ok(&lab.run(&["lab", "restart", "config-server"]), "the old configuration server starts again");
     lab.state = serde_json::from_slice(&std::fs::read(dir.join("lab.json")).unwrap()).unwrap();
     let st: Value =
         serde_json::from_slice(&lab.run(&["--output", "json", "config-server", "authority"]).stdout).unwrap();
-    assert_eq!(st["role"], "stale", "{st:#}");
+    assert_eq!((st["role"].as_str(), st["authority"]["epoch"].as_u64()), (Some("active"), Some(1)), "{st:#}");
+    wait("the master target ignores the epoch-1 server", Duration::from_secs(60), || {
+        let log = std::fs::read_to_string(dir.join("logs/mt-r.log")).unwrap_or_default();
+        let link = lab.process_status("mt-r")["config_server_link"].clone();
+        (log.contains("below the highest epoch") && link["unreachable_since_ms"].is_u64()).then_some(())
+    });
+    assert!(lab.replica("mt-r", "web1")["fence"].is_object(), "nothing it said was taken");
+
+    // The promoted server is reachable again: the old one asks it, and is stale.
+    ok(&lab.run(&["lab", "restart", "config-server-recovery"]), "the promoted server is back");
+    let st = wait("the old server learns it is stale", Duration::from_secs(60), || {
+        let st: Value =
+            serde_json::from_slice(&lab.run(&["--output", "json", "config-server", "authority"]).stdout).ok()?;
+        (st["role"] == "stale").then_some(st)
+    });
     assert_eq!(st["superseded_by"]["epoch"].as_u64(), Some(2), "{st:#}");
+    wait("the master target follows the promoted server again", Duration::from_secs(60), || {
+        lab.process_status("mt-r")["config_server_link"]["unreachable_since_ms"].is_null().then_some(())
+    });
     let o = lab.run(&["policies", "create", "silver"]);
     failed(&o, "stale", "a change at the old server");
     assert!(String::from_utf8_lossy(&o.stderr).contains("cs-recovery"), "it names the promoted server");
