@@ -973,6 +973,16 @@ pub struct AuthorityStatus {
     pub standby: Option<StandbyStatus>,
 }
 
+/// `POST /api/v1/authority/promote`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PromoteRequest {
+    /// Promote although the server it copies from (or a peer) still answers as active: only
+    /// when that server is cut off from its components too (else both would steer them).
+    #[serde(default)]
+    pub force: bool,
+}
+
 /// A standby's copy of the active server's data.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, JsonSchema)]
 pub struct StandbyStatus {
@@ -1209,7 +1219,7 @@ pub const ROUTES: &[Route<ConfigServerEndpoint>] = &[
     get::<_, Vec<ErrorEntry>>(C::Errors, "/api/v1/errors", Role::Anyone, "The error-code table (code, name, meaning, remedy)"),
     get::<_, ServerInfo>(C::Server, "/api/v1/server", Role::Anyone, "Server identity: version, database backend, CA fingerprint"),
     get::<_, AuthorityStatus>(C::Authority, "/api/v1/authority", Role::Anyone, "Which server is authoritative (epoch), and what this one is: active, standby (with its copy's age) or stale"),
-    Route::new::<(), AuthorityStatus>(C::Promote, Post, "/api/v1/authority/promote", Role::Admin, "Promote this standby: it takes the next epoch, stops copying, resumes the jobs it copied and takes changes (the old server, back, is stale)").no_body(),
+    Route::new::<PromoteRequest, AuthorityStatus>(C::Promote, Post, "/api/v1/authority/promote", Role::Admin, "Promote this standby {force?}: it takes the next epoch, stops copying, resumes the jobs it copied and takes changes (the old server, back, is stale); refused while the server it copies from still answers as active, unless force"),
     get::<_, ReplicationSnapshot>(C::ReplicationSnapshot, "/api/v1/replication/snapshot", Role::Admin, "The whole configuration database in one consistent read, with the authority, for a standby"),
     get::<_, String>(C::Ca, "/api/v1/ca", Role::Anyone, "The CA certificate (PEM); check its fingerprint before trusting it"),
     Route::new::<RegisterRequest, Registered>(C::Register, Post, "/api/v1/register", Role::Anyone, "Register a component: passphrase + certificate request (CSR) -> certificate and component token").answers(201),

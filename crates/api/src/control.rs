@@ -135,6 +135,9 @@ pub struct Heartbeat {
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 pub struct HeartbeatAck {
     pub ok: bool,
+    /// The epoch of the server that took it (components skip a server below the highest seen).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority_epoch: Option<u64>,
 }
 
 /// How a component stands with its configuration server (in its status): when its settings —

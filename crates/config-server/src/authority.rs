@@ -58,6 +58,9 @@ pub struct AuthorityState {
     pub(crate) switch: tokio::sync::Mutex<()>,
     /// The server's shutdown (background tasks started at promotion end with it).
     pub(crate) shutdown: CancellationToken,
+    /// What only an active server runs (health, discovery, backups) ends with this: cancelled
+    /// when the server turns stale.
+    active_tasks: CancellationToken,
     activated: std::sync::atomic::AtomicBool,
 }
 
@@ -91,6 +94,14 @@ pub async fn initial(
     shutdown: CancellationToken,
 ) -> Result<AuthorityState, crate::ConfigServerError> {
     let setup = |e: ferry_store::StoreError| crate::ConfigServerError::Setup(format!("authority: {e}"));
+    // The authority record names its server: two servers of one installation under one name
+    // would each take the other's record for its own.
+    if (config.standby.is_some() || !config.peers.is_empty()) && config.name == crate::default_server_name() {
+        return Err(crate::ConfigServerError::Setup(format!(
+            "a configuration server with a standby or peers needs a name of its own: set `name` (not {:?}) on each server of the installation",
+            config.name
+        )));
+    }
     let mut own = load(store, AUTHORITY).await.map_err(setup)?;
     let mut superseded = load(store, SUPERSEDED).await.map_err(setup)?;
     let role = if superseded.is_some() {
@@ -126,15 +137,29 @@ pub async fn initial(
         superseded: std::sync::RwLock::new(superseded),
         standby: std::sync::Mutex::new(standby),
         switch: tokio::sync::Mutex::new(()),
+        active_tasks: shutdown.child_token(),
         shutdown,
         activated: std::sync::atomic::AtomicBool::new(false),
     })
 }
 
-/// The first peer that reports a higher epoch than `own` (as active), if any answers so.
+/// Whether authority `a` outranks `b`: a higher epoch, or (two standbys promoted from one copy)
+/// the same epoch and the greater server name — so exactly one of any two ranks first.
+pub fn outranks(a: &Authority, b: Option<&Authority>) -> bool {
+    match b {
+        None => true,
+        Some(b) => (a.epoch, a.server.as_str()) > (b.epoch, b.server.as_str()),
+    }
+}
+
+/// The first peer that reports itself active with an authority outranking `own`, if any.
 async fn higher_peer(config: &crate::ConfigServerConfig, own: Option<&Authority>) -> Option<Authority> {
+    active_peer(config, |a| outranks(a, own) && a.server != config.name).await
+}
+
+/// The first peer that reports itself active with an authority `wanted` accepts.
+async fn active_peer(config: &crate::ConfigServerConfig, wanted: impl Fn(&Authority) -> bool) -> Option<Authority> {
     let ca = config.tls_dir().join("ca.pem");
-    let epoch = own.map(|a| a.epoch).unwrap_or(0);
     for peer in &config.peers {
         let r = ferry_tls::https_request(peer, ferry_tls::Trust::CaFile(&ca), "GET", "/api/v1/authority", &[], None);
         let st = match tokio::time::timeout(Duration::from_secs(10), r).await {
@@ -150,7 +175,7 @@ async fn higher_peer(config: &crate::ConfigServerConfig, own: Option<&Authority>
             Err(_) => None,
         };
         if let Some(a) = st.filter(|s| s.role == ServerRole::Active).and_then(|s| s.authority) {
-            if a.epoch > epoch && a.server != config.name {
+            if wanted(&a) {
                 return Some(a);
             }
         }
@@ -164,8 +189,12 @@ pub async fn activate(s: &Arc<AppState>) -> Result<(), ferry_store::StoreError> 
     if s.authority.activated.swap(true, std::sync::atomic::Ordering::SeqCst) {
         return Ok(());
     }
-    s.jobs.recover(s.ops.clone(), crate::ops::JOB_KINDS).await?;
-    let sd = s.authority.shutdown.clone();
+    if let Err(e) = s.jobs.recover(s.ops.clone(), crate::ops::JOB_KINDS).await {
+        // Not activated: a retry (a restart, or the promotion again) starts it.
+        s.authority.activated.store(false, std::sync::atomic::Ordering::SeqCst);
+        return Err(e);
+    }
+    let sd = s.authority.active_tasks.clone();
     tokio::spawn(crate::health::watch(s.clone(), sd.clone()));
     tokio::spawn(crate::periodic(s.clone(), sd));
     Ok(())
@@ -234,6 +263,12 @@ async fn copy_once(s: &Arc<AppState>, cfg: &StandbyConfig) -> Result<(), String>
     }
     let snap: ReplicationSnapshot =
         serde_json::from_slice(&body).map_err(|e| format!("{} sent an unreadable snapshot: {e}", cfg.primary))?;
+    if snap.authority.server == s.config.name {
+        return Err(format!(
+            "{} holds the authority of a server named {:?}, this standby's own name: give each server its own `name`",
+            cfg.primary, s.config.name
+        ));
+    }
     let own_schema = s.store.schema_version().await.map_err(|e| e.to_string())?;
     if snap.data["schema_version"].as_i64() != Some(own_schema) {
         return Err(format!(
@@ -269,6 +304,8 @@ async fn peer_loop(s: Arc<AppState>) {
         }
         let own = load(&s.store, AUTHORITY).await.ok().flatten();
         if let Some(h) = higher_peer(&s.config, own.as_ref()).await {
+            // A change in flight when the role flips is refused by the gate of its next request;
+            // the jobs it started are cancelled below.
             become_stale(&s, h).await;
         }
     }
@@ -282,6 +319,7 @@ async fn become_stale(s: &Arc<AppState>, higher: Authority) {
     }
     *s.authority.superseded.write().unwrap_or_else(|p| p.into_inner()) = Some(higher.clone());
     s.authority.set_role(ServerRole::Stale);
+    s.authority.active_tasks.cancel();
     tracing::warn!(epoch = higher.epoch, server = %higher.server, "another configuration server was promoted: this one is stale and stops its jobs");
     let _ = s
         .store
@@ -316,7 +354,26 @@ async fn view(s: &AppState) -> Result<AuthorityStatus, ApiError> {
 }
 
 /// `POST /api/v1/authority/promote`: this standby becomes the active server.
-pub async fn promote(State(s): State<Arc<AppState>>) -> ApiResult {
+pub async fn promote(
+    State(s): State<Arc<AppState>>,
+    crate::http::Body(req): crate::http::Body<ferry_api::config_server::PromoteRequest>,
+) -> ApiResult {
+    // The server it copies from, and its peers, are asked first: one still active means two
+    // actives until its next peer check (and both would run the same jobs).
+    if !req.force {
+        let mut cfg = s.config.clone();
+        cfg.peers.extend(s.config.standby.as_ref().map(|c| c.primary.clone()));
+        if let Some(a) = active_peer(&cfg, |a| a.server != s.config.name).await {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                errors::CONFLICT,
+                format!(
+                    "{} (epoch {}) still answers as the active server: promoting now would make two; stop it (or cut it off) first, or promote with force if it cannot be reached by its components either",
+                    a.server, a.epoch
+                ),
+            ));
+        }
+    }
     let s2 = s.clone();
     // In its own task: a client that disconnects cannot cut a promotion in half.
     let r = tokio::spawn(async move {

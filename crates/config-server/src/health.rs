@@ -99,7 +99,8 @@ pub async fn heartbeat(
         }
     })
     .await?;
-    Ok(Json(HeartbeatAck { ok: true }))
+    let authority_epoch = crate::authority::load(&s.store, crate::authority::AUTHORITY).await?.map(|a| a.epoch);
+    Ok(Json(HeartbeatAck { ok: true, authority_epoch }))
 }
 
 /// Read, change and write a component's record (created when absent) compare-and-set, retried:

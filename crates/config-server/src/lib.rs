@@ -118,7 +118,7 @@ pub struct ConfigServerConfig {
     pub peer_check_interval_secs: f64,
 }
 
-fn default_server_name() -> String {
+pub(crate) fn default_server_name() -> String {
     "config-server".into()
 }
 fn default_peer_check() -> f64 {

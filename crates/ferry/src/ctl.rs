@@ -939,12 +939,14 @@ impl Rows for ferry_api::config_server::AuthorityStatus {
     }
 }
 
-/// `ferry config-server authority|promote`.
-pub async fn authority(s: &ServerArgs, promote: bool, out: OutputFormat) -> Result<()> {
-    let v: ferry_api::config_server::AuthorityStatus = if promote {
-        s.call(Method::Post, "/api/v1/authority/promote", None::<&()>).await?
-    } else {
-        s.call(Method::Get, "/api/v1/authority", None::<&()>).await?
+/// `ferry config-server authority|promote` (`promote`: Some(force)).
+pub async fn authority(s: &ServerArgs, promote: Option<bool>, out: OutputFormat) -> Result<()> {
+    let v: ferry_api::config_server::AuthorityStatus = match promote {
+        Some(force) => {
+            let req = ferry_api::config_server::PromoteRequest { force };
+            s.call(Method::Post, "/api/v1/authority/promote", Some(&req)).await?
+        }
+        None => s.call(Method::Get, "/api/v1/authority", None::<&()>).await?,
     };
     show_one(&v, out);
     Ok(())

@@ -30,6 +30,10 @@ pub(crate) enum ConfigServerAction {
     /// resumes the jobs it copied and takes changes. An explicit decision: the old server, if
     /// it comes back, refuses every change.
     Promote {
+        /// Also while the server it copies from still answers as active (only when that server
+        /// is cut off from its components too).
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         server: crate::ctl::ServerArgs,
     },
@@ -377,8 +381,8 @@ pub(crate) async fn run_config_server_cmd(cmd: ConfigServerCmd, out: OutputForma
         Some(ConfigServerAction::Restore { config, state_dir, database, from, key_file }) => {
             restore_config_server(config, state_dir, database, from, key_file, out).await
         }
-        Some(ConfigServerAction::Authority { server }) => crate::ctl::authority(&server, false, out).await,
-        Some(ConfigServerAction::Promote { server }) => crate::ctl::authority(&server, true, out).await,
+        Some(ConfigServerAction::Authority { server }) => crate::ctl::authority(&server, None, out).await,
+        Some(ConfigServerAction::Promote { force, server }) => crate::ctl::authority(&server, Some(force), out).await,
         None => run_config_server(cmd.run, out).await,
     }
 }

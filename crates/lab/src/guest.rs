@@ -473,11 +473,13 @@ impl Guest {
     }
 }
 
-/// A standby's or stale server's refusal: the request goes to the next server.
+/// A standby's or stale server's refusal, or an unknown token: the request goes to the next
+/// server.
 fn not_authoritative(e: &ferry_status::server_client::ClientError) -> bool {
     use ferry_types::codes::{STALE_SERVER, STANDBY_SERVER};
-    matches!(e, ferry_status::server_client::ClientError::Refused { error, .. }
-        if error.code == STANDBY_SERVER.code || error.code == STALE_SERVER.code)
+    // 401: a server that does not know this machine's token (it registered with another one).
+    matches!(e, ferry_status::server_client::ClientError::Refused { error, status }
+        if error.code == STANDBY_SERVER.code || error.code == STALE_SERVER.code || *status == 401)
 }
 
 pub async fn run(dir: PathBuf, shutdown: CancellationToken) -> Result<()> {

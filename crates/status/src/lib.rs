@@ -559,10 +559,19 @@ impl ConfigServerLink {
             let r =
                 ferry_tls::https_request(addr, ferry_tls::Trust::CaFile(&self.ca), method, path, headers, body).await;
             match r {
-                Ok((code, b)) if not_authoritative(code, &b) => last = Some(Ok((addr.clone(), code, b))),
+                // A standby, a stale server, or one that does not know this component's token
+                // (it registered with another server of the installation): the next one.
+                Ok((code, b)) if not_authoritative(code, &b) || code == 401 => last = Some(Ok((addr.clone(), code, b))),
                 Ok((200, b)) if !accept(&b) => {
                     tracing::warn!(server = %addr, "this configuration server is below the highest epoch seen: ignored (a stale server)");
-                    last = Some(Ok((addr.clone(), 409, b)));
+                    // Never the body: settings may hold a group coordinator's private key.
+                    let refusal = serde_json::json!({
+                        "code": codes::STALE_SERVER.code,
+                        "name": codes::STALE_SERVER.name,
+                        "message": format!("{addr} serves an epoch below the highest this component saw: it is stale"),
+                        "remedy": codes::STALE_SERVER.remedy,
+                    });
+                    last = Some(Ok((addr.clone(), 409, refusal.to_string().into_bytes())));
                 }
                 Ok((code, b)) => return Ok((addr.clone(), code, b)),
                 Err(e) => {
@@ -658,10 +667,20 @@ pub fn spawn_heartbeats<F>(
             let beat = Heartbeat { kind, name: name.clone(), status: snapshot, policy: link.policy.clone() };
             let body = serde_json::to_string(&beat).unwrap_or_default();
             let auth = format!("Bearer {token}");
+            let highest = link.highest_epoch();
             let r = link
-                .request("POST", "/api/v1/heartbeats", &[("Authorization", auth.as_str())], Some(body.as_bytes()))
+                .request_checked(
+                    "POST",
+                    "/api/v1/heartbeats",
+                    &[("Authorization", auth.as_str())],
+                    Some(body.as_bytes()),
+                    |b| epoch_of(b) >= highest,
+                )
                 .await
                 .map(|(_, code, b)| (code, b));
+            if let Ok((200, b)) = &r {
+                link.saw_epoch(epoch_of(b));
+            }
             match r {
                 Ok((200, _)) => warned = false,
                 Ok((code, b)) if !warned => {

@@ -439,7 +439,7 @@ impl rustls::client::danger::ServerCertVerifier for AnyServer {
 
 /// How an HTTPS client trusts the server.
 pub enum Trust<'a> {
-    /// CA certificate file.
+    /// CA certificate file; the server must present a configuration server's certificate.
     CaFile(&'a Path),
     /// Anything (bootstrap only: check the CA's fingerprint afterwards).
     Insecure,
@@ -475,8 +475,19 @@ pub async fn https_request(
     // A stalled server must not hang the caller (heartbeats, settings watches, the CLI).
     let limit = std::time::Duration::from_secs(60);
     let timed_out = || io(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer within {limit:?}")));
+    let check_role = matches!(trust, Trust::CaFile(_));
     let exchange = async {
         let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(server_name(host)?, tcp).await.map_err(io)?;
+        // Only a configuration server's certificate (never issued by registration) is one: an
+        // agent's or process server's certificate that happens to carry the host name is not.
+        if check_role {
+            let id = Identity::of_peer(tls.get_ref().1).map_err(|e| io(std::io::Error::other(e)))?;
+            if id.role != CertRole::ConfigServer {
+                return Err(io(std::io::Error::other(format!(
+                    "the server presented {id}'s certificate, not a configuration server's"
+                ))));
+            }
+        }
         exchange(tls, addr, host, method, path, headers, body.unwrap_or(&[])).await
     };
     tokio::time::timeout(limit, exchange).await.map_err(|_| timed_out())?
@@ -564,6 +575,43 @@ mod tests {
         tls.write_all(b"hello").await.unwrap();
         tls.flush().await.unwrap();
         server.await.unwrap();
+    }
+
+    /// A configuration-server client talks only to a configuration server's certificate: an
+    /// agent's that carries the same host name (registration gives components `127.0.0.1`) is
+    /// refused before a byte of the request — its token — is sent.
+    #[tokio::test]
+    async fn a_config_server_client_refuses_another_components_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        generate(dir.path(), &["agent/vm1".to_owned(), "config-server".to_owned()], &[]).unwrap();
+        for (stem, want_ok) in [("agent-vm1", false), ("config-server", true)] {
+            let acceptor = token_api_acceptor(&TlsFiles::in_dir(dir.path(), stem)).unwrap();
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap().to_string();
+            let server = tokio::spawn(async move {
+                let (s, _) = listener.accept().await.unwrap();
+                let Ok(mut tls) = acceptor.accept(s).await else { return Vec::new() };
+                let mut got = vec![0u8; 4096];
+                let n = tls.read(&mut got).await.unwrap_or(0);
+                got.truncate(n);
+                if n > 0 {
+                    let _ = tls.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}").await;
+                    let _ = tls.shutdown().await;
+                }
+                got
+            });
+            let ca = dir.path().join("ca.pem");
+            let r = https_request(&addr, Trust::CaFile(&ca), "GET", "/x", &[("Authorization", "Bearer secret")], None)
+                .await;
+            let seen = server.await.unwrap();
+            if want_ok {
+                assert_eq!(r.unwrap().0, 200);
+            } else {
+                let e = r.unwrap_err().to_string();
+                assert!(e.contains("not a configuration server's"), "{e}");
+                assert!(!String::from_utf8_lossy(&seen).contains("secret"), "the token never left");
+            }
+        }
     }
 
     #[tokio::test]

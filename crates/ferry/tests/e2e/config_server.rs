@@ -1188,18 +1188,25 @@ fn a_promoted_standby_takes_over_and_the_returning_server_is_stale() {
     assert_eq!((code, e["code"].as_u64()), (503, Some(9036)), "a standby takes no changes: {e}");
     let (code, e) = b.curl("GET", "/api/v1/components/agent/web1/settings", Some(&token), None);
     assert_eq!((code, e["code"].as_u64()), (503, Some(9036)), "nor serves settings: {e}");
-    let (code, e) = a.curl("POST", "/api/v1/authority/promote", Some(&token), None);
+    let (code, e) = a.curl("POST", "/api/v1/authority/promote", Some(&token), Some("{}"));
     assert_eq!(code, 409, "the active server is not promoted: {e}");
+    let promote = || {
+        Command::new(FERRY)
+            .args(["--output", "json", "config-server", "promote"])
+            .env("FERRY_SERVER", &addr_b)
+            .env("FERRY_TOKEN", &token)
+            .env("FERRY_CA", b.ca())
+            .output()
+            .unwrap()
+    };
+    let early = promote();
+    let err = String::from_utf8_lossy(&early.stderr);
+    assert!(!early.status.success() && err.contains("still answers as the active server"), "{err}");
+    assert_eq!(b.curl("GET", "/api/v1/authority", None, None).1["role"], "standby", "nothing changed");
 
     // The primary site is lost; the operator promotes the standby.
     a.kill9();
-    let promote = Command::new(FERRY)
-        .args(["--output", "json", "config-server", "promote"])
-        .env("FERRY_SERVER", &addr_b)
-        .env("FERRY_TOKEN", &token)
-        .env("FERRY_CA", b.ca())
-        .output()
-        .unwrap();
+    let promote = promote();
     assert!(promote.status.success(), "{}", String::from_utf8_lossy(&promote.stderr));
     let st: Value = serde_json::from_slice(&promote.stdout).unwrap();
     assert_eq!((st["role"].as_str(), st["authority"]["epoch"].as_u64()), (Some("active"), Some(2)), "{st:#}");

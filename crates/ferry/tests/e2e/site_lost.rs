@@ -128,7 +128,6 @@ fn a_plan_fails_over_through_the_promoted_standby_with_the_primary_site_gone() {
         let link = lab.process_status("mt-r")["config_server_link"].clone();
         (log.contains("below the highest epoch") && link["unreachable_since_ms"].is_u64()).then_some(())
     });
-    assert!(lab.replica("mt-r", "web1")["fence"].is_object(), "nothing it said was taken");
 
     // The promoted server is reachable again: the old one asks it, and is stale.
     ok(&lab.run(&["lab", "restart", "config-server-recovery"]), "the promoted server is back");
