@@ -89,6 +89,20 @@ fn state_error(msg: String) -> ApiError {
     ApiError::new(StatusCode::CONFLICT, errors::PROTECTION_STATE, msg)
 }
 
+/// Refuse a failover operation (cancel, change point, commit) on a machine whose protection is
+/// being disabled or was: its replica is (being) deleted.
+pub(crate) fn refuse_if_disabled(p: &Protection) -> Result<(), ApiError> {
+    match &p.disabled {
+        Some(d) => Err(state_error(format!(
+            "protection of {} was {} (job {}): its replica and recovery points are deleted; protect it again for a new one",
+            p.machine,
+            if d.removed { "removed" } else { "disabled" },
+            d.job
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Whether the machine may be disabled now, and why not (the per-machine lock: no other job of
 /// the machine may be running).
 pub(crate) async fn check(store: &Store, p: &Protection, req: &DisableProtectionRequest) -> Result<(), ApiError> {
@@ -214,7 +228,7 @@ fn disable_agent(b: &mut ComponentSettings) {
     b.process_server = None;
     b.process_server_name = None;
     b.group = None;
-    b.quiesce = None;
+    // A quiesce stays: it keeps a failed-over machine's old primary from taking writes.
     b.protection_disabled = Some(true);
     b.other.remove("failover_seed");
     b.other.remove("recovery_writes_file");
@@ -232,6 +246,13 @@ fn removal_done<'a>(
 impl Ops {
     pub async fn disable_step(&self, job: &Job, machine: &str, remove: bool, step: usize, ctl: &JobControl) -> Outcome {
         let store = &self.store;
+        // Recorded already (a restart between the record and the step's end): nothing is left.
+        if let Ok((p, _)) = crate::failover::protection(store, machine).await {
+            let ours = p.disabled.as_ref().is_some_and(|d| d.job == job.id) && p.job == job.id;
+            if ours && (p.state == DISABLED || p.state == REMOVED) {
+                return Outcome::Done(Some(format!("{machine}: {} (recorded)", p.state)));
+            }
+        }
         let (p, _) = match owned(store, job, machine).await {
             Ok(x) => x,
             Err(o) => return o,
@@ -323,7 +344,7 @@ impl Ops {
                     |st| {
                         st.process_server()
                             .and_then(|ps| removal_done(Some(&ps.removed_machines), machine, &job.id))
-                            .is_some()
+                            .is_some_and(|r| r.error.is_none())
                     },
                 )
                 .await;
@@ -364,7 +385,12 @@ impl Ops {
             }
             Some(DisableStep::RemoveReplica) => {
                 let key = format!("master-target/{}", p.master_target);
-                let keep = p.failover.is_some();
+                // Kept once the failed-over machine may run from them (the master target also
+                // never deletes disks it handed over).
+                let keep = p
+                    .failover
+                    .as_ref()
+                    .is_some_and(|f| f.handed_over_seq.is_some() || f.stage != FailoverStage::InProgress);
                 let order = RemovalOrder { order: job.id.clone(), keep_target_disks: keep };
                 let r = update_settings(store, &key, |b| {
                     if let Some(m) = b.machine_datastores.as_mut() {
@@ -397,7 +423,7 @@ impl Ops {
                     |st| {
                         st.master_target()
                             .and_then(|mt| removal_done(Some(&mt.removed_machines), machine, &job.id))
-                            .is_some()
+                            .is_some_and(|r| r.error.is_none())
                     },
                 )
                 .await;

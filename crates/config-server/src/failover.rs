@@ -317,6 +317,7 @@ async fn claim_failed_over(
 ) -> Result<(Protection, i64, String), ApiError> {
     let doc = protection_of(s, machine).await?;
     let mut p = doc.body;
+    crate::disable::refuse_if_disabled(&p)?;
     let Some(f) = p.failover.as_mut() else {
         return Err(failover_state_error(format!("machine {machine} is not failed over: there is nothing to {what}")));
     };
@@ -410,6 +411,7 @@ pub async fn cancel(
     let job = tokio::spawn(async move {
         let doc = protection_of(&s, &machine).await?;
         let mut p = doc.body;
+        crate::disable::refuse_if_disabled(&p)?;
         if p.failover.is_none() {
             return Err(failover_state_error(format!("machine {machine} is not failed over: there is nothing to cancel")));
         }
@@ -1543,7 +1545,11 @@ impl Ops {
 
 /// Why the master target would refuse to cancel, from its status (none: it would not).
 fn cancel_refused(r: Option<&ReplicaStatus>) -> Option<String> {
-    let r = r?;
+    // Nothing to put back without the replica (deleted, or its master target not reporting it):
+    // refused before anything is shut down.
+    let Some(r) = r else {
+        return Some("the master target reports no replica of the machine: a cancel puts the replica back, so it needs it (is the master target running and linked?)".into());
+    };
     if r.failover.as_ref().is_some_and(|f| f.phase == FailoverPhase::Committed) {
         return Some("the failover is committed there: it cannot be cancelled (reprotect the machine)".into());
     }

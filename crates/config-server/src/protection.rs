@@ -179,6 +179,24 @@ async fn plan(s: &AppState, req: &ProtectRequest) -> Result<Vec<Protection>, Api
         if let Some(p) = s.store.get::<Protection>(PROTECTION, m).await? {
             let state = effective_state(&s.store, &p.body).await?;
             may_protect_again(&p.body, &state, &req.master_target, &req.datastore)?;
+            // Removed with its process server unreachable: through that process server only once
+            // it deleted the old spool (else it would forward the old records into the new replica).
+            let unconfirmed = p.body.disabled.as_ref().filter(|d| d.deleted_spool_bytes.is_none());
+            if let Some(d) = unconfirmed.filter(|_| p.body.process_server == req.process_server) {
+                let ps = component(&s.store, ComponentKind::ProcessServer, &req.process_server).await;
+                let done = ps
+                    .as_ref()
+                    .and_then(|c| c.status.as_ref())
+                    .and_then(|st| st.process_server())
+                    .and_then(|st| st.removed_machines.get(m))
+                    .is_some_and(|r| r.order == d.job && r.error.is_none());
+                if !done {
+                    return Err(ApiError::conflict(format!(
+                        "process server {} has not confirmed deleting the old spool of {m} (its protection was removed while it was unreachable): bring it back — it deletes the spool at its first settings fetch — or protect {m} through another process server",
+                        req.process_server
+                    )));
+                }
+            }
         }
         let mt_os = mt_site
             .content

@@ -210,6 +210,10 @@ pub struct MasterTarget {
     test_orders_busy: std::sync::atomic::AtomicBool,
     /// What was done with removal orders (disabled protections), per machine.
     removed: Mutex<std::collections::BTreeMap<String, ferry_api::control::RemovedMachine>>,
+    /// The removal orders of the latest settings, and the thread that carries them out.
+    removal_orders: Mutex<std::collections::BTreeMap<String, ferry_api::control::RemovalOrder>>,
+    removals_busy: std::sync::atomic::AtomicBool,
+    removals_again: std::sync::atomic::AtomicBool,
     shutdown: CancellationToken,
 }
 
@@ -266,6 +270,9 @@ impl MasterTarget {
             test_failover_orders: Mutex::new(None),
             test_orders_busy: std::sync::atomic::AtomicBool::new(false),
             removed: Mutex::new(Self::load_removed(&volume.path)),
+            removal_orders: Mutex::new(Default::default()),
+            removals_busy: std::sync::atomic::AtomicBool::new(false),
+            removals_again: std::sync::atomic::AtomicBool::new(false),
             retention: volume.path.clone(),
             _volume: volume,
             live: std::sync::RwLock::new(live),
@@ -340,6 +347,15 @@ impl MasterTarget {
             .checked_names()
             .map_err(|m| (codes::BAD_NAME.code, m, "rename the machine or disk".into()))?;
         self.check_process_server(peer, &machine)?;
+        if let Some(order) = self.removal_ordered(machine.as_str()) {
+            return Err((
+                codes::NOT_PROTECTED.code,
+                format!(
+                    "protection of {machine} was disabled (job {order}): its replica is deleted and nothing of it is taken here; protect it again for a new one"
+                ),
+                codes::NOT_PROTECTED.remedy.to_owned(),
+            ));
+        }
         let mut map = self.lock_replicas();
         if let Some(r) = map.get(&machine) {
             if let Err(e) = r.refuse_if_fenced() {
@@ -421,7 +437,7 @@ impl MasterTarget {
                 }
             }
         }
-        self.follow_removals(v.machine_removals.as_ref());
+        self.set_removal_orders(v.machine_removals.as_ref());
     }
 
     pub fn status(&self) -> ferry_api::master_target::MasterTargetStatus {

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use ferry_api::control::{RemovalOrder, RemovedMachine};
 use ferry_protocol::MachineName;
@@ -15,6 +16,10 @@ use crate::MasterTarget;
 
 /// Where a master target keeps what it did with removal orders (on its retention volume).
 pub const REMOVED_FILE: &str = "removed-machines.json";
+
+/// In a target folder whose disks a disabled protection kept (a failed-over machine runs from
+/// them): no replica is ever created there again.
+pub const KEPT_MARKER: &str = ".kept-by-disabled-protection.json";
 
 impl MasterTarget {
     pub(crate) fn load_removed(retention: &Path) -> BTreeMap<String, RemovedMachine> {
@@ -28,19 +33,71 @@ impl MasterTarget {
         self.removed.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Carry out the removal orders of the latest settings (records of orders no longer given —
-    /// the machine was protected again — are dropped).
-    pub(crate) fn follow_removals(&self, orders: Option<&BTreeMap<String, RemovalOrder>>) {
-        let empty = BTreeMap::new();
-        let orders = orders.unwrap_or(&empty);
-        let mut removed = self.removed.lock().unwrap_or_else(|p| p.into_inner());
-        let before = removed.clone();
-        removed.retain(|m, _| orders.contains_key(m));
-        for (m, o) in orders {
-            if removed.get(m).is_some_and(|r| r.order == o.order && r.error.is_none()) {
+    /// Take the removal orders of the latest settings and carry them out on a thread of their
+    /// own (deleting a journal and disks takes a while; heartbeats and status go on meanwhile),
+    /// trying a failed one again every few seconds.
+    pub(crate) fn set_removal_orders(self: &Arc<Self>, orders: Option<&BTreeMap<String, RemovalOrder>>) {
+        *self.removal_orders.lock().unwrap_or_else(|p| p.into_inner()) = orders.cloned().unwrap_or_default();
+        self.kick_removals();
+    }
+
+    fn kick_removals(self: &Arc<Self>) {
+        if self.removals_busy.swap(true, Ordering::SeqCst) {
+            // The running thread looks at the orders again before it ends.
+            self.removals_again.store(true, Ordering::SeqCst);
+            return;
+        }
+        let mt = self.clone();
+        let spawned = std::thread::Builder::new().name("removals".into()).spawn(move || loop {
+            mt.removals_again.store(false, Ordering::SeqCst);
+            let pending = mt.follow_removals();
+            if mt.shutdown.is_cancelled() {
+                mt.removals_busy.store(false, Ordering::SeqCst);
+                return;
+            }
+            if pending {
+                std::thread::sleep(std::time::Duration::from_secs(3));
                 continue;
             }
-            let done = match self.remove_replica(m, o) {
+            mt.removals_busy.store(false, Ordering::SeqCst);
+            // Orders that came while it finished: take them (unless another thread did).
+            if !mt.removals_again.load(Ordering::SeqCst) || mt.removals_busy.swap(true, Ordering::SeqCst) {
+                return;
+            }
+        });
+        if let Err(e) = spawned {
+            self.removals_busy.store(false, Ordering::SeqCst);
+            tracing::error!(error = %e, "cannot start the removal thread");
+        }
+    }
+
+    /// Whether a removal order for `machine` is given (its protection was disabled): no stream
+    /// of it is taken, whatever the local file or earlier settings say, until it is withdrawn.
+    pub(crate) fn removal_ordered(&self, machine: &str) -> Option<String> {
+        self.removal_orders.lock().unwrap_or_else(|p| p.into_inner()).get(machine).map(|o| o.order.clone())
+    }
+
+    /// Carry out the orders not done yet (records of withdrawn orders — the machine was
+    /// protected again — are dropped). Returns whether one failed (to be tried again).
+    fn follow_removals(&self) -> bool {
+        let orders = self.removal_orders.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let todo: Vec<(String, RemovalOrder)> = {
+            let mut removed = self.removed.lock().unwrap_or_else(|p| p.into_inner());
+            let before = removed.len();
+            removed.retain(|m, _| orders.contains_key(m));
+            if removed.len() != before {
+                self.save_removed(&removed);
+            }
+            orders
+                .iter()
+                .filter(|(m, o)| !removed.get(*m).is_some_and(|r| r.order == o.order && r.error.is_none()))
+                .map(|(m, o)| (m.clone(), o.clone()))
+                .collect()
+        };
+        let mut failed = false;
+        for (m, o) in todo {
+            // The removed lock is not held while files are deleted: the status goes on.
+            let done = match self.remove_replica(&m, &o) {
                 Ok((bytes, kept)) => {
                     tracing::warn!(machine = %m, order = %o.order, deleted_bytes = bytes, kept_target_disks = kept, "protection disabled: replica deleted");
                     RemovedMachine {
@@ -52,7 +109,8 @@ impl MasterTarget {
                     }
                 }
                 Err(e) => {
-                    tracing::error!(machine = %m, error = %e, "cannot delete the replica of a disabled protection");
+                    failed = true;
+                    tracing::error!(machine = %m, error = %e, "cannot delete the replica of a disabled protection (tried again)");
                     RemovedMachine {
                         order: o.order.clone(),
                         at_ms: 0,
@@ -62,16 +120,23 @@ impl MasterTarget {
                     }
                 }
             };
-            removed.insert(m.clone(), done);
-        }
-        if *removed != before {
-            let path = self.retention.join(REMOVED_FILE);
-            let saved = serde_json::to_vec_pretty(&*removed)
-                .map_err(std::io::Error::other)
-                .and_then(|d| ferry_sys::fs::write_atomic(&path, &d));
-            if let Err(e) = saved {
-                tracing::error!(error = %e, file = %path.display(), "cannot keep the removal records");
+            let mut removed = self.removed.lock().unwrap_or_else(|p| p.into_inner());
+            // Withdrawn meanwhile: not recorded.
+            if self.removal_ordered(&m).as_deref() == Some(o.order.as_str()) {
+                removed.insert(m.clone(), done);
+                self.save_removed(&removed);
             }
+        }
+        failed
+    }
+
+    fn save_removed(&self, removed: &BTreeMap<String, RemovedMachine>) {
+        let path = self.retention.join(REMOVED_FILE);
+        let saved = serde_json::to_vec_pretty(removed)
+            .map_err(std::io::Error::other)
+            .and_then(|d| ferry_sys::fs::write_atomic(&path, &d));
+        if let Err(e) = saved {
+            tracing::error!(error = %e, file = %path.display(), "cannot keep the removal records");
         }
     }
 
@@ -104,7 +169,11 @@ impl MasterTarget {
                 self.lock_replicas().remove(&name);
                 Some(r.datastore.join(name.as_str()))
             }
-            None => target_dir(&dir),
+            // Not loaded (a restart, or one that failed to open): its own record says where its
+            // disks are; a replica from before per-machine datastores has them in the master
+            // target's datastore. No retention folder: nothing of it is here.
+            None if dir.exists() => target_dir(&dir).or_else(|| Some(self.config.datastore.join(name.as_str()))),
+            None => None,
         };
         // The marker first: a crash from here on leaves a folder no start reopens, and the order,
         // given again, finishes the job.
@@ -116,8 +185,17 @@ impl MasterTarget {
         }
         ferry_sys::fail::fail_point("master-target.removal.marker-removed");
         let mut bytes = 0;
-        if let (Some(t), false) = (&tdir, keep) {
-            bytes += remove_target_dir(t)?;
+        match (&tdir, keep) {
+            (Some(t), false) => bytes += remove_target_dir(t)?,
+            // Kept for the failed-over machine that runs from them: marked, so no later replica
+            // is ever created over them.
+            (Some(t), true) if t.exists() => {
+                let mark =
+                    serde_json::json!({ "machine": machine, "order": order.order, "at_ms": ferry_protocol::now_ms() });
+                ferry_sys::fs::write_atomic(&t.join(KEPT_MARKER), mark.to_string().as_bytes())
+                    .map_err(|e| format!("cannot mark the kept disks in {}: {e}", t.display()))?;
+            }
+            _ => {}
         }
         bytes += ferry_sys::fs::remove_tree(&dir, "machine.json").map_err(|e| e.to_string())?;
         Ok((bytes, keep))

@@ -211,6 +211,15 @@ impl Replica {
         // Where the target disks go is recorded first: the datastore chosen now stays the
         // replica's, whatever later settings say (`open` reads it back).
         let tdir = config.datastore_for(name).join(name);
+        let kept = tdir.join(crate::removal::KEPT_MARKER);
+        if kept.exists() {
+            return Err(MasterTargetError::Refused(format!(
+                "{} holds disks a disabled protection of {} kept for its failed-over machine ({}): a new replica there would write over them; protect it to another datastore, or move those disks away and remove the marker",
+                tdir.display(),
+                machine.name,
+                kept.display()
+            )));
+        }
         let targets = dir.join("targets.json");
         match std::fs::read(&targets) {
             Ok(d) => {
@@ -1166,6 +1175,26 @@ mod bulk_tests {
 
     fn record(seq: u64, body: RecordBody) -> Record {
         Record { seq: Seq(seq), time_ms: 1, body }
+    }
+
+    /// Disks a disabled protection kept for its failed-over machine are never a new replica's.
+    #[test]
+    fn no_replica_is_created_over_disks_kept_for_a_failed_over_machine() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path());
+        let kept = dir.path().join("ds/vm1");
+        std::fs::create_dir_all(&kept).unwrap();
+        std::fs::write(kept.join("disk0.img"), b"the failed-over machine's data").unwrap();
+        std::fs::write(kept.join(crate::removal::KEPT_MARKER), b"{}").unwrap();
+        std::fs::create_dir_all(dir.path().join("ret")).unwrap();
+        let machine = MachineDescriptor {
+            name: "vm1".into(),
+            disks: vec![DiskDescriptor { name: "disk0".into(), size: 1 << 20, uuid: "u0".into() }],
+        };
+        let name = MachineName::new("vm1").unwrap();
+        let e = Replica::create(&config, &name, &machine, Exports::new(), CancellationToken::new()).err().unwrap();
+        assert!(e.to_string().contains("kept for its failed-over machine"), "{e}");
+        assert_eq!(std::fs::read(kept.join("disk0.img")).unwrap(), b"the failed-over machine's data", "untouched");
     }
 
     fn chunk(id: u64) -> BulkChunk {

@@ -122,6 +122,10 @@ pub struct ProcessServer {
     server_link: std::sync::OnceLock<ferry_status::SettingsLink>,
     /// Removal orders done (or failing), per machine.
     removed: Mutex<std::collections::BTreeMap<String, ferry_api::control::RemovedMachine>>,
+    /// The removal orders of the latest settings, and the thread that carries them out.
+    removal_orders: Mutex<std::collections::BTreeMap<String, ferry_api::control::RemovalOrder>>,
+    removals_busy: std::sync::atomic::AtomicBool,
+    removals_again: std::sync::atomic::AtomicBool,
     shutdown: CancellationToken,
 }
 
@@ -178,6 +182,9 @@ impl ProcessServer {
                     .and_then(|d| serde_json::from_slice(&d).ok())
                     .unwrap_or_default(),
             ),
+            removal_orders: Mutex::new(Default::default()),
+            removals_busy: std::sync::atomic::AtomicBool::new(false),
+            removals_again: std::sync::atomic::AtomicBool::new(false),
             shutdown,
         });
         // Resume forwarding whatever the spool still holds, agent connected or not.
@@ -271,7 +278,7 @@ impl ProcessServer {
 
     /// Take new per-machine routes from the configuration server (they apply from the
     /// machine's next connection to a master target).
-    pub fn apply_settings(&self, v: &ferry_api::control::ComponentSettings) {
+    pub fn apply_settings(self: &Arc<Self>, v: &ferry_api::control::ComponentSettings) {
         if let Err(e) = self.revoked.extend(v.revoked_certificates.as_deref().unwrap_or_default()) {
             tracing::error!(error = %e, "cannot keep the revoked certificates");
         }
@@ -291,35 +298,86 @@ impl ProcessServer {
                 *self.live.write().unwrap_or_else(|p| p.into_inner()) = s;
             }
         }
-        self.follow_removals(v.machine_removals.as_ref());
+        self.set_removal_orders(v.machine_removals.as_ref());
     }
 
-    /// Delete the spool of each machine whose protection was disabled (once per order; a failure
-    /// is reported and tried again at the next settings fetch). Records of orders the server no
-    /// longer gives (the machine was protected again) are dropped.
-    fn follow_removals(&self, orders: Option<&std::collections::BTreeMap<String, ferry_api::control::RemovalOrder>>) {
-        let empty = Default::default();
-        let orders = orders.unwrap_or(&empty);
-        let mut removed = self.removed.lock().unwrap_or_else(|p| p.into_inner());
-        let before = removed.clone();
-        removed.retain(|m, _| orders.contains_key(m));
-        for (m, o) in orders {
-            if removed.get(m).is_some_and(|r| r.order == o.order && r.error.is_none()) {
-                continue;
-            }
-            let spool = MachineName::new(m).ok().and_then(|name| self.lock_spools().remove(&name));
-            let dir = match &spool {
-                Some(s) => {
-                    s.closed.cancel();
-                    s.dir().to_owned()
+    /// Take the removal orders of the latest settings and carry them out on a thread of their
+    /// own (heartbeats go on meanwhile), trying a failed one again every few seconds.
+    fn set_removal_orders(
+        self: &Arc<Self>,
+        orders: Option<&std::collections::BTreeMap<String, ferry_api::control::RemovalOrder>>,
+    ) {
+        *self.removal_orders.lock().unwrap_or_else(|p| p.into_inner()) = orders.cloned().unwrap_or_default();
+        if self.removals_busy.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            self.removals_again.store(true, std::sync::atomic::Ordering::SeqCst);
+            return;
+        }
+        let ps = self.clone();
+        let spawned = std::thread::Builder::new().name("removals".into()).spawn(move || {
+            use std::sync::atomic::Ordering::SeqCst;
+            loop {
+                ps.removals_again.store(false, SeqCst);
+                let pending = ps.follow_removals();
+                if ps.shutdown.is_cancelled() {
+                    break;
                 }
-                None => self.config.cache_dir.join(m),
-            };
-            // A name that is not a machine's never names a folder here.
-            let r = if MachineName::new(m).is_err() {
-                Err(format!("{m:?} is not a machine name"))
-            } else {
-                ferry_sys::fs::remove_tree(&dir, "machine.json").map_err(|e| e.to_string())
+                if pending {
+                    std::thread::sleep(Duration::from_secs(3));
+                    continue;
+                }
+                ps.removals_busy.store(false, SeqCst);
+                if !ps.removals_again.load(SeqCst) || ps.removals_busy.swap(true, SeqCst) {
+                    return;
+                }
+            }
+            ps.removals_busy.store(false, SeqCst);
+        });
+        if let Err(e) = spawned {
+            self.removals_busy.store(false, std::sync::atomic::Ordering::SeqCst);
+            tracing::error!(error = %e, "cannot start the removal thread");
+        }
+    }
+
+    /// The removal order given for `machine`, if its protection was disabled: nothing of it is
+    /// taken, whatever earlier routes say, until the order is withdrawn.
+    fn removal_ordered(&self, machine: &str) -> Option<String> {
+        self.removal_orders.lock().unwrap_or_else(|p| p.into_inner()).get(machine).map(|o| o.order.clone())
+    }
+
+    /// Delete the spool of each machine whose order is not done yet (records of withdrawn
+    /// orders are dropped). Returns whether one failed (to be tried again).
+    fn follow_removals(&self) -> bool {
+        let orders = self.removal_orders.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let todo: Vec<(String, ferry_api::control::RemovalOrder)> = {
+            let mut removed = self.removed.lock().unwrap_or_else(|p| p.into_inner());
+            let before = removed.len();
+            removed.retain(|m, _| orders.contains_key(m));
+            if removed.len() != before {
+                self.save_removed(&removed);
+            }
+            orders
+                .iter()
+                .filter(|(m, o)| !removed.get(*m).is_some_and(|r| r.order == o.order && r.error.is_none()))
+                .map(|(m, o)| (m.clone(), o.clone()))
+                .collect()
+        };
+        let mut failed = false;
+        for (m, o) in todo {
+            let r = match MachineName::new(&m) {
+                // A name that is not a machine's never names a folder here.
+                Err(_) => Err(format!("{m:?} is not a machine name")),
+                Ok(name) => {
+                    // Out of the map first (a new hello is refused by the order), then ended.
+                    let spool = self.lock_spools().remove(&name);
+                    let dir = match &spool {
+                        Some(s) => {
+                            s.closed.cancel();
+                            s.dir().to_owned()
+                        }
+                        None => self.config.cache_dir.join(name.as_str()),
+                    };
+                    ferry_sys::fs::remove_tree(&dir, "machine.json").map_err(|e| e.to_string())
+                }
             };
             let done = match r {
                 Ok(bytes) => {
@@ -333,7 +391,8 @@ impl ProcessServer {
                     }
                 }
                 Err(e) => {
-                    tracing::error!(machine = %m, error = %e, "cannot delete the spool of a disabled protection");
+                    failed = true;
+                    tracing::error!(machine = %m, error = %e, "cannot delete the spool of a disabled protection (tried again)");
                     ferry_api::control::RemovedMachine {
                         order: o.order.clone(),
                         at_ms: 0,
@@ -343,16 +402,22 @@ impl ProcessServer {
                     }
                 }
             };
-            removed.insert(m.clone(), done);
-        }
-        if *removed != before {
-            let path = self.config.cache_dir.join(REMOVED_FILE);
-            let saved = serde_json::to_vec_pretty(&*removed)
-                .map_err(std::io::Error::other)
-                .and_then(|d| ferry_sys::fs::write_atomic(&path, &d));
-            if let Err(e) = saved {
-                tracing::error!(error = %e, file = %path.display(), "cannot keep the removal records");
+            let mut removed = self.removed.lock().unwrap_or_else(|p| p.into_inner());
+            if self.removal_ordered(&m).as_deref() == Some(o.order.as_str()) {
+                removed.insert(m.clone(), done);
+                self.save_removed(&removed);
             }
+        }
+        failed
+    }
+
+    fn save_removed(&self, removed: &std::collections::BTreeMap<String, ferry_api::control::RemovedMachine>) {
+        let path = self.config.cache_dir.join(REMOVED_FILE);
+        let saved = serde_json::to_vec_pretty(removed)
+            .map_err(std::io::Error::other)
+            .and_then(|d| ferry_sys::fs::write_atomic(&path, &d));
+        if let Err(e) = saved {
+            tracing::error!(error = %e, file = %path.display(), "cannot keep the removal records");
         }
     }
 
@@ -624,6 +689,18 @@ where
     // Linked to a configuration server, the process server spools only machines the server
     // routed to it (the protect job routes before it configures the agent): a certificate holder
     // cannot make it open spools and forwarding tasks for names it invents.
+    if let Some(order) = ps.removal_ordered(machine.as_str()) {
+        let message = format!(
+            "protection of {machine} was disabled (job {order}): its spool is deleted and nothing of it is taken; protect it again"
+        );
+        return Err(ferry_protocol::refuse(
+            &mut framed,
+            codes::NOT_PROTECTED.code,
+            message,
+            codes::NOT_PROTECTED.remedy,
+        )
+        .await);
+    }
     if ps.config.config_server.is_some() && !ps.knows(&machine) {
         let message = format!("machine {machine} is not protected through this process server");
         return Err(ferry_protocol::refuse(

@@ -123,6 +123,11 @@ fn disabled_protection_leaves_the_machine_running_and_nothing_of_its_replica() {
     );
     assert!(!dir.join("sites/recovery/retention/mt-r/db1").exists(), "its recovery points are gone");
     assert!(dir.join("sites/recovery/datastores/vmfs-r/db1/disk0.img").exists(), "its disks stay");
+    assert!(
+        dir.join("sites/recovery/datastores/vmfs-r/db1/.kept-by-disabled-protection.json").exists(),
+        "marked, so no later replica is made over them"
+    );
+    failed(&lab.run(&["failover", "cancel", "db1"]), "was disabled", "a cancel after the disable");
     let n = records(&rlog);
     wait("the recovery copy runs on", Duration::from_secs(60), || {
         let ends = recovery_guest(&lab, "db1.recovery").join("endpoints.json");
