@@ -33,9 +33,9 @@ use crate::AppState;
 /// How long a running component may take to take its order.
 const ORDER_LIMIT: Duration = Duration::from_secs(120);
 
-/// A running agent's heartbeat younger than this is waited for; an older one (the machine is
-/// off, or its site is lost) takes its settings when it starts.
-const FRESH_MS: u64 = 30_000;
+/// A running agent's heartbeat younger than this (three default heartbeat intervals) is waited
+/// for; an older one (the machine is off, or its site is lost) takes its settings when it starts.
+const FRESH_MS: u64 = 90_000;
 
 /// The steps of a disable job, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
