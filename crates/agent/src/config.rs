@@ -120,6 +120,10 @@ pub struct AgentConfig {
     /// unclean while it runs, complete after a clean stop), for a change of recovery point.
     #[serde(default)]
     pub recovery_writes_file: Option<PathBuf>,
+    /// Regions to resync once on top of what this agent tracked (a reprotect: what the old
+    /// primary wrote that never reached the recovery site). Counted once per order.
+    #[serde(default)]
+    pub resync_seed: Option<ferry_api::control::ResyncSeed>,
     /// Protection was disabled (the configuration server's disable job sets it): the disks are
     /// served, nothing ships, and the replication state (`state.json`, `activity.log`,
     /// `dirty.map`) is deleted at each start, so a later protection copies the disks again in

@@ -2,6 +2,7 @@
 //! sequences every write with one per-machine counter, and ships the changes in order to a
 //! process server. See [`machine`] for the ordering and crash-recovery invariants.
 
+pub mod block_hash;
 #[cfg(test)]
 mod chain_tests;
 mod config;

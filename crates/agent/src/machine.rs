@@ -60,6 +60,9 @@ struct PersistentState {
     /// A planned failover's quiesce: kept across restarts, taken before the disks are served.
     #[serde(default)]
     pub(crate) quiesced: Option<ferry_api::agent::Quiesced>,
+    /// The resync seed last counted (its order).
+    #[serde(default)]
+    resync_seed: Option<String>,
 }
 
 impl PersistentState {
@@ -76,6 +79,7 @@ impl PersistentState {
             failover_seed: None,
             lineage: None,
             quiesced: None,
+            resync_seed: None,
         }
     }
 }
@@ -404,6 +408,66 @@ impl Machine {
                 dirty.mark(i, 0, d.size);
             }
         }
+        // A reprotect's seed: counted once, before the mode is chosen (it makes a resync run).
+        let resync_seed = config
+            .resync_seed
+            .clone()
+            .filter(|s| previous.as_ref().and_then(|p| p.resync_seed.as_deref()) != Some(s.order.as_str()));
+        let mut resync_seeded = None;
+        if let Some(seed) = &resync_seed {
+            let mut bytes = 0;
+            for e in &seed.extents {
+                let Some(i) = disks.iter().position(|d| *d.name == *e.disk) else {
+                    return Err(AgentError::Config(format!(
+                        "the resync seed of order {} names disk {:?}, which is not configured",
+                        seed.order, e.disk
+                    )));
+                };
+                if e.offset.checked_add(e.length).is_none_or(|end| end > disks[i].size) {
+                    return Err(AgentError::Config(format!(
+                        "the resync seed of order {}: extent {}+{} lies outside disk {} ({} bytes)",
+                        seed.order, e.offset, e.length, e.disk, disks[i].size
+                    )));
+                }
+                dirty.mark(i, e.offset, e.length);
+                bytes += e.length;
+            }
+            // Compared regions: only the blocks that differ from the other side's.
+            let mut compared = 0;
+            for c in &seed.compare {
+                let Some(i) = disks.iter().position(|d| *d.name == *c.disk) else {
+                    return Err(AgentError::Config(format!(
+                        "the resync seed of order {} names disk {:?}, which is not configured",
+                        seed.order, c.disk
+                    )));
+                };
+                let theirs = crate::block_hash::from_hex(&c.hashes).ok_or_else(|| {
+                    AgentError::Config(format!(
+                        "the resync seed of order {}: the hashes of {}+{} are not hex",
+                        seed.order, c.offset, c.length
+                    ))
+                })?;
+                if c.offset.checked_add(c.length).is_none_or(|end| end > disks[i].size) {
+                    return Err(AgentError::Config(format!(
+                        "the resync seed of order {}: region {}+{} lies outside disk {} ({} bytes)",
+                        seed.order, c.offset, c.length, c.disk, disks[i].size
+                    )));
+                }
+                let runs = crate::block_hash::differing(disks[i].backend.as_ref(), c.offset, c.length, &theirs)
+                    .map_err(|e| AgentError::Config(format!("the resync seed of order {}: {e}", seed.order)))?;
+                compared += c.length;
+                for (off, len) in runs {
+                    dirty.mark(i, off, len);
+                    bytes += len;
+                }
+            }
+            let reason = if compared > 0 {
+                format!("{} ({compared} byte(s) compared by block hash)", seed.reason)
+            } else {
+                seed.reason.clone()
+            };
+            resync_seeded = Some((seed.order.clone(), reason, bytes));
+        }
         let (mut state, mode, reason) = match previous {
             // A failed-over machine's first start: its disks hold the point; what differs from
             // the primary is the seed (the extents after the point), not the whole disk.
@@ -455,6 +519,9 @@ impl Machine {
             state.failover_seed = Some(seed.point.clone());
             seeded_bytes = Some((seed.point, bytes));
         }
+        if let Some((order, _, _)) = &resync_seeded {
+            state.resync_seed = Some(order.clone());
+        }
         // A copy without a lineage (a first start, or state from before lineage) gets one.
         if state.lineage.is_none() {
             state.lineage = Some(StateLineage { id: rand::random::<u64>() | 1, parent: None, ancestors: Vec::new() });
@@ -481,6 +548,13 @@ impl Machine {
                 time_ms: now_ms(),
                 kind: "failover-seed".into(),
                 message: format!("failed over at {point}: {bytes} byte(s) written after it count as changed"),
+            });
+        }
+        if let Some((order, reason, bytes)) = resync_seeded {
+            events.push_back(EventEntry {
+                time_ms: now_ms(),
+                kind: "resync-seed".into(),
+                message: format!("{reason} (order {order}): {bytes} byte(s) more to resync"),
             });
         }
         if al_lost {

@@ -8,33 +8,10 @@
 //! an over-approximation at extent granularity (`al_extent_bytes`), never an under-one.
 
 use ferry_journal::{ActivityLog, DirtyMap, TRACK_BLOCK};
-use serde::Serialize;
 
 use crate::{AgentConfig, AgentError};
 
-/// `ferry agent changes`: the regions of each disk that may not be at the master target.
-#[derive(Debug, Clone, Serialize)]
-pub struct UnconfirmedChanges {
-    pub machine: String,
-    pub disks: Vec<UnconfirmedDisk>,
-    /// Sum over the disks.
-    pub bytes: u64,
-    /// A resync run was open (its `ResyncBegin` at this seq, its end not confirmed): the master
-    /// target may hold the run's regions only in a journal it keeps apart from the replica's
-    /// consistent state, so a failover to that state lacks them too (they are in no list here).
-    pub open_resync_seq: Option<u64>,
-    /// Why the list is the whole disks, when it is (the activity log is missing).
-    pub whole_disks: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct UnconfirmedDisk {
-    pub name: String,
-    pub size: u64,
-    /// `(offset, len)` runs, ascending, merged.
-    pub extents: Vec<(u64, u64)>,
-    pub bytes: u64,
-}
+pub use ferry_api::agent::{UnconfirmedChanges, UnconfirmedDisk};
 
 /// Read `config.state_dir` without changing anything (the agent must be stopped: a running one
 /// changes these files as it goes).
@@ -91,7 +68,7 @@ pub fn unconfirmed_changes(config: &AgentConfig) -> Result<UnconfirmedChanges, A
             }
         }
         let bytes = extents.iter().map(|(_, l)| l).sum();
-        out.push(UnconfirmedDisk { name: d.name.clone(), size: d.size, extents, bytes });
+        out.push(UnconfirmedDisk { name: d.name.clone(), size: d.size, extents, bytes, hashes: Vec::new() });
     }
     let bytes = out.iter().map(|d| d.bytes).sum();
     Ok(UnconfirmedChanges {
@@ -101,4 +78,23 @@ pub fn unconfirmed_changes(config: &AgentConfig) -> Result<UnconfirmedChanges, A
         open_resync_seq: disks.resync_open_seq,
         whole_disks,
     })
+}
+
+/// Add the 4 KiB block hashes of every listed extent, read from the (stopped) agent's disks
+/// (`ferry agent changes --hashes`): holes are not read.
+pub fn add_block_hashes(config: &AgentConfig, changes: &mut UnconfirmedChanges) -> Result<(), AgentError> {
+    for d in &mut changes.disks {
+        let Some(dc) = config.disks.iter().find(|c| c.name.as_str() == d.name) else {
+            return Err(AgentError::Config(format!("disk {} of the agent's state is not configured", d.name)));
+        };
+        let backend = ferry_nbd::FileBackend::open(&dc.path, true)
+            .map_err(|e| AgentError::Disk { path: dc.path.clone(), error: e.to_string() })?;
+        d.hashes = Vec::with_capacity(d.extents.len());
+        for (off, len) in &d.extents {
+            let h = crate::block_hash::region_hashes(&backend, *off, *len)
+                .map_err(|error| AgentError::Disk { path: dc.path.clone(), error })?;
+            d.hashes.push(crate::block_hash::to_hex(&h));
+        }
+    }
+    Ok(())
 }

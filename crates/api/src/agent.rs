@@ -389,3 +389,31 @@ pub const ROUTES: &[Route<AgentEndpoint>] = &[
     .answers(202),
     get::<_, VerifySession>(R::GetVerify, "/verify/{id}", Role::Local, "An online verify's progress and result"),
 ];
+
+/// `ferry agent changes`: the regions of each disk that may not be at the master target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct UnconfirmedChanges {
+    pub machine: String,
+    pub disks: Vec<UnconfirmedDisk>,
+    /// Sum over the disks.
+    pub bytes: u64,
+    /// A resync run was open (its `ResyncBegin` at this seq, its end not confirmed): the master
+    /// target may hold the run's regions only in a journal it keeps apart from the replica's
+    /// consistent state, so a failover to that state lacks them too (they are in no list here).
+    pub open_resync_seq: Option<u64>,
+    /// Why the list is the whole disks, when it is (the activity log is missing).
+    pub whole_disks: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct UnconfirmedDisk {
+    pub name: String,
+    pub size: u64,
+    /// `(offset, len)` runs, ascending, merged.
+    pub extents: Vec<(u64, u64)>,
+    pub bytes: u64,
+    /// With `--hashes`: per extent, the hex of each 4 KiB block's hash (16 bytes each, holes
+    /// hashed as zeros without being read), so the other side can tell which blocks differ.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hashes: Vec<String>,
+}

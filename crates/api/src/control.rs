@@ -306,6 +306,15 @@ pub struct ComponentSettings {
     /// protection copies the disks again). Set by the disable job only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protection_disabled: Option<bool>,
+    /// Master targets: per machine, the existing disk files a new replica takes as its target
+    /// disks (a reprotect to the original location): the old primary's disks, which the resync
+    /// brings to the copy named by the order. Set by the reprotect job only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_adoptions: Option<BTreeMap<String, AdoptionOrder>>,
+    /// Agents: regions to resync once more than the agent itself tracked (a reprotect: what the
+    /// old primary wrote that the recovery site never held). Set by the reprotect job only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resync_seed: Option<ResyncSeed>,
     /// Any other key of the component's configuration file.
     #[serde(flatten)]
     pub other: BTreeMap<String, serde_json::Value>,
@@ -332,6 +341,54 @@ pub struct RemovalOrder {
     /// and recovery points are deleted all the same.
     #[serde(default)]
     pub keep_target_disks: bool,
+}
+
+/// A reprotect's order to a master target: a new replica of `machine` takes these existing files
+/// as its target disks (original-location recovery) instead of creating sparse ones.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AdoptionOrder {
+    /// The reprotect job.
+    pub order: String,
+    /// Per disk of the machine, in its order: the file (the old primary's disk).
+    pub disks: Vec<AdoptedDisk>,
+    /// The lineage ID of the copy that will stream here (the failed-over machine's agent): the
+    /// replica takes only that copy, whose resync brings the files to it.
+    pub lineage: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AdoptedDisk {
+    pub name: String,
+    pub path: PathBuf,
+}
+
+/// Regions an agent resyncs once, on top of what it tracked itself (counted once per order).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResyncSeed {
+    /// The job that gave it.
+    pub order: String,
+    /// Why, in words (shown in the agent's event).
+    pub reason: String,
+    /// Regions resynced whole.
+    pub extents: Vec<crate::master_target::DiskExtent>,
+    /// Regions compared first: only the blocks whose hash on this agent's disk differs from the
+    /// given one are resynced (the other side's regions are coarser than what differs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub compare: Vec<SeedCompare>,
+}
+
+/// A region of a resync seed with the other side's block hashes (see `ferry_agent::block_hash`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SeedCompare {
+    pub disk: String,
+    pub offset: u64,
+    pub length: u64,
+    /// Hex: 16 bytes per 4 KiB block of the region.
+    pub hashes: String,
 }
 
 /// What a process server or master target did with a removal order (its status, and a file
@@ -388,6 +445,8 @@ pub fn setting_access(kind: ComponentKind, key: &str) -> Option<SettingAccess> {
         "machine_test_failovers",
         "machine_removals",
         "protection_disabled",
+        "machine_adoptions",
+        "resync_seed",
         "authority_epoch",
         "failover_seed",
         "recovery_writes_file",
@@ -455,6 +514,8 @@ impl ComponentSettings {
         self.machine_test_failovers.clone_from(&stored.machine_test_failovers);
         self.machine_removals.clone_from(&stored.machine_removals);
         self.protection_disabled = stored.protection_disabled;
+        self.machine_adoptions.clone_from(&stored.machine_adoptions);
+        self.resync_seed.clone_from(&stored.resync_seed);
         for (k, v) in &stored.other {
             if setting_access(kind, k) == Some(SettingAccess::Never) {
                 self.other.insert(k.clone(), v.clone());

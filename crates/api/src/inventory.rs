@@ -158,6 +158,9 @@ pub struct Machine {
 fn pvscsi() -> String {
     "pvscsi".into()
 }
+fn lsilogic() -> String {
+    "lsilogic-sas".into()
+}
 fn off() -> String {
     "off".into()
 }
@@ -171,7 +174,8 @@ pub struct MasterTargetMachine {
     pub host: String,
     #[serde(default)]
     pub attached_disks: u32,
-    #[serde(default = "pvscsi")]
+    /// LSI Logic unless said otherwise (a failback master target is built with it, MT-9).
+    #[serde(default = "lsilogic")]
     pub controller: String,
     /// `disk.EnableUUID` (needed so disks can be matched by UUID, MT-3).
     #[serde(default)]

@@ -45,6 +45,9 @@ pub struct MasterTargetSettings {
     /// machine here: the one its protection routes it through.
     #[serde(default)]
     pub machine_process_servers: BTreeMap<String, String>,
+    /// Reprotects to the original location: the existing files each new replica adopts.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub machine_adoptions: BTreeMap<String, crate::control::AdoptionOrder>,
 }
 
 /// One replicated machine on a master target.

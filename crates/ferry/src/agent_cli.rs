@@ -44,6 +44,9 @@ pub(crate) struct ChangesArgs {
     /// The agent's TOML configuration (its state_dir, disks and al_extent_bytes).
     #[arg(long, short)]
     pub(crate) config: PathBuf,
+    /// Also the 4 KiB block hashes of each region (reads the disks, not their holes).
+    #[arg(long)]
+    pub(crate) hashes: bool,
 }
 
 #[derive(Args)]
@@ -209,9 +212,13 @@ pub(crate) async fn run(cmd: AgentCmd, out: OutputFormat) -> Result<()> {
 fn changes(a: &ChangesArgs, out: OutputFormat) -> Result<()> {
     let config: ferry_agent::AgentConfig =
         crate::cli_config::load_config(Some(&a.config), crate::cli_config::Overrides::default(), "agent")?;
-    let v = ferry_agent::offline::unconfirmed_changes(&config).with_context(|| {
+    let mut v = ferry_agent::offline::unconfirmed_changes(&config).with_context(|| {
         format!("cannot read the state of agent {} in {}", config.machine, config.state_dir.display())
     })?;
+    if a.hashes {
+        ferry_agent::offline::add_block_hashes(&config, &mut v)
+            .with_context(|| format!("cannot hash the disks of agent {}", config.machine))?;
+    }
     match out {
         OutputFormat::Json => print_json(&v),
         OutputFormat::Table => {

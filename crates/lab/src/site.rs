@@ -69,6 +69,9 @@ fn rw() -> String {
 fn pvscsi() -> String {
     "pvscsi".into()
 }
+fn lsilogic() -> String {
+    "lsilogic-sas".into()
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -150,7 +153,8 @@ pub struct LabMasterTarget {
     pub os_family: String,
     #[serde(default)]
     pub host: String,
-    #[serde(default = "pvscsi")]
+    /// The master target's SCSI controller: LSI Logic by default (MT-9 refuses paravirtual).
+    #[serde(default = "lsilogic")]
     pub controller: String,
     #[serde(default = "yes")]
     pub enable_uuid: bool,

@@ -247,6 +247,7 @@ impl MasterTarget {
             machine_retention_secs: config.machine_retention_secs.clone().into_iter().collect(),
             machine_datastores: config.machine_datastores.clone().into_iter().collect(),
             machine_process_servers: config.machine_process_servers.clone().into_iter().collect(),
+            machine_adoptions: Default::default(),
         };
         if config.config_server.is_some() {
             let saved = std::fs::read(volume.path.join(ASSIGNED_FILE))
@@ -262,6 +263,7 @@ impl MasterTarget {
             for (k, v) in saved.machine_process_servers {
                 live.machine_process_servers.entry(k).or_insert(v);
             }
+            live.machine_adoptions = saved.machine_adoptions;
         }
         let mt = Arc::new(MasterTarget {
             revoked: Arc::new(revoked),
@@ -369,6 +371,24 @@ impl MasterTarget {
         // (the protect job assigns the machine's datastore first): a certificate holder cannot
         // make it create replicas, threads and sparse disks for any name it invents.
         let config = self.config_for_new();
+        let adoption =
+            self.live.read().unwrap_or_else(|p| p.into_inner()).machine_adoptions.get(machine.as_str()).cloned();
+        if let Some(order) = adoption {
+            let r = Replica::create_adopting(
+                &config,
+                &machine,
+                &hello.machine,
+                &order,
+                self.exports.clone(),
+                self.shutdown.clone(),
+            )
+            .map_err(|e| {
+                (codes::STORAGE.code, e.to_string(), "check the old primary's disks and the retention folder".into())
+            })?;
+            r.check_lineage(&hello.lineage)?;
+            map.insert(machine, r.clone());
+            return Ok(r);
+        }
         if config.config_server.is_some() && !config.machine_datastores.contains_key(machine.as_str()) {
             return Err((
                 codes::NOT_PROTECTED.code,
@@ -405,6 +425,7 @@ impl MasterTarget {
             machine_retention_secs: v.machine_retention_secs.clone().unwrap_or_default(),
             machine_datastores: v.machine_datastores.clone().unwrap_or_default(),
             machine_process_servers: v.machine_process_servers.clone().unwrap_or_default(),
+            machine_adoptions: v.machine_adoptions.clone().unwrap_or_default(),
         };
         if let Err(e) = self.revoked.extend(v.revoked_certificates.as_deref().unwrap_or_default()) {
             tracing::error!(error = %e, "cannot keep the revoked certificates");

@@ -152,6 +152,9 @@ impl MasterTarget {
         let dir = self.retention.join(name.as_str());
         let replica = self.replica(machine);
         let mut keep = order.keep_target_disks;
+        // Adopted disks are the old primary's own files: never deleted, never marked.
+        let adopted = adopted_by(&dir).is_some();
+        keep |= adopted;
         let tdir = match &replica {
             Some(r) => {
                 if !r.materializations().is_empty() {
@@ -185,6 +188,7 @@ impl MasterTarget {
         }
         ferry_sys::fail::fail_point("master-target.removal.marker-removed");
         let mut bytes = 0;
+        let tdir = tdir.filter(|_| !adopted);
         match (&tdir, keep) {
             (Some(t), false) => bytes += remove_target_dir(t)?,
             // Kept for the failed-over machine that runs from them: marked, so no later replica
@@ -200,6 +204,12 @@ impl MasterTarget {
         bytes += ferry_sys::fs::remove_tree(&dir, "machine.json").map_err(|e| e.to_string())?;
         Ok((bytes, keep))
     }
+}
+
+/// The reprotect order that adopted the replica's target disks, if it did.
+fn adopted_by(dir: &Path) -> Option<String> {
+    let d = std::fs::read(dir.join("targets.json")).ok()?;
+    serde_json::from_slice::<crate::replica::TargetsFile>(&d).ok()?.adopted_by
 }
 
 /// The target-disk folder a replica's `targets.json` names (None without one).

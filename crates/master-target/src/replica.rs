@@ -62,8 +62,16 @@ pub use ferry_api::master_target::{ReplicaDisk, ReplicaStatus};
 /// `targets.json` in a replica's retention folder: where its target disks are (chosen at first
 /// contact, kept whatever later settings say).
 #[derive(serde::Serialize, serde::Deserialize)]
-struct TargetsFile {
-    dir: PathBuf,
+pub(crate) struct TargetsFile {
+    pub(crate) dir: PathBuf,
+    /// Adopted (a reprotect to the original location): the existing file of each disk, in the
+    /// machine's disk order. Empty: `<dir>/<disk>.img`, created by the replica.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) files: Vec<PathBuf>,
+    /// The reprotect job whose order adopted the files. An adopted disk is the old primary's own:
+    /// removing the replica never deletes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) adopted_by: Option<String>,
 }
 
 /// `window.json`: the retention window last set for the machine, used while the configuration
@@ -236,7 +244,7 @@ impl Replica {
             }
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&targets)(e)),
             Err(_) => {
-                let rec = serde_json::to_vec(&TargetsFile { dir: tdir.clone() })
+                let rec = serde_json::to_vec(&TargetsFile { dir: tdir.clone(), files: Vec::new(), adopted_by: None })
                     .map_err(|e| MasterTargetError::Refused(e.to_string()))?;
                 ferry_sys::fs::write_atomic(&targets, &rec).map_err(crate::io_at(&targets))?;
             }
@@ -244,6 +252,56 @@ impl Replica {
         let desc = serde_json::to_vec_pretty(machine).map_err(|e| MasterTargetError::Refused(e.to_string()))?;
         ferry_sys::fs::write_atomic(&dir.join("machine.json"), &desc)
             .map_err(crate::io_at(&dir.join("machine.json")))?;
+        Self::open(config, name, machine.clone(), exports, shutdown)
+    }
+
+    /// First contact for a machine whose reprotect adopts existing files as its target disks
+    /// (original-location recovery): the old primary's disks. Nothing in them is moved or
+    /// truncated; the replica is not consistent (no recovery point) until the first resync of
+    /// the copy named by the order ends, and takes a stream only from that copy.
+    pub fn create_adopting(
+        config: &MasterTargetConfig,
+        name: &MachineName,
+        machine: &MachineDescriptor,
+        order: &ferry_api::control::AdoptionOrder,
+        exports: Exports,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Self>, MasterTargetError> {
+        let files = check_adoption(machine, order)?;
+        let dir = config.retention_dir().join(name);
+        if dir.join("machine.json").exists() {
+            // This order's adoption, cut off before it opened (the disks were still locked, a
+            // crash): open it now. Any other replica there is a leftover the job must remove.
+            let same = std::fs::read(dir.join("targets.json"))
+                .ok()
+                .and_then(|d| serde_json::from_slice::<TargetsFile>(&d).ok())
+                .is_some_and(|t| t.adopted_by.as_deref() == Some(order.order.as_str()) && t.files == files);
+            if !same {
+                return Err(MasterTargetError::Refused(format!(
+                    "{} already holds a replica of {}: it cannot adopt other disks (disable its protection to remove the leftover replica first)",
+                    dir.display(),
+                    machine.name
+                )));
+            }
+            return Self::open(config, name, machine.clone(), exports, shutdown);
+        }
+        ferry_sys::fs::private_dir(&dir).map_err(io(&dir))?;
+        let tdir = files.first().and_then(|f| f.parent()).map(Path::to_owned).unwrap_or_else(|| dir.clone());
+        let rec = serde_json::to_vec(&TargetsFile { dir: tdir, files, adopted_by: Some(order.order.clone()) })
+            .map_err(|e| MasterTargetError::Refused(e.to_string()))?;
+        ferry_sys::fs::write_atomic(&dir.join("targets.json"), &rec)
+            .map_err(crate::io_at(&dir.join("targets.json")))?;
+        // The copy that will stream here, recorded before its first hello is checked.
+        let l = StoredLineage { id: order.lineage, parent: None, ancestors: Vec::new(), since_ms: now_ms() };
+        let data = serde_json::to_vec(&l).map_err(|e| MasterTargetError::Refused(e.to_string()))?;
+        ferry_sys::fs::write_atomic(&dir.join(LINEAGE_FILE), &data).map_err(crate::io_at(&dir.join(LINEAGE_FILE)))?;
+        // The files exist and are the replica's from now on (never set aside as not adopted).
+        let marker = dir.join("targets.created");
+        ferry_sys::fs::write_atomic(&marker, b"target disks adopted\n").map_err(crate::io_at(&marker))?;
+        let desc = serde_json::to_vec_pretty(machine).map_err(|e| MasterTargetError::Refused(e.to_string()))?;
+        ferry_sys::fs::write_atomic(&dir.join("machine.json"), &desc)
+            .map_err(crate::io_at(&dir.join("machine.json")))?;
+        tracing::info!(machine = %machine.name, order = %order.order, "target disks adopted: the old primary's files");
         Self::open(config, name, machine.clone(), exports, shutdown)
     }
 
@@ -276,18 +334,28 @@ impl Replica {
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, MasterTargetError> {
         let dir = config.retention_dir().join(name);
-        let tdir = match std::fs::read(dir.join("targets.json")) {
-            Ok(d) => {
-                serde_json::from_slice::<TargetsFile>(&d)
-                    .map_err(|e| {
-                        MasterTargetError::Refused(format!("{} is corrupt: {e}", dir.join("targets.json").display()))
-                    })?
-                    .dir
-            }
+        let targets_file = match std::fs::read(dir.join("targets.json")) {
+            Ok(d) => serde_json::from_slice::<TargetsFile>(&d).map_err(|e| {
+                MasterTargetError::Refused(format!("{} is corrupt: {e}", dir.join("targets.json").display()))
+            })?,
             // Replicas from before per-machine datastores live in the master target's own.
-            Err(_) => config.datastore.join(name),
+            Err(_) => TargetsFile { dir: config.datastore.join(name), files: Vec::new(), adopted_by: None },
         };
-        ferry_sys::fs::private_dir(&tdir).map_err(io(&tdir))?;
+        let tdir = targets_file.dir.clone();
+        let adopted = !targets_file.files.is_empty();
+        if adopted {
+            if targets_file.files.len() != machine.disks.len() {
+                return Err(MasterTargetError::Refused(format!(
+                    "{} names {} adopted disk file(s) for the {} disk(s) of {}: restore the file",
+                    dir.join("targets.json").display(),
+                    targets_file.files.len(),
+                    machine.disks.len(),
+                    machine.name
+                )));
+            }
+        } else {
+            ferry_sys::fs::private_dir(&tdir).map_err(io(&tdir))?;
+        }
         let ckpt_path = dir.join("checkpoint.json");
         let ckpt: Checkpoint = match std::fs::read(&ckpt_path) {
             Ok(d) => serde_json::from_slice(&d)
@@ -328,8 +396,11 @@ impl Replica {
         // Written once the target disks exist: from then on a missing target is an error.
         let created_marker = dir.join("targets.created");
         let mut targets = Vec::new();
-        for d in &machine.disks {
-            let p = tdir.join(format!("{}.img", d.name));
+        for (i, d) in machine.disks.iter().enumerate() {
+            let p = match targets_file.files.get(i) {
+                Some(f) => f.clone(),
+                None => tdir.join(format!("{}.img", d.name)),
+            };
             if !p.exists() && (ckpt.applied_seq > 0 || created_marker.exists()) {
                 // Re-creating it empty would silently leave a replica without its earlier data.
                 return Err(MasterTargetError::Refused(format!(
@@ -1135,6 +1206,55 @@ impl Replica {
 
 use crate::point_image::zero_range;
 
+/// The adoption order's files, checked against the machine: one per disk, by name and in order,
+/// each an existing regular file (never a link) of the disk's size.
+fn check_adoption(
+    machine: &MachineDescriptor,
+    order: &ferry_api::control::AdoptionOrder,
+) -> Result<Vec<PathBuf>, MasterTargetError> {
+    let names: Vec<&str> = machine.disks.iter().map(|d| d.name.as_str()).collect();
+    let given: Vec<&str> = order.disks.iter().map(|d| d.name.as_str()).collect();
+    if names != given {
+        return Err(MasterTargetError::Refused(format!(
+            "the reprotect of {} adopts disks {given:?}, but its stream has disks {names:?}: reprotect it again (its disks changed)",
+            machine.name
+        )));
+    }
+    let mut files = Vec::new();
+    for (d, a) in machine.disks.iter().zip(&order.disks) {
+        if !a.path.is_absolute() {
+            return Err(MasterTargetError::Refused(format!(
+                "adopted disk {} is not an absolute path",
+                a.path.display()
+            )));
+        }
+        let m = std::fs::symlink_metadata(&a.path).map_err(|e| {
+            MasterTargetError::Refused(format!(
+                "the old primary's disk {} of {} cannot be adopted ({e}): is its datastore mounted on this master target's host (MT-11)?",
+                a.path.display(),
+                machine.name
+            ))
+        })?;
+        if !m.file_type().is_file() {
+            return Err(MasterTargetError::Refused(format!(
+                "the old primary's disk {} is not a regular file: it is not adopted",
+                a.path.display()
+            )));
+        }
+        if m.len() != d.size {
+            return Err(MasterTargetError::Refused(format!(
+                "the old primary's disk {} is {} bytes, the failed-over disk {} is {} bytes: reprotect to an alternate location (a new disk) instead",
+                a.path.display(),
+                m.len(),
+                d.name,
+                d.size
+            )));
+        }
+        files.push(a.path.clone());
+    }
+    Ok(files)
+}
+
 #[cfg(test)]
 mod bulk_tests {
     use super::*;
@@ -1195,6 +1315,105 @@ mod bulk_tests {
         let e = Replica::create(&config, &name, &machine, Exports::new(), CancellationToken::new()).err().unwrap();
         assert!(e.to_string().contains("kept for its failed-over machine"), "{e}");
         assert_eq!(std::fs::read(kept.join("disk0.img")).unwrap(), b"the failed-over machine's data", "untouched");
+    }
+
+    /// Original-location reprotect: the old primary's files become the target disks as they
+    /// are (nothing truncated, moved aside or deleted), only the ordered copy streams in, and a
+    /// cut-off adoption of the same order opens again; another order or a mismatch is refused.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_reprotect_adopts_the_old_primarys_files_as_they_are() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path());
+        std::fs::create_dir_all(dir.path().join("ret")).unwrap();
+        let primary = dir.path().join("primary-ds/web1");
+        std::fs::create_dir_all(&primary).unwrap();
+        let disk = primary.join("disk0.img");
+        let f = std::fs::File::create(&disk).unwrap();
+        f.set_len(1 << 20).unwrap();
+        f.write_all_at(b"the primary's data", 4096).unwrap();
+        let machine = MachineDescriptor {
+            name: "web1.recovery".into(),
+            disks: vec![DiskDescriptor { name: "disk0".into(), size: 1 << 20, uuid: "u0".into() }],
+        };
+        let name = MachineName::new("web1.recovery").unwrap();
+        let order = |job: &str, path: &Path| ferry_api::control::AdoptionOrder {
+            order: job.into(),
+            disks: vec![ferry_api::control::AdoptedDisk { name: "disk0".into(), path: path.to_owned() }],
+            lineage: 42,
+        };
+        // A file of another size, a missing one, a link: refused, nothing made.
+        let other = primary.join("small.img");
+        std::fs::File::create(&other).unwrap().set_len(4096).unwrap();
+        let link = primary.join("link.img");
+        std::os::unix::fs::symlink(&disk, &link).unwrap();
+        for (p, want) in
+            [(&other, "4096 bytes"), (&primary.join("none.img"), "cannot be adopted"), (&link, "not a regular file")]
+        {
+            let e = Replica::create_adopting(
+                &config,
+                &name,
+                &machine,
+                &order("j1", p),
+                Exports::new(),
+                CancellationToken::new(),
+            )
+            .err()
+            .unwrap();
+            assert!(e.to_string().contains(want), "{e}");
+        }
+        let first = CancellationToken::new();
+        let r = Replica::create_adopting(&config, &name, &machine, &order("j1", &disk), Exports::new(), first.clone())
+            .unwrap();
+        assert_eq!(r.targets[0].0, disk);
+        let mut buf = [0u8; 18];
+        r.targets[0].1.read_exact_at(&mut buf, 4096).unwrap();
+        assert_eq!(&buf, b"the primary's data", "adopted as it is");
+        assert!(r.check_lineage(&ferry_protocol::Lineage { id: 42, ..Default::default() }).is_ok());
+        assert!(
+            r.check_lineage(&ferry_protocol::Lineage { id: 7, ..Default::default() }).is_err(),
+            "another copy is refused"
+        );
+        assert!(!r.status().consistent, "no recovery point before the first resync ends");
+        r.stop();
+        first.cancel();
+        drop(r);
+        // The same order again (a cut-off start) opens it; another order is a leftover.
+        // (once the stopped applier let go of the disk)
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let again = loop {
+            match Replica::create_adopting(
+                &config,
+                &name,
+                &machine,
+                &order("j1", &disk),
+                Exports::new(),
+                CancellationToken::new(),
+            ) {
+                Err(e)
+                    if e.to_string().contains("already open for writing") && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                r => break r,
+            }
+        };
+        let again = again.unwrap();
+        assert_eq!(again.targets[0].0, disk);
+        again.stop();
+        drop(again);
+        std::thread::sleep(Duration::from_millis(500));
+        let e = Replica::create_adopting(
+            &config,
+            &name,
+            &machine,
+            &order("j2", &disk),
+            Exports::new(),
+            CancellationToken::new(),
+        )
+        .err()
+        .unwrap();
+        assert!(e.to_string().contains("already holds a replica"), "{e}");
+        assert!(disk.exists(), "the primary's disk stays");
     }
 
     fn chunk(id: u64) -> BulkChunk {
