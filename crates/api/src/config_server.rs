@@ -54,6 +54,12 @@ pub struct MachineView {
     /// Protection disabled or removed: what was cleaned up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disabled: Option<ProtectionDisabled>,
+    /// A reverse protection (reprotect): the machine it replicates back and what it sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reprotect: Option<ProtectionReprotect>,
+    /// This failed-over machine is replicated back by that (reverse) protection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reprotected_by: Option<String>,
 }
 
 /// `GET /api/v1/machines/{name}/recovery-points`: the points the machine's master target holds.
@@ -577,6 +583,87 @@ pub struct Protection {
     /// Protection was disabled or removed (kept for the reprotect check, RP-2).
     #[serde(default)]
     pub disabled: Option<ProtectionDisabled>,
+    /// A reverse protection (made by reprotect): which machine it replicates back, and how.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reprotect: Option<ProtectionReprotect>,
+    /// The reverse protection that replicates this (failed-over) machine back, once reprotected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reprotected_by: Option<String>,
+}
+
+/// `POST /api/v1/machines/{name}/reprotect`: replicate a failed-over machine back to the site it
+/// came from (direction recovery → primary, preselected; ST-2), with the failback policy (ST-6).
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReprotectRequest {
+    /// A master target of the primary site (ST-3); its retention volume holds the reverse
+    /// recovery points (ST-5: each master target owns one retention volume).
+    pub master_target: String,
+    /// The process server the failed-over machine streams through (ST-3, PS-1).
+    pub process_server: String,
+    /// A datastore of the primary site (ST-4): where new disks would go; with the primary's
+    /// disks still there (original location) it is required but not used.
+    pub datastore: String,
+    /// The resync fails when it makes no progress for this long.
+    #[serde(default = "default_stall")]
+    pub stall_secs: u64,
+}
+
+/// One precondition of a reprotect, checked before anything changes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ReprotectCheck {
+    /// The requirement it enforces (`RP-8`, `DS-1`, …) or Ferry's own name (`leftover-replica`).
+    pub id: String,
+    pub passed: bool,
+    /// What was checked, and what was found.
+    pub message: String,
+    /// The code a failed check refuses with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remedy: Option<String>,
+}
+
+/// The answer to a reprotect's dry run: every check, and what a real run would do.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct ReprotectPlan {
+    pub machine: String,
+    /// The failed-over machine that replicates back (`MACHINE.SITE`).
+    pub recovery_machine: Option<String>,
+    /// `recovery → primary` site names.
+    pub direction: String,
+    /// The failback policy the reprotect selects (POL-2, ST-6).
+    pub policy: Option<String>,
+    /// `original` (the primary's disks, only differences travel) or `alternate` (new disks).
+    pub location: String,
+    pub checks: Vec<ReprotectCheck>,
+    /// Every check passed: a real run would start.
+    pub ready: bool,
+}
+
+/// A reverse protection's origin, on its record (the failed-over machine's protection).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ProtectionReprotect {
+    /// The machine that failed over (whose primary disks this protection replicates to).
+    pub of: String,
+    /// `original` or `alternate`.
+    pub location: String,
+    /// The primary machine's disk files the master target adopted (original location).
+    pub primary_disks: Vec<ProtectedDisk>,
+    /// Bytes of the regions the old primary's agent could not confirm at the recovery site (its
+    /// activity-log extents and change bitmap): compared block by block, and where they differ
+    /// the recovery site's version is sent — the primary's own is the expected loss of an
+    /// unplanned failover.
+    pub primary_unshipped_bytes: u64,
+    /// Bytes the failed-over machine's agent tracked (after the point, and since its boot).
+    #[serde(default)]
+    pub tracked_bytes: Option<u64>,
+    /// Bytes the resync sent (the agent's count), once it ended.
+    #[serde(default)]
+    pub resynced_bytes: Option<u64>,
+    pub requested_ms: u64,
+    #[serde(default)]
+    pub protected_ms: Option<u64>,
 }
 
 /// A disabled (or removed) protection, on its record: what was cleaned up, and where.
@@ -885,7 +972,7 @@ pub struct ChangePointRequest {
     pub point: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ProtectedDisk {
     pub name: String,
     pub path: PathBuf,
@@ -1195,6 +1282,8 @@ pub enum ConfigServerEndpoint {
     CommitFailover,
     CancelFailover,
     DisableProtection,
+    Reprotect,
+    ReprotectDryRun,
     TestFailoverPlan,
     CleanupTestFailoverPlan,
     TestFailover,
@@ -1268,6 +1357,8 @@ pub const ROUTES: &[Route<ConfigServerEndpoint>] = &[
     Route::new::<ChangePointRequest, Job>(C::ChangeFailoverPoint, Post, "/api/v1/machines/{name}/failover/change-point", Role::Operator, "Put a failed-over machine's disks at another point {point}, before commit: a job").answers(202),
     Route::new::<(), Job>(C::CommitFailover, Post, "/api/v1/machines/{name}/failover/commit", Role::Operator, "Commit a machine's failover: its point cannot change any more (a job)").no_body().answers(202),
     Route::new::<DisableProtectionRequest, Job>(C::DisableProtection, Post, "/api/v1/machines/{name}/disable-protection", Role::Operator, "Disable protection of a machine {remove?, force?}: its agent stops shipping (the machine keeps running), its spool and replica with every recovery point are deleted; `remove` does not wait for an unreachable primary site; `force` for a failed-over machine (a job)").answers(202),
+    Route::new::<ReprotectRequest, Job>(C::Reprotect, Post, "/api/v1/machines/{name}/reprotect", Role::Operator, "Reprotect a failed-over machine {master_target, process_server, datastore, stall_secs?}: every precondition is checked first (nothing changes when one fails, 9038 and the check's code); then its machine at the recovery site replicates back to the primary's own disks, sending only what differs, with the failback policy (a job)").answers(202),
+    Route::new::<ReprotectRequest, ReprotectPlan>(C::ReprotectDryRun, Post, "/api/v1/machines/{name}/reprotect/dry-run", Role::Operator, "Every precondition of a reprotect with pass/fail, code, message and remedy; changes nothing"),
     Route::new::<CancelFailoverRequest, Job>(C::CancelFailover, Post, "/api/v1/machines/{name}/failover/cancel", Role::Operator, "Cancel a machine's failover before commit {no_start?}: the machine at the recovery site removed and its writes discarded (reported), the replica put back at the primary's last write and unfenced, the primary started again (a job)").answers(202),
     Route::new::<PlanTestFailoverRequest, Job>(C::TestFailoverPlan, Post, "/api/v1/recovery-plans/{name}/test-failover", Role::Operator, "Test failover of a recovery plan {point?, no_start?}: a drill of every machine, group by group with the plan's actions, in one test network; a replication group at one multi-machine point; replication goes on (a job)").answers(202),
     Route::new::<CleanupTestFailoverRequest, Job>(C::CleanupTestFailoverPlan, Post, "/api/v1/recovery-plans/{name}/test-failover/cleanup", Role::Operator, "End the plan's drills {result?, notes?}: every test machine and export removed, each drill recorded (a job)").answers(202),

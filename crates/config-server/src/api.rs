@@ -98,6 +98,8 @@ pub fn router(state: Arc<AppState>) -> Router {
             C::CommitFailover => on(m, crate::failover::commit),
             C::CancelFailover => on(m, crate::failover::cancel),
             C::DisableProtection => on(m, crate::disable::disable),
+            C::Reprotect => on(m, crate::reprotect::reprotect),
+            C::ReprotectDryRun => on(m, crate::reprotect::dry_run),
             C::TestFailoverPlan => on(m, crate::plan_test_failover::start),
             C::CleanupTestFailoverPlan => on(m, crate::plan_test_failover::cleanup),
             C::TestFailover => on(m, crate::test_failover::start),

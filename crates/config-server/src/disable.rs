@@ -512,6 +512,8 @@ mod tests {
             failover: None,
             test_failover: None,
             cancelled_failover: None,
+            reprotect: None,
+            reprotected_by: None,
             disabled: None,
         }
     }

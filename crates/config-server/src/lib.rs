@@ -21,6 +21,7 @@ pub mod plan_test_failover;
 pub mod protection;
 pub mod provider;
 pub mod registration;
+pub mod reprotect;
 pub mod revocation;
 pub mod settings;
 pub mod test_failover;

@@ -85,6 +85,9 @@ pub enum JobWork {
     FailoverCancel { machine: String, no_start: bool, by: String },
     /// Disable (or, source unreachable, remove) a machine's protection (see `disable`).
     DisableProtection { machine: String, remove: bool },
+    /// Reprotect a failed-over machine: its machine at the recovery site replicates back (see
+    /// `reprotect`).
+    Reprotect { machine: String, recovery_machine: String, stall_secs: u64 },
 }
 
 impl JobWork {
@@ -101,6 +104,7 @@ impl JobWork {
             JobWork::FailoverCommit { .. } => "failover-commit",
             JobWork::FailoverCancel { .. } => "failover-cancel",
             JobWork::DisableProtection { .. } => "disable-protection",
+            JobWork::Reprotect { .. } => "reprotect",
             JobWork::TestFailover { .. } => "test-failover",
             JobWork::PlanFailover { .. } => "plan-failover",
             JobWork::PlanTestFailover { .. } => "plan-test-failover",
@@ -368,6 +372,15 @@ impl Runner for Ops {
                 self.cancel_step(job, &machine, no_start, &by, step, ctl).await
             }
             JobWork::DisableProtection { machine, remove } => self.disable_step(job, &machine, remove, step, ctl).await,
+            JobWork::Reprotect { machine, recovery_machine, stall_secs } => {
+                match self.reprotect_step(job, &machine, &recovery_machine, stall_secs, step, ctl).await {
+                    Outcome::Failed(e) => {
+                        crate::reprotect::mark_failed(&self.store, job, &recovery_machine).await;
+                        Outcome::Failed(e)
+                    }
+                    o => o,
+                }
+            }
             JobWork::TestFailover { machine, drill, point, no_start } => {
                 match self.test_failover_step(&machine, &drill, &point, no_start, step, ctl).await {
                     Outcome::Failed(e) => Outcome::Failed(self.test_failover_failed(&drill, e).await),
@@ -413,6 +426,7 @@ pub const JOB_KINDS: &[&str] = &[
     "failover-commit",
     "failover-cancel",
     "disable-protection",
+    "reprotect",
     "test-failover",
     "test-failover-cleanup",
     "plan-failover",

@@ -235,6 +235,8 @@ async fn plan(s: &AppState, req: &ProtectRequest) -> Result<Vec<Protection>, Api
             test_failover: None,
             disabled: None,
             cancelled_failover: None,
+            reprotect: None,
+            reprotected_by: None,
         });
     }
     Ok(out)
@@ -487,6 +489,8 @@ pub async fn list_machines(State(s): State<Arc<AppState>>) -> crate::http::ApiRe
                 test_failover,
                 cancelled_failover: p.and_then(|p| p.cancelled_failover.clone()),
                 disabled: p.and_then(|p| p.disabled.clone()),
+                reprotect: p.and_then(|p| p.reprotect.clone()),
+                reprotected_by: p.and_then(|p| p.reprotected_by.clone()),
             });
         }
     }

@@ -63,6 +63,12 @@ pub trait SiteProvider: Send + Sync {
     fn discover(&self) -> BoxFuture<'_, Result<Inventory, ProviderError>>;
     /// Carry out one operation; the answer says what was done.
     fn operate(&self, op: SiteOperation) -> BoxFuture<'_, Result<String, ProviderError>>;
+    /// What a powered-off machine's agent says may not be at the recovery site (its activity
+    /// log and change bitmap, read offline): the writes it never shipped.
+    fn agent_changes(
+        &self,
+        machine: &str,
+    ) -> BoxFuture<'_, Result<ferry_api::agent::UnconfirmedChanges, ProviderError>>;
 }
 
 /// The operation's name and whether `caps` allow it.
@@ -91,6 +97,14 @@ pub fn for_site(name: &str, folder: &std::path::Path, power_programs: &[Vec<Stri
 impl SiteProvider for LocalSite {
     fn kind(&self) -> &'static str {
         "local"
+    }
+
+    fn agent_changes(
+        &self,
+        machine: &str,
+    ) -> BoxFuture<'_, Result<ferry_api::agent::UnconfirmedChanges, ProviderError>> {
+        let machine = machine.to_owned();
+        Box::pin(async move { self.read_agent_changes(&machine).await })
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -124,6 +138,50 @@ impl SiteProvider for LocalSite {
                 }
                 Err(e) => Err(ProviderError::Failed(format!("operation worker failed: {e}"))),
             }
+        })
+    }
+}
+
+impl LocalSite {
+    /// The local provider keeps a machine's agent state in its run folder (a hypervisor provider
+    /// reads it from the powered-off machine's metadata disk): `ferry agent changes` on the
+    /// agent's configuration there, which refuses while the agent runs.
+    async fn read_agent_changes(&self, machine: &str) -> Result<ferry_api::agent::UnconfirmedChanges, ProviderError> {
+        ferry_types::validate_name("machine", machine).map_err(|e| ProviderError::Failed(e.to_string()))?;
+        let config = self.run_dir(machine).join("agent.toml");
+        if !config.is_file() {
+            return Err(ProviderError::Refused {
+                code: errors::NOT_FOUND,
+                message: format!(
+                    "{machine} has no agent configuration at {}: its agent never ran on site {}",
+                    config.display(),
+                    self.name
+                ),
+            });
+        }
+        let exe = std::env::current_exe()
+            .map_err(|e| ProviderError::Failed(format!("cannot find the ferry executable: {e}")))?;
+        let out = tokio::process::Command::new(exe)
+            .args(["--output", "json", "--log", "warn", "agent", "changes", "--hashes", "--config"])
+            .arg(&config)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(std::time::Duration::from_secs(120), out)
+            .await
+            .map_err(|_| ProviderError::Failed(format!("reading the agent state of {machine} took over 120 s")))?
+            .map_err(|e| ProviderError::Failed(format!("cannot run `ferry agent changes`: {e}")))?;
+        if !out.status.success() {
+            return Err(ProviderError::Refused {
+                code: errors::CONFLICT,
+                message: format!(
+                    "cannot read the agent state of {machine}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            });
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| {
+            ProviderError::Failed(format!("`ferry agent changes` for {machine} answered unreadable JSON: {e}"))
         })
     }
 }

@@ -971,6 +971,60 @@ pub async fn disable_protection(
     watch(&job.id, s, out).await
 }
 
+/// `ferry reprotect MACHINE`: the dry run prints every check; a real run watches the job.
+pub async fn reprotect(
+    machine: &str,
+    req: &ferry_api::config_server::ReprotectRequest,
+    dry_run: bool,
+    no_wait: bool,
+    s: &ServerArgs,
+    out: OutputFormat,
+) -> Result<()> {
+    if dry_run {
+        let path = format!("/api/v1/machines/{}/reprotect/dry-run", enc(machine));
+        let plan: ferry_api::config_server::ReprotectPlan = s.call(Method::Post, &path, Some(req)).await?;
+        match out {
+            OutputFormat::Json => print_json(&plan),
+            OutputFormat::Table => {
+                println!(
+                    "reprotect {} as {} ({}, {} location, policy {}): {}",
+                    plan.machine,
+                    plan.recovery_machine.as_deref().unwrap_or("-"),
+                    plan.direction,
+                    plan.location,
+                    plan.policy.as_deref().unwrap_or("-"),
+                    if plan.ready { "every check passed" } else { "refused" }
+                );
+                let rows: Vec<Vec<String>> = plan
+                    .checks
+                    .iter()
+                    .map(|c| {
+                        vec![
+                            c.id.clone(),
+                            if c.passed { "pass".into() } else { "FAIL".into() },
+                            c.code.map(|x| x.to_string()).unwrap_or_default(),
+                            c.message.clone(),
+                            c.remedy.clone().unwrap_or_default(),
+                        ]
+                    })
+                    .collect();
+                table(&["CHECK", "RESULT", "CODE", "MESSAGE", "REMEDY"], &rows);
+            }
+        }
+        if !plan.ready {
+            anyhow::bail!("reprotect of {machine} would be refused: see the failed checks");
+        }
+        return Ok(());
+    }
+    let path = format!("/api/v1/machines/{}/reprotect", enc(machine));
+    let job: Job = s.call(Method::Post, &path, Some(req)).await?;
+    if no_wait {
+        show_one(&job, out);
+        return Ok(());
+    }
+    watch(&job.id, s, out).await
+}
+
 pub async fn failover(a: FailoverAction, s: &ServerArgs, out: OutputFormat) -> Result<()> {
     use ferry_api::config_server::{ChangePointRequest, FailoverKind, FailoverRequest};
     let (job, no_wait): (Job, bool) = match a {

@@ -147,6 +147,30 @@ enum Command {
         #[command(flatten)]
         server: ctl::ServerArgs,
     },
+    /// Reprotect a failed-over machine (a job): its machine at the recovery site replicates back
+    /// to the primary's own disks, sending only what differs, with the failback policy.
+    Reprotect {
+        machine: String,
+        /// A master target of the primary site (its retention volume keeps the reverse points).
+        #[arg(long)]
+        master_target: String,
+        /// The process server the failed-over machine streams through.
+        #[arg(long)]
+        process_server: String,
+        /// A datastore of the primary site (used only for new disks; required all the same).
+        #[arg(long)]
+        datastore: String,
+        /// List every precondition with pass/fail, code and remedy; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Fail the resync when it makes no progress for this long.
+        #[arg(long, default_value_t = 600)]
+        stall_secs: u64,
+        #[arg(long)]
+        no_wait: bool,
+        #[command(flatten)]
+        server: ctl::ServerArgs,
+    },
     /// Fail a protected machine over, change its point, commit (jobs with steps and progress).
     Failover {
         #[command(subcommand)]
@@ -327,6 +351,20 @@ async fn run(cli: Cli) -> Result<()> {
         Command::Backup { server } => ctl::backup(&server, out).await,
         Command::Lab { action } => lab_cli::run_lab(action, out).await,
         Command::Protect { args, server } => ctl::protect(args, &server, out).await,
+        Command::Reprotect {
+            machine,
+            master_target,
+            process_server,
+            datastore,
+            dry_run,
+            stall_secs,
+            no_wait,
+            server,
+        } => {
+            let req =
+                ferry_api::config_server::ReprotectRequest { master_target, process_server, datastore, stall_secs };
+            ctl::reprotect(&machine, &req, dry_run, no_wait, &server, out).await
+        }
         Command::DisableProtection { machine, remove, force, no_wait, server } => {
             ctl::disable_protection(&machine, remove, force, no_wait, &server, out).await
         }

@@ -184,6 +184,12 @@ registry! {
     STALE_SERVER = 9037, 409, "stale-server",
         "another configuration server was promoted above this one (a higher epoch): this one takes no changes, runs no jobs and serves no settings",
         "use the promoted server named in the message; to use this host again, set it up as a standby of the promoted server";
+    REPROTECT_REFUSED = 9038, 409, "reprotect-refused",
+        "a precondition of reprotect does not hold (the check's message names which and why); nothing was changed",
+        "fix what the check names, then run the reprotect again; `ferry reprotect MACHINE --dry-run` lists every check with its remedy";
+    AGENT_NOT_INSTALLED = 9039, 409, "agent-not-installed",
+        "the failed-over machine's mobility service (agent) has not registered with the configuration server yet (RP-7: up to 15 minutes after it boots)",
+        "wait until the machine at the recovery site has booted and its agent registered (`ferry components`), then retry the reprotect";
 }
 
 /// The registry entry for `code`.

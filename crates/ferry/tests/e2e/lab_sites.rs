@@ -137,8 +137,12 @@ impl Lab {
     }
 
     pub(crate) fn agent_status(&self, m: &str) -> Value {
-        let ends: Value =
-            serde_json::from_slice(&std::fs::read(self.guest(m).join("endpoints.json")).unwrap()).unwrap();
+        self.agent_status_at(&self.guest(m))
+    }
+
+    /// The status of the agent of the guest in `guest` (a folder of any site).
+    pub(crate) fn agent_status_at(&self, guest: &Path) -> Value {
+        let ends: Value = serde_json::from_slice(&std::fs::read(guest.join("endpoints.json")).unwrap()).unwrap();
         http_json(ends["status"].as_str().unwrap(), "GET", "/status", None).1
     }
 

@@ -20,6 +20,7 @@ mod lab;
 mod lab_sites;
 mod recovery_points;
 mod replication;
+mod reprotect;
 mod security;
 mod site_lost;
 mod test_failover;

@@ -1,0 +1,279 @@
+//! Reprotect on lab sites: every precondition checked before anything changes (dry run and
+//! real run), then the failed-over machine replicates back to the old primary's own disks,
+//! sending what differs, and the two sides end byte-identical.
+//!
+//! Size: one story per test; each needs a whole lab.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::failover_jobs::{copy_of, failed, fork_log, recovery_guest, verify, verify_log};
+use crate::lab_sites::{ok, records, wait, Lab};
+use serde_json::Value;
+
+const LAB: &str = r#"
+boot_delay_secs = 0.5
+[[sites]]
+name = "primary"
+config_server = true
+hosts = [{ name = "esx-p1" }]
+datastores = [{ name = "vmfs-p", kind = "vmfs", hosts = ["esx-p1"] }, { name = "nfs-p", kind = "nfs", hosts = ["esx-p1"] }]
+process_server = { name = "ps-primary" }
+[[sites.machines]]
+name = "web1"
+os_family = "linux"
+host = "esx-p1"
+datastore = "vmfs-p"
+disks = [{ name = "disk0", size = 67108864 }]
+workload = { rate = 25, max_blocks = 4, seed = 21 }
+[[sites.machines]]
+name = "db1"
+os_family = "linux"
+host = "esx-p1"
+datastore = "nfs-p"
+disks = [{ name = "disk0", size = 16777216 }]
+workload = { rate = 25, max_blocks = 4, seed = 22 }
+[[sites.master_targets]]
+name = "mt-p"
+os_family = "linux"
+host = "esx-p1"
+[[sites.master_targets]]
+name = "mt-pw"
+os_family = "windows"
+host = "esx-p1"
+run = false
+[[sites]]
+name = "recovery"
+hosts = [{ name = "esx-r1" }]
+datastores = [{ name = "vmfs-r", kind = "vmfs", hosts = ["esx-r1"] }]
+process_server = { name = "ps-recovery" }
+[[sites.master_targets]]
+name = "mt-r"
+os_family = "linux"
+host = "esx-r1"
+"#;
+
+/// `ferry reprotect M --dry-run` (JSON) to `mt`: (exit ok, the plan).
+fn dry_run(lab: &Lab, m: &str, mt: &str, ds: &str) -> (bool, Value) {
+    let o = lab.run(&[
+        "--output",
+        "json",
+        "reprotect",
+        m,
+        "--master-target",
+        mt,
+        "--process-server",
+        "ps-recovery",
+        "--datastore",
+        ds,
+        "--dry-run",
+    ]);
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+    (o.status.success(), v)
+}
+
+fn check<'a>(plan: &'a Value, id: &str) -> &'a Value {
+    plan["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == id)
+        .unwrap_or_else(|| panic!("no check {id}: {plan:#}"))
+}
+
+fn identical(a: &Path, b: &Path) -> Result<(), String> {
+    let o = std::process::Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "raw"])
+        .arg(a)
+        .arg(b)
+        .output()
+        .unwrap();
+    if o.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr))
+    }
+}
+
+#[test]
+fn reprotect_checks_first_then_resyncs_only_what_differs_to_the_primary_disks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("lab.toml");
+    std::fs::write(&cfg, LAB).unwrap();
+    let dir = tmp.path().join("lab");
+    let mut lab = Lab::up(&dir, Some(&cfg));
+    ok(&lab.run(&["policies", "create", "gold", "--crash-consistent-secs", "2", "--retention-secs", "3600"]), "policy");
+    let job = lab.json(&[
+        "protect",
+        "web1",
+        "db1",
+        "--policy",
+        "gold",
+        "--process-server",
+        "ps-primary",
+        "--master-target",
+        "mt-r",
+        "--datastore",
+        "vmfs-r",
+    ]);
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    let log = lab.guest("web1").join("records.log");
+    wait("web1 writes", Duration::from_secs(60), || (records(&log) > 40).then_some(()));
+    wait("and replicates", Duration::from_secs(60), || (lab.agent_status("web1")["caught_up"] == true).then_some(()));
+
+    // RP-1: a machine that never failed over, and one that does not exist, are refused.
+    let (good, plan) = dry_run(&lab, "web1", "mt-p", "vmfs-p");
+    assert!(!good && plan["ready"] == false, "{plan:#}");
+    assert_eq!(check(&plan, "RP-1")["passed"], false, "{plan:#}");
+    assert!(check(&plan, "RP-1")["message"].as_str().unwrap().contains("never failed over"), "{plan:#}");
+    let (_, plan) = dry_run(&lab, "nobody", "mt-p", "vmfs-p");
+    assert!(check(&plan, "RP-1")["message"].as_str().unwrap().contains("created at the recovery site"), "{plan:#}");
+
+    // The primary site is lost with writes the recovery site never got: the link to the
+    // recovery master target is cut first, then the machine crashes.
+    ok(&lab.run(&["lab", "link", "cut", "mt-r"]), "cut the data link");
+    let n = records(&log);
+    wait("web1 writes with the link cut", Duration::from_secs(60), || (records(&log) > n + 5).then_some(()));
+    ok(&lab.run(&["lab", "crash", "web1"]), "the primary is lost");
+    let job = lab.json(&["failover", "start", "web1", "--unplanned", "--no-start"]);
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    ok(&lab.run(&["lab", "link", "restore", "mt-r"]), "restore the link");
+    let at_point = copy_of(&lab, "web1", tmp.path(), "web1-at-point.img");
+    let (good, v) = verify(&lab, "web1", 21, &at_point, None);
+    assert!(good, "{v:#}");
+    let k = v["prefix_seq"].as_u64().unwrap();
+    assert!((k as usize) < records(&log), "the primary's tail never reached the recovery site: {k}");
+    ok(&lab.run(&["lab", "power-on", "web1.recovery"]), "start the failed-over machine");
+    let recovery_log = recovery_guest(&lab, "web1.recovery").join("records.log");
+    wait("the failed-over machine writes", Duration::from_secs(60), || (records(&recovery_log) > 20).then_some(()));
+
+    // Not committed yet: refused with the failover's code; nothing changes.
+    let (_, plan) = dry_run(&lab, "web1", "mt-p", "vmfs-p");
+    assert_eq!(
+        (check(&plan, "failover-committed")["passed"].as_bool(), check(&plan, "failover-committed")["code"].as_u64()),
+        (Some(false), Some(9019)),
+        "{plan:#}"
+    );
+    assert_eq!(lab.json(&["failover", "commit", "web1"])["state"], "succeeded");
+    wait("the failed-over machine's agent reports", Duration::from_secs(60), || {
+        let (_, plan) = dry_run(&lab, "web1", "mt-p", "vmfs-p");
+        (check(&plan, "RP-8")["passed"] == true).then_some(())
+    });
+
+    // DS-1: db1 lives on an NFS datastore; failed over too, its reprotect to the original
+    // location is refused (and, not running at the recovery site, RP-8 with 78093).
+    ok(&lab.run(&["lab", "crash", "db1"]), "db1 is lost too");
+    assert_eq!(lab.json(&["failover", "start", "db1", "--unplanned", "--no-start"])["state"], "succeeded");
+    assert_eq!(lab.json(&["failover", "commit", "db1"])["state"], "succeeded");
+    let (good, plan) = dry_run(&lab, "db1", "mt-p", "vmfs-p");
+    assert!(!good && check(&plan, "DS-1")["passed"] == false, "{plan:#}");
+    assert!(check(&plan, "DS-1")["message"].as_str().unwrap().contains("NFS"), "{plan:#}");
+    assert_eq!(check(&plan, "RP-8")["code"].as_u64(), Some(78093), "{plan:#}");
+
+    // Wrong choices, each refused by its check with its code and remedy.
+    let (good, plan) = dry_run(&lab, "web1", "mt-r", "vmfs-p");
+    assert!(!good && check(&plan, "ST-2")["passed"] == false, "a recovery-site master target: {plan:#}");
+    let (_, plan) = dry_run(&lab, "web1", "mt-pw", "vmfs-p");
+    let mt2 = check(&plan, "MT-2");
+    assert!(mt2["passed"] == false && mt2["remedy"].as_str().is_some(), "a Windows master target: {plan:#}");
+    let (_, plan) = dry_run(&lab, "web1", "mt-p", "nope");
+    assert_eq!(check(&plan, "ST-4")["passed"], false, "{plan:#}");
+    // A real run performs the same checks first and changes nothing when one fails.
+    let o = lab.run(&[
+        "reprotect",
+        "web1",
+        "--master-target",
+        "mt-pw",
+        "--process-server",
+        "ps-recovery",
+        "--datastore",
+        "vmfs-p",
+    ]);
+    failed(&o, "MT-2", "a reprotect to a Windows master target");
+    let rm = lab.machine("web1.recovery");
+    assert!(rm["reprotect"].is_null() && rm["power"] == "on", "nothing changed: {rm:#}");
+    assert_eq!(lab.agent_status_at(&recovery_guest(&lab, "web1.recovery"))["mode"], "tracking");
+
+    // Every check passes; the dry run says what will happen.
+    let (good, plan) = dry_run(&lab, "web1", "mt-p", "vmfs-p");
+    assert!(good && plan["ready"] == true, "{plan:#}");
+    assert_eq!(
+        (plan["recovery_machine"].as_str(), plan["direction"].as_str()),
+        (Some("web1.recovery"), Some("recovery → primary"))
+    );
+    assert_eq!((plan["policy"].as_str(), plan["location"].as_str()), (Some("gold-failback"), Some("original")));
+
+    let job = lab.json(&[
+        "reprotect",
+        "web1",
+        "--master-target",
+        "mt-p",
+        "--process-server",
+        "ps-recovery",
+        "--datastore",
+        "vmfs-p",
+    ]);
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert_eq!(job["steps"].as_array().unwrap().len(), 8, "{job:#}");
+    let rm = lab.machine("web1.recovery");
+    assert_eq!(rm["replication"], "protected", "{rm:#}");
+    assert_eq!(rm["master_target"], "mt-p", "{rm:#}");
+    assert_eq!(rm["policy"], "gold-failback", "{rm:#}");
+    assert_eq!(lab.machine("web1")["reprotected_by"], "web1.recovery");
+    failed(&lab.run(&["lab", "power-on", "web1"]), "allow-failed-over", "the old primary stays off (ST-10)");
+
+    // With the recovery machine's workload paused and everything applied at the primary's
+    // master target, the old primary's disk is byte-identical to the running copy, and holds
+    // the point's records then the recovery site's (none of the primary's lost tail).
+    let rguest = recovery_guest(&lab, "web1.recovery");
+    std::fs::write(rguest.join("pause"), b"").unwrap();
+    wait("the recovery workload pauses", Duration::from_secs(60), || {
+        rguest.join("pause.paused").exists().then_some(())
+    });
+    wait("the primary's master target applied everything", Duration::from_secs(60), || {
+        let a = lab.agent_status_at(&rguest);
+        let r = lab.replica("mt-p", "web1.recovery");
+        (a["caught_up"] == true && r["applied_seq"] == a["last_seq"] && r["consistent"] == true).then_some(())
+    });
+    let primary_disk = lab.dir.join("sites/primary/datastores/vmfs-p/web1/disk0.img");
+    let recovery_disk = lab.dir.join("sites/recovery/datastores/vmfs-r/web1/disk0.img");
+    identical(&primary_disk, &recovery_disk).unwrap();
+    let forked = fork_log(&lab, "web1", k, &recovery_log, tmp.path());
+    let copy = tmp.path().join("primary-after.img");
+    std::fs::copy(&primary_disk, &copy).unwrap();
+    let (good, v) = verify_log(&lab, &forked, 21, &copy, None);
+    assert!(good, "the primary's disk now holds the recovery site's history: {v:#}");
+
+    // Only what differs travelled: the tracked extents (after the point, and since the boot)
+    // and the primary's unshipped regions, never the whole disk.
+    let r = &rm["reprotect"];
+    let (sent, tracked, unshipped) = (
+        r["resynced_bytes"].as_u64().unwrap(),
+        r["tracked_bytes"].as_u64().unwrap(),
+        r["primary_unshipped_bytes"].as_u64().unwrap(),
+    );
+    // "Changed", from the workload logs alone: the blocks of the primary's records after the
+    // point (the recovery site's put back, and the tail it never got) and of every record
+    // written at the recovery site (taken while paused: the log is complete).
+    let mut changed = std::collections::BTreeSet::new();
+    for (log, after) in [(&log, k), (&recovery_log, 0)] {
+        for line in std::fs::read_to_string(log).unwrap().lines() {
+            let v: Vec<u64> = line.split_whitespace().map(|x| x.parse().unwrap()).collect();
+            if v[0] > after {
+                changed.extend((0..v[3]).map(|i| v[2] / 4096 + i));
+            }
+        }
+    }
+    let changed = changed.len() as u64 * 4096;
+    eprintln!(
+        "reprotect of a 64 MiB disk: {sent} bytes resynced for {changed} changed; tracked {tracked}, primary's regions not at the recovery site {unshipped}"
+    );
+    assert!(unshipped > 0, "the primary's unshipped tail was found: {r:#}");
+    assert!(sent <= changed + changed / 10, "only what differs travelled: {sent} bytes for {changed} changed: {r:#}");
+    std::fs::remove_file(rguest.join("pause")).unwrap();
+    let n = records(&recovery_log);
+    wait("the recovery machine writes on, replicated", Duration::from_secs(60), || {
+        (records(&recovery_log) > n + 10).then_some(())
+    });
+    lab.down();
+}
