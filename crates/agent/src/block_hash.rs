@@ -85,7 +85,7 @@ pub fn to_hex(b: &[u8]) -> String {
 
 /// The bytes of a hex string, or None when it is not one.
 pub fn from_hex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
+    if !s.len().is_multiple_of(2) || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     (0..s.len()).step_by(2).map(|i| s.get(i..i + 2).and_then(|p| u8::from_str_radix(p, 16).ok())).collect()
@@ -138,7 +138,7 @@ mod tests {
         assert_eq!(diff, vec![(12288, 4096), (897_024, 4096)]);
         assert!(differing(&a, 0, 4096, &theirs).is_err(), "a region of another length is refused");
         assert_eq!(from_hex(&to_hex(&theirs)).unwrap(), theirs);
-        assert!(from_hex("zz").is_none() && from_hex("abc").is_none());
+        assert!(from_hex("zz").is_none() && from_hex("abc").is_none() && from_hex("+f").is_none());
     }
 
     #[test]

@@ -415,58 +415,81 @@ impl Machine {
             .filter(|s| previous.as_ref().and_then(|p| p.resync_seed.as_deref()) != Some(s.order.as_str()));
         let mut resync_seeded = None;
         if let Some(seed) = &resync_seed {
-            let mut bytes = 0;
-            for e in &seed.extents {
-                let Some(i) = disks.iter().position(|d| *d.name == *e.disk) else {
-                    return Err(AgentError::Config(format!(
-                        "the resync seed of order {} names disk {:?}, which is not configured",
-                        seed.order, e.disk
-                    )));
+            // Checked whole before anything is marked. A seed this agent cannot use never stops
+            // it (the machine it serves runs production now): every block is resynced instead,
+            // holes as zeroing — slower, never wrong.
+            let mut marks: Vec<(usize, u64, u64)> = Vec::new();
+            let checked = (|| -> Result<(String, u64), AgentError> {
+                let mut bytes = 0;
+                for e in &seed.extents {
+                    let Some(i) = disks.iter().position(|d| *d.name == *e.disk) else {
+                        return Err(AgentError::Config(format!(
+                            "the resync seed of order {} names disk {:?}, which is not configured",
+                            seed.order, e.disk
+                        )));
+                    };
+                    if e.offset.checked_add(e.length).is_none_or(|end| end > disks[i].size) {
+                        return Err(AgentError::Config(format!(
+                            "the resync seed of order {}: extent {}+{} lies outside disk {} ({} bytes)",
+                            seed.order, e.offset, e.length, e.disk, disks[i].size
+                        )));
+                    }
+                    marks.push((i, e.offset, e.length));
+                    bytes += e.length;
+                }
+                // Compared regions: only the blocks that differ from the other side's.
+                let mut compared = 0;
+                for c in &seed.compare {
+                    let Some(i) = disks.iter().position(|d| *d.name == *c.disk) else {
+                        return Err(AgentError::Config(format!(
+                            "the resync seed of order {} names disk {:?}, which is not configured",
+                            seed.order, c.disk
+                        )));
+                    };
+                    let theirs = crate::block_hash::from_hex(&c.hashes).ok_or_else(|| {
+                        AgentError::Config(format!(
+                            "the resync seed of order {}: the hashes of {}+{} are not hex",
+                            seed.order, c.offset, c.length
+                        ))
+                    })?;
+                    if c.offset.checked_add(c.length).is_none_or(|end| end > disks[i].size) {
+                        return Err(AgentError::Config(format!(
+                            "the resync seed of order {}: region {}+{} lies outside disk {} ({} bytes)",
+                            seed.order, c.offset, c.length, c.disk, disks[i].size
+                        )));
+                    }
+                    let runs = crate::block_hash::differing(disks[i].backend.as_ref(), c.offset, c.length, &theirs)
+                        .map_err(|e| AgentError::Config(format!("the resync seed of order {}: {e}", seed.order)))?;
+                    compared += c.length;
+                    for (off, len) in runs {
+                        marks.push((i, off, len));
+                        bytes += len;
+                    }
+                }
+                let reason = if compared > 0 {
+                    format!("{} ({compared} byte(s) compared by block hash)", seed.reason)
+                } else {
+                    seed.reason.clone()
                 };
-                if e.offset.checked_add(e.length).is_none_or(|end| end > disks[i].size) {
-                    return Err(AgentError::Config(format!(
-                        "the resync seed of order {}: extent {}+{} lies outside disk {} ({} bytes)",
-                        seed.order, e.offset, e.length, e.disk, disks[i].size
-                    )));
+                Ok((reason, bytes))
+            })();
+            match checked {
+                Ok((reason, bytes)) => {
+                    for (i, off, len) in marks {
+                        dirty.mark(i, off, len);
+                    }
+                    resync_seeded = Some((seed.order.clone(), reason, bytes));
                 }
-                dirty.mark(i, e.offset, e.length);
-                bytes += e.length;
-            }
-            // Compared regions: only the blocks that differ from the other side's.
-            let mut compared = 0;
-            for c in &seed.compare {
-                let Some(i) = disks.iter().position(|d| *d.name == *c.disk) else {
-                    return Err(AgentError::Config(format!(
-                        "the resync seed of order {} names disk {:?}, which is not configured",
-                        seed.order, c.disk
-                    )));
-                };
-                let theirs = crate::block_hash::from_hex(&c.hashes).ok_or_else(|| {
-                    AgentError::Config(format!(
-                        "the resync seed of order {}: the hashes of {}+{} are not hex",
-                        seed.order, c.offset, c.length
-                    ))
-                })?;
-                if c.offset.checked_add(c.length).is_none_or(|end| end > disks[i].size) {
-                    return Err(AgentError::Config(format!(
-                        "the resync seed of order {}: region {}+{} lies outside disk {} ({} bytes)",
-                        seed.order, c.offset, c.length, c.disk, disks[i].size
-                    )));
-                }
-                let runs = crate::block_hash::differing(disks[i].backend.as_ref(), c.offset, c.length, &theirs)
-                    .map_err(|e| AgentError::Config(format!("the resync seed of order {}: {e}", seed.order)))?;
-                compared += c.length;
-                for (off, len) in runs {
-                    dirty.mark(i, off, len);
-                    bytes += len;
+                Err(e) => {
+                    tracing::error!(order = %seed.order, error = %e, "unusable resync seed: every block will be resynced");
+                    let mut bytes = 0;
+                    for (i, d) in disks.iter().enumerate() {
+                        dirty.mark(i, 0, d.size);
+                        bytes += d.size;
+                    }
+                    resync_seeded = Some((seed.order.clone(), format!("{e}: every block is resynced instead"), bytes));
                 }
             }
-            let reason = if compared > 0 {
-                format!("{} ({compared} byte(s) compared by block hash)", seed.reason)
-            } else {
-                seed.reason.clone()
-            };
-            resync_seeded = Some((seed.order.clone(), reason, bytes));
         }
         let (mut state, mode, reason) = match previous {
             // A failed-over machine's first start: its disks hold the point; what differs from

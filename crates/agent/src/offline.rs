@@ -41,7 +41,15 @@ pub fn unconfirmed_changes(config: &AgentConfig) -> Result<UnconfirmedChanges, A
     let mut map = DirtyMap::load(&dir.join("dirty.map"), disks.disks.len())?;
     let al_path = dir.join("activity.log");
     // As at the agent's start: without the activity log nothing bounds what may differ.
-    let whole_disks = (!al_path.exists()).then(|| format!("{} is missing: anything may differ", al_path.display()));
+    let mut whole_disks = (!al_path.exists()).then(|| format!("{} is missing: anything may differ", al_path.display()));
+    // A resync that was open: the regions it already sent left the change bitmap, yet the
+    // master target may have held them back (its replica waits for the run's end), so they are
+    // in no list here — everything counts as changed (compared by hash, not copied whole).
+    if let (None, Some(seq)) = (&whole_disks, disks.resync_open_seq) {
+        whole_disks = Some(format!(
+            "a resync was open (its begin is seq {seq}): the regions it already sent may never have reached the recovery site"
+        ));
+    }
     if whole_disks.is_some() {
         for (i, d) in disks.disks.iter().enumerate() {
             map.mark(i, 0, d.size);

@@ -129,6 +129,28 @@ pub(crate) async fn check(store: &Store, p: &Protection, req: &DisableProtection
             t.drill, t.job
         )));
     }
+    // A reprotect uses this machine's disks as the reverse replica: disabling it would stop the
+    // agents the reverse protection runs on.
+    if let Some(rm) = &p.reprotected_by {
+        return Err(state_error(format!(
+            "machine {m} is reprotected by {rm} (its disks are {rm}'s replica): disable the protection of {rm} first"
+        )));
+    }
+    if let Some(rm) = p.failover.as_ref().and_then(|f| f.recovery_machine.clone()) {
+        if let Some(d) = store.get::<Protection>(crate::protection::PROTECTION, &rm).await? {
+            let rs = effective_state(store, &d.body).await?;
+            if d.body.reprotect.as_ref().is_some_and(|r| r.of == *m)
+                && rs != "failed"
+                && rs != DISABLED
+                && rs != REMOVED
+            {
+                return Err(state_error(format!(
+                    "{rm} is being reprotected onto the disks of {m} ({rs}, job {}): wait for that job or cancel it first",
+                    d.body.job
+                )));
+            }
+        }
+    }
     if let Some(g) = &p.group {
         return Err(state_error(format!(
             "machine {m} is a member of replication group {g}: its members are protected together and a member cannot be disabled alone yet; see docs/limitations.md"
@@ -232,6 +254,8 @@ fn disable_agent(b: &mut ComponentSettings) {
     b.protection_disabled = Some(true);
     b.other.remove("failover_seed");
     b.other.remove("recovery_writes_file");
+    b.resync_seed = None;
+    b.verify_order = None;
 }
 
 /// What a component reported for this job's removal order, if it did.
@@ -394,6 +418,11 @@ impl Ops {
                 let order = RemovalOrder { order: job.id.clone(), keep_target_disks: keep };
                 let r = update_settings(store, &key, |b| {
                     if let Some(m) = b.machine_datastores.as_mut() {
+                        m.remove(machine);
+                    }
+                    // A reprotect's adoption goes too: a later protection of the name must not
+                    // take the old primary's files again (the master target keeps them).
+                    if let Some(m) = b.machine_adoptions.as_mut() {
                         m.remove(machine);
                     }
                     if let Some(m) = b.machine_process_servers.as_mut() {

@@ -267,7 +267,7 @@ impl Replica {
         exports: Exports,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, MasterTargetError> {
-        let files = check_adoption(machine, order)?;
+        let files = check_adoption(machine, order, &config.retention_dir())?;
         let dir = config.retention_dir().join(name);
         if dir.join("machine.json").exists() {
             // This order's adoption, cut off before it opened (the disks were still locked, a
@@ -284,6 +284,32 @@ impl Replica {
                 )));
             }
             return Self::open(config, name, machine.clone(), exports, shutdown);
+        }
+        // Without machine.json the folder may still hold this order's own first files (a crash
+        // while adopting) — or an earlier replica's journal and checkpoint (a removal cut off),
+        // which must never be replayed onto the primary's disks.
+        const OWN: [&str; 4] = ["targets.json", LINEAGE_FILE, "targets.created", "machine.json"];
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            let mut leftovers = Vec::new();
+            for e in entries.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if !OWN.contains(&n.as_str()) && !n.contains(".tmp") {
+                    leftovers.push(n);
+                }
+            }
+            let other_order = std::fs::read(dir.join("targets.json"))
+                .ok()
+                .and_then(|d| serde_json::from_slice::<TargetsFile>(&d).ok())
+                .is_some_and(|t| t.adopted_by.as_deref() != Some(order.order.as_str()));
+            if !leftovers.is_empty() || other_order {
+                leftovers.sort();
+                return Err(MasterTargetError::Refused(format!(
+                    "{} holds files of an earlier replica of {} ({}): it cannot adopt the old primary's disks until they are removed (disable that protection, or let its removal finish)",
+                    dir.display(),
+                    machine.name,
+                    if leftovers.is_empty() { "targets.json of another reprotect".to_owned() } else { leftovers.join(", ") }
+                )));
+            }
         }
         ferry_sys::fs::private_dir(&dir).map_err(io(&dir))?;
         let tdir = files.first().and_then(|f| f.parent()).map(Path::to_owned).unwrap_or_else(|| dir.clone());
@@ -713,6 +739,29 @@ impl Replica {
     /// sync (it replaces the content, and the lineage is recorded anew). Never deduplicate
     /// another copy's records by machine name.
     pub fn check_lineage(&self, offered: &ferry_protocol::Lineage) -> Result<(), (u32, String, String)> {
+        // Adopted disks (the old primary's own) take only the copy the reprotect named: an
+        // unknown sender or another copy's initial sync (which skips its holes) would leave
+        // the primary's old data where the source has none.
+        let adopted = std::fs::read(self.dir.join("targets.json"))
+            .ok()
+            .and_then(|d| serde_json::from_slice::<TargetsFile>(&d).ok())
+            .is_some_and(|t| t.adopted_by.is_some());
+        if adopted {
+            let held = self.read_lineage().ok().flatten().map(|h| h.id);
+            if held != Some(offered.id) || offered.id == 0 {
+                return Err((
+                    codes::LINEAGE_MISMATCH.code,
+                    format!(
+                        "the replica of {} adopted the old primary's disks for the copy with lineage {}; this stream comes from lineage {:016x}: nothing was written",
+                        self.name,
+                        held.map(|h| format!("{h:016x}")).unwrap_or_else(|| "(unreadable)".into()),
+                        offered.id
+                    ),
+                    "run the reprotect again (it names the copy that runs now); a copy whose agent state was lost is compared by hash, never taken as an initial sync onto adopted disks".into(),
+                ));
+            }
+            return Ok(());
+        }
         if offered.id == 0 {
             return Ok(());
         }
@@ -1241,6 +1290,7 @@ fn check_adoption(
                 a.path.display()
             )));
         }
+    retention: &Path,
         if m.len() != d.size {
             return Err(MasterTargetError::Refused(format!(
                 "the old primary's disk {} is {} bytes, the failed-over disk {} is {} bytes: reprotect to an alternate location (a new disk) instead",
@@ -1271,6 +1321,33 @@ mod bulk_tests {
             "datastore": dir.join("ds"),
             "retention": dir.join("ret"),
             "listen": "127.0.0.1:0",
+        // The path as it is, with no `..` or linked folder in it, outside this master target's
+        // own retention volume, and each file once: a planted path cannot point the replica at
+        // another replica's files or at Ferry's own state.
+        let canonical = std::fs::canonicalize(&a.path).map_err(|e| {
+            MasterTargetError::Refused(format!("the old primary's disk {} cannot be resolved: {e}", a.path.display()))
+        })?;
+        if canonical != a.path {
+            return Err(MasterTargetError::Refused(format!(
+                "the old primary's disk {} resolves to {}: give its real path (no `..`, no linked folders)",
+                a.path.display(),
+                canonical.display()
+            )));
+        }
+        let retention = std::fs::canonicalize(retention).unwrap_or_else(|_| retention.to_owned());
+        if canonical.starts_with(&retention) {
+            return Err(MasterTargetError::Refused(format!(
+                "the old primary's disk {} lies in the master target's retention volume {}: it is not adopted",
+                a.path.display(),
+                retention.display()
+            )));
+        }
+        if files.contains(&canonical) {
+            return Err(MasterTargetError::Refused(format!(
+                "the old primary's disk {} is named twice: each disk is its own file",
+                a.path.display()
+            )));
+        }
             "tls": { "ca": "ca.pem", "cert": "mt.pem", "key": "mt.key" },
         }))
         .unwrap()
@@ -1391,6 +1468,42 @@ mod bulk_tests {
             ) {
                 Err(e)
                     if e.to_string().contains("already open for writing") && std::time::Instant::now() < deadline =>
+        // A path with `..`, one in the retention volume: refused. So is a folder holding an
+        // earlier replica's journal (a removal cut off): it would be replayed onto the disks.
+        let in_retention = config.retention_dir().join("planted.img");
+        std::fs::File::create(&in_retention).unwrap().set_len(1 << 20).unwrap();
+        let dotted = primary.join("../web1/disk0.img");
+        for (p, want) in [(&dotted, "resolves to"), (&in_retention, "retention volume")] {
+            let e = Replica::create_adopting(
+                &config,
+                &name,
+                &machine,
+                &order("j1", p),
+                Exports::new(),
+                CancellationToken::new(),
+            )
+            .err()
+            .unwrap();
+            assert!(e.to_string().contains(want), "{e}");
+        }
+        let stale = config.retention_dir().join("web1.recovery");
+        std::fs::create_dir_all(&stale).unwrap();
+        std::fs::write(stale.join("checkpoint.json"), b"{}").unwrap();
+        let e = Replica::create_adopting(
+            &config,
+            &name,
+            &machine,
+            &order("j1", &disk),
+            Exports::new(),
+            CancellationToken::new(),
+        )
+        .err()
+        .unwrap();
+        assert!(
+            e.to_string().contains("files of an earlier replica") && e.to_string().contains("checkpoint.json"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&stale).unwrap();
                 {
                     std::thread::sleep(Duration::from_millis(50))
                 }
@@ -1403,6 +1516,16 @@ mod bulk_tests {
         drop(again);
         std::thread::sleep(Duration::from_millis(500));
         let e = Replica::create_adopting(
+        for (l, why) in [
+            (
+                ferry_protocol::Lineage { id: 7, initial_sync: true, ..Default::default() },
+                "another copy's initial sync",
+            ),
+            (ferry_protocol::Lineage::default(), "a sender without a lineage"),
+        ] {
+            assert!(r.check_lineage(&l).is_err(), "{why} is refused on adopted disks");
+        }
+        assert!(r.check_lineage(&ferry_protocol::Lineage { id: 42, ..Default::default() }).is_ok(), "lineage kept");
             &config,
             &name,
             &machine,
