@@ -16,42 +16,45 @@ const READ_STEP: u64 = 1 << 20;
 /// The hashes of the blocks of `[offset, offset + length)`, concatenated (the last block may be
 /// short at the disk's end). Holes are hashed as zeros without being read.
 pub fn region_hashes(disk: &dyn Backend, offset: u64, length: u64) -> Result<Vec<u8>, String> {
+    block_hashes(disk, offset, length, COMPARE_BLOCK, HASH_LEN)
+}
+
+/// [`region_hashes`] at any block size, each hash the first `hash_len` (≤ 32) bytes of BLAKE3
+/// (online verify uses 64 KiB blocks and whole hashes).
+pub fn block_hashes(
+    disk: &dyn Backend,
+    offset: u64,
+    length: u64,
+    block: u64,
+    hash_len: usize,
+) -> Result<Vec<u8>, String> {
+    let block = block.max(512);
+    let hash_len = hash_len.clamp(1, 32);
     let end = offset.saturating_add(length).min(disk.size());
-    // The holes of the region (block status may answer coarser or shorter: asked again).
-    let mut holes: Vec<(u64, u64)> = Vec::new();
-    let mut at = offset;
-    while at < end {
-        let extents = disk.block_status(at, end - at).map_err(|e| e.to_string())?;
-        if extents.is_empty() {
-            break;
+    let holes = holes(disk, offset, end)?;
+    // Holes are sorted and disjoint, blocks visited in order: one cursor walks them.
+    let mut cursor = 0;
+    let mut in_hole = |s: u64, e: u64| {
+        while cursor < holes.len() && holes[cursor].1 <= s {
+            cursor += 1;
         }
-        for e in extents {
-            let to = at.saturating_add(e.length).min(end);
-            if e.hole {
-                holes.push((at, to));
-            }
-            at = to;
-            if at >= end || e.length == 0 {
-                break;
-            }
-        }
-    }
-    let in_hole = |s: u64, e: u64| holes.iter().any(|&(hs, he)| hs <= s && e <= he);
-    let zero = vec![0u8; COMPARE_BLOCK as usize];
-    let mut out = Vec::with_capacity((length.div_ceil(COMPARE_BLOCK) as usize) * HASH_LEN);
+        holes.get(cursor).is_some_and(|&(hs, he)| hs <= s && e <= he)
+    };
+    let zero = vec![0u8; block as usize];
+    let mut out = Vec::with_capacity((length.div_ceil(block) as usize) * hash_len);
     let mut buf = Vec::new();
     let mut at = offset;
     while at < end {
-        let block_end = (at + COMPARE_BLOCK).min(end);
+        let block_end = (at + block).min(end);
         if in_hole(at, block_end) {
-            out.extend_from_slice(&hash(&zero[..(block_end - at) as usize]));
+            out.extend_from_slice(&blake3::hash(&zero[..(block_end - at) as usize]).as_bytes()[..hash_len]);
             at = block_end;
             continue;
         }
         // A run of data blocks, read together (at most READ_STEP).
         let mut run_end = block_end;
-        while run_end < end && run_end - at < READ_STEP {
-            let next = (run_end + COMPARE_BLOCK).min(end);
+        while run_end < end && run_end - at < READ_STEP.max(block) {
+            let next = (run_end + block).min(end);
             if in_hole(run_end, next) {
                 break;
             }
@@ -59,19 +62,41 @@ pub fn region_hashes(disk: &dyn Backend, offset: u64, length: u64) -> Result<Vec
         }
         buf.resize((run_end - at) as usize, 0);
         disk.read(at, &mut buf).map_err(|e| e.to_string())?;
-        for chunk in buf.chunks(COMPARE_BLOCK as usize) {
-            out.extend_from_slice(&hash(chunk));
+        for chunk in buf.chunks(block as usize) {
+            out.extend_from_slice(&blake3::hash(chunk).as_bytes()[..hash_len]);
         }
         at = run_end;
     }
     Ok(out)
 }
 
-fn hash(data: &[u8]) -> [u8; HASH_LEN] {
-    let h = blake3::hash(data);
-    let mut out = [0u8; HASH_LEN];
-    out.copy_from_slice(&h.as_bytes()[..HASH_LEN]);
-    out
+/// The holes of `[offset, end)`, sorted (block status may answer coarser or shorter: asked
+/// again from where it stopped).
+fn holes(disk: &dyn Backend, offset: u64, end: u64) -> Result<Vec<(u64, u64)>, String> {
+    let mut holes: Vec<(u64, u64)> = Vec::new();
+    let mut at = offset;
+    while at < end {
+        let extents = disk.block_status(at, end - at).map_err(|e| e.to_string())?;
+        let from = at;
+        for e in extents {
+            let to = at.saturating_add(e.length).min(end);
+            if e.hole {
+                match holes.last_mut() {
+                    Some((_, he)) if *he == at => *he = to,
+                    _ => holes.push((at, to)),
+                }
+            }
+            at = to;
+            if at >= end || e.length == 0 {
+                break;
+            }
+        }
+        if at == from {
+            // No answer for the rest: it counts as data (read, never skipped).
+            break;
+        }
+    }
+    Ok(holes)
 }
 
 /// Lowercase hex (the form hashes travel in, in JSON and TOML).

@@ -264,6 +264,7 @@ pub async fn serve(
             if let Err(e) = revoked.extend(v.revoked_certificates.as_deref().unwrap_or_default()) {
                 tracing::error!(error = %e, "cannot keep the revoked certificates");
             }
+            m.follow_verify_order(v.verify_order.clone());
             let m = m.clone();
             let order = v.quiesce.map(|q| q.order);
             let spawned = std::thread::Builder::new().name("quiesce".into()).spawn(move || match order {

@@ -235,6 +235,8 @@ pub(crate) struct WriteHold {
 #[derive(Default)]
 pub struct VerifySessions {
     sessions: Mutex<HashMap<u64, ferry_api::agent::VerifySession>>,
+    /// The settings' verify order being followed (see `Machine::follow_verify_order`).
+    pub(crate) order: Mutex<Option<ferry_api::agent::VerifyOrderStatus>>,
 }
 
 impl VerifySessions {
@@ -244,6 +246,10 @@ impl VerifySessions {
 
     pub fn get(&self, id: u64) -> Option<ferry_api::agent::VerifySession> {
         self.lock().get(&id).cloned()
+    }
+
+    pub(crate) fn order(&self) -> std::sync::MutexGuard<'_, Option<ferry_api::agent::VerifyOrderStatus>> {
+        self.order.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -1670,6 +1676,7 @@ impl Machine {
             points: c.points.clone(),
             write_hold: c.hold.as_ref().map(|h| HoldView { group: h.group.clone(), tag: h.tag.clone() }),
             quiesced: c.quiesced.clone(),
+            verify_order: self.verify.order().clone(),
             lineage: c.state.lineage.as_ref().map(|l| ferry_api::agent::AgentLineage {
                 id: l.id,
                 parent_id: l.parent.map(|p| p.0),

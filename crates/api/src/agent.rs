@@ -96,6 +96,10 @@ pub struct AgentStatus {
     /// Which copy of the disks this agent tracks: its ID, and the copy and seq it forked from.
     #[serde(default)]
     pub lineage: Option<AgentLineage>,
+    /// The last verify order of the settings and how far it got (absent when none was given
+    /// since the agent started: an order is started again after a restart).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_order: Option<VerifyOrderStatus>,
     pub events: Vec<Event>,
 }
 
@@ -293,6 +297,34 @@ pub enum VerifyState {
     Running,
     Complete,
     Failed,
+}
+
+/// How a verify order went: every disk compared block by block with the replica at the same
+/// point of the change stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct VerifyOrderStatus {
+    pub order: String,
+    pub repair: bool,
+    /// `running` until every disk's comparison came back, then `complete`; `failed` names why
+    /// in `error` (the agent starts the order again once it replicates in order).
+    pub state: VerifyState,
+    pub error: Option<String>,
+    pub block_size: u32,
+    pub blocks_compared: u64,
+    pub bytes_compared: u64,
+    /// Blocks whose hashes differed, per disk (offsets; at most the first 64 of each disk).
+    pub differing: Vec<DifferingBlocks>,
+    pub differing_blocks: u64,
+    /// The repair's resync was requested for the differing blocks.
+    pub repair_started: bool,
+}
+
+/// Blocks of one disk that differed in a verify.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct DifferingBlocks {
+    pub disk: String,
+    pub count: u64,
+    pub offsets: Vec<u64>,
 }
 
 /// `GET /verify/{id}`.

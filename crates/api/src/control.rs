@@ -315,6 +315,11 @@ pub struct ComponentSettings {
     /// old primary wrote that the recovery site never held). Set by the reprotect job only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resync_seed: Option<ResyncSeed>,
+    /// Agents: compare every block of every disk with the master target's replica at the same
+    /// point of the change stream (online verify), repairing what differs; done once per order
+    /// and reported in the status's `verify_order`. Set by the reprotect job only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_order: Option<VerifyOrder>,
     /// Any other key of the component's configuration file.
     #[serde(flatten)]
     pub other: BTreeMap<String, serde_json::Value>,
@@ -322,8 +327,9 @@ pub struct ComponentSettings {
 
 /// Settings a running component follows (its settings watch) that are not keys of its
 /// configuration file: left out when the settings are merged into the file's keys at start.
-pub const RUNTIME_KEYS: [&str; 6] = [
+pub const RUNTIME_KEYS: [&str; 7] = [
     "revoked_certificates",
+    "verify_order",
     "quiesce",
     "machine_failovers",
     "machine_test_failovers",
@@ -362,6 +368,17 @@ pub struct AdoptionOrder {
 pub struct AdoptedDisk {
     pub name: String,
     pub path: PathBuf,
+}
+
+/// An order to verify every disk of a machine against its replica (see
+/// `ComponentSettings::verify_order`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyOrder {
+    /// Names the round (a job and its round number): a new name starts a new comparison.
+    pub order: String,
+    /// Resync the blocks that differ once the comparison is complete.
+    pub repair: bool,
 }
 
 /// Regions an agent resyncs once, on top of what it tracked itself (counted once per order).
@@ -447,6 +464,7 @@ pub fn setting_access(kind: ComponentKind, key: &str) -> Option<SettingAccess> {
         "protection_disabled",
         "machine_adoptions",
         "resync_seed",
+        "verify_order",
         "authority_epoch",
         "failover_seed",
         "recovery_writes_file",
@@ -516,6 +534,7 @@ impl ComponentSettings {
         self.protection_disabled = stored.protection_disabled;
         self.machine_adoptions.clone_from(&stored.machine_adoptions);
         self.resync_seed.clone_from(&stored.resync_seed);
+        self.verify_order.clone_from(&stored.verify_order);
         for (k, v) in &stored.other {
             if setting_access(kind, k) == Some(SettingAccess::Never) {
                 self.other.insert(k.clone(), v.clone());

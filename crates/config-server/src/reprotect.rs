@@ -21,11 +21,11 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
-use ferry_api::agent::Mode;
+use ferry_api::agent::{Mode, VerifyState};
 use ferry_api::config_server::{
     FailoverStage, ProtectedDisk, Protection, ProtectionReprotect, ReprotectCheck, ReprotectPlan, ReprotectRequest,
 };
-use ferry_api::control::{AdoptedDisk, AdoptionOrder, ComponentKind, ResyncSeed, SeedCompare};
+use ferry_api::control::{AdoptedDisk, AdoptionOrder, ComponentKind, ResyncSeed, SeedCompare, VerifyOrder};
 use ferry_api::master_target::DiskExtent;
 use ferry_api::process_server::MasterTargetRoute;
 use ferry_store::Store;
@@ -62,12 +62,15 @@ pub enum ReprotectStep {
     ConfigureAgent,
     /// The resync runs to its end (progress, bytes, stall detection).
     Resync,
+    /// Every block of both sides compared by hash at one point of the change stream; what
+    /// differs is repaired and compared again. Protected is declared from this, not from flags.
+    VerifyReplica,
     /// The records say Protected (reverse).
     MarkProtected,
 }
 
 impl ReprotectStep {
-    pub const ALL: [ReprotectStep; 8] = [
+    pub const ALL: [ReprotectStep; 9] = [
         ReprotectStep::PowerOffPrimary,
         ReprotectStep::MergeSnapshots,
         ReprotectStep::PrimaryChanges,
@@ -75,6 +78,7 @@ impl ReprotectStep {
         ReprotectStep::RouteProcessServer,
         ReprotectStep::ConfigureAgent,
         ReprotectStep::Resync,
+        ReprotectStep::VerifyReplica,
         ReprotectStep::MarkProtected,
     ];
 
@@ -98,6 +102,9 @@ impl ReprotectStep {
                 format!("configure the agent of {rm} (failback policy {}): it resyncs what differs", reverse.policy)
             }
             ReprotectStep::Resync => format!("resync {rm} → the disks of {m} (only what differs)"),
+            ReprotectStep::VerifyReplica => {
+                format!("compare every block of {rm} with the disks of {m} by hash (repair what differs)")
+            }
             ReprotectStep::MarkProtected => {
                 format!("mark {rm} Protected (reverse direction, towards {})", forward.site)
             }
@@ -112,6 +119,7 @@ impl ReprotectStep {
             ReprotectStep::RouteProcessServer => errors::PS_HEARTBEAT_LOST,
             ReprotectStep::ConfigureAgent => errors::REPROTECT_NO_SERVER_PATH,
             ReprotectStep::Resync => errors::PROTECTION_NOT_COMPLETED,
+            ReprotectStep::VerifyReplica => errors::REPLICA_NOT_VERIFIED,
             ReprotectStep::MarkProtected => errors::STORE,
         }
     }
@@ -1039,19 +1047,15 @@ impl Ops {
                     Err(e) => fail(errors::STORE, e),
                 }
             }
-            ReprotectStep::Resync => self.follow_resync(job, &reverse, stall_secs, ctl).await,
+            ReprotectStep::Resync => self.follow_resync(job, &reverse, stall_secs, ctl, true).await,
+            ReprotectStep::VerifyReplica => self.verify_replica(job, &reverse, stall_secs, ctl).await,
             ReprotectStep::MarkProtected => {
-                let st = component(store, ComponentKind::Agent, rm)
-                    .await
-                    .and_then(|c| c.status)
-                    .and_then(|s| s.agent().cloned());
-                let sent =
-                    st.as_ref().and_then(|a| a.completed_resyncs.last()).map(|r| r.bytes_copied + r.hole_bytes_zeroed);
+                // Declared from the comparison the step before made (every block equal).
+                let sent = rp.resynced_bytes;
                 if let Err(o) = update_reverse(store, job, rm, |b| {
                     b.state = "protected".into();
                     if let Some(r) = b.reprotect.as_mut() {
                         r.protected_ms = Some(now_ms());
-                        r.resynced_bytes = sent;
                     }
                 })
                 .await
@@ -1059,14 +1063,28 @@ impl Ops {
                     return o;
                 }
                 // The forward record names its reverse protection (RP-2 and failback read it).
+                let mut named = false;
                 for _ in 0..20 {
-                    let Ok(Some(d)) = store.get::<Protection>(PROTECTION, machine).await else { break };
+                    let d = match store.get::<Protection>(PROTECTION, machine).await {
+                        Ok(Some(d)) => d,
+                        Ok(None) => {
+                            return fail(errors::NOT_FOUND, format!("the protection record of {machine} is gone"))
+                        }
+                        Err(e) => return fail(errors::STORE, e.to_string()),
+                    };
                     let mut b = d.body;
                     b.reprotected_by = Some(rm.to_owned());
                     match store.put(PROTECTION, machine, &b, Some(d.revision)).await {
+                        Ok(_) => {
+                            named = true;
+                            break;
+                        }
                         Err(ferry_store::StoreError::Conflict { .. }) => continue,
-                        _ => break,
+                        Err(e) => return fail(errors::STORE, e.to_string()),
                     }
+                }
+                if !named {
+                    return fail(errors::STORE, format!("the protection record of {machine} kept changing"));
                 }
                 let _ = store
                     .add_event(
@@ -1089,8 +1107,16 @@ impl Ops {
     }
 
     /// Follow the reverse resync until the agent replicates in order and the master target's
-    /// replica is consistent; fail when it makes no progress for `stall_secs`.
-    async fn follow_resync(&self, job: &Job, reverse: &Protection, stall_secs: u64, ctl: &JobControl) -> Outcome {
+    /// replica is consistent; fail when it makes no progress for `stall_secs`. `record`: the
+    /// resync's bytes are the reprotect's `resynced_bytes` (not a verify's repair).
+    async fn follow_resync(
+        &self,
+        job: &Job,
+        reverse: &Protection,
+        stall_secs: u64,
+        ctl: &JobControl,
+        record: bool,
+    ) -> Outcome {
         let store = &self.store;
         let rm = &reverse.machine;
         let ps_addr = component(store, ComponentKind::ProcessServer, &reverse.process_server)
@@ -1116,12 +1142,17 @@ impl Ops {
                     .is_some_and(|r| r.consistent && r.applied_seq >= a.master_target_durable_seq.min(a.last_seq));
                 if a.mode == Mode::Replicating && a.resync_pending_bytes == 0 && a.resync.is_none() && consistent {
                     let sent = a.completed_resyncs.last().map(|r| r.bytes_copied + r.hole_bytes_zeroed).unwrap_or(0);
-                    let _ = update_reverse(store, job, rm, |b| {
-                        if let Some(r) = b.reprotect.as_mut() {
-                            r.resynced_bytes = Some(sent);
+                    if record {
+                        if let Err(o) = update_reverse(store, job, rm, |b| {
+                            if let Some(r) = b.reprotect.as_mut() {
+                                r.resynced_bytes = Some(sent);
+                            }
+                        })
+                        .await
+                        {
+                            return o;
                         }
-                    })
-                    .await;
+                    }
                     return Outcome::Done(Some(format!(
                         "{rm} resynced: {sent} byte(s) sent; it replicates in order to {}",
                         reverse.master_target
@@ -1156,6 +1187,104 @@ impl Ops {
                 );
             }
         }
+    }
+}
+
+/// Comparison rounds before the verify gives up (a round repairs what it found; the next must
+/// find nothing that was not written meanwhile).
+const VERIFY_ROUNDS: u32 = 3;
+
+impl Ops {
+    /// Order online verifies of the recovery machine until one finds every block equal; each
+    /// round that finds differences repairs them (a resync of those blocks) first.
+    async fn verify_replica(&self, job: &Job, reverse: &Protection, stall_secs: u64, ctl: &JobControl) -> Outcome {
+        let store = &self.store;
+        let rm = &reverse.machine;
+        let mut found = Vec::new();
+        for round in 1..=VERIFY_ROUNDS {
+            let order = VerifyOrder { order: format!("{}/verify-{round}", job.id), repair: true };
+            if let Err(e) =
+                update_settings(store, &format!("agent/{rm}"), |b| b.verify_order = Some(order.clone())).await
+            {
+                return fail(errors::STORE, e);
+            }
+            let stall = Duration::from_secs(stall_secs.max(1));
+            let mut last = u64::MAX;
+            let mut moved = tokio::time::Instant::now();
+            let result = loop {
+                let st = component(store, ComponentKind::Agent, rm)
+                    .await
+                    .and_then(|c| c.status)
+                    .and_then(|s| s.agent().cloned());
+                let v = st.as_ref().and_then(|a| a.verify_order.clone()).filter(|v| v.order == order.order);
+                if let Some(v) = v.as_ref().filter(|v| v.state == VerifyState::Complete) {
+                    break v.clone();
+                }
+                let progress = st.as_ref().map_or(0, |a| a.applied_seq);
+                if progress != last {
+                    last = progress;
+                    moved = tokio::time::Instant::now();
+                } else if moved.elapsed() >= stall {
+                    let why = v.and_then(|v| v.error).unwrap_or_else(|| "the agent reports no progress".into());
+                    return fail(
+                        errors::REPLICA_NOT_VERIFIED,
+                        format!("the comparison of {rm} with its replica made no progress for {stall:?} ({why}): fix the cause and run the reprotect again"),
+                    );
+                }
+                if !crate::failover::pause(ctl, Duration::from_millis(500)).await {
+                    return fail(
+                        errors::JOB_STATE,
+                        "the job was cancelled during the comparison (run the reprotect again)",
+                    );
+                }
+            };
+            ctl.bytes(result.bytes_compared, result.bytes_compared);
+            if result.differing_blocks == 0 {
+                let repaired = if found.is_empty() {
+                    String::new()
+                } else {
+                    format!("; earlier round(s) found and repaired {}", found.join(", then "))
+                };
+                return Outcome::Done(Some(format!(
+                    "round {round}: all {} block(s) of {} KiB equal on both sides ({} byte(s) compared){repaired}",
+                    result.blocks_compared,
+                    result.block_size / 1024,
+                    result.bytes_compared
+                )));
+            }
+            let named = result
+                .differing
+                .iter()
+                .map(|d| {
+                    format!("{} block(s) of {} at {:?}", d.count, d.disk, d.offsets.iter().take(8).collect::<Vec<_>>())
+                })
+                .collect::<Vec<_>>()
+                .join("; ");
+            tracing::warn!(machine = %rm, round, differing = result.differing_blocks, "verify found differing blocks: {named}");
+            let _ = store
+                .add_event(
+                    0,
+                    "warning",
+                    &format!("agent/{rm}"),
+                    &format!("verify round {round} of {rm}: {named}; repairing"),
+                )
+                .await;
+            found.push(format!("{} differing block(s) ({named})", result.differing_blocks));
+            if round == VERIFY_ROUNDS {
+                break;
+            }
+            // The repair is a resync of those blocks: wait until it is done before comparing again.
+            if let Outcome::Failed(e) = self.follow_resync(job, reverse, stall_secs, ctl, false).await {
+                return Outcome::Failed(e);
+            }
+        }
+        fail(
+            errors::REPLICA_NOT_VERIFIED,
+            format!(
+                "{rm} still differs from its replica after {VERIFY_ROUNDS} comparison rounds ({}): it is not declared Protected",
+                found.join(", then ")
+            ),
+        )
     }
 }
 

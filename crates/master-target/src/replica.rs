@@ -1152,18 +1152,48 @@ impl Replica {
         let (p, f) = &self.targets[disk as usize];
         let size = self.disks[disk as usize].size;
         let bs = block_size.max(512) as u64;
+        if ferry_sys::fail::fires("master-target.verify.corrupt-block") {
+            // A fault test's bit rot: one byte of the first data block of this chunk flipped
+            // after the resync, before the comparison, which must find and repair it.
+            let at = ferry_sys::fs::next_data(f, offset).ok().flatten().filter(|&d| d < size).unwrap_or(offset);
+            let mut b = [0u8; 1];
+            if f.read_exact_at(&mut b, at).is_ok() {
+                b[0] ^= 0xff;
+                let _ = f.write_all_at(&b, at);
+                tracing::warn!(offset = at, "failpoint: corrupted one byte of {}", p.display());
+            }
+        }
+        let zero_hash = blake3::hash(&vec![0u8; bs as usize]);
         let mut differing = Vec::new();
         let mut buf = vec![0u8; bs as usize];
         let mut compared = 0;
+        // Where the next data starts (holes are compared as zeros, without reading them).
+        let mut data_at: Option<u64> = None;
         for (i, h) in hashes.chunks_exact(32).enumerate() {
             let off = offset + i as u64 * bs;
             if off >= size {
                 break;
             }
             let n = bs.min(size - off) as usize;
-            f.read_exact_at(&mut buf[..n], off).map_err(|e| format!("verify read of {} failed: {e}", p.display()))?;
+            if data_at.is_none_or(|d| d < off) {
+                data_at = Some(
+                    ferry_sys::fs::next_data(f, off)
+                        .map_err(|e| format!("verify of {}: cannot find its data: {e}", p.display()))?
+                        .unwrap_or(u64::MAX),
+                );
+            }
             compared += 1;
-            if blake3::hash(&buf[..n]).as_bytes() != h {
+            let in_hole = data_at.is_some_and(|d| d >= off + n as u64);
+            let ours = if in_hole && n as u64 == bs {
+                zero_hash
+            } else if in_hole {
+                blake3::hash(&vec![0u8; n])
+            } else {
+                f.read_exact_at(&mut buf[..n], off)
+                    .map_err(|e| format!("verify read of {} failed: {e}", p.display()))?;
+                blake3::hash(&buf[..n])
+            };
+            if ours.as_bytes() != h {
                 differing.push(off);
             }
         }
@@ -1260,6 +1290,7 @@ use crate::point_image::zero_range;
 fn check_adoption(
     machine: &MachineDescriptor,
     order: &ferry_api::control::AdoptionOrder,
+    retention: &Path,
 ) -> Result<Vec<PathBuf>, MasterTargetError> {
     let names: Vec<&str> = machine.disks.iter().map(|d| d.name.as_str()).collect();
     let given: Vec<&str> = order.disks.iter().map(|d| d.name.as_str()).collect();
@@ -1290,7 +1321,33 @@ fn check_adoption(
                 a.path.display()
             )));
         }
-    retention: &Path,
+        // The path as it is, with no `..` or linked folder in it, outside this master target's
+        // own retention volume, and each file once: a planted path cannot point the replica at
+        // another replica's files or at Ferry's own state.
+        let canonical = std::fs::canonicalize(&a.path).map_err(|e| {
+            MasterTargetError::Refused(format!("the old primary's disk {} cannot be resolved: {e}", a.path.display()))
+        })?;
+        if canonical != a.path {
+            return Err(MasterTargetError::Refused(format!(
+                "the old primary's disk {} resolves to {}: give its real path (no `..`, no linked folders)",
+                a.path.display(),
+                canonical.display()
+            )));
+        }
+        let retention = std::fs::canonicalize(retention).unwrap_or_else(|_| retention.to_owned());
+        if canonical.starts_with(&retention) {
+            return Err(MasterTargetError::Refused(format!(
+                "the old primary's disk {} lies in the master target's retention volume {}: it is not adopted",
+                a.path.display(),
+                retention.display()
+            )));
+        }
+        if files.contains(&canonical) {
+            return Err(MasterTargetError::Refused(format!(
+                "the old primary's disk {} is named twice: each disk is its own file",
+                a.path.display()
+            )));
+        }
         if m.len() != d.size {
             return Err(MasterTargetError::Refused(format!(
                 "the old primary's disk {} is {} bytes, the failed-over disk {} is {} bytes: reprotect to an alternate location (a new disk) instead",
@@ -1321,33 +1378,6 @@ mod bulk_tests {
             "datastore": dir.join("ds"),
             "retention": dir.join("ret"),
             "listen": "127.0.0.1:0",
-        // The path as it is, with no `..` or linked folder in it, outside this master target's
-        // own retention volume, and each file once: a planted path cannot point the replica at
-        // another replica's files or at Ferry's own state.
-        let canonical = std::fs::canonicalize(&a.path).map_err(|e| {
-            MasterTargetError::Refused(format!("the old primary's disk {} cannot be resolved: {e}", a.path.display()))
-        })?;
-        if canonical != a.path {
-            return Err(MasterTargetError::Refused(format!(
-                "the old primary's disk {} resolves to {}: give its real path (no `..`, no linked folders)",
-                a.path.display(),
-                canonical.display()
-            )));
-        }
-        let retention = std::fs::canonicalize(retention).unwrap_or_else(|_| retention.to_owned());
-        if canonical.starts_with(&retention) {
-            return Err(MasterTargetError::Refused(format!(
-                "the old primary's disk {} lies in the master target's retention volume {}: it is not adopted",
-                a.path.display(),
-                retention.display()
-            )));
-        }
-        if files.contains(&canonical) {
-            return Err(MasterTargetError::Refused(format!(
-                "the old primary's disk {} is named twice: each disk is its own file",
-                a.path.display()
-            )));
-        }
             "tls": { "ca": "ca.pem", "cert": "mt.pem", "key": "mt.key" },
         }))
         .unwrap()
@@ -1438,36 +1468,6 @@ mod bulk_tests {
             .unwrap();
             assert!(e.to_string().contains(want), "{e}");
         }
-        let first = CancellationToken::new();
-        let r = Replica::create_adopting(&config, &name, &machine, &order("j1", &disk), Exports::new(), first.clone())
-            .unwrap();
-        assert_eq!(r.targets[0].0, disk);
-        let mut buf = [0u8; 18];
-        r.targets[0].1.read_exact_at(&mut buf, 4096).unwrap();
-        assert_eq!(&buf, b"the primary's data", "adopted as it is");
-        assert!(r.check_lineage(&ferry_protocol::Lineage { id: 42, ..Default::default() }).is_ok());
-        assert!(
-            r.check_lineage(&ferry_protocol::Lineage { id: 7, ..Default::default() }).is_err(),
-            "another copy is refused"
-        );
-        assert!(!r.status().consistent, "no recovery point before the first resync ends");
-        r.stop();
-        first.cancel();
-        drop(r);
-        // The same order again (a cut-off start) opens it; another order is a leftover.
-        // (once the stopped applier let go of the disk)
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        let again = loop {
-            match Replica::create_adopting(
-                &config,
-                &name,
-                &machine,
-                &order("j1", &disk),
-                Exports::new(),
-                CancellationToken::new(),
-            ) {
-                Err(e)
-                    if e.to_string().contains("already open for writing") && std::time::Instant::now() < deadline =>
         // A path with `..`, one in the retention volume: refused. So is a folder holding an
         // earlier replica's journal (a removal cut off): it would be replayed onto the disks.
         let in_retention = config.retention_dir().join("planted.img");
@@ -1504,6 +1504,46 @@ mod bulk_tests {
             "{e}"
         );
         std::fs::remove_dir_all(&stale).unwrap();
+        let first = CancellationToken::new();
+        let r = Replica::create_adopting(&config, &name, &machine, &order("j1", &disk), Exports::new(), first.clone())
+            .unwrap();
+        assert_eq!(r.targets[0].0, disk);
+        let mut buf = [0u8; 18];
+        r.targets[0].1.read_exact_at(&mut buf, 4096).unwrap();
+        assert_eq!(&buf, b"the primary's data", "adopted as it is");
+        assert!(r.check_lineage(&ferry_protocol::Lineage { id: 42, ..Default::default() }).is_ok());
+        assert!(
+            r.check_lineage(&ferry_protocol::Lineage { id: 7, ..Default::default() }).is_err(),
+            "another copy is refused"
+        );
+        for (l, why) in [
+            (
+                ferry_protocol::Lineage { id: 7, initial_sync: true, ..Default::default() },
+                "another copy's initial sync",
+            ),
+            (ferry_protocol::Lineage::default(), "a sender without a lineage"),
+        ] {
+            assert!(r.check_lineage(&l).is_err(), "{why} is refused on adopted disks");
+        }
+        assert!(r.check_lineage(&ferry_protocol::Lineage { id: 42, ..Default::default() }).is_ok(), "lineage kept");
+        assert!(!r.status().consistent, "no recovery point before the first resync ends");
+        r.stop();
+        first.cancel();
+        drop(r);
+        // The same order again (a cut-off start) opens it; another order is a leftover.
+        // (once the stopped applier let go of the disk)
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let again = loop {
+            match Replica::create_adopting(
+                &config,
+                &name,
+                &machine,
+                &order("j1", &disk),
+                Exports::new(),
+                CancellationToken::new(),
+            ) {
+                Err(e)
+                    if e.to_string().contains("already open for writing") && std::time::Instant::now() < deadline =>
                 {
                     std::thread::sleep(Duration::from_millis(50))
                 }
@@ -1516,16 +1556,6 @@ mod bulk_tests {
         drop(again);
         std::thread::sleep(Duration::from_millis(500));
         let e = Replica::create_adopting(
-        for (l, why) in [
-            (
-                ferry_protocol::Lineage { id: 7, initial_sync: true, ..Default::default() },
-                "another copy's initial sync",
-            ),
-            (ferry_protocol::Lineage::default(), "a sender without a lineage"),
-        ] {
-            assert!(r.check_lineage(&l).is_err(), "{why} is refused on adopted disks");
-        }
-        assert!(r.check_lineage(&ferry_protocol::Lineage { id: 42, ..Default::default() }).is_ok(), "lineage kept");
             &config,
             &name,
             &machine,

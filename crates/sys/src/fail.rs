@@ -7,7 +7,9 @@
 //! - `abort`: print `ferry failpoint NAME hit` to stderr, then `_exit(`[`EXIT_CODE`]`)` at once (no
 //!   destructors, no buffered writes flushed: what a crash at that instant leaves);
 //! - `abort@N`: the same at the N-th pass through that point (1-based);
-//! - `off`: nothing.
+//! - `off`: nothing;
+//! - `fire` / `fire@N`: [`fires`] answers true at the first (N-th) pass, so the code at the point
+//!   injects a fault there (e.g. corrupts a block) and goes on.
 //!
 //! A test asserts the exit code (and the marker line), so a misspelled or never-reached failpoint
 //! fails the test instead of passing silently.
@@ -32,6 +34,7 @@ pub const ALL: &[&str] = &[
     "config-server.failover.step-done",
     "config-server.protect.step-running",
     "config-server.protect.step-done",
+    "master-target.verify.corrupt-block",
 ];
 
 /// Mark the failpoint `name`: in a `testing` build armed by [`ENV`], the process stops here.
@@ -43,6 +46,19 @@ pub fn fail_point(name: &'static str) {
     let _ = name;
 }
 
+/// Whether the failpoint `name` armed with `fire[@N]` fires at this pass (never without the
+/// `testing` feature).
+#[inline]
+pub fn fires(name: &'static str) -> bool {
+    #[cfg(feature = "testing")]
+    return armed::fires(name);
+    #[cfg(not(feature = "testing"))]
+    {
+        let _ = name;
+        false
+    }
+}
+
 #[cfg(feature = "testing")]
 mod armed {
     use std::collections::HashMap;
@@ -52,6 +68,8 @@ mod armed {
     struct Point {
         at: u64,
         passes: AtomicU64,
+        /// `fire`: [`fires`] reports the pass instead of the process stopping.
+        fire: bool,
     }
 
     fn table() -> &'static HashMap<String, Point> {
@@ -60,25 +78,41 @@ mod armed {
             let mut m = HashMap::new();
             for part in std::env::var(super::ENV).unwrap_or_default().split(',').filter(|p| !p.is_empty()) {
                 let Some((name, action)) = part.split_once('=') else { continue };
+                let fire = action.starts_with("fire");
                 let at = match action {
-                    "abort" => 1,
+                    "abort" | "fire" => 1,
                     "off" => continue,
-                    a => match a.strip_prefix("abort@").and_then(|n| n.parse::<u64>().ok()) {
+                    a => match a
+                        .strip_prefix("abort@")
+                        .or_else(|| a.strip_prefix("fire@"))
+                        .and_then(|n| n.parse::<u64>().ok())
+                    {
                         Some(n) if n >= 1 => n,
                         _ => {
-                            eprintln!("ferry failpoint {name}: unknown action {action:?} (abort, abort@N, off)");
+                            eprintln!(
+                                "ferry failpoint {name}: unknown action {action:?} (abort, abort@N, fire, fire@N, off)"
+                            );
                             continue;
                         }
                     },
                 };
-                m.insert(name.to_owned(), Point { at, passes: AtomicU64::new(0) });
+                m.insert(name.to_owned(), Point { at, passes: AtomicU64::new(0), fire });
             }
             m
         })
     }
 
+    pub fn fires(name: &'static str) -> bool {
+        let Some(p) = table().get(name).filter(|p| p.fire) else { return false };
+        let fired = p.passes.fetch_add(1, Ordering::SeqCst) + 1 == p.at;
+        if fired {
+            eprintln!("ferry failpoint {name} fired");
+        }
+        fired
+    }
+
     pub fn hit(name: &'static str) {
-        let Some(p) = table().get(name) else { return };
+        let Some(p) = table().get(name).filter(|p| !p.fire) else { return };
         if p.passes.fetch_add(1, Ordering::SeqCst) + 1 == p.at {
             // Straight to the kernel: no unwinding, no flushing, as a crash would be.
             let msg = format!("ferry failpoint {name} hit\n");

@@ -139,6 +139,26 @@ impl Space {
     }
 }
 
+/// The first offset at or after `offset` that holds data (`lseek(SEEK_DATA)`): `None` when only
+/// a hole follows up to the end of the file. A filesystem without `SEEK_DATA` answers `offset`
+/// (everything counts as data), so a caller that skips holes never skips data.
+pub fn next_data(file: &File, offset: u64) -> io::Result<Option<u64>> {
+    use std::os::fd::AsRawFd;
+    let Ok(off) = libc::off_t::try_from(offset) else { return Ok(None) };
+    // SAFETY: lseek on a valid fd we borrow; callers use positioned I/O, so the moved file
+    // position is harmless.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off, libc::SEEK_DATA) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return match e.raw_os_error() {
+            Some(libc::ENXIO) => Ok(None),
+            Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(Some(offset)),
+            _ => Err(e),
+        };
+    }
+    Ok(Some(r as u64))
+}
+
 /// `statvfs` of the filesystem that holds `path`.
 pub fn space(path: &Path) -> io::Result<Space> {
     let c = c_path(path)?;

@@ -190,6 +190,9 @@ registry! {
     AGENT_NOT_INSTALLED = 9039, 409, "agent-not-installed",
         "the failed-over machine's mobility service (agent) has not registered with the configuration server yet (RP-7: up to 15 minutes after it boots)",
         "wait until the machine at the recovery site has booted and its agent registered (`ferry components`), then retry the reprotect";
+    REPLICA_NOT_VERIFIED = 9040, 409, "replica-not-verified",
+        "the block-hash comparison of the source disks with the replica still found differing blocks after its repair rounds (the message names the disk and offsets): the machine is not declared Protected",
+        "look for a failing disk or a second writer of the replica's files at the master target, then run the reprotect again (it compares and repairs again)";
 }
 
 /// The registry entry for `code`.

@@ -13,10 +13,6 @@ use crate::failover_jobs::{copy_of, failed, protect, recovery_guest, verify, LAB
 use crate::lab_sites::{alive, ferry, kill_group, ok, records, wait, Lab};
 use serde_json::Value;
 
-fn reload(lab: &mut Lab) {
-    lab.state = serde_json::from_slice(&std::fs::read(lab.dir.join("lab.json")).unwrap()).unwrap();
-}
-
 fn step(job: &Value, i: usize) -> String {
     job["steps"][i]["message"].as_str().unwrap_or_default().to_owned()
 }
@@ -54,7 +50,7 @@ fn disabled_protection_leaves_the_machine_running_and_nothing_of_its_replica() {
     let mut env = lab.env.clone();
     env.push(("FERRY_FAILPOINTS", format!("{failpoint}=abort@1")));
     ok(&ferry(&["lab", "restart", "mt-r"], &env), "restart the master target armed");
-    reload(&mut lab);
+    lab.reload();
     let mt_pid = lab.pids().into_iter().find(|(n, _)| n == "mt-r").map(|(_, p)| p).unwrap();
     let id = lab.json(&["disable-protection", "web1", "--no-wait"])["id"].as_str().unwrap().to_owned();
     failed(&lab.run(&["failover", "start", "web1", "--unplanned"]), "not protected", "a failover meanwhile");
@@ -64,7 +60,7 @@ fn disabled_protection_leaves_the_machine_running_and_nothing_of_its_replica() {
     let mt_log = std::fs::read_to_string(dir.join("logs/mt-r.log")).unwrap();
     assert!(mt_log.contains(&format!("ferry failpoint {failpoint} hit")), "stopped by the failpoint");
     ok(&lab.run(&["lab", "restart", "mt-r"]), "restart the master target");
-    reload(&mut lab);
+    lab.reload();
     let o = lab.run(&["--output", "json", "jobs", "watch", &id]);
     let job: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
     assert_eq!(job["state"], "succeeded", "{}\n{job:#}", String::from_utf8_lossy(&o.stderr));
@@ -163,7 +159,7 @@ fn disabled_protection_leaves_the_machine_running_and_nothing_of_its_replica() {
     assert!(!dir.join("sites/recovery/retention/mt-r/web1").exists());
     assert!(spool.exists(), "the spool waits for its process server");
     ok(&lab.run(&["lab", "restart", "ps-primary"]), "the process server is back");
-    reload(&mut lab);
+    lab.reload();
     wait("it deletes the spool", Duration::from_secs(60), || {
         let ps = lab.process_status("ps-primary");
         (ps["removed_machines"]["web1"]["order"].as_str() == Some(rid.as_str()) && !spool.exists()).then_some(())

@@ -13,10 +13,6 @@ use crate::failover_jobs::{copy_of, failed, protect, recovery_guest, verify, LAB
 use crate::lab_sites::{alive, ferry, ok, records, wait, Lab};
 use serde_json::Value;
 
-fn reload(lab: &mut Lab) {
-    lab.state = serde_json::from_slice(&std::fs::read(lab.dir.join("lab.json")).unwrap()).unwrap();
-}
-
 #[test]
 fn a_cancelled_failover_gives_the_primary_back_with_nothing_lost_and_the_recovery_writes_reported() {
     use rand::{Rng, SeedableRng};
@@ -76,7 +72,7 @@ fn a_cancelled_failover_gives_the_primary_back_with_nothing_lost_and_the_recover
     let mut env = lab.env.clone();
     env.push(("FERRY_FAILPOINTS", format!("{failpoint}=abort@1")));
     ok(&ferry(&["lab", "restart", "mt-r"], &env), "restart the master target armed");
-    reload(&mut lab);
+    lab.reload();
     let mt_pid = lab.pids().into_iter().find(|(n, _)| n == "mt-r").map(|(_, p)| p).unwrap();
     let job = lab.json(&["failover", "cancel", "web1", "--no-start", "--no-wait"]);
     let id = job["id"].as_str().unwrap().to_owned();
@@ -88,7 +84,7 @@ fn a_cancelled_failover_gives_the_primary_back_with_nothing_lost_and_the_recover
     let mt_log = std::fs::read_to_string(lab.dir.join("logs/mt-r.log")).unwrap();
     assert!(mt_log.contains(&format!("ferry failpoint {failpoint} hit")), "stopped by the failpoint");
     ok(&lab.run(&["lab", "restart", "mt-r"]), "restart the master target");
-    reload(&mut lab);
+    lab.reload();
     let o = lab.run(&["--output", "json", "jobs", "watch", &id]);
     let job: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
     assert_eq!(job["state"], "succeeded", "{}\n{job:#}", String::from_utf8_lossy(&o.stderr));

@@ -65,6 +65,11 @@ pub(crate) struct Lab {
 }
 
 impl Lab {
+    /// Read lab.json again (after `ferry lab restart` changed a component's pid or ends).
+    pub(crate) fn reload(&mut self) {
+        self.state = serde_json::from_slice(&std::fs::read(self.dir.join("lab.json")).unwrap()).unwrap();
+    }
+
     pub(crate) fn up(dir: &Path, config: Option<&Path>) -> Lab {
         let mut args =
             vec!["--output".to_owned(), "json".into(), "lab".into(), "up".into(), dir.to_string_lossy().into_owned()];

@@ -203,6 +203,16 @@ fn reprotect_checks_first_then_resyncs_only_what_differs_to_the_primary_disks() 
     );
     assert_eq!((plan["policy"].as_str(), plan["location"].as_str()), (Some("gold-failback"), Some("original")));
 
+    // Bit rot after the resync, before the comparison: the primary's master target flips one
+    // byte of the adopted disk as the first verify chunk arrives. The comparison must find it,
+    // not declare the machine Protected on that round, and repair it.
+    let failpoint = "master-target.verify.corrupt-block";
+    assert!(ferry_sys::fail::ALL.contains(&failpoint));
+    let mut env = lab.env.clone();
+    env.push(("FERRY_FAILPOINTS", format!("{failpoint}=fire")));
+    ok(&crate::lab_sites::ferry(&["lab", "restart", "mt-p"], &env), "restart the primary's master target armed");
+    lab.reload();
+
     let job = lab.json(&[
         "reprotect",
         "web1",
@@ -214,7 +224,14 @@ fn reprotect_checks_first_then_resyncs_only_what_differs_to_the_primary_disks() 
         "vmfs-p",
     ]);
     assert_eq!(job["state"], "succeeded", "{job:#}");
-    assert_eq!(job["steps"].as_array().unwrap().len(), 8, "{job:#}");
+    assert_eq!(job["steps"].as_array().unwrap().len(), 9, "{job:#}");
+    let mt_log = std::fs::read_to_string(lab.dir.join("logs/mt-p.log")).unwrap();
+    assert!(mt_log.contains(&format!("ferry failpoint {failpoint} fired")), "the block was corrupted");
+    let verified = job["steps"][7]["message"].as_str().unwrap_or_default();
+    assert!(
+        verified.contains("round 2") && verified.contains("found and repaired 1 differing block(s)"),
+        "the first comparison found the corrupted block, the second none: {verified}"
+    );
     let rm = lab.machine("web1.recovery");
     assert_eq!(rm["replication"], "protected", "{rm:#}");
     assert_eq!(rm["master_target"], "mt-p", "{rm:#}");
