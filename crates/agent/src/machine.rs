@@ -35,6 +35,23 @@ use crate::config::{AgentConfig, DiskCache};
 use crate::AgentError;
 
 const SEQ_RESERVATION: u64 = 1 << 20;
+/// How far ahead of a write its lease reaches (see `Machine::ensure_write_lease`).
+pub const WRITE_LEASE_MS: u64 = 1000;
+/// The write lease's file in the state folder.
+pub const WRITE_LEASE_FILE: &str = "write-lease.json";
+
+/// The agent's promise that it submitted no write after `writes_until_ms` (its own clock).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct WriteLease {
+    pub writes_until_ms: u64,
+}
+
+fn write_lease(dir: &std::path::Path, until: u64) -> Result<(), AgentError> {
+    let path = dir.join(WRITE_LEASE_FILE);
+    let data =
+        serde_json::to_vec(&WriteLease { writes_until_ms: until }).map_err(|e| AgentError::Config(e.to_string()))?;
+    ferry_sys::fs::write_atomic(&path, &data).map_err(crate::io_at(&path))
+}
 /// Initial-sync bytes in flight (sent, not yet durable at the master target).
 const BULK_WINDOW: u64 = 64 << 20;
 
@@ -159,6 +176,11 @@ struct ResyncRun {
 }
 
 pub(crate) struct Core {
+    /// No write is submitted after this instant (this agent's clock) unless it is durable in
+    /// `write-lease.json` first: after any stop the file bounds when the machine last wrote.
+    lease_until_ms: u64,
+    /// When the last write was submitted (written to the lease file at a clean stop).
+    last_write_ms: u64,
     next_seq: u64,
     al: ActivityLog,
     al_index: HashMap<(u16, u64), AlEntry>,
@@ -642,6 +664,8 @@ impl Machine {
             next_bulk_id: 1,
             pending_end_seq: None,
             write_stamp: 0,
+            lease_until_ms: 0,
+            last_write_ms: 0,
             hold: None,
             quiesced: was_quiesced,
             prepared_tags: VecDeque::new(),
@@ -712,6 +736,26 @@ impl Machine {
 
     // ---- the write path -------------------------------------------------------------------
 
+    /// This agent's clock (ms since the epoch; a test build may be told it is off).
+    pub(crate) fn clock_ms(&self) -> u64 {
+        now_ms().saturating_add_signed(ferry_sys::fail::clock_offset_ms())
+    }
+
+    /// Make the write lease cover now: renewed (durably, a small file) when less than half of
+    /// it is left, so a stopped machine's last write is known to within [`WRITE_LEASE_MS`]
+    /// — what a reprotect reads to tell a split brain from the expected loss.
+    fn ensure_write_lease(&self, c: &mut Core) -> Result<(), AgentError> {
+        let now = self.clock_ms();
+        c.last_write_ms = now;
+        if now + WRITE_LEASE_MS / 2 < c.lease_until_ms {
+            return Ok(());
+        }
+        let until = now + WRITE_LEASE_MS;
+        write_lease(&self.config.state_dir, until)?;
+        c.lease_until_ms = until;
+        Ok(())
+    }
+
     /// Sequence, protect and submit a write or zeroing, then log or track it.
     pub(crate) fn submit(
         &self,
@@ -741,6 +785,7 @@ impl Machine {
         }
         self.ensure_active(&mut c, disk, offset, len)
             .map_err(|e| BackendError::Io(std::io::Error::other(e.to_string())))?;
+        self.ensure_write_lease(&mut c).map_err(|e| BackendError::Io(std::io::Error::other(e.to_string())))?;
         let seq = self.alloc_seq(&mut c).map_err(|e| BackendError::Io(std::io::Error::other(e.to_string())))?;
         let result = match data {
             Some(buf) => d.backend.write(offset, buf, fua),
@@ -1560,6 +1605,11 @@ impl Machine {
         c.al.clear()?;
         c.al_index.clear();
         self.write_recovery_writes(&c, true)?;
+        // A clean stop knows its last write exactly (the lease reached further).
+        if c.lease_until_ms > 0 {
+            write_lease(&self.config.state_dir, c.last_write_ms)?;
+            c.lease_until_ms = 0;
+        }
         Ok(())
     }
 
@@ -1677,6 +1727,7 @@ impl Machine {
             write_hold: c.hold.as_ref().map(|h| HoldView { group: h.group.clone(), tag: h.tag.clone() }),
             quiesced: c.quiesced.clone(),
             verify_order: self.verify.order().clone(),
+            clock_ms: self.clock_ms(),
             lineage: c.state.lineage.as_ref().map(|l| ferry_api::agent::AgentLineage {
                 id: l.id,
                 parent_id: l.parent.map(|p| p.0),

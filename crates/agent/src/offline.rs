@@ -79,7 +79,18 @@ pub fn unconfirmed_changes(config: &AgentConfig) -> Result<UnconfirmedChanges, A
         out.push(UnconfirmedDisk { name: d.name.clone(), size: d.size, extents, bytes, hashes: Vec::new() });
     }
     let bytes = out.iter().map(|d| d.bytes).sum();
+    let lease_path = dir.join(crate::machine::WRITE_LEASE_FILE);
+    let writes_until_ms = match std::fs::read(&lease_path) {
+        Ok(d) => Some(
+            serde_json::from_slice::<crate::machine::WriteLease>(&d)
+                .map_err(|e| AgentError::Config(format!("{} is corrupt: {e}", lease_path.display())))?
+                .writes_until_ms,
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(source) => return Err(AgentError::Io { path: lease_path, source }),
+    };
     Ok(UnconfirmedChanges {
+        writes_until_ms,
         machine: config.machine.to_string(),
         disks: out,
         bytes,

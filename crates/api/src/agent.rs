@@ -100,6 +100,9 @@ pub struct AgentStatus {
     /// since the agent started: an order is started again after a restart).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify_order: Option<VerifyOrderStatus>,
+    /// The agent's clock when it made this status (the server compares it with its own).
+    #[serde(default)]
+    pub clock_ms: u64,
     pub events: Vec<Event>,
 }
 
@@ -431,10 +434,15 @@ pub struct UnconfirmedChanges {
     pub bytes: u64,
     /// A resync run was open (its `ResyncBegin` at this seq, its end not confirmed): the master
     /// target may hold the run's regions only in a journal it keeps apart from the replica's
-    /// consistent state, so a failover to that state lacks them too (they are in no list here).
+    /// consistent state, so a failover to that state lacks them too (the list is then the
+    /// whole disks).
     pub open_resync_seq: Option<u64>,
     /// Why the list is the whole disks, when it is (the activity log is missing).
     pub whole_disks: Option<String>,
+    /// The agent submitted no write after this instant (its own clock, from its write lease;
+    /// absent when it never wrote since it kept one).
+    #[serde(default)]
+    pub writes_until_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

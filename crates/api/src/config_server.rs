@@ -604,9 +604,23 @@ pub struct ReprotectRequest {
     /// A datastore of the primary site (ST-4): where new disks would go; with the primary's
     /// disks still there (original location) it is required but not used.
     pub datastore: String,
-    /// The resync fails when it makes no progress for this long.
+    /// The resync fails when it makes no progress for this long (1 s … 1 day).
     #[serde(default = "default_stall")]
     pub stall_secs: u64,
+    /// The operator's choice for a split brain: the old primary wrote after the failover, and
+    /// those writes are overwritten by the recovery site's version. Without it such a reprotect
+    /// stops and names what would be discarded.
+    #[serde(default)]
+    pub discard_primary_changes: bool,
+    /// How far the old primary's clock may be off (0 … 3600 s): its last write later than the
+    /// failover's start minus this counts as a split brain; a clock measured further off than
+    /// this decides nothing (split brain too).
+    #[serde(default = "default_clock_skew")]
+    pub clock_skew_secs: u64,
+}
+
+fn default_clock_skew() -> u64 {
+    5
 }
 
 /// One precondition of a reprotect, checked before anything changes.
@@ -664,6 +678,19 @@ pub struct ProtectionReprotect {
     pub requested_ms: u64,
     #[serde(default)]
     pub protected_ms: Option<u64>,
+    /// The request's split-brain choice and clock margin (see `ReprotectRequest`).
+    #[serde(default)]
+    pub discard_primary_changes: bool,
+    #[serde(default)]
+    pub clock_skew_secs: u64,
+    /// The old primary's last write (the server's clock: its agent's lease corrected by the
+    /// clock offset measured from its heartbeats), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_last_write_ms: Option<u64>,
+    /// What the reprotect decided about the old primary's unshipped writes: `expected-loss`
+    /// (before the failover) or `split-brain-discarded` (the operator chose to discard).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_writes: Option<String>,
 }
 
 /// A disabled (or removed) protection, on its record: what was cleaned up, and where.

@@ -204,6 +204,10 @@ pub struct Component {
     /// Serial of its current certificate (registering again revokes the earlier one).
     #[serde(default)]
     pub certificate_serial: Option<String>,
+    /// Agents: its clock minus the server's at its last heartbeat (ms; the network delay is in
+    /// it), measured from the status's `clock_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock_offset_ms: Option<i64>,
 }
 
 impl Component {
@@ -219,6 +223,7 @@ impl Component {
             reconciled_restore: None,
             identity: None,
             certificate_serial: None,
+            clock_offset_ms: None,
         }
     }
 }

@@ -92,7 +92,11 @@ pub async fn heartbeat(
     }
     update_component(&s, h.kind, &h.name, |comp| {
         comp.reconciled_restore = restored.clone();
-        comp.last_seen_ms = Some(crate::jobs::now_ms());
+        let now = crate::jobs::now_ms();
+        comp.last_seen_ms = Some(now);
+        if let Some(clock) = h.status.as_ref().and_then(|s| s.agent()).map(|a| a.clock_ms).filter(|c| *c > 0) {
+            comp.clock_offset_ms = Some(clock as i64 - now as i64);
+        }
         comp.status = h.status.clone();
         if h.policy.is_some() {
             comp.policy = h.policy.clone();

@@ -203,6 +203,16 @@ async fn checks(store: &Store, machine: &str, req: &ReprotectRequest) -> Result<
         location: "original".into(),
     };
     crate::model::check_name("machine", machine)?;
+    if !(1..=86_400).contains(&req.stall_secs) || req.clock_skew_secs > 3600 {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            errors::BAD_REQUEST,
+            format!(
+                "stall_secs {} must be 1 … 86400 and clock_skew_secs {} at most 3600",
+                req.stall_secs, req.clock_skew_secs
+            ),
+        ));
+    }
     let invs: Vec<Inventory> =
         store.list::<Inventory>(crate::ops::INVENTORY).await?.into_iter().map(|d| d.body).collect();
     // RP-1: protected from its primary site and failed over from it.
@@ -658,6 +668,10 @@ async fn checks(store: &Store, machine: &str, req: &ReprotectRequest) -> Result<
                 resynced_bytes: None,
                 requested_ms: now_ms(),
                 protected_ms: None,
+                discard_primary_changes: req.discard_primary_changes,
+                clock_skew_secs: req.clock_skew_secs,
+                primary_last_write_ms: None,
+                primary_writes: None,
             }),
             reprotected_by: None,
         };
@@ -887,6 +901,40 @@ impl Ops {
                     }
                 }
                 let bytes = changes.bytes;
+                let decision = split_brain(
+                    &changes,
+                    forward.failover.as_ref().map(|f| f.started_ms),
+                    component(store, ComponentKind::Agent, machine).await.and_then(|c| c.clock_offset_ms),
+                    rp.clock_skew_secs,
+                );
+                let (last_write, verdict) = match decision {
+                    Ok(w) => (w, "expected-loss"),
+                    Err(why) if rp.discard_primary_changes => {
+                        tracing::warn!(machine, "split brain: the operator chose to discard: {why}");
+                        let _ = store
+                            .add_event(
+                                0,
+                                "warning",
+                                &format!("agent/{machine}"),
+                                &format!("split brain discarded by the operator's choice: {why}"),
+                            )
+                            .await;
+                        (None, "split-brain-discarded")
+                    }
+                    Err(why) => {
+                        let regions = changes
+                            .disks
+                            .iter()
+                            .filter(|d| d.bytes > 0)
+                            .map(|d| format!("{}: {} byte(s) in {} region(s)", d.name, d.bytes, d.extents.len()))
+                            .collect::<Vec<_>>()
+                            .join(", ");
+                        return fail(
+                            errors::SPLIT_BRAIN,
+                            format!("split brain: {why}. The reprotect would overwrite what {machine} holds that the recovery site does not ({regions}); it stays off and nothing was changed. Run it again with --discard-primary-changes to discard that"),
+                        );
+                    }
+                };
                 let seed = ResyncSeed {
                     order: job.id.clone(),
                     reason: format!("reprotect: regions {machine} wrote that never reached the recovery site"),
@@ -901,6 +949,8 @@ impl Ops {
                 if let Err(o) = update_reverse(store, job, rm, |b| {
                     if let Some(r) = b.reprotect.as_mut() {
                         r.primary_unshipped_bytes = bytes;
+                        r.primary_last_write_ms = last_write;
+                        r.primary_writes = Some(verdict.into());
                     }
                 })
                 .await
@@ -1190,6 +1240,48 @@ impl Ops {
     }
 }
 
+/// Whether the old primary's unshipped writes are the expected loss of the failover (`Ok`, with
+/// its last write on the server's clock when known) or a split brain (`Err`, saying why): it
+/// wrote after the failover started minus the clock margin, or its clock cannot tell (the
+/// offset measured from its heartbeats exceeds the margin, or was never measured).
+pub(crate) fn split_brain(
+    changes: &ferry_api::agent::UnconfirmedChanges,
+    failover_started_ms: Option<u64>,
+    clock_offset_ms: Option<i64>,
+    clock_skew_secs: u64,
+) -> Result<Option<u64>, String> {
+    let margin = clock_skew_secs.saturating_mul(1000);
+    if changes.bytes == 0 {
+        return Ok(None);
+    }
+    let Some(until) = changes.writes_until_ms else {
+        // Unshipped writes without a lease file: when they were made is unknown.
+        return Err("it holds unshipped writes but no write lease (its state folder lost the file): when it last wrote is unknown".into());
+    };
+    let Some(started) = failover_started_ms else {
+        return Err("the failover's start is not recorded: which writes came after it cannot be told".into());
+    };
+    let offset = match clock_offset_ms {
+        Some(o) if o.unsigned_abs() <= margin => o,
+        Some(o) => {
+            return Err(format!(
+                "its clock was {:.1} s off at its last heartbeat, more than the {clock_skew_secs} s margin: its last write time decides nothing",
+                o as f64 / 1000.0
+            ))
+        }
+        None => return Err("its clock offset was never measured (no heartbeat with a clock): its last write time decides nothing".into()),
+    };
+    let last = until.saturating_add_signed(-offset);
+    if last + margin > started {
+        return Err(format!(
+            "it wrote until {} (its agent's write lease, corrected by its clock offset {offset} ms), after the failover started at {} minus the {clock_skew_secs} s margin",
+            ferry_sys::time::utc(last),
+            ferry_sys::time::utc(started)
+        ));
+    }
+    Ok(Some(last))
+}
+
 /// Comparison rounds before the verify gives up (a round repairs what it found; the next must
 /// find nothing that was not written meanwhile).
 const VERIFY_ROUNDS: u32 = 3;
@@ -1306,6 +1398,36 @@ mod tests {
     #[test]
     fn the_failback_policy_is_named_after_the_forward_one() {
         assert_eq!(failback_policy_name("gold"), "gold-failback");
+    }
+
+    #[test]
+    fn a_write_after_the_failover_or_an_untrusted_clock_is_a_split_brain() {
+        let changes = |until: Option<u64>, bytes: u64| ferry_api::agent::UnconfirmedChanges {
+            machine: "web1".into(),
+            disks: Vec::new(),
+            bytes,
+            open_resync_seq: None,
+            whole_disks: None,
+            writes_until_ms: until,
+        };
+        let f = 1_000_000;
+        // Last write well before the failover (clock 200 ms ahead, margin 5 s): expected loss,
+        // reported on the server's clock.
+        assert_eq!(split_brain(&changes(Some(f - 10_000), 4096), Some(f), Some(200), 5), Ok(Some(f - 10_200)));
+        // Within the margin before the failover, or after it: split brain.
+        assert!(split_brain(&changes(Some(f - 3_000), 4096), Some(f), Some(0), 5).is_err());
+        assert!(split_brain(&changes(Some(f + 60_000), 4096), Some(f), Some(0), 5).is_err());
+        // A clock 60 s behind makes a write after the failover look a minute older: the
+        // measured offset beyond the margin decides nothing, so it is a split brain.
+        let e = split_brain(&changes(Some(f - 30_000), 4096), Some(f), Some(-60_000), 5).unwrap_err();
+        assert!(e.contains("60.0 s off"), "{e}");
+        // The offset corrects the lease: 4 s ahead, margin 5 s, lease 7 s before → 11 s before.
+        assert_eq!(split_brain(&changes(Some(f - 7_000), 4096), Some(f), Some(4_000), 5), Ok(Some(f - 11_000)));
+        assert!(split_brain(&changes(Some(f - 30_000), 4096), Some(f), None, 5).is_err(), "never measured");
+        assert!(split_brain(&changes(Some(f - 30_000), 4096), None, Some(0), 5).is_err(), "no failover start");
+        // Nothing unshipped, or no write since the lease was kept: nothing to lose either way.
+        assert_eq!(split_brain(&changes(Some(f + 60_000), 0), Some(f), Some(0), 5), Ok(None));
+        assert!(split_brain(&changes(None, 4096), Some(f), Some(0), 5).is_err(), "writes of unknown time");
     }
 
     #[test]

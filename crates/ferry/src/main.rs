@@ -166,6 +166,13 @@ enum Command {
         /// Fail the resync when it makes no progress for this long.
         #[arg(long, default_value_t = 600)]
         stall_secs: u64,
+        /// A split brain (the old primary wrote after the failover): overwrite what it wrote
+        /// with the recovery site's version. Without it such a reprotect stops and says what.
+        #[arg(long)]
+        discard_primary_changes: bool,
+        /// How far the old primary's clock may be off, in seconds.
+        #[arg(long, default_value_t = 5)]
+        clock_skew_secs: u64,
         #[arg(long)]
         no_wait: bool,
         #[command(flatten)]
@@ -358,11 +365,19 @@ async fn run(cli: Cli) -> Result<()> {
             datastore,
             dry_run,
             stall_secs,
+            discard_primary_changes,
+            clock_skew_secs,
             no_wait,
             server,
         } => {
-            let req =
-                ferry_api::config_server::ReprotectRequest { master_target, process_server, datastore, stall_secs };
+            let req = ferry_api::config_server::ReprotectRequest {
+                master_target,
+                process_server,
+                datastore,
+                stall_secs,
+                discard_primary_changes,
+                clock_skew_secs,
+            };
             ctl::reprotect(&machine, &req, dry_run, no_wait, &server, out).await
         }
         Command::DisableProtection { machine, remove, force, no_wait, server } => {

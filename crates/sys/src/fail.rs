@@ -59,6 +59,20 @@ pub fn fires(name: &'static str) -> bool {
     }
 }
 
+/// `FERRY_CLOCK_OFFSET_MS`: in a `testing` build, how far (ms, signed) this process's clock is
+/// off — a fault for tests of what a skewed clock must not decide (0 otherwise).
+pub fn clock_offset_ms() -> i64 {
+    #[cfg(feature = "testing")]
+    {
+        static OFFSET: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+        *OFFSET.get_or_init(|| {
+            std::env::var("FERRY_CLOCK_OFFSET_MS").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+        })
+    }
+    #[cfg(not(feature = "testing"))]
+    0
+}
+
 #[cfg(feature = "testing")]
 mod armed {
     use std::collections::HashMap;

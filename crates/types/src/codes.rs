@@ -193,6 +193,9 @@ registry! {
     REPLICA_NOT_VERIFIED = 9040, 409, "replica-not-verified",
         "the block-hash comparison of the source disks with the replica still found differing blocks after its repair rounds (the message names the disk and offsets): the machine is not declared Protected",
         "look for a failing disk or a second writer of the replica's files at the master target, then run the reprotect again (it compares and repairs again)";
+    SPLIT_BRAIN = 9041, 409, "split-brain",
+        "the old primary wrote after the failover started (or its clock cannot tell): its disks and the recovery site's hold two histories, and the reprotect would overwrite the primary's (the message names the regions and times)",
+        "save what the old primary wrote if it matters, then run the reprotect again with --discard-primary-changes (API: discard_primary_changes) to overwrite it with the recovery site's version";
 }
 
 /// The registry entry for `code`.

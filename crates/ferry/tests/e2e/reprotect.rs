@@ -194,6 +194,49 @@ fn reprotect_checks_first_then_resyncs_only_what_differs_to_the_primary_disks() 
     assert!(rm["reprotect"].is_null() && rm["power"] == "on", "nothing changed: {rm:#}");
     assert_eq!(lab.agent_status_at(&recovery_guest(&lab, "web1.recovery"))["mode"], "tracking");
 
+    // Split brain: the old primary is started again after the failover (an operator at the
+    // lost site) and writes. The reprotect powers it off (it stays off), finds from its agent's
+    // write lease that it wrote after the failover started, and stops, naming what would be
+    // discarded; nothing of the reverse replica is set up.
+    // Its clock is a minute behind (beyond the margin): by its own timestamps its writes would
+    // look older than the failover, so the clock must decide nothing. (The configuration server
+    // starts the lab's guests: restarted with the fault, it hands it to web1's agent.)
+    let mut env = lab.env.clone();
+    env.push(("FERRY_CLOCK_OFFSET_MS", "-60000".into()));
+    ok(&crate::lab_sites::ferry(&["lab", "restart", "config-server"], &env), "restart the server");
+    lab.reload();
+    ok(&lab.run(&["lab", "power-on", "web1", "--allow-failed-over"]), "the old primary runs again");
+    let n = records(&log);
+    wait("the old primary writes after the failover", Duration::from_secs(60), || {
+        (records(&log) > n + 10).then_some(())
+    });
+    let reprotect = |lab: &Lab, extra: &[&str]| {
+        let mut args = vec![
+            "--output",
+            "json",
+            "reprotect",
+            "web1",
+            "--master-target",
+            "mt-p",
+            "--process-server",
+            "ps-recovery",
+            "--datastore",
+            "vmfs-p",
+            "--clock-skew-secs",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        lab.run(&args)
+    };
+    let o = reprotect(&lab, &[]);
+    failed(&o, "split brain", "a reprotect over a primary that wrote after the failover");
+    failed(&o, "--discard-primary-changes", "the choice is named");
+    failed(&o, "60.0 s off", "the skewed clock is the reason");
+    assert_eq!(lab.machine("web1")["power"], "off", "the job powered the old primary off (ST-10)");
+    assert_eq!(lab.agent_status_at(&recovery_guest(&lab, "web1.recovery"))["mode"], "tracking", "nothing set up");
+    let mt_p = lab.replica("mt-p", "web1.recovery");
+    assert!(mt_p.is_null(), "no reverse replica: {mt_p:#}");
+
     // Every check passes; the dry run says what will happen.
     let (good, plan) = dry_run(&lab, "web1", "mt-p", "vmfs-p");
     assert!(good && plan["ready"] == true, "{plan:#}");
@@ -213,18 +256,12 @@ fn reprotect_checks_first_then_resyncs_only_what_differs_to_the_primary_disks() 
     ok(&crate::lab_sites::ferry(&["lab", "restart", "mt-p"], &env), "restart the primary's master target armed");
     lab.reload();
 
-    let job = lab.json(&[
-        "reprotect",
-        "web1",
-        "--master-target",
-        "mt-p",
-        "--process-server",
-        "ps-recovery",
-        "--datastore",
-        "vmfs-p",
-    ]);
-    assert_eq!(job["state"], "succeeded", "{job:#}");
+    // The operator's choice given: the primary's writes after the failover are overwritten.
+    let o = reprotect(&lab, &["--discard-primary-changes"]);
+    let job: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+    assert_eq!(job["state"], "succeeded", "{job:#}\n{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(job["steps"].as_array().unwrap().len(), 9, "{job:#}");
+    assert_eq!(lab.machine("web1.recovery")["reprotect"]["primary_writes"], "split-brain-discarded");
     let mt_log = std::fs::read_to_string(lab.dir.join("logs/mt-p.log")).unwrap();
     assert!(mt_log.contains(&format!("ferry failpoint {failpoint} fired")), "the block was corrupted");
     let verified = job["steps"][7]["message"].as_str().unwrap_or_default();
