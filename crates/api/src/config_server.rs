@@ -691,6 +691,10 @@ pub struct ProtectionReprotect {
     /// (before the failover) or `split-brain-discarded` (the operator chose to discard).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub primary_writes: Option<String>,
+    /// Where the master target keeps the old primary's blocks the resync wrote over (until the
+    /// operator discards them: disabling this protection removes them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_overwritten: Option<crate::master_target::PrimaryOverwritten>,
 }
 
 /// A disabled (or removed) protection, on its record: what was cleaned up, and where.

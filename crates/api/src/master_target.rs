@@ -93,6 +93,22 @@ pub struct ReplicaStatus {
     /// The last test-failover order that could not be carried out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_failover_error: Option<FailoverOrderError>,
+    /// Adopted disks (an original-location reprotect): the old primary's blocks kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_overwritten: Option<PrimaryOverwritten>,
+}
+
+/// The old primary's blocks a reprotect's first resync wrote over on adopted disks, kept (see
+/// `ferry_master_target::overwritten`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct PrimaryOverwritten {
+    pub dir: PathBuf,
+    /// Per disk, the sparse copy holding each kept block at its own offset.
+    pub disks: Vec<PathBuf>,
+    pub blocks: u64,
+    pub bytes: u64,
+    /// The first resync ended: the set is final.
+    pub complete: bool,
 }
 
 /// Beside a failed-over machine's disks (its folder in the datastore): the extents its agent

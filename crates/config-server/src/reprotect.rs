@@ -672,6 +672,7 @@ async fn checks(store: &Store, machine: &str, req: &ReprotectRequest) -> Result<
                 clock_skew_secs: req.clock_skew_secs,
                 primary_last_write_ms: None,
                 primary_writes: None,
+                primary_overwritten: None,
             }),
             reprotected_by: None,
         };
@@ -1102,10 +1103,14 @@ impl Ops {
             ReprotectStep::MarkProtected => {
                 // Declared from the comparison the step before made (every block equal).
                 let sent = rp.resynced_bytes;
+                let kept = crate::failover::replica_status(store, &reverse.master_target, rm)
+                    .await
+                    .and_then(|r| r.primary_overwritten);
                 if let Err(o) = update_reverse(store, job, rm, |b| {
                     b.state = "protected".into();
                     if let Some(r) = b.reprotect.as_mut() {
                         r.protected_ms = Some(now_ms());
+                        r.primary_overwritten.clone_from(&kept);
                     }
                 })
                 .await
@@ -1148,9 +1153,15 @@ impl Ops {
                     )
                     .await;
                 Outcome::Done(Some(format!(
-                    "{rm} is Protected towards site {}{}",
+                    "{rm} is Protected towards site {}{}{}",
                     forward.site,
-                    sent.map(|b| format!(" ({b} byte(s) resynced)")).unwrap_or_default()
+                    sent.map(|b| format!(" ({b} byte(s) resynced)")).unwrap_or_default(),
+                    kept.map(|k| format!(
+                        "; the {} byte(s) of {machine} written over are kept in {}",
+                        k.bytes,
+                        k.dir.display()
+                    ))
+                    .unwrap_or_default()
                 )))
             }
         }

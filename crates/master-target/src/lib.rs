@@ -15,6 +15,7 @@ mod base;
 pub mod failover;
 pub mod history;
 pub mod journal_index;
+pub mod overwritten;
 pub mod point_image;
 mod recovery;
 mod removal;

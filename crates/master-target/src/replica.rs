@@ -138,6 +138,8 @@ pub struct Replica {
     /// Closed to its source (`fence.json`; see [`Fence`]). Set under the journal lock, so no
     /// batch lands after the head it names.
     pub(crate) fence: Mutex<Option<Fence>>,
+    /// Adopted disks: the old primary's blocks the first resync writes over, kept first.
+    overwritten: Mutex<Option<crate::overwritten::Overwritten>>,
     /// Where each write after the base lies in the journal (see [`JournalIndex`]).
     pub(crate) index: Mutex<JournalIndex>,
     /// `failover.json`: the target disks put at a recovery point (see `failover.rs`).
@@ -540,6 +542,14 @@ impl Replica {
         let window_ms = (window_secs * 1000.0) as u64;
         let (applied_tx, _) = watch::channel(ckpt.applied_seq);
         let (events_tx, _) = broadcast::channel(1024);
+        let overwritten = if targets_file.adopted_by.is_some() {
+            Some(
+                crate::overwritten::Overwritten::open(&dir, &machine.disks)
+                    .map_err(io(&dir.join(crate::overwritten::DIR)))?,
+            )
+        } else {
+            None
+        };
         let r = Arc::new(Replica {
             name: machine.name.clone(),
             dir,
@@ -581,6 +591,7 @@ impl Replica {
             removed: AtomicBool::new(false),
             bulk_epoch: Mutex::new(0),
             fence: Mutex::new(fence),
+            overwritten: Mutex::new(overwritten),
             index: Mutex::new(JournalIndex::new(machine.disks.len(), ckpt.applied_seq)),
             failover: Mutex::new(failover),
             failover_op: Mutex::new(()),
@@ -947,6 +958,7 @@ impl Replica {
                     c.id, c.offset, d.name, d.size
                 )));
             }
+            self.keep_overwritten(c.disk, c.offset, len).map_err(MasterTargetError::Refused)?;
             let (p, f) = &self.targets[c.disk as usize];
             if c.data.is_empty() {
                 zero_range(f, c.offset, len).map_err(io(p))?;
@@ -1092,14 +1104,26 @@ impl Replica {
         self.lock_apply().error = Some(e);
     }
 
+    /// Adopted disks: keep the old primary's blocks of a range before it is written over.
+    fn keep_overwritten(&self, disk: u16, offset: u64, len: u64) -> Result<(), String> {
+        let mut o = self.overwritten.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(o) = o.as_mut() else { return Ok(()) };
+        let (p, f) = &self.targets[disk as usize];
+        o.save_before(disk as usize, f, offset, len).map_err(|e| {
+            format!("cannot keep the old primary's blocks of {} before writing over them: {e}", p.display())
+        })
+    }
+
     /// Apply one record. Returns false when it must be held (preserving resync without its end yet).
     fn apply_record(&self, rec: &Record) -> Result<bool, String> {
         match &rec.body {
             RecordBody::Write { disk, offset, data } => {
+                self.keep_overwritten(*disk, *offset, data.len() as u64)?;
                 let (p, f) = &self.targets[*disk as usize];
                 f.write_all_at(data, *offset).map_err(|e| format!("write to {} failed: {e}", p.display()))?;
             }
             RecordBody::Zero { disk, offset, len } => {
+                self.keep_overwritten(*disk, *offset, *len)?;
                 let (p, f) = &self.targets[*disk as usize];
                 zero_range(f, *offset, *len).map_err(|e| format!("zeroing {} failed: {e}", p.display()))?;
             }
@@ -1118,6 +1142,9 @@ impl Replica {
                 st.ckpt.initial_sync_open = crate::base::bypasses_journal(*reason);
             }
             RecordBody::ResyncEnd { .. } => {
+                if let Some(o) = self.overwritten.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                    o.finish().map_err(|e| format!("cannot close the kept primary blocks of {}: {e}", self.name))?;
+                }
                 let mut st = self.lock_apply();
                 st.ckpt.consistent = true;
                 st.ckpt.in_resync = false;
@@ -1269,6 +1296,12 @@ impl Replica {
             // Filled in by the master target (it knows the NBD socket).
             test_failover: None,
             test_failover_error: self.test_order_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            primary_overwritten: self
+                .overwritten
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .map(|o| o.status()),
             consistent: st.ckpt.consistent,
             mode: mode.to_owned(),
             journal_bytes,

@@ -205,6 +205,7 @@ fn reprotect_checks_first_then_resyncs_only_what_differs_to_the_primary_disks() 
     env.push(("FERRY_CLOCK_OFFSET_MS", "-60000".into()));
     ok(&crate::lab_sites::ferry(&["lab", "restart", "config-server"], &env), "restart the server");
     lab.reload();
+    let split_from = records(&log) as u64;
     ok(&lab.run(&["lab", "power-on", "web1", "--allow-failed-over"]), "the old primary runs again");
     let n = records(&log);
     wait("the old primary writes after the failover", Duration::from_secs(60), || {
@@ -236,6 +237,9 @@ fn reprotect_checks_first_then_resyncs_only_what_differs_to_the_primary_disks() 
     assert_eq!(lab.agent_status_at(&recovery_guest(&lab, "web1.recovery"))["mode"], "tracking", "nothing set up");
     let mt_p = lab.replica("mt-p", "web1.recovery");
     assert!(mt_p.is_null(), "no reverse replica: {mt_p:#}");
+    let primary_disk = lab.dir.join("sites/primary/datastores/vmfs-p/web1/disk0.img");
+    let before = tmp.path().join("primary-before-reprotect.img");
+    std::fs::copy(&primary_disk, &before).unwrap();
 
     // Every check passes; the dry run says what will happen.
     let (good, plan) = dry_run(&lab, "web1", "mt-p", "vmfs-p");
@@ -289,9 +293,34 @@ fn reprotect_checks_first_then_resyncs_only_what_differs_to_the_primary_disks() 
         let r = lab.replica("mt-p", "web1.recovery");
         (a["caught_up"] == true && r["applied_seq"] == a["last_seq"] && r["consistent"] == true).then_some(())
     });
-    let primary_disk = lab.dir.join("sites/primary/datastores/vmfs-p/web1/disk0.img");
     let recovery_disk = lab.dir.join("sites/recovery/datastores/vmfs-r/web1/disk0.img");
     identical(&primary_disk, &recovery_disk).unwrap();
+    // Every block the resync wrote over is kept as the primary had it — among them each block
+    // the primary wrote after the failover (the history the operator chose to discard).
+    let kept = &lab.machine("web1.recovery")["reprotect"]["primary_overwritten"];
+    assert_eq!(kept["complete"], true, "{kept:#}");
+    let kept_disk = std::fs::read(kept["disks"][0].as_str().unwrap()).unwrap();
+    let before_data = std::fs::read(&before).unwrap();
+    let mut kept_blocks = std::collections::BTreeSet::new();
+    let saved = Path::new(kept["dir"].as_str().unwrap()).join("saved.jsonl");
+    for line in std::fs::read_to_string(&saved).unwrap().lines() {
+        let r: Value = serde_json::from_str(line).unwrap();
+        let (off, len) = (r["offset"].as_u64().unwrap() as usize, r["len"].as_u64().unwrap() as usize);
+        assert_eq!(kept_disk[off..off + len], before_data[off..off + len], "kept as the primary had it at {off}");
+        kept_blocks.extend(off / 4096..(off + len).div_ceil(4096));
+    }
+    assert_eq!(kept_blocks.len() as u64, kept["blocks"].as_u64().unwrap(), "{kept:#}");
+    let mut split_blocks = 0;
+    for line in std::fs::read_to_string(&log).unwrap().lines() {
+        let v: Vec<u64> = line.split_whitespace().map(|x| x.parse().unwrap()).collect();
+        if v[0] > split_from {
+            for b in v[2] / 4096..v[2] / 4096 + v[3] {
+                assert!(kept_blocks.contains(&(b as usize)), "block {b} the primary wrote after the failover is kept");
+                split_blocks += 1;
+            }
+        }
+    }
+    assert!(split_blocks > 0);
     let forked = fork_log(&lab, "web1", k, &recovery_log, tmp.path());
     let copy = tmp.path().join("primary-after.img");
     std::fs::copy(&primary_disk, &copy).unwrap();
