@@ -436,6 +436,23 @@ impl Machine {
                 dirty.mark(i, 0, d.size);
             }
         }
+        // Another copy's point now on these disks (a failback: the reverse replica's point on
+        // the original machine's own disks): the state here describes a history the disks no
+        // longer hold. It starts as a failed-over machine's first start — a new lineage forked
+        // from the seed's, tracking what changes after the point — and its old regions go.
+        let new_copy = matches!((&previous, &seed), (Some(st), Some(s))
+            if s.lineage != 0
+                && st.failover_seed.as_deref() != Some(s.point.as_str())
+                && st.lineage.as_ref().map(|l| l.id) != Some(s.lineage));
+        let previous = if new_copy {
+            for b in dirty.disks.iter_mut() {
+                b.clear();
+            }
+            tracing::info!(machine = %config.machine, "the disks hold another copy's point (a failback): starting a new lineage from it");
+            None
+        } else {
+            previous
+        };
         // A reprotect's seed: counted once, before the mode is chosen (it makes a resync run).
         let resync_seed = config
             .resync_seed

@@ -90,9 +90,13 @@ impl FailoverStep {
             (FailoverStep::AtPoint, FailoverKind::Unplanned) => {
                 format!("fence {m} at {} and put its disks at point {point}", p.master_target)
             }
-            (FailoverStep::StartAtRecovery, _) => {
-                format!("start {m} at the recovery site on its failed-over disks (its agent tracks every write)")
-            }
+            (FailoverStep::StartAtRecovery, _) => match p.reprotect.as_ref().filter(|r| r.location == "original") {
+                Some(r) => format!(
+                    "fail back: start {} at its own site on its own disks, which hold {m}'s point (its agent tracks every write)",
+                    r.of
+                ),
+                None => format!("start {m} at the recovery site on its failed-over disks (its agent tracks every write)"),
+            },
             (FailoverStep::MarkFailedOver, _) => format!("mark {m} failed over (uncommitted)"),
             (FailoverStep::Commit, _) => format!("commit the failover of {m}"),
         }
@@ -415,6 +419,12 @@ pub async fn cancel(
         if p.failover.is_none() {
             return Err(failover_state_error(format!("machine {machine} is not failed over: there is nothing to cancel")));
         }
+        if let Some(r) = &p.reprotect {
+            return Err(failover_state_error(format!(
+                "the failover of {machine} is a failback ({} runs on its own disks): cancelling a failback is not supported yet — commit it, then reprotect {} to replicate back",
+                r.of, r.of
+            )));
+        }
         let site = match recovery_site(&s.store, &p).await {
             Ok((rsite, _, _)) => rsite.site,
             Err(Outcome::Failed(e)) => {
@@ -732,12 +742,24 @@ impl Ops {
             Ok(x) => x,
             Err(o) => return o,
         };
-        let rm = recovery_machine_name(&p.machine, &rsite.site);
-        let folder = p.datastore_path.join(&p.machine);
+        // A failback (the failover of a reprotect's reverse protection): the original machine
+        // boots from its own disks, which the reverse replica wrote (adopted at reprotect).
+        let failback = p.reprotect.as_ref().filter(|r| r.location == "original");
+        let rm = match failback {
+            Some(r) => r.of.clone(),
+            None => recovery_machine_name(&p.machine, &rsite.site),
+        };
+        let folder = match failback.and_then(|r| r.primary_disks.first()).and_then(|d| d.path.parent()) {
+            Some(f) => f.to_owned(),
+            None => p.datastore_path.join(&p.machine),
+        };
         let mut disks = Vec::new();
         let mut settings = Vec::new();
         for d in &p.disks {
-            let path = folder.join(format!("{}.img", d.name));
+            let path = match failback.and_then(|r| r.primary_disks.iter().find(|x| x.name == d.name)) {
+                Some(x) => x.path.clone(),
+                None => folder.join(format!("{}.img", d.name)),
+            };
             let Ok(rel) = path.strip_prefix(&rsite.folder) else {
                 return fail(
                     errors::NOT_FOUND,
@@ -779,17 +801,23 @@ impl Ops {
             return fail(errors::NOT_FOUND, format!("site {} is not defined any more", rsite.site));
         };
         let provider = crate::provider::for_site(&site.name, &site.path, &self.power_programs);
-        let adopt = crate::discovery::SiteOperation::AdoptMachine {
-            machine: rm.clone(),
-            host,
-            os_family: primary.as_ref().map(|m| m.os_family.clone()).unwrap_or_else(|| p.os_family.clone()),
-            disks,
-            extra: primary.map(|m| m.extra).unwrap_or_default(),
-        };
-        if let Err(e) = provider.operate(adopt).await {
-            return fail(ferry_types::HasErrorCode::error_code(&e), e.to_string());
+        // A failback's machine exists (it stayed off since the reprotect); any other is adopted
+        // on the failed-over disks.
+        if failback.is_none() {
+            let adopt = crate::discovery::SiteOperation::AdoptMachine {
+                machine: rm.clone(),
+                host,
+                os_family: primary.as_ref().map(|m| m.os_family.clone()).unwrap_or_else(|| p.os_family.clone()),
+                disks,
+                extra: primary.map(|m| m.extra).unwrap_or_default(),
+            };
+            if let Err(e) = provider.operate(adopt).await {
+                return fail(ferry_types::HasErrorCode::error_code(&e), e.to_string());
+            }
         }
-        let on = crate::discovery::SiteOperation::PowerOn { machine: rm.clone(), allow_failed_over: false };
+        // The original machine failed over from this site once: booting it is the failback.
+        let on =
+            crate::discovery::SiteOperation::PowerOn { machine: rm.clone(), allow_failed_over: failback.is_some() };
         // A report from before this power-on (the machine ran until a change of point shut it
         // down) is not a boot.
         let powered_ms = now_ms();

@@ -54,6 +54,8 @@ pub enum ReprotectStep {
     MergeSnapshots,
     /// What its agent never shipped becomes a resync seed of the recovery machine's agent.
     PrimaryChanges,
+    /// What an earlier cycle left of the recovery machine's replica and spool goes.
+    PurgeEarlierCycle,
     /// The master target adopts the primary's disks for the reverse replica.
     AssignMasterTarget,
     /// The process server routes the recovery machine to the master target.
@@ -70,10 +72,11 @@ pub enum ReprotectStep {
 }
 
 impl ReprotectStep {
-    pub const ALL: [ReprotectStep; 9] = [
+    pub const ALL: [ReprotectStep; 10] = [
         ReprotectStep::PowerOffPrimary,
         ReprotectStep::MergeSnapshots,
         ReprotectStep::PrimaryChanges,
+        ReprotectStep::PurgeEarlierCycle,
         ReprotectStep::AssignMasterTarget,
         ReprotectStep::RouteProcessServer,
         ReprotectStep::ConfigureAgent,
@@ -92,6 +95,10 @@ impl ReprotectStep {
             ReprotectStep::PrimaryChanges => {
                 format!("read what {m} wrote that never reached the recovery site (its agent's state, read offline)")
             }
+            ReprotectStep::PurgeEarlierCycle => format!(
+                "remove what an earlier cycle left of {rm} at {} and {} (its disks are kept)",
+                reverse.master_target, reverse.process_server
+            ),
             ReprotectStep::AssignMasterTarget => {
                 format!("master target {} adopts the disks of {m} for the replica of {rm}", reverse.master_target)
             }
@@ -115,7 +122,7 @@ impl ReprotectStep {
         match self {
             ReprotectStep::PowerOffPrimary | ReprotectStep::MergeSnapshots => errors::CONFLICT,
             ReprotectStep::PrimaryChanges => errors::STORAGE,
-            ReprotectStep::AssignMasterTarget => errors::MT_HEARTBEAT_LOST,
+            ReprotectStep::PurgeEarlierCycle | ReprotectStep::AssignMasterTarget => errors::MT_HEARTBEAT_LOST,
             ReprotectStep::RouteProcessServer => errors::PS_HEARTBEAT_LOST,
             ReprotectStep::ConfigureAgent => errors::REPROTECT_NO_SERVER_PATH,
             ReprotectStep::Resync => errors::PROTECTION_NOT_COMPLETED,
@@ -138,6 +145,9 @@ pub fn failback_policy_name(policy: &str) -> String {
 /// The checks' findings: what they looked at, for the reverse protection a real run records.
 struct Findings {
     checks: Vec<ReprotectCheck>,
+    /// The recovery machine's own record from the cycle before (the protection this machine's
+    /// reverse came from, now failed back): a real run replaces it.
+    earlier_cycle: Option<ferry_store::Doc<Protection>>,
     forward: Option<Protection>,
     reverse: Option<Protection>,
     recovery_machine: Option<String>,
@@ -195,6 +205,7 @@ fn fresh(c: Option<&ferry_api::control::Component>) -> bool {
 async fn checks(store: &Store, machine: &str, req: &ReprotectRequest) -> Result<Findings, ApiError> {
     let mut f = Findings {
         checks: Vec::new(),
+        earlier_cycle: None,
         forward: None,
         reverse: None,
         recovery_machine: None,
@@ -289,6 +300,16 @@ async fn checks(store: &Store, machine: &str, req: &ReprotectRequest) -> Result<
         f.pass("RP-2", format!("protection of {machine} is in force and its failed-over machine exists"));
     }
     let Some(rm) = rm else { return Ok(f) };
+    // A failback's reprotect (the machine's protection is itself a reprotect of `rm`, failed
+    // back): `rm`'s record is the earlier cycle's, replaced by this one, and what that cycle
+    // left at the chosen master target and process server is removed first.
+    if p.reprotect.as_ref().is_some_and(|r| r.of == rm) {
+        if let Some(d) = store.get::<Protection>(PROTECTION, &rm).await? {
+            if d.body.reprotected_by.as_deref() == Some(machine) {
+                f.earlier_cycle = Some(d);
+            }
+        }
+    }
     let agent = component(store, ComponentKind::Agent, &rm).await;
     // RP-7: its agent registered; RP-3/NET-1: it reaches this server; RP-8: it runs.
     f.check(
@@ -529,12 +550,22 @@ async fn checks(store: &Store, machine: &str, req: &ReprotectRequest) -> Result<
     // POL-2/ST-6: the failback policy.
     let fb = failback_policy_name(&p.policy);
     let policy = store.get::<crate::model::Policy>(crate::model::POLICY, &fb).await?.map(|d| d.body);
-    match policy.filter(|x| x.failback_of.as_deref() == Some(p.policy.as_str())) {
-        Some(_) => {
+    // A failback policy's own reprotect (after a failback) returns to the forward policy.
+    let own = store.get::<crate::model::Policy>(crate::model::POLICY, &p.policy).await?.map(|d| d.body);
+    let forward_again = match own.and_then(|x| x.failback_of) {
+        Some(orig) => store.get::<crate::model::Policy>(crate::model::POLICY, &orig).await?.map(|_| orig),
+        None => None,
+    };
+    match (forward_again, policy.filter(|x| x.failback_of.as_deref() == Some(p.policy.as_str()))) {
+        (Some(orig), _) => {
+            f.policy = Some(orig.clone());
+            f.pass("POL-2", format!("{} is a failback policy: the forward policy {orig} is selected again", p.policy));
+        }
+        (None, Some(_)) => {
             f.policy = Some(fb.clone());
             f.pass("POL-2", format!("failback policy {fb} is selected"));
         }
-        None => f.fail(
+        (None, None) => f.fail(
             "POL-2",
             errors::POLICY_NOT_ASSOCIATED,
             format!("policy {} has no failback policy {fb}", p.policy),
@@ -562,13 +593,18 @@ async fn checks(store: &Store, machine: &str, req: &ReprotectRequest) -> Result<
     );
     // No leftover of an earlier cycle under the reverse machine's name.
     let mts = mtc.as_ref().and_then(|c| c.status.as_ref()).and_then(|s| s.master_target());
+    let earlier = f.earlier_cycle.is_some();
     let leftover_replica = mts.is_some_and(|s| s.machines.iter().any(|r| r.machine == rm))
         && p.reprotected_by.as_deref() != Some(rm.as_str());
     f.check(
         "leftover-replica",
-        !leftover_replica,
+        !leftover_replica || earlier,
         errors::REPROTECT_REFUSED,
-        format!("master target {} holds no replica of {rm} from an earlier cycle", req.master_target),
+        if leftover_replica {
+            format!("master target {} holds the replica of {rm} from the earlier cycle: it is removed first (its target disks, which {machine} ran from, are kept and adopted)", req.master_target)
+        } else {
+            format!("master target {} holds no replica of {rm} from an earlier cycle", req.master_target)
+        },
         format!("master target {} already holds a replica of {rm} (an earlier cycle's)", req.master_target),
         "disable that protection (`ferry disable-protection`) so the leftover is removed, then retry",
     );
@@ -577,9 +613,16 @@ async fn checks(store: &Store, machine: &str, req: &ReprotectRequest) -> Result<
         && p.reprotected_by.as_deref() != Some(rm.as_str());
     f.check(
         "leftover-spool",
-        !leftover_spool,
+        !leftover_spool || earlier,
         errors::REPROTECT_REFUSED,
-        format!("process server {} holds no spool of {rm}", req.process_server),
+        if leftover_spool {
+            format!(
+                "process server {} holds a spool of {rm} from the earlier cycle: it is deleted first",
+                req.process_server
+            )
+        } else {
+            format!("process server {} holds no spool of {rm}", req.process_server)
+        },
         format!("process server {} holds a spool of {rm} from an earlier cycle", req.process_server),
         "disable that protection so the spool is deleted, then retry",
     );
@@ -636,7 +679,7 @@ async fn checks(store: &Store, machine: &str, req: &ReprotectRequest) -> Result<
             machine: rm.clone(),
             site: rsite.clone(),
             os_family: p.os_family.clone(),
-            policy: fb,
+            policy: f.policy.clone().unwrap_or(fb),
             process_server: req.process_server.clone(),
             master_target: req.master_target.clone(),
             datastore: req.datastore.clone(),
@@ -733,6 +776,8 @@ async fn claim(s: &Arc<AppState>, machine: &str, req: &ReprotectRequest) -> Resu
     // Claim the reverse record (compare-and-set): a concurrent request loses here.
     let existing = s.store.get::<Protection>(PROTECTION, &rm).await?;
     let expected = match &existing {
+        // The earlier cycle's record, as the checks saw it: replaced (compare-and-set).
+        Some(d) if f.earlier_cycle.as_ref().is_some_and(|e| e.revision == d.revision) => d.revision,
         Some(d) => {
             let st = effective_state(&s.store, &d.body).await?;
             if st != "failed" {
@@ -963,6 +1008,7 @@ impl Ops {
                     "{machine} holds {bytes} byte(s) the recovery site never got{whole}: the expected loss of the unplanned failover — the resync sends the recovery site's version of them"
                 )))
             }
+            ReprotectStep::PurgeEarlierCycle => self.purge_earlier_cycle(job, &reverse, ctl).await,
             ReprotectStep::AssignMasterTarget => {
                 let agent = component(store, ComponentKind::Agent, rm).await;
                 let Some(lineage) = agent
@@ -1030,7 +1076,27 @@ impl Ops {
                         reverse.master_target,
                         reverse.policy
                     ))),
-                    Err(e) => fail(code, format!("{e}: is it running and linked to this server?")),
+                    Err(e) => {
+                        let st = component(store, ComponentKind::MasterTarget, &reverse.master_target)
+                            .await
+                            .and_then(|c| c.status)
+                            .and_then(|s| s.master_target().cloned());
+                        let seen = st.map(|mt| {
+                            format!(
+                                "it reports adoption {:?}, process server {:?}, retention {:?}",
+                                mt.settings.machine_adoptions.get(rm).map(|a| &a.order),
+                                mt.settings.machine_process_servers.get(rm),
+                                mt.settings.machine_retention_secs.get(rm)
+                            )
+                        });
+                        fail(
+                            code,
+                            format!(
+                                "{e} ({}): is it running and linked to this server?",
+                                seen.unwrap_or_else(|| "no status".into())
+                            ),
+                        )
+                    }
                 }
             }
             ReprotectStep::RouteProcessServer => {
@@ -1291,6 +1357,93 @@ pub(crate) fn split_brain(
         ));
     }
     Ok(Some(last))
+}
+
+impl Ops {
+    /// Remove the replica (keeping its target disks: the machine ran from them, and they are
+    /// adopted next) and the spool an earlier cycle left of the recovery machine. The checks let
+    /// the job start only when what is there is that cycle's; nothing there, nothing to do.
+    async fn purge_earlier_cycle(&self, job: &Job, reverse: &Protection, ctl: &JobControl) -> Outcome {
+        let store = &self.store;
+        let rm = reverse.machine.as_str();
+        let order = ferry_api::control::RemovalOrder { order: job.id.clone(), keep_target_disks: true };
+        let mut done = Vec::new();
+        let holds = crate::failover::replica_status(store, &reverse.master_target, rm).await.is_some();
+        if holds {
+            let key = format!("master-target/{}", reverse.master_target);
+            let r = update_settings(store, &key, |b| {
+                // Nothing of the earlier cycle's orders may reach the new replica (an old
+                // failover order would fence it).
+                let _ = b.machine_datastores.as_mut().map(|m| m.remove(rm));
+                let _ = b.machine_process_servers.as_mut().map(|m| m.remove(rm));
+                let _ = b.machine_failovers.as_mut().map(|m| m.remove(rm));
+                let _ = b.machine_test_failovers.as_mut().map(|m| m.remove(rm));
+                let _ = b.machine_adoptions.as_mut().map(|m| m.remove(rm));
+                b.machine_removals.get_or_insert_with(Default::default).insert(rm.to_owned(), order.clone());
+            })
+            .await;
+            if let Err(e) = r {
+                return fail(errors::STORE, e);
+            }
+            let r = wait_status(store, ctl, ComponentKind::MasterTarget, &reverse.master_target, ORDER_LIMIT, |st| {
+                st.master_target()
+                    .and_then(|mt| mt.removed_machines.get(rm))
+                    .is_some_and(|r| r.order == job.id && r.error.is_none())
+            })
+            .await;
+            if let Err(e) = r {
+                return fail(
+                    errors::MT_HEARTBEAT_LOST,
+                    format!(
+                        "master target {} did not confirm removing the earlier replica of {rm}: {e}",
+                        reverse.master_target
+                    ),
+                );
+            }
+            done.push(format!("the earlier replica of {rm} at {} (its disks kept)", reverse.master_target));
+        }
+        let psc = component(store, ComponentKind::ProcessServer, &reverse.process_server).await;
+        let spooled = psc
+            .as_ref()
+            .and_then(|c| c.status.as_ref())
+            .and_then(|s| s.process_server())
+            .is_some_and(|s| s.machines.iter().any(|m| m.machine == rm));
+        if spooled {
+            let key = format!("process-server/{}", reverse.process_server);
+            let r = update_settings(store, &key, |b| {
+                let _ = b.machine_master_targets.as_mut().map(|m| m.remove(rm));
+                b.machine_removals.get_or_insert_with(Default::default).insert(rm.to_owned(), order.clone());
+            })
+            .await;
+            if let Err(e) = r {
+                return fail(errors::STORE, e);
+            }
+            let r = wait_status(store, ctl, ComponentKind::ProcessServer, &reverse.process_server, ORDER_LIMIT, |st| {
+                st.process_server()
+                    .and_then(|ps| ps.removed_machines.get(rm))
+                    .is_some_and(|r| r.order == job.id && r.error.is_none())
+            })
+            .await;
+            if let Err(e) = r {
+                return fail(
+                    errors::PS_HEARTBEAT_LOST,
+                    format!(
+                        "process server {} did not confirm deleting the earlier spool of {rm}: {e}",
+                        reverse.process_server
+                    ),
+                );
+            }
+            done.push(format!("the earlier spool of {rm} at {}", reverse.process_server));
+        }
+        Outcome::Done(Some(if done.is_empty() {
+            format!(
+                "nothing of an earlier cycle of {rm} is left at {} or {}",
+                reverse.master_target, reverse.process_server
+            )
+        } else {
+            format!("removed {}", done.join(" and "))
+        }))
+    }
 }
 
 /// Comparison rounds before the verify gives up (a round repairs what it found; the next must

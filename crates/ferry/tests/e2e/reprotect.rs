@@ -264,11 +264,11 @@ fn reprotect_checks_first_then_resyncs_only_what_differs_to_the_primary_disks() 
     let o = reprotect(&lab, &["--discard-primary-changes"]);
     let job: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
     assert_eq!(job["state"], "succeeded", "{job:#}\n{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(job["steps"].as_array().unwrap().len(), 9, "{job:#}");
+    assert_eq!(job["steps"].as_array().unwrap().len(), 10, "{job:#}");
     assert_eq!(lab.machine("web1.recovery")["reprotect"]["primary_writes"], "split-brain-discarded");
     let mt_log = std::fs::read_to_string(lab.dir.join("logs/mt-p.log")).unwrap();
     assert!(mt_log.contains(&format!("ferry failpoint {failpoint} fired")), "the block was corrupted");
-    let verified = job["steps"][7]["message"].as_str().unwrap_or_default();
+    let verified = job["steps"][8]["message"].as_str().unwrap_or_default();
     assert!(
         verified.contains("round 2") && verified.contains("found and repaired 1 differing block(s)"),
         "the first comparison found the corrupted block, the second none: {verified}"
@@ -358,5 +358,89 @@ fn reprotect_checks_first_then_resyncs_only_what_differs_to_the_primary_disks() 
     wait("the recovery machine writes on, replicated", Duration::from_secs(60), || {
         (records(&recovery_log) > n + 10).then_some(())
     });
+
+    // Planned failback (FB-1): the recovery machine is quiesced, drained to the primary's master
+    // target and shut down; the original machine's own disks hold its last write (no loss).
+    let reverse_lineage = lab.agent_status_at(&rguest)["lineage"]["id"].as_u64().unwrap();
+    failed(
+        &lab.run(&["failover", "cancel", "web1.recovery"]),
+        "is not failed over",
+        "nothing to cancel before the failback",
+    );
+    let job = lab.json(&["failover", "start", "web1.recovery", "--planned", "--no-start"]);
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert!(job["steps"].to_string().contains("fail back: start web1"), "{job:#}");
+    assert_eq!(lab.machine("web1.recovery")["power"], "off", "the recovery machine was shut down");
+    identical(&primary_disk, &recovery_disk).expect("a planned failback loses nothing");
+    let (good, v) = verify_log(&lab, &forked_log_now(&lab, k, &recovery_log, tmp.path()), 21, &primary_disk, None);
+    assert!(good, "the primary's disks hold the recovery site's history to its last record: {v:#}");
+    failed(&lab.run(&["failover", "cancel", "web1.recovery"]), "failback", "a failback is not cancelled");
+    ok(&lab.run(&["lab", "power-on", "web1", "--allow-failed-over"]), "the original machine boots");
+    wait("the failed-back machine writes", Duration::from_secs(60), || {
+        let a = lab.agent_status("web1");
+        (a["mode"] == "tracking" && a["lineage"]["parent_id"].as_u64() == Some(reverse_lineage)).then_some(a)
+    });
+    let job = lab.json(&["failover", "commit", "web1.recovery"]);
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+
+    // Reprotect forward again (primary → recovery): the earlier cycle's replica at mt-r goes
+    // (its disks, which web1.recovery ran from, are adopted), the forward policy comes back,
+    // and only what web1 wrote since it booted travels.
+    let o = lab.run(&[
+        "--output",
+        "json",
+        "reprotect",
+        "web1.recovery",
+        "--master-target",
+        "mt-r",
+        "--process-server",
+        "ps-primary",
+        "--datastore",
+        "vmfs-r",
+        "--dry-run",
+    ]);
+    let plan: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+    assert_eq!(plan["ready"], true, "{plan:#}");
+    assert_eq!(plan["recovery_machine"], "web1", "{plan:#}");
+    assert_eq!(plan["policy"], "gold", "the forward policy again: {plan:#}");
+    assert!(check(&plan, "leftover-replica")["message"].as_str().unwrap().contains("removed first"), "{plan:#}");
+    let o = lab.run(&[
+        "--output",
+        "json",
+        "reprotect",
+        "web1.recovery",
+        "--master-target",
+        "mt-r",
+        "--process-server",
+        "ps-primary",
+        "--datastore",
+        "vmfs-r",
+    ]);
+    let job: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+    assert_eq!(job["state"], "succeeded", "{job:#}\n{}", String::from_utf8_lossy(&o.stderr));
+    let web1 = lab.machine("web1");
+    assert_eq!(web1["replication"], "protected", "{web1:#}");
+    assert_eq!((web1["master_target"].as_str(), web1["policy"].as_str()), (Some("mt-r"), Some("gold")), "{web1:#}");
+    assert_eq!(lab.machine("web1.recovery")["reprotected_by"], "web1");
+    let pguest = lab.guest("web1");
+    std::fs::write(pguest.join("pause"), b"").unwrap();
+    wait("the primary workload pauses", Duration::from_secs(60), || pguest.join("pause.paused").exists().then_some(()));
+    wait("the recovery master target applied everything", Duration::from_secs(60), || {
+        let a = lab.agent_status("web1");
+        let r = lab.replica("mt-r", "web1");
+        (a["caught_up"] == true && r["applied_seq"] == a["last_seq"] && r["consistent"] == true).then_some(())
+    });
+    identical(&primary_disk, &recovery_disk).expect("protected as at the start: both sites byte-identical");
+    let sent = web1["reprotect"]["resynced_bytes"].as_u64().unwrap();
+    eprintln!("reprotect forward after the failback: {sent} bytes resynced");
+    assert!(sent < 64 << 20, "no full copy: {sent} bytes");
+    std::fs::remove_file(pguest.join("pause")).unwrap();
     lab.down();
+}
+
+/// The forked log of web1 (its records up to the point, then the recovery site's), as it is now.
+fn forked_log_now(lab: &Lab, k: u64, recovery_log: &Path, tmp: &Path) -> std::path::PathBuf {
+    let dir = tmp.join("fork-now");
+    std::fs::create_dir_all(&dir).unwrap();
+    fork_log(lab, "web1", k, recovery_log, &dir)
 }
