@@ -276,6 +276,47 @@ fn extent(offset: u64, length: u64) -> ferry_api::master_target::DiskExtent {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failback_point_of_another_copy_starts_a_new_lineage_and_a_change_of_point_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let seed = ferry_api::agent::FailoverSeed {
+        machine: "vm1".into(),
+        lineage: 7,
+        lineage_ancestors: Vec::new(),
+        point: "vm1@100".into(),
+        point_seq: 100,
+        extents: vec![extent(0, 4096)],
+    };
+    let m = tracking_machine(dir.path(), &seed);
+    write(&m, 0, 2 << 20, vec![1u8; 8192]).await;
+    let own = m.lineage().id;
+    m.shutdown().unwrap();
+    drop(m);
+    // A change of point of the same copy (the seed names its parent): its writes stay tracked.
+    let changed = ferry_api::agent::FailoverSeed { point: "vm1@90".into(), point_seq: 90, ..seed.clone() };
+    let m = tracking_machine(dir.path(), &changed);
+    assert_eq!(m.status().disks[0].resync_pending_bytes, 4096 + 8192, "its own writes are kept");
+    assert_eq!(m.lineage().id, own);
+    m.shutdown().unwrap();
+    drop(m);
+    // Another copy's point on these disks (a failback: the reverse copy forked from this one):
+    // a new lineage from it; what this copy tracked before describes another history.
+    let failback = ferry_api::agent::FailoverSeed {
+        lineage: own ^ 0x55,
+        point: "vm1.recovery@300".into(),
+        point_seq: 300,
+        extents: vec![extent(6 << 20, 4096)],
+        ..seed
+    };
+    let m = tracking_machine(dir.path(), &failback);
+    let l = m.lineage();
+    assert_eq!(l.parent.map(|p| (p.id, p.seq)), Some((own ^ 0x55, 300)));
+    assert!(l.id != own);
+    assert_eq!(m.status().disks[0].resync_pending_bytes, 4096, "only the new point's seed");
+    assert_eq!(m.status().mode, Mode::Tracking);
+    m.shutdown().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_over_machine_tracks_the_seed_and_every_write_and_reports_them_after_a_clean_stop() {
     let dir = tempfile::tempdir().unwrap();
     let seed = ferry_api::agent::FailoverSeed {

@@ -80,6 +80,10 @@ struct PersistentState {
     /// The resync seed last counted (its order).
     #[serde(default)]
     resync_seed: Option<String>,
+    /// Why what changed on the disks is not known (state lost after the machine ran); cleared
+    /// by a seed that replaces the tracking with a whole-disk comparison.
+    #[serde(default)]
+    tracking_lost: Option<String>,
 }
 
 impl PersistentState {
@@ -97,6 +101,7 @@ impl PersistentState {
             lineage: None,
             quiesced: None,
             resync_seed: None,
+            tracking_lost: None,
         }
     }
 }
@@ -440,10 +445,13 @@ impl Machine {
         // the original machine's own disks): the state here describes a history the disks no
         // longer hold. It starts as a failed-over machine's first start — a new lineage forked
         // from the seed's, tracking what changes after the point — and its old regions go.
+        // (A change of point of this same failed-over copy names the lineage it forked from,
+        // its parent: its own tracking stays and the new seed adds to it.)
         let new_copy = matches!((&previous, &seed), (Some(st), Some(s))
             if s.lineage != 0
                 && st.failover_seed.as_deref() != Some(s.point.as_str())
-                && st.lineage.as_ref().map(|l| l.id) != Some(s.lineage));
+                && st.lineage.as_ref().map(|l| l.id) != Some(s.lineage)
+                && st.lineage.as_ref().and_then(|l| l.parent).map(|p| p.0) != Some(s.lineage));
         let previous = if new_copy {
             for b in dirty.disks.iter_mut() {
                 b.clear();
@@ -465,6 +473,27 @@ impl Machine {
             // holes as zeroing — slower, never wrong.
             let mut marks: Vec<(usize, u64, u64)> = Vec::new();
             let checked = (|| -> Result<(String, u64), AgentError> {
+                if seed.replace_tracking {
+                    // It replaces what this agent knows only if it compares every block.
+                    for d in &disks {
+                        let mut regions: Vec<(u64, u64)> =
+                            seed.compare.iter().filter(|c| *c.disk == *d.name).map(|c| (c.offset, c.length)).collect();
+                        regions.sort_unstable();
+                        let mut at = 0;
+                        for (o, l) in regions {
+                            if o != at {
+                                break;
+                            }
+                            at = o.saturating_add(l);
+                        }
+                        if at != d.size || !seed.extents.iter().all(|e| disks.iter().any(|d| *d.name == *e.disk)) {
+                            return Err(AgentError::Config(format!(
+                                "the resync seed of order {} replaces the tracking but does not compare all of disk {} ({} of {} bytes in order)",
+                                seed.order, d.name, at, d.size
+                            )));
+                        }
+                    }
+                }
                 let mut bytes = 0;
                 for e in &seed.extents {
                     let Some(i) = disks.iter().position(|d| *d.name == *e.disk) else {
@@ -520,6 +549,12 @@ impl Machine {
             })();
             match checked {
                 Ok((reason, bytes)) => {
+                    if seed.replace_tracking {
+                        // The comparison saw every block: what it found is what differs.
+                        for b in dirty.disks.iter_mut() {
+                            b.clear();
+                        }
+                    }
                     for (i, off, len) in marks {
                         dirty.mark(i, off, len);
                     }
@@ -587,8 +622,17 @@ impl Machine {
             state.failover_seed = Some(seed.point.clone());
             seeded_bytes = Some((seed.point, bytes));
         }
+        if ran_before {
+            state.tracking_lost = Some(
+                "the agent's state was lost after the machine ran at the recovery site: what it wrote there is not known"
+                    .into(),
+            );
+        }
         if let Some((order, _, _)) = &resync_seeded {
             state.resync_seed = Some(order.clone());
+            if resync_seed.as_ref().is_some_and(|s| s.replace_tracking) {
+                state.tracking_lost = None;
+            }
         }
         // A copy without a lineage (a first start, or state from before lineage) gets one.
         if state.lineage.is_none() {
@@ -1745,6 +1789,7 @@ impl Machine {
             quiesced: c.quiesced.clone(),
             verify_order: self.verify.order().clone(),
             clock_ms: self.clock_ms(),
+            tracking_lost: c.state.tracking_lost.clone(),
             lineage: c.state.lineage.as_ref().map(|l| ferry_api::agent::AgentLineage {
                 id: l.id,
                 parent_id: l.parent.map(|p| p.0),

@@ -76,7 +76,14 @@ pub fn unconfirmed_changes(config: &AgentConfig) -> Result<UnconfirmedChanges, A
             }
         }
         let bytes = extents.iter().map(|(_, l)| l).sum();
-        out.push(UnconfirmedDisk { name: d.name.clone(), size: d.size, extents, bytes, hashes: Vec::new() });
+        out.push(UnconfirmedDisk {
+            name: d.name.clone(),
+            size: d.size,
+            extents,
+            bytes,
+            hashes: Vec::new(),
+            whole_hashes: None,
+        });
     }
     let bytes = out.iter().map(|d| d.bytes).sum();
     let lease_path = dir.join(crate::machine::WRITE_LEASE_FILE);
@@ -114,6 +121,22 @@ pub fn add_block_hashes(config: &AgentConfig, changes: &mut UnconfirmedChanges) 
                 .map_err(|error| AgentError::Disk { path: dc.path.clone(), error })?;
             d.hashes.push(crate::block_hash::to_hex(&h));
         }
+    }
+    Ok(())
+}
+
+/// Add the 4 KiB block hashes of each whole disk (`ferry agent changes --whole-disks`, for a
+/// hash fallback): holes are not read.
+pub fn add_whole_disk_hashes(config: &AgentConfig, changes: &mut UnconfirmedChanges) -> Result<(), AgentError> {
+    for d in &mut changes.disks {
+        let Some(dc) = config.disks.iter().find(|c| c.name.as_str() == d.name) else {
+            return Err(AgentError::Config(format!("disk {} of the agent's state is not configured", d.name)));
+        };
+        let backend = ferry_nbd::FileBackend::open(&dc.path, true)
+            .map_err(|e| AgentError::Disk { path: dc.path.clone(), error: e.to_string() })?;
+        let h = crate::block_hash::region_hashes(&backend, 0, d.size)
+            .map_err(|error| AgentError::Disk { path: dc.path.clone(), error })?;
+        d.whole_hashes = Some(crate::block_hash::to_hex(&h));
     }
     Ok(())
 }

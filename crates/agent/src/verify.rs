@@ -84,6 +84,8 @@ impl Machine {
                 differing: Vec::new(),
                 differing_blocks: 0,
                 repair_started: false,
+                attempts: 0,
+                bytes_hashed: 0,
             });
         }
         let m = self.clone();
@@ -124,6 +126,10 @@ impl Machine {
 
     /// One comparison of every disk; `Ok(false)` when it must start over.
     fn verify_order_once(&self, o: &VerifyOrder) -> Result<bool, AgentError> {
+        if let Some(s) = self.verify.order().as_mut().filter(|s| s.order == o.order) {
+            s.attempts += 1;
+            s.bytes_hashed = 0;
+        }
         let mut ids = Vec::new();
         let mut last_seq = 0;
         for (disk, d) in self.disks.iter().enumerate() {
@@ -205,6 +211,17 @@ impl Machine {
                 s.remove(id);
             }
         }
+        // Every block's result must have come back exactly once (an event lost on the way, or
+        // one repeated by a replayed journal, would make "no difference" mean nothing).
+        for v in &sessions {
+            let want = v.disk_size.div_ceil(VERIFY_BLOCK as u64);
+            if v.blocks_compared != want {
+                return Err(AgentError::Config(format!(
+                    "the verify of disk {} got results for {} of its {want} blocks",
+                    v.disk, v.blocks_compared
+                )));
+            }
+        }
         let mut differing = Vec::new();
         let (mut blocks, mut total) = (0, 0);
         let mut repairs = Vec::new();
@@ -260,6 +277,9 @@ impl Machine {
             off += len;
             if let Some(s) = self.verify.lock().get_mut(&id) {
                 s.bytes_hashed = off;
+            }
+            if let Some(s) = self.verify.order().as_mut() {
+                s.bytes_hashed += len;
             }
         }
         Ok(last_seq)

@@ -103,6 +103,10 @@ pub struct AgentStatus {
     /// The agent's clock when it made this status (the server compares it with its own).
     #[serde(default)]
     pub clock_ms: u64,
+    /// Why what changed on these disks is not known any more (its state was lost after the
+    /// machine ran): a reprotect compares whole disks by block hash instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracking_lost: Option<String>,
     pub events: Vec<Event>,
 }
 
@@ -320,6 +324,12 @@ pub struct VerifyOrderStatus {
     pub differing_blocks: u64,
     /// The repair's resync was requested for the differing blocks.
     pub repair_started: bool,
+    /// Comparisons started for this order (one more each time a round is cut short).
+    #[serde(default)]
+    pub attempts: u32,
+    /// Bytes hashed so far in the current attempt (progress).
+    #[serde(default)]
+    pub bytes_hashed: u64,
 }
 
 /// Blocks of one disk that differed in a verify.
@@ -456,4 +466,8 @@ pub struct UnconfirmedDisk {
     /// hashed as zeros without being read), so the other side can tell which blocks differ.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hashes: Vec<String>,
+    /// With `--whole-disks`: the hex of every 4 KiB block's hash of the whole disk (a hash
+    /// fallback compares it all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub whole_hashes: Option<String>,
 }

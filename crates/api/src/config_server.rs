@@ -695,6 +695,14 @@ pub struct ProtectionReprotect {
     /// operator discards them: disabling this protection removes them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub primary_overwritten: Option<crate::master_target::PrimaryOverwritten>,
+    /// What differs is found by comparing whole disks by block hash (the recovery machine's
+    /// tracking was lost, or its copy does not link to the primary's), not from tracking.
+    #[serde(default)]
+    pub hash_fallback: bool,
+    /// It replaced the recovery machine's record of the cycle before (a reprotect after a
+    /// failback), whose replica and spool it removes first; a retry after a failure keeps that.
+    #[serde(default)]
+    pub replaces_earlier_cycle: bool,
 }
 
 /// A disabled (or removed) protection, on its record: what was cleaned up, and where.

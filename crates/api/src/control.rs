@@ -400,6 +400,11 @@ pub struct ResyncSeed {
     /// given one are resynced (the other side's regions are coarser than what differs).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub compare: Vec<SeedCompare>,
+    /// The compared regions cover every block of every disk (a hash fallback): what the agent
+    /// tracked itself is replaced by the comparison's result (its tracking was lost or the
+    /// copies do not link).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replace_tracking: bool,
 }
 
 /// A region of a resync seed with the other side's block hashes (see `ferry_agent::block_hash`).

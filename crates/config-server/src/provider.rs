@@ -65,9 +65,11 @@ pub trait SiteProvider: Send + Sync {
     fn operate(&self, op: SiteOperation) -> BoxFuture<'_, Result<String, ProviderError>>;
     /// What a powered-off machine's agent says may not be at the recovery site (its activity
     /// log and change bitmap, read offline): the writes it never shipped.
+    /// `whole_disks`: also the block hashes of the whole disks (a hash fallback).
     fn agent_changes(
         &self,
         machine: &str,
+        whole_disks: bool,
     ) -> BoxFuture<'_, Result<ferry_api::agent::UnconfirmedChanges, ProviderError>>;
 }
 
@@ -102,9 +104,10 @@ impl SiteProvider for LocalSite {
     fn agent_changes(
         &self,
         machine: &str,
+        whole_disks: bool,
     ) -> BoxFuture<'_, Result<ferry_api::agent::UnconfirmedChanges, ProviderError>> {
         let machine = machine.to_owned();
-        Box::pin(async move { self.read_agent_changes(&machine).await })
+        Box::pin(async move { self.read_agent_changes(&machine, whole_disks).await })
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -146,7 +149,11 @@ impl LocalSite {
     /// The local provider keeps a machine's agent state in its run folder (a hypervisor provider
     /// reads it from the powered-off machine's metadata disk): `ferry agent changes` on the
     /// agent's configuration there, which refuses while the agent runs.
-    async fn read_agent_changes(&self, machine: &str) -> Result<ferry_api::agent::UnconfirmedChanges, ProviderError> {
+    async fn read_agent_changes(
+        &self,
+        machine: &str,
+        whole_disks: bool,
+    ) -> Result<ferry_api::agent::UnconfirmedChanges, ProviderError> {
         ferry_types::validate_name("machine", machine).map_err(|e| ProviderError::Failed(e.to_string()))?;
         let config = self.run_dir(machine).join("agent.toml");
         if !config.is_file() {
@@ -161,12 +168,12 @@ impl LocalSite {
         }
         let exe = std::env::current_exe()
             .map_err(|e| ProviderError::Failed(format!("cannot find the ferry executable: {e}")))?;
-        let out = tokio::process::Command::new(exe)
-            .args(["--output", "json", "--log", "warn", "agent", "changes", "--hashes", "--config"])
-            .arg(&config)
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .output();
+        let mut cmd = tokio::process::Command::new(exe);
+        cmd.args(["--output", "json", "--log", "warn", "agent", "changes", "--hashes"]);
+        if whole_disks {
+            cmd.arg("--whole-disks");
+        }
+        let out = cmd.arg("--config").arg(&config).stdin(std::process::Stdio::null()).kill_on_drop(true).output();
         let out = tokio::time::timeout(std::time::Duration::from_secs(120), out)
             .await
             .map_err(|_| ProviderError::Failed(format!("reading the agent state of {machine} took over 120 s")))?

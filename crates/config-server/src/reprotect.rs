@@ -148,6 +148,8 @@ struct Findings {
     /// The recovery machine's own record from the cycle before (the protection this machine's
     /// reverse came from, now failed back): a real run replaces it.
     earlier_cycle: Option<ferry_store::Doc<Protection>>,
+    /// The copies do not link (or tracking was lost): whole disks are compared by hash.
+    hash_fallback: bool,
     forward: Option<Protection>,
     reverse: Option<Protection>,
     recovery_machine: Option<String>,
@@ -206,6 +208,7 @@ async fn checks(store: &Store, machine: &str, req: &ReprotectRequest) -> Result<
     let mut f = Findings {
         checks: Vec::new(),
         earlier_cycle: None,
+        hash_fallback: false,
         forward: None,
         reverse: None,
         recovery_machine: None,
@@ -305,7 +308,11 @@ async fn checks(store: &Store, machine: &str, req: &ReprotectRequest) -> Result<
     // left at the chosen master target and process server is removed first.
     if p.reprotect.as_ref().is_some_and(|r| r.of == rm) {
         if let Some(d) = store.get::<Protection>(PROTECTION, &rm).await? {
-            if d.body.reprotected_by.as_deref() == Some(machine) {
+            // The earlier cycle's record itself, or this reprotect's own failed one that
+            // replaced it (a retry: that cycle's leftovers may still be there).
+            let retry = d.body.reprotect.as_ref().is_some_and(|r| r.of == machine && r.replaces_earlier_cycle)
+                && effective_state(store, &d.body).await? == "failed";
+            if d.body.reprotected_by.as_deref() == Some(machine) || retry {
                 f.earlier_cycle = Some(d);
             }
         }
@@ -629,18 +636,26 @@ async fn checks(store: &Store, machine: &str, req: &ReprotectRequest) -> Result<
     // Lineage: the failed-over copy must link to the primary's (else only a hash comparison or
     // a full copy could bring the disks together).
     let lineage = ast.as_ref().and_then(|a| a.lineage.clone());
-    match lineage.as_ref().and_then(|l| l.parent_id.zip(l.parent_seq)) {
-        Some((pid, pseq)) => f.pass(
+    let allocated: u64 = rmach.map(|m| m.disks.iter().map(|d| d.allocated.or(d.size).unwrap_or(0)).sum()).unwrap_or(0);
+    let fallback = |why: String| {
+        format!(
+            "{why}: what differs is found by comparing both copies by 4 KiB block hash instead (each side reads its allocated data, about {allocated} byte(s) here, never its holes; only differing blocks travel)"
+        )
+    };
+    match (lineage.as_ref().and_then(|l| l.parent_id.zip(l.parent_seq)), ast.as_ref().and_then(|a| a.tracking_lost.clone())) {
+        _ if ast.is_none() => {}
+        (Some((pid, pseq)), None) => f.pass(
             "lineage",
             format!("{rm}'s copy forked from {pid:016x} at seq {pseq}: a differential resync (its tracked writes plus the primary's unshipped ones)"),
         ),
-        None if ast.is_none() => {}
-        None => f.fail(
-            "lineage",
-            errors::LINEAGE_MISMATCH,
-            format!("{rm}'s copy has no parent: its agent's tracking was lost, so what differs is unknown"),
-            "a block-hash comparison is not available yet (docs/limitations.md): disable protection and protect the machine anew for a full copy",
-        ),
+        (_, Some(lost)) => {
+            f.hash_fallback = true;
+            f.pass("lineage", fallback(format!("{rm}'s tracking is lost ({lost})")));
+        }
+        (None, None) => {
+            f.hash_fallback = true;
+            f.pass("lineage", fallback(format!("{rm}'s copy does not link to the primary's (no parent lineage)")));
+        }
     }
     if let Some(a) = &ast {
         f.check(
@@ -716,6 +731,8 @@ async fn checks(store: &Store, machine: &str, req: &ReprotectRequest) -> Result<
                 primary_last_write_ms: None,
                 primary_writes: None,
                 primary_overwritten: None,
+                hash_fallback: f.hash_fallback,
+                replaces_earlier_cycle: f.earlier_cycle.is_some(),
             }),
             reprotected_by: None,
         };
@@ -921,7 +938,7 @@ impl Ops {
                     Ok(p) => p,
                     Err(e) => return fail(errors::NOT_FOUND, e),
                 };
-                let changes = match provider.agent_changes(machine).await {
+                let changes = match provider.agent_changes(machine, rp.hash_fallback).await {
                     Ok(c) => c,
                     Err(e) => {
                         return fail(
@@ -933,7 +950,19 @@ impl Ops {
                 // Regions with their block hashes are compared by the agent (only differing
                 // blocks travel); any without are resynced whole.
                 let (mut extents, mut compare) = (Vec::new(), Vec::new());
-                for d in &changes.disks {
+                for d in changes.disks.iter().filter(|_| rp.hash_fallback) {
+                    let Some(h) = d.whole_hashes.clone() else {
+                        return fail(
+                            errors::STORAGE,
+                            format!(
+                                "the hashes of {machine}'s disk {} were not read: the hash fallback cannot run",
+                                d.name
+                            ),
+                        );
+                    };
+                    compare.push(SeedCompare { disk: d.name.clone(), offset: 0, length: d.size, hashes: h });
+                }
+                for d in changes.disks.iter().filter(|_| !rp.hash_fallback) {
                     for (i, (offset, length)) in d.extents.iter().enumerate() {
                         match d.hashes.get(i) {
                             Some(h) => compare.push(SeedCompare {
@@ -983,9 +1012,14 @@ impl Ops {
                 };
                 let seed = ResyncSeed {
                     order: job.id.clone(),
-                    reason: format!("reprotect: regions {machine} wrote that never reached the recovery site"),
+                    reason: if rp.hash_fallback {
+                        format!("reprotect (hash fallback): every block compared with {machine}'s disks")
+                    } else {
+                        format!("reprotect: regions {machine} wrote that never reached the recovery site")
+                    },
                     extents,
                     compare,
+                    replace_tracking: rp.hash_fallback,
                 };
                 if let Err(e) =
                     update_settings(store, &format!("agent/{rm}"), |b| b.resync_seed = Some(seed.clone())).await
@@ -1167,7 +1201,11 @@ impl Ops {
             ReprotectStep::Resync => self.follow_resync(job, &reverse, stall_secs, ctl, true).await,
             ReprotectStep::VerifyReplica => self.verify_replica(job, &reverse, stall_secs, ctl).await,
             ReprotectStep::MarkProtected => {
-                // Declared from the comparison the step before made (every block equal).
+                // Declared from the comparison the step before made (every block equal). The
+                // order is withdrawn: a restart of the agent must not compare all again.
+                if let Err(e) = update_settings(store, &format!("agent/{rm}"), |b| b.verify_order = None).await {
+                    return fail(errors::STORE, e);
+                }
                 let sent = rp.resynced_bytes;
                 let kept = crate::failover::replica_status(store, &reverse.master_target, rm)
                     .await
@@ -1449,6 +1487,8 @@ impl Ops {
 /// Comparison rounds before the verify gives up (a round repairs what it found; the next must
 /// find nothing that was not written meanwhile).
 const VERIFY_ROUNDS: u32 = 3;
+/// Times the agent may start one round over (a lost result, a link that dropped).
+const VERIFY_ATTEMPTS: u32 = 5;
 
 impl Ops {
     /// Order online verifies of the recovery machine until one finds every block equal; each
@@ -1476,7 +1516,19 @@ impl Ops {
                 if let Some(v) = v.as_ref().filter(|v| v.state == VerifyState::Complete) {
                     break v.clone();
                 }
-                let progress = st.as_ref().map_or(0, |a| a.applied_seq);
+                // Progress is the comparison's own (production writes move the seqs anyway); a
+                // round the agent keeps starting over is not progress.
+                if let Some(v) = v.as_ref().filter(|v| v.attempts > VERIFY_ATTEMPTS) {
+                    return fail(
+                        errors::REPLICA_NOT_VERIFIED,
+                        format!(
+                            "the comparison of {rm} with its replica was cut short {} times (last: {}): fix the cause and run the reprotect again",
+                            v.attempts - 1,
+                            v.error.clone().unwrap_or_else(|| "no reason given".into())
+                        ),
+                    );
+                }
+                let progress = v.as_ref().map_or(0, |v| v.bytes_hashed + u64::from(v.attempts) * (1 << 50));
                 if progress != last {
                     last = progress;
                     moved = tokio::time::Instant::now();

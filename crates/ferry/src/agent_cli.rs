@@ -47,6 +47,9 @@ pub(crate) struct ChangesArgs {
     /// Also the 4 KiB block hashes of each region (reads the disks, not their holes).
     #[arg(long)]
     pub(crate) hashes: bool,
+    /// Also the 4 KiB block hashes of each whole disk (a hash fallback; reads no holes).
+    #[arg(long)]
+    pub(crate) whole_disks: bool,
 }
 
 #[derive(Args)]
@@ -217,6 +220,10 @@ fn changes(a: &ChangesArgs, out: OutputFormat) -> Result<()> {
     })?;
     if a.hashes {
         ferry_agent::offline::add_block_hashes(&config, &mut v)
+            .with_context(|| format!("cannot hash the disks of agent {}", config.machine))?;
+    }
+    if a.whole_disks {
+        ferry_agent::offline::add_whole_disk_hashes(&config, &mut v)
             .with_context(|| format!("cannot hash the disks of agent {}", config.machine))?;
     }
     match out {

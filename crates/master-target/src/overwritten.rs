@@ -30,6 +30,8 @@ pub use ferry_api::master_target::PrimaryOverwritten;
 pub const DIR: &str = "primary-overwritten";
 /// Granularity of what is kept.
 const BLOCK: u64 = 4096;
+/// Bytes read at once while keeping a run.
+const READ_PIECE: u64 = 1 << 20;
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 struct SavedRun {
@@ -52,7 +54,12 @@ impl Overwritten {
     /// Open (or start) the copy of an adopted replica in `replica_dir`.
     pub fn open(replica_dir: &Path, disks: &[DiskDescriptor]) -> std::io::Result<Overwritten> {
         let dir = replica_dir.join(DIR);
+        let existed = dir.exists();
         ferry_sys::fs::private_dir(&dir)?;
+        if !existed {
+            // The folder's own entry survives a power loss before anything is kept in it.
+            ferry_sys::fs::sync_dir(replica_dir)?;
+        }
         let complete = dir.join("complete").exists();
         let mut copies = Vec::new();
         for d in disks {
@@ -126,13 +133,26 @@ impl Overwritten {
         for &(first, last) in &runs {
             let at = first * BLOCK;
             let n = (last * BLOCK).min(size) - at;
-            buf.resize(n as usize, 0);
-            target.read_exact_at(&mut buf, at)?;
-            // All-zero blocks stay holes in the copy (a hole reads as the zeros it held).
-            for (i, chunk) in buf.chunks(BLOCK as usize).enumerate() {
-                if chunk.iter().any(|&x| x != 0) {
-                    copy.write_all_at(chunk, at + i as u64 * BLOCK)?;
+            // In bounded pieces (a zeroing of gigabytes is not read at once), and holes of the
+            // target are not read: they held zeros, which the copy's holes keep, as they keep
+            // all-zero blocks.
+            let mut pos = at;
+            while pos < at + n {
+                let piece_end = (pos + READ_PIECE).min(at + n);
+                let data = ferry_sys::fs::next_data(target, pos)?.unwrap_or(u64::MAX);
+                if data >= piece_end {
+                    pos = piece_end;
+                    continue;
                 }
+                let from = data.max(pos) / BLOCK * BLOCK;
+                buf.resize((piece_end - from) as usize, 0);
+                target.read_exact_at(&mut buf, from)?;
+                for (i, chunk) in buf.chunks(BLOCK as usize).enumerate() {
+                    if chunk.iter().any(|&x| x != 0) {
+                        copy.write_all_at(chunk, from + i as u64 * BLOCK)?;
+                    }
+                }
+                pos = piece_end;
             }
             lines.push_str(
                 &serde_json::to_string(&SavedRun { disk, offset: at, len: n }).map_err(std::io::Error::other)?,

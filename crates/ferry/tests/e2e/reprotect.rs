@@ -444,3 +444,163 @@ fn forked_log_now(lab: &Lab, k: u64, recovery_log: &Path, tmp: &Path) -> std::pa
     std::fs::create_dir_all(&dir).unwrap();
     fork_log(lab, "web1", k, recovery_log, &dir)
 }
+
+const CYCLES_LAB: &str = r#"
+boot_delay_secs = 0.5
+[[sites]]
+name = "primary"
+config_server = true
+hosts = [{ name = "esx-p1" }]
+datastores = [{ name = "vmfs-p", kind = "vmfs", hosts = ["esx-p1"] }]
+process_server = { name = "ps-primary" }
+[[sites.machines]]
+name = "web1"
+os_family = "linux"
+host = "esx-p1"
+datastore = "vmfs-p"
+disks = [{ name = "disk0", size = 67108864 }]
+workload = { rate = 25, max_blocks = 4, seed = 31 }
+[[sites.master_targets]]
+name = "mt-p"
+os_family = "linux"
+host = "esx-p1"
+[[sites]]
+name = "recovery"
+hosts = [{ name = "esx-r1" }]
+datastores = [{ name = "vmfs-r", kind = "vmfs", hosts = ["esx-r1"] }]
+process_server = { name = "ps-recovery" }
+[[sites.master_targets]]
+name = "mt-r"
+os_family = "linux"
+host = "esx-r1"
+"#;
+
+/// The 4 KiB blocks of the records in `log` after its first `after` lines.
+fn blocks_after(log: &Path, after: usize) -> std::collections::BTreeSet<u64> {
+    let mut set = std::collections::BTreeSet::new();
+    for line in std::fs::read_to_string(log).unwrap_or_default().lines().skip(after) {
+        let v: Vec<u64> = line.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+        if v.len() >= 4 {
+            set.extend((0..v[3]).map(|i| v[2] / 4096 + i));
+        }
+    }
+    set
+}
+
+/// Reprotect `m` (its failed-over machine replicates to `mt`), then with the workload in `guest`
+/// paused and everything applied, both disks byte-identical; returns the bytes resynced and
+/// whether the hash fallback ran.
+fn reprotect_and_compare(
+    lab: &Lab,
+    m: &str,
+    to: (&str, &str, &str),
+    guest: &Path,
+    disks: (&Path, &Path),
+) -> (u64, bool) {
+    let (mt, ps, ds) = to;
+    let o = lab.run(&[
+        "--output",
+        "json",
+        "reprotect",
+        m,
+        "--master-target",
+        mt,
+        "--process-server",
+        ps,
+        "--datastore",
+        ds,
+        "--clock-skew-secs",
+        "1",
+    ]);
+    let job: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+    assert_eq!(job["state"], "succeeded", "reprotect of {m}: {job:#}\n{}", String::from_utf8_lossy(&o.stderr));
+    let rm = job["params"]["recovery_machine"].as_str().unwrap().to_owned();
+    let rec = lab.machine(&rm);
+    assert_eq!(rec["replication"], "protected", "{rec:#}");
+    std::fs::write(guest.join("pause"), b"").unwrap();
+    wait("the workload pauses", Duration::from_secs(60), || guest.join("pause.paused").exists().then_some(()));
+    wait("the master target applied everything", Duration::from_secs(60), || {
+        let a = lab.agent_status_at(guest);
+        let r = lab.replica(mt, &rm);
+        (a["caught_up"] == true && r["applied_seq"] == a["last_seq"] && r["consistent"] == true).then_some(())
+    });
+    identical(disks.0, disks.1).unwrap_or_else(|e| panic!("after the reprotect of {m}: {e}"));
+    std::fs::remove_file(guest.join("pause")).unwrap();
+    let r = &rec["reprotect"];
+    (r["resynced_bytes"].as_u64().unwrap(), r["hash_fallback"] == true)
+}
+
+#[test]
+fn three_cycles_of_failover_reprotect_failback_reprotect_never_copy_the_whole_disk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("lab.toml");
+    std::fs::write(&cfg, CYCLES_LAB).unwrap();
+    let dir = tmp.path().join("lab");
+    let mut lab = Lab::up(&dir, Some(&cfg));
+    ok(&lab.run(&["policies", "create", "gold", "--crash-consistent-secs", "2", "--retention-secs", "3600"]), "policy");
+    crate::failover_jobs::protect(&lab, &["web1"]);
+    let pguest = lab.guest("web1");
+    let rguest = recovery_guest(&lab, "web1.recovery");
+    let (plog, rlog) = (pguest.join("records.log"), rguest.join("records.log"));
+    wait("web1 writes and replicates", Duration::from_secs(90), || {
+        (records(&plog) > 40 && lab.agent_status("web1")["caught_up"] == true).then_some(())
+    });
+    let primary_disk = lab.dir.join("sites/primary/datastores/vmfs-p/web1/disk0.img");
+    let recovery_disk = lab.dir.join("sites/recovery/datastores/vmfs-r/web1/disk0.img");
+    let disk_size = 64u64 << 20;
+    for cycle in 1..=3 {
+        // Planned failover to the recovery site (from the second cycle on, it boots
+        // web1.recovery on its own disks, as a failback does the other way).
+        let job = lab.json(&["failover", "start", "web1", "--planned", "--no-start"]);
+        assert_eq!(job["state"], "succeeded", "cycle {cycle}: {job:#}");
+        identical(&primary_disk, &recovery_disk)
+            .unwrap_or_else(|e| panic!("cycle {cycle}: planned failover lost: {e}"));
+        ok(&lab.run(&["lab", "power-on", "web1.recovery", "--allow-failed-over"]), "start the recovery machine");
+        assert_eq!(lab.json(&["failover", "commit", "web1"])["state"], "succeeded", "cycle {cycle}");
+        if cycle == 2 {
+            // The recovery machine's agent state is lost after it ran: what it wrote is not
+            // tracked any more, so the reprotect compares whole disks by hash, not copies them.
+            wait("web1.recovery writes", Duration::from_secs(60), || (records(&rlog) > 10).then_some(()));
+            ok(&lab.run(&["lab", "power-off", "web1.recovery"]), "stop the recovery machine");
+            std::fs::remove_dir_all(rguest.join("agent")).unwrap();
+            ok(&lab.run(&["lab", "power-on", "web1.recovery", "--allow-failed-over"]), "start it again");
+            wait("its agent reports the lost tracking", Duration::from_secs(60), || {
+                lab.agent_status_at(&rguest)["tracking_lost"].is_string().then_some(())
+            });
+        }
+        let from = records(&rlog);
+        wait("web1.recovery writes", Duration::from_secs(60), || (records(&rlog) > from + 20).then_some(()));
+        let (sent, fallback) = reprotect_and_compare(
+            &lab,
+            "web1",
+            ("mt-p", "ps-recovery", "vmfs-p"),
+            &rguest,
+            (&recovery_disk, &primary_disk),
+        );
+        // Only blocks the recovery machine wrote can differ (a planned failover loses nothing).
+        let ever = blocks_after(&rlog, 0).len() as u64 * 4096;
+        eprintln!("cycle {cycle}: reprotect to the primary resynced {sent} bytes (hash fallback {fallback}); the recovery machine ever wrote {ever} bytes of blocks");
+        assert!(sent <= ever + ever / 10, "cycle {cycle}: {sent} bytes sent, at most {ever} could differ");
+        assert_eq!(fallback, cycle == 2, "cycle {cycle}: the hash fallback runs exactly when tracking was lost");
+        assert!(sent < disk_size / 4, "cycle {cycle}: no full copy ({sent} bytes)");
+
+        // Planned failback, then forward again.
+        let job = lab.json(&["failover", "start", "web1.recovery", "--planned"]);
+        assert_eq!(job["state"], "succeeded", "cycle {cycle}: {job:#}");
+        assert_eq!(lab.json(&["failover", "commit", "web1.recovery"])["state"], "succeeded", "cycle {cycle}");
+        let from = records(&plog);
+        wait("web1 writes again", Duration::from_secs(60), || (records(&plog) > from + 20).then_some(()));
+        let (sent, fallback) = reprotect_and_compare(
+            &lab,
+            "web1.recovery",
+            ("mt-r", "ps-primary", "vmfs-r"),
+            &pguest,
+            (&primary_disk, &recovery_disk),
+        );
+        eprintln!("cycle {cycle}: reprotect forward resynced {sent} bytes");
+        assert!(!fallback && sent < disk_size / 4, "cycle {cycle}: forward again without a full copy ({sent} bytes)");
+        let web1 = lab.machine("web1");
+        assert_eq!((web1["replication"].as_str(), web1["policy"].as_str()), (Some("protected"), Some("gold")));
+    }
+    lab.down();
+}
