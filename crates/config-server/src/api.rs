@@ -663,7 +663,13 @@ async fn site_operation(
     if let crate::discovery::SiteOperation::PowerOn { machine, allow_failed_over: false } = &op {
         // The old primary of a failed-over machine stays off unless the operator says otherwise.
         let p = s.store.get::<crate::protection::Protection>(crate::protection::PROTECTION, machine).await?;
-        if let Some(f) = p.map(|d| d.body).filter(|p| p.site == name).and_then(|p| p.failover) {
+        // Unless it is what a failback brought back: its reverse protection failed over to it.
+        let mut failed_back = false;
+        if let Some(r) = p.as_ref().and_then(|d| d.body.reprotected_by.clone()) {
+            let rp = s.store.get::<crate::protection::Protection>(crate::protection::PROTECTION, &r).await?;
+            failed_back = rp.and_then(|d| d.body.failover).and_then(|f| f.recovery_machine).as_deref() == Some(machine);
+        }
+        if let Some(f) = p.map(|d| d.body).filter(|p| p.site == name && !failed_back).and_then(|p| p.failover) {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 crate::errors::FAILOVER_STATE,

@@ -1025,6 +1025,43 @@ pub async fn reprotect(
     watch(&job.id, s, out).await
 }
 
+/// `ferry failback MACHINE`: fail its reverse protection over (named by the machine's
+/// `reprotected_by`, or given directly).
+#[allow(clippy::too_many_arguments)]
+pub async fn failback(
+    machine: &str,
+    planned: bool,
+    point: Option<String>,
+    drain_secs: u64,
+    no_start: bool,
+    no_wait: bool,
+    s: &ServerArgs,
+    out: OutputFormat,
+) -> Result<()> {
+    let v: Vec<MachineView> = s.get("/api/v1/machines").await?;
+    let Some(m) = v.iter().find(|x| x.machine == machine) else {
+        bail!("no machine {machine} (see `ferry machines`)");
+    };
+    let reverse = match (&m.reprotected_by, &m.reprotect) {
+        (Some(r), _) => r.clone(),
+        (None, Some(_)) => m.machine.clone(),
+        (None, None) => {
+            bail!("{machine} is not reprotected: reprotect it first (`ferry reprotect {machine} …`), then fail it back")
+        }
+    };
+    let a = FailoverAction::Start {
+        machine: reverse,
+        planned,
+        unplanned: !planned,
+        point,
+        reason: Some(format!("failback of {machine}")),
+        drain_secs,
+        no_start,
+        no_wait,
+    };
+    failover(a, s, out).await
+}
+
 pub async fn failover(a: FailoverAction, s: &ServerArgs, out: OutputFormat) -> Result<()> {
     use ferry_api::config_server::{ChangePointRequest, FailoverKind, FailoverRequest};
     let (job, no_wait): (Job, bool) = match a {

@@ -178,6 +178,28 @@ enum Command {
         #[command(flatten)]
         server: ctl::ServerArgs,
     },
+    /// Fail a reprotected machine back (FB-1): the failover of its reverse protection, which
+    /// boots the original machine on its own disks. Commit with `ferry failover commit`.
+    Failback {
+        /// The original machine (`web1`) or its reverse protection (`web1.recovery`).
+        machine: String,
+        /// Zero data loss: the running copy is quiesced, drained and shut down first.
+        #[arg(long, conflicts_with = "point")]
+        planned: bool,
+        /// Otherwise: an RC-1 selector (latest, latest-app, …), a point ID or a seq.
+        #[arg(long)]
+        point: Option<String>,
+        /// Planned: how long to wait for the primary site to hold every write.
+        #[arg(long, default_value_t = 300)]
+        drain_secs: u64,
+        /// Leave the original machine powered off.
+        #[arg(long)]
+        no_start: bool,
+        #[arg(long)]
+        no_wait: bool,
+        #[command(flatten)]
+        server: ctl::ServerArgs,
+    },
     /// Fail a protected machine over, change its point, commit (jobs with steps and progress).
     Failover {
         #[command(subcommand)]
@@ -379,6 +401,9 @@ async fn run(cli: Cli) -> Result<()> {
                 clock_skew_secs,
             };
             ctl::reprotect(&machine, &req, dry_run, no_wait, &server, out).await
+        }
+        Command::Failback { machine, planned, point, drain_secs, no_start, no_wait, server } => {
+            ctl::failback(&machine, planned, point, drain_secs, no_start, no_wait, &server, out).await
         }
         Command::DisableProtection { machine, remove, force, no_wait, server } => {
             ctl::disable_protection(&machine, remove, force, no_wait, &server, out).await

@@ -367,7 +367,7 @@ fn reprotect_checks_first_then_resyncs_only_what_differs_to_the_primary_disks() 
         "is not failed over",
         "nothing to cancel before the failback",
     );
-    let job = lab.json(&["failover", "start", "web1.recovery", "--planned", "--no-start"]);
+    let job = lab.json(&["failback", "web1", "--planned", "--no-start"]);
     assert_eq!(job["state"], "succeeded", "{job:#}");
     assert!(job["steps"].to_string().contains("fail back: start web1"), "{job:#}");
     assert_eq!(lab.machine("web1.recovery")["power"], "off", "the recovery machine was shut down");
@@ -375,7 +375,7 @@ fn reprotect_checks_first_then_resyncs_only_what_differs_to_the_primary_disks() 
     let (good, v) = verify_log(&lab, &forked_log_now(&lab, k, &recovery_log, tmp.path()), 21, &primary_disk, None);
     assert!(good, "the primary's disks hold the recovery site's history to its last record: {v:#}");
     failed(&lab.run(&["failover", "cancel", "web1.recovery"]), "failback", "a failback is not cancelled");
-    ok(&lab.run(&["lab", "power-on", "web1", "--allow-failed-over"]), "the original machine boots");
+    ok(&lab.run(&["lab", "power-on", "web1"]), "the failed-back machine boots (no override needed)");
     wait("the failed-back machine writes", Duration::from_secs(60), || {
         let a = lab.agent_status("web1");
         (a["mode"] == "tracking" && a["lineage"]["parent_id"].as_u64() == Some(reverse_lineage)).then_some(a)
