@@ -1423,20 +1423,38 @@ impl Ops {
             if let Err(e) = r {
                 return fail(errors::STORE, e);
             }
+            // Done, or refused with a reason (e.g. a materialized point still pins it).
             let r = wait_status(store, ctl, ComponentKind::MasterTarget, &reverse.master_target, ORDER_LIMIT, |st| {
-                st.master_target()
-                    .and_then(|mt| mt.removed_machines.get(rm))
-                    .is_some_and(|r| r.order == job.id && r.error.is_none())
+                st.master_target().and_then(|mt| mt.removed_machines.get(rm)).is_some_and(|r| r.order == job.id)
             })
             .await;
-            if let Err(e) = r {
-                return fail(
-                    errors::MT_HEARTBEAT_LOST,
-                    format!(
-                        "master target {} did not confirm removing the earlier replica of {rm}: {e}",
-                        reverse.master_target
-                    ),
-                );
+            let said = component(store, ComponentKind::MasterTarget, &reverse.master_target)
+                .await
+                .and_then(|c| c.status)
+                .and_then(|s| s.master_target().and_then(|mt| mt.removed_machines.get(rm).cloned()))
+                .filter(|r| r.order == job.id);
+            match (r, said) {
+                (Ok(()), Some(d)) if d.error.is_none() => {}
+                (_, Some(d)) => {
+                    return fail(
+                        errors::STORAGE,
+                        format!(
+                            "master target {} cannot remove the earlier replica of {rm}: {}: fix that, then run the reprotect again",
+                            reverse.master_target,
+                            d.error.unwrap_or_default()
+                        ),
+                    )
+                }
+                (r, None) => {
+                    return fail(
+                        errors::MT_HEARTBEAT_LOST,
+                        format!(
+                            "master target {} did not confirm removing the earlier replica of {rm}: {}",
+                            reverse.master_target,
+                            r.err().unwrap_or_else(|| "no report".into())
+                        ),
+                    )
+                }
             }
             done.push(format!("the earlier replica of {rm} at {} (its disks kept)", reverse.master_target));
         }

@@ -251,6 +251,24 @@ pub async fn demo(args: DemoArgs, out: OutputFormat) -> Result<()> {
                     r.verify_group_point
                 );
             }
+            if let Some(c) = &report.cycle {
+                println!("\nfull cycle of {}:", c.machine);
+                println!("{:<72} {:>8} {:>14} {:>14}", "PHASE", "TIME", "BYTES SENT", "CHANGED");
+                for ph in &c.phases {
+                    let n = |b: Option<u64>| b.map(|b| b.to_string()).unwrap_or_else(|| "-".into());
+                    println!(
+                        "{:<72} {:>6.1} s {:>14} {:>14}",
+                        ph.phase,
+                        ph.secs,
+                        n(ph.bytes_sent),
+                        n(ph.bytes_changed)
+                    );
+                }
+                println!("both sites byte-identical at the end: {}", if c.byte_exact { "yes" } else { "NO" });
+                if let Some(r) = &c.refused {
+                    println!("{r}");
+                }
+            }
             println!(
                 "\n{}",
                 if report.verified {

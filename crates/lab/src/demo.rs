@@ -5,7 +5,11 @@
 //! machine and a multi-machine point per group, materializes each machine's app-consistent point
 //! as raw images on its master target and checks them with `ferry lab verify` (exactly the records
 //! up to the seq the workload paused at), then the group point (a consistent prefix on every
-//! member), prints a summary and tears the lab down (`--keep` leaves it running).
+//! member); then runs the whole cycle on one machine outside the group whose disks are not on NFS
+//! — planned failover, reprotect to its own disks, planned failback, reprotect forward — and
+//! compares both sites' disks byte for byte with its workload paused; prints a summary (a row
+//! per phase: time, bytes sent, bytes changed from the workload log) and tears the lab down
+//! (`--keep` leaves it running).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -19,6 +23,7 @@ use ferry_api::master_target::{ImageFormat, Materialization, MaterializationKind
 use ferry_api::Method;
 
 use crate::site::{self as lab_site, LabSpec, LabState};
+use ferry_status::server_client::ServerClient;
 
 /// What `ferry demo` is asked to do.
 #[derive(Debug, Clone)]
@@ -41,12 +46,36 @@ pub trait Progress: Send + Sync {
     fn done(&self);
 }
 
-/// What the demo found: a row per machine, and whether every point verified.
+/// What the demo found: a row per machine, the full cycle of one machine, and whether every
+/// point verified and the cycle ended byte-exact.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct DemoReport {
     pub lab: PathBuf,
     pub machines: Vec<DemoMachine>,
+    #[serde(default)]
+    pub cycle: Option<DemoCycle>,
     pub verified: bool,
+}
+
+/// Failover → reprotect → failback → reprotect of one machine, a row per phase.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct DemoCycle {
+    pub machine: String,
+    pub phases: Vec<DemoPhase>,
+    /// Both sites' disks compared byte for byte at the end (workload paused, all applied).
+    pub byte_exact: bool,
+    /// A machine on an NFS datastore, not cycled (DS-1 would refuse its reprotect).
+    pub refused: Option<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct DemoPhase {
+    pub phase: String,
+    pub secs: f64,
+    /// Bytes the resync sent (reprotects).
+    pub bytes_sent: Option<u64>,
+    /// Bytes of the blocks that could differ (the running copy's tracked writes).
+    pub bytes_changed: Option<u64>,
 }
 
 /// One protected machine of the demo: what was replicated and what the verifications said.
@@ -166,7 +195,11 @@ async fn demo(st: &LabState, args: &DemoArgs, p: &dyn Progress) -> Result<DemoRe
             .find(|m| m.os_family == os)
             .or_else(|| rs.master_targets.iter().find(|m| m.run))
             .context("no master target")?;
-        let usable: Vec<_> = rs.datastores.iter().filter(|d| d.accessible && d.access == "read-write").collect();
+        // Not NFS when there is another: a replica on NFS could not be reprotected forward
+        // again after a failback (DS-1), and the demo runs that cycle.
+        let writable: Vec<_> = rs.datastores.iter().filter(|d| d.accessible && d.access == "read-write").collect();
+        let not_nfs: Vec<_> = writable.iter().copied().filter(|d| d.kind != "nfs").collect();
+        let usable = if not_nfs.is_empty() { writable } else { not_nfs };
         let ds = usable
             .get(k % usable.len().max(1))
             .with_context(|| format!("site {} has no accessible, writable datastore for the replicas", rs.name))?;
@@ -377,7 +410,7 @@ async fn demo(st: &LabState, args: &DemoArgs, p: &dyn Progress) -> Result<DemoRe
             }
         };
         let id = app.id.clone();
-        let (_, files) = materialize(id.clone(), work.join(format!("{m}-app"))).await?;
+        let (app_mat, files) = materialize(id.clone(), work.join(format!("{m}-app"))).await?;
         let log = gdir.join("records.log");
         let exact = app_seq[m];
         let verdict = {
@@ -396,12 +429,13 @@ async fn demo(st: &LabState, args: &DemoArgs, p: &dyn Progress) -> Result<DemoRe
         ));
         let mut group_result = "-".to_owned();
         if let Some(g) = group_of.get(m) {
-            let (_, gfiles) = materialize("latest-multi".into(), work.join(format!("{m}-group"))).await?;
+            let (group_mat, gfiles) = materialize("latest-multi".into(), work.join(format!("{m}-group"))).await?;
             let v = tokio::task::spawn_blocking({
                 let log = log.clone();
                 move || crate::workload::verify(&log, &gfiles, seed, None)
             })
             .await??;
+            discard(&mt_status, &group_mat).await?;
             all_ok &= v.consistent;
             group_result = if v.consistent {
                 format!("PASS ({g} @ record {})", v.prefix_seq)
@@ -409,6 +443,8 @@ async fn demo(st: &LabState, args: &DemoArgs, p: &dyn Progress) -> Result<DemoRe
                 format!("FAIL: {}", v.problem.unwrap_or_default())
             };
         }
+        // Verified: the images go (a materialized point pins the replica's history).
+        discard(&mt_status, &app_mat).await?;
         let agent = agent_status(st, m).await.ok();
         rows.push(DemoMachine {
             machine: m.clone(),
@@ -427,5 +463,207 @@ async fn demo(st: &LabState, args: &DemoArgs, p: &dyn Progress) -> Result<DemoRe
             workload_records: records(&log),
         });
     }
-    Ok(DemoReport { lab: st.dir.clone(), machines: rows, verified: all_ok })
+    // The whole cycle on one machine (not in a group, neither side on NFS).
+    let kind_of = |site: &str, ds: &str| {
+        spec.sites
+            .iter()
+            .find(|s| s.name == site)
+            .and_then(|s| s.datastores.iter().find(|d| d.name == ds))
+            .map(|d| d.kind.clone())
+    };
+    let mut cycle = None;
+    for r in requests.iter().filter(|r| r.group.is_none()) {
+        let m = &r.machines[0];
+        let Some((psite, pm)) =
+            spec.sites.iter().find_map(|s| s.machines.iter().find(|x| &x.name == m).map(|x| (s, x)))
+        else {
+            continue;
+        };
+        let Some(rsite) = spec.sites.iter().find(|s| s.master_targets.iter().any(|t| t.name == r.master_target)) else {
+            continue;
+        };
+        if kind_of(&psite.name, &pm.datastore).as_deref() == Some("nfs")
+            || kind_of(&rsite.name, &r.datastore).as_deref() == Some("nfs")
+        {
+            continue;
+        }
+        let Some(pmt) = psite.master_targets.iter().find(|t| t.run && t.os_family == pm.os_family) else { continue };
+        let Some(rps) = rsite.process_server.as_ref() else { continue };
+        let legs = CycleLegs {
+            machine: m.clone(),
+            psite: psite.name.clone(),
+            rsite: rsite.name.clone(),
+            pdatastore: pm.datastore.clone(),
+            rdatastore: r.datastore.clone(),
+            pmt: pmt.name.clone(),
+            rmt: r.master_target.clone(),
+            pps: r.process_server.clone(),
+            rps: rps.name.clone(),
+            disks: pm.disks.iter().map(|d| d.name.clone()).collect(),
+        };
+        let mut c = run_cycle(st, &server, &legs, p).await?;
+        // A machine on NFS is not cycled: the reprotect's DS-1 check would refuse it.
+        if let Some(nfs) = spec.sites.iter().flat_map(|s| s.machines.iter().map(move |x| (s, x))).find(|(s, x)| {
+            kind_of(&s.name, &x.datastore).as_deref() == Some("nfs")
+                && requests.iter().any(|r| r.machines.contains(&x.name))
+        }) {
+            c.refused = Some(format!(
+                "{} lives on NFS datastore {}: its original-location failback would be refused by DS-1, so the demo does not cycle it",
+                nfs.1.name, nfs.1.datastore
+            ));
+        }
+        all_ok &= c.byte_exact;
+        cycle = Some(c);
+        break;
+    }
+    Ok(DemoReport { lab: st.dir.clone(), machines: rows, cycle, verified: all_ok })
+}
+
+/// Discard a materialization the demo made (its images are verified).
+async fn discard(mt_status: &str, id: &str) -> Result<()> {
+    let _: ferry_api::master_target::Discarded =
+        ferry_status::call_control(mt_status, Method::Delete, &format!("/materializations/{id}"), None::<&()>)
+            .await
+            .with_context(|| format!("discarding materialization {id}"))?;
+    Ok(())
+}
+
+/// The 4 KiB blocks the records of a workload log touch, after its first `skip` lines.
+fn log_blocks(path: &Path, skip: usize) -> std::collections::BTreeSet<u64> {
+    let mut set = std::collections::BTreeSet::new();
+    for line in std::fs::read_to_string(path).unwrap_or_default().lines().skip(skip) {
+        let v: Vec<u64> = line.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+        if v.len() >= 4 {
+            set.extend((0..v[3]).map(|i| v[2] / 4096 + i));
+        }
+    }
+    set
+}
+
+/// Where one machine's cycle goes.
+struct CycleLegs {
+    machine: String,
+    psite: String,
+    rsite: String,
+    pdatastore: String,
+    rdatastore: String,
+    pmt: String,
+    rmt: String,
+    pps: String,
+    rps: String,
+    disks: Vec<String>,
+}
+
+/// Failover (planned) → commit → reprotect → failback (planned) → commit → reprotect forward,
+/// then both sites' disks compared with the workload paused.
+async fn run_cycle(st: &LabState, server: &ServerClient, l: &CycleLegs, p: &dyn Progress) -> Result<DemoCycle> {
+    use ferry_api::config_server::{FailoverKind, FailoverRequest, MachineView, ReprotectRequest};
+    let m = l.machine.as_str();
+    let rm = format!("{m}.{}", l.rsite);
+    let limit = Duration::from_secs(900);
+    let mut phases = Vec::new();
+    let job_of = |job: Job| async move { lab_site::wait_job(server, &job, limit).await };
+    let failover = |machine: String, what: &'static str| async move {
+        let req = FailoverRequest {
+            machine,
+            kind: FailoverKind::Planned,
+            point: None,
+            reason: Some(format!("ferry demo: {what}")),
+            drain_secs: 300,
+            no_start: false,
+        };
+        let job: Job = server.call(Method::Post, "/api/v1/failovers", Some(&req)).await?;
+        job_of(job).await
+    };
+    let commit = |machine: String| async move {
+        let job: Job =
+            server.call(Method::Post, &format!("/api/v1/machines/{machine}/failover/commit"), None::<&()>).await?;
+        job_of(job).await
+    };
+    let reprotect = |machine: String, mt: String, ps: String, ds: String| async move {
+        let req = ReprotectRequest {
+            master_target: mt,
+            process_server: ps,
+            datastore: ds,
+            stall_secs: 600,
+            discard_primary_changes: false,
+            clock_skew_secs: 5,
+        };
+        let job: Job = server.call(Method::Post, &format!("/api/v1/machines/{machine}/reprotect"), Some(&req)).await?;
+        job_of(job).await
+    };
+    let view = |machine: String| async move {
+        let v: Vec<MachineView> = server.call(Method::Get, "/api/v1/machines", None::<&()>).await?;
+        v.into_iter().find(|x| x.machine == machine).with_context(|| format!("no machine {machine}"))
+    };
+    let mut phase = |name: String, t: Instant, sent: Option<u64>, changed: Option<u64>| {
+        let secs = t.elapsed().as_secs_f64();
+        p.step(&format!(
+            "{name}: {secs:.1} s{}",
+            sent.map(|b| format!(", {b} bytes sent for {} changed", changed.unwrap_or(0))).unwrap_or_default()
+        ));
+        phases.push(DemoPhase { phase: name, secs, bytes_sent: sent, bytes_changed: changed });
+    };
+
+    p.status(&format!("cycle of {m}: planned failover to {}", l.rsite));
+    let t = Instant::now();
+    failover(m.to_owned(), "failover").await?;
+    commit(m.to_owned()).await?;
+    phase(format!("{m}: planned failover to {} (committed)", l.rsite), t, None, None);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    p.status(&format!("cycle of {m}: reprotect {rm} → {}", l.psite));
+    let t = Instant::now();
+    reprotect(m.to_owned(), l.pmt.clone(), l.rps.clone(), l.pdatastore.clone()).await?;
+    let r = view(rm.clone()).await?.reprotect;
+    // Changed: every block the recovery machine wrote (a planned failover loses nothing).
+    let rlog = st.dir.join(format!("sites/{}/guests/{rm}/records.log", l.rsite));
+    let changed = log_blocks(&rlog, 0).len() as u64 * 4096;
+    phase(format!("{rm}: reprotect to {m}'s own disks"), t, r.as_ref().and_then(|r| r.resynced_bytes), Some(changed));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    p.status(&format!("cycle of {m}: planned failback"));
+    let t = Instant::now();
+    let plog = st.machine_site(m)?.1.join("guests").join(m).join("records.log");
+    let before = records(&plog) as usize;
+    failover(rm.clone(), "failback").await?;
+    commit(rm.clone()).await?;
+    phase(format!("{m}: planned failback (it boots on its own disks; committed)"), t, None, None);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    p.status(&format!("cycle of {m}: reprotect forward to {}", l.rsite));
+    let t = Instant::now();
+    reprotect(rm.clone(), l.rmt.clone(), l.pps.clone(), l.rdatastore.clone()).await?;
+    let r = view(m.to_owned()).await?.reprotect;
+    let changed = log_blocks(&plog, before).len() as u64 * 4096;
+    phase(
+        format!("{m}: reprotect forward to {} (protected as at the start)", l.rsite),
+        t,
+        r.as_ref().and_then(|r| r.resynced_bytes),
+        Some(changed),
+    );
+
+    // Byte-exact: the workload paused and flushed, everything applied at the recovery site.
+    let guest = st.machine_site(m)?.1.join("guests").join(m);
+    std::fs::write(guest.join("pause"), b"")?;
+    let settled = wait_for(&format!("{m}'s workload paused and applied"), Duration::from_secs(120), || async {
+        let a = agent_status(st, m).await?;
+        Ok((guest.join("pause.paused").exists() && a.caught_up && a.applied_seq >= a.last_seq).then_some(()))
+    })
+    .await;
+    let mut byte_exact = settled.is_ok();
+    for d in &l.disks {
+        let a = st.dir.join(format!("sites/{}/datastores/{}/{m}/{d}.img", l.psite, l.pdatastore));
+        let b = st.dir.join(format!("sites/{}/datastores/{}/{m}/{d}.img", l.rsite, l.rdatastore));
+        let same =
+            tokio::task::spawn_blocking(move || -> Result<bool> { Ok(std::fs::read(&a)? == std::fs::read(&b)?) })
+                .await??;
+        byte_exact &= same;
+    }
+    let _ = std::fs::remove_file(guest.join("pause"));
+    p.step(&format!(
+        "{m}: both sites' disks {} (workload paused, everything applied)",
+        if byte_exact { "byte-identical" } else { "DIFFER" }
+    ));
+    Ok(DemoCycle { machine: m.to_owned(), phases, byte_exact, refused: None })
 }

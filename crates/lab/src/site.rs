@@ -598,7 +598,7 @@ fn write_site(folder: &Path, file: &discovery::SiteFile) -> Result<()> {
     std::fs::write(&p, toml::to_string(file)?).with_context(|| format!("cannot write {}", p.display()))
 }
 
-async fn wait_job(server: &ServerClient, job: &Job, limit: Duration) -> Result<Job> {
+pub(crate) async fn wait_job(server: &ServerClient, job: &Job, limit: Duration) -> Result<Job> {
     let id = &job.id;
     let deadline = Instant::now() + limit;
     loop {

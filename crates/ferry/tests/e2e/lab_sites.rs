@@ -642,6 +642,16 @@ fn demo_short_variant_protects_takes_points_and_verifies() {
     }
     let win = rows.iter().find(|r| r["machine"] == "win1").unwrap();
     assert_eq!(win["master_target"], "mt-windows-r", "a Windows machine to the Windows master target");
+    // The full cycle on one machine: failover, reprotect, failback, reprotect, byte-exact.
+    let cycle = &v["cycle"];
+    assert_eq!(cycle["byte_exact"], true, "{cycle:#}");
+    let phases = cycle["phases"].as_array().unwrap();
+    assert_eq!(phases.len(), 4, "{cycle:#}");
+    for ph in phases.iter().filter(|p| p["bytes_sent"].is_u64()) {
+        let (sent, changed) = (ph["bytes_sent"].as_u64().unwrap(), ph["bytes_changed"].as_u64().unwrap());
+        assert!(sent <= changed + changed / 10, "only what changed travelled: {ph:#}");
+    }
+    assert!(cycle["refused"].as_str().unwrap_or_default().contains("DS-1"), "{cycle:#}");
     assert!(!dir.exists(), "the demo tears its lab down and removes it");
 }
 
