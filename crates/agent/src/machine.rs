@@ -462,10 +462,16 @@ impl Machine {
             previous
         };
         // A reprotect's seed: counted once, before the mode is chosen (it makes a resync run).
-        let resync_seed = config
-            .resync_seed
-            .clone()
-            .filter(|s| previous.as_ref().and_then(|p| p.resync_seed.as_deref()) != Some(s.order.as_str()));
+        let own_lineage = previous.as_ref().and_then(|p| p.lineage.as_ref()).map(|l| format!("{:016x}", l.id));
+        let resync_seed = config.resync_seed.clone().filter(|s| {
+            previous.as_ref().and_then(|p| p.resync_seed.as_deref()) != Some(s.order.as_str())
+                && s.lineage.as_ref().is_none_or(|l| Some(l) == own_lineage.as_ref())
+        });
+        if let Some(s) =
+            config.resync_seed.as_ref().filter(|s| s.lineage.as_ref().is_some_and(|l| Some(l) != own_lineage.as_ref()))
+        {
+            tracing::info!(order = %s.order, "a resync seed for another copy of these disks is ignored");
+        }
         let mut resync_seeded = None;
         if let Some(seed) = &resync_seed {
             // Checked whole before anything is marked. A seed this agent cannot use never stops

@@ -332,9 +332,11 @@ pub struct ComponentSettings {
 
 /// Settings a running component follows (its settings watch) that are not keys of its
 /// configuration file: left out when the settings are merged into the file's keys at start.
-pub const RUNTIME_KEYS: [&str; 7] = [
+pub const RUNTIME_KEYS: [&str; 8] = [
     "revoked_certificates",
     "verify_order",
+    // Master targets keep it with their assigned settings (`assigned.json`), not in the file.
+    "machine_adoptions",
     "quiesce",
     "machine_failovers",
     "machine_test_failovers",
@@ -363,9 +365,17 @@ pub struct AdoptionOrder {
     pub order: String,
     /// Per disk of the machine, in its order: the file (the old primary's disk).
     pub disks: Vec<AdoptedDisk>,
-    /// The lineage ID of the copy that will stream here (the failed-over machine's agent): the
+    /// The lineage ID of the copy that will stream here (the failed-over machine's agent), 16 hex
+    /// digits (settings become TOML at a component's start, whose integers stop at 2^63): the
     /// replica takes only that copy, whose resync brings the files to it.
-    pub lineage: u64,
+    pub lineage: String,
+}
+
+impl AdoptionOrder {
+    /// The lineage ID, or None when `lineage` is not 16 hex digits.
+    pub fn lineage_id(&self) -> Option<u64> {
+        (self.lineage.len() == 16).then(|| u64::from_str_radix(&self.lineage, 16).ok()).flatten()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -392,6 +402,11 @@ pub struct VerifyOrder {
 pub struct ResyncSeed {
     /// The job that gave it.
     pub order: String,
+    /// The copy (the agent's lineage, 16 hex digits: the agent's configuration is TOML, whose
+    /// integers stop at 2^63) it was computed for: another copy — a later cycle's, or one whose
+    /// state was lost since — ignores it (what it says is about other disks' history).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lineage: Option<String>,
     /// Why, in words (shown in the agent's event).
     pub reason: String,
     /// Regions resynced whole.

@@ -1010,8 +1010,15 @@ impl Ops {
                         );
                     }
                 };
+                // For the copy that runs now (its lineage): a later cycle's copy, or this one
+                // after its state was lost, ignores it.
+                let lineage = component(store, ComponentKind::Agent, rm)
+                    .await
+                    .and_then(|c| c.status)
+                    .and_then(|s| s.agent().and_then(|a| a.lineage.as_ref().map(|l| format!("{:016x}", l.id))));
                 let seed = ResyncSeed {
                     order: job.id.clone(),
+                    lineage,
                     reason: if rp.hash_fallback {
                         format!("reprotect (hash fallback): every block compared with {machine}'s disks")
                     } else {
@@ -1077,7 +1084,7 @@ impl Ops {
                         .iter()
                         .map(|d| AdoptedDisk { name: d.name.clone(), path: d.path.clone() })
                         .collect(),
-                    lineage: lineage.id,
+                    lineage: format!("{:016x}", lineage.id),
                 };
                 let key = format!("master-target/{}", reverse.master_target);
                 let r = update_settings(store, &key, |b| {

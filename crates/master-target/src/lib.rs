@@ -376,11 +376,11 @@ impl MasterTarget {
             self.live.read().unwrap_or_else(|p| p.into_inner()).machine_adoptions.get(machine.as_str()).cloned();
         if let Some(order) = adoption {
             // Only the copy the reprotect named, checked before any file is opened or locked.
-            if hello.lineage.id == 0 || hello.lineage.id != order.lineage {
+            if hello.lineage.id == 0 || Some(hello.lineage.id) != order.lineage_id() {
                 return Err((
                     codes::LINEAGE_MISMATCH.code,
                     format!(
-                        "the reprotect of {machine} adopts the old primary's disks for the copy with lineage {:016x}; this stream comes from {:016x}: nothing was opened",
+                        "the reprotect of {machine} adopts the old primary's disks for the copy with lineage {}; this stream comes from {:016x}: nothing was opened",
                         order.lineage, hello.lineage.id
                     ),
                     "run the reprotect again: it names the copy that runs now".into(),

@@ -278,6 +278,12 @@ fn reprotect_checks_first_then_resyncs_only_what_differs_to_the_primary_disks() 
     assert_eq!(rm["master_target"], "mt-p", "{rm:#}");
     assert_eq!(rm["policy"], "gold-failback", "{rm:#}");
     assert_eq!(lab.machine("web1")["reprotected_by"], "web1.recovery");
+    // The primary's master target restarts with the adoption in its settings (they become TOML
+    // at its start: a lineage above 2^63 must not break them) and reopens the adopted replica.
+    ok(&lab.run(&["lab", "restart", "mt-p"]), "restart the primary's master target");
+    lab.reload();
+    let mt_log = std::fs::read_to_string(lab.dir.join("logs/mt-p.log")).unwrap();
+    assert!(!mt_log.contains("do not convert to TOML"), "settings taken at start");
     failed(&lab.run(&["lab", "power-on", "web1"]), "allow-failed-over", "the old primary stays off (ST-10)");
 
     // With the recovery machine's workload paused and everything applied at the primary's
