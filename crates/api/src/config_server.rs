@@ -1,7 +1,7 @@
 //! The configuration server's API (`/api/v1`): the objects operators manage and the views the
 //! server computes.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 
 use ferry_types::{codes, ErrorCode};
@@ -221,7 +221,7 @@ fn default_script_timeout() -> u64 {
     600
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PlanGroup {
     #[serde(default)]
@@ -653,6 +653,67 @@ pub struct ReprotectPlan {
     pub checks: Vec<ReprotectCheck>,
     /// Every check passed: a real run would start.
     pub ready: bool,
+}
+
+/// Where one machine of a plan reprotects to (ST-3, ST-4).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReprotectTargets {
+    pub master_target: String,
+    pub process_server: String,
+    pub datastore: String,
+}
+
+/// `POST /api/v1/recovery-plans/{name}/reprotect[/dry-run]`: reprotect every machine of a plan
+/// in one job (the only way for a replication group, RG-3). Every machine needs values: its
+/// own entry in `machines`, else `defaults`; one named by neither refuses the request.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlanReprotectRequest {
+    #[serde(default)]
+    pub defaults: Option<ReprotectTargets>,
+    /// Machine, as the plan names it → its values. After a failback the machine's failed-over
+    /// record is its reverse protection (`web1.recovery`): reprotecting the plan then goes
+    /// forward again, with these values.
+    #[serde(default)]
+    pub machines: BTreeMap<String, ReprotectTargets>,
+    #[serde(default = "default_stall")]
+    pub stall_secs: u64,
+    #[serde(default)]
+    pub discard_primary_changes: bool,
+    #[serde(default = "default_clock_skew")]
+    pub clock_skew_secs: u64,
+}
+
+/// The answer to a plan reprotect's dry run: the plan's own checks (RG-1, RG-2, RG-3) and every
+/// machine's.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+pub struct PlanReprotectPlan {
+    pub plan: String,
+    pub checks: Vec<ReprotectCheck>,
+    pub machines: Vec<ReprotectPlan>,
+    /// Every check of the plan and of every machine passed.
+    pub ready: bool,
+}
+
+/// `POST /api/v1/recovery-plans/{name}/failback`: fail every reprotected machine of a plan back
+/// (FB-1), group by group: the failover of their reverse protections.
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlanFailbackRequest {
+    /// Planned: zero data loss (every recovery-site machine quiesced, drained, shut down).
+    #[serde(default)]
+    pub planned: bool,
+    /// Otherwise `latest` (default) or `latest-app` (RC-1); a replication group's members go to
+    /// one multi-machine point of that kind.
+    #[serde(default)]
+    pub point: Option<String>,
+    #[serde(default)]
+    pub reason: Option<String>,
+    #[serde(default = "default_drain_secs")]
+    pub drain_secs: u64,
+    #[serde(default)]
+    pub no_start: bool,
 }
 
 /// A reverse protection's origin, on its record (the failed-over machine's protection).
@@ -1296,6 +1357,9 @@ pub enum ConfigServerEndpoint {
     DeletePlan,
     DrillPlan,
     FailoverPlan,
+    ReprotectPlan,
+    ReprotectPlanDryRun,
+    FailbackPlan,
     ListSites,
     CreateSite,
     GetSite,
@@ -1372,6 +1436,9 @@ pub const ROUTES: &[Route<ConfigServerEndpoint>] = &[
     Route::new::<(), Deleted>(C::DeletePlan, Delete, "/api/v1/recovery-plans/{name}", Role::Operator, "Delete a recovery plan").no_body(),
     Route::new::<(), Job>(C::DrillPlan, Post, "/api/v1/recovery-plans/{name}/drill", Role::Operator, "Start a drill job: the plan's pre/post actions in order (manual ones wait for input; script actions need an admin token)").no_body().answers(202),
     Route::new::<PlanFailoverRequest, Job>(C::FailoverPlan, Post, "/api/v1/recovery-plans/{name}/failover", Role::Operator, "Fail a recovery plan over {kind: planned | unplanned, point?}: group by group (machines of a group in parallel, actions between), a replication group to one multi-machine point (a job)").answers(202),
+    Route::new::<PlanReprotectRequest, Job>(C::ReprotectPlan, Post, "/api/v1/recovery-plans/{name}/reprotect", Role::Operator, "Reprotect every machine of a recovery plan {defaults?, machines: {machine: {master_target, process_server, datastore}}}: the only way for a replication group (RG-3); the plan's checks (RG-1, RG-2) and every machine's first, nothing changes when one fails; then one job takes every machine through the reprotect's steps together (a job)").answers(202),
+    Route::new::<PlanReprotectRequest, PlanReprotectPlan>(C::ReprotectPlanDryRun, Post, "/api/v1/recovery-plans/{name}/reprotect/dry-run", Role::Operator, "Every precondition of a plan reprotect (the plan's and each machine's) with pass/fail, code, message and remedy; changes nothing"),
+    Route::new::<PlanFailbackRequest, Job>(C::FailbackPlan, Post, "/api/v1/recovery-plans/{name}/failback", Role::Operator, "Fail a reprotected recovery plan back {planned?, point?: latest | latest-app}: the failover of every machine's reverse protection, group by group with the plan's actions, a replication group to one point; the original machines boot on their own disks (a job)").answers(202),
     get::<_, Vec<Site>>(C::ListSites, "/api/v1/sites", Role::Reader, "List sites"),
     Route::new::<Site, SiteAdded>(C::CreateSite, Post, "/api/v1/sites", Role::Operator, "Add a site {name, provider: local, path} and discover it").answers(201),
     get::<_, Site>(C::GetSite, "/api/v1/sites/{name}", Role::Reader, "Show a site"),

@@ -17,6 +17,7 @@ pub mod jobs;
 pub mod model;
 pub mod ops;
 pub mod plan_failover;
+pub mod plan_reprotect;
 pub mod plan_test_failover;
 pub mod protection;
 pub mod provider;

@@ -88,6 +88,9 @@ pub enum JobWork {
     /// Reprotect a failed-over machine: its machine at the recovery site replicates back (see
     /// `reprotect`).
     Reprotect { machine: String, recovery_machine: String, stall_secs: u64 },
+    /// Reprotect every machine of a recovery plan together (see `plan_reprotect`): (machine,
+    /// recovery machine) pairs.
+    PlanReprotect { plan: String, machines: Vec<(String, String)>, stall_secs: u64 },
 }
 
 impl JobWork {
@@ -105,6 +108,7 @@ impl JobWork {
             JobWork::FailoverCancel { .. } => "failover-cancel",
             JobWork::DisableProtection { .. } => "disable-protection",
             JobWork::Reprotect { .. } => "reprotect",
+            JobWork::PlanReprotect { .. } => "plan-reprotect",
             JobWork::TestFailover { .. } => "test-failover",
             JobWork::PlanFailover { .. } => "plan-failover",
             JobWork::PlanTestFailover { .. } => "plan-test-failover",
@@ -381,6 +385,17 @@ impl Runner for Ops {
                     o => o,
                 }
             }
+            JobWork::PlanReprotect { machines, stall_secs, .. } => {
+                match self.plan_reprotect_step(job, &machines, stall_secs, step, ctl).await {
+                    Outcome::Failed(e) => {
+                        for (_, rm) in &machines {
+                            crate::reprotect::mark_failed(&self.store, job, rm).await;
+                        }
+                        Outcome::Failed(e)
+                    }
+                    o => o,
+                }
+            }
             JobWork::TestFailover { machine, drill, point, no_start } => {
                 match self.test_failover_step(&machine, &drill, &point, no_start, step, ctl).await {
                     Outcome::Failed(e) => Outcome::Failed(self.test_failover_failed(&drill, e).await),
@@ -427,6 +442,7 @@ pub const JOB_KINDS: &[&str] = &[
     "failover-cancel",
     "disable-protection",
     "reprotect",
+    "plan-reprotect",
     "test-failover",
     "test-failover-cleanup",
     "plan-failover",

@@ -70,8 +70,18 @@ pub(crate) async fn free_plan_machines(
     s: &AppState,
     plan: &RecoveryPlan,
 ) -> Result<(Vec<Vec<String>>, Vec<ferry_store::Doc<Protection>>), ApiError> {
-    let name = &plan.name;
     let groups = plan_machines(s, plan).await?;
+    let docs = free_machines(s, &plan.name, &groups).await?;
+    Ok((groups, docs))
+}
+
+/// Each machine's protection record, when every one is Protected and free (no failover, no
+/// drill).
+pub(crate) async fn free_machines(
+    s: &AppState,
+    name: &str,
+    groups: &[Vec<String>],
+) -> Result<Vec<ferry_store::Doc<Protection>>, ApiError> {
     if groups.iter().all(|g| g.is_empty()) {
         return Err(ApiError::bad(format!("recovery plan {name} has no machines")));
     }
@@ -98,7 +108,7 @@ pub(crate) async fn free_plan_machines(
         }
         docs.push(doc);
     }
-    Ok((groups, docs))
+    Ok(docs)
 }
 
 /// The machines of each group of a plan, replication groups expanded.
@@ -174,6 +184,22 @@ async fn claim(s: &Arc<AppState>, name: &str, req: PlanFailoverRequest) -> Resul
     }
     let reason = crate::failover::check_reason(req.reason.as_deref(), format!("failover of recovery plan {name}"))?;
     let (groups, docs) = free_plan_machines(s, &plan).await?;
+    claim_groups(s, &plan, groups, docs, &req, point, reason).await
+}
+
+/// Take every machine of `groups` (protection records `docs`, the plan's groups in order) for
+/// one plan failover job, then start it; a machine taken by another request meanwhile gives
+/// every one back.
+pub(crate) async fn claim_groups(
+    s: &Arc<AppState>,
+    plan: &RecoveryPlan,
+    groups: Vec<Vec<String>>,
+    docs: Vec<ferry_store::Doc<Protection>>,
+    req: &PlanFailoverRequest,
+    point: String,
+    reason: String,
+) -> Result<Job, ApiError> {
+    let name = plan.name.as_str();
     let id = crate::jobs::Jobs::new_id();
     let mut claimed: Vec<(Protection, i64)> = Vec::new();
     for doc in docs {

@@ -613,6 +613,46 @@ async fn group_coordinator_key(store: &Store, group: &str) -> Result<(String, St
     Ok((private, public))
 }
 
+/// Each group member's `[group]` settings, per replication group among `ps`: its first member
+/// (in the order given) coordinates and reaches the others at their agents' status addresses;
+/// only the coordinator holds the group's private key, the others verify with the public half.
+pub(crate) async fn group_settings(store: &Store, ps: &[Protection]) -> Result<HashMap<String, GroupSetting>, String> {
+    let mut out = HashMap::new();
+    let groups: std::collections::BTreeSet<&String> = ps.iter().filter_map(|p| p.group.as_ref()).collect();
+    let mut addrs = HashMap::new();
+    for p in ps.iter().filter(|p| p.group.is_some()) {
+        let addr = component(store, ComponentKind::Agent, &p.machine)
+            .await
+            .and_then(|c| c.status.as_ref().and_then(|s| s.status_listen()).map(str::to_owned));
+        addrs.insert(p.machine.clone(), addr);
+    }
+    for g in groups {
+        let (key, public) = group_coordinator_key(store, g).await?;
+        let members: Vec<&Protection> = ps.iter().filter(|p| p.group.as_ref() == Some(g)).collect();
+        for (i, p) in members.iter().enumerate() {
+            let others: Vec<String> = members
+                .iter()
+                .filter(|o| o.machine != p.machine)
+                .filter_map(|o| addrs.get(&o.machine).cloned().flatten())
+                .collect();
+            out.insert(
+                p.machine.clone(),
+                GroupSetting {
+                    name: g.clone(),
+                    coordinator: i == 0,
+                    coordinator_public_key: Some(public.clone()),
+                    coordinator_key: (i == 0).then(|| key.clone()),
+                    members: if i == 0 { others } else { Vec::new() },
+                    crash_interval_secs: None,
+                    app_interval_secs: None,
+                    prepare_timeout_secs: None,
+                },
+            );
+        }
+    }
+    Ok(out)
+}
+
 /// Read-modify-write a component's settings with compare-and-set (concurrent jobs share them).
 pub(crate) async fn update_settings(
     store: &Store,
@@ -863,43 +903,12 @@ pub async fn run_step(store: &Store, pj: &ProtectJob<'_>, step: usize, ctl: &Job
                     format!("process server {} has not reported its address", first.process_server),
                 );
             };
-            // Group: the first machine coordinates and reaches the others at their status addresses.
-            let mut members = HashMap::new();
+            let groups = match group_settings(store, &ps).await {
+                Ok(g) => g,
+                Err(e) => return fail(errors::STORE, e),
+            };
             for p in &ps {
-                let addr = component(store, ComponentKind::Agent, &p.machine)
-                    .await
-                    .and_then(|c| c.status.as_ref().and_then(|s| s.status_listen()).map(str::to_owned));
-                members.insert(p.machine.clone(), addr);
-            }
-            let mut keys = HashMap::new();
-            for g in ps.iter().filter_map(|p| p.group.as_ref()) {
-                if !keys.contains_key(g) {
-                    match group_coordinator_key(store, g).await {
-                        Ok(k) => keys.insert(g.clone(), k),
-                        Err(e) => return fail(errors::STORE, e),
-                    };
-                }
-            }
-            for (i, p) in ps.iter().enumerate() {
-                let group = p.group.as_ref().map(|g| {
-                    let (key, public) = keys.get(g).cloned().unwrap_or_default();
-                    let others: Vec<String> = ps
-                        .iter()
-                        .filter(|o| o.machine != p.machine)
-                        .filter_map(|o| members.get(&o.machine).cloned().flatten())
-                        .collect();
-                    GroupSetting {
-                        name: g.clone(),
-                        coordinator: i == 0,
-                        // Only the coordinator holds the private key; members verify with the public.
-                        coordinator_public_key: Some(public),
-                        coordinator_key: (i == 0).then_some(key),
-                        members: if i == 0 { others } else { Vec::new() },
-                        crash_interval_secs: None,
-                        app_interval_secs: None,
-                        prepare_timeout_secs: None,
-                    }
-                });
+                let group = groups.get(&p.machine).cloned();
                 let disks: Vec<DiskSetting> = p
                     .disks
                     .iter()

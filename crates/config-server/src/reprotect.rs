@@ -85,7 +85,7 @@ impl ReprotectStep {
         ReprotectStep::MarkProtected,
     ];
 
-    fn name(self, forward: &Protection, reverse: &Protection) -> String {
+    pub(crate) fn name(self, forward: &Protection, reverse: &Protection) -> String {
         let (m, rm) = (&forward.machine, &reverse.machine);
         match self {
             ReprotectStep::PowerOffPrimary => {
@@ -143,8 +143,8 @@ pub fn failback_policy_name(policy: &str) -> String {
 }
 
 /// The checks' findings: what they looked at, for the reverse protection a real run records.
-struct Findings {
-    checks: Vec<ReprotectCheck>,
+pub(crate) struct Findings {
+    pub(crate) checks: Vec<ReprotectCheck>,
     /// The recovery machine's own record from the cycle before (the protection this machine's
     /// reverse came from, now failed back): a real run replaces it.
     earlier_cycle: Option<ferry_store::Doc<Protection>>,
@@ -181,11 +181,11 @@ impl Findings {
         }
     }
 
-    fn ready(&self) -> bool {
+    pub(crate) fn ready(&self) -> bool {
         self.checks.iter().all(|c| c.passed)
     }
 
-    fn plan(&self, machine: &str) -> ReprotectPlan {
+    pub(crate) fn plan(&self, machine: &str) -> ReprotectPlan {
         ReprotectPlan {
             machine: machine.to_owned(),
             recovery_machine: self.recovery_machine.clone(),
@@ -204,7 +204,12 @@ fn fresh(c: Option<&ferry_api::control::Component>) -> bool {
 
 /// Every precondition of reprotecting `machine`, checked against the store, the inventories and
 /// the components' latest reports. Reads only.
-async fn checks(store: &Store, machine: &str, req: &ReprotectRequest) -> Result<Findings, ApiError> {
+pub(crate) async fn checks(
+    store: &Store,
+    machine: &str,
+    req: &ReprotectRequest,
+    in_plan: bool,
+) -> Result<Findings, ApiError> {
     let mut f = Findings {
         checks: Vec::new(),
         earlier_cycle: None,
@@ -251,6 +256,17 @@ async fn checks(store: &Store, machine: &str, req: &ReprotectRequest) -> Result<
     let rsite = fo.recovery_site.clone().unwrap_or_default();
     f.direction = format!("{rsite} → {}", p.site);
     f.pass("RP-1", format!("{machine} was protected from site {} and failed over to site {rsite}", p.site));
+    // RG-3: a replication group's members only together, through a recovery plan.
+    if let Some(g) = &p.group {
+        f.check(
+            "RG-3",
+            in_plan,
+            errors::REPROTECT_REFUSED,
+            format!("{machine} is in replication group {g}: reprotected with it through a recovery plan"),
+            format!("{machine} is in replication group {g}: a replication group is reprotected only through a recovery plan (RG-3)"),
+            "reprotect the recovery plan that holds the group (`ferry plans reprotect PLAN …`), with values for every machine",
+        );
+    }
     // The failover is committed (its point cannot change under the resync).
     f.check(
         "failover-committed",
@@ -699,7 +715,8 @@ async fn checks(store: &Store, machine: &str, req: &ReprotectRequest) -> Result<
             master_target: req.master_target.clone(),
             datastore: req.datastore.clone(),
             datastore_path: ds.map(|d| mt_inv.folder.join(&d.path)).unwrap_or_default(),
-            group: None,
+            // The group goes on in the reverse direction (only through a plan: RG-3).
+            group: p.group.clone(),
             state: "enabling".into(),
             job: String::new(),
             disks: rmach
@@ -748,7 +765,7 @@ pub async fn dry_run(
     Path(machine): Path<String>,
     Body(req): Body<ReprotectRequest>,
 ) -> crate::http::ApiResult {
-    let f = checks(&s.store, &machine, &req).await?;
+    let f = checks(&s.store, &machine, &req, false).await?;
     crate::http::ok(f.plan(&machine))
 }
 
@@ -766,31 +783,72 @@ pub async fn reprotect(
 }
 
 async fn claim(s: &Arc<AppState>, machine: &str, req: &ReprotectRequest) -> Result<Job, ApiError> {
-    let f = checks(&s.store, machine, req).await?;
-    let failed: Vec<&ReprotectCheck> = f.checks.iter().filter(|c| !c.passed).collect();
-    if let Some(first) = failed.first() {
-        let code = first.code.and_then(ferry_types::codes::by_code).unwrap_or(errors::REPROTECT_REFUSED);
-        let all = failed.iter().map(|c| format!("{}: {}", c.id, c.message)).collect::<Vec<_>>().join("; ");
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            code,
-            format!(
-                "reprotect of {machine} refused, nothing was changed — {all} (remedy: {})",
-                first.remedy.as_deref().unwrap_or("")
-            ),
-        ));
+    let f = checks(&s.store, machine, req, false).await?;
+    refuse_failed(machine, &f)?;
+    let id = crate::jobs::Jobs::new_id();
+    let claimed = claim_reverse(s, f, &id).await?;
+    let steps = steps(&claimed.forward, &claimed.reverse);
+    let rm = claimed.reverse.machine.clone();
+    let work =
+        JobWork::Reprotect { machine: machine.to_owned(), recovery_machine: rm.clone(), stall_secs: req.stall_secs };
+    let started = match work.split() {
+        Ok((kind, params)) => {
+            s.jobs.start_with_id(id, s.ops.clone(), kind, machine, steps, params).await.map_err(ApiError::from)
+        }
+        Err(e) => Err(e),
+    };
+    if started.is_err() {
+        claimed.release(s).await;
     }
+    started
+}
+
+/// The first failed check refuses the request (nothing changed), naming every failed one.
+pub(crate) fn refuse_failed(machine: &str, f: &Findings) -> Result<(), ApiError> {
+    let failed: Vec<&ReprotectCheck> = f.checks.iter().filter(|c| !c.passed).collect();
+    let Some(first) = failed.first() else { return Ok(()) };
+    let code = first.code.and_then(ferry_types::codes::by_code).unwrap_or(errors::REPROTECT_REFUSED);
+    let all = failed.iter().map(|c| format!("{}: {}", c.id, c.message)).collect::<Vec<_>>().join("; ");
+    Err(ApiError::new(
+        StatusCode::CONFLICT,
+        code,
+        format!(
+            "reprotect of {machine} refused, nothing was changed — {all} (remedy: {})",
+            first.remedy.as_deref().unwrap_or("")
+        ),
+    ))
+}
+
+/// A reverse record this request put in place, and what was there before it.
+pub(crate) struct Claimed {
+    pub(crate) forward: Protection,
+    pub(crate) reverse: Protection,
+    existing: Option<ferry_store::Doc<Protection>>,
+    revision: i64,
+}
+
+impl Claimed {
+    /// Put back what was there (the job did not start).
+    pub(crate) async fn release(&self, s: &AppState) {
+        let rm = &self.reverse.machine;
+        let _ = match &self.existing {
+            Some(d) => s.store.put(PROTECTION, rm, &d.body, Some(self.revision)).await.map(|_| true),
+            None => s.store.delete_if(PROTECTION, rm, self.revision).await,
+        };
+    }
+}
+
+/// Claim the reverse record for job `id` (compare-and-set: a concurrent request loses here).
+pub(crate) async fn claim_reverse(s: &AppState, f: Findings, id: &str) -> Result<Claimed, ApiError> {
     let (Some(forward), Some(mut reverse)) = (f.forward, f.reverse) else {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             errors::REPROTECT_REFUSED,
-            format!("reprotect of {machine}: the checks found nothing to reprotect"),
+            "reprotect: the checks found nothing to reprotect".to_owned(),
         ));
     };
-    let id = crate::jobs::Jobs::new_id();
-    reverse.job = id.clone();
+    reverse.job = id.to_owned();
     let rm = reverse.machine.clone();
-    // Claim the reverse record (compare-and-set): a concurrent request loses here.
     let existing = s.store.get::<Protection>(PROTECTION, &rm).await?;
     let expected = match &existing {
         // The earlier cycle's record, as the checks saw it: replaced (compare-and-set).
@@ -808,7 +866,7 @@ async fn claim(s: &Arc<AppState>, machine: &str, req: &ReprotectRequest) -> Resu
         }
         None => 0,
     };
-    let rev = s.store.put(PROTECTION, &rm, &reverse, Some(expected)).await.map_err(|e| match e {
+    let revision = s.store.put(PROTECTION, &rm, &reverse, Some(expected)).await.map_err(|e| match e {
         ferry_store::StoreError::Conflict { .. } => ApiError::new(
             StatusCode::CONFLICT,
             errors::PROTECTION_STATE,
@@ -816,22 +874,7 @@ async fn claim(s: &Arc<AppState>, machine: &str, req: &ReprotectRequest) -> Resu
         ),
         e => e.into(),
     })?;
-    let steps = steps(&forward, &reverse);
-    let work =
-        JobWork::Reprotect { machine: machine.to_owned(), recovery_machine: rm.clone(), stall_secs: req.stall_secs };
-    let started = match work.split() {
-        Ok((kind, params)) => {
-            s.jobs.start_with_id(id, s.ops.clone(), kind, machine, steps, params).await.map_err(ApiError::from)
-        }
-        Err(e) => Err(e),
-    };
-    if started.is_err() {
-        let _ = match existing {
-            Some(d) => s.store.put(PROTECTION, &rm, &d.body, Some(rev)).await.map(|_| true),
-            None => s.store.delete_if(PROTECTION, &rm, rev).await,
-        };
-    }
-    started
+    Ok(Claimed { forward, reverse, existing, revision })
 }
 
 /// Both records, the reverse one only while this job owns it.
@@ -1195,13 +1238,44 @@ impl Ops {
                         format!("process server {} has not reported its address", reverse.process_server),
                     );
                 };
+                // A replication group's members (a plan reprotect: every reverse record of this
+                // job in the group) take multi-machine points together in this direction too.
+                let group = match &reverse.group {
+                    Some(g) => {
+                        let mut members: Vec<Protection> = match store.list::<Protection>(PROTECTION).await {
+                            Ok(l) => l
+                                .into_iter()
+                                .map(|d| d.body)
+                                .filter(|p| p.job == job.id && p.group.as_ref() == Some(g))
+                                .collect(),
+                            Err(e) => return fail(errors::STORE, e.to_string()),
+                        };
+                        members.sort_by(|a, b| a.machine.cmp(&b.machine));
+                        match crate::protection::group_settings(store, &members).await {
+                            Ok(mut all) => all.remove(rm),
+                            Err(e) => return fail(errors::STORE, e),
+                        }
+                    }
+                    None => None,
+                };
                 let r = update_settings(store, &format!("agent/{rm}"), |b| {
                     b.process_server = Some(ps_addr.clone());
                     b.process_server_name = Some(reverse.process_server.clone());
+                    b.group = group.clone();
                 })
                 .await;
                 match r {
-                    Ok(()) => Outcome::Done(Some(format!("{rm}'s agent replicates to {ps_addr}"))),
+                    Ok(()) => Outcome::Done(Some(format!(
+                        "{rm}'s agent replicates to {ps_addr}{}",
+                        group
+                            .as_ref()
+                            .map(|g| format!(
+                                " (replication group {}{})",
+                                g.name,
+                                if g.coordinator { ", its coordinator" } else { "" }
+                            ))
+                            .unwrap_or_default()
+                    ))),
                     Err(e) => fail(errors::STORE, e),
                 }
             }

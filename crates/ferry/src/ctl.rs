@@ -151,6 +151,50 @@ pub enum PlanAction {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Reprotect every machine of the plan in one job (a replication group only this way,
+    /// RG-3): each needs a master target, process server and datastore of its primary site
+    /// (`--machine M=MT,PS,DS`, else the defaults given by the three flags).
+    Reprotect {
+        name: String,
+        /// Default master target for machines not named by --machine.
+        #[arg(long)]
+        master_target: Option<String>,
+        #[arg(long)]
+        process_server: Option<String>,
+        #[arg(long)]
+        datastore: Option<String>,
+        /// One machine's values: `MACHINE=MASTER_TARGET,PROCESS_SERVER,DATASTORE` (repeatable).
+        #[arg(long = "machine", value_name = "M=MT,PS,DS")]
+        machines: Vec<String>,
+        /// List the plan's checks and every machine's with pass/fail, code and remedy; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long, default_value_t = 600)]
+        stall_secs: u64,
+        #[arg(long)]
+        discard_primary_changes: bool,
+        #[arg(long, default_value_t = 5)]
+        clock_skew_secs: u64,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Fail the reprotected plan back (FB-1), group by group: --planned (nothing lost) or to
+    /// --point latest | latest-app; the original machines boot on their own disks.
+    Failback {
+        name: String,
+        #[arg(long, conflicts_with = "point")]
+        planned: bool,
+        #[arg(long)]
+        point: Option<String>,
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long, default_value_t = 300)]
+        drain_secs: u64,
+        #[arg(long)]
+        no_start: bool,
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// End every drill of the plan's test failover, recording the result on each.
     TestFailoverCleanup {
         name: String,
@@ -496,6 +540,70 @@ pub async fn plans(a: PlanAction, s: &ServerArgs, out: OutputFormat) -> Result<(
             let kind = if planned { FailoverKind::Planned } else { FailoverKind::Unplanned };
             let req = PlanFailoverRequest { kind, point, reason, drain_secs, no_start };
             let path = format!("/api/v1/recovery-plans/{}/failover", enc(&name));
+            let job: Job = s.call(Method::Post, &path, Some(&req)).await?;
+            if no_wait {
+                show_one(&job, out);
+            } else {
+                watch(&job.id, s, out).await?;
+            }
+        }
+        PlanAction::Reprotect {
+            name,
+            master_target,
+            process_server,
+            datastore,
+            machines,
+            dry_run,
+            stall_secs,
+            discard_primary_changes,
+            clock_skew_secs,
+            no_wait,
+        } => {
+            use ferry_api::config_server::{PlanReprotectPlan, PlanReprotectRequest, ReprotectTargets};
+            let defaults = match (master_target, process_server, datastore) {
+                (Some(master_target), Some(process_server), Some(datastore)) => {
+                    Some(ReprotectTargets { master_target, process_server, datastore })
+                }
+                (None, None, None) => None,
+                _ => bail!("defaults need all three of --master-target, --process-server and --datastore"),
+            };
+            let per = machine_values(&machines)?;
+            let req =
+                PlanReprotectRequest { defaults, machines: per, stall_secs, discard_primary_changes, clock_skew_secs };
+            if dry_run {
+                let path = format!("/api/v1/recovery-plans/{}/reprotect/dry-run", enc(&name));
+                let plan: PlanReprotectPlan = s.call(Method::Post, &path, Some(&req)).await?;
+                match out {
+                    OutputFormat::Json => print_json(&plan),
+                    OutputFormat::Table => {
+                        println!(
+                            "reprotect of recovery plan {}: {}",
+                            plan.plan,
+                            if plan.ready { "every check passed" } else { "refused" }
+                        );
+                        check_table(&plan.checks);
+                        for m in &plan.machines {
+                            println!();
+                            print_reprotect_plan(m);
+                        }
+                    }
+                }
+                if !plan.ready {
+                    bail!("reprotect of recovery plan {name} would be refused: see the failed checks");
+                }
+                return Ok(());
+            }
+            let path = format!("/api/v1/recovery-plans/{}/reprotect", enc(&name));
+            let job: Job = s.call(Method::Post, &path, Some(&req)).await?;
+            if no_wait {
+                show_one(&job, out);
+            } else {
+                watch(&job.id, s, out).await?;
+            }
+        }
+        PlanAction::Failback { name, planned, point, reason, drain_secs, no_start, no_wait } => {
+            let req = ferry_api::config_server::PlanFailbackRequest { planned, point, reason, drain_secs, no_start };
+            let path = format!("/api/v1/recovery-plans/{}/failback", enc(&name));
             let job: Job = s.call(Method::Post, &path, Some(&req)).await?;
             if no_wait {
                 show_one(&job, out);
@@ -985,31 +1093,7 @@ pub async fn reprotect(
         let plan: ferry_api::config_server::ReprotectPlan = s.call(Method::Post, &path, Some(req)).await?;
         match out {
             OutputFormat::Json => print_json(&plan),
-            OutputFormat::Table => {
-                println!(
-                    "reprotect {} as {} ({}, {} location, policy {}): {}",
-                    plan.machine,
-                    plan.recovery_machine.as_deref().unwrap_or("-"),
-                    plan.direction,
-                    plan.location,
-                    plan.policy.as_deref().unwrap_or("-"),
-                    if plan.ready { "every check passed" } else { "refused" }
-                );
-                let rows: Vec<Vec<String>> = plan
-                    .checks
-                    .iter()
-                    .map(|c| {
-                        vec![
-                            c.id.clone(),
-                            if c.passed { "pass".into() } else { "FAIL".into() },
-                            c.code.map(|x| x.to_string()).unwrap_or_default(),
-                            c.message.clone(),
-                            c.remedy.clone().unwrap_or_default(),
-                        ]
-                    })
-                    .collect();
-                table(&["CHECK", "RESULT", "CODE", "MESSAGE", "REMEDY"], &rows);
-            }
+            OutputFormat::Table => print_reprotect_plan(&plan),
         }
         if !plan.ready {
             anyhow::bail!("reprotect of {machine} would be refused: see the failed checks");
@@ -1023,6 +1107,62 @@ pub async fn reprotect(
         return Ok(());
     }
     watch(&job.id, s, out).await
+}
+
+/// `--machine M=MT,PS,DS` values of a plan reprotect, each machine once.
+fn machine_values(
+    args: &[String],
+) -> Result<std::collections::BTreeMap<String, ferry_api::config_server::ReprotectTargets>> {
+    let mut per = std::collections::BTreeMap::new();
+    for m in args {
+        let parsed = m.split_once('=').and_then(|(name, v)| match v.split(',').collect::<Vec<_>>()[..] {
+            [mt, ps, ds] if !name.is_empty() && !mt.is_empty() && !ps.is_empty() && !ds.is_empty() => Some((
+                name.to_owned(),
+                ferry_api::config_server::ReprotectTargets {
+                    master_target: mt.to_owned(),
+                    process_server: ps.to_owned(),
+                    datastore: ds.to_owned(),
+                },
+            )),
+            _ => None,
+        });
+        let Some((name, t)) = parsed else {
+            bail!("--machine {m:?}: write MACHINE=MASTER_TARGET,PROCESS_SERVER,DATASTORE");
+        };
+        if per.insert(name.clone(), t).is_some() {
+            bail!("--machine names {name} twice");
+        }
+    }
+    Ok(per)
+}
+
+fn print_reprotect_plan(plan: &ferry_api::config_server::ReprotectPlan) {
+    println!(
+        "reprotect {} as {} ({}, {} location, policy {}): {}",
+        plan.machine,
+        plan.recovery_machine.as_deref().unwrap_or("-"),
+        plan.direction,
+        plan.location,
+        plan.policy.as_deref().unwrap_or("-"),
+        if plan.ready { "every check passed" } else { "refused" }
+    );
+    check_table(&plan.checks);
+}
+
+fn check_table(checks: &[ferry_api::config_server::ReprotectCheck]) {
+    let rows: Vec<Vec<String>> = checks
+        .iter()
+        .map(|c| {
+            vec![
+                c.id.clone(),
+                if c.passed { "pass".into() } else { "FAIL".into() },
+                c.code.map(|x| x.to_string()).unwrap_or_default(),
+                c.message.clone(),
+                c.remedy.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    table(&["CHECK", "RESULT", "CODE", "MESSAGE", "REMEDY"], &rows);
 }
 
 /// `ferry failback MACHINE`: fail its reverse protection over (named by the machine's
@@ -1237,4 +1377,21 @@ pub async fn recovery_points(machine: &str, s: &ServerArgs, out: OutputFormat) -
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn machine_values_take_three_names_per_machine_once() {
+        let v = |a: &[&str]| super::machine_values(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let ok = v(&["web1=mt-p,ps-r,vmfs-p", "win1=mt-pw,ps-r,vsan-p"]).unwrap();
+        assert_eq!(ok["win1"].master_target, "mt-pw");
+        assert_eq!(ok["web1"].datastore, "vmfs-p");
+        for bad in ["web1", "web1=mt-p,ps-r", "=mt,ps,ds", "web1=mt,,ds", "web1=a,b,c,d"] {
+            let e = v(&[bad]).unwrap_err().to_string();
+            assert!(e.contains("MACHINE=MASTER_TARGET"), "{bad}: {e}");
+        }
+        let e = v(&["web1=a,b,c", "web1=d,e,f"]).unwrap_err().to_string();
+        assert!(e.contains("twice"), "{e}");
+    }
 }

@@ -632,3 +632,386 @@ fn three_cycles_of_failover_reprotect_failback_reprotect_never_copy_the_whole_di
     }
     lab.down();
 }
+
+const PLAN_LAB: &str = r#"
+boot_delay_secs = 0.5
+[[sites]]
+name = "primary"
+config_server = true
+hosts = [{ name = "esx-p1" }]
+datastores = [{ name = "vmfs-p", kind = "vmfs", hosts = ["esx-p1"] }]
+process_server = { name = "ps-primary" }
+[[sites.machines]]
+name = "web1"
+os_family = "linux"
+host = "esx-p1"
+datastore = "vmfs-p"
+disks = [{ name = "disk0", size = 16777216 }]
+workload = { rate = 25, max_blocks = 4, seed = 31 }
+[[sites.machines]]
+name = "app1"
+os_family = "linux"
+host = "esx-p1"
+datastore = "vmfs-p"
+disks = [{ name = "disk0", size = 16777216 }]
+workload = { rate = 25, max_blocks = 4, seed = 32 }
+[[sites.master_targets]]
+name = "mt-p"
+os_family = "linux"
+host = "esx-p1"
+[[sites.master_targets]]
+name = "mt-p2"
+os_family = "linux"
+host = "esx-p1"
+run = false
+[[sites]]
+name = "recovery"
+hosts = [{ name = "esx-r1" }]
+datastores = [{ name = "vmfs-r", kind = "vmfs", hosts = ["esx-r1"] }]
+process_server = { name = "ps-recovery" }
+[[sites.master_targets]]
+name = "mt-r"
+os_family = "linux"
+host = "esx-r1"
+[[groups]]
+name = "grp"
+machines = ["web1", "app1"]
+"#;
+
+/// Pause the workload of the machine that runs at `guest`, wait until `mt` applied all of
+/// replica `rm`, compare `disks`, resume.
+fn settle_and_compare(lab: &Lab, mt: &str, rm: &str, guest: &Path, disks: (&Path, &Path)) {
+    std::fs::write(guest.join("pause"), b"").unwrap();
+    wait("the workload pauses", Duration::from_secs(60), || guest.join("pause.paused").exists().then_some(()));
+    wait("the master target applied everything", Duration::from_secs(60), || {
+        let a = lab.agent_status_at(guest);
+        let r = lab.replica(mt, rm);
+        (a["caught_up"] == true && r["applied_seq"] == a["last_seq"] && r["consistent"] == true).then_some(())
+    });
+    identical(disks.0, disks.1).unwrap_or_else(|e| panic!("{rm}: {e}"));
+    std::fs::remove_file(guest.join("pause")).unwrap();
+}
+
+#[test]
+fn a_replication_group_is_reprotected_and_failed_back_only_through_its_recovery_plan() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("lab.toml");
+    std::fs::write(&cfg, PLAN_LAB).unwrap();
+    let dir = tmp.path().join("lab");
+    let mut lab = Lab::up(&dir, Some(&cfg));
+    ok(&lab.run(&["policies", "create", "gold", "--crash-consistent-secs", "2", "--retention-secs", "3600"]), "policy");
+    crate::failover_jobs::protect(&lab, &["--group", "grp"]);
+    let plan = serde_json::json!({"name": "tier", "groups": [{"replication_groups": ["grp"]}]});
+    let file = tmp.path().join("plan.json");
+    std::fs::write(&file, plan.to_string()).unwrap();
+    ok(&lab.run(&["plans", "create", file.to_str().unwrap()]), "create the plan");
+    let ms = ["app1", "web1"];
+    for m in ms {
+        let log = lab.guest(m).join("records.log");
+        wait(&format!("{m} writes"), Duration::from_secs(60), || (records(&log) > 30).then_some(()));
+    }
+    let job = lab.json(&["plans", "failover", "tier", "--planned"]);
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    for m in ms {
+        assert_eq!(lab.json(&["failover", "commit", m])["state"], "succeeded", "commit {m}");
+        let rlog = recovery_guest(&lab, &format!("{m}.recovery")).join("records.log");
+        wait(&format!("{m}.recovery writes"), Duration::from_secs(90), || (records(&rlog) > 20).then_some(()));
+    }
+
+    // RG-3: a member alone is refused, and so is a plan without values for every machine;
+    // RG-2: one group, two master targets. Nothing changes.
+    let (good, plan) = dry_run(&lab, "web1", "mt-p", "vmfs-p");
+    assert!(!good && check(&plan, "RG-3")["passed"] == false, "{plan:#}");
+    failed(
+        &lab.run(&[
+            "reprotect",
+            "web1",
+            "--master-target",
+            "mt-p",
+            "--process-server",
+            "ps-recovery",
+            "--datastore",
+            "vmfs-p",
+        ]),
+        "RG-3",
+        "a group member reprotected alone",
+    );
+    let plan_dry = |extra: &[&str]| -> (bool, Value) {
+        let mut a = vec!["--output", "json", "plans", "reprotect", "tier", "--dry-run"];
+        a.extend_from_slice(extra);
+        let o = lab.run(&a);
+        (o.status.success(), serde_json::from_slice(&o.stdout).unwrap_or(Value::Null))
+    };
+    let (good, plan) = plan_dry(&["--machine", "web1=mt-p,ps-recovery,vmfs-p"]);
+    assert!(!good && check(&plan, "RG-3")["passed"] == false, "values for app1 missing: {plan:#}");
+    let (good, plan) =
+        plan_dry(&["--machine", "web1=mt-p,ps-recovery,vmfs-p", "--machine", "app1=mt-p2,ps-recovery,vmfs-p"]);
+    assert!(!good && check(&plan, "RG-2")["passed"] == false, "{plan:#}");
+    assert_eq!(check(&plan, "RG-1")["passed"], true, "{plan:#}");
+    let o = lab.run(&[
+        "plans",
+        "reprotect",
+        "tier",
+        "--machine",
+        "web1=mt-p,ps-recovery,vmfs-p",
+        "--machine",
+        "app1=mt-p2,ps-recovery,vmfs-p",
+    ]);
+    failed(&o, "RG-2", "a group reprotected to two master targets");
+    for m in ms {
+        let rm = format!("{m}.recovery");
+        assert!(lab.machine(&rm)["reprotect"].is_null(), "nothing changed for {rm}");
+        assert!(lab.replica("mt-p", &rm).is_null(), "no replica of {rm} at mt-p");
+    }
+    let defaults = ["--master-target", "mt-p", "--process-server", "ps-recovery", "--datastore", "vmfs-p"];
+    let (good, plan) = plan_dry(&defaults);
+    assert!(good && plan["ready"] == true, "{plan:#}");
+
+    // The plan reprotect: both members replicate back together, still one group.
+    let mut a = vec!["plans", "reprotect", "tier", "--clock-skew-secs", "1"];
+    a.extend_from_slice(&defaults);
+    let job = lab.json(&a);
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert_eq!(job["kind"], "plan-reprotect");
+    for m in ms {
+        let rm = format!("{m}.recovery");
+        let v = lab.machine(&rm);
+        assert_eq!((v["replication"].as_str(), v["group"].as_str()), (Some("protected"), Some("grp")), "{v:#}");
+        let rguest = recovery_guest(&lab, &rm);
+        let (p, r) = (
+            lab.dir.join(format!("sites/primary/datastores/vmfs-p/{m}/disk0.img")),
+            lab.dir.join(format!("sites/recovery/datastores/vmfs-r/{m}/disk0.img")),
+        );
+        settle_and_compare(&lab, "mt-p", &rm, &rguest, (&r, &p));
+    }
+    // The group takes multi-machine points in the reverse direction (app1.recovery coordinates).
+    let config = recovery_guest(&lab, "app1.recovery").join("agent.toml");
+    let g = lab.json(&["agent", "group-point", "--config", config.to_str().unwrap()]);
+    assert_eq!(g["committed"], true, "{g:#}");
+    assert_eq!(g["members"].as_array().map(|m| m.len()), Some(2), "{g:#}");
+
+    // The plan fails back (planned), then reprotects forward again.
+    failed(&lab.run(&["plans", "failback", "tier", "--point", "latest-processed"]), "latest-app", "RC-1");
+    let job = lab.json(&["plans", "failback", "tier", "--planned"]);
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    for m in ms {
+        assert_eq!(lab.json(&["failover", "commit", &format!("{m}.recovery")])["state"], "succeeded");
+        let log = lab.guest(m).join("records.log");
+        let from = records(&log);
+        wait(&format!("{m} writes again"), Duration::from_secs(90), || (records(&log) > from + 10).then_some(()));
+    }
+    let job = lab.json(&[
+        "plans",
+        "reprotect",
+        "tier",
+        "--master-target",
+        "mt-r",
+        "--process-server",
+        "ps-primary",
+        "--datastore",
+        "vmfs-r",
+        "--clock-skew-secs",
+        "1",
+    ]);
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    for m in ms {
+        let v = lab.machine(m);
+        assert_eq!(
+            (v["replication"].as_str(), v["group"].as_str(), v["policy"].as_str()),
+            (Some("protected"), Some("grp"), Some("gold")),
+            "{v:#}"
+        );
+        let (p, r) = (
+            lab.dir.join(format!("sites/primary/datastores/vmfs-p/{m}/disk0.img")),
+            lab.dir.join(format!("sites/recovery/datastores/vmfs-r/{m}/disk0.img")),
+        );
+        settle_and_compare(&lab, "mt-r", m, &lab.guest(m), (&p, &r));
+    }
+    lab.down();
+}
+
+/// A primary site whose inventory fails one reprotect precondition per master target, a machine
+/// on a free hypervisor edition, and read-only inventory credentials.
+const CHECKS_LAB: &str = r#"
+boot_delay_secs = 0.5
+[[sites]]
+name = "primary"
+config_server = true
+hosts = [{ name = "esx-p1" }, { name = "esx-free", licence = "free" }, { name = "esx-far" }]
+datastores = [{ name = "vmfs-p", kind = "vmfs", hosts = ["esx-p1", "esx-free"] }]
+credentials = [{ name = "vcenter-p", user = "reader@vsphere.local", read_only = true }]
+process_server = { name = "ps-primary" }
+[[sites.machines]]
+name = "web1"
+os_family = "linux"
+host = "esx-p1"
+datastore = "vmfs-p"
+disks = [{ name = "disk0", size = 16777216 }]
+workload = { rate = 25, max_blocks = 4, seed = 41 }
+[[sites.machines]]
+name = "cheap1"
+os_family = "linux"
+host = "esx-free"
+datastore = "vmfs-p"
+disks = [{ name = "disk0", size = 16777216 }]
+workload = { rate = 25, max_blocks = 4, seed = 42 }
+[[sites.master_targets]]
+name = "mt-p"
+os_family = "linux"
+host = "esx-p1"
+[[sites.master_targets]]
+name = "mt-nouuid"
+os_family = "linux"
+host = "esx-p1"
+enable_uuid = false
+run = false
+[[sites.master_targets]]
+name = "mt-pv"
+os_family = "linux"
+host = "esx-p1"
+controller = "pvscsi"
+run = false
+[[sites.master_targets]]
+name = "mt-full"
+os_family = "linux"
+host = "esx-p1"
+attached_disks = 60
+run = false
+[[sites.master_targets]]
+name = "mt-far"
+os_family = "linux"
+host = "esx-far"
+run = false
+[[sites]]
+name = "recovery"
+hosts = [{ name = "esx-r1" }]
+datastores = [{ name = "vmfs-r", kind = "vmfs", hosts = ["esx-r1"] }]
+process_server = { name = "ps-recovery" }
+[[sites.master_targets]]
+name = "mt-r"
+os_family = "linux"
+host = "esx-r1"
+"#;
+
+#[test]
+fn every_reprotect_precondition_refuses_with_its_code_and_changes_nothing_and_remedies_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("lab.toml");
+    std::fs::write(&cfg, CHECKS_LAB).unwrap();
+    let dir = tmp.path().join("lab");
+    let mut lab = Lab::up(&dir, Some(&cfg));
+    ok(&lab.run(&["policies", "create", "gold", "--crash-consistent-secs", "2", "--retention-secs", "3600"]), "policy");
+    // RP-5: read-only credentials protect and fail over all the same.
+    crate::failover_jobs::protect(&lab, &["web1", "cheap1"]);
+    for m in ["web1", "cheap1"] {
+        let log = lab.guest(m).join("records.log");
+        wait(&format!("{m} writes"), Duration::from_secs(60), || (records(&log) > 20).then_some(()));
+    }
+    let job = lab.json(&["failover", "start", "web1", "--planned", "--no-start"]);
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    let job = lab.json(&["failover", "start", "cheap1", "--planned"]);
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    for m in ["web1", "cheap1"] {
+        assert_eq!(lab.json(&["failover", "commit", m])["state"], "succeeded", "commit {m}");
+    }
+    let refuse = |plan: &Value, id: &str, code: u64| {
+        let c = check(plan, id);
+        assert_eq!((c["passed"].as_bool(), c["code"].as_u64()), (Some(false), Some(code)), "{id}: {plan:#}");
+        assert!(c["remedy"].as_str().is_some_and(|r| !r.is_empty()), "{id} has a remedy: {c:#}");
+        assert_eq!(plan["ready"], false);
+    };
+    let real = |m: &str, mt: &str, ps: &str| {
+        lab.run(&["reprotect", m, "--master-target", mt, "--process-server", ps, "--datastore", "vmfs-p"])
+    };
+    let unchanged = |lab: &Lab| {
+        for m in ["web1", "cheap1"] {
+            let rm = format!("{m}.recovery");
+            assert!(lab.machine(&rm)["reprotect"].is_null(), "no reverse protection of {rm}");
+            assert!(lab.replica("mt-p", &rm).is_null(), "no replica of {rm} at mt-p");
+            let v = lab.machine(m);
+            assert!(v["reprotected_by"].is_null(), "{v:#}");
+        }
+    };
+
+    // RP-7: web1.recovery never booted, so its agent never registered: "agent not installed".
+    let (good, plan) = dry_run(&lab, "web1", "mt-p", "vmfs-p");
+    assert!(!good);
+    refuse(&plan, "RP-7", 9039);
+    assert!(check(&plan, "RP-7")["message"].as_str().unwrap().contains("agent not installed"), "{plan:#}");
+    refuse(&plan, "RP-8", 78093);
+    refuse(&plan, "RP-5", 9038);
+    failed(&real("web1", "mt-p", "ps-recovery"), "9039", "reprotect before the agent registered");
+    unchanged(&lab);
+    // The remedy: it boots, its agent registers; the retry passes RP-7.
+    ok(&lab.run(&["lab", "power-on", "web1.recovery", "--allow-failed-over"]), "start web1.recovery");
+    wait("web1.recovery's agent registers (RP-7 passes)", Duration::from_secs(120), || {
+        let (_, plan) = dry_run(&lab, "web1", "mt-p", "vmfs-p");
+        (check(&plan, "RP-7")["passed"] == true && check(&plan, "RP-8")["passed"] == true).then_some(())
+    });
+
+    // One precondition per master target, and 806 for a process server that never reported.
+    for (mt, id, code) in [
+        ("mt-nouuid", "MT-3", 9038),
+        ("mt-pv", "MT-9", 9038),
+        ("mt-full", "MT-10", 9038),
+        ("mt-far", "MT-7", 9038),
+        ("mt-far", "MT-11", 8061),
+        ("mt-nouuid", "78022", 78022),
+    ] {
+        let (good, plan) = dry_run(&lab, "web1", mt, "vmfs-p");
+        assert!(!good, "{mt}");
+        refuse(&plan, id, code);
+    }
+    let o = lab.run(&[
+        "--output",
+        "json",
+        "reprotect",
+        "web1",
+        "--master-target",
+        "mt-p",
+        "--process-server",
+        "ps-nowhere",
+        "--datastore",
+        "vmfs-p",
+        "--dry-run",
+    ]);
+    refuse(&serde_json::from_slice(&o.stdout).unwrap(), "806", 806);
+    // CP-5: a machine on a free hypervisor edition cannot fail back.
+    let (_, plan) = dry_run(&lab, "cheap1", "mt-p", "vmfs-p");
+    refuse(&plan, "CP-5", 9038);
+    for (m, mt, ps) in
+        [("web1", "mt-pv", "ps-recovery"), ("web1", "mt-p", "ps-nowhere"), ("cheap1", "mt-p", "ps-recovery")]
+    {
+        let o = real(m, mt, ps);
+        failed(&o, "nothing was changed", &format!("reprotect of {m} to {mt} through {ps}"));
+    }
+    unchanged(&lab);
+    let rlog = recovery_guest(&lab, "web1.recovery").join("records.log");
+    let n = records(&rlog);
+    wait("web1.recovery keeps running and writing", Duration::from_secs(60), || (records(&rlog) > n + 5).then_some(()));
+
+    // RP-5's remedy: credentials with rights, the site rediscovered, and the retry succeeds.
+    let site = lab.dir.join("sites/primary/site.toml");
+    let text = std::fs::read_to_string(&site).unwrap();
+    assert!(text.contains("read_only = true"), "{text}");
+    std::fs::write(&site, text.replace("read_only = true", "read_only = false")).unwrap();
+    let id = lab.json(&["sites", "discover", "primary"])["id"].as_str().unwrap().to_owned();
+    wait("the primary site rediscovered", Duration::from_secs(60), || {
+        (lab.json(&["jobs", "show", &id])["state"] == "succeeded").then_some(())
+    });
+    let (good, plan) = dry_run(&lab, "web1", "mt-p", "vmfs-p");
+    assert!(good && plan["ready"] == true, "{plan:#}");
+    let job = lab.json(&[
+        "reprotect",
+        "web1",
+        "--master-target",
+        "mt-p",
+        "--process-server",
+        "ps-recovery",
+        "--datastore",
+        "vmfs-p",
+    ]);
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert_eq!(lab.machine("web1.recovery")["replication"], "protected");
+    lab.down();
+}
