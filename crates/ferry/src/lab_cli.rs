@@ -252,7 +252,7 @@ pub async fn demo(args: DemoArgs, out: OutputFormat) -> Result<()> {
                 );
             }
             if let Some(c) = &report.cycle {
-                println!("\nfull cycle of {}:", c.machine);
+                println!("\nfull cycle of recovery plan {} ({}):", c.plan, c.machines.join(", "));
                 println!("{:<72} {:>8} {:>14} {:>14}", "PHASE", "TIME", "BYTES SENT", "CHANGED");
                 for ph in &c.phases {
                     let n = |b: Option<u64>| b.map(|b| b.to_string()).unwrap_or_else(|| "-".into());

@@ -5,11 +5,14 @@
 //! machine and a multi-machine point per group, materializes each machine's app-consistent point
 //! as raw images on its master target and checks them with `ferry lab verify` (exactly the records
 //! up to the seq the workload paused at), then the group point (a consistent prefix on every
-//! member); then runs the whole cycle on one machine outside the group whose disks are not on NFS
-//! — planned failover, reprotect to its own disks, planned failback, reprotect forward — and
-//! compares both sites' disks byte for byte with its workload paused; prints a summary (a row
-//! per phase: time, bytes sent, bytes changed from the workload log) and tears the lab down
-//! (`--keep` leaves it running).
+//! member); then runs the whole cycle through a recovery plan (its replication groups in its
+//! first group, the other machines in its second; a machine on NFS is left out, as DS-1 would
+//! refuse its reprotect): the primary site lost (its machines crash), an unplanned plan failover
+//! to the latest multi-machine app-consistent point of each group and the latest app-consistent
+//! point of each other machine, commit, the plan reprotected to the primaries' own disks, failed
+//! back planned, reprotected forward — and compares both sites' disks byte for byte with the
+//! workloads paused; prints a summary (a row per phase: time, bytes sent, bytes changed from the
+//! workload logs) and tears the lab down (`--keep` leaves it running).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -17,7 +20,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use ferry_api::agent::{AgentStatus, GroupPointRequest, GroupReport, TagTaken};
-use ferry_api::config_server::{Job, JobState, MachineRecoveryPoints, Policy, PolicyCreated, ProtectRequest};
+use ferry_api::config_server::{
+    Job, JobState, MachineRecoveryPoints, PlanGroup, Policy, PolicyCreated, ProtectRequest, RecoveryPlan,
+};
 use ferry_api::control::ComponentStatus;
 use ferry_api::master_target::{ImageFormat, Materialization, MaterializationKind, MaterializeRequest, MaterializedAs};
 use ferry_api::Method;
@@ -57,10 +62,12 @@ pub struct DemoReport {
     pub verified: bool,
 }
 
-/// Failover → reprotect → failback → reprotect of one machine, a row per phase.
+/// Failover → reprotect → failback → reprotect of a recovery plan, a row per phase.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct DemoCycle {
-    pub machine: String,
+    /// The recovery plan the cycle runs through, and its machines.
+    pub plan: String,
+    pub machines: Vec<String>,
     pub phases: Vec<DemoPhase>,
     /// Both sites' disks compared byte for byte at the end (workload paused, all applied).
     pub byte_exact: bool,
@@ -307,6 +314,10 @@ async fn demo(st: &LabState, args: &DemoArgs, p: &dyn Progress) -> Result<DemoRe
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 
+    let mut at_points = BTreeMap::new();
+    for m in &machines {
+        at_points.insert(m.clone(), records(&guest_dir(m)?.join("records.log")) as usize);
+    }
     // An app-consistent point per machine (the freeze pauses its workload and notes the seq).
     let mut app_seq: BTreeMap<String, Option<u64>> = BTreeMap::new();
     let mut app_time: BTreeMap<String, u64> = BTreeMap::new();
@@ -333,14 +344,15 @@ async fn demo(st: &LabState, args: &DemoArgs, p: &dyn Progress) -> Result<DemoRe
             &ends.status,
             Method::Post,
             "/group/point",
-            Some(&GroupPointRequest { app: false }),
+            // App-consistent: the plan failover below goes to the latest such group point.
+            Some(&GroupPointRequest { app: true }),
         )
         .await
         .with_context(|| format!("multi-machine point of group {group}"))?;
         for m in &r.machines {
             group_of.insert(m.clone(), group.clone());
         }
-        p.step(&format!("group {group}: multi-machine point across {}", r.machines.join(", ")));
+        p.step(&format!("group {group}: multi-machine app-consistent point across {}", r.machines.join(", ")));
     }
 
     // Materialize and verify.
@@ -463,7 +475,9 @@ async fn demo(st: &LabState, args: &DemoArgs, p: &dyn Progress) -> Result<DemoRe
             workload_records: records(&log),
         });
     }
-    // The whole cycle on one machine (not in a group, neither side on NFS).
+    // The whole cycle through one recovery plan: the replication groups in its first group,
+    // the other machines in its second — every machine whose disks are not on NFS on either
+    // side (DS-1 would refuse its reprotect).
     let kind_of = |site: &str, ds: &str| {
         spec.sites
             .iter()
@@ -471,50 +485,87 @@ async fn demo(st: &LabState, args: &DemoArgs, p: &dyn Progress) -> Result<DemoRe
             .and_then(|s| s.datastores.iter().find(|d| d.name == ds))
             .map(|d| d.kind.clone())
     };
+    let mut legs = Vec::new();
+    let mut refused = Vec::new();
+    let (mut plan_groups, mut plan_machines) = (Vec::new(), Vec::new());
+    'requests: for r in &requests {
+        let mut these = Vec::new();
+        for m in &r.machines {
+            let Some((psite, pm)) =
+                spec.sites.iter().find_map(|s| s.machines.iter().find(|x| &x.name == m).map(|x| (s, x)))
+            else {
+                continue 'requests;
+            };
+            let Some(rsite) = spec.sites.iter().find(|s| s.master_targets.iter().any(|t| t.name == r.master_target))
+            else {
+                continue 'requests;
+            };
+            if kind_of(&psite.name, &pm.datastore).as_deref() == Some("nfs")
+                || kind_of(&rsite.name, &r.datastore).as_deref() == Some("nfs")
+            {
+                refused.push(format!(
+                    "{m} lives on NFS datastore {}: its original-location failback would be refused by DS-1, so the demo does not cycle {}",
+                    pm.datastore,
+                    r.group.as_ref().map(|g| format!("its group {g}")).unwrap_or_else(|| "it".into())
+                ));
+                continue 'requests;
+            }
+            let Some(pmt) = psite.master_targets.iter().find(|t| t.run && t.os_family == pm.os_family) else {
+                continue 'requests;
+            };
+            let Some(rps) = rsite.process_server.as_ref() else { continue 'requests };
+            these.push(CycleLegs {
+                machine: m.clone(),
+                psite: psite.name.clone(),
+                rsite: rsite.name.clone(),
+                pdatastore: pm.datastore.clone(),
+                rdatastore: r.datastore.clone(),
+                pmt: pmt.name.clone(),
+                rmt: r.master_target.clone(),
+                pps: r.process_server.clone(),
+                rps: rps.name.clone(),
+                disks: pm.disks.iter().map(|d| d.name.clone()).collect(),
+            });
+        }
+        match &r.group {
+            Some(g) => plan_groups.push(g.clone()),
+            None => plan_machines.extend(r.machines.iter().cloned()),
+        }
+        legs.extend(these);
+    }
     let mut cycle = None;
-    for r in requests.iter().filter(|r| r.group.is_none()) {
-        let m = &r.machines[0];
-        let Some((psite, pm)) =
-            spec.sites.iter().find_map(|s| s.machines.iter().find(|x| &x.name == m).map(|x| (s, x)))
-        else {
-            continue;
-        };
-        let Some(rsite) = spec.sites.iter().find(|s| s.master_targets.iter().any(|t| t.name == r.master_target)) else {
-            continue;
-        };
-        if kind_of(&psite.name, &pm.datastore).as_deref() == Some("nfs")
-            || kind_of(&rsite.name, &r.datastore).as_deref() == Some("nfs")
-        {
-            continue;
+    if !legs.is_empty() {
+        let mut groups = Vec::new();
+        if !plan_groups.is_empty() {
+            groups.push(PlanGroup { replication_groups: plan_groups, ..Default::default() });
         }
-        let Some(pmt) = psite.master_targets.iter().find(|t| t.run && t.os_family == pm.os_family) else { continue };
-        let Some(rps) = rsite.process_server.as_ref() else { continue };
-        let legs = CycleLegs {
-            machine: m.clone(),
-            psite: psite.name.clone(),
-            rsite: rsite.name.clone(),
-            pdatastore: pm.datastore.clone(),
-            rdatastore: r.datastore.clone(),
-            pmt: pmt.name.clone(),
-            rmt: r.master_target.clone(),
-            pps: r.process_server.clone(),
-            rps: rps.name.clone(),
-            disks: pm.disks.iter().map(|d| d.name.clone()).collect(),
-        };
-        let mut c = run_cycle(st, &server, &legs, p).await?;
-        // A machine on NFS is not cycled: the reprotect's DS-1 check would refuse it.
-        if let Some(nfs) = spec.sites.iter().flat_map(|s| s.machines.iter().map(move |x| (s, x))).find(|(s, x)| {
-            kind_of(&s.name, &x.datastore).as_deref() == Some("nfs")
-                && requests.iter().any(|r| r.machines.contains(&x.name))
-        }) {
-            c.refused = Some(format!(
-                "{} lives on NFS datastore {}: its original-location failback would be refused by DS-1, so the demo does not cycle it",
-                nfs.1.name, nfs.1.datastore
-            ));
+        if !plan_machines.is_empty() {
+            groups.push(PlanGroup { machines: plan_machines, ..Default::default() });
         }
+        let plan = RecoveryPlan { name: "demo".into(), groups };
+        let _: RecoveryPlan = server.call(Method::Post, "/api/v1/recovery-plans", Some(&plan)).await?;
+        p.step(&format!(
+            "recovery plan demo: {}",
+            plan.groups
+                .iter()
+                .enumerate()
+                .map(|(i, g)| format!(
+                    "group {}: {}",
+                    i + 1,
+                    g.replication_groups
+                        .iter()
+                        .map(|x| format!("replication group {x}"))
+                        .chain(g.machines.iter().cloned())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ));
+        let mut c = run_cycle(st, &server, &legs, &at_points, p).await?;
+        c.refused = (!refused.is_empty()).then(|| refused.join("; "));
         all_ok &= c.byte_exact;
         cycle = Some(c);
-        break;
     }
     Ok(DemoReport { lab: st.dir.clone(), machines: rows, cycle, verified: all_ok })
 }
@@ -554,48 +605,54 @@ struct CycleLegs {
     disks: Vec<String>,
 }
 
-/// Failover (planned) → commit → reprotect → failback (planned) → commit → reprotect forward,
-/// then both sites' disks compared with the workload paused.
-async fn run_cycle(st: &LabState, server: &ServerClient, l: &CycleLegs, p: &dyn Progress) -> Result<DemoCycle> {
-    use ferry_api::config_server::{FailoverKind, FailoverRequest, MachineView, ReprotectRequest};
-    let m = l.machine.as_str();
-    let rm = format!("{m}.{}", l.rsite);
+/// Through the plan: the primary site lost (its machines crash) → unplanned failover to the
+/// latest (multi-machine) app-consistent points → commit → reprotect → failback (planned) →
+/// commit → reprotect forward; then both sites' disks compared with the workloads paused.
+/// `at_points`: each machine's workload records before its points were taken (what it wrote
+/// after them is at most the failover's loss).
+async fn run_cycle(
+    st: &LabState,
+    server: &ServerClient,
+    legs: &[CycleLegs],
+    at_points: &BTreeMap<String, usize>,
+    p: &dyn Progress,
+) -> Result<DemoCycle> {
+    use ferry_api::config_server::{
+        FailoverKind, MachineView, PlanFailbackRequest, PlanFailoverRequest, PlanReprotectRequest, ReprotectTargets,
+        SiteOperation,
+    };
     let limit = Duration::from_secs(900);
     let mut phases = Vec::new();
+    let names: Vec<&str> = legs.iter().map(|l| l.machine.as_str()).collect();
+    let all = names.join(", ");
+    let rm_of = |l: &CycleLegs| format!("{}.{}", l.machine, l.rsite);
     let job_of = |job: Job| async move { lab_site::wait_job(server, &job, limit).await };
-    let failover = |machine: String, what: &'static str| async move {
-        let req = FailoverRequest {
-            machine,
-            kind: FailoverKind::Planned,
-            point: None,
-            reason: Some(format!("ferry demo: {what}")),
-            drain_secs: 300,
-            no_start: false,
-        };
-        let job: Job = server.call(Method::Post, "/api/v1/failovers", Some(&req)).await?;
-        job_of(job).await
-    };
     let commit = |machine: String| async move {
         let job: Job =
             server.call(Method::Post, &format!("/api/v1/machines/{machine}/failover/commit"), None::<&()>).await?;
         job_of(job).await
     };
-    let reprotect = |machine: String, mt: String, ps: String, ds: String| async move {
-        let req = ReprotectRequest {
-            master_target: mt,
-            process_server: ps,
-            datastore: ds,
+    let reprotect = |values: BTreeMap<String, ReprotectTargets>| async move {
+        let req = PlanReprotectRequest {
+            defaults: None,
+            machines: values,
             stall_secs: 600,
             discard_primary_changes: false,
             clock_skew_secs: 5,
         };
-        let job: Job = server.call(Method::Post, &format!("/api/v1/machines/{machine}/reprotect"), Some(&req)).await?;
+        let job: Job = server.call(Method::Post, "/api/v1/recovery-plans/demo/reprotect", Some(&req)).await?;
         job_of(job).await
     };
-    let view = |machine: String| async move {
+    let resynced = |machines: Vec<String>| async move {
         let v: Vec<MachineView> = server.call(Method::Get, "/api/v1/machines", None::<&()>).await?;
-        v.into_iter().find(|x| x.machine == machine).with_context(|| format!("no machine {machine}"))
+        let mut sum = 0;
+        for m in &machines {
+            let x = v.iter().find(|x| &x.machine == m).with_context(|| format!("no machine {m}"))?;
+            sum += x.reprotect.as_ref().and_then(|r| r.resynced_bytes).unwrap_or(0);
+        }
+        anyhow::Ok(sum)
     };
+    let guest = |m: &str| -> Result<PathBuf> { Ok(st.machine_site(m)?.1.join("guests").join(m)) };
     let mut phase = |name: String, t: Instant, sent: Option<u64>, changed: Option<u64>| {
         let secs = t.elapsed().as_secs_f64();
         p.step(&format!(
@@ -605,65 +662,139 @@ async fn run_cycle(st: &LabState, server: &ServerClient, l: &CycleLegs, p: &dyn 
         phases.push(DemoPhase { phase: name, secs, bytes_sent: sent, bytes_changed: changed });
     };
 
-    p.status(&format!("cycle of {m}: planned failover to {}", l.rsite));
-    let t = Instant::now();
-    failover(m.to_owned(), "failover").await?;
-    commit(m.to_owned()).await?;
-    phase(format!("{m}: planned failover to {} (committed)", l.rsite), t, None, None);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-
-    p.status(&format!("cycle of {m}: reprotect {rm} → {}", l.psite));
-    let t = Instant::now();
-    reprotect(m.to_owned(), l.pmt.clone(), l.rps.clone(), l.pdatastore.clone()).await?;
-    let r = view(rm.clone()).await?.reprotect;
-    // Changed: every block the recovery machine wrote (a planned failover loses nothing).
-    let rlog = st.dir.join(format!("sites/{}/guests/{rm}/records.log", l.rsite));
-    let changed = log_blocks(&rlog, 0).len() as u64 * 4096;
-    phase(format!("{rm}: reprotect to {m}'s own disks"), t, r.as_ref().and_then(|r| r.resynced_bytes), Some(changed));
-    tokio::time::sleep(Duration::from_secs(3)).await;
-
-    p.status(&format!("cycle of {m}: planned failback"));
-    let t = Instant::now();
-    let plog = st.machine_site(m)?.1.join("guests").join(m).join("records.log");
-    let before = records(&plog) as usize;
-    failover(rm.clone(), "failback").await?;
-    commit(rm.clone()).await?;
-    phase(format!("{m}: planned failback (it boots on its own disks; committed)"), t, None, None);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-
-    p.status(&format!("cycle of {m}: reprotect forward to {}", l.rsite));
-    let t = Instant::now();
-    reprotect(rm.clone(), l.rmt.clone(), l.pps.clone(), l.rdatastore.clone()).await?;
-    let r = view(m.to_owned()).await?.reprotect;
-    let changed = log_blocks(&plog, before).len() as u64 * 4096;
-    phase(
-        format!("{m}: reprotect forward to {} (protected as at the start)", l.rsite),
-        t,
-        r.as_ref().and_then(|r| r.resynced_bytes),
-        Some(changed),
-    );
-
-    // Byte-exact: the workload paused and flushed, everything applied at the recovery site.
-    let guest = st.machine_site(m)?.1.join("guests").join(m);
-    std::fs::write(guest.join("pause"), b"")?;
-    let settled = wait_for(&format!("{m}'s workload paused and applied"), Duration::from_secs(120), || async {
-        let a = agent_status(st, m).await?;
-        Ok((guest.join("pause.paused").exists() && a.caught_up && a.applied_seq >= a.last_seq).then_some(()))
-    })
-    .await;
-    let mut byte_exact = settled.is_ok();
-    for d in &l.disks {
-        let a = st.dir.join(format!("sites/{}/datastores/{}/{m}/{d}.img", l.psite, l.pdatastore));
-        let b = st.dir.join(format!("sites/{}/datastores/{}/{m}/{d}.img", l.rsite, l.rdatastore));
-        let same =
-            tokio::task::spawn_blocking(move || -> Result<bool> { Ok(std::fs::read(&a)? == std::fs::read(&b)?) })
-                .await??;
-        byte_exact &= same;
+    // The primary site is lost: its machines crash. Their agents' write leases (1 s) and the
+    // reprotect's clock-skew margin (5 s) pass before the failover starts, so what they wrote
+    // last is the failover's expected loss, not a split brain.
+    p.status(&format!("the primary site is lost: {all} crash"));
+    for l in legs {
+        let op = SiteOperation::Crash { machine: l.machine.clone() };
+        let job: Job = server.call(Method::Post, &format!("/api/v1/sites/{}/operations", l.psite), Some(&op)).await?;
+        job_of(job).await?;
     }
-    let _ = std::fs::remove_file(guest.join("pause"));
-    p.step(&format!(
-        "{m}: both sites' disks {} (workload paused, everything applied)",
-        if byte_exact { "byte-identical" } else { "DIFFER" }
-    ));
-    Ok(DemoCycle { machine: m.to_owned(), phases, byte_exact, refused: None })
+    p.step(&format!("primary site lost: {all} crashed"));
+    tokio::time::sleep(Duration::from_secs(7)).await;
+
+    p.status("plan demo: unplanned failover");
+    let t = Instant::now();
+    let req = PlanFailoverRequest {
+        kind: FailoverKind::Unplanned,
+        point: Some("latest-multi-app".into()),
+        reason: Some("ferry demo: the primary site is lost".into()),
+        drain_secs: 300,
+        no_start: false,
+    };
+    let job: Job = server.call(Method::Post, "/api/v1/recovery-plans/demo/failover", Some(&req)).await?;
+    job_of(job).await?;
+    for m in &names {
+        commit((*m).to_owned()).await?;
+    }
+    phase("plan demo: unplanned failover to the latest (multi-machine) app points".into(), t, None, None);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    p.status("plan demo: reprotect to the primaries' own disks");
+    let t = Instant::now();
+    let back = legs
+        .iter()
+        .map(|l| {
+            let v = ReprotectTargets {
+                master_target: l.pmt.clone(),
+                process_server: l.rps.clone(),
+                datastore: l.pdatastore.clone(),
+            };
+            (l.machine.clone(), v)
+        })
+        .collect();
+    reprotect(back).await?;
+    let sent = resynced(legs.iter().map(rm_of).collect()).await?;
+    // Changed: what the recovery machines wrote, and at most what the primaries wrote after
+    // their points (the failover's loss).
+    let mut changed = 0;
+    for l in legs {
+        let rlog = st.dir.join(format!("sites/{}/guests/{}/records.log", l.rsite, rm_of(l)));
+        let mut blocks = log_blocks(&rlog, 0);
+        blocks.extend(log_blocks(
+            &guest(&l.machine)?.join("records.log"),
+            at_points.get(&l.machine).copied().unwrap_or(0),
+        ));
+        changed += blocks.len() as u64 * 4096;
+    }
+    phase("plan demo: reprotect to the primaries' own disks".into(), t, Some(sent), Some(changed));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    p.status("plan demo: planned failback");
+    let t = Instant::now();
+    let mut before = BTreeMap::new();
+    for m in &names {
+        before.insert((*m).to_owned(), records(&guest(m)?.join("records.log")) as usize);
+    }
+    let req = PlanFailbackRequest {
+        planned: true,
+        point: None,
+        reason: Some("ferry demo: failback".into()),
+        drain_secs: 300,
+        no_start: false,
+    };
+    let job: Job = server.call(Method::Post, "/api/v1/recovery-plans/demo/failback", Some(&req)).await?;
+    job_of(job).await?;
+    for l in legs {
+        commit(rm_of(l)).await?;
+    }
+    phase("plan demo: planned failback (primaries boot on their own disks)".into(), t, None, None);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    p.status("plan demo: reprotect forward");
+    let t = Instant::now();
+    let forward = legs
+        .iter()
+        .map(|l| {
+            let v = ReprotectTargets {
+                master_target: l.rmt.clone(),
+                process_server: l.pps.clone(),
+                datastore: l.rdatastore.clone(),
+            };
+            (l.machine.clone(), v)
+        })
+        .collect();
+    reprotect(forward).await?;
+    let sent = resynced(names.iter().map(|m| (*m).to_owned()).collect()).await?;
+    let mut changed = 0;
+    for m in &names {
+        changed += log_blocks(&guest(m)?.join("records.log"), before[*m]).len() as u64 * 4096;
+    }
+    phase("plan demo: reprotect forward (protected as at the start)".into(), t, Some(sent), Some(changed));
+
+    // Byte-exact: the workloads paused and flushed, everything applied at the recovery site.
+    let mut byte_exact = true;
+    for l in legs {
+        let m = l.machine.as_str();
+        let g = guest(m)?;
+        std::fs::write(g.join("pause"), b"")?;
+        let settled = wait_for(&format!("{m}'s workload paused and applied"), Duration::from_secs(120), || async {
+            let a = agent_status(st, m).await?;
+            Ok((g.join("pause.paused").exists() && a.caught_up && a.applied_seq >= a.last_seq).then_some(()))
+        })
+        .await;
+        let mut same_all = settled.is_ok();
+        for d in &l.disks {
+            let a = st.dir.join(format!("sites/{}/datastores/{}/{m}/{d}.img", l.psite, l.pdatastore));
+            let b = st.dir.join(format!("sites/{}/datastores/{}/{m}/{d}.img", l.rsite, l.rdatastore));
+            let same =
+                tokio::task::spawn_blocking(move || -> Result<bool> { Ok(std::fs::read(&a)? == std::fs::read(&b)?) })
+                    .await??;
+            same_all &= same;
+        }
+        let _ = std::fs::remove_file(g.join("pause"));
+        p.step(&format!(
+            "{m}: both sites' disks {} (workload paused, everything applied)",
+            if same_all { "byte-identical" } else { "DIFFER" }
+        ));
+        byte_exact &= same_all;
+    }
+    Ok(DemoCycle {
+        plan: "demo".into(),
+        machines: names.iter().map(|m| (*m).to_owned()).collect(),
+        phases,
+        byte_exact,
+        refused: None,
+    })
 }

@@ -642,9 +642,11 @@ fn demo_short_variant_protects_takes_points_and_verifies() {
     }
     let win = rows.iter().find(|r| r["machine"] == "win1").unwrap();
     assert_eq!(win["master_target"], "mt-windows-r", "a Windows machine to the Windows master target");
-    // The full cycle on one machine: failover, reprotect, failback, reprotect, byte-exact.
+    // The full cycle through a recovery plan (the group and win1; db1 is on NFS): unplanned
+    // failover, reprotect, planned failback, reprotect forward, byte-exact.
     let cycle = &v["cycle"];
     assert_eq!(cycle["byte_exact"], true, "{cycle:#}");
+    assert_eq!(cycle["machines"], serde_json::json!(["app1", "app2", "win1"]), "{cycle:#}");
     let phases = cycle["phases"].as_array().unwrap();
     assert_eq!(phases.len(), 4, "{cycle:#}");
     for ph in phases.iter().filter(|p| p["bytes_sent"].is_u64()) {
