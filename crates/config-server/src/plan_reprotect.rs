@@ -98,6 +98,16 @@ async fn plan_checks(s: &AppState, plan: &RecoveryPlan, req: &PlanReprotectReque
                     p = r;
                 }
             }
+        } else if let Some(of) = p.reprotect.as_ref().map(|r| r.of.clone()) {
+            // A failed reprotect forward replaced the machine's record with its own (failed)
+            // reverse one: the failed-over record is still the one it came from.
+            if crate::protection::effective_state(&s.store, &p).await? == "failed" {
+                if let Some(r) = s.store.get::<Protection>(PROTECTION, &of).await?.map(|d| d.body) {
+                    if r.failover.is_some() {
+                        p = r;
+                    }
+                }
+            }
         }
         resolved.insert(m.clone(), p.machine.clone());
         records.insert(m.clone(), p);
@@ -111,7 +121,16 @@ async fn plan_checks(s: &AppState, plan: &RecoveryPlan, req: &PlanReprotectReque
     }
     for (g, members) in &by_group {
         let all = s.store.get::<ReplicationGroup>(crate::model::GROUP, g).await?.map(|d| d.body.machines);
-        let outside: Vec<String> = all.unwrap_or_default().into_iter().filter(|m| !machines.contains(m)).collect();
+        let outside: Vec<String> =
+            all.clone().unwrap_or_default().into_iter().filter(|m| !machines.contains(m)).collect();
+        pf.check(
+            "RG-3",
+            all.is_some(),
+            errors::REPROTECT_REFUSED,
+            format!("replication group {g} exists"),
+            format!("the machines {} are in replication group {g}, which no longer exists", members.join(", ")),
+            "create the replication group again with its machines (`ferry groups create`), then retry",
+        );
         pf.check(
             "RG-3",
             outside.is_empty(),
@@ -223,10 +242,11 @@ async fn claim(s: &Arc<AppState>, name: &str, req: &PlanReprotectRequest) -> Res
     for (_, f) in pf.machines {
         match crate::reprotect::claim_reverse(s, f, &id).await {
             Ok(c) => claimed.push(c),
-            Err(e) => {
+            Err(mut e) => {
                 for c in &claimed {
                     c.release(s).await;
                 }
+                e.message = format!("recovery plan {name} (nothing was changed): {}", e.message);
                 return Err(e);
             }
         }
@@ -254,8 +274,10 @@ async fn claim(s: &Arc<AppState>, name: &str, req: &PlanReprotectRequest) -> Res
 
 impl Ops {
     /// Step `step` of a plan reprotect: that reprotect step for every machine, in parallel.
-    /// One machine failing fails the job (every reverse record is marked failed; a retry of
-    /// the plan reprotect resumes each machine, every step being idempotent).
+    /// One machine failing fails the job: every reverse record still enabling is marked failed.
+    /// A restarted server resumes the job at its step (every step is idempotent); a new plan
+    /// reprotect after a failure is checked afresh (see docs/limitations.md for what that
+    /// refuses).
     pub async fn plan_reprotect_step(
         &self,
         job: &Job,
@@ -339,9 +361,15 @@ async fn claim_failback(s: &Arc<AppState>, name: &str, req: PlanFailbackRequest)
                 .body;
             let Some(rm) = p.reprotected_by else {
                 return Err(crate::failover::failover_state_error(format!(
-                    "machine {m} of plan {name} is not reprotected: reprotect the plan first (`ferry plans reprotect {name} …`), then fail it back"
+                    "machine {m} of plan {name} is not reprotected (it is failed back already, or was never failed over): reprotect the plan first (`ferry plans reprotect {name} …`) after a failover, then fail it back"
                 )));
             };
+            let reverse = s.store.get::<Protection>(PROTECTION, &rm).await?.map(|d| d.body);
+            if reverse.as_ref().and_then(|r| r.reprotect.as_ref()).is_none_or(|r| r.of != *m) {
+                return Err(crate::failover::failover_state_error(format!(
+                    "machine {m} of plan {name} names {rm} as its reverse protection, which does not replicate it back: see `ferry machines`"
+                )));
+            }
             rs.push(rm);
         }
         reverse_groups.push(rs);

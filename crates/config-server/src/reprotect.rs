@@ -1251,6 +1251,22 @@ impl Ops {
                             Err(e) => return fail(errors::STORE, e.to_string()),
                         };
                         members.sort_by(|a, b| a.machine.cmp(&b.machine));
+                        // Every member must be reachable by the coordinator: one left out
+                        // would make multi-machine points without it.
+                        for m in &members {
+                            let addr = component(store, ComponentKind::Agent, &m.machine)
+                                .await
+                                .and_then(|c| c.status.and_then(|s| s.status_listen().map(str::to_owned)));
+                            if addr.is_none() {
+                                return fail(
+                                    errors::REPROTECT_NO_SERVER_PATH,
+                                    format!(
+                                        "{}, a member of replication group {g}, has not reported its status address: the group's coordinator could not reach it",
+                                        m.machine
+                                    ),
+                                );
+                            }
+                        }
                         match crate::protection::group_settings(store, &members).await {
                             Ok(mut all) => all.remove(rm),
                             Err(e) => return fail(errors::STORE, e),

@@ -178,12 +178,15 @@ pub enum PlanAction {
         #[arg(long)]
         no_wait: bool,
     },
-    /// Fail the reprotected plan back (FB-1), group by group: --planned (nothing lost) or to
-    /// --point latest | latest-app; the original machines boot on their own disks.
+    /// Fail the reprotected plan back (FB-1), group by group: --planned (nothing lost) or
+    /// --unplanned to --point latest | latest-app; the original machines boot on their own disks.
     Failback {
         name: String,
-        #[arg(long, conflicts_with = "point")]
+        #[arg(long, conflicts_with_all = ["unplanned", "point"], required_unless_present = "unplanned")]
         planned: bool,
+        #[arg(long)]
+        unplanned: bool,
+        /// Unplanned: latest (default) or latest-app.
         #[arg(long)]
         point: Option<String>,
         #[arg(long)]
@@ -601,7 +604,7 @@ pub async fn plans(a: PlanAction, s: &ServerArgs, out: OutputFormat) -> Result<(
                 watch(&job.id, s, out).await?;
             }
         }
-        PlanAction::Failback { name, planned, point, reason, drain_secs, no_start, no_wait } => {
+        PlanAction::Failback { name, planned, unplanned: _, point, reason, drain_secs, no_start, no_wait } => {
             let req = ferry_api::config_server::PlanFailbackRequest { planned, point, reason, drain_secs, no_start };
             let path = format!("/api/v1/recovery-plans/{}/failback", enc(&name));
             let job: Job = s.call(Method::Post, &path, Some(&req)).await?;

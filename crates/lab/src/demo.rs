@@ -648,7 +648,11 @@ async fn run_cycle(
         let mut sum = 0;
         for m in &machines {
             let x = v.iter().find(|x| &x.machine == m).with_context(|| format!("no machine {m}"))?;
-            sum += x.reprotect.as_ref().and_then(|r| r.resynced_bytes).unwrap_or(0);
+            sum += x
+                .reprotect
+                .as_ref()
+                .and_then(|r| r.resynced_bytes)
+                .with_context(|| format!("{m} is Protected but its record names no resynced bytes"))?;
         }
         anyhow::Ok(sum)
     };
@@ -784,9 +788,14 @@ async fn run_cycle(
             same_all &= same;
         }
         let _ = std::fs::remove_file(g.join("pause"));
+        same_all &= !l.disks.is_empty();
         p.step(&format!(
             "{m}: both sites' disks {} (workload paused, everything applied)",
-            if same_all { "byte-identical" } else { "DIFFER" }
+            match (&settled, same_all) {
+                (Err(e), _) => format!("NOT COMPARED: {e:#}"),
+                (Ok(()), true) => "byte-identical".into(),
+                (Ok(()), false) => "DIFFER".into(),
+            }
         ));
         byte_exact &= same_all;
     }

@@ -791,7 +791,11 @@ fn a_replication_group_is_reprotected_and_failed_back_only_through_its_recovery_
     assert_eq!(g["members"].as_array().map(|m| m.len()), Some(2), "{g:#}");
 
     // The plan fails back (planned), then reprotects forward again.
-    failed(&lab.run(&["plans", "failback", "tier", "--point", "latest-processed"]), "latest-app", "RC-1");
+    failed(
+        &lab.run(&["plans", "failback", "tier", "--unplanned", "--point", "latest-processed"]),
+        "latest-app",
+        "RC-1",
+    );
     let job = lab.json(&["plans", "failback", "tier", "--planned"]);
     assert_eq!(job["state"], "succeeded", "{job:#}");
     for m in ms {
