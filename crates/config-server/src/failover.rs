@@ -90,7 +90,11 @@ impl FailoverStep {
             (FailoverStep::AtPoint, FailoverKind::Unplanned) => {
                 format!("fence {m} at {} and put its disks at point {point}", p.master_target)
             }
-            (FailoverStep::StartAtRecovery, _) => match p.reprotect.as_ref().filter(|r| r.location == "original") {
+            (FailoverStep::StartAtRecovery, _) => match p.reprotect.as_ref() {
+                Some(r) if r.location == "alternate" => format!(
+                    "fail back: make {} anew at its own site on the reverse replica's new disks and start it (its agent tracks every write)",
+                    r.of
+                ),
                 Some(r) => format!(
                     "fail back: start {} at its own site on its own disks, which hold {m}'s point (its agent tracks every write)",
                     r.of
@@ -745,7 +749,10 @@ impl Ops {
         // A failback (the failover of a reprotect's reverse protection): the original machine
         // boots from its own disks, which the reverse replica wrote (adopted at reprotect).
         let failback = p.reprotect.as_ref().filter(|r| r.location == "original");
-        let rm = match failback {
+        // An alternate-location failback makes the deleted machine anew, under its own name,
+        // on the reverse replica's new disks.
+        let alternate = p.reprotect.as_ref().filter(|r| r.location == "alternate");
+        let rm = match failback.or(alternate) {
             Some(r) => r.of.clone(),
             None => recovery_machine_name(&p.machine, &rsite.site),
         };
@@ -816,8 +823,10 @@ impl Ops {
             }
         }
         // The original machine failed over from this site once: booting it is the failback.
-        let on =
-            crate::discovery::SiteOperation::PowerOn { machine: rm.clone(), allow_failed_over: failback.is_some() };
+        let on = crate::discovery::SiteOperation::PowerOn {
+            machine: rm.clone(),
+            allow_failed_over: failback.is_some() || alternate.is_some(),
+        };
         // A report from before this power-on (the machine ran until a change of point shut it
         // down) is not a boot.
         let powered_ms = now_ms();

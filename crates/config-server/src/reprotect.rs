@@ -87,6 +87,7 @@ impl ReprotectStep {
 
     pub(crate) fn name(self, forward: &Protection, reverse: &Protection) -> String {
         let (m, rm) = (&forward.machine, &reverse.machine);
+        let alternate = reverse.reprotect.as_ref().is_some_and(|r| r.location == "alternate");
         match self {
             ReprotectStep::PowerOffPrimary => {
                 format!("power the old primary {m} off at site {} (it stays off, ST-10)", forward.site)
@@ -99,6 +100,10 @@ impl ReprotectStep {
                 "remove what an earlier cycle left of {rm} at {} and {} (its disks are kept)",
                 reverse.master_target, reverse.process_server
             ),
+            ReprotectStep::AssignMasterTarget if alternate => format!(
+                "master target {} makes new disks for the replica of {rm} in datastore {} (alternate location)",
+                reverse.master_target, reverse.datastore
+            ),
             ReprotectStep::AssignMasterTarget => {
                 format!("master target {} adopts the disks of {m} for the replica of {rm}", reverse.master_target)
             }
@@ -108,6 +113,7 @@ impl ReprotectStep {
             ReprotectStep::ConfigureAgent => {
                 format!("configure the agent of {rm} (failback policy {}): it resyncs what differs", reverse.policy)
             }
+            ReprotectStep::Resync if alternate => format!("copy every allocated block of {rm} to the new disks"),
             ReprotectStep::Resync => format!("resync {rm} → the disks of {m} (only what differs)"),
             ReprotectStep::VerifyReplica => {
                 format!("compare every block of {rm} with the disks of {m} by hash (repair what differs)")
@@ -369,14 +375,10 @@ pub(crate) async fn checks(
     // master target, process server and datastore.
     let pinv = invs.iter().find(|i| i.site == p.site);
     let pmach = pinv.and_then(|i| i.content.machines.iter().find(|x| x.name == p.machine));
+    // ST-8/MT-11: the primary machine deleted → alternate-location recovery (new disks in the
+    // chosen datastore, a full copy; the machine is made on them at failback).
     if pmach.is_none() {
         f.location = "alternate".into();
-        f.fail(
-            "MT-11",
-            errors::REPROTECT_REFUSED,
-            format!("the primary machine {machine} no longer exists at site {}: only alternate-location recovery (a new machine, a full copy) could reprotect it", p.site),
-            "alternate-location recovery is not available yet (docs/limitations.md): restore the primary machine's disks and rediscover the site",
-        );
     }
     let mt =
         invs.iter().find_map(|i| i.content.master_targets.iter().find(|m| m.name == req.master_target).map(|m| (i, m)));
@@ -475,6 +477,28 @@ pub(crate) async fn checks(
             ),
             errors::DATASTORE_INACCESSIBLE.remedy,
         ),
+        Some(d) if f.location == "alternate" && (d.kind == "nfs" || d.access != "read-write") => f.fail(
+            "ST-8",
+            errors::REPROTECT_REFUSED,
+            format!(
+                "the primary machine {machine} was deleted: alternate-location recovery writes new disks to datastore {}, which is {} {} (failback supports writable VMFS and vSAN datastores, DS-1)",
+                d.name, d.access, d.kind
+            ),
+            "choose a writable VMFS or vSAN datastore of the master target's host",
+        ),
+        Some(d) if f.location == "alternate" => {
+            f.pass(
+                "ST-4",
+                format!("datastore {} ({}) is reachable from host {}: the new disks go there", d.name, d.kind, mtm.host),
+            );
+            f.pass(
+                "ST-8",
+                format!(
+                    "the primary machine {machine} no longer exists at site {}: alternate-location recovery — new disks in datastore {}, a full copy, and a new machine {machine} on host {} at failback",
+                    p.site, d.name, mtm.host
+                ),
+            );
+        }
         Some(d) => f.pass(
             "ST-4",
             format!(
@@ -660,6 +684,10 @@ pub(crate) async fn checks(
     };
     match (lineage.as_ref().and_then(|l| l.parent_id.zip(l.parent_seq)), ast.as_ref().and_then(|a| a.tracking_lost.clone())) {
         _ if ast.is_none() => {}
+        _ if f.location == "alternate" => f.pass(
+            "lineage",
+            format!("alternate location: every allocated block of {rm} is copied to the new disks (a full copy, ST-8)"),
+        ),
         (Some((pid, pseq)), None) => f.pass(
             "lineage",
             format!("{rm}'s copy forked from {pid:016x} at seq {pseq}: a differential resync (its tracked writes plus the primary's unshipped ones)"),
@@ -736,7 +764,7 @@ pub(crate) async fn checks(
             disabled: None,
             reprotect: Some(ProtectionReprotect {
                 of: machine.to_owned(),
-                location: "original".into(),
+                location: f.location.clone(),
                 primary_disks,
                 primary_unshipped_bytes: 0,
                 tracked_bytes: ast.as_ref().map(|a| a.resync_pending_bytes),
@@ -937,6 +965,10 @@ impl Ops {
         };
         let code = step_kind.code();
         match step_kind {
+            ReprotectStep::PowerOffPrimary if rp.location == "alternate" => Outcome::Done(Some(format!(
+                "{machine} no longer exists at site {} (alternate-location recovery)",
+                forward.site
+            ))),
             ReprotectStep::PowerOffPrimary => {
                 if !self.powered_on(&forward.site, machine).await {
                     return Outcome::Done(Some(format!(
@@ -975,6 +1007,39 @@ impl Ops {
                         format!("merging the snapshots of {machine}: {e}"),
                     ),
                 }
+            }
+            ReprotectStep::PrimaryChanges if rp.location == "alternate" => {
+                // No primary disks: every block of every disk goes to the new ones.
+                let lineage = component(store, ComponentKind::Agent, rm)
+                    .await
+                    .and_then(|c| c.status)
+                    .and_then(|s| s.agent().and_then(|a| a.lineage.as_ref().map(|l| format!("{:016x}", l.id))));
+                let mut extents = Vec::new();
+                for d in &reverse.disks {
+                    let Some(size) = d.size else {
+                        return fail(
+                            errors::STORAGE,
+                            format!("the size of {rm}'s disk {} is unknown: rediscover site {}", d.name, reverse.site),
+                        );
+                    };
+                    extents.push(DiskExtent { disk: d.name.clone(), offset: 0, length: size });
+                }
+                let seed = ResyncSeed {
+                    order: job.id.clone(),
+                    lineage,
+                    reason: format!("reprotect to an alternate location: {machine} was deleted, every disk is copied"),
+                    extents,
+                    compare: Vec::new(),
+                    replace_tracking: false,
+                };
+                if let Err(e) =
+                    update_settings(store, &format!("agent/{rm}"), |b| b.resync_seed = Some(seed.clone())).await
+                {
+                    return fail(errors::STORE, e);
+                }
+                Outcome::Done(Some(format!(
+                    "{machine} was deleted: nothing of it to keep; {rm}'s agent copies its whole disks"
+                )))
             }
             ReprotectStep::PrimaryChanges => {
                 let provider = match self.provider_of(&forward.site).await {
@@ -1119,6 +1184,9 @@ impl Ops {
                     update_settings(store, &format!("agent/{rm}"), |b| b.policy = Some(reverse.policy.clone())).await
                 {
                     return fail(errors::STORE, e);
+                }
+                if rp.location == "alternate" {
+                    return self.assign_new_disks(&reverse, &ps_identity, ctl).await;
                 }
                 let order = AdoptionOrder {
                     order: job.id.clone(),
@@ -1712,6 +1780,50 @@ impl Ops {
 }
 
 /// A failed job leaves the reverse record `failed` (a new request may retry).
+impl Ops {
+    /// Alternate location: the master target makes new, empty disks for the replica in the
+    /// chosen datastore (as for a first protection); the whole-disk seed fills them.
+    async fn assign_new_disks(&self, reverse: &Protection, ps_identity: &str, ctl: &JobControl) -> Outcome {
+        let rm = reverse.machine.as_str();
+        let key = format!("master-target/{}", reverse.master_target);
+        let r = update_settings(&self.store, &key, |b| {
+            b.machine_datastores
+                .get_or_insert_with(Default::default)
+                .insert(rm.to_owned(), reverse.datastore_path.clone());
+            b.machine_process_servers
+                .get_or_insert_with(Default::default)
+                .insert(rm.to_owned(), ps_identity.to_owned());
+            if let Some(m) = b.machine_adoptions.as_mut() {
+                m.remove(rm);
+            }
+            if let Some(m) = b.machine_removals.as_mut() {
+                m.remove(rm);
+            }
+        })
+        .await;
+        if let Err(e) = r {
+            return fail(errors::STORE, e);
+        }
+        let r = wait_status(&self.store, ctl, ComponentKind::MasterTarget, &reverse.master_target, ORDER_LIMIT, |st| {
+            st.master_target().is_some_and(|mt| {
+                mt.settings.machine_datastores.get(rm) == Some(&reverse.datastore_path)
+                    && mt.settings.machine_process_servers.get(rm).map(String::as_str) == Some(ps_identity)
+                    && mt.settings.machine_retention_secs.contains_key(rm)
+            })
+        })
+        .await;
+        match r {
+            Ok(()) => Outcome::Done(Some(format!(
+                "{} makes new disks for {rm} in {} (alternate location; retention volume of {})",
+                reverse.master_target,
+                reverse.datastore_path.display(),
+                reverse.master_target
+            ))),
+            Err(e) => fail(errors::MT_HEARTBEAT_LOST, format!("{e}: is it running and linked to this server?")),
+        }
+    }
+}
+
 pub async fn mark_failed(store: &Store, job: &Job, rm: &str) {
     if let Ok(Some(d)) = store.get::<Protection>(PROTECTION, rm).await {
         if d.body.job == job.id && d.body.state == "enabling" {

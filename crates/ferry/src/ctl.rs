@@ -1182,7 +1182,10 @@ pub async fn failback(
     out: OutputFormat,
 ) -> Result<()> {
     let v: Vec<MachineView> = s.get("/api/v1/machines").await?;
-    let Some(m) = v.iter().find(|x| x.machine == machine) else {
+    // A machine deleted at its site (alternate-location recovery) is known by its reverse
+    // protection only.
+    let by_reverse = || v.iter().find(|x| x.reprotect.as_ref().is_some_and(|r| r.of == machine));
+    let Some(m) = v.iter().find(|x| x.machine == machine).or_else(by_reverse) else {
         bail!("no machine {machine} (see `ferry machines`)");
     };
     let reverse = match (&m.reprotected_by, &m.reprotect) {

@@ -1019,3 +1019,94 @@ fn every_reprotect_precondition_refuses_with_its_code_and_changes_nothing_and_re
     assert_eq!(lab.machine("web1.recovery")["replication"], "protected");
     lab.down();
 }
+
+/// A site operation through the server's API (curl, as an operator would), then its job's end.
+fn site_operation(lab: &Lab, site: &str, op: Value) -> Value {
+    let env = |k: &str| lab.env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()).unwrap();
+    let server = env("FERRY_SERVER");
+    let base = if server.starts_with("https://") { server } else { format!("https://{server}") };
+    let o = std::process::Command::new("curl")
+        .args(["-s", "--max-time", "30", "--cacert", &env("FERRY_CA"), "-X", "POST"])
+        .args(["-H", &format!("Authorization: Bearer {}", env("FERRY_TOKEN")), "-H", "Content-Type: application/json"])
+        .args(["--data-binary", &op.to_string()])
+        .arg(format!("{base}/api/v1/sites/{site}/operations"))
+        .output()
+        .unwrap();
+    let job: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+    let id = job["id"].as_str().unwrap_or_else(|| panic!("{op}: {job:#}")).to_owned();
+    wait("the site operation", Duration::from_secs(120), || {
+        let j = lab.json(&["jobs", "show", &id]);
+        (j["state"] == "succeeded" || j["state"] == "failed").then_some(j)
+    })
+}
+
+#[test]
+fn a_deleted_primary_is_recovered_to_an_alternate_location_with_a_full_copy_and_fails_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("lab.toml");
+    std::fs::write(&cfg, LAB).unwrap();
+    let dir = tmp.path().join("lab");
+    let mut lab = Lab::up(&dir, Some(&cfg));
+    ok(&lab.run(&["policies", "create", "gold", "--crash-consistent-secs", "2", "--retention-secs", "3600"]), "policy");
+    crate::failover_jobs::protect(&lab, &["web1"]);
+    let plog = lab.guest("web1").join("records.log");
+    wait("web1 writes", Duration::from_secs(60), || (records(&plog) > 30).then_some(()));
+    assert_eq!(lab.json(&["failover", "start", "web1", "--planned"])["state"], "succeeded");
+    assert_eq!(lab.json(&["failover", "commit", "web1"])["state"], "succeeded");
+    let rguest = recovery_guest(&lab, "web1.recovery");
+    let rlog = rguest.join("records.log");
+    wait("web1.recovery writes", Duration::from_secs(90), || (records(&rlog) > 20).then_some(()));
+
+    // The primary machine is deleted (its disks with it).
+    let old = lab.dir.join("sites/primary/datastores/vmfs-p/web1/disk0.img");
+    let j = site_operation(&lab, "primary", serde_json::json!({"op": "delete-machine", "machine": "web1"}));
+    assert_eq!(j["state"], "succeeded", "{j:#}");
+    assert!(!old.exists(), "its disks went with it");
+    // An NFS datastore is refused for the new disks; a VMFS one passes.
+    let (good, plan) = dry_run(&lab, "web1", "mt-p", "nfs-p");
+    assert!(!good && check(&plan, "ST-8")["passed"] == false, "{plan:#}");
+    let (good, plan) = dry_run(&lab, "web1", "mt-p", "vmfs-p");
+    assert!(good, "{plan:#}");
+    assert_eq!(plan["location"], "alternate", "{plan:#}");
+    assert_eq!(check(&plan, "ST-8")["passed"], true);
+    let (sent, _) = reprotect_and_compare(
+        &lab,
+        "web1",
+        ("mt-p", "ps-recovery", "vmfs-p"),
+        &rguest,
+        (
+            &lab.dir.join("sites/recovery/datastores/vmfs-r/web1/disk0.img"),
+            &lab.dir.join("sites/primary/datastores/vmfs-p/web1.recovery/disk0.img"),
+        ),
+    );
+    let r = &lab.machine("web1.recovery")["reprotect"];
+    assert_eq!(r["location"], "alternate", "{r:#}");
+    let allocated = blocks_after(&rlog, 0).len() as u64 * 4096;
+    assert!(sent >= allocated, "a full copy of what the disk holds: {sent} bytes sent, the workload wrote {allocated}");
+
+    // Failback makes web1 anew on the new disks and boots it; it writes and is byte-identical.
+    let job = lab.json(&["failback", "web1", "--planned"]);
+    assert_eq!(job["state"], "succeeded", "{job:#}");
+    assert_eq!(lab.json(&["failover", "commit", "web1.recovery"])["state"], "succeeded");
+    let web1 = lab.machine("web1");
+    assert_eq!(web1["power"], "on", "{web1:#}");
+    let nlog = lab.guest("web1").join("records.log");
+    let n = records(&nlog);
+    wait("the new web1 writes", Duration::from_secs(90), || (records(&nlog) > n + 10).then_some(()));
+    // And forward again, differential: the new web1 replicates to web1.recovery's disks.
+    let (sent, fallback) = reprotect_and_compare(
+        &lab,
+        "web1.recovery",
+        ("mt-r", "ps-primary", "vmfs-r"),
+        &lab.guest("web1"),
+        (
+            &lab.dir.join("sites/primary/datastores/vmfs-p/web1.recovery/disk0.img"),
+            &lab.dir.join("sites/recovery/datastores/vmfs-r/web1/disk0.img"),
+        ),
+    );
+    let changed = blocks_after(&nlog, 0).len() as u64 * 4096;
+    assert!(!fallback && sent <= changed + changed / 10, "only what the new web1 wrote: {sent} for {changed}");
+    let v = lab.machine("web1");
+    assert_eq!((v["replication"].as_str(), v["policy"].as_str()), (Some("protected"), Some("gold")), "{v:#}");
+    lab.down();
+}
