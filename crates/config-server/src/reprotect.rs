@@ -638,16 +638,30 @@ pub(crate) async fn checks(
         format!("master target {} has no recent heartbeat (78022)", req.master_target),
         errors::MT_HEARTBEAT_LOST.remedy,
     );
-    // No leftover of an earlier cycle under the reverse machine's name.
+    // No leftover of an earlier cycle under the reverse machine's name. What a failed reprotect
+    // of this machine left (its replica, spool, the agent resyncing) is taken up again: every
+    // step is idempotent and the replica is the same copy's.
     let mts = mtc.as_ref().and_then(|c| c.status.as_ref()).and_then(|s| s.master_target());
-    let earlier = f.earlier_cycle.is_some();
+    let resuming = match store.get::<Protection>(PROTECTION, &rm).await? {
+        Some(d) if f.earlier_cycle.is_none() => {
+            d.body.reprotect.as_ref().is_some_and(|r| r.of == machine && r.location == f.location)
+                && d.body.failover.is_none()
+                && effective_state(store, &d.body).await? == "failed"
+                && d.body.master_target == req.master_target
+                && d.body.process_server == req.process_server
+        }
+        _ => false,
+    };
+    let earlier = f.earlier_cycle.is_some() || resuming;
     let leftover_replica = mts.is_some_and(|s| s.machines.iter().any(|r| r.machine == rm))
         && p.reprotected_by.as_deref() != Some(rm.as_str());
     f.check(
         "leftover-replica",
         !leftover_replica || earlier,
         errors::REPROTECT_REFUSED,
-        if leftover_replica {
+        if leftover_replica && resuming {
+            format!("master target {} holds the replica of {rm} a failed reprotect made: this one takes it up again", req.master_target)
+        } else if leftover_replica {
             format!("master target {} holds the replica of {rm} from the earlier cycle: it is removed first (its target disks, which {machine} ran from, are kept and adopted)", req.master_target)
         } else {
             format!("master target {} holds no replica of {rm} from an earlier cycle", req.master_target)
@@ -662,7 +676,12 @@ pub(crate) async fn checks(
         "leftover-spool",
         !leftover_spool || earlier,
         errors::REPROTECT_REFUSED,
-        if leftover_spool {
+        if leftover_spool && resuming {
+            format!(
+                "process server {} holds the spool of {rm} a failed reprotect made: it is shipped on",
+                req.process_server
+            )
+        } else if leftover_spool {
             format!(
                 "process server {} holds a spool of {rm} from the earlier cycle: it is deleted first",
                 req.process_server
@@ -704,7 +723,7 @@ pub(crate) async fn checks(
     if let Some(a) = &ast {
         f.check(
             "tracking",
-            a.mode == Mode::Tracking || p.reprotected_by.as_deref() == Some(rm.as_str()),
+            a.mode == Mode::Tracking || p.reprotected_by.as_deref() == Some(rm.as_str()) || resuming,
             errors::REPROTECT_REFUSED,
             format!("{rm}'s agent tracks every write ({} byte(s) to send so far)", a.resync_pending_bytes),
             format!("{rm}'s agent is {} rather than tracking", a.mode.as_str()),

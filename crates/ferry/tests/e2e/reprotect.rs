@@ -1005,7 +1005,10 @@ fn every_reprotect_precondition_refuses_with_its_code_and_changes_nothing_and_re
     });
     let (good, plan) = dry_run(&lab, "web1", "mt-p", "vmfs-p");
     assert!(good && plan["ready"] == true, "{plan:#}");
-    let job = lab.json(&[
+    // A reprotect that fails midway (the data link to mt-p cut: the resync stalls) is taken up
+    // again by the next one: its replica, spool and the resyncing agent are not "leftovers".
+    ok(&lab.run(&["lab", "link", "cut", "mt-p"]), "cut the link to mt-p");
+    let o = lab.run(&[
         "reprotect",
         "web1",
         "--master-target",
@@ -1014,9 +1017,26 @@ fn every_reprotect_precondition_refuses_with_its_code_and_changes_nothing_and_re
         "ps-recovery",
         "--datastore",
         "vmfs-p",
+        "--stall-secs",
+        "5",
     ]);
-    assert_eq!(job["state"], "succeeded", "{job:#}");
-    assert_eq!(lab.machine("web1.recovery")["replication"], "protected");
+    assert!(!o.status.success(), "the resync cannot progress: {}", String::from_utf8_lossy(&o.stdout));
+    let v = lab.machine("web1.recovery");
+    assert_eq!(v["replication"], "failed", "{v:#}");
+    ok(&lab.run(&["lab", "link", "restore", "mt-p"]), "restore the link");
+    let (good, plan) = dry_run(&lab, "web1", "mt-p", "vmfs-p");
+    assert!(good, "the failed reprotect is taken up again: {plan:#}");
+    assert_eq!(check(&plan, "tracking")["passed"], true, "its agent resyncs for the failed one: {plan:#}");
+    reprotect_and_compare(
+        &lab,
+        "web1",
+        ("mt-p", "ps-recovery", "vmfs-p"),
+        &recovery_guest(&lab, "web1.recovery"),
+        (
+            &lab.dir.join("sites/recovery/datastores/vmfs-r/web1/disk0.img"),
+            &lab.dir.join("sites/primary/datastores/vmfs-p/web1/disk0.img"),
+        ),
+    );
     lab.down();
 }
 
