@@ -60,6 +60,13 @@ async fn load_plan(s: &AppState, name: &str) -> Result<RecoveryPlan, ApiError> {
 /// Every check of a plan reprotect. Reads only.
 async fn plan_checks(s: &AppState, plan: &RecoveryPlan, req: &PlanReprotectRequest) -> Result<PlanFindings, ApiError> {
     let name = &plan.name;
+    // Checked here too: a plan whose machines all lack values runs no machine's checks.
+    if !(1..=86_400).contains(&req.stall_secs) || req.clock_skew_secs > 3600 {
+        return Err(ApiError::bad(format!(
+            "stall_secs {} must be 1 … 86400 and clock_skew_secs {} at most 3600",
+            req.stall_secs, req.clock_skew_secs
+        )));
+    }
     let groups = crate::plan_failover::plan_machines(s, plan).await?;
     let machines: Vec<String> = groups.iter().flatten().cloned().collect();
     if machines.is_empty() {

@@ -1196,8 +1196,12 @@ impl Replica {
                 let mut b = [0u8; 1];
                 if f.read_exact_at(&mut b, at).is_ok() {
                     b[0] ^= 0xff;
-                    let _ = f.write_all_at(&b, at);
-                    tracing::warn!(offset = at, "failpoint: corrupted one byte of {}", p.display());
+                    match f.write_all_at(&b, at) {
+                        Ok(()) => tracing::warn!(offset = at, "failpoint: corrupted one byte of {}", p.display()),
+                        Err(e) => {
+                            tracing::warn!(offset = at, error = %e, "failpoint: could not corrupt {}", p.display())
+                        }
+                    }
                 }
             }
         }

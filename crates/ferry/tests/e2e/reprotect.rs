@@ -53,6 +53,17 @@ os_family = "linux"
 host = "esx-r1"
 "#;
 
+/// A lab from `spec` in a temp folder (kept alive by the returned guard) with policy `gold`
+/// (crash-consistent points every 2 s).
+fn lab_with_gold(spec: &str) -> (tempfile::TempDir, Lab) {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("lab.toml");
+    std::fs::write(&cfg, spec).unwrap();
+    let lab = Lab::up(&tmp.path().join("lab"), Some(&cfg));
+    ok(&lab.run(&["policies", "create", "gold", "--crash-consistent-secs", "2", "--retention-secs", "3600"]), "policy");
+    (tmp, lab)
+}
+
 /// `ferry reprotect M --dry-run` (JSON) to `mt`: (exit ok, the plan).
 fn dry_run(lab: &Lab, m: &str, mt: &str, ds: &str) -> (bool, Value) {
     let o = lab.run(&[
@@ -97,12 +108,7 @@ fn identical(a: &Path, b: &Path) -> Result<(), String> {
 
 #[test]
 fn reprotect_checks_first_then_resyncs_only_what_differs_to_the_primary_disks() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = tmp.path().join("lab.toml");
-    std::fs::write(&cfg, LAB).unwrap();
-    let dir = tmp.path().join("lab");
-    let mut lab = Lab::up(&dir, Some(&cfg));
-    ok(&lab.run(&["policies", "create", "gold", "--crash-consistent-secs", "2", "--retention-secs", "3600"]), "policy");
+    let (tmp, mut lab) = lab_with_gold(LAB);
     let job = lab.json(&[
         "protect",
         "web1",
@@ -523,27 +529,14 @@ fn reprotect_and_compare(
     let rm = job["params"]["recovery_machine"].as_str().unwrap().to_owned();
     let rec = lab.machine(&rm);
     assert_eq!(rec["replication"], "protected", "{rec:#}");
-    std::fs::write(guest.join("pause"), b"").unwrap();
-    wait("the workload pauses", Duration::from_secs(60), || guest.join("pause.paused").exists().then_some(()));
-    wait("the master target applied everything", Duration::from_secs(60), || {
-        let a = lab.agent_status_at(guest);
-        let r = lab.replica(mt, &rm);
-        (a["caught_up"] == true && r["applied_seq"] == a["last_seq"] && r["consistent"] == true).then_some(())
-    });
-    identical(disks.0, disks.1).unwrap_or_else(|e| panic!("after the reprotect of {m}: {e}"));
-    std::fs::remove_file(guest.join("pause")).unwrap();
+    settle_and_compare(lab, mt, &rm, guest, disks);
     let r = &rec["reprotect"];
     (r["resynced_bytes"].as_u64().unwrap(), r["hash_fallback"] == true)
 }
 
 #[test]
 fn three_cycles_of_failover_reprotect_failback_reprotect_never_copy_the_whole_disk() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = tmp.path().join("lab.toml");
-    std::fs::write(&cfg, CYCLES_LAB).unwrap();
-    let dir = tmp.path().join("lab");
-    let mut lab = Lab::up(&dir, Some(&cfg));
-    ok(&lab.run(&["policies", "create", "gold", "--crash-consistent-secs", "2", "--retention-secs", "3600"]), "policy");
+    let (_tmp, mut lab) = lab_with_gold(CYCLES_LAB);
     crate::failover_jobs::protect(&lab, &["web1"]);
     let pguest = lab.guest("web1");
     let rguest = recovery_guest(&lab, "web1.recovery");
@@ -694,12 +687,7 @@ fn settle_and_compare(lab: &Lab, mt: &str, rm: &str, guest: &Path, disks: (&Path
 
 #[test]
 fn a_replication_group_is_reprotected_and_failed_back_only_through_its_recovery_plan() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = tmp.path().join("lab.toml");
-    std::fs::write(&cfg, PLAN_LAB).unwrap();
-    let dir = tmp.path().join("lab");
-    let mut lab = Lab::up(&dir, Some(&cfg));
-    ok(&lab.run(&["policies", "create", "gold", "--crash-consistent-secs", "2", "--retention-secs", "3600"]), "policy");
+    let (tmp, mut lab) = lab_with_gold(PLAN_LAB);
     crate::failover_jobs::protect(&lab, &["--group", "grp"]);
     let plan = serde_json::json!({"name": "tier", "groups": [{"replication_groups": ["grp"]}]});
     let file = tmp.path().join("plan.json");
@@ -899,12 +887,7 @@ host = "esx-r1"
 
 #[test]
 fn every_reprotect_precondition_refuses_with_its_code_and_changes_nothing_and_remedies_work() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = tmp.path().join("lab.toml");
-    std::fs::write(&cfg, CHECKS_LAB).unwrap();
-    let dir = tmp.path().join("lab");
-    let mut lab = Lab::up(&dir, Some(&cfg));
-    ok(&lab.run(&["policies", "create", "gold", "--crash-consistent-secs", "2", "--retention-secs", "3600"]), "policy");
+    let (_tmp, mut lab) = lab_with_gold(CHECKS_LAB);
     // RP-5: read-only credentials protect and fail over all the same.
     crate::failover_jobs::protect(&lab, &["web1", "cheap1"]);
     for m in ["web1", "cheap1"] {
@@ -1062,12 +1045,7 @@ fn site_operation(lab: &Lab, site: &str, op: Value) -> Value {
 
 #[test]
 fn a_deleted_primary_is_recovered_to_an_alternate_location_with_a_full_copy_and_fails_back() {
-    let tmp = tempfile::tempdir().unwrap();
-    let cfg = tmp.path().join("lab.toml");
-    std::fs::write(&cfg, LAB).unwrap();
-    let dir = tmp.path().join("lab");
-    let mut lab = Lab::up(&dir, Some(&cfg));
-    ok(&lab.run(&["policies", "create", "gold", "--crash-consistent-secs", "2", "--retention-secs", "3600"]), "policy");
+    let (_tmp, mut lab) = lab_with_gold(LAB);
     crate::failover_jobs::protect(&lab, &["web1"]);
     let plog = lab.guest("web1").join("records.log");
     wait("web1 writes", Duration::from_secs(60), || (records(&plog) > 30).then_some(()));
